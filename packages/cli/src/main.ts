@@ -1,0 +1,377 @@
+/**
+ * The `blockconv` command: convert, info, compare, map, drivers. Flags follow
+ * qemu-img so that operators can switch without relearning. Errors are one line on
+ * stderr (a stack trace only with --debug) and a non-zero exit.
+ */
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import {
+  BlockError,
+  compareImages,
+  DEFAULT_BUFFER_SIZE,
+  DEFAULT_WORKERS,
+  formatSize,
+  mapImage,
+  MAX_WORKERS,
+  parseSize,
+  startConvert,
+  type BlockBackend,
+  type CacheMode,
+  type DriverRegistry,
+} from '@blockconv/core';
+import { discoverDrivers, type Discovery } from './discover.js';
+import { progressSink, type ProgressMode } from './progress.js';
+
+const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+
+/** Exit codes: 0 success, 1 failure (compare: images differ), 2 compare error, 130/143 signals. */
+export class ExitError extends Error {
+  constructor(readonly exitCode: number, message: string) { super(message); }
+}
+
+function intOption(name: string, min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!/^\d+$/.test(v) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer from ${min} to ${max}.`);
+    return n;
+  };
+}
+
+function sizeOption(name: string) {
+  return (v: string): number => {
+    try { return parseSize(v, name); } catch (e) { throw new InvalidArgumentError((e as Error).message + '.'); }
+  };
+}
+
+/** qemu-img style "-o a=b,c=d" (repeatable; ",," escapes a comma). */
+function keyValues(v: string, prev: Record<string, string> = {}): Record<string, string> {
+  const out = { ...prev };
+  for (const part of v.replace(/,,/g, '\0').split(',')) {
+    if (!part) continue;
+    const eq = part.indexOf('=');
+    if (eq <= 0) {
+      if (part === 'help' || part === '?') { out.help = 'true'; continue; }
+      throw new InvalidArgumentError(`expected key=value, got "${part.replace(/\0/g, ',')}".`);
+    }
+    out[part.slice(0, eq)] = part.slice(eq + 1).replace(/\0/g, ',');
+  }
+  return out;
+}
+
+interface Context {
+  discovery?: Discovery;
+  debug: boolean;
+}
+
+async function registry(ctx: Context): Promise<DriverRegistry> {
+  ctx.discovery ??= await discoverDrivers();
+  return ctx.discovery.registry;
+}
+
+function cacheOption(flag: string, what: string, dflt: CacheMode): Option {
+  return new Option(flag, `cache mode for the ${what}`).choices(CACHE_MODES).default(dflt);
+}
+
+/** SIGINT/SIGTERM cancel the job cleanly instead of killing the process mid-write. */
+function signalAbort(): { signal: AbortSignal; dispose: () => void; exitCode: () => number } {
+  const ac = new AbortController();
+  let code = 1;
+  const on = (sig: NodeJS.Signals, c: number) => {
+    const h = (): void => { code = c; ac.abort(new Error(`interrupted by ${sig}`)); };
+    process.once(sig, h);
+    return () => process.off(sig, h);
+  };
+  const offs = [on('SIGINT', 130), on('SIGTERM', 143)];
+  return { signal: ac.signal, dispose: () => offs.forEach((f) => f()), exitCode: () => code };
+}
+
+async function closeAll(images: Array<BlockBackend | undefined>): Promise<void> {
+  await Promise.all(images.map((i) => i?.close().catch(() => {})));
+}
+
+export function buildProgram(ctx: Context): Command {
+  const program = new Command('blockconv')
+    .description('Copy and convert disk images between storage back ends (local files, qcow2, NFS, iSCSI).')
+    .option('--debug', 'print stack traces of errors')
+    .showSuggestionAfterError()
+    .configureHelp({ sortOptions: false })
+    .exitOverride();
+
+  program
+    .command('convert')
+    .description('Copy SOURCE (several are concatenated) to TARGET, converting formats; workers read ahead in parallel.')
+    .usage('[options] <source...> <target>')
+    .argument('<images...>', 'one or more source images, then the target: paths or URLs (nfs://, iscsi://, ...)')
+    .option('-f, --source-format <fmt>', 'source format (default: probed)')
+    .option('-O, --target-format <fmt>', 'target format', 'raw')
+    .option('-o, --target-options <k=v,...>', 'target format options ("-o help" lists them)', keyValues)
+    .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS})`, intOption('workers', 1, MAX_WORKERS), DEFAULT_WORKERS)
+    .option('-W, --out-of-order', 'allow writes to complete out of order (faster; the target is only consistent at the end)')
+    .option('-S, --sparse-size <size>', 'zero runs of at least this size are not written; 0 writes everything (fully allocated target)', sizeOption('sparse size'), 4096)
+    .option('-n, --no-create', 'do not create the target: write into an existing image of at least the source size')
+    .option('--target-is-zero', 'the existing target (-n) already reads as zeroes: skip writing zeroes')
+    .addOption(cacheOption('-t, --cache <mode>', 'target', 'writeback'))
+    .addOption(cacheOption('-T, --source-cache <mode>', 'source', 'writeback'))
+    .option('-r, --rate-limit <bytes/s>', 'limit the copy rate (suffixes k, M, G)', sizeOption('rate limit'))
+    .option('--buffer-size <size>', 'buffer per worker, the largest request', sizeOption('buffer size'), DEFAULT_BUFFER_SIZE)
+    .option('-p', 'show progress (a bar on a terminal)')
+    .addOption(new Option('--progress <mode>', 'progress output: bar, json (JSON lines on stdout), none').choices(['bar', 'json', 'none']))
+    .option('-q, --quiet', 'print nothing but errors')
+    .addOption(new Option('--output <fmt>', 'result summary format').choices(['human', 'json']).default('human'))
+    .addHelpText('after', `
+Cache modes: "none"/"directsync" bypass the host page cache (O_DIRECT); "unsafe" skips
+the final flush. Any other mode flushes the target before reporting success.
+Examples:
+  blockconv convert -p disk.raw copy.raw
+  blockconv convert -m 16 -W -O raw src.img /dev/sdb -n`)
+    .action(async (images: string[], opts: ConvertFlags, cmd: Command) => {
+      if (images.length < 2) cmd.error('error: convert needs a source and a target');
+      await runConvert(ctx, images.slice(0, -1), images.at(-1)!, opts);
+    });
+
+  program
+    .command('info')
+    .description('Show an image\'s format, virtual size and allocation.')
+    .argument('<image>')
+    .option('-f, --format <fmt>', 'image format (default: probed)')
+    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .action(async (image: string, opts: { format?: string; output: 'human' | 'json' }) => {
+      const reg = await registry(ctx);
+      const img = await reg.open(image, { format: opts.format, readOnly: true });
+      try {
+        const actual = await img.allocatedSize?.();
+        const extra = (await img.info?.()) ?? {};
+        const info: Record<string, unknown> = {
+          'virtual-size': img.size, filename: image, format: img.driverName,
+          ...(actual !== undefined ? { 'actual-size': actual } : {}),
+          ...extra,
+        };
+        if (opts.output === 'json') {
+          process.stdout.write(JSON.stringify(info, null, 4) + '\n');
+        } else {
+          process.stdout.write(`image: ${image}\nfile format: ${img.driverName}\nvirtual size: ${formatSize(img.size)} (${img.size} bytes)\n` +
+            `disk size: ${actual === undefined ? 'unavailable' : formatSize(actual)}\n` +
+            Object.entries(extra).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}\n`).join(''));
+        }
+      } finally {
+        await img.close();
+      }
+    });
+
+  program
+    .command('compare')
+    .description('Compare the contents of two images of any formats. Exit 0: identical, 1: different, 2: error.')
+    .argument('<image1>')
+    .argument('<image2>')
+    .option('-f, --format1 <fmt>', 'format of image1 (default: probed)')
+    .option('-F, --format2 <fmt>', 'format of image2 (default: probed)')
+    .option('-s, --strict', 'images of different sizes are different')
+    .option('-m, --workers <n>', 'parallel readers', intOption('workers', 1, MAX_WORKERS), 8)
+    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .option('-q, --quiet', 'print nothing; the exit code tells')
+    .action(async (a: string, b: string, opts: { format1?: string; format2?: string; strict?: boolean; workers: number; output: string; quiet?: boolean }) => {
+      const reg = await registry(ctx);
+      let ia: BlockBackend | undefined;
+      let ib: BlockBackend | undefined;
+      try {
+        ia = await reg.open(a, { format: opts.format1, readOnly: true });
+        ib = await reg.open(b, { format: opts.format2, readOnly: true });
+        const r = await compareImages(ia, ib, { strict: opts.strict, workers: opts.workers });
+        if (opts.output === 'json') process.stdout.write(JSON.stringify(r) + '\n');
+        else if (!opts.quiet) {
+          if (r.identical) process.stdout.write('Images are identical.\n');
+          else if (r.reason === 'size' && opts.strict) process.stdout.write(`Strict mode: Image size mismatch!\n`);
+          else process.stdout.write(`Content mismatch at offset ${r.offset}!\n`);
+        }
+        if (!r.identical) throw new ExitError(1, '');
+      } catch (err) {
+        if (err instanceof ExitError) throw err;
+        throw new ExitError(2, describe(err, ctx.debug));
+      } finally {
+        await closeAll([ia, ib]);
+      }
+    });
+
+  program
+    .command('map')
+    .description('Print the allocation map of an image (as qemu-img map).')
+    .argument('<image>')
+    .option('-f, --format <fmt>', 'image format (default: probed)')
+    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .option('--start-offset <offset>', 'first byte to map', sizeOption('start offset'), 0)
+    .option('--max-length <length>', 'bytes to map', sizeOption('max length'))
+    .action(async (image: string, opts: { format?: string; output: string; startOffset: number; maxLength?: number }) => {
+      const reg = await registry(ctx);
+      const img = await reg.open(image, { format: opts.format, readOnly: true });
+      try {
+        const out: string[] = [];
+        const flushOut = (): void => { if (out.length) { process.stdout.write(out.join('')); out.length = 0; } };
+        if (opts.output === 'json') {
+          let first = true;
+          for await (const e of mapImage(img, opts.startOffset, opts.maxLength)) {
+            const fields = [`"start": ${e.start}`, `"length": ${e.length}`, `"depth": ${e.depth}`, `"present": ${e.present}`, `"zero": ${e.zero}`, `"data": ${e.data}`];
+            if (e.offset !== undefined) fields.push(`"offset": ${e.offset}`);
+            out.push(`${first ? '[' : ',\n'}{ ${fields.join(', ')}}`);
+            first = false;
+            if (out.length > 1024) flushOut();
+          }
+          out.push(first ? '[]\n' : ']\n');
+        } else {
+          out.push(`${'Offset'.padEnd(20)}${'Length'.padEnd(20)}${'Mapped to'.padEnd(20)}File\n`);
+          for await (const e of mapImage(img, opts.startOffset, opts.maxLength)) {
+            if (!e.data) continue;
+            const hex = (n: number): string => `0x${n.toString(16)}`;
+            out.push(`${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${(e.offset === undefined ? '-' : hex(e.offset)).padEnd(20)}${image}\n`);
+            if (out.length > 1024) flushOut();
+          }
+        }
+        flushOut();
+      } finally {
+        await img.close();
+      }
+    });
+
+  program
+    .command('drivers')
+    .description('List the installed drivers and the packages they come from.')
+    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .action(async (opts: { output: string }) => {
+      const reg = await registry(ctx);
+      const d = ctx.discovery!;
+      if (opts.output === 'json') {
+        process.stdout.write(JSON.stringify({
+          protocols: reg.protocols.map((p) => ({ name: p.name, schemes: p.schemes, description: p.description })),
+          formats: reg.formats.map((f) => ({ name: f.name, description: f.description })),
+          packages: d.loaded, failed: d.failed,
+        }, null, 2) + '\n');
+        return;
+      }
+      for (const p of reg.protocols) process.stdout.write(`protocol ${p.name.padEnd(8)} schemes: ${p.schemes.join(', ')}${p.description ? `  ${p.description}` : ''}\n`);
+      for (const f of reg.formats) process.stdout.write(`format   ${f.name.padEnd(8)}${f.description ? ` ${f.description}` : ''}\n`);
+      for (const p of d.loaded) process.stdout.write(`package  ${p.name} (${p.drivers.join(', ')})\n`);
+      for (const p of d.failed) process.stdout.write(`failed   ${p.name}: ${p.error}\n`);
+    });
+
+  return program;
+}
+
+interface ConvertFlags {
+  sourceFormat?: string;
+  targetFormat: string;
+  targetOptions?: Record<string, string>;
+  workers: number;
+  outOfOrder?: boolean;
+  sparseSize: number;
+  create: boolean;
+  targetIsZero?: boolean;
+  cache: CacheMode;
+  sourceCache: CacheMode;
+  rateLimit?: number;
+  bufferSize: number;
+  p?: boolean;
+  progress?: ProgressMode;
+  quiet?: boolean;
+  output: 'human' | 'json';
+}
+
+async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
+  const reg = await registry(ctx);
+  if (o.targetOptions?.help) {
+    const fmt = reg.format(o.targetFormat);
+    const lines = (fmt.createOptions ?? []).map((c) => `  ${c.name.padEnd(20)} ${c.description}${c.default !== undefined ? ` (default: ${c.default})` : ''}`);
+    process.stdout.write(`Supported options for ${fmt.name}:\n${lines.length ? lines.join('\n') : '  (none)'}\n`);
+    return;
+  }
+  if (o.targetIsZero && o.create) throw new BlockError('EINVAL', '--target-is-zero requires -n (an existing target)');
+  if (o.sparseSize % 512 !== 0) throw new BlockError('EINVAL', `-S must be a multiple of 512 bytes, got ${o.sparseSize}`);
+  const sources: BlockBackend[] = [];
+  let target: BlockBackend | undefined;
+  const abort = signalAbort();
+  const mode: ProgressMode = o.quiet ? 'none' : o.progress ?? (o.p ? 'bar' : 'none');
+  let sink: ReturnType<typeof progressSink> | undefined;
+  try {
+    for (const s of sourceNames) {
+      sources.push(await reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, signal: abort.signal }));
+    }
+    const total = sources.reduce((n, s) => n + s.size, 0);
+    if (o.create) {
+      target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
+    } else {
+      target = await reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
+      if (target.size < total) {
+        throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes); -n writes into an existing image, which must be at least as large`, { location: targetName });
+      }
+    }
+    const job = startConvert({
+      sources, target,
+      workers: o.workers,
+      bufferSize: o.bufferSize,
+      outOfOrder: o.outOfOrder,
+      minSparse: o.sparseSize,
+      targetIsZero: o.targetIsZero,
+      rateLimit: o.rateLimit,
+      flush: o.cache !== 'unsafe',
+      signal: abort.signal,
+      progressInterval: mode === 'json' ? 500 : 100,
+    });
+    sink = progressSink(mode, total);
+    job.on('progress', (p) => sink!.update(p));
+    let r;
+    try {
+      r = await job.done;
+    } catch (err) {
+      if (err instanceof BlockError && err.code === 'ECANCELED') {
+        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${targetName} is incomplete`);
+      }
+      throw err;
+    } finally {
+      sink.stop();
+    }
+    await target.close();
+    target = undefined;
+    if (o.output === 'json') {
+      process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames, target: targetName, ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
+    } else if (!o.quiet && mode !== 'none') {
+      process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
+        `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)})\n`);
+    }
+  } finally {
+    abort.dispose();
+    await closeAll([...sources, target]);
+  }
+}
+
+/** One line for the user; the stack only when debugging. */
+export function describe(err: unknown, debug: boolean): string {
+  if (debug && err instanceof Error && err.stack) {
+    let s = err.stack;
+    for (let c = (err as { cause?: unknown }).cause; c instanceof Error; c = (c as { cause?: unknown }).cause) s += `\ncaused by: ${c.stack ?? c.message}`;
+    return s;
+  }
+  return err instanceof Error ? err.message.split('\n')[0]! : String(err);
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const ctx: Context = { debug: argv.includes('--debug') };
+  const program = buildProgram(ctx);
+  program.commands.forEach((c) => c.exitOverride());
+  try {
+    await program.parseAsync(argv as string[]);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // Commander already printed usage errors and help; only map the code.
+      return err.exitCode === 0 || err.code === 'commander.helpDisplayed' || err.code === 'commander.version' ? 0 : 1;
+    }
+    if (err instanceof ExitError) {
+      if (err.message) process.stderr.write(`blockconv: ${err.message}\n`);
+      return err.exitCode;
+    }
+    let msg = describe(err, ctx.debug);
+    if (err instanceof BlockError && err.code === 'ENODRIVER') {
+      const failed = ctx.discovery?.failed ?? [];
+      if (failed.length) msg += ` (packages that failed to load: ${failed.map((f) => `${f.name}: ${f.error}`).join('; ')})`;
+    }
+    process.stderr.write(`blockconv: ${msg}\n`);
+    return 1;
+  }
+}

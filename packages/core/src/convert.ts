@@ -1,0 +1,435 @@
+/**
+ * The convert scheduler: copies one or more sources (concatenated) into a target with
+ * N workers. Design points, each a requirement:
+ * - No request list: workers pull the next chunk from a block-status cursor as they
+ *   go, so memory is O(workers x buffer) whatever the image size or fragmentation.
+ * - Each worker owns one preallocated buffer; the hot path allocates no buffers.
+ * - Reads run ahead; writes commit in chunk order unless out-of-order (-W) is allowed.
+ * - Zero extents become writeZeroes, or nothing on a target that reads back zeroes;
+ *   data is scanned for zero runs of at least minSparse bytes (-S), handled likewise.
+ * - The first error or an abort stops every worker; the target is then not flushed
+ *   and the job rejects with the offset that failed.
+ */
+import { EventEmitter } from 'node:events';
+import { BlockError, cancelled, toBlockError } from './errors.js';
+import { roundDown } from './registry.js';
+import { chainStatus } from './status.js';
+import type { BlockBackend, ExtentKind } from './types.js';
+import { ZeroScanner } from './zeroscan.js';
+
+export const DEFAULT_WORKERS = 8;
+export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
+export const DEFAULT_MIN_SPARSE = 4096;
+export const MAX_WORKERS = 256;
+/** Zero-detection granularity when the target allows finer: one sector, as qemu-img. */
+const SECTOR = 512;
+
+export interface ConvertOptions {
+  /** Opened sources; their contents are concatenated into the target. */
+  readonly sources: readonly BlockBackend[];
+  /** Opened target, at least as large as the sources together. */
+  readonly target: BlockBackend;
+  /** Parallel workers (-m), each with one buffer. Default 8. */
+  readonly workers?: number;
+  /** Bytes per worker buffer, the largest chunk; capped by both sides' max transfer. Default 2 MiB. */
+  readonly bufferSize?: number;
+  /** Allow writes to complete out of order (-W). Ignored if the target cannot. */
+  readonly outOfOrder?: boolean;
+  /**
+   * Zero runs of at least this many bytes in data are not written as data (-S).
+   * 0: no scanning and no skipping: every byte is written, the target fully allocated.
+   * Default 4096. A multiple of 512.
+   */
+  readonly minSparse?: number;
+  /** The target is known to read back zeroes (--target-is-zero); otherwise its capability decides. */
+  readonly targetIsZero?: boolean;
+  /** Bytes per second (-r); unlimited when absent or 0. */
+  readonly rateLimit?: number;
+  /** Flush the target at the end (default true). The job does not resolve until it succeeds. */
+  readonly flush?: boolean;
+  readonly signal?: AbortSignal;
+  /** Minimum milliseconds between progress events. Default 100. */
+  readonly progressInterval?: number;
+}
+
+export interface ConvertProgress {
+  /** Bytes of the target image covered so far (read, written, zeroed or skipped). */
+  readonly done: number;
+  readonly total: number;
+  readonly bytesRead: number;
+  readonly bytesWritten: number;
+  /** Bytes handed to writeZeroes. */
+  readonly bytesZeroed: number;
+  /** Zero bytes left alone because the target reads them back as zeroes. */
+  readonly bytesSkipped: number;
+  readonly elapsedMs: number;
+  /** Bytes per second over the job so far. */
+  readonly rate: number;
+}
+
+export interface ConvertResult extends ConvertProgress {
+  readonly workers: number;
+  readonly bufferSize: number;
+  readonly outOfOrder: boolean;
+}
+
+/** A chunk of work: one extent piece of one source, mapped to target offsets. */
+interface Chunk {
+  seq: number;
+  source: BlockBackend;
+  sourceOffset: number;
+  targetOffset: number;
+  length: number;
+  /** 'data' must be read; 'zero' is known zeroes. */
+  kind: Exclude<ExtentKind, 'unallocated'>;
+}
+
+/**
+ * Walks the sources in order, asking block status lazily, and carves the next chunk.
+ * Only one block-status query is in flight; other workers wait for it.
+ */
+class ChunkCursor {
+  #index = 0;
+  #pos = 0;
+  #base = 0;
+  #extentEnd = 0;
+  #extentKind: 'data' | 'zero' = 'data';
+  #pending: Promise<void> | null = null;
+  #seq = 0;
+
+  constructor(
+    private readonly sources: readonly BlockBackend[],
+    private readonly align: number,
+    private readonly maxData: number,
+    private readonly maxZero: number,
+    private readonly allData: boolean,
+  ) {}
+
+  get issued(): number { return this.#seq; }
+
+  async next(): Promise<Chunk | null> {
+    for (;;) {
+      if (this.#pending) { await this.#pending; continue; }
+      const src = this.sources[this.#index];
+      if (!src) return null;
+      if (this.#pos >= src.size) {
+        this.#base += src.size;
+        this.#index++;
+        this.#pos = 0;
+        this.#extentEnd = 0;
+        continue;
+      }
+      if (this.#pos < this.#extentEnd) return this.#carve(src);
+      this.#pending = this.#query(src).finally(() => { this.#pending = null; });
+    }
+  }
+
+  async #query(src: BlockBackend): Promise<void> {
+    const pos = this.#pos;
+    let ext;
+    try {
+      ext = this.allData || !src.hasBlockStatus
+        ? { kind: 'data' as const, length: src.size - pos }
+        : await chainStatus(src, pos, src.size - pos);
+    } catch (err) {
+      throw toBlockError(err, { op: 'blockStatus', location: src.location, offset: pos });
+    }
+    this.#extentEnd = pos + Math.min(ext.length, src.size - pos);
+    this.#extentKind = ext.kind === 'data' ? 'data' : 'zero';
+  }
+
+  #carve(src: BlockBackend): Chunk {
+    const start = this.#pos;
+    let kind = this.#extentKind;
+    let end = Math.min(this.#extentEnd, start + (kind === 'data' ? this.maxData : this.maxZero));
+    if (end < src.size && end % this.align !== 0) {
+      const aligned = roundDown(end, this.align);
+      if (aligned > start) {
+        end = aligned;
+      } else {
+        // The extent ends inside one aligned block: copy that block as data.
+        end = Math.min(aligned + this.align, src.size);
+        kind = 'data';
+      }
+    }
+    this.#pos = end;
+    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind };
+  }
+}
+
+/** Lets chunk N write only after chunk N-1 finished writing (in-order mode). */
+class WriteOrder {
+  #next = 0;
+  readonly #waiters = new Map<number, () => void>();
+
+  turn(seq: number): Promise<void> | undefined {
+    if (seq === this.#next) return undefined;
+    return new Promise((resolve) => this.#waiters.set(seq, resolve));
+  }
+
+  done(seq: number): void {
+    this.#next = seq + 1;
+    const w = this.#waiters.get(this.#next);
+    if (w) { this.#waiters.delete(this.#next); w(); }
+  }
+
+  /** Wakes everyone (on failure), so that workers can see the error and exit. */
+  releaseAll(): void {
+    for (const w of this.#waiters.values()) w();
+    this.#waiters.clear();
+  }
+}
+
+/** Token bucket on copied bytes (-r). */
+class RateLimiter {
+  #nextFree = 0;
+  constructor(private readonly bytesPerSecond: number) {}
+
+  delay(bytes: number): number {
+    const now = performance.now();
+    const start = Math.max(now, this.#nextFree);
+    this.#nextFree = start + (bytes * 1000) / this.bytesPerSecond;
+    return start - now;
+  }
+}
+
+/**
+ * A running convert. Emits 'progress' (ConvertProgress); `done` settles with the
+ * result; `progress()` iterates progress updates until the end.
+ */
+export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress] }> {
+  readonly total: number;
+  readonly done: Promise<ConvertResult>;
+  readonly #controller = new AbortController();
+  #finished = false;
+
+  constructor(options: ConvertOptions) {
+    super();
+    this.total = options.sources.reduce((s, b) => s + b.size, 0);
+    this.done = run(options, this, this.#controller.signal).finally(() => { this.#finished = true; });
+    // Callers that only use events must not get an unhandled rejection.
+    this.done.catch(() => {});
+  }
+
+  /** Stops the job; `done` rejects with ECANCELED. */
+  cancel(reason?: unknown): void {
+    this.#controller.abort(reason);
+  }
+
+  /** Progress updates as an async iterator, ending when the job ends (or throwing its error). */
+  async *progress(): AsyncGenerator<ConvertProgress> {
+    const queue: ConvertProgress[] = [];
+    let wake: (() => void) | null = null;
+    const onProgress = (p: ConvertProgress): void => { queue.push(p); wake?.(); };
+    this.on('progress', onProgress);
+    const ended = this.done.then(() => {}, () => {}).finally(() => wake?.());
+    try {
+      for (;;) {
+        while (queue.length) yield queue.shift()!;
+        if (this.#finished) break;
+        await Promise.race([new Promise<void>((r) => { wake = r; }), ended]);
+        wake = null;
+      }
+      await this.done;
+    } finally {
+      this.off('progress', onProgress);
+    }
+  }
+}
+
+/** Starts a convert and returns the job (progress events, cancel). */
+export function startConvert(options: ConvertOptions): ConvertJob {
+  return new ConvertJob(options);
+}
+
+/** Converts and resolves with the result: the one call for library users. */
+export function convert(options: ConvertOptions & { onProgress?: (p: ConvertProgress) => void }): Promise<ConvertResult> {
+  const job = new ConvertJob(options);
+  if (options.onProgress) job.on('progress', options.onProgress);
+  return job.done;
+}
+
+function validate(o: ConvertOptions): void {
+  const int = (name: string, v: number | undefined, min: number, max = Number.MAX_SAFE_INTEGER): void => {
+    if (v !== undefined && (!Number.isSafeInteger(v) || v < min || v > max)) {
+      throw new BlockError('EINVAL', `${name} must be an integer from ${min} to ${max}, got ${v}`);
+    }
+  };
+  if (o.sources.length === 0) throw new BlockError('EINVAL', 'no source image');
+  int('workers', o.workers, 1, MAX_WORKERS);
+  int('bufferSize', o.bufferSize, SECTOR, 1 << 30);
+  int('minSparse', o.minSparse, 0);
+  int('rateLimit', o.rateLimit, 0);
+  if (o.minSparse !== undefined && o.minSparse % SECTOR !== 0) {
+    throw new BlockError('EINVAL', `minSparse must be a multiple of ${SECTOR} bytes, got ${o.minSparse}`);
+  }
+  if (o.target.readOnly) throw new BlockError('EROFS', 'target is read-only', { location: o.target.location });
+}
+
+async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): Promise<ConvertResult> {
+  await Promise.resolve(); // let the caller attach listeners before the first event
+  validate(o);
+  const { target, sources } = o;
+  const total = job.total;
+  if (target.size < total) {
+    throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes)`, { location: target.location });
+  }
+  const align = Math.max(target.limits.requestAlignment, ...sources.map((s) => s.limits.requestAlignment));
+  let base = 0;
+  for (const s of sources.slice(0, -1)) {
+    base += s.size;
+    if (base % align !== 0) {
+      throw new BlockError('EINVAL', `source ${s.location} ends at ${base}, not a multiple of the ${align}-byte alignment; sources cannot be concatenated`);
+    }
+  }
+
+  const minSparse = o.minSparse ?? DEFAULT_MIN_SPARSE;
+  const allData = minSparse === 0;
+  const targetZero = o.targetIsZero === true || target.readsZeroesInitially;
+  const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
+  const maxTransfer = Math.min(target.limits.maxTransfer, ...sources.map((s) => s.limits.maxTransfer));
+  const bufferSize = Math.max(align, roundDown(Math.min(o.bufferSize ?? DEFAULT_BUFFER_SIZE, maxTransfer), align));
+  const workers = Math.max(1, Math.min(o.workers ?? DEFAULT_WORKERS, Math.ceil(total / bufferSize) || 1));
+  const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
+  // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
+  const maxZeroChunk = targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), align));
+  const unit = Math.max(SECTOR, target.limits.requestAlignment);
+  const cursor = new ChunkCursor(sources, align, bufferSize, maxZeroChunk, allData);
+  const order = outOfOrder ? undefined : new WriteOrder();
+  const limiter = o.rateLimit ? new RateLimiter(o.rateLimit) : undefined;
+  const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));
+  const alignedOwner = memAlign > 1 ? [target, ...sources].find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) >= memAlign) : undefined;
+  const allocate = (n: number): Uint8Array => (alignedOwner ? alignedOwner.allocBuffer!(n) : Buffer.allocUnsafeSlow(n));
+  let zeroBuffer: Uint8Array | undefined; // shared, read-only: for targets that cannot writeZeroes, and -S 0
+  const zeroes = (): Uint8Array => {
+    if (!zeroBuffer) { zeroBuffer = allocate(bufferSize); zeroBuffer.fill(0); }
+    return zeroBuffer;
+  };
+
+  const started = performance.now();
+  const stats = { done: 0, bytesRead: 0, bytesWritten: 0, bytesZeroed: 0, bytesSkipped: 0 };
+  const snapshot = (): ConvertProgress => {
+    const elapsedMs = performance.now() - started;
+    return { ...stats, total, elapsedMs, rate: elapsedMs > 0 ? (stats.done * 1000) / elapsedMs : 0 };
+  };
+  const interval = o.progressInterval ?? 100;
+  let lastEmit = 0;
+  const progressed = (n: number): void => {
+    stats.done += n;
+    const now = performance.now();
+    if (now - lastEmit >= interval && job.listenerCount('progress') > 0) {
+      lastEmit = now;
+      job.emit('progress', snapshot());
+    }
+  };
+
+  let failure: BlockError | undefined;
+  const fail = (err: unknown, details?: { op: string; location: string; offset: number; length: number }): void => {
+    if (failure) return;
+    failure = toBlockError(err, details);
+    order?.releaseAll();
+  };
+  const onAbort = (signal: AbortSignal) => (): void => fail(cancelled(signal.reason));
+  const aborters: Array<[AbortSignal, () => void]> = [];
+  for (const s of [o.signal, internal]) {
+    if (!s) continue;
+    if (s.aborted) throw cancelled(s.reason);
+    const h = onAbort(s);
+    s.addEventListener('abort', h, { once: true });
+    aborters.push([s, h]);
+  }
+
+  /** Zeroes [offset, offset+length) of the target, split to its limits. */
+  const writeZeroes = async (offset: number, length: number): Promise<void> => {
+    if (allData || !target.canWriteZeroes) {
+      const buf = zeroes();
+      for (let done = 0; done < length; done += buf.length) {
+        const n = Math.min(buf.length, length - done);
+        await target.write(offset + done, n === buf.length ? buf : buf.subarray(0, n));
+        stats.bytesWritten += n;
+      }
+      return;
+    }
+    const step = Math.max(align, roundDown(maxZeroes, align));
+    for (let done = 0; done < length; done += step) {
+      await target.writeZeroes(offset + done, Math.min(step, length - done), { mayUnmap: true });
+    }
+    stats.bytesZeroed += length;
+  };
+
+  const worker = async (): Promise<void> => {
+    const buffer = allocate(bufferSize);
+    const scanner = allData ? undefined : new ZeroScanner(buffer, unit, Math.max(minSparse, unit));
+    let op = 'read';
+    let chunk: Chunk | null = null;
+    try {
+      for (;;) {
+        chunk = null;
+        if (failure || (chunk = await cursor.next()) === null || failure) break;
+        const { length, targetOffset } = chunk;
+        let segments = 0;
+        if (chunk.kind === 'data') {
+          if (limiter) {
+            const wait = limiter.delay(length);
+            if (wait > 1) await new Promise((r) => setTimeout(r, wait));
+          }
+          op = 'read';
+          const data = await chunk.source.read(chunk.sourceOffset, length, buffer);
+          if (data.buffer !== buffer.buffer || data.byteOffset !== buffer.byteOffset) buffer.set(data.subarray(0, length));
+          stats.bytesRead += length;
+          segments = scanner ? scanner.scan(length) : 0;
+        }
+        if (failure) break;
+        if (order) {
+          const wait = order.turn(chunk.seq);
+          if (wait) await wait;
+        }
+        if (failure) break;
+        op = 'write';
+        if (chunk.kind === 'zero') {
+          if (targetZero) stats.bytesSkipped += length;
+          else await writeZeroes(targetOffset, length);
+        } else if (!scanner) {
+          await target.write(targetOffset, buffer.subarray(0, length));
+          stats.bytesWritten += length;
+        } else {
+          for (let i = 0; i < segments && !failure; i++) {
+            const start = scanner.segments[2 * i]!;
+            const end = scanner.segments[2 * i + 1]!;
+            if (!scanner.segmentIsZero[i]) {
+              await target.write(targetOffset + start, segments === 1 ? buffer.subarray(0, length) : buffer.subarray(start, end));
+              stats.bytesWritten += end - start;
+            } else if (targetZero) {
+              stats.bytesSkipped += end - start;
+            } else {
+              await writeZeroes(targetOffset + start, end - start);
+            }
+          }
+        }
+        order?.done(chunk.seq);
+        progressed(length);
+      }
+    } catch (err) {
+      const c = chunk;
+      fail(err, c ? { op, location: op === 'read' ? c.source.location : target.location, offset: op === 'read' ? c.sourceOffset : c.targetOffset, length: c.length } : undefined);
+    }
+  };
+
+  try {
+    await Promise.all(Array.from({ length: workers }, worker));
+    if (failure) throw failure;
+    if (o.flush !== false) {
+      try {
+        await target.flush();
+      } catch (err) {
+        throw toBlockError(err, { op: 'flush', location: target.location });
+      }
+      if (failure) throw failure;
+    }
+    const result = { ...snapshot(), workers, bufferSize, outOfOrder };
+    job.emit('progress', result);
+    return result;
+  } finally {
+    for (const [s, h] of aborters) s.removeEventListener('abort', h);
+  }
+}

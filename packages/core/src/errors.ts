@@ -1,0 +1,102 @@
+/**
+ * One error type for everything that goes wrong with an image, so that callers can
+ * branch on `code` and users get one line naming the cause, the operation and offset.
+ */
+
+export type BlockErrorCode =
+  /** Input that cannot be right: a malformed URL or option, an unaligned request. */
+  | 'EINVAL'
+  | 'ENOENT'
+  | 'EACCES'
+  | 'EIO'
+  | 'ENOSPC'
+  | 'EROFS'
+  /** The operation is not supported by this driver or image. */
+  | 'ENOTSUP'
+  /** The image is damaged: a field or table entry that cannot be valid. */
+  | 'ECORRUPT'
+  /** No installed driver serves a scheme or format. */
+  | 'ENODRIVER'
+  /** Cancelled through an AbortSignal. */
+  | 'ECANCELED'
+  | 'ETIMEDOUT'
+  | 'ECONNREFUSED'
+  | 'ERANGE'
+  | (string & {});
+
+export interface BlockErrorDetails {
+  /** The operation, e.g. "read", "write", "open". */
+  readonly op?: string;
+  /** Image location the error concerns. */
+  readonly location?: string;
+  readonly offset?: number;
+  readonly length?: number;
+  /** The header field or table the error is about (corrupt images). */
+  readonly field?: string;
+  readonly cause?: unknown;
+}
+
+export class BlockError extends Error {
+  override readonly name = 'BlockError';
+  readonly code: BlockErrorCode;
+  readonly op?: string;
+  readonly location?: string;
+  readonly offset?: number;
+  readonly length?: number;
+  readonly field?: string;
+
+  constructor(code: BlockErrorCode, message: string, details: BlockErrorDetails = {}) {
+    super(formatMessage(message, details), details.cause === undefined ? undefined : { cause: details.cause });
+    this.code = code;
+    this.op = details.op;
+    this.location = details.location;
+    this.offset = details.offset;
+    this.length = details.length;
+    this.field = details.field;
+  }
+}
+
+function formatMessage(message: string, d: BlockErrorDetails): string {
+  const where: string[] = [];
+  if (d.location !== undefined) where.push(d.location);
+  if (d.op !== undefined) where.push(d.op);
+  if (d.offset !== undefined) where.push(`at offset ${d.offset}` + (d.length !== undefined ? ` (+${d.length})` : ''));
+  if (d.field !== undefined) where.push(`field ${d.field}`);
+  return where.length ? `${where.join(' ')}: ${message}` : message;
+}
+
+/** Node system error codes that map onto ours one to one. */
+const SYSTEM_CODES = new Set([
+  'EINVAL', 'ENOENT', 'EACCES', 'EPERM', 'EIO', 'ENOSPC', 'EROFS', 'EISDIR', 'ENOTDIR', 'EBADF',
+  'EEXIST', 'ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'EFBIG', 'EDQUOT', 'ENXIO',
+]);
+
+/** Turns any thrown value into a BlockError with context; BlockErrors pass through. */
+export function toBlockError(err: unknown, details: BlockErrorDetails = {}): BlockError {
+  if (err instanceof BlockError) return err;
+  const e = err as NodeJS.ErrnoException | undefined;
+  if (e && typeof e === 'object' && e.name === 'AbortError') {
+    return new BlockError('ECANCELED', 'cancelled', { ...details, cause: err });
+  }
+  const sys = typeof e?.code === 'string' && SYSTEM_CODES.has(e.code) ? e.code : 'EIO';
+  const code = sys === 'EPERM' ? 'EACCES' : sys === 'EDQUOT' || sys === 'EFBIG' ? 'ENOSPC' : sys;
+  const raw = e instanceof Error ? e.message : String(err);
+  return new BlockError(code, describeSystemError(code, raw), { ...details, cause: err });
+}
+
+/** Short human text for common system errors, keeping the original when it says more. */
+function describeSystemError(code: string, raw: string): string {
+  switch (code) {
+    case 'ENOSPC': return 'no space left on device';
+    case 'ENOENT': return 'no such file or directory';
+    case 'EACCES': return 'permission denied';
+    case 'EROFS': return 'read-only file system';
+    case 'EISDIR': return 'is a directory';
+    default: return raw.replace(/^[A-Z]+: /, '').replace(/, \w+ '.*'$/, '');
+  }
+}
+
+export function cancelled(reason?: unknown): BlockError {
+  const why = reason instanceof Error ? reason.message : reason === undefined ? '' : String(reason);
+  return new BlockError('ECANCELED', why && why !== 'This operation was aborted' ? `cancelled: ${why}` : 'cancelled');
+}

@@ -1,0 +1,18 @@
+/**
+ * @blockconv/core: the driver interface, the registry that resolves locations to
+ * drivers, and the convert/compare engines. Drivers live in their own packages.
+ */
+export * from './types.js';
+export * from './errors.js';
+export { DriverRegistry, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
+export { chainStatus } from './status.js';
+export {
+  convert, startConvert, ConvertJob,
+  DEFAULT_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,
+  type ConvertOptions, type ConvertProgress, type ConvertResult,
+} from './convert.js';
+export { compareImages, type CompareOptions, type CompareResult } from './compare.js';
+export { mapImage, type MapEntry } from './map.js';
+export { parseSize, formatSize } from './size.js';
+export { ZeroScanner } from './zeroscan.js';
+export { MemoryBackend, createMemoryDriver, type MemoryBackendOptions, type MemoryOp, type MemoryOpRecord } from './memory.js';

@@ -1,0 +1,61 @@
+/**
+ * The allocation map of an image through its backing chain, in the shape of
+ * `qemu-img map --output=json`: adjacent ranges with the same status are merged.
+ */
+import { toBlockError } from './errors.js';
+import type { BlockBackend } from './types.js';
+
+export interface MapEntry {
+  start: number;
+  length: number;
+  /** Index in the backing chain of the layer that answers (0 = the image itself). */
+  depth: number;
+  /** Some layer allocates the range. */
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  /** Offset of the data in the answering layer's storage, when the driver knows it. */
+  offset?: number;
+}
+
+export async function* mapImage(image: BlockBackend, start = 0, length = image.size - start): AsyncGenerator<MapEntry> {
+  const end = Math.min(image.size, start + length);
+  let pending: MapEntry | undefined;
+  for (let pos = start; pos < end;) {
+    const entry = await statusAt(image, pos, end - pos);
+    pos += entry.length;
+    if (pending && mergeable(pending, entry)) {
+      pending.length += entry.length;
+      continue;
+    }
+    if (pending) yield pending;
+    pending = entry;
+  }
+  if (pending) yield pending;
+}
+
+function mergeable(a: MapEntry, b: MapEntry): boolean {
+  return a.depth === b.depth && a.present === b.present && a.zero === b.zero && a.data === b.data &&
+    (a.offset === undefined) === (b.offset === undefined) && (a.offset === undefined || a.offset + a.length === b.offset);
+}
+
+async function statusAt(image: BlockBackend, pos: number, length: number): Promise<MapEntry> {
+  let len = length;
+  let depth = 0;
+  for (let layer: BlockBackend | undefined = image; layer; layer = layer.backing, depth++) {
+    if (pos >= layer.size) break;
+    let ext;
+    try {
+      ext = layer.hasBlockStatus ? await layer.blockStatus(pos, Math.min(len, layer.size - pos)) : { kind: 'data' as const, length: layer.size - pos };
+    } catch (err) {
+      throw toBlockError(err, { op: 'blockStatus', location: layer.location, offset: pos });
+    }
+    len = Math.max(1, Math.min(len, ext.length));
+    if (ext.kind !== 'unallocated') {
+      const entry: MapEntry = { start: pos, length: len, depth, present: true, zero: ext.kind === 'zero', data: ext.kind === 'data' };
+      if (ext.offset !== undefined) entry.offset = ext.offset;
+      return entry;
+    }
+  }
+  return { start: pos, length: len, depth, present: false, zero: true, data: false };
+}

@@ -1,0 +1,214 @@
+/**
+ * An in-memory, sparse block device: the reference backend for the conformance kit
+ * and for testing the scheduler, with injectable latency and failures, and a log of
+ * operations so tests can check ordering and concurrency. Storage is a map of 64 KiB
+ * pages, so a 1 TiB image costs only what is written to it.
+ */
+import { BlockError } from './errors.js';
+import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
+
+const PAGE = 64 * 1024;
+
+export type MemoryOp = 'read' | 'write' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush';
+
+export interface MemoryOpRecord {
+  readonly op: MemoryOp;
+  readonly offset: number;
+  readonly length: number;
+  /** Order in which the operation was started / completed. */
+  readonly started: number;
+  completed?: number;
+}
+
+export interface MemoryBackendOptions {
+  readonly size: number;
+  readonly location?: string;
+  readonly limits?: Partial<BlockLimits>;
+  readonly readOnly?: boolean;
+  readonly readsZeroesInitially?: boolean;
+  readonly hasBlockStatus?: boolean;
+  readonly canWriteZeroes?: boolean;
+  readonly canDiscard?: boolean;
+  readonly canWriteOutOfOrder?: boolean;
+  /** Milliseconds an operation takes, or a function of it (for latency injection). */
+  readonly latency?: number | ((op: MemoryOp, offset: number, length: number) => number);
+  /** Returns an error to fail an operation with (failure injection). */
+  readonly fail?: (op: MemoryOp, offset: number, length: number) => Error | undefined;
+  /** Record every operation in `log`. */
+  readonly record?: boolean;
+}
+
+export class MemoryBackend implements BlockBackend {
+  readonly driverName = 'mem';
+  readonly location: string;
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly limits: BlockLimits;
+  readonly canWriteZeroes: boolean;
+  readonly canDiscard: boolean;
+  readonly readsZeroesInitially: boolean;
+  readonly canCompress = false;
+  readonly hasBlockStatus: boolean;
+  readonly canWriteOutOfOrder: boolean;
+  readonly log: MemoryOpRecord[] = [];
+  /** Highest number of operations in flight at once. */
+  maxInFlight = 0;
+  inFlight = 0;
+  flushes = 0;
+  closed = false;
+
+  readonly #pages = new Map<number, Uint8Array>();
+  readonly #opts: MemoryBackendOptions;
+  #seq = 0;
+
+  constructor(opts: MemoryBackendOptions) {
+    this.#opts = opts;
+    this.location = opts.location ?? `mem://${opts.size}`;
+    this.size = opts.size;
+    this.readOnly = opts.readOnly ?? false;
+    const align = opts.limits?.requestAlignment ?? 1;
+    this.limits = {
+      requestAlignment: align,
+      maxTransfer: opts.limits?.maxTransfer ?? 32 * 1024 * 1024,
+      optimalTransfer: opts.limits?.optimalTransfer ?? Math.max(align, PAGE),
+      maxWriteZeroes: opts.limits?.maxWriteZeroes,
+      minMemAlignment: opts.limits?.minMemAlignment,
+    };
+    this.canWriteZeroes = opts.canWriteZeroes ?? true;
+    this.canDiscard = opts.canDiscard ?? true;
+    this.readsZeroesInitially = opts.readsZeroesInitially ?? true;
+    this.hasBlockStatus = opts.hasBlockStatus ?? true;
+    this.canWriteOutOfOrder = opts.canWriteOutOfOrder ?? true;
+  }
+
+  /** Bytes held in memory (allocated pages). */
+  get allocatedBytes(): number { return this.#pages.size * PAGE; }
+
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    const out = into ? into.subarray(0, length) : new Uint8Array(length);
+    await this.#op('read', offset, length, () => {
+      for (let done = 0; done < length;) {
+        const pos = offset + done;
+        const page = this.#pages.get(Math.floor(pos / PAGE));
+        const inPage = pos % PAGE;
+        const n = Math.min(PAGE - inPage, length - done);
+        if (page) out.set(page.subarray(inPage, inPage + n), done);
+        else out.fill(0, done, done + n);
+        done += n;
+      }
+    });
+    return out;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.#op('write', offset, data.length, () => {
+      for (let done = 0; done < data.length;) {
+        const pos = offset + done;
+        const idx = Math.floor(pos / PAGE);
+        let page = this.#pages.get(idx);
+        if (!page) this.#pages.set(idx, (page = new Uint8Array(PAGE)));
+        const inPage = pos % PAGE;
+        const n = Math.min(PAGE - inPage, data.length - done);
+        page.set(data.subarray(done, done + n), inPage);
+        done += n;
+      }
+    }, true);
+  }
+
+  async writeZeroes(offset: number, length: number, _flags?: WriteZeroesFlags): Promise<void> {
+    await this.#op('writeZeroes', offset, length, () => this.#zero(offset, length), true);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    await this.#op('discard', offset, length, () => this.#zero(offset, length), true);
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent> {
+    let result: Extent = { kind: 'data', length: this.size - offset };
+    await this.#op('blockStatus', offset, Math.max(1, Math.min(length, this.size - offset)), () => {
+      if (!this.hasBlockStatus) return;
+      const allocated = this.#pages.has(Math.floor(offset / PAGE));
+      let end = (Math.floor(offset / PAGE) + 1) * PAGE;
+      while (end < this.size && end < offset + length && this.#pages.has(end / PAGE) === allocated) end += PAGE;
+      result = { kind: allocated ? 'data' : 'zero', length: Math.min(end, this.size) - offset };
+    });
+    return result;
+  }
+
+  async flush(): Promise<void> {
+    await this.#op('flush', 0, 0, () => { this.flushes++; });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+
+  #zero(offset: number, length: number): void {
+    for (let done = 0; done < length;) {
+      const pos = offset + done;
+      const idx = Math.floor(pos / PAGE);
+      const inPage = pos % PAGE;
+      const n = Math.min(PAGE - inPage, length - done);
+      const page = this.#pages.get(idx);
+      if (page) {
+        if (n === PAGE) this.#pages.delete(idx);
+        else page.fill(0, inPage, inPage + n);
+      }
+      done += n;
+    }
+  }
+
+  async #op(op: MemoryOp, offset: number, length: number, body: () => void, writes = false): Promise<void> {
+    if (this.closed) throw new BlockError('EINVAL', 'backend is closed', { op, location: this.location });
+    if (writes && this.readOnly) throw new BlockError('EROFS', 'image is read-only', { op, location: this.location, offset });
+    if (op !== 'flush') {
+      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+        throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, { op, location: this.location, offset, length });
+      }
+      const a = this.limits.requestAlignment;
+      if (offset % a !== 0 || (length % a !== 0 && offset + length !== this.size)) {
+        throw new BlockError('EINVAL', `request not aligned to ${a} bytes`, { op, location: this.location, offset, length });
+      }
+    }
+    const rec: MemoryOpRecord | undefined = this.#opts.record ? { op, offset, length, started: this.#seq++ } : undefined;
+    if (rec) this.log.push(rec);
+    this.inFlight++;
+    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+    try {
+      const lat = typeof this.#opts.latency === 'function' ? this.#opts.latency(op, offset, length) : this.#opts.latency ?? 0;
+      if (lat > 0) await new Promise((r) => setTimeout(r, lat));
+      else await Promise.resolve();
+      const err = this.#opts.fail?.(op, offset, length);
+      if (err) throw err;
+      body();
+    } finally {
+      this.inFlight--;
+      if (rec) rec.completed = this.#seq++;
+    }
+  }
+}
+
+/**
+ * `mem://NAME` images that live as long as the process: handy for embedding and tests.
+ * create() makes (or replaces) one; open() finds it.
+ */
+export function createMemoryDriver(): ProtocolDriver & { readonly images: Map<string, MemoryBackend> } {
+  const images = new Map<string, MemoryBackend>();
+  return {
+    apiVersion: BLOCK_API_VERSION,
+    kind: 'protocol',
+    name: 'mem',
+    description: 'in-memory images (mem://NAME), kept for the life of the process',
+    schemes: ['mem'],
+    images,
+    async open(location, options) {
+      const img = images.get(location);
+      if (!img) throw new BlockError('ENOENT', 'no such memory image', { op: 'open', location });
+      void options;
+      return img;
+    },
+    async create(location, size) {
+      images.set(location, new MemoryBackend({ size, location }));
+    },
+  };
+}

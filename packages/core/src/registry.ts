@@ -1,0 +1,210 @@
+/**
+ * Driver registry and image resolution: a location string picks a protocol driver by
+ * its URL scheme (no scheme = "file"), then a format driver by name or by probing, and
+ * the format is layered on the protocol backend as in QEMU.
+ */
+import { BlockError, toBlockError } from './errors.js';
+import {
+  BLOCK_API_VERSION,
+  type BlockBackend,
+  type BlockDriver,
+  type CreateOptions,
+  type FormatDriver,
+  type ImageResolver,
+  type OpenOptions,
+  type ProtocolDriver,
+} from './types.js';
+
+/** Packages of the blockconv project that provide each scheme or format. */
+const KNOWN_PACKAGES: Readonly<Record<string, { pkg: string; needs?: string }>> = {
+  file: { pkg: '@blockconv/driver-raw' },
+  raw: { pkg: '@blockconv/driver-raw' },
+  qcow2: { pkg: '@blockconv/driver-qcow2' },
+  nfs: { pkg: '@blockconv/driver-nfs', needs: 'libnfs (Debian: libnfs-dev)' },
+  iscsi: { pkg: '@blockconv/driver-iscsi', needs: 'libiscsi (Debian: libiscsi-dev)' },
+};
+
+export interface ParsedLocation {
+  /** Lower-case scheme; "file" for plain paths. */
+  readonly scheme: string;
+  /** What the protocol driver receives: the path for files, the whole URL otherwise. */
+  readonly location: string;
+}
+
+const SCHEME_RE = /^([a-zA-Z][a-zA-Z0-9+.-]*):\/\//;
+
+export function parseLocation(location: string): ParsedLocation {
+  if (location === '') throw new BlockError('EINVAL', 'empty image location');
+  const m = SCHEME_RE.exec(location);
+  if (!m) return { scheme: 'file', location };
+  const scheme = m[1]!.toLowerCase();
+  if (scheme === 'file') {
+    try {
+      return { scheme, location: decodeURIComponent(new URL(location).pathname) };
+    } catch {
+      throw new BlockError('EINVAL', `malformed file URL "${location}"`);
+    }
+  }
+  return { scheme, location };
+}
+
+export interface ImageOpenOptions extends OpenOptions {
+  /** Format name (-f); probed when absent. */
+  readonly format?: string;
+}
+
+export interface ImageCreateOptions extends CreateOptions {
+  /** Format name (-O); "raw" when absent. */
+  readonly format?: string;
+}
+
+/** How much of an image's start the probe reads. */
+const PROBE_BYTES = 4096;
+
+export class DriverRegistry implements ImageResolver {
+  readonly #protocols = new Map<string, ProtocolDriver>();
+  readonly #formats = new Map<string, FormatDriver>();
+  readonly #byScheme = new Map<string, ProtocolDriver>();
+
+  /** Registers drivers; a later registration of the same name replaces the earlier one. */
+  register(...drivers: readonly BlockDriver[]): this {
+    for (const d of drivers) {
+      if (d.apiVersion !== BLOCK_API_VERSION) {
+        throw new BlockError('ENOTSUP', `driver "${d.name}" implements API version ${String(d.apiVersion)}, this core implements ${BLOCK_API_VERSION}`);
+      }
+      if (d.kind === 'protocol') {
+        this.#protocols.set(d.name, d);
+        for (const s of d.schemes) this.#byScheme.set(s.toLowerCase(), d);
+      } else if (d.kind === 'format') {
+        this.#formats.set(d.name, d);
+      } else {
+        throw new BlockError('EINVAL', `driver "${(d as BlockDriver).name}" has unknown kind`);
+      }
+    }
+    return this;
+  }
+
+  get protocols(): readonly ProtocolDriver[] { return [...this.#protocols.values()]; }
+  get formats(): readonly FormatDriver[] { return [...this.#formats.values()]; }
+
+  protocolFor(location: string): { driver: ProtocolDriver; location: string } {
+    const parsed = parseLocation(location);
+    const driver = this.#byScheme.get(parsed.scheme);
+    if (!driver) throw missingDriver('scheme', parsed.scheme);
+    return { driver, location: parsed.location };
+  }
+
+  format(name: string): FormatDriver {
+    const driver = this.#formats.get(name);
+    if (!driver) {
+      if (KNOWN_PACKAGES[name] || this.#formats.size === 0) throw missingDriver('format', name);
+      throw new BlockError('EINVAL', `unknown format "${name}" (known: ${[...this.#formats.keys()].join(', ')})`);
+    }
+    return driver;
+  }
+
+  /** Opens a protocol backend only (no format layer). */
+  async openProtocol(location: string, options: OpenOptions = {}): Promise<BlockBackend> {
+    const { driver, location: loc } = this.protocolFor(location);
+    try {
+      return await driver.open(loc, options);
+    } catch (err) {
+      throw toBlockError(err, { op: 'open', location });
+    }
+  }
+
+  /** Opens an image: protocol, then the named or probed format on top. */
+  async open(location: string, options: ImageOpenOptions = {}): Promise<BlockBackend> {
+    const formatDriver = options.format === undefined ? undefined : this.format(options.format);
+    const file = await this.openProtocol(location, options);
+    try {
+      const fmt = formatDriver ?? (await this.probe(file, location));
+      return await fmt.open(file, { ...options, resolver: this });
+    } catch (err) {
+      await file.close().catch(() => {});
+      throw toBlockError(err, { op: 'open', location });
+    }
+  }
+
+  /** Picks the format whose probe is most confident; raw when none claims the bytes. */
+  async probe(file: BlockBackend, location: string): Promise<FormatDriver> {
+    let head: Uint8Array = new Uint8Array(0);
+    if (file.size > 0) {
+      const align = file.limits.requestAlignment;
+      const len = Math.min(roundUp(PROBE_BYTES, align), roundUp(file.size, align));
+      const buf = file.allocBuffer ? file.allocBuffer(len) : new Uint8Array(len);
+      head = (await file.read(0, Math.min(len, file.size), buf)).subarray(0, Math.min(PROBE_BYTES, file.size));
+    }
+    let best: FormatDriver | undefined;
+    let bestScore = 0;
+    for (const f of this.#formats.values()) {
+      const score = f.probe?.(head, location) ?? 0;
+      if (score > bestScore) { best = f; bestScore = score; }
+    }
+    if (!best) throw missingDriver('format', 'raw');
+    return best;
+  }
+
+  /**
+   * Creates an image and returns it opened read-write. The protocol object is created
+   * (a smaller existing file is replaced), then the format writes its metadata into it.
+   */
+  async create(location: string, size: number, options: ImageCreateOptions = {}): Promise<BlockBackend> {
+    if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid image size ${size}`);
+    const fmt = this.format(options.format ?? 'raw');
+    if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
+    const { driver, location: loc } = this.protocolFor(location);
+    if (!driver.create) {
+      throw new BlockError('ENOTSUP', `${driver.name} cannot create images; use an existing one with -n`, { location });
+    }
+    const protocolSize = fmt.protocolSizeFor ? fmt.protocolSizeFor(size, options) : 0;
+    try {
+      await driver.create(loc, protocolSize, options);
+    } catch (err) {
+      throw toBlockError(err, { op: 'create', location });
+    }
+    const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal });
+    try {
+      await fmt.create(file, size, { ...options, resolver: this });
+      return await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this });
+    } catch (err) {
+      await file.close().catch(() => {});
+      throw toBlockError(err, { op: 'create', location });
+    }
+  }
+}
+
+function missingDriver(what: 'scheme' | 'format', name: string): BlockError {
+  const known = KNOWN_PACKAGES[name];
+  const hint = known
+    ? `install ${known.pkg}${known.needs ? ` (needs ${known.needs})` : ''}`
+    : `install a package that provides it (see "blockconv drivers")`;
+  return new BlockError('ENODRIVER', `no driver for ${what} "${name}": ${hint}`);
+}
+
+export function roundUp(n: number, align: number): number {
+  return Math.ceil(n / align) * align;
+}
+
+export function roundDown(n: number, align: number): number {
+  return Math.floor(n / align) * align;
+}
+
+/**
+ * Resolves a backing file name written inside an image against the image's own
+ * location, as QEMU does: absolute paths and URLs stand as they are, relative names
+ * are taken from the directory of the image (on the same server for URLs).
+ */
+export function resolveRelative(base: string, name: string): string {
+  if (SCHEME_RE.test(name) || name.startsWith('/')) return name;
+  const m = SCHEME_RE.exec(base);
+  if (m && m[1]!.toLowerCase() !== 'file') {
+    const q = base.indexOf('?');
+    const path = q < 0 ? base : base.slice(0, q);
+    const query = q < 0 ? '' : base.slice(q);
+    return path.slice(0, path.lastIndexOf('/') + 1) + name + query;
+  }
+  const path = parseLocation(base).location;
+  const slash = path.lastIndexOf('/');
+  return slash < 0 ? name : path.slice(0, slash + 1) + name;
+}

@@ -1,0 +1,173 @@
+/**
+ * The driver interface: what every storage back end implements and what the core
+ * (scheduler, compare, CLI) relies on. Modelled on nbdkit's plugin API (small
+ * operations plus capability flags) and QEMU's BlockLimits (limits are data the
+ * core enforces, so drivers never re-check them).
+ */
+
+/** Version of this interface; a driver states which one it was written against. */
+export const BLOCK_API_VERSION = 1;
+
+/**
+ * Request limits of a backend. The core splits and aligns every request so that a
+ * driver only ever sees requests that respect them.
+ */
+export interface BlockLimits {
+  /** Offsets and lengths of read/write/zero/discard are multiples of this (bytes, power of two). */
+  readonly requestAlignment: number;
+  /** Largest read or write in one call. */
+  readonly maxTransfer: number;
+  /** Preferred request size for throughput; a multiple of requestAlignment. */
+  readonly optimalTransfer: number;
+  /** Largest writeZeroes/discard in one call. Defaults to maxTransfer when absent. */
+  readonly maxWriteZeroes?: number;
+  /** Required alignment of the memory of I/O buffers (O_DIRECT); 1 when any will do. */
+  readonly minMemAlignment?: number;
+}
+
+/** What a range of an image holds, as block status reports it. */
+export type ExtentKind =
+  /** Allocated in this layer: must be read. */
+  | 'data'
+  /** Reads as zeroes, whatever any backing image holds. */
+  | 'zero'
+  /** Not allocated in this layer: reads through to the backing image (zeroes when there is none). */
+  | 'unallocated';
+
+/**
+ * The first extent at the asked offset. `length` may run past the asked range (a
+ * hint, as in QEMU and nbdkit) but never past the end of the image, and is never 0.
+ */
+export interface Extent {
+  readonly kind: ExtentKind;
+  readonly length: number;
+  /** Where the extent's bytes live in the layer below (the host file), for `map`; when known. */
+  readonly offset?: number;
+}
+
+export interface WriteFlags {
+  /** Force unit access: the data is on stable storage when the call resolves. */
+  readonly fua?: boolean;
+}
+
+export interface WriteZeroesFlags {
+  /** The range may be deallocated instead of written, as long as it then reads as zeroes. */
+  readonly mayUnmap?: boolean;
+}
+
+/** An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one. */
+export interface BlockBackend {
+  /** The driver that opened it, e.g. "file" or "raw". */
+  readonly driverName: string;
+  /** Where it lives, for messages. Never contains credentials. */
+  readonly location: string;
+  /** Virtual size in bytes. */
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly limits: BlockLimits;
+
+  /** writeZeroes is cheaper than writing a buffer of zeroes (else the core writes zeroes). */
+  readonly canWriteZeroes: boolean;
+  /** discard deallocates; false means discard is a no-op. */
+  readonly canDiscard: boolean;
+  /**
+   * Every byte not yet written reads back as zero: a freshly created sparse file, a
+   * new qcow2 without backing, a thin LUN that reports LBPRZ. Convert then skips zeroes.
+   */
+  readonly readsZeroesInitially: boolean;
+  /** Writes may be stored compressed (qcow2 -c). */
+  readonly canCompress: boolean;
+  /** blockStatus tells real allocation; when false it reports the whole image as data. */
+  readonly hasBlockStatus: boolean;
+  /** Writes may be committed in any order (-W); false for targets that need sequential writes. */
+  readonly canWriteOutOfOrder?: boolean;
+  /** The image this one reads through to for unallocated extents, if any. */
+  readonly backing?: BlockBackend;
+
+  /**
+   * Reads `length` bytes at `offset`. Reads into `into` when given (it must hold at
+   * least `length` bytes) and returns the filled view of it.
+   */
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
+  writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<Extent>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+
+  /** Allocates an I/O buffer that satisfies minMemAlignment (only needed when it is > 1). */
+  allocBuffer?(size: number): Uint8Array;
+  /** Format-specific details for `info`, as JSON-friendly values. */
+  info?(): Promise<Record<string, unknown>>;
+  /** Bytes this image occupies on its storage, when known (`info`'s disk size). */
+  allocatedSize?(): Promise<number | undefined>;
+}
+
+/** Cache modes as qemu-img names them. */
+export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+
+export interface OpenOptions {
+  readonly readOnly?: boolean;
+  /** Host cache mode; "none"/"directsync" bypass the page cache (O_DIRECT). */
+  readonly cache?: CacheMode;
+  /** Driver-specific options (qemu-img's -o / -l key=value pairs). */
+  readonly options?: Readonly<Record<string, string>>;
+  readonly signal?: AbortSignal;
+}
+
+export interface CreateOptions {
+  readonly cache?: CacheMode;
+  /** Driver-specific creation options (qemu-img's -o key=value pairs). */
+  readonly options?: Readonly<Record<string, string>>;
+  readonly signal?: AbortSignal;
+}
+
+/** Describes one creation option, for `-o help`. */
+export interface CreateOptionInfo {
+  readonly name: string;
+  readonly description: string;
+  readonly default?: string;
+  readonly values?: readonly string[];
+}
+
+interface DriverBase {
+  readonly apiVersion: typeof BLOCK_API_VERSION;
+  /** Unique name, e.g. "file", "nfs", "raw", "qcow2". */
+  readonly name: string;
+  readonly description?: string;
+  readonly createOptions?: readonly CreateOptionInfo[];
+}
+
+/** Reaches storage: a local file, an NFS file, an iSCSI LUN. */
+export interface ProtocolDriver extends DriverBase {
+  readonly kind: 'protocol';
+  /** URL schemes it serves, e.g. ["nfs"]; "file" also serves plain paths. */
+  readonly schemes: readonly string[];
+  open(location: string, options: OpenOptions): Promise<BlockBackend>;
+  /** Creates (or truncates) the object at location with the given size. */
+  create?(location: string, size: number, options: CreateOptions): Promise<void>;
+}
+
+/** Interprets the bytes of a protocol backend: raw, qcow2. */
+export interface FormatDriver extends DriverBase {
+  readonly kind: 'format';
+  /** Confidence 0..100 that `head` (the first bytes, up to 4 KiB) is this format. */
+  probe?(head: Uint8Array, location: string): number;
+  /** Opens the format on top of `file`, which it then owns (closes it on close). */
+  open(file: BlockBackend, options: OpenOptions & { readonly resolver?: ImageResolver }): Promise<BlockBackend>;
+  /** Writes a new empty image of `size` bytes into the (empty) `file`. */
+  create?(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void>;
+  /**
+   * Size the protocol object needs before create() is called (raw: the image size;
+   * formats that grow themselves: 0).
+   */
+  protocolSizeFor?(size: number, options: CreateOptions): number;
+}
+
+export type BlockDriver = ProtocolDriver | FormatDriver;
+
+/** Opens further images by name, e.g. a format driver resolving its backing file. */
+export interface ImageResolver {
+  open(location: string, options?: OpenOptions & { readonly format?: string }): Promise<BlockBackend>;
+}

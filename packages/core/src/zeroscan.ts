@@ -1,0 +1,83 @@
+/**
+ * Finding zero runs in data buffers (qemu-img's -S): the hot path of every convert,
+ * so it avoids per-byte JavaScript. A unit whose first word is non-zero (the common
+ * case for real data) is rejected by one typed-array load; otherwise memcmp, through
+ * Buffer#compare, checks it against a zero page, greedily over large spans.
+ */
+
+/** Largest span compared in one call once a zero unit is found. */
+const SPAN = 64 * 1024;
+const ZEROES = Buffer.alloc(SPAN);
+
+/** Per-buffer views made once, so the scan allocates nothing per request. */
+export class ZeroScanner {
+  readonly #bytes: Buffer;
+  readonly #words: Int32Array;
+  /** Segment boundaries of the last scan: [start0, end0, start1, end1, ...]. */
+  readonly segments: Float64Array;
+  /** Whether segment i is zeroes. */
+  readonly segmentIsZero: Uint8Array;
+  segmentCount = 0;
+
+  constructor(buffer: Uint8Array, readonly unit: number, readonly minRun: number) {
+    if (buffer.byteOffset % 4 !== 0) throw new RangeError('scan buffer must be 4-byte aligned');
+    this.#bytes = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+    this.#words = new Int32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >> 2);
+    const maxSegments = Math.ceil(buffer.byteLength / unit) + 1;
+    this.segments = new Float64Array(maxSegments * 2);
+    this.segmentIsZero = new Uint8Array(maxSegments);
+  }
+
+  /** Is [off, off+len) all zero? */
+  #isZero(off: number, len: number): boolean {
+    if (this.#words[off >> 2] !== 0) return false;
+    for (let done = 0; done < len; done += SPAN) {
+      const n = Math.min(SPAN, len - done);
+      if (this.#bytes.compare(ZEROES, 0, n, off + done, off + done + n) !== 0) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Splits [0, length) into alternating data and zero segments. Zero runs shorter
+   * than minRun stay inside data; runs are whole units, so they keep the target's
+   * alignment. `length` need not be a multiple of the unit (the image's tail).
+   */
+  scan(length: number): number {
+    const unit = this.unit;
+    this.segmentCount = 0;
+    let dataStart = 0;
+    let pos = 0;
+    while (pos < length) {
+      const n = Math.min(unit, length - pos);
+      if (n < unit || !this.#isZero(pos, n)) {
+        pos += n;
+        continue;
+      }
+      // A zero unit: extend the run, first in large spans, then unit by unit.
+      const runStart = pos;
+      pos += n;
+      while (pos < length) {
+        const span = Math.min(SPAN, length - pos);
+        const whole = span - (span % unit);
+        if (whole > unit && this.#isZero(pos, whole)) { pos += whole; continue; }
+        if (length - pos >= unit && this.#isZero(pos, unit)) { pos += unit; continue; }
+        break;
+      }
+      if (pos - runStart >= this.minRun) {
+        if (runStart > dataStart) this.#push(dataStart, runStart, false);
+        this.#push(runStart, pos, true);
+        dataStart = pos;
+      }
+    }
+    if (length > dataStart) this.#push(dataStart, length, false);
+    return this.segmentCount;
+  }
+
+  #push(start: number, end: number, zero: boolean): void {
+    const i = this.segmentCount++;
+    this.segments[2 * i] = start;
+    this.segments[2 * i + 1] = end;
+    this.segmentIsZero[i] = zero ? 1 : 0;
+  }
+}

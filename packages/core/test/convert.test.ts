@@ -1,0 +1,288 @@
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { BlockError, compareImages, convert, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress } from '../src/index.js';
+import { pattern } from '../src/testkit/index.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** A source with data at the given [offset, length] ranges, zeroes elsewhere. */
+async function source(size: number, ranges: ReadonlyArray<readonly [number, number]>, extra: Partial<ConstructorParameters<typeof MemoryBackend>[0]> = {}): Promise<MemoryBackend> {
+  const m = new MemoryBackend({ size, location: 'mem://src', ...extra, readOnly: false });
+  for (const [off, len] of ranges) await m.write(off, pattern(len, off + 1));
+  return m;
+}
+
+async function assertSame(a: BlockBackend, b: BlockBackend): Promise<void> {
+  const r = await compareImages(a, b);
+  assert.equal(r, { identical: true });
+}
+
+test('copies data and holes; the target equals the source', async () => {
+  const src = await source(16 * MiB, [[0, 64 * KiB], [3 * MiB, 5 * MiB + 64 * KiB], [15 * MiB, MiB]]);
+  const dst = new MemoryBackend({ size: 16 * MiB });
+  const r = await convert({ sources: [src], target: dst });
+  await assertSame(src, dst);
+  assert.is(r.done, 16 * MiB);
+  assert.is(r.bytesRead, 64 * KiB + 5 * MiB + 64 * KiB + MiB, 'only allocated data is read');
+  assert.is(dst.flushes, 1, 'target flushed once at the end');
+});
+
+test('writes commit in order by default while reads run ahead', async () => {
+  const src = await source(8 * MiB, [[0, 8 * MiB]], { latency: (op, off) => (op === 'read' ? 1 + ((off / MiB) * 7) % 5 : 0), record: true });
+  const dst = new MemoryBackend({ size: 8 * MiB, latency: 1, record: true });
+  await convert({ sources: [src], target: dst, workers: 4, bufferSize: 256 * KiB });
+  const writes = dst.log.filter((r) => r.op === 'write');
+  assert.is(writes.length, 32);
+  for (let i = 1; i < writes.length; i++) {
+    assert.ok(writes[i]!.offset > writes[i - 1]!.offset, 'offsets ascend');
+    assert.ok(writes[i]!.started > writes[i - 1]!.completed!, 'each write starts after the previous one completed');
+  }
+  assert.ok(src.maxInFlight > 1, `reads overlap (max in flight ${src.maxInFlight})`);
+});
+
+test('-W lets writes overlap and complete out of order', async () => {
+  const src = await source(8 * MiB, [[0, 8 * MiB]]);
+  const dst = new MemoryBackend({ size: 8 * MiB, latency: (_op, off) => 1 + ((off / (256 * KiB)) % 3) * 3, record: true });
+  const r = await convert({ sources: [src], target: dst, workers: 4, bufferSize: 256 * KiB, outOfOrder: true });
+  assert.ok(r.outOfOrder);
+  assert.ok(dst.maxInFlight > 1, 'several writes in flight');
+  await assertSame(src, dst);
+});
+
+test('-W is ignored for a target that cannot write out of order', async () => {
+  const src = await source(2 * MiB, [[0, 2 * MiB]]);
+  const dst = new MemoryBackend({ size: 2 * MiB, canWriteOutOfOrder: false, latency: 1 });
+  const r = await convert({ sources: [src], target: dst, workers: 4, bufferSize: 256 * KiB, outOfOrder: true });
+  assert.is(r.outOfOrder, false);
+  assert.is(dst.maxInFlight, 1);
+});
+
+test('zero extents are skipped on a zero-initialised target', async () => {
+  const src = await source(32 * MiB, [[MiB, MiB]]);
+  const dst = new MemoryBackend({ size: 32 * MiB, record: true });
+  const r = await convert({ sources: [src], target: dst });
+  assert.equal(dst.log.filter((x) => x.op === 'writeZeroes').length, 0);
+  assert.is(r.bytesSkipped, 31 * MiB);
+  assert.is(dst.allocatedBytes, MiB, 'target stays sparse');
+});
+
+test('zero extents become writeZeroes when the target may hold old data', async () => {
+  const src = await source(32 * MiB, [[MiB, MiB]]);
+  const dst = new MemoryBackend({ size: 32 * MiB, readsZeroesInitially: false, record: true });
+  await dst.write(20 * MiB, pattern(MiB, 9)); // stale data that must be wiped
+  const r = await convert({ sources: [src], target: dst });
+  assert.is(r.bytesZeroed, 31 * MiB);
+  await assertSame(src, dst);
+});
+
+test('--target-is-zero skips zeroes on a target that does not say it is zeroed', async () => {
+  const src = await source(8 * MiB, [[0, MiB]]);
+  const dst = new MemoryBackend({ size: 8 * MiB, readsZeroesInitially: false, record: true });
+  const r = await convert({ sources: [src], target: dst, targetIsZero: true });
+  assert.is(r.bytesZeroed, 0);
+  assert.is(r.bytesSkipped, 7 * MiB);
+});
+
+test('a target without writeZeroes gets written zero buffers', async () => {
+  const src = await source(4 * MiB, [[0, MiB]]);
+  const dst = new MemoryBackend({ size: 4 * MiB, readsZeroesInitially: false, canWriteZeroes: false, record: true });
+  await dst.write(2 * MiB, pattern(MiB, 3));
+  await convert({ sources: [src], target: dst });
+  assert.equal(dst.log.filter((x) => x.op === 'writeZeroes').length, 0);
+  await assertSame(src, dst);
+});
+
+test('-S: zero runs inside data of at least minSparse bytes are not written', async () => {
+  const data = pattern(MiB, 1);
+  data.fill(0, 64 * KiB, 64 * KiB + 8 * KiB); // 8 KiB run: skipped with -S 4k
+  data.fill(0, 200 * KiB, 200 * KiB + 2 * KiB); // 2 KiB run: too short, written as data
+  const src = new MemoryBackend({ size: MiB });
+  await src.write(0, data);
+  const dst = new MemoryBackend({ size: MiB, record: true });
+  const r = await convert({ sources: [src], target: dst });
+  assert.is(r.bytesSkipped, 8 * KiB);
+  assert.is(r.bytesWritten, MiB - 8 * KiB);
+  const writes = dst.log.filter((x) => x.op === 'write').map((x) => [x.offset, x.length]);
+  assert.equal(writes, [[0, 64 * KiB], [72 * KiB, MiB - 72 * KiB]]);
+  await assertSame(src, dst);
+
+  const dst2 = new MemoryBackend({ size: MiB, readsZeroesInitially: false, record: true });
+  const r2 = await convert({ sources: [src], target: dst2, minSparse: 16 * KiB });
+  assert.is(r2.bytesSkipped + r2.bytesZeroed, 0, 'an 8 KiB run is below -S 16k');
+});
+
+test('-S 0 writes every byte: the target is fully allocated', async () => {
+  const src = await source(4 * MiB, [[MiB, 64 * KiB]]);
+  const dst = new MemoryBackend({ size: 4 * MiB, record: true });
+  const r = await convert({ sources: [src], target: dst, minSparse: 0 });
+  assert.is(r.bytesWritten, 4 * MiB);
+  assert.is(dst.allocatedBytes, 4 * MiB);
+  assert.equal(dst.log.filter((x) => x.op === 'writeZeroes').length, 0);
+});
+
+test('requests respect the target\'s max transfer and both sides\' alignment', async () => {
+  // A source that reports extents at odd 1000-byte boundaries.
+  const inner = await source(4 * MiB, [[0, 4 * MiB]]);
+  const odd: BlockBackend = Object.assign(Object.create(null), {
+    driverName: 'odd', location: 'odd', size: inner.size, readOnly: true,
+    limits: { requestAlignment: 1, maxTransfer: 8 * MiB, optimalTransfer: MiB },
+    canWriteZeroes: false, canDiscard: false, readsZeroesInitially: false, canCompress: false, hasBlockStatus: true,
+    read: (o: number, l: number, into?: Uint8Array) => inner.read(o, l, into),
+    write: () => Promise.reject(new Error('ro')), writeZeroes: () => Promise.reject(new Error('ro')),
+    discard: () => Promise.resolve(), flush: () => Promise.resolve(), close: () => Promise.resolve(),
+    blockStatus: async (o: number) => ({ kind: Math.floor(o / 1000) % 2 ? 'zero' : 'data', length: Math.min(1000 - (o % 1000), inner.size - o) }),
+  });
+  await inner.writeZeroes(0, 4 * MiB); // so that the "zero" extents really are zero
+  await inner.write(0, pattern(4 * MiB, 2).map((v, i) => (Math.floor(i / 1000) % 2 ? 0 : v)));
+  const dst = new MemoryBackend({ size: 4 * MiB, limits: { requestAlignment: 4096, maxTransfer: 64 * KiB }, readsZeroesInitially: false, record: true });
+  await convert({ sources: [odd], target: dst, workers: 3 });
+  for (const r of dst.log) {
+    if (r.op === 'flush') continue;
+    assert.ok(r.offset % 4096 === 0 && r.length % 4096 === 0, `${r.op} at ${r.offset}+${r.length} is aligned`);
+    if (r.op === 'write') assert.ok(r.length <= 64 * KiB, 'write within max transfer');
+  }
+  await assertSame(odd, dst);
+});
+
+test('several sources concatenate into one target', async () => {
+  const a = await source(3 * MiB, [[0, 3 * MiB]]);
+  const b = await source(2 * MiB, [[64 * KiB, 128 * KiB]]);
+  const dst = new MemoryBackend({ size: 5 * MiB });
+  await convert({ sources: [a, b], target: dst });
+  const got = await dst.read(3 * MiB, 2 * MiB);
+  const want = await b.read(0, 2 * MiB);
+  assert.ok(Buffer.from(got).equals(Buffer.from(want)));
+  const head = await dst.read(0, 3 * MiB);
+  assert.ok(Buffer.from(head).equals(Buffer.from(await a.read(0, 3 * MiB))));
+});
+
+test('a target smaller than the sources is refused before any write', async () => {
+  const src = await source(4 * MiB, [[0, MiB]]);
+  const dst = new MemoryBackend({ size: 2 * MiB, record: true });
+  const err = await convert({ sources: [src], target: dst }).catch((e: unknown) => e);
+  assert.instance(err, BlockError);
+  assert.is((err as BlockError).code, 'ERANGE');
+  assert.match((err as BlockError).message, /smaller than the source/);
+  assert.is(dst.log.length, 0);
+});
+
+test('the first error stops the job and names the operation and offset; the target is not flushed', async () => {
+  const src = await source(16 * MiB, [[0, 16 * MiB]], {
+    latency: 1,
+    fail: (op, off) => (op === 'read' && off === 6 * MiB ? Object.assign(new Error('EIO: i/o error'), { code: 'EIO' }) : undefined),
+  });
+  const dst = new MemoryBackend({ size: 16 * MiB, record: true });
+  const err = await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB }).catch((e: unknown) => e);
+  assert.instance(err, BlockError);
+  const e = err as BlockError;
+  assert.is(e.code, 'EIO');
+  assert.is(e.op, 'read');
+  assert.is(e.offset, 6 * MiB);
+  assert.match(e.message, /mem:\/\/src read at offset 6291456/);
+  assert.is(dst.flushes, 0, 'no flush after a failure');
+  assert.ok(!dst.log.some((r) => r.op === 'write' && r.offset >= 6 * MiB), 'in-order: nothing after the failed chunk was written');
+});
+
+test('a write error (ENOSPC) is reported with the target offset', async () => {
+  const src = await source(8 * MiB, [[0, 8 * MiB]]);
+  const dst = new MemoryBackend({
+    size: 8 * MiB, location: 'mem://dst',
+    fail: (op, off) => (op === 'write' && off >= 5 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined),
+  });
+  const err = (await convert({ sources: [src], target: dst, bufferSize: MiB }).catch((e: unknown) => e)) as BlockError;
+  assert.is(err.code, 'ENOSPC');
+  assert.is(err.offset, 5 * MiB);
+  assert.match(err.message, /mem:\/\/dst write at offset 5242880.*no space left on device/);
+});
+
+test('a failing flush fails the job', async () => {
+  const src = await source(MiB, [[0, MiB]]);
+  const dst = new MemoryBackend({ size: MiB, fail: (op) => (op === 'flush' ? Object.assign(new Error('x'), { code: 'EIO' }) : undefined) });
+  const err = (await convert({ sources: [src], target: dst }).catch((e: unknown) => e)) as BlockError;
+  assert.is(err.op, 'flush');
+});
+
+test('cancellation through an AbortSignal stops the job promptly and cleanly', async () => {
+  const src = await source(64 * MiB, [[0, 64 * MiB]], { latency: 2 });
+  const dst = new MemoryBackend({ size: 64 * MiB });
+  const ac = new AbortController();
+  const job = startConvert({ sources: [src], target: dst, signal: ac.signal, bufferSize: 256 * KiB });
+  setTimeout(() => ac.abort(), 20);
+  const err = (await job.done.catch((e: unknown) => e)) as BlockError;
+  assert.instance(err, BlockError);
+  assert.is(err.code, 'ECANCELED');
+  assert.is(dst.flushes, 0);
+  assert.ok(dst.allocatedBytes < 64 * MiB, 'stopped before the end');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.is(src.inFlight + dst.inFlight, 0, 'no I/O left running');
+});
+
+test('an already aborted signal fails at once', async () => {
+  const src = await source(MiB, []);
+  const err = (await convert({ sources: [src], target: new MemoryBackend({ size: MiB }), signal: AbortSignal.abort() }).catch((e) => e)) as BlockError;
+  assert.is(err.code, 'ECANCELED');
+});
+
+test('bounded work list: a 1 TiB sparse source is walked lazily, one block-status query at a time', async () => {
+  const TiB = 1024 * 1024 * MiB;
+  const ranges: Array<[number, number]> = [];
+  for (let i = 0; i < 2000; i++) ranges.push([i * 128 * KiB, 64 * KiB]);
+  const src = await source(TiB, ranges, { record: true });
+  src.log.length = 0;
+  const dst = new MemoryBackend({ size: TiB });
+  const r = await convert({ sources: [src], target: dst });
+  assert.is(r.bytesRead, 2000 * 64 * KiB);
+  const firstRead = src.log.findIndex((x) => x.op === 'read');
+  const statusCount = src.log.filter((x) => x.op === 'blockStatus').length;
+  const statusBeforeFirstRead = src.log.slice(0, firstRead).filter((x) => x.op === 'blockStatus').length;
+  assert.ok(statusBeforeFirstRead <= 2, `reads start after ${statusBeforeFirstRead} of ${statusCount} status queries`);
+  let inFlight = 0;
+  for (const x of [...src.log.filter((x) => x.op === 'blockStatus').flatMap((x) => [[x.started, 1], [x.completed!, -1]])].sort((a, b) => a[0]! - b[0]!)) {
+    inFlight += x[1]!;
+    assert.ok(inFlight <= 1, 'one status query in flight');
+  }
+  assert.is(dst.allocatedBytes, 2000 * 64 * KiB);
+});
+
+test('progress: events, an async iterator that ends, a final event at 100%', async () => {
+  const src = await source(8 * MiB, [[0, 8 * MiB]], { latency: 1 });
+  const dst = new MemoryBackend({ size: 8 * MiB });
+  const job = startConvert({ sources: [src], target: dst, progressInterval: 0, bufferSize: 256 * KiB });
+  const events: ConvertProgress[] = [];
+  job.on('progress', (p) => events.push(p));
+  const seen: number[] = [];
+  for await (const p of job.progress()) seen.push(p.done);
+  const r = await job.done;
+  assert.ok(events.length > 2);
+  assert.is(events.at(-1)!.done, 8 * MiB);
+  assert.is(r.total, 8 * MiB);
+  assert.ok(seen.length > 2 && seen.at(-1) === 8 * MiB);
+  for (let i = 1; i < seen.length; i++) assert.ok(seen[i]! >= seen[i - 1]!);
+});
+
+test('the progress iterator throws the job\'s error', async () => {
+  const src = await source(4 * MiB, [[0, 4 * MiB]], { fail: (op) => (op === 'read' ? new Error('boom') : undefined) });
+  const job = startConvert({ sources: [src], target: new MemoryBackend({ size: 4 * MiB }) });
+  const err = await (async () => { for await (const _ of job.progress()) { /* drain */ } })().catch((e) => e);
+  assert.instance(err, BlockError);
+});
+
+test('rate limit slows the copy to about the asked rate', async () => {
+  const src = await source(MiB, [[0, MiB]]);
+  const t0 = performance.now();
+  await convert({ sources: [src], target: new MemoryBackend({ size: MiB }), rateLimit: 4 * MiB, bufferSize: 64 * KiB });
+  assert.ok(performance.now() - t0 >= 150, 'a quarter second of budget, mostly waited');
+});
+
+test('option validation lists what is valid', async () => {
+  const src = await source(MiB, []);
+  const dst = new MemoryBackend({ size: MiB });
+  for (const [opts, re] of [[{ workers: 0 }, /workers must be an integer from 1 to 256/], [{ minSparse: 1000 }, /multiple of 512/], [{ bufferSize: 7 }, /bufferSize/]] as const) {
+    const err = (await convert({ sources: [src], target: dst, ...opts }).catch((e) => e)) as BlockError;
+    assert.is(err.code, 'EINVAL');
+    assert.match(err.message, re);
+  }
+});
+
+test.run();

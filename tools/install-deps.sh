@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the system packages blockconv's build, tests and benchmarks need (Debian 12).
+# Idempotent and quick when everything is present; apt-get runs only for what is missing.
+set -euo pipefail
+
+packages=(
+  qemu-utils        # qemu-img / qemu-io: the reference oracle and benchmark peer
+  libnbd-bin        # nbdcopy: the fastest benchmark peer
+  g++ make python3  # node-gyp builds of native/
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# `npm test`: installs everything (system packages, npm ci, native builds), builds and
+# runs every package's tests through nx, then prints one "N passed, N failed" line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tools/install-deps.sh
+if [ -z "${BLOCKCONV_NO_INSTALL:-}" ]; then
+  npm ci --no-audit --no-fund
+fi
+
+export NX_DAEMON=false NX_NO_CLOUD=true NX_TUI=false
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+npx nx run-many -t build test --parallel=1 --outputStyle=stream 2>&1 | tee "$log" || status=$?
+
+# uvu prints Total/Passed/Skipped per file set; add them up for CI.
+awk '/^ *Total:/ {t+=$2} /^ *Passed:/ {p+=$2} /^ *Skipped:/ {s+=$2}
+     END {printf "%d passed, %d failed, %d skipped\n", p, t-p-s, s}' "$log"
+exit "$status"
