@@ -166,7 +166,8 @@ export class MemoryBackend implements BlockBackend {
         throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, { op, location: this.location, offset, length });
       }
       const a = this.limits.requestAlignment;
-      if (offset % a !== 0 || (length % a !== 0 && offset + length !== this.size)) {
+      // A block-status length is only a hint, so only its offset must be aligned.
+      if (offset % a !== 0 || (op !== 'blockStatus' && length % a !== 0 && offset + length !== this.size)) {
         throw new BlockError('EINVAL', `request not aligned to ${a} bytes`, { op, location: this.location, offset, length });
       }
     }

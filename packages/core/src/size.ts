@@ -18,5 +18,5 @@ export function formatSize(bytes: number): string {
   let v = bytes;
   let i = 0;
   while (v >= 1024 && i < names.length - 1) { v /= 1024; i++; }
-  return i === 0 ? `${bytes} B` : `${v.toFixed(v < 10 ? 2 : v < 100 ? 1 : 0).replace(/\.?0+$/, '')} ${names[i]}`;
+  return i === 0 ? `${bytes} B` : `${v.toFixed(v < 10 ? 2 : v < 100 ? 1 : 0).replace(/\.0+$|(\.\d*?)0+$/, '$1')} ${names[i]}`;
 }

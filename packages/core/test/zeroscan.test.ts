@@ -1,0 +1,70 @@
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { ZeroScanner } from '../src/index.js';
+
+const KiB = 1024;
+
+function segments(s: ZeroScanner): Array<[number, number, boolean]> {
+  return Array.from({ length: s.segmentCount }, (_, i) => [s.segments[2 * i]!, s.segments[2 * i + 1]!, s.segmentIsZero[i] === 1]);
+}
+
+test('all data, all zero, and runs at unit granularity', () => {
+  const buf = Buffer.alloc(256 * KiB, 1);
+  const s = new ZeroScanner(buf, 512, 4 * KiB);
+  s.scan(buf.length);
+  assert.equal(segments(s), [[0, 256 * KiB, false]]);
+  buf.fill(0);
+  s.scan(buf.length);
+  assert.equal(segments(s), [[0, 256 * KiB, true]]);
+  buf.fill(7, 0, 512);
+  buf.fill(7, 100 * KiB, 100 * KiB + 1);
+  s.scan(buf.length);
+  assert.equal(segments(s), [[0, 512, false], [512, 100 * KiB, true], [100 * KiB, 100 * KiB + 512, false], [100 * KiB + 512, 256 * KiB, true]]);
+});
+
+test('runs shorter than minRun stay data; a non-zero byte late in a unit is found', () => {
+  const buf = Buffer.alloc(64 * KiB, 9);
+  buf.fill(0, 8 * KiB, 11 * KiB); // 3 KiB < 4 KiB
+  buf.fill(0, 20 * KiB, 40 * KiB);
+  buf[30 * KiB + 511] = 1; // breaks the second run into 10 KiB + 9.5 KiB (rounded to units)
+  const s = new ZeroScanner(buf, 512, 4 * KiB);
+  s.scan(buf.length);
+  assert.equal(segments(s), [[0, 20 * KiB, false], [20 * KiB, 30 * KiB, true], [30 * KiB, 30 * KiB + 512, false], [30 * KiB + 512, 40 * KiB, true], [40 * KiB, 64 * KiB, false]]);
+});
+
+test('a tail shorter than one unit is data', () => {
+  const buf = Buffer.alloc(8 * KiB + 100);
+  const s = new ZeroScanner(buf, 4096, 4096);
+  s.scan(buf.length);
+  assert.equal(segments(s), [[0, 8 * KiB, true], [8 * KiB, 8 * KiB + 100, false]]);
+});
+
+test('random placement agrees with a byte-by-byte reference', () => {
+  let seed = 42;
+  const rnd = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n; };
+  for (let iter = 0; iter < 50; iter++) {
+    const len = 512 * (1 + rnd(400));
+    const buf = Buffer.alloc(len);
+    for (let k = rnd(20); k > 0; k--) buf[rnd(len)] = 1 + rnd(255);
+    const s = new ZeroScanner(buf, 512, 2048);
+    s.scan(len);
+    let pos = 0;
+    for (const [a, b, z] of segments(s)) {
+      assert.is(a, pos);
+      if (z) {
+        assert.ok(buf.subarray(a, b).every((v) => v === 0), 'zero segment is zero');
+        assert.ok(b - a >= 2048, 'zero segment long enough');
+      }
+      pos = b;
+    }
+    assert.is(pos, len);
+    // Every 4 aligned zero sectors in a row must be inside some zero segment.
+    for (let u = 0; u + 2048 <= len; u += 512) {
+      if (buf.subarray(u, u + 2048).every((v) => v === 0)) {
+        assert.ok(segments(s).some(([a, b, z]) => z && a <= u && b >= u + 2048), `zero run at ${u} detected`);
+      }
+    }
+  }
+});
+
+test.run();
