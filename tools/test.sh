@@ -16,6 +16,6 @@ status=0
 npx nx run-many -t build test --parallel=1 --outputStyle=stream 2>&1 | tee "$log" || status=$?
 
 # uvu prints Total/Passed/Skipped per file set; add them up for CI.
-awk '/^ *Total:/ {t+=$2} /^ *Passed:/ {p+=$2} /^ *Skipped:/ {s+=$2}
+awk '/ Total: / {t+=$NF} / Passed: / {p+=$NF} / Skipped: / {s+=$NF}
      END {printf "%d passed, %d failed, %d skipped\n", p, t-p-s, s}' "$log"
 exit "$status"

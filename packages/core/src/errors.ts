@@ -69,7 +69,13 @@ function formatMessage(message: string, d: BlockErrorDetails): string {
 const SYSTEM_CODES = new Set([
   'EINVAL', 'ENOENT', 'EACCES', 'EPERM', 'EIO', 'ENOSPC', 'EROFS', 'EISDIR', 'ENOTDIR', 'EBADF',
   'EEXIST', 'ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'EFBIG', 'EDQUOT', 'ENXIO',
+  'ENOTSUP', 'EOPNOTSUPP', 'ENOTTY',
 ]);
+
+/** System codes folded into one of ours. */
+const ALIASES: Readonly<Record<string, BlockErrorCode>> = {
+  EPERM: 'EACCES', EDQUOT: 'ENOSPC', EFBIG: 'ENOSPC', EOPNOTSUPP: 'ENOTSUP', ENOTTY: 'ENOTSUP',
+};
 
 /** Turns any thrown value into a BlockError with context; BlockErrors pass through. */
 export function toBlockError(err: unknown, details: BlockErrorDetails = {}): BlockError {
@@ -79,7 +85,7 @@ export function toBlockError(err: unknown, details: BlockErrorDetails = {}): Blo
     return new BlockError('ECANCELED', 'cancelled', { ...details, cause: err });
   }
   const sys = typeof e?.code === 'string' && SYSTEM_CODES.has(e.code) ? e.code : 'EIO';
-  const code = sys === 'EPERM' ? 'EACCES' : sys === 'EDQUOT' || sys === 'EFBIG' ? 'ENOSPC' : sys;
+  const code = ALIASES[sys] ?? sys;
   const raw = e instanceof Error ? e.message : String(err);
   return new BlockError(code, describeSystemError(code, raw), { ...details, cause: err });
 }

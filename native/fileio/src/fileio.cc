@@ -1,0 +1,351 @@
+// Native file I/O that Node's fs lacks: SEEK_DATA/SEEK_HOLE, fallocate, block
+// device ioctls and aligned buffers for O_DIRECT. Every syscall that may block runs
+// on the libuv thread pool (Napi::AsyncWorker) and settles a promise, so the event
+// loop never waits on storage. Errors mimic Node's fs errors (code, errno, syscall).
+
+#include <napi.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <functional>
+#include <string>
+#include <utility>
+
+namespace {
+
+// Offsets travel as JS numbers, so they are exact only up to 2^53 - 1.
+constexpr double kMaxSafeInteger = 9007199254740991.0;
+
+// ---------------------------------------------------------------------------
+// Errors
+
+// The errno's symbolic name. glibc's names are the C ones (EOPNOTSUPP for 95);
+// elsewhere (musl) libuv's, as Node's fs uses (ENOTSUP for 95).
+std::string ErrnoName(int err) {
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 32)
+  if (const char* name = strerrorname_np(err)) return name;
+#endif
+  char buf[64];
+  return uv_err_name_r(-err, buf, sizeof buf);
+}
+
+// Builds an Error shaped like Node's fs errors: "ENOSPC: no space left on device,
+// fallocate" with code, errno (negative, as libuv reports it) and syscall.
+Napi::Value ErrnoError(Napi::Env env, int err, const char* syscall) {
+  std::string code = ErrnoName(err);
+  std::string text = strerror(err);
+  if (!text.empty()) text[0] = static_cast<char>(tolower(text[0]));  // libuv style
+  Napi::Error error = Napi::Error::New(env, code + ": " + text + ", " + syscall);
+  Napi::Object obj = error.Value();
+  obj.Set("errno", Napi::Number::New(env, -err));
+  obj.Set("code", Napi::String::New(env, code));
+  obj.Set("syscall", Napi::String::New(env, syscall));
+  return obj;
+}
+
+// ---------------------------------------------------------------------------
+// Argument validation. Exceptions are disabled, so each helper throws a pending JS
+// exception and returns false; callers return at once.
+
+bool ArgCount(const Napi::CallbackInfo& info, size_t n, const char* fn) {
+  if (info.Length() >= n) return true;
+  Napi::TypeError::New(info.Env(), std::string(fn) + ": expected " + std::to_string(n) + " arguments")
+      .ThrowAsJavaScriptException();
+  return false;
+}
+
+// A non-negative integer no larger than `max`.
+bool ArgInteger(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
+  Napi::Env env = info.Env();
+  if (!info[i].IsNumber()) {
+    Napi::TypeError::New(env, std::string("The \"") + name + "\" argument must be of type number")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  double v = info[i].As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(v) || std::trunc(v) != v || v < 0 || v > max) {
+    Napi::RangeError::New(env, std::string("The value of \"") + name + "\" is out of range: " +
+                                   info[i].ToString().Utf8Value())
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
+bool ArgFd(const Napi::CallbackInfo& info, size_t i, int* fd) {
+  double v;
+  if (!ArgInteger(info, i, "fd", 2147483647.0, &v)) return false;
+  *fd = static_cast<int>(v);
+  return true;
+}
+
+bool ArgOffset(const Napi::CallbackInfo& info, size_t i, const char* name, uint64_t* out) {
+  double v;
+  if (!ArgInteger(info, i, name, kMaxSafeInteger, &v)) return false;
+  *out = static_cast<uint64_t>(v);
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// Promise-returning worker: `work` runs on the thread pool and fills a Result; the
+// main thread turns it into a resolved value (`settle`) or an errno error.
+
+struct Result {
+  int err = 0;                 // errno, 0 on success
+  const char* syscall = "";    // for the error message
+  uint64_t value = 0;          // size / length
+  bool flag = false;           // blockStatus: data or hole
+};
+
+class Worker : public Napi::AsyncWorker {
+ public:
+  using Work = std::function<void(Result&)>;
+  using Settle = Napi::Value (*)(Napi::Env, const Result&);
+
+  static Napi::Value Run(Napi::Env env, const char* name, Work work, Settle settle) {
+    auto* w = new Worker(env, name, std::move(work), settle);
+    Napi::Promise promise = w->deferred_.Promise();
+    w->Queue();  // the worker deletes itself after OnOK
+    return promise;
+  }
+
+ protected:
+  void Execute() override { work_(result_); }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (result_.err != 0) {
+      deferred_.Reject(ErrnoError(env, result_.err, result_.syscall));
+    } else {
+      deferred_.Resolve(settle_(env, result_));
+    }
+  }
+
+ private:
+  Worker(Napi::Env env, const char* name, Work work, Settle settle)
+      : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)),
+        work_(std::move(work)), settle_(settle) {}
+
+  Napi::Promise::Deferred deferred_;
+  Work work_;
+  Settle settle_;
+  Result result_;
+};
+
+Napi::Value SettleVoid(Napi::Env env, const Result&) { return env.Undefined(); }
+Napi::Value SettleNumber(Napi::Env env, const Result& r) {
+  return Napi::Number::New(env, static_cast<double>(r.value));
+}
+
+void Fail(Result& r, const char* syscall) {
+  r.err = errno;
+  r.syscall = syscall;
+}
+
+// ---------------------------------------------------------------------------
+// blockStatus(fd, offset, fileSize) -> {data, length}
+
+Napi::Value SettleBlockStatus(Napi::Env env, const Result& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("data", Napi::Boolean::New(env, r.flag));
+  o.Set("length", Napi::Number::New(env, static_cast<double>(r.value)));
+  return o;
+}
+
+// Both lseeks happen in one job so a caller pays one thread-pool round trip per extent.
+void BlockStatusWork(int fd, uint64_t offset, uint64_t size, Result& r) {
+  if (offset >= size) return;  // nothing left: {data: false, length: 0}
+  const uint64_t rest = size - offset;
+  off_t data = lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
+  if (data < 0) {
+    if (errno == ENXIO) {  // no data after offset: a hole up to EOF
+      r.value = rest;
+    } else if (errno == EINVAL || errno == EOPNOTSUPP) {  // no SEEK_DATA support: all data
+      r.flag = true;
+      r.value = rest;
+    } else {
+      Fail(r, "lseek");
+    }
+    return;
+  }
+  if (static_cast<uint64_t>(data) > offset) {  // a hole first, up to the next data
+    r.value = std::min(static_cast<uint64_t>(data), size) - offset;
+    return;
+  }
+  r.flag = true;
+  off_t hole = lseek(fd, static_cast<off_t>(offset), SEEK_HOLE);
+  if (hole < 0) {
+    // ENXIO: the file shrank under us; report data to the end rather than fail.
+    if (errno != ENXIO) Fail(r, "lseek");
+    r.value = rest;
+    return;
+  }
+  uint64_t end = std::min(static_cast<uint64_t>(hole), size);
+  r.value = end > offset ? end - offset : rest;
+}
+
+Napi::Value BlockStatus(const Napi::CallbackInfo& info) {
+  int fd;
+  uint64_t offset, size;
+  if (!ArgCount(info, 3, "blockStatus") || !ArgFd(info, 0, &fd) || !ArgOffset(info, 1, "offset", &offset) ||
+      !ArgOffset(info, 2, "fileSize", &size)) {
+    return info.Env().Undefined();
+  }
+  return Worker::Run(
+      info.Env(), "fileio.blockStatus", [=](Result& r) { BlockStatusWork(fd, offset, size, r); },
+      SettleBlockStatus);
+}
+
+// ---------------------------------------------------------------------------
+// fallocate(fd, mode, offset, length)
+
+Napi::Value Fallocate(const Napi::CallbackInfo& info) {
+  int fd;
+  double mode;
+  uint64_t offset, length;
+  if (!ArgCount(info, 4, "fallocate") || !ArgFd(info, 0, &fd) || !ArgInteger(info, 1, "mode", 2147483647.0, &mode) ||
+      !ArgOffset(info, 2, "offset", &offset) || !ArgOffset(info, 3, "length", &length)) {
+    return info.Env().Undefined();
+  }
+  const int m = static_cast<int>(mode);
+  return Worker::Run(
+      info.Env(), "fileio.fallocate",
+      [=](Result& r) {
+        int rc;
+        do rc = fallocate(fd, m, static_cast<off_t>(offset), static_cast<off_t>(length));
+        while (rc < 0 && errno == EINTR);
+        if (rc < 0) Fail(r, "fallocate");
+      },
+      SettleVoid);
+}
+
+// ---------------------------------------------------------------------------
+// Block device ioctls
+
+Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
+  int fd;
+  if (!ArgCount(info, 1, "blockDeviceSize") || !ArgFd(info, 0, &fd)) return info.Env().Undefined();
+  return Worker::Run(
+      info.Env(), "fileio.blockDeviceSize",
+      [=](Result& r) {
+        uint64_t size = 0;
+        if (ioctl(fd, BLKGETSIZE64, &size) < 0) return Fail(r, "ioctl");
+        r.value = size;
+      },
+      SettleNumber);
+}
+
+Napi::Value LogicalBlockSize(const Napi::CallbackInfo& info) {
+  int fd;
+  if (!ArgCount(info, 1, "logicalBlockSize") || !ArgFd(info, 0, &fd)) return info.Env().Undefined();
+  return Worker::Run(
+      info.Env(), "fileio.logicalBlockSize",
+      [=](Result& r) {
+        int size = 0;
+        if (ioctl(fd, BLKSSZGET, &size) < 0) return Fail(r, "ioctl");
+        r.value = static_cast<uint64_t>(size);
+      },
+      SettleNumber);
+}
+
+// BLKZEROOUT and BLKDISCARD take the same {offset, length} range argument.
+Napi::Value RangeIoctl(const Napi::CallbackInfo& info, const char* fn, unsigned long request) {
+  int fd;
+  uint64_t offset, length;
+  if (!ArgCount(info, 3, fn) || !ArgFd(info, 0, &fd) || !ArgOffset(info, 1, "offset", &offset) ||
+      !ArgOffset(info, 2, "length", &length)) {
+    return info.Env().Undefined();
+  }
+  return Worker::Run(
+      info.Env(), fn,
+      [=](Result& r) {
+        uint64_t range[2] = {offset, length};
+        if (ioctl(fd, request, range) < 0) Fail(r, "ioctl");
+      },
+      SettleVoid);
+}
+
+Napi::Value BlockDeviceZeroOut(const Napi::CallbackInfo& info) {
+  return RangeIoctl(info, "blockDeviceZeroOut", BLKZEROOUT);
+}
+
+Napi::Value BlockDeviceDiscard(const Napi::CallbackInfo& info) {
+  return RangeIoctl(info, "blockDeviceDiscard", BLKDISCARD);
+}
+
+// ---------------------------------------------------------------------------
+// allocAligned(size, alignment) -> Buffer over posix_memalign'd memory
+
+void FreeAligned(Napi::Env env, uint8_t* data, size_t* size) {
+  Napi::MemoryManagement::AdjustExternalMemory(env, -static_cast<int64_t>(*size));
+  delete size;
+  free(data);
+}
+
+Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  double size, alignment;
+  if (!ArgCount(info, 2, "allocAligned") || !ArgInteger(info, 0, "size", kMaxSafeInteger, &size) ||
+      !ArgInteger(info, 1, "alignment", 1u << 30, &alignment)) {
+    return env.Undefined();
+  }
+  const size_t align = static_cast<size_t>(alignment);
+  if (align < sizeof(void*) || (align & (align - 1)) != 0) {
+    Napi::RangeError::New(env, "allocAligned: alignment must be a power of two >= " + std::to_string(sizeof(void*)))
+        .ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  const size_t n = static_cast<size_t>(size);
+  void* p = nullptr;
+  // Allocate at least one byte: posix_memalign(0) may return NULL, which Buffer rejects.
+  int rc = posix_memalign(&p, align, n > 0 ? n : 1);
+  if (rc != 0) {
+    Napi::Error::New(env, "allocAligned: cannot allocate " + std::to_string(n) + " bytes: " + strerror(rc))
+        .ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  memset(p, 0, n);  // zero-filled like Buffer.alloc: never leak old heap contents
+  // The size rides along as the finalizer hint so the GC accounting can be undone.
+  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(n));
+  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(p), n, FreeAligned, new size_t(n));
+}
+
+// ---------------------------------------------------------------------------
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("blockStatus", Napi::Function::New(env, BlockStatus, "blockStatus"));
+  exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
+  exports.Set("blockDeviceSize", Napi::Function::New(env, BlockDeviceSize, "blockDeviceSize"));
+  exports.Set("blockDeviceZeroOut", Napi::Function::New(env, BlockDeviceZeroOut, "blockDeviceZeroOut"));
+  exports.Set("blockDeviceDiscard", Napi::Function::New(env, BlockDeviceDiscard, "blockDeviceDiscard"));
+  exports.Set("logicalBlockSize", Napi::Function::New(env, LogicalBlockSize, "logicalBlockSize"));
+  exports.Set("allocAligned", Napi::Function::New(env, AllocAligned, "allocAligned"));
+
+  Napi::Object c = Napi::Object::New(env);
+  c.Set("FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE);
+  c.Set("FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE);
+  c.Set("FALLOC_FL_NO_HIDE_STALE", FALLOC_FL_NO_HIDE_STALE);
+  c.Set("FALLOC_FL_COLLAPSE_RANGE", FALLOC_FL_COLLAPSE_RANGE);
+  c.Set("FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE);
+  c.Set("FALLOC_FL_INSERT_RANGE", FALLOC_FL_INSERT_RANGE);
+  c.Set("FALLOC_FL_UNSHARE_RANGE", FALLOC_FL_UNSHARE_RANGE);
+  exports.Set("constants", c);
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(fileio, Init)

@@ -1,0 +1,103 @@
+/**
+ * Native file I/O that Node's fs lacks (Linux only): SEEK_DATA/SEEK_HOLE, fallocate,
+ * block device ioctls and aligned buffers for O_DIRECT.
+ *
+ * Every async call runs its syscalls on the libuv thread pool. Failures reject with
+ * an Error shaped like Node's fs errors: `code` ('ENOSPC', 'EOPNOTSUPP', ...), negative
+ * `errno` and `syscall`. Codes are glibc's names, so errno 95 is 'EOPNOTSUPP' where
+ * Node's fs says 'ENOTSUP' (on other C libraries they are libuv's, as in Node). Bad argument types throw a TypeError synchronously,
+ * out-of-range numbers a RangeError. Offsets and lengths are numbers up to 2^53 - 1.
+ */
+import { createRequire } from 'node:module';
+
+/** Result of blockStatus: the extent that starts at the asked offset. */
+export interface BlockStatusResult {
+  /** True for data (allocated), false for a hole. */
+  readonly data: boolean;
+  /** Bytes of this kind from the offset; never past fileSize, 0 only at or past it. */
+  readonly length: number;
+}
+
+/** The error every async function rejects with on a failed syscall. */
+export interface FileIoError extends Error {
+  readonly code: string;
+  readonly errno: number;
+  readonly syscall: string;
+}
+
+interface FallocConstants {
+  readonly FALLOC_FL_KEEP_SIZE: number;
+  readonly FALLOC_FL_PUNCH_HOLE: number;
+  readonly FALLOC_FL_NO_HIDE_STALE: number;
+  readonly FALLOC_FL_COLLAPSE_RANGE: number;
+  readonly FALLOC_FL_ZERO_RANGE: number;
+  readonly FALLOC_FL_INSERT_RANGE: number;
+  readonly FALLOC_FL_UNSHARE_RANGE: number;
+}
+
+interface Native {
+  blockStatus(fd: number, offset: number, fileSize: number): Promise<BlockStatusResult>;
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  blockDeviceSize(fd: number): Promise<number>;
+  blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
+  blockDeviceDiscard(fd: number, offset: number, length: number): Promise<void>;
+  logicalBlockSize(fd: number): Promise<number>;
+  allocAligned(size: number, alignment: number): Buffer;
+  readonly constants: FallocConstants;
+}
+
+// An ESM module cannot import a .node file; createRequire can. The path is relative
+// to this file, which lives in src/ (tsx) or dist/ (built), both beside build/.
+const native = createRequire(import.meta.url)('../build/Release/fileio.node') as Native;
+
+export const {
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_NO_HIDE_STALE,
+  FALLOC_FL_COLLAPSE_RANGE,
+  FALLOC_FL_ZERO_RANGE,
+  FALLOC_FL_INSERT_RANGE,
+  FALLOC_FL_UNSHARE_RANGE,
+} = native.constants;
+
+/**
+ * What lies at `offset` of the file: lseek(SEEK_DATA) then lseek(SEEK_HOLE), clamped
+ * to `fileSize`. File systems without SEEK_DATA report everything as data.
+ */
+export function blockStatus(fd: number, offset: number, fileSize: number): Promise<BlockStatusResult> {
+  return native.blockStatus(fd, offset, fileSize);
+}
+
+/** fallocate(2); `mode` is an OR of the FALLOC_FL_* constants (0 allocates). */
+export function fallocate(fd: number, mode: number, offset: number, length: number): Promise<void> {
+  return native.fallocate(fd, mode, offset, length);
+}
+
+/** Size of a block device in bytes (BLKGETSIZE64). */
+export function blockDeviceSize(fd: number): Promise<number> {
+  return native.blockDeviceSize(fd);
+}
+
+/** Zeroes a range of a block device (BLKZEROOUT); both must be multiples of the logical block size. */
+export function blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void> {
+  return native.blockDeviceZeroOut(fd, offset, length);
+}
+
+/** Discards a range of a block device (BLKDISCARD); contents afterwards are device-defined. */
+export function blockDeviceDiscard(fd: number, offset: number, length: number): Promise<void> {
+  return native.blockDeviceDiscard(fd, offset, length);
+}
+
+/** Logical block (sector) size of a block device (BLKSSZGET): the O_DIRECT alignment. */
+export function logicalBlockSize(fd: number): Promise<number> {
+  return native.logicalBlockSize(fd);
+}
+
+/**
+ * A zero-filled Buffer of `size` bytes whose memory starts at a multiple of
+ * `alignment` (a power of two >= 8), as O_DIRECT needs; freed when collected.
+ * Synchronous: it is a plain allocation.
+ */
+export function allocAligned(size: number, alignment: number): Buffer {
+  return native.allocAligned(size, alignment);
+}

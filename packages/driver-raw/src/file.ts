@@ -1,0 +1,471 @@
+/**
+ * The "file" protocol: local regular files and block devices, through plain fds.
+ * Reads and writes use callback fs.read/fs.write (one thread-pool hop, no FileHandle
+ * bookkeeping); what fs lacks (SEEK_DATA, fallocate, block device ioctls, aligned
+ * memory) comes from @blockconv/fileio.
+ */
+import * as fs from 'node:fs';
+import { resolve as resolvePath } from 'node:path';
+import { promisify } from 'node:util';
+import {
+  BLOCK_API_VERSION,
+  BlockError,
+  roundDown,
+  roundUp,
+  toBlockError,
+  type BlockBackend,
+  type BlockLimits,
+  type CreateOptions,
+  type Extent,
+  type OpenOptions,
+  type ProtocolDriver,
+  type WriteFlags,
+  type WriteZeroesFlags,
+} from '@blockconv/core';
+import * as fileio from '@blockconv/fileio';
+
+const { O_RDONLY, O_RDWR, O_WRONLY, O_CREAT, O_TRUNC, O_DIRECT, O_DSYNC } = fs.constants;
+
+const MiB = 1024 * 1024;
+const MAX_TRANSFER = 64 * MiB;
+const OPTIMAL_TRANSFER = 2 * MiB;
+/** fallocate only touches metadata, so large zero requests are cheap on files. */
+const MAX_ZEROES_FILE = 1024 * MiB;
+/** BLKZEROOUT may really write; keep each call short enough to stay cancellable. */
+const MAX_ZEROES_DEVICE = 64 * MiB;
+/** Memory alignment for O_DIRECT: a page satisfies every device. */
+const MEM_ALIGN = 4096;
+/**
+ * O_DIRECT request alignment for regular files. The real value (the underlying
+ * device's logical block size) is not portably detectable; 4096 is safe everywhere.
+ */
+const FILE_DIRECT_ALIGN = 4096;
+/** Size of the zero buffer used when a file system cannot zero ranges itself. */
+const ZERO_CHUNK = 1 * MiB;
+
+const PUNCH = fileio.FALLOC_FL_PUNCH_HOLE | fileio.FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE = fileio.FALLOC_FL_ZERO_RANGE | fileio.FALLOC_FL_KEEP_SIZE;
+
+const openFd = promisify(fs.open);
+const closeFd = promisify(fs.close);
+const fstat = promisify(fs.fstat);
+const stat = promisify(fs.stat);
+const ftruncate = promisify(fs.ftruncate);
+const fdatasync = promisify(fs.fdatasync);
+
+function pread(fd: number, buf: Uint8Array, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function pwrite(fd: number, buf: Uint8Array, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function errCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+/** The file system or device lacks the operation for good (fileio says EOPNOTSUPP, fs ENOTSUP). */
+function isUnsupported(err: unknown): boolean {
+  const code = errCode(err);
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
+}
+
+/**
+ * Files created by fileDriver.create in this process and not yet opened: the first
+ * open knows they are sparse and all zero (readsZeroesInitially), later opens don't.
+ */
+const freshlyCreated = new Set<string>();
+
+interface FileParams {
+  location: string;
+  fd: number;
+  /** Buffered fd on the same file for requests O_DIRECT cannot do; `fd` when not direct. */
+  bufferedFd: number;
+  size: number;
+  readOnly: boolean;
+  isDevice: boolean;
+  direct: boolean;
+  /** O_DSYNC is set: every write is already stable. */
+  sync: boolean;
+  /** cache=unsafe: flushes are skipped. */
+  unsafe: boolean;
+  /** Logical block size (devices) or FILE_DIRECT_ALIGN (files). */
+  sectorSize: number;
+  readsZeroesInitially: boolean;
+}
+
+export class FileBackend implements BlockBackend {
+  readonly driverName = 'file';
+  readonly location: string;
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly limits: BlockLimits;
+  readonly canWriteZeroes = true;
+  readonly canDiscard = true;
+  readonly readsZeroesInitially: boolean;
+  readonly canCompress = false;
+  readonly hasBlockStatus: boolean;
+  readonly canWriteOutOfOrder = true;
+  /** Present only with O_DIRECT, where the memory of I/O buffers must be aligned. */
+  readonly allocBuffer?: (size: number) => Uint8Array;
+
+  readonly #p: FileParams;
+  /** Request alignment O_DIRECT needs; 1 for buffered I/O. */
+  readonly #align: number;
+  #closed = false;
+  // Capabilities found missing, so later calls skip straight to the fallback.
+  #noZeroRange = false;
+  #noPunch = false;
+  #noZeroOut = false;
+  #noDiscard = false;
+  #zeroBuf?: Uint8Array;
+
+  constructor(p: FileParams) {
+    this.#p = p;
+    this.location = p.location;
+    this.size = p.size;
+    this.readOnly = p.readOnly;
+    this.readsZeroesInitially = p.readsZeroesInitially;
+    // Block devices have no holes to find; report them as all data.
+    this.hasBlockStatus = !p.isDevice;
+    this.#align = p.direct ? p.sectorSize : 1;
+    this.limits = {
+      requestAlignment: this.#align,
+      maxTransfer: MAX_TRANSFER,
+      optimalTransfer: OPTIMAL_TRANSFER,
+      maxWriteZeroes: p.isDevice ? MAX_ZEROES_DEVICE : MAX_ZEROES_FILE,
+      minMemAlignment: p.direct ? MEM_ALIGN : 1,
+    };
+    if (p.direct) this.allocBuffer = (size) => fileio.allocAligned(size, MEM_ALIGN);
+  }
+
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    this.#check('read', offset, length, false);
+    if (into && into.length < length) {
+      throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, this.#where('read', offset, length));
+    }
+    const out = into ? into.subarray(0, length) : this.allocBuffer ? this.allocBuffer(length) : Buffer.allocUnsafeSlow(length);
+    try {
+      await this.#transfer(false, out, offset);
+    } catch (err) {
+      throw toBlockError(err, this.#where('read', offset, length));
+    }
+    return out;
+  }
+
+  async write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    this.#check('write', offset, data.length, true);
+    try {
+      await this.#transfer(true, data, offset);
+      if (flags?.fua && !this.#p.sync) await fdatasync(this.#p.fd);
+    } catch (err) {
+      throw toBlockError(err, this.#where('write', offset, data.length));
+    }
+  }
+
+  async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
+    this.#check('writeZeroes', offset, length, true);
+    if (length === 0) return;
+    try {
+      if (this.#p.isDevice) await this.#zeroDevice(offset, length);
+      else await this.#zeroFile(offset, length, flags?.mayUnmap === true);
+    } catch (err) {
+      throw toBlockError(err, this.#where('writeZeroes', offset, length));
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.#check('discard', offset, length, true);
+    if (length === 0 || this.#noDiscard) return;
+    try {
+      if (this.#p.isDevice) {
+        // BLKDISCARD wants whole sectors; discard is advisory, so drop the edges.
+        const a = this.#p.sectorSize;
+        const start = roundUp(offset, a);
+        const end = roundDown(offset + length, a);
+        if (end > start) await fileio.blockDeviceDiscard(this.#p.fd, start, end - start);
+      } else if (!this.#noPunch) {
+        await fileio.fallocate(this.#p.fd, PUNCH, offset, length);
+      }
+    } catch (err) {
+      if (isUnsupported(err)) {
+        this.#noDiscard = true;
+        if (!this.#p.isDevice) this.#noPunch = true;
+      } else if (errCode(err) !== 'EINVAL') throw toBlockError(err, this.#where('discard', offset, length));
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent> {
+    this.#check('blockStatus', offset, 0, false);
+    // `length` is only a hint, but the extent must start inside the image.
+    if (offset >= this.size) {
+      throw new BlockError('ERANGE', `block status at or past the end of the image (size ${this.size})`, this.#where('blockStatus', offset, length));
+    }
+    if (!this.hasBlockStatus) return { kind: 'data', length: this.size - offset };
+    try {
+      const r = await fileio.blockStatus(this.#p.fd, offset, this.size);
+      // A hole in a raw file reads as zeroes; there is nothing below a file to read through to.
+      return { kind: r.data ? 'data' : 'zero', length: r.length };
+    } catch (err) {
+      throw toBlockError(err, this.#where('blockStatus', offset, length));
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.#check('flush', 0, 0, false);
+    if (this.readOnly || this.#p.unsafe) return;
+    try {
+      // fdatasync syncs the file, not the fd, so this covers the buffered fd too.
+      await fdatasync(this.#p.fd);
+    } catch (err) {
+      throw toBlockError(err, { op: 'flush', location: this.location });
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    const fds = this.#p.bufferedFd === this.#p.fd ? [this.#p.fd] : [this.#p.fd, this.#p.bufferedFd];
+    const results = await Promise.allSettled(fds.map((fd) => closeFd(fd)));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw toBlockError(failed.reason, { op: 'close', location: this.location });
+  }
+
+  async info(): Promise<Record<string, unknown>> {
+    return {};
+  }
+
+  async allocatedSize(): Promise<number | undefined> {
+    if (this.#p.isDevice || this.#closed) return undefined;
+    const st = await fstat(this.#p.fd);
+    return st.blocks * 512;
+  }
+
+  // --- internals -----------------------------------------------------------------
+
+  #where(op: string, offset: number, length: number) {
+    return { op, location: this.location, offset, length };
+  }
+
+  #check(op: string, offset: number, length: number, writes: boolean): void {
+    if (this.#closed) throw new BlockError('EINVAL', 'image is closed', { op, location: this.location });
+    if (writes && this.readOnly) throw new BlockError('EROFS', 'image is read-only', this.#where(op, offset, length));
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, this.#where(op, offset, length));
+    }
+  }
+
+  /**
+   * Reads or writes all of `buf` at `offset`. With O_DIRECT the block-aligned middle
+   * goes direct; unaligned edges (in practice only the tail at an unaligned image
+   * end) go through the buffered fd, which the kernel keeps coherent with direct I/O.
+   */
+  async #transfer(write: boolean, buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.#p.direct) return this.#transferAll(write, this.#p.fd, buf, offset);
+    const end = offset + buf.length;
+    const mid = Math.min(roundUp(offset, this.#align), end);
+    const midEnd = Math.max(roundDown(end, this.#align), mid);
+    if (mid > offset) await this.#transferAll(write, this.#p.bufferedFd, buf.subarray(0, mid - offset), offset);
+    if (midEnd > mid) await this.#transferDirect(write, buf.subarray(mid - offset, midEnd - offset), mid);
+    if (end > midEnd) await this.#transferAll(write, this.#p.bufferedFd, buf.subarray(midEnd - offset), midEnd);
+  }
+
+  /** Loops over short reads and writes; reads past EOF give zeroes. */
+  async #transferAll(write: boolean, fd: number, buf: Uint8Array, offset: number): Promise<void> {
+    for (let done = 0; done < buf.length;) {
+      const part = buf.subarray(done);
+      const n = write ? await pwrite(fd, part, offset + done) : await pread(fd, part, offset + done);
+      if (n === 0) {
+        if (!write) { part.fill(0); return; }
+        // A plain error so the caller's toBlockError adds the request details.
+        throw Object.assign(new Error('write made no progress'), { code: 'EIO' });
+      }
+      done += n;
+    }
+  }
+
+  /** One O_DIRECT call; whatever it leaves (EOF, a short write) continues buffered. */
+  async #transferDirect(write: boolean, buf: Uint8Array, offset: number): Promise<void> {
+    const op = write ? pwrite : pread;
+    let n: number;
+    try {
+      n = await op(this.#p.fd, buf, offset);
+    } catch (err) {
+      if (errCode(err) !== 'EINVAL') throw err;
+      // Request is aligned, so the caller's memory is not (a buffer not from
+      // allocBuffer). Bounce through aligned memory rather than fail.
+      const bounce = fileio.allocAligned(buf.length, MEM_ALIGN);
+      if (write) bounce.set(buf);
+      n = await op(this.#p.fd, bounce, offset);
+      if (!write) buf.set(bounce.subarray(0, n));
+    }
+    if (n < buf.length) await this.#transferAll(write, this.#p.bufferedFd, buf.subarray(n), offset + n);
+  }
+
+  /**
+   * Zeroes a file range with the cheapest method the file system has: punching a
+   * hole when unmapping is allowed, else ZERO_RANGE (which keeps blocks allocated),
+   * each falling back to the other and finally to writing zeroes.
+   */
+  async #zeroFile(offset: number, length: number, mayUnmap: boolean): Promise<void> {
+    const punch = (): Promise<boolean> => this.#tryFallocate('punch', offset, length);
+    const zero = (): Promise<boolean> => this.#tryFallocate('zero', offset, length);
+    const done = mayUnmap ? (await punch()) || (await zero()) : (await zero()) || (await this.#punchAndReallocate(offset, length));
+    if (!done) await this.#writeZeroBuffer(offset, length);
+  }
+
+  /** Without ZERO_RANGE, punch then reallocate (as QEMU does) so the range stays allocated. */
+  async #punchAndReallocate(offset: number, length: number): Promise<boolean> {
+    if (!(await this.#tryFallocate('punch', offset, length))) return false;
+    await fileio.fallocate(this.#p.fd, 0, offset, length).catch((err: unknown) => {
+      if (!isUnsupported(err)) throw err; // the range reads as zeroes either way
+    });
+    return true;
+  }
+
+  /** True when done; false when the file system cannot, remembering a lasting "cannot". */
+  async #tryFallocate(method: 'punch' | 'zero', offset: number, length: number): Promise<boolean> {
+    if (method === 'punch' ? this.#noPunch : this.#noZeroRange) return false;
+    try {
+      await fileio.fallocate(this.#p.fd, method === 'punch' ? PUNCH : ZERO_RANGE, offset, length);
+      return true;
+    } catch (err) {
+      if (isUnsupported(err)) {
+        if (method === 'punch') this.#noPunch = true;
+        else this.#noZeroRange = true;
+        return false;
+      }
+      // Some file systems refuse unaligned ranges with EINVAL: fall back for this one only.
+      if (errCode(err) === 'EINVAL') return false;
+      throw err;
+    }
+  }
+
+  /** BLKZEROOUT for the whole sectors of the range, written zeroes for the edges. */
+  async #zeroDevice(offset: number, length: number): Promise<void> {
+    const a = this.#p.sectorSize;
+    const end = offset + length;
+    const start = roundUp(offset, a);
+    const stop = roundDown(end, a);
+    if (this.#noZeroOut || stop <= start) return this.#writeZeroBuffer(offset, length);
+    if (start > offset) await this.#writeZeroBuffer(offset, start - offset);
+    try {
+      await fileio.blockDeviceZeroOut(this.#p.fd, start, stop - start);
+    } catch (err) {
+      if (!isUnsupported(err)) throw err;
+      this.#noZeroOut = true;
+      await this.#writeZeroBuffer(start, stop - start);
+    }
+    if (end > stop) await this.#writeZeroBuffer(stop, end - stop);
+  }
+
+  async #writeZeroBuffer(offset: number, length: number): Promise<void> {
+    // Shared by concurrent calls; it is only ever read.
+    const zeroes = (this.#zeroBuf ??= this.allocBuffer ? this.allocBuffer(ZERO_CHUNK) : new Uint8Array(ZERO_CHUNK));
+    for (let done = 0; done < length;) {
+      const n = Math.min(ZERO_CHUNK, length - done);
+      await this.#transfer(true, zeroes.subarray(0, n), offset + done);
+      done += n;
+    }
+  }
+}
+
+/** Opens a regular file or block device. Errors come back as BlockErrors naming the location. */
+export async function openFile(location: string, options: OpenOptions = {}): Promise<FileBackend> {
+  options.signal?.throwIfAborted();
+  const readOnly = options.readOnly === true;
+  const cache = options.cache ?? 'writeback';
+  const direct = cache === 'none' || cache === 'directsync';
+  const sync = cache === 'writethrough' || cache === 'directsync';
+  const flags = (readOnly ? O_RDONLY : O_RDWR) | (sync ? O_DSYNC : 0);
+  const where = { op: 'open', location };
+  const fds: number[] = [];
+  try {
+    let fd: number;
+    try {
+      fd = await openFd(location, flags | (direct ? O_DIRECT : 0));
+    } catch (err) {
+      if (direct && errCode(err) === 'EINVAL') {
+        throw new BlockError('EINVAL', `the file system does not support O_DIRECT (cache=${cache}); use another cache mode`, { ...where, cause: err });
+      }
+      throw err;
+    }
+    fds.push(fd);
+    const st = await fstat(fd);
+    if (st.isDirectory()) throw new BlockError('EISDIR', 'is a directory', where);
+    const isDevice = st.isBlockDevice();
+    if (!isDevice && !st.isFile()) throw new BlockError('EINVAL', 'not a regular file or block device', where);
+    const size = isDevice ? await fileio.blockDeviceSize(fd) : st.size;
+    const sectorSize = isDevice ? await fileio.logicalBlockSize(fd) : FILE_DIRECT_ALIGN;
+    let bufferedFd = fd;
+    if (direct) {
+      // Reopen through /proc so the buffered fd is surely the same inode.
+      bufferedFd = await openFd(`/proc/self/fd/${fd}`, flags).catch(() => openFd(location, flags));
+      fds.push(bufferedFd);
+    }
+    const fresh = freshlyCreated.delete(resolvePath(location)) && !isDevice;
+    return new FileBackend({
+      location, fd, bufferedFd, size, readOnly, isDevice, direct, sync,
+      unsafe: cache === 'unsafe', sectorSize, readsZeroesInitially: fresh,
+    });
+  } catch (err) {
+    for (const fd of fds) fs.close(fd, () => {});
+    throw toBlockError(err, where);
+  }
+}
+
+/**
+ * Creates `location` as a sparse file of exactly `size` bytes, replacing any existing
+ * file (qemu-img semantics). An existing block device is used as it is, provided it
+ * is large enough.
+ */
+export async function createFile(location: string, size: number, options: CreateOptions = {}): Promise<void> {
+  options.signal?.throwIfAborted();
+  if (!Number.isSafeInteger(size) || size < 0) {
+    throw new BlockError('EINVAL', `invalid image size ${size}`, { op: 'create', location });
+  }
+  try {
+    const st = await stat(location).catch((err: unknown) => {
+      if (errCode(err) === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (st?.isBlockDevice()) {
+      const fd = await openFd(location, O_RDWR);
+      try {
+        const devSize = await fileio.blockDeviceSize(fd);
+        if (devSize < size) {
+          throw new BlockError('ENOSPC', `device holds ${devSize} bytes, the image needs ${size}`, { op: 'create', location });
+        }
+      } finally {
+        await closeFd(fd);
+      }
+      return;
+    }
+    // Truncating to 0 first drops every old block, so the result is all hole.
+    const fd = await openFd(location, O_WRONLY | O_CREAT | O_TRUNC, 0o644);
+    try {
+      await ftruncate(fd, size);
+    } finally {
+      await closeFd(fd);
+    }
+    freshlyCreated.add(resolvePath(location));
+  } catch (err) {
+    throw toBlockError(err, { op: 'create', location });
+  }
+}
+
+export const fileDriver: ProtocolDriver = {
+  apiVersion: BLOCK_API_VERSION,
+  kind: 'protocol',
+  name: 'file',
+  description: 'local files and block devices',
+  schemes: ['file'],
+  open: openFile,
+  create: createFile,
+};

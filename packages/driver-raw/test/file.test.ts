@@ -1,0 +1,228 @@
+/** The file protocol with buffered I/O: sparseness, zeroing, EOF handling, create/open. */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { createFile, fileDriver, openFile } from '../src/index.js';
+import { canMount, diskTempDir, extents, filled, rejects, removeDir, scratchMount } from './helpers.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+let dir = '';
+
+test.before(() => { dir = diskTempDir(); });
+test.after(() => removeDir(dir));
+
+test('driver shape', () => {
+  assert.is(fileDriver.kind, 'protocol');
+  assert.is(fileDriver.name, 'file');
+  assert.equal(fileDriver.schemes, ['file']);
+  assert.type(fileDriver.create, 'function');
+});
+
+test('create makes a sparse file of exactly the size, replacing an existing one', async () => {
+  const f = path.join(dir, 'create.img');
+  fs.writeFileSync(f, filled(3 * MiB, 7));
+  await createFile(f, 5 * MiB + 123, {});
+  const st = fs.statSync(f);
+  assert.is(st.size, 5 * MiB + 123);
+  assert.is(st.blocks, 0);
+});
+
+test('readsZeroesInitially only on the first open after create', async () => {
+  const f = path.join(dir, 'fresh.img');
+  await fileDriver.create!(f, MiB, {});
+  const first = await fileDriver.open(f, {});
+  assert.ok(first.readsZeroesInitially);
+  await first.close();
+  const second = await fileDriver.open(f, {});
+  assert.not.ok(second.readsZeroesInitially);
+  await second.close();
+  // A file made by someone else is never assumed to be zero.
+  const other = path.join(dir, 'other.img');
+  fs.writeFileSync(other, '');
+  fs.truncateSync(other, MiB);
+  const img = await fileDriver.open(other, {});
+  assert.not.ok(img.readsZeroesInitially);
+  await img.close();
+});
+
+test('buffered limits and flags', async () => {
+  const f = path.join(dir, 'limits.img');
+  await createFile(f, MiB);
+  const img = await openFile(f);
+  assert.is(img.driverName, 'file');
+  assert.is(img.size, MiB);
+  assert.is(img.limits.requestAlignment, 1);
+  assert.is(img.limits.minMemAlignment, 1);
+  assert.ok(img.limits.maxTransfer >= 16 * MiB);
+  assert.is(img.allocBuffer, undefined);
+  assert.ok(img.canWriteZeroes && img.canDiscard && img.hasBlockStatus && img.canWriteOutOfOrder);
+  assert.not.ok(img.canCompress);
+  assert.equal(await img.info(), {});
+  await img.close();
+});
+
+test('write, read back, read into a larger buffer', async () => {
+  const f = path.join(dir, 'rw.img');
+  await createFile(f, 4 * MiB);
+  const img = await openFile(f);
+  await img.write(MiB + 3, filled(100_000, 0xab));
+  const got = await img.read(MiB, 100_010);
+  assert.is(got.length, 100_010);
+  assert.equal([got[0], got[2], got[3], got[100_002], got[100_003]], [0, 0, 0xab, 0xab, 0]);
+  const big = new Uint8Array(200_000).fill(9);
+  const view = await img.read(MiB + 3, 1000, big);
+  assert.is(view.buffer, big.buffer);
+  assert.is(view.length, 1000);
+  assert.ok(view.every((b) => b === 0xab));
+  assert.is(big[1000], 9, 'bytes past length untouched');
+  await img.flush();
+  await img.close();
+  await img.close(); // idempotent
+});
+
+test('sparse file block status: holes are zero, writes are data', async () => {
+  const f = path.join(dir, 'sparse.img');
+  await createFile(f, 16 * MiB);
+  const img = await openFile(f);
+  assert.equal(await extents(img), [{ start: 0, length: 16 * MiB, kind: 'zero' }]);
+  await img.write(MiB, filled(64 * KiB, 1));
+  await img.write(5 * MiB, filled(128 * KiB, 2));
+  await img.write(16 * MiB - 4 * KiB, filled(4 * KiB, 3));
+  await img.flush();
+  assert.equal(await extents(img), [
+    { start: 0, length: MiB, kind: 'zero' },
+    { start: MiB, length: 64 * KiB, kind: 'data' },
+    { start: MiB + 64 * KiB, length: 4 * MiB - 64 * KiB, kind: 'zero' },
+    { start: 5 * MiB, length: 128 * KiB, kind: 'data' },
+    { start: 5 * MiB + 128 * KiB, length: 11 * MiB - 128 * KiB - 4 * KiB, kind: 'zero' },
+    { start: 16 * MiB - 4 * KiB, length: 4 * KiB, kind: 'data' },
+  ]);
+  // An extent starting inside one is measured from the asked offset.
+  assert.equal(await img.blockStatus(MiB + 4 * KiB, 1), { kind: 'data', length: 60 * KiB });
+  await rejects(() => img.blockStatus(16 * MiB, 1), { code: 'ERANGE' });
+  await img.close();
+});
+
+test('writeZeroes with mayUnmap punches a hole that reads back zero', async () => {
+  const f = path.join(dir, 'punch.img');
+  await createFile(f, 4 * MiB);
+  const img = await openFile(f);
+  await img.write(0, filled(4 * MiB, 0x55));
+  await img.flush();
+  const before = (await img.allocatedSize())!;
+  await img.writeZeroes(MiB, MiB, { mayUnmap: true });
+  assert.ok((await img.read(MiB, MiB)).every((b) => b === 0));
+  assert.ok((await img.read(MiB - 1, 1))[0] === 0x55 && (await img.read(2 * MiB, 1))[0] === 0x55);
+  assert.is((await img.allocatedSize())!, before - MiB);
+  assert.equal(await img.blockStatus(MiB, MiB), { kind: 'zero', length: MiB });
+  await img.close();
+});
+
+test('writeZeroes without mayUnmap (ZERO_RANGE) keeps the blocks allocated', async () => {
+  const f = path.join(dir, 'zerorange.img');
+  await createFile(f, 4 * MiB);
+  const img = await openFile(f);
+  await img.write(0, filled(4 * MiB, 0x66));
+  await img.flush();
+  const before = (await img.allocatedSize())!;
+  await img.writeZeroes(MiB + 512, MiB);
+  assert.ok((await img.read(MiB + 512, MiB)).every((b) => b === 0));
+  assert.is((await img.read(MiB + 511, 1))[0], 0x66);
+  assert.is((await img.read(2 * MiB + 512, 1))[0], 0x66);
+  assert.is((await img.allocatedSize())!, before);
+  await img.close();
+});
+
+test('discard punches a hole', async () => {
+  const f = path.join(dir, 'discard.img');
+  await createFile(f, 2 * MiB);
+  const img = await openFile(f);
+  await img.write(0, filled(2 * MiB, 1));
+  await img.discard(0, MiB);
+  assert.ok((await img.read(0, MiB)).every((b) => b === 0));
+  assert.equal(await img.blockStatus(0, 2 * MiB), { kind: 'zero', length: MiB });
+  await img.close();
+});
+
+test('reads past EOF (the file shrank) come back as zeroes', async () => {
+  const f = path.join(dir, 'shrunk.img');
+  fs.writeFileSync(f, filled(10_000, 0x77));
+  const img = await openFile(f);
+  fs.truncateSync(f, 6000);
+  const got = await img.read(4000, 6000, new Uint8Array(6000).fill(0xee));
+  assert.ok(got.subarray(0, 2000).every((b) => b === 0x77));
+  assert.ok(got.subarray(2000).every((b) => b === 0));
+  assert.equal(await img.blockStatus(6000, 4000), { kind: 'zero', length: 4000 });
+  await img.close();
+});
+
+test('requests beyond the end or after close are refused', async () => {
+  const f = path.join(dir, 'range.img');
+  await createFile(f, 4096);
+  const img = await openFile(f);
+  await rejects(() => img.read(4000, 97), { name: 'BlockError', code: 'ERANGE', offset: 4000 });
+  await rejects(() => img.write(4095, filled(2, 1)), { code: 'ERANGE' });
+  await rejects(() => img.read(0, 10, new Uint8Array(5)), { code: 'EINVAL' });
+  await img.close();
+  await rejects(() => img.read(0, 1), { code: 'EINVAL' });
+  assert.is(fs.statSync(f).size, 4096);
+});
+
+test('cache modes writethrough and unsafe open and work', async () => {
+  const f = path.join(dir, 'cache.img');
+  await createFile(f, MiB);
+  for (const cache of ['writethrough', 'unsafe', 'writeback'] as const) {
+    const img = await openFile(f, { cache });
+    await img.write(0, filled(4096, 3), { fua: true });
+    await img.flush();
+    assert.is((await img.read(0, 1))[0], 3);
+    await img.close();
+  }
+});
+
+(canMount ? test : test.skip)('tmpfs: no ZERO_RANGE, so punch then reallocate', async () => {
+  const m = scratchMount('tmpfs', 'size=8m')!;
+  try {
+    const f = path.join(m.dir, 'img');
+    await createFile(f, 2 * MiB);
+    const img = await openFile(f);
+    await img.write(0, filled(2 * MiB, 9));
+    await img.writeZeroes(4096, MiB);
+    assert.ok((await img.read(4096, MiB)).every((b) => b === 0));
+    assert.is((await img.read(4095, 1))[0], 9);
+    assert.is(await img.allocatedSize(), 2 * MiB, 'range reallocated');
+    await img.writeZeroes(4096, MiB, { mayUnmap: true });
+    assert.is(await img.allocatedSize(), MiB);
+    await img.close();
+  } finally {
+    m.unmount();
+  }
+});
+
+(canMount ? test : test.skip)('ramfs: no fallocate or holes, falls back to writing zeroes', async () => {
+  const m = scratchMount('ramfs')!;
+  try {
+    const f = path.join(m.dir, 'img');
+    await createFile(f, 3 * MiB);
+    const img = await openFile(f);
+    await img.write(0, filled(3 * MiB, 4));
+    for (const mayUnmap of [true, false, true]) {
+      await img.writeZeroes(100, 2 * MiB + 5, { mayUnmap });
+      const got = await img.read(0, 3 * MiB);
+      assert.ok(got.subarray(100, 2 * MiB + 105).every((b) => b === 0));
+      assert.is(got[99], 4);
+      assert.is(got[2 * MiB + 105], 4);
+      await img.write(0, filled(3 * MiB, 4));
+    }
+    await img.discard(0, MiB); // a no-op where nothing can be deallocated
+    assert.is((await img.read(0, 1))[0], 4);
+    assert.equal(await extents(img), [{ start: 0, length: 3 * MiB, kind: 'data' }]);
+    await img.close();
+  } finally {
+    m.unmount();
+  }
+});
+
+test.run();
