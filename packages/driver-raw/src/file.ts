@@ -207,11 +207,12 @@ export class FileBackend implements BlockBackend {
     if (offset >= this.size) {
       throw new BlockError('ERANGE', `block status at or past the end of the image (size ${this.size})`, this.#where('blockStatus', offset, length));
     }
-    if (!this.hasBlockStatus) return { kind: 'data', length: this.size - offset };
+    if (!this.hasBlockStatus) return { kind: 'data', length: this.size - offset, offset };
     try {
       const r = await fileio.blockStatus(this.#p.fd, offset, this.size);
       // A hole in a raw file reads as zeroes; there is nothing below a file to read through to.
-      return { kind: r.data ? 'data' : 'zero', length: r.length };
+      // The bytes live at the same offset of the file (map's "offset").
+      return { kind: r.data ? 'data' : 'zero', length: r.length, offset };
     } catch (err) {
       throw toBlockError(err, this.#where('blockStatus', offset, length));
     }
