@@ -37,6 +37,7 @@ interface FallocConstants {
 
 interface Native {
   blockStatus(fd: number, offset: number, fileSize: number): Promise<BlockStatusResult>;
+  extents(fd: number, offset: number, fileSize: number, maxExtents: number): Promise<Float64Array>;
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
@@ -66,6 +67,15 @@ export const {
  */
 export function blockStatus(fd: number, offset: number, fileSize: number): Promise<BlockStatusResult> {
   return native.blockStatus(fd, offset, fileSize);
+}
+
+/**
+ * Up to `maxExtents` consecutive extents from `offset`, found as blockStatus finds
+ * them, in one thread-pool job: pairs [length, isData (1 or 0)], the first starting at
+ * `offset`. Empty at or past `fileSize`.
+ */
+export function extents(fd: number, offset: number, fileSize: number, maxExtents: number): Promise<Float64Array> {
+  return native.extents(fd, offset, fileSize, maxExtents);
 }
 
 /** fallocate(2); `mode` is an OR of the FALLOC_FL_* constants (0 allocates). */

@@ -2,7 +2,8 @@
  * Progress display for long jobs: a bar on a terminal (-p), plain lines when stderr is
  * not a terminal, or JSON lines on stdout for machines (--progress=json).
  */
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type * as CliProgress from 'cli-progress';
 import { formatSize, type ConvertProgress } from '@blockconv/core';
 
 export type ProgressMode = 'bar' | 'json' | 'none';
@@ -36,6 +37,8 @@ export function progressSink(mode: ProgressMode, total: number): ProgressSink {
       stop: () => {},
     };
   }
+  // Loaded only when a bar is drawn: it costs start-up time every other run would pay.
+  const cliProgress = createRequire(import.meta.url)('cli-progress') as typeof CliProgress;
   const bar = new cliProgress.SingleBar({
     stream: process.stderr,
     format: '{bar} {percentage}% | {doneText} / {totalText} | {rateText}/s | ETA {eta_formatted}',

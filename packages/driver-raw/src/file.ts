@@ -42,6 +42,8 @@ const MEM_ALIGN = 4096;
 const FILE_DIRECT_ALIGN = 4096;
 /** Size of the zero buffer used when a file system cannot zero ranges itself. */
 const ZERO_CHUNK = 1 * MiB;
+/** Extents fetched per block-status trip to the thread pool. */
+const EXTENT_BATCH = 512;
 
 const PUNCH = fileio.FALLOC_FL_PUNCH_HOLE | fileio.FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE = fileio.FALLOC_FL_ZERO_RANGE | fileio.FALLOC_FL_KEEP_SIZE;
@@ -124,6 +126,16 @@ export class FileBackend implements BlockBackend {
   #noPunch = false;
   #noZeroOut = false;
   #noDiscard = false;
+  /**
+   * Extents read ahead by one native call ([length, isData] pairs from #extentsStart),
+   * so that a walk over a fragmented file costs one thread-pool trip per batch.
+   * Dropped by anything that changes allocation.
+   */
+  #extents: Float64Array | null = null;
+  #extentsStart = 0;
+  /** Index (pair) and start offset of the extent the last lookup found: walks are sequential. */
+  #extentIndex = 0;
+  #extentOffset = 0;
   #zeroBuf?: Uint8Array;
 
   constructor(p: FileParams) {
@@ -161,6 +173,7 @@ export class FileBackend implements BlockBackend {
 
   async write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
     this.#check('write', offset, data.length, true);
+    this.#extents = null;
     try {
       await this.#transfer(true, data, offset);
       if (flags?.fua && !this.#p.sync) await fdatasync(this.#p.fd);
@@ -171,6 +184,7 @@ export class FileBackend implements BlockBackend {
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     this.#check('writeZeroes', offset, length, true);
+    this.#extents = null;
     if (length === 0) return;
     try {
       if (this.#p.isDevice) await this.#zeroDevice(offset, length);
@@ -182,6 +196,7 @@ export class FileBackend implements BlockBackend {
 
   async discard(offset: number, length: number): Promise<void> {
     this.#check('discard', offset, length, true);
+    this.#extents = null;
     if (length === 0 || this.#noDiscard) return;
     try {
       if (this.#p.isDevice) {
@@ -208,14 +223,38 @@ export class FileBackend implements BlockBackend {
       throw new BlockError('ERANGE', `block status at or past the end of the image (size ${this.size})`, this.#where('blockStatus', offset, length));
     }
     if (!this.hasBlockStatus) return { kind: 'data', length: this.size - offset, offset };
+    const cached = this.#cachedExtent(offset);
+    if (cached) return cached;
     try {
-      const r = await fileio.blockStatus(this.#p.fd, offset, this.size);
-      // A hole in a raw file reads as zeroes; there is nothing below a file to read through to.
-      // The bytes live at the same offset of the file (map's "offset").
-      return { kind: r.data ? 'data' : 'zero', length: r.length, offset };
+      this.#extents = await fileio.extents(this.#p.fd, offset, this.size, EXTENT_BATCH);
+      this.#extentsStart = this.#extentOffset = offset;
+      this.#extentIndex = 0;
     } catch (err) {
+      this.#extents = null;
       throw toBlockError(err, this.#where('blockStatus', offset, length));
     }
+    return this.#cachedExtent(offset) ?? { kind: 'data', length: this.size - offset, offset };
+  }
+
+  /** The extent at `offset` from the read-ahead batch, if the batch covers it. */
+  #cachedExtent(offset: number): Extent | undefined {
+    const ext = this.#extents;
+    if (!ext || offset < this.#extentsStart) return undefined;
+    let i = this.#extentIndex;
+    let start = this.#extentOffset;
+    if (offset < start) { i = 0; start = this.#extentsStart; }
+    for (; 2 * i < ext.length; i++) {
+      const end = start + ext[2 * i]!;
+      if (offset < end) {
+        this.#extentIndex = i;
+        this.#extentOffset = start;
+        // A hole in a raw file reads as zeroes; there is nothing below a file to read through to.
+        // The bytes live at the same offset of the file (map's "offset").
+        return { kind: ext[2 * i + 1] ? 'data' : 'zero', length: end - offset, offset };
+      }
+      start = end;
+    }
+    return undefined;
   }
 
   async flush(): Promise<void> {

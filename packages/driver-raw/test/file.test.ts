@@ -100,7 +100,7 @@ test('sparse file block status: holes are zero, writes are data', async () => {
     { start: 16 * MiB - 4 * KiB, length: 4 * KiB, kind: 'data' },
   ]);
   // An extent starting inside one is measured from the asked offset.
-  assert.equal(await img.blockStatus(MiB + 4 * KiB, 1), { kind: 'data', length: 60 * KiB });
+  assert.equal(await img.blockStatus(MiB + 4 * KiB, 1), { kind: 'data', length: 60 * KiB, offset: MiB + 4 * KiB });
   await rejects(() => img.blockStatus(16 * MiB, 1), { code: 'ERANGE' });
   await img.close();
 });
@@ -116,7 +116,7 @@ test('writeZeroes with mayUnmap punches a hole that reads back zero', async () =
   assert.ok((await img.read(MiB, MiB)).every((b) => b === 0));
   assert.ok((await img.read(MiB - 1, 1))[0] === 0x55 && (await img.read(2 * MiB, 1))[0] === 0x55);
   assert.is((await img.allocatedSize())!, before - MiB);
-  assert.equal(await img.blockStatus(MiB, MiB), { kind: 'zero', length: MiB });
+  assert.equal(await img.blockStatus(MiB, MiB), { kind: 'zero', length: MiB, offset: MiB });
   await img.close();
 });
 
@@ -142,7 +142,7 @@ test('discard punches a hole', async () => {
   await img.write(0, filled(2 * MiB, 1));
   await img.discard(0, MiB);
   assert.ok((await img.read(0, MiB)).every((b) => b === 0));
-  assert.equal(await img.blockStatus(0, 2 * MiB), { kind: 'zero', length: MiB });
+  assert.equal(await img.blockStatus(0, 2 * MiB), { kind: 'zero', length: MiB, offset: 0 });
   await img.close();
 });
 
@@ -154,7 +154,7 @@ test('reads past EOF (the file shrank) come back as zeroes', async () => {
   const got = await img.read(4000, 6000, new Uint8Array(6000).fill(0xee));
   assert.ok(got.subarray(0, 2000).every((b) => b === 0x77));
   assert.ok(got.subarray(2000).every((b) => b === 0));
-  assert.equal(await img.blockStatus(6000, 4000), { kind: 'zero', length: 4000 });
+  assert.equal(await img.blockStatus(6000, 4000), { kind: 'zero', length: 4000, offset: 6000 });
   await img.close();
 });
 
@@ -222,6 +222,38 @@ test('cache modes writethrough and unsafe open and work', async () => {
     await img.close();
   } finally {
     m.unmount();
+  }
+});
+
+test('block status over more extents than one read-ahead batch, random probes, and after writes', async () => {
+  const f = path.join(dir, 'many.img');
+  await createFile(f, 160 * MiB, {});
+  const fd = fs.openSync(f, 'r+');
+  const block = filled(64 * KiB, 5);
+  for (let i = 0; i < 1200; i++) fs.writeSync(fd, block, 0, block.length, i * 128 * KiB); // 1200 data extents
+  fs.closeSync(fd);
+  const img = await openFile(f, {});
+  try {
+    const walked = await extents(img);
+    assert.is(walked.length, 2400, 'data and hole alternate');
+    walked.forEach((e, i) => {
+      assert.is(e.start, i * 64 * KiB);
+      assert.is(e.kind, i % 2 ? 'zero' : 'data');
+    });
+    // Probes out of order, backwards and mid-extent, served from or past the batch.
+    for (const off of [150 * MiB, 3 * 64 * KiB + 100, 1199 * 128 * KiB + 1, 64 * KiB]) {
+      const e = await img.blockStatus(off, 1);
+      const inData = Math.floor(off / (64 * KiB)) % 2 === 0 && off < 1200 * 128 * KiB;
+      assert.is(e.kind, inData ? 'data' : 'zero', `kind at ${off}`);
+      assert.is(off + e.length, off >= 1200 * 128 * KiB ? 160 * MiB : (Math.floor(off / (64 * KiB)) + 1) * 64 * KiB, `end at ${off}`);
+    }
+    // A write fills a hole: block status must not answer from the stale batch.
+    await img.write(64 * KiB, filled(64 * KiB, 9));
+    assert.equal(await img.blockStatus(0, 1), { kind: 'data', length: 3 * 64 * KiB, offset: 0 });
+    await img.writeZeroes(0, 3 * 64 * KiB, { mayUnmap: true });
+    assert.is((await img.blockStatus(0, 1)).kind, 'zero');
+  } finally {
+    await img.close();
   }
 });
 

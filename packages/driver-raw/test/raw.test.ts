@@ -38,7 +38,7 @@ test('raw passes everything through and reports itself as raw', async () => {
   const buf = raw.allocBuffer!(4096).fill(8);
   await raw.write(4096, buf);
   assert.is((await raw.read(4096, 4096, raw.allocBuffer!(4096)))[4095], 8);
-  assert.equal(await raw.blockStatus(0, 2 * MiB), { kind: 'zero', length: 4096 });
+  assert.equal(await raw.blockStatus(0, 2 * MiB), { kind: 'zero', length: 4096, offset: 0 });
   assert.is(await raw.allocatedSize!(), 4096);
   assert.equal(await raw.info!(), {});
   await raw.flush();
