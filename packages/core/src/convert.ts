@@ -23,6 +23,12 @@ export const DEFAULT_MIN_SPARSE = 4096;
 export const MAX_WORKERS = 256;
 /** Zero-detection granularity when the target allows finer: one sector, as qemu-img. */
 const SECTOR = 512;
+/**
+ * Holes up to this size between data extents of a source with cheap hole reads are
+ * read along with the data (and found again by the zero scan): one request instead of
+ * two for images fragmented at cluster granularity.
+ */
+const MAX_MERGED_HOLE = 128 * 1024;
 
 export interface ConvertOptions {
   /** Opened sources; their contents are concatenated into the target. */
@@ -103,6 +109,10 @@ class ChunkCursor {
     private readonly maxData: number,
     private readonly maxZero: number,
     private readonly allData: boolean,
+    /** Smallest hole that may be merged into a data chunk (the zero scan must find it again); 0: never. */
+    private readonly minMergedHole: number,
+    /** The zero scan's unit: a merged hole must sit on unit boundaries of the chunk. */
+    private readonly unit: number,
   ) {}
 
   get issued(): number { return this.#seq; }
@@ -126,16 +136,34 @@ class ChunkCursor {
 
   async #query(src: BlockBackend): Promise<void> {
     const pos = this.#pos;
-    let ext;
+    let at = pos;
     try {
-      ext = this.allData || !src.hasBlockStatus
-        ? { kind: 'data' as const, length: src.size - pos }
-        : await chainStatus(src, pos, src.size - pos);
+      if (this.allData || !src.hasBlockStatus) {
+        this.#extentEnd = src.size;
+        this.#extentKind = 'data';
+        return;
+      }
+      const ext = await chainStatus(src, pos, src.size - pos);
+      let end = pos + Math.min(ext.length, src.size - pos);
+      this.#extentKind = ext.kind === 'data' ? 'data' : 'zero';
+      // Merge small holes and the data after them into this data extent, up to one buffer.
+      if (ext.kind === 'data' && this.minMergedHole > 0 && src.cheapHoleReads) {
+        while (end < src.size && end - pos < this.maxData) {
+          at = end;
+          const hole = await chainStatus(src, end, src.size - end);
+          const holeEnd = end + hole.length;
+          if (hole.kind !== 'zero' || hole.length > MAX_MERGED_HOLE || hole.length < this.minMergedHole ||
+              (end - pos) % this.unit !== 0 || hole.length % this.unit !== 0 || holeEnd >= src.size || holeEnd - pos >= this.maxData) break;
+          at = holeEnd;
+          const data = await chainStatus(src, holeEnd, src.size - holeEnd);
+          if (data.kind !== 'data') break;
+          end = Math.min(holeEnd + data.length, pos + this.maxData);
+        }
+      }
+      this.#extentEnd = end;
     } catch (err) {
-      throw toBlockError(err, { op: 'blockStatus', location: src.location, offset: pos });
+      throw toBlockError(err, { op: 'blockStatus', location: src.location, offset: at });
     }
-    this.#extentEnd = pos + Math.min(ext.length, src.size - pos);
-    this.#extentKind = ext.kind === 'data' ? 'data' : 'zero';
   }
 
   #carve(src: BlockBackend): Chunk {
@@ -294,7 +322,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
   const maxZeroChunk = targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), align));
   const unit = Math.max(SECTOR, target.limits.requestAlignment);
-  const cursor = new ChunkCursor(sources, align, bufferSize, maxZeroChunk, allData);
+  // A merged hole must come back from the zero scan as a run the target need not write.
+  const minMergedHole = Math.max(minSparse, unit);
+  const cursor = new ChunkCursor(sources, align, bufferSize, maxZeroChunk, allData, allData ? 0 : minMergedHole, unit);
   const order = outOfOrder ? undefined : new WriteOrder();
   const limiter = o.rateLimit ? new RateLimiter(o.rateLimit) : undefined;
   const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));

@@ -49,6 +49,7 @@ export class MemoryBackend implements BlockBackend {
   readonly readsZeroesInitially: boolean;
   readonly canCompress = false;
   readonly hasBlockStatus: boolean;
+  readonly cheapHoleReads = true;
   readonly canWriteOutOfOrder: boolean;
   readonly log: MemoryOpRecord[] = [];
   /** Highest number of operations in flight at once. */

@@ -79,6 +79,12 @@ export interface BlockBackend {
   readonly canCompress: boolean;
   /** blockStatus tells real allocation; when false it reports the whole image as data. */
   readonly hasBlockStatus: boolean;
+  /**
+   * Reading a zero extent costs no real I/O (the kernel or the driver fills zeroes, as
+   * for holes in local files): convert may then read small holes along with the data
+   * around them, saving requests. False for anything that moves the zeroes over a wire.
+   */
+  readonly cheapHoleReads?: boolean;
   /** Writes may be committed in any order (-W); false for targets that need sequential writes. */
   readonly canWriteOutOfOrder?: boolean;
   /** The image this one reads through to for unallocated extents, if any. */

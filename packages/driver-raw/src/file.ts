@@ -113,6 +113,8 @@ export class FileBackend implements BlockBackend {
   readonly readsZeroesInitially: boolean;
   readonly canCompress = false;
   readonly hasBlockStatus: boolean;
+  /** Holes of regular files read as zeroes filled by the kernel, without disk I/O. */
+  readonly cheapHoleReads: boolean;
   readonly canWriteOutOfOrder = true;
   /** Present only with O_DIRECT, where the memory of I/O buffers must be aligned. */
   readonly allocBuffer?: (size: number) => Uint8Array;
@@ -146,6 +148,7 @@ export class FileBackend implements BlockBackend {
     this.readsZeroesInitially = p.readsZeroesInitially;
     // Block devices have no holes to find; report them as all data.
     this.hasBlockStatus = !p.isDevice;
+    this.cheapHoleReads = !p.isDevice;
     this.#align = p.direct ? p.sectorSize : 1;
     this.limits = {
       requestAlignment: this.#align,
