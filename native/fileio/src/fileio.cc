@@ -22,6 +22,7 @@
 #include <cctype>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -238,6 +239,75 @@ Napi::Value Extents(const Napi::CallbackInfo& info) {
       info.Env(), "fileio.extents", [=](Result& r) { ExtentsWork(fd, offset, size, m, r); }, SettleExtents);
 }
 
+// pwriteSegments(fd, buffer, offset, segments, count): for i < count writes
+// buffer[segments[2i], segments[2i+1]) at offset + segments[2i], all in one job. A
+// chunk of data split by zero runs then costs one thread-pool round trip, not one per
+// piece. The segment list is copied, so the caller may reuse its array at once; the
+// buffer stays referenced until the job is done.
+
+void PwriteSegmentsWork(int fd, const uint8_t* data, uint64_t offset, const std::vector<uint64_t>& seg, Result& r) {
+  for (size_t i = 0; i + 1 < seg.size(); i += 2) {
+    uint64_t pos = seg[i];
+    while (pos < seg[i + 1]) {
+      ssize_t n = pwrite(fd, data + pos, seg[i + 1] - pos, static_cast<off_t>(offset + pos));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        Fail(r, "pwrite");
+        r.value = offset + pos;  // where it failed
+        return;
+      }
+      if (n == 0) {  // cannot happen for regular files; never spin
+        r.err = EIO;
+        r.syscall = "pwrite";
+        r.value = offset + pos;
+        return;
+      }
+      pos += static_cast<uint64_t>(n);
+    }
+  }
+}
+
+Napi::Value PwriteSegments(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  uint64_t offset, count;
+  if (!ArgCount(info, 5, "pwriteSegments") || !ArgFd(info, 0, &fd)) return env.Undefined();
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    Napi::TypeError::New(env, "The \"buffer\" argument must be a Uint8Array").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  if (!ArgOffset(info, 2, "offset", &offset)) return env.Undefined();
+  if (!info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    Napi::TypeError::New(env, "The \"segments\" argument must be a Float64Array").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  if (!ArgOffset(info, 4, "count", &count)) return env.Undefined();
+  Napi::Uint8Array buf = info[1].As<Napi::Uint8Array>();
+  Napi::Float64Array list = info[3].As<Napi::Float64Array>();
+  if (2 * count > list.ElementLength()) {
+    Napi::RangeError::New(env, "pwriteSegments: count exceeds the segment list").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::vector<uint64_t> seg(2 * count);
+  for (size_t i = 0; i < seg.size(); i += 2) {
+    double a = list[i], b = list[i + 1];
+    if (!(a >= 0 && b >= a && b <= static_cast<double>(buf.ByteLength())) || std::trunc(a) != a || std::trunc(b) != b) {
+      Napi::RangeError::New(env, "pwriteSegments: segment " + std::to_string(i / 2) + " is outside the buffer")
+          .ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    seg[i] = static_cast<uint64_t>(a);
+    seg[i + 1] = static_cast<uint64_t>(b);
+  }
+  const uint8_t* data = buf.Data();
+  // Released with the worker, on the main thread.
+  auto keep = std::make_shared<Napi::Reference<Napi::Uint8Array>>(Napi::Persistent(buf));
+  return Worker::Run(
+      env, "fileio.pwriteSegments",
+      [fd, data, offset, seg = std::move(seg), keep](Result& r) { PwriteSegmentsWork(fd, data, offset, seg, r); },
+      SettleVoid);
+}
+
 Napi::Value BlockStatus(const Napi::CallbackInfo& info) {
   int fd;
   uint64_t offset, size;
@@ -369,6 +439,7 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("blockStatus", Napi::Function::New(env, BlockStatus, "blockStatus"));
   exports.Set("extents", Napi::Function::New(env, Extents, "extents"));
+  exports.Set("pwriteSegments", Napi::Function::New(env, PwriteSegments, "pwriteSegments"));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("blockDeviceSize", Napi::Function::New(env, BlockDeviceSize, "blockDeviceSize"));
   exports.Set("blockDeviceZeroOut", Napi::Function::New(env, BlockDeviceZeroOut, "blockDeviceZeroOut"));

@@ -38,6 +38,7 @@ interface FallocConstants {
 interface Native {
   blockStatus(fd: number, offset: number, fileSize: number): Promise<BlockStatusResult>;
   extents(fd: number, offset: number, fileSize: number, maxExtents: number): Promise<Float64Array>;
+  pwriteSegments(fd: number, buffer: Uint8Array, offset: number, segments: Float64Array, count: number): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
@@ -76,6 +77,16 @@ export function blockStatus(fd: number, offset: number, fileSize: number): Promi
  */
 export function extents(fd: number, offset: number, fileSize: number, maxExtents: number): Promise<Float64Array> {
   return native.extents(fd, offset, fileSize, maxExtents);
+}
+
+/**
+ * Writes buffer[segments[2i], segments[2i+1]) at offset + segments[2i] for i < count,
+ * in one thread-pool job (pwrite per segment, short writes resumed). The segment list
+ * is copied at the call, so the caller may reuse it; the buffer must stay unchanged
+ * until the promise settles.
+ */
+export function pwriteSegments(fd: number, buffer: Uint8Array, offset: number, segments: Float64Array, count: number): Promise<void> {
+  return native.pwriteSegments(fd, buffer, offset, segments, count);
 }
 
 /** fallocate(2); `mode` is an OR of the FALLOC_FL_* constants (0 allocates). */

@@ -422,6 +422,15 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
         } else if (!scanner) {
           await target.write(targetOffset, buffer.subarray(0, length));
           stats.bytesWritten += length;
+        } else if (target.writeSegments && scanner.dataCount > 1) {
+          // Data split by zero runs: all of it in one vectored request, then the zeroes.
+          await target.writeSegments(targetOffset, buffer, scanner.dataSegments, scanner.dataCount);
+          for (let i = 0; i < segments && !failure; i++) {
+            const len = scanner.segments[2 * i + 1]! - scanner.segments[2 * i]!;
+            if (!scanner.segmentIsZero[i]) stats.bytesWritten += len;
+            else if (targetZero) stats.bytesSkipped += len;
+            else await writeZeroes(targetOffset + scanner.segments[2 * i]!, len);
+          }
         } else {
           for (let i = 0; i < segments && !failure; i++) {
             const start = scanner.segments[2 * i]!;

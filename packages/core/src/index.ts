@@ -6,6 +6,7 @@ export * from './types.js';
 export * from './errors.js';
 export { DriverRegistry, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
 export { chainStatus } from './status.js';
+export { readAligned } from './aligned.js';
 export {
   convert, startConvert, ConvertJob,
   DEFAULT_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,

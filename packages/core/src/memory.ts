@@ -9,7 +9,7 @@ import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, ty
 
 const PAGE = 64 * 1024;
 
-export type MemoryOp = 'read' | 'write' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush';
+export type MemoryOp = 'read' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush';
 
 export interface MemoryOpRecord {
   readonly op: MemoryOp;
@@ -102,7 +102,11 @@ export class MemoryBackend implements BlockBackend {
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    await this.#op('write', offset, data.length, () => {
+    await this.#op('write', offset, data.length, () => this.#store(offset, data), true);
+  }
+
+  #store(offset: number, data: Uint8Array): void {
+    {
       for (let done = 0; done < data.length;) {
         const pos = offset + done;
         const idx = Math.floor(pos / PAGE);
@@ -113,6 +117,16 @@ export class MemoryBackend implements BlockBackend {
         page.set(data.subarray(done, done + n), inPage);
         done += n;
       }
+    }
+  }
+
+  /** Vectored write, logged as one operation (as a driver would send one request). */
+  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    if (count === 0) return;
+    const pieces = Array.from({ length: count }, (_, i) => [segments[2 * i]!, segments[2 * i + 1]!] as const);
+    const first = pieces[0]![0];
+    await this.#op('writeSegments', offset + first, pieces[count - 1]![1] - first, () => {
+      for (const [a, b] of pieces) this.#store(offset + a, data.subarray(a, b));
     }, true);
   }
 

@@ -96,6 +96,13 @@ export interface BlockBackend {
    */
   read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
   write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
+  /**
+   * Optional vectored write: for i < count, writes data[segments[2i], segments[2i+1])
+   * at offset + segments[2i], as one request where the storage allows. Convert uses it
+   * for a chunk whose data is split by zero runs. Segments ascend and respect the
+   * limits; `segments` may be reused by the caller as soon as the call returns.
+   */
+  writeSegments?(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   blockStatus(offset: number, length: number): Promise<Extent>;

@@ -5,7 +5,7 @@
  * Buffer#compare, checks it against a zero page, greedily over large spans.
  */
 
-/** Largest span compared in one call once a zero unit is found. */
+/** Largest span compared in one call while a zero run is extended. */
 const SPAN = 64 * 1024;
 const ZEROES = Buffer.alloc(SPAN);
 
@@ -18,6 +18,9 @@ export class ZeroScanner {
   /** Whether segment i is zeroes. */
   readonly segmentIsZero: Uint8Array;
   segmentCount = 0;
+  /** The data segments alone, in the same pair form (for BlockBackend.writeSegments). */
+  readonly dataSegments: Float64Array;
+  dataCount = 0;
 
   constructor(buffer: Uint8Array, readonly unit: number, readonly minRun: number) {
     if (buffer.byteOffset % 4 !== 0) throw new RangeError('scan buffer must be 4-byte aligned');
@@ -26,6 +29,7 @@ export class ZeroScanner {
     const maxSegments = Math.ceil(buffer.byteLength / unit) + 1;
     this.segments = new Float64Array(maxSegments * 2);
     this.segmentIsZero = new Uint8Array(maxSegments);
+    this.dataSegments = new Float64Array(maxSegments * 2);
   }
 
   /** Is [off, off+len) all zero? */
@@ -46,6 +50,7 @@ export class ZeroScanner {
   scan(length: number): number {
     const unit = this.unit;
     this.segmentCount = 0;
+    this.dataCount = 0;
     let dataStart = 0;
     let pos = 0;
     while (pos < length) {
@@ -54,15 +59,23 @@ export class ZeroScanner {
         pos += n;
         continue;
       }
-      // A zero unit: extend the run, first in large spans, then unit by unit.
+      // A zero unit: extend the run by galloping (doubling spans while they are zero,
+      // halving after a miss), so a run costs O(its length) in memcmp and O(log) calls.
       const runStart = pos;
       pos += n;
+      let step = unit;
       while (pos < length) {
-        const span = Math.min(SPAN, length - pos);
-        const whole = span - (span % unit);
-        if (whole > unit && this.#isZero(pos, whole)) { pos += whole; continue; }
-        if (length - pos >= unit && this.#isZero(pos, unit)) { pos += unit; continue; }
-        break;
+        const room = length - pos - ((length - pos) % unit);
+        if (room === 0) break;
+        const span = Math.min(step, room);
+        if (this.#isZero(pos, span)) {
+          pos += span;
+          step = Math.min(step * 2, SPAN);
+        } else if (span === unit) {
+          break;
+        } else {
+          step = Math.max(unit, span / 2 - ((span / 2) % unit));
+        }
       }
       if (pos - runStart >= this.minRun) {
         if (runStart > dataStart) this.#push(dataStart, runStart, false);
@@ -79,5 +92,10 @@ export class ZeroScanner {
     this.segments[2 * i] = start;
     this.segments[2 * i + 1] = end;
     this.segmentIsZero[i] = zero ? 1 : 0;
+    if (!zero) {
+      const d = this.dataCount++;
+      this.dataSegments[2 * d] = start;
+      this.dataSegments[2 * d + 1] = end;
+    }
   }
 }

@@ -26,9 +26,11 @@ export class RawBackend implements BlockBackend {
   readonly readsZeroesInitially: boolean;
   readonly canCompress = false;
   readonly hasBlockStatus: boolean;
+  readonly cheapHoleReads: boolean;
   readonly canWriteOutOfOrder: boolean;
   // Optional members exist only when the file has them: the core tests for presence.
   readonly allocBuffer?: (size: number) => Uint8Array;
+  readonly writeSegments?: (offset: number, data: Uint8Array, segments: Float64Array, count: number) => Promise<void>;
   readonly allocatedSize?: () => Promise<number | undefined>;
   readonly #file: BlockBackend;
 
@@ -42,9 +44,15 @@ export class RawBackend implements BlockBackend {
     this.canDiscard = file.canDiscard;
     this.readsZeroesInitially = file.readsZeroesInitially;
     this.hasBlockStatus = file.hasBlockStatus;
+    this.cheapHoleReads = file.cheapHoleReads ?? false;
     this.canWriteOutOfOrder = file.canWriteOutOfOrder ?? true;
     if (file.allocBuffer) this.allocBuffer = file.allocBuffer.bind(file);
     if (file.allocatedSize) this.allocatedSize = file.allocatedSize.bind(file);
+    const writeSegments = file.writeSegments?.bind(file);
+    if (writeSegments) {
+      this.writeSegments = (offset, data, segments, count) =>
+        this.#refuse('write', offset) ?? writeSegments(offset, data, segments, count);
+    }
   }
 
   // Methods return the file's promises as they are: no extra await per request.

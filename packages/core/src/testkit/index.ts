@@ -162,6 +162,25 @@ export function conformance(name: string, options: ConformanceOptions): void {
     got.forEach((g, i) => assert.ok(Buffer.from(g).equals(Buffer.from(pattern(len, 100 + i))), `range ${i}`));
   });
 
+  test('writeSegments (when offered) writes exactly the listed pieces', async () => {
+    if (!b.writeSegments) return;
+    const a = b.limits.requestAlignment;
+    const len = aligned(b, 256 * 1024);
+    const base = aligned(b, 1 << 20);
+    const old = buffer(b, len);
+    old.set(pattern(len, 21));
+    await b.write(base, old);
+    const data = buffer(b, len);
+    data.set(pattern(len, 22));
+    const seg = new Float64Array([0, a * 2, a * 8, a * 9, len - a * 4, len, 999, 999]);
+    await b.writeSegments(base, data, seg, 3);
+    seg.fill(0); // the caller may reuse the list at once
+    const got = await b.read(base, len, buffer(b, len));
+    const want = Buffer.from(old);
+    for (const [s0, e0] of [[0, a * 2], [a * 8, a * 9], [len - a * 4, len]] as const) want.set(data.subarray(s0, e0), s0);
+    assert.ok(Buffer.from(got).equals(want), 'listed pieces written, the rest untouched');
+  });
+
   test('writeZeroes reads back as zeroes, with and without mayUnmap', async () => {
     const len = aligned(b, 256 * 1024);
     const w = buffer(b, len * 2);

@@ -1,0 +1,48 @@
+/**
+ * Reads of a backend at any offset and length, honouring its limits: what a format
+ * driver needs for metadata and partial-cluster reads from the protocol below it.
+ * The core aligns only the requests it makes itself; a driver layered on another
+ * backend (e.g. qcow2 on an O_DIRECT file) must respect that backend's limits too,
+ * as QEMU does with bounce buffers in bdrv_co_preadv.
+ */
+import { BlockError } from './errors.js';
+import { roundDown, roundUp } from './registry.js';
+import type { BlockBackend } from './types.js';
+
+/**
+ * Reads `length` bytes at `offset` of `backend` into `into` (or a new buffer) and
+ * returns the filled view. Requests are split at the backend's maxTransfer; parts
+ * that are not aligned to its requestAlignment, or whose memory does not start on a
+ * minMemAlignment boundary (as far as the view's byteOffset tells), go through an
+ * aligned bounce buffer. The range must lie inside the backend.
+ */
+export async function readAligned(backend: BlockBackend, offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > backend.size) {
+    throw new BlockError('ERANGE', `read beyond the end (size ${backend.size})`, { op: 'read', location: backend.location, offset, length });
+  }
+  if (into && into.length < length) {
+    throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, { op: 'read', location: backend.location, offset, length });
+  }
+  const out = into ? into.subarray(0, length) : new Uint8Array(length);
+  const align = Math.max(1, backend.limits.requestAlignment);
+  const memAlign = Math.max(1, backend.limits.minMemAlignment ?? 1);
+  const maxChunk = Math.max(align, roundDown(backend.limits.maxTransfer, align));
+  const alloc = (n: number): Uint8Array => (backend.allocBuffer && memAlign > 1 ? backend.allocBuffer(n) : new Uint8Array(n));
+  for (let done = 0; done < length;) {
+    const pos = offset + done;
+    const start = roundDown(pos, align);
+    // Never more than one maxTransfer per request, counting the rounding at the start.
+    const n = Math.min(length - done, start + maxChunk - pos);
+    const end = Math.min(roundUp(pos + n, align), backend.size);
+    const dest = out.subarray(done, done + n);
+    if (start === pos && end === pos + n && dest.byteOffset % memAlign === 0) {
+      const got = await backend.read(pos, n, dest);
+      if (got.buffer !== dest.buffer || got.byteOffset !== dest.byteOffset) dest.set(got.subarray(0, n));
+    } else {
+      const bounce = await backend.read(start, end - start, alloc(end - start));
+      dest.set(bounce.subarray(pos - start, pos - start + n));
+    }
+    done += n;
+  }
+  return out;
+}
