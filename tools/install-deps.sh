@@ -7,6 +7,7 @@ packages=(
   qemu-utils        # qemu-img / qemu-io: the reference oracle and benchmark peer
   libnbd-bin        # nbdcopy: the fastest benchmark peer
   g++ make python3  # node-gyp builds of native/
+  time              # GNU time: wall time and peak RSS in the benchmarks
 )
 
 missing=()
