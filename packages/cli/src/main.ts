@@ -57,6 +57,16 @@ function keyValues(v: string, prev: Record<string, string> = {}): Record<string,
   return out;
 }
 
+/** qemu-img's -l: "X" (ID or name) or "snapshot.id=..,snapshot.name=..". */
+function snapshotOption(v: string): Record<string, string> {
+  if (!v.includes('=')) return { snapshot: v };
+  const kv = keyValues(v);
+  for (const k of Object.keys(kv)) {
+    if (k !== 'snapshot.id' && k !== 'snapshot.name') throw new InvalidArgumentError(`unknown key "${k}" (valid: snapshot.id, snapshot.name).`);
+  }
+  return kv;
+}
+
 interface Context {
   discovery?: Discovery;
   debug: boolean;
@@ -102,6 +112,7 @@ export function buildProgram(ctx: Context): Command {
     .usage('[options] <source...> <target>')
     .argument('<images...>', 'one or more source images, then the target: paths or URLs (nfs://, iscsi://, ...)')
     .option('-f, --source-format <fmt>', 'source format (default: probed)')
+    .option('-l, --snapshot <snapshot>', 'read an internal snapshot of the source: ID_OR_NAME, or snapshot.id=ID,snapshot.name=NAME', snapshotOption)
     .option('-O, --target-format <fmt>', 'target format', 'raw')
     .option('-o, --target-options <k=v,...>', 'target format options ("-o help" lists them)', keyValues)
     .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS})`, intOption('workers', 1, MAX_WORKERS), DEFAULT_WORKERS)
@@ -130,27 +141,23 @@ Examples:
 
   program
     .command('info')
-    .description('Show an image\'s format, virtual size and allocation.')
+    .description('Show an image\'s format, virtual size, allocation and format details.')
     .argument('<image>')
     .option('-f, --format <fmt>', 'image format (default: probed)')
+    .option('--backing-chain', 'also show every image of the backing chain')
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
-    .action(async (image: string, opts: { format?: string; output: 'human' | 'json' }) => {
+    .action(async (image: string, opts: { format?: string; backingChain?: boolean; output: 'human' | 'json' }) => {
       const reg = await registry(ctx);
       const img = await reg.open(image, { format: opts.format, readOnly: true });
       try {
-        const actual = await img.allocatedSize?.();
-        const extra = (await img.info?.()) ?? {};
-        const info: Record<string, unknown> = {
-          'virtual-size': img.size, filename: image, format: img.driverName,
-          ...(actual !== undefined ? { 'actual-size': actual } : {}),
-          ...extra,
-        };
+        const chain: Array<Record<string, unknown>> = [];
+        for (let layer: BlockBackend | undefined = img; layer; layer = opts.backingChain ? layer.backing : undefined) {
+          chain.push(await describeImage(layer, layer === img ? image : layer.location));
+        }
         if (opts.output === 'json') {
-          process.stdout.write(JSON.stringify(info, null, 4) + '\n');
+          process.stdout.write(JSON.stringify(opts.backingChain ? chain : chain[0], null, 4) + '\n');
         } else {
-          process.stdout.write(`image: ${image}\nfile format: ${img.driverName}\nvirtual size: ${formatSize(img.size)} (${img.size} bytes)\n` +
-            `disk size: ${actual === undefined ? 'unavailable' : formatSize(actual)}\n` +
-            Object.entries(extra).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}\n`).join(''));
+          process.stdout.write(chain.map(humanInfo).join('\n'));
         }
       } finally {
         await img.close();
@@ -254,8 +261,43 @@ Examples:
   return program;
 }
 
+/** One image's info, with qemu-img info's field names. */
+async function describeImage(img: BlockBackend, name: string): Promise<Record<string, unknown>> {
+  const actual = await img.allocatedSize?.();
+  const extra = (await img.info?.()) ?? {};
+  return {
+    'virtual-size': img.size, filename: name, format: img.driverName,
+    ...(actual !== undefined ? { 'actual-size': actual } : {}),
+    ...extra,
+  };
+}
+
+function humanInfo(info: Record<string, unknown>): string {
+  const { 'virtual-size': size, filename, format, 'actual-size': actual, ...rest } = info;
+  const lines = [
+    `image: ${String(filename)}`,
+    `file format: ${String(format)}`,
+    `virtual size: ${formatSize(size as number)} (${String(size)} bytes)`,
+    `disk size: ${actual === undefined ? 'unavailable' : formatSize(actual as number)}`,
+  ];
+  const put = (key: string, v: unknown, indent: string): void => {
+    if (Array.isArray(v)) {
+      lines.push(`${indent}${key}:`);
+      v.forEach((item, i) => put(`[${i}]`, item, indent + '    '));
+    } else if (v && typeof v === 'object') {
+      lines.push(`${indent}${key}:`);
+      for (const [a, b] of Object.entries(v)) put(a, b, indent + '    ');
+    } else {
+      lines.push(`${indent}${key}: ${String(v)}`);
+    }
+  };
+  for (const [k, v] of Object.entries(rest)) put(k, v, '');
+  return lines.join('\n') + '\n';
+}
+
 interface ConvertFlags {
   sourceFormat?: string;
+  snapshot?: Record<string, string>;
   targetFormat: string;
   targetOptions?: Record<string, string>;
   workers: number;
@@ -290,7 +332,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   let sink: ReturnType<typeof progressSink> | undefined;
   try {
     for (const s of sourceNames) {
-      sources.push(await reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, signal: abort.signal }));
+      sources.push(await reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: o.snapshot, signal: abort.signal }));
     }
     const total = sources.reduce((n, s) => n + s.size, 0);
     if (o.create) {

@@ -175,6 +175,9 @@ test('info matches qemu-img info (human and JSON)', () => {
   assert.is(ours['virtual-size'], theirs['virtual-size']);
   assert.is(ours.format, theirs.format);
   assert.is(ours['actual-size'], theirs['actual-size']);
+  const chain = JSON.parse(run('info', '--backing-chain', '--output=json', p('out.raw')).stdout);
+  assert.is(chain.length, 1, 'a raw image is a chain of one');
+  assert.is(chain[0]['virtual-size'], theirs['virtual-size']);
   const human = run('info', p('out.raw'));
   assert.match(human.stdout, /virtual size: 64 MiB \(67108864 bytes\)/);
 });
