@@ -197,8 +197,7 @@ test('progress: --progress=json prints JSON lines ending at 100%; -p without a t
 test('bad input: one line, non-zero exit, the cause named', () => {
   const cases: Array<[string[], RegExp]> = [
     [['convert', p('missing.raw'), p('x.raw')], /missing\.raw.*no such file or directory/],
-    [['convert', '-f', 'vmdk9', src, p('x.raw')], /unknown format "vmdk9" \(known: raw\)/],
-    [['convert', '-O', 'qcow2', src, p('x.raw')], /no driver for format "qcow2": install @blockconv\/driver-qcow2/],
+    [['convert', '-f', 'vmdk9', src, p('x.raw')], /unknown format "vmdk9" \(known: [a-z0-9, ]*raw/],
     [['convert', src, 'nfs://127.0.0.1/export/x.raw'], /no driver for scheme "nfs": install @blockconv\/driver-nfs \(needs libnfs/],
     [['convert', '-m', 'abc', src, p('x.raw')], /workers must be an integer from 1 to 256/],
     [['convert', '-m', '0', src, p('x.raw')], /workers must be an integer from 1 to 256/],
