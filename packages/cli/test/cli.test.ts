@@ -198,7 +198,7 @@ test('bad input: one line, non-zero exit, the cause named', () => {
   const cases: Array<[string[], RegExp]> = [
     [['convert', p('missing.raw'), p('x.raw')], /missing\.raw.*no such file or directory/],
     [['convert', '-f', 'vmdk9', src, p('x.raw')], /unknown format "vmdk9" \(known: [a-z0-9, ]*raw/],
-    [['convert', src, 'nfs://127.0.0.1/export/x.raw'], /no driver for scheme "nfs": install @blockconv\/driver-nfs \(needs libnfs/],
+    [['convert', src, 'foo://host/x.raw'], /no driver for scheme "foo": install a package that provides it/],
     [['convert', '-m', 'abc', src, p('x.raw')], /workers must be an integer from 1 to 256/],
     [['convert', '-m', '0', src, p('x.raw')], /workers must be an integer from 1 to 256/],
     [['convert', '-S', '4q', src, p('x.raw')], /invalid sparse size "4q"/],
