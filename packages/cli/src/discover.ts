@@ -5,9 +5,12 @@
  *   current directory;
  * - modules named in BLOCKCONV_DRIVERS (comma-separated package names or paths).
  * A driver package exports `drivers` (an array of BlockDriver) or a default export
- * that is a driver or an array of them.
+ * that is a driver or an array of them. A package that names what it serves in its
+ * package.json (`"blockconv": {"schemes": [...], "formats": [...]}`) is imported only
+ * when one of those is used, so that a convert of local files never loads the NFS or
+ * iSCSI addons; a package without that field is imported at start.
  */
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -29,6 +32,26 @@ export interface Discovery {
   readonly registry: DriverRegistry;
   readonly loaded: readonly LoadedPackage[];
   readonly failed: readonly FailedPackage[];
+  /** Imports every package found, including the lazily loaded ones (`blockconv drivers`). */
+  loadAll(): Promise<void>;
+}
+
+/** What a package says it serves, from its package.json. */
+interface PackageMeta {
+  readonly schemes: readonly string[];
+  readonly formats: readonly string[];
+}
+
+function metaOf(entry: string, name: string): PackageMeta | undefined {
+  try {
+    const req = createRequire(entry);
+    const pkg = JSON.parse(readFileSync(req.resolve(`${name}/package.json`), 'utf8')) as { blockconv?: Partial<PackageMeta> };
+    const b = pkg.blockconv;
+    if (!b || (!Array.isArray(b.schemes) && !Array.isArray(b.formats))) return undefined;
+    return { schemes: b.schemes ?? [], formats: b.formats ?? [] };
+  } catch {
+    return undefined; // no readable package.json (or not exported): import it to find out
+  }
 }
 
 const PACKAGE_RE = /^(@blockconv\/driver-|blockconv-driver-|@[^/]+\/blockconv-driver-)/;
@@ -70,6 +93,17 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
   const loaded: LoadedPackage[] = [];
   const failed: FailedPackage[] = [];
   const seen = new Set<string>();
+  const pending = new Map<string, { entry: string; promise?: Promise<void> }>();
+  const byScheme = new Map<string, string>();
+  const byFormat = new Map<string, string>();
+
+  /** Imports a lazily listed package once. */
+  const loadLazy = (name: string): Promise<void> => {
+    const p = pending.get(name);
+    if (!p) return Promise.resolve();
+    p.promise ??= load(name, p.entry);
+    return p.promise;
+  };
 
   const load = async (name: string, entry: string): Promise<void> => {
     try {
@@ -95,7 +129,14 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
           failed.push({ name, path: join(nm, name), error: err instanceof Error ? err.message.split('\n')[0]! : String(err) });
           continue;
         }
-        await load(name, entry);
+        const meta = metaOf(entry, name);
+        if (!meta) {
+          await load(name, entry);
+          continue;
+        }
+        pending.set(name, { entry });
+        for (const sc of meta.schemes) if (!byScheme.has(sc.toLowerCase())) byScheme.set(sc.toLowerCase(), name);
+        for (const f of meta.formats) if (!byFormat.has(f)) byFormat.set(f, name);
       }
     }
   }
@@ -112,5 +153,10 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
     }
     await load(spec, entry);
   }
-  return { registry, loaded, failed };
+  registry.setLoader(async (kind, name) => {
+    if (kind === 'format' && name === '*') await Promise.all([...new Set(byFormat.values())].map(loadLazy));
+    else await loadLazy((kind === 'scheme' ? byScheme : byFormat).get(name) ?? '');
+  });
+  const loadAll = async (): Promise<void> => { await Promise.all([...pending.keys()].map(loadLazy)); };
+  return { registry, loaded, failed, loadAll };
 }

@@ -244,6 +244,7 @@ Examples:
     .action(async (opts: { output: string }) => {
       const reg = await registry(ctx);
       const d = ctx.discovery!;
+      await d.loadAll();
       if (opts.output === 'json') {
         process.stdout.write(JSON.stringify({
           protocols: reg.protocols.map((p) => ({ name: p.name, schemes: p.schemes, description: p.description })),
@@ -318,6 +319,7 @@ interface ConvertFlags {
 async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
   if (o.targetOptions?.help) {
+    await ctx.discovery!.loadAll();
     const fmt = reg.format(o.targetFormat);
     const lines = (fmt.createOptions ?? []).map((c) => `  ${c.name.padEnd(20)} ${c.description}${c.default !== undefined ? ` (default: ${c.default})` : ''}`);
     process.stdout.write(`Supported options for ${fmt.name}:\n${lines.length ? lines.join('\n') : '  (none)'}\n`);

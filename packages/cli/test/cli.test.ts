@@ -237,10 +237,11 @@ test('a full file system: ENOSPC is a clear error with the offset, never reporte
 });
 
 test('SIGINT stops a convert cleanly: exit 130, the target named incomplete', async () => {
-  const child = spawn(process.execPath, [BIN, 'convert', '-r', '4M', src, p('int.raw')], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [BIN, 'convert', '-r', '4M', '--progress=json', src, p('int.raw')], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (d) => { stderr += d; });
-  await new Promise((r) => setTimeout(r, 700));
+  // Interrupt once the copy is under way (the first progress line), however slow start-up is.
+  await new Promise<void>((r) => child.stdout.once('data', () => r()));
   child.kill('SIGINT');
   const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
   assert.is(code, 130);

@@ -4,7 +4,7 @@
  */
 export * from './types.js';
 export * from './errors.js';
-export { DriverRegistry, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
+export { DriverRegistry, type DriverLoader, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
 export { chainStatus } from './status.js';
 export { readAligned } from './aligned.js';
 export {

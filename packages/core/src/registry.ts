@@ -61,10 +61,35 @@ export interface ImageCreateOptions extends CreateOptions {
 /** How much of an image's start the probe reads. */
 const PROBE_BYTES = 4096;
 
+/**
+ * Loads drivers on demand (e.g. the CLI importing an installed package only when its
+ * scheme or format is used): asked for a scheme or format name, or for every format
+ * (`'*'`, before probing), it registers what it finds. Missing ones are not an error
+ * here; the lookup that follows reports them.
+ */
+export type DriverLoader = (kind: 'scheme' | 'format', name: string) => Promise<void>;
+
 export class DriverRegistry implements ImageResolver {
   readonly #protocols = new Map<string, ProtocolDriver>();
   readonly #formats = new Map<string, FormatDriver>();
   readonly #byScheme = new Map<string, ProtocolDriver>();
+  #loader?: DriverLoader;
+
+  /** Sets the on-demand loader consulted by open/create before they look drivers up. */
+  setLoader(loader: DriverLoader | undefined): this {
+    this.#loader = loader;
+    return this;
+  }
+
+  /** Gives the loader a chance to register what `location` and `format` need. */
+  async #load(location: string | undefined, format: string | undefined | '*'): Promise<void> {
+    if (!this.#loader) return;
+    if (location !== undefined) {
+      const { scheme } = parseLocation(location);
+      if (!this.#byScheme.has(scheme)) await this.#loader('scheme', scheme);
+    }
+    if (format !== undefined && (format === '*' || !this.#formats.has(format))) await this.#loader('format', format);
+  }
 
   /** Registers drivers; a later registration of the same name replaces the earlier one. */
   register(...drivers: readonly BlockDriver[]): this {
@@ -105,6 +130,7 @@ export class DriverRegistry implements ImageResolver {
 
   /** Opens a protocol backend only (no format layer). */
   async openProtocol(location: string, options: OpenOptions = {}): Promise<BlockBackend> {
+    await this.#load(location, undefined);
     const { driver, location: loc } = this.protocolFor(location);
     try {
       return await driver.open(loc, options);
@@ -115,6 +141,7 @@ export class DriverRegistry implements ImageResolver {
 
   /** Opens an image: protocol, then the named or probed format on top. */
   async open(location: string, options: ImageOpenOptions = {}): Promise<BlockBackend> {
+    await this.#load(location, options.format ?? '*'); // probing consults every format
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
     const file = await this.openProtocol(location, options);
     try {
@@ -151,6 +178,7 @@ export class DriverRegistry implements ImageResolver {
    */
   async create(location: string, size: number, options: ImageCreateOptions = {}): Promise<BlockBackend> {
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid image size ${size}`);
+    await this.#load(location, options.format ?? 'raw');
     const fmt = this.format(options.format ?? 'raw');
     if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
     const { driver, location: loc } = this.protocolFor(location);

@@ -43,6 +43,25 @@ test('create + open through a protocol and the identity format; probe falls back
   await assert.not.throws(() => reg.format('raw'));
 });
 
+test('an on-demand loader is asked for exactly what open and create need', async () => {
+  const asked: string[] = [];
+  const mem = createMemoryDriver();
+  const reg = new DriverRegistry().setLoader(async (kind, name) => {
+    asked.push(`${kind}:${name}`);
+    if (kind === 'scheme' && name === 'mem') reg.register(mem);
+    if (kind === 'format' && (name === 'raw' || name === '*')) reg.register(identity);
+  });
+  await reg.create('mem://b', 4096);
+  assert.equal(asked, ['scheme:mem', 'format:raw']);
+  await reg.open('mem://b');
+  assert.equal(asked, ['scheme:mem', 'format:raw', 'format:*'], 'probing asks for every format');
+  await reg.open('mem://b', { format: 'raw' });
+  assert.is(asked.length, 3, 'nothing more once registered');
+  const err = await reg.open('nfs://h/e/x').catch((e: BlockError) => e);
+  assert.is(err.code, 'ENODRIVER');
+  assert.ok(asked.includes('scheme:nfs'));
+});
+
 test('backing names resolve against the image, as QEMU does', () => {
   assert.is(resolveRelative('/data/vm/top.qcow2', 'base.raw'), '/data/vm/base.raw');
   assert.is(resolveRelative('/data/vm/top.qcow2', '/abs/base.raw'), '/abs/base.raw');
