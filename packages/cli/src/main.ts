@@ -396,6 +396,10 @@ export function describe(err: unknown, debug: boolean): string {
 
 export async function main(argv: readonly string[]): Promise<number> {
   const ctx: Context = { debug: argv.includes('--debug') };
+  // Drivers warn through process.emitWarning (e.g. a qcow2 image with the corrupt bit):
+  // one line in our own voice instead of Node's "(node:PID) Warning:".
+  process.removeAllListeners('warning');
+  process.on('warning', (w) => process.stderr.write(`blockconv: warning: ${w.message}\n`));
   const program = buildProgram(ctx);
   program.commands.forEach((c) => c.exitOverride());
   try {

@@ -41,6 +41,10 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
 
 async function statusAt(image: BlockBackend, pos: number, length: number): Promise<MapEntry> {
   let len = length;
+  // As qemu-img map: a range no layer allocates is reported at the last layer asked
+  // (the overlay, when a shorter backing file ends before it), with that layer's offset.
+  let lastDepth = 0;
+  let lastOffset: number | undefined;
   let depth = 0;
   for (let layer: BlockBackend | undefined = image; layer; layer = layer.backing, depth++) {
     if (pos >= layer.size) break;
@@ -51,11 +55,15 @@ async function statusAt(image: BlockBackend, pos: number, length: number): Promi
       throw toBlockError(err, { op: 'blockStatus', location: layer.location, offset: pos });
     }
     len = Math.max(1, Math.min(len, ext.length));
+    lastDepth = depth;
+    lastOffset = ext.offset;
     if (ext.kind !== 'unallocated') {
       const entry: MapEntry = { start: pos, length: len, depth, present: true, zero: ext.kind === 'zero', data: ext.kind === 'data' };
       if (ext.offset !== undefined) entry.offset = ext.offset;
       return entry;
     }
   }
-  return { start: pos, length: len, depth, present: false, zero: true, data: false };
+  const entry: MapEntry = { start: pos, length: len, depth: lastDepth, present: false, zero: true, data: false };
+  if (lastOffset !== undefined) entry.offset = lastOffset;
+  return entry;
 }

@@ -1,0 +1,290 @@
+/**
+ * An opened qcow2 image (read side). read() walks the cluster map run by run: each
+ * run of host-contiguous data becomes one read of the protocol backend straight into
+ * the caller's buffer, zero runs are filled in place, unallocated runs read through
+ * to the backing image (zeroes past its end), and compressed clusters that sit next
+ * to each other in the file are fetched with one read and decompressed in parallel.
+ * All parts of one request run concurrently; the request settles only when every
+ * part has, so nothing writes into the caller's buffer after it returns.
+ */
+import {
+  BlockError,
+  readAligned,
+  roundDown,
+  type BlockBackend,
+  type BlockLimits,
+  type Extent,
+  type WriteFlags,
+  type WriteZeroesFlags,
+} from '@blockconv/core';
+import type { TableCache } from './cache.js';
+import { decompressGroup } from './compression.js';
+import { INCOMPAT_CORRUPT, type Qcow2Header } from './header.js';
+import { buildInfo, readBitmapList } from './info.js';
+import { KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, newRun, type ClusterMapper } from './mapping.js';
+import type { Snapshot } from './snapshots.js';
+
+const MiB = 1024 * 1024;
+const MAX_TRANSFER = 64 * MiB;
+/** Largest single read of neighbouring compressed clusters. */
+const MAX_COMPRESSED_GROUP = 1 * MiB;
+/** L2 tables block status may read beyond the first to make one extent longer. */
+const STATUS_LOAD_BUDGET = 4;
+
+export interface Qcow2Parts {
+  readonly file: BlockBackend;
+  readonly header: Qcow2Header;
+  readonly mapper: ClusterMapper;
+  readonly cache: TableCache;
+  readonly dataFile?: BlockBackend;
+  readonly backing?: BlockBackend;
+  /** The backing file name resolved against the image's location. */
+  readonly fullBackingFilename?: string;
+  readonly snapshots: readonly Snapshot[];
+  /** The snapshot being read instead of the active L1 table. */
+  readonly snapshot?: Snapshot;
+  readonly warnings: readonly string[];
+}
+
+/** One group of compressed clusters fetched with a single read. */
+interface CompressedGroup {
+  start: number;
+  end: number;
+  items: Array<{ host: number; guest: number; inCluster: number; outAt: number; length: number }>;
+}
+
+export class Qcow2Backend implements BlockBackend {
+  readonly driverName = 'qcow2';
+  readonly location: string;
+  readonly size: number;
+  /** Writing qcow2 is not implemented yet: every open is read-only. */
+  readonly readOnly = true;
+  readonly limits: BlockLimits;
+  readonly canWriteZeroes = false;
+  readonly canDiscard = false;
+  readonly readsZeroesInitially = false;
+  readonly canCompress = false;
+  readonly hasBlockStatus = true;
+  readonly cheapHoleReads: boolean;
+  readonly canWriteOutOfOrder = false;
+  readonly backing?: BlockBackend;
+  readonly allocBuffer?: (size: number) => Uint8Array;
+  readonly header: Qcow2Header;
+  /** Conditions worth telling the user that did not prevent opening (e.g. the corrupt bit). */
+  readonly warnings: readonly string[];
+  readonly snapshots: readonly Snapshot[];
+  readonly snapshot?: Snapshot;
+
+  readonly #p: Qcow2Parts;
+  readonly #file: BlockBackend;
+  /** Where data clusters live: the external data file, or the image file. */
+  readonly #data: BlockBackend;
+  readonly #mapper: ClusterMapper;
+  readonly #clusterSize: number;
+  #closed = false;
+
+  constructor(p: Qcow2Parts) {
+    this.#p = p;
+    this.#file = p.file;
+    this.#data = p.dataFile ?? p.file;
+    this.#mapper = p.mapper;
+    this.#clusterSize = p.header.clusterSize;
+    this.header = p.header;
+    this.location = p.file.location;
+    this.size = p.header.size;
+    this.backing = p.backing;
+    this.warnings = p.warnings;
+    this.snapshots = p.snapshots;
+    this.snapshot = p.snapshot;
+    // Requests the core sends are aligned for every backend below, so that data
+    // runs (cluster-aligned in the host) go straight through; finer runs bounce.
+    const below = [p.file, p.dataFile, p.backing].filter((b): b is BlockBackend => b !== undefined);
+    const align = Math.max(1, ...below.map((b) => b.limits.requestAlignment));
+    const memAlign = Math.max(1, ...below.map((b) => b.limits.minMemAlignment ?? 1));
+    const maxTransfer = Math.max(align, roundDown(MAX_TRANSFER, align));
+    this.limits = {
+      requestAlignment: align,
+      maxTransfer,
+      optimalTransfer: Math.min(maxTransfer, Math.max(align, p.header.clusterSize, p.file.limits.optimalTransfer)),
+      minMemAlignment: memAlign,
+    };
+    const owner = below.find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) === memAlign);
+    if (memAlign > 1 && owner) this.allocBuffer = owner.allocBuffer!.bind(owner);
+    // Zero and unallocated ranges are filled here without I/O, unless a backing file must be read.
+    this.cheapHoleReads = p.backing ? p.backing.cheapHoleReads === true : true;
+  }
+
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    this.#check('read', offset, length);
+    if (into && into.length < length) {
+      throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, { op: 'read', location: this.location, offset, length });
+    }
+    const out = into ? into.subarray(0, length) : this.#buffer(length);
+    // Parts run while later runs are looked up: each gets its rejection handler at once
+    // (an await in between would leave it unhandled), and the first error is kept.
+    const tasks: Array<Promise<void>> = [];
+    let failure: unknown;
+    const track = (part: Promise<void>): void => { tasks.push(part.catch((err: unknown) => { failure ??= err; })); };
+    try {
+      const run = newRun();
+      const end = offset + length;
+      let group: CompressedGroup | undefined;
+      for (let pos = offset; pos < end;) {
+        const pending = this.#mapper.lookup(pos, end - pos, run);
+        if (pending) await pending;
+        const at = pos - offset;
+        const n = run.length;
+        if (run.kind !== KIND_COMPRESSED && group) { track(this.#readCompressed(group, out)); group = undefined; }
+        switch (run.kind) {
+          case KIND_DATA:
+            track(this.#readData(run.host, out.subarray(at, at + n)));
+            break;
+          case KIND_ZERO:
+            out.fill(0, at, at + n);
+            break;
+          case KIND_UNALLOCATED:
+            if (this.backing) track(this.#readBacking(pos, out.subarray(at, at + n)));
+            else out.fill(0, at, at + n);
+            break;
+          case KIND_COMPRESSED: {
+            const inCluster = pos % this.#clusterSize;
+            const cEnd = Math.min(run.host + run.csize, this.#file.size);
+            const item = { host: run.host, guest: pos - inCluster, inCluster, outAt: at, length: n };
+            if (group && run.host >= group.start && run.host <= group.end && Math.max(cEnd, group.end) - group.start <= MAX_COMPRESSED_GROUP) {
+              group.end = Math.max(group.end, cEnd);
+              group.items.push(item);
+            } else {
+              if (group) track(this.#readCompressed(group, out));
+              group = { start: run.host, end: cEnd, items: [item] };
+            }
+            break;
+          }
+        }
+        pos += n;
+      }
+      if (group) track(this.#readCompressed(group, out));
+    } catch (err) {
+      failure ??= err;
+    }
+    // Every part must settle before returning: the caller reuses `out` right after.
+    await Promise.all(tasks);
+    if (failure !== undefined) throw this.#contextual(failure, 'read', offset, length);
+    return out;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent> {
+    this.#check('blockStatus', offset, 0);
+    if (offset >= this.size) {
+      throw new BlockError('ERANGE', `block status at or past the end of the image (size ${this.size})`, { op: 'blockStatus', location: this.location, offset, length });
+    }
+    // The length is only a hint: extents run as far as the cached tables (and a few more) tell.
+    const run = newRun();
+    try {
+      const pending = this.#mapper.lookup(offset, this.size - offset, run, STATUS_LOAD_BUDGET, true);
+      if (pending) await pending;
+    } catch (err) {
+      throw this.#contextual(err, 'blockStatus', offset, length);
+    }
+    switch (run.kind) {
+      case KIND_DATA: return { kind: 'data', length: run.length, offset: run.host };
+      case KIND_COMPRESSED: return { kind: 'data', length: run.length };
+      case KIND_ZERO: return run.host >= 0 ? { kind: 'zero', length: run.length, offset: run.host } : { kind: 'zero', length: run.length };
+      default: return run.host >= 0 ? { kind: 'unallocated', length: run.length, offset: run.host } : { kind: 'unallocated', length: run.length };
+    }
+  }
+
+  write(offset: number, _data: Uint8Array, _flags?: WriteFlags): Promise<void> {
+    return this.#refuse('write', offset);
+  }
+
+  writeZeroes(offset: number, _length: number, _flags?: WriteZeroesFlags): Promise<void> {
+    return this.#refuse('writeZeroes', offset);
+  }
+
+  discard(offset: number, _length: number): Promise<void> {
+    return this.#refuse('discard', offset);
+  }
+
+  async flush(): Promise<void> {
+    this.#check('flush', 0, 0);
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    const parts = [this.backing, this.#p.dataFile, this.#file].filter((b): b is BlockBackend => b !== undefined);
+    const results = await Promise.allSettled(parts.map((b) => b.close()));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+  }
+
+  async info(): Promise<Record<string, unknown>> {
+    this.#check('info', 0, 0);
+    const where = { location: this.location, op: 'info' };
+    const bitmaps = await readBitmapList(this.header, (o, n) => readAligned(this.#file, o, n, this.#buffer(n)), where);
+    return buildInfo({ header: this.header, snapshots: this.snapshots, bitmaps, fullBackingFilename: this.#p.fullBackingFilename });
+  }
+
+  /** The image file's allocation, as qemu-img reports it (an external data file is not counted). */
+  async allocatedSize(): Promise<number | undefined> {
+    return this.#file.allocatedSize?.();
+  }
+
+  /** L2 cache counters, for tests and tuning. */
+  get cacheStats(): { hits: number; misses: number; tables: number; capacity: number } {
+    const c = this.#p.cache;
+    return { ...c.stats, tables: c.size, capacity: c.capacity };
+  }
+
+  // --- internals -----------------------------------------------------------------
+
+  /** Data clusters; a cluster whose end lies past the end of the file reads zeroes there, as in QEMU. */
+  async #readData(host: number, dest: Uint8Array): Promise<void> {
+    const avail = Math.min(dest.length, this.#data.size - host);
+    if (avail > 0) await readAligned(this.#data, host, avail, dest.subarray(0, avail));
+    if (avail < dest.length) dest.fill(0, Math.max(0, avail));
+  }
+
+  /** Unallocated ranges: the backing image's bytes, zeroes past its end. */
+  async #readBacking(pos: number, dest: Uint8Array): Promise<void> {
+    const backing = this.backing!;
+    const avail = Math.max(0, Math.min(dest.length, backing.size - pos));
+    if (avail > 0) await readAligned(backing, pos, avail, dest.subarray(0, avail));
+    if (avail < dest.length) dest.fill(0, avail);
+  }
+
+  async #readCompressed(group: CompressedGroup, out: Uint8Array): Promise<void> {
+    const n = group.end - group.start;
+    const raw = await readAligned(this.#file, group.start, n, this.#buffer(n));
+    const items = group.items.map((item) => ({ location: this.location, host: item.host, guest: item.guest, start: item.host - group.start }));
+    const done = await decompressGroup(this.header.compressionType, raw, items, this.#clusterSize);
+    try {
+      group.items.forEach((item, i) => out.set(done.clusters[i]!.subarray(item.inCluster, item.inCluster + item.length), item.outAt));
+    } finally {
+      done.release();
+    }
+  }
+
+  #buffer(n: number): Uint8Array {
+    return this.allocBuffer ? this.allocBuffer(n) : new Uint8Array(n);
+  }
+
+  #check(op: string, offset: number, length: number): void {
+    if (this.#closed) throw new BlockError('EINVAL', 'image is closed', { op, location: this.location });
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, { op, location: this.location, offset, length });
+    }
+  }
+
+  /** Errors from below keep their own details; others get this image's. */
+  #contextual(err: unknown, op: string, offset: number, length: number): BlockError {
+    if (err instanceof BlockError) return err;
+    return new BlockError('EIO', (err as Error)?.message ?? String(err), { op, location: this.location, offset, length, cause: err });
+  }
+
+  #refuse(op: string, offset: number): Promise<never> {
+    const corrupt = (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+    const why = corrupt ? 'the image is marked corrupt; writing is refused' : 'image is read-only (writing qcow2 is not supported yet)';
+    return Promise.reject(new BlockError('EROFS', why, { op, location: this.location, offset }));
+  }
+}

@@ -1,0 +1,89 @@
+/**
+ * A bounded LRU cache of metadata clusters (L2 tables; refcount blocks for a writer),
+ * keyed by their offset in the file. Bounded in bytes, never in entries, so that the
+ * memory it may take is known whatever the cluster size. Concurrent misses for the
+ * same cluster share one read. Tables are kept as their raw on-disk bytes so that a
+ * writer can update entries in place and write the same bytes back.
+ */
+
+export interface CachedTable {
+  /** The table's bytes as stored (big-endian entries). */
+  readonly bytes: Uint8Array;
+  readonly view: DataView;
+}
+
+export class TableCache {
+  /** Insertion order is recency order: the first key is the least recently used. */
+  readonly #tables = new Map<number, CachedTable>();
+  readonly #loading = new Map<number, Promise<CachedTable>>();
+  readonly #capacity: number;
+  readonly #load: (offset: number) => Promise<Uint8Array>;
+  /** The most recently used key, so that repeated hits on it skip the reordering. */
+  #lastKey = -1;
+  #hits = 0;
+  #misses = 0;
+
+  /**
+   * @param maxBytes  memory bound; at least two tables are always kept.
+   * @param tableBytes size of one table (a cluster).
+   * @param load      reads the table at a file offset (already validated by the caller).
+   */
+  constructor(maxBytes: number, tableBytes: number, load: (offset: number) => Promise<Uint8Array>) {
+    this.#capacity = Math.max(2, Math.floor(maxBytes / tableBytes));
+    this.#load = load;
+  }
+
+  /** Tables the cache may hold at once. */
+  get capacity(): number { return this.#capacity; }
+  get size(): number { return this.#tables.size; }
+  get stats(): { hits: number; misses: number } { return { hits: this.#hits, misses: this.#misses }; }
+
+  /** The cached table, marking it most recently used; undefined on a miss (no I/O). */
+  peek(offset: number): CachedTable | undefined {
+    const t = this.#tables.get(offset);
+    if (t) {
+      this.#hits++;
+      // Only reorder when it is not already the newest: the common sequential case stays a lookup.
+      if (this.#lastKey !== offset) {
+        this.#tables.delete(offset);
+        this.#tables.set(offset, t);
+        this.#lastKey = offset;
+      }
+    }
+    return t;
+  }
+
+  /** The table at `offset`, read once however many callers ask at the same time. */
+  get(offset: number): CachedTable | Promise<CachedTable> {
+    return this.peek(offset) ?? this.#fetch(offset);
+  }
+
+  #fetch(offset: number): Promise<CachedTable> {
+    let p = this.#loading.get(offset);
+    if (p) return p;
+    this.#misses++;
+    p = this.#load(offset).then((bytes) => {
+      const table: CachedTable = { bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+      this.#insert(offset, table);
+      return table;
+    }).finally(() => this.#loading.delete(offset));
+    this.#loading.set(offset, p);
+    return p;
+  }
+
+  #insert(offset: number, table: CachedTable): void {
+    this.#tables.delete(offset);
+    while (this.#tables.size >= this.#capacity) {
+      const oldest = this.#tables.keys().next().value as number;
+      this.#tables.delete(oldest);
+    }
+    this.#tables.set(offset, table);
+    this.#lastKey = offset;
+  }
+
+  /** Drops every table (e.g. when switching to a snapshot's L1 table). */
+  clear(): void {
+    this.#tables.clear();
+    this.#lastKey = -1;
+  }
+}

@@ -1,0 +1,151 @@
+/**
+ * Decompression of compressed clusters (qcow2.txt "Compressed Clusters Descriptor").
+ * The descriptor gives the compressed size only to 512-byte sector granularity, so
+ * the input may carry bytes of the next cluster after the stream: decompression, as
+ * in QEMU, must produce exactly one cluster and ignore what follows.
+ * - zlib: raw deflate through node:zlib's async API, which runs on libuv's thread
+ *   pool, so clusters decompress in parallel.
+ * - zstd: one frame, measured here (so trailing bytes are cut and hostile headers are
+ *   refused before anything is allocated) and decompressed by libzstd in a worker
+ *   (zstd-pool.ts).
+ */
+import { constants as zc, inflateRaw } from 'node:zlib';
+import { BlockError } from '@blockconv/core';
+import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header.js';
+import { ZstdBatchError, zstdPool, type ZstdBatch } from './zstd-pool.js';
+
+const ZSTD_MAGIC = 0xfd2fb528;
+/** Largest zstd window accepted: QEMU's frames use at most one cluster (2 MiB); this leaves room for other writers. */
+const MAX_ZSTD_WINDOW = 8 * 1024 * 1024;
+/** zstd's Block_Maximum_Size. */
+const ZSTD_MAX_BLOCK = 128 * 1024;
+
+export interface CompressedRef {
+  readonly location: string;
+  /** Host offset of the compressed data, for messages. */
+  readonly host: number;
+  /** Guest offset of the cluster, for messages. */
+  readonly guest: number;
+}
+
+/** One cluster of a group: its compressed bytes start at `start` in the group's buffer. */
+export interface CompressedItem extends CompressedRef {
+  readonly start: number;
+}
+
+function bad(ref: CompressedRef, message: string, cause?: unknown): BlockError {
+  return new BlockError('ECORRUPT', `compressed cluster at guest offset ${ref.guest}: ${message}`, {
+    location: ref.location, op: 'read', field: 'compressed cluster', offset: ref.host, cause,
+  });
+}
+
+/** Decompressed clusters, valid until release() (their memory may be recycled). */
+export interface DecompressedGroup {
+  readonly clusters: readonly Uint8Array[];
+  release(): void;
+}
+
+const noop = (): void => {};
+
+/**
+ * Decompresses the clusters of a group of compressed data read in one piece
+ * (trailing bytes after each stream allowed). Resolves with one cluster per item;
+ * rejects with the first failing cluster's error only once every cluster settled.
+ */
+export async function decompressGroup(type: number, raw: Uint8Array, items: readonly CompressedItem[], clusterSize: number): Promise<DecompressedGroup> {
+  if (type === COMPRESSION_ZLIB) {
+    const results = await Promise.allSettled(items.map((item) => inflateCluster(raw.subarray(item.start), clusterSize, item)));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    return { clusters: results.map((r) => (r as PromiseFulfilledResult<Uint8Array>).value), release: noop };
+  }
+  if (type === COMPRESSION_ZSTD) {
+    const frames: number[] = [];
+    for (const item of items) frames.push(item.start, zstdFrameLength(raw.subarray(item.start), clusterSize, item));
+    let batch: ZstdBatch;
+    try {
+      batch = await zstdPool().decompressBatch(raw, frames, clusterSize);
+    } catch (err) {
+      const item = items[err instanceof ZstdBatchError ? err.index : 0]!;
+      throw bad(item, `zstd: ${(err as Error).message}`, err);
+    }
+    return { clusters: items.map((_, i) => batch.clusters.subarray(i * clusterSize, (i + 1) * clusterSize)), release: batch.release };
+  }
+  throw new BlockError('ENOTSUP', `unknown compression type ${type}`, { location: items[0]?.location, op: 'read' });
+}
+
+function inflateCluster(src: Uint8Array, clusterSize: number, ref: CompressedRef): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    // SYNC_FLUSH: a stream may end exactly where the cluster ends without its final
+    // block marker (QEMU accepts that); the length check below decides.
+    inflateRaw(src, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: clusterSize, chunkSize: Math.max(clusterSize, 64) }, (err, out) => {
+      if (err) {
+        const why = (err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE' ? `decompresses to more than ${clusterSize} bytes` : err.message;
+        reject(bad(ref, `zlib: ${why}`, err));
+      } else if (out.length !== clusterSize) {
+        reject(bad(ref, `zlib: decompresses to ${out.length} bytes, expected ${clusterSize}`));
+      } else {
+        resolve(out);
+      }
+    });
+  });
+}
+
+/**
+ * Length of the zstd frame at the start of `src`, walking its block headers
+ * (RFC 8878). Refuses what QEMU's frames never have and what could make the
+ * decompressor allocate too much: dictionaries, a window over MAX_ZSTD_WINDOW, a
+ * declared content size other than one cluster, reserved block types.
+ */
+export function zstdFrameLength(src: Uint8Array, clusterSize: number, ref: CompressedRef): number {
+  const need = (n: number): void => {
+    if (n > src.length) throw bad(ref, `zstd: frame truncated (needs ${n} bytes, the descriptor covers ${src.length})`);
+  };
+  need(6);
+  const magic = (src[0]! | (src[1]! << 8) | (src[2]! << 16) | (src[3]! << 24)) >>> 0;
+  if (magic !== ZSTD_MAGIC) throw bad(ref, 'zstd: bad frame magic');
+  const fhd = src[4]!;
+  const fcsFlag = fhd >> 6;
+  const singleSegment = (fhd >> 5) & 1;
+  if (fhd & 0x08) throw bad(ref, 'zstd: reserved frame header bit set');
+  const checksum = (fhd >> 2) & 1;
+  const dictBytes = [0, 1, 2, 4][fhd & 3]!;
+  let p = 5;
+  let window = 0;
+  if (!singleSegment) {
+    const wd = src[p++]!;
+    const base = 2 ** (10 + (wd >> 3));
+    window = base + (base / 8) * (wd & 7);
+  }
+  need(p + dictBytes);
+  let dictId = 0;
+  for (let i = 0; i < dictBytes; i++) dictId += src[p + i]! * 2 ** (8 * i);
+  p += dictBytes;
+  if (dictId !== 0) throw bad(ref, 'zstd: frame needs a dictionary');
+  const fcsBytes = fcsFlag === 0 ? singleSegment : 1 << fcsFlag;
+  need(p + fcsBytes);
+  if (fcsBytes > 0) {
+    let fcs = 0;
+    for (let i = 0; i < fcsBytes; i++) fcs += src[p + i]! * 2 ** (8 * i);
+    if (fcsBytes === 2) fcs += 256;
+    if (fcs !== clusterSize) throw bad(ref, `zstd: frame content size ${fcs} is not the cluster size ${clusterSize}`);
+    if (singleSegment) window = fcs;
+  }
+  p += fcsBytes;
+  if (window > MAX_ZSTD_WINDOW) throw bad(ref, `zstd: window of ${window} bytes is too large`);
+  const maxBlock = Math.min(window, ZSTD_MAX_BLOCK);
+  for (;;) {
+    need(p + 3);
+    const bh = src[p]! | (src[p + 1]! << 8) | (src[p + 2]! << 16);
+    const last = bh & 1;
+    const type = (bh >> 1) & 3;
+    const size = bh >>> 3;
+    if (type === 3) throw bad(ref, 'zstd: reserved block type');
+    if (size > maxBlock) throw bad(ref, `zstd: block of ${size} bytes exceeds the maximum ${maxBlock}`);
+    p += 3 + (type === 1 ? 1 : size);
+    need(p);
+    if (last) break;
+  }
+  if (checksum) { p += 4; need(p); }
+  return p;
+}

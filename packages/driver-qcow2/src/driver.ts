@@ -1,0 +1,189 @@
+/**
+ * The qcow2 FormatDriver: probes the magic, parses and checks the header, reads the
+ * L1 table (the active one or a snapshot's), and opens what the image refers to:
+ * the external data file and the backing chain, through the resolver and relative to
+ * the image's own location, as QEMU does. Backing loops are caught by comparing the
+ * canonical locations of the images being opened along the chain (carried through
+ * nested opens in an AsyncLocalStorage), and the chain depth is capped.
+ */
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { realpath } from 'node:fs/promises';
+import { resolve as resolvePath } from 'node:path';
+import {
+  BLOCK_API_VERSION,
+  BlockError,
+  parseLocation,
+  parseSize,
+  readAligned,
+  resolveRelative,
+  type BlockBackend,
+  type FormatDriver,
+  type ImageResolver,
+  type OpenOptions,
+} from '@blockconv/core';
+import { Qcow2Backend } from './backend.js';
+import { TableCache } from './cache.js';
+import { corrupt } from './errors.js';
+import { INCOMPAT_DATA_FILE, QCOW2_MAGIC, headerReadLength, parseHeader } from './header.js';
+import { ClusterMapper } from './mapping.js';
+import { checkSnapshotL1, findSnapshot, readSnapshotTable, type Snapshot } from './snapshots.js';
+
+/** Default bound of the L2 table cache (QEMU's default maximum on Linux). */
+export const DEFAULT_L2_CACHE_SIZE = 32 * 1024 * 1024;
+/** Longest backing chain opened; deeper chains are refused rather than risk runaway recursion. */
+export const MAX_CHAIN_DEPTH = 64;
+
+/**
+ * Open options (OpenOptions.options), named as QEMU names them:
+ * - `l2-cache-size`: bound of the L2 table cache in bytes (suffixes k, M, G), default 32 MiB;
+ * - `snapshot`: read the internal snapshot with this ID or, failing that, name (qemu-img -l X);
+ * - `snapshot.id`, `snapshot.name`: the same by ID and/or name (qemu-img -l snapshot.id=..,snapshot.name=..);
+ * - `data-file`: location of the external data file, instead of the name stored in the image.
+ * Other keys are ignored: the map is shared with the protocol layer below.
+ */
+export const OPEN_OPTIONS = ['l2-cache-size', 'snapshot', 'snapshot.id', 'snapshot.name', 'data-file'] as const;
+
+/** Canonical locations of the images whose opening is in progress, outermost first. */
+const chain = new AsyncLocalStorage<readonly string[]>();
+
+async function canonical(location: string): Promise<string> {
+  const parsed = parseLocation(location);
+  if (parsed.scheme !== 'file') return location;
+  return realpath(parsed.location).catch(() => resolvePath(parsed.location));
+}
+
+interface ParsedOptions {
+  l2CacheSize: number;
+  snapshot?: { idOrName?: string; id?: string; name?: string };
+  dataFile?: string;
+}
+
+function parseOptions(o: Readonly<Record<string, string>> | undefined, location: string): ParsedOptions {
+  const out: ParsedOptions = { l2CacheSize: DEFAULT_L2_CACHE_SIZE };
+  if (!o) return out;
+  if (o['l2-cache-size'] !== undefined) out.l2CacheSize = parseSize(o['l2-cache-size'], 'l2-cache-size');
+  const idOrName = o.snapshot;
+  const id = o['snapshot.id'];
+  const name = o['snapshot.name'];
+  if (idOrName !== undefined && (id !== undefined || name !== undefined)) {
+    throw new BlockError('EINVAL', 'give either "snapshot" or "snapshot.id"/"snapshot.name", not both', { op: 'open', location });
+  }
+  if (idOrName !== undefined || id !== undefined || name !== undefined) out.snapshot = { idOrName, id, name };
+  if (o['data-file'] !== undefined) out.dataFile = o['data-file'];
+  return out;
+}
+
+const warned = new Set<string>();
+
+/**
+ * Process warnings, once per image and message: the CLI shows them on stderr, and
+ * embedders can listen to process 'warning' events or read Qcow2Backend.warnings.
+ */
+function warnOnce(location: string, warnings: readonly string[]): void {
+  for (const w of warnings) {
+    const key = `${location}\0${w}`;
+    if (warned.has(key)) continue;
+    warned.add(key);
+    process.emitWarning(`${location}: ${w}`, { code: 'BLOCKCONV_QCOW2' });
+  }
+}
+
+export async function openQcow2(file: BlockBackend, options: OpenOptions & { readonly resolver?: ImageResolver } = {}): Promise<Qcow2Backend> {
+  options.signal?.throwIfAborted();
+  const where = { location: file.location, op: 'open' };
+  const self = await canonical(file.location);
+  const ancestors = chain.getStore() ?? [];
+  if (ancestors.includes(self)) {
+    throw corrupt(where, 'backing_file', `backing file loop: ${[...ancestors, self].join(' -> ')}`);
+  }
+  if (ancestors.length >= MAX_CHAIN_DEPTH) {
+    throw new BlockError('ENOTSUP', `backing chain deeper than ${MAX_CHAIN_DEPTH} images`, { ...where, field: 'backing_file' });
+  }
+  const opts = parseOptions(options.options, file.location);
+  const readMeta = (offset: number, length: number): Promise<Uint8Array> =>
+    readAligned(file, offset, length, file.allocBuffer && (file.limits.minMemAlignment ?? 1) > 1 ? file.allocBuffer(length) : new Uint8Array(length));
+
+  const prefix = await readMeta(0, Math.min(file.size, 512));
+  const firstLength = headerReadLength(prefix, file.size, where);
+  const first = firstLength <= prefix.length ? prefix : await readMeta(0, firstLength);
+  const header = parseHeader(first, file.size, where);
+  const warnings = [...header.warnings];
+
+  const snapshots = await readSnapshotTable(header, file.size, readMeta, where);
+  let snapshot: Snapshot | undefined;
+  if (opts.snapshot) {
+    snapshot = findSnapshot(snapshots, opts.snapshot);
+    if (!snapshot) {
+      const asked = opts.snapshot.idOrName ?? [opts.snapshot.id && `id ${opts.snapshot.id}`, opts.snapshot.name && `name ${opts.snapshot.name}`].filter(Boolean).join(' and ');
+      const known = snapshots.map((s) => `${s.id} "${s.name}"`).join(', ') || 'none';
+      throw new BlockError('ENOENT', `no snapshot ${asked} in the image (snapshots: ${known})`, { ...where, field: 'snapshot' });
+    }
+    checkSnapshotL1(snapshot, header, file.size, where);
+  }
+  // Only the entries the virtual size needs are read: a longer table (left by a shrink) costs nothing.
+  const l1Offset = snapshot ? snapshot.l1TableOffset : header.l1TableOffset;
+  const l1Entries = Math.min(snapshot ? snapshot.l1Size : header.l1Size, header.l1Needed);
+  const l1 = l1Entries > 0 ? await readMeta(l1Offset, l1Entries * 8) : new Uint8Array(0);
+
+  const opened: BlockBackend[] = [];
+  try {
+    let dataFile: BlockBackend | undefined;
+    if ((header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
+      const name = opts.dataFile ?? header.dataFile;
+      if (name === undefined || name === '') {
+        throw corrupt(where, 'data file extension', 'the image uses an external data file but does not name it (give the "data-file" option)');
+      }
+      if (snapshots.length > 0) {
+        throw corrupt(where, 'nb_snapshots', 'internal snapshots in an image with an external data file');
+      }
+      dataFile = await openChild(options, resolveRelative(file.location, name), 'raw', 'data file', name, where);
+      opened.push(dataFile);
+    } else if (opts.dataFile !== undefined) {
+      throw new BlockError('EINVAL', 'the "data-file" option is only for images with an external data file', where);
+    }
+
+    let backing: BlockBackend | undefined;
+    let fullBackingFilename: string | undefined;
+    if (header.backingFile !== undefined) {
+      fullBackingFilename = resolveRelative(file.location, header.backingFile);
+      backing = await chain.run([...ancestors, self], () =>
+        openChild(options, fullBackingFilename!, header.backingFormat, 'backing file', header.backingFile!, where));
+      opened.push(backing);
+    }
+
+    const cache = new TableCache(opts.l2CacheSize, header.clusterSize, (offset) => readMeta(offset, header.clusterSize));
+    const mapper = new ClusterMapper({
+      header, l1, l1Offset, cache, fileSize: file.size, dataFileSize: dataFile?.size ?? file.size, hasDataFile: dataFile !== undefined, where: { location: file.location, op: 'read' },
+    });
+    warnOnce(file.location, warnings);
+    return new Qcow2Backend({ file, header, mapper, cache, dataFile, backing, fullBackingFilename, snapshots, snapshot, warnings });
+  } catch (err) {
+    await Promise.allSettled(opened.map((b) => b.close()));
+    throw err;
+  }
+}
+
+/** Opens the backing or data file; a failure names the image that refers to it (once, not at every level of a chain). */
+async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }): Promise<BlockBackend> {
+  const field = what === 'backing file' ? 'backing_file' : 'data_file';
+  if (!options.resolver) {
+    throw new BlockError('ENOTSUP', `the image has a ${what} ("${name}") but no resolver was given to open it`, { ...where, field });
+  }
+  try {
+    return await options.resolver.open(location, { readOnly: true, cache: options.cache, signal: options.signal, ...(format !== undefined ? { format } : {}) });
+  } catch (err) {
+    if (err instanceof BlockError && (err.field === 'backing_file' || err.field === 'data_file')) throw err;
+    const e = err as BlockError;
+    throw new BlockError(e?.code ?? 'EIO', `cannot open ${what} "${name}" (${location}): ${e?.message ?? String(err)}`, { ...where, field, cause: err });
+  }
+}
+
+export const qcow2Driver: FormatDriver = {
+  apiVersion: BLOCK_API_VERSION,
+  kind: 'format',
+  name: 'qcow2',
+  description: 'QEMU copy-on-write image, versions 2 and 3 (read-only)',
+  probe: (head: Uint8Array) =>
+    head.length >= 4 && ((head[0]! << 24) | (head[1]! << 16) | (head[2]! << 8) | head[3]!) >>> 0 === QCOW2_MAGIC ? 100 : 0,
+  open: openQcow2,
+};
