@@ -39,6 +39,7 @@ interface Native {
   blockStatus(fd: number, offset: number, fileSize: number): Promise<BlockStatusResult>;
   extents(fd: number, offset: number, fileSize: number, maxExtents: number): Promise<Float64Array>;
   pwriteSegments(fd: number, buffer: Uint8Array, offset: number, segments: Float64Array, count: number): Promise<void>;
+  preadSegments(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
@@ -87,6 +88,15 @@ export function extents(fd: number, offset: number, fileSize: number, maxExtents
  */
 export function pwriteSegments(fd: number, buffer: Uint8Array, offset: number, segments: Float64Array, count: number): Promise<void> {
   return native.pwriteSegments(fd, buffer, offset, segments, count);
+}
+
+/**
+ * For i < count reads segments[3i+1] bytes at file offset segments[3i] into
+ * buffer[segments[3i+2]...], in one thread-pool job; bytes past the end of the file
+ * read as zeroes. The list is copied at the call; the buffer is filled when it settles.
+ */
+export function preadSegments(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+  return native.preadSegments(fd, buffer, segments, count);
 }
 
 /** fallocate(2); `mode` is an OR of the FALLOC_FL_* constants (0 allocates). */

@@ -95,6 +95,14 @@ export interface BlockBackend {
    * least `length` bytes) and returns the filled view of it.
    */
   read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
+  /**
+   * Optional vectored read: for i < count, reads segments[3i+1] bytes at offset
+   * segments[3i] into `into` at segments[3i+2], as one request where the storage
+   * allows. A format driver uses it when one guest range maps to many host runs.
+   * Each segment lies inside the image and respects the limits; `segments` may be
+   * reused by the caller as soon as the call returns.
+   */
+  readSegments?(into: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
   /**
    * Optional vectored write: for i < count, writes data[segments[2i], segments[2i+1])

@@ -125,6 +125,10 @@ export class Qcow2Backend implements BlockBackend {
     const tasks: Array<Promise<void>> = [];
     let failure: unknown;
     const track = (part: Promise<void>): void => { tasks.push(part.catch((err: unknown) => { failure ??= err; })); };
+    // Data runs of a file that takes scattered reads go in one request at the end.
+    const data = this.#data;
+    const vectored = data.readSegments && data.limits.requestAlignment === 1 && (data.limits.minMemAlignment ?? 1) === 1;
+    const scattered: number[] = [];
     try {
       const run = newRun();
       const end = offset + length;
@@ -137,7 +141,13 @@ export class Qcow2Backend implements BlockBackend {
         if (run.kind !== KIND_COMPRESSED && group) { track(this.#readCompressed(group, out)); group = undefined; }
         switch (run.kind) {
           case KIND_DATA:
-            track(this.#readData(run.host, out.subarray(at, at + n)));
+            if (vectored) {
+              const avail = Math.max(0, Math.min(n, data.size - run.host));
+              if (avail > 0) scattered.push(run.host, avail, at);
+              if (avail < n) out.fill(0, at + avail, at + n);
+            } else {
+              track(this.#readData(run.host, out.subarray(at, at + n)));
+            }
             break;
           case KIND_ZERO:
             out.fill(0, at, at + n);
@@ -163,6 +173,7 @@ export class Qcow2Backend implements BlockBackend {
         pos += n;
       }
       if (group) track(this.#readCompressed(group, out));
+      if (scattered.length) track(data.readSegments!(out, Float64Array.from(scattered), scattered.length / 3));
     } catch (err) {
       failure ??= err;
     }

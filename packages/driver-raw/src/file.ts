@@ -185,6 +185,23 @@ export class FileBackend implements BlockBackend {
     }
   }
 
+  /** Scattered reads in one thread-pool job (pread per piece), see BlockBackend. */
+  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    if (count === 0) return;
+    if (this.#p.direct) {
+      // O_DIRECT pieces may need read()'s unaligned-edge handling.
+      const pieces = Array.from({ length: count }, (_, i) => [segments[3 * i]!, segments[3 * i + 1]!, segments[3 * i + 2]!] as const);
+      await Promise.all(pieces.map(([off, len, at]) => this.read(off, len, into.subarray(at, at + len))));
+      return;
+    }
+    for (let i = 0; i < count; i++) this.#check('read', segments[3 * i]!, segments[3 * i + 1]!, false);
+    try {
+      await fileio.preadSegments(this.#p.fd, into, segments, count);
+    } catch (err) {
+      throw toBlockError(err, this.#where('read', segments[0]!, segments[3 * count - 2]!));
+    }
+  }
+
   /** Data split by zero runs in one thread-pool job (pwrite per piece), see BlockBackend. */
   async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
     if (count === 0) return;

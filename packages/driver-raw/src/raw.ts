@@ -31,6 +31,7 @@ export class RawBackend implements BlockBackend {
   // Optional members exist only when the file has them: the core tests for presence.
   readonly allocBuffer?: (size: number) => Uint8Array;
   readonly writeSegments?: (offset: number, data: Uint8Array, segments: Float64Array, count: number) => Promise<void>;
+  readonly readSegments?: (into: Uint8Array, segments: Float64Array, count: number) => Promise<void>;
   readonly allocatedSize?: () => Promise<number | undefined>;
   readonly #file: BlockBackend;
 
@@ -48,6 +49,7 @@ export class RawBackend implements BlockBackend {
     this.canWriteOutOfOrder = file.canWriteOutOfOrder ?? true;
     if (file.allocBuffer) this.allocBuffer = file.allocBuffer.bind(file);
     if (file.allocatedSize) this.allocatedSize = file.allocatedSize.bind(file);
+    if (file.readSegments) this.readSegments = file.readSegments.bind(file);
     const writeSegments = file.writeSegments?.bind(file);
     if (writeSegments) {
       this.writeSegments = (offset, data, segments, count) =>

@@ -181,6 +181,25 @@ export function conformance(name: string, options: ConformanceOptions): void {
     assert.ok(Buffer.from(got).equals(want), 'listed pieces written, the rest untouched');
   });
 
+  test('readSegments (when offered) scatters the listed ranges and touches nothing else', async () => {
+    if (!b.readSegments) return;
+    const a = b.limits.requestAlignment;
+    const len = aligned(b, 64 * 1024);
+    const w = buffer(b, len * 2);
+    w.set(pattern(len * 2, 31));
+    await b.write(0, w);
+    const into = buffer(b, len * 2);
+    into.fill(0xee);
+    // Out of order, and one piece ending at the end of the written data.
+    const seg = new Float64Array([len, a * 2, 0, 0, a, len, len * 2 - a, a, len * 2 - a]);
+    await b.readSegments(into, seg, 3);
+    const want = Buffer.alloc(len * 2, 0xee);
+    want.set(w.subarray(len, len + a * 2), 0);
+    want.set(w.subarray(0, a), len);
+    want.set(w.subarray(len * 2 - a, len * 2), len * 2 - a);
+    assert.ok(Buffer.from(into).equals(want));
+  });
+
   test('writeZeroes reads back as zeroes, with and without mayUnmap', async () => {
     const len = aligned(b, 256 * 1024);
     const w = buffer(b, len * 2);
