@@ -5,9 +5,13 @@ set -euo pipefail
 
 packages=(
   qemu-utils        # qemu-img / qemu-io: the reference oracle and benchmark peer
+  qemu-block-extra  # qemu-img's nfs:// and iscsi:// support (the oracle reads the servers)
   libnbd-bin        # nbdcopy: the fastest benchmark peer
   g++ make python3  # node-gyp builds of native/
   time              # GNU time: wall time and peak RSS in the benchmarks
+  libnfs-dev        # native/libnfs: headers and pkg-config for the NFS binding
+  libnfs-utils      # nfs-ls: readiness probe of tools/nfs-server.sh
+  nfs-ganesha nfs-ganesha-vfs rpcbind  # the loopback NFS server of tools/nfs-server.sh
 )
 
 missing=()

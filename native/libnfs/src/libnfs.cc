@@ -1,0 +1,585 @@
+// Node binding over libnfs's asynchronous API (libnfs 4.0). One NfsContext per
+// connection; libnfs's socket is driven from the Node event loop the way QEMU's
+// block/nfs.c drives it from its AioContext:
+//  - a uv_poll_t on nfs_get_fd(), armed with nfs_which_events() after every submit and
+//    every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
+//    armed only while libnfs has output queued: level-triggered polls busy-loop otherwise);
+//  - a ~100 ms uv_timer calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire;
+//  - the poll handle is re-created when the fd, or the socket behind it, changes
+//    (mount hops portmapper -> mountd -> nfsd; reconnects dup2 a new socket onto the fd).
+// Completions run inside nfs_service(); they only settle promises. JS continuations run
+// when the callback scope around nfs_service() closes, i.e. after libnfs has returned,
+// so nothing re-enters libnfs from inside its own callback.
+// No synchronous libnfs call is ever made.
+
+#include <napi.h>
+#include <uv.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+extern "C" {
+#include <nfsc/libnfs.h>
+}
+
+namespace {
+
+constexpr double kMaxSafeInteger = 9007199254740991.0;
+constexpr uint64_t kServiceIntervalMs = 100;
+
+std::string ErrnoName(int err) {
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 32)
+  if (const char* name = strerrorname_np(err)) return name;
+#endif
+  char buf[64];
+  return uv_err_name_r(-err, buf, sizeof buf);
+}
+
+// An Error carrying libnfs's text, `code` (errno name, e.g. 'ENOENT') and `errno` (positive).
+Napi::Value NfsError(Napi::Env env, int err, const std::string& text) {
+  if (err <= 0) err = EIO;
+  std::string msg = text.empty() ? strerror(err) : text;
+  Napi::Error e = Napi::Error::New(env, msg);
+  Napi::Object o = e.Value();
+  o.Set("code", Napi::String::New(env, ErrnoName(err)));
+  o.Set("errno", Napi::Number::New(env, err));
+  return o;
+}
+
+enum class Op { Mount, Umount, Open, Pread, Pwrite, Fstat, Ftruncate, Fsync, Close };
+
+class NfsContext;
+
+// One request in flight. The caller's buffer stays referenced until the callback.
+struct Request {
+  NfsContext* ctx;
+  Op op;
+  Napi::Promise::Deferred deferred;
+  Napi::Reference<Napi::Value> buffer;
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  Request(NfsContext* c, Op o, Napi::Env env) : ctx(c), op(o), deferred(Napi::Promise::Deferred::New(env)) {}
+};
+
+bool ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
+  if (i >= info.Length() || !info[i].IsNumber()) {
+    Napi::TypeError::New(info.Env(), std::string("The \"") + name + "\" argument must be of type number")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  double v = info[i].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0 && v <= max) || static_cast<double>(static_cast<uint64_t>(v)) != v) {
+    Napi::RangeError::New(info.Env(), std::string("The value of \"") + name + "\" is out of range")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
+class NfsContext : public Napi::ObjectWrap<NfsContext> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "NfsContext", {
+      InstanceMethod<&NfsContext::Mount>("mount"),
+      InstanceMethod<&NfsContext::Umount>("umount"),
+      InstanceMethod<&NfsContext::Open>("open"),
+      InstanceMethod<&NfsContext::Pread>("pread"),
+      InstanceMethod<&NfsContext::Pwrite>("pwrite"),
+      InstanceMethod<&NfsContext::Fstat>("fstat"),
+      InstanceMethod<&NfsContext::Ftruncate>("ftruncate"),
+      InstanceMethod<&NfsContext::Fsync>("fsync"),
+      InstanceMethod<&NfsContext::Close>("close"),
+      InstanceMethod<&NfsContext::Destroy>("destroy"),
+      InstanceAccessor<&NfsContext::GetReadMax>("readMax"),
+      InstanceAccessor<&NfsContext::GetWriteMax>("writeMax"),
+      InstanceAccessor<&NfsContext::GetOutstanding>("outstanding"),
+      InstanceAccessor<&NfsContext::GetPeak>("peakOutstanding"),
+      InstanceAccessor<&NfsContext::GetFd>("fd"),
+      InstanceAccessor<&NfsContext::GetDestroyed>("destroyed"),
+    });
+  }
+
+  // new NfsContext({ timeoutMs?, autoReconnect? })
+  explicit NfsContext(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NfsContext>(info), env_(info.Env()) {
+    Napi::Env env = info.Env();
+    nfs_ = nfs_init_context();
+    if (!nfs_) {
+      Napi::Error::New(env, "nfs_init_context failed").ThrowAsJavaScriptException();
+      return;
+    }
+    if (info.Length() > 0 && info[0].IsObject()) {
+      Napi::Object o = info[0].As<Napi::Object>();
+      Napi::Value t = o.Get("timeoutMs");
+      if (t.IsNumber()) nfs_set_timeout(nfs_, t.As<Napi::Number>().Int32Value());
+      Napi::Value r = o.Get("autoReconnect");
+      if (r.IsNumber()) nfs_set_autoreconnect(nfs_, r.As<Napi::Number>().Int32Value());
+    }
+    if (napi_get_uv_event_loop(env, &loop_) != napi_ok || !loop_) {
+      Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
+      return;
+    }
+    async_ = std::make_unique<Napi::AsyncContext>(env, "NfsContext");
+    timer_ = new uv_timer_t;
+    uv_timer_init(loop_, timer_);
+    timer_->data = this;
+    uv_timer_start(timer_, OnTimer, kServiceIntervalMs, kServiceIntervalMs);
+    uv_unref(reinterpret_cast<uv_handle_t*>(timer_));  // the timer alone never keeps Node alive
+    // Alive while the context is: completions may arrive after JS dropped the object.
+    Ref();
+    napi_add_env_cleanup_hook(env, &NfsContext::OnEnvTeardown, this);
+  }
+
+  ~NfsContext() override {
+    // Normally destroy() ran already; this covers a context never destroyed when the
+    // environment goes away (the cleanup hook destroyed it then).
+    if (nfs_ && !destroyed_) Teardown(false);
+  }
+
+ private:
+  // --- submitting ---------------------------------------------------------------
+
+  bool CheckUsable(Napi::Env env, Napi::Promise::Deferred& d) {
+    if (destroyed_) {
+      d.Reject(NfsError(env, EBADF, "NFS context is closed"));
+      return false;
+    }
+    if (!broken_.empty()) {
+      d.Reject(NfsError(env, brokenErr_, broken_));
+      return false;
+    }
+    return true;
+  }
+
+  // Queues one request. The promise is taken and the request counted before `submit`
+  // runs: libnfs may call back synchronously (NFSv3 close does), freeing the request.
+  // When libnfs refuses to queue, the promise rejects at once.
+  template <typename F>
+  Napi::Value Submit(Request* r, F submit) {
+    Napi::Promise p = r->deferred.Promise();
+    outstanding_++;
+    int rc = submit();
+    if (rc < 0) {
+      outstanding_--;
+      const char* e = nfs_get_error(nfs_);
+      r->deferred.Reject(NfsError(Env(), rc < -1 ? -rc : EIO, e ? e : "request could not be queued"));
+      delete r;
+      return p;
+    }
+    UpdateEvents();
+    return p;
+  }
+
+  Napi::Value Rejected(Napi::Env env, int err, const std::string& text) {
+    auto d = Napi::Promise::Deferred::New(env);
+    d.Reject(NfsError(env, err, text));
+    return d.Promise();
+  }
+
+  // mount(url) -> { server, export, file }: parses the URL (which also applies its
+  // options, e.g. version=4, uid=, to the context) and mounts its export.
+  Napi::Value Mount(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsString()) {
+      Napi::TypeError::New(env, "mount(url): url must be a string").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    auto* r = new Request(this, Op::Mount, env);
+    if (!CheckUsable(env, r->deferred)) { Napi::Promise p = r->deferred.Promise(); delete r; return p; }
+    std::string url = info[0].As<Napi::String>().Utf8Value();
+    struct nfs_url* u = nfs_parse_url_full(nfs_, url.c_str());
+    if (!u) {
+      const char* e = nfs_get_error(nfs_);
+      Napi::Promise p = r->deferred.Promise();
+      r->deferred.Reject(NfsError(env, EINVAL, std::string("invalid NFS URL: ") + (e ? e : url)));
+      delete r;
+      return p;
+    }
+    server_ = u->server ? u->server : "";
+    export_ = u->path ? u->path : "";
+    file_ = u->file ? u->file : "";
+    Napi::Value p = Submit(r, [&] { return nfs_mount_async(nfs_, u->server, u->path, OnComplete, r); });
+    nfs_destroy_url(u);  // nfs_mount_async copied server and export
+    return p;
+  }
+
+  Napi::Value Umount(const Napi::CallbackInfo& info) {
+    auto* r = new Request(this, Op::Umount, info.Env());
+    if (!CheckUsable(info.Env(), r->deferred)) { Napi::Promise p = r->deferred.Promise(); delete r; return p; }
+    return Submit(r, [&] { return nfs_umount_async(nfs_, OnComplete, r); });
+  }
+
+  // open(path, flags, mode) -> handle id. flags are Linux O_* (O_CREAT, O_TRUNC, ...).
+  Napi::Value Open(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    double flags, mode;
+    if (info.Length() < 1 || !info[0].IsString()) {
+      Napi::TypeError::New(env, "open(path, flags, mode): path must be a string").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    if (!ArgNumber(info, 1, "flags", 0x7fffffff, &flags) || !ArgNumber(info, 2, "mode", 07777, &mode)) return env.Undefined();
+    auto* r = new Request(this, Op::Open, env);
+    if (!CheckUsable(env, r->deferred)) { Napi::Promise p = r->deferred.Promise(); delete r; return p; }
+    std::string path = info[0].As<Napi::String>().Utf8Value();
+    return Submit(r, [&] { return nfs_open2_async(nfs_, path.c_str(), static_cast<int>(flags), static_cast<int>(mode), OnComplete, r); });
+  }
+
+  struct nfsfh* Handle(const Napi::CallbackInfo& info, bool remove = false) {
+    double id;
+    if (!ArgNumber(info, 0, "handle", 0xffffffff, &id)) return nullptr;
+    auto it = handles_.find(static_cast<uint32_t>(id));
+    if (it == handles_.end()) return nullptr;
+    struct nfsfh* fh = it->second;
+    if (remove) handles_.erase(it);
+    return fh;
+  }
+
+  // Common prologue of the file-handle operations. Null: already settled or thrown.
+  Request* Begin(const Napi::CallbackInfo& info, Op op, struct nfsfh** fh, Napi::Value* ret, bool remove = false) {
+    Napi::Env env = info.Env();
+    if (destroyed_ || !broken_.empty()) {
+      auto* r = new Request(this, op, env);
+      CheckUsable(env, r->deferred);
+      *ret = r->deferred.Promise();
+      delete r;
+      return nullptr;
+    }
+    *fh = Handle(info, remove);
+    if (env.IsExceptionPending()) { *ret = env.Undefined(); return nullptr; }
+    if (!*fh) { *ret = Rejected(env, EBADF, "unknown or closed NFS file handle"); return nullptr; }
+    return new Request(this, op, env);
+  }
+
+  // Pins `buffer` (a TypedArray or Buffer) until the callback.
+  bool PinBuffer(const Napi::CallbackInfo& info, size_t i, Request* r) {
+    if (i >= info.Length() || !info[i].IsTypedArray()) {
+      Napi::TypeError::New(info.Env(), "The \"buffer\" argument must be a TypedArray or Buffer").ThrowAsJavaScriptException();
+      return false;
+    }
+    Napi::TypedArray ta = info[i].As<Napi::TypedArray>();
+    r->data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+    r->length = ta.ByteLength();
+    r->buffer = Napi::Persistent(info[i]);
+    return true;
+  }
+
+  // pread(handle, buffer, offset) -> bytes read into buffer (fewer at EOF).
+  Napi::Value Pread(const Napi::CallbackInfo& info) {
+    struct nfsfh* fh;
+    Napi::Value ret;
+    Request* r = Begin(info, Op::Pread, &fh, &ret);
+    if (!r) return ret;
+    double offset;
+    if (!PinBuffer(info, 1, r) || !ArgNumber(info, 2, "offset", kMaxSafeInteger, &offset)) { delete r; return info.Env().Undefined(); }
+    return Submit(r, [&] { return nfs_pread_async(nfs_, fh, static_cast<uint64_t>(offset), r->length, OnComplete, r); });
+  }
+
+  // pwrite(handle, buffer, offset) -> bytes written.
+  Napi::Value Pwrite(const Napi::CallbackInfo& info) {
+    struct nfsfh* fh;
+    Napi::Value ret;
+    Request* r = Begin(info, Op::Pwrite, &fh, &ret);
+    if (!r) return ret;
+    double offset;
+    if (!PinBuffer(info, 1, r) || !ArgNumber(info, 2, "offset", kMaxSafeInteger, &offset)) { delete r; return info.Env().Undefined(); }
+    return Submit(r, [&] { return nfs_pwrite_async(nfs_, fh, static_cast<uint64_t>(offset), r->length, r->data, OnComplete, r); });
+  }
+
+  Napi::Value Fstat(const Napi::CallbackInfo& info) {
+    struct nfsfh* fh;
+    Napi::Value ret;
+    Request* r = Begin(info, Op::Fstat, &fh, &ret);
+    if (!r) return ret;
+    return Submit(r, [&] { return nfs_fstat64_async(nfs_, fh, OnComplete, r); });
+  }
+
+  Napi::Value Ftruncate(const Napi::CallbackInfo& info) {
+    struct nfsfh* fh;
+    Napi::Value ret;
+    Request* r = Begin(info, Op::Ftruncate, &fh, &ret);
+    if (!r) return ret;
+    double size;
+    if (!ArgNumber(info, 1, "size", kMaxSafeInteger, &size)) { delete r; return info.Env().Undefined(); }
+    return Submit(r, [&] { return nfs_ftruncate_async(nfs_, fh, static_cast<uint64_t>(size), OnComplete, r); });
+  }
+
+  Napi::Value Fsync(const Napi::CallbackInfo& info) {
+    struct nfsfh* fh;
+    Napi::Value ret;
+    Request* r = Begin(info, Op::Fsync, &fh, &ret);
+    if (!r) return ret;
+    return Submit(r, [&] { return nfs_fsync_async(nfs_, fh, OnComplete, r); });
+  }
+
+  // close(handle): the id is invalid from the call on, whatever the result.
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    struct nfsfh* fh;
+    Napi::Value ret;
+    Request* r = Begin(info, Op::Close, &fh, &ret, true);
+    if (!r) return ret;
+    return Submit(r, [&] { return nfs_close_async(nfs_, fh, OnComplete, r); });
+  }
+
+  // destroy(): synchronous and idempotent. Requests in flight reject (ECANCELED).
+  Napi::Value Destroy(const Napi::CallbackInfo& info) {
+    if (!destroyed_) {
+      napi_remove_env_cleanup_hook(env_, &NfsContext::OnEnvTeardown, this);
+      Teardown(true);
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value GetReadMax(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), destroyed_ ? 0 : static_cast<double>(nfs_get_readmax(nfs_)));
+  }
+  Napi::Value GetWriteMax(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), destroyed_ ? 0 : static_cast<double>(nfs_get_writemax(nfs_)));
+  }
+  Napi::Value GetOutstanding(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), outstanding_); }
+  Napi::Value GetPeak(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), peak_); }
+  Napi::Value GetFd(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), destroyed_ ? -1 : nfs_get_fd(nfs_));
+  }
+  Napi::Value GetDestroyed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), destroyed_); }
+
+  // --- completion ---------------------------------------------------------------
+
+  static void OnComplete(int err, struct nfs_context* nfs, void* data, void* priv) {
+    auto* r = static_cast<Request*>(priv);
+    NfsContext* self = r->ctx;
+    // Peak of requests still in flight when one completes: > 1 proves pipelining.
+    if (self->outstanding_ > self->peak_) self->peak_ = self->outstanding_;
+    self->outstanding_--;
+    if (self->envGone_) {  // environment teardown: no JS may run; just free
+      r->buffer.SuppressDestruct();
+      delete r;
+      return;
+    }
+    Napi::Env env = self->env_;
+    Napi::HandleScope scope(env);
+    if (err < 0) {
+      std::string text;
+      int code = -err;
+      if (self->destroyed_) {
+        text = "NFS context closed with the request in flight";
+        code = ECANCELED;
+      } else if (!self->broken_.empty()) {
+        text = self->broken_;
+        code = self->brokenErr_;
+      } else if (data) {
+        text = static_cast<const char*>(data);
+      } else if (const char* e = nfs_get_error(nfs)) {
+        text = e;
+      }
+      r->deferred.Reject(NfsError(env, code, text));
+      delete r;
+      return;
+    }
+    switch (r->op) {
+      case Op::Mount: {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("server", self->server_);
+        o.Set("export", self->export_);
+        o.Set("file", self->file_);
+        r->deferred.Resolve(o);
+        break;
+      }
+      case Op::Open: {
+        uint32_t id = ++self->nextHandle_;
+        self->handles_[id] = static_cast<struct nfsfh*>(data);
+        r->deferred.Resolve(Napi::Number::New(env, id));
+        break;
+      }
+      case Op::Pread: {
+        size_t n = static_cast<size_t>(err);
+        if (n > r->length) n = r->length;
+        // libnfs 4.0 reads into its own buffer; copy into the pinned caller buffer.
+        if (n) memcpy(r->data, data, n);
+        r->deferred.Resolve(Napi::Number::New(env, static_cast<double>(n)));
+        break;
+      }
+      case Op::Pwrite:
+        r->deferred.Resolve(Napi::Number::New(env, err));
+        break;
+      case Op::Fstat: {
+        auto* st = static_cast<struct nfs_stat_64*>(data);
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("size", Napi::Number::New(env, static_cast<double>(st->nfs_size)));
+        o.Set("mode", Napi::Number::New(env, static_cast<double>(st->nfs_mode)));
+        o.Set("blocks", Napi::Number::New(env, static_cast<double>(st->nfs_blocks)));
+        o.Set("blksize", Napi::Number::New(env, static_cast<double>(st->nfs_blksize)));
+        r->deferred.Resolve(o);
+        break;
+      }
+      default:
+        r->deferred.Resolve(env.Undefined());
+    }
+    delete r;
+  }
+
+  // --- event loop ---------------------------------------------------------------
+
+  static void OnPoll(uv_poll_t* h, int status, int events) {
+    auto* self = static_cast<NfsContext*>(h->data);
+    if (!self || self->destroyed_) return;
+    int revents = 0;
+    if (status < 0) revents |= POLLERR;
+    if (events & UV_READABLE) revents |= POLLIN;
+    if (events & UV_WRITABLE) revents |= POLLOUT;
+    if (events & UV_DISCONNECT) revents |= POLLHUP;
+    self->Service(revents);
+  }
+
+  static void OnTimer(uv_timer_t* t) {
+    auto* self = static_cast<NfsContext*>(t->data);
+    if (self && !self->destroyed_ && self->outstanding_ > 0) self->Service(0);
+  }
+
+  // nfs_service() inside a HandleScope + CallbackScope: completions settle promises, and
+  // the JS they wake runs when the scope closes, after libnfs has returned.
+  void Service(int revents) {
+    Napi::Env env = env_;
+    Napi::HandleScope hs(env);
+    Ref();  // JS run at scope close may drop the last reference
+    {
+      Napi::CallbackScope cs(env, *async_);
+      if (nfs_service(nfs_, revents) < 0) {
+        // The socket is beyond repair: fail everything in flight with libnfs's reason.
+        const char* e = nfs_get_error(nfs_);
+        broken_ = std::string("NFS connection failed: ") + (e && *e ? e : "socket error");
+        brokenErr_ = ECONNRESET;
+        FailAll();
+      } else {
+        UpdateEvents();
+      }
+    }
+    Unref();
+  }
+
+  // Rejects every request by destroying the libnfs context (its callbacks then fire with
+  // a cancel status) and keeps the JS object as a closed shell.
+  void FailAll() {
+    struct nfs_context* n = nfs_;
+    ClosePoll();
+    handles_.clear();
+    nfs_ = nullptr;
+    broken_ = broken_.empty() ? "NFS connection failed" : broken_;
+    nfs_destroy_context(n);  // fires the callbacks: see OnComplete's broken_ branch
+    nfs_ = nfs_init_context();  // a fresh, unconnected context keeps the getters valid
+  }
+
+  static ino_t SocketId(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 ? st.st_ino : 0;
+  }
+
+  void UpdateEvents() {
+    if (destroyed_ || !nfs_) return;
+    int fd = nfs_get_fd(nfs_);
+    if (fd < 0) { ClosePoll(); return; }
+    ino_t ino = SocketId(fd);
+    if (!poll_ || fd != pollFd_ || ino != pollIno_) {
+      ClosePoll();
+      poll_ = new uv_poll_t;
+      if (uv_poll_init(loop_, poll_, fd) != 0) { delete poll_; poll_ = nullptr; return; }
+      poll_->data = this;
+      pollFd_ = fd;
+      pollIno_ = ino;
+      armed_ = 0;
+      pollRef_ = true;
+    }
+    int want = nfs_which_events(nfs_);
+    int ev = ((want & POLLIN) ? UV_READABLE : 0) | ((want & POLLOUT) ? UV_WRITABLE : 0);
+    if (ev != armed_) {
+      if (ev) uv_poll_start(poll_, ev, OnPoll);
+      else uv_poll_stop(poll_);
+      armed_ = ev;
+    }
+    // An idle connection always wants POLLIN; it must not keep Node alive by itself.
+    bool wantRef = outstanding_ > 0;
+    if (wantRef != pollRef_) {
+      if (wantRef) uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
+      else uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+      pollRef_ = wantRef;
+    }
+  }
+
+  void ClosePoll() {
+    if (!poll_) return;
+    poll_->data = nullptr;
+    // uv_close stops the watcher at once; the memory goes in the close callback.
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+    poll_ = nullptr;
+    pollFd_ = -1;
+    armed_ = 0;
+  }
+
+  void Teardown(bool js) {
+    destroyed_ = true;
+    ClosePoll();
+    if (timer_) {
+      timer_->data = nullptr;
+      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+      timer_ = nullptr;
+    }
+    if (nfs_) {
+      struct nfs_context* n = nfs_;
+      nfs_ = nullptr;
+      handles_.clear();  // libnfs frees nothing of open handles here; they die with the process
+      nfs_destroy_context(n);  // pending callbacks fire now and reject (see OnComplete)
+    }
+    if (js) Unref();  // balance the constructor's Ref(): the object may now be collected
+  }
+
+  static void OnEnvTeardown(void* arg) {
+    auto* self = static_cast<NfsContext*>(arg);
+    self->envGone_ = true;
+    if (!self->destroyed_) self->Teardown(false);
+  }
+
+  Napi::Env env_;
+  struct nfs_context* nfs_ = nullptr;
+  uv_loop_t* loop_ = nullptr;
+  uv_poll_t* poll_ = nullptr;
+  uv_timer_t* timer_ = nullptr;
+  std::unique_ptr<Napi::AsyncContext> async_;
+  int pollFd_ = -1;
+  ino_t pollIno_ = 0;
+  int armed_ = 0;
+  bool pollRef_ = true;
+  bool destroyed_ = false;
+  bool envGone_ = false;
+  std::string broken_;
+  int brokenErr_ = EIO;
+  int outstanding_ = 0;
+  int peak_ = 0;
+  uint32_t nextHandle_ = 0;
+  std::unordered_map<uint32_t, struct nfsfh*> handles_;
+  std::string server_, export_, file_;
+};
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("NfsContext", NfsContext::Init(env));
+  Napi::Object c = Napi::Object::New(env);
+  c.Set("O_RDONLY", Napi::Number::New(env, O_RDONLY));
+  c.Set("O_WRONLY", Napi::Number::New(env, O_WRONLY));
+  c.Set("O_RDWR", Napi::Number::New(env, O_RDWR));
+  c.Set("O_CREAT", Napi::Number::New(env, O_CREAT));
+  c.Set("O_TRUNC", Napi::Number::New(env, O_TRUNC));
+  c.Set("O_EXCL", Napi::Number::New(env, O_EXCL));
+  c.Set("O_SYNC", Napi::Number::New(env, O_SYNC));
+  exports.Set("constants", c);
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(nfs_binding, Init)

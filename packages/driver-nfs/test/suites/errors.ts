@@ -1,0 +1,143 @@
+// Bad input and faults give a BlockError with a code and a clear one-line message.
+import * as fs from 'node:fs';
+import { suite } from 'uvu';
+import * as assert from 'uvu/assert';
+import { BlockError } from '@blockconv/core';
+import { openNfs, createNfs } from '../../src/index.js';
+import { BASE_URL, ensureServer, failure, nfsProxy, scratch } from '../helpers.js';
+
+ensureServer();
+const test = suite('nfs errors');
+
+async function openError(url: string, options = {}): Promise<BlockError> {
+  const e = await failure(() => openNfs(url, options));
+  assert.instance(e, BlockError, String(e));
+  assert.not.match(e.message, /\n/, 'one line');
+  assert.ok(e.message.includes(url), `names the location: ${e.message}`);
+  return e as BlockError;
+}
+
+test('unknown host', async () => {
+  const e = await openError('nfs://no-such-host.invalid/export/x.raw');
+  assert.is(e.code, 'ENOTFOUND');
+  assert.match(e.message, /unknown NFS server host "no-such-host.invalid"/);
+});
+
+test('connection refused (nothing listens on the port)', async () => {
+  for (const q of ['', '&version=4']) {
+    const e = await openError(`nfs://127.0.0.1/export/x.raw?nfsport=1&mountport=1${q}`);
+    assert.is(e.code, 'ECONNREFUSED', e.message);
+  }
+});
+
+test('wrong export', async () => {
+  const e = await openError('nfs://127.0.0.1/no-such-export/x.raw');
+  assert.is(e.code, 'EACCES', e.message);
+  assert.match(e.message, /MNT3ERR_ACCES/);
+});
+
+test('missing file', async () => {
+  for (const q of ['', '?version=4']) {
+    const e = await openError(`${BASE_URL}/no-such-file.raw${q}`);
+    assert.is(e.code, 'ENOENT', e.message);
+  }
+});
+
+test('invalid URL options and URLs', async () => {
+  for (const [url, re] of [
+    [`${BASE_URL}/x.raw?bogus=1`, /unknown NFS URL option "bogus"/],
+    [`${BASE_URL}/x.raw?version=7`, /NFS version 7 is not supported/],
+    [`${BASE_URL}/x.raw?uid=root`, /uid=root: expected a number/],
+    ['nfs:///export/x.raw', /no server/],
+    ['nfs://127.0.0.1/export/', /names no file/],
+  ] as const) {
+    const e = await openError(url);
+    assert.is(e.code, 'EINVAL', e.message);
+    assert.match(e.message, re);
+  }
+  const e = await openError(`${BASE_URL}/x.raw`, { options: { timeout: 'soon' } });
+  assert.is(e.code, 'EINVAL');
+});
+
+test('requests on a closed image, and writes to a read-only one', async () => {
+  const s = scratch('ro');
+  await createNfs(s.url, 65536);
+  try {
+    const ro = await openNfs(s.url, { readOnly: true });
+    assert.is((await failure(() => ro.write(0, new Uint8Array(10)))).code, 'EROFS');
+    await ro.close();
+    assert.is((await failure(() => ro.read(0, 10))).code, 'EINVAL');
+  } finally {
+    s.remove();
+  }
+});
+
+test('server gone mid-transfer: a clear error within a bounded time', async () => {
+  const s = scratch('gone');
+  fs.writeFileSync(s.local, Buffer.alloc(8 << 20, 3));
+  const proxy = await nfsProxy();
+  try {
+    // NFSv4 uses the NFS port only, so all of the image's traffic goes through the proxy.
+    const b = await openNfs(`${s.url}?version=4&nfsport=${proxy.port}`, { options: { timeout: '2' } });
+    await b.read(0, 65536);
+    const start = Date.now();
+    const reads = Array.from({ length: 8 }, (_, i) => b.read(i << 20, 1 << 20));
+    proxy.kill();
+    const results = await Promise.allSettled(reads);
+    const elapsed = Date.now() - start;
+    const errors = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => r.reason as BlockError);
+    assert.ok(errors.length > 0, 'reads fail');
+    for (const e of errors) {
+      assert.instance(e, BlockError);
+      assert.ok(['ETIMEDOUT', 'ECONNRESET', 'ECONNREFUSED'].includes(e.code), `${e.code}: ${e.message}`);
+    }
+    assert.ok(elapsed < 15000, `failed after ${elapsed} ms`);
+    await b.close().catch(() => {});
+  } finally {
+    proxy.kill();
+    s.remove();
+  }
+});
+
+test('NFSv3: a dropped connection is re-established and I/O goes on', async () => {
+  const s = scratch('reconnect');
+  fs.writeFileSync(s.local, Buffer.alloc(1 << 20, 4));
+  const proxy = await nfsProxy();
+  try {
+    // mountd direct, NFS through the proxy.
+    const b = await openNfs(`${s.url}?mountport=20048&nfsport=${proxy.port}`, { options: { timeout: '5' } });
+    await b.read(0, 4096);
+    proxy.drop();
+    await new Promise((r) => setTimeout(r, 50));
+    // libnfs reconnects and dup2()s the new socket onto the same fd number: the binding
+    // must notice the new socket behind the fd, or this read hangs until the timeout.
+    const got = await b.read(0, 65536);
+    assert.is(got[0], 4);
+    assert.is(proxy.connections, 2);
+    await b.close();
+  } finally {
+    proxy.kill();
+    s.remove();
+  }
+});
+
+test('NFSv4: libnfs 4.0 does not reconnect; a dropped connection fails requests cleanly', async () => {
+  const s = scratch('v4drop');
+  fs.writeFileSync(s.local, Buffer.alloc(1 << 20, 4));
+  const proxy = await nfsProxy();
+  try {
+    const b = await openNfs(`${s.url}?version=4&nfsport=${proxy.port}`, { options: { timeout: '5' } });
+    await b.read(0, 4096);
+    proxy.drop();
+    await new Promise((r) => setTimeout(r, 50));
+    const e = await failure(() => b.read(0, 65536));
+    assert.instance(e, BlockError);
+    assert.is(e.code, 'ECONNRESET', e.message);
+    await b.close().catch(() => {});
+  } finally {
+    proxy.kill();
+    s.remove();
+  }
+});
+
+test.run();
