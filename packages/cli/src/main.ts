@@ -416,8 +416,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
     let msg = describe(err, ctx.debug);
     if (err instanceof BlockError && err.code === 'ENODRIVER') {
+      // Installed but broken (e.g. an addon built without its system library) is not "missing".
       const failed = ctx.discovery?.failed ?? [];
-      if (failed.length) msg += ` (packages that failed to load: ${failed.map((f) => `${f.name}: ${f.error}`).join('; ')})`;
+      const named = failed.find((f) => msg.includes(`install ${f.name}`));
+      if (named) msg = `${msg.slice(0, msg.indexOf(': install '))}: ${named.name} is installed but failed to load: ${named.error}`;
+      else if (failed.length) msg += ` (packages that failed to load: ${failed.map((f) => `${f.name}: ${f.error}`).join('; ')})`;
     }
     process.stderr.write(`blockconv: ${msg}\n`);
     return 1;

@@ -21,6 +21,9 @@ export type BlockErrorCode =
   | 'ECANCELED'
   | 'ETIMEDOUT'
   | 'ECONNREFUSED'
+  | 'ECONNRESET'
+  /** A host name that does not resolve. */
+  | 'ENOTFOUND'
   | 'ERANGE'
   | (string & {});
 
@@ -69,12 +72,12 @@ function formatMessage(message: string, d: BlockErrorDetails): string {
 const SYSTEM_CODES = new Set([
   'EINVAL', 'ENOENT', 'EACCES', 'EPERM', 'EIO', 'ENOSPC', 'EROFS', 'EISDIR', 'ENOTDIR', 'EBADF',
   'EEXIST', 'ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'EFBIG', 'EDQUOT', 'ENXIO',
-  'ENOTSUP', 'EOPNOTSUPP', 'ENOTTY',
+  'ENOTSUP', 'EOPNOTSUPP', 'ENOTTY', 'ENOTFOUND', 'ECANCELED', 'EPIPE',
 ]);
 
 /** System codes folded into one of ours. */
 const ALIASES: Readonly<Record<string, BlockErrorCode>> = {
-  EPERM: 'EACCES', EDQUOT: 'ENOSPC', EFBIG: 'ENOSPC', EOPNOTSUPP: 'ENOTSUP', ENOTTY: 'ENOTSUP',
+  EPERM: 'EACCES', EDQUOT: 'ENOSPC', EFBIG: 'ENOSPC', EOPNOTSUPP: 'ENOTSUP', ENOTTY: 'ENOTSUP', EPIPE: 'ECONNRESET',
 };
 
 /** Turns any thrown value into a BlockError with context; BlockErrors pass through. */
