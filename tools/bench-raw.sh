@@ -34,8 +34,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-HELPERS=$ROOT/tools/bench
-BC_BIN=$ROOT/packages/cli/bin/blockconv.js
 
 RUNS=${RUNS:-5}
 WARMUP=${WARMUP:-0}
@@ -48,7 +46,9 @@ RSS_BUDGET_MIB=${RSS_BUDGET_MIB:-150}
 QUIET_WAIT=${QUIET_WAIT:-120}
 CLEAN=${CLEAN:-0}
 OUT_JSON=${OUT_JSON:-$ROOT/bench-out/raw.json}
-WORK=${OUT_JSON%.json}-work
+BENCH_NAME=bench-raw
+# shellcheck source=tools/bench/lib.sh
+source "$ROOT/tools/bench/lib.sh"
 
 for arg in "$@"; do
   case $arg in
@@ -76,206 +76,13 @@ DEFAULT_HUGE_TOOLS=$'qemu-img\nnbdcopy\nblockconv -m 8 -W -t unsafe\nblockconv -
 TOOLS=${TOOLS:-$DEFAULT_TOOLS}${EXTRA_TOOLS:+$'\n'$EXTRA_TOOLS}
 HUGE_TOOLS=${HUGE_TOOLS:-$DEFAULT_HUGE_TOOLS}
 
-log() { echo "bench-raw: $*" >&2; }
-die() { log "$*"; exit 2; }
-# Warnings also go into the report (WORK is created below, before any warning).
-warn() { log "WARNING: $*"; echo "$*" >>"$WORK/warnings.txt"; }
-
-for t in qemu-img nbdcopy node python3 /usr/bin/time; do
-  command -v "$t" >/dev/null || die "$t is missing (tools/install-deps.sh; GNU time is the Debian package 'time')"
-done
-[ -f "$BC_BIN" ] && [ -f "$ROOT/packages/cli/dist/main.js" ] || die "blockconv is not built: cd $ROOT && npx nx run cli:build"
-
-to_bytes() { numfmt --from=iec "${1%[bB]}"; }
+require_tools qemu-img nbdcopy node python3 /usr/bin/time
 SIZE_BYTES=$(to_bytes "$SIZE")
 
-location_dir() {
-  case $1 in
-    shm) echo /dev/shm/blockconv-bench ;;
-    disk) echo /var/tmp/blockconv-bench ;;
-    *) echo "$1" ;;
-  esac
-}
-fstype() { findmnt -n -o FSTYPE --target "$1" 2>/dev/null | tail -n1 || stat -f -c %T "$1"; }
-avail_bytes() { df -B1 --output=avail "$1" | tail -n1 | tr -d ' '; }
-
-# Label and tool spec ("label|command" or a built-in label) → "label|command".
-resolve_spec() {
-  local spec=$1
-  if [[ $spec == *"|"* ]]; then echo "$spec"
-  elif [[ -n ${BUILTIN[$spec]+x} ]]; then echo "$spec|${BUILTIN[$spec]}"
-  else die "unknown tool '$spec' (built-ins: ${!BUILTIN[*]})"
-  fi
-}
-
-# Fill the array CMD from a template. Templates are split on blanks (paths with
-# blanks are not supported); "blockconv" becomes node + this checkout's CLI.
-build_cmd() {
-  local template=$1 src=$2 dst=$3 prev="" w
-  CMD=()
-  for w in $template; do
-    case $w in
-      '{SRC}') CMD+=("$src") ;;
-      '{DST}') CMD+=("$dst") ;;
-      blockconv) CMD+=(node "$BC_BIN") ;;
-      convert) CMD+=(convert); [ "$prev" = blockconv ] && CMD+=(--output json) ;;
-      *) CMD+=("$w") ;;
-    esac
-    prev=$w
-  done
-}
-
-# Hash of the built blockconv: another engineer may rebuild during a long run.
-build_fingerprint() {
-  (cd "$ROOT" && find packages/*/dist packages/cli/bin native/*/build native/*/dist \
-      -type f \( -name '*.js' -o -name '*.node' \) -print0 2>/dev/null |
-    sort -z | xargs -0 sha1sum | sha1sum | cut -c1-12)
-}
-
-rm -rf "$WORK"
-mkdir -p "$WORK"
-: >"$WORK/runs.tsv"; : >"$WORK/verify.tsv"; : >"$WORK/tools.tsv"; : >"$WORK/sources.tsv"
-: >"$WORK/warnings.txt"
-TARGETS=()
-cleanup() {
-  local t
-  for t in "${TARGETS[@]}"; do rm -f "$t"; done
-}
-trap cleanup EXIT
-
-FP_START=$(build_fingerprint)
-python3 - "$WORK/env.json" <<EOF
-import json, sys
-json.dump({
-  "date": "$(date -u +%FT%TZ)",
-  "host": "$(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, Linux $(uname -r)",
-  "qemu_img": "$(qemu-img --version | head -n1 | awk '{print $3}')",
-  "nbdcopy": "$(nbdcopy --version | head -n1 | awk '{print $2}')",
-  "node": "$(node --version)",
-  "blockconv_rev": "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && [ -n "$(git status --porcelain packages native 2>/dev/null)" ] && echo '+dirty')",
-  "blockconv_build": "$FP_START",
-  "uv_threadpool_size": "${UV_THREADPOOL_SIZE:-$(grep -o "UV_THREADPOOL_SIZE ??= '[0-9]*'" "$BC_BIN" | grep -o '[0-9]*') (bin default)}",
-  "runs": $RUNS, "warmup_rounds": $WARMUP, "huge_runs": $HUGE_RUNS, "size": $SIZE_BYTES,
-  "locations": "$LOCATIONS", "args": "$*",
-  "rss_budget_mib": $RSS_BUDGET_MIB,
-}, open(sys.argv[1], "w"), indent=2)
-EOF
-
-# CPU time (in clock ticks) the whole machine has spent busy since boot.
-HZ=$(getconf CLK_TCK)
-cpu_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
-
-# Other people's work skews a 2-core box: before each run, wait (up to QUIET_WAIT s)
-# until less than a fifth of a CPU is busy over half a second.
-wait_quiet() {
-  local deadline=$((SECONDS + QUIET_WAIT)) b0 b1
-  while :; do
-    b0=$(cpu_busy); sleep 0.5; b1=$(cpu_busy)
-    ((b1 - b0 < HZ / 10)) && return 0
-    if ((SECONDS >= deadline)); then
-      warn "the machine was still busy ($(((b1 - b0) * 200 / HZ))% of a CPU) after ${QUIET_WAIT}s before $1; ran anyway"
-      return 0
-    fi
-    log "waiting for the machine to go idle ($(((b1 - b0) * 200 / HZ))% of a CPU busy) ..."
-    sleep 4
-  done
-}
-
-# Run one tool once under GNU time and append a line to runs.tsv (unless run <= 0:
-# a warm-up). Args: scenario location label template src dst run runs
-timed_run() {
-  local sc=$1 loc=$2 label=$3 template=$4 src=$5 dst=$6 run=$7 rc=0 wall rss user sys vcs ics internal b0 other
-  build_cmd "$template" "$src" "$dst"
-  wait_quiet "$label run $run at $loc"
-  rm -f "$dst"   # every tool starts from a missing target and creates it; right
-                 # before the run, so the run recycles the pages just freed
-  b0=$(cpu_busy)
-  /usr/bin/time -f '%e %M %U %S %w %c' -o "$WORK/time.out" "${CMD[@]}" >"$WORK/last.log" 2>&1 || rc=$?
-  # GNU time writes "Command exited with non-zero status N" above the numbers on failure.
-  read -r wall rss user sys vcs ics < <(tail -n1 "$WORK/time.out")
-  # CPU the machine spent outside the tool during its run: other processes, or
-  # kernel threads working for it (writeback). Large values flag a disturbed run.
-  other=$(awk -v b="$(($(cpu_busy) - b0))" -v hz="$HZ" -v u="$user" -v s="$sys" \
-    'BEGIN { o = b / hz - u - s; printf "%.2f", o < 0 ? 0 : o }')
-  internal=$(grep -o '"elapsedMs":[0-9]*' "$WORK/last.log" | tail -n1 | cut -d: -f2 || true)
-  ((run <= 0)) || printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sc" "$loc" "$label" \
-    "$run" "$rc" "$wall" "$rss" "$user" "$sys" "$internal" "$vcs" "$ics" "$other" >>"$WORK/runs.tsv"
-  if [ "$rc" -ne 0 ]; then
-    log "$label FAILED (exit $rc): ${CMD[*]}"
-    sed 's/^/    /' "$WORK/last.log" >&2
-  else
-    log "$(printf '%-8s %-9s  %-30s %7.2f s  %6d MiB  user %6.2f  sys %6.2f  other %5.2f' "${loc%/*}" \
-      "$( ((run > 0)) && echo "run $run/$8" || echo warm-up)" "$label" "$wall" $((rss / 1024)) "$user" "$sys" "$other")"
-  fi
-  return 0
-}
-
-# Check a target against its source (outside the timed region) and record its allocation.
-verify() {
-  local sc=$1 loc=$2 label=$3 src=$4 dst=$5 status=OK alloc="" blocks bsize
-  local rc=0 why
-  if [ ! -e "$dst" ]; then
-    rc=2; why="no target"
-  else
-    qemu-img compare -q -f raw -F raw "$src" "$dst" 2>"$WORK/compare.err" || rc=$?
-    # qemu-img compare: 1 = contents differ, 2 = error
-    why=$([ "$rc" = 1 ] && echo "contents differ" || cat "$WORK/compare.err")
-  fi
-  if [ "$rc" -ne 0 ]; then
-    status=FAIL
-    log "VERIFY FAILED: $label at $loc: $why"
-  fi
-  if [ -e "$dst" ]; then
-    read -r blocks bsize < <(stat -c '%b %B' "$dst")
-    alloc=$((blocks * bsize))
-  fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$sc" "$loc" "$label" "$status" "$alloc" >>"$WORK/verify.tsv"
-}
-
-# Run a scenario: every tool RUNS times, alternating, verifying each tool's first copy.
-run_scenario() {
-  local sc=$1 loc=$2 src=$3 dst=$4 runs=$5 tools=$6 run spec label template data
-  local -a specs=()
-  while IFS= read -r spec; do
-    [ -n "$spec" ] && specs+=("$(resolve_spec "$spec")")
-  done <<<"$tools"
-  for spec in "${specs[@]}"; do
-    printf '%s\t%s\t%s\n' "$sc" "${spec%%|*}" "${spec#*|}" >>"$WORK/tools.tsv"
-  done
-  TARGETS+=("$dst")
-  # Start each location with no dirty pages (e.g. from the previous location's
-  # targets) that the kernel would write back during the first runs.
-  sync
-  # Every run but the first starts right after the previous target was deleted, so
-  # its pages are recycled. The very first run would instead get memory the guest
-  # has handed back to the host (this VM's balloon reports free pages after ~2 s),
-  # which costs ~2 s/GiB of extra sys time: one tool alone would pay it. A dummy
-  # target as big as the data puts the first run on the same footing.
-  data=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["data_bytes"])' "$SOURCE_INFO")
-  dd if=/dev/zero of="$dst" bs=4M count=$(((data + (4 << 20) - 1) >> 22)) status=none
-  for ((run = 1 - WARMUP; run <= runs; run++)); do
-    for spec in "${specs[@]}"; do
-      label=${spec%%|*} template=${spec#*|}
-      timed_run "$sc" "$loc" "$label" "$template" "$src" "$dst" "$run" "$runs"
-      if ((run == 1)); then verify "$sc" "$loc" "$label" "$src" "$dst"; fi
-    done
-  done
-  rm -f "$dst"
-  local fp
-  fp=$(build_fingerprint)
-  [ "$fp" = "$FP_START" ] || warn "blockconv's build changed since the start ($FP_START -> $fp): $sc at $loc may mix builds"
-}
-
-# Generate (or reuse) a source; record its description for the report.
-make_source() {
-  local sc=$1 dir=$2 out=$3 info; shift 3
-  mkdir -p "$dir"
-  log "source $out: generating or reusing ..."
-  info=$(python3 "$HELPERS/gen_sparse.py" "$@" "$out")
-  log "  $info"
-  SOURCE_INFO=$info
-  printf '%s\t%s\t%s\t%s\n' "$sc" "$dir" "$(fstype "$dir")" "$info" >>"$WORK/sources.tsv"
-}
+init_work
+write_env "\"runs\": $RUNS, \"warmup_rounds\": $WARMUP, \"huge_runs\": $HUGE_RUNS, \"size\": $SIZE_BYTES,
+  \"locations\": \"$LOCATIONS\", \"args\": \"$*\",
+  \"rss_budget_mib\": $RSS_BUDGET_MIB,"
 
 # nbdcopy picks its own parallelism; record what it chose for local files.
 nbdcopy_settings() {
@@ -324,12 +131,8 @@ if [ "$SKIP_HUGE" != 1 ]; then
   if [ "$CLEAN" = 1 ]; then rm -f "$src" "$src.json"; rmdir "$HUGE_DIR" 2>/dev/null || true; fi
 fi
 
-FP_END=$(build_fingerprint)
-
-echo
 status=0
-python3 "$HELPERS/report.py" final "$WORK" "$OUT_JSON" || status=$?
-log "JSON: $OUT_JSON; per-run data: $WORK/"
+final_report || status=$?
 case $status in
   0) ;;
   1) log "a copy failed or did not verify" ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate a sparse raw image for tools/bench-raw.sh.
+"""Generate a sparse raw image for tools/bench-raw.sh and tools/bench-qcow2.sh.
 
 Layouts (all offsets and lengths are multiples of 64 KiB):
   mixed        ~50% data: "large" regions (a 4-48 MiB data extent, then a 1-48 MiB
@@ -8,8 +8,12 @@ Layouts (all offsets and lengths are multiples of 64 KiB):
                every location gets the same map; the bytes come from os.urandom.
   alternating  every other 64 KiB block is data over the first --span bytes.
 
-Data is random (incompressible, never a zero 4 KiB block in practice); holes are
-real holes (never written), so SEEK_DATA/SEEK_HOLE see them. The file is written
+Data (--fill):
+  random       random bytes: incompressible, never a zero 4 KiB block in practice
+               (qemu-img convert -c stores such clusters uncompressed).
+  hex          random hex digits ('0'-'9', 'a'-'f'): 4 bits of entropy a byte, so
+               zlib and zstd shrink a 64 KiB cluster to ~60%; never a zero byte.
+Holes are real holes (never written), so SEEK_DATA/SEEK_HOLE see them. The file is written
 under a temporary name and renamed at the end, so an interrupted run never leaves
 a half-made source that would be reused. Prints one JSON line describing the image.
 """
@@ -25,6 +29,7 @@ MIB = 1024 * KIB
 BLOCK = 64 * KIB
 CHUNK = 8 * MIB  # largest single os.urandom()/pwrite
 LAYOUT_VERSION = 1  # bump when a layout changes, so old sources are regenerated
+HEX = bytes.maketrans(bytes(range(256)), bytes(b"0123456789abcdef"[i % 16] for i in range(256)))
 
 
 def mixed_layout(size, seed):
@@ -79,6 +84,7 @@ def main():
     ap.add_argument("--size", type=int, required=True, help="virtual size, bytes")
     ap.add_argument("--span", type=int, default=8 << 30, help="alternating: bytes covered")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fill", choices=["random", "hex"], default="random")
     ap.add_argument("--force", action="store_true", help="regenerate even if reusable")
     ap.add_argument("out")
     a = ap.parse_args()
@@ -89,6 +95,8 @@ def main():
     params = f"v{LAYOUT_VERSION} layout={a.layout} size={a.size} seed={a.seed}"
     if a.layout == "alternating":
         params += f" span={a.span}"
+    if a.fill != "random":  # random keeps the old params: its sources stay reusable
+        params += f" fill={a.fill}"
     sidecar = a.out + ".json"
     if not a.force and os.path.exists(a.out) and os.path.exists(sidecar):
         try:
@@ -119,6 +127,8 @@ def main():
             while done < length:
                 if used == len(pool):
                     pool, used = os.urandom(CHUNK), 0
+                    if a.fill == "hex":
+                        pool = pool.translate(HEX)
                 n = min(length - done, len(pool) - used)
                 os.pwrite(fd, memoryview(pool)[used:used + n], off + done)
                 used += n
@@ -131,7 +141,7 @@ def main():
     ext = scan_extents(a.out)
     data = sum(n for _, n in ext)
     info = {
-        "path": a.out, "layout": a.layout, "size": a.size, "seed": a.seed,
+        "path": a.out, "layout": a.layout, "size": a.size, "seed": a.seed, "fill": a.fill,
         "data_bytes": data, "data_pct": round(100.0 * data / a.size, 2),
         "extents": len(ext),
         "extents_64k": sum(1 for _, n in ext if n == BLOCK),

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Tables and JSON for tools/bench-raw.sh.
+"""Tables and JSON for tools/bench-raw.sh and tools/bench-qcow2.sh.
 
   report.py table WORK SCENARIO LOCATION   plain-text table of one (scenario, location)
   report.py final WORK OUT_JSON            Markdown of everything on stdout + JSON file
 
-WORK holds what bench-raw.sh recorded:
+WORK holds what the script recorded (tools/bench/lib.sh):
   runs.tsv     scenario location tool run rc wall_s maxrss_kib user_s sys_s internal_ms
                voluntary_ctxsw involuntary_ctxsw other_cpu_s (machine CPU outside the tool)
   verify.tsv   scenario location tool status alloc_bytes
   tools.tsv    scenario tool command
-  sources.tsv  scenario location fstype gen-json
-  env.json     run-wide facts (versions, host, parameters)
+  sources.tsv  scenario location fstype gen-json (gen_sparse.py's description of the raw
+               source; for a qcow2 source also "image": its file, options, cluster counts)
+  env.json     run-wide facts (versions, host, parameters); optional keys that shape the
+               report: "title", "baselines" (tools a column "x TOOL" divides by; default
+               qemu-img and nbdcopy), "rss_budget_scope" (prefix of the scenarios the RSS
+               budget applies to; default "huge"), "ratio_target" ({"tool", "max"}: a line
+               saying whether that tool's median wall / the first baseline's stays <= max)
   warnings.txt one warning a line (build changed mid-run, machine never went idle)
 
 Exit status of `final`: 0, or 1 if a verification failed, or 3 if a blockconv run
-of the huge scenario went over the RSS budget (env.json "rss_budget_mib").
+of a scenario in the budget's scope went over the RSS budget (env.json "rss_budget_mib").
 """
 import csv
 import json
@@ -57,7 +62,10 @@ def load(work):
     return runs, verify, commands, sources, env
 
 
-def summarize(runs, verify, commands, sc, loc):
+DEFAULT_BASELINES = ("qemu-img", "nbdcopy")
+
+
+def summarize(runs, verify, commands, sc, loc, baselines=DEFAULT_BASELINES):
     """One row per tool, in the order the tools ran."""
     tools = runs.get((sc, loc), {})
     rows = []
@@ -88,7 +96,7 @@ def summarize(runs, verify, commands, sc, loc):
         rows.append(row)
     ref = {r["tool"]: r["median_wall_s"] for r in rows}
     for r in rows:
-        for name in ("qemu-img", "nbdcopy"):
+        for name in baselines:
             base = ref.get(name)
             r[f"x_{name}"] = (round(r["median_wall_s"] / base, 2)
                               if base and r["median_wall_s"] is not None else None)
@@ -103,25 +111,27 @@ def fmt(v, digits=2):
     return str(v)
 
 
-HEAD = ["tool", "runs", "median wall s", "min wall s", "median peak RSS MiB",
-        "CPU s (user+sys)", "user s", "sys s", "CPU/wall", "x qemu-img", "x nbdcopy",
-        "verify", "target alloc MiB", "other CPU s"]
+def head(baselines):
+    return (["tool", "runs", "median wall s", "min wall s", "median peak RSS MiB",
+             "CPU s (user+sys)", "user s", "sys s", "CPU/wall"]
+            + [f"x {b}" for b in baselines] + ["verify", "target alloc MiB", "other CPU s"])
 
 
-def cells(r):
+def cells(r, baselines):
     util = (r["median_cpu_s"] / r["median_wall_s"]
             if r["median_cpu_s"] is not None and r["median_wall_s"] else None)
     runs = str(r["runs"]) + (f" ({r['failed_runs']} failed)" if r["failed_runs"] else "")
-    return [r["tool"], runs, fmt(r["median_wall_s"]), fmt(r["min_wall_s"]),
+    return ([r["tool"], runs, fmt(r["median_wall_s"]), fmt(r["min_wall_s"]),
             fmt(r["median_peak_rss_mib"], 1), fmt(r["median_cpu_s"]),
-            fmt(r["median_user_s"]), fmt(r["median_sys_s"]), fmt(util),
-            fmt(r["x_qemu-img"]), fmt(r["x_nbdcopy"]), r["verify"],
-            fmt(r["target_alloc_mib"], 1), fmt(r["median_other_cpu_s"])]
+            fmt(r["median_user_s"]), fmt(r["median_sys_s"]), fmt(util)]
+            + [fmt(r[f"x_{b}"]) for b in baselines]
+            + [r["verify"], fmt(r["target_alloc_mib"], 1), fmt(r["median_other_cpu_s"])])
 
 
-def text_table(rows):
-    data = [HEAD] + [cells(r) for r in rows]
-    w = [max(len(row[i]) for row in data) for i in range(len(HEAD))]
+def text_table(rows, baselines=DEFAULT_BASELINES):
+    hd = head(baselines)
+    data = [hd] + [cells(r, baselines) for r in rows]
+    w = [max(len(row[i]) for row in data) for i in range(len(hd))]
     line = lambda row: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i])
                                  for i, c in enumerate(row))
     out = [line(data[0]), "  ".join("-" * x for x in w)]
@@ -129,29 +139,59 @@ def text_table(rows):
     return "\n".join(out)
 
 
-def md_table(rows):
-    out = ["| " + " | ".join(HEAD) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(HEAD) - 1)) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |" for r in rows]
+def md_table(rows, baselines=DEFAULT_BASELINES):
+    hd = head(baselines)
+    out = ["| " + " | ".join(hd) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(hd) - 1)) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r, baselines)) + " |"
+            for r in rows]
     return "\n".join(out)
 
 
 def describe_source(src):
     if not src:
         return ""
-    return (f"source {src['size'] / GIB:g} GiB ({src['layout']}), data "
-            f"{src['data_bytes'] / GIB:.2f} GiB ({src['data_pct']}%), "
-            f"{src['extents']} data extents ({src['extents_64k']} of 64 KiB, "
-            f"{src['extents_ge_4m']} of >= 4 MiB)")
+    fill = f", {src['fill']} data" if src.get("fill", "random") != "random" else ""
+    out = (f"source {src['size'] / GIB:g} GiB ({src['layout']}{fill}), data "
+           f"{src['data_bytes'] / GIB:.2f} GiB ({src['data_pct']}%), "
+           f"{src['extents']} data extents ({src['extents_64k']} of 64 KiB, "
+           f"{src['extents_ge_4m']} of >= 4 MiB)")
+    img = src.get("image")
+    if img:
+        # a qcow2 (or other) image made from that raw source with qemu-img convert
+        out += (f"; as {img['format']} `{os.path.basename(img['path'])}` "
+                f"(qemu-img convert {img['options']}): file {img['file_bytes'] / MIB:.0f} MiB, "
+                f"{img['allocated_clusters']} allocated clusters of {img['cluster_size'] // 1024} KiB, "
+                f"{img['compressed_clusters']} compressed, {img['fragmented_clusters']} fragmented")
+    return out
+
+
+def ratio_target_line(rows, env):
+    """Whether the target tool's median wall / the first baseline's stays within the target."""
+    target = env.get("ratio_target")
+    baselines = env.get("baselines", DEFAULT_BASELINES)
+    if not target or not baselines:
+        return None
+    base = baselines[0]
+    row = next((r for r in rows if r["tool"] == target["tool"]), None)
+    ratio = row and row.get(f"x_{base}")
+    if ratio is None:
+        return f"target {target['tool']} / {base} <= {target['max']:.2f}: n/a"
+    return (f"target {target['tool']} / {base} <= {target['max']:.2f}: "
+            f"{'met' if ratio <= target['max'] else 'MISSED'} ({ratio:.2f})")
 
 
 def cmd_table(work, sc, loc):
-    runs, verify, commands, sources, _ = load(work)
-    rows = summarize(runs, verify, commands, sc, loc)
+    runs, verify, commands, sources, env = load(work)
+    baselines = env.get("baselines", DEFAULT_BASELINES)
+    rows = summarize(runs, verify, commands, sc, loc, baselines)
     src = sources.get((sc, loc), {})
     print(f"\n== {sc} @ {loc} ({src.get('fstype', '?')}) ==")
     print(describe_source(src))
-    print(text_table(rows))
+    print(text_table(rows, baselines))
+    line = ratio_target_line(rows, env)
+    if line:
+        print(line)
     intern = [f"{r['tool']}: {r['median_internal_s']:.2f}s" for r in rows if "median_internal_s" in r]
     if intern:
         print("blockconv's own elapsed (median, excludes node start-up): " + ", ".join(intern))
@@ -160,15 +200,18 @@ def cmd_table(work, sc, loc):
 def cmd_final(work, out_json):
     runs, verify, commands, sources, env = load(work)
     budget = env.get("rss_budget_mib")
+    scope = env.get("rss_budget_scope", "huge")
+    baselines = env.get("baselines", DEFAULT_BASELINES)
     warnings = []
     if os.path.exists(f"{work}/warnings.txt"):
         with open(f"{work}/warnings.txt") as f:
             warnings = [w.strip() for w in f if w.strip()]
     result = {"env": env, "warnings": warnings, "scenarios": []}
-    md = ["## Raw → raw benchmark (tools/bench-raw.sh)", ""]
+    md = ["## " + env.get("title", "Raw → raw benchmark (tools/bench-raw.sh)"), ""]
     if env:
-        md.append(f"{env.get('date', '')}; {env.get('host', '')}; "
-                  f"qemu-img {env.get('qemu_img', '?')}, nbdcopy {env.get('nbdcopy', '?')}, "
+        peers = f"qemu-img {env.get('qemu_img', '?')}, " + (
+            f"nbdcopy {env.get('nbdcopy', '?')}, " if "nbdcopy" in baselines else "")
+        md.append(f"{env.get('date', '')}; {env.get('host', '')}; {peers}"
                   f"node {env.get('node', '?')}, blockconv {env.get('blockconv_rev', '?')}. "
                   f"Runs alternate between tools; the target is deleted before each run; "
                   f"no cache is dropped. \"other CPU s\": CPU the machine spent outside the "
@@ -176,10 +219,11 @@ def cmd_final(work, out_json):
         md.append("")
     status = 0
     for (sc, loc) in runs:
-        rows = summarize(runs, verify, commands, sc, loc)
+        rows = summarize(runs, verify, commands, sc, loc, baselines)
         src = sources.get((sc, loc), {})
+        in_scope = bool(budget) and sc.startswith(scope)
         over = []
-        if budget and sc.startswith("huge"):
+        if in_scope:
             over = [r["tool"] for r in rows if r["tool"].startswith("blockconv")
                     and r["median_peak_rss_mib"] is not None
                     and max(x["peak_rss_mib"] for x in r["runs_detail"]) > budget]
@@ -189,15 +233,20 @@ def cmd_final(work, out_json):
             status = 3
         result["scenarios"].append({
             "scenario": sc, "location": loc, "fstype": src.get("fstype"),
-            "source": src, "rss_budget_mib": budget if sc.startswith("huge") else None,
+            "source": src, "rss_budget_mib": budget if in_scope else None,
             "over_rss_budget": over, "tools": rows})
         md.append(f"### {sc} — {loc} ({src.get('fstype', '?')})")
         md.append("")
         md.append(describe_source(src) + ".")
         md.append("")
-        md.append(md_table(rows))
+        md.append(md_table(rows, baselines))
         md.append("")
-        if sc.startswith("huge") and budget:
+        line = ratio_target_line(rows, env)
+        if line:
+            result["scenarios"][-1]["ratio_target"] = line
+            md.append(line[0].upper() + line[1:] + ".")
+            md.append("")
+        if in_scope:
             md.append(f"blockconv peak RSS budget {budget} MiB: "
                       + ("**exceeded** by " + ", ".join(over) if over else "met") + ".")
             md.append("")
