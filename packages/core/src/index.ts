@@ -6,6 +6,7 @@ export * from './types.js';
 export * from './errors.js';
 export { DriverRegistry, type DriverLoader, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
 export { chainStatus } from './status.js';
+export { forwardBackend } from './forward.js';
 export { readAligned } from './aligned.js';
 export {
   convert, startConvert, ConvertJob,
