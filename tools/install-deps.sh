@@ -12,6 +12,10 @@ packages=(
   libnfs-dev        # native/libnfs: headers and pkg-config for the NFS binding
   libnfs-utils      # nfs-ls: readiness probe of tools/nfs-server.sh
   nfs-ganesha nfs-ganesha-vfs rpcbind  # the loopback NFS server of tools/nfs-server.sh
+  libiscsi-dev      # native/libiscsi: headers and pkg-config for the iSCSI binding
+  libiscsi-bin      # iscsi-inq: readiness probe of tools/iscsi-server.sh
+  tgt               # tgtd: the loopback iSCSI target of tools/iscsi-server.sh
+  zlib1g-dev libzstd-dev libdeflate-dev  # native/codec: qcow2 cluster (de)compression
 )
 
 missing=()
