@@ -431,8 +431,15 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     if (status == SCSI_STATUS_GOOD) {
       r->deferred.Resolve(self->Result(env, r, task));
     } else if (status == SCSI_STATUS_CANCELLED) {
-      if (!self->broken_.empty()) r->deferred.Reject(IscsiError(env, self->brokenCode_.c_str(), self->broken_, r->op, status));
-      else r->deferred.Reject(IscsiError(env, "ECANCELED", "iSCSI session closed with the task in flight", r->op, status));
+      if (!self->broken_.empty()) {
+        r->deferred.Reject(IscsiError(env, self->brokenCode_.c_str(), self->broken_, r->op, status));
+      } else if (!self->destroyed_) {
+        // Not our teardown: libiscsi cancels the tasks itself when the socket fails.
+        const char* e = iscsi_get_error(iscsi);
+        r->deferred.Reject(IscsiError(env, "ECONNRESET", std::string("iSCSI connection lost: ") + (e && *e ? e : "socket error"), r->op, status));
+      } else {
+        r->deferred.Reject(IscsiError(env, "ECANCELED", "iSCSI session closed with the task in flight", r->op, status));
+      }
     } else if (status == SCSI_STATUS_TIMEOUT) {
       r->deferred.Reject(IscsiError(env, "ETIMEDOUT", "the target did not answer in time", r->op, status));
     } else if (status == SCSI_STATUS_ERROR || !task) {
