@@ -1,0 +1,146 @@
+// Convert through the CLI (packages/cli/bin/blockconv.js): local raw and qcow2 -> LUN
+// (-n) and LUN -> local raw and qcow2, checked by qemu-img (which reads iscsi:// with
+// its own libiscsi) and through the LUN's backing file. CHAP through the CLI, with the
+// password looked for in everything it prints.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { suite } from 'uvu';
+import * as assert from 'uvu/assert';
+import { DriverRegistry, convert } from '@blockconv/core';
+import { drivers as raw } from '@blockconv/driver-raw';
+import { drivers as iscsi, type IscsiBackend } from '../../src/index.js';
+import { CHAP_PASSWORD_FILE, CHAP_USER, LUNS, chapPassword, cli, ensureServer, run, wipeLun } from '../helpers.js';
+
+ensureServer();
+const MiB = 1024 * 1024;
+
+/** A sparse raw image: data at the start, at an odd (block-aligned) spot, and at the end. */
+function localImage(file: string, size: number): void {
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, size);
+  const fd = fs.openSync(file, 'r+');
+  for (const [off, len] of [[0, MiB], [3 * MiB + 8192, 700 * 1024], [size - 65536, 65536]] as const) {
+    const b = Buffer.alloc(len);
+    for (let i = 0; i < len; i++) b[i] = ((off + i) * 13 + (i >> 9)) & 0xff;
+    fs.writeSync(fd, b, 0, len, off);
+  }
+  fs.closeSync(fd);
+}
+
+function expectOk(r: ReturnType<typeof cli>, what: string): void {
+  assert.is(r.status, 0, `${what}: exit ${r.status}\n${r.stderr}`);
+}
+
+const test = suite('convert to and from LUNs through the CLI');
+let dir: string;
+test.before.each(() => { dir = fs.mkdtempSync('/var/tmp/blockconv-iscsi-test-'); });
+test.after.each(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+for (const lun of [LUNS.disk512, LUNS.disk4k]) {
+  test(`local raw -> LUN (${lun.blockSize}-byte blocks, -n) -> local raw`, async () => {
+    wipeLun(lun.file);
+    // Old data on the LUN where the source has a hole: it must be zeroed.
+    const fd = fs.openSync(lun.file, 'r+');
+    fs.writeSync(fd, Buffer.alloc(MiB, 0xee), 0, MiB, 20 * MiB);
+    fs.closeSync(fd);
+    const src = path.join(dir, 'src.raw');
+    localImage(src, lun.size);
+    expectOk(cli(['convert', '-n', '-f', 'raw', '-O', 'raw', src, lun.url]), 'to LUN');
+    run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, lun.url]);
+    run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, lun.file]);
+    // Thin LUN: zeroes went out as WRITE SAME with UNMAP, so the backing file stays sparse.
+    const used = fs.statSync(lun.file).blocks * 512;
+    assert.ok(used < 8 * MiB, `backing file uses ${used} bytes`);
+    const back = path.join(dir, 'back.raw');
+    expectOk(cli(['convert', '-f', 'raw', '-O', 'raw', lun.url, back]), 'from LUN');
+    run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, back]);
+    // Block status of the thin LUN kept the copy sparse.
+    assert.ok(fs.statSync(back).blocks * 512 < 8 * MiB, 'local copy is sparse');
+  });
+}
+
+test('local qcow2 -> LUN, and LUN -> local qcow2', async () => {
+  const lun = LUNS.disk512;
+  wipeLun(lun.file);
+  const qcow = path.join(dir, 'src.qcow2');
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, String(lun.size)]);
+  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 1M 3M', '-c', 'write -P 0x11 9M 64k', '-c', 'write -z 2M 512k', qcow]);
+  expectOk(cli(['convert', '-n', '-O', 'raw', qcow, lun.url]), 'qcow2 to LUN');
+  run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', qcow, lun.url]);
+  run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', qcow, lun.file]);
+  const out = path.join(dir, 'out.qcow2');
+  expectOk(cli(['convert', '-O', 'qcow2', lun.url, out]), 'LUN to qcow2');
+  run('qemu-img', ['check', '-q', out]);
+  run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'qcow2', lun.url, out]);
+});
+
+test('without -n: a clear error saying LUNs are not created', () => {
+  const src = path.join(dir, 'src.raw');
+  localImage(src, 8 * MiB);
+  const r = cli(['convert', src, LUNS.disk512.url]);
+  assert.is(r.status, 1, r.stderr);
+  assert.match(r.stderr, /iscsi cannot create images; use an existing one with -n/);
+});
+
+test('a LUN smaller than the source is an error, and nothing is written', () => {
+  wipeLun(LUNS.small.file);
+  const src = path.join(dir, 'src.raw');
+  localImage(src, 8 * MiB);
+  const r = cli(['convert', '-n', src, LUNS.small.url]);
+  assert.is(r.status, 1, r.stderr);
+  assert.match(r.stderr, /target is smaller than the source \(4194304 < 8388608 bytes\)/);
+  assert.is(fs.statSync(LUNS.small.file).blocks, 0, 'LUN untouched');
+});
+
+test('CHAP through the CLI: password from a file or the environment works, a wrong one is refused; never printed', () => {
+  const lun = LUNS.chap;
+  const password = chapPassword();
+  const wrong = `${password}Wrong`;
+  wipeLun(lun.file);
+  const src = path.join(dir, 'src.raw');
+  localImage(src, lun.size);
+  const runs = [
+    cli(['convert', '-n', '-p', src, lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, BLOCKCONV_ISCSI_PASSWORD_FILE: CHAP_PASSWORD_FILE }),
+    cli(['info', lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, LIBISCSI_CHAP_PASSWORD: password }),
+    cli(['compare', src, lun.url.replace('iscsi://', `iscsi://${CHAP_USER}%${password}@`)]),
+  ];
+  runs.forEach((r, i) => expectOk(r, `CHAP run ${i}`));
+  run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, lun.file]);
+  const refused = [
+    cli(['info', lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, LIBISCSI_CHAP_PASSWORD: wrong }),
+    cli(['info', '--debug', lun.url.replace('iscsi://', `iscsi://${CHAP_USER}%${wrong}@`)]),
+    cli(['convert', '-n', src, lun.url.replace('iscsi://', `iscsi://${CHAP_USER}%${wrong}@`)]),
+    cli(['info', lun.url]),
+  ];
+  for (const r of refused) {
+    assert.is(r.status, 1, r.stderr);
+    assert.match(r.stderr, /CHAP authentication failed/);
+  }
+  for (const r of [...runs, ...refused]) {
+    for (const secret of [password, wrong]) {
+      assert.not.ok(r.stdout.includes(secret) || r.stderr.includes(secret), `password printed:\n${r.stdout}\n${r.stderr}`);
+    }
+  }
+});
+
+test('many tasks are in flight at once during a convert (counted in the binding)', async () => {
+  const lun = LUNS.disk512;
+  wipeLun(lun.file);
+  const fd = fs.openSync(lun.file, 'r+');
+  fs.writeSync(fd, Buffer.alloc(32 * MiB, 0x42), 0, 32 * MiB, 0);
+  fs.closeSync(fd);
+  const registry = new DriverRegistry().register(...raw, ...iscsi);
+  const source = (await registry.openProtocol(lun.url, { readOnly: true })) as IscsiBackend;
+  const out = path.join(dir, 'out.raw');
+  const target = await registry.create(out, source.size, { format: 'raw' });
+  try {
+    await convert({ sources: [source], target, workers: 8, bufferSize: MiB });
+    assert.ok(source.stats.peakOutstanding >= 4, `peak tasks in flight: ${source.stats.peakOutstanding}`);
+    assert.is(source.stats.outstanding, 0);
+  } finally {
+    await Promise.all([source.close(), target.close()]);
+  }
+  run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', lun.file, out]);
+});
+
+test.run();
