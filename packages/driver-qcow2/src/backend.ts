@@ -18,7 +18,7 @@ import {
   type WriteZeroesFlags,
 } from '@blockconv/core';
 import type { TableCache } from './cache.js';
-import { decompressGroup } from './compression.js';
+import { decompressGroupInto } from './compression.js';
 import { INCOMPAT_CORRUPT, type Qcow2Header } from './header.js';
 import { buildInfo, readBitmapList } from './info.js';
 import { KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, newRun, type ClusterMapper } from './mapping.js';
@@ -267,13 +267,8 @@ export class Qcow2Backend implements BlockBackend {
   async #readCompressed(group: CompressedGroup, out: Uint8Array): Promise<void> {
     const n = group.end - group.start;
     const raw = await readAligned(this.#file, group.start, n, this.#buffer(n));
-    const items = group.items.map((item) => ({ location: this.location, host: item.host, guest: item.guest, start: item.host - group.start }));
-    const done = await decompressGroup(this.header.compressionType, raw, items, this.#clusterSize);
-    try {
-      group.items.forEach((item, i) => out.set(done.clusters[i]!.subarray(item.inCluster, item.inCluster + item.length), item.outAt));
-    } finally {
-      done.release();
-    }
+    const items = group.items.map((item) => ({ ...item, location: this.location, start: item.host - group.start }));
+    await decompressGroupInto(this.header.compressionType, raw, items, this.#clusterSize, out);
   }
 
   #buffer(n: number): Uint8Array {

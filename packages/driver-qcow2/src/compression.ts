@@ -3,11 +3,15 @@
  * The descriptor gives the compressed size only to 512-byte sector granularity, so
  * the input may carry bytes of the next cluster after the stream: decompression, as
  * in QEMU, must produce exactly one cluster and ignore what follows.
+ *
+ * With @blockconv/codec (native libdeflate/libzstd, an optional dependency) a group
+ * of clusters is one batch: a few thread-pool jobs writing whole clusters straight
+ * into the caller's buffer. Without it (not built, or BLOCKCONV_NATIVE_CODEC=0):
  * - zlib: raw deflate through node:zlib's async API, which runs on libuv's thread
  *   pool, so clusters decompress in parallel.
- * - zstd: one frame, measured here (so trailing bytes are cut and hostile headers are
- *   refused before anything is allocated) and decompressed by libzstd in a worker
- *   (zstd-pool.ts).
+ * - zstd: libzstd compiled to WebAssembly in worker threads (zstd-pool.ts).
+ * zstd frames are measured here either way (zstdFrameLength), so trailing bytes are
+ * cut and hostile headers are refused before anything is allocated.
  */
 import { constants as zc, inflateRaw } from 'node:zlib';
 import { BlockError } from '@blockconv/core';
@@ -45,7 +49,143 @@ export interface DecompressedGroup {
   release(): void;
 }
 
+/** A cluster of a group and where its wanted bytes go in the caller's buffer. */
+export interface PlacedItem extends CompressedItem {
+  /** Offset in the output buffer. */
+  readonly outAt: number;
+  /** First wanted byte of the cluster, and how many. */
+  readonly inCluster: number;
+  readonly length: number;
+}
+
 const noop = (): void => {};
+
+/** What this module needs of @blockconv/codec (typed here: it is optional and may be absent). */
+interface NativeCodec {
+  readonly available: boolean;
+  decompressBatch(batch: {
+    kind: 'zlib' | 'zstd'; clusterSize: number; input: Uint8Array; spans: Float64Array; count?: number; output: Uint8Array;
+  }): Promise<void>;
+}
+
+/** The codec module: a variable, so that neither tsc nor bundlers require it to exist. */
+const CODEC_MODULE = '@blockconv/codec';
+let codecModule: NativeCodec | null | undefined;
+let codecLoading: Promise<NativeCodec | null> | undefined;
+
+/** The native codec, or null when it is not installed or built, or BLOCKCONV_NATIVE_CODEC=0 turns it off. */
+async function nativeCodec(): Promise<NativeCodec | null> {
+  if (process.env.BLOCKCONV_NATIVE_CODEC === '0') return null;
+  if (codecModule !== undefined) return codecModule;
+  codecLoading ??= import(CODEC_MODULE).then(
+    (m: NativeCodec) => (m.available ? m : null),
+    () => null,
+  ).then((m) => (codecModule = m));
+  return codecLoading;
+}
+
+/** Whether reads use the native codec (false: node:zlib and WebAssembly libzstd). */
+export async function usesNativeCodec(): Promise<boolean> {
+  return (await nativeCodec()) !== null;
+}
+
+/**
+ * Scratch buffers for clusters wanted only in part, kept for reuse (at most
+ * MAX_SPARE_BYTES): fresh buffers would be garbage the size of the data.
+ */
+const MAX_SPARE_BYTES = 16 * 1024 * 1024;
+const spare: Uint8Array[] = [];
+let spareBytes = 0;
+
+function takeScratch(bytes: number): Uint8Array {
+  let best = -1;
+  for (let i = 0; i < spare.length; i++) {
+    if (spare[i]!.length >= bytes && (best < 0 || spare[i]!.length < spare[best]!.length)) best = i;
+  }
+  if (best < 0) return new Uint8Array(bytes);
+  const [b] = spare.splice(best, 1);
+  spareBytes -= b!.length;
+  return b!;
+}
+
+function giveScratch(b: Uint8Array): void {
+  if (spareBytes + b.length > MAX_SPARE_BYTES) return;
+  spare.push(b);
+  spareBytes += b.length;
+}
+
+function kindName(type: number, ref: CompressedRef | undefined): 'zlib' | 'zstd' {
+  if (type === COMPRESSION_ZLIB) return 'zlib';
+  if (type === COMPRESSION_ZSTD) return 'zstd';
+  throw new BlockError('ENOTSUP', `unknown compression type ${type}`, { location: ref?.location, op: 'read' });
+}
+
+/**
+ * Spans for the codec: per item (input offset, input length, output offset). zstd
+ * frames are measured (and vetted) here; a zlib stream may run to the end of the group.
+ */
+function spansOf(kind: 'zlib' | 'zstd', raw: Uint8Array, items: readonly CompressedItem[], clusterSize: number, outAt: (i: number) => number): Float64Array {
+  const spans = new Float64Array(3 * items.length);
+  items.forEach((item, i) => {
+    const length = kind === 'zstd' ? zstdFrameLength(raw.subarray(item.start), clusterSize, item) : raw.length - item.start;
+    spans[3 * i] = item.start;
+    spans[3 * i + 1] = length;
+    spans[3 * i + 2] = outAt(i);
+  });
+  return spans;
+}
+
+/** The codec's error (naming a cluster of the batch) as the BlockError of that cluster. */
+function batchError(kind: string, items: readonly CompressedRef[], err: unknown): unknown {
+  const e = err as { code?: string; index?: number; reason?: string } | null;
+  if (!e || typeof e.index !== 'number' || !items[e.index]) return err;
+  if (e.code !== 'ECORRUPT') return new BlockError('EIO', `compressed cluster at guest offset ${items[e.index]!.guest}: ${kind}: ${e.reason}`, { location: items[e.index]!.location, op: 'read', cause: err });
+  return bad(items[e.index]!, `${kind}: ${e.reason}`, err);
+}
+
+/**
+ * Decompresses the clusters of a group of compressed data read in one piece
+ * (trailing bytes after each stream allowed) and copies each item's wanted bytes to
+ * `out` at its outAt. With the native codec, whole clusters are written in place.
+ * Rejects with the first failing cluster's error once every cluster settled.
+ */
+export async function decompressGroupInto(type: number, raw: Uint8Array, items: readonly PlacedItem[], clusterSize: number, out: Uint8Array): Promise<void> {
+  const codec = await nativeCodec();
+  if (!codec) {
+    const done = await decompressGroup(type, raw, items, clusterSize);
+    try {
+      items.forEach((item, i) => out.set(done.clusters[i]!.subarray(item.inCluster, item.inCluster + item.length), item.outAt));
+    } finally {
+      done.release();
+    }
+    return;
+  }
+  const kind = kindName(type, items[0]);
+  const whole: PlacedItem[] = [];
+  const partial: PlacedItem[] = [];
+  for (const item of items) (item.inCluster === 0 && item.length === clusterSize ? whole : partial).push(item);
+  // Every frame is vetted before any job starts: a job must not outlive a rejection.
+  const wholeSpans = spansOf(kind, raw, whole, clusterSize, (i) => whole[i]!.outAt);
+  // Clusters wanted in part (at the edges of a request) go through a scratch buffer.
+  const partialSpans = spansOf(kind, raw, partial, clusterSize, (i) => i * clusterSize);
+  const jobs: Array<Promise<void>> = [];
+  if (whole.length) {
+    jobs.push(codec.decompressBatch({ kind, clusterSize, input: raw, spans: wholeSpans, output: out }).catch((err: unknown) => { throw batchError(kind, whole, err); }));
+  }
+  if (partial.length) {
+    const scratch = takeScratch(partial.length * clusterSize);
+    jobs.push(codec.decompressBatch({ kind, clusterSize, input: raw, spans: partialSpans, output: scratch }).then(
+      () => {
+        partial.forEach((item, i) => out.set(scratch.subarray(i * clusterSize + item.inCluster, i * clusterSize + item.inCluster + item.length), item.outAt));
+        giveScratch(scratch);
+      },
+      (err: unknown) => { giveScratch(scratch); throw batchError(kind, partial, err); },
+    ));
+  }
+  const results = await Promise.allSettled(jobs);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}
 
 /**
  * Decompresses the clusters of a group of compressed data read in one piece
@@ -53,6 +193,23 @@ const noop = (): void => {};
  * rejects with the first failing cluster's error only once every cluster settled.
  */
 export async function decompressGroup(type: number, raw: Uint8Array, items: readonly CompressedItem[], clusterSize: number): Promise<DecompressedGroup> {
+  const codec = await nativeCodec();
+  if (codec) {
+    const kind = kindName(type, items[0]);
+    const spans = spansOf(kind, raw, items, clusterSize, (i) => i * clusterSize);
+    const output = takeScratch(items.length * clusterSize);
+    try {
+      await codec.decompressBatch({ kind, clusterSize, input: raw, spans, output });
+    } catch (err) {
+      giveScratch(output);
+      throw batchError(kind, items, err);
+    }
+    let released = false;
+    return {
+      clusters: items.map((_, i) => output.subarray(i * clusterSize, (i + 1) * clusterSize)),
+      release: () => { if (!released) { released = true; giveScratch(output); } },
+    };
+  }
   if (type === COMPRESSION_ZLIB) {
     const results = await Promise.allSettled(items.map((item) => inflateCluster(raw.subarray(item.start), clusterSize, item)));
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
