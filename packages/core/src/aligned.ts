@@ -46,3 +46,35 @@ export async function readAligned(backend: BlockBackend, offset: number, length:
   }
   return out;
 }
+
+/**
+ * Writes `data` at `offset` of `backend`, honouring its limits: the counterpart of
+ * readAligned for a format driver's metadata (headers, table entries) on a backend
+ * that needs aligned requests. Unaligned edges are read, patched and written back,
+ * so the caller must not write the same aligned block concurrently.
+ */
+export async function writeAligned(backend: BlockBackend, offset: number, data: Uint8Array): Promise<void> {
+  const length = data.length;
+  if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > backend.size) {
+    throw new BlockError('ERANGE', `write beyond the end (size ${backend.size})`, { op: 'write', location: backend.location, offset, length });
+  }
+  const align = Math.max(1, backend.limits.requestAlignment);
+  const memAlign = Math.max(1, backend.limits.minMemAlignment ?? 1);
+  const maxChunk = Math.max(align, roundDown(backend.limits.maxTransfer, align));
+  const alloc = (n: number): Uint8Array => (backend.allocBuffer && memAlign > 1 ? backend.allocBuffer(n) : new Uint8Array(n));
+  for (let done = 0; done < length;) {
+    const pos = offset + done;
+    const start = roundDown(pos, align);
+    const n = Math.min(length - done, start + maxChunk - pos);
+    const end = Math.min(roundUp(pos + n, align), backend.size);
+    const src = data.subarray(done, done + n);
+    if (start === pos && end === pos + n && src.byteOffset % memAlign === 0) {
+      await backend.write(pos, src);
+    } else {
+      const bounce = await readAligned(backend, start, end - start, alloc(end - start));
+      bounce.set(src, pos - start);
+      await backend.write(start, bounce);
+    }
+    done += n;
+  }
+}

@@ -317,14 +317,18 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
   const maxTransfer = Math.min(target.limits.maxTransfer, ...sources.map((s) => s.limits.maxTransfer));
   const bufferSize = Math.max(align, roundDown(Math.min(o.bufferSize ?? DEFAULT_BUFFER_SIZE, maxTransfer), align));
+  // Chunks and zero runs on the target's preferred granularity (qcow2 clusters) spare it
+  // copy-on-write, as long as a buffer holds one such unit; sources only need `align`.
+  const preferred = target.limits.preferredAlignment ?? 1;
+  const chunkAlign = preferred > align && preferred <= bufferSize && preferred % align === 0 ? preferred : align;
   const workers = Math.max(1, Math.min(o.workers ?? DEFAULT_WORKERS, Math.ceil(total / bufferSize) || 1));
   const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
   // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
-  const maxZeroChunk = targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), align));
-  const unit = Math.max(SECTOR, target.limits.requestAlignment);
+  const maxZeroChunk = targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), chunkAlign));
+  const unit = Math.max(SECTOR, target.limits.requestAlignment, chunkAlign);
   // A merged hole must come back from the zero scan as a run the target need not write.
   const minMergedHole = Math.max(minSparse, unit);
-  const cursor = new ChunkCursor(sources, align, bufferSize, maxZeroChunk, allData, allData ? 0 : minMergedHole, unit);
+  const cursor = new ChunkCursor(sources, chunkAlign, roundDown(bufferSize, chunkAlign), maxZeroChunk, allData, allData ? 0 : minMergedHole, unit);
   const order = outOfOrder ? undefined : new WriteOrder();
   const limiter = o.rateLimit ? new RateLimiter(o.rateLimit) : undefined;
   const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));

@@ -23,6 +23,13 @@ export interface BlockLimits {
   readonly maxWriteZeroes?: number;
   /** Required alignment of the memory of I/O buffers (O_DIRECT); 1 when any will do. */
   readonly minMemAlignment?: number;
+  /**
+   * Writes aligned to this (a power of two, a multiple of requestAlignment) spare the
+   * driver a read-modify-write or copy-on-write, e.g. qcow2's cluster size. Convert
+   * cuts its chunks and finds zero runs on this granularity (QEMU's
+   * pwrite_zeroes_alignment plays this part in qemu-img convert).
+   */
+  readonly preferredAlignment?: number;
 }
 
 /** What a range of an image holds, as block status reports it. */
@@ -116,6 +123,11 @@ export interface BlockBackend {
   blockStatus(offset: number, length: number): Promise<Extent>;
   flush(): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Changes the size (growable protocols: files, NFS files). A format driver that
+   * allocates past the end of its file grows it with this, as QEMU's bdrv_truncate.
+   */
+  resize?(size: number): Promise<void>;
 
   /** Allocates an I/O buffer that satisfies minMemAlignment (only needed when it is > 1). */
   allocBuffer?(size: number): Uint8Array;
