@@ -105,7 +105,6 @@ interface FileParams {
 export class FileBackend implements BlockBackend {
   readonly driverName = 'file';
   readonly location: string;
-  readonly size: number;
   readonly readOnly: boolean;
   readonly limits: BlockLimits;
   readonly canWriteZeroes = true;
@@ -139,11 +138,13 @@ export class FileBackend implements BlockBackend {
   #extentIndex = 0;
   #extentOffset = 0;
   #zeroBuf?: Uint8Array;
+  /** Changes only through resize(). */
+  #size: number;
 
   constructor(p: FileParams) {
     this.#p = p;
     this.location = p.location;
-    this.size = p.size;
+    this.#size = p.size;
     this.readOnly = p.readOnly;
     this.readsZeroesInitially = p.readsZeroesInitially;
     // Block devices have no holes to find; report them as all data.
@@ -295,6 +296,27 @@ export class FileBackend implements BlockBackend {
       start = end;
     }
     return undefined;
+  }
+
+  get size(): number {
+    return this.#size;
+  }
+
+  /** Grows or shrinks a regular file (a format driver allocating past its end); devices keep their size. */
+  async resize(size: number): Promise<void> {
+    this.#check('resize', 0, 0, true);
+    if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid size ${size}`, this.#where('resize', size, 0));
+    if (this.#p.isDevice) {
+      if (size > this.#size) throw new BlockError('ENOSPC', `a block device cannot grow (size ${this.#size})`, this.#where('resize', size, 0));
+      return;
+    }
+    try {
+      await ftruncate(this.#p.bufferedFd, size);
+    } catch (err) {
+      throw toBlockError(err, this.#where('resize', size, 0));
+    }
+    this.#extents = null;
+    this.#size = size;
   }
 
   async flush(): Promise<void> {
