@@ -23,6 +23,7 @@ import { INCOMPAT_CORRUPT, type Qcow2Header } from './header.js';
 import { buildInfo, readBitmapList } from './info.js';
 import { KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, newRun, type ClusterMapper } from './mapping.js';
 import type { Snapshot } from './snapshots.js';
+import { Qcow2Writer, type WriterParams } from './writer.js';
 
 const MiB = 1024 * 1024;
 const MAX_TRANSFER = 64 * MiB;
@@ -44,6 +45,11 @@ export interface Qcow2Parts {
   /** The snapshot being read instead of the active L1 table. */
   readonly snapshot?: Snapshot;
   readonly warnings: readonly string[];
+  /** Present when the image is opened for writing. */
+  readonly write?: Omit<WriterParams, 'readGuest' | 'allocBuffer'> & {
+    /** Just created without a backing file: every byte reads as zero until written. */
+    readonly fresh: boolean;
+  };
 }
 
 /** One group of compressed clusters fetched with a single read. */
@@ -57,16 +63,16 @@ export class Qcow2Backend implements BlockBackend {
   readonly driverName = 'qcow2';
   readonly location: string;
   readonly size: number;
-  /** Writing qcow2 is not implemented yet: every open is read-only. */
-  readonly readOnly = true;
+  readonly readOnly: boolean;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes = false;
-  readonly canDiscard = false;
-  readonly readsZeroesInitially = false;
+  readonly canWriteZeroes: boolean;
+  readonly canDiscard: boolean;
+  readonly readsZeroesInitially: boolean;
   readonly canCompress = false;
   readonly hasBlockStatus = true;
   readonly cheapHoleReads: boolean;
-  readonly canWriteOutOfOrder = false;
+  /** Concurrent writes are ordered per cluster by the writer. */
+  readonly canWriteOutOfOrder = true;
   readonly backing?: BlockBackend;
   readonly allocBuffer?: (size: number) => Uint8Array;
   readonly header: Qcow2Header;
@@ -81,6 +87,7 @@ export class Qcow2Backend implements BlockBackend {
   readonly #data: BlockBackend;
   readonly #mapper: ClusterMapper;
   readonly #clusterSize: number;
+  readonly #writer?: Qcow2Writer;
   #closed = false;
 
   constructor(p: Qcow2Parts) {
@@ -107,9 +114,22 @@ export class Qcow2Backend implements BlockBackend {
       maxTransfer,
       optimalTransfer: Math.min(maxTransfer, Math.max(align, p.header.clusterSize, p.file.limits.optimalTransfer)),
       minMemAlignment: memAlign,
+      // Whole clusters (subclusters with extended L2) need no copy-on-write.
+      preferredAlignment: Math.max(align, p.header.subclusterSize),
     };
     const owner = below.find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) === memAlign);
     if (memAlign > 1 && owner) this.allocBuffer = owner.allocBuffer!.bind(owner);
+    this.readOnly = p.write === undefined;
+    this.canWriteZeroes = p.write !== undefined && (p.header.version === 3 || !p.backing);
+    this.canDiscard = p.write !== undefined;
+    this.readsZeroesInitially = p.write?.fresh === true && !p.backing;
+    if (p.write) {
+      this.#writer = new Qcow2Writer({
+        ...p.write,
+        readGuest: (offset, length, into) => this.read(offset, length, into),
+        allocBuffer: (n) => this.#buffer(n),
+      });
+    }
     // Zero and unallocated ranges are filled here without I/O, unless a backing file must be read.
     this.cheapHoleReads = p.backing ? p.backing.cheapHoleReads === true : true;
   }
@@ -204,28 +224,61 @@ export class Qcow2Backend implements BlockBackend {
     }
   }
 
-  write(offset: number, _data: Uint8Array, _flags?: WriteFlags): Promise<void> {
-    return this.#refuse('write', offset);
+  async write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    this.#check('write', offset, data.length);
+    if (!this.#writer) return this.#refuse('write', offset);
+    try {
+      await this.#writer.write(offset, data);
+      if (flags?.fua) await this.#writer.flush();
+    } catch (err) {
+      throw this.#contextual(err, 'write', offset, data.length);
+    }
   }
 
-  writeZeroes(offset: number, _length: number, _flags?: WriteZeroesFlags): Promise<void> {
-    return this.#refuse('writeZeroes', offset);
+  async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
+    this.#check('writeZeroes', offset, length);
+    if (!this.#writer) return this.#refuse('writeZeroes', offset);
+    try {
+      await this.#writer.writeZeroes(offset, length, flags);
+    } catch (err) {
+      throw this.#contextual(err, 'writeZeroes', offset, length);
+    }
   }
 
-  discard(offset: number, _length: number): Promise<void> {
-    return this.#refuse('discard', offset);
+  async discard(offset: number, length: number): Promise<void> {
+    this.#check('discard', offset, length);
+    if (!this.#writer) return this.#refuse('discard', offset);
+    try {
+      await this.#writer.discard(offset, length);
+    } catch (err) {
+      throw this.#contextual(err, 'discard', offset, length);
+    }
   }
 
   async flush(): Promise<void> {
     this.#check('flush', 0, 0);
+    if (!this.#writer) return;
+    try {
+      await this.#writer.flush();
+    } catch (err) {
+      throw this.#contextual(err, 'flush', 0, 0);
+    }
   }
 
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    // The image's own metadata first: a failure there must not be hidden by the files closing.
+    let failure: unknown;
+    try {
+      await this.#writer?.close();
+    } catch (err) {
+      failure = this.#contextual(err, 'close', 0, 0);
+    }
     const parts = [this.backing, this.#p.dataFile, this.#file].filter((b): b is BlockBackend => b !== undefined);
     const results = await Promise.allSettled(parts.map((b) => b.close()));
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failure !== undefined) throw failure;
     if (failed) throw failed.reason;
   }
 
@@ -290,7 +343,7 @@ export class Qcow2Backend implements BlockBackend {
 
   #refuse(op: string, offset: number): Promise<never> {
     const corrupt = (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
-    const why = corrupt ? 'the image is marked corrupt; writing is refused' : 'image is read-only (writing qcow2 is not supported yet)';
+    const why = corrupt ? 'the image is marked corrupt; writing is refused' : 'image is read-only';
     return Promise.reject(new BlockError('EROFS', why, { op, location: this.location, offset }));
   }
 }

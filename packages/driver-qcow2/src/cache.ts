@@ -12,10 +12,18 @@ export interface CachedTable {
   readonly view: DataView;
 }
 
+/** A table's bytes as they were when a commit took them, to be written at `offset`. */
+export interface TableCopy {
+  readonly offset: number;
+  readonly bytes: Uint8Array;
+}
+
 export class TableCache {
   /** Insertion order is recency order: the first key is the least recently used. */
   readonly #tables = new Map<number, CachedTable>();
   readonly #loading = new Map<number, Promise<CachedTable>>();
+  /** Tables changed in memory and not yet taken for writing: never evicted. */
+  readonly #dirty = new Set<number>();
   readonly #capacity: number;
   readonly #load: (offset: number) => Promise<Uint8Array>;
   /** The most recently used key, so that repeated hits on it skip the reordering. */
@@ -37,6 +45,36 @@ export class TableCache {
   get capacity(): number { return this.#capacity; }
   get size(): number { return this.#tables.size; }
   get stats(): { hits: number; misses: number } { return { hits: this.#hits, misses: this.#misses }; }
+  get dirtyCount(): number { return this.#dirty.size; }
+
+  /** Adds a table just allocated (not read from the file), dirty. */
+  add(offset: number, bytes: Uint8Array): CachedTable {
+    const table: CachedTable = { bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+    this.#dirty.add(offset);
+    this.#insert(offset, table);
+    return table;
+  }
+
+  /** Records that the cached table at `offset` was changed in memory. */
+  markDirty(offset: number): void {
+    if (this.#tables.has(offset)) this.#dirty.add(offset);
+  }
+
+  /**
+   * Copies of every dirty table, which become clean: a commit writes the copies while
+   * writers go on changing the tables (changes after this call make them dirty again).
+   */
+  takeDirty(): TableCopy[] {
+    const out: TableCopy[] = [];
+    for (const offset of this.#dirty) out.push({ offset, bytes: this.#tables.get(offset)!.bytes.slice() });
+    this.#dirty.clear();
+    return out;
+  }
+
+  /** Marks copies taken by takeDirty() dirty again (their write failed). */
+  restoreDirty(copies: readonly TableCopy[]): void {
+    for (const c of copies) this.markDirty(c.offset);
+  }
 
   /** The cached table, marking it most recently used; undefined on a miss (no I/O). */
   peek(offset: number): CachedTable | undefined {
@@ -73,9 +111,12 @@ export class TableCache {
 
   #insert(offset: number, table: CachedTable): void {
     this.#tables.delete(offset);
-    while (this.#tables.size >= this.#capacity) {
-      const oldest = this.#tables.keys().next().value as number;
-      this.#tables.delete(oldest);
+    if (this.#tables.size >= this.#capacity) {
+      // Least recently used first; dirty tables stay until a commit writes them.
+      for (const key of this.#tables.keys()) {
+        if (this.#tables.size < this.#capacity) break;
+        if (!this.#dirty.has(key)) this.#tables.delete(key);
+      }
     }
     this.#tables.set(offset, table);
     this.#lastKey = offset;
@@ -84,6 +125,7 @@ export class TableCache {
   /** Drops every table (e.g. when switching to a snapshot's L1 table). */
   clear(): void {
     this.#tables.clear();
+    this.#dirty.clear();
     this.#lastKey = -1;
   }
 }

@@ -24,8 +24,10 @@ import {
 import { Qcow2Backend } from './backend.js';
 import { TableCache } from './cache.js';
 import { corrupt } from './errors.js';
-import { INCOMPAT_DATA_FILE, QCOW2_MAGIC, headerReadLength, parseHeader } from './header.js';
+import { CREATE_OPTIONS, createQcow2, freshlyCreated } from './create.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW2_MAGIC, headerReadLength, parseHeader, type Qcow2Header } from './header.js';
 import { ClusterMapper } from './mapping.js';
+import { Refcounts } from './refcounts.js';
 import { checkSnapshotL1, findSnapshot, readSnapshotTable, type Snapshot } from './snapshots.js';
 
 /** Default bound of the L2 table cache (QEMU's default maximum on Linux). */
@@ -153,14 +155,45 @@ export async function openQcow2(file: BlockBackend, options: OpenOptions & { rea
 
     const cache = new TableCache(opts.l2CacheSize, header.clusterSize, (offset) => readMeta(offset, header.clusterSize));
     const mapper = new ClusterMapper({
-      header, l1, l1Offset, cache, fileSize: file.size, dataFileSize: dataFile?.size ?? file.size, hasDataFile: dataFile !== undefined, where: { location: file.location, op: 'read' },
+      header, l1, l1Offset, cache, file, dataFile: dataFile ?? file, hasDataFile: dataFile !== undefined, where: { location: file.location, op: 'read' },
     });
+    const writable = options.readOnly !== true && !file.readOnly;
+    const write = writable ? {
+      file, header, l1, cache, hasBacking: backing !== undefined, where: { location: file.location, op: 'write' },
+      refcounts: await openRefcounts(file, header, readMeta, opts.l2CacheSize, { location: file.location, op: 'open' }),
+      fresh: freshlyCreated.has(file),
+    } : undefined;
+    if (writable) refuseWriting(header, snapshots.length, snapshot !== undefined, where);
+    freshlyCreated.delete(file);
     warnOnce(file.location, warnings);
-    return new Qcow2Backend({ file, header, mapper, cache, dataFile, backing, fullBackingFilename, snapshots, snapshot, warnings });
+    return new Qcow2Backend({ file, header, mapper, cache, dataFile, backing, fullBackingFilename, snapshots, snapshot, warnings, write });
   } catch (err) {
     await Promise.allSettled(opened.map((b) => b.close()));
     throw err;
   }
+}
+
+/** What this driver cannot write (yet), refused when the image is opened for writing. */
+function refuseWriting(h: Qcow2Header, snapshots: number, readingSnapshot: boolean, where: { location: string; op: string }): void {
+  const refuse = (code: string, field: string, message: string): never => { throw new BlockError(code, message, { ...where, field }); };
+  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) refuse('EROFS', 'incompatible_features', 'the image is marked corrupt; writing is refused (repair it with qemu-img check -r all)');
+  if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n && (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n) {
+    refuse('EROFS', 'incompatible_features', 'the image was not closed cleanly (dirty bit with lazy refcounts): repair it with "blockconv check -r all" before writing');
+  }
+  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) refuse('ENOTSUP', 'data_file', 'writing images with an external data file is not supported yet');
+  if (snapshots > 0) refuse('ENOTSUP', 'nb_snapshots', `writing images with internal snapshots (${snapshots}) is not supported`);
+  if (readingSnapshot) refuse('EINVAL', 'snapshot', 'a snapshot can only be opened read-only');
+}
+
+/** The refcount table, read whole (at most 8 MiB), and the allocator over it. */
+async function openRefcounts(file: BlockBackend, h: Qcow2Header, readMeta: (offset: number, length: number) => Promise<Uint8Array>, l2CacheSize: number, where: { location: string; op: string }): Promise<Refcounts> {
+  const bytes = h.refcountTableClusters * h.clusterSize;
+  if (h.refcountTableOffset + bytes > file.size) {
+    throw corrupt(where, 'refcount_table_offset', `refcount table at ${h.refcountTableOffset} (${bytes} bytes) runs past the end of the file (${file.size} bytes)`, 48);
+  }
+  const table = (await readMeta(h.refcountTableOffset, bytes)).slice();
+  const cache = new TableCache(Math.max(1024 * 1024, l2CacheSize / 4), h.clusterSize, (offset) => readMeta(offset, h.clusterSize));
+  return new Refcounts({ file, clusterSize: h.clusterSize, refcountOrder: h.refcountOrder, table, tableOffset: h.refcountTableOffset, cache, end: file.size, where });
 }
 
 /** Opens the backing or data file; a failure names the image that refers to it (once, not at every level of a chain). */
@@ -182,8 +215,12 @@ export const qcow2Driver: FormatDriver = {
   apiVersion: BLOCK_API_VERSION,
   kind: 'format',
   name: 'qcow2',
-  description: 'QEMU copy-on-write image, versions 2 and 3 (read-only)',
+  description: 'QEMU copy-on-write image, versions 2 and 3',
+  createOptions: CREATE_OPTIONS,
   probe: (head: Uint8Array) =>
     head.length >= 4 && ((head[0]! << 24) | (head[1]! << 16) | (head[2]! << 8) | head[3]!) >>> 0 === QCOW2_MAGIC ? 100 : 0,
   open: openQcow2,
+  create: createQcow2,
+  // The image grows as clusters are allocated; the protocol object starts empty.
+  protocolSizeFor: () => 0,
 };

@@ -49,10 +49,10 @@ export interface MapperParams {
   /** Offset of that L1 table in the file, for messages. */
   readonly l1Offset: number;
   readonly cache: TableCache;
-  /** Size of the image file: metadata and compressed data must lie inside it. */
-  readonly fileSize: number;
-  /** Size of the file data clusters live in: the external data file when there is one. */
-  readonly dataFileSize: number;
+  /** The image file (its size, read live as a writer grows it): metadata and compressed data must lie inside it. */
+  readonly file: { readonly size: number };
+  /** The file data clusters live in: the external data file when there is one. */
+  readonly dataFile: { readonly size: number };
   readonly hasDataFile: boolean;
   readonly where: Where;
 }
@@ -63,8 +63,8 @@ export class ClusterMapper {
   readonly #l1Entries: number;
   readonly #l1Offset: number;
   readonly #cache: TableCache;
-  readonly #fileSize: number;
-  readonly #dataFileSize: number;
+  readonly #file: { readonly size: number };
+  readonly #dataFile: { readonly size: number };
   readonly #hasDataFile: boolean;
   readonly #where: Where;
   readonly #clusterSize: number;
@@ -80,8 +80,8 @@ export class ClusterMapper {
     this.#l1Entries = Math.floor(p.l1.byteLength / 8);
     this.#l1Offset = p.l1Offset;
     this.#cache = p.cache;
-    this.#fileSize = p.fileSize;
-    this.#dataFileSize = p.dataFileSize;
+    this.#file = p.file;
+    this.#dataFile = p.dataFile;
     this.#hasDataFile = p.hasDataFile;
     this.#where = p.where;
     this.#clusterSize = p.header.clusterSize;
@@ -218,8 +218,8 @@ export class ClusterMapper {
     if (offset % this.#clusterSize !== 0) {
       throw corrupt(this.#where, 'L1 entry', `L1 entry ${index}: L2 table offset ${hex(offset)} is not aligned to a cluster`, entryAt);
     }
-    if (offset < this.#clusterSize || offset + this.#clusterSize > this.#fileSize) {
-      throw corrupt(this.#where, 'L1 entry', `L1 entry ${index}: L2 table at ${hex(offset)} lies outside the file (${this.#fileSize} bytes) or in the header`, entryAt);
+    if (offset < this.#clusterSize || offset + this.#clusterSize > this.#file.size) {
+      throw corrupt(this.#where, 'L1 entry', `L1 entry ${index}: L2 table at ${hex(offset)} lies outside the file (${this.#file.size} bytes) or in the header`, entryAt);
     }
     return offset;
   }
@@ -238,8 +238,8 @@ export class ClusterMapper {
     } else if (hostOffset < this.#clusterSize) {
       throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies in the header`, entryAt);
     }
-    if (reads && hostOffset >= this.#dataFileSize) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies past the end of the ${this.#hasDataFile ? 'data file' : 'file'} (${this.#dataFileSize} bytes)`, entryAt);
+    if (reads && hostOffset >= this.#dataFile.size) {
+      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies past the end of the ${this.#hasDataFile ? 'data file' : 'file'} (${this.#dataFile.size} bytes)`, entryAt);
     }
     return hostOffset;
   }
@@ -249,8 +249,8 @@ export class ClusterMapper {
     if (this.#hasDataFile) {
       throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster in an image with an external data file`, entryAt);
     }
-    if (host < this.#clusterSize || host >= this.#fileSize) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster descriptor points to ${hex(host)}, outside the file (${this.#fileSize} bytes) or in the header`, entryAt);
+    if (host < this.#clusterSize || host >= this.#file.size) {
+      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster descriptor points to ${hex(host)}, outside the file (${this.#file.size} bytes) or in the header`, entryAt);
     }
   }
 

@@ -1,0 +1,598 @@
+/**
+ * The write side of an opened qcow2 image: allocating writes from many concurrent
+ * callers, zero writes stored as zero flags, discard, and the commits that put
+ * metadata on disk in an order that survives a crash at any instant.
+ *
+ * A write is cut into segments of clusters handled alike:
+ * - in place: clusters already allocated get the data at their host offset;
+ * - allocating: clusters without a host cluster (unallocated, zero, compressed) get a
+ *   contiguous run from the allocator; partial clusters (subclusters with extended
+ *   L2) are completed with what the guest read there before (backing file, zeroes,
+ *   decompressed data), QEMU's copy-on-write. The L2 entries are changed only once
+ *   the data is written, so a table on disk never points at data not yet written.
+ * Clusters being allocated are marked in flight; a request that touches one waits.
+ *
+ * Metadata changes stay in memory (L2 tables and refcount blocks in their caches, the
+ * L1 table) until a commit: flush(), close(), or too many dirty tables. A commit takes
+ * copies of everything dirty at one instant and writes refcount blocks and table,
+ * flush, L2 tables, flush, L1 table; only then are freed clusters released. A crash
+ * therefore leaks clusters at worst. With lazy_refcounts the dirty bit is set before
+ * the first change and cleared after the last commit, and the refcount barrier is
+ * skipped, as QEMU does.
+ */
+import { BlockError, writeAligned, type BlockBackend, type WriteZeroesFlags } from '@blockconv/core';
+import type { TableCache, CachedTable } from './cache.js';
+import { corrupt, hex, type Where } from './errors.js';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
+import type { Refcounts } from './refcounts.js';
+
+const TWO_32 = 0x1_0000_0000;
+const HI_COPIED = 0x8000_0000;
+const HI_COMPRESSED = 0x4000_0000;
+const LO_ZERO = 1;
+const ALL_SUBCLUSTERS = 0xffff_ffff;
+
+/** Header field offsets (qcow2.txt "Header"). */
+const H_REFTABLE = 48;
+const H_INCOMPAT = 72;
+const H_AUTOCLEAR = 88;
+
+export interface WriterParams {
+  readonly file: BlockBackend;
+  readonly header: Qcow2Header;
+  /** The active L1 table, shared with the mapper (changes are seen by reads at once). */
+  readonly l1: Uint8Array;
+  readonly cache: TableCache;
+  readonly refcounts: Refcounts;
+  readonly hasBacking: boolean;
+  /** Reads guest bytes as the image holds them now: the old contents for copy-on-write. */
+  readonly readGuest: (offset: number, length: number, into: Uint8Array) => Promise<unknown>;
+  readonly allocBuffer: (size: number) => Uint8Array;
+  readonly where: Where;
+}
+
+/** A cluster's L2 entry, decoded. */
+interface Entry {
+  table: CachedTable;
+  l2Offset: number;
+  /** Byte offset of the entry in its table. */
+  at: number;
+  /** Host offset of a standard cluster (also a zero cluster's reserved one); 0 when none. */
+  host: number;
+  compressed: boolean;
+  /** Standard L2: the zero flag. */
+  zero: boolean;
+  /** Extended L2: the bitmaps. */
+  zeroBits: number;
+  allocBits: number;
+}
+
+/** Clusters of one allocating segment: later requests touching them wait for `done`. */
+interface Inflight {
+  readonly done: Promise<void>;
+  readonly release: () => void;
+}
+
+function inflightRecord(): Inflight {
+  let release!: () => void;
+  const done = new Promise<void>((r) => { release = r; });
+  return { done, release };
+}
+
+export class Qcow2Writer {
+  readonly #p: WriterParams;
+  readonly #file: BlockBackend;
+  readonly #h: Qcow2Header;
+  readonly #cs: number;
+  readonly #coverage: number;
+  readonly #ext: boolean;
+  readonly #sc: number;
+  readonly #size: number;
+  readonly #l1: DataView;
+  readonly #cache: TableCache;
+  readonly #refs: Refcounts;
+  readonly #lazy: boolean;
+  /** Guest clusters being allocated or copied-on-write (one record per segment, shared by its clusters). */
+  readonly #inflight = new Map<number, Inflight>();
+  /** L2 tables being allocated, by L1 index. */
+  readonly #newTables = new Map<number, Promise<number>>();
+  /** Host ranges no longer referenced by the in-memory tables, freed after the next commit. */
+  #frees: Array<readonly [number, number]> = [];
+  #l1Dirty = false;
+  #begun: Promise<void> | undefined;
+  #commit: Promise<void> = Promise.resolve();
+  #zeroes: Uint8Array | undefined;
+  #incompat: bigint;
+
+  constructor(p: WriterParams) {
+    this.#p = p;
+    this.#file = p.file;
+    this.#h = p.header;
+    this.#cs = p.header.clusterSize;
+    this.#coverage = p.header.clusterSize * p.header.l2Entries;
+    this.#ext = p.header.extendedL2;
+    this.#sc = p.header.subclusterSize;
+    this.#size = p.header.size;
+    this.#l1 = new DataView(p.l1.buffer, p.l1.byteOffset, p.l1.byteLength);
+    this.#cache = p.cache;
+    this.#refs = p.refcounts;
+    this.#lazy = (p.header.compatibleFeatures & 1n) !== 0n;
+    this.#incompat = p.header.incompatibleFeatures;
+  }
+
+  // --- writes --------------------------------------------------------------------
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.#begin();
+    const end = offset + data.length;
+    const tasks: Array<Promise<void>> = [];
+    let failure: unknown;
+    const track = (t: Promise<void>): void => { tasks.push(t.catch((err: unknown) => { failure ??= err; })); };
+    try {
+      for (let pos = offset; pos < end && failure === undefined;) {
+        const waiting = this.#inflight.get(Math.floor(pos / this.#cs));
+        if (waiting) { await waiting.done; continue; }
+        const e = (await this.#entry(pos, true))!;
+        if (this.#inflight.has(Math.floor(pos / this.#cs))) continue;
+        // Synchronous from here to the end of the segment: classification and the in-flight marks agree.
+        const stop = Math.min(end, (Math.floor(pos / this.#coverage) + 1) * this.#coverage);
+        if (this.#inPlace(e, pos, end)) {
+          let segEnd = Math.min(stop, this.#clusterEnd(pos));
+          while (segEnd < stop && !this.#inflight.has(segEnd / this.#cs)) {
+            const next = this.#decode(e.table, e.l2Offset, segEnd);
+            if (!this.#inPlace(next, segEnd, end) || next.host !== e.host + (segEnd - this.#clusterStart(pos))) break;
+            segEnd = Math.min(stop, segEnd + this.#cs);
+          }
+          track(this.#writeInPlace(e, pos, segEnd, data.subarray(pos - offset, segEnd - offset)));
+          pos = segEnd;
+        } else {
+          const segEnd = this.#allocatingSegmentEnd(e, pos, stop);
+          track(this.#writeAllocating(pos, segEnd, data.subarray(pos - offset, segEnd - offset), e.host !== 0 && !e.compressed));
+          pos = segEnd;
+        }
+      }
+    } catch (err) {
+      failure ??= err;
+    }
+    await Promise.all(tasks);
+    if (failure !== undefined) throw failure;
+    await this.#commitIfFull();
+  }
+
+  async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
+    await this.#zeroRange(offset, length, flags?.mayUnmap === true, false);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    await this.#zeroRange(offset, length, true, true);
+  }
+
+  // --- commits -------------------------------------------------------------------
+
+  /** Puts every change on disk, in crash-safe order, then flushes. */
+  async flush(): Promise<void> {
+    await this.#commitAll();
+    await this.#file.flush();
+  }
+
+  /** Final commit; the file is cut to what is in use and a lazy-refcount dirty bit cleared. */
+  async close(): Promise<void> {
+    if (this.#begun) await this.#begun;
+    else if (!this.dirty) return;
+    await this.#commitAll();
+    if (this.#file.resize && this.#file.size > this.#refs.end) await this.#file.resize(this.#refs.end);
+    await this.#file.flush();
+    if (this.#lazy && this.#begun) {
+      await this.#setIncompat(this.#incompat & ~INCOMPAT_DIRTY);
+      await this.#file.flush();
+    }
+  }
+
+  /**
+   * Gives every cluster of [0, size) a host cluster (preallocation=metadata) and
+   * returns the host runs of data, for falloc/full to allocate on the storage.
+   */
+  async preallocate(size: number): Promise<Array<readonly [number, number]>> {
+    const runs: Array<readonly [number, number]> = [];
+    for (let pos = 0; pos < size; pos += this.#coverage) {
+      const e = (await this.#entry(pos, true))!;
+      const n = Math.ceil(Math.min(this.#coverage, size - pos) / this.#cs);
+      const host = await this.#refs.allocate(n);
+      for (let i = 0; i < n; i++) this.#setEntry(this.#decode(e.table, e.l2Offset, pos + i * this.#cs), host + i * this.#cs, false, 0, 0);
+      runs.push([host, n * this.#cs]);
+    }
+    return runs;
+  }
+
+  get dirty(): boolean {
+    return this.#l1Dirty || this.#cache.dirtyCount > 0 || this.#refs.dirty || this.#frees.length > 0;
+  }
+
+  // --- internals: segments -------------------------------------------------------
+
+  #clusterStart(pos: number): number { return Math.floor(pos / this.#cs) * this.#cs; }
+  #clusterEnd(pos: number): number { return this.#clusterStart(pos) + this.#cs; }
+
+  /** Bits of the subclusters [from, to) of the cluster starting at cStart covers. */
+  #bits(cStart: number, from: number, to: number): number {
+    const first = Math.floor((Math.max(from, cStart) - cStart) / this.#sc);
+    const last = Math.ceil((Math.min(to, cStart + this.#cs) - cStart) / this.#sc);
+    if (last - first >= 32) return ALL_SUBCLUSTERS;
+    return (((1 << (last - first)) - 1) << first) >>> 0;
+  }
+
+  /** Subclusters [from, to) covers completely (the image's end counts as a boundary). */
+  #fullBits(cStart: number, from: number, to: number): number {
+    const lo = Math.ceil((Math.max(from, cStart) - cStart) / this.#sc);
+    const top = Math.min(to, cStart + this.#cs);
+    const hi = top >= this.#size ? Math.ceil((top - cStart) / this.#sc) : Math.floor((top - cStart) / this.#sc);
+    if (hi <= lo) return 0;
+    if (hi - lo >= 32) return ALL_SUBCLUSTERS;
+    return (((1 << (hi - lo)) - 1) << lo) >>> 0;
+  }
+
+  /** Can [pos, end) within this cluster be written at its host offset with no copy-on-write? */
+  #inPlace(e: Entry, pos: number, end: number): boolean {
+    if (e.host === 0 || e.compressed) return false;
+    if (!this.#ext) return !e.zero;
+    const cStart = this.#clusterStart(pos);
+    const touched = this.#bits(cStart, pos, end);
+    // Subclusters touched only in part must already be allocated.
+    return (touched & ~this.#fullBits(cStart, pos, end) & ~e.allocBits) === 0;
+  }
+
+  /**
+   * End of an allocating segment from `pos`: one cluster that has a host cluster but
+   * needs copy-on-write, or consecutive clusters without one (fresh host space).
+   */
+  #allocatingSegmentEnd(e: Entry, pos: number, stop: number): number {
+    let segEnd = Math.min(stop, this.#clusterEnd(pos));
+    const record = inflightRecord();
+    this.#inflight.set(Math.floor(pos / this.#cs), record);
+    if (e.host !== 0 && !e.compressed) return segEnd;
+    while (segEnd < stop && !this.#inflight.has(segEnd / this.#cs)) {
+      const next = this.#decode(e.table, e.l2Offset, segEnd);
+      if (next.host !== 0 && !next.compressed) break;
+      this.#inflight.set(segEnd / this.#cs, record);
+      segEnd = Math.min(stop, segEnd + this.#cs);
+    }
+    return segEnd;
+  }
+
+  #releaseInflight(from: number, to: number): void {
+    const record = this.#inflight.get(Math.floor(from / this.#cs));
+    for (let c = Math.floor(from / this.#cs); c * this.#cs < to; c++) this.#inflight.delete(c);
+    record?.release();
+  }
+
+  async #writeInPlace(e: Entry, pos: number, segEnd: number, data: Uint8Array): Promise<void> {
+    const host = e.host + (pos - this.#clusterStart(pos));
+    await this.#file.write(host, data);
+    if (!this.#ext) return;
+    // Subclusters written whole become allocated (the others were already).
+    for (let c = this.#clusterStart(pos); c < segEnd; c += this.#cs) {
+      const cur = this.#decode(e.table, e.l2Offset, c);
+      const full = this.#fullBits(c, pos, segEnd);
+      if ((cur.allocBits & full) === full && (cur.zeroBits & full) === 0) continue;
+      this.#setExtBits(cur, cur.zeroBits & ~full, cur.allocBits | full);
+    }
+  }
+
+  /**
+   * Writes [pos, segEnd) to clusters that need a host cluster (`hosted`: the one
+   * cluster has one already, e.g. a preallocated zero cluster) and links them.
+   */
+  async #writeAllocating(pos: number, segEnd: number, data: Uint8Array, hosted: boolean): Promise<void> {
+    const firstCluster = this.#clusterStart(pos);
+    const clusters = Math.ceil((segEnd - firstCluster) / this.#cs);
+    try {
+      const first = (await this.#entry(pos, true))!;
+      const old: Entry[] = [];
+      for (let c = 0; c < clusters; c++) old.push(c === 0 ? first : this.#decode(first.table, first.l2Offset, firstCluster + c * this.#cs));
+      // Copy-on-write range: whole clusters, or whole subclusters with extended L2
+      // (a compressed cluster is one unit there too).
+      const unitStart = this.#ext && !old[0]!.compressed ? this.#sc : this.#cs;
+      const unitEnd = this.#ext && !old[clusters - 1]!.compressed ? this.#sc : this.#cs;
+      const start = Math.floor(pos / unitStart) * unitStart;
+      const end = Math.min(Math.ceil(segEnd / unitEnd) * unitEnd, this.#size);
+      let buf = data;
+      if (start < pos || end > segEnd) {
+        buf = this.#p.allocBuffer(end - start);
+        const tasks: Array<Promise<unknown>> = [];
+        if (start < pos) tasks.push(this.#p.readGuest(start, pos - start, buf.subarray(0, pos - start)));
+        if (end > segEnd) tasks.push(this.#p.readGuest(segEnd, end - segEnd, buf.subarray(segEnd - start, end - start)));
+        await Promise.all(tasks);
+        buf.set(data, pos - start);
+      }
+      const host = hosted ? old[0]!.host : await this.#refs.allocate(clusters);
+      await this.#file.write(host + (start - firstCluster), buf);
+      // Link, now that the data is written.
+      for (let c = 0; c < clusters; c++) {
+        const cStart = firstCluster + c * this.#cs;
+        const e = this.#decode(first.table, first.l2Offset, cStart);
+        if (e.compressed) this.#frees.push(this.#compressedRange(e));
+        const h = host + c * this.#cs;
+        if (this.#ext) {
+          const written = this.#bits(cStart, start, end);
+          const alloc = e.compressed ? ALL_SUBCLUSTERS : (hosted ? e.allocBits : 0) | written;
+          this.#setEntry(e, h, false, e.compressed ? 0 : e.zeroBits & ~alloc, alloc);
+        } else {
+          this.#setEntry(e, h, false, 0, 0);
+        }
+      }
+    } finally {
+      this.#releaseInflight(firstCluster, segEnd);
+    }
+  }
+
+  /**
+   * writeZeroes, and discard (whole clusters or subclusters only, nothing written).
+   * Version 3 stores zeroes as flags (bitmaps with extended L2); version 2 has none,
+   * so it deallocates when no backing file shows through, else writes zeroes.
+   */
+  async #zeroRange(offset: number, length: number, mayUnmap: boolean, discard: boolean): Promise<void> {
+    await this.#begin();
+    const end = offset + length;
+    const backing = this.#p.hasBacking;
+    const v3 = this.#h.version === 3;
+    const zeroes = (from: number, to: number): Promise<void> => (discard ? Promise.resolve() : this.write(from, this.#zeroBuffer().subarray(0, to - from)));
+    for (let pos = offset; pos < end;) {
+      const c = Math.floor(pos / this.#cs);
+      const waiting = this.#inflight.get(c);
+      if (waiting) { await waiting.done; continue; }
+      const cStart = c * this.#cs;
+      const cEnd = Math.min(cStart + this.#cs, end);
+      const whole = pos === cStart && (cEnd === cStart + this.#cs || cEnd >= this.#size);
+      const l1Index = Math.floor(pos / this.#coverage);
+      if (this.#l2OffsetAt(l1Index) === 0 && !backing) {
+        // No L2 table and nothing below: the whole range already reads as zeroes.
+        pos = Math.min(end, (l1Index + 1) * this.#coverage);
+        continue;
+      }
+      if (!whole && !this.#ext) { await zeroes(pos, cEnd); pos = cEnd; continue; }
+      const e = await this.#entry(pos, backing && v3);
+      if (this.#inflight.has(c)) continue;
+      const allocated = e !== undefined && (e.host !== 0 || e.compressed);
+      if (!v3) {
+        if (backing) await zeroes(pos, cEnd);
+        else if (allocated && (mayUnmap || discard)) this.#release(e!, 0);
+        else if (allocated) await zeroes(pos, cEnd);
+      } else if (!e) {
+        // No table: only possible without a backing file, where that reads as zeroes.
+      } else if (!this.#ext) {
+        if (allocated || e.zero || backing) {
+          if (discard && !backing) this.#release(e, 0);
+          else this.#release(e, mayUnmap || discard ? 0 : e.host, true);
+        }
+      } else {
+        await this.#zeroExtended(e, pos, cEnd, mayUnmap, discard, zeroes);
+      }
+      pos = cEnd;
+    }
+  }
+
+  /** Zeroes [pos, cEnd) of one cluster with extended L2: whole subclusters by their bits, pieces by writing. */
+  async #zeroExtended(e: Entry, pos: number, cEnd: number, mayUnmap: boolean, discard: boolean, zeroes: (from: number, to: number) => Promise<void>): Promise<void> {
+    const cStart = this.#clusterStart(pos);
+    const full = this.#fullBits(cStart, pos, cEnd);
+    const unallocate = discard && !this.#p.hasBacking;
+    if (e.compressed) {
+      // A compressed cluster changes as a whole: in part, through a copy-on-write write.
+      if (full !== ALL_SUBCLUSTERS) return zeroes(pos, cEnd);
+      this.#frees.push(this.#compressedRange(e));
+      this.#setEntry(e, 0, false, unallocate ? 0 : ALL_SUBCLUSTERS, 0);
+      return;
+    }
+    // Pieces of subclusters at either end.
+    const headEnd = Math.min(cEnd, Math.ceil(pos / this.#sc) * this.#sc);
+    if (headEnd > pos && pos % this.#sc !== 0) await zeroes(pos, headEnd);
+    const tailStart = Math.max(headEnd, Math.floor(cEnd / this.#sc) * this.#sc);
+    if (tailStart < cEnd && cEnd < this.#size) await zeroes(tailStart, cEnd);
+    if (!full) return;
+    const cur = this.#decode(e.table, e.l2Offset, cStart);
+    const alloc = (cur.allocBits & ~full) >>> 0;
+    const zeroBits = (unallocate ? cur.zeroBits & ~full : cur.zeroBits | full) >>> 0;
+    if (cur.host !== 0 && alloc === 0 && (mayUnmap || discard)) {
+      this.#frees.push([cur.host, this.#cs]);
+      this.#setEntry(cur, 0, false, zeroBits, 0);
+    } else {
+      this.#setEntry(cur, cur.host, false, zeroBits, alloc);
+    }
+  }
+
+  /** Makes a standard cluster zero (`zero`) or unallocated, keeping `keepHost` reserved; frees what it held otherwise. */
+  #release(e: Entry, keepHost: number, zero = false): void {
+    if (e.compressed) this.#frees.push(this.#compressedRange(e));
+    else if (e.host !== 0 && keepHost === 0) this.#frees.push([e.host, this.#cs]);
+    if (this.#ext) this.#setEntry(e, keepHost, false, zero ? ALL_SUBCLUSTERS : 0, 0);
+    else this.#setEntry(e, e.compressed ? 0 : keepHost, zero, 0, 0);
+  }
+
+  #zeroBuffer(): Uint8Array {
+    if (!this.#zeroes) { this.#zeroes = this.#p.allocBuffer(this.#cs); this.#zeroes.fill(0); }
+    return this.#zeroes;
+  }
+
+  // --- internals: tables ---------------------------------------------------------
+
+  #l2OffsetAt(l1Index: number): number {
+    const hi = this.#l1.getUint32(l1Index * 8);
+    const lo = this.#l1.getUint32(l1Index * 8 + 4);
+    return (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+  }
+
+  /** The L2 entry of the cluster at `pos`; its table is read, or allocated when `create` (else undefined when there is none). */
+  async #entry(pos: number, create: boolean): Promise<Entry | undefined> {
+    const l1Index = Math.floor(pos / this.#coverage);
+    let l2Offset = this.#l2OffsetAt(l1Index);
+    if (l2Offset === 0) {
+      if (!create) return undefined;
+      l2Offset = await this.#newTable(l1Index);
+    }
+    if (l2Offset % this.#cs !== 0 || l2Offset + this.#cs > this.#file.size) {
+      throw corrupt(this.#p.where, 'L1 entry', `L1 entry ${l1Index}: L2 table offset ${hex(l2Offset)} is unaligned or outside the file`, this.#h.l1TableOffset + l1Index * 8);
+    }
+    const table = await this.#cache.get(l2Offset);
+    return this.#decode(table, l2Offset, pos);
+  }
+
+  #newTable(l1Index: number): Promise<number> {
+    let p = this.#newTables.get(l1Index);
+    if (!p) {
+      p = (async () => {
+        const offset = await this.#refs.allocate(1);
+        this.#cache.add(offset, new Uint8Array(this.#cs));
+        // The table is empty, so pointing at it before it is on disk changes nothing a reader sees; the commit writes it first.
+        this.#l1.setUint32(l1Index * 8, (HI_COPIED | Math.floor(offset / TWO_32)) >>> 0);
+        this.#l1.setUint32(l1Index * 8 + 4, offset % TWO_32);
+        this.#l1Dirty = true;
+        return offset;
+      })().finally(() => this.#newTables.delete(l1Index));
+      this.#newTables.set(l1Index, p);
+    }
+    return p;
+  }
+
+  #decode(table: CachedTable, l2Offset: number, pos: number): Entry {
+    const index = Math.floor(pos / this.#cs) % this.#h.l2Entries;
+    const at = index * this.#h.l2EntrySize;
+    const hi = table.view.getUint32(at);
+    const lo = table.view.getUint32(at + 4);
+    const compressed = (hi & HI_COMPRESSED) !== 0;
+    const host = compressed ? 0 : (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+    const e: Entry = { table, l2Offset, at, host, compressed, zero: !compressed && (lo & LO_ZERO) !== 0, zeroBits: 0, allocBits: 0 };
+    if (this.#ext) {
+      e.zeroBits = table.view.getUint32(at + 8);
+      e.allocBits = table.view.getUint32(at + 12);
+    }
+    if (compressed) {
+      // Only for freeing: the raw descriptor words.
+      (e as Entry & { hi: number; lo: number }).hi = hi;
+      (e as Entry & { hi: number; lo: number }).lo = lo;
+    }
+    return e;
+  }
+
+  /** Host bytes a compressed cluster's descriptor covers (qcow2.txt "Compressed Clusters Descriptor"). */
+  #compressedRange(e: Entry): readonly [number, number] {
+    const { hi, lo } = e as Entry & { hi: number; lo: number };
+    const highBits = 70 - this.#h.clusterBits - 32;
+    const host = (hi & 0x3fff_ffff & ((1 << highBits) - 1)) * TWO_32 + lo;
+    const sectors = (((hi & 0x3fff_ffff) >>> highBits) & ((1 << (this.#h.clusterBits - 8)) - 1)) + 1;
+    return [host, sectors * 512 - (host % 512)];
+  }
+
+  #setEntry(e: Entry, host: number, zero: boolean, zeroBits: number, allocBits: number): void {
+    const v = e.table.view;
+    v.setUint32(e.at, host === 0 ? 0 : (HI_COPIED | Math.floor(host / TWO_32)) >>> 0);
+    v.setUint32(e.at + 4, ((host % TWO_32) | (zero ? LO_ZERO : 0)) >>> 0);
+    if (this.#ext) {
+      v.setUint32(e.at + 8, zeroBits >>> 0);
+      v.setUint32(e.at + 12, allocBits >>> 0);
+    }
+    this.#cache.markDirty(e.l2Offset);
+  }
+
+  #setExtBits(e: Entry, zeroBits: number, allocBits: number): void {
+    e.table.view.setUint32(e.at + 8, zeroBits >>> 0);
+    e.table.view.setUint32(e.at + 12, allocBits >>> 0);
+    this.#cache.markDirty(e.l2Offset);
+  }
+
+  // --- internals: header and commits ---------------------------------------------
+
+  /** Before the first change: stale autoclear features dropped, the dirty bit set for lazy refcounts. */
+  #begin(): Promise<void> {
+    this.#begun ??= (async () => {
+      if ((this.#h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n) {
+        // Bitmaps are not kept up to date here: the autoclear bit tells other programs they are stale.
+        await this.#writeHeaderU64(H_AUTOCLEAR, this.#h.autoclearFeatures & ~AUTOCLEAR_BITMAPS);
+      }
+      if (this.#lazy) await this.#setIncompat(this.#incompat | INCOMPAT_DIRTY);
+      await this.#file.flush();
+    })();
+    return this.#begun;
+  }
+
+  async #setIncompat(v: bigint): Promise<void> {
+    this.#incompat = v;
+    await this.#writeHeaderU64(H_INCOMPAT, v);
+  }
+
+  async #writeHeaderU64(at: number, v: bigint): Promise<void> {
+    if (this.#h.version < 3) return;
+    const b = new Uint8Array(8);
+    new DataView(b.buffer).setBigUint64(0, v);
+    await writeAligned(this.#file, at, b);
+  }
+
+  async #commitIfFull(): Promise<void> {
+    if (this.#cache.dirtyCount * 2 >= this.#cache.capacity || this.#refs.dirtyBlocks >= 64) await this.#commitAll();
+  }
+
+  /** Commits until nothing is dirty (applying frees dirties refcount blocks again). */
+  async #commitAll(): Promise<void> {
+    for (let i = 0; i < 4 && this.dirty; i++) await this.#commitOnce();
+  }
+
+  #commitOnce(): Promise<void> {
+    const run = this.#commit.then(() => this.#doCommit());
+    this.#commit = run.catch(() => {});
+    return run;
+  }
+
+  async #doCommit(): Promise<void> {
+    if (!this.dirty) return;
+    const file = this.#file;
+    // One instant, between allocations: every L2 entry in these copies points at clusters whose refcounts are in `rc`.
+    const { frees, l2, l1, rc } = await this.#refs.exclusive(() => {
+      const taken = {
+        frees: this.#frees,
+        l2: this.#cache.takeDirty(),
+        l1: this.#l1Dirty ? new Uint8Array(this.#l1.buffer, this.#l1.byteOffset, this.#l1.byteLength).slice() : undefined,
+        rc: this.#refs.capture(),
+      };
+      this.#frees = [];
+      this.#l1Dirty = false;
+      return taken;
+    });
+    let stage = 'refcount blocks';
+    try {
+      await Promise.all(rc.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
+      if (rc.table) { stage = 'refcount table'; await writeAligned(file, rc.table.offset, rc.table.bytes); }
+      if (rc.moved) {
+        stage = 'header';
+        await file.flush();
+        const b = new Uint8Array(12);
+        const dv = new DataView(b.buffer);
+        dv.setBigUint64(0, BigInt(rc.moved.offset));
+        dv.setUint32(8, rc.moved.clusters);
+        await writeAligned(file, H_REFTABLE, b);
+      }
+      if (l2.length || l1) {
+        // Refcounts before the references to the clusters they count.
+        if (!this.#lazy && (rc.blocks.length || rc.table)) await file.flush();
+        stage = 'L2 tables';
+        await Promise.all(l2.map((t) => writeAligned(file, t.offset, t.bytes)));
+        if (l1) {
+          stage = 'L1 table';
+          await file.flush();
+          await writeAligned(file, this.#h.l1TableOffset, l1);
+        }
+      }
+      const released = [...frees, ...rc.freeAfter];
+      if (released.length) {
+        // Nothing on disk refers to these any more once the tables above are stable.
+        if (!this.#lazy) await file.flush();
+        await this.#refs.applyFrees(released);
+      }
+    } catch (err) {
+      this.#cache.restoreDirty(l2);
+      if (l1) this.#l1Dirty = true;
+      this.#refs.restore(rc);
+      this.#frees.push(...frees);
+      if (err instanceof BlockError) throw new BlockError(err.code, `committing metadata (${stage}): ${err.message}`, { location: this.#p.where.location, op: 'flush', offset: err.offset, cause: err });
+      throw err;
+    }
+  }
+}
