@@ -1,5 +1,5 @@
 /**
- * The `blockconv` command: convert, info, compare, map, drivers. Flags follow
+ * The `blockconv` command: convert, create, check, info, compare, map, drivers. Flags follow
  * qemu-img so that operators can switch without relearning. Errors are one line on
  * stderr (a stack trace only with --debug) and a non-zero exit.
  */
@@ -11,13 +11,16 @@ import {
   DEFAULT_WORKERS,
   formatSize,
   mapImage,
+  resolveRelative,
   MAX_WORKERS,
   parseSize,
   startConvert,
   type BlockBackend,
   type CacheMode,
+  type CheckResult,
   type DriverRegistry,
 } from '@blockconv/core';
+import { createRequire } from 'node:module';
 import { discoverDrivers, type Discovery } from './discover.js';
 import { progressSink, type ProgressMode } from './progress.js';
 
@@ -102,6 +105,7 @@ export function buildProgram(ctx: Context): Command {
   const program = new Command('blockconv')
     .description('Copy and convert disk images between storage back ends (local files, qcow2, NFS, iSCSI).')
     .option('--debug', 'print stack traces of errors')
+    .version(createRequire(import.meta.url)('../package.json').version as string, '-V, --version')
     .showSuggestionAfterError()
     .configureHelp({ sortOptions: false })
     .exitOverride();
@@ -137,6 +141,72 @@ Examples:
     .action(async (images: string[], opts: ConvertFlags, cmd: Command) => {
       if (images.length < 2) cmd.error('error: convert needs a source and a target');
       await runConvert(ctx, images.slice(0, -1), images.at(-1)!, opts);
+    });
+
+  program
+    .command('create')
+    .description('Create a new, empty image (as qemu-img create).')
+    .usage('[options] <filename> [size]')
+    .argument('<filename>')
+    .argument('[size]', 'virtual size (suffixes k, M, G, T); default: the backing file\'s', (v: string) => parseSize(v, 'size'))
+    .option('-f, --format <fmt>', 'image format', 'raw')
+    .option('-o, --options <k=v,...>', 'format options ("-o help" lists them)', keyValues)
+    .option('-b, --backing <file>', 'backing file (relative names are taken from the new image\'s directory)')
+    .option('-F, --backing-format <fmt>', 'format of the backing file (default: probed)')
+    .option('-q, --quiet', 'print nothing but errors')
+    .action(async (filename: string, size: number | undefined, opts: { format: string; options?: Record<string, string>; backing?: string; backingFormat?: string; quiet?: boolean }) => {
+      const reg = await registry(ctx);
+      if (opts.options?.help) return printCreateOptions(ctx, reg, opts.format);
+      const options: Record<string, string> = { ...opts.options };
+      if (opts.backing !== undefined) options.backing_file = opts.backing;
+      if (opts.backingFormat !== undefined) options.backing_fmt = opts.backingFormat;
+      if (size === undefined) {
+        if (options.backing_file === undefined) throw new BlockError('EINVAL', 'give the image size (or a backing file to take it from)');
+        const backing = await reg.open(resolveRelative(filename, options.backing_file), { readOnly: true, format: options.backing_fmt });
+        size = backing.size;
+        await backing.close();
+      }
+      if (!opts.quiet) {
+        const shown = Object.entries(options).map(([k, v]) => ` ${k}=${v}`).join('');
+        process.stdout.write(`Formatting '${filename}', fmt=${opts.format}${shown} size=${size}\n`);
+      }
+      const img = await reg.create(filename, size, { format: opts.format, options });
+      await img.close();
+    });
+
+  program
+    .command('check')
+    .description('Check an image\'s metadata for consistency (as qemu-img check). Exit 0: clean, 1: check failed, 2: corruptions, 3: leaks only.')
+    .argument('<image>')
+    .option('-f, --format <fmt>', 'image format (default: probed)')
+    .addOption(new Option('-r, --repair <what>', 'repair leaks, or all inconsistencies that can be repaired').choices(['leaks', 'all']))
+    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .option('-q, --quiet', 'print nothing; the exit code tells')
+    .action(async (image: string, opts: { format?: string; repair?: 'leaks' | 'all'; output: 'human' | 'json'; quiet?: boolean }) => {
+      const reg = await registry(ctx);
+      let r: CheckResult;
+      let fixed: CheckResult | undefined;
+      try {
+        r = await reg.check(image, { format: opts.format, repair: opts.repair });
+        // As qemu-img does: after a repair, check again and report on the repaired image.
+        if (opts.repair && (r.leaksFixed || r.corruptionsFixed)) { fixed = r; r = await reg.check(image, { format: opts.format }); }
+      } catch (err) {
+        throw new ExitError(1, describe(err, ctx.debug));
+      }
+      const format = opts.format ?? 'qcow2';
+      if (opts.output === 'json') {
+        process.stdout.write(JSON.stringify({
+          'image-end-offset': r.imageEndOffset, 'total-clusters': r.totalClusters, 'check-errors': r.checkErrors,
+          'allocated-clusters': r.allocatedClusters, filename: image, format,
+          'fragmented-clusters': r.fragmentedClusters, 'compressed-clusters': r.compressedClusters,
+          leaks: r.leaks, corruptions: r.corruptions,
+          'leaks-fixed': fixed?.leaksFixed ?? r.leaksFixed, 'corruptions-fixed': fixed?.corruptionsFixed ?? r.corruptionsFixed,
+        }, null, 4) + '\n');
+      } else if (!opts.quiet) {
+        process.stdout.write(humanCheck(r, fixed));
+      }
+      const code = r.checkErrors ? 1 : r.corruptions ? 2 : r.leaks ? 3 : 0;
+      if (code) throw new ExitError(code, '');
     });
 
   program
@@ -262,6 +332,35 @@ Examples:
   return program;
 }
 
+async function printCreateOptions(ctx: Context, reg: DriverRegistry, format: string): Promise<void> {
+  await ctx.discovery!.loadAll();
+  const fmt = reg.format(format);
+  const lines = (fmt.createOptions ?? []).map((c) => `  ${c.name.padEnd(20)} ${c.description}${c.default !== undefined ? ` (default: ${c.default})` : ''}`);
+  process.stdout.write(`Supported options for ${fmt.name}:\n${lines.length ? lines.join('\n') : '  (none)'}\n`);
+}
+
+/** qemu-img check's human report. */
+function humanCheck(r: CheckResult, fixed: CheckResult | undefined): string {
+  const out: string[] = [];
+  if (fixed) {
+    out.push(...fixed.messages, '', 'The following inconsistencies were found and repaired:', '',
+      `    ${fixed.leaksFixed} leaked clusters`, `    ${fixed.corruptionsFixed} corruptions`, '', 'Double checking the fixed image now...');
+  }
+  out.push(...r.messages);
+  if (r.messages.length) out.push('');
+  if (r.corruptions) out.push(`${r.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+  if (r.leaks) out.push(`${r.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+  if (r.checkErrors) out.push(`${r.checkErrors} internal errors have occurred during the check.`);
+  if (!r.corruptions && !r.leaks && !r.checkErrors) out.push('No errors were found on the image.');
+  if (r.totalClusters && r.allocatedClusters) {
+    const pct = (a: number, b: number): string => (b ? (100 * a) / b : 0).toFixed(2);
+    out.push(`${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, ` +
+      `${pct(r.fragmentedClusters ?? 0, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters ?? 0, r.allocatedClusters)}% compressed clusters`);
+  }
+  if (r.imageEndOffset !== undefined) out.push(`Image end offset: ${r.imageEndOffset}`);
+  return out.join('\n') + '\n';
+}
+
 /** One image's info, with qemu-img info's field names. */
 async function describeImage(img: BlockBackend, name: string): Promise<Record<string, unknown>> {
   const actual = await img.allocatedSize?.();
@@ -318,13 +417,7 @@ interface ConvertFlags {
 
 async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
-  if (o.targetOptions?.help) {
-    await ctx.discovery!.loadAll();
-    const fmt = reg.format(o.targetFormat);
-    const lines = (fmt.createOptions ?? []).map((c) => `  ${c.name.padEnd(20)} ${c.description}${c.default !== undefined ? ` (default: ${c.default})` : ''}`);
-    process.stdout.write(`Supported options for ${fmt.name}:\n${lines.length ? lines.join('\n') : '  (none)'}\n`);
-    return;
-  }
+  if (o.targetOptions?.help) return printCreateOptions(ctx, reg, o.targetFormat);
   if (o.targetIsZero && o.create) throw new BlockError('EINVAL', '--target-is-zero requires -n (an existing target)');
   if (o.sparseSize % 512 !== 0) throw new BlockError('EINVAL', `-S must be a multiple of 512 bytes, got ${o.sparseSize}`);
   const sources: BlockBackend[] = [];

@@ -8,6 +8,9 @@ import {
   BLOCK_API_VERSION,
   type BlockBackend,
   type BlockDriver,
+  type CacheMode,
+  type CheckOptions,
+  type CheckResult,
   type CreateOptions,
   type FormatDriver,
   type ImageResolver,
@@ -150,6 +153,22 @@ export class DriverRegistry implements ImageResolver {
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
+    }
+  }
+
+  /** Checks an image's format metadata (qemu-img check): the named or probed format's check. */
+  async check(location: string, options: CheckOptions & { readonly format?: string; readonly cache?: CacheMode } = {}): Promise<CheckResult> {
+    await this.#load(location, options.format ?? '*');
+    const formatDriver = options.format === undefined ? undefined : this.format(options.format);
+    const file = await this.openProtocol(location, { readOnly: options.repair === undefined, cache: options.cache, signal: options.signal });
+    try {
+      const fmt = formatDriver ?? (await this.probe(file, location));
+      if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location });
+      return await fmt.check(file, options);
+    } catch (err) {
+      throw toBlockError(err, { op: 'check', location });
+    } finally {
+      await file.close().catch(() => {});
     }
   }
 

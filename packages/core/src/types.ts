@@ -196,9 +196,39 @@ export interface FormatDriver extends DriverBase {
    * formats that grow themselves: 0).
    */
   protocolSizeFor?(size: number, options: CreateOptions): number;
+  /**
+   * Checks the format's metadata in `file` (opened read-write when repairing) and
+   * repairs what options.repair allows; does not close `file`.
+   */
+  check?(file: BlockBackend, options: CheckOptions): Promise<CheckResult>;
 }
 
 export type BlockDriver = ProtocolDriver | FormatDriver;
+
+export interface CheckOptions {
+  /** Repair what can be: "leaks" only, or "all" (refcounts too low as well), as qemu-img check -r. */
+  readonly repair?: 'leaks' | 'all';
+  readonly signal?: AbortSignal;
+}
+
+/** What a consistency check found, in qemu-img check's terms. */
+export interface CheckResult {
+  /** Inconsistencies that may corrupt data (e.g. a cluster in use with too low a refcount). */
+  readonly corruptions: number;
+  /** Space marked in use that nothing refers to: wasted, no harm to data. */
+  readonly leaks: number;
+  /** Parts that could not be checked (I/O errors, unreadable tables). */
+  readonly checkErrors: number;
+  readonly corruptionsFixed: number;
+  readonly leaksFixed: number;
+  /** One line per problem, as qemu-img check prints them. */
+  readonly messages: readonly string[];
+  readonly imageEndOffset?: number;
+  readonly totalClusters?: number;
+  readonly allocatedClusters?: number;
+  readonly fragmentedClusters?: number;
+  readonly compressedClusters?: number;
+}
 
 /** Opens further images by name, e.g. a format driver resolving its backing file. */
 export interface ImageResolver {

@@ -227,7 +227,7 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
     throw new BlockError('EFBIG', `virtual size ${size} needs an L1 table of ${l1Size * 8} bytes, more than ${MAX_L1_BYTES}: use a larger cluster_size`, { ...where, field: 'size' });
   }
 
-  // Header without an L1 table, refcount table in cluster 1, its first block in cluster 2.
+  // Refcount table in cluster 1, its first block in cluster 2; the header comes last.
   await file.resize(2 * cs);
   const refcounts = new Refcounts({
     file, clusterSize: cs, refcountOrder: o.refcountOrder, table: new Uint8Array(cs), tableOffset: cs,
@@ -235,7 +235,6 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
     end: 2 * cs, where,
   });
   await refcounts.markUsed(0, 2);
-  await writeAligned(file, 0, encodeHeader({ o, size, l1Size: 0, l1Offset: 0, reftableOffset: cs, reftableClusters: 1 }));
   const l1Offset = l1Size > 0 ? await refcounts.allocate(Math.ceil((l1Size * 8) / cs)) : 0;
   const rc = refcounts.capture();
   await Promise.all(rc.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
@@ -243,7 +242,7 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
   await file.flush();
   const reftableOffset = rc.moved?.offset ?? cs;
   const reftableClusters = rc.moved?.clusters ?? 1;
-  // The L1 table reads as zeroes (the file grew over it): the header can point at it.
+  // The L1 table reads as zeroes (the file grew over it): the header can point at it. Only now is the file an image.
   await writeAligned(file, 0, encodeHeader({ o, size, l1Size, l1Offset, reftableOffset, reftableClusters }));
   if (rc.freeAfter.length) {
     await file.flush();

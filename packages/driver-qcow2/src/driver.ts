@@ -14,7 +14,6 @@ import {
   BlockError,
   parseLocation,
   parseSize,
-  readAligned,
   resolveRelative,
   type BlockBackend,
   type FormatDriver,
@@ -24,8 +23,10 @@ import {
 import { Qcow2Backend } from './backend.js';
 import { TableCache } from './cache.js';
 import { corrupt } from './errors.js';
+import { checkQcow2 } from './check.js';
 import { CREATE_OPTIONS, createQcow2, freshlyCreated } from './create.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW2_MAGIC, headerReadLength, parseHeader, type Qcow2Header } from './header.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW2_MAGIC, type Qcow2Header } from './header.js';
+import { metaReader, readHeader, type ReadMeta } from './io.js';
 import { ClusterMapper } from './mapping.js';
 import { Refcounts } from './refcounts.js';
 import { checkSnapshotL1, findSnapshot, readSnapshotTable, type Snapshot } from './snapshots.js';
@@ -102,13 +103,8 @@ export async function openQcow2(file: BlockBackend, options: OpenOptions & { rea
     throw new BlockError('ENOTSUP', `backing chain deeper than ${MAX_CHAIN_DEPTH} images`, { ...where, field: 'backing_file' });
   }
   const opts = parseOptions(options.options, file.location);
-  const readMeta = (offset: number, length: number): Promise<Uint8Array> =>
-    readAligned(file, offset, length, file.allocBuffer && (file.limits.minMemAlignment ?? 1) > 1 ? file.allocBuffer(length) : new Uint8Array(length));
-
-  const prefix = await readMeta(0, Math.min(file.size, 512));
-  const firstLength = headerReadLength(prefix, file.size, where);
-  const first = firstLength <= prefix.length ? prefix : await readMeta(0, firstLength);
-  const header = parseHeader(first, file.size, where);
+  const readMeta = metaReader(file);
+  const header = await readHeader(file, readMeta, where);
   const warnings = [...header.warnings];
 
   const snapshots = await readSnapshotTable(header, file.size, readMeta, where);
@@ -186,7 +182,7 @@ function refuseWriting(h: Qcow2Header, snapshots: number, readingSnapshot: boole
 }
 
 /** The refcount table, read whole (at most 8 MiB), and the allocator over it. */
-async function openRefcounts(file: BlockBackend, h: Qcow2Header, readMeta: (offset: number, length: number) => Promise<Uint8Array>, l2CacheSize: number, where: { location: string; op: string }): Promise<Refcounts> {
+async function openRefcounts(file: BlockBackend, h: Qcow2Header, readMeta: ReadMeta, l2CacheSize: number, where: { location: string; op: string }): Promise<Refcounts> {
   const bytes = h.refcountTableClusters * h.clusterSize;
   if (h.refcountTableOffset + bytes > file.size) {
     throw corrupt(where, 'refcount_table_offset', `refcount table at ${h.refcountTableOffset} (${bytes} bytes) runs past the end of the file (${file.size} bytes)`, 48);
@@ -223,4 +219,5 @@ export const qcow2Driver: FormatDriver = {
   create: createQcow2,
   // The image grows as clusters are allocated; the protocol object starts empty.
   protocolSizeFor: () => 0,
+  check: checkQcow2,
 };

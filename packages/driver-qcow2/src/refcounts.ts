@@ -281,17 +281,7 @@ export class Refcounts {
   }
 
   #write(t: CachedTable, i: number, v: number): void {
-    switch (this.#bits) {
-      case 64: t.view.setUint32(i * 8, Math.floor(v / TWO_32)); t.view.setUint32(i * 8 + 4, v % TWO_32); return;
-      case 32: t.view.setUint32(i * 4, v); return;
-      case 16: t.view.setUint16(i * 2, v); return;
-      case 8: t.bytes[i] = v; return;
-      default: {
-        const bit = i * this.#bits;
-        const mask = ((1 << this.#bits) - 1) << (bit & 7);
-        t.bytes[bit >> 3] = (t.bytes[bit >> 3]! & ~mask) | ((v << (bit & 7)) & mask);
-      }
-    }
+    setRefcountAt(t.bytes, t.view, this.#bits, i, v);
   }
 }
 
@@ -305,6 +295,20 @@ export function refcountAt(bytes: Uint8Array, view: DataView, bits: number, i: n
     default: {
       const bit = i * bits;
       return (bytes[bit >> 3]! >> (bit & 7)) & ((1 << bits) - 1);
+    }
+  }
+}
+
+export function setRefcountAt(bytes: Uint8Array, view: DataView, bits: number, i: number, v: number): void {
+  switch (bits) {
+    case 64: view.setUint32(i * 8, Math.floor(v / TWO_32)); view.setUint32(i * 8 + 4, v % TWO_32); return;
+    case 32: view.setUint32(i * 4, v); return;
+    case 16: view.setUint16(i * 2, v); return;
+    case 8: bytes[i] = v; return;
+    default: {
+      const bit = i * bits;
+      const mask = ((1 << bits) - 1) << (bit & 7);
+      bytes[bit >> 3] = (bytes[bit >> 3]! & ~mask) | ((v << (bit & 7)) & mask);
     }
   }
 }

@@ -29,6 +29,8 @@ export interface Snapshot {
   readonly icount?: number;
   /** Offset of the entry in the file, for messages. */
   readonly entryOffset: number;
+  /** Bytes the entry takes in the table, padding included. */
+  readonly entryLength: number;
 }
 
 export type ReadMeta = (offset: number, length: number) => Promise<Uint8Array>;
@@ -81,6 +83,7 @@ export async function readSnapshotTable(h: Qcow2Header, fileSize: number, read: 
       id: utf8.decode(buf.subarray(idAt, idAt + idSize)),
       name: utf8.decode(buf.subarray(idAt + idSize, idAt + idSize + nameSize)),
       entryOffset,
+      entryLength: Math.ceil(end / 8) * 8 - at,
     };
     out.push(snap);
     at = Math.ceil(end / 8) * 8;

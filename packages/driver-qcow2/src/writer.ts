@@ -31,6 +31,11 @@ const HI_COPIED = 0x8000_0000;
 const HI_COMPRESSED = 0x4000_0000;
 const LO_ZERO = 1;
 const ALL_SUBCLUSTERS = 0xffff_ffff;
+/**
+ * Longest time metadata stays only in memory while writes go on: a long convert that
+ * dies keeps most of what it wrote reachable (and the crash tests see commits).
+ */
+const COMMIT_INTERVAL_MS = 1000;
 
 /** Header field offsets (qcow2.txt "Header"). */
 const H_REFTABLE = 48;
@@ -103,6 +108,7 @@ export class Qcow2Writer {
   #commit: Promise<void> = Promise.resolve();
   #zeroes: Uint8Array | undefined;
   #incompat: bigint;
+  #lastCommit = performance.now();
 
   constructor(p: WriterParams) {
     this.#p = p;
@@ -526,8 +532,10 @@ export class Qcow2Writer {
     await writeAligned(this.#file, at, b);
   }
 
+  /** Commits when the caches fill up with dirty tables, and at least every COMMIT_INTERVAL_MS while writing. */
   async #commitIfFull(): Promise<void> {
-    if (this.#cache.dirtyCount * 2 >= this.#cache.capacity || this.#refs.dirtyBlocks >= 64) await this.#commitAll();
+    const due = performance.now() - this.#lastCommit >= COMMIT_INTERVAL_MS;
+    if (due || this.#cache.dirtyCount * 2 >= this.#cache.capacity || this.#refs.dirtyBlocks >= 64) await this.#commitAll();
   }
 
   /** Commits until nothing is dirty (applying frees dirties refcount blocks again). */
@@ -542,6 +550,7 @@ export class Qcow2Writer {
   }
 
   async #doCommit(): Promise<void> {
+    this.#lastCommit = performance.now();
     if (!this.dirty) return;
     const file = this.#file;
     // One instant, between allocations: every L2 entry in these copies points at clusters whose refcounts are in `rc`.
