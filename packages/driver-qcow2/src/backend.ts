@@ -18,7 +18,7 @@ import {
   type WriteZeroesFlags,
 } from '@blockconv/core';
 import type { TableCache } from './cache.js';
-import { decompressGroupInto } from './compression.js';
+import { readCompressedGroup } from './compression.js';
 import { INCOMPAT_CORRUPT, type Qcow2Header } from './header.js';
 import { buildInfo, readBitmapList } from './info.js';
 import { KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, newRun, type ClusterMapper } from './mapping.js';
@@ -318,10 +318,7 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   async #readCompressed(group: CompressedGroup, out: Uint8Array): Promise<void> {
-    const n = group.end - group.start;
-    const raw = await readAligned(this.#file, group.start, n, this.#buffer(n));
-    const items = group.items.map((item) => ({ ...item, location: this.location, start: item.host - group.start }));
-    await decompressGroupInto(this.header.compressionType, raw, items, this.#clusterSize, out);
+    await readCompressedGroup(this.#file, this.header.compressionType, this.#clusterSize, group, out);
   }
 
   #buffer(n: number): Uint8Array {

@@ -14,7 +14,7 @@
  * cut and hostile headers are refused before anything is allocated.
  */
 import { constants as zc, inflateRaw } from 'node:zlib';
-import { BlockError } from '@blockconv/core';
+import { BlockError, readAligned, type BlockBackend } from '@blockconv/core';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header.js';
 import { ZstdBatchError, zstdPool, type ZstdBatch } from './zstd-pool.js';
 
@@ -35,6 +35,8 @@ export interface CompressedRef {
 /** One cluster of a group: its compressed bytes start at `start` in the group's buffer. */
 export interface CompressedItem extends CompressedRef {
   readonly start: number;
+  /** Where the bytes it may use end in that buffer (its group's end); default: the buffer's end. */
+  readonly end?: number;
 }
 
 function bad(ref: CompressedRef, message: string, cause?: unknown): BlockError {
@@ -127,7 +129,7 @@ function kindName(type: number, ref: CompressedRef | undefined): 'zlib' | 'zstd'
 function spansOf(kind: 'zlib' | 'zstd', raw: Uint8Array, items: readonly CompressedItem[], clusterSize: number, outAt: (i: number) => number): Float64Array {
   const spans = new Float64Array(3 * items.length);
   items.forEach((item, i) => {
-    const length = kind === 'zstd' ? zstdFrameLength(raw.subarray(item.start), clusterSize, item) : raw.length - item.start;
+    const length = kind === 'zstd' ? zstdFrameLength(raw.subarray(item.start, item.end), clusterSize, item) : (item.end ?? raw.length) - item.start;
     spans[3 * i] = item.start;
     spans[3 * i + 1] = length;
     spans[3 * i + 2] = outAt(i);
@@ -187,6 +189,115 @@ export async function decompressGroupInto(type: number, raw: Uint8Array, items: 
   if (failed) throw failed.reason;
 }
 
+/** A run of compressed data in the file (`start` to `end`) and the clusters in it. */
+export interface HostGroup {
+  readonly start: number;
+  readonly end: number;
+  readonly items: ReadonlyArray<{ readonly host: number; readonly guest: number; readonly outAt: number; readonly inCluster: number; readonly length: number }>;
+}
+
+/** Groups of one file for one output buffer, gathered until the current task yields. */
+interface PendingRead {
+  readonly file: BlockBackend;
+  readonly type: number;
+  readonly clusterSize: number;
+  readonly out: Uint8Array;
+  readonly groups: HostGroup[];
+  readonly done: Promise<void>;
+  settle(err?: unknown): void;
+}
+
+let pendingReads: PendingRead[] = [];
+
+/**
+ * Reads and decompresses a group of compressed clusters into `out`. Groups asked for
+ * in the same synchronous run (one read request walking its clusters: qemu-img
+ * writes compressed clusters in completion order, so they seldom sit next to each
+ * other in the file) are fetched together, with one vectored read where the file
+ * has one, and decompressed as one batch: two thread-pool round trips per request
+ * instead of two per cluster. Settles once every cluster of the batch has.
+ */
+export function readCompressedGroup(file: BlockBackend, type: number, clusterSize: number, group: HostGroup, out: Uint8Array): Promise<void> {
+  let batch = pendingReads.find((p) => p.file === file && p.out === out && p.type === type && p.clusterSize === clusterSize);
+  if (!batch) {
+    if (pendingReads.length === 0) queueMicrotask(flushReads);
+    let settle!: (err?: unknown) => void;
+    const done = new Promise<void>((resolve, reject) => { settle = (err) => (err === undefined ? resolve() : reject(err)); });
+    batch = { file, type, clusterSize, out, groups: [], done, settle };
+    pendingReads.push(batch);
+  }
+  batch.groups.push(group);
+  return batch.done;
+}
+
+function flushReads(): void {
+  const batches = pendingReads;
+  pendingReads = [];
+  for (const b of batches) readBatch(b).then(() => b.settle(), (err: unknown) => b.settle(err ?? new Error('compressed read failed')));
+}
+
+async function readBatch(b: PendingRead): Promise<void> {
+  const { file, groups } = b;
+  let total = 0;
+  for (const g of groups) total += g.end - g.start;
+  const memAlign = Math.max(1, file.limits.minMemAlignment ?? 1);
+  const alignKey = memAlign > 1 && file.allocBuffer ? memAlign : 1;
+  const input = takeInput(total, alignKey, file);
+  try {
+    const items: PlacedItem[] = [];
+    const segments = new Float64Array(3 * groups.length);
+    let at = 0;
+    groups.forEach((g, i) => {
+      segments[3 * i] = g.start;
+      segments[3 * i + 1] = g.end - g.start;
+      segments[3 * i + 2] = at;
+      // A stream may use the bytes up to its group's end, as when each group was read alone.
+      const end = at + g.end - g.start;
+      for (const item of g.items) items.push({ ...item, location: file.location, start: at + item.host - g.start, end });
+      at += g.end - g.start;
+    });
+    if (groups.length > 1 && file.readSegments && file.limits.requestAlignment === 1 && memAlign === 1) {
+      await file.readSegments(input, segments, groups.length);
+    } else {
+      const reads = groups.map((g, i) => readAligned(file, g.start, g.end - g.start, input.subarray(segments[3 * i + 2]!, segments[3 * i + 2]! + g.end - g.start)));
+      const results = await Promise.allSettled(reads);
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
+    }
+    await decompressGroupInto(b.type, input.subarray(0, total), items, b.clusterSize, b.out);
+  } finally {
+    giveInput(input, alignKey);
+  }
+}
+
+/**
+ * Input buffers kept for reuse, by memory alignment, in power-of-two sizes: a fresh
+ * buffer per request would be garbage the size of the compressed data.
+ */
+const MAX_SPARE_INPUT_BYTES = 32 * 1024 * 1024;
+const spareInput = new Map<number, Uint8Array[]>();
+let spareInputBytes = 0;
+
+/** A buffer of at least `bytes`; with `align` > 1 allocated by the file (aligned for O_DIRECT). */
+function takeInput(bytes: number, align: number, file: BlockBackend): Uint8Array {
+  const size = Math.max(64 * 1024, 2 ** Math.ceil(Math.log2(Math.max(1, bytes))));
+  const list = spareInput.get(align);
+  const i = list ? list.findIndex((b) => b.length === size) : -1;
+  if (i >= 0) {
+    spareInputBytes -= size;
+    return list!.splice(i, 1)[0]!;
+  }
+  return align > 1 ? file.allocBuffer!(size) : new Uint8Array(size);
+}
+
+function giveInput(b: Uint8Array, align: number): void {
+  if (spareInputBytes + b.length > MAX_SPARE_INPUT_BYTES) return;
+  let list = spareInput.get(align);
+  if (!list) spareInput.set(align, (list = []));
+  list.push(b);
+  spareInputBytes += b.length;
+}
+
 /**
  * Decompresses the clusters of a group of compressed data read in one piece
  * (trailing bytes after each stream allowed). Resolves with one cluster per item;
@@ -211,14 +322,14 @@ export async function decompressGroup(type: number, raw: Uint8Array, items: read
     };
   }
   if (type === COMPRESSION_ZLIB) {
-    const results = await Promise.allSettled(items.map((item) => inflateCluster(raw.subarray(item.start), clusterSize, item)));
+    const results = await Promise.allSettled(items.map((item) => inflateCluster(raw.subarray(item.start, item.end), clusterSize, item)));
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
     return { clusters: results.map((r) => (r as PromiseFulfilledResult<Uint8Array>).value), release: noop };
   }
   if (type === COMPRESSION_ZSTD) {
     const frames: number[] = [];
-    for (const item of items) frames.push(item.start, zstdFrameLength(raw.subarray(item.start), clusterSize, item));
+    for (const item of items) frames.push(item.start, zstdFrameLength(raw.subarray(item.start, item.end), clusterSize, item));
     let batch: ZstdBatch;
     try {
       batch = await zstdPool().decompressBatch(raw, frames, clusterSize);
