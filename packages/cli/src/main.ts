@@ -120,6 +120,7 @@ export function buildProgram(ctx: Context): Command {
     .option('-O, --target-format <fmt>', 'target format', 'raw')
     .option('-o, --target-options <k=v,...>', 'target format options ("-o help" lists them)', keyValues)
     .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS})`, intOption('workers', 1, MAX_WORKERS), DEFAULT_WORKERS)
+    .option('-c, --compress', 'store the target compressed (qcow2: clusters that shrink, in the image\'s compression_type)')
     .option('-W, --out-of-order', 'allow writes to complete out of order (faster; the target is only consistent at the end)')
     .option('-S, --sparse-size <size>', 'zero runs of at least this size are not written; 0 writes everything (fully allocated target)', sizeOption('sparse size'), 4096)
     .option('-n, --no-create', 'do not create the target: write into an existing image of at least the source size')
@@ -402,6 +403,7 @@ interface ConvertFlags {
   targetOptions?: Record<string, string>;
   workers: number;
   outOfOrder?: boolean;
+  compress?: boolean;
   sparseSize: number;
   create: boolean;
   targetIsZero?: boolean;
@@ -443,6 +445,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       workers: o.workers,
       bufferSize: o.bufferSize,
       outOfOrder: o.outOfOrder,
+      compress: o.compress,
       minSparse: o.sparseSize,
       targetIsZero: o.targetIsZero,
       rateLimit: o.rateLimit,

@@ -51,6 +51,8 @@ export interface ConvertOptions {
   readonly targetIsZero?: boolean;
   /** Bytes per second (-r); unlimited when absent or 0. */
   readonly rateLimit?: number;
+  /** Store data compressed (-c): the target must be able to (canCompress). */
+  readonly compress?: boolean;
   /** Flush the target at the end (default true). The job does not resolve until it succeeds. */
   readonly flush?: boolean;
   readonly signal?: AbortSignal;
@@ -292,6 +294,9 @@ function validate(o: ConvertOptions): void {
     throw new BlockError('EINVAL', `minSparse must be a multiple of ${SECTOR} bytes, got ${o.minSparse}`);
   }
   if (o.target.readOnly) throw new BlockError('EROFS', 'target is read-only', { location: o.target.location });
+  if (o.compress && !o.target.canCompress) {
+    throw new BlockError('EINVAL', `the target (${o.target.driverName}) cannot store compressed data`, { location: o.target.location });
+  }
 }
 
 async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): Promise<ConvertResult> {
@@ -319,7 +324,8 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   const bufferSize = Math.max(align, roundDown(Math.min(o.bufferSize ?? DEFAULT_BUFFER_SIZE, maxTransfer), align));
   // Chunks and zero runs on the target's preferred granularity (qcow2 clusters) spare it
   // copy-on-write, as long as a buffer holds one such unit; sources only need `align`.
-  const preferred = target.limits.preferredAlignment ?? 1;
+  // Compressed writes go by whole compression units (qcow2 clusters).
+  const preferred = (o.compress ? target.limits.compressionUnit : undefined) ?? target.limits.preferredAlignment ?? 1;
   const chunkAlign = preferred > align && preferred <= bufferSize && preferred % align === 0 ? preferred : align;
   const workers = Math.max(1, Math.min(o.workers ?? DEFAULT_WORKERS, Math.ceil(total / bufferSize) || 1));
   const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
@@ -391,6 +397,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     stats.bytesZeroed += length;
   };
 
+  const writeFlags = o.compress ? { compress: true } : undefined;
   const worker = async (): Promise<void> => {
     const buffer = allocate(bufferSize);
     const scanner = allData ? undefined : new ZeroScanner(buffer, unit, Math.max(minSparse, unit));
@@ -424,9 +431,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
           if (targetZero) stats.bytesSkipped += length;
           else await writeZeroes(targetOffset, length);
         } else if (!scanner) {
-          await target.write(targetOffset, buffer.subarray(0, length));
+          await target.write(targetOffset, buffer.subarray(0, length), writeFlags);
           stats.bytesWritten += length;
-        } else if (target.writeSegments && scanner.dataCount > 1) {
+        } else if (target.writeSegments && scanner.dataCount > 1 && !writeFlags) {
           // Data split by zero runs: all of it in one vectored request, then the zeroes.
           await target.writeSegments(targetOffset, buffer, scanner.dataSegments, scanner.dataCount);
           for (let i = 0; i < segments && !failure; i++) {
@@ -440,7 +447,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
             const start = scanner.segments[2 * i]!;
             const end = scanner.segments[2 * i + 1]!;
             if (!scanner.segmentIsZero[i]) {
-              await target.write(targetOffset + start, segments === 1 ? buffer.subarray(0, length) : buffer.subarray(start, end));
+              await target.write(targetOffset + start, segments === 1 ? buffer.subarray(0, length) : buffer.subarray(start, end), writeFlags);
               stats.bytesWritten += end - start;
             } else if (targetZero) {
               stats.bytesSkipped += end - start;

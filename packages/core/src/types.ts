@@ -30,6 +30,8 @@ export interface BlockLimits {
    * pwrite_zeroes_alignment plays this part in qemu-img convert).
    */
   readonly preferredAlignment?: number;
+  /** Compressed writes (WriteFlags.compress) cover whole blocks of this size: qcow2's cluster. */
+  readonly compressionUnit?: number;
 }
 
 /** What a range of an image holds, as block status reports it. */
@@ -55,6 +57,11 @@ export interface Extent {
 export interface WriteFlags {
   /** Force unit access: the data is on stable storage when the call resolves. */
   readonly fua?: boolean;
+  /**
+   * Store compressed where that saves space (canCompress backends; qemu-img -c). The
+   * request covers whole limits.compressionUnit blocks, the image's end aside.
+   */
+  readonly compress?: boolean;
 }
 
 export interface WriteZeroesFlags {
@@ -82,7 +89,7 @@ export interface BlockBackend {
    * new qcow2 without backing, a thin LUN that reports LBPRZ. Convert then skips zeroes.
    */
   readonly readsZeroesInitially: boolean;
-  /** Writes may be stored compressed (qcow2 -c). */
+  /** Writes may be stored compressed (WriteFlags.compress, qemu-img convert -c). */
   readonly canCompress: boolean;
   /** blockStatus tells real allocation; when false it reports the whole image as data. */
   readonly hasBlockStatus: boolean;

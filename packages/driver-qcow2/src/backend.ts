@@ -68,7 +68,7 @@ export class Qcow2Backend implements BlockBackend {
   readonly canWriteZeroes: boolean;
   readonly canDiscard: boolean;
   readonly readsZeroesInitially: boolean;
-  readonly canCompress = false;
+  readonly canCompress: boolean;
   readonly hasBlockStatus = true;
   readonly cheapHoleReads: boolean;
   /** Concurrent writes are ordered per cluster by the writer. */
@@ -116,12 +116,14 @@ export class Qcow2Backend implements BlockBackend {
       minMemAlignment: memAlign,
       // Whole clusters (subclusters with extended L2) need no copy-on-write.
       preferredAlignment: Math.max(align, p.header.subclusterSize),
+      compressionUnit: p.header.clusterSize,
     };
     const owner = below.find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) === memAlign);
     if (memAlign > 1 && owner) this.allocBuffer = owner.allocBuffer!.bind(owner);
     this.readOnly = p.write === undefined;
     this.canWriteZeroes = p.write !== undefined && (p.header.version === 3 || !p.backing);
     this.canDiscard = p.write !== undefined;
+    this.canCompress = p.write !== undefined;
     this.readsZeroesInitially = p.write?.fresh === true && !p.backing;
     if (p.write) {
       this.#writer = new Qcow2Writer({
@@ -228,7 +230,8 @@ export class Qcow2Backend implements BlockBackend {
     this.#check('write', offset, data.length);
     if (!this.#writer) return this.#refuse('write', offset);
     try {
-      await this.#writer.write(offset, data);
+      if (flags?.compress) await this.#writer.writeCompressed(offset, data);
+      else await this.#writer.write(offset, data);
       if (flags?.fua) await this.#writer.flush();
     } catch (err) {
       throw this.#contextual(err, 'write', offset, data.length);

@@ -106,6 +106,11 @@ export class Refcounts {
     return this.#serial(() => this.#increment(host, count));
   }
 
+  /** One more reference to the cluster at `host` (compressed data sharing it). */
+  addReference(host: number): Promise<void> {
+    return this.#serial(() => this.#add(Math.floor(host / this.#cs), 1));
+  }
+
   /** The refcount of the cluster at `host` (0 past the table or in a missing block). */
   async get(host: number): Promise<number> {
     const cluster = Math.floor(host / this.#cs);

@@ -24,6 +24,7 @@ import { BlockError, writeAligned, type BlockBackend, type WriteZeroesFlags } fr
 import type { TableCache, CachedTable } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
+import { STORE_UNCOMPRESSED, compressClusters } from './compress.js';
 import type { Refcounts } from './refcounts.js';
 
 const TWO_32 = 0x1_0000_0000;
@@ -109,6 +110,13 @@ export class Qcow2Writer {
   #zeroes: Uint8Array | undefined;
   #incompat: bigint;
   #lastCommit = performance.now();
+  /** Where the next compressed cluster's bytes go (0: start a new host cluster). */
+  #compressedEnd = 0;
+  #unalignedWrites: Promise<unknown> = Promise.resolve();
+  /** Serialises the placement of compressed data. */
+  #placing: Promise<unknown> = Promise.resolve();
+  /** Output buffers of compression, kept for reuse (one per concurrent request at most). */
+  readonly #scratch: Uint8Array[] = [];
 
   constructor(p: WriterParams) {
     this.#p = p;
@@ -165,6 +173,147 @@ export class Qcow2Writer {
     await this.#commitIfFull();
   }
 
+  /**
+   * A compressed write (convert -c): whole clusters from a cluster boundary (the last
+   * may stop at the image's end; it is padded with zeroes, as QEMU does). Clusters not
+   * yet allocated are stored compressed when that is smaller, their bytes packed one
+   * after the other as QEMU's qcow2_alloc_bytes packs them; the others are written
+   * normally.
+   */
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    await this.#begin();
+    const cs = this.#cs;
+    if (offset % cs !== 0 || (data.length % cs !== 0 && offset + data.length !== this.#size)) {
+      throw new BlockError('EINVAL', `compressed writes cover whole ${cs}-byte clusters`, { ...this.#p.where, op: 'write', offset, length: data.length });
+    }
+    const count = Math.ceil(data.length / cs);
+    let input = data;
+    if (data.length % cs !== 0) {
+      input = new Uint8Array(count * cs);
+      input.set(data);
+    }
+    const out = this.#scratch.pop() ?? new Uint8Array(0);
+    const packed = out.length >= count * (2 * cs - 1) ? out : new Uint8Array(count * (2 * cs - 1));
+    const lengths = new Int32Array(count);
+    try {
+      await compressClusters(this.#h.compressionType, cs, input, count, packed, lengths);
+      const plain: Array<Promise<void>> = [];
+      const items: number[] = [];
+      for (let i = 0; i < count; i++) {
+        const guest = offset + i * cs;
+        const piece = data.subarray(i * cs, Math.min((i + 1) * cs, data.length));
+        for (;;) {
+          const waiting = this.#inflight.get(guest / cs);
+          if (waiting) { await waiting.done; continue; }
+          const e = (await this.#entry(guest, true))!;
+          if (this.#inflight.has(guest / cs)) continue;
+          if (lengths[i] === STORE_UNCOMPRESSED || e.host !== 0 || e.compressed) plain.push(this.write(guest, piece));
+          else { items.push(i); this.#inflight.set(guest / cs, inflightRecord()); }
+          break;
+        }
+      }
+      if (items.length) await this.#storeCompressed(offset, items, lengths, packed);
+      await Promise.all(plain);
+    } finally {
+      this.#scratch.push(packed);
+    }
+    await this.#commitIfFull();
+  }
+
+  /** Places, writes and links compressed clusters (`items`: their indexes in the request; data in slots of `packed`). */
+  async #storeCompressed(offset: number, items: readonly number[], lengths: Int32Array, packed: Uint8Array): Promise<void> {
+    const cs = this.#cs;
+    const release = (): void => { for (const i of items) this.#releaseInflight(offset + i * cs, offset + (i + 1) * cs); };
+    try {
+      const placed = await this.#place(items.map((i) => lengths[i]!));
+      // Runs of neighbouring placements become one write each: their bytes are moved
+      // together past the end of the slots (the buffer has room for both).
+      const base = Math.ceil(packed.length / 2);
+      const writes: Array<Promise<void>> = [];
+      let at = base;
+      let runFirst = 0;
+      let runAt = base;
+      for (let k = 0; k < items.length; k++) {
+        const i = items[k]!;
+        const n = lengths[i]!;
+        packed.copyWithin(at, i * (cs - 1), i * (cs - 1) + n);
+        at += n;
+        if (k === items.length - 1 || placed[k + 1] !== placed[k]! + n) {
+          writes.push(this.#writeBytes(placed[runFirst]!, packed.subarray(runAt, at)));
+          runFirst = k + 1;
+          runAt = at;
+        }
+      }
+      await Promise.all(writes);
+      for (let k = 0; k < items.length; k++) {
+        const guest = offset + items[k]! * cs;
+        const e = (await this.#entry(guest, true))!;
+        this.#setCompressed(e, placed[k]!, lengths[items[k]!]!);
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Host offsets for compressed data of the given sizes, packed byte by byte (a
+   * cluster may hold several, and one may run into the next cluster when that is
+   * contiguous), with each host cluster's refcount counting the data touching it.
+   */
+  #place(sizes: readonly number[]): Promise<number[]> {
+    const cs = this.#cs;
+    const run = this.#placing.then(async () => {
+      const out: number[] = [];
+      for (const size of sizes) {
+        let off = this.#compressedEnd;
+        let room = off % cs === 0 ? 0 : cs - (off % cs);
+        const sharesCluster = room > 0;
+        let fresh = false;
+        while (room < size) {
+          const next = await this.#refs.allocate(1);
+          if (room > 0 && next === off + room) {
+            room += cs;
+          } else {
+            off = next;
+            room = cs;
+            fresh = true;
+          }
+        }
+        // A cluster already holding earlier data gets one more reference; new ones have theirs from allocate().
+        if (sharesCluster && !fresh) await this.#refs.addReference(off);
+        out.push(off);
+        this.#compressedEnd = off + size;
+      }
+      return out;
+    });
+    this.#placing = run.catch(() => {});
+    return run;
+  }
+
+  /**
+   * Writes compressed data, which starts and ends anywhere in a sector. A backend that
+   * needs aligned requests gets read-modify-writes, one at a time: neighbours share sectors.
+   */
+  #writeBytes(host: number, bytes: Uint8Array): Promise<void> {
+    if (this.#file.limits.requestAlignment <= 1) return this.#file.write(host, bytes);
+    const run = this.#unalignedWrites.then(() => writeAligned(this.#file, host, bytes));
+    this.#unalignedWrites = run.catch(() => {});
+    return run;
+  }
+
+  #setCompressed(e: Entry, host: number, size: number): void {
+    const cHighBits = 70 - this.#h.clusterBits - 32;
+    const sectors = Math.floor((host + size - 1) / 512) - Math.floor(host / 512);
+    const v = e.table.view;
+    v.setUint32(e.at, (HI_COMPRESSED + sectors * 2 ** cHighBits + Math.floor(host / TWO_32)) >>> 0);
+    v.setUint32(e.at + 4, host % TWO_32);
+    if (this.#ext) {
+      v.setUint32(e.at + 8, 0);
+      v.setUint32(e.at + 12, 0);
+    }
+    this.#cache.markDirty(e.l2Offset);
+  }
+
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     await this.#zeroRange(offset, length, flags?.mayUnmap === true, false);
   }
@@ -186,12 +335,19 @@ export class Qcow2Writer {
     if (this.#begun) await this.#begun;
     else if (!this.dirty) return;
     await this.#commitAll();
-    if (this.#file.resize && this.#file.size > this.#refs.end) await this.#file.resize(this.#refs.end);
+    if (this.#file.resize && this.#file.size > this.#usedEnd()) await this.#file.resize(this.#usedEnd());
     await this.#file.flush();
     if (this.#lazy && this.#begun) {
       await this.#setIncompat(this.#incompat & ~INCOMPAT_DIRTY);
       await this.#file.flush();
     }
+  }
+
+  /** Where the file may end: after the last cluster, or after the compressed data in it (as QEMU leaves it). */
+  #usedEnd(): number {
+    const end = this.#refs.end;
+    const c = this.#compressedEnd;
+    return c > end - this.#cs && c <= end ? Math.ceil(c / 512) * 512 : end;
   }
 
   /**
