@@ -109,7 +109,7 @@ interface NativeContext {
   write16(lba: number, blockSize: number, buffer: Uint8Array, fua: boolean): Promise<void>;
   writeSame16(lba: number, blocks: number, blockSize: number, unmap: boolean): Promise<void>;
   unmap(lba: number, blocks: number): Promise<void>;
-  getLbaStatus(lba: number): Promise<LbaStatus[]>;
+  getLbaStatus(lba: number, maxDescriptors: number): Promise<LbaStatus[]>;
   synchronizeCache16(): Promise<void>;
   readCapacity16(): Promise<Capacity>;
   inquiry(page: number): Promise<unknown>;
@@ -263,9 +263,13 @@ export class IscsiSession {
     return this.#wrap(this.#n.unmap(lba, blocks));
   }
 
-  /** GET LBA STATUS from `lba`: descriptors, the first one covering `lba`. */
-  getLbaStatus(lba: number): Promise<LbaStatus[]> {
-    return this.#wrap(this.#n.getLbaStatus(lba));
+  /**
+   * GET LBA STATUS from `lba`: up to `maxDescriptors` descriptors (contiguous extents),
+   * the first one covering `lba`. Asking for many saves round trips (and, with tgtd,
+   * whose every GET LBA STATUS walks the rest of the LUN, a lot of target CPU).
+   */
+  getLbaStatus(lba: number, maxDescriptors = 1): Promise<LbaStatus[]> {
+    return this.#wrap(this.#n.getLbaStatus(lba, maxDescriptors));
   }
 
   synchronizeCache16(): Promise<void> {

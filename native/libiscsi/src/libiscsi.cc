@@ -329,15 +329,17 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     return Submit(r, [&] { return iscsi_unmap_task(iscsi_, lun_, 0, 0, &r->range, 1, OnTask, r) != nullptr; });
   }
 
-  // getLbaStatus(lba) -> [{ lba, blocks, provisioning }] (0 mapped, 1 deallocated, 2 anchored).
+  // getLbaStatus(lba, maxDescriptors) -> [{ lba, blocks, provisioning }] (0 mapped,
+  // 1 deallocated, 2 anchored), the first descriptor covering lba.
   Napi::Value GetLbaStatus(const Napi::CallbackInfo& info) {
-    double lba;
-    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba)) return info.Env().Undefined();
+    double lba, max;
+    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba) || !ArgNumber(info, 1, "maxDescriptors", 65535, &max)) return info.Env().Undefined();
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::GetLbaStatus, &ret);
     if (!r) return ret;
-    // 8 header bytes + 16 per descriptor: room for 255 descriptors.
-    return Submit(r, [&] { return iscsi_get_lba_status_task(iscsi_, lun_, static_cast<uint64_t>(lba), 8 + 16 * 255, OnTask, r) != nullptr; });
+    // 8 header bytes + 16 per descriptor.
+    uint32_t alloc = 8 + 16 * static_cast<uint32_t>(max < 1 ? 1 : max);
+    return Submit(r, [&] { return iscsi_get_lba_status_task(iscsi_, lun_, static_cast<uint64_t>(lba), alloc, OnTask, r) != nullptr; });
   }
 
   Napi::Value SyncCache16(const Napi::CallbackInfo& info) {

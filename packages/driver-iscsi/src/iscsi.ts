@@ -39,7 +39,7 @@ import {
   type WriteFlags,
   type WriteZeroesFlags,
 } from '@blockconv/core';
-import { IscsiSession, type Capacity } from '@blockconv/libiscsi';
+import { IscsiSession, type Capacity, type LbaStatus } from '@blockconv/libiscsi';
 
 const MiB = 1024 * 1024;
 /** Transfer limit when the Block Limits page gives none; bounds per-task memory. */
@@ -49,6 +49,13 @@ const DEFAULT_OPTIMAL_TRANSFER = 1 * MiB;
 /** One WRITE SAME / UNMAP covers at most this much (the core splits larger requests). */
 const MAX_ZEROES_CAP = 256 * MiB;
 const DEFAULT_TIMEOUT_S = 30;
+/**
+ * Descriptors asked per GET LBA STATUS (64 KiB of answer). One request then answers
+ * thousands of block status queries from the cache below: QEMU asks for one descriptor
+ * a time, and tgtd walks the rest of the LUN's file for every request, so on a
+ * fragmented LUN few large requests are worth a lot.
+ */
+const LBA_STATUS_DESCRIPTORS = 4096;
 const DEFAULT_PORT = 3260;
 
 export interface IscsiUrl {
@@ -229,6 +236,9 @@ export class IscsiBackend implements BlockBackend {
   readonly #p: Probe;
   readonly #bs: number;
   readonly #unsafe: boolean;
+  /** The last GET LBA STATUS answer, valid until this backend changes the LUN. */
+  #status?: LbaStatus[];
+  #generation = 0;
   #writeSameWorks = true;
   #lbaStatusWorks = true;
   #closed = false;
@@ -275,6 +285,8 @@ export class IscsiBackend implements BlockBackend {
       await this.#s.write16(offset / this.#bs, this.#bs, data, flags?.fua === true);
     } catch (err) {
       throw iscsiError(err, this.#where('write', offset, data.length));
+    } finally {
+      this.#changed();
     }
   }
 
@@ -308,6 +320,8 @@ export class IscsiBackend implements BlockBackend {
       await settleAll(parts);
     } catch (err) {
       throw iscsiError(err, this.#where('writeZeroes', offset, length));
+    } finally {
+      this.#changed();
     }
   }
 
@@ -324,6 +338,8 @@ export class IscsiBackend implements BlockBackend {
       await settleAll(parts);
     } catch (err) {
       throw iscsiError(err, this.#where('discard', offset, length));
+    } finally {
+      this.#changed();
     }
   }
 
@@ -336,17 +352,23 @@ export class IscsiBackend implements BlockBackend {
     const lba = Math.floor(offset / bs);
     const rest = this.size - offset;
     if (!this.hasBlockStatus || !this.#lbaStatusWorks) return { kind: 'data', length: rest };
-    let descriptors;
-    try {
-      descriptors = await this.#s.getLbaStatus(lba);
-    } catch (err) {
-      if ((err as { code?: string }).code === 'ENOTSUP') {
-        this.#lbaStatusWorks = false;
-        return { kind: 'data', length: rest };
+    let d = covering(this.#status, lba);
+    if (!d) {
+      const generation = this.#generation;
+      let descriptors;
+      try {
+        descriptors = await this.#s.getLbaStatus(lba, LBA_STATUS_DESCRIPTORS);
+      } catch (err) {
+        if ((err as { code?: string }).code === 'ENOTSUP') {
+          this.#lbaStatusWorks = false;
+          return { kind: 'data', length: rest };
+        }
+        throw iscsiError(err, this.#where('blockStatus', offset, length));
       }
-      throw iscsiError(err, this.#where('blockStatus', offset, length));
+      // Not cached when a write started meanwhile: the answer may predate it.
+      if (generation === this.#generation) this.#status = descriptors;
+      d = covering(descriptors, lba);
     }
-    const d = descriptors.find((x) => x.lba <= lba && lba < x.lba + x.blocks);
     if (!d) return { kind: 'data', length: Math.min(rest, Math.max(length, bs)) };
     const end = Math.min(this.size, (d.lba + d.blocks) * bs);
     // Deallocated or anchored blocks read as zeroes only when the LUN says LBPRZ.
@@ -379,6 +401,16 @@ export class IscsiBackend implements BlockBackend {
     };
   }
 
+  /**
+   * What this backend changes its cached block status no longer tells. Called when a
+   * change starts and when it ends, so that no GET LBA STATUS answer overlapping a
+   * change in flight is cached.
+   */
+  #changed(): void {
+    this.#status = undefined;
+    this.#generation++;
+  }
+
   #where(op: string, offset: number, length: number): Where {
     return { op, location: this.location, offset, length };
   }
@@ -386,6 +418,7 @@ export class IscsiBackend implements BlockBackend {
   #check(op: string, offset: number, length: number, writes: boolean): void {
     if (this.#closed) throw new BlockError('EINVAL', 'image is closed', { op, location: this.location });
     if (writes && this.readOnly) throw new BlockError('EROFS', 'image is read-only', this.#where(op, offset, length));
+    if (writes) this.#changed();
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
       throw new BlockError('ERANGE', `request beyond the end of the LUN (size ${this.size})`, this.#where(op, offset, length));
     }
@@ -396,6 +429,20 @@ export class IscsiBackend implements BlockBackend {
       throw new BlockError('EINVAL', `request larger than the LUN's maximum transfer (${this.limits.maxTransfer} bytes)`, this.#where(op, offset, length));
     }
   }
+}
+
+/** The descriptor covering `lba` (descriptors ascend and are contiguous). */
+function covering(list: readonly LbaStatus[] | undefined, lba: number): LbaStatus | undefined {
+  if (!list || list.length === 0 || lba < list[0]!.lba) return undefined;
+  let lo = 0;
+  let hi = list.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (list[mid]!.lba <= lba) lo = mid;
+    else hi = mid - 1;
+  }
+  const d = list[lo]!;
+  return lba < d.lba + d.blocks ? d : undefined;
 }
 
 /** Waits for all, then throws the first failure (no task is left running unobserved). */
