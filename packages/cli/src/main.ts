@@ -120,6 +120,8 @@ export function buildProgram(ctx: Context): Command {
     .option('-O, --target-format <fmt>', 'target format', 'raw')
     .option('-o, --target-options <k=v,...>', 'target format options ("-o help" lists them)', keyValues)
     .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS})`, intOption('workers', 1, MAX_WORKERS), DEFAULT_WORKERS)
+    .option('-B, --backing <file>', 'the target gets this backing file and only what differs from it (relative names: from the target\'s directory)')
+    .option('-F, --backing-format <fmt>', 'format of the -B backing file (default: probed)')
     .option('-c, --compress', 'store the target compressed (qcow2: clusters that shrink, in the image\'s compression_type)')
     .option('-W, --out-of-order', 'allow writes to complete out of order (faster; the target is only consistent at the end)')
     .option('-S, --sparse-size <size>', 'zero runs of at least this size are not written; 0 writes everything (fully allocated target)', sizeOption('sparse size'), 4096)
@@ -404,6 +406,8 @@ interface ConvertFlags {
   workers: number;
   outOfOrder?: boolean;
   compress?: boolean;
+  backing?: string;
+  backingFormat?: string;
   sparseSize: number;
   create: boolean;
   targetIsZero?: boolean;
@@ -432,8 +436,14 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       sources.push(await reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: o.snapshot, signal: abort.signal }));
     }
     const total = sources.reduce((n, s) => n + s.size, 0);
+    if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
+    if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
     if (o.create) {
-      target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
+      const options = { ...o.targetOptions };
+      if (o.backing !== undefined) options.backing_file = o.backing;
+      if (o.backingFormat !== undefined) options.backing_fmt = o.backingFormat;
+      target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options, signal: abort.signal });
+      if (o.backing !== undefined && !target.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
     } else {
       target = await reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
       if (target.size < total) {
@@ -446,6 +456,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       bufferSize: o.bufferSize,
       outOfOrder: o.outOfOrder,
       compress: o.compress,
+      diffAgainstBacking: o.backing !== undefined,
       minSparse: o.sparseSize,
       targetIsZero: o.targetIsZero,
       rateLimit: o.rateLimit,

@@ -15,7 +15,8 @@ import { BlockError, cancelled, toBlockError } from './errors.js';
 import { roundDown } from './registry.js';
 import { chainStatus } from './status.js';
 import type { BlockBackend, ExtentKind } from './types.js';
-import { ZeroScanner } from './zeroscan.js';
+import { readAligned } from './aligned.js';
+import { ZeroScanner, isZero, sameBytes } from './zeroscan.js';
 
 export const DEFAULT_WORKERS = 8;
 export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
@@ -51,6 +52,11 @@ export interface ConvertOptions {
   readonly targetIsZero?: boolean;
   /** Bytes per second (-r); unlimited when absent or 0. */
   readonly rateLimit?: number;
+  /**
+   * Write only what differs from the target's backing image (qemu-img convert -B): the
+   * target reads through to it, so equal clusters are left unallocated.
+   */
+  readonly diffAgainstBacking?: boolean;
   /** Store data compressed (-c): the target must be able to (canCompress). */
   readonly compress?: boolean;
   /** Flush the target at the end (default true). The job does not resolve until it succeeds. */
@@ -318,7 +324,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
 
   const minSparse = o.minSparse ?? DEFAULT_MIN_SPARSE;
   const allData = minSparse === 0;
-  const targetZero = o.targetIsZero === true || target.readsZeroesInitially;
+  const backing = o.diffAgainstBacking ? target.backing : undefined;
+  if (o.diffAgainstBacking && !backing) throw new BlockError('EINVAL', 'the target has no backing image to compare with', { location: target.location });
+  const targetZero = !backing && (o.targetIsZero === true || target.readsZeroesInitially);
   const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
   const maxTransfer = Math.min(target.limits.maxTransfer, ...sources.map((s) => s.limits.maxTransfer));
   const bufferSize = Math.max(align, roundDown(Math.min(o.bufferSize ?? DEFAULT_BUFFER_SIZE, maxTransfer), align));
@@ -330,7 +338,8 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   const workers = Math.max(1, Math.min(o.workers ?? DEFAULT_WORKERS, Math.ceil(total / bufferSize) || 1));
   const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
   // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
-  const maxZeroChunk = targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), chunkAlign));
+  // Zero chunks compared with a backing image are read like data: one buffer at most.
+  const maxZeroChunk = backing ? bufferSize : targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), chunkAlign));
   const unit = Math.max(SECTOR, target.limits.requestAlignment, chunkAlign);
   // A merged hole must come back from the zero scan as a run the target need not write.
   const minMergedHole = Math.max(minSparse, unit);
@@ -398,8 +407,44 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   };
 
   const writeFlags = o.compress ? { compress: true } : undefined;
+
+  /**
+   * -B: writes the units of [offset, +length) whose contents (`data`, or zeroes when
+   * absent) differ from the backing image's, read into `theirs`.
+   */
+  const writeDifferences = async (offset: number, length: number, data: Uint8Array | undefined, theirs: Uint8Array): Promise<void> => {
+    const avail = Math.max(0, Math.min(length, backing!.size - offset));
+    if (avail > 0) await readAligned(backing!, offset, avail, theirs.subarray(0, avail));
+    theirs.fill(0, avail, length);
+    let runStart = 0;
+    let runKind: 'same' | 'zero' | 'data' = 'same';
+    const flushRun = async (end: number): Promise<void> => {
+      if (end === runStart || runKind === 'same') return;
+      if (runKind === 'data') {
+        await target.write(offset + runStart, data!.subarray(runStart, end), writeFlags);
+        stats.bytesWritten += end - runStart;
+      } else {
+        await writeZeroes(offset + runStart, end - runStart);
+      }
+    };
+    for (let at = 0; at < length; at += unit) {
+      const n = Math.min(unit, length - at);
+      const ours = data?.subarray(at, at + n);
+      const kind = (ours ? sameBytes(ours, theirs.subarray(at, at + n)) : isZero(theirs.subarray(at, at + n))) ? 'same'
+        : !ours || isZero(ours) ? 'zero' : 'data';
+      if (kind !== runKind) {
+        await flushRun(at);
+        runStart = at;
+        runKind = kind;
+      }
+      if (kind === 'same') stats.bytesSkipped += n;
+    }
+    await flushRun(length);
+  };
+
   const worker = async (): Promise<void> => {
     const buffer = allocate(bufferSize);
+    const theirs = backing ? allocate(bufferSize) : undefined;
     const scanner = allData ? undefined : new ZeroScanner(buffer, unit, Math.max(minSparse, unit));
     let op = 'read';
     let chunk: Chunk | null = null;
@@ -427,7 +472,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
         }
         if (failure) break;
         op = 'write';
-        if (chunk.kind === 'zero') {
+        if (theirs) {
+          await writeDifferences(targetOffset, length, chunk.kind === 'data' ? buffer : undefined, theirs);
+        } else if (chunk.kind === 'zero') {
           if (targetZero) stats.bytesSkipped += length;
           else await writeZeroes(targetOffset, length);
         } else if (!scanner) {

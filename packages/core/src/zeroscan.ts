@@ -99,3 +99,18 @@ export class ZeroScanner {
     }
   }
 }
+
+/** Is all of `u` zero? (memcmp against a zero page, span by span.) */
+export function isZero(u: Uint8Array): boolean {
+  const b = Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+  for (let done = 0; done < b.length; done += SPAN) {
+    const n = Math.min(SPAN, b.length - done);
+    if (b.compare(ZEROES, 0, n, done, done + n) !== 0) return false;
+  }
+  return true;
+}
+
+/** Do `a` and `b` hold the same bytes? */
+export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+}

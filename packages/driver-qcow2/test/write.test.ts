@@ -170,6 +170,35 @@ for (const [name, options, env] of [
     assert.is(check.status, 0, check.stdout);
   });
 }
+convertTo('convert -B: only what differs from the backing file is written, as qemu-img does', async () => {
+  const base = create(path.join(dir, 'B-base.qcow2'), 64 * MiB);
+  qemuIo(base, ['write -P 1 0 16M', 'write -P 2 32M 8M']);
+  const top = create(path.join(dir, 'B-top.qcow2'), 64 * MiB, { backing_file: 'B-base.qcow2', backing_fmt: 'qcow2' });
+  qemuIo(top, ['write -P 3 4M 1M', 'write -z 33M 64k', 'write -P 4 50M 100k', 'write -P 1 8M 64k']);
+  for (const extra of [[], ['-o', 'cluster_size=4k'], ['-W', '-m', '16']]) {
+    const ours = path.join(dir, 'B-ours.qcow2');
+    const theirs = path.join(dir, 'B-theirs.qcow2');
+    fs.rmSync(ours, { force: true });
+    fs.rmSync(theirs, { force: true });
+    const r = await cliAsync('convert', '-O', 'qcow2', ...extra, '-B', 'B-base.qcow2', '-F', 'qcow2', top, ours);
+    assert.is(r.status, 0, r.stderr);
+    qemuImg('convert', '-O', 'qcow2', ...extra.filter((a) => a !== '-W' && a !== '-m' && a !== '16'), '-B', 'B-base.qcow2', '-F', 'qcow2', top, theirs);
+    assertClean(ours);
+    assertSame(top, ours);
+    const info = JSON.parse(qemuImg('info', '--output=json', ours)) as { 'backing-filename': string; 'backing-filename-format': string };
+    assert.is(info['backing-filename'], 'B-base.qcow2');
+    assert.is(info['backing-filename-format'], 'qcow2');
+    // qemu-img copies whatever the source's top layer allocates; blockconv compares contents,
+    // so the cluster at 8M, rewritten in the top with the base's bytes, stays unallocated.
+    const used = (f: string) => (JSON.parse(qemuImg('check', '--output=json', f)) as { 'allocated-clusters': number })['allocated-clusters'];
+    const cs = extra.includes('cluster_size=4k') ? 4096 : 65536;
+    assert.is(used(ours), used(theirs) - 65536 / cs, `allocated clusters, ${extra.join(' ')}`);
+    const at8M = (JSON.parse(qemuImg('map', '--output=json', ours)) as Array<{ start: number; length: number; depth: number }>).find((m) => m.start <= 8 * MiB && 8 * MiB < m.start + m.length)!;
+    assert.is(at8M.depth, 1, 'read from the backing file');
+  }
+  const refused = await cliAsync('convert', '-O', 'raw', '-B', 'B-base.qcow2', top, path.join(dir, 'B.raw'));
+  assert.is.not(refused.status, 0);
+});
 convertTo('convert -c to a raw target is refused', async () => {
   const r = await cliAsync('convert', '-c', '-O', 'raw', source, path.join(dir, 'c.raw'));
   assert.is.not(r.status, 0);
