@@ -240,4 +240,6 @@ export interface CheckResult {
 /** Opens further images by name, e.g. a format driver resolving its backing file. */
 export interface ImageResolver {
   open(location: string, options?: OpenOptions & { readonly format?: string }): Promise<BlockBackend>;
+  /** Creates an image and returns it opened read-write (a format's external data file). */
+  create?(location: string, size: number, options?: CreateOptions & { readonly format?: string }): Promise<BlockBackend>;
 }

@@ -17,7 +17,10 @@ import {
 } from '@blockconv/core';
 import { TableCache } from './cache.js';
 import {
+  AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
+  EXT_DATA_FILE,
+  INCOMPAT_DATA_FILE,
   COMPRESSION_ZLIB,
   COMPRESSION_ZSTD,
   EXT_BACKING_FORMAT,
@@ -44,8 +47,8 @@ export const CREATE_OPTIONS: readonly CreateOptionInfo[] = [
   { name: 'refcount_bits', description: 'width of a reference count entry in bits (1 to 64, a power of two)', default: '16' },
   { name: 'compression_type', description: 'compression method for compressed clusters', default: 'zlib', values: ['zlib', 'zstd'] },
   { name: 'extended_l2', description: 'extended L2 tables: 32 subclusters per cluster (compat 1.1, clusters of 16 KiB or more)', default: 'off', values: ['on', 'off'] },
-  { name: 'data_file', description: 'file name of an external data file (not supported yet)' },
-  { name: 'data_file_raw', description: 'the external data file is a valid raw image (not supported yet)', default: 'off', values: ['on', 'off'] },
+  { name: 'data_file', description: 'file name of an external data file for the guest data (compat 1.1)' },
+  { name: 'data_file_raw', description: 'the external data file stays a valid raw image (implies preallocation=metadata)', default: 'off', values: ['on', 'off'] },
 ];
 
 export interface Qcow2CreateOptions {
@@ -58,6 +61,8 @@ export interface Qcow2CreateOptions {
   preallocation: 'off' | 'metadata' | 'falloc' | 'full';
   backingFile?: string;
   backingFormat?: string;
+  dataFile?: string;
+  dataFileRaw: boolean;
 }
 
 /** Images created by this process and not yet opened: they read as zeroes everywhere. */
@@ -128,10 +133,14 @@ export function parseCreateOptions(o: Readonly<Record<string, string>>): Qcow2Cr
   if (backingFile !== undefined && new TextEncoder().encode(backingFile).length > MAX_BACKING_NAME) {
     throw invalid('backing_file', `backing file name is longer than ${MAX_BACKING_NAME} bytes`);
   }
-  if (o.data_file !== undefined || (o.data_file_raw !== undefined && bool('data_file_raw', o.data_file_raw))) {
-    throw new BlockError('ENOTSUP', 'creating qcow2 images with an external data file is not supported yet', { op: 'create', field: 'data_file' });
-  }
-  return { version, clusterBits, refcountOrder, lazyRefcounts, extendedL2, compressionType, preallocation, backingFile, backingFormat };
+  const dataFile = o.data_file;
+  const dataFileRaw = bool('data_file_raw', o.data_file_raw ?? 'off');
+  if (dataFile !== undefined && version === 2) throw invalid('data_file', 'external data files are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+  if (dataFileRaw && dataFile === undefined) throw invalid('data_file_raw', 'data_file_raw can only be used with data_file');
+  if (dataFileRaw && backingFile !== undefined) throw invalid('data_file_raw', 'backing file and data_file_raw cannot be used at the same time');
+  // The raw data file must hold every guest byte, so every cluster is mapped to it (as QEMU does).
+  const prealloc = dataFileRaw && preallocation === 'off' ? 'metadata' : preallocation;
+  return { version, clusterBits, refcountOrder, lazyRefcounts, extendedL2, compressionType, preallocation: prealloc, backingFile, backingFormat, dataFile, dataFileRaw };
 }
 
 const FEATURES: ReadonlyArray<readonly [number, number, string]> = [
@@ -156,6 +165,7 @@ export function encodeHeader(f: HeaderFields): Uint8Array {
   const dv = new DataView(buf.buffer);
   const headerLength = o.version === 3 ? 112 : 72;
   let incompat = 0n;
+  if (o.dataFile !== undefined) incompat |= INCOMPAT_DATA_FILE;
   if (o.compressionType !== COMPRESSION_ZLIB) incompat |= INCOMPAT_COMPRESSION;
   if (o.extendedL2) incompat |= INCOMPAT_EXTL2;
   const compat = o.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n;
@@ -171,7 +181,7 @@ export function encodeHeader(f: HeaderFields): Uint8Array {
   if (o.version === 3) {
     dv.setBigUint64(72, incompat);
     dv.setBigUint64(80, compat);
-    dv.setBigUint64(88, 0n);
+    dv.setBigUint64(88, o.dataFileRaw ? AUTOCLEAR_DATA_FILE_RAW : 0n);
     dv.setUint32(96, o.refcountOrder);
     dv.setUint32(100, headerLength);
     buf[104] = o.compressionType;
@@ -190,6 +200,11 @@ export function encodeHeader(f: HeaderFields): Uint8Array {
     const fmt = utf8.encode(o.backingFormat);
     if (!room(8 + fmt.length)) throw invalid('backing_fmt', `the header does not fit in one ${cs}-byte cluster`);
     ext(EXT_BACKING_FORMAT, fmt);
+  }
+  if (o.dataFile !== undefined) {
+    const name = utf8.encode(o.dataFile);
+    if (!room(8 + name.length)) throw invalid('data_file', `the header does not fit in one ${cs}-byte cluster`);
+    ext(EXT_DATA_FILE, name);
   }
   // Names of the feature bits, for tools that do not know them; left out when the cluster is too small (512 B).
   if (o.version === 3 && room(8 + FEATURES.length * 48)) {
@@ -219,6 +234,28 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
     throw err;
   }
   if (o.backingFile !== undefined) await checkBacking(file, o, options);
+  let data: BlockBackend | undefined;
+  if (o.dataFile !== undefined) {
+    if (!options.resolver?.create) throw new BlockError('ENOTSUP', 'an external data file was given but no resolver can create it', { ...where, field: 'data_file' });
+    const location = resolveRelative(file.location, o.dataFile);
+    try {
+      data = await options.resolver.create(location, o.dataFileRaw ? size : 0, { format: 'raw', cache: options.cache, signal: options.signal });
+    } catch (err) {
+      const e = err as BlockError;
+      throw new BlockError(e?.code ?? 'EIO', `cannot create data file "${o.dataFile}": ${e?.message ?? String(err)}`, { ...where, field: 'data_file', cause: err });
+    }
+  }
+  try {
+    await writeImage(file, size, o, data);
+  } finally {
+    await data?.close();
+  }
+  if (o.backingFile === undefined) freshlyCreated.add(file);
+}
+
+/** The header, refcount structures and L1 table of a new image (and its preallocation). */
+async function writeImage(file: BlockBackend, size: number, o: Qcow2CreateOptions, data: BlockBackend | undefined): Promise<void> {
+  const where = { location: file.location, op: 'create' };
   if (!file.resize) throw new BlockError('ENOTSUP', `${file.driverName} storage cannot grow, which a qcow2 image needs`, where);
   const cs = 2 ** o.clusterBits;
   const l2Entries = cs / (o.extendedL2 ? 16 : 8);
@@ -250,10 +287,10 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
     const again = refcounts.capture();
     await Promise.all(again.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
   }
-  if (o.preallocation !== 'off') await preallocate(file, o, size, l1Size, l1Offset, refcounts, where);
+  if (o.preallocation !== 'off') await preallocate(file, o, size, l1Size, l1Offset, refcounts, where, data);
   if (file.size > refcounts.end) await file.resize(refcounts.end);
   await file.flush();
-  if (o.backingFile === undefined) freshlyCreated.add(file);
+  await data?.flush();
 }
 
 /** The backing image must open; its format is recorded when not given (qemu-img requires it be known). */
@@ -273,20 +310,22 @@ async function checkBacking(file: BlockBackend, o: Qcow2CreateOptions, options: 
 }
 
 /** preallocation=metadata/falloc/full: every cluster gets a host cluster (and, but for metadata, real space). */
-async function preallocate(file: BlockBackend, o: Qcow2CreateOptions, size: number, l1Size: number, l1Offset: number, refcounts: Refcounts, where: { location: string; op: string }): Promise<void> {
+async function preallocate(file: BlockBackend, o: Qcow2CreateOptions, size: number, l1Size: number, l1Offset: number, refcounts: Refcounts, where: { location: string; op: string }, data: BlockBackend | undefined): Promise<void> {
   const cs = 2 ** o.clusterBits;
   const header = preallocHeader(o, size, l1Size, l1Offset);
   const l1 = new Uint8Array(l1Size * 8);
   const cache = new TableCache(32 * 1024 * 1024, cs, (offset) => readAligned(file, offset, cs, new Uint8Array(cs)));
   const writer = new Qcow2Writer({
-    file, header, l1, cache, refcounts, hasBacking: false, where,
+    file, data, dataFileRaw: o.dataFileRaw, header, l1, cache, refcounts, hasBacking: false, where,
     readGuest: async (_o, n, into) => into.fill(0, 0, n),
     allocBuffer: (n) => new Uint8Array(n),
   });
-  const data = await writer.preallocate(size);
+  const runs = await writer.preallocate(size);
   await writer.close();
   if (o.preallocation !== 'metadata') {
-    for (const [host, length] of data) await file.writeZeroes(host, length, { mayUnmap: false });
+    const storage = data ?? file;
+    if (data && data.size < size) await data.resize?.(size);
+    for (const [host, length] of runs) await storage.writeZeroes(host, Math.min(length, storage.size - host), { mayUnmap: false });
   }
 }
 

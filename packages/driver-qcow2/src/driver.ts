@@ -25,7 +25,7 @@ import { TableCache } from './cache.js';
 import { corrupt } from './errors.js';
 import { checkQcow2 } from './check.js';
 import { CREATE_OPTIONS, createQcow2, freshlyCreated } from './create.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW2_MAGIC, type Qcow2Header } from './header.js';
+import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW2_MAGIC, type Qcow2Header } from './header.js';
 import { metaReader, readHeader, type ReadMeta } from './io.js';
 import { ClusterMapper } from './mapping.js';
 import { Refcounts } from './refcounts.js';
@@ -103,6 +103,7 @@ export async function openQcow2(file: BlockBackend, options: OpenOptions & { rea
     throw new BlockError('ENOTSUP', `backing chain deeper than ${MAX_CHAIN_DEPTH} images`, { ...where, field: 'backing_file' });
   }
   const opts = parseOptions(options.options, file.location);
+  const writable = options.readOnly !== true && !file.readOnly;
   const readMeta = metaReader(file);
   const header = await readHeader(file, readMeta, where);
   const warnings = [...header.warnings];
@@ -134,7 +135,7 @@ export async function openQcow2(file: BlockBackend, options: OpenOptions & { rea
       if (snapshots.length > 0) {
         throw corrupt(where, 'nb_snapshots', 'internal snapshots in an image with an external data file');
       }
-      dataFile = await openChild(options, resolveRelative(file.location, name), 'raw', 'data file', name, where);
+      dataFile = await openChild(options, resolveRelative(file.location, name), 'raw', 'data file', name, where, writable);
       opened.push(dataFile);
     } else if (opts.dataFile !== undefined) {
       throw new BlockError('EINVAL', 'the "data-file" option is only for images with an external data file', where);
@@ -153,13 +154,13 @@ export async function openQcow2(file: BlockBackend, options: OpenOptions & { rea
     const mapper = new ClusterMapper({
       header, l1, l1Offset, cache, file, dataFile: dataFile ?? file, hasDataFile: dataFile !== undefined, where: { location: file.location, op: 'read' },
     });
-    const writable = options.readOnly !== true && !file.readOnly;
+    if (writable) refuseWriting(header, snapshots.length, snapshot !== undefined, where);
     const write = writable ? {
       file, header, l1, cache, hasBacking: backing !== undefined, where: { location: file.location, op: 'write' },
+      data: dataFile, dataFileRaw: (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n,
       refcounts: await openRefcounts(file, header, readMeta, opts.l2CacheSize, { location: file.location, op: 'open' }),
       fresh: freshlyCreated.has(file),
     } : undefined;
-    if (writable) refuseWriting(header, snapshots.length, snapshot !== undefined, where);
     freshlyCreated.delete(file);
     warnOnce(file.location, warnings);
     return new Qcow2Backend({ file, header, mapper, cache, dataFile, backing, fullBackingFilename, snapshots, snapshot, warnings, write });
@@ -176,7 +177,6 @@ function refuseWriting(h: Qcow2Header, snapshots: number, readingSnapshot: boole
   if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n && (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n) {
     refuse('EROFS', 'incompatible_features', 'the image was not closed cleanly (dirty bit with lazy refcounts): repair it with "blockconv check -r all" before writing');
   }
-  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) refuse('ENOTSUP', 'data_file', 'writing images with an external data file is not supported yet');
   if (snapshots > 0) refuse('ENOTSUP', 'nb_snapshots', `writing images with internal snapshots (${snapshots}) is not supported`);
   if (readingSnapshot) refuse('EINVAL', 'snapshot', 'a snapshot can only be opened read-only');
 }
@@ -193,13 +193,13 @@ async function openRefcounts(file: BlockBackend, h: Qcow2Header, readMeta: ReadM
 }
 
 /** Opens the backing or data file; a failure names the image that refers to it (once, not at every level of a chain). */
-async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }): Promise<BlockBackend> {
+async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }, writable = false): Promise<BlockBackend> {
   const field = what === 'backing file' ? 'backing_file' : 'data_file';
   if (!options.resolver) {
     throw new BlockError('ENOTSUP', `the image has a ${what} ("${name}") but no resolver was given to open it`, { ...where, field });
   }
   try {
-    return await options.resolver.open(location, { readOnly: true, cache: options.cache, signal: options.signal, ...(format !== undefined ? { format } : {}) });
+    return await options.resolver.open(location, { readOnly: !writable, cache: options.cache, signal: options.signal, ...(format !== undefined ? { format } : {}) });
   } catch (err) {
     if (err instanceof BlockError && (err.field === 'backing_file' || err.field === 'data_file')) throw err;
     const e = err as BlockError;

@@ -45,6 +45,10 @@ const H_AUTOCLEAR = 88;
 
 export interface WriterParams {
   readonly file: BlockBackend;
+  /** Where data clusters live: an external data file (guest offset = host offset there), else the image file. */
+  readonly data?: BlockBackend;
+  /** data_file_raw: the data file stays a valid raw image, zeroes included. */
+  readonly dataFileRaw?: boolean;
   readonly header: Qcow2Header;
   /** The active L1 table, shared with the mapper (changes are seen by reads at once). */
   readonly l1: Uint8Array;
@@ -63,7 +67,7 @@ interface Entry {
   l2Offset: number;
   /** Byte offset of the entry in its table. */
   at: number;
-  /** Host offset of a standard cluster (also a zero cluster's reserved one); 0 when none. */
+  /** Host offset of a standard cluster (also a zero cluster's reserved one); -1 when none. */
   host: number;
   compressed: boolean;
   /** Standard L2: the zero flag. */
@@ -88,6 +92,9 @@ function inflightRecord(): Inflight {
 export class Qcow2Writer {
   readonly #p: WriterParams;
   readonly #file: BlockBackend;
+  /** Where data clusters are written: the data file or the image file. */
+  readonly #data: BlockBackend;
+  readonly #hasDataFile: boolean;
   readonly #h: Qcow2Header;
   readonly #cs: number;
   readonly #coverage: number;
@@ -121,6 +128,8 @@ export class Qcow2Writer {
   constructor(p: WriterParams) {
     this.#p = p;
     this.#file = p.file;
+    this.#data = p.data ?? p.file;
+    this.#hasDataFile = p.data !== undefined;
     this.#h = p.header;
     this.#cs = p.header.clusterSize;
     this.#coverage = p.header.clusterSize * p.header.l2Entries;
@@ -161,7 +170,7 @@ export class Qcow2Writer {
           pos = segEnd;
         } else {
           const segEnd = this.#allocatingSegmentEnd(e, pos, stop);
-          track(this.#writeAllocating(pos, segEnd, data.subarray(pos - offset, segEnd - offset), e.host !== 0 && !e.compressed));
+          track(this.#writeAllocating(pos, segEnd, data.subarray(pos - offset, segEnd - offset), e.host >= 0 && !e.compressed));
           pos = segEnd;
         }
       }
@@ -183,6 +192,9 @@ export class Qcow2Writer {
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     await this.#begin();
     const cs = this.#cs;
+    if (this.#hasDataFile) {
+      throw new BlockError('ENOTSUP', 'compressed clusters cannot be written to an image with an external data file', { ...this.#p.where, op: 'write', offset });
+    }
     if (offset % cs !== 0 || (data.length % cs !== 0 && offset + data.length !== this.#size)) {
       throw new BlockError('EINVAL', `compressed writes cover whole ${cs}-byte clusters`, { ...this.#p.where, op: 'write', offset, length: data.length });
     }
@@ -207,7 +219,7 @@ export class Qcow2Writer {
           if (waiting) { await waiting.done; continue; }
           const e = (await this.#entry(guest, true))!;
           if (this.#inflight.has(guest / cs)) continue;
-          if (lengths[i] === STORE_UNCOMPRESSED || e.host !== 0 || e.compressed) plain.push(this.write(guest, piece));
+          if (lengths[i] === STORE_UNCOMPRESSED || e.host >= 0 || e.compressed) plain.push(this.write(guest, piece));
           else { items.push(i); this.#inflight.set(guest / cs, inflightRecord()); }
           break;
         }
@@ -343,6 +355,14 @@ export class Qcow2Writer {
     }
   }
 
+  /** Grows the data file to hold `end` bytes (in steps: each resize is a metadata write). */
+  async #growData(end: number): Promise<void> {
+    const size = this.#data.size;
+    if (size >= end) return;
+    if (!this.#data.resize) throw new BlockError('ENOSPC', `the data file needs ${end} bytes but cannot grow (size ${size})`, { location: this.#data.location, op: 'write', offset: end });
+    await this.#data.resize(Math.min(this.#size, Math.max(end, size + 64 * 1024 * 1024)));
+  }
+
   /** Where the file may end: after the last cluster, or after the compressed data in it (as QEMU leaves it). */
   #usedEnd(): number {
     const end = this.#refs.end;
@@ -359,7 +379,7 @@ export class Qcow2Writer {
     for (let pos = 0; pos < size; pos += this.#coverage) {
       const e = (await this.#entry(pos, true))!;
       const n = Math.ceil(Math.min(this.#coverage, size - pos) / this.#cs);
-      const host = await this.#refs.allocate(n);
+      const host = this.#hasDataFile ? pos : await this.#refs.allocate(n);
       for (let i = 0; i < n; i++) this.#setEntry(this.#decode(e.table, e.l2Offset, pos + i * this.#cs), host + i * this.#cs, false, 0, 0);
       runs.push([host, n * this.#cs]);
     }
@@ -395,7 +415,7 @@ export class Qcow2Writer {
 
   /** Can [pos, end) within this cluster be written at its host offset with no copy-on-write? */
   #inPlace(e: Entry, pos: number, end: number): boolean {
-    if (e.host === 0 || e.compressed) return false;
+    if (e.host < 0 || e.compressed) return false;
     if (!this.#ext) return !e.zero;
     const cStart = this.#clusterStart(pos);
     const touched = this.#bits(cStart, pos, end);
@@ -411,10 +431,10 @@ export class Qcow2Writer {
     let segEnd = Math.min(stop, this.#clusterEnd(pos));
     const record = inflightRecord();
     this.#inflight.set(Math.floor(pos / this.#cs), record);
-    if (e.host !== 0 && !e.compressed) return segEnd;
+    if (e.host >= 0 && !e.compressed) return segEnd;
     while (segEnd < stop && !this.#inflight.has(segEnd / this.#cs)) {
       const next = this.#decode(e.table, e.l2Offset, segEnd);
-      if (next.host !== 0 && !next.compressed) break;
+      if (next.host >= 0 && !next.compressed) break;
       this.#inflight.set(segEnd / this.#cs, record);
       segEnd = Math.min(stop, segEnd + this.#cs);
     }
@@ -429,7 +449,7 @@ export class Qcow2Writer {
 
   async #writeInPlace(e: Entry, pos: number, segEnd: number, data: Uint8Array): Promise<void> {
     const host = e.host + (pos - this.#clusterStart(pos));
-    await this.#file.write(host, data);
+    await this.#data.write(host, data);
     if (!this.#ext) return;
     // Subclusters written whole become allocated (the others were already).
     for (let c = this.#clusterStart(pos); c < segEnd; c += this.#cs) {
@@ -466,8 +486,10 @@ export class Qcow2Writer {
         await Promise.all(tasks);
         buf.set(data, pos - start);
       }
-      const host = hosted ? old[0]!.host : await this.#refs.allocate(clusters);
-      await this.#file.write(host + (start - firstCluster), buf);
+      // An external data file maps guest offsets one to one; the image file allocates.
+      const host = hosted ? old[0]!.host : this.#hasDataFile ? firstCluster : await this.#refs.allocate(clusters);
+      if (this.#hasDataFile) await this.#growData(host + (end - firstCluster));
+      await this.#data.write(host + (start - firstCluster), buf);
       // Link, now that the data is written.
       for (let c = 0; c < clusters; c++) {
         const cStart = firstCluster + c * this.#cs;
@@ -494,6 +516,10 @@ export class Qcow2Writer {
    */
   async #zeroRange(offset: number, length: number, mayUnmap: boolean, discard: boolean): Promise<void> {
     await this.#begin();
+    if (this.#p.dataFileRaw && offset < this.#data.size) {
+      // A raw data file must read as the image does.
+      await this.#data.writeZeroes(offset, Math.min(length, this.#data.size - offset), { mayUnmap: true });
+    }
     const end = offset + length;
     const backing = this.#p.hasBacking;
     const v3 = this.#h.version === 3;
@@ -514,17 +540,17 @@ export class Qcow2Writer {
       if (!whole && !this.#ext) { await zeroes(pos, cEnd); pos = cEnd; continue; }
       const e = await this.#entry(pos, backing && v3);
       if (this.#inflight.has(c)) continue;
-      const allocated = e !== undefined && (e.host !== 0 || e.compressed);
+      const allocated = e !== undefined && (e.host >= 0 || e.compressed);
       if (!v3) {
         if (backing) await zeroes(pos, cEnd);
-        else if (allocated && (mayUnmap || discard)) this.#release(e!, 0);
+        else if (allocated && (mayUnmap || discard)) this.#release(e!, -1);
         else if (allocated) await zeroes(pos, cEnd);
       } else if (!e) {
         // No table: only possible without a backing file, where that reads as zeroes.
       } else if (!this.#ext) {
         if (allocated || e.zero || backing) {
-          if (discard && !backing) this.#release(e, 0);
-          else this.#release(e, mayUnmap || discard ? 0 : e.host, true);
+          if (discard && !backing) this.#release(e, -1);
+          else this.#release(e, mayUnmap || discard ? -1 : e.host, true);
         }
       } else {
         await this.#zeroExtended(e, pos, cEnd, mayUnmap, discard, zeroes);
@@ -542,7 +568,7 @@ export class Qcow2Writer {
       // A compressed cluster changes as a whole: in part, through a copy-on-write write.
       if (full !== ALL_SUBCLUSTERS) return zeroes(pos, cEnd);
       this.#frees.push(this.#compressedRange(e));
-      this.#setEntry(e, 0, false, unallocate ? 0 : ALL_SUBCLUSTERS, 0);
+      this.#setEntry(e, -1, false, unallocate ? 0 : ALL_SUBCLUSTERS, 0);
       return;
     }
     // Pieces of subclusters at either end.
@@ -554,20 +580,20 @@ export class Qcow2Writer {
     const cur = this.#decode(e.table, e.l2Offset, cStart);
     const alloc = (cur.allocBits & ~full) >>> 0;
     const zeroBits = (unallocate ? cur.zeroBits & ~full : cur.zeroBits | full) >>> 0;
-    if (cur.host !== 0 && alloc === 0 && (mayUnmap || discard)) {
-      this.#frees.push([cur.host, this.#cs]);
-      this.#setEntry(cur, 0, false, zeroBits, 0);
+    if (cur.host >= 0 && alloc === 0 && (mayUnmap || discard)) {
+      if (!this.#hasDataFile) this.#frees.push([cur.host, this.#cs]);
+      this.#setEntry(cur, -1, false, zeroBits, 0);
     } else {
       this.#setEntry(cur, cur.host, false, zeroBits, alloc);
     }
   }
 
-  /** Makes a standard cluster zero (`zero`) or unallocated, keeping `keepHost` reserved; frees what it held otherwise. */
+  /** Makes a standard cluster zero (`zero`) or unallocated, keeping `keepHost` reserved (-1: none); frees what it held otherwise. */
   #release(e: Entry, keepHost: number, zero = false): void {
     if (e.compressed) this.#frees.push(this.#compressedRange(e));
-    else if (e.host !== 0 && keepHost === 0) this.#frees.push([e.host, this.#cs]);
+    else if (e.host >= 0 && keepHost < 0 && !this.#hasDataFile) this.#frees.push([e.host, this.#cs]);
     if (this.#ext) this.#setEntry(e, keepHost, false, zero ? ALL_SUBCLUSTERS : 0, 0);
-    else this.#setEntry(e, e.compressed ? 0 : keepHost, zero, 0, 0);
+    else this.#setEntry(e, e.compressed ? -1 : keepHost, zero, 0, 0);
   }
 
   #zeroBuffer(): Uint8Array {
@@ -621,7 +647,9 @@ export class Qcow2Writer {
     const hi = table.view.getUint32(at);
     const lo = table.view.getUint32(at + 4);
     const compressed = (hi & HI_COMPRESSED) !== 0;
-    const host = compressed ? 0 : (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+    const offset = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+    // Offset 0 is "none", except in a data file, where the copied flag marks guest cluster 0 allocated.
+    const host = compressed || (offset === 0 && !(this.#hasDataFile && (hi & HI_COPIED) !== 0)) ? -1 : offset;
     const e: Entry = { table, l2Offset, at, host, compressed, zero: !compressed && (lo & LO_ZERO) !== 0, zeroBits: 0, allocBits: 0 };
     if (this.#ext) {
       e.zeroBits = table.view.getUint32(at + 8);
@@ -646,8 +674,8 @@ export class Qcow2Writer {
 
   #setEntry(e: Entry, host: number, zero: boolean, zeroBits: number, allocBits: number): void {
     const v = e.table.view;
-    v.setUint32(e.at, host === 0 ? 0 : (HI_COPIED | Math.floor(host / TWO_32)) >>> 0);
-    v.setUint32(e.at + 4, ((host % TWO_32) | (zero ? LO_ZERO : 0)) >>> 0);
+    v.setUint32(e.at, host < 0 ? 0 : (HI_COPIED | Math.floor(host / TWO_32)) >>> 0);
+    v.setUint32(e.at + 4, ((host < 0 ? 0 : host % TWO_32) | (zero ? LO_ZERO : 0)) >>> 0);
     if (this.#ext) {
       v.setUint32(e.at + 8, zeroBits >>> 0);
       v.setUint32(e.at + 12, allocBits >>> 0);

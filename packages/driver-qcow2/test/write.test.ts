@@ -68,6 +68,9 @@ const variants: Array<[string, string[]]> = [
   ['-m 1 in order', ['-m', '1']],
   ['-W -m 16 with 256 KiB buffers', ['-W', '-m', '16', '--buffer-size', '256k']],
   ['-S 0 (everything written)', ['-S', '0']],
+  ['data_file', ['-o', `data_file=${path.join(dir, 'v-data.raw')}`]],
+  ['data_file with extended_l2', ['-o', `data_file=${path.join(dir, 'v-data-ext.raw')},extended_l2=on`]],
+  ['data_file_raw (the data file is the raw image)', ['-o', `data_file=${path.join(dir, 'v-data-raw.raw')},data_file_raw=on`]],
 ];
 for (const [name, args] of variants) {
   convertTo(name, async () => {
@@ -85,6 +88,8 @@ for (const [name, args] of variants) {
     if (name.startsWith('compression_type')) assert.is(info['format-specific'].data['compression-type'], 'zstd');
     if (name.startsWith('refcount_bits=1')) assert.is(info['format-specific'].data['refcount-bits'], 1);
     if (name.startsWith('cluster_size=512')) assert.is.not(headerOf(out).refcountTableOffset, 512, 'the refcount table moved');
+    if (name.startsWith('data_file')) assert.ok(info['format-specific'].data['data-file'], 'qemu-img info names the data file');
+    if (name.startsWith('data_file_raw')) assert.ok(fs.readFileSync(path.join(dir, 'v-data-raw.raw')).equals(fs.readFileSync(source)), 'the raw data file equals the source');
     // qemu-io reads it too.
     qemuIo(out, ['read -P 0x55 12M 2M', 'read -P 0 14M 64k'], ['-r']);
     fs.rmSync(out);
@@ -107,6 +112,8 @@ convertTo('bad options get qemu-img\'s kind of error', async () => {
     ['refcount_bits=3', /power of two/],
     ['compat=0.10,refcount_bits=8', /require compatibility level 1.1/],
     ['extended_l2=on,cluster_size=4k', /at least 16384/],
+    ['data_file_raw=on', /only be used with data_file/],
+    ['compat=0.10,data_file=x.raw', /compatibility level 1.1/],
     ['preallocation=maybe', /invalid preallocation mode/],
     ['backing_fmt=raw', /backing format cannot be used without backing file/],
     ['colour=blue', /invalid option "colour"/],
@@ -224,6 +231,8 @@ const cases: RandomCase[] = [
   { name: 'extended_l2', options: { extended_l2: 'on', cluster_size: '32k' }, size: 8 * MiB },
   { name: 'cluster_size=512, size not a multiple of the cluster', options: { cluster_size: '512' }, size: 3 * MiB + 1024 },
   { name: 'cluster_size=4k, refcount_bits=2, lazy refcounts', options: { cluster_size: '4k', refcount_bits: '2', lazy_refcounts: 'on' }, backing: true, size: 4 * MiB },
+  { name: 'data_file', options: { data_file: path.join(dir, 'r-data.raw') }, size: 8 * MiB },
+  { name: 'data_file_raw', options: { data_file: path.join(dir, 'r-data-raw.raw'), data_file_raw: 'on', cluster_size: '16k' }, size: 6 * MiB + 4096 },
 ];
 for (const c of cases) {
   random(c.name, async () => {
@@ -279,6 +288,7 @@ for (const c of cases) {
     const expected = `${image}.expected.raw`;
     fs.writeFileSync(expected, mirror);
     assertSame(expected, image);
+    if (c.options.data_file_raw === 'on') assert.ok(fs.readFileSync(c.options.data_file!).equals(Buffer.from(mirror)), 'the raw data file reads as the image');
   });
 }
 random.run();
