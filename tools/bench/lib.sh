@@ -171,6 +171,9 @@ verify() {
     qemu-img compare -q -f "$src_fmt" -F "$dst_fmt" "$src" "$dst" 2>"$WORK/compare.err" || rc=$?
     # qemu-img compare: 1 = contents differ, 2 = error
     why=$([ "$rc" = 1 ] && echo "contents differ" || cat "$WORK/compare.err")
+    if [ "$rc" -eq 0 ] && [ "$dst_fmt" = qcow2 ]; then
+      qemu-img check -q "$dst" >"$WORK/compare.err" 2>&1 || { rc=$?; why="qemu-img check: $(head -c 300 "$WORK/compare.err")"; }
+    fi
   fi
   if [ "$rc" -ne 0 ]; then
     status=FAIL
@@ -184,11 +187,12 @@ verify() {
 }
 
 # Run a scenario: every tool RUNS times, alternating, verifying each tool's first copy
-# against REF (default: the source itself) read as REF_FORMAT (default raw); targets are raw.
-# Args: scenario location src dst runs tools [ref [ref_format]]
+# against REF (default: the source itself) read as REF_FORMAT (default raw); targets are
+# DST_FORMAT (default raw; a qcow2 target must also pass qemu-img check).
+# Args: scenario location src dst runs tools [ref [ref_format [dst_format]]]
 # Needs SOURCE_INFO (make_source or record_source) for the source's data size.
 run_scenario() {
-  local sc=$1 loc=$2 src=$3 dst=$4 runs=$5 tools=$6 ref=${7:-$3} ref_fmt=${8:-raw} run spec label template data
+  local sc=$1 loc=$2 src=$3 dst=$4 runs=$5 tools=$6 ref=${7:-$3} ref_fmt=${8:-raw} dst_fmt=${9:-raw} run spec label template data
   local -a specs=()
   while IFS= read -r spec; do
     [ -n "$spec" ] && specs+=("$(resolve_spec "$spec")")
@@ -211,7 +215,7 @@ run_scenario() {
     for spec in "${specs[@]}"; do
       label=${spec%%|*} template=${spec#*|}
       timed_run "$sc" "$loc" "$label" "$template" "$src" "$dst" "$run" "$runs"
-      if ((run == 1)); then verify "$sc" "$loc" "$label" "$ref" "$dst" "$ref_fmt"; fi
+      if ((run == 1)); then verify "$sc" "$loc" "$label" "$ref" "$dst" "$ref_fmt" "$dst_fmt"; fi
     done
   done
   rm -f "$dst"
