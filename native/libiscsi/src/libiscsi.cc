@@ -276,6 +276,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     Request* r = Begin(info.Env(), Op::Read, &ret);
     if (!r) return ret;
     if (!PinBuffer(info, 3, r)) { delete r; return info.Env().Undefined(); }
+    if (blocks * bs > 0xffffffff) { delete r; return Rejected(info.Env(), "EINVAL", "read larger than 4 GiB", Op::Read); }
     uint32_t len = static_cast<uint32_t>(blocks * bs);
     if (r->iov.iov_len < len) { delete r; return Rejected(info.Env(), "EINVAL", "buffer too small for the read", Op::Read); }
     r->iov.iov_len = len;
@@ -294,6 +295,10 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     if (!r) return ret;
     if (!PinBuffer(info, 2, r)) { delete r; return info.Env().Undefined(); }
     int fua = info.Length() > 3 && info[3].ToBoolean().Value() ? 1 : 0;
+    if (r->iov.iov_len > 0xffffffff || r->iov.iov_len % static_cast<size_t>(bs) != 0) {
+      delete r;
+      return Rejected(info.Env(), "EINVAL", "write length must be whole blocks, at most 4 GiB", Op::Write);
+    }
     uint32_t len = static_cast<uint32_t>(r->iov.iov_len);
     return Submit(r, [&] {
       return iscsi_write16_iov_task(iscsi_, lun_, static_cast<uint64_t>(lba), nullptr, len, static_cast<int>(bs), 0, 0, fua, 0, 0,
@@ -548,6 +553,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   // iscsi_service() inside a HandleScope + CallbackScope: completions settle promises,
   // and the JS they wake runs when the scope closes, after libiscsi has returned.
   void Service(int revents) {
+    if (!iscsi_) return;  // failed already (FailAll): nothing left to drive
     Napi::Env env = env_;
     Napi::HandleScope hs(env);
     Ref();  // JS run at scope close may drop the last reference

@@ -174,7 +174,7 @@ interface Probe {
 }
 
 /** What the LUN says about itself: capacity, limits, provisioning. */
-async function probe(s: IscsiSession): Promise<Probe> {
+async function probe(s: IscsiSession, readOnly: boolean): Promise<Probe> {
   const cap = await s.readCapacity16();
   const bs = cap.blockSize;
   if (!(bs >= 512 && (bs & (bs - 1)) === 0)) throw Object.assign(new Error(`unsupported block size ${bs}`), { code: 'ENOTSUP' });
@@ -192,8 +192,9 @@ async function probe(s: IscsiSession): Promise<Probe> {
   const lbprz = thin && (cap.lbprz || lbp?.lbprz === true);
   const size = (cap.lastLba + 1) * bs;
   // The LUN reads as zeroes now only if all of it is deallocated (and that reads zeroes).
+  // Only targets care; tgtd walks the whole LUN to answer, so sources skip the question.
   let allZero = false;
-  if (thin && lbprz) {
+  if (thin && lbprz && !readOnly) {
     const st = await s.getLbaStatus(0).catch(() => []);
     const first = st[0];
     allZero = first !== undefined && first.lba === 0 && first.provisioning !== 0 && first.blocks * bs >= size;
@@ -239,6 +240,7 @@ export class IscsiBackend implements BlockBackend {
   /** The last GET LBA STATUS answer, valid until this backend changes the LUN. */
   #status?: LbaStatus[];
   #generation = 0;
+  #lbaStatusRequests = 0;
   #writeSameWorks = true;
   #lbaStatusWorks = true;
   #closed = false;
@@ -255,12 +257,12 @@ export class IscsiBackend implements BlockBackend {
     this.limits = p.limits;
     this.canDiscard = p.unmapSupported;
     this.hasBlockStatus = p.thin;
-    this.readsZeroesInitially = p.allZero && !o.readOnly;
+    this.readsZeroesInitially = p.allZero;
   }
 
-  /** Tasks in flight on the session, for tests and diagnostics. */
-  get stats(): { outstanding: number; peakOutstanding: number } {
-    return { outstanding: this.#s.outstanding, peakOutstanding: this.#s.peakOutstanding };
+  /** Tasks in flight on the session and GET LBA STATUS requests sent, for tests and diagnostics. */
+  get stats(): { outstanding: number; peakOutstanding: number; lbaStatusRequests: number } {
+    return { outstanding: this.#s.outstanding, peakOutstanding: this.#s.peakOutstanding, lbaStatusRequests: this.#lbaStatusRequests };
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -355,6 +357,7 @@ export class IscsiBackend implements BlockBackend {
     let d = covering(this.#status, lba);
     if (!d) {
       const generation = this.#generation;
+      this.#lbaStatusRequests++;
       let descriptors;
       try {
         descriptors = await this.#s.getLbaStatus(lba, LBA_STATUS_DESCRIPTORS);
@@ -472,7 +475,7 @@ export async function openIscsi(location: string, options: OpenOptions = {}): Pr
   const s = new IscsiSession({ timeoutSec });
   try {
     await s.login({ portal, target: u.target, lun: u.lun, user: creds.user, password: creds.password });
-    const p = await probe(s);
+    const p = await probe(s, options.readOnly === true);
     return new IscsiBackend(s, p, { location: u.display, readOnly: options.readOnly === true, unsafe: options.cache === 'unsafe' });
   } catch (err) {
     s.destroy();

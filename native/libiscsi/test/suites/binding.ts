@@ -168,7 +168,8 @@ test('a hung target: tasks time out (ETIMEDOUT) within the session timeout', asy
     const e = await failure(s.read16(0, 8, 512, Buffer.alloc(4096)));
     const elapsed = Date.now() - start;
     assert.is(e.code, 'ETIMEDOUT', e.message);
-    assert.ok(elapsed >= 1500 && elapsed < 6000, `timed out after ${elapsed} ms`);
+    // libiscsi keeps deadlines in whole seconds (time()): up to a second early.
+    assert.ok(elapsed >= 900 && elapsed < 6000, `timed out after ${elapsed} ms`);
   } finally {
     proxy.kill();
     s.destroy();

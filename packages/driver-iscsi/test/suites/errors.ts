@@ -114,6 +114,29 @@ test('what a thin LUN reports: limits, block status, zeroes only when wholly dea
   await ro.close();
 });
 
+test('block status of a fragmented LUN: one GET LBA STATUS answers hundreds of extents', async () => {
+  const lun = LUNS.disk512;
+  wipeLun(lun.file);
+  const fd = fs.openSync(lun.file, 'r+');
+  for (let i = 0; i < 300; i++) fs.writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, i * 65536);
+  fs.closeSync(fd);
+  const b = await openIscsi(lun.url, { readOnly: true });
+  try {
+    let pos = 0;
+    const kinds: string[] = [];
+    while (pos < b.size) {
+      const e = await b.blockStatus(pos, b.size - pos);
+      kinds.push(e.kind);
+      pos += e.length;
+    }
+    assert.is(kinds.length, 600, 'data and hole alternate');
+    assert.is(kinds.filter((k) => k === 'data').length, 300);
+    assert.is(b.stats.lbaStatusRequests, 1);
+  } finally {
+    await b.close();
+  }
+});
+
 test('target gone mid-transfer: the convert fails with a clear error within a bounded time', async () => {
   const lun = LUNS.disk512;
   wipeLun(lun.file);
