@@ -39,8 +39,20 @@ export interface BlockErrorDetails {
   readonly cause?: unknown;
 }
 
+/** Marks BlockErrors whatever copy of this module made them (see Symbol.hasInstance). */
+const BRAND = Symbol.for('@blockconv/core.BlockError');
+
 export class BlockError extends Error {
+  /**
+   * `instanceof BlockError` holds for errors from any copy of @blockconv/core in the
+   * process (a bundled CLI, an embedder's own copy, the testkit beside the bundle).
+   */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    return typeof value === 'object' && value !== null && (value as Record<symbol, unknown>)[BRAND] === true;
+  }
+
   override readonly name = 'BlockError';
+  readonly [BRAND] = true;
   readonly code: BlockErrorCode;
   readonly op?: string;
   readonly location?: string;
