@@ -8,7 +8,9 @@
  * that is a driver or an array of them. A package that names what it serves in its
  * package.json (`"blockconv": {"schemes": [...], "formats": [...]}`) is imported only
  * when one of those is used, so that a convert of local files never loads the NFS or
- * iSCSI addons; a package without that field is imported at start.
+ * iSCSI addons; a package without that field is imported at start. A format package
+ * may also give each format's magic (`"magic": {"qcow2": "514649fb"}`: hex bytes at
+ * offset 0): probing then imports it only for images that start with those bytes.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -40,6 +42,8 @@ export interface Discovery {
 interface PackageMeta {
   readonly schemes: readonly string[];
   readonly formats: readonly string[];
+  /** Per format, the bytes its images start with (hex). */
+  readonly magic?: Readonly<Record<string, string>>;
 }
 
 function metaOf(entry: string, name: string): PackageMeta | undefined {
@@ -48,7 +52,7 @@ function metaOf(entry: string, name: string): PackageMeta | undefined {
     const pkg = JSON.parse(readFileSync(req.resolve(`${name}/package.json`), 'utf8')) as { blockconv?: Partial<PackageMeta> };
     const b = pkg.blockconv;
     if (!b || (!Array.isArray(b.schemes) && !Array.isArray(b.formats))) return undefined;
-    return { schemes: b.schemes ?? [], formats: b.formats ?? [] };
+    return { schemes: b.schemes ?? [], formats: b.formats ?? [], magic: b.magic };
   } catch {
     return undefined; // no readable package.json (or not exported): import it to find out
   }
@@ -96,6 +100,8 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
   const pending = new Map<string, { entry: string; promise?: Promise<void> }>();
   const byScheme = new Map<string, string>();
   const byFormat = new Map<string, string>();
+  /** Packages whose every format declares a magic: probed only for images starting with one. */
+  const magicOf = new Map<string, Uint8Array[]>();
 
   /** Imports a lazily listed package once. */
   const loadLazy = (name: string): Promise<void> => {
@@ -137,6 +143,10 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
         pending.set(name, { entry });
         for (const sc of meta.schemes) if (!byScheme.has(sc.toLowerCase())) byScheme.set(sc.toLowerCase(), name);
         for (const f of meta.formats) if (!byFormat.has(f)) byFormat.set(f, name);
+        const magics = meta.formats.map((f) => meta.magic?.[f]);
+        if (meta.formats.length && magics.every((m) => typeof m === 'string' && /^([0-9a-f]{2})+$/i.test(m))) {
+          magicOf.set(name, magics.map((m) => Buffer.from(m!, 'hex')));
+        }
       }
     }
   }
@@ -153,8 +163,12 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
     }
     await load(spec, entry);
   }
-  registry.setLoader(async (kind, name) => {
-    if (kind === 'format' && name === '*') await Promise.all([...new Set(byFormat.values())].map(loadLazy));
+  const mayClaim = (pkg: string, head: Uint8Array | undefined): boolean => {
+    const magics = magicOf.get(pkg);
+    return !magics || !head || magics.some((m) => head.length >= m.length && Buffer.compare(head.subarray(0, m.length), m) === 0);
+  };
+  registry.setLoader(async (kind, name, head) => {
+    if (kind === 'format' && name === '*') await Promise.all([...new Set(byFormat.values())].filter((p) => mayClaim(p, head)).map(loadLazy));
     else await loadLazy((kind === 'scheme' ? byScheme : byFormat).get(name) ?? '');
   });
   const loadAll = async (): Promise<void> => { await Promise.all([...pending.keys()].map(loadLazy)); };

@@ -67,10 +67,11 @@ const PROBE_BYTES = 4096;
 /**
  * Loads drivers on demand (e.g. the CLI importing an installed package only when its
  * scheme or format is used): asked for a scheme or format name, or for every format
- * (`'*'`, before probing), it registers what it finds. Missing ones are not an error
- * here; the lookup that follows reports them.
+ * that may claim an image whose first bytes are `head` (`'*'`, before probing), it
+ * registers what it finds. Missing ones are not an error here; the lookup that follows
+ * reports them.
  */
-export type DriverLoader = (kind: 'scheme' | 'format', name: string) => Promise<void>;
+export type DriverLoader = (kind: 'scheme' | 'format', name: string, head?: Uint8Array) => Promise<void>;
 
 export class DriverRegistry implements ImageResolver {
   readonly #protocols = new Map<string, ProtocolDriver>();
@@ -144,7 +145,7 @@ export class DriverRegistry implements ImageResolver {
 
   /** Opens an image: protocol, then the named or probed format on top. */
   async open(location: string, options: ImageOpenOptions = {}): Promise<BlockBackend> {
-    await this.#load(location, options.format ?? '*'); // probing consults every format
+    await this.#load(location, options.format); // probing loads the formats that may claim the bytes
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
     const file = await this.openProtocol(location, options);
     try {
@@ -158,7 +159,7 @@ export class DriverRegistry implements ImageResolver {
 
   /** Checks an image's format metadata (qemu-img check): the named or probed format's check. */
   async check(location: string, options: CheckOptions & { readonly format?: string; readonly cache?: CacheMode } = {}): Promise<CheckResult> {
-    await this.#load(location, options.format ?? '*');
+    await this.#load(location, options.format);
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
     const file = await this.openProtocol(location, { readOnly: options.repair === undefined, cache: options.cache, signal: options.signal });
     try {
@@ -181,6 +182,8 @@ export class DriverRegistry implements ImageResolver {
       const buf = file.allocBuffer ? file.allocBuffer(len) : new Uint8Array(len);
       head = (await file.read(0, Math.min(len, file.size), buf)).subarray(0, Math.min(PROBE_BYTES, file.size));
     }
+    // The loader may skip packages whose declared magic does not match the head.
+    await this.#loader?.('format', '*', head);
     let best: FormatDriver | undefined;
     let bestScore = 0;
     for (const f of this.#formats.values()) {
