@@ -43,6 +43,11 @@ export interface NfsContextOptions {
   readonly timeoutMs?: number;
   /** Reconnect attempts after a lost connection (libnfs: -1 forever, 0 never). */
   readonly autoReconnect?: number;
+  /**
+   * NFSv4 client name (nfs4_set_client_name). Contexts open on the same file at once
+   * should each have their own: the server keys open state by client.
+   */
+  readonly clientName?: string;
 }
 
 interface NativeContext {
@@ -60,6 +65,7 @@ interface NativeContext {
   readonly writeMax: number;
   readonly outstanding: number;
   readonly peakOutstanding: number;
+  readonly submitted: number;
   readonly fd: number;
   readonly destroyed: boolean;
 }
@@ -237,6 +243,8 @@ export class NfsContext {
   get outstanding(): number { return this.#n.outstanding; }
   /** Most requests that were in flight at once, counted when one completes. */
   get peakOutstanding(): number { return this.#n.peakOutstanding; }
+  /** Requests libnfs accepted on this context since it was made (mount and open included). */
+  get submitted(): number { return this.#n.submitted; }
   /** libnfs's socket (-1 when not connected), for tests. */
   get fd(): number { return this.#n.fd; }
   get destroyed(): boolean { return this.#n.destroyed; }

@@ -103,12 +103,13 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       InstanceAccessor<&NfsContext::GetWriteMax>("writeMax"),
       InstanceAccessor<&NfsContext::GetOutstanding>("outstanding"),
       InstanceAccessor<&NfsContext::GetPeak>("peakOutstanding"),
+      InstanceAccessor<&NfsContext::GetSubmitted>("submitted"),
       InstanceAccessor<&NfsContext::GetFd>("fd"),
       InstanceAccessor<&NfsContext::GetDestroyed>("destroyed"),
     });
   }
 
-  // new NfsContext({ timeoutMs?, autoReconnect? })
+  // new NfsContext({ timeoutMs?, autoReconnect?, clientName? })
   explicit NfsContext(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NfsContext>(info), env_(info.Env()) {
     Napi::Env env = info.Env();
     nfs_ = nfs_init_context();
@@ -122,6 +123,10 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       if (t.IsNumber()) nfs_set_timeout(nfs_, t.As<Napi::Number>().Int32Value());
       Napi::Value r = o.Get("autoReconnect");
       if (r.IsNumber()) nfs_set_autoreconnect(nfs_, r.As<Napi::Number>().Int32Value());
+      // NFSv4 state (open stateids) belongs to a client id: contexts opened side by side
+      // on one file (several connections per image) each need a name of their own.
+      Napi::Value n = o.Get("clientName");
+      if (n.IsString()) nfs4_set_client_name(nfs_, n.As<Napi::String>().Utf8Value().c_str());
     }
     if (napi_get_uv_event_loop(env, &loop_) != napi_ok || !loop_) {
       Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
@@ -174,6 +179,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       delete r;
       return p;
     }
+    submitted_++;
     UpdateEvents();
     return p;
   }
@@ -345,6 +351,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   }
   Napi::Value GetOutstanding(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), outstanding_); }
   Napi::Value GetPeak(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), peak_); }
+  Napi::Value GetSubmitted(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(submitted_)); }
   Napi::Value GetFd(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), destroyed_ ? -1 : nfs_get_fd(nfs_));
   }
@@ -561,6 +568,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   int brokenErr_ = EIO;
   int outstanding_ = 0;
   int peak_ = 0;
+  uint64_t submitted_ = 0;  // requests libnfs accepted since creation
   uint32_t nextHandle_ = 0;
   std::unordered_map<uint32_t, struct nfsfh*> handles_;
   std::string server_, export_, file_;
