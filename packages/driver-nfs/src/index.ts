@@ -10,7 +10,7 @@ import { nfsDriver } from './nfs.js';
 // not loadable and names what nfs:// needs, instead of failing at the first open.
 if (!available) throw loadError!;
 
-export { nfsDriver, openNfs, createNfs, NfsBackend } from './nfs.js';
+export { nfsDriver, openNfs, createNfs, NfsBackend, type ConnectionStats } from './nfs.js';
 
 export const drivers: readonly BlockDriver[] = [nfsDriver];
 export default drivers;

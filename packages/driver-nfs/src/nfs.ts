@@ -1,10 +1,14 @@
 /**
  * The "nfs" protocol: a file on an NFS export, reached with libnfs from user space
- * (no kernel mount), one TCP connection per opened image with many requests in flight.
+ * (no kernel mount), with many requests in flight on each TCP connection: one per opened
+ * image by default, N with `connections=N` (each its own libnfs context, socket and
+ * uv_poll; requests go to the least busy), for when one TCP stream is the bottleneck.
  *
  * URLs are libnfs's: nfs://server/export/path/file?version=3|4&uid=&gid=&nfsport=&mountport=...
- * (libnfs 4.0 splits export and file at the last "/"; `server:port` becomes nfsport=).
- * Driver options (-o/-l): timeout=<seconds> per RPC (default 30; 0 = wait forever).
+ * (libnfs 4.0 splits export and file at the last "/"; `server:port` becomes nfsport=),
+ * plus this driver's own `connections=N` (1..32), which libnfs never sees.
+ * Driver options (-o/-l): timeout=<seconds> per RPC (default 30; 0 = wait forever),
+ * connections=N (as the URL option).
  *
  * What libnfs 4.0 cannot do, and what this driver reports instead:
  * - No SEEK_DATA over NFSv3 (and none exposed for v4): hasBlockStatus is false and the
@@ -39,6 +43,8 @@ const MAX_TRANSFER_CAP = 4 * MiB;
 const V4_WRITE_CHUNK = 2048;
 const ZERO_CHUNK = 1 * MiB;
 const DEFAULT_TIMEOUT_S = 30;
+/** Most connections one image may open (each is a TCP stream, a mount and an open). */
+const MAX_CONNECTIONS = 32;
 
 /** URLs created in this process and not opened since: the first open reads zeroes. */
 const freshlyCreated = new Set<string>();
@@ -77,28 +83,72 @@ function isV4(location: string): boolean {
   return /[?&]version=4(&|$)/.test(location);
 }
 
+/**
+ * Takes this driver's own URL option, connections=N, out of the URL (libnfs would
+ * refuse it) and checks it and the -o option of the same name. Returns the URL for
+ * libnfs and the number of connections.
+ */
+function splitConnections(location: string, options: Readonly<Record<string, string>> | undefined, op: string): { url: string; connections: number } {
+  const q = location.indexOf('?');
+  let url = location;
+  const given: string[] = [];
+  if (q >= 0) {
+    const params = new URLSearchParams(location.slice(q + 1));
+    given.push(...params.getAll('connections'));
+    if (given.length > 0) {
+      params.delete('connections');
+      const rest = params.toString();
+      url = location.slice(0, q) + (rest ? `?${rest}` : '');
+    }
+  }
+  if (options?.connections !== undefined) given.push(options.connections);
+  for (const v of given) {
+    if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > MAX_CONNECTIONS) {
+      throw new BlockError('EINVAL', `connections=${v}: expected a whole number from 1 to ${MAX_CONNECTIONS}`, { op, location });
+    }
+  }
+  if (new Set(given.map(Number)).size > 1) {
+    throw new BlockError('EINVAL', `connections given twice with different values (${given.join(', ')})`, { op, location });
+  }
+  const connections = given.length ? Number(given[0]) : 1;
+  // libnfs's readahead and page cache live in each context: with several, one
+  // connection's cache would not see what another wrote.
+  if (connections > 1 && /[?&](readahead|pagecache)=[1-9]/.test(url)) {
+    throw new BlockError('EINVAL', 'connections > 1 cannot be combined with readahead= or pagecache= (each connection would cache apart)', { op, location });
+  }
+  return { url, connections };
+}
+
 interface Connection {
   ctx: NfsContext;
   fh: number;
   file: string;
 }
 
+let clientSerial = 0;
+
 /** Mounts the URL's export and opens its file; destroys the context on failure. */
-async function connect(location: string, flags: number, timeoutMs: number, op: string): Promise<Connection> {
-  if (/^[^?]*\/$/.test(location)) {
+async function connect(location: string, flags: number, timeoutMs: number, op: string, url = location): Promise<Connection> {
+  if (/^[^?]*\/$/.test(url)) {
     throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
   }
-  const ctx = new NfsContext({ timeoutMs: timeoutMs || -1 });
+  // A client name of its own per context: NFSv4 open state is the client's, and
+  // contexts side by side on one file must not take each other's over.
+  const ctx = new NfsContext({ timeoutMs: timeoutMs || -1, clientName: `blockconv-${process.pid}-${++clientSerial}-${Date.now().toString(36)}` });
   try {
-    const m = await ctx.mount(location);
+    const m = await ctx.mount(url);
     if (!m.file || m.file === '/') throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
     let fh: number;
     try {
-      fh = await ctx.open(m.file, flags & ~O_CREAT, 0o644);
+      try {
+        fh = await ctx.open(m.file, flags & ~O_CREAT, 0o644);
+      } catch (err) {
+        // Open first, create only when missing: libnfs 4.0's NFSv4 O_CREAT is exclusive.
+        if (!(flags & O_CREAT) || (err as { code?: string }).code !== 'ENOENT') throw err;
+        fh = await ctx.open(m.file, flags, 0o644);
+      }
     } catch (err) {
-      // Open first, create only when missing: libnfs 4.0's NFSv4 O_CREAT is exclusive.
-      if (!(flags & O_CREAT) || (err as { code?: string }).code !== 'ENOENT') throw err;
-      fh = await ctx.open(m.file, flags, 0o644);
+      throw permissionDenied(err, url, flags);
     }
     return { ctx, fh, file: m.file };
   } catch (err) {
@@ -107,10 +157,43 @@ async function connect(location: string, flags: number, timeoutMs: number, op: s
   }
 }
 
+/**
+ * libnfs's text for a refused open names the NFS status, not who was refused: say
+ * which access as which user, since the server judges the URL's uid=/gid= (or this
+ * process's ids) against the file's owner and mode.
+ */
+function permissionDenied(err: unknown, url: string, flags: number): unknown {
+  const e = err as { code?: string; message?: string } | null;
+  if (e?.code !== 'EACCES' && e?.code !== 'EPERM') return err;
+  const uid = /[?&]uid=(\d+)/.exec(url)?.[1] ?? String(process.getuid?.() ?? '?');
+  const gid = /[?&]gid=(\d+)/.exec(url)?.[1] ?? String(process.getgid?.() ?? '?');
+  const access = `${flags & O_CREAT ? 'create or open' : 'open'} the file ${(flags & O_RDWR) === O_RDWR ? 'read-write' : 'read-only'}`;
+  const text = typeof e.message === 'string' ? e.message.replace(/\s+/g, ' ').trim() : '';
+  return Object.assign(new Error(`permission denied: uid ${uid}, gid ${gid} may not ${access} (${text})`, { cause: err }), { code: 'EACCES' });
+}
+
+/** Opens `n` connections side by side; if one fails, the others are closed. */
+async function connectAll(location: string, url: string, n: number, flags: number, timeoutMs: number, op: string): Promise<Connection[]> {
+  const results = await Promise.allSettled(Array.from({ length: n }, () => connect(location, flags, timeoutMs, op, url)));
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (!failed) return results.map((r) => (r as PromiseFulfilledResult<Connection>).value);
+  for (const r of results) if (r.status === 'fulfilled') r.value.ctx.destroy();
+  throw failed.reason;
+}
+
+/** Per-connection counters, for tests and diagnostics. */
+export interface ConnectionStats {
+  /** Requests in flight now. */
+  readonly outstanding: number;
+  /** Most requests in flight at once. */
+  readonly peakOutstanding: number;
+  /** Requests sent since the connection was made (mount and open included). */
+  readonly submitted: number;
+}
+
 export class NfsBackend implements BlockBackend {
   readonly driverName = 'nfs';
   readonly location: string;
-  readonly size: number;
   readonly readOnly: boolean;
   readonly limits: BlockLimits;
   readonly canWriteZeroes = false;
@@ -122,16 +205,20 @@ export class NfsBackend implements BlockBackend {
   readonly cheapHoleReads = false;
   readonly canWriteOutOfOrder = true;
 
-  readonly #c: Connection;
+  readonly #conns: readonly Connection[];
   readonly #writeChunk: number;
   readonly #unsafe: boolean;
   #closed = false;
   #zeroBuf?: Uint8Array;
+  #size: number;
+  /** Where the search for the least busy connection starts: ties rotate. */
+  #next = 0;
 
-  constructor(c: Connection, p: { location: string; size: number; readOnly: boolean; fresh: boolean; v4: boolean; unsafe: boolean }) {
-    this.#c = c;
+  constructor(conns: readonly Connection[], p: { location: string; size: number; readOnly: boolean; fresh: boolean; v4: boolean; unsafe: boolean }) {
+    this.#conns = conns;
+    const c = conns[0]!;
     this.location = p.location;
-    this.size = p.size;
+    this.#size = p.size;
     this.readOnly = p.readOnly;
     this.readsZeroesInitially = p.fresh;
     this.#unsafe = p.unsafe;
@@ -149,9 +236,29 @@ export class NfsBackend implements BlockBackend {
     };
   }
 
-  /** Outstanding requests on the connection, for tests and diagnostics. */
-  get stats(): { outstanding: number; peakOutstanding: number } {
-    return { outstanding: this.#c.ctx.outstanding, peakOutstanding: this.#c.ctx.peakOutstanding };
+  get size(): number {
+    return this.#size;
+  }
+
+  /** Counters summed over the connections, and each connection's own. */
+  get stats(): ConnectionStats & { connections: readonly ConnectionStats[] } {
+    const connections = this.#conns.map(({ ctx }) => ({ outstanding: ctx.outstanding, peakOutstanding: ctx.peakOutstanding, submitted: ctx.submitted }));
+    const sum = (k: keyof ConnectionStats) => connections.reduce((a, c) => a + c[k], 0);
+    return { outstanding: sum('outstanding'), peakOutstanding: Math.max(...connections.map((c) => c.peakOutstanding)), submitted: sum('submitted'), connections };
+  }
+
+  /** The connection with the fewest requests in flight (the first connection when there is one). */
+  #pick(): Connection {
+    const conns = this.#conns;
+    if (conns.length === 1) return conns[0]!;
+    const start = this.#next;
+    this.#next = (start + 1) % conns.length;
+    let best = conns[start]!;
+    for (let i = 1; i < conns.length && best.ctx.outstanding > 0; i++) {
+      const c = conns[(start + i) % conns.length]!;
+      if (c.ctx.outstanding < best.ctx.outstanding) best = c;
+    }
+    return best;
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -160,9 +267,10 @@ export class NfsBackend implements BlockBackend {
       throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, this.#where('read', offset, length));
     }
     const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    const c = this.#pick();
     try {
       for (let done = 0; done < length;) {
-        const n = await this.#c.ctx.pread(this.#c.fh, out.subarray(done), offset + done);
+        const n = await c.ctx.pread(c.fh, out.subarray(done), offset + done);
         if (n === 0) { out.fill(0, done); break; } // past EOF (file shrank): zeroes
         done += n;
       }
@@ -176,7 +284,8 @@ export class NfsBackend implements BlockBackend {
     this.#check('write', offset, data.length, true);
     try {
       await this.#writeAll(offset, data);
-      if (flags?.fua) await this.#c.ctx.fsync(this.#c.fh);
+      // COMMIT is per file on the server: any connection commits every connection's writes.
+      if (flags?.fua) await this.#conns[0]!.ctx.fsync(this.#conns[0]!.fh);
     } catch (err) {
       throw nfsError(err, this.#where('write', offset, data.length));
     }
@@ -185,8 +294,9 @@ export class NfsBackend implements BlockBackend {
   /** One request per chunk, all in flight together; short writes are resumed. */
   async #writeAll(offset: number, data: Uint8Array): Promise<void> {
     const one = async (start: number, end: number): Promise<void> => {
+      const c = this.#pick();
       for (let done = start; done < end;) {
-        const n = await this.#c.ctx.pwrite(this.#c.fh, data.subarray(done, end), offset + done);
+        const n = await c.ctx.pwrite(c.fh, data.subarray(done, end), offset + done);
         if (n <= 0) throw Object.assign(new Error('write made no progress'), { code: 'EIO' });
         done += n;
       }
@@ -228,11 +338,30 @@ export class NfsBackend implements BlockBackend {
     return { kind: 'data', length: this.size - offset, offset };
   }
 
+  /**
+   * Grows or shrinks the file (SETATTR size): qcow2 grows its file through this. Callers
+   * do not resize with their own requests to the range in flight (the qcow2 driver
+   * serialises allocation), so one connection's SETATTR is all it takes.
+   */
+  async resize(size: number): Promise<void> {
+    this.#check('resize', 0, 0, true);
+    if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid size ${size}`, this.#where('resize', size, 0));
+    const c = this.#pick();
+    try {
+      await c.ctx.ftruncate(c.fh, size);
+    } catch (err) {
+      throw nfsError(err, this.#where('resize', size, 0));
+    }
+    this.#size = size;
+  }
+
   async flush(): Promise<void> {
     this.#check('flush', 0, 0, false);
     if (this.readOnly || this.#unsafe) return;
     try {
-      await this.#c.ctx.fsync(this.#c.fh);
+      // One COMMIT covers the file; with several connections each commits anyway, so
+      // that no server may keep one connection's writes unstable (NFSv4 clients apart).
+      await Promise.all(this.#conns.map((c) => c.ctx.fsync(c.fh)));
     } catch (err) {
       throw nfsError(err, { op: 'flush', location: this.location });
     }
@@ -241,23 +370,22 @@ export class NfsBackend implements BlockBackend {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    try {
-      await this.#c.ctx.close(this.#c.fh);
-    } catch (err) {
-      throw nfsError(err, { op: 'close', location: this.location });
-    } finally {
-      // Like QEMU: no UMNT, just drop the connection (requests in flight reject).
-      this.#c.ctx.destroy();
-    }
+    const results = await Promise.allSettled(this.#conns.map((c) => c.ctx.close(c.fh)));
+    // Like QEMU: no UMNT, just drop the connections (requests in flight reject).
+    for (const c of this.#conns) c.ctx.destroy();
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw nfsError(failed.reason, { op: 'close', location: this.location });
   }
 
   async info(): Promise<Record<string, unknown>> {
-    return { readMax: this.#c.ctx.readMax, writeMax: this.#c.ctx.writeMax };
+    const c = this.#conns[0]!;
+    return { readMax: c.ctx.readMax, writeMax: c.ctx.writeMax, connections: this.#conns.length };
   }
 
   async allocatedSize(): Promise<number | undefined> {
     if (this.#closed) return undefined;
-    const st = await this.#c.ctx.fstat(this.#c.fh).catch(() => undefined);
+    const c = this.#conns[0]!;
+    const st = await c.ctx.fstat(c.fh).catch(() => undefined);
     return st ? st.blocks * 512 : undefined;
   }
 
@@ -279,16 +407,17 @@ export async function openNfs(location: string, options: OpenOptions = {}): Prom
   options.signal?.throwIfAborted();
   const readOnly = options.readOnly === true;
   const timeoutMs = timeoutOption(location, options.options);
-  const c = await connect(location, readOnly ? O_RDONLY : O_RDWR, timeoutMs, 'open');
+  const { url, connections } = splitConnections(location, options.options, 'open');
+  const conns = await connectAll(location, url, connections, readOnly ? O_RDONLY : O_RDWR, timeoutMs, 'open');
   try {
-    const st = await c.ctx.fstat(c.fh);
+    const st = await conns[0]!.ctx.fstat(conns[0]!.fh);
     if ((st.mode & 0o170000) === 0o040000) throw new BlockError('EISDIR', 'is a directory', { op: 'open', location });
-    return new NfsBackend(c, {
-      location, size: st.size, readOnly, fresh: freshlyCreated.delete(location), v4: isV4(location),
+    return new NfsBackend(conns, {
+      location, size: st.size, readOnly, fresh: freshlyCreated.delete(url), v4: isV4(url),
       unsafe: options.cache === 'unsafe',
     });
   } catch (err) {
-    c.ctx.destroy();
+    for (const c of conns) c.ctx.destroy();
     throw nfsError(err, { op: 'open', location });
   }
 }
@@ -299,13 +428,15 @@ export async function createNfs(location: string, size: number, options: CreateO
   if (!Number.isSafeInteger(size) || size < 0) {
     throw new BlockError('EINVAL', `invalid image size ${size}`, { op: 'create', location });
   }
-  const c = await connect(location, O_RDWR | O_CREAT, timeoutOption(location, options.options), 'create');
+  const timeoutMs = timeoutOption(location, options.options);
+  const { url } = splitConnections(location, options.options, 'create');
+  const c = await connect(location, O_RDWR | O_CREAT, timeoutMs, 'create', url);
   try {
     // Truncating to 0 first drops every old block, so the result is all hole.
     await c.ctx.ftruncate(c.fh, 0);
     await c.ctx.ftruncate(c.fh, size);
     await c.ctx.close(c.fh);
-    freshlyCreated.add(location);
+    freshlyCreated.add(url);
   } catch (err) {
     throw nfsError(err, { op: 'create', location });
   } finally {
