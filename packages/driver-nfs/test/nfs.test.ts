@@ -7,6 +7,8 @@ if (available) {
   await import('./suites/conformance.js');
   await import('./suites/convert.js');
   await import('./suites/errors.js');
+  await import('./suites/connections.js');
+  await import('./suites/qcow2.js');
 } else {
   const skipped = suite('nfs driver');
   skipped.skip(`libnfs addon not built: ${loadError?.message}`, () => {});

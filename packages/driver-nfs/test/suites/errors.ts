@@ -43,6 +43,45 @@ test('missing file', async () => {
   }
 });
 
+test('permission denied: the server judges the uid/gid of the URL against the file (v3 and v4)', async () => {
+  // Files owned by root in the export: 0600 (others may not read), 0644 (others may not
+  // write); the export's directory is root's 0755 (others may not create in it).
+  const secret = scratch('perm-r');
+  const readable = scratch('perm-w');
+  fs.writeFileSync(secret.local, Buffer.alloc(4096, 1), { mode: 0o600 });
+  fs.writeFileSync(readable.local, Buffer.alloc(4096, 2), { mode: 0o644 });
+  fs.chmodSync(secret.local, 0o600);
+  fs.chmodSync(readable.local, 0o644);
+  const as = 'uid=1000&gid=1000';
+  try {
+    for (const v of ['', '&version=4']) {
+      let e = await openError(`${secret.url}?${as}${v}`, { readOnly: true });
+      assert.is(e.code, 'EACCES', e.message);
+      assert.match(e.message, /: permission denied: uid 1000, gid 1000 may not open the file read-only \(NFS.*ACCES/);
+      e = await openError(`${readable.url}?${as}${v}`);
+      assert.is(e.code, 'EACCES', e.message);
+      assert.match(e.message, /permission denied: uid 1000, gid 1000 may not open the file read-write/);
+      // Reading what the mode allows works.
+      const ro = await openNfs(`${readable.url}?${as}${v}`, { readOnly: true });
+      assert.is((await ro.read(0, 1))[0], 2);
+      await ro.close();
+      const fresh = scratch('perm-new', `?${as}${v}`);
+      const c = await failure(() => createNfs(fresh.url, 65536));
+      assert.instance(c, BlockError);
+      assert.is(c.code, 'EACCES', c.message);
+      assert.match(c.message, /create: permission denied: uid 1000, gid 1000 may not create or open the file read-write/);
+      assert.not.match(c.message, /\n/);
+      assert.not.ok(fs.existsSync(fresh.local));
+    }
+    // As root (no_root_squash) the same files open read-write.
+    const rw = await openNfs(`${secret.url}?uid=0&gid=0`);
+    await rw.close();
+  } finally {
+    secret.remove();
+    readable.remove();
+  }
+});
+
 test('invalid URL options and URLs', async () => {
   for (const [url, re] of [
     [`${BASE_URL}/x.raw?bogus=1`, /unknown NFS URL option "bogus"/],
