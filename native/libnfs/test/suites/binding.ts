@@ -61,14 +61,42 @@ for (const version of [3, 4]) {
     try {
       const m = await ctx.mount(`${BASE_URL}/${name}${query}`);
       const h = await ctx.open(m.file, O_RDONLY);
+      const sent = ctx.submitted;
+      assert.ok(sent >= 2, `mount and open counted: ${sent}`);
       const reads = Array.from({ length: 8 }, (_, i) => ctx.pread(h, Buffer.alloc(65536), i * 65536));
       assert.is(ctx.outstanding, 8);
+      assert.is(ctx.submitted, sent + 8);
       assert.equal(await Promise.all(reads), Array(8).fill(65536));
       // When the first reply arrived, others were still outstanding: they overlapped.
       assert.ok(ctx.peakOutstanding > 1, `peak ${ctx.peakOutstanding}`);
       assert.is(ctx.outstanding, 0);
     } finally {
       ctx.destroy();
+      fs.rmSync(path.join(EXPORT_DIR, name), { force: true });
+    }
+  });
+
+  test('two contexts with their own client names on one file at once', async () => {
+    const name = scratchName('two');
+    fs.writeFileSync(path.join(EXPORT_DIR, name), Buffer.alloc(65536, 3));
+    const a = new NfsContext({ clientName: `test-a-${process.pid}` });
+    const b = new NfsContext({ clientName: `test-b-${process.pid}` });
+    try {
+      const [ma, mb] = await Promise.all([a.mount(`${BASE_URL}/${name}${query}`), b.mount(`${BASE_URL}/${name}${query}`)]);
+      const ha = await a.open(ma.file, O_RDWR);
+      const hb = await b.open(mb.file, O_RDWR);
+      // Each writes, the other reads it back: both opens stay valid side by side.
+      assert.is(await a.pwrite(ha, Buffer.alloc(1024, 0xa), 0), 1024);
+      assert.is(await b.pwrite(hb, Buffer.alloc(1024, 0xb), 1024), 1024);
+      const buf = Buffer.alloc(2048);
+      assert.is(await b.pread(hb, buf, 0), 2048);
+      assert.is(buf[0], 0xa);
+      assert.is(await a.pread(ha, buf, 0), 2048);
+      assert.is(buf[1024], 0xb);
+      await Promise.all([a.close(ha), b.close(hb)]);
+    } finally {
+      a.destroy();
+      b.destroy();
       fs.rmSync(path.join(EXPORT_DIR, name), { force: true });
     }
   });
