@@ -312,20 +312,30 @@ Napi::Value PwriteSegments(const Napi::CallbackInfo& info) {
 // at file offset segments[3i] into buffer[segments[3i+2]...], all in one job: a format
 // driver whose guest range maps to many host runs (qcow2 clusters) pays one thread-pool
 // round trip. Bytes past the end of the file read as zeroes, as for a short pread.
+// pwriteScatter(fd, buffer, segments, count) is its mirror: it writes
+// buffer[segments[3i+2]...] (segments[3i+1] bytes) at file offset segments[3i], so that
+// the pieces of one request go to unrelated places (newly allocated qcow2 clusters).
 
-void PreadSegmentsWork(int fd, uint8_t* data, const std::vector<uint64_t>& seg, Result& r) {
+void TransferSegmentsWork(bool write, int fd, uint8_t* data, const std::vector<uint64_t>& seg, Result& r) {
   for (size_t i = 0; i + 2 < seg.size(); i += 3) {
     uint64_t off = seg[i], len = seg[i + 1], at = seg[i + 2], done = 0;
     while (done < len) {
-      ssize_t n = pread(fd, data + at + done, len - done, static_cast<off_t>(off + done));
+      ssize_t n = write ? pwrite(fd, data + at + done, len - done, static_cast<off_t>(off + done))
+                        : pread(fd, data + at + done, len - done, static_cast<off_t>(off + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        Fail(r, "pread");
+        Fail(r, write ? "pwrite" : "pread");
         r.value = off + done;
         return;
       }
-      if (n == 0) {  // end of file
-        memset(data + at + done, 0, len - done);
+      if (n == 0) {
+        if (write) {  // cannot happen for regular files; never spin
+          r.err = EIO;
+          r.syscall = "pwrite";
+          r.value = off + done;
+          return;
+        }
+        memset(data + at + done, 0, len - done);  // end of file
         break;
       }
       done += static_cast<uint64_t>(n);
@@ -333,11 +343,12 @@ void PreadSegmentsWork(int fd, uint8_t* data, const std::vector<uint64_t>& seg, 
   }
 }
 
-Napi::Value PreadSegments(const Napi::CallbackInfo& info) {
+Napi::Value TransferSegments(const Napi::CallbackInfo& info, bool write) {
   Napi::Env env = info.Env();
+  const std::string name = write ? "pwriteScatter" : "preadSegments";
   int fd;
   uint64_t count;
-  if (!ArgCount(info, 4, "preadSegments") || !ArgFd(info, 0, &fd)) return env.Undefined();
+  if (!ArgCount(info, 4, name.c_str()) || !ArgFd(info, 0, &fd)) return env.Undefined();
   if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
     Napi::TypeError::New(env, "The \"buffer\" argument must be a Uint8Array").ThrowAsJavaScriptException();
     return env.Undefined();
@@ -350,7 +361,7 @@ Napi::Value PreadSegments(const Napi::CallbackInfo& info) {
   Napi::Uint8Array buf = info[1].As<Napi::Uint8Array>();
   Napi::Float64Array list = info[2].As<Napi::Float64Array>();
   if (3 * count > list.ElementLength()) {
-    Napi::RangeError::New(env, "preadSegments: count exceeds the segment list").ThrowAsJavaScriptException();
+    Napi::RangeError::New(env, name + ": count exceeds the segment list").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   std::vector<uint64_t> seg(3 * count);
@@ -359,7 +370,7 @@ Napi::Value PreadSegments(const Napi::CallbackInfo& info) {
     bool ok = off >= 0 && len >= 0 && at >= 0 && std::trunc(off) == off && std::trunc(len) == len &&
               std::trunc(at) == at && off <= kMaxSafeInteger && at + len <= static_cast<double>(buf.ByteLength());
     if (!ok) {
-      Napi::RangeError::New(env, "preadSegments: segment " + std::to_string(i / 3) + " is outside the buffer")
+      Napi::RangeError::New(env, name + ": segment " + std::to_string(i / 3) + " is outside the buffer")
           .ThrowAsJavaScriptException();
       return env.Undefined();
     }
@@ -368,11 +379,16 @@ Napi::Value PreadSegments(const Napi::CallbackInfo& info) {
     seg[i + 2] = static_cast<uint64_t>(at);
   }
   uint8_t* data = buf.Data();
+  // Released with the worker, on the main thread.
   auto keep = std::make_shared<Napi::Reference<Napi::Uint8Array>>(Napi::Persistent(buf));
   return Worker::Run(
-      env, "fileio.preadSegments",
-      [fd, data, seg = std::move(seg), keep](Result& r) { PreadSegmentsWork(fd, data, seg, r); }, SettleVoid);
+      env, write ? "fileio.pwriteScatter" : "fileio.preadSegments",
+      [write, fd, data, seg = std::move(seg), keep](Result& r) { TransferSegmentsWork(write, fd, data, seg, r); },
+      SettleVoid);
 }
+
+Napi::Value PreadSegments(const Napi::CallbackInfo& info) { return TransferSegments(info, false); }
+Napi::Value PwriteScatter(const Napi::CallbackInfo& info) { return TransferSegments(info, true); }
 
 Napi::Value BlockStatus(const Napi::CallbackInfo& info) {
   int fd;
@@ -507,6 +523,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("extents", Napi::Function::New(env, Extents, "extents"));
   exports.Set("pwriteSegments", Napi::Function::New(env, PwriteSegments, "pwriteSegments"));
   exports.Set("preadSegments", Napi::Function::New(env, PreadSegments, "preadSegments"));
+  exports.Set("pwriteScatter", Napi::Function::New(env, PwriteScatter, "pwriteScatter"));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("blockDeviceSize", Napi::Function::New(env, BlockDeviceSize, "blockDeviceSize"));
   exports.Set("blockDeviceZeroOut", Napi::Function::New(env, BlockDeviceZeroOut, "blockDeviceZeroOut"));

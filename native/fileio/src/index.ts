@@ -40,6 +40,7 @@ interface Native {
   extents(fd: number, offset: number, fileSize: number, maxExtents: number): Promise<Float64Array>;
   pwriteSegments(fd: number, buffer: Uint8Array, offset: number, segments: Float64Array, count: number): Promise<void>;
   preadSegments(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void>;
+  pwriteScatter(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
@@ -97,6 +98,15 @@ export function pwriteSegments(fd: number, buffer: Uint8Array, offset: number, s
  */
 export function preadSegments(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void> {
   return native.preadSegments(fd, buffer, segments, count);
+}
+
+/**
+ * The mirror of preadSegments: for i < count writes segments[3i+1] bytes of
+ * buffer[segments[3i+2]...] at file offset segments[3i], in one thread-pool job (the
+ * pieces of one request going to unrelated places). The list is copied at the call.
+ */
+export function pwriteScatter(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+  return native.pwriteScatter(fd, buffer, segments, count);
 }
 
 /** fallocate(2); `mode` is an OR of the FALLOC_FL_* constants (0 allocates). */

@@ -125,6 +125,14 @@ export interface BlockBackend {
    * limits; `segments` may be reused by the caller as soon as the call returns.
    */
   writeSegments?(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void>;
+  /**
+   * Optional scattered write, the mirror of readSegments: for i < count, writes
+   * segments[3i+1] bytes of `from` starting at segments[3i+2] at offset segments[3i],
+   * as one request where the storage allows. A format driver uses it when one guest
+   * request lands in several unrelated host runs (newly allocated qcow2 clusters).
+   * Each segment lies inside the backend and respects the limits.
+   */
+  writeScattered?(from: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   blockStatus(offset: number, length: number): Promise<Extent>;

@@ -238,6 +238,20 @@ export class Qcow2Backend implements BlockBackend {
     }
   }
 
+  /** Data split by zero runs, in as few allocations and host requests as possible. */
+  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    if (count === 0) return;
+    const first = segments[0]!;
+    const span = segments[2 * count - 1]! - first;
+    this.#check('write', offset + first, span);
+    if (!this.#writer) return this.#refuse('write', offset + first);
+    try {
+      await this.#writer.writeSegments(offset, data, segments, count);
+    } catch (err) {
+      throw this.#contextual(err, 'write', offset + first, span);
+    }
+  }
+
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     this.#check('writeZeroes', offset, length);
     if (!this.#writer) return this.#refuse('writeZeroes', offset);

@@ -183,6 +183,79 @@ export class Qcow2Writer {
   }
 
   /**
+   * Data split by zero runs (convert's chunks, BlockBackend.writeSegments): when every
+   * piece covers whole clusters that have no host cluster yet, one allocation serves
+   * them all and one scattered write puts them there; otherwise piece by piece.
+   */
+  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    await this.#begin();
+    const cs = this.#cs;
+    const pieces: Array<readonly [number, number, number]> = [];
+    let whole = !this.#hasDataFile && this.#data.writeScattered !== undefined;
+    for (let i = 0; i < count; i++) {
+      const s = segments[2 * i]!;
+      const e = segments[2 * i + 1]!;
+      pieces.push([offset + s, offset + e, s]);
+      if ((offset + s) % cs !== 0 || ((offset + e) % cs !== 0 && offset + e !== this.#size)) whole = false;
+    }
+    if (whole) {
+      // Every L2 table the pieces need, read or allocated first; then a synchronous look at every cluster.
+      for (const [a, b] of pieces) {
+        for (let pos = a; pos < b; pos = (Math.floor(pos / this.#coverage) + 1) * this.#coverage) await this.#entry(pos, true);
+      }
+      whole = pieces.every(([a, b]) => this.#allFresh(a, b));
+    }
+    if (!whole) {
+      await Promise.all(pieces.map(([a, b, s]) => this.write(a, data.subarray(s, s + (b - a)))));
+      return;
+    }
+    const record = inflightRecord();
+    let clusters = 0;
+    for (const [a, b] of pieces) {
+      for (let c = a / cs; c * cs < b; c++) this.#inflight.set(c, record);
+      clusters += Math.ceil((b - a) / cs);
+    }
+    try {
+      const host = await this.#refs.allocate(clusters);
+      const scatter = new Float64Array(3 * pieces.length);
+      let at = host;
+      pieces.forEach(([a, b, s], i) => {
+        scatter[3 * i] = at;
+        scatter[3 * i + 1] = b - a;
+        scatter[3 * i + 2] = s;
+        at += Math.ceil((b - a) / cs) * cs;
+      });
+      await this.#data.writeScattered!(data, scatter, pieces.length);
+      // Link, now that the data is written.
+      at = host;
+      for (const [a, b] of pieces) {
+        for (let pos = a; pos < b; pos += cs, at += cs) {
+          const e = (await this.#entry(pos, true))!;
+          if (this.#ext) this.#setEntry(e, at, false, e.zeroBits & ~this.#bits(pos, pos, b), this.#bits(pos, pos, b));
+          else this.#setEntry(e, at, false, 0, 0);
+        }
+      }
+    } finally {
+      for (const [a, b] of pieces) for (let c = a / cs; c * cs < b; c++) this.#inflight.delete(c);
+      record.release();
+    }
+    await this.#commitIfFull();
+  }
+
+  /** Are all clusters of [a, b) without a host cluster, uncompressed, not in flight, their tables cached? */
+  #allFresh(a: number, b: number): boolean {
+    for (let pos = a; pos < b; pos += this.#cs) {
+      if (this.#inflight.has(pos / this.#cs)) return false;
+      const l2Offset = this.#l2OffsetAt(Math.floor(pos / this.#coverage));
+      const table = l2Offset === 0 ? undefined : this.#cache.peek(l2Offset);
+      if (!table) return false;
+      const e = this.#decode(table, l2Offset, pos);
+      if (e.host >= 0 || e.compressed) return false;
+    }
+    return true;
+  }
+
+  /**
    * A compressed write (convert -c): whole clusters from a cluster boundary (the last
    * may stop at the image's end; it is padded with zeroes, as QEMU does). Clusters not
    * yet allocated are stored compressed when that is smaller, their bytes packed one

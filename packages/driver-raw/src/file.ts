@@ -223,6 +223,23 @@ export class FileBackend implements BlockBackend {
     }
   }
 
+  /** Pieces bound for unrelated offsets in one thread-pool job (pwrite per piece), see BlockBackend. */
+  async writeScattered(from: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    if (count === 0) return;
+    if (this.#p.direct) {
+      const pieces = Array.from({ length: count }, (_, i) => [segments[3 * i]!, segments[3 * i + 1]!, segments[3 * i + 2]!] as const);
+      await Promise.all(pieces.map(([off, len, at]) => this.write(off, from.subarray(at, at + len))));
+      return;
+    }
+    for (let i = 0; i < count; i++) this.#check('write', segments[3 * i]!, segments[3 * i + 1]!, true);
+    this.#extents = null;
+    try {
+      await fileio.pwriteScatter(this.#p.fd, from, segments, count);
+    } catch (err) {
+      throw toBlockError(err, this.#where('write', segments[0]!, segments[1]!));
+    }
+  }
+
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     this.#check('writeZeroes', offset, length, true);
     this.#extents = null;

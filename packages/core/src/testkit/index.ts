@@ -181,6 +181,40 @@ export function conformance(name: string, options: ConformanceOptions): void {
     assert.ok(Buffer.from(got).equals(want), 'listed pieces written, the rest untouched');
   });
 
+  test('writeSegments (when offered) of whole preferred blocks over zeroed space', async () => {
+    if (!b.writeSegments) return;
+    // Whole blocks of the preferred granularity over unmapped zeroes: what convert sends a fresh target.
+    const p = Math.max(b.limits.requestAlignment, b.limits.preferredAlignment ?? 1);
+    const len = p * 6;
+    const base = aligned(b, 4 << 20);
+    if (base + len > b.size) return;
+    await b.writeZeroes(base, len, { mayUnmap: true });
+    const data = buffer(b, len);
+    data.set(pattern(len, 23));
+    await b.writeSegments(base, data, new Float64Array([0, p, 2 * p, 4 * p, 5 * p, 6 * p]), 3);
+    const got = await b.read(base, len, buffer(b, len));
+    const want = Buffer.alloc(len);
+    for (const [s0, e0] of [[0, p], [2 * p, 4 * p], [5 * p, 6 * p]] as const) want.set(data.subarray(s0, e0), s0);
+    assert.ok(Buffer.from(got).equals(want), 'pieces written, the gaps still zero');
+  });
+
+  test('writeScattered (when offered) puts each piece at its own offset', async () => {
+    if (!b.writeScattered) return;
+    const a = b.limits.requestAlignment;
+    const len = aligned(b, 64 * 1024);
+    await b.write(0, buffer(b, len * 2).fill(0x11));
+    const from = buffer(b, len);
+    from.set(pattern(len, 41));
+    // Out of order, and pieces of the source moved to other places.
+    await b.writeScattered(from, new Float64Array([len, a * 2, 0, 0, a, len - a, a * 3, a, a]), 3);
+    const got = await b.read(0, len * 2, buffer(b, len * 2));
+    const want = Buffer.alloc(len * 2, 0x11);
+    want.set(from.subarray(0, a * 2), len);
+    want.set(from.subarray(len - a, len), 0);
+    want.set(from.subarray(a, a * 2), a * 3);
+    assert.ok(Buffer.from(got).equals(want), 'pieces landed where listed');
+  });
+
   test('readSegments (when offered) scatters the listed ranges and touches nothing else', async () => {
     if (!b.readSegments) return;
     const a = b.limits.requestAlignment;
