@@ -9,6 +9,7 @@ import {
   compareImages,
   DEFAULT_BUFFER_SIZE,
   DEFAULT_WORKERS,
+  AUTO_MAX_WORKERS,
   formatSize,
   mapImage,
   resolveRelative,
@@ -119,7 +120,8 @@ export function buildProgram(ctx: Context): Command {
     .option('-l, --snapshot <snapshot>', 'read an internal snapshot of the source: ID_OR_NAME, or snapshot.id=ID,snapshot.name=NAME', snapshotOption)
     .option('-O, --target-format <fmt>', 'target format', 'raw')
     .option('-o, --target-options <k=v,...>', 'target format options ("-o help" lists them)', keyValues)
-    .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS})`, intOption('workers', 1, MAX_WORKERS), DEFAULT_WORKERS)
+    .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS}), or "auto": adapted during the copy (up to ${AUTO_MAX_WORKERS})`,
+      (v: string) => (v === 'auto' ? 'auto' : intOption('workers', 1, MAX_WORKERS)(v)), DEFAULT_WORKERS)
     .option('-B, --backing <file>', 'the target gets this backing file and only what differs from it (relative names: from the target\'s directory)')
     .option('-F, --backing-format <fmt>', 'format of the -B backing file (default: probed)')
     .option('-c, --compress', 'store the target compressed (qcow2: clusters that shrink, in the image\'s compression_type)')
@@ -403,7 +405,7 @@ interface ConvertFlags {
   snapshot?: Record<string, string>;
   targetFormat: string;
   targetOptions?: Record<string, string>;
-  workers: number;
+  workers: number | 'auto';
   outOfOrder?: boolean;
   compress?: boolean;
   backing?: string;
@@ -483,7 +485,8 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames, target: targetName, ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
     } else if (!o.quiet && mode !== 'none') {
       process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
-        `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)})\n`);
+        `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
+        `${r.workersTried ? `; -m auto settled on ${r.workers} workers, tried ${r.workersTried.join(' ')}` : ''})\n`);
     }
   } finally {
     abort.dispose();

@@ -16,12 +16,15 @@ import { roundDown } from './registry.js';
 import { chainStatus } from './status.js';
 import type { BlockBackend, ExtentKind } from './types.js';
 import { readAligned } from './aligned.js';
+import { WorkerGovernor } from './autotune.js';
 import { ZeroScanner, isZero, sameBytes } from './zeroscan.js';
 
 export const DEFAULT_WORKERS = 8;
 export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
 export const DEFAULT_MIN_SPARSE = 4096;
 export const MAX_WORKERS = 256;
+/** Most workers -m auto uses: memory stays AUTO_MAX_WORKERS x buffer at worst. */
+export const AUTO_MAX_WORKERS = 32;
 /** Zero-detection granularity when the target allows finer: one sector, as qemu-img. */
 const SECTOR = 512;
 /**
@@ -36,8 +39,11 @@ export interface ConvertOptions {
   readonly sources: readonly BlockBackend[];
   /** Opened target, at least as large as the sources together. */
   readonly target: BlockBackend;
-  /** Parallel workers (-m), each with one buffer. Default 8. */
-  readonly workers?: number;
+  /**
+   * Parallel workers (-m), each with one buffer. Default 8. 'auto': adapted during the
+   * copy (see autotune.ts), up to AUTO_MAX_WORKERS.
+   */
+  readonly workers?: number | 'auto';
   /** Bytes per worker buffer, the largest chunk; capped by both sides' max transfer. Default 2 MiB. */
   readonly bufferSize?: number;
   /** Allow writes to complete out of order (-W). Ignored if the target cannot. */
@@ -82,7 +88,10 @@ export interface ConvertProgress {
 }
 
 export interface ConvertResult extends ConvertProgress {
+  /** Workers used (with 'auto': the count it settled on). */
   readonly workers: number;
+  /** With 'auto': the worker counts tried, in order. */
+  readonly workersTried?: readonly number[];
   readonly bufferSize: number;
   readonly outOfOrder: boolean;
 }
@@ -292,7 +301,7 @@ function validate(o: ConvertOptions): void {
     }
   };
   if (o.sources.length === 0) throw new BlockError('EINVAL', 'no source image');
-  int('workers', o.workers, 1, MAX_WORKERS);
+  if (o.workers !== 'auto') int('workers', o.workers, 1, MAX_WORKERS);
   int('bufferSize', o.bufferSize, SECTOR, 1 << 30);
   int('minSparse', o.minSparse, 0);
   int('rateLimit', o.rateLimit, 0);
@@ -335,7 +344,16 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   // Compressed writes go by whole compression units (qcow2 clusters).
   const preferred = (o.compress ? target.limits.compressionUnit : undefined) ?? target.limits.preferredAlignment ?? 1;
   const chunkAlign = preferred > align && preferred <= bufferSize && preferred % align === 0 ? preferred : align;
-  const workers = Math.max(1, Math.min(o.workers ?? DEFAULT_WORKERS, Math.ceil(total / bufferSize) || 1));
+  const chunksAtMost = Math.ceil(total / bufferSize) || 1;
+  const governor = o.workers === 'auto' ? new WorkerGovernor(Math.min(AUTO_MAX_WORKERS, chunksAtMost)) : undefined;
+  const workers = governor ? Math.min(AUTO_MAX_WORKERS, chunksAtMost) : Math.max(1, Math.min((o.workers as number | undefined) ?? DEFAULT_WORKERS, chunksAtMost));
+  // -m auto: workers beyond the governor's count wait here (holding no buffer) until it grows.
+  let parked: Array<() => void> = [];
+  let exhausted = false;
+  const wakeParked = (): void => { const p = parked; parked = []; for (const w of p) w(); };
+  const mayRun = async (index: number): Promise<void> => {
+    while (governor && index >= governor.active && !failure && !exhausted) await new Promise<void>((r) => parked.push(r));
+  };
   const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
   // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
   // Zero chunks compared with a backing image are read like data: one buffer at most.
@@ -377,6 +395,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     if (failure) return;
     failure = toBlockError(err, details);
     order?.releaseAll();
+    wakeParked();
   };
   const onAbort = (signal: AbortSignal) => (): void => fail(cancelled(signal.reason));
   const aborters: Array<[AbortSignal, () => void]> = [];
@@ -442,7 +461,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     await flushRun(length);
   };
 
-  const worker = async (): Promise<void> => {
+  const worker = async (_: unknown, index: number): Promise<void> => {
+    await mayRun(index);
+    if (failure || exhausted) return;
     const buffer = allocate(bufferSize);
     const theirs = backing ? allocate(bufferSize) : undefined;
     const scanner = allData ? undefined : new ZeroScanner(buffer, unit, Math.max(minSparse, unit));
@@ -451,7 +472,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     try {
       for (;;) {
         chunk = null;
+        await mayRun(index);
         if (failure || (chunk = await cursor.next()) === null || failure) break;
+        const moved = stats.bytesRead + stats.bytesWritten;
         const { length, targetOffset } = chunk;
         let segments = 0;
         if (chunk.kind === 'data') {
@@ -505,7 +528,13 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
         }
         order?.done(chunk.seq);
         progressed(length);
+        if (governor) {
+          const before = governor.active;
+          if (governor.sample(stats.bytesRead + stats.bytesWritten - moved) > before) wakeParked();
+        }
       }
+      exhausted ||= chunk === null;
+      wakeParked();
     } catch (err) {
       const c = chunk;
       fail(err, c ? { op, location: op === 'read' ? c.source.location : target.location, offset: op === 'read' ? c.sourceOffset : c.targetOffset, length: c.length } : undefined);
@@ -523,7 +552,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
       }
       if (failure) throw failure;
     }
-    const result = { ...snapshot(), workers, bufferSize, outOfOrder };
+    const result = governor
+      ? { ...snapshot(), workers: governor.active, workersTried: [...governor.history], bufferSize, outOfOrder }
+      : { ...snapshot(), workers, bufferSize, outOfOrder };
     job.emit('progress', result);
     return result;
   } finally {

@@ -10,9 +10,10 @@ export { forwardBackend } from './forward.js';
 export { readAligned, writeAligned } from './aligned.js';
 export {
   convert, startConvert, ConvertJob,
-  DEFAULT_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,
+  DEFAULT_WORKERS, AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,
   type ConvertOptions, type ConvertProgress, type ConvertResult,
 } from './convert.js';
+export { WorkerGovernor } from './autotune.js';
 export { compareImages, type CompareOptions, type CompareResult } from './compare.js';
 export { mapImage, type MapEntry } from './map.js';
 export { parseSize, formatSize } from './size.js';

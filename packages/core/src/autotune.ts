@@ -1,0 +1,118 @@
+/**
+ * `-m auto`: the number of active convert workers, adapted while the copy runs. More
+ * requests in flight help until the slowest stage (a link, a server, the CPUs) is
+ * saturated; past that they only add memory and contention. The governor measures
+ * the bytes moved per window and climbs: it doubles the workers while each step buys
+ * at least GAIN more throughput, settles on the best count seen, and later probes a
+ * neighbour now and then, since conditions change during a long copy.
+ */
+
+/** Throughput must rise by this factor for more workers to count as better. */
+const GAIN = 1.05;
+/** A window lasts at least this long and moves at least MIN_WINDOW_BYTES (noise). */
+const MIN_WINDOW_MS = 250;
+const MIN_WINDOW_BYTES = 16 * 1024 * 1024;
+/** After settling, try a neighbouring count every this many windows. */
+const PROBE_EVERY = 4;
+
+export class WorkerGovernor {
+  /** Workers allowed to take chunks now. */
+  active: number;
+  readonly #max: number;
+  readonly #min: number;
+  /** Best rate seen per worker count (bytes per ms), smoothed. */
+  readonly #rates = new Map<number, number>();
+  #windowStart: number;
+  #windowBytes = 0;
+  #phase: 'climb' | 'settled' | 'probe' = 'climb';
+  #settled: number;
+  #windows = 0;
+  #probeUp = false;
+  /** Counts tried, in order, for the result. */
+  readonly history: number[] = [];
+
+  constructor(max: number, start = Math.min(4, max), now = performance.now()) {
+    this.#max = Math.max(1, max);
+    this.#min = 1;
+    this.active = Math.max(this.#min, Math.min(start, this.#max));
+    this.#settled = this.active;
+    this.#windowStart = now;
+    this.history.push(this.active);
+  }
+
+  /**
+   * Records `bytes` moved (read or written) and returns the number of active workers,
+   * changed when a window ends.
+   */
+  sample(bytes: number, now = performance.now()): number {
+    this.#windowBytes += bytes;
+    const elapsed = now - this.#windowStart;
+    if (elapsed < MIN_WINDOW_MS || this.#windowBytes < MIN_WINDOW_BYTES) return this.active;
+    const rate = this.#windowBytes / elapsed;
+    this.#windowStart = now;
+    this.#windowBytes = 0;
+    this.#windows++;
+    const n = this.active;
+    const before = this.#rates.get(n);
+    // Later windows at a known count refine it (conditions drift); the first stands alone.
+    this.#rates.set(n, before === undefined ? rate : (before + rate) / 2);
+    this.#decide(n);
+    if (this.active !== n) this.history.push(this.active);
+    return this.active;
+  }
+
+  #decide(n: number): void {
+    const rate = this.#rates.get(n)!;
+    switch (this.#phase) {
+      case 'climb': {
+        const lower = this.#rates.get(this.#lowerTried(n));
+        if (lower !== undefined && rate < lower * GAIN) {
+          // The last step did not pay: go back to the best count and stay.
+          this.#settle(this.#best());
+        } else if (n >= this.#max) {
+          this.#settle(n);
+        } else {
+          this.active = Math.min(this.#max, n * 2);
+        }
+        return;
+      }
+      case 'settled':
+        if (this.#windows % PROBE_EVERY === 0) {
+          // Look next door, a quarter up and a quarter down in turn: the climb's doubling
+          // may have stepped over the best count.
+          this.#probeUp = !this.#probeUp;
+          const target = this.#probeUp ? Math.min(this.#max, Math.max(n + 1, Math.ceil(n * 1.25))) : Math.max(this.#min, Math.min(n - 1, Math.floor(n / 1.25)));
+          if (target !== n) { this.#phase = 'probe'; this.active = target; }
+        }
+        return;
+      case 'probe': {
+        const home = this.#rates.get(this.#settled)!;
+        // Move only for a clear gain; otherwise back home.
+        this.#settle(rate > home * GAIN ? n : this.#settled);
+        return;
+      }
+    }
+  }
+
+  #settle(n: number): void {
+    this.#phase = 'settled';
+    this.#settled = n;
+    this.active = n;
+  }
+
+  /** The highest count below n that was measured (the previous step of the climb). */
+  #lowerTried(n: number): number {
+    let best = -1;
+    for (const k of this.#rates.keys()) if (k < n && k > best) best = k;
+    return best;
+  }
+
+  /** The fewest workers within GAIN of the best rate measured. */
+  #best(): number {
+    let top = 0;
+    for (const r of this.#rates.values()) top = Math.max(top, r);
+    let pick = this.#max;
+    for (const [k, r] of this.#rates) if (r * GAIN >= top && k < pick) pick = k;
+    return pick;
+  }
+}
