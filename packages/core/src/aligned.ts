@@ -1,5 +1,5 @@
 /**
- * Reads of a backend at any offset and length, honouring its limits: what a format
+ * Reads and writes of a backend at any offset and length, honouring its limits: what a format
  * driver needs for metadata and partial-cluster reads from the protocol below it.
  * The core aligns only the requests it makes itself; a driver layered on another
  * backend (e.g. qcow2 on an O_DIRECT file) must respect that backend's limits too,
@@ -8,6 +8,42 @@
 import { BlockError } from './errors.js';
 import { roundDown, roundUp } from './registry.js';
 import type { BlockBackend } from './types.js';
+
+/** One request of a transfer split to a backend's limits. */
+interface Piece {
+  /** Bytes of the caller's range done before this piece. */
+  readonly done: number;
+  /** The caller's bytes: [pos, pos + n). */
+  readonly pos: number;
+  readonly n: number;
+  /** The aligned request around them: [start, end). */
+  readonly start: number;
+  readonly end: number;
+  /** Whether the caller's bytes can go to the backend as they are (aligned offset, length and memory). */
+  readonly direct: boolean;
+}
+
+/**
+ * Splits [offset, offset+length) into requests of at most maxTransfer, each either
+ * aligned as it stands or widened to the alignment (a bounce), and runs `each` on
+ * them in order. `memory` is the caller's buffer, for the memory alignment check.
+ */
+async function eachPiece(backend: BlockBackend, offset: number, length: number, memory: Uint8Array, each: (p: Piece, alloc: (n: number) => Uint8Array) => Promise<void>): Promise<void> {
+  const align = Math.max(1, backend.limits.requestAlignment);
+  const memAlign = Math.max(1, backend.limits.minMemAlignment ?? 1);
+  const maxChunk = Math.max(align, roundDown(backend.limits.maxTransfer, align));
+  const alloc = (n: number): Uint8Array => (backend.allocBuffer && memAlign > 1 ? backend.allocBuffer(n) : new Uint8Array(n));
+  for (let done = 0; done < length;) {
+    const pos = offset + done;
+    const start = roundDown(pos, align);
+    // Never more than one maxTransfer per request, counting the rounding at the start.
+    const n = Math.min(length - done, start + maxChunk - pos);
+    const end = Math.min(roundUp(pos + n, align), backend.size);
+    const direct = start === pos && end === pos + n && (memory.byteOffset + done) % memAlign === 0;
+    await each({ done, pos, n, start, end, direct }, alloc);
+    done += n;
+  }
+}
 
 /**
  * Reads `length` bytes at `offset` of `backend` into `into` (or a new buffer) and
@@ -24,26 +60,16 @@ export async function readAligned(backend: BlockBackend, offset: number, length:
     throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, { op: 'read', location: backend.location, offset, length });
   }
   const out = into ? into.subarray(0, length) : new Uint8Array(length);
-  const align = Math.max(1, backend.limits.requestAlignment);
-  const memAlign = Math.max(1, backend.limits.minMemAlignment ?? 1);
-  const maxChunk = Math.max(align, roundDown(backend.limits.maxTransfer, align));
-  const alloc = (n: number): Uint8Array => (backend.allocBuffer && memAlign > 1 ? backend.allocBuffer(n) : new Uint8Array(n));
-  for (let done = 0; done < length;) {
-    const pos = offset + done;
-    const start = roundDown(pos, align);
-    // Never more than one maxTransfer per request, counting the rounding at the start.
-    const n = Math.min(length - done, start + maxChunk - pos);
-    const end = Math.min(roundUp(pos + n, align), backend.size);
+  await eachPiece(backend, offset, length, out, async ({ done, pos, n, start, end, direct }, alloc) => {
     const dest = out.subarray(done, done + n);
-    if (start === pos && end === pos + n && dest.byteOffset % memAlign === 0) {
+    if (direct) {
       const got = await backend.read(pos, n, dest);
       if (got.buffer !== dest.buffer || got.byteOffset !== dest.byteOffset) dest.set(got.subarray(0, n));
     } else {
       const bounce = await backend.read(start, end - start, alloc(end - start));
       dest.set(bounce.subarray(pos - start, pos - start + n));
     }
-    done += n;
-  }
+  });
   return out;
 }
 
@@ -58,23 +84,14 @@ export async function writeAligned(backend: BlockBackend, offset: number, data: 
   if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > backend.size) {
     throw new BlockError('ERANGE', `write beyond the end (size ${backend.size})`, { op: 'write', location: backend.location, offset, length });
   }
-  const align = Math.max(1, backend.limits.requestAlignment);
-  const memAlign = Math.max(1, backend.limits.minMemAlignment ?? 1);
-  const maxChunk = Math.max(align, roundDown(backend.limits.maxTransfer, align));
-  const alloc = (n: number): Uint8Array => (backend.allocBuffer && memAlign > 1 ? backend.allocBuffer(n) : new Uint8Array(n));
-  for (let done = 0; done < length;) {
-    const pos = offset + done;
-    const start = roundDown(pos, align);
-    const n = Math.min(length - done, start + maxChunk - pos);
-    const end = Math.min(roundUp(pos + n, align), backend.size);
+  await eachPiece(backend, offset, length, data, async ({ done, pos, n, start, end, direct }, alloc) => {
     const src = data.subarray(done, done + n);
-    if (start === pos && end === pos + n && src.byteOffset % memAlign === 0) {
+    if (direct) {
       await backend.write(pos, src);
     } else {
       const bounce = await readAligned(backend, start, end - start, alloc(end - start));
       bounce.set(src, pos - start);
       await backend.write(start, bounce);
     }
-    done += n;
-  }
+  });
 }
