@@ -14,8 +14,10 @@
 #   to-lun    /dev/shm raw -> LUN (-n). The LUN is deallocated (hole-punched through its
 #             backing file) before every run, so every tool starts from the same LUN.
 #             Verified by qemu-img compare of the source with the LUN's backing file.
-#   from-lun  LUN -> /dev/shm raw. The LUN holds the source (same extent map: its holes
-#             are holes of the backing file, deallocated blocks for GET LBA STATUS).
+#   from-lun  LUN -> /dev/shm raw. The LUN holds the source, copied into its backing file
+#             with dd conv=sparse bs=FROM_FILL_BS: with the default 64K, the same 6,813
+#             extents (holes are deallocated blocks for GET LBA STATUS); with 1M, the
+#             64 KiB holes of the fine regions are written as zeroes (21 extents).
 #             Verified by qemu-img compare of the source with the target.
 # (qemu-img compare on iscsi:// itself is not used here: it asks GET LBA STATUS one
 # extent a time, which tgtd answers by walking the rest of the LUN: minutes for this
@@ -26,6 +28,7 @@
 #   FROM_RUNS=$RUNS     runs per tool of from-lun (qemu-img takes minutes a run there)
 #   WARMUP=0            untimed rounds of all tools before the timed ones
 #   SCENARIOS="to-lun from-lun"
+#   FROM_FILL_BS=64K    dd block size filling the LUN for from-lun (see above)
 #   QUIET_WAIT=120      seconds to wait for the machine to go idle before each run
 #   OUT_JSON=bench-out/iscsi.json   where the JSON goes (per-run data in ${OUT_JSON%.json}-work/)
 #   TOOLS               replace the tool list; EXTRA_TOOLS appends to it. One tool a
@@ -42,6 +45,7 @@ FROM_RUNS=${FROM_RUNS:-$RUNS}
 WARMUP=${WARMUP:-0}
 SIZE=2G
 SCENARIOS=${SCENARIOS:-to-lun from-lun}
+FROM_FILL_BS=${FROM_FILL_BS:-64K}
 QUIET_WAIT=${QUIET_WAIT:-120}
 OUT_JSON=${OUT_JSON:-$ROOT/bench-out/iscsi.json}
 BENCH_NAME=bench-iscsi
@@ -76,7 +80,7 @@ bash "$ROOT/tools/iscsi-server.sh" start
 
 init_work
 write_env "\"runs\": $RUNS, \"from_runs\": $FROM_RUNS, \"warmup_rounds\": $WARMUP, \"size\": $(to_bytes $SIZE),
-  \"lun\": \"$LUN_URL\", \"lun_file\": \"$LUN_FILE\", \"lun_fs\": \"$(fstype "$LUN_FILE")\",
+  \"lun\": \"$LUN_URL\", \"from_fill_bs\": \"$FROM_FILL_BS\", \"lun_file\": \"$LUN_FILE\", \"lun_fs\": \"$(fstype "$LUN_FILE")\",
   \"tgtd\": \"$(dpkg-query -W -f '${Version}' tgt 2>/dev/null)\",
   \"libiscsi\": \"$(pkg-config --modversion libiscsi)\",
   \"title\": \"iSCSI benchmark (tools/bench-iscsi.sh)\",
@@ -120,7 +124,7 @@ for sc in $SCENARIOS; do
   if [ "$sc" = from-lun ]; then
     # The LUN holds the source, holes as holes; written back before the timed runs.
     wipe_lun
-    dd if="$src" of="$LUN_FILE" bs=1M conv=sparse,notrunc status=none
+    dd if="$src" of="$LUN_FILE" bs="$FROM_FILL_BS" conv=sparse,notrunc status=none
     sync "$LUN_FILE"
     TARGETS+=("$d")
   fi
