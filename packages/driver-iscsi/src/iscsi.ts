@@ -50,12 +50,14 @@ const DEFAULT_OPTIMAL_TRANSFER = 1 * MiB;
 const MAX_ZEROES_CAP = 256 * MiB;
 const DEFAULT_TIMEOUT_S = 30;
 /**
- * Descriptors asked per GET LBA STATUS (64 KiB of answer). One request then answers
- * thousands of block status queries from the cache below: QEMU asks for one descriptor
- * a time, and tgtd walks the rest of the LUN's file for every request, so on a
- * fragmented LUN few large requests are worth a lot.
+ * Descriptors asked per GET LBA STATUS (the most the binding allows: 1 MiB of answer).
+ * One request then answers the block status queries of tens of thousands of extents
+ * from the cache below. QEMU asks for one descriptor a time, and tgtd walks the rest
+ * of the LUN's file (SEEK_DATA/SEEK_HOLE) for every request, whatever is asked: on a
+ * fragmented LUN, few large requests are worth a lot (one walk of a 6,813-extent LUN
+ * costs tgtd ~40 ms).
  */
-const LBA_STATUS_DESCRIPTORS = 4096;
+const LBA_STATUS_DESCRIPTORS = 65535;
 const DEFAULT_PORT = 3260;
 
 export interface IscsiUrl {
