@@ -138,6 +138,34 @@ test('server gone mid-transfer: a clear error within a bounded time', async () =
   }
 });
 
+test('server gone with 3 connections: every request fails cleanly, none hangs', async () => {
+  const s = scratch('gone3');
+  fs.writeFileSync(s.local, Buffer.alloc(8 << 20, 3));
+  const proxy = await nfsProxy();
+  try {
+    const b = await openNfs(`${s.url}?version=4&nfsport=${proxy.port}&connections=3`, { options: { timeout: '2' } });
+    assert.is(proxy.connections, 3);
+    const start = Date.now();
+    const ops = [
+      ...Array.from({ length: 6 }, (_, i) => b.read(i << 20, 1 << 20)),
+      b.write(7 << 20, Buffer.alloc(8192, 1)),
+    ];
+    proxy.kill();
+    const results = await Promise.allSettled(ops);
+    assert.ok(Date.now() - start < 15000, `settled after ${Date.now() - start} ms`);
+    for (const r of results) {
+      if (r.status === 'fulfilled') continue; // answered before the kill
+      assert.instance(r.reason, BlockError);
+      assert.ok(['ETIMEDOUT', 'ECONNRESET', 'ECONNREFUSED'].includes((r.reason as BlockError).code), (r.reason as Error).message);
+    }
+    assert.ok(results.some((r) => r.status === 'rejected'), 'requests fail');
+    await b.close().catch(() => {});
+  } finally {
+    proxy.kill();
+    s.remove();
+  }
+});
+
 test('NFSv3: a dropped connection is re-established and I/O goes on', async () => {
   const s = scratch('reconnect');
   fs.writeFileSync(s.local, Buffer.alloc(1 << 20, 4));
