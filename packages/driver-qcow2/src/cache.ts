@@ -24,6 +24,11 @@ export class TableCache {
   readonly #loading = new Map<number, Promise<CachedTable>>();
   /** Tables changed in memory and not yet taken for writing: never evicted. */
   readonly #dirty = new Set<number>();
+  /**
+   * Tables whose copies a commit is writing (a count per table): not evicted either,
+   * or a reader would load the old bytes from the file before the new ones land.
+   */
+  readonly #writing = new Map<number, number>();
   readonly #capacity: number;
   readonly #load: (offset: number) => Promise<Uint8Array>;
   /** The most recently used key, so that repeated hits on it skip the reordering. */
@@ -66,14 +71,22 @@ export class TableCache {
    */
   takeDirty(): TableCopy[] {
     const out: TableCopy[] = [];
-    for (const offset of this.#dirty) out.push({ offset, bytes: this.#tables.get(offset)!.bytes.slice() });
+    for (const offset of this.#dirty) {
+      out.push({ offset, bytes: this.#tables.get(offset)!.bytes.slice() });
+      this.#writing.set(offset, (this.#writing.get(offset) ?? 0) + 1);
+    }
     this.#dirty.clear();
     return out;
   }
 
-  /** Marks copies taken by takeDirty() dirty again (their write failed). */
-  restoreDirty(copies: readonly TableCopy[]): void {
-    for (const c of copies) this.markDirty(c.offset);
+  /** The copies taken by takeDirty() are on disk (or, with `failed`, are not: dirty again). */
+  written(copies: readonly TableCopy[], failed = false): void {
+    for (const c of copies) {
+      const n = (this.#writing.get(c.offset) ?? 1) - 1;
+      if (n > 0) this.#writing.set(c.offset, n);
+      else this.#writing.delete(c.offset);
+      if (failed) this.markDirty(c.offset);
+    }
   }
 
   /** The cached table, marking it most recently used; undefined on a miss (no I/O). */
@@ -112,10 +125,10 @@ export class TableCache {
   #insert(offset: number, table: CachedTable): void {
     this.#tables.delete(offset);
     if (this.#tables.size >= this.#capacity) {
-      // Least recently used first; dirty tables stay until a commit writes them.
+      // Least recently used first; dirty tables stay until a commit has written them.
       for (const key of this.#tables.keys()) {
         if (this.#tables.size < this.#capacity) break;
-        if (!this.#dirty.has(key)) this.#tables.delete(key);
+        if (!this.#dirty.has(key) && !this.#writing.has(key)) this.#tables.delete(key);
       }
     }
     this.#tables.set(offset, table);

@@ -211,8 +211,12 @@ async function walkL1(st: State, l1Offset: number, l1Size: number, active: boole
       const at = j * h.l2EntrySize;
       const hi = v.getUint32(at);
       const lo = v.getUint32(at + 4);
+      // Extended L2: the bitmaps must agree with the entry (qcow2.txt "Extended L2 Entries").
+      const zeroBits = h.extendedL2 ? v.getUint32(at + 8) : 0;
+      const allocBits = h.extendedL2 ? v.getUint32(at + 12) : 0;
       if (hi & 0x4000_0000) {
         if (hi & 0x8000_0000) corruptionAt(st, `ERROR: coffset=${hex(hi * TWO_32 + lo)}: copied flag must never be set for compressed clusters`);
+        if (zeroBits || allocBits) corruptionAt(st, `ERROR: compressed cluster ${j} of the L2 table at ${hex(l2Offset)} has a non-zero subcluster bitmap`);
         const highBits = 70 - h.clusterBits - 32;
         const host = (hi & 0x3fff_ffff & ((1 << highBits) - 1)) * TWO_32 + lo;
         const sectors = (((hi & 0x3fff_ffff) >>> highBits) & ((1 << (h.clusterBits - 8)) - 1)) + 1;
@@ -223,6 +227,10 @@ async function walkL1(st: State, l1Offset: number, l1Size: number, active: boole
       }
       const host = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
       const allocated = host !== 0 || (hasDataFile && (hi & 0x8000_0000) !== 0);
+      if (h.extendedL2) {
+        if (!allocated && allocBits) corruptionAt(st, `ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 entry ${j} of the table at ${hex(l2Offset)})`);
+        if (allocated && (allocBits & zeroBits)) corruptionAt(st, `ERROR: subclusters marked both allocated and zero (L2 entry ${j} of the table at ${hex(l2Offset)})`);
+      }
       if (!allocated) continue;
       if (host % cs !== 0) {
         corruptionAt(st, `ERROR offset=${hex(host)}: Cluster is not properly aligned; L2 entry corrupted.`);

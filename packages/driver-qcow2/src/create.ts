@@ -276,6 +276,7 @@ async function writeImage(file: BlockBackend, size: number, o: Qcow2CreateOption
   const rc = refcounts.capture();
   await Promise.all(rc.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
   await writeAligned(file, rc.table!.offset, rc.table!.bytes);
+  refcounts.committed(rc);
   await file.flush();
   const reftableOffset = rc.moved?.offset ?? cs;
   const reftableClusters = rc.moved?.clusters ?? 1;
@@ -286,6 +287,7 @@ async function writeImage(file: BlockBackend, size: number, o: Qcow2CreateOption
     await refcounts.applyFrees(rc.freeAfter);
     const again = refcounts.capture();
     await Promise.all(again.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
+    refcounts.committed(again);
   }
   if (o.preallocation !== 'off') await preallocate(file, o, size, l1Size, l1Offset, refcounts, where, data);
   if (file.size > refcounts.end) await file.resize(refcounts.end);
@@ -322,9 +324,10 @@ async function preallocate(file: BlockBackend, o: Qcow2CreateOptions, size: numb
   });
   const runs = await writer.preallocate(size);
   await writer.close();
+  // The data file holds every guest byte at its offset: it has the virtual size (as QEMU makes it).
+  if (data && data.size < size) await data.resize?.(size);
   if (o.preallocation !== 'metadata') {
     const storage = data ?? file;
-    if (data && data.size < size) await data.resize?.(size);
     for (const [host, length] of runs) await storage.writeZeroes(host, Math.min(length, storage.size - host), { mayUnmap: false });
   }
 }

@@ -46,7 +46,7 @@ export interface RefcountCommit {
   /** The table moved: the header must point to it once it is written. */
   readonly moved?: { readonly offset: number; readonly clusters: number };
   /** Clusters that become free once this commit (and the header change) are on disk. */
-  readonly freeAfter: ReadonlyArray<readonly [number, number]>;
+  readonly freeAfter: Array<readonly [number, number]>;
 }
 
 export class Refcounts {
@@ -90,14 +90,25 @@ export class Refcounts {
   /** Dirty refcount blocks held in memory (a commit is due when many are). */
   get dirtyBlocks(): number { return this.#cache.dirtyCount; }
 
-  /** Reserves `count` contiguous clusters at the end of the file, each with refcount 1; resolves with the first's offset. */
+  /** Largest refcount an entry holds (2^refcount_bits - 1). */
+  get maxRefcount(): number { return this.#maxRefcount; }
+
+  /**
+   * Reserves `count` contiguous clusters at the end of the file, each with refcount 1;
+   * resolves with the first's offset. Clusters past the end that already have a
+   * refcount (leaked by an earlier crash) are stepped over, not reused.
+   */
   allocate(count: number): Promise<number> {
     return this.#serial(async () => {
-      const host = this.#next;
-      this.#next += count * this.#cs;
-      await this.#grow();
-      await this.#increment(host, count);
-      return host;
+      for (;;) {
+        const host = this.#next;
+        const used = await this.#lastInUse(host, count);
+        if (used >= 0) { this.#next = used + this.#cs; continue; }
+        this.#next += count * this.#cs;
+        await this.#grow();
+        await this.#increment(host, count);
+        return host;
+      }
     });
   }
 
@@ -140,9 +151,19 @@ export class Refcounts {
     return { blocks, table, moved, freeAfter };
   }
 
+  /** The blocks of a capture are on disk: the cache may evict them again. */
+  committed(c: RefcountCommit): void {
+    this.#cache.written(c.blocks);
+  }
+
+  /** Old tables of a capture whose frees did not happen: the next commit frees them. */
+  requeueOldTables(c: RefcountCommit): void {
+    this.#oldTables.push(...c.freeAfter);
+  }
+
   /** Undoes capture() after a failed commit, so that the next one writes everything again. */
   restore(c: RefcountCommit): void {
-    this.#cache.restoreDirty(c.blocks);
+    this.#cache.written(c.blocks, true);
     if (c.table) this.#tableDirty = true;
     if (c.moved) this.#moved = true;
     this.#oldTables.push(...c.freeAfter);
@@ -153,13 +174,18 @@ export class Refcounts {
    * (compressed data may share clusters, as in QEMU): to be called only once no
    * table on disk refers to them any more.
    */
-  applyFrees(ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
+  applyFrees(ranges: Array<readonly [number, number]>): Promise<void> {
     if (ranges.length === 0) return Promise.resolve();
     return this.#serial(async () => {
-      for (const [offset, length] of ranges) {
+      // Each range leaves the list once applied: after a failure, the caller retries only the rest.
+      while (ranges.length) {
+        const [offset, length] = ranges[0]!;
         const first = Math.floor(offset / this.#cs);
         const last = Math.floor((offset + length - 1) / this.#cs);
+        // Load every block first, so that a range is applied whole or not at all.
+        for (let c = first; c <= last; c++) await this.#block(Math.floor(c / this.#perBlock));
         for (let c = first; c <= last; c++) await this.#add(c, -1);
+        ranges.shift();
       }
     });
   }
@@ -181,6 +207,23 @@ export class Refcounts {
     }
     const step = Math.min(Math.max(MIN_GROWTH, Math.floor(size / 8)), 1024 * 1024 * 1024);
     await this.#file.resize(Math.ceil((this.#next + step) / this.#cs) * this.#cs);
+  }
+
+  /** The last cluster of [host, +count clusters) with a non-zero refcount, or -1. */
+  async #lastInUse(host: number, count: number): Promise<number> {
+    let found = -1;
+    const first = host / this.#cs;
+    for (let cluster = first; cluster < first + count;) {
+      const r = Math.floor(cluster / this.#perBlock);
+      const blockOffset = this.#blockOffset(r);
+      const n = Math.min(first + count - cluster, (r + 1) * this.#perBlock - cluster);
+      if (blockOffset !== 0) {
+        const block = await this.#cache.get(blockOffset);
+        for (let i = 0; i < n; i++) if (this.#read(block, (cluster + i) % this.#perBlock) !== 0) found = (cluster + i) * this.#cs;
+      }
+      cluster += n;
+    }
+    return found;
   }
 
   /** Sets the refcount of `count` clusters from `host` from 0 to 1, block by block. */

@@ -37,6 +37,8 @@ const ALL_SUBCLUSTERS = 0xffff_ffff;
  * dies keeps most of what it wrote reachable (and the crash tests see commits).
  */
 const COMMIT_INTERVAL_MS = 1000;
+/** Freed ranges held for the next commit before one is started for them (a memory bound). */
+const MAX_PENDING_FREES = 4096;
 
 /** Header field offsets (qcow2.txt "Header"). */
 const H_REFTABLE = 48;
@@ -117,6 +119,8 @@ export class Qcow2Writer {
   #zeroes: Uint8Array | undefined;
   #incompat: bigint;
   #lastCommit = performance.now();
+  /** Refcount structures written since the last flush: the next L2 write must be preceded by one. */
+  #refcountsUnflushed = false;
   /** Where the next compressed cluster's bytes go (0: start a new host cluster). */
   #compressedEnd = 0;
   #unalignedWrites: Promise<unknown> = Promise.resolve();
@@ -155,9 +159,10 @@ export class Qcow2Writer {
       for (let pos = offset; pos < end && failure === undefined;) {
         const waiting = this.#inflight.get(Math.floor(pos / this.#cs));
         if (waiting) { await waiting.done; continue; }
-        const e = (await this.#entry(pos, true))!;
-        if (this.#inflight.has(Math.floor(pos / this.#cs))) continue;
-        // Synchronous from here to the end of the segment: classification and the in-flight marks agree.
+        await this.#entry(pos, true);
+        // Synchronous from here to the end of the segment: the entry as it is now, and the in-flight marks, agree.
+        const e = this.#entryNow(pos);
+        if (!e || this.#inflight.has(Math.floor(pos / this.#cs))) continue;
         const stop = Math.min(end, (Math.floor(pos / this.#coverage) + 1) * this.#coverage);
         if (this.#inPlace(e, pos, end)) {
           let segEnd = Math.min(stop, this.#clusterEnd(pos));
@@ -230,7 +235,8 @@ export class Qcow2Writer {
       at = host;
       for (const [a, b] of pieces) {
         for (let pos = a; pos < b; pos += cs, at += cs) {
-          const e = (await this.#entry(pos, true))!;
+          let e: Entry | undefined;
+          while (!(e = this.#entryNow(pos))) await this.#entry(pos, true);
           if (this.#ext) this.#setEntry(e, at, false, e.zeroBits & ~this.#bits(pos, pos, b), this.#bits(pos, pos, b));
           else this.#setEntry(e, at, false, 0, 0);
         }
@@ -280,28 +286,39 @@ export class Qcow2Writer {
     const out = this.#scratch.pop() ?? new Uint8Array(0);
     const packed = out.length >= count * (2 * cs - 1) ? out : new Uint8Array(count * (2 * cs - 1));
     const lengths = new Int32Array(count);
+    const plain: Array<Promise<void>> = [];
+    const items: number[] = [];
+    let failure: unknown;
     try {
       await compressClusters(this.#h.compressionType, cs, input, count, packed, lengths);
-      const plain: Array<Promise<void>> = [];
-      const items: number[] = [];
       for (let i = 0; i < count; i++) {
         const guest = offset + i * cs;
         const piece = data.subarray(i * cs, Math.min((i + 1) * cs, data.length));
         for (;;) {
           const waiting = this.#inflight.get(guest / cs);
           if (waiting) { await waiting.done; continue; }
-          const e = (await this.#entry(guest, true))!;
-          if (this.#inflight.has(guest / cs)) continue;
+          await this.#entry(guest, true);
+          const e = this.#entryNow(guest);
+          if (!e || this.#inflight.has(guest / cs)) continue;
           if (lengths[i] === STORE_UNCOMPRESSED || e.host >= 0 || e.compressed) plain.push(this.write(guest, piece));
           else { items.push(i); this.#inflight.set(guest / cs, inflightRecord()); }
           break;
         }
       }
-      if (items.length) await this.#storeCompressed(offset, items, lengths, packed);
-      await Promise.all(plain);
+      // #storeCompressed releases the in-flight marks of `items`, whatever happens.
+      const stored = items.splice(0);
+      if (stored.length) await this.#storeCompressed(offset, stored, lengths, packed);
+    } catch (err) {
+      failure = err;
     } finally {
+      // Marks left by a failure before #storeCompressed took them over.
+      for (const i of items) this.#releaseInflight(offset + i * cs, offset + (i + 1) * cs);
+      // The caller's buffer must not be in use when this returns.
+      const settled = await Promise.allSettled(plain);
+      failure ??= settled.find((r): r is PromiseRejectedResult => r.status === 'rejected')?.reason;
       this.#scratch.push(packed);
     }
+    if (failure !== undefined) throw failure;
     await this.#commitIfFull();
   }
 
@@ -332,7 +349,8 @@ export class Qcow2Writer {
       await Promise.all(writes);
       for (let k = 0; k < items.length; k++) {
         const guest = offset + items[k]! * cs;
-        const e = (await this.#entry(guest, true))!;
+        let e: Entry | undefined;
+        while (!(e = this.#entryNow(guest))) await this.#entry(guest, true);
         this.#setCompressed(e, placed[k]!, lengths[items[k]!]!);
       }
     } finally {
@@ -352,6 +370,8 @@ export class Qcow2Writer {
       for (const size of sizes) {
         let off = this.#compressedEnd;
         let room = off % cs === 0 ? 0 : cs - (off % cs);
+        // A cluster whose refcount is at its maximum (refcount_bits < 16) takes no more data, as in QEMU.
+        if (room > 0 && (await this.#refs.get(off)) >= this.#refs.maxRefcount) room = 0;
         const sharesCluster = room > 0;
         let fresh = false;
         while (room < size) {
@@ -411,6 +431,7 @@ export class Qcow2Writer {
 
   /** Puts every change on disk, in crash-safe order, then flushes. */
   async flush(): Promise<void> {
+    if (this.#hasDataFile) await this.#data.flush();
     await this.#commitAll();
     await this.#file.flush();
   }
@@ -419,6 +440,7 @@ export class Qcow2Writer {
   async close(): Promise<void> {
     if (this.#begun) await this.#begun;
     else if (!this.dirty) return;
+    if (this.#hasDataFile) await this.#data.flush();
     await this.#commitAll();
     if (this.#file.resize && this.#file.size > this.#usedEnd()) await this.#file.resize(this.#usedEnd());
     await this.#file.flush();
@@ -455,6 +477,7 @@ export class Qcow2Writer {
       const host = this.#hasDataFile ? pos : await this.#refs.allocate(n);
       for (let i = 0; i < n; i++) this.#setEntry(this.#decode(e.table, e.l2Offset, pos + i * this.#cs), host + i * this.#cs, false, 0, 0);
       runs.push([host, n * this.#cs]);
+      await this.#commitIfFull();
     }
     return runs;
   }
@@ -524,9 +547,13 @@ export class Qcow2Writer {
     const host = e.host + (pos - this.#clusterStart(pos));
     await this.#data.write(host, data);
     if (!this.#ext) return;
-    // Subclusters written whole become allocated (the others were already).
-    for (let c = this.#clusterStart(pos); c < segEnd; c += this.#cs) {
-      const cur = this.#decode(e.table, e.l2Offset, c);
+    // Subclusters written whole become allocated (the others were already), unless a
+    // discard took the cluster away meanwhile.
+    const first = this.#clusterStart(pos);
+    for (let c = first; c < segEnd; c += this.#cs) {
+      let cur: Entry | undefined;
+      while (!(cur = this.#entryNow(c))) await this.#entry(c, true);
+      if (cur.host !== e.host + (c - first)) continue;
       const full = this.#fullBits(c, pos, segEnd);
       if ((cur.allocBits & full) === full && (cur.zeroBits & full) === 0) continue;
       this.#setExtBits(cur, cur.zeroBits & ~full, cur.allocBits | full);
@@ -537,19 +564,29 @@ export class Qcow2Writer {
    * Writes [pos, segEnd) to clusters that need a host cluster (`hosted`: the one
    * cluster has one already, e.g. a preallocated zero cluster) and links them.
    */
-  async #writeAllocating(pos: number, segEnd: number, data: Uint8Array, hosted: boolean): Promise<void> {
+  async #writeAllocating(pos: number, segEnd: number, data: Uint8Array, hostedAtStart: boolean): Promise<void> {
+    let hosted = hostedAtStart;
     const firstCluster = this.#clusterStart(pos);
     const clusters = Math.ceil((segEnd - firstCluster) / this.#cs);
     try {
-      const first = (await this.#entry(pos, true))!;
+      let first: Entry | undefined;
+      while (!(first = this.#entryNow(pos))) await this.#entry(pos, true);
       const old: Entry[] = [];
       for (let c = 0; c < clusters; c++) old.push(c === 0 ? first : this.#decode(first.table, first.l2Offset, firstCluster + c * this.#cs));
+      // The clusters are ours (in flight), but the host cluster may have gone meanwhile.
+      if (hosted && (old[0]!.host < 0 || old[0]!.compressed)) hosted = false;
       // Copy-on-write range: whole clusters, or whole subclusters with extended L2
-      // (a compressed cluster is one unit there too).
+      // (a compressed cluster is one unit there too). An allocated subcluster needs no
+      // copy, and must get none: a concurrent in-place write may be filling it.
       const unitStart = this.#ext && !old[0]!.compressed ? this.#sc : this.#cs;
       const unitEnd = this.#ext && !old[clusters - 1]!.compressed ? this.#sc : this.#cs;
-      const start = Math.floor(pos / unitStart) * unitStart;
-      const end = Math.min(Math.ceil(segEnd / unitEnd) * unitEnd, this.#size);
+      let start = Math.floor(pos / unitStart) * unitStart;
+      let end = Math.min(Math.ceil(segEnd / unitEnd) * unitEnd, this.#size);
+      if (this.#ext && hosted) {
+        const bitOf = (at: number): number => 1 << Math.floor((at - firstCluster) / this.#sc);
+        if (start < pos && (old[0]!.allocBits & bitOf(pos)) !== 0) start = pos;
+        if (end > segEnd && (old[0]!.allocBits & bitOf(segEnd)) !== 0) end = segEnd;
+      }
       let buf = data;
       if (start < pos || end > segEnd) {
         buf = this.#p.allocBuffer(end - start);
@@ -566,7 +603,8 @@ export class Qcow2Writer {
       // Link, now that the data is written.
       for (let c = 0; c < clusters; c++) {
         const cStart = firstCluster + c * this.#cs;
-        const e = this.#decode(first.table, first.l2Offset, cStart);
+        let e: Entry | undefined;
+        while (!(e = this.#entryNow(cStart))) await this.#entry(cStart, true);
         if (e.compressed) this.#frees.push(this.#compressedRange(e));
         const h = host + c * this.#cs;
         if (this.#ext) {
@@ -611,8 +649,12 @@ export class Qcow2Writer {
         continue;
       }
       if (!whole && !this.#ext) { await zeroes(pos, cEnd); pos = cEnd; continue; }
-      const e = await this.#entry(pos, backing && v3);
-      if (this.#inflight.has(c)) continue;
+      // A memory bound: a zero write over a huge range commits its tables as it goes.
+      if (pos % this.#coverage === 0 || pos === offset) await this.#commitIfFull();
+      await this.#entry(pos, backing && v3);
+      // Synchronous from here: the entry as it is now (undefined: no L2 table).
+      if (this.#inflight.has(c) || !this.#tableCached(pos)) continue;
+      const e = this.#entryNow(pos);
       const allocated = e !== undefined && (e.host >= 0 || e.compressed);
       if (!v3) {
         if (backing) await zeroes(pos, cEnd);
@@ -634,6 +676,7 @@ export class Qcow2Writer {
 
   /** Zeroes [pos, cEnd) of one cluster with extended L2: whole subclusters by their bits, pieces by writing. */
   async #zeroExtended(e: Entry, pos: number, cEnd: number, mayUnmap: boolean, discard: boolean, zeroes: (from: number, to: number) => Promise<void>): Promise<void> {
+    // `e` is current on entry; after the awaits below it is looked up again.
     const cStart = this.#clusterStart(pos);
     const full = this.#fullBits(cStart, pos, cEnd);
     const unallocate = discard && !this.#p.hasBacking;
@@ -650,7 +693,9 @@ export class Qcow2Writer {
     const tailStart = Math.max(headEnd, Math.floor(cEnd / this.#sc) * this.#sc);
     if (tailStart < cEnd && cEnd < this.#size) await zeroes(tailStart, cEnd);
     if (!full) return;
-    const cur = this.#decode(e.table, e.l2Offset, cStart);
+    let cur: Entry | undefined;
+    while (!(cur = this.#entryNow(cStart))) await this.#entry(cStart, true);
+    if (cur.compressed) return zeroes(pos, cEnd);
     const alloc = (cur.allocBits & ~full) >>> 0;
     const zeroBits = (unallocate ? cur.zeroBits & ~full : cur.zeroBits | full) >>> 0;
     if (cur.host >= 0 && alloc === 0 && (mayUnmap || discard)) {
@@ -680,6 +725,20 @@ export class Qcow2Writer {
     const hi = this.#l1.getUint32(l1Index * 8);
     const lo = this.#l1.getUint32(l1Index * 8 + 4);
     return (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+  }
+
+  /** The entry of the cluster at `pos` as it is now, when its L2 table is cached; undefined otherwise (or without a table). */
+  #entryNow(pos: number): Entry | undefined {
+    const l2Offset = this.#l2OffsetAt(Math.floor(pos / this.#coverage));
+    if (l2Offset === 0) return undefined;
+    const table = this.#cache.peek(l2Offset);
+    return table ? this.#decode(table, l2Offset, pos) : undefined;
+  }
+
+  /** Whether #entryNow answers for `pos`: there is no L2 table, or it is cached. */
+  #tableCached(pos: number): boolean {
+    const l2Offset = this.#l2OffsetAt(Math.floor(pos / this.#coverage));
+    return l2Offset === 0 || this.#cache.peek(l2Offset) !== undefined;
   }
 
   /** The L2 entry of the cluster at `pos`; its table is read, or allocated when `create` (else undefined when there is none). */
@@ -791,8 +850,13 @@ export class Qcow2Writer {
 
   /** Commits when the caches fill up with dirty tables, and at least every COMMIT_INTERVAL_MS while writing. */
   async #commitIfFull(): Promise<void> {
-    const due = performance.now() - this.#lastCommit >= COMMIT_INTERVAL_MS;
-    if (due || this.#cache.dirtyCount * 2 >= this.#cache.capacity || this.#refs.dirtyBlocks >= 64) await this.#commitAll();
+    const now = performance.now();
+    const due = now - this.#lastCommit >= COMMIT_INTERVAL_MS;
+    if (due || this.#cache.dirtyCount * 2 >= this.#cache.capacity || this.#refs.dirtyBlocks >= 64 || this.#frees.length >= MAX_PENDING_FREES) {
+      // One caller commits; the others of the same instant need not queue more.
+      this.#lastCommit = now;
+      await this.#commitAll();
+    }
   }
 
   /** Commits until nothing is dirty (applying frees dirties refcount blocks again). */
@@ -810,6 +874,9 @@ export class Qcow2Writer {
     this.#lastCommit = performance.now();
     if (!this.dirty) return;
     const file = this.#file;
+    // Data in an external data file before metadata that points at it (as QEMU flushes
+    // the data file first).
+    if (this.#hasDataFile && !this.#lazy) await this.#data.flush();
     // One instant, between allocations: every L2 entry in these copies points at clusters whose refcounts are in `rc`.
     const { frees, l2, l1, rc } = await this.#refs.exclusive(() => {
       const taken = {
@@ -823,42 +890,67 @@ export class Qcow2Writer {
       return taken;
     });
     let stage = 'refcount blocks';
+    let l2Written = false;
+    let rcWritten = false;
+    // What is left to free (applyFrees removes what it applied).
+    const released = [...frees, ...rc.freeAfter];
+    let freeing = false;
     try {
       await Promise.all(rc.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
-      if (rc.table) { stage = 'refcount table'; await writeAligned(file, rc.table.offset, rc.table.bytes); }
+      if (rc.blocks.length) this.#refcountsUnflushed = true;
+      if (rc.table) {
+        // New refcount blocks before the table entries that hook them in.
+        if (rc.blocks.length && !this.#lazy) await this.#flushFile();
+        stage = 'refcount table';
+        await writeAligned(file, rc.table.offset, rc.table.bytes);
+        this.#refcountsUnflushed = true;
+      }
       if (rc.moved) {
         stage = 'header';
-        await file.flush();
+        await this.#flushFile();
         const b = new Uint8Array(12);
         const dv = new DataView(b.buffer);
         dv.setBigUint64(0, BigInt(rc.moved.offset));
         dv.setUint32(8, rc.moved.clusters);
         await writeAligned(file, H_REFTABLE, b);
       }
+      this.#refs.committed(rc);
+      rcWritten = true;
       if (l2.length || l1) {
-        // Refcounts before the references to the clusters they count.
-        if (!this.#lazy && (rc.blocks.length || rc.table)) await file.flush();
+        // Refcounts (of this commit or an earlier one) before the references to the clusters they count.
+        if (!this.#lazy && this.#refcountsUnflushed) await this.#flushFile();
         stage = 'L2 tables';
         await Promise.all(l2.map((t) => writeAligned(file, t.offset, t.bytes)));
+        this.#cache.written(l2);
+        l2Written = true;
         if (l1) {
           stage = 'L1 table';
-          await file.flush();
+          await this.#flushFile();
           await writeAligned(file, this.#h.l1TableOffset, l1);
         }
       }
-      const released = [...frees, ...rc.freeAfter];
       if (released.length) {
         // Nothing on disk refers to these any more once the tables above are stable.
-        if (!this.#lazy) await file.flush();
+        stage = 'freeing clusters';
+        if (!this.#lazy) await this.#flushFile();
+        freeing = true;
         await this.#refs.applyFrees(released);
       }
     } catch (err) {
-      this.#cache.restoreDirty(l2);
-      if (l1) this.#l1Dirty = true;
-      this.#refs.restore(rc);
-      this.#frees.push(...frees);
+      if (!l2Written) this.#cache.written(l2, true);
+      if (l1 && stage !== 'freeing clusters') this.#l1Dirty = true;
+      if (!rcWritten) this.#refs.restore(rc);
+      // Frees not applied yet go back: the next commit applies them (never twice).
+      if (freeing || stage === 'freeing clusters') this.#frees.push(...released);
+      else { this.#frees.push(...frees); if (rcWritten) this.#refs.requeueOldTables(rc); }
       if (err instanceof BlockError) throw new BlockError(err.code, `committing metadata (${stage}): ${err.message}`, { location: this.#p.where.location, op: 'flush', offset: err.offset, cause: err });
       throw err;
     }
   }
+
+  async #flushFile(): Promise<void> {
+    await this.#file.flush();
+    this.#refcountsUnflushed = false;
+  }
+
 }

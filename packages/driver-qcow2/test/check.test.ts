@@ -111,6 +111,14 @@ agreement('an unaligned L2 entry is a corruption', async () => {
   assert.ok(q.corruptions > 0 && o.corruptions > 0, `${JSON.stringify(q)} ${o.stdout}`);
   assert.is(o.status, 2);
 });
+agreement('extended L2: an unallocated cluster with allocation bits is a corruption', async () => {
+  const image = create(path.join(dir, 'bitmap.qcow2'), MiB, { extended_l2: true });
+  qemuIo(image, ['write -P 1 0 64k', 'write -P 2 128k 2k']);
+  const h = headerOf(image);
+  const l2 = Number(readBytes(image, h.l1Offset, 8).readBigUInt64BE(0) & 0x00ff_ffff_ffff_fe00n);
+  patch(image, l2 + 16 + 12, [0, 0, 0, 1]); // entry 1 (unallocated): allocation bit 0
+  await agree(image, { corruptions: 1, leaks: 0, status: 2 });
+});
 agreement('a lazy-refcounts image left dirty: check -r all repairs it and clears the bit; then it can be written', async () => {
   const image = create(path.join(dir, 'lazy.qcow2'), 16 * MiB, { lazy_refcounts: true });
   qemuIo(image, ['write -P 1 0 1M']);
