@@ -12,6 +12,8 @@ import {
   AUTO_MAX_WORKERS,
   formatSize,
   mapImage,
+  redactCredentials,
+  redactLocation,
   resolveRelative,
   MAX_WORKERS,
   parseSize,
@@ -473,7 +475,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       r = await job.done;
     } catch (err) {
       if (err instanceof BlockError && err.code === 'ECANCELED') {
-        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${targetName} is incomplete`);
+        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${redactLocation(targetName)} is incomplete`);
       }
       throw err;
     } finally {
@@ -482,7 +484,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
     await target.close();
     target = undefined;
     if (o.output === 'json') {
-      process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames, target: targetName, ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
+      process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames.map(redactLocation), target: redactLocation(targetName), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
     } else if (!o.quiet && mode !== 'none') {
       process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
         `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
@@ -499,9 +501,9 @@ export function describe(err: unknown, debug: boolean): string {
   if (debug && err instanceof Error && err.stack) {
     let s = err.stack;
     for (let c = (err as { cause?: unknown }).cause; c instanceof Error; c = (c as { cause?: unknown }).cause) s += `\ncaused by: ${c.stack ?? c.message}`;
-    return s;
+    return redactCredentials(s);
   }
-  return err instanceof Error ? err.message.split('\n')[0]! : String(err);
+  return redactCredentials(err instanceof Error ? err.message.split('\n')[0]! : String(err));
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -509,7 +511,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   // Drivers warn through process.emitWarning (e.g. a qcow2 image with the corrupt bit):
   // one line in our own voice instead of Node's "(node:PID) Warning:".
   process.removeAllListeners('warning');
-  process.on('warning', (w) => process.stderr.write(`blockconv: warning: ${w.message}\n`));
+  process.on('warning', (w) => process.stderr.write(`blockconv: warning: ${redactCredentials(w.message)}\n`));
   const program = buildProgram(ctx);
   program.commands.forEach((c) => c.exitOverride());
   try {
@@ -521,7 +523,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       return err.exitCode === 0 || err.code === 'commander.helpDisplayed' || err.code === 'commander.version' ? 0 : 1;
     }
     if (err instanceof ExitError) {
-      if (err.message) process.stderr.write(`blockconv: ${err.message}\n`);
+      if (err.message) process.stderr.write(`blockconv: ${redactCredentials(err.message)}\n`);
       return err.exitCode;
     }
     let msg = describe(err, ctx.debug);

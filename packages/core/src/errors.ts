@@ -64,7 +64,7 @@ export class BlockError extends Error {
     super(formatMessage(message, details), details.cause === undefined ? undefined : { cause: details.cause });
     this.code = code;
     this.op = details.op;
-    this.location = details.location;
+    this.location = details.location === undefined ? undefined : redactLocation(details.location);
     this.offset = details.offset;
     this.length = details.length;
     this.field = details.field;
@@ -73,7 +73,7 @@ export class BlockError extends Error {
 
 function formatMessage(message: string, d: BlockErrorDetails): string {
   const where: string[] = [];
-  if (d.location !== undefined) where.push(d.location);
+  if (d.location !== undefined) where.push(redactLocation(d.location));
   if (d.op !== undefined) where.push(d.op);
   if (d.offset !== undefined) where.push(`at offset ${d.offset}` + (d.length !== undefined ? ` (+${d.length})` : ''));
   if (d.field !== undefined) where.push(`field ${d.field}`);
@@ -120,4 +120,18 @@ function describeSystemError(code: string, raw: string): string {
 export function cancelled(reason?: unknown): BlockError {
   const why = reason instanceof Error ? reason.message : reason === undefined ? '' : String(reason);
   return new BlockError('ECANCELED', why && why !== 'This operation was aborted' ? `cancelled: ${why}` : 'cancelled');
+}
+
+/**
+ * A location fit to print: the password of a URL's user part (`user%password@` as
+ * libiscsi and qemu write it, or `user:password@`) is dropped. Messages and error
+ * details pass every location through this, so that no credential reaches a log.
+ */
+export function redactLocation(location: string): string {
+  return redactCredentials(location);
+}
+
+/** Text with the password of every URL in it dropped (see redactLocation). */
+export function redactCredentials(text: string): string {
+  return text.replace(/([a-z][a-z0-9+.-]*:\/\/)([^@\s/?#]*)@/gi, (_m, scheme: string, user: string) => `${scheme}${user.split(/[%:]/)[0]}@`);
 }

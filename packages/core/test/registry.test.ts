@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BLOCK_API_VERSION, BlockError, DriverRegistry, createMemoryDriver, parseLocation, resolveRelative, type FormatDriver } from '../src/index.js';
+import { BLOCK_API_VERSION, BlockError, DriverRegistry, createMemoryDriver, parseLocation, redactCredentials, redactLocation, resolveRelative, type FormatDriver } from '../src/index.js';
 
 const identity: FormatDriver = {
   apiVersion: BLOCK_API_VERSION, kind: 'format', name: 'raw',
@@ -68,6 +68,17 @@ test('backing names resolve against the image, as QEMU does', () => {
   assert.is(resolveRelative('top.qcow2', 'base.raw'), 'base.raw');
   assert.is(resolveRelative('nfs://h/export/dir/top.qcow2?version=4', 'base.qcow2'), 'nfs://h/export/dir/base.qcow2?version=4');
   assert.is(resolveRelative('nfs://h/export/top.qcow2', 'iscsi://t/iqn/1'), 'iscsi://t/iqn/1');
+});
+
+
+test('credentials in URLs are dropped from locations and error messages', () => {
+  assert.is(redactLocation('iscsi://bob%secret@host/iqn.x/1'), 'iscsi://bob@host/iqn.x/1');
+  assert.is(redactLocation('nfs://u:pw@host/export/f'), 'nfs://u@host/export/f');
+  assert.is(redactLocation('/plain/path@odd'), '/plain/path@odd');
+  assert.is(redactCredentials('copy iscsi://a%b@h/t/1 to nfs://c:d@h/e'), 'copy iscsi://a@h/t/1 to nfs://c@h/e');
+  const e = new BlockError('EIO', 'failed', { location: 'iscsi://bob%secret@host/iqn.x/1', op: 'open' });
+  assert.not.match(e.message, /secret/);
+  assert.is(e.location, 'iscsi://bob@host/iqn.x/1');
 });
 
 test.run();
