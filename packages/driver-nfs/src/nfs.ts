@@ -181,6 +181,16 @@ async function connectAll(location: string, url: string, n: number, flags: numbe
   throw failed.reason;
 }
 
+/**
+ * Waits for every request (none may still use a buffer when the caller gets control
+ * back), then throws the first failure.
+ */
+async function settleAll(parts: readonly Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(parts);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}
+
 /** Per-connection counters, for tests and diagnostics. */
 export interface ConnectionStats {
   /** Requests in flight now. */
@@ -267,17 +277,75 @@ export class NfsBackend implements BlockBackend {
       throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, this.#where('read', offset, length));
     }
     const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-    const c = this.#pick();
-    try {
-      for (let done = 0; done < length;) {
-        const n = await c.ctx.pread(c.fh, out.subarray(done), offset + done);
-        if (n === 0) { out.fill(0, done); break; } // past EOF (file shrank): zeroes
+    const one = async (start: number, end: number): Promise<void> => {
+      const c = this.#pick();
+      for (let done = start; done < end;) {
+        const n = await c.ctx.pread(c.fh, out.subarray(done, end), offset + done);
+        if (n === 0) { out.fill(0, done, end); break; } // past EOF (file shrank): zeroes
         done += n;
+      }
+    };
+    try {
+      // Requests larger than the server's rsize break the connection over NFSv4 (libnfs
+      // 4.0 splits only v3 READs): pieces of at most maxTransfer, in flight together.
+      const max = this.limits.maxTransfer;
+      if (length <= max) await one(0, length);
+      else {
+        const parts: Promise<void>[] = [];
+        for (let s = 0; s < length; s += max) parts.push(one(s, Math.min(s + max, length)));
+        await settleAll(parts);
       }
     } catch (err) {
       throw nfsError(err, this.#where('read', offset, length));
     }
     return out;
+  }
+
+  /**
+   * Vectored read (qcow2 reads one guest range from many host runs with it): every
+   * segment a request of its own, all in flight together, spread over the connections.
+   */
+  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    const parts: Promise<unknown>[] = [];
+    for (let i = 0; i < count; i++) {
+      const offset = segments[3 * i]!;
+      const length = segments[3 * i + 1]!;
+      const at = segments[3 * i + 2]!;
+      if (at + length > into.length) {
+        throw new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, this.#where('readSegments', offset, length));
+      }
+      parts.push(this.read(offset, length, into.subarray(at, at + length)));
+    }
+    await settleAll(parts);
+  }
+
+  /**
+   * Convert's vectored write (data split by zero runs): every piece in flight at once,
+   * rather than one after another as the core would write them without this.
+   */
+  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    const parts: Promise<void>[] = [];
+    for (let i = 0; i < count; i++) {
+      const s = segments[2 * i]!;
+      const e = segments[2 * i + 1]!;
+      parts.push(this.write(offset + s, data.subarray(s, e)));
+    }
+    await settleAll(parts);
+  }
+
+  /**
+   * Scattered write (qcow2 puts a chunk's newly allocated clusters with it, one
+   * allocation for the whole chunk): every piece in flight at once.
+   */
+  async writeScattered(from: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    const parts: Promise<void>[] = [];
+    for (let i = 0; i < count; i++) {
+      const offset = segments[3 * i]!;
+      const length = segments[3 * i + 1]!;
+      const at = segments[3 * i + 2]!;
+      parts.push(this.write(offset, from.subarray(at, at + length)));
+    }
+    await settleAll(parts);
   }
 
   async write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
@@ -305,9 +373,7 @@ export class NfsBackend implements BlockBackend {
     if (data.length <= chunk) return one(0, data.length);
     const parts: Promise<void>[] = [];
     for (let s = 0; s < data.length; s += chunk) parts.push(one(s, Math.min(s + chunk, data.length)));
-    const results = await Promise.allSettled(parts);
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
+    await settleAll(parts);
   }
 
   /** No zeroing operation in NFS: writes zero buffers (the core avoids calling this). */
