@@ -232,6 +232,8 @@ stop_iscsi() {
     tgtadm -C "$ctl" --lld iscsi --mode system --op delete >/dev/null 2>&1 || true
   fi
   stop_pid tgtd tgtd
+  # tgtd leaves its control socket behind when killed; ours only (control port $ctl).
+  rm -f "/var/run/tgtd/socket.$ctl" "/var/run/tgtd/socket.$ctl.lock"
 }
 
 lun_size() {
@@ -280,7 +282,7 @@ status_text() {
   local rate
   rate=$(cat "$state/rate" 2>/dev/null || echo '?')
   cat <<EOF
-lab up, links shaped to: $rate (each direction, tbf)
+lab up, links: $([ "$rate" = none ] && echo "unshaped (veth, no qdisc)" || echo "shaped to $rate each direction (tbf)")
   NFS host   netns $NS_NFS   $NFS_IP (host side $NFS_HOST_IP)   rpcbind pid $(cat "$state/rpcbind.pid"), ganesha pid $(cat "$state/ganesha.pid")
              $NFS_URL  ->  $export_dir
   iSCSI host netns $NS_ISCSI $ISCSI_IP (host side $ISCSI_HOST_IP)   tgtd pid $(cat "$state/tgtd.pid") (tgtadm -C $ctl)
