@@ -32,14 +32,17 @@
 # Environment:
 #   RATE=1gbit        lab link rate (tc syntax: 1gbit, 500mbit; none = unshaped). If the lab
 #                     is not up it is brought up at RATE (and down again at the end unless
-#                     LAB_KEEP=1); if it is up at another rate it is re-shaped.
+#                     LAB_KEEP=1); if it is up at another rate it is re-shaped. Without
+#                     RATE, a lab that is up is used at its own rate.
 #   RUNS=5            runs per tool and scenario (median reported)
 #   SIZE=2G           virtual size of the template
 #   SCENARIOS="nfs-iscsi nfs-ram ram-iscsi"
 #   SWEEP=1           run the worker sweep (0: skip); SWEEP_RUNS=1
 #   SWEEP_BC="1 2 4 8 16 32"  SWEEP_QEMU="1 2 4 8 16"
 #   QUIET_WAIT=60     seconds to wait for the machine to go idle before each run
-#   OUT_DIR=bench-out   tables: headline-RATE.md (+ .json), sweep-RATE.tsv; per-run data in
+#   (per run, the CPU the lab's ganesha and tgtd used is recorded: "servers CPU s";
+#   "other CPU s" is all other CPU the machine spent, servers included)
+#   OUT_DIR=bench-out   tables: headline-RATE.md (+ .json, -sweep.tsv); per-run data in
 #                     OUT_DIR/headline-RATE-work/
 #   SVG_OUT=docs/headline-sweep-RATE.svg
 # blockconv convert always gets --output json added, to record its own elapsed time.
@@ -47,7 +50,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-RATE_ASKED=${RATE:-}
+# Without RATE, a lab that is up keeps its rate (and names the output files); else 1gbit.
+RATE=${RATE:-$(bash "$ROOT/tools/lab.sh" env 2>/dev/null | sed -n 's/^LAB_RATE=//p')}
 RATE=${RATE:-1gbit}
 RUNS=${RUNS:-5}
 WARMUP=${WARMUP:-0}
@@ -83,11 +87,7 @@ if ! $LAB status >/dev/null 2>&1; then
   LAB_MADE=1
 else
   current=$($LAB env | sed -n 's/^LAB_RATE=//p')
-  if [ -n "$RATE_ASKED" ] && [ "$current" != "$RATE" ]; then
-    $LAB up --rate "$RATE" >&2
-  else
-    RATE=$current
-  fi
+  [ "$current" = "$RATE" ] || $LAB up --rate "$RATE" >&2
 fi
 eval "$($LAB env)"
 finish() {
@@ -193,9 +193,20 @@ verify_target() {
   printf '%s\t%s\t%s\t%s\t%s\n' "$sc" lab "$label" "$status" "$(($(stat -c %b "$file") * 512))" >>"$WORK/verify.tsv"
 }
 
+# CPU time (clock ticks) the lab's two servers have used: the work they do for a copy,
+# which "other CPU" would otherwise mix with everyone else's load.
+server_cpu() {
+  local t=0 pid v
+  for pid in "$LAB_GANESHA_PID" "$LAB_TGTD_PID"; do
+    v=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    t=$((t + v))
+  done
+  echo "$t"
+}
+
 # run_tools SCENARIO RUNS VERIFY LABEL=TEMPLATE...: alternating runs of the given tools.
 run_tools() {
-  local sc=$1 runs=$2 do_verify=$3 run label template src dst n=; shift 3
+  local sc=$1 runs=$2 do_verify=$3 run label template src dst n= s0; shift 3
   case $sc in
     nfs-iscsi|sweep) src=$IMG_URL dst=$LAB_ISCSI_URL n=-n ;;
     nfs-ram) src=$IMG_URL dst=$shm/target.raw ;;
@@ -217,7 +228,10 @@ run_tools() {
       label=${spec%%=*}
       template=$(echo "${spec#*=}" | sed "s/{N}/$n/")
       [ -n "$n" ] && wipe_lun
+      s0=$(server_cpu)
       timed_run "$sc" lab "$label" "$template" "$src" "$dst" "$run" "$runs"
+      ((run <= 0)) || printf '%s\t%s\t%s\t%s\n' "$sc" "$label" "$run" \
+        "$(awk -v t=$(($(server_cpu) - s0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')" >>"$WORK/servers.tsv"
       if ((run == 1)) && [ "$do_verify" = 1 ]; then verify_target "$sc" "$label" "$dst"; fi
     done
   done

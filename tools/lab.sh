@@ -299,6 +299,8 @@ LAB_LUN_FILE=$lun_file
 LAB_RATE=$(cat "$state/rate" 2>/dev/null || echo none)
 LAB_NFS_IF=$NFS_HOST_IF
 LAB_ISCSI_IF=$ISCSI_HOST_IF
+LAB_GANESHA_PID=$(cat "$state/ganesha.pid")
+LAB_TGTD_PID=$(cat "$state/tgtd.pid")
 EOF
 }
 

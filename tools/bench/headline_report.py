@@ -42,6 +42,14 @@ def load(work):
             "internal_ms": int(internal) if internal else None})
     verify = {(sc, tool): st for sc, _l, tool, st, _a in tsv(f"{work}/verify.tsv")}
     commands = {(sc, tool): cmd for sc, tool, cmd in tsv(f"{work}/tools.tsv")}
+    # CPU of the lab's ganesha + tgtd during each run (servers.tsv; older runs lack it).
+    servers = {}
+    for sc, tool, _run, cpu in tsv(f"{work}/servers.tsv"):
+        servers.setdefault((sc, tool), []).append(float(cpu))
+    for sc, tools in runs.items():
+        for tool, rs in tools.items():
+            for r, cpu in zip(rs, servers.get((sc, tool), [])):
+                r["servers_cpu_s"] = cpu
     return env, runs, verify, commands
 
 
@@ -62,6 +70,8 @@ def summarize(env, runs, verify, commands, sc):
             "fraction_of_limit": limit / wall if (limit and wall) else None,
             "cpu_s": statistics.median(r["cpu_s"] for r in ok) if ok else None,
             "other_cpu_s": statistics.median(r["other_cpu_s"] for r in ok) if ok else None,
+            "servers_cpu_s": statistics.median(r["servers_cpu_s"] for r in ok)
+            if ok and all("servers_cpu_s" in r for r in ok) else None,
             "rss_mib": max(r["rss_mib"] for r in ok) if ok else None,
             "verified": verify.get((sc, tool), "-"),
         })
@@ -77,25 +87,25 @@ def f(v, fmt):
 
 def table(rows, md):
     head = ["tool", "median wall s", "MB/s", "link limit s", "fraction of limit",
-            f"/ {BASE}", "CPU s", "other CPU s", "peak RSS MiB", "runs (wall s)", "verified"]
+            f"/ {BASE}", "CPU s", "servers CPU s", "other CPU s", "peak RSS MiB", "runs (wall s)", "verified"]
     out = []
     if md:
         out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * 8 + ["---", "---"]) + "|")
+        out.append("|" + "|".join(["---"] + ["---:"] * 9 + ["---", "---"]) + "|")
     else:
         out.append(f"{'tool':<22} {'wall s':>7} {'MB/s':>7} {'limit s':>8} {'of limit':>8} {'/qemu-W':>8} "
-                   f"{'CPU s':>6} {'other':>6} {'RSS':>5}  runs")
+                   f"{'CPU s':>6} {'servers':>7} {'other':>6} {'RSS':>5}  runs")
     for r in rows:
         cells = [r["tool"], f(r["median_wall_s"], ".2f"), f(r["mb_per_s"], ".0f"), f(r["link_limit_s"], ".2f"),
                  f(r["fraction_of_limit"], ".2f"), f(r["vs_qemu"], ".2f"), f(r["cpu_s"], ".2f"),
-                 f(r["other_cpu_s"], ".2f"), f(r["rss_mib"], "d"),
+                 f(r["servers_cpu_s"], ".2f"), f(r["other_cpu_s"], ".2f"), f(r["rss_mib"], "d"),
                  " ".join(format(w, ".2f") for w in r["walls_s"]) + (f" ({r['failed']} failed)" if r["failed"] else ""),
                  r["verified"]]
         if md:
             out.append("| " + " | ".join(cells) + " |")
         else:
             out.append(f"{cells[0]:<22} {cells[1]:>7} {cells[2]:>7} {cells[3]:>8} {cells[4]:>8} {cells[5]:>8} "
-                       f"{cells[6]:>6} {cells[7]:>6} {cells[8]:>5}  {cells[9]}  {cells[10]}")
+                       f"{cells[6]:>6} {cells[7]:>7} {cells[8]:>6} {cells[9]:>5}  {cells[10]}  {cells[11]}")
     return "\n".join(out)
 
 
