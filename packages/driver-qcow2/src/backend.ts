@@ -165,7 +165,10 @@ export class Qcow2Backend implements BlockBackend {
           case KIND_DATA:
             if (vectored) {
               const avail = Math.max(0, Math.min(n, data.size - run.host));
-              if (avail > 0) scattered.push(run.host, avail, at);
+              // Pieces respect the data file's maxTransfer, as readSegments requires.
+              for (let done = 0; done < avail; done += data.limits.maxTransfer) {
+                scattered.push(run.host + done, Math.min(data.limits.maxTransfer, avail - done), at + done);
+              }
               if (avail < n) out.fill(0, at + avail, at + n);
             } else {
               track(this.#readData(run.host, out.subarray(at, at + n)));
