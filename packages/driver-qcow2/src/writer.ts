@@ -222,15 +222,15 @@ export class Qcow2Writer {
     }
     try {
       const host = await this.#refs.allocate(clusters);
-      const scatter = new Float64Array(3 * pieces.length);
+      // Pieces no larger than the file takes in one request.
+      const max = this.#data.limits.maxTransfer;
+      const triples: number[] = [];
       let at = host;
-      pieces.forEach(([a, b, s], i) => {
-        scatter[3 * i] = at;
-        scatter[3 * i + 1] = b - a;
-        scatter[3 * i + 2] = s;
+      for (const [a, b, s] of pieces) {
+        for (let done = 0; done < b - a; done += max) triples.push(at + done, Math.min(max, b - a - done), s + done);
         at += Math.ceil((b - a) / cs) * cs;
-      });
-      await this.#data.writeScattered!(data, scatter, pieces.length);
+      }
+      await this.#data.writeScattered!(data, Float64Array.from(triples), triples.length / 3);
       // Link, now that the data is written.
       at = host;
       for (const [a, b] of pieces) {
@@ -395,12 +395,23 @@ export class Qcow2Writer {
     return run;
   }
 
+  /** Data at `host`, in requests no larger than the data file takes. */
+  async #writeData(host: number, bytes: Uint8Array): Promise<void> {
+    const max = this.#data.limits.maxTransfer;
+    if (bytes.length <= max) return this.#data.write(host, bytes);
+    const parts: Array<Promise<void>> = [];
+    for (let done = 0; done < bytes.length; done += max) parts.push(this.#data.write(host + done, bytes.subarray(done, Math.min(bytes.length, done + max))));
+    // Every part settles before returning: the caller reuses the buffer.
+    const failed = (await Promise.allSettled(parts)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+  }
+
   /**
    * Writes compressed data, which starts and ends anywhere in a sector. A backend that
    * needs aligned requests gets read-modify-writes, one at a time: neighbours share sectors.
    */
   #writeBytes(host: number, bytes: Uint8Array): Promise<void> {
-    if (this.#file.limits.requestAlignment <= 1) return this.#file.write(host, bytes);
+    if (this.#file.limits.requestAlignment <= 1) return this.#writeData(host, bytes);
     const run = this.#unalignedWrites.then(() => writeAligned(this.#file, host, bytes));
     this.#unalignedWrites = run.catch(() => {});
     return run;
@@ -545,7 +556,7 @@ export class Qcow2Writer {
 
   async #writeInPlace(e: Entry, pos: number, segEnd: number, data: Uint8Array): Promise<void> {
     const host = e.host + (pos - this.#clusterStart(pos));
-    await this.#data.write(host, data);
+    await this.#writeData(host, data);
     if (!this.#ext) return;
     // Subclusters written whole become allocated (the others were already), unless a
     // discard took the cluster away meanwhile.
@@ -599,7 +610,7 @@ export class Qcow2Writer {
       // An external data file maps guest offsets one to one; the image file allocates.
       const host = hosted ? old[0]!.host : this.#hasDataFile ? firstCluster : await this.#refs.allocate(clusters);
       if (this.#hasDataFile) await this.#growData(host + (end - firstCluster));
-      await this.#data.write(host + (start - firstCluster), buf);
+      await this.#writeData(host + (start - firstCluster), buf);
       // Link, now that the data is written.
       for (let c = 0; c < clusters; c++) {
         const cStart = firstCluster + c * this.#cs;
