@@ -15,6 +15,7 @@ import { BlockError, writeAligned, type BlockBackend, type CheckOptions, type Ch
 import { hex, type Where } from './errors.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
 import { metaReader, readHeader, type ReadMeta } from './io.js';
+import { compressedRange, entryOffset } from './mapping.js';
 import { refcountAt, setRefcountAt } from './refcounts.js';
 import { readSnapshotTable } from './snapshots.js';
 
@@ -195,7 +196,7 @@ async function walkL1(st: State, l1Offset: number, l1Size: number, active: boole
   const lv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
   for (let i = 0; i < l1.length / 8; i++) {
-    const l2Offset = (lv.getUint32(i * 8) & 0x00ff_ffff) * TWO_32 + ((lv.getUint32(i * 8 + 4) & 0xffff_fe00) >>> 0);
+    const l2Offset = entryOffset(lv.getUint32(i * 8), lv.getUint32(i * 8 + 4));
     if (l2Offset === 0) continue;
     if (l2Offset % cs !== 0) {
       corruptionAt(st, `ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
@@ -217,15 +218,13 @@ async function walkL1(st: State, l1Offset: number, l1Size: number, active: boole
       if (hi & 0x4000_0000) {
         if (hi & 0x8000_0000) corruptionAt(st, `ERROR: coffset=${hex(hi * TWO_32 + lo)}: copied flag must never be set for compressed clusters`);
         if (zeroBits || allocBits) corruptionAt(st, `ERROR: compressed cluster ${j} of the L2 table at ${hex(l2Offset)} has a non-zero subcluster bitmap`);
-        const highBits = 70 - h.clusterBits - 32;
-        const host = (hi & 0x3fff_ffff & ((1 << highBits) - 1)) * TWO_32 + lo;
-        const sectors = (((hi & 0x3fff_ffff) >>> highBits) & ((1 << (h.clusterBits - 8)) - 1)) + 1;
-        inc(st, host, sectors * 512 - (host % 512));
+        const [host, length] = compressedRange(hi, lo, h.clusterBits);
+        inc(st, host, length);
         // Compressed clusters count as fragmented, as in QEMU: they are read by whole sectors, shared with neighbours.
         if (active) { st.allocated++; st.compressed++; st.fragmented++; }
         continue;
       }
-      const host = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+      const host = entryOffset(hi, lo);
       const allocated = host !== 0 || (hasDataFile && (hi & 0x8000_0000) !== 0);
       if (h.extendedL2) {
         if (!allocated && allocBits) corruptionAt(st, `ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 entry ${j} of the table at ${hex(l2Offset)})`);
@@ -264,7 +263,7 @@ async function countBitmaps(st: State): Promise<void> {
       const t = await st.read(tableOffset, tableSize * 8);
       const tv = new DataView(t.buffer, t.byteOffset, t.byteLength);
       for (let e = 0; e < tableSize; e++) {
-        const off = (tv.getUint32(e * 8) & 0x00ff_ffff) * TWO_32 + ((tv.getUint32(e * 8 + 4) & 0xffff_fe00) >>> 0);
+        const off = entryOffset(tv.getUint32(e * 8), tv.getUint32(e * 8 + 4));
         if (off > 1) inc(st, off, st.cs);
       }
     }
@@ -281,7 +280,7 @@ async function checkCopiedFlags(st: State, refcount: (cluster: number) => number
   const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
   for (let i = 0; i < l1.length / 8; i++) {
     const hi1 = lv.getUint32(i * 8);
-    const l2Offset = (hi1 & 0x00ff_ffff) * TWO_32 + ((lv.getUint32(i * 8 + 4) & 0xffff_fe00) >>> 0);
+    const l2Offset = entryOffset(hi1, lv.getUint32(i * 8 + 4));
     if (l2Offset === 0 || l2Offset % cs !== 0 || l2Offset + cs > st.file.size) continue;
     const rc = refcount(l2Offset / cs);
     if ((rc === 1) !== ((hi1 & 0x8000_0000) !== 0)) {
@@ -294,7 +293,7 @@ async function checkCopiedFlags(st: State, refcount: (cluster: number) => number
       const hi = v.getUint32(j * h.l2EntrySize);
       const lo = v.getUint32(j * h.l2EntrySize + 4);
       if (hi & 0x4000_0000) continue;
-      const host = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+      const host = entryOffset(hi, lo);
       if (host === 0 || host % cs !== 0 || host >= st.file.size) continue;
       const r = refcount(host / cs);
       if ((r === 1) !== ((hi & 0x8000_0000) !== 0)) {

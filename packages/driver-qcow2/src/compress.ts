@@ -8,6 +8,7 @@
 import { promisify } from 'node:util';
 import { constants as zc, deflateRaw } from 'node:zlib';
 import { BlockError } from '@blockconv/core';
+import { nativeCodec } from './compression.js';
 import { COMPRESSION_ZLIB } from './header.js';
 
 const deflate = promisify(deflateRaw);
@@ -15,29 +16,12 @@ const deflate = promisify(deflateRaw);
 /** compressClusters' length for a cluster that does not shrink. */
 export const STORE_UNCOMPRESSED = -1;
 
-interface CodecCompress {
-  readonly available: boolean;
-  compressBatch(batch: {
-    kind: 'zlib' | 'zstd'; clusterSize: number; input: Uint8Array; spans: Float64Array; count?: number; output: Uint8Array; lengths: Int32Array;
-  }): Promise<Int32Array>;
-}
-
-/** A variable, so that neither tsc nor a bundler requires the optional package. */
-const CODEC_MODULE = '@blockconv/codec';
-let codec: Promise<CodecCompress | null> | undefined;
-
-function loadCodec(): Promise<CodecCompress | null> {
-  if (process.env.BLOCKCONV_NATIVE_CODEC === '0') return Promise.resolve(null);
-  codec ??= import(CODEC_MODULE).then((m: CodecCompress) => (m.available ? m : null), () => null);
-  return codec;
-}
-
 /**
  * Compresses `count` whole clusters of `input` into slots of `clusterSize - 1` bytes
  * of `output`; `lengths[i]` gets cluster i's compressed size or STORE_UNCOMPRESSED.
  */
 export async function compressClusters(type: number, clusterSize: number, input: Uint8Array, count: number, output: Uint8Array, lengths: Int32Array): Promise<void> {
-  const native = await loadCodec();
+  const native = await nativeCodec();
   const kind = type === COMPRESSION_ZLIB ? 'zlib' : 'zstd';
   if (native) {
     const spans = new Float64Array(count * 2);

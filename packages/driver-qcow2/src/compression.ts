@@ -63,11 +63,14 @@ export interface PlacedItem extends CompressedItem {
 const noop = (): void => {};
 
 /** What this module needs of @blockconv/codec (typed here: it is optional and may be absent). */
-interface NativeCodec {
+export interface NativeCodec {
   readonly available: boolean;
   decompressBatch(batch: {
     kind: 'zlib' | 'zstd'; clusterSize: number; input: Uint8Array; spans: Float64Array; count?: number; output: Uint8Array;
   }): Promise<void>;
+  compressBatch(batch: {
+    kind: 'zlib' | 'zstd'; clusterSize: number; input: Uint8Array; spans: Float64Array; count?: number; output: Uint8Array; lengths: Int32Array;
+  }): Promise<Int32Array>;
 }
 
 /** The codec module: a variable, so that neither tsc nor bundlers require it to exist. */
@@ -76,7 +79,7 @@ let codecModule: NativeCodec | null | undefined;
 let codecLoading: Promise<NativeCodec | null> | undefined;
 
 /** The native codec, or null when it is not installed or built, or BLOCKCONV_NATIVE_CODEC=0 turns it off. */
-async function nativeCodec(): Promise<NativeCodec | null> {
+export async function nativeCodec(): Promise<NativeCodec | null> {
   if (process.env.BLOCKCONV_NATIVE_CODEC === '0') return null;
   if (codecModule !== undefined) return codecModule;
   codecLoading ??= import(CODEC_MODULE).then(

@@ -35,6 +35,31 @@ export interface Run {
   csize: number;
 }
 
+/** The offset field (bits 9-55) of an L1 or standard L2 entry, from its two 32-bit halves. */
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+}
+
+/**
+ * Host bytes a compressed cluster's descriptor covers (qcow2.txt "Compressed Clusters
+ * Descriptor": x = 62 - (cluster_bits - 8) bits of offset, then the count of further
+ * 512-byte sectors), from the entry's two 32-bit halves. The mapper keeps its own
+ * precomputed form of this for the read path.
+ */
+export function compressedRange(hi: number, lo: number, clusterBits: number): readonly [number, number] {
+  const highBits = 70 - clusterBits - 32;
+  const host = (hi & 0x3fff_ffff & ((1 << highBits) - 1)) * TWO_32 + lo;
+  const sectors = (((hi & 0x3fff_ffff) >>> highBits) & ((1 << (clusterBits - 8)) - 1)) + 1;
+  return [host, sectors * 512 - (host % 512)];
+}
+
+/** The two 32-bit halves of a compressed cluster's L2 entry for `size` bytes at `host`. */
+export function compressedEntry(host: number, size: number, clusterBits: number): readonly [number, number] {
+  const highBits = 70 - clusterBits - 32;
+  const sectors = Math.floor((host + size - 1) / 512) - Math.floor(host / 512);
+  return [(0x4000_0000 + sectors * 2 ** highBits + Math.floor(host / TWO_32)) >>> 0, host % TWO_32];
+}
+
 export function newRun(): Run {
   return { kind: KIND_UNALLOCATED, length: 0, host: -1, csize: 0 };
 }
@@ -155,7 +180,7 @@ export class ClusterMapper {
           this.#checkCompressed(l2Offset, index, host);
           if (forStatus) host = -1;
         } else {
-          const hostOffset = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+          const hostOffset = entryOffset(hi, lo);
           // Offset 0 is unallocated, except in an external data file where the copied flag (bit 63) disambiguates.
           const allocated = hostOffset !== 0 || (this.#hasDataFile && (hi & 0x8000_0000) !== 0);
           if (!h.extendedL2) {
@@ -212,7 +237,7 @@ export class ClusterMapper {
   #l2Offset(index: number): number {
     const hi = this.#l1.getUint32(index * 8);
     const lo = this.#l1.getUint32(index * 8 + 4);
-    const offset = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+    const offset = entryOffset(hi, lo);
     if (offset === 0) return 0;
     const entryAt = this.#l1Offset + index * 8;
     if (offset % this.#clusterSize !== 0) {

@@ -25,6 +25,7 @@ import type { TableCache, CachedTable } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
 import { STORE_UNCOMPRESSED, compressClusters } from './compress.js';
+import { compressedEntry, compressedRange, entryOffset } from './mapping.js';
 import type { Refcounts } from './refcounts.js';
 
 const TWO_32 = 0x1_0000_0000;
@@ -77,6 +78,9 @@ interface Entry {
   /** Extended L2: the bitmaps. */
   zeroBits: number;
   allocBits: number;
+  /** The entry's two 32-bit halves as stored (a compressed descriptor is decoded from them). */
+  hi: number;
+  lo: number;
 }
 
 /** Clusters of one allocating segment: later requests touching them wait for `done`. */
@@ -418,11 +422,10 @@ export class Qcow2Writer {
   }
 
   #setCompressed(e: Entry, host: number, size: number): void {
-    const cHighBits = 70 - this.#h.clusterBits - 32;
-    const sectors = Math.floor((host + size - 1) / 512) - Math.floor(host / 512);
+    const [hi, lo] = compressedEntry(host, size, this.#h.clusterBits);
     const v = e.table.view;
-    v.setUint32(e.at, (HI_COMPRESSED + sectors * 2 ** cHighBits + Math.floor(host / TWO_32)) >>> 0);
-    v.setUint32(e.at + 4, host % TWO_32);
+    v.setUint32(e.at, hi);
+    v.setUint32(e.at + 4, lo);
     if (this.#ext) {
       v.setUint32(e.at + 8, 0);
       v.setUint32(e.at + 12, 0);
@@ -735,7 +738,7 @@ export class Qcow2Writer {
   #l2OffsetAt(l1Index: number): number {
     const hi = this.#l1.getUint32(l1Index * 8);
     const lo = this.#l1.getUint32(l1Index * 8 + 4);
-    return (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+    return entryOffset(hi, lo);
   }
 
   /** The entry of the cluster at `pos` as it is now, when its L2 table is cached; undefined otherwise (or without a table). */
@@ -790,29 +793,20 @@ export class Qcow2Writer {
     const hi = table.view.getUint32(at);
     const lo = table.view.getUint32(at + 4);
     const compressed = (hi & HI_COMPRESSED) !== 0;
-    const offset = (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+    const offset = entryOffset(hi, lo);
     // Offset 0 is "none", except in a data file, where the copied flag marks guest cluster 0 allocated.
     const host = compressed || (offset === 0 && !(this.#hasDataFile && (hi & HI_COPIED) !== 0)) ? -1 : offset;
-    const e: Entry = { table, l2Offset, at, host, compressed, zero: !compressed && (lo & LO_ZERO) !== 0, zeroBits: 0, allocBits: 0 };
+    const e: Entry = { table, l2Offset, at, host, compressed, zero: !compressed && (lo & LO_ZERO) !== 0, zeroBits: 0, allocBits: 0, hi, lo };
     if (this.#ext) {
       e.zeroBits = table.view.getUint32(at + 8);
       e.allocBits = table.view.getUint32(at + 12);
-    }
-    if (compressed) {
-      // Only for freeing: the raw descriptor words.
-      (e as Entry & { hi: number; lo: number }).hi = hi;
-      (e as Entry & { hi: number; lo: number }).lo = lo;
     }
     return e;
   }
 
   /** Host bytes a compressed cluster's descriptor covers (qcow2.txt "Compressed Clusters Descriptor"). */
   #compressedRange(e: Entry): readonly [number, number] {
-    const { hi, lo } = e as Entry & { hi: number; lo: number };
-    const highBits = 70 - this.#h.clusterBits - 32;
-    const host = (hi & 0x3fff_ffff & ((1 << highBits) - 1)) * TWO_32 + lo;
-    const sectors = (((hi & 0x3fff_ffff) >>> highBits) & ((1 << (this.#h.clusterBits - 8)) - 1)) + 1;
-    return [host, sectors * 512 - (host % 512)];
+    return compressedRange(e.hi, e.lo, this.#h.clusterBits);
   }
 
   #setEntry(e: Entry, host: number, zero: boolean, zeroBits: number, allocBits: number): void {
