@@ -146,7 +146,4 @@ done
 
 fp=$(build_fingerprint)
 [ "$fp" = "$FP_START" ] || warn "blockconv's build changed since the start ($FP_START -> $fp)"
-status=0
-final_report || status=$?
-[ "$status" = 0 ] || log "a copy failed or did not verify"
-exit "$status"
+finish || exit $?

@@ -117,11 +117,4 @@ for l in $LOCATIONS; do
   if [ "$CLEAN" = 1 ]; then rm -f "${MADE[@]}"; rmdir "$dir" 2>/dev/null || true; fi
 done
 
-status=0
-final_report || status=$?
-case $status in
-  0) ;;
-  1) log "a copy failed or did not verify" ;;
-  3) log "blockconv went over the ${RSS_BUDGET_MIB} MiB RSS budget" ;;
-esac
-exit "$status"
+finish || exit $?

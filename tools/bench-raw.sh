@@ -131,11 +131,4 @@ if [ "$SKIP_HUGE" != 1 ]; then
   if [ "$CLEAN" = 1 ]; then rm -f "$src" "$src.json"; rmdir "$HUGE_DIR" 2>/dev/null || true; fi
 fi
 
-status=0
-final_report || status=$?
-case $status in
-  0) ;;
-  1) log "a copy failed or did not verify" ;;
-  3) log "blockconv went over the ${RSS_BUDGET_MIB} MiB RSS budget in the huge scenario" ;;
-esac
-exit "$status"
+finish "in the huge scenario" || exit $?

@@ -259,3 +259,17 @@ final_report() {
   log "JSON: $OUT_JSON; per-run data: $WORK/"
   return "$status"
 }
+
+# The final report, a line on what failed, and the exit status every bench script ends
+# with (0; 1: a copy failed or did not verify; 3: over the RSS budget). Args: [where the
+# RSS budget applies, for the message]
+finish() {
+  local status=0
+  final_report || status=$?
+  case $status in
+    0) ;;
+    1) log "a copy failed or did not verify" ;;
+    3) log "blockconv went over the ${RSS_BUDGET_MIB:-?} MiB RSS budget${1:+ $1}" ;;
+  esac
+  return "$status"
+}
