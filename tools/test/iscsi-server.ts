@@ -8,6 +8,7 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ensureSharedServer } from './shared-server.js';
 
 const script = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../iscsi-server.sh');
 const DIR = process.env.ISCSI_DIR ?? '/var/tmp/blockconv-iscsi';
@@ -29,43 +30,9 @@ export const LUNS = {
   chap: { url: `iscsi://${PORTAL}/${IQN}:chap/1`, file: path.join(LUN_DIR, 'chap-1.img'), size: 16 << 20, blockSize: 512 },
 } as const;
 
-function running(): boolean {
-  try {
-    execFileSync('bash', [script, 'status'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Makes sure the target runs; idempotent within the process. */
 export function ensureServer(): void {
-  const users = path.join(STATE_DIR, 'users');
-  fs.mkdirSync(users, { recursive: true });
-  const me = path.join(users, String(process.pid));
-  if (fs.existsSync(me)) return;
-  fs.writeFileSync(me, '');
-  const marker = path.join(STATE_DIR, 'started-by-tests');
-  if (!running()) {
-    execFileSync('bash', [script, 'start'], { stdio: ['ignore', 'ignore', 'inherit'] });
-    fs.writeFileSync(marker, '');
-  }
-  process.on('exit', () => {
-    fs.rmSync(me, { force: true });
-    const others = fs.readdirSync(users).map(Number).filter((pid) => pid !== process.pid && alive(pid));
-    if (others.length > 0 || !fs.existsSync(marker)) return;
-    fs.rmSync(marker, { force: true });
-    execFileSync('bash', [script, 'stop'], { stdio: 'ignore' });
-  });
+  ensureSharedServer(script, STATE_DIR);
 }
 
 /** The CHAP target's password (made by the server script at its first start). */
