@@ -99,7 +99,10 @@ export interface BlockBackend {
    * around them, saving requests. False for anything that moves the zeroes over a wire.
    */
   readonly cheapHoleReads?: boolean;
-  /** Writes may be committed in any order (-W); false for targets that need sequential writes. */
+  /**
+   * Writes may overlap and complete in any order (-W). false: the target needs each write
+   * to finish before the next starts (a stream, say); convert then sends them one by one.
+   */
   readonly canWriteOutOfOrder?: boolean;
   /** The image this one reads through to for unallocated extents, if any. */
   readonly backing?: BlockBackend;
