@@ -2,9 +2,11 @@
  * `-m auto`: the number of active convert workers, adapted while the copy runs. More
  * requests in flight help until the slowest stage (a link, a server, the CPUs) is
  * saturated; past that they only add memory and contention. The governor measures
- * the bytes moved per window and climbs: it doubles the workers while each step buys
- * at least GAIN more throughput, settles on the best count seen, and later probes a
- * neighbour now and then, since conditions change during a long copy.
+ * the data copied per window (bytes of chunks read and written) and climbs: it doubles
+ * the workers while each step buys at least GAIN more throughput, settles on the best
+ * count seen, and later probes a neighbour now and then, since conditions change during
+ * a long copy. The window after each change is not measured: new workers first fill
+ * their buffers, and a pipeline shrinking drains, either of which would skew it.
  */
 
 /** Throughput must rise by this factor for more workers to count as better. */
@@ -13,7 +15,7 @@ const GAIN = 1.05;
 const MIN_WINDOW_MS = 250;
 const MIN_WINDOW_BYTES = 16 * 1024 * 1024;
 /** After settling, try a neighbouring count every this many windows. */
-const PROBE_EVERY = 4;
+const PROBE_EVERY = 8;
 
 export class WorkerGovernor {
   /** Workers allowed to take chunks now. */
@@ -28,6 +30,8 @@ export class WorkerGovernor {
   #settled: number;
   #windows = 0;
   #probeUp = false;
+  /** The current window follows a change of count: it is discarded. */
+  #settling = false;
   /** Counts tried, in order, for the result. */
   readonly history: number[] = [];
 
@@ -51,13 +55,20 @@ export class WorkerGovernor {
     const rate = this.#windowBytes / elapsed;
     this.#windowStart = now;
     this.#windowBytes = 0;
+    if (this.#settling) {
+      this.#settling = false;
+      return this.active;
+    }
     this.#windows++;
     const n = this.active;
     const before = this.#rates.get(n);
     // Later windows at a known count refine it (conditions drift); the first stands alone.
     this.#rates.set(n, before === undefined ? rate : (before + rate) / 2);
     this.#decide(n);
-    if (this.active !== n) this.history.push(this.active);
+    if (this.active !== n) {
+      this.history.push(this.active);
+      this.#settling = true;
+    }
     return this.active;
   }
 

@@ -66,7 +66,9 @@ test('convert -m auto: over a slow link model, copies correctly and adapts the w
   const r = await convert({ sources: [slow], target: dst, workers: 'auto', bufferSize: MiB });
   assert.equal(await compareImages(src, dst), { identical: true });
   assert.ok(r.workersTried && r.workersTried.length >= 1, 'tries are recorded');
-  assert.ok(r.workers >= 1 && r.workers <= 32, `workers ${r.workers}`);
+  // 4 workers fill this link: climbing further buys nothing. (Counting every worker's
+  // bytes per chunk, as an earlier version did, made more workers look faster: it went to 32.)
+  assert.ok(r.workers >= 1 && r.workers <= 8, `workers ${r.workers} (tried ${r.workersTried})`);
 });
 
 test.run();
