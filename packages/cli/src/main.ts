@@ -435,10 +435,20 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   const abort = signalAbort();
   const mode: ProgressMode = o.quiet ? 'none' : o.progress ?? (o.p ? 'bar' : 'none');
   let sink: ReturnType<typeof progressSink> | undefined;
+  // Everything opens at once: each open is a connection set up (mount, login), and
+  // one after another they add their round trips to the copy's start.
+  const openTarget = o.create ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
+  const opening = [...sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: o.snapshot, signal: abort.signal })), ...(openTarget ? [openTarget] : [])];
   try {
-    for (const s of sourceNames) {
-      sources.push(await reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: o.snapshot, signal: abort.signal }));
-    }
+    // All settle before any error is thrown, so that what did open is closed below.
+    const opened = await Promise.allSettled(opening);
+    let openedTarget: BlockBackend | undefined;
+    opened.forEach((r, i) => {
+      if (r.status === 'fulfilled') { if (i < sourceNames.length) sources.push(r.value); else openedTarget = r.value; }
+    });
+    target = openedTarget;
+    const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
     const total = sources.reduce((n, s) => n + s.size, 0);
     if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
     if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
@@ -449,7 +459,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options, signal: abort.signal });
       if (o.backing !== undefined && !target.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
     } else {
-      target = await reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
+      target = openedTarget!;
       if (target.size < total) {
         throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes); -n writes into an existing image, which must be at least as large`, { location: targetName });
       }
