@@ -16,15 +16,19 @@
 #                                           with a private /run (../shared/LAB.md)
 #                                           netns bclab-iscsi
 #   bcl-isc-h 198.18.0.5/30  <== veth ==>   bcl-isc-n 198.18.0.6/30: tgtd, one thin LUN
-#                                           (a sparse file in $LAB_DIR/lun, 2 GiB, 512-byte
+#                                           (a sparse file in $LAB_LUN_DIR, 2 GiB, 512-byte
 #                                           blocks, thin_provisioning=1)
+# The LUN lives in RAM (/dev/shm) like an array's NVRAM-backed cache: SYNCHRONIZE CACHE,
+# which blockconv sends at the end of a copy, then costs what it costs an array, not
+# this VM's disk (measured: fdatasync of 1 GiB on /var/tmp added ~0.8 s to each copy).
 # Each veth end gets a tbf qdisc at RATE on its egress, so each link is shaped in both
 # directions (netem does not exist here; tbf does). tbf counts whole frames (TCP/IP headers
 # too), so about 0.95 of RATE is what a TCP payload can get. Addresses: 198.18.0.0/15 only
 # (the benchmarking range). tgtd runs with its own control port ($LAB_TGT_CONTROL, default
 # 37) so it never touches the loopback tgtd of tools/iscsi-server.sh (control port 0).
 #
-# Environment: LAB_DIR (default /var/tmp/blockconv-lab), LAB_LUN_SIZE (default 2G),
+# Environment: LAB_DIR (default /var/tmp/blockconv-lab), LAB_LUN_DIR (default
+# /dev/shm/blockconv-lab-lun), LAB_LUN_SIZE (default 2G),
 # LAB_TGT_CONTROL (default 37), LAB_READY_TIMEOUT (seconds, default 40).
 # Every PID it starts is recorded in $LAB_DIR/state and only those are ever stopped.
 set -euo pipefail
@@ -33,7 +37,7 @@ PATH=$PATH:/usr/sbin:/sbin
 LAB_DIR=${LAB_DIR:-/var/tmp/blockconv-lab}
 state=$LAB_DIR/state
 export_dir=$LAB_DIR/export
-lun_dir=$LAB_DIR/lun
+lun_dir=${LAB_LUN_DIR:-/dev/shm/blockconv-lab-lun}
 lun_file=$lun_dir/lun1.img
 ctl=${LAB_TGT_CONTROL:-37}
 timeout=${LAB_READY_TIMEOUT:-40}
@@ -273,7 +277,9 @@ down() {
     fi
   done
   rm -f "$state/rate"
-  log "down (kept $export_dir and $lun_dir; rm -rf $LAB_DIR to free them)"
+  # The LUN holds RAM; the export (the template, slow to make) is kept.
+  rm -f "$lun_file"; rmdir "$lun_dir" 2>/dev/null || true
+  log "down (kept $export_dir; rm -rf $LAB_DIR to free it)"
 }
 
 is_up() { alive ganesha ganesha.nfsd && alive tgtd tgtd && nfs_ready && iscsi_ready; }
