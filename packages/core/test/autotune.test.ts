@@ -10,8 +10,8 @@ function settle(curve: (n: number) => number, max = 32, windows = 40): { final: 
   const g = new WorkerGovernor(max, 4, 0);
   let now = 0;
   for (let w = 0; w < windows; w++) {
-    // One window: 300 ms at the current count.
-    for (let step = 0; step < 10; step++) {
+    // One window: 600 ms at the current count.
+    for (let step = 0; step < 20; step++) {
       now += 30;
       g.sample(curve(g.active) * 30, now);
     }
