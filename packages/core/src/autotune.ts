@@ -5,8 +5,9 @@
  * the data copied per window (bytes of chunks read and written) and climbs: it doubles
  * the workers while each step buys at least GAIN more throughput, settles on the best
  * count seen, and later probes a neighbour now and then, since conditions change during
- * a long copy. The window after each change is not measured: new workers first fill
- * their buffers, and a pipeline shrinking drains, either of which would skew it.
+ * a long copy. The window after each change (and the first) is not measured: new
+ * workers first fill their buffers, and a pipeline shrinking drains, either of which
+ * would skew it; then two windows are averaged before a count is judged.
  */
 
 /**
@@ -18,6 +19,8 @@ const GAIN = 1.1;
 /** A window lasts at least this long and moves at least MIN_WINDOW_BYTES (noise). */
 const MIN_WINDOW_MS = 500;
 const MIN_WINDOW_BYTES = 32 * 1024 * 1024;
+/** Windows measured at a count before judging it: one alone is too easily a fluke. */
+const WINDOWS_PER_COUNT = 2;
 /** After settling, try a neighbouring count every this many windows. */
 const PROBE_EVERY = 8;
 
@@ -34,8 +37,10 @@ export class WorkerGovernor {
   #settled: number;
   #windows = 0;
   #probeUp = false;
-  /** The current window follows a change of count: it is discarded. */
-  #settling = false;
+  /** The current window follows a change of count (or the start): it is discarded. */
+  #settling = true;
+  /** Windows measured at the current count. */
+  #atCount = 0;
   /** Counts tried, in order, for the result. */
   readonly history: number[] = [];
 
@@ -46,6 +51,11 @@ export class WorkerGovernor {
     this.#settled = this.active;
     this.#windowStart = now;
     this.history.push(this.active);
+  }
+
+  /** The count the governor stands by: the active one, except while probing a neighbour. */
+  get chosen(): number {
+    return this.#phase === 'probe' ? this.#settled : this.active;
   }
 
   /**
@@ -68,10 +78,12 @@ export class WorkerGovernor {
     const before = this.#rates.get(n);
     // Later windows at a known count refine it (conditions drift); the first stands alone.
     this.#rates.set(n, before === undefined ? rate : (before + rate) / 2);
+    if (++this.#atCount < WINDOWS_PER_COUNT) return this.active;
     this.#decide(n);
     if (this.active !== n) {
       this.history.push(this.active);
       this.#settling = true;
+      this.#atCount = 0;
     }
     return this.active;
   }

@@ -617,7 +617,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
       if (failure) throw failure;
     }
     const result = governor
-      ? { ...snapshot(), workers: governor.active, workersTried: [...governor.history], bufferSize, outOfOrder }
+      ? { ...snapshot(), workers: governor.chosen, workersTried: [...governor.history], bufferSize, outOfOrder }
       : { ...snapshot(), workers, bufferSize, outOfOrder };
     job.emit('progress', result);
     return result;
