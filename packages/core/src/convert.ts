@@ -462,6 +462,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   };
 
   const writeFlags = o.compress ? { compress: true } : undefined;
+  const pieceByPiece = serialized || writeFlags !== undefined;
 
   /**
    * -B: writes the units of [offset, +length) whose contents (`data`, or zeroes when
@@ -523,6 +524,23 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     const theirs = backing ? allocate(bufferSize) : undefined;
     const scanner = allData ? undefined : new ZeroScanner(buffer, unit, Math.max(minSparse, unit));
     const writes = new WriteBatch();
+    let releasedSeq = -1;
+    /** Lets the next chunk write (once per chunk: a second done() would move the turn back). */
+    const release = (seq: number): void => {
+      if (releasedSeq !== seq) { releasedSeq = seq; order?.done(seq); }
+    };
+    /**
+     * Issues one write of the chunk. A chunk's writes go out together, except to a target
+     * that takes one at a time, and compressed ones: each of those holds a compression
+     * buffer and a codec thread, and a chunk's dozens at once took RSS from 110 to 275 MiB;
+     * there the next chunk may start once this one's first write is out.
+     */
+    const issue = async (write: Promise<unknown>, seq: number): Promise<void> => {
+      writes.add(write);
+      if (!pieceByPiece) return;
+      if (!serialized) release(seq);
+      await writes.settle();
+    };
     let op = 'read';
     let chunk: Chunk | null = null;
     try {
@@ -557,36 +575,35 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
           await writeDifferences(targetOffset, length, chunk.kind === 'data' ? buffer : undefined, theirs);
         } else if (chunk.kind === 'zero') {
           if (targetZero) stats.bytesSkipped += length;
-          else writes.add(writeZeroes(targetOffset, length));
+          else await issue(writeZeroes(targetOffset, length), chunk.seq);
         } else if (!scanner) {
-          writes.add(target.write(targetOffset, buffer.subarray(0, length), writeFlags));
+          await issue(target.write(targetOffset, buffer.subarray(0, length), writeFlags), chunk.seq);
           written = length;
         } else if (target.writeSegments && scanner.dataCount > 1 && !writeFlags) {
           // Data split by zero runs: all of it in one vectored request, then the zeroes.
-          writes.add(target.writeSegments(targetOffset, buffer, scanner.dataSegments, scanner.dataCount));
+          await issue(target.writeSegments(targetOffset, buffer, scanner.dataSegments, scanner.dataCount), chunk.seq);
           for (let i = 0; i < segments; i++) {
             const len = scanner.segments[2 * i + 1]! - scanner.segments[2 * i]!;
             if (!scanner.segmentIsZero[i]) written += len;
             else if (targetZero) stats.bytesSkipped += len;
-            else writes.add(writeZeroes(targetOffset + scanner.segments[2 * i]!, len));
+            else await issue(writeZeroes(targetOffset + scanner.segments[2 * i]!, len), chunk.seq);
           }
         } else {
           for (let i = 0; i < segments; i++) {
             const start = scanner.segments[2 * i]!;
             const end = scanner.segments[2 * i + 1]!;
             if (!scanner.segmentIsZero[i]) {
-              writes.add(target.write(targetOffset + start, segments === 1 ? buffer.subarray(0, length) : buffer.subarray(start, end), writeFlags));
+              await issue(target.write(targetOffset + start, segments === 1 ? buffer.subarray(0, length) : buffer.subarray(start, end), writeFlags), chunk.seq);
               written += end - start;
             } else if (targetZero) {
               stats.bytesSkipped += end - start;
             } else {
-              writes.add(writeZeroes(targetOffset + start, end - start));
+              await issue(writeZeroes(targetOffset + start, end - start), chunk.seq);
             }
           }
         }
-        if (serialized) await writes.settle();
         // Issued: the next chunk may issue its own while these are in flight.
-        order?.done(chunk.seq);
+        release(chunk.seq);
         await writes.settle();
         stats.bytesWritten += written;
         progressed(length);

@@ -40,6 +40,8 @@ const ALL_SUBCLUSTERS = 0xffff_ffff;
 const COMMIT_INTERVAL_MS = 1000;
 /** Freed ranges held for the next commit before one is started for them (a memory bound). */
 const MAX_PENDING_FREES = 4096;
+/** Compression output buffers kept for reuse; more concurrent requests allocate their own. */
+const MAX_SCRATCH_BUFFERS = 8;
 
 /** Header field offsets (qcow2.txt "Header"). */
 const H_REFTABLE = 48;
@@ -130,7 +132,7 @@ export class Qcow2Writer {
   #unalignedWrites: Promise<unknown> = Promise.resolve();
   /** Serialises the placement of compressed data. */
   #placing: Promise<unknown> = Promise.resolve();
-  /** Output buffers of compression, kept for reuse (one per concurrent request at most). */
+  /** Output buffers of compression, kept for reuse (MAX_SCRATCH_BUFFERS at most). */
   readonly #scratch: Uint8Array[] = [];
 
   constructor(p: WriterParams) {
@@ -320,7 +322,10 @@ export class Qcow2Writer {
       // The caller's buffer must not be in use when this returns.
       const settled = await Promise.allSettled(plain);
       failure ??= settled.find((r): r is PromiseRejectedResult => r.status === 'rejected')?.reason;
-      this.#scratch.push(packed);
+      // A pool as deep as the peak concurrency would keep that many buffers, each as large
+      // as the largest request it served: convert issues a chunk's compressed pieces at
+      // once, so peaks of hundreds (measured: RSS 275 MiB instead of 110).
+      if (this.#scratch.length < MAX_SCRATCH_BUFFERS) this.#scratch.push(packed);
     }
     if (failure !== undefined) throw failure;
     await this.#commitIfFull();
