@@ -41,6 +41,19 @@ test('writes are issued in order by default, several in flight, while reads run 
   await assertSame(src, dst);
 });
 
+test('a target that cannot overlap writes gets them one at a time, also the pieces of a chunk split by zeroes', async () => {
+  // Data and 64 KiB zero runs alternate inside each 1 MiB chunk; the target may hold old data, so the zeroes are written too.
+  const ranges: Array<[number, number]> = [];
+  for (let off = 0; off < 4 * MiB; off += 128 * KiB) ranges.push([off, 64 * KiB]);
+  const src = await source(4 * MiB, ranges, { latency: 1 });
+  const dst = new MemoryBackend({ size: 4 * MiB, canWriteOutOfOrder: false, readsZeroesInitially: false, latency: 1, record: true });
+  await dst.write(0, pattern(4 * MiB, 99));
+  await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB });
+  assert.is(dst.maxInFlight, 1);
+  assert.ok(dst.log.some((r) => r.op === 'writeZeroes'), 'zero runs written as zeroes');
+  await assertSame(src, dst);
+});
+
 test('workers start one after another: the first reads do not share the source at once', async () => {
   const src = await source(8 * MiB, [[0, 8 * MiB]], { latency: 3, record: true });
   const dst = new MemoryBackend({ size: 8 * MiB });
