@@ -127,7 +127,7 @@ export function buildProgram(ctx: Context): Command {
     .option('-B, --backing <file>', 'the target gets this backing file and only what differs from it (relative names: from the target\'s directory)')
     .option('-F, --backing-format <fmt>', 'format of the -B backing file (default: probed)')
     .option('-c, --compress', 'store the target compressed (qcow2: clusters that shrink, in the image\'s compression_type)')
-    .option('-W, --out-of-order', 'allow writes to complete out of order (faster; the target is only consistent at the end)')
+    .option('-W, --out-of-order', 'write each chunk as soon as it is read, not in target order (by default writes are issued in order, several in flight; out of order suits preallocated targets such as LUNs and devices)')
     .option('-S, --sparse-size <size>', 'zero runs of at least this size are not written; 0 writes everything (fully allocated target)', sizeOption('sparse size'), 4096)
     .option('-n, --no-create', 'do not create the target: write into an existing image of at least the source size')
     .option('--target-is-zero', 'the existing target (-n) already reads as zeroes: skip writing zeroes')
