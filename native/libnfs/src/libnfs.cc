@@ -1,7 +1,7 @@
 // Node binding over libnfs's asynchronous API (libnfs 4.0). One NfsContext per
 // connection; libnfs's socket is driven from the Node event loop the way QEMU's
 // block/nfs.c drives it from its AioContext:
-//  - a uv_poll_t on nfs_get_fd(), armed with nfs_which_events() after every submit and
+//  - a uv_poll_t on nfs_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with nfs_which_events() after every submit and
 //    every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
 //    armed only while libnfs has output queued: level-triggered polls busy-loop otherwise);
 //  - a ~100 ms uv_timer calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire;
@@ -14,6 +14,8 @@
 
 #include <napi.h>
 #include <uv.h>
+
+#include <blockconv/socket_poller.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -132,6 +134,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
       return;
     }
+    poller_.Attach(loop_, this, OnReady);
     async_ = std::make_unique<Napi::AsyncContext>(env, "NfsContext");
     timer_ = new uv_timer_t;
     uv_timer_init(loop_, timer_);
@@ -434,15 +437,9 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
 
   // --- event loop ---------------------------------------------------------------
 
-  static void OnPoll(uv_poll_t* h, int status, int events) {
-    auto* self = static_cast<NfsContext*>(h->data);
-    if (!self || self->destroyed_) return;
-    int revents = 0;
-    if (status < 0) revents |= POLLERR;
-    if (events & UV_READABLE) revents |= POLLIN;
-    if (events & UV_WRITABLE) revents |= POLLOUT;
-    if (events & UV_DISCONNECT) revents |= POLLHUP;
-    self->Service(revents);
+  static void OnReady(void* owner, int revents) {
+    auto* self = static_cast<NfsContext*>(owner);
+    if (!self->destroyed_) self->Service(revents);
   }
 
   static void OnTimer(uv_timer_t* t) {
@@ -483,51 +480,14 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     nfs_ = nfs_init_context();  // a fresh, unconnected context keeps the getters valid
   }
 
-  static ino_t SocketId(int fd) {
-    struct stat st;
-    return fstat(fd, &st) == 0 ? st.st_ino : 0;
-  }
-
+  // After every submit and service: the socket, the events nfs waits for, and whether
+  // requests are in flight (an idle connection must not keep Node alive).
   void UpdateEvents() {
     if (destroyed_ || !nfs_) return;
-    int fd = nfs_get_fd(nfs_);
-    if (fd < 0) { ClosePoll(); return; }
-    ino_t ino = SocketId(fd);
-    if (!poll_ || fd != pollFd_ || ino != pollIno_) {
-      ClosePoll();
-      poll_ = new uv_poll_t;
-      if (uv_poll_init(loop_, poll_, fd) != 0) { delete poll_; poll_ = nullptr; return; }
-      poll_->data = this;
-      pollFd_ = fd;
-      pollIno_ = ino;
-      armed_ = 0;
-      pollRef_ = true;
-    }
-    int want = nfs_which_events(nfs_);
-    int ev = ((want & POLLIN) ? UV_READABLE : 0) | ((want & POLLOUT) ? UV_WRITABLE : 0);
-    if (ev != armed_) {
-      if (ev) uv_poll_start(poll_, ev, OnPoll);
-      else uv_poll_stop(poll_);
-      armed_ = ev;
-    }
-    // An idle connection always wants POLLIN; it must not keep Node alive by itself.
-    bool wantRef = outstanding_ > 0;
-    if (wantRef != pollRef_) {
-      if (wantRef) uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
-      else uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
-      pollRef_ = wantRef;
-    }
+    poller_.Update(nfs_get_fd(nfs_), nfs_which_events(nfs_), outstanding_ > 0);
   }
 
-  void ClosePoll() {
-    if (!poll_) return;
-    poll_->data = nullptr;
-    // uv_close stops the watcher at once; the memory goes in the close callback.
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-    poll_ = nullptr;
-    pollFd_ = -1;
-    armed_ = 0;
-  }
+  void ClosePoll() { poller_.Close(); }
 
   void Teardown(bool js) {
     destroyed_ = true;
@@ -555,13 +515,9 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   Napi::Env env_;
   struct nfs_context* nfs_ = nullptr;
   uv_loop_t* loop_ = nullptr;
-  uv_poll_t* poll_ = nullptr;
+  blockconv::SocketPoller poller_;
   uv_timer_t* timer_ = nullptr;
   std::unique_ptr<Napi::AsyncContext> async_;
-  int pollFd_ = -1;
-  ino_t pollIno_ = 0;
-  int armed_ = 0;
-  bool pollRef_ = true;
   bool destroyed_ = false;
   bool envGone_ = false;
   std::string broken_;

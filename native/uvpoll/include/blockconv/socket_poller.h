@@ -1,0 +1,99 @@
+// SocketPoller: drives a C client library's non-blocking socket from libuv's event loop,
+// as QEMU and zeromq.js drive theirs. The library says which events it waits for
+// (nfs_which_events(), iscsi_which_events()); the owner calls Update() after every
+// submit and every service call, and the poller (re)arms a uv_poll_t to match:
+// - it is re-created when the library reconnects (another fd, or the same fd number
+//   now naming another socket: the inode tells them apart);
+// - it keeps Node alive only while requests are in flight: an idle connection always
+//   waits for POLLIN, and must not hold the process open by itself.
+// Header-only, shared by @blockconv/libnfs and @blockconv/libiscsi.
+#pragma once
+
+#include <poll.h>
+#include <sys/stat.h>
+#include <uv.h>
+
+namespace blockconv {
+
+class SocketPoller {
+ public:
+  // Called with poll(2)-style revents (POLLIN, POLLOUT, POLLERR, POLLHUP) for the
+  // library's service function.
+  using ReadyFn = void (*)(void* owner, int revents);
+
+  SocketPoller() = default;
+  SocketPoller(const SocketPoller&) = delete;
+  SocketPoller& operator=(const SocketPoller&) = delete;
+
+  void Attach(uv_loop_t* loop, void* owner, ReadyFn onReady) {
+    loop_ = loop;
+    owner_ = owner;
+    onReady_ = onReady;
+  }
+
+  // fd: the library's socket (< 0: none, the watcher closes); wantPoll: the POLLIN/POLLOUT
+  // mask it waits for (0: "ask again later", the owner's timer does); busy: requests in flight.
+  void Update(int fd, int wantPoll, bool busy) {
+    if (fd < 0) { Close(); return; }
+    ino_t ino = SocketId(fd);
+    if (!poll_ || fd != fd_ || ino != ino_) {
+      Close();
+      poll_ = new uv_poll_t;
+      if (uv_poll_init(loop_, poll_, fd) != 0) { delete poll_; poll_ = nullptr; return; }
+      poll_->data = this;
+      fd_ = fd;
+      ino_ = ino;
+      armed_ = 0;
+      ref_ = true;
+    }
+    int ev = ((wantPoll & POLLIN) ? UV_READABLE : 0) | ((wantPoll & POLLOUT) ? UV_WRITABLE : 0);
+    if (ev != armed_) {
+      if (ev) uv_poll_start(poll_, ev, OnPoll);
+      else uv_poll_stop(poll_);
+      armed_ = ev;
+    }
+    if (busy != ref_) {
+      if (busy) uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
+      else uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+      ref_ = busy;
+    }
+  }
+
+  // Stops watching at once; the handle's memory goes in uv_close's callback.
+  void Close() {
+    if (!poll_) return;
+    poll_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+    poll_ = nullptr;
+    fd_ = -1;
+    armed_ = 0;
+  }
+
+ private:
+  static ino_t SocketId(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 ? st.st_ino : 0;
+  }
+
+  static void OnPoll(uv_poll_t* h, int status, int events) {
+    auto* self = static_cast<SocketPoller*>(h->data);
+    if (!self) return;
+    int revents = 0;
+    if (status < 0) revents |= POLLERR;
+    if (events & UV_READABLE) revents |= POLLIN;
+    if (events & UV_WRITABLE) revents |= POLLOUT;
+    if (events & UV_DISCONNECT) revents |= POLLHUP;
+    self->onReady_(self->owner_, revents);
+  }
+
+  uv_loop_t* loop_ = nullptr;
+  void* owner_ = nullptr;
+  ReadyFn onReady_ = nullptr;
+  uv_poll_t* poll_ = nullptr;
+  int fd_ = -1;
+  ino_t ino_ = 0;
+  int armed_ = 0;
+  bool ref_ = true;
+};
+
+}  // namespace blockconv
