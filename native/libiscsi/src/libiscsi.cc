@@ -4,7 +4,7 @@
 //  - a uv_poll_t on iscsi_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with iscsi_which_events() after every submit
 //    and every iscsi_service() call, and re-armed only when the mask changes (POLLOUT
 //    only while libiscsi has output queued: level-triggered polls busy-loop otherwise);
-//  - a ~100 ms uv_timer calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire
+//  - a ~100 ms tick (the SocketPoller's) calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire
 //    (and so a 0 from iscsi_which_events, "try again later", is retried);
 //  - the poll handle is re-created when the fd, or the socket behind it, changes.
 // Completions run inside iscsi_service(); they only settle promises and queue the task
@@ -167,13 +167,8 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
       Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
       return;
     }
-    poller_.Attach(loop_, this, OnReady);
+    poller_.Attach(loop_, this, OnReady, kServiceIntervalMs);
     async_ = std::make_unique<Napi::AsyncContext>(env, "IscsiContext");
-    timer_ = new uv_timer_t;
-    uv_timer_init(loop_, timer_);
-    timer_->data = this;
-    uv_timer_start(timer_, OnTimer, kServiceIntervalMs, kServiceIntervalMs);
-    uv_unref(reinterpret_cast<uv_handle_t*>(timer_));  // the timer alone never keeps Node alive
     Ref();  // alive while the session is: completions may arrive after JS dropped the object
     napi_add_env_cleanup_hook(env, &IscsiContext::OnEnvTeardown, this);
   }
@@ -542,11 +537,6 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     if (!self->destroyed_) self->Service(revents);
   }
 
-  static void OnTimer(uv_timer_t* t) {
-    auto* self = static_cast<IscsiContext*>(t->data);
-    if (self && !self->destroyed_ && self->outstanding_ > 0) self->Service(0);
-  }
-
   // iscsi_service() inside a HandleScope + CallbackScope: completions settle promises,
   // and the JS they wake runs when the scope closes, after libiscsi has returned.
   void Service(int revents) {
@@ -610,12 +600,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   void Teardown(bool js) {
     destroyed_ = true;
     connected_ = false;
-    ClosePoll();
-    if (timer_) {
-      timer_->data = nullptr;
-      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-      timer_ = nullptr;
-    }
+    poller_.Detach();
     if (iscsi_) {
       struct iscsi_context* i = iscsi_;
       iscsi_ = nullptr;
@@ -638,7 +623,6 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   int lun_ = 0;
   uv_loop_t* loop_ = nullptr;
   blockconv::SocketPoller poller_;
-  uv_timer_t* timer_ = nullptr;
   std::unique_ptr<Napi::AsyncContext> async_;
   bool destroyed_ = false;
   bool envGone_ = false;

@@ -4,7 +4,7 @@
 //  - a uv_poll_t on nfs_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with nfs_which_events() after every submit and
 //    every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
 //    armed only while libnfs has output queued: level-triggered polls busy-loop otherwise);
-//  - a ~100 ms uv_timer calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire;
+//  - a ~100 ms tick (the SocketPoller's) calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire;
 //  - the poll handle is re-created when the fd, or the socket behind it, changes
 //    (mount hops portmapper -> mountd -> nfsd; reconnects dup2 a new socket onto the fd).
 // Completions run inside nfs_service(); they only settle promises. JS continuations run
@@ -134,13 +134,8 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
       return;
     }
-    poller_.Attach(loop_, this, OnReady);
+    poller_.Attach(loop_, this, OnReady, kServiceIntervalMs);
     async_ = std::make_unique<Napi::AsyncContext>(env, "NfsContext");
-    timer_ = new uv_timer_t;
-    uv_timer_init(loop_, timer_);
-    timer_->data = this;
-    uv_timer_start(timer_, OnTimer, kServiceIntervalMs, kServiceIntervalMs);
-    uv_unref(reinterpret_cast<uv_handle_t*>(timer_));  // the timer alone never keeps Node alive
     // Alive while the context is: completions may arrive after JS dropped the object.
     Ref();
     napi_add_env_cleanup_hook(env, &NfsContext::OnEnvTeardown, this);
@@ -442,11 +437,6 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     if (!self->destroyed_) self->Service(revents);
   }
 
-  static void OnTimer(uv_timer_t* t) {
-    auto* self = static_cast<NfsContext*>(t->data);
-    if (self && !self->destroyed_ && self->outstanding_ > 0) self->Service(0);
-  }
-
   // nfs_service() inside a HandleScope + CallbackScope: completions settle promises, and
   // the JS they wake runs when the scope closes, after libnfs has returned.
   void Service(int revents) {
@@ -491,12 +481,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
 
   void Teardown(bool js) {
     destroyed_ = true;
-    ClosePoll();
-    if (timer_) {
-      timer_->data = nullptr;
-      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-      timer_ = nullptr;
-    }
+    poller_.Detach();
     if (nfs_) {
       struct nfs_context* n = nfs_;
       nfs_ = nullptr;
@@ -516,7 +501,6 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   struct nfs_context* nfs_ = nullptr;
   uv_loop_t* loop_ = nullptr;
   blockconv::SocketPoller poller_;
-  uv_timer_t* timer_ = nullptr;
   std::unique_ptr<Napi::AsyncContext> async_;
   bool destroyed_ = false;
   bool envGone_ = false;

@@ -5,11 +5,14 @@
 // - it is re-created when the library reconnects (another fd, or the same fd number
 //   now naming another socket: the inode tells them apart);
 // - it keeps Node alive only while requests are in flight: an idle connection always
-//   waits for POLLIN, and must not hold the process open by itself.
+//   waits for POLLIN, and must not hold the process open by itself;
+// - a periodic tick (never keeping Node alive) calls the service function with no
+//   events while requests are in flight, so that the library's own timeouts fire.
 // Header-only, shared by @blockconv/libnfs and @blockconv/libiscsi.
 #pragma once
 
 #include <poll.h>
+#include <stdint.h>
 #include <sys/stat.h>
 #include <uv.h>
 
@@ -25,19 +28,25 @@ class SocketPoller {
   SocketPoller(const SocketPoller&) = delete;
   SocketPoller& operator=(const SocketPoller&) = delete;
 
-  void Attach(uv_loop_t* loop, void* owner, ReadyFn onReady) {
+  void Attach(uv_loop_t* loop, void* owner, ReadyFn onReady, uint64_t tickMs) {
     loop_ = loop;
     owner_ = owner;
     onReady_ = onReady;
+    tick_ = new uv_timer_t;
+    uv_timer_init(loop_, tick_);
+    tick_->data = this;
+    uv_timer_start(tick_, OnTick, tickMs, tickMs);
+    uv_unref(reinterpret_cast<uv_handle_t*>(tick_));
   }
 
   // fd: the library's socket (< 0: none, the watcher closes); wantPoll: the POLLIN/POLLOUT
-  // mask it waits for (0: "ask again later", the owner's timer does); busy: requests in flight.
+  // mask it waits for (0: "ask again later", the tick does); busy: requests in flight.
   void Update(int fd, int wantPoll, bool busy) {
-    if (fd < 0) { Close(); return; }
+    busy_ = busy;
+    if (fd < 0) { CloseWatch(); return; }  // between sockets: the tick still services
     ino_t ino = SocketId(fd);
     if (!poll_ || fd != fd_ || ino != ino_) {
-      Close();
+      CloseWatch();
       poll_ = new uv_poll_t;
       if (uv_poll_init(loop_, poll_, fd) != 0) { delete poll_; poll_ = nullptr; return; }
       poll_->data = this;
@@ -59,8 +68,24 @@ class SocketPoller {
     }
   }
 
-  // Stops watching at once; the handle's memory goes in uv_close's callback.
+  // Stops the tick and the watcher for good (the owner is going away).
+  void Detach() {
+    Close();
+    if (!tick_) return;
+    tick_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(tick_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+    tick_ = nullptr;
+  }
+
+  // The connection is gone (failed or closed): no more watching, no more ticks' service.
   void Close() {
+    busy_ = false;
+    CloseWatch();
+  }
+
+ private:
+  // Stops watching the socket at once; the handle's memory goes in uv_close's callback.
+  void CloseWatch() {
     if (!poll_) return;
     poll_->data = nullptr;
     uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
@@ -69,7 +94,6 @@ class SocketPoller {
     armed_ = 0;
   }
 
- private:
   static ino_t SocketId(int fd) {
     struct stat st;
     return fstat(fd, &st) == 0 ? st.st_ino : 0;
@@ -86,7 +110,14 @@ class SocketPoller {
     self->onReady_(self->owner_, revents);
   }
 
+  static void OnTick(uv_timer_t* t) {
+    auto* self = static_cast<SocketPoller*>(t->data);
+    if (self && self->busy_) self->onReady_(self->owner_, 0);
+  }
+
   uv_loop_t* loop_ = nullptr;
+  uv_timer_t* tick_ = nullptr;
+  bool busy_ = false;
   void* owner_ = nullptr;
   ReadyFn onReady_ = nullptr;
   uv_poll_t* poll_ = nullptr;
