@@ -69,12 +69,7 @@ BENCH_NAME=bench-headline
 # shellcheck source=tools/bench/lib.sh
 source "$ROOT/tools/bench/lib.sh"
 
-for arg in "$@"; do
-  case $arg in
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "bench-headline: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 
 LAB="bash $ROOT/tools/lab.sh"
 require_tools qemu-img node python3 /usr/bin/time fallocate
@@ -121,29 +116,7 @@ raw_info=$(gen_source "$src" --layout mixed --fill random --size "$SIZE_BYTES" -
 
 img_name=template-$SIZE.qcow2
 img=$LAB_NFS_EXPORT_DIR/$img_name
-made="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"])' "$raw_info") | -o cluster_size=64k"
-if [ "$img" -nt "$src" ] && [ -f "$img.json" ] &&
-    python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["made_from"] != sys.argv[2])' "$img.json" "$made" 2>/dev/null; then
-  log "template $img: reused"
-else
-  log "template $img: qemu-img convert -f raw -O qcow2 -o cluster_size=64k ..."
-  rm -f "$img" "$img.json"
-  qemu-img convert -f raw -O qcow2 -o cluster_size=64k "$src" "$img.tmp"
-  mv "$img.tmp" "$img"
-  qemu-img check --output=json "$img" >"$WORK/check.json" || die "qemu-img check $img failed"
-  python3 - "$img" "$made" "$WORK/check.json" >"$img.json" <<'EOF'
-import json, os, sys
-out, made, check = sys.argv[1:]
-c = json.load(open(check))
-print(json.dumps({
-    "path": out, "format": "qcow2", "options": "-O qcow2 -o cluster_size=64k", "made_from": made,
-    "file_bytes": os.path.getsize(out), "cluster_size": 65536,
-    "allocated_clusters": c.get("allocated-clusters", 0),
-    "allocated_bytes": c.get("allocated-clusters", 0) * 65536,
-}))
-EOF
-fi
-img_info=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["image"]=json.load(open(sys.argv[2])); print(json.dumps(d))' "$raw_info" "$img.json")
+img_info=$(qcow2_source "$src" "$raw_info" "$img")
 ALLOC=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["allocated_bytes"])' "$img.json")
 # ganesha reads the export through the page cache: warm it, so no run pays the disk.
 cat "$img" >/dev/null

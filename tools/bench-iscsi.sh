@@ -52,12 +52,7 @@ BENCH_NAME=bench-iscsi
 # shellcheck source=tools/bench/lib.sh
 source "$ROOT/tools/bench/lib.sh"
 
-for arg in "$@"; do
-  case $arg in
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "bench-iscsi: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 
 LUN_URL=iscsi://127.0.0.1:3260/iqn.2026-11.org.blockconv:disk512/4
 LUN_FILE=${ISCSI_DIR:-/var/tmp/blockconv-iscsi}/lun/disk512-bench.img

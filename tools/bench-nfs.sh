@@ -60,12 +60,7 @@ BENCH_NAME=bench-nfs
 # shellcheck source=tools/bench/lib.sh
 source "$ROOT/tools/bench/lib.sh"
 
-for arg in "$@"; do
-  case $arg in
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "bench-nfs: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 
 EXPORT_DIR=${NFS_EXPORT_DIR:-/var/tmp/blockconv-nfs/export}
 EXPORT_URL=nfs://127.0.0.1/export
@@ -112,30 +107,7 @@ raw_info=$(gen_source "$src" --layout mixed --size "$SIZE_BYTES" --seed 1)
 # The qcow2 source on the export, made by qemu-img (untimed), reused while newer than
 # the raw source and made from it with the same options.
 img=$EXPORT_DIR/bench-mixed-$SIZE.qcow2
-made="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"])' "$raw_info") | -o cluster_size=64k"
-if [ "$img" -nt "$src" ] && [ -f "$img.json" ] &&
-    python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["made_from"] != sys.argv[2])' "$img.json" "$made" 2>/dev/null; then
-  log "image $img: reused"
-else
-  log "image $img: qemu-img convert -f raw -O qcow2 -o cluster_size=64k ..."
-  rm -f "$img" "$img.json"
-  qemu-img convert -f raw -O qcow2 -o cluster_size=64k "$src" "$img.tmp"
-  mv "$img.tmp" "$img"
-  qemu-img check --output=json "$img" >"$WORK/check.json" || die "qemu-img check $img failed"
-  python3 - "$img" "$made" "$WORK/check.json" >"$img.json" <<'EOF'
-import json, os, sys
-out, made, check = sys.argv[1:]
-c = json.load(open(check))
-print(json.dumps({
-    "path": out, "format": "qcow2", "options": "-O qcow2 -o cluster_size=64k", "made_from": made,
-    "file_bytes": os.path.getsize(out), "cluster_size": 65536,
-    "allocated_clusters": c.get("allocated-clusters", 0),
-    "compressed_clusters": c.get("compressed-clusters", 0),
-    "fragmented_clusters": c.get("fragmented-clusters", 0),
-}))
-EOF
-fi
-img_info=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["image"]=json.load(open(sys.argv[2])); print(json.dumps(d))' "$raw_info" "$img.json")
+img_info=$(qcow2_source "$src" "$raw_info" "$img")
 # The export's directory is read through ganesha: keep the image in the page cache so
 # that the first run does not pay the disk alone.
 cat "$img" >/dev/null

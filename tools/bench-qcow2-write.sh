@@ -45,12 +45,7 @@ BENCH_NAME=bench-qcow2-write
 # shellcheck source=tools/bench/lib.sh
 source "$ROOT/tools/bench/lib.sh"
 
-for arg in "$@"; do
-  case $arg in
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "bench-qcow2-write: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 
 # Scenario → "fill of the raw source|convert options (both tools)".
 declare -A WRITE_SCENARIOS=(

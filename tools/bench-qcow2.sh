@@ -57,12 +57,7 @@ BENCH_NAME=bench-qcow2
 # shellcheck source=tools/bench/lib.sh
 source "$ROOT/tools/bench/lib.sh"
 
-for arg in "$@"; do
-  case $arg in
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "bench-qcow2: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 
 # Built-in tools. qemu-img's default target cache is "unsafe" (no flush at the end),
 # so "blockconv -m 8 -W -t unsafe" is the like-for-like row (issue 3's ratio);

@@ -20,6 +20,18 @@ die() { log "$*"; exit 2; }
 # Warnings also go into the report (WORK is created by init_work, before any warning).
 warn() { log "WARNING: $*"; echo "$*" >>"$WORK/warnings.txt"; }
 
+# The scripts take no arguments but --help, which prints their header comment.
+bench_args() {
+  local arg
+  for arg in "$@"; do
+    case $arg in
+      -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+      *) echo "$BENCH_NAME: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    esac
+  done
+}
+
+
 # Fail early when a command the benchmark needs, or blockconv's build, is missing.
 require_tools() {
   local t
@@ -248,6 +260,39 @@ make_source() {
   mkdir -p "$dir"
   info=$(gen_source "$out" "$@")
   record_source "$sc" "$dir" "$info"
+}
+
+# A qcow2 image (64 KiB clusters) of a gen_source raw source, made by qemu-img (untimed)
+# and reused while newer than the raw source and made from it with the same options;
+# IMG.json describes it. Prints the raw source's description with the image's as "image".
+# Args: raw raw-info img
+qcow2_source() {
+  local src=$1 raw_info=$2 img=$3 made
+  made="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"])' "$raw_info") | -o cluster_size=64k"
+  if [ "$img" -nt "$src" ] && [ -f "$img.json" ] &&
+      python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["made_from"] != sys.argv[2])' "$img.json" "$made" 2>/dev/null; then
+    log "image $img: reused"
+  else
+    log "image $img: qemu-img convert -f raw -O qcow2 -o cluster_size=64k ..."
+    rm -f "$img" "$img.json"
+    qemu-img convert -f raw -O qcow2 -o cluster_size=64k "$src" "$img.tmp"
+    mv "$img.tmp" "$img"
+    qemu-img check --output=json "$img" >"$WORK/check.json" || die "qemu-img check $img failed"
+    python3 - "$img" "$made" "$WORK/check.json" >"$img.json" <<'EOF'
+import json, os, sys
+out, made, check = sys.argv[1:]
+c = json.load(open(check))
+print(json.dumps({
+    "path": out, "format": "qcow2", "options": "-O qcow2 -o cluster_size=64k", "made_from": made,
+    "file_bytes": os.path.getsize(out), "cluster_size": 65536,
+    "allocated_clusters": c.get("allocated-clusters", 0),
+    "allocated_bytes": c.get("allocated-clusters", 0) * 65536,
+    "compressed_clusters": c.get("compressed-clusters", 0),
+    "fragmented_clusters": c.get("fragmented-clusters", 0),
+}))
+EOF
+  fi
+  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["image"]=json.load(open(sys.argv[2])); print(json.dumps(d))' "$raw_info" "$img.json"
 }
 
 # Markdown and JSON of everything recorded; exit status of report.py final

@@ -535,11 +535,11 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
      * buffer and a codec thread, and a chunk's dozens at once took RSS from 110 to 275 MiB;
      * there the next chunk may start once this one's first write is out.
      */
-    const issue = async (write: Promise<unknown>, seq: number): Promise<void> => {
+    const issue = (write: Promise<unknown>, seq: number): Promise<void> | undefined => {
       writes.add(write);
-      if (!pieceByPiece) return;
+      if (!pieceByPiece) return undefined;
       if (!serialized) release(seq);
-      await writes.settle();
+      return writes.settle();
     };
     let op = 'read';
     let chunk: Chunk | null = null;
