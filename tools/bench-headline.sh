@@ -116,7 +116,7 @@ raw_info=$(gen_source "$src" --layout mixed --fill random --size "$SIZE_BYTES" -
 
 img_name=template-$SIZE.qcow2
 img=$LAB_NFS_EXPORT_DIR/$img_name
-img_info=$(qcow2_source "$src" "$raw_info" "$img")
+img_info=$(make_qcow2 "$raw_info" "$img" -o cluster_size=64k)
 ALLOC=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["allocated_bytes"])' "$img.json")
 # ganesha reads the export through the page cache: warm it, so no run pays the disk.
 cat "$img" >/dev/null

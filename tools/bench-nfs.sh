@@ -107,7 +107,7 @@ raw_info=$(gen_source "$src" --layout mixed --size "$SIZE_BYTES" --seed 1)
 # The qcow2 source on the export, made by qemu-img (untimed), reused while newer than
 # the raw source and made from it with the same options.
 img=$EXPORT_DIR/bench-mixed-$SIZE.qcow2
-img_info=$(qcow2_source "$src" "$raw_info" "$img")
+img_info=$(make_qcow2 "$raw_info" "$img" -o cluster_size=64k)
 # The export's directory is read through ganesha: keep the image in the page cache so
 # that the first run does not pay the disk alone.
 cat "$img" >/dev/null

@@ -94,46 +94,6 @@ write_env "\"title\": \"qcow2 → raw benchmark (tools/bench-qcow2.sh)\",
   \"scenarios\": \"$SCENARIOS\", \"locations\": \"$LOCATIONS\", \"args\": \"$*\",
   \"rss_budget_mib\": $RSS_BUDGET_MIB,"
 
-# Make (or reuse) a qcow2 image of a raw source with qemu-img convert; print the raw
-# source's description with an "image" object added. Reused when the image is newer
-# than the raw source and its sidecar (IMAGE.json) records the same source and options.
-# Args: raw-info-json out options...
-make_qcow2() {
-  local info=$1 out=$2; shift 2
-  local raw made opts=$*
-  raw=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["path"])' "$info")
-  made="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"])' "$info") | $opts | qemu-img $(qemu-img --version | head -n1 | awk '{print $3}')"
-  if [ "$out" -nt "$raw" ] && [ -f "$out.json" ] &&
-      python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["made_from"] != sys.argv[2])' "$out.json" "$made" 2>/dev/null; then
-    log "image $out: reused"
-  else
-    log "image $out: qemu-img convert -f raw -O qcow2 $opts ..."
-    rm -f "$out" "$out.json" "$out.tmp"
-    local t0=$SECONDS
-    # shellcheck disable=SC2086  # options are split on blanks on purpose
-    qemu-img convert -f raw -O qcow2 $opts "$raw" "$out.tmp"
-    mv "$out.tmp" "$out"
-    qemu-img check --output=json "$out" >"$WORK/check.json" || die "qemu-img check $out failed"
-    qemu-img info --output=json "$out" >"$WORK/info.json"
-    python3 - "$out" "$opts" "$made" "$((SECONDS - t0))" "$WORK/check.json" "$WORK/info.json" >"$out.json" <<'EOF'
-import json, os, sys
-out, opts, made, secs, check, info = sys.argv[1:]
-c, i = json.load(open(check)), json.load(open(info))
-print(json.dumps({
-    "path": out, "format": "qcow2", "options": f"-O qcow2 {opts}", "made_from": made,
-    "file_bytes": os.path.getsize(out), "cluster_size": i["cluster-size"],
-    "compression_type": i.get("format-specific", {}).get("data", {}).get("compression-type"),
-    "allocated_clusters": c.get("allocated-clusters", 0),
-    "compressed_clusters": c.get("compressed-clusters", 0),
-    "fragmented_clusters": c.get("fragmented-clusters", 0),
-    "make_seconds": int(secs),
-}))
-EOF
-  fi
-  log "  $(cat "$out.json")"
-  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["image"]=json.load(open(sys.argv[2])); print(json.dumps(d))' "$info" "$out.json"
-}
-
 MADE=()
 log "blockconv build $FP_START; runs=$RUNS size=$SIZE scenarios: $SCENARIOS; locations: $LOCATIONS"
 

@@ -262,37 +262,45 @@ make_source() {
   record_source "$sc" "$dir" "$info"
 }
 
-# A qcow2 image (64 KiB clusters) of a gen_source raw source, made by qemu-img (untimed)
-# and reused while newer than the raw source and made from it with the same options;
-# IMG.json describes it. Prints the raw source's description with the image's as "image".
-# Args: raw raw-info img
-qcow2_source() {
-  local src=$1 raw_info=$2 img=$3 made
-  made="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"])' "$raw_info") | -o cluster_size=64k"
-  if [ "$img" -nt "$src" ] && [ -f "$img.json" ] &&
-      python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["made_from"] != sys.argv[2])' "$img.json" "$made" 2>/dev/null; then
-    log "image $img: reused"
+# Make (or reuse) a qcow2 image of a raw source with qemu-img convert; print the raw
+# source's description with an "image" object added. Reused when the image is newer
+# than the raw source and its sidecar (IMAGE.json) records the same source and options.
+# Args: raw-info-json out options...
+make_qcow2() {
+  local info=$1 out=$2; shift 2
+  local raw made opts=$*
+  raw=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["path"])' "$info")
+  made="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"])' "$info") | $opts | qemu-img $(qemu-img --version | head -n1 | awk '{print $3}')"
+  if [ "$out" -nt "$raw" ] && [ -f "$out.json" ] &&
+      python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["made_from"] != sys.argv[2])' "$out.json" "$made" 2>/dev/null; then
+    log "image $out: reused"
   else
-    log "image $img: qemu-img convert -f raw -O qcow2 -o cluster_size=64k ..."
-    rm -f "$img" "$img.json"
-    qemu-img convert -f raw -O qcow2 -o cluster_size=64k "$src" "$img.tmp"
-    mv "$img.tmp" "$img"
-    qemu-img check --output=json "$img" >"$WORK/check.json" || die "qemu-img check $img failed"
-    python3 - "$img" "$made" "$WORK/check.json" >"$img.json" <<'EOF'
+    log "image $out: qemu-img convert -f raw -O qcow2 $opts ..."
+    rm -f "$out" "$out.json" "$out.tmp"
+    local t0=$SECONDS
+    # shellcheck disable=SC2086  # options are split on blanks on purpose
+    qemu-img convert -f raw -O qcow2 $opts "$raw" "$out.tmp"
+    mv "$out.tmp" "$out"
+    qemu-img check --output=json "$out" >"$WORK/check.json" || die "qemu-img check $out failed"
+    qemu-img info --output=json "$out" >"$WORK/info.json"
+    python3 - "$out" "$opts" "$made" "$((SECONDS - t0))" "$WORK/check.json" "$WORK/info.json" >"$out.json" <<'EOF'
 import json, os, sys
-out, made, check = sys.argv[1:]
-c = json.load(open(check))
+out, opts, made, secs, check, info = sys.argv[1:]
+c, i = json.load(open(check)), json.load(open(info))
 print(json.dumps({
-    "path": out, "format": "qcow2", "options": "-O qcow2 -o cluster_size=64k", "made_from": made,
-    "file_bytes": os.path.getsize(out), "cluster_size": 65536,
+    "path": out, "format": "qcow2", "options": f"-O qcow2 {opts}", "made_from": made,
+    "file_bytes": os.path.getsize(out), "cluster_size": i["cluster-size"],
+    "compression_type": i.get("format-specific", {}).get("data", {}).get("compression-type"),
     "allocated_clusters": c.get("allocated-clusters", 0),
-    "allocated_bytes": c.get("allocated-clusters", 0) * 65536,
+    "allocated_bytes": c.get("allocated-clusters", 0) * i["cluster-size"],
     "compressed_clusters": c.get("compressed-clusters", 0),
     "fragmented_clusters": c.get("fragmented-clusters", 0),
+    "make_seconds": int(secs),
 }))
 EOF
   fi
-  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["image"]=json.load(open(sys.argv[2])); print(json.dumps(d))' "$raw_info" "$img.json"
+  log "  $(cat "$out.json")"
+  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["image"]=json.load(open(sys.argv[2])); print(json.dumps(d))' "$info" "$out.json"
 }
 
 # Markdown and JSON of everything recorded; exit status of report.py final
