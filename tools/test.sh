@@ -16,7 +16,9 @@ status=0
 # --skip-nx-cache: every call tests this tree, never replays results cached from an earlier run.
 npx nx run-many -t build test --parallel=1 --outputStyle=stream --skip-nx-cache 2>&1 | tee "$log" || status=$?
 
-# uvu prints Total/Passed/Skipped per file set; add them up for CI.
-awk '/ Total: / {t+=$NF} / Passed: / {p+=$NF} / Skipped: / {s+=$NF}
-     END {printf "%d passed, %d failed, %d skipped\n", p, t-p-s, s}' "$log"
+# uvu prints Total/Passed/Skipped per file set; add them up for CI. A test file that
+# cannot even load prints no totals, so the tasks nx saw fail are counted too.
+sed 's/\x1b\[[0-9;]*m//g' "$log" | awk '/ Total: / {t+=$NF} / Passed: / {p+=$NF} / Skipped: / {s+=$NF}
+     /^Failed tasks:/ {f=1; next} f && /^- / {tasks++}
+     END {printf "%d passed, %d failed, %d skipped; %d failed tasks\n", p, t-p-s, s, tasks}'
 exit "$status"
