@@ -3,6 +3,7 @@
  * sides report as zero are equal without reading; the rest is read in parallel. When
  * sizes differ, the larger image's extra range must read as zeroes (unless strict).
  */
+import { gateBackend } from './gate.js';
 import { cancelled, toBlockError } from './errors.js';
 import { chainStatus } from './status.js';
 import type { BlockBackend } from './types.js';
@@ -19,7 +20,9 @@ export type CompareResult =
   | { readonly identical: true }
   | { readonly identical: false; readonly offset: number; readonly reason: 'content' | 'size' };
 
-export async function compareImages(a: BlockBackend, b: BlockBackend, options: CompareOptions = {}): Promise<CompareResult> {
+export async function compareImages(first: BlockBackend, second: BlockBackend, options: CompareOptions = {}): Promise<CompareResult> {
+  const a = gateBackend(first);
+  const b = gateBackend(second);
   if (a.size !== b.size && options.strict) return { identical: false, offset: Math.min(a.size, b.size), reason: 'size' };
   const end = Math.max(a.size, b.size);
   const align = Math.max(a.limits.requestAlignment, b.limits.requestAlignment);

@@ -19,7 +19,7 @@ import { BlockError, cancelled, toBlockError } from './errors.js';
 import { roundDown } from './registry.js';
 import { chainStatus } from './status.js';
 import type { BlockBackend, ExtentKind } from './types.js';
-import { readAligned } from './aligned.js';
+import { gateBackend } from './gate.js';
 import { WorkerGovernor } from './autotune.js';
 import { ZeroScanner, isZero, sameBytes } from './zeroscan.js';
 
@@ -351,7 +351,9 @@ function validate(o: ConvertOptions): void {
 async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): Promise<ConvertResult> {
   await Promise.resolve(); // let the caller attach listeners before the first event
   validate(o);
-  const { target, sources } = o;
+  // Backends from the registry are gated already; an embedder's own get the same rules.
+  const target = gateBackend(o.target);
+  const sources = o.sources.map(gateBackend);
   const total = job.total;
   if (target.size < total) {
     throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes)`, { location: target.location });
@@ -367,7 +369,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
 
   const minSparse = o.minSparse ?? DEFAULT_MIN_SPARSE;
   const allData = minSparse === 0;
-  const backing = o.diffAgainstBacking ? target.backing : undefined;
+  const backing = o.diffAgainstBacking && target.backing ? gateBackend(target.backing) : undefined;
   if (o.diffAgainstBacking && !backing) throw new BlockError('EINVAL', 'the target has no backing image to compare with', { location: target.location });
   const targetZero = !backing && (o.targetIsZero === true || target.readsZeroesInitially);
   const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
@@ -470,7 +472,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
    */
   const writeDifferences = async (offset: number, length: number, data: Uint8Array | undefined, theirs: Uint8Array): Promise<void> => {
     const avail = Math.max(0, Math.min(length, backing!.size - offset));
-    if (avail > 0) await readAligned(backing!, offset, avail, theirs.subarray(0, avail));
+    if (avail > 0) await backing!.read(offset, avail, theirs);
     theirs.fill(0, avail, length);
     let runStart = 0;
     let runKind: 'same' | 'zero' | 'data' = 'same';

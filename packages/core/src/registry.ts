@@ -4,6 +4,7 @@
  * the format is layered on the protocol backend as in QEMU.
  */
 import { BlockError, toBlockError } from './errors.js';
+import { gateBackend } from './gate.js';
 import {
   BLOCK_API_VERSION,
   type BlockBackend,
@@ -136,11 +137,13 @@ export class DriverRegistry implements ImageResolver {
   async openProtocol(location: string, options: OpenOptions = {}): Promise<BlockBackend> {
     await this.#load(location, undefined);
     const { driver, location: loc } = this.protocolFor(location);
+    let backend: BlockBackend;
     try {
-      return await driver.open(loc, options);
+      backend = await driver.open(loc, options);
     } catch (err) {
       throw toBlockError(err, { op: 'open', location });
     }
+    return gated(backend);
   }
 
   /** Opens an image: protocol, then the named or probed format on top. */
@@ -150,7 +153,7 @@ export class DriverRegistry implements ImageResolver {
     const file = await this.openProtocol(location, options);
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
-      return await fmt.open(file, { ...options, resolver: this });
+      return gated(await fmt.open(file, { ...options, resolver: this }));
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -216,11 +219,21 @@ export class DriverRegistry implements ImageResolver {
     const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal });
     try {
       await fmt.create(file, size, { ...options, resolver: this });
-      return await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this });
+      return gated(await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this }));
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'create', location });
     }
+  }
+}
+
+/** Every backend the registry hands out goes through the request gate (gate.ts); one with invalid limits is closed and refused. */
+function gated(backend: BlockBackend): BlockBackend {
+  try {
+    return gateBackend(backend);
+  } catch (err) {
+    void backend.close().catch(() => {});
+    throw err;
   }
 }
 

@@ -9,8 +9,11 @@
 export const BLOCK_API_VERSION = 1;
 
 /**
- * Request limits of a backend. The core splits and aligns every request so that a
- * driver only ever sees requests that respect them.
+ * Request limits of a backend. The core's request gate splits and pads every request
+ * so that a driver only ever sees requests that respect them: inside the image, the
+ * offset a multiple of requestAlignment and the length too (or reaching the image's
+ * end), at most maxTransfer (maxWriteZeroes for writeZeroes and discard), and no
+ * change to a read-only or closed backend.
  */
 export interface BlockLimits {
   /** Offsets and lengths of read/write/zero/discard are multiples of this (bytes, power of two). */
@@ -78,6 +81,12 @@ export interface BlockBackend {
   /** Virtual size in bytes. */
   readonly size: number;
   readonly readOnly: boolean;
+  /** Why the image is read-only when that is not the caller's choice (e.g. "marked corrupt"), for messages. */
+  readonly readOnlyReason?: string;
+  /**
+   * Limits as data: the core's request gate (gate.ts), which every backend the registry
+   * opens sits behind, splits and pads every request to fit them.
+   */
   readonly limits: BlockLimits;
 
   /** writeZeroes is cheaper than writing a buffer of zeroes (else the core writes zeroes). */

@@ -9,7 +9,6 @@
  */
 import {
   BlockError,
-  readAligned,
   roundDown,
   type BlockBackend,
   type BlockLimits,
@@ -64,6 +63,7 @@ export class Qcow2Backend implements BlockBackend {
   readonly location: string;
   readonly size: number;
   readonly readOnly: boolean;
+  readonly readOnlyReason?: string;
   readonly limits: BlockLimits;
   readonly canWriteZeroes: boolean;
   readonly canDiscard: boolean;
@@ -121,6 +121,7 @@ export class Qcow2Backend implements BlockBackend {
     const owner = below.find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) === memAlign);
     if (memAlign > 1 && owner) this.allocBuffer = owner.allocBuffer!.bind(owner);
     this.readOnly = p.write === undefined;
+    if ((p.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) this.readOnlyReason = 'the image is marked corrupt; writing is refused';
     this.canWriteZeroes = p.write !== undefined && (p.header.version === 3 || !p.backing);
     this.canDiscard = p.write !== undefined;
     this.canCompress = p.write !== undefined;
@@ -137,10 +138,6 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
-    this.#check('read', offset, length);
-    if (into && into.length < length) {
-      throw new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, { op: 'read', location: this.location, offset, length });
-    }
     const out = into ? into.subarray(0, length) : this.#buffer(length);
     // Parts run while later runs are looked up: each gets its rejection handler at once
     // (an await in between would leave it unhandled), and the first error is kept.
@@ -209,10 +206,6 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
-    this.#check('blockStatus', offset, 0);
-    if (offset >= this.size) {
-      throw new BlockError('ERANGE', `block status at or past the end of the image (size ${this.size})`, { op: 'blockStatus', location: this.location, offset, length });
-    }
     // The length is only a hint: extents run as far as the cached tables (and a few more) tell.
     const run = newRun();
     try {
@@ -230,12 +223,10 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   async write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
-    this.#check('write', offset, data.length);
-    if (!this.#writer) return this.#refuse('write', offset);
     try {
-      if (flags?.compress) await this.#writer.writeCompressed(offset, data);
-      else await this.#writer.write(offset, data);
-      if (flags?.fua) await this.#writer.flush();
+      if (flags?.compress) await this.#writable.writeCompressed(offset, data);
+      else await this.#writable.write(offset, data);
+      if (flags?.fua) await this.#writable.flush();
     } catch (err) {
       throw this.#contextual(err, 'write', offset, data.length);
     }
@@ -246,37 +237,30 @@ export class Qcow2Backend implements BlockBackend {
     if (count === 0) return;
     const first = segments[0]!;
     const span = segments[2 * count - 1]! - first;
-    this.#check('write', offset + first, span);
-    if (!this.#writer) return this.#refuse('write', offset + first);
     try {
-      await this.#writer.writeSegments(offset, data, segments, count);
+      await this.#writable.writeSegments(offset, data, segments, count);
     } catch (err) {
       throw this.#contextual(err, 'write', offset + first, span);
     }
   }
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
-    this.#check('writeZeroes', offset, length);
-    if (!this.#writer) return this.#refuse('writeZeroes', offset);
     try {
-      await this.#writer.writeZeroes(offset, length, flags);
+      await this.#writable.writeZeroes(offset, length, flags);
     } catch (err) {
       throw this.#contextual(err, 'writeZeroes', offset, length);
     }
   }
 
   async discard(offset: number, length: number): Promise<void> {
-    this.#check('discard', offset, length);
-    if (!this.#writer) return this.#refuse('discard', offset);
     try {
-      await this.#writer.discard(offset, length);
+      await this.#writable.discard(offset, length);
     } catch (err) {
       throw this.#contextual(err, 'discard', offset, length);
     }
   }
 
   async flush(): Promise<void> {
-    this.#check('flush', 0, 0);
     if (!this.#writer) return;
     try {
       await this.#writer.flush();
@@ -303,9 +287,8 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   async info(): Promise<Record<string, unknown>> {
-    this.#check('info', 0, 0);
     const where = { location: this.location, op: 'info' };
-    const bitmaps = await readBitmapList(this.header, (o, n) => readAligned(this.#file, o, n, this.#buffer(n)), where);
+    const bitmaps = await readBitmapList(this.header, (o, n) => this.#file.read(o, n, this.#buffer(n)), where);
     return buildInfo({ header: this.header, snapshots: this.snapshots, bitmaps, fullBackingFilename: this.#p.fullBackingFilename });
   }
 
@@ -325,7 +308,7 @@ export class Qcow2Backend implements BlockBackend {
   /** Data clusters; a cluster whose end lies past the end of the file reads zeroes there, as in QEMU. */
   async #readData(host: number, dest: Uint8Array): Promise<void> {
     const avail = Math.min(dest.length, this.#data.size - host);
-    if (avail > 0) await readAligned(this.#data, host, avail, dest.subarray(0, avail));
+    if (avail > 0) await this.#data.read(host, avail, dest.subarray(0, avail));
     if (avail < dest.length) dest.fill(0, Math.max(0, avail));
   }
 
@@ -333,7 +316,7 @@ export class Qcow2Backend implements BlockBackend {
   async #readBacking(pos: number, dest: Uint8Array): Promise<void> {
     const backing = this.backing!;
     const avail = Math.max(0, Math.min(dest.length, backing.size - pos));
-    if (avail > 0) await readAligned(backing, pos, avail, dest.subarray(0, avail));
+    if (avail > 0) await backing.read(pos, avail, dest.subarray(0, avail));
     if (avail < dest.length) dest.fill(0, avail);
   }
 
@@ -345,22 +328,14 @@ export class Qcow2Backend implements BlockBackend {
     return this.allocBuffer ? this.allocBuffer(n) : new Uint8Array(n);
   }
 
-  #check(op: string, offset: number, length: number): void {
-    if (this.#closed) throw new BlockError('EINVAL', 'image is closed', { op, location: this.location });
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, { op, location: this.location, offset, length });
-    }
+  /** The writer; the core's gate sends no change to a read-only image, so it is there. */
+  get #writable(): Qcow2Writer {
+    return this.#writer!;
   }
 
   /** Errors from below keep their own details; others get this image's. */
   #contextual(err: unknown, op: string, offset: number, length: number): BlockError {
     if (err instanceof BlockError) return err;
     return new BlockError('EIO', (err as Error)?.message ?? String(err), { op, location: this.location, offset, length, cause: err });
-  }
-
-  #refuse(op: string, offset: number): Promise<never> {
-    const corrupt = (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
-    const why = corrupt ? 'the image is marked corrupt; writing is refused' : 'image is read-only';
-    return Promise.reject(new BlockError('EROFS', why, { op, location: this.location, offset }));
   }
 }

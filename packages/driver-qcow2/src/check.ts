@@ -11,7 +11,7 @@
  * Memory: one 16-bit counter per cluster of the file (wider counts in a side map),
  * bounded by the file's size; tables are read one at a time.
  */
-import { BlockError, writeAligned, type BlockBackend, type CheckOptions, type CheckResult } from '@blockconv/core';
+import { BlockError, type BlockBackend, type CheckOptions, type CheckResult } from '@blockconv/core';
 import { hex, type Where } from './errors.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
 import { metaReader, readHeader, type ReadMeta } from './io.js';
@@ -103,7 +103,7 @@ export async function checkQcow2(file: BlockBackend, options: CheckOptions = {})
     const offset = blocks[r] ?? 0;
     if (offset === 0) return undefined;
     if (cachedBlock?.offset !== offset) {
-      if (cachedBlock?.dirty) await writeAligned(file, cachedBlock.offset, cachedBlock.block);
+      if (cachedBlock?.dirty) await file.write(cachedBlock.offset, cachedBlock.block);
       const block = await read(offset, cs);
       cachedBlock = { offset, block, view: new DataView(block.buffer, block.byteOffset, block.byteLength), dirty: false };
     }
@@ -140,7 +140,7 @@ export async function checkQcow2(file: BlockBackend, options: CheckOptions = {})
       refcountOf.set(c, have);
     }
   }
-  if (cachedBlock?.dirty) await writeAligned(file, cachedBlock.offset, cachedBlock.block);
+  if (cachedBlock?.dirty) await file.write(cachedBlock.offset, cachedBlock.block);
 
   await checkCopiedFlags(st, (c) => refcountOf.get(c) ?? st.refs.get(c));
 
@@ -148,7 +148,7 @@ export async function checkQcow2(file: BlockBackend, options: CheckOptions = {})
   if (fixAll && h.version === 3 && (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n && st.corruptions === 0) {
     const b = new Uint8Array(8);
     new DataView(b.buffer).setBigUint64(0, h.incompatibleFeatures & ~INCOMPAT_DIRTY);
-    await writeAligned(file, 72, b);
+    await file.write(72, b);
     await file.flush();
   }
   return {

@@ -14,7 +14,7 @@
  * cut and hostile headers are refused before anything is allocated.
  */
 import { constants as zc, inflateRaw } from 'node:zlib';
-import { BlockError, readAligned, type BlockBackend } from '@blockconv/core';
+import { BlockError, type BlockBackend } from '@blockconv/core';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header.js';
 import { ZstdBatchError, zstdPool, type ZstdBatch } from './zstd-pool.js';
 
@@ -262,7 +262,7 @@ async function readBatch(b: PendingRead): Promise<void> {
     if (groups.length > 1 && file.readSegments && file.limits.requestAlignment === 1 && memAlign === 1) {
       await file.readSegments(input, segments, groups.length);
     } else {
-      const reads = groups.map((g, i) => readAligned(file, g.start, g.end - g.start, input.subarray(segments[3 * i + 2]!, segments[3 * i + 2]! + g.end - g.start)));
+      const reads = groups.map((g, i) => file.read(g.start, g.end - g.start, input.subarray(segments[3 * i + 2]!, segments[3 * i + 2]! + g.end - g.start)));
       const results = await Promise.allSettled(reads);
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw failed.reason;

@@ -7,9 +7,7 @@
 import {
   BlockError,
   parseSize,
-  readAligned,
   resolveRelative,
-  writeAligned,
   type BlockBackend,
   type CreateOptionInfo,
   type CreateOptions,
@@ -268,25 +266,25 @@ async function writeImage(file: BlockBackend, size: number, o: Qcow2CreateOption
   await file.resize(2 * cs);
   const refcounts = new Refcounts({
     file, clusterSize: cs, refcountOrder: o.refcountOrder, table: new Uint8Array(cs), tableOffset: cs,
-    cache: new TableCache(4 * 1024 * 1024, cs, (offset) => readAligned(file, offset, cs, new Uint8Array(cs))),
+    cache: new TableCache(4 * 1024 * 1024, cs, (offset) => file.read(offset, cs, new Uint8Array(cs))),
     end: 2 * cs, where,
   });
   await refcounts.markUsed(0, 2);
   const l1Offset = l1Size > 0 ? await refcounts.allocate(Math.ceil((l1Size * 8) / cs)) : 0;
   const rc = refcounts.capture();
-  await Promise.all(rc.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
-  await writeAligned(file, rc.table!.offset, rc.table!.bytes);
+  await Promise.all(rc.blocks.map((b) => file.write(b.offset, b.bytes)));
+  await file.write(rc.table!.offset, rc.table!.bytes);
   refcounts.committed(rc);
   await file.flush();
   const reftableOffset = rc.moved?.offset ?? cs;
   const reftableClusters = rc.moved?.clusters ?? 1;
   // The L1 table reads as zeroes (the file grew over it): the header can point at it. Only now is the file an image.
-  await writeAligned(file, 0, encodeHeader({ o, size, l1Size, l1Offset, reftableOffset, reftableClusters }));
+  await file.write(0, encodeHeader({ o, size, l1Size, l1Offset, reftableOffset, reftableClusters }));
   if (rc.freeAfter.length) {
     await file.flush();
     await refcounts.applyFrees(rc.freeAfter);
     const again = refcounts.capture();
-    await Promise.all(again.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
+    await Promise.all(again.blocks.map((b) => file.write(b.offset, b.bytes)));
     refcounts.committed(again);
   }
   if (o.preallocation !== 'off') await preallocate(file, o, size, l1Size, l1Offset, refcounts, where, data);
@@ -316,7 +314,7 @@ async function preallocate(file: BlockBackend, o: Qcow2CreateOptions, size: numb
   const cs = 2 ** o.clusterBits;
   const header = preallocHeader(o, size, l1Size, l1Offset);
   const l1 = new Uint8Array(l1Size * 8);
-  const cache = new TableCache(32 * 1024 * 1024, cs, (offset) => readAligned(file, offset, cs, new Uint8Array(cs)));
+  const cache = new TableCache(32 * 1024 * 1024, cs, (offset) => file.read(offset, cs, new Uint8Array(cs)));
   const writer = new Qcow2Writer({
     file, data, dataFileRaw: o.dataFileRaw, header, l1, cache, refcounts, hasBacking: false, where,
     readGuest: async (_o, n, into) => into.fill(0, 0, n),

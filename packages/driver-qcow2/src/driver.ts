@@ -12,6 +12,7 @@ import { resolve as resolvePath } from 'node:path';
 import {
   BLOCK_API_VERSION,
   BlockError,
+  gateBackend,
   parseLocation,
   parseSize,
   resolveRelative,
@@ -91,8 +92,11 @@ function warnOnce(location: string, warnings: readonly string[]): void {
   }
 }
 
-export async function openQcow2(file: BlockBackend, options: OpenOptions & { readonly resolver?: ImageResolver } = {}): Promise<Qcow2Backend> {
+export async function openQcow2(unchecked: BlockBackend, options: OpenOptions & { readonly resolver?: ImageResolver } = {}): Promise<Qcow2Backend> {
   options.signal?.throwIfAborted();
+  // Metadata reads and writes rely on the core's request gate below (the registry's
+  // backends have one; gateBackend returns those as they are).
+  const file = gateBackend(unchecked);
   const where = { location: file.location, op: 'open' };
   const self = await canonical(file.location);
   const ancestors = chain.getStore() ?? [];
@@ -199,7 +203,7 @@ async function openChild(options: OpenOptions & { readonly resolver?: ImageResol
     throw new BlockError('ENOTSUP', `the image has a ${what} ("${name}") but no resolver was given to open it`, { ...where, field });
   }
   try {
-    return await options.resolver.open(location, { readOnly: !writable, cache: options.cache, signal: options.signal, ...(format !== undefined ? { format } : {}) });
+    return gateBackend(await options.resolver.open(location, { readOnly: !writable, cache: options.cache, signal: options.signal, ...(format !== undefined ? { format } : {}) }));
   } catch (err) {
     if (err instanceof BlockError && (err.field === 'backing_file' || err.field === 'data_file')) throw err;
     const e = err as BlockError;

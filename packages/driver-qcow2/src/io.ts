@@ -1,5 +1,5 @@
 /** Reading metadata through the protocol backend below, honouring its limits. */
-import { readAligned, type BlockBackend } from '@blockconv/core';
+import type { BlockBackend } from '@blockconv/core';
 import type { Where } from './errors.js';
 import { headerReadLength, parseHeader, type Qcow2Header } from './header.js';
 
@@ -8,7 +8,7 @@ export type ReadMeta = (offset: number, length: number) => Promise<Uint8Array>;
 /** Reads [offset, offset+length) of `file` into a new buffer (aligned when the file needs it). */
 export function metaReader(file: BlockBackend): ReadMeta {
   const aligned = file.allocBuffer && (file.limits.minMemAlignment ?? 1) > 1;
-  return (offset, length) => readAligned(file, offset, length, aligned ? file.allocBuffer!(length) : new Uint8Array(length));
+  return (offset, length) => file.read(offset, length, aligned ? file.allocBuffer!(length) : new Uint8Array(length));
 }
 
 /** Reads and validates the header (from the first cluster). */

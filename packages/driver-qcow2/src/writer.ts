@@ -20,7 +20,7 @@
  * the first change and cleared after the last commit, and the refcount barrier is
  * skipped, as QEMU does.
  */
-import { BlockError, writeAligned, type BlockBackend, type WriteZeroesFlags } from '@blockconv/core';
+import { BlockError, type BlockBackend, type WriteZeroesFlags } from '@blockconv/core';
 import type { TableCache, CachedTable } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
@@ -129,7 +129,6 @@ export class Qcow2Writer {
   #refcountsUnflushed = false;
   /** Where the next compressed cluster's bytes go (0: start a new host cluster). */
   #compressedEnd = 0;
-  #unalignedWrites: Promise<unknown> = Promise.resolve();
   /** Serialises the placement of compressed data. */
   #placing: Promise<unknown> = Promise.resolve();
   /** Output buffers of compression, kept for reuse (MAX_SCRATCH_BUFFERS at most). */
@@ -404,26 +403,17 @@ export class Qcow2Writer {
     return run;
   }
 
-  /** Data at `host`, in requests no larger than the data file takes. */
-  async #writeData(host: number, bytes: Uint8Array): Promise<void> {
-    const max = this.#data.limits.maxTransfer;
-    if (bytes.length <= max) return this.#data.write(host, bytes);
-    const parts: Array<Promise<void>> = [];
-    for (let done = 0; done < bytes.length; done += max) parts.push(this.#data.write(host + done, bytes.subarray(done, Math.min(bytes.length, done + max))));
-    // Every part settles before returning: the caller reuses the buffer.
-    const failed = (await Promise.allSettled(parts)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
+  /** Data at `host` (the core's gate splits it at the data file's maxTransfer). */
+  #writeData(host: number, bytes: Uint8Array): Promise<void> {
+    return this.#data.write(host, bytes);
   }
 
   /**
-   * Writes compressed data, which starts and ends anywhere in a sector. A backend that
-   * needs aligned requests gets read-modify-writes, one at a time: neighbours share sectors.
+   * Writes compressed data, which starts and ends anywhere in a sector: on a file that
+   * needs aligned requests the core's gate pads it with read-modify-writes, one at a time.
    */
   #writeBytes(host: number, bytes: Uint8Array): Promise<void> {
-    if (this.#file.limits.requestAlignment <= 1) return this.#writeData(host, bytes);
-    const run = this.#unalignedWrites.then(() => writeAligned(this.#file, host, bytes));
-    this.#unalignedWrites = run.catch(() => {});
-    return run;
+    return this.#file.write(host, bytes);
   }
 
   #setCompressed(e: Entry, host: number, size: number): void {
@@ -855,7 +845,7 @@ export class Qcow2Writer {
     if (this.#h.version < 3) return;
     const b = new Uint8Array(8);
     new DataView(b.buffer).setBigUint64(0, v);
-    await writeAligned(this.#file, at, b);
+    await this.#file.write(at, b);
   }
 
   /** Commits when the caches fill up with dirty tables, and at least every COMMIT_INTERVAL_MS while writing. */
@@ -906,13 +896,13 @@ export class Qcow2Writer {
     const released = [...frees, ...rc.freeAfter];
     let freeing = false;
     try {
-      await Promise.all(rc.blocks.map((b) => writeAligned(file, b.offset, b.bytes)));
+      await Promise.all(rc.blocks.map((b) => file.write(b.offset, b.bytes)));
       if (rc.blocks.length) this.#refcountsUnflushed = true;
       if (rc.table) {
         // New refcount blocks before the table entries that hook them in.
         if (rc.blocks.length && !this.#lazy) await this.#flushFile();
         stage = 'refcount table';
-        await writeAligned(file, rc.table.offset, rc.table.bytes);
+        await file.write(rc.table.offset, rc.table.bytes);
         this.#refcountsUnflushed = true;
       }
       if (rc.moved) {
@@ -922,7 +912,7 @@ export class Qcow2Writer {
         const dv = new DataView(b.buffer);
         dv.setBigUint64(0, BigInt(rc.moved.offset));
         dv.setUint32(8, rc.moved.clusters);
-        await writeAligned(file, H_REFTABLE, b);
+        await file.write(H_REFTABLE, b);
       }
       this.#refs.committed(rc);
       rcWritten = true;
@@ -930,13 +920,13 @@ export class Qcow2Writer {
         // Refcounts (of this commit or an earlier one) before the references to the clusters they count.
         if (!this.#lazy && this.#refcountsUnflushed) await this.#flushFile();
         stage = 'L2 tables';
-        await Promise.all(l2.map((t) => writeAligned(file, t.offset, t.bytes)));
+        await Promise.all(l2.map((t) => file.write(t.offset, t.bytes)));
         this.#cache.written(l2);
         l2Written = true;
         if (l1) {
           stage = 'L1 table';
           await this.#flushFile();
-          await writeAligned(file, this.#h.l1TableOffset, l1);
+          await file.write(this.#h.l1TableOffset, l1);
         }
       }
       if (released.length) {

@@ -1,26 +1,19 @@
 /**
  * The "raw" format: image bytes are the protocol object's bytes. The backend is the
- * file's own, forwarded whole, that reports driverName "raw" and honours a read-only
- * open on top of a writable file.
+ * file's own, forwarded whole, that reports driverName "raw" and is read-only when
+ * opened so on top of a writable file (the core's request gate then refuses writes).
  */
-import { BLOCK_API_VERSION, BlockError, forwardBackend, type BlockBackend, type FormatDriver, type OpenOptions } from '@blockconv/core';
+import { BLOCK_API_VERSION, forwardBackend, type BlockBackend, type FormatDriver, type OpenOptions } from '@blockconv/core';
 
 /** A raw image: its protocol backend under the name "raw". */
 export type RawBackend = BlockBackend;
 
 function openRaw(file: BlockBackend, options: OpenOptions): RawBackend {
-  const readOnly = file.readOnly || options.readOnly === true;
-  const refuse = (op: string) => (offset: number): Promise<never> =>
-    Promise.reject(new BlockError('EROFS', 'image is read-only', { op, location: file.location, offset }));
   return forwardBackend(file, {
     driverName: 'raw',
-    readOnly,
+    readOnly: file.readOnly || options.readOnly === true,
     /** Raw has no format-specific details. */
     info: async () => ({}),
-    // Writes through a writable file would bypass the read-only open: refuse them here.
-    ...(readOnly && !file.readOnly
-      ? { write: refuse('write'), writeZeroes: refuse('writeZeroes'), discard: refuse('discard'), writeSegments: refuse('write') }
-      : {}),
   });
 }
 

@@ -6,7 +6,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { createFile, openFile } from '../src/index.js';
+import { DriverRegistry, convert } from '@blockconv/core';
+import { createFile, drivers, openFile } from '../src/index.js';
 import { canMount, diskTempDir, filled, rejects, removeDir, scratchMount } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -137,6 +138,34 @@ it('writeZeroes and block status with O_DIRECT', async () => {
     assert.match(err.message, /O_DIRECT/);
   } finally {
     m.unmount();
+  }
+});
+
+
+it('convert of odd-sized sources onto O_DIRECT targets: new ones, and existing larger ones (-n) whose rest is kept', async () => {
+  const reg = new DriverRegistry().register(...drivers);
+  for (const size of [1_000_001, 4096 * 3 + 1, 777]) {
+    const src = path.join(dir, `odd-${size}.raw`);
+    const data = Buffer.alloc(size);
+    for (let i = 0; i < size; i++) data[i] = (i * 31 + (i >> 10)) & 0xff;
+    fs.writeFileSync(src, data);
+    const source = await reg.open(src, { readOnly: true, format: 'raw' });
+    // A new target of the same odd size.
+    const fresh = path.join(dir, `fresh-${size}.raw`);
+    let target = await reg.create(fresh, size, { format: 'raw', cache: 'none' });
+    await convert({ sources: [source], target, workers: 4 });
+    await target.close();
+    assert.ok(fs.readFileSync(fresh).equals(data), `${size} bytes onto a new O_DIRECT file`);
+    // An existing larger file with old data: the tail block is read, patched, written back.
+    const existing = path.join(dir, `existing-${size}.raw`);
+    fs.writeFileSync(existing, Buffer.alloc(size + 8192, 0xee));
+    target = await reg.open(existing, { format: 'raw', cache: 'none' });
+    await convert({ sources: [source], target, workers: 4 });
+    await target.close();
+    const got = fs.readFileSync(existing);
+    assert.ok(got.subarray(0, size).equals(data), `${size} bytes onto an existing O_DIRECT file`);
+    assert.ok(got.subarray(size).every((b) => b === 0xee), `${size} bytes: the rest of the target kept`);
+    await source.close();
   }
 });
 

@@ -1,7 +1,7 @@
 /** Failures come back as BlockErrors with a code, the operation, location and offset. */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, DriverRegistry } from '@blockconv/core';
+import { BlockError, DriverRegistry, gateBackend } from '@blockconv/core';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { createFile, drivers, fileDriver, openFile, rawDriver } from '../src/index.js';
@@ -54,10 +54,10 @@ test('a character device is not an image', async () => {
   await rejects(() => openFile('/dev/null'), { code: 'EINVAL', op: 'open', location: '/dev/null' });
 });
 
-test('read-only backends refuse writes with EROFS', async () => {
+test('read-only backends refuse writes with EROFS (the core\'s gate, as the registry opens them)', async () => {
   const f = path.join(dir, 'ro.img');
   await createFile(f, MiB);
-  const img = await fileDriver.open(f, { readOnly: true });
+  const img = gateBackend(await fileDriver.open(f, { readOnly: true }));
   assert.ok(img.readOnly);
   await rejects(() => img.write(0, filled(512, 1)), { code: 'EROFS', op: 'write', offset: 0 });
   await rejects(() => img.writeZeroes(512, 512), { code: 'EROFS', op: 'writeZeroes', offset: 512 });
@@ -67,8 +67,8 @@ test('read-only backends refuse writes with EROFS', async () => {
   await img.close();
 
   // raw opened read-only on a writable file refuses too, and the file is untouched.
-  const file = await fileDriver.open(f, {});
-  const raw = await rawDriver.open(file, { readOnly: true });
+  const file = gateBackend(await fileDriver.open(f, {}));
+  const raw = gateBackend(await rawDriver.open(file, { readOnly: true }));
   assert.ok(raw.readOnly);
   await rejects(() => raw.write(0, filled(512, 1)), { code: 'EROFS', op: 'write' });
   await rejects(() => raw.writeZeroes(0, 512), { code: 'EROFS' });

@@ -4,10 +4,16 @@
  *
  *   import { conformance } from '@blockconv/core/testkit';
  *   conformance('file', { open: async () => ({ backend, cleanup }) });
+ *
+ * Two kinds of checks: the driver itself (the backend behind any request gate) must
+ * serve every request its declared limits allow, up to the edges (the last byte, the
+ * largest transfer, many requests in flight); and behind the core's gate, as the
+ * registry hands it out, any request must work or fail with the documented code.
  */
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { BlockError } from '../errors.js';
+import { gateBackend, ungated } from '../gate.js';
 import type { BlockBackend } from '../types.js';
 
 export interface ConformanceTarget {
@@ -64,6 +70,53 @@ async function expectBlockError(p: Promise<unknown>, what: string): Promise<Bloc
     return err as BlockError;
   }
   throw new assert.Assertion({ message: `${what}: should have failed`, generated: false, operator: 'rejects', expects: 'rejection', actual: 'resolved' });
+}
+
+/** The backend as the registry hands it out, and the driver's own behind it. */
+function layers(b: BlockBackend): { gate: BlockBackend; driver: BlockBackend } {
+  return { gate: gateBackend(b), driver: ungated(b) };
+}
+
+/** The largest single request the kit makes: maxTransfer, within the image and 16 MiB of memory. */
+function largest(b: BlockBackend, max: number): number {
+  const a = b.limits.requestAlignment;
+  const n = Math.min(max, 16 << 20, b.size);
+  return n - (n % a);
+}
+
+async function expectCode(p: Promise<unknown>, code: string, what: string): Promise<void> {
+  const err = await expectBlockError(p, what);
+  assert.is(err.code, code, `${what}: code ${code} (got ${err.code}: ${err.message})`);
+}
+
+/** Checks for any open backend, read-only or not: reads at the edges of the limits, and errors. */
+async function readEdges(b: BlockBackend, label: string): Promise<void> {
+  const { gate, driver } = layers(b);
+  const a = driver.limits.requestAlignment;
+  const size = driver.size;
+  // The driver: the last whole block, or the part block at an unaligned end.
+  const lastStart = size % a === 0 ? size - a : size - (size % a);
+  const last = await driver.read(lastStart, size - lastStart, buffer(driver, a));
+  assert.is(last.length, size - lastStart, `${label}: the driver reads the last block`);
+  // The largest transfer and many reads in flight, against single small reads.
+  const big = largest(driver, driver.limits.maxTransfer);
+  const whole = await driver.read(0, big, buffer(driver, big));
+  assert.is(whole.length, big, `${label}: the driver reads maxTransfer (${big} bytes) at once`);
+  const piece = Math.max(a, big >= 64 * a ? big / 64 - ((big / 64) % a) : a);
+  const count = Math.min(64, Math.floor(big / piece));
+  const parts = await Promise.all(Array.from({ length: count }, (_, i) => driver.read(i * piece, piece, buffer(driver, piece))));
+  parts.forEach((p, i) => assert.ok(Buffer.from(p).equals(Buffer.from(whole.subarray(i * piece, (i + 1) * piece))), `${label}: read ${i} of ${count} in flight agrees with the large read`));
+  // Through the gate: any byte range, with the documented codes for what cannot be.
+  const tail = await gate.read(size - 1, 1);
+  assert.is(tail[0], last[last.length - 1], `${label}: the gate reads the last byte`);
+  const odd = Math.min(size - 3, 3 * a + 5);
+  const oddRead = await gate.read(3, odd, new Uint8Array(odd + 1).subarray(1));
+  if (3 + odd <= big) assert.ok(Buffer.from(oddRead).equals(Buffer.from(whole.subarray(3, 3 + odd))), `${label}: an unaligned read through the gate`);
+  await expectCode(gate.read(size - 1, 2), 'ERANGE', `${label}: read past the end`);
+  await expectCode(gate.read(-1, 1), 'ERANGE', `${label}: read before the start`);
+  await expectCode(gate.blockStatus(size, 1), 'ERANGE', `${label}: block status at the end`);
+  const ext = await gate.blockStatus(lastStart, 1);
+  assert.ok(ext.length > 0 && lastStart + ext.length <= size, `${label}: block status of the last block`);
 }
 
 export function conformance(name: string, options: ConformanceOptions): void {
@@ -123,10 +176,79 @@ export function conformance(name: string, options: ConformanceOptions): void {
     assert.is(got.buffer, into.buffer, 'returns a view of the caller\'s buffer');
   });
 
+  test('reads at the edges of the declared limits: the last block, maxTransfer, many in flight; errors through the gate', async () => {
+    await readEdges(b, name);
+  });
+
+  test('a read-only open: the same reads, and every change refused with EROFS', async () => {
+    const ro = options.readOnly ? b : await t.openReadOnly?.();
+    if (!ro) return;
+    try {
+      assert.ok(ro.readOnly, 'reports readOnly');
+      await readEdges(ro, `${name} read-only`);
+      const { gate } = layers(ro);
+      const a = ro.limits.requestAlignment;
+      await expectCode(gate.write(0, buffer(ro, a)), 'EROFS', 'write to read-only');
+      await expectCode(gate.writeZeroes(0, a), 'EROFS', 'writeZeroes to read-only');
+      await expectCode(gate.discard(0, a), 'EROFS', 'discard on read-only');
+    } finally {
+      if (ro !== b) await ro.close();
+    }
+  });
+
+  test('a closed backend refuses requests with EBADF', async () => {
+    const { gate } = layers(b);
+    await gate.close();
+    await expectCode(gate.read(0, 1), 'EBADF', 'read after close');
+    await gate.close(); // twice is harmless
+  });
+
   if (options.readOnly) {
     test.run();
     return;
   }
+
+  test('writes at the edges of the declared limits: maxTransfer, maxWriteZeroes, the last block', async () => {
+    const { driver } = layers(b);
+    const a = driver.limits.requestAlignment;
+    const big = largest(driver, driver.limits.maxTransfer);
+    const w = buffer(driver, big);
+    w.set(pattern(big, 61));
+    await driver.write(0, w);
+    assert.ok(Buffer.from(await driver.read(0, big, buffer(driver, big))).equals(Buffer.from(w)), 'maxTransfer written at once reads back');
+    const zeroes = largest(driver, driver.limits.maxWriteZeroes ?? driver.limits.maxTransfer);
+    await driver.writeZeroes(0, Math.min(zeroes, big), { mayUnmap: true });
+    assert.ok(allZero(await driver.read(0, Math.min(zeroes, big), buffer(driver, Math.min(zeroes, big)))), 'maxWriteZeroes zeroed at once reads zero');
+    const size = driver.size;
+    const lastStart = size % a === 0 ? size - a : size - (size % a);
+    const tail = buffer(driver, a);
+    tail.set(pattern(size - lastStart, 62).subarray(0, size - lastStart));
+    await driver.write(lastStart, tail.subarray(0, size - lastStart));
+    assert.ok(Buffer.from(await driver.read(lastStart, size - lastStart, buffer(driver, a))).equals(Buffer.from(tail.subarray(0, size - lastStart))), 'the last block reads back');
+  });
+
+  test('unaligned writes and zeroes through the gate land exactly, neighbours intact', async () => {
+    const { gate, driver } = layers(b);
+    const a = driver.limits.requestAlignment;
+    const size = driver.size;
+    const span = Math.min(size, 8 * a + 8192);
+    const start = size - span;
+    const model = new Uint8Array(span);
+    model.set(pattern(span, 71));
+    await gate.write(start, model.slice());
+    // An odd piece at an odd offset, the last byte, and zeroes across a block boundary.
+    const piece = pattern(a + 3, 72);
+    model.set(piece, 5);
+    await gate.write(start + 5, piece);
+    model[span - 1] = 0x5a;
+    await gate.write(size - 1, Uint8Array.of(0x5a));
+    model.fill(0, a - 1, 2 * a + 1);
+    await gate.writeZeroes(start + a - 1, a + 2);
+    const got = await gate.read(start, span);
+    assert.ok(Buffer.from(got).equals(Buffer.from(model)), 'content as written, byte for byte');
+    await expectCode(gate.write(size - 1, new Uint8Array(2)), 'ERANGE', 'write past the end');
+    await expectCode(gate.writeZeroes(size, 1), 'ERANGE', 'writeZeroes past the end');
+  });
 
   test('write then read back, at several aligned offsets and sizes', async () => {
     const a = b.limits.requestAlignment;
@@ -268,18 +390,6 @@ export function conformance(name: string, options: ConformanceOptions): void {
     b = await t.reopen();
     const got = await b.read(off, len, buffer(b, len));
     assert.ok(Buffer.from(got).equals(Buffer.from(w)));
-  });
-
-  test('a read-only open refuses writes with a BlockError', async () => {
-    if (!t.openReadOnly) return;
-    const ro = await t.openReadOnly();
-    try {
-      assert.ok(ro.readOnly);
-      const len = b.limits.requestAlignment;
-      await expectBlockError(ro.write(0, buffer(ro, len)), 'write to read-only');
-    } finally {
-      await ro.close();
-    }
   });
 
   test('flush succeeds', async () => {

@@ -37,6 +37,26 @@ test.before.each(() => { dir = fs.mkdtempSync('/var/tmp/blockconv-iscsi-test-');
 test.after.each(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 for (const lun of [LUNS.disk512, LUNS.disk4k]) {
+  test(`an odd-sized source onto a ${lun.blockSize}-byte-block LUN (-n): the tail is padded, the rest of the LUN kept`, async () => {
+    wipeLun(lun.file);
+    const fd = fs.openSync(lun.file, 'r+');
+    fs.writeSync(fd, Buffer.alloc(2 * MiB, 0xee), 0, 2 * MiB, 0);
+    fs.closeSync(fd);
+    for (const size of [1_000_001, 2 * MiB - 1]) {
+      const src = path.join(dir, `odd-${size}.raw`);
+      const data = Buffer.alloc(size);
+      for (let i = 0; i < size; i++) data[i] = (i * 7 + (i >> 12)) & 0xff;
+      fs.writeFileSync(src, data);
+      expectOk(cli(['convert', '-n', '-f', 'raw', '-O', 'raw', src, lun.url]), `${size} bytes to LUN`);
+      const got = Buffer.alloc(2 * MiB);
+      const back = fs.openSync(lun.file, 'r');
+      fs.readSync(back, got, 0, 2 * MiB, 0);
+      fs.closeSync(back);
+      assert.ok(got.subarray(0, size).equals(data), `${size} bytes: the source, byte for byte`);
+      assert.ok(got.subarray(size).every((b) => b === 0xee), `${size} bytes: the LUN past the source untouched`);
+    }
+  });
+
   test(`local raw -> LUN (${lun.blockSize}-byte blocks, -n) -> local raw`, async () => {
     wipeLun(lun.file);
     // Old data on the LUN where the source has a hole: it must be zeroed.

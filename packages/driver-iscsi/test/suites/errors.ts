@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, DriverRegistry, convert } from '@blockconv/core';
+import { BlockError, DriverRegistry, convert, gateBackend } from '@blockconv/core';
 import { drivers as raw } from '@blockconv/driver-raw';
 import { drivers as iscsi, openIscsi, parseIscsiUrl } from '../../src/index.js';
 import { CHAP_USER, IQN, LUNS, PORTAL, chapPassword, ensureServer, failure, iscsiProxy, wipeLun } from '../helpers.js';
@@ -74,20 +74,28 @@ test('CHAP: a user without a password, a wrong password, an unreadable password 
   await ok.close();
 });
 
-test('unaligned requests are refused with a clear error', async () => {
-  const b512 = await openIscsi(LUNS.disk512.url);
-  const b4k = await openIscsi(LUNS.disk4k.url);
+test('unaligned requests are padded by the core\'s gate: reads bounce, writes read-modify-write', async () => {
+  const b512 = gateBackend(await openIscsi(LUNS.disk512.url));
+  const b4k = gateBackend(await openIscsi(LUNS.disk4k.url));
   try {
     assert.is(b4k.limits.requestAlignment, 4096);
     assert.is(b512.limits.requestAlignment, 512);
-    for (const [b, off, len] of [[b512, 100, 512], [b512, 0, 1000], [b4k, 512, 4096], [b4k, 0, 512]] as const) {
-      const e = await failure(() => b.read(off, len));
-      assert.instance(e, BlockError);
-      assert.is(e.code, 'EINVAL');
-      assert.match(e.message, new RegExp(`unaligned request: offset and length must be multiples of the LUN's ${b.limits.requestAlignment}-byte blocks`));
-      assert.match(e.message, new RegExp(`at offset ${off} \\(\\+${len}\\)`));
+    for (const b of [b512, b4k]) {
+      const block = b.limits.requestAlignment;
+      const base = new Uint8Array(4 * block).fill(7);
+      await b.write(0, base);
+      // Odd offsets and lengths, the last byte of the LUN among them.
+      for (const [off, len] of [[100, 512], [1, 1000], [block - 3, 6], [block * 3 + 1, block - 1]] as const) {
+        const data = new Uint8Array(len).map((_, i) => (off + i) & 0xff);
+        await b.write(off, data);
+        base.set(data, off);
+      }
+      const got = await b.read(0, 4 * block);
+      assert.ok(Buffer.from(got).equals(Buffer.from(base)), `${block}-byte blocks: content as written`);
+      assert.ok(Buffer.from(await b.read(101, 37)).equals(Buffer.from(base.subarray(101, 138))), `${block}-byte blocks: an unaligned read`);
+      await b.write(b.size - 1, Uint8Array.of(9));
+      assert.is((await b.read(b.size - 1, 1))[0], 9, `${block}-byte blocks: the last byte`);
     }
-    assert.is((await failure(() => b4k.write(2048, new Uint8Array(4096)))).code, 'EINVAL');
   } finally {
     await Promise.all([b512.close(), b4k.close()]);
   }
@@ -109,7 +117,7 @@ test('what a thin LUN reports: limits, block status, zeroes only when wholly dea
   await b.discard(8192, 4096);
   assert.is((await b.blockStatus(8192, 4096)).kind, 'zero');
   await b.close();
-  const ro = await openIscsi(lun.url, { readOnly: true });
+  const ro = gateBackend(await openIscsi(lun.url, { readOnly: true }));
   assert.is((await failure(() => ro.writeZeroes(0, 512))).code, 'EROFS');
   await ro.close();
 });

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, convert, type BlockDriver } from '@blockconv/core';
+import { DriverRegistry, convert, gateBackend, type BlockDriver } from '@blockconv/core';
 import { drivers as raw } from '@blockconv/driver-raw';
 import { drivers as nfs, openNfs, createNfs } from '../../src/index.js';
 import { ensureServer, run, scratch } from '../helpers.js';
@@ -23,7 +23,7 @@ for (const query of ['', '?version=4', '?connections=3']) {
   test(`resize grows and shrinks the file${query}`, async () => {
     const s = scratch('resize', query);
     await createNfs(s.url, 65536);
-    const b = await openNfs(s.url);
+    const b = gateBackend(await openNfs(s.url));
     try {
       assert.ok(b.resize, 'resize is implemented');
       await b.write(0, Buffer.alloc(4096, 1));
@@ -39,7 +39,7 @@ for (const query of ['', '?version=4', '?connections=3']) {
       assert.is((await b.read(0, 1))[0], 1);
       const e = await b.write(8192, Buffer.alloc(1)).then(() => undefined, (err: { code: string }) => err);
       assert.is(e?.code, 'ERANGE');
-      const ro = await openNfs(s.url, { readOnly: true });
+      const ro = gateBackend(await openNfs(s.url, { readOnly: true }));
       assert.is((await ro.resize!(0).then(() => undefined, (err: { code: string }) => err))?.code, 'EROFS');
       await ro.close();
     } finally {

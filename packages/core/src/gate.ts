@@ -1,0 +1,438 @@
+/**
+ * The request gate: every backend the registry opens (protocols, formats, backing files,
+ * external data files) is wrapped in one, so that the core, not each driver, enforces
+ * the interface's rules for every request, whoever makes it: convert, compare, a format
+ * driver reading its protocol, an embedding program. As QEMU's block layer does in
+ * bdrv_co_preadv/pwritev for every driver:
+ * - a closed backend (EBADF), a change to a read-only one (EROFS), a request outside the
+ *   image (ERANGE): one check, the same codes whatever the driver;
+ * - reads and writes are split at maxTransfer, writeZeroes and discard at maxWriteZeroes;
+ * - unaligned reads go through a bounce buffer; unaligned writes and zeroes are padded
+ *   with a read-modify-write of the edge blocks, serialised against every other write
+ *   to the backend (see WriteSerializer); unaligned discards shrink to whole blocks
+ *   (discard is advisory);
+ * - memory not on a minMemAlignment boundary goes through an aligned bounce buffer.
+ *
+ * A driver therefore only sees requests that lie inside the image, start on a multiple
+ * of requestAlignment and are a multiple of it long (or end at the image's end, when
+ * its size is not a multiple), are at most maxTransfer (maxWriteZeroes for zeroes and
+ * discards), and change nothing on a read-only or closed backend. Requests that already
+ * respect all that go straight to the driver: the gate adds a few comparisons, and no
+ * allocation unless the backend needs alignment (then one promise per write, to know
+ * which writes are in flight).
+ */
+import { BlockError } from './errors.js';
+import { forwardBackend } from './forward.js';
+import type { BlockBackend, BlockLimits, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
+
+const GATED = Symbol.for('@blockconv/core.gated');
+
+/** The backend a gate wraps, for tests and diagnostics; the backend itself when not gated. */
+export function ungated(backend: BlockBackend): BlockBackend {
+  return (backend as { [GATED]?: BlockBackend })[GATED] ?? backend;
+}
+
+export function isGated(backend: BlockBackend): boolean {
+  return (backend as { [GATED]?: BlockBackend })[GATED] !== undefined;
+}
+
+function isPowerOfTwo(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 && Math.log2(n) % 1 === 0;
+}
+
+/**
+ * Checks that a backend's limits are data the gate can honour; a driver that declares
+ * nonsense fails at open with a message naming the field, not later with odd requests.
+ */
+export function checkLimits(b: BlockBackend): void {
+  const l = b.limits;
+  const bad = (field: string, why: string): never => {
+    throw new BlockError('EINVAL', `driver "${b.driverName}" declares invalid limits: ${why}`, { op: 'open', location: b.location, field: `limits.${field}` });
+  };
+  if (!l) bad('', 'no limits');
+  if (!isPowerOfTwo(l.requestAlignment)) bad('requestAlignment', `${l.requestAlignment} is not a power of two`);
+  if (!Number.isSafeInteger(l.maxTransfer) || l.maxTransfer < l.requestAlignment || l.maxTransfer % l.requestAlignment !== 0) {
+    bad('maxTransfer', `${l.maxTransfer} is not a positive multiple of requestAlignment (${l.requestAlignment})`);
+  }
+  if (!Number.isSafeInteger(l.optimalTransfer) || l.optimalTransfer <= 0 || l.optimalTransfer > l.maxTransfer) {
+    bad('optimalTransfer', `${l.optimalTransfer} is not between 1 and maxTransfer (${l.maxTransfer})`);
+  }
+  if (l.maxWriteZeroes !== undefined && (!Number.isSafeInteger(l.maxWriteZeroes) || l.maxWriteZeroes < l.requestAlignment)) {
+    bad('maxWriteZeroes', `${l.maxWriteZeroes} is less than one block (${l.requestAlignment})`);
+  }
+  const mem = l.minMemAlignment ?? 1;
+  if (!isPowerOfTwo(mem)) bad('minMemAlignment', `${mem} is not a power of two`);
+  if (mem > 1 && typeof b.allocBuffer !== 'function') bad('minMemAlignment', `${mem} needs allocBuffer()`);
+  if (!Number.isSafeInteger(b.size) || b.size < 0) bad('size', `${b.size} is not a byte count`);
+}
+
+/**
+ * Lets writes run concurrently, except a read-modify-write, which runs alone: it waits
+ * for the writes in flight, and writes that arrive meanwhile wait for it. Otherwise a
+ * write landing between the read and the write-back of a block would be undone.
+ * Read-modify-writes are rare (the unaligned tail of an image, a format's small
+ * metadata update on an O_DIRECT file), so a barrier is cheaper than tracking the range
+ * of every write.
+ */
+class WriteSerializer {
+  #inFlight = 0;
+  /** Set while a read-modify-write waits or runs; resolves when the last one queued ends. */
+  #exclusive: Promise<void> | null = null;
+  #drained: (() => void) | null = null;
+  readonly #untrack = (): void => {
+    if (--this.#inFlight === 0 && this.#drained) { const d = this.#drained; this.#drained = null; d(); }
+  };
+
+  /** Runs a plain write now, or after the read-modify-writes queued before it. */
+  shared<T>(start: () => Promise<T>): Promise<T> {
+    if (this.#exclusive) return this.#exclusive.then(() => this.shared(start));
+    this.#inFlight++;
+    let p: Promise<T>;
+    try {
+      p = start();
+    } catch (err) {
+      this.#untrack();
+      return Promise.reject(err);
+    }
+    p.then(this.#untrack, this.#untrack);
+    return p;
+  }
+
+  /** Runs `body` once no other write is in flight, holding new writes back until it ends. */
+  async exclusive<T>(body: () => Promise<T>): Promise<T> {
+    const before = this.#exclusive;
+    let release!: () => void;
+    const mine = new Promise<void>((r) => { release = r; });
+    const tail = before ? before.then(() => mine) : mine;
+    this.#exclusive = tail;
+    try {
+      if (before) await before;
+      if (this.#inFlight > 0) await new Promise<void>((r) => { this.#drained = r; });
+      return await body();
+    } finally {
+      if (this.#exclusive === tail) this.#exclusive = null;
+      release();
+    }
+  }
+}
+
+/** Error details for one request. */
+function at(b: BlockBackend, op: string, offset: number, length: number) {
+  return { op, location: b.location, offset, length };
+}
+
+/**
+ * Wraps `inner` in the request gate. Idempotent: a gated backend is returned as it is.
+ * Every other member (capabilities, info, a driver's own extras) is forwarded.
+ */
+export function gateBackend(inner: BlockBackend): BlockBackend {
+  if (isGated(inner)) return inner;
+  checkLimits(inner);
+  const l: BlockLimits = inner.limits;
+  const align = l.requestAlignment;
+  const memAlign = l.minMemAlignment ?? 1;
+  /** Largest read/write piece: maxTransfer, in whole blocks. */
+  const maxIo = l.maxTransfer - (l.maxTransfer % align);
+  const maxZero = Math.max(align, (l.maxWriteZeroes ?? l.maxTransfer) - ((l.maxWriteZeroes ?? l.maxTransfer) % align));
+  // Backends without alignment never need a read-modify-write, so their writes are not tracked.
+  const serializer = align > 1 ? new WriteSerializer() : undefined;
+  let closed = false;
+
+  const alloc = (n: number): Uint8Array => (memAlign > 1 ? inner.allocBuffer!(n) : new Uint8Array(n));
+  const memOk = (u: Uint8Array | undefined): boolean => memAlign === 1 || u === undefined || u.byteOffset % memAlign === 0;
+  /** Null when the request may proceed; else the error to reject it with. */
+  const refuse = (op: string, offset: number, length: number, writes: boolean): BlockError | null => {
+    if (closed) return new BlockError('EBADF', 'image is closed', { op, location: inner.location });
+    if (writes && inner.readOnly) return new BlockError('EROFS', inner.readOnlyReason ?? 'image is read-only', at(inner, op, offset, length));
+    const size = inner.size;
+    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= size)) {
+      return new BlockError('ERANGE', `request outside the image (size ${size})`, at(inner, op, offset, length));
+    }
+    return null;
+  };
+  /** Aligned as the driver needs it: start on a block, whole blocks or up to the end. */
+  const isAligned = (offset: number, length: number): boolean =>
+    offset % align === 0 && (length % align === 0 || offset + length === inner.size);
+  const write = (start: () => Promise<void>): Promise<void> => (serializer ? serializer.shared(start) : start());
+
+  /** Reads [pos, pos+n) into dest through an aligned bounce buffer covering whole blocks. */
+  const bounceRead = async (pos: number, n: number, dest: Uint8Array): Promise<void> => {
+    const start = pos - (pos % align);
+    const end = Math.min(Math.ceil((pos + n) / align) * align, inner.size);
+    for (let s = start; s < end; s += maxIo) {
+      const e = Math.min(s + maxIo, end);
+      const lo = Math.max(s, pos);
+      const hi = Math.min(e, pos + n);
+      if (hi <= lo) continue;
+      const got = await inner.read(s, e - s, alloc(e - s));
+      dest.set(got.subarray(lo - s, hi - s), lo - pos);
+    }
+  };
+
+  /** A read the driver can take as it is, or already split: straight to it. */
+  const readDirect = async (offset: number, length: number, out: Uint8Array): Promise<void> => {
+    const got = await inner.read(offset, length, out);
+    if (got.buffer !== out.buffer || got.byteOffset !== out.byteOffset) out.set(got.subarray(0, length));
+  };
+
+  const readSlow = async (offset: number, length: number, into: Uint8Array | undefined): Promise<Uint8Array> => {
+    const out = into ? into.subarray(0, length) : alloc(length);
+    const end = offset + length;
+    const parts: Array<Promise<void>> = [];
+    // Unaligned head and tail blocks through bounces; the aligned middle in maxIo pieces.
+    let mid = offset;
+    let midEnd = end;
+    if (offset % align !== 0) {
+      mid = Math.min(offset - (offset % align) + align, end);
+      parts.push(bounceRead(offset, mid - offset, out.subarray(0, mid - offset)));
+    }
+    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
+      midEnd = Math.max(mid, midEnd - (midEnd % align));
+      if (end > midEnd) parts.push(bounceRead(midEnd, end - midEnd, out.subarray(midEnd - offset)));
+    }
+    for (let s = mid; s < midEnd; s += maxIo) {
+      const n = Math.min(maxIo, midEnd - s);
+      const dest = out.subarray(s - offset, s - offset + n);
+      parts.push(memOk(dest) ? readDirect(s, n, dest) : bounceRead(s, n, dest));
+    }
+    await settle(parts);
+    return out;
+  };
+
+  /**
+   * Writes the unaligned [pos, pos+n) — `data`, or zeroes when absent — by reading the
+   * whole blocks around it, patching them and writing them back, alone (see WriteSerializer).
+   */
+  const readModifyWrite = (pos: number, n: number, data: Uint8Array | undefined, flags?: WriteFlags): Promise<void> =>
+    serializer!.exclusive(async () => {
+      const start = pos - (pos % align);
+      const end = Math.min(Math.ceil((pos + n) / align) * align, inner.size);
+      const block = alloc(end - start);
+      const got = await inner.read(start, end - start, block);
+      if (got.buffer !== block.buffer || got.byteOffset !== block.byteOffset) block.set(got.subarray(0, end - start));
+      if (data) block.set(data.subarray(0, n), pos - start);
+      else block.fill(0, pos - start, pos - start + n);
+      await inner.write(start, block, flags);
+    });
+
+  const writeSlow = async (offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> => {
+    const end = offset + data.length;
+    const parts: Array<Promise<void>> = [];
+    let mid = offset;
+    let midEnd = end;
+    if (offset % align !== 0) {
+      mid = Math.min(offset - (offset % align) + align, end);
+      parts.push(readModifyWrite(offset, mid - offset, data, flags));
+    }
+    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
+      midEnd = Math.max(mid, midEnd - (midEnd % align));
+      if (end > midEnd) parts.push(readModifyWrite(midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
+    }
+    // Compressed writes must stay whole compression units: split on those.
+    const unit = flags?.compress && l.compressionUnit ? Math.max(l.compressionUnit, align) : align;
+    const step = Math.max(unit, maxIo - (maxIo % unit));
+    for (let s = mid; s < midEnd; s += step) {
+      const piece = data.subarray(s - offset, Math.min(s + step, midEnd) - offset);
+      if (memOk(piece)) {
+        parts.push(write(() => inner.write(s, piece, flags)));
+      } else {
+        const copy = alloc(piece.length);
+        copy.set(piece);
+        parts.push(write(() => inner.write(s, copy, flags)));
+      }
+    }
+    await settle(parts);
+  };
+
+  const zeroSlow = async (offset: number, length: number, flags: WriteZeroesFlags | undefined): Promise<void> => {
+    const end = offset + length;
+    let mid = offset;
+    let midEnd = end;
+    const edges: Array<Promise<void>> = [];
+    if (offset % align !== 0) {
+      mid = Math.min(offset - (offset % align) + align, end);
+      edges.push(readModifyWrite(offset, mid - offset, undefined));
+    }
+    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
+      midEnd = Math.max(mid, midEnd - (midEnd % align));
+      if (end > midEnd) edges.push(readModifyWrite(midEnd, end - midEnd, undefined));
+    }
+    // One piece at a time: a huge zero request must not become thousands in flight.
+    const middle = (async () => {
+      for (let s = mid; s < midEnd; s += maxZero) {
+        const n = Math.min(maxZero, midEnd - s);
+        await write(() => inner.writeZeroes(s, n, flags));
+      }
+    })();
+    await settle([...edges, middle]);
+  };
+
+  const gate: Partial<BlockBackend> = {
+    read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+      const err = refuse('read', offset, length, false);
+      if (err) return Promise.reject(err);
+      if (into && into.length < length) {
+        return Promise.reject(new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, at(inner, 'read', offset, length)));
+      }
+      if (length === 0) return Promise.resolve(into ? into.subarray(0, 0) : new Uint8Array(0));
+      if (length <= maxIo && isAligned(offset, length) && memOk(into)) return inner.read(offset, length, into);
+      return readSlow(offset, length, into);
+    },
+
+    write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+      const err = refuse('write', offset, data.length, true);
+      if (err) return Promise.reject(err);
+      if (data.length === 0) return Promise.resolve();
+      if (data.length <= maxIo && isAligned(offset, data.length) && memOk(data)) return write(() => inner.write(offset, data, flags));
+      return writeSlow(offset, data, flags);
+    },
+
+    writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
+      const err = refuse('writeZeroes', offset, length, true);
+      if (err) return Promise.reject(err);
+      if (length === 0) return Promise.resolve();
+      if (length <= maxZero && isAligned(offset, length)) return write(() => inner.writeZeroes(offset, length, flags));
+      return zeroSlow(offset, length, flags);
+    },
+
+    async discard(offset: number, length: number): Promise<void> {
+      const err = refuse('discard', offset, length, true);
+      if (err) throw err;
+      // Advisory: only the whole blocks inside the range (the image's end counts as one).
+      const start = Math.ceil(offset / align) * align;
+      const end = offset + length === inner.size ? offset + length : offset + length - ((offset + length) % align);
+      for (let s = start; s < end; s += maxZero) {
+        const n = Math.min(maxZero, end - s);
+        await write(() => inner.discard(s, n));
+      }
+    },
+
+    async blockStatus(offset: number, length: number): Promise<Extent> {
+      if (closed) throw new BlockError('EBADF', 'image is closed', { op: 'blockStatus', location: inner.location });
+      const size = inner.size;
+      if (!(Number.isSafeInteger(offset) && offset >= 0 && offset < size)) {
+        throw new BlockError('ERANGE', `block status outside the image (size ${size})`, at(inner, 'blockStatus', offset, length));
+      }
+      const ext = await inner.blockStatus(offset, Number.isSafeInteger(length) && length > 0 ? Math.min(length, size - offset) : size - offset);
+      if (!(ext.length > 0)) throw new BlockError('EIO', 'driver returned an empty extent', at(inner, 'blockStatus', offset, length));
+      // The length is a hint that may run on, but never past the end of the image.
+      return offset + ext.length <= size ? ext : { ...ext, length: size - offset };
+    },
+
+    flush(): Promise<void> {
+      if (closed) return Promise.reject(new BlockError('EBADF', 'image is closed', { op: 'flush', location: inner.location }));
+      return inner.flush();
+    },
+
+    close(): Promise<void> {
+      if (closed) return Promise.resolve();
+      closed = true;
+      return inner.close();
+    },
+  };
+
+  if (inner.resize) {
+    const resize = inner.resize.bind(inner);
+    gate.resize = (size: number): Promise<void> => {
+      if (closed) return Promise.reject(new BlockError('EBADF', 'image is closed', { op: 'resize', location: inner.location }));
+      if (inner.readOnly) return Promise.reject(new BlockError('EROFS', inner.readOnlyReason ?? 'image is read-only', { op: 'resize', location: inner.location }));
+      if (!Number.isSafeInteger(size) || size < 0) return Promise.reject(new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }));
+      return serializer ? serializer.exclusive(() => resize(size)) : resize(size);
+    };
+  }
+
+  if (inner.readSegments) {
+    const readSegments = inner.readSegments.bind(inner);
+    gate.readSegments = (into: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
+      let direct = true;
+      for (let i = 0; i < count; i++) {
+        const offset = segments[3 * i]!;
+        const length = segments[3 * i + 1]!;
+        const pos = segments[3 * i + 2]!;
+        const err = refuse('read', offset, length, false);
+        if (err) return Promise.reject(err);
+        if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= into.length)) {
+          return Promise.reject(new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(inner, 'read', offset, length)));
+        }
+        if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (into.byteOffset + pos) % memAlign === 0))) direct = false;
+      }
+      if (count === 0) return Promise.resolve();
+      if (direct) return readSegments(into, segments, count);
+      // Some piece needs splitting or a bounce: each through read(), all in flight.
+      const parts: Array<Promise<unknown>> = [];
+      for (let i = 0; i < count; i++) {
+        const pos = segments[3 * i + 2]!;
+        const length = segments[3 * i + 1]!;
+        parts.push(gate.read!(segments[3 * i]!, length, into.subarray(pos, pos + length)));
+      }
+      return settle(parts);
+    };
+  }
+
+  if (inner.writeSegments) {
+    const writeSegments = inner.writeSegments.bind(inner);
+    gate.writeSegments = (offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
+      let direct = true;
+      let prevEnd = 0;
+      for (let i = 0; i < count; i++) {
+        const s = segments[2 * i]!;
+        const e = segments[2 * i + 1]!;
+        const err = refuse('write', offset + s, e - s, true);
+        if (err) return Promise.reject(err);
+        if (!(Number.isSafeInteger(s) && s >= prevEnd && e >= s && e <= data.length)) {
+          return Promise.reject(new BlockError('EINVAL', `segment ${i} is not inside the buffer, after the one before`, at(inner, 'write', offset + s, e - s)));
+        }
+        prevEnd = e;
+        if (direct && !(e - s <= maxIo && isAligned(offset + s, e - s) && (memAlign === 1 || (data.byteOffset + s) % memAlign === 0))) direct = false;
+      }
+      if (count === 0) return Promise.resolve();
+      if (direct) return write(() => writeSegments(offset, data, segments, count));
+      const parts: Array<Promise<void>> = [];
+      for (let i = 0; i < count; i++) {
+        const s = segments[2 * i]!;
+        parts.push(gate.write!(offset + s, data.subarray(s, segments[2 * i + 1]!)));
+      }
+      return settle(parts);
+    };
+  }
+
+  if (inner.writeScattered) {
+    const writeScattered = inner.writeScattered.bind(inner);
+    gate.writeScattered = (from: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
+      let direct = true;
+      for (let i = 0; i < count; i++) {
+        const offset = segments[3 * i]!;
+        const length = segments[3 * i + 1]!;
+        const pos = segments[3 * i + 2]!;
+        const err = refuse('write', offset, length, true);
+        if (err) return Promise.reject(err);
+        if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= from.length)) {
+          return Promise.reject(new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(inner, 'write', offset, length)));
+        }
+        if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (from.byteOffset + pos) % memAlign === 0))) direct = false;
+      }
+      if (count === 0) return Promise.resolve();
+      if (direct) return write(() => writeScattered(from, segments, count));
+      const parts: Array<Promise<void>> = [];
+      for (let i = 0; i < count; i++) {
+        const pos = segments[3 * i + 2]!;
+        parts.push(gate.write!(segments[3 * i]!, from.subarray(pos, pos + segments[3 * i + 1]!)));
+      }
+      return settle(parts);
+    };
+  }
+
+  const gated = forwardBackend(inner, gate);
+  Object.defineProperty(gated, GATED, { value: inner });
+  return gated;
+}
+
+/**
+ * Waits for every part and throws the first error, so that nothing still writes into
+ * a caller's buffer after the request has failed.
+ */
+async function settle(parts: ReadonlyArray<Promise<unknown>>): Promise<void> {
+  if (parts.length === 1) { await parts[0]; return; }
+  const results = await Promise.allSettled(parts);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
