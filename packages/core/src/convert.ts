@@ -342,7 +342,9 @@ function validate(o: ConvertOptions): void {
   if (o.minSparse !== undefined && o.minSparse % SECTOR !== 0) {
     throw new BlockError('EINVAL', `minSparse must be a multiple of ${SECTOR} bytes, got ${o.minSparse}`);
   }
-  if (o.target.readOnly) throw new BlockError('EROFS', 'target is read-only', { location: o.target.location });
+  if (o.target.readOnly) {
+    throw new BlockError('EROFS', `the target is read-only${o.target.readOnlyReason ? `: ${o.target.readOnlyReason}` : ''}`, { location: o.target.location });
+  }
   if (o.compress && !o.target.canCompress) {
     throw new BlockError('EINVAL', `the target (${o.target.driverName}) cannot store compressed data`, { location: o.target.location });
   }
@@ -353,7 +355,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   validate(o);
   // Backends from the registry are gated already; an embedder's own get the same rules.
   const target = gateBackend(o.target);
-  const sources = o.sources.map(gateBackend);
+  const sources = o.sources.map((s) => gateBackend(s));
   const total = job.total;
   if (target.size < total) {
     throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes)`, { location: target.location });

@@ -121,13 +121,26 @@ function at(b: BlockBackend, op: string, offset: number, length: number) {
   return { op, location: b.location, offset, length };
 }
 
+/** Facts the opener knows better than the driver: what a create() said, a read-only protocol. */
+export interface GateFacts {
+  readonly readsZeroesInitially?: boolean;
+  /** The backend must be read-only, for this reason (it reports readOnly and readOnlyReason). */
+  readonly readOnlyReason?: string;
+}
+
 /**
  * Wraps `inner` in the request gate. Idempotent: a gated backend is returned as it is.
  * Every other member (capabilities, info, a driver's own extras) is forwarded.
  */
-export function gateBackend(inner: BlockBackend): BlockBackend {
-  if (isGated(inner)) return inner;
+export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBackend {
+  if (isGated(inner)) {
+    if (!facts) return inner;
+    inner = ungated(inner); // a new gate with the facts, in place of the old one
+  }
   checkLimits(inner);
+  const forcedReadOnly = facts?.readOnlyReason;
+  const readOnly = forcedReadOnly !== undefined || inner.readOnly;
+  const readOnlyReason = forcedReadOnly ?? inner.readOnlyReason ?? 'image is read-only';
   const l: BlockLimits = inner.limits;
   const align = l.requestAlignment;
   const memAlign = l.minMemAlignment ?? 1;
@@ -143,7 +156,7 @@ export function gateBackend(inner: BlockBackend): BlockBackend {
   /** Null when the request may proceed; else the error to reject it with. */
   const refuse = (op: string, offset: number, length: number, writes: boolean): BlockError | null => {
     if (closed) return new BlockError('EBADF', 'image is closed', { op, location: inner.location });
-    if (writes && inner.readOnly) return new BlockError('EROFS', inner.readOnlyReason ?? 'image is read-only', at(inner, op, offset, length));
+    if (writes && readOnly) return new BlockError('EROFS', readOnlyReason, at(inner, op, offset, length));
     const size = inner.size;
     if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= size)) {
       return new BlockError('ERANGE', `request outside the image (size ${size})`, at(inner, op, offset, length));
@@ -267,7 +280,9 @@ export function gateBackend(inner: BlockBackend): BlockBackend {
     await settle([...edges, middle]);
   };
 
-  const gate: Partial<BlockBackend> = {
+  const gate: { -readonly [K in keyof BlockBackend]?: BlockBackend[K] } = {
+    ...(facts?.readsZeroesInitially ? { readsZeroesInitially: true } : {}),
+    ...(forcedReadOnly !== undefined ? { readOnly: true, readOnlyReason: forcedReadOnly } : {}),
     read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
       const err = refuse('read', offset, length, false);
       if (err) return Promise.reject(err);
@@ -335,7 +350,7 @@ export function gateBackend(inner: BlockBackend): BlockBackend {
     const resize = inner.resize.bind(inner);
     gate.resize = (size: number): Promise<void> => {
       if (closed) return Promise.reject(new BlockError('EBADF', 'image is closed', { op: 'resize', location: inner.location }));
-      if (inner.readOnly) return Promise.reject(new BlockError('EROFS', inner.readOnlyReason ?? 'image is read-only', { op: 'resize', location: inner.location }));
+      if (readOnly) return Promise.reject(new BlockError('EROFS', readOnlyReason, { op: 'resize', location: inner.location }));
       if (!Number.isSafeInteger(size) || size < 0) return Promise.reject(new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }));
       return serializer ? serializer.exclusive(() => resize(size)) : resize(size);
     };

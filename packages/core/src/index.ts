@@ -7,7 +7,7 @@ export * from './errors.js';
 export { DriverRegistry, type DriverLoader, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
 export { chainStatus } from './status.js';
 export { forwardBackend } from './forward.js';
-export { gateBackend, ungated, isGated, checkLimits } from './gate.js';
+export { gateBackend, ungated, isGated, checkLimits, type GateFacts } from './gate.js';
 export {
   convert, startConvert, ConvertJob,
   DEFAULT_WORKERS, AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,

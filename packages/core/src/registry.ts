@@ -4,7 +4,7 @@
  * the format is layered on the protocol backend as in QEMU.
  */
 import { BlockError, toBlockError } from './errors.js';
-import { gateBackend } from './gate.js';
+import { gateBackend, type GateFacts } from './gate.js';
 import {
   BLOCK_API_VERSION,
   type BlockBackend,
@@ -13,6 +13,7 @@ import {
   type CheckOptions,
   type CheckResult,
   type CreateOptions,
+  type CreateResult,
   type FormatDriver,
   type ImageResolver,
   type OpenOptions,
@@ -139,21 +140,24 @@ export class DriverRegistry implements ImageResolver {
     const { driver, location: loc } = this.protocolFor(location);
     let backend: BlockBackend;
     try {
-      backend = await driver.open(loc, options);
+      backend = await driver.open(loc, driver.readOnly ? { ...options, readOnly: true } : options);
     } catch (err) {
       throw toBlockError(err, { op: 'open', location });
     }
-    return gated(backend);
+    return gated(backend, driver.readOnly ? { readOnlyReason: readOnlyProtocol(driver) } : undefined);
   }
 
   /** Opens an image: protocol, then the named or probed format on top. */
   async open(location: string, options: ImageOpenOptions = {}): Promise<BlockBackend> {
     await this.#load(location, options.format); // probing loads the formats that may claim the bytes
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
+    const { driver: protocol } = this.protocolFor(location);
     const file = await this.openProtocol(location, options);
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
-      return gated(await fmt.open(file, { ...options, resolver: this }));
+      checkOpenOptions(options.options, protocol, fmt, location);
+      const readOnly = protocol.readOnly ? { readOnly: true } : {};
+      return gated(await fmt.open(file, { ...options, ...readOnly, resolver: this }), protocol.readOnly ? { readOnlyReason: readOnlyProtocol(protocol) } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -207,19 +211,23 @@ export class DriverRegistry implements ImageResolver {
     const fmt = this.format(options.format ?? 'raw');
     if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
     const { driver, location: loc } = this.protocolFor(location);
+    if (driver.readOnly) throw new BlockError('EROFS', `${readOnlyProtocol(driver)}: it cannot create images`, { op: 'create', location });
     if (!driver.create) {
       throw new BlockError('ENOTSUP', `${driver.name} cannot create images; use an existing one with -n`, { location });
     }
     const protocolSize = fmt.protocolSizeFor ? fmt.protocolSizeFor(size, options) : 0;
+    let made: void | CreateResult;
     try {
-      await driver.create(loc, protocolSize, options);
+      made = await driver.create(loc, protocolSize, options);
     } catch (err) {
       throw toBlockError(err, { op: 'create', location });
     }
     const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal });
     try {
-      await fmt.create(file, size, { ...options, resolver: this });
-      return gated(await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this }));
+      const formatted = await fmt.create(file, size, { ...options, resolver: this });
+      const readsZeroes = (formatted?.readsZeroes ?? made?.readsZeroes) === true;
+      const image = await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this });
+      return gated(image, readsZeroes ? { readsZeroesInitially: true } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'create', location });
@@ -228,12 +236,30 @@ export class DriverRegistry implements ImageResolver {
 }
 
 /** Every backend the registry hands out goes through the request gate (gate.ts); one with invalid limits is closed and refused. */
-function gated(backend: BlockBackend): BlockBackend {
+function gated(backend: BlockBackend, facts?: GateFacts): BlockBackend {
   try {
-    return gateBackend(backend);
+    return gateBackend(backend, facts);
   } catch (err) {
     void backend.close().catch(() => {});
     throw err;
+  }
+}
+
+function readOnlyProtocol(driver: ProtocolDriver): string {
+  return `the ${driver.name} driver only reads (a source, never a target)`;
+}
+
+/**
+ * Refuses open options that neither driver of the image declares (a typo would
+ * otherwise be ignored), naming the ones they take.
+ */
+function checkOpenOptions(options: Readonly<Record<string, string>> | undefined, protocol: ProtocolDriver, format: FormatDriver, location: string): void {
+  if (!options) return;
+  const known = new Set([...(protocol.openOptions ?? []), ...(format.openOptions ?? [])].map((o) => o.name));
+  for (const key of Object.keys(options)) {
+    if (known.has(key)) continue;
+    const takes = (d: BlockDriver): string => `${d.name} takes ${d.openOptions?.length ? d.openOptions.map((o) => o.name).join(', ') : 'none'}`;
+    throw new BlockError('EINVAL', `unknown open option "${key}" (${takes(protocol)}; ${takes(format)})`, { op: 'open', location, field: key });
   }
 }
 

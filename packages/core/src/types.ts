@@ -94,8 +94,9 @@ export interface BlockBackend {
   /** discard deallocates; false means discard is a no-op. */
   readonly canDiscard: boolean;
   /**
-   * Every byte not yet written reads back as zero: a freshly created sparse file, a
-   * new qcow2 without backing, a thin LUN that reports LBPRZ. Convert then skips zeroes.
+   * Every byte not yet written reads back as zero: a thin LUN that reports LBPRZ and
+   * is wholly unmapped, or anything a create() just made and said so (the registry sets
+   * this on the backend it returns). Convert then skips zeroes.
    */
   readonly readsZeroesInitially: boolean;
   /** Writes may be stored compressed (WriteFlags.compress, qemu-img convert -c). */
@@ -183,20 +184,38 @@ export interface CreateOptions {
   readonly signal?: AbortSignal;
 }
 
-/** Describes one creation option, for `-o help`. */
-export interface CreateOptionInfo {
+/**
+ * What a create() knows about the object it made. The registry puts it into the backend
+ * it returns (readsZeroesInitially), so no driver needs to remember what it created.
+ */
+export interface CreateResult {
+  /** Every byte of the new object reads back as zero (a new sparse file, a qcow2 without backing). */
+  readonly readsZeroes?: boolean;
+}
+
+/** Describes one option a driver takes: creation options for `-o help`, open options for `drivers`. */
+export interface OptionInfo {
   readonly name: string;
   readonly description: string;
   readonly default?: string;
   readonly values?: readonly string[];
 }
 
+/** The former name of OptionInfo. */
+export type CreateOptionInfo = OptionInfo;
+
 interface DriverBase {
   readonly apiVersion: typeof BLOCK_API_VERSION;
   /** Unique name, e.g. "file", "nfs", "raw", "qcow2". */
   readonly name: string;
   readonly description?: string;
-  readonly createOptions?: readonly CreateOptionInfo[];
+  readonly createOptions?: readonly OptionInfo[];
+  /**
+   * The options open() takes in OpenOptions.options (the CLI's --source-opts, --target-opts,
+   * --opts). The registry refuses a key that neither the protocol nor the format driver of
+   * the image declares, and names the ones they do; absent means none.
+   */
+  readonly openOptions?: readonly OptionInfo[];
 }
 
 /** Reaches storage: a local file, an NFS file, an iSCSI LUN. */
@@ -204,9 +223,15 @@ export interface ProtocolDriver extends DriverBase {
   readonly kind: 'protocol';
   /** URL schemes it serves, e.g. ["nfs"]; "file" also serves plain paths. */
   readonly schemes: readonly string[];
+  /**
+   * The protocol only reads (an HTTP source, say): the registry opens its images
+   * read-only whatever the caller asks, with a readOnlyReason that says so, and it cannot
+   * create images; a convert to one fails with that reason.
+   */
+  readonly readOnly?: boolean;
   open(location: string, options: OpenOptions): Promise<BlockBackend>;
   /** Creates (or truncates) the object at location with the given size. */
-  create?(location: string, size: number, options: CreateOptions): Promise<void>;
+  create?(location: string, size: number, options: CreateOptions): Promise<void | CreateResult>;
 }
 
 /** Interprets the bytes of a protocol backend: raw, qcow2. */
@@ -216,8 +241,11 @@ export interface FormatDriver extends DriverBase {
   probe?(head: Uint8Array, location: string): number;
   /** Opens the format on top of `file`, which it then owns (closes it on close). */
   open(file: BlockBackend, options: OpenOptions & { readonly resolver?: ImageResolver }): Promise<BlockBackend>;
-  /** Writes a new empty image of `size` bytes into the (empty) `file`. */
-  create?(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void>;
+  /**
+   * Writes a new empty image of `size` bytes into the (empty) `file`. Without a
+   * readsZeroes answer, the protocol's answer stands (right for raw).
+   */
+  create?(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void | CreateResult>;
   /**
    * Size the protocol object needs before create() is called (raw: the image size;
    * formats that grow themselves: 0).

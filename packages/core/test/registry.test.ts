@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BLOCK_API_VERSION, ungated, BlockError, DriverRegistry, createMemoryDriver, parseLocation, redactCredentials, redactLocation, resolveRelative, type FormatDriver } from '../src/index.js';
+import { BLOCK_API_VERSION, ungated, BlockError, DriverRegistry, MemoryBackend, convert, createMemoryDriver, parseLocation, redactCredentials, redactLocation, resolveRelative, type FormatDriver, type ProtocolDriver } from '../src/index.js';
 
 const identity: FormatDriver = {
   apiVersion: BLOCK_API_VERSION, kind: 'format', name: 'raw',
@@ -79,6 +79,58 @@ test('credentials in URLs are dropped from locations and error messages', () => 
   const e = new BlockError('EIO', 'failed', { location: 'iscsi://bob%secret@host/iqn.x/1', op: 'open' });
   assert.not.match(e.message, /secret/);
   assert.is(e.location, 'iscsi://bob@host/iqn.x/1');
+});
+
+/** A read-only protocol a third party might write: sources only, with one declared option. */
+function sourceOnlyDriver(): ProtocolDriver & { opened: Array<Record<string, unknown>> } {
+  const opened: Array<Record<string, unknown>> = [];
+  return {
+    apiVersion: BLOCK_API_VERSION, kind: 'protocol', name: 'demo', schemes: ['demo'], readOnly: true, opened,
+    openOptions: [{ name: 'speed', description: 'how fast' }],
+    async open(location, options) {
+      opened.push({ location, readOnly: options.readOnly, options: options.options });
+      return new MemoryBackend({ size: 1 << 20, location });
+    },
+  };
+}
+
+test('a read-only protocol opens read-only whatever is asked, and a convert to it says why it cannot', async () => {
+  const demo = sourceOnlyDriver();
+  const mem = createMemoryDriver();
+  const reg = new DriverRegistry().register(demo, mem, identity);
+  const img = await reg.open('demo://x', { readOnly: false });
+  assert.ok(img.readOnly);
+  assert.is(demo.opened[0]!.readOnly, true, 'the driver is asked for a read-only open');
+  assert.match(img.readOnlyReason ?? '', /the demo driver only reads/);
+  await mem.create!('mem://src', 1 << 20, {});
+  const src = await reg.open('mem://src');
+  const err = await convert({ sources: [src], target: img }).catch((e: unknown) => e as BlockError);
+  assert.is(err.code, 'EROFS');
+  assert.match(err.message, /the target is read-only: the demo driver only reads \(a source, never a target\)/);
+  const created = await reg.create('demo://y', 1 << 20).catch((e: unknown) => e as BlockError);
+  assert.is(created.code, 'EROFS');
+  assert.match(created.message, /cannot create images/);
+});
+
+test('open options: declared ones reach the driver, an unknown one is refused with the ones that exist', async () => {
+  const demo = sourceOnlyDriver();
+  const reg = new DriverRegistry().register(demo, identity);
+  await reg.open('demo://x', { options: { speed: 'fast' } });
+  assert.equal(demo.opened[0]!.options, { speed: 'fast' });
+  const err = await reg.open('demo://x', { options: { sped: 'fast' } }).catch((e: unknown) => e as BlockError);
+  assert.is(err.code, 'EINVAL');
+  assert.match(err.message, /unknown open option "sped" \(demo takes speed; raw takes none\)/);
+});
+
+test('create\'s answer that the new image reads zeroes reaches the backend the registry returns', async () => {
+  const mem = createMemoryDriver();
+  const zeroFormat: FormatDriver = { ...identity, name: 'zf', create: async () => ({ readsZeroes: true }) };
+  const dirtyFormat: FormatDriver = { ...identity, name: 'df', create: async () => ({ readsZeroes: false }) };
+  const reg = new DriverRegistry().register({ ...mem, create: async (l, n) => { mem.images.set(l, new MemoryBackend({ size: n, location: l, readsZeroesInitially: false })); } }, zeroFormat, dirtyFormat, identity);
+  assert.ok((await reg.create('mem://a', 4096, { format: 'zf' })).readsZeroesInitially, 'the format says so');
+  assert.not.ok((await reg.create('mem://b', 4096, { format: 'df' })).readsZeroesInitially, 'the format says not');
+  assert.not.ok((await reg.create('mem://c', 4096, { format: 'raw' })).readsZeroesInitially, 'no one says so');
+  assert.not.ok((await reg.open('mem://a', { format: 'zf' })).readsZeroesInitially, 'a later open is not told');
 });
 
 test.run();

@@ -462,5 +462,10 @@ export const iscsiDriver: ProtocolDriver = {
   name: 'iscsi',
   description: 'existing iSCSI LUNs through libiscsi (no kernel initiator); convert to a LUN with -n',
   schemes: ['iscsi'],
+  openOptions: [
+    { name: 'timeout', description: 'seconds a SCSI task may take before it fails', default: String(DEFAULT_TIMEOUT_S) },
+    { name: 'user', description: 'CHAP user name (else the URL\'s, LIBISCSI_CHAP_USERNAME or BLOCKCONV_ISCSI_USER)' },
+    { name: 'password-file', description: 'file holding the CHAP password (else LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE)' },
+  ],
   open: openIscsi,
 };

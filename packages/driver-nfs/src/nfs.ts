@@ -25,6 +25,7 @@ import {
   type BlockBackend,
   type BlockLimits,
   type CreateOptions,
+  type CreateResult,
   type Extent,
   type OpenOptions,
   type ProtocolDriver,
@@ -46,8 +47,6 @@ const DEFAULT_TIMEOUT_S = 30;
 /** Most connections one image may open (each is a TCP stream, a mount and an open). */
 const MAX_CONNECTIONS = 32;
 
-/** URLs created in this process and not opened since: the first open reads zeroes. */
-const freshlyCreated = new Set<string>();
 
 /** libnfs error codes kept as they are; anything else becomes EIO (message kept). */
 const CODES: Readonly<Record<string, string>> = {
@@ -208,7 +207,8 @@ export class NfsBackend implements BlockBackend {
   readonly limits: BlockLimits;
   readonly canWriteZeroes = false;
   readonly canDiscard = false;
-  readonly readsZeroesInitially: boolean;
+  /** Unknown for an existing file; the registry sets it on one create() just made. */
+  readonly readsZeroesInitially = false;
   readonly canCompress = false;
   /** libnfs 4.0 has no SEEK_DATA: everything is reported as data. */
   readonly hasBlockStatus = false;
@@ -224,13 +224,12 @@ export class NfsBackend implements BlockBackend {
   /** Where the search for the least busy connection starts: ties rotate. */
   #next = 0;
 
-  constructor(conns: readonly Connection[], p: { location: string; size: number; readOnly: boolean; fresh: boolean; v4: boolean; unsafe: boolean }) {
+  constructor(conns: readonly Connection[], p: { location: string; size: number; readOnly: boolean; v4: boolean; unsafe: boolean }) {
     this.#conns = conns;
     const c = conns[0]!;
     this.location = p.location;
     this.#size = p.size;
     this.readOnly = p.readOnly;
-    this.readsZeroesInitially = p.fresh;
     this.#unsafe = p.unsafe;
     const rmax = c.ctx.readMax || DEFAULT_MAX;
     const wmax = c.ctx.writeMax || DEFAULT_MAX;
@@ -445,7 +444,7 @@ export async function openNfs(location: string, options: OpenOptions = {}): Prom
     const st = await conns[0]!.ctx.fstat(conns[0]!.fh);
     if ((st.mode & 0o170000) === 0o040000) throw new BlockError('EISDIR', 'is a directory', { op: 'open', location });
     return new NfsBackend(conns, {
-      location, size: st.size, readOnly, fresh: freshlyCreated.delete(url), v4: isV4(url),
+      location, size: st.size, readOnly, v4: isV4(url),
       unsafe: options.cache === 'unsafe',
     });
   } catch (err) {
@@ -455,7 +454,7 @@ export async function openNfs(location: string, options: OpenOptions = {}): Prom
 }
 
 /** Creates (or truncates) the file to `size` bytes: all hole on the server, reading as zeroes. */
-export async function createNfs(location: string, size: number, options: CreateOptions = {}): Promise<void> {
+export async function createNfs(location: string, size: number, options: CreateOptions = {}): Promise<CreateResult> {
   options.signal?.throwIfAborted();
   if (!Number.isSafeInteger(size) || size < 0) {
     throw new BlockError('EINVAL', `invalid image size ${size}`, { op: 'create', location });
@@ -468,7 +467,7 @@ export async function createNfs(location: string, size: number, options: CreateO
     await c.ctx.ftruncate(c.fh, 0);
     await c.ctx.ftruncate(c.fh, size);
     await c.ctx.close(c.fh);
-    freshlyCreated.add(url);
+    return { readsZeroes: true };
   } catch (err) {
     throw nfsError(err, { op: 'create', location });
   } finally {
@@ -482,6 +481,10 @@ export const nfsDriver: ProtocolDriver = {
   name: 'nfs',
   description: 'files on NFS servers (NFSv3, NFSv4) through libnfs, without a kernel mount',
   schemes: ['nfs'],
+  openOptions: [
+    { name: 'timeout', description: 'seconds a request may take before it fails (also for create)', default: String(DEFAULT_TIMEOUT_S) },
+    { name: 'connections', description: `TCP connections to spread requests over (1-${MAX_CONNECTIONS}); also ?connections=N in the URL`, default: '1' },
+  ],
   open: openNfs,
   create: createNfs,
 };

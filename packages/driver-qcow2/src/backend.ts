@@ -45,10 +45,7 @@ export interface Qcow2Parts {
   readonly snapshot?: Snapshot;
   readonly warnings: readonly string[];
   /** Present when the image is opened for writing. */
-  readonly write?: Omit<WriterParams, 'readGuest' | 'allocBuffer'> & {
-    /** Just created without a backing file: every byte reads as zero until written. */
-    readonly fresh: boolean;
-  };
+  readonly write?: Omit<WriterParams, 'readGuest' | 'allocBuffer'>;
 }
 
 /** One group of compressed clusters fetched with a single read. */
@@ -125,7 +122,8 @@ export class Qcow2Backend implements BlockBackend {
     this.canWriteZeroes = p.write !== undefined && (p.header.version === 3 || !p.backing);
     this.canDiscard = p.write !== undefined;
     this.canCompress = p.write !== undefined;
-    this.readsZeroesInitially = p.write?.fresh === true && !p.backing;
+    // Unknown for an existing image; the registry sets it on one create() just made.
+    this.readsZeroesInitially = false;
     if (p.write) {
       this.#writer = new Qcow2Writer({
         ...p.write,

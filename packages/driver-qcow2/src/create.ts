@@ -11,6 +11,7 @@ import {
   type BlockBackend,
   type CreateOptionInfo,
   type CreateOptions,
+  type CreateResult,
   type ImageResolver,
 } from '@blockconv/core';
 import { TableCache } from './cache.js';
@@ -63,8 +64,6 @@ export interface Qcow2CreateOptions {
   dataFileRaw: boolean;
 }
 
-/** Images created by this process and not yet opened: they read as zeroes everywhere. */
-export const freshlyCreated = new WeakSet<BlockBackend>();
 
 function bool(name: string, v: string): boolean {
   if (['on', 'true', 'yes'].includes(v)) return true;
@@ -221,7 +220,7 @@ export function encodeHeader(f: HeaderFields): Uint8Array {
 }
 
 /** Writes a new, empty image of `size` bytes into the empty `file`. */
-export async function createQcow2(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void> {
+export async function createQcow2(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<CreateResult> {
   options.signal?.throwIfAborted();
   const where = { location: file.location, op: 'create' };
   let o: Qcow2CreateOptions;
@@ -248,7 +247,8 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
   } finally {
     await data?.close();
   }
-  if (o.backingFile === undefined) freshlyCreated.add(file);
+  // Unallocated clusters read as zeroes unless a backing file shows through.
+  return { readsZeroes: o.backingFile === undefined };
 }
 
 /** The header, refcount structures and L1 table of a new image (and its preallocation). */

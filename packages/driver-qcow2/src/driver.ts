@@ -25,7 +25,7 @@ import { Qcow2Backend } from './backend.js';
 import { TableCache } from './cache.js';
 import { corrupt } from './errors.js';
 import { checkQcow2 } from './check.js';
-import { CREATE_OPTIONS, createQcow2, freshlyCreated } from './create.js';
+import { CREATE_OPTIONS, createQcow2 } from './create.js';
 import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW2_MAGIC, type Qcow2Header } from './header.js';
 import { metaReader, readHeader, type ReadMeta } from './io.js';
 import { ClusterMapper } from './mapping.js';
@@ -163,9 +163,7 @@ export async function openQcow2(unchecked: BlockBackend, options: OpenOptions & 
       file, header, l1, cache, hasBacking: backing !== undefined, where: { location: file.location, op: 'write' },
       data: dataFile, dataFileRaw: (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n,
       refcounts: await openRefcounts(file, header, readMeta, opts.l2CacheSize, { location: file.location, op: 'open' }),
-      fresh: freshlyCreated.has(file),
     } : undefined;
-    freshlyCreated.delete(file);
     warnOnce(file.location, warnings);
     return new Qcow2Backend({ file, header, mapper, cache, dataFile, backing, fullBackingFilename, snapshots, snapshot, warnings, write });
   } catch (err) {
@@ -217,6 +215,13 @@ export const qcow2Driver: FormatDriver = {
   name: 'qcow2',
   description: 'QEMU copy-on-write image, versions 2 and 3',
   createOptions: CREATE_OPTIONS,
+  openOptions: [
+    { name: 'l2-cache-size', description: 'bytes of L2 tables kept in memory (suffixes k, M, G)', default: String(DEFAULT_L2_CACHE_SIZE) },
+    { name: 'snapshot', description: 'read this internal snapshot (ID or name) instead of the active image' },
+    { name: 'snapshot.id', description: 'read the internal snapshot with this ID' },
+    { name: 'snapshot.name', description: 'read the internal snapshot with this name' },
+    { name: 'data-file', description: 'the external data file, in place of the name the image records' },
+  ],
   probe: (head: Uint8Array) =>
     head.length >= 4 && ((head[0]! << 24) | (head[1]! << 16) | (head[2]! << 8) | head[3]!) >>> 0 === QCOW2_MAGIC ? 100 : 0,
   open: openQcow2,

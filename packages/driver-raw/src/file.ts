@@ -6,7 +6,6 @@
  * read-only and closed states and splits at maxTransfer, so none of that is done here.
  */
 import * as fs from 'node:fs';
-import { resolve as resolvePath } from 'node:path';
 import { promisify } from 'node:util';
 import {
   BLOCK_API_VERSION,
@@ -17,6 +16,7 @@ import {
   type BlockBackend,
   type BlockLimits,
   type CreateOptions,
+  type CreateResult,
   type Extent,
   type OpenOptions,
   type ProtocolDriver,
@@ -79,12 +79,6 @@ function isUnsupported(err: unknown): boolean {
   return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
 }
 
-/**
- * Files created by fileDriver.create in this process and not yet opened: the first
- * open knows they are sparse and all zero (readsZeroesInitially), later opens don't.
- */
-const freshlyCreated = new Set<string>();
-
 interface FileParams {
   location: string;
   fd: number;
@@ -100,7 +94,6 @@ interface FileParams {
   unsafe: boolean;
   /** Logical block size (devices) or FILE_DIRECT_ALIGN (files). */
   sectorSize: number;
-  readsZeroesInitially: boolean;
 }
 
 export class FileBackend implements BlockBackend {
@@ -110,7 +103,8 @@ export class FileBackend implements BlockBackend {
   readonly limits: BlockLimits;
   readonly canWriteZeroes = true;
   readonly canDiscard = true;
-  readonly readsZeroesInitially: boolean;
+  /** Unknown for an existing file; the registry sets it on one create() just made. */
+  readonly readsZeroesInitially = false;
   readonly canCompress = false;
   readonly hasBlockStatus: boolean;
   /** Holes of regular files read as zeroes filled by the kernel, without disk I/O. */
@@ -147,7 +141,6 @@ export class FileBackend implements BlockBackend {
     this.location = p.location;
     this.#size = p.size;
     this.readOnly = p.readOnly;
-    this.readsZeroesInitially = p.readsZeroesInitially;
     // Block devices have no holes to find; report them as all data.
     this.hasBlockStatus = !p.isDevice;
     this.cheapHoleReads = !p.isDevice;
@@ -503,11 +496,7 @@ export async function openFile(location: string, options: OpenOptions = {}): Pro
       bufferedFd = await openFd(`/proc/self/fd/${fd}`, flags).catch(() => openFd(location, flags));
       fds.push(bufferedFd);
     }
-    const fresh = freshlyCreated.delete(resolvePath(location)) && !isDevice;
-    return new FileBackend({
-      location, fd, bufferedFd, size, readOnly, isDevice, direct, sync,
-      unsafe: cache === 'unsafe', sectorSize, readsZeroesInitially: fresh,
-    });
+    return new FileBackend({ location, fd, bufferedFd, size, readOnly, isDevice, direct, sync, unsafe: cache === 'unsafe', sectorSize });
   } catch (err) {
     for (const fd of fds) fs.close(fd, () => {});
     throw toBlockError(err, where);
@@ -519,7 +508,7 @@ export async function openFile(location: string, options: OpenOptions = {}): Pro
  * file (qemu-img semantics). An existing block device is used as it is, provided it
  * is large enough.
  */
-export async function createFile(location: string, size: number, options: CreateOptions = {}): Promise<void> {
+export async function createFile(location: string, size: number, options: CreateOptions = {}): Promise<CreateResult> {
   options.signal?.throwIfAborted();
   if (!Number.isSafeInteger(size) || size < 0) {
     throw new BlockError('EINVAL', `invalid image size ${size}`, { op: 'create', location });
@@ -539,7 +528,7 @@ export async function createFile(location: string, size: number, options: Create
       } finally {
         await closeFd(fd);
       }
-      return;
+      return { readsZeroes: false }; // the device keeps what it held
     }
     // Truncating to 0 first drops every old block, so the result is all hole.
     const fd = await openFd(location, O_WRONLY | O_CREAT | O_TRUNC, 0o644);
@@ -548,7 +537,7 @@ export async function createFile(location: string, size: number, options: Create
     } finally {
       await closeFd(fd);
     }
-    freshlyCreated.add(resolvePath(location));
+    return { readsZeroes: true }; // all hole
   } catch (err) {
     throw toBlockError(err, { op: 'create', location });
   }
