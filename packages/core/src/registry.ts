@@ -4,6 +4,7 @@
  * the format is layered on the protocol backend as in QEMU.
  */
 import { BlockError, toBlockError } from './errors.js';
+import { declareSecretParameters, redactCredentials, redactLocation } from './redact.js';
 import {
   BLOCK_API_VERSION,
   type BlockBackend,
@@ -102,6 +103,7 @@ export class DriverRegistry implements ImageResolver {
         throw new BlockError('ENOTSUP', `driver "${d.name}" implements API version ${String(d.apiVersion)}, this core implements ${BLOCK_API_VERSION}`);
       }
       if (d.kind === 'protocol') {
+        if (d.secretParameters) declareSecretParameters(d.secretParameters);
         this.#protocols.set(d.name, d);
         for (const s of d.schemes) this.#byScheme.set(s.toLowerCase(), d);
       } else if (d.kind === 'format') {
@@ -135,9 +137,10 @@ export class DriverRegistry implements ImageResolver {
   /** Opens a protocol backend only (no format layer). */
   async openProtocol(location: string, options: OpenOptions = {}): Promise<BlockBackend> {
     await this.#load(location, undefined);
+    learnSecrets(location);
     const { driver, location: loc } = this.protocolFor(location);
     try {
-      return await driver.open(loc, options);
+      return redactedLocation(await driver.open(loc, options));
     } catch (err) {
       throw toBlockError(err, { op: 'open', location });
     }
@@ -150,7 +153,7 @@ export class DriverRegistry implements ImageResolver {
     const file = await this.openProtocol(location, options);
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
-      return await fmt.open(file, { ...options, resolver: this });
+      return redactedLocation(await fmt.open(file, { ...options, resolver: this }));
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -165,7 +168,8 @@ export class DriverRegistry implements ImageResolver {
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
       if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location });
-      return await fmt.check(file, options);
+      const r = await fmt.check(file, options);
+      return { ...r, messages: r.messages.map(redactCredentials) };
     } catch (err) {
       throw toBlockError(err, { op: 'check', location });
     } finally {
@@ -201,6 +205,7 @@ export class DriverRegistry implements ImageResolver {
   async create(location: string, size: number, options: ImageCreateOptions = {}): Promise<BlockBackend> {
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid image size ${size}`);
     await this.#load(location, options.format ?? 'raw');
+    learnSecrets(location);
     const fmt = this.format(options.format ?? 'raw');
     if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
     const { driver, location: loc } = this.protocolFor(location);
@@ -216,12 +221,28 @@ export class DriverRegistry implements ImageResolver {
     const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal });
     try {
       await fmt.create(file, size, { ...options, resolver: this });
-      return await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this });
+      return redactedLocation(await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this }));
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'create', location });
     }
   }
+}
+
+/**
+ * Notes the secrets of a location before a driver sees it, so that whatever text the
+ * driver or its native library makes of them is masked too (redact.ts). Called after
+ * the scheme's driver is loaded: its secretParameters are declared by then.
+ */
+function learnSecrets(location: string): void {
+  redactLocation(location);
+}
+
+/** A backend whose driver left a credential in `location` gets the redacted one. */
+function redactedLocation(backend: BlockBackend): BlockBackend {
+  const shown = redactLocation(backend.location);
+  if (shown !== backend.location) Object.defineProperty(backend, 'location', { value: shown, enumerable: true, configurable: true });
+  return backend;
 }
 
 function missingDriver(what: 'scheme' | 'format', name: string): BlockError {
