@@ -97,9 +97,12 @@ const ENCODED: UrlSyntax = {
   parameter: /(%3f|%26|%3b)((?:(?!%3d|%26|%3b|%23)[^\s=&;#"'<>/])+)%3d((?:(?!%26|%3b|%23)[^\s&;#"'<>])*)/gi,
 };
 
-/** A run of text without spaces or quotes; only those holding a URL are read further. */
-const WORD = /[^\s"'<>]+/g;
-const HAS_URL = /:\/\/|%3a%2f%2f/i;
+/** Where a URL is: its `://` (plain or encoded); the URL is the word around it. */
+const URL_MARK = /:\/\/|%3a%2f%2f/gi;
+/** What ends a word: URLs in messages and JSON sit between spaces (or controls) or quotes. */
+function endsWord(code: number): boolean {
+  return code <= 0x20 || code === 0x22 || code === 0x27 || code === 0x3c || code === 0x3e || code === 0xa0;
+}
 
 /**
  * Text fit to print: the password of every URL in it dropped, secret parameters and
@@ -107,9 +110,35 @@ const HAS_URL = /:\/\/|%3a%2f%2f/i;
  * that later text quoting them some other way is masked too.
  */
 export function redactCredentials(text: string): string {
-  let out = text.replace(WORD, (word) => (HAS_URL.test(word) ? redactUrl(redactUrl(word, PLAIN), ENCODED) : word));
+  // Lines of output repeat one location (map's File column): each is redacted once.
+  const done = new Map<string, string>();
+  let out = mapUrlWords(text, (word) => {
+    let shown = done.get(word);
+    if (shown === undefined) done.set(word, (shown = redactUrl(redactUrl(word, PLAIN), ENCODED)));
+    return shown;
+  });
   for (const s of state.scanOrder) if (out.includes(s)) out = out.split(s).join(REDACTED);
   return out;
+}
+
+/**
+ * `text` with each word that holds a URL replaced by `f(word)`. Only those words are
+ * visited: the CLI's output (a map of a million extents) passes through here.
+ */
+function mapUrlWords(text: string, f: (word: string) => string): string {
+  let out = '';
+  let done = 0;
+  URL_MARK.lastIndex = 0;
+  for (let m = URL_MARK.exec(text); m; m = URL_MARK.exec(text)) {
+    let start = m.index;
+    while (start > done && !endsWord(text.charCodeAt(start - 1))) start--;
+    let end = m.index + m[0].length;
+    while (end < text.length && !endsWord(text.charCodeAt(end))) end++;
+    out += text.slice(done, start) + f(text.slice(start, end));
+    done = end;
+    URL_MARK.lastIndex = end;
+  }
+  return done === 0 ? text : out + text.slice(done);
 }
 
 /** A location's own user part: in a location alone, quotes and spaces may be part of a password. */

@@ -17,6 +17,13 @@ test('the password of a URL user part goes, for any scheme and either separator;
   assert.is(redactLocation('nfs://user@host/e/f'), 'nfs://user@host/e/f', 'a user without a password stays');
 });
 
+test('in free text: every URL between spaces, quotes or brackets, the rest untouched', () => {
+  assert.is(redactCredentials('{"a":"nfs://u:Pw-json1@h/x","b":"y@z:w"}'), '{"a":"nfs://u@h/x","b":"y@z:w"}');
+  assert.is(redactCredentials("copy 'iscsi://a%Pw-txt1@h/t/1' to <nfs://c:Pw-txt2@h/e>\n"), "copy 'iscsi://a@h/t/1' to <nfs://c@h/e>\n");
+  assert.is(redactCredentials('iscsi://a%b@h/t/1'), 'iscsi://a@h/t/1', 'at the very start and end');
+  assert.is(redactCredentials('x\tnfs://h/e?token=abc\ty'), `x\tnfs://h/e?token=${REDACTED}\ty`);
+});
+
 test('a URL written percent-encoded (inside another) loses its password as well', () => {
   assert.is(
     redactCredentials('nfs://h/e/top.qcow2?backing=iscsi%3A%2F%2Fbob%25Pw-enc1%40h%2Fiqn%2F1'),
