@@ -9,14 +9,15 @@
  *   stays one the drivers accept, the password then coming from where it belongs (iSCSI:
  *   LIBISCSI_CHAP_PASSWORD or a password file). The user name stays: operators need it.
  * - The value of a secret query parameter becomes `***` (REDACTED): an empty value would
- *   read as an empty password. Secret are the names drivers declare
- *   (ProtocolDriver.secretParameters) and any name containing one of GENERIC_SECRET_WORDS.
+ *   read as an empty password. Secret parameters are those drivers declare
+ *   (ProtocolDriver.secretParameters) and any whose name contains one of GENERIC_SECRET_WORDS.
  * - Both also inside a percent-encoded URL (`iscsi%3A%2F%2Fuser%25pw%40host`, a URL
  *   carried in a parameter of another).
  * - A secret once seen (MIN_SCANNED_SECRET characters or more) becomes `***` wherever
  *   else it shows up: native libraries quote pieces of a URL in shapes of their own
  *   (libnfs: "Invalid address:user:pw@127.0.0.1").
- * Plain paths are left alone: only what follows `scheme://` is read as a URL.
+ * Plain paths are not parsed (`/a/b:c@d?password=x` is a file name): only what follows
+ * `scheme://` is read as a URL; a known secret is masked in them all the same.
  */
 
 /** What a secret parameter's value, or a known secret found in free text, is replaced with. */
