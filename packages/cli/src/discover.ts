@@ -11,12 +11,15 @@
  * iSCSI addons; a package without that field is imported at start. A format package
  * may also give each format's magic (`"magic": {"qcow2": "514649fb"}`: hex bytes at
  * offset 0): probing then imports it only for images that start with those bytes.
+ * Its secret URL parameters (`"secretParameters": [...]`, as ProtocolDriver declares
+ * them) are redacted from the start, before the package is imported: a command may
+ * print a location before it opens it.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { DriverRegistry, type BlockDriver } from '@blockconv/core';
+import { DriverRegistry, declareSecretParameters, type BlockDriver } from '@blockconv/core';
 
 export interface LoadedPackage {
   readonly name: string;
@@ -44,6 +47,7 @@ interface PackageMeta {
   readonly formats: readonly string[];
   /** Per format, the bytes its images start with (hex). */
   readonly magic?: Readonly<Record<string, string>>;
+  readonly secretParameters?: readonly string[];
 }
 
 function metaOf(entry: string, name: string): PackageMeta | undefined {
@@ -52,7 +56,8 @@ function metaOf(entry: string, name: string): PackageMeta | undefined {
     const pkg = JSON.parse(readFileSync(req.resolve(`${name}/package.json`), 'utf8')) as { blockconv?: Partial<PackageMeta> };
     const b = pkg.blockconv;
     if (!b || (!Array.isArray(b.schemes) && !Array.isArray(b.formats))) return undefined;
-    return { schemes: b.schemes ?? [], formats: b.formats ?? [], magic: b.magic };
+    const secretParameters = Array.isArray(b.secretParameters) ? b.secretParameters.filter((n) => typeof n === 'string') : undefined;
+    return { schemes: b.schemes ?? [], formats: b.formats ?? [], magic: b.magic, secretParameters };
   } catch {
     return undefined; // no readable package.json (or not exported): import it to find out
   }
@@ -141,6 +146,7 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
           continue;
         }
         pending.set(name, { entry });
+        if (meta.secretParameters) declareSecretParameters(meta.secretParameters);
         for (const sc of meta.schemes) if (!byScheme.has(sc.toLowerCase())) byScheme.set(sc.toLowerCase(), name);
         for (const f of meta.formats) if (!byFormat.has(f)) byFormat.set(f, name);
         const magics = meta.formats.map((f) => meta.magic?.[f]);

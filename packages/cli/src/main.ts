@@ -1,7 +1,9 @@
 /**
  * The `blockconv` command: convert, create, check, info, compare, map, drivers. Flags follow
  * qemu-img so that operators can switch without relearning. Errors are one line on
- * stderr (a stack trace only with --debug) and a non-zero exit.
+ * stderr (a stack trace only with --debug) and a non-zero exit. No credential is printed:
+ * every location shown is redacted (core's redactLocation), and main() filters
+ * stdout and stderr as well (redact-output.ts).
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import {
@@ -11,7 +13,9 @@ import {
   DEFAULT_WORKERS,
   AUTO_MAX_WORKERS,
   formatSize,
+  isSecretParameter,
   mapImage,
+  REDACTED,
   redactCredentials,
   redactLocation,
   resolveRelative,
@@ -26,6 +30,7 @@ import {
 import { createRequire } from 'node:module';
 import { discoverDrivers, type Discovery } from './discover.js';
 import { progressSink, type ProgressMode } from './progress.js';
+import { redactStreams } from './redact-output.js';
 
 const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 
@@ -110,6 +115,8 @@ export function buildProgram(ctx: Context): Command {
     .option('--debug', 'print stack traces of errors')
     .version(createRequire(import.meta.url)('../package.json').version as string, '-V, --version')
     .showSuggestionAfterError()
+    // Usage errors may quote an argument; subcommands inherit this.
+    .configureOutput({ writeOut: (s) => process.stdout.write(redactCredentials(s)), writeErr: (s) => process.stderr.write(redactCredentials(s)) })
     .configureHelp({ sortOptions: false })
     .exitOverride();
 
@@ -174,8 +181,8 @@ Examples:
         await backing.close();
       }
       if (!opts.quiet) {
-        const shown = Object.entries(options).map(([k, v]) => ` ${k}=${v}`).join('');
-        process.stdout.write(`Formatting '${filename}', fmt=${opts.format}${shown} size=${size}\n`);
+        const shown = Object.entries(options).map(([k, v]) => ` ${k}=${isSecretParameter(k) ? REDACTED : redactLocation(v)}`).join('');
+        process.stdout.write(`Formatting '${redactLocation(filename)}', fmt=${opts.format}${shown} size=${size}\n`);
       }
       const img = await reg.create(filename, size, { format: opts.format, options });
       await img.close();
@@ -204,7 +211,7 @@ Examples:
       if (opts.output === 'json') {
         process.stdout.write(JSON.stringify({
           'image-end-offset': r.imageEndOffset, 'total-clusters': r.totalClusters, 'check-errors': r.checkErrors,
-          'allocated-clusters': r.allocatedClusters, filename: image, format,
+          'allocated-clusters': r.allocatedClusters, filename: redactLocation(image), format,
           'fragmented-clusters': r.fragmentedClusters, 'compressed-clusters': r.compressedClusters,
           leaks: r.leaks, corruptions: r.corruptions,
           'leaks-fixed': fixed?.leaksFixed ?? r.leaksFixed, 'corruptions-fixed': fixed?.corruptionsFixed ?? r.corruptionsFixed,
@@ -229,7 +236,7 @@ Examples:
       try {
         const chain: Array<Record<string, unknown>> = [];
         for (let layer: BlockBackend | undefined = img; layer; layer = opts.backingChain ? layer.backing : undefined) {
-          chain.push(await describeImage(layer, layer === img ? image : layer.location));
+          chain.push(await describeImage(layer, layer === img ? redactLocation(image) : layer.location));
         }
         if (opts.output === 'json') {
           process.stdout.write(JSON.stringify(opts.backingChain ? chain : chain[0], null, 4) + '\n');
@@ -286,6 +293,7 @@ Examples:
     .action(async (image: string, opts: { format?: string; output: string; startOffset: number; maxLength?: number }) => {
       const reg = await registry(ctx);
       const img = await reg.open(image, { format: opts.format, readOnly: true });
+      const file = redactLocation(image);
       try {
         const out: string[] = [];
         const flushOut = (): void => { if (out.length) { process.stdout.write(out.join('')); out.length = 0; } };
@@ -304,7 +312,7 @@ Examples:
           for await (const e of mapImage(img, opts.startOffset, opts.maxLength)) {
             if (!e.data) continue;
             const hex = (n: number): string => `0x${n.toString(16)}`;
-            out.push(`${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${(e.offset === undefined ? '-' : hex(e.offset)).padEnd(20)}${image}\n`);
+            out.push(`${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${(e.offset === undefined ? '-' : hex(e.offset)).padEnd(20)}${file}\n`);
             if (out.length > 1024) flushOut();
           }
         }
@@ -516,12 +524,36 @@ export function describe(err: unknown, debug: boolean): string {
   return redactCredentials(err instanceof Error ? err.message.split('\n')[0]! : String(err));
 }
 
-export async function main(argv: readonly string[]): Promise<number> {
+export interface MainOptions {
+  /**
+   * Filter stdout and stderr through the redactor while the command runs (default).
+   * Tests turn it off to check that the commands redact by themselves.
+   */
+  readonly redactOutput?: boolean;
+}
+
+export async function main(argv: readonly string[], options: MainOptions = {}): Promise<number> {
   const ctx: Context = { debug: argv.includes('--debug') };
+  const unredact = options.redactOutput === false ? () => {} : redactStreams();
   // Drivers warn through process.emitWarning (e.g. a qcow2 image with the corrupt bit):
-  // one line in our own voice instead of Node's "(node:PID) Warning:".
-  process.removeAllListeners('warning');
-  process.on('warning', (w) => process.stderr.write(`blockconv: warning: ${redactCredentials(w.message)}\n`));
+  // one line in our own voice instead of Node's "(node:PID) Warning:". It stays after
+  // main returns: warnings are delivered a tick late.
+  if (!process.listeners('warning').includes(printWarning)) {
+    process.removeAllListeners('warning');
+    process.on('warning', printWarning);
+  }
+  try {
+    return await run(ctx, argv);
+  } finally {
+    unredact();
+  }
+}
+
+function printWarning(w: Error): void {
+  process.stderr.write(`blockconv: warning: ${redactCredentials(w.message)}\n`);
+}
+
+async function run(ctx: Context, argv: readonly string[]): Promise<number> {
   const program = buildProgram(ctx);
   program.commands.forEach((c) => c.exitOverride());
   try {

@@ -59,21 +59,6 @@ const src = makeSparse('src.raw', 64 * MiB, [[0, 64 * 1024], [MiB, 5 * MiB], [10
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
 
-test('a password in a URL never reaches the output, errors included', () => {
-  const src = p('redact.raw');
-  writeFileSync(src, Buffer.alloc(65536, 1));
-  for (const args of [
-    ['convert', '--output', 'json', 'iscsi://bob%s3cr3t-pw@127.0.0.1:1/iqn.2026-11.test:none/1', p('redact-out.raw')],
-    ['convert', '-n', '--output', 'json', src, 'iscsi://bob%s3cr3t-pw@127.0.0.1:1/iqn.2026-11.test:none/1'],
-    ['info', 'nfs://bob:s3cr3t-pw@127.0.0.1:1/export/x.qcow2'],
-    ['--debug', 'info', 'iscsi://bob%s3cr3t-pw@127.0.0.1:1/iqn.2026-11.test:none/1'],
-  ]) {
-    const r = run(...args);
-    assert.is.not(r.code, 0);
-    assert.not.match(r.stdout + r.stderr, /s3cr3t-pw/, `${args.join(' ')}: ${r.stderr}`);
-  }
-});
-
 test('convert raw -> raw: qemu-img compare agrees, holes and zero data stay sparse', () => {
   const r = run('convert', src, p('out.raw'));
   assert.is(r.code, 0, r.stderr);

@@ -2,6 +2,7 @@
  * One error type for everything that goes wrong with an image, so that callers can
  * branch on `code` and users get one line naming the cause, the operation and offset.
  */
+import { redactCredentials, redactLocation } from './redact.js';
 
 export type BlockErrorCode =
   /** Input that cannot be right: a malformed URL or option, an unaligned request. */
@@ -30,12 +31,13 @@ export type BlockErrorCode =
 export interface BlockErrorDetails {
   /** The operation, e.g. "read", "write", "open". */
   readonly op?: string;
-  /** Image location the error concerns. */
+  /** Image location the error concerns (the error keeps it redacted). */
   readonly location?: string;
   readonly offset?: number;
   readonly length?: number;
   /** The header field or table the error is about (corrupt images). */
   readonly field?: string;
+  /** The error wrapped; its message and stack (and its causes') are redacted in place. */
   readonly cause?: unknown;
 }
 
@@ -60,11 +62,17 @@ export class BlockError extends Error {
   readonly length?: number;
   readonly field?: string;
 
+  /**
+   * Message, location and causes come out redacted (redact.ts): the location first, so
+   * that its secrets are known when the message and causes are scanned.
+   */
   constructor(code: BlockErrorCode, message: string, details: BlockErrorDetails = {}) {
-    super(formatMessage(message, details), details.cause === undefined ? undefined : { cause: details.cause });
+    const location = details.location === undefined ? undefined : redactLocation(details.location);
+    redactCauses(details.cause);
+    super(redactCredentials(formatMessage(message, { ...details, location })), details.cause === undefined ? undefined : { cause: details.cause });
     this.code = code;
     this.op = details.op;
-    this.location = details.location === undefined ? undefined : redactLocation(details.location);
+    this.location = location;
     this.offset = details.offset;
     this.length = details.length;
     this.field = details.field;
@@ -73,7 +81,7 @@ export class BlockError extends Error {
 
 function formatMessage(message: string, d: BlockErrorDetails): string {
   const where: string[] = [];
-  if (d.location !== undefined) where.push(redactLocation(d.location));
+  if (d.location !== undefined) where.push(d.location);
   if (d.op !== undefined) where.push(d.op);
   if (d.offset !== undefined) where.push(`at offset ${d.offset}` + (d.length !== undefined ? ` (+${d.length})` : ''));
   if (d.field !== undefined) where.push(`field ${d.field}`);
@@ -123,15 +131,20 @@ export function cancelled(reason?: unknown): BlockError {
 }
 
 /**
- * A location fit to print: the password of a URL's user part (`user%password@` as
- * libiscsi and qemu write it, or `user:password@`) is dropped. Messages and error
- * details pass every location through this, so that no credential reaches a log.
+ * Redacts the messages and stacks of a chain of wrapped errors in place: a native
+ * library's text may quote the URL (libnfs: "Invalid address:user:pw@host"), and
+ * --debug prints causes. An error handed over as a cause is the wrapper's to change.
  */
-export function redactLocation(location: string): string {
-  return redactCredentials(location);
-}
-
-/** Text with the password of every URL in it dropped (see redactLocation). */
-export function redactCredentials(text: string): string {
-  return text.replace(/([a-z][a-z0-9+.-]*:\/\/)([^@\s/?#]*)@/gi, (_m, scheme: string, user: string) => `${scheme}${user.split(/[%:]/)[0]}@`);
+function redactCauses(cause: unknown): void {
+  const seen = new Set<unknown>();
+  for (let c = cause; c instanceof Error && !(c instanceof BlockError) && !seen.has(c); c = (c as { cause?: unknown }).cause) {
+    seen.add(c);
+    try {
+      const message = redactCredentials(c.message);
+      if (message !== c.message) c.message = message;
+      if (c.stack !== undefined) c.stack = redactCredentials(c.stack);
+    } catch {
+      // A frozen error keeps its text; the CLI still redacts what it prints.
+    }
+  }
 }

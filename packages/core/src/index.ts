@@ -4,6 +4,10 @@
  */
 export * from './types.js';
 export * from './errors.js';
+export {
+  redactCredentials, redactLocation, declareSecretParameters, isSecretParameter, registerSecret,
+  REDACTED, GENERIC_SECRET_WORDS, MIN_SCANNED_SECRET,
+} from './redact.js';
 export { DriverRegistry, type DriverLoader, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
 export { chainStatus } from './status.js';
 export { forwardBackend } from './forward.js';

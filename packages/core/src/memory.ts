@@ -5,6 +5,7 @@
  * pages, so a 1 TiB image costs only what is written to it.
  */
 import { BlockError } from './errors.js';
+import { redactLocation } from './redact.js';
 import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
 
 const PAGE = 64 * 1024;
@@ -64,7 +65,7 @@ export class MemoryBackend implements BlockBackend {
 
   constructor(opts: MemoryBackendOptions) {
     this.#opts = opts;
-    this.location = opts.location ?? `mem://${opts.size}`;
+    this.location = redactLocation(opts.location ?? `mem://${opts.size}`);
     this.size = opts.size;
     this.readOnly = opts.readOnly ?? false;
     const align = opts.limits?.requestAlignment ?? 1;

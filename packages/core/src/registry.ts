@@ -5,6 +5,7 @@
  */
 import { BlockError, toBlockError } from './errors.js';
 import { gateBackend, type GateFacts } from './gate.js';
+import { declareSecretParameters, redactCredentials, redactLocation } from './redact.js';
 import {
   BLOCK_API_VERSION,
   type BlockBackend,
@@ -104,6 +105,7 @@ export class DriverRegistry implements ImageResolver {
         throw new BlockError('ENOTSUP', `driver "${d.name}" implements API version ${String(d.apiVersion)}, this core implements ${BLOCK_API_VERSION}`);
       }
       if (d.kind === 'protocol') {
+        if (d.secretParameters) declareSecretParameters(d.secretParameters);
         this.#protocols.set(d.name, d);
         for (const s of d.schemes) this.#byScheme.set(s.toLowerCase(), d);
       } else if (d.kind === 'format') {
@@ -137,10 +139,11 @@ export class DriverRegistry implements ImageResolver {
   /** Opens a protocol backend only (no format layer). */
   async openProtocol(location: string, options: OpenOptions = {}): Promise<BlockBackend> {
     await this.#load(location, undefined);
+    learnSecrets(location);
     const { driver, location: loc } = this.protocolFor(location);
     let backend: BlockBackend;
     try {
-      backend = await driver.open(loc, driver.readOnly ? { ...options, readOnly: true } : options);
+      backend = redactedLocation(await driver.open(loc, driver.readOnly ? { ...options, readOnly: true } : options));
     } catch (err) {
       throw toBlockError(err, { op: 'open', location });
     }
@@ -157,7 +160,7 @@ export class DriverRegistry implements ImageResolver {
       const fmt = formatDriver ?? (await this.probe(file, location));
       checkOpenOptions(options.options, protocol, fmt, location);
       const readOnly = protocol.readOnly ? { readOnly: true } : {};
-      return gated(await fmt.open(file, { ...options, ...readOnly, resolver: this }), protocol.readOnly ? { readOnlyReason: readOnlyProtocol(protocol) } : undefined);
+      return gated(redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })), protocol.readOnly ? { readOnlyReason: readOnlyProtocol(protocol) } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -172,7 +175,8 @@ export class DriverRegistry implements ImageResolver {
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
       if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location });
-      return await fmt.check(file, options);
+      const r = await fmt.check(file, options);
+      return { ...r, messages: r.messages.map(redactCredentials) };
     } catch (err) {
       throw toBlockError(err, { op: 'check', location });
     } finally {
@@ -208,6 +212,7 @@ export class DriverRegistry implements ImageResolver {
   async create(location: string, size: number, options: ImageCreateOptions = {}): Promise<BlockBackend> {
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid image size ${size}`);
     await this.#load(location, options.format ?? 'raw');
+    learnSecrets(location);
     const fmt = this.format(options.format ?? 'raw');
     if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
     const { driver, location: loc } = this.protocolFor(location);
@@ -227,7 +232,7 @@ export class DriverRegistry implements ImageResolver {
       const formatted = await fmt.create(file, size, { ...options, resolver: this });
       const readsZeroes = (formatted?.readsZeroes ?? made?.readsZeroes) === true;
       const image = await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this });
-      return gated(image, readsZeroes ? { readsZeroesInitially: true } : undefined);
+      return gated(redactedLocation(image), readsZeroes ? { readsZeroesInitially: true } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'create', location });
@@ -261,6 +266,22 @@ function checkOpenOptions(options: Readonly<Record<string, string>> | undefined,
     const takes = (d: BlockDriver): string => `${d.name} takes ${d.openOptions?.length ? d.openOptions.map((o) => o.name).join(', ') : 'none'}`;
     throw new BlockError('EINVAL', `unknown open option "${key}" (${takes(protocol)}; ${takes(format)})`, { op: 'open', location, field: key });
   }
+}
+
+/**
+ * Notes the secrets of a location before a driver sees it, so that whatever text the
+ * driver or its native library makes of them is masked too (redact.ts). Called after
+ * the scheme's driver is loaded: its secretParameters are declared by then.
+ */
+function learnSecrets(location: string): void {
+  redactLocation(location);
+}
+
+/** A backend whose driver left a credential in `location` gets the redacted one. */
+function redactedLocation(backend: BlockBackend): BlockBackend {
+  const shown = redactLocation(backend.location);
+  if (shown !== backend.location) Object.defineProperty(backend, 'location', { value: shown, enumerable: true, configurable: true });
+  return backend;
 }
 
 function missingDriver(what: 'scheme' | 'format', name: string): BlockError {

@@ -76,7 +76,10 @@ export interface WriteZeroesFlags {
 export interface BlockBackend {
   /** The driver that opened it, e.g. "file" or "raw". */
   readonly driverName: string;
-  /** Where it lives, for messages. Never contains credentials. */
+  /**
+   * Where it lives, for messages. Never contains credentials: drivers redact it
+   * (redactLocation), and the registry redacts what a driver left in.
+   */
   readonly location: string;
   /** Virtual size in bytes. */
   readonly size: number;
@@ -229,6 +232,13 @@ export interface ProtocolDriver extends DriverBase {
    * create images; a convert to one fails with that reason.
    */
   readonly readOnly?: boolean;
+  /**
+   * Query parameters of its URLs whose values are secrets (any case), e.g.
+   * ["target_password"]. Registering the driver declares them process-wide: their values
+   * are then masked wherever a location is shown (redact.ts). A URL's user password
+   * and parameters named like password, secret or token are masked without this.
+   */
+  readonly secretParameters?: readonly string[];
   open(location: string, options: OpenOptions): Promise<BlockBackend>;
   /** Creates (or truncates) the object at location with the given size. */
   create?(location: string, size: number, options: CreateOptions): Promise<void | CreateResult>;

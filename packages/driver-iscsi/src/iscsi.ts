@@ -9,7 +9,11 @@
  *   BLOCKCONV_ISCSI_PASSWORD_FILE=<file>              (first line = password)
  *   driver options (-o / -l): user=, password-file=
  * A user in the URL wins over the options, which win over the environment. The password
- * never appears in `location`, messages or errors.
+ * never appears in `location`, messages or errors (core's redactLocation; a password
+ * from the environment or a file is registered with the redactor too). libiscsi's own
+ * URL options (?header_digest=, target_user=, target_password= for mutual CHAP) are
+ * not taken: this driver refuses query strings, but declares target_password secret,
+ * since the refusal quotes the URL.
  * Driver options: timeout=<seconds> per SCSI task and login (default 30; 0 = none).
  *
  * What the LUN tells and the driver does with it (after QEMU's block/iscsi.c):
@@ -31,6 +35,9 @@ import { lookup } from 'node:dns/promises';
 import {
   BLOCK_API_VERSION,
   BlockError,
+  REDACTED,
+  redactLocation,
+  registerSecret,
   type BlockBackend,
   type BlockLimits,
   type Extent,
@@ -75,14 +82,9 @@ function invalid(message: string, location: string): BlockError {
   return new BlockError('EINVAL', message, { op: 'open', location });
 }
 
-/** Strips a password from a URL-like string (for messages about unparsable input). */
-function redact(url: string): string {
-  return url.replace(/^(iscsi:\/\/[^@/%]*)%[^@/]*@/i, '$1@');
-}
-
 /** Parses iscsi://[user[%password]@]host[:port]/target-iqn/lun. */
 export function parseIscsiUrl(url: string): IscsiUrl {
-  const shown = redact(url);
+  const shown = redactLocation(url);
   const m = /^iscsi:\/\/(?:([^@/]*)@)?(\[[^\]]*\]|[^/:@]*)(?::([^/]*))?\/([^/]*)\/([^/?#]*)$/i.exec(url);
   if (!m) throw invalid('invalid iSCSI URL: expected iscsi://[user[%password]@]host[:port]/target-iqn/lun', shown);
   const [, userinfo, hostPart, portText, target, lunText] = m as unknown as [string, string | undefined, string, string | undefined, string, string];
@@ -103,8 +105,7 @@ export function parseIscsiUrl(url: string): IscsiUrl {
     password = pct < 0 ? undefined : userinfo.slice(pct + 1);
     if (!user) throw invalid('invalid iSCSI URL: empty CHAP user', shown);
   }
-  const display = `iscsi://${user ? `${user}@` : ''}${hostPart}${portText !== undefined ? `:${portText}` : ''}/${target}/${lunText}`;
-  return { host, port, target, lun: Number(lunText), user, password, display };
+  return { host, port, target, lun: Number(lunText), user, password, display: shown };
 }
 
 interface Credentials {
@@ -132,6 +133,7 @@ function credentials(u: IscsiUrl, options: Readonly<Record<string, string>> | un
   if (password === undefined) {
     throw new BlockError('EACCES', `CHAP user "${user}" given but no password: set LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE`, { op: 'open', location: u.display });
   }
+  registerSecret(password);
   return { user, password };
 }
 
@@ -158,7 +160,8 @@ function iscsiError(err: unknown, where: Where, password?: string): BlockError {
   const e = err as { code?: unknown; message?: unknown } | null;
   const raw = typeof e?.code === 'string' ? e.code : 'EIO';
   let text = typeof e?.message === 'string' ? e.message.replace(/\s+/g, ' ').trim() : String(err);
-  if (password) text = text.split(password).join('***');
+  // Also when too short for the redactor to look for in free text.
+  if (password) text = text.split(password).join(REDACTED);
   return new BlockError(CODES.has(raw) ? raw : 'EIO', text, { ...where, cause: err });
 }
 
@@ -467,5 +470,6 @@ export const iscsiDriver: ProtocolDriver = {
     { name: 'user', description: 'CHAP user name (else the URL\'s, LIBISCSI_CHAP_USERNAME or BLOCKCONV_ISCSI_USER)' },
     { name: 'password-file', description: 'file holding the CHAP password (else LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE)' },
   ],
+  secretParameters: ['target_password'],
   open: openIscsi,
 };

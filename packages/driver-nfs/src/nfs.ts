@@ -9,6 +9,9 @@
  * plus this driver's own `connections=N` (1..32), which libnfs never sees.
  * Driver options (-o/-l): timeout=<seconds> per RPC (default 30; 0 = wait forever),
  * connections=N (as the URL option).
+ * No URL option of libnfs 4.0 holds a secret (AUTH_SYS trusts uid=/gid=), so the driver
+ * declares no secretParameters; a user part (user:password@) is refused, as libnfs would
+ * otherwise take it for the host name and quote it back in its error.
  *
  * What libnfs 4.0 cannot do, and what this driver reports instead:
  * - No SEEK_DATA over NFSv3 (and none exposed for v4): hasBlockStatus is false and the
@@ -22,6 +25,7 @@
 import {
   BLOCK_API_VERSION,
   BlockError,
+  redactLocation,
   type BlockBackend,
   type BlockLimits,
   type CreateOptions,
@@ -131,6 +135,9 @@ async function connect(location: string, flags: number, timeoutMs: number, op: s
   if (/^[^?]*\/$/.test(url)) {
     throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
   }
+  if (/^nfs:\/\/[^/?#]*@/i.test(url)) {
+    throw new BlockError('EINVAL', 'nfs:// URLs take no user or password (the server trusts the uid= and gid= options)', { op, location });
+  }
   // A client name of its own per context: NFSv4 open state is the client's, and
   // contexts side by side on one file must not take each other's over.
   const ctx = new NfsContext({ timeoutMs: timeoutMs || -1, clientName: `blockconv-${process.pid}-${++clientSerial}-${Date.now().toString(36)}` });
@@ -227,7 +234,7 @@ export class NfsBackend implements BlockBackend {
   constructor(conns: readonly Connection[], p: { location: string; size: number; readOnly: boolean; v4: boolean; unsafe: boolean }) {
     this.#conns = conns;
     const c = conns[0]!;
-    this.location = p.location;
+    this.location = redactLocation(p.location);
     this.#size = p.size;
     this.readOnly = p.readOnly;
     this.#unsafe = p.unsafe;

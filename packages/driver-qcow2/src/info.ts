@@ -2,6 +2,7 @@
  * `info` details in the shape of `qemu-img info --output=json` (same names and
  * nesting), plus the bitmap directory it lists (qcow2.txt "Bitmap directory").
  */
+import { redactLocation } from '@blockconv/core';
 import { corrupt, type Where } from './errors.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, type Qcow2Header,
@@ -64,7 +65,7 @@ export function buildInfo(i: InfoInputs): Record<string, unknown> {
   data['refcount-bits'] = 2 ** h.refcountOrder;
   // Like QEMU: only for images whose feature bit says the data file is in use.
   if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
-    data['data-file'] = h.dataFile ?? '';
+    data['data-file'] = redactLocation(h.dataFile ?? '');
     data['data-file-raw'] = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
   }
   if (h.version === 3) {
@@ -86,9 +87,10 @@ export function buildInfo(i: InfoInputs): Record<string, unknown> {
   }
   info['cluster-size'] = h.clusterSize;
   info['format-specific'] = { type: 'qcow2', data };
+  // The names as stored may be URLs with credentials (qemu-img shows them as they are).
   if (h.backingFile !== undefined) {
-    info['full-backing-filename'] = i.fullBackingFilename ?? h.backingFile;
-    info['backing-filename'] = h.backingFile;
+    info['full-backing-filename'] = redactLocation(i.fullBackingFilename ?? h.backingFile);
+    info['backing-filename'] = redactLocation(h.backingFile);
     if (h.backingFormat !== undefined) info['backing-filename-format'] = h.backingFormat;
   }
   info['dirty-flag'] = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;

@@ -30,6 +30,17 @@ test('connection refused (nothing listens on the port)', async () => {
   }
 });
 
+test('a user part is refused, its password shown nowhere (libnfs would quote it as the host name)', async () => {
+  for (const url of ['nfs://bob:Marker-nfs-pw@127.0.0.1/export/x.raw', 'nfs://bob%Marker-nfs-pw@127.0.0.1/export/x.raw?version=4']) {
+    for (const e of [await failure(() => openNfs(url)), await failure(() => createNfs(url, 4096))]) {
+      assert.instance(e, BlockError, String(e));
+      assert.is((e as BlockError).code, 'EINVAL');
+      assert.match(e.message, /nfs:\/\/bob@127\.0\.0\.1\/export\/x\.raw.*take no user or password/);
+      assert.not.match(`${e.message}\n${e.stack}\n${(e as BlockError).location}`, /Marker-nfs-pw/);
+    }
+  }
+});
+
 test('wrong export', async () => {
   const e = await openError('nfs://127.0.0.1/no-such-export/x.raw');
   assert.is(e.code, 'EACCES', e.message);
