@@ -3,7 +3,8 @@
  * - packages named `@blockconv/driver-*`, `blockconv-driver-*` or `@SCOPE/blockconv-driver-*`
  *   in any node_modules directory that Node would search from this CLI or from the
  *   current directory;
- * - modules named in BLOCKCONV_DRIVERS (comma-separated package names or paths).
+ * - modules named in BLOCKCONV_DRIVERS, comma-separated: package names (found in the
+ *   node_modules the current directory would search), package folders, or entry files.
  * A driver package exports `drivers` (an array of BlockDriver) or a default export
  * that is a driver or an array of them. A package that names what it serves in its
  * package.json (`"blockconv": {"schemes": [...], "formats": [...]}`) is imported only
@@ -15,7 +16,7 @@
  * them) are redacted from the start, before the package is imported: a command may
  * print a location before it opens it.
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -90,6 +91,32 @@ function candidatesIn(nodeModules: string): string[] {
   return out;
 }
 
+/** The file a package folder's import resolves to: its "exports" (import or default condition), else "main", else index.js. */
+function packageEntry(dir: string): string {
+  const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { exports?: unknown; main?: string };
+  let target: unknown = pkg.exports;
+  if (target && typeof target === 'object' && '.' in target) target = (target as Record<string, unknown>)['.'];
+  while (target && typeof target === 'object') {
+    const t = target as Record<string, unknown>;
+    target = t.import ?? t.node ?? t.default;
+  }
+  return join(dir, typeof target === 'string' ? target : pkg.main ?? 'index.js');
+}
+
+/** A BLOCKCONV_DRIVERS entry as a file to import: a path (file or package folder), or a package name. */
+function driverEntry(spec: string): string {
+  if (isAbsolute(spec) || spec.startsWith('.')) {
+    const path = resolve(spec);
+    return statSync(path).isDirectory() ? packageEntry(path) : path;
+  }
+  // ESM-only packages may not resolve through require(): look for the folder instead.
+  for (const nm of searchPaths(process.cwd())) {
+    const dir = join(nm, spec);
+    if (existsSync(join(dir, 'package.json'))) return packageEntry(dir);
+  }
+  throw new Error(`package ${spec} not found in node_modules from ${process.cwd()}`);
+}
+
 function driversOf(mod: Record<string, unknown>): BlockDriver[] {
   const pick = (v: unknown): BlockDriver[] =>
     Array.isArray(v) ? (v as BlockDriver[]) : v && typeof v === 'object' && 'kind' in v ? [v as BlockDriver] : [];
@@ -162,7 +189,7 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
     seen.add(spec);
     let entry: string;
     try {
-      entry = isAbsolute(spec) || spec.startsWith('.') ? resolve(spec) : createRequire(join(process.cwd(), 'noop.js')).resolve(spec);
+      entry = driverEntry(spec);
     } catch (err) {
       failed.push({ name: spec, path: spec, error: err instanceof Error ? err.message.split('\n')[0]! : String(err) });
       continue;

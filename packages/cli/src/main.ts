@@ -88,6 +88,24 @@ async function registry(ctx: Context): Promise<DriverRegistry> {
   return ctx.discovery.registry;
 }
 
+/** Per-image open options (driver-specific, declared by each driver); "help" lists them. */
+function openOptions(flag: string, what: string): Option {
+  return new Option(flag, `open options of the ${what}, driver-specific ("help" lists them; so does "blockconv drivers")`).argParser(keyValues);
+}
+
+/** `--opts help` and friends: every installed driver's open options. */
+async function printOpenOptions(ctx: Context, reg: DriverRegistry): Promise<void> {
+  await ctx.discovery!.loadAll();
+  const out: string[] = [];
+  for (const d of [...reg.protocols, ...reg.formats]) {
+    out.push(`${d.kind} ${d.name}:`);
+    const opts = d.openOptions ?? [];
+    if (!opts.length) out.push('  (none)');
+    for (const o of opts) out.push(`  ${o.name.padEnd(20)} ${o.description}${o.default !== undefined ? ` (default: ${o.default})` : ''}`);
+  }
+  process.stdout.write(out.join('\n') + '\n');
+}
+
 function cacheOption(flag: string, what: string, dflt: CacheMode): Option {
   return new Option(flag, `cache mode for the ${what}`).choices(CACHE_MODES).default(dflt);
 }
@@ -128,7 +146,9 @@ export function buildProgram(ctx: Context): Command {
     .option('-f, --source-format <fmt>', 'source format (default: probed)')
     .option('-l, --snapshot <snapshot>', 'read an internal snapshot of the source: ID_OR_NAME, or snapshot.id=ID,snapshot.name=NAME', snapshotOption)
     .option('-O, --target-format <fmt>', 'target format', 'raw')
-    .option('-o, --target-options <k=v,...>', 'target format options ("-o help" lists them)', keyValues)
+    .option('-o, --target-options <k=v,...>', 'target creation options ("-o help" lists them)', keyValues)
+    .addOption(openOptions('--source-opts <k=v,...>', 'sources (all of them)'))
+    .addOption(openOptions('--target-opts <k=v,...>', 'target (with -n, or once created)'))
     .option('-m, --workers <n>', `parallel workers, each with one buffer (1-${MAX_WORKERS}), or "auto": adapted during the copy (up to ${AUTO_MAX_WORKERS})`,
       (v: string) => (v === 'auto' ? 'auto' : intOption('workers', 1, MAX_WORKERS)(v)), DEFAULT_WORKERS)
     .option('-B, --backing <file>', 'the target gets this backing file and only what differs from it (relative names: from the target\'s directory)')
@@ -196,14 +216,16 @@ Examples:
     .addOption(new Option('-r, --repair <what>', 'repair leaks, or all inconsistencies that can be repaired').choices(['leaks', 'all']))
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
     .option('-q, --quiet', 'print nothing; the exit code tells')
-    .action(async (image: string, opts: { format?: string; repair?: 'leaks' | 'all'; output: 'human' | 'json'; quiet?: boolean }) => {
+    .addOption(openOptions('--opts <k=v,...>', 'image'))
+    .action(async (image: string, opts: { format?: string; repair?: 'leaks' | 'all'; output: 'human' | 'json'; quiet?: boolean; opts?: Record<string, string> }) => {
       const reg = await registry(ctx);
+      if (opts.opts?.help) return printOpenOptions(ctx, reg);
       let r: CheckResult;
       let fixed: CheckResult | undefined;
       try {
-        r = await reg.check(image, { format: opts.format, repair: opts.repair });
+        r = await reg.check(image, { format: opts.format, repair: opts.repair, options: opts.opts });
         // As qemu-img does: after a repair, check again and report on the repaired image.
-        if (opts.repair && (r.leaksFixed || r.corruptionsFixed)) { fixed = r; r = await reg.check(image, { format: opts.format }); }
+        if (opts.repair && (r.leaksFixed || r.corruptionsFixed)) { fixed = r; r = await reg.check(image, { format: opts.format, options: opts.opts }); }
       } catch (err) {
         throw new ExitError(1, describe(err, ctx.debug));
       }
@@ -230,9 +252,11 @@ Examples:
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .option('--backing-chain', 'also show every image of the backing chain')
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
-    .action(async (image: string, opts: { format?: string; backingChain?: boolean; output: 'human' | 'json' }) => {
+    .addOption(openOptions('--opts <k=v,...>', 'image'))
+    .action(async (image: string, opts: { format?: string; backingChain?: boolean; output: 'human' | 'json'; opts?: Record<string, string> }) => {
       const reg = await registry(ctx);
-      const img = await reg.open(image, { format: opts.format, readOnly: true });
+      if (opts.opts?.help) return printOpenOptions(ctx, reg);
+      const img = await reg.open(image, { format: opts.format, readOnly: true, options: opts.opts });
       try {
         const chain: Array<Record<string, unknown>> = [];
         for (let layer: BlockBackend | undefined = img; layer; layer = opts.backingChain ? layer.backing : undefined) {
@@ -259,13 +283,16 @@ Examples:
     .option('-m, --workers <n>', 'parallel readers', intOption('workers', 1, MAX_WORKERS), 8)
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
     .option('-q, --quiet', 'print nothing; the exit code tells')
-    .action(async (a: string, b: string, opts: { format1?: string; format2?: string; strict?: boolean; workers: number; output: string; quiet?: boolean }) => {
+    .addOption(openOptions('--opts <k=v,...>', 'first image'))
+    .addOption(openOptions('--opts2 <k=v,...>', 'second image'))
+    .action(async (a: string, b: string, opts: { format1?: string; format2?: string; strict?: boolean; workers: number; output: string; quiet?: boolean; opts?: Record<string, string>; opts2?: Record<string, string> }) => {
       const reg = await registry(ctx);
+      if (opts.opts?.help || opts.opts2?.help) return printOpenOptions(ctx, reg);
       let ia: BlockBackend | undefined;
       let ib: BlockBackend | undefined;
       try {
-        ia = await reg.open(a, { format: opts.format1, readOnly: true });
-        ib = await reg.open(b, { format: opts.format2, readOnly: true });
+        ia = await reg.open(a, { format: opts.format1, readOnly: true, options: opts.opts });
+        ib = await reg.open(b, { format: opts.format2, readOnly: true, options: opts.opts2 });
         const r = await compareImages(ia, ib, { strict: opts.strict, workers: opts.workers });
         if (opts.output === 'json') process.stdout.write(JSON.stringify(r) + '\n');
         else if (!opts.quiet) {
@@ -290,9 +317,11 @@ Examples:
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
     .option('--start-offset <offset>', 'first byte to map', sizeOption('start offset'), 0)
     .option('--max-length <length>', 'bytes to map', sizeOption('max length'))
-    .action(async (image: string, opts: { format?: string; output: string; startOffset: number; maxLength?: number }) => {
+    .addOption(openOptions('--opts <k=v,...>', 'image'))
+    .action(async (image: string, opts: { format?: string; output: string; startOffset: number; maxLength?: number; opts?: Record<string, string> }) => {
       const reg = await registry(ctx);
-      const img = await reg.open(image, { format: opts.format, readOnly: true });
+      if (opts.opts?.help) return printOpenOptions(ctx, reg);
+      const img = await reg.open(image, { format: opts.format, readOnly: true, options: opts.opts });
       const file = redactLocation(image);
       try {
         const out: string[] = [];
@@ -332,14 +361,15 @@ Examples:
       await d.loadAll();
       if (opts.output === 'json') {
         process.stdout.write(JSON.stringify({
-          protocols: reg.protocols.map((p) => ({ name: p.name, schemes: p.schemes, description: p.description })),
-          formats: reg.formats.map((f) => ({ name: f.name, description: f.description })),
+          protocols: reg.protocols.map((p) => ({ name: p.name, schemes: p.schemes, description: p.description, readOnly: p.readOnly === true, openOptions: p.openOptions ?? [] })),
+          formats: reg.formats.map((f) => ({ name: f.name, description: f.description, openOptions: f.openOptions ?? [], createOptions: f.createOptions ?? [] })),
           packages: d.loaded, failed: d.failed,
         }, null, 2) + '\n');
         return;
       }
-      for (const p of reg.protocols) process.stdout.write(`protocol ${p.name.padEnd(8)} schemes: ${p.schemes.join(', ')}${p.description ? `  ${p.description}` : ''}\n`);
-      for (const f of reg.formats) process.stdout.write(`format   ${f.name.padEnd(8)}${f.description ? ` ${f.description}` : ''}\n`);
+      const takes = (d: { openOptions?: readonly { name: string }[] }): string => (d.openOptions?.length ? `\n         open options: ${d.openOptions.map((x) => x.name).join(', ')}` : '');
+      for (const p of reg.protocols) process.stdout.write(`protocol ${p.name.padEnd(8)} schemes: ${p.schemes.join(', ')}${p.readOnly ? ' (read-only)' : ''}${p.description ? `  ${p.description}` : ''}${takes(p)}\n`);
+      for (const f of reg.formats) process.stdout.write(`format   ${f.name.padEnd(8)}${f.description ? ` ${f.description}` : ''}${takes(f)}\n`);
       for (const p of d.loaded) process.stdout.write(`package  ${p.name} (${p.drivers.join(', ')})\n`);
       for (const p of d.failed) process.stdout.write(`failed   ${p.name}: ${p.error}\n`);
     });
@@ -415,6 +445,8 @@ interface ConvertFlags {
   snapshot?: Record<string, string>;
   targetFormat: string;
   targetOptions?: Record<string, string>;
+  sourceOpts?: Record<string, string>;
+  targetOpts?: Record<string, string>;
   workers: number | 'auto';
   outOfOrder?: boolean;
   compress?: boolean;
@@ -436,6 +468,9 @@ interface ConvertFlags {
 async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
   if (o.targetOptions?.help) return printCreateOptions(ctx, reg, o.targetFormat);
+  if (o.sourceOpts?.help || o.targetOpts?.help) return printOpenOptions(ctx, reg);
+  if (!o.create && o.targetOptions) throw new BlockError('EINVAL', '-o sets creation options, and -n creates nothing: give open options of an existing target with --target-opts');
+  const sourceOptions = o.snapshot || o.sourceOpts ? { ...o.snapshot, ...o.sourceOpts } : undefined;
   if (o.targetIsZero && o.create) throw new BlockError('EINVAL', '--target-is-zero requires -n (an existing target)');
   if (o.sparseSize % 512 !== 0) throw new BlockError('EINVAL', `-S must be a multiple of 512 bytes, got ${o.sparseSize}`);
   const sources: BlockBackend[] = [];
@@ -445,8 +480,8 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   let sink: ReturnType<typeof progressSink> | undefined;
   // Everything opens at once: each open is a connection set up (mount, login), and
   // one after another they add their round trips to the copy's start.
-  const openTarget = o.create ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOptions, signal: abort.signal });
-  const opening = [...sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: o.snapshot, signal: abort.signal })), ...(openTarget ? [openTarget] : [])];
+  const openTarget = o.create ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });
+  const opening = [...sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })), ...(openTarget ? [openTarget] : [])];
   try {
     // All settle before any error is thrown, so that what did open is closed below.
     const opened = await Promise.allSettled(opening);
@@ -464,7 +499,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       const options = { ...o.targetOptions };
       if (o.backing !== undefined) options.backing_file = o.backing;
       if (o.backingFormat !== undefined) options.backing_fmt = o.backingFormat;
-      target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options, signal: abort.signal });
+      target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options, openOptions: o.targetOpts, signal: abort.signal });
       if (o.backing !== undefined && !target.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
     } else {
       target = openedTarget!;

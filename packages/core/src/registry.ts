@@ -62,6 +62,8 @@ export interface ImageOpenOptions extends OpenOptions {
 export interface ImageCreateOptions extends CreateOptions {
   /** Format name (-O); "raw" when absent. */
   readonly format?: string;
+  /** Open options (OpenOptions.options) for the image once created, checked as open() checks them. */
+  readonly openOptions?: Readonly<Record<string, string>>;
 }
 
 /** How much of an image's start the probe reads. */
@@ -168,12 +170,14 @@ export class DriverRegistry implements ImageResolver {
   }
 
   /** Checks an image's format metadata (qemu-img check): the named or probed format's check. */
-  async check(location: string, options: CheckOptions & { readonly format?: string; readonly cache?: CacheMode } = {}): Promise<CheckResult> {
+  async check(location: string, options: CheckOptions & { readonly format?: string; readonly cache?: CacheMode; readonly options?: Readonly<Record<string, string>> } = {}): Promise<CheckResult> {
     await this.#load(location, options.format);
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
-    const file = await this.openProtocol(location, { readOnly: options.repair === undefined, cache: options.cache, signal: options.signal });
+    const { driver: protocol } = this.protocolFor(location);
+    const file = await this.openProtocol(location, { readOnly: options.repair === undefined, cache: options.cache, signal: options.signal, options: options.options });
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
+      checkOpenOptions(options.options, protocol, fmt, location);
       if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location });
       const r = await fmt.check(file, options);
       return { ...r, messages: r.messages.map(redactCredentials) };
@@ -227,11 +231,12 @@ export class DriverRegistry implements ImageResolver {
     } catch (err) {
       throw toBlockError(err, { op: 'create', location });
     }
-    const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal });
+    const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal, options: options.openOptions });
     try {
+      checkOpenOptions(options.openOptions, driver, fmt, location);
       const formatted = await fmt.create(file, size, { ...options, resolver: this });
       const readsZeroes = (formatted?.readsZeroes ?? made?.readsZeroes) === true;
-      const image = await fmt.open(file, { cache: options.cache, signal: options.signal, resolver: this });
+      const image = await fmt.open(file, { cache: options.cache, signal: options.signal, options: options.openOptions, resolver: this });
       return gated(redactedLocation(image), readsZeroes ? { readsZeroesInitially: true } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
