@@ -45,6 +45,8 @@
 #   OUT_DIR=bench-out   tables: headline-RATE.md (+ .json, -sweep.tsv); per-run data in
 #                     OUT_DIR/headline-RATE-work/
 #   SVG_OUT=docs/headline-sweep-RATE.svg
+#   EXTRA_TOOLS       more tools, one a line: "label|command" with {SRC} {DST} {N}, e.g. another
+#                     checkout's CLI: 'before|node /work/wt/packages/cli/bin/blockconv.js convert {N} -f qcow2 -O raw {SRC} {DST}'
 # blockconv convert always gets --output json added, to record its own elapsed time.
 set -euo pipefail
 
@@ -218,6 +220,9 @@ if ((RATE_BPS > 0)); then
 fi
 specs=()
 for l in "${TOOL_LABELS[@]}"; do specs+=("$l=${BUILTIN[$l]}"); done
+while IFS= read -r line; do
+  [ -n "$line" ] && specs+=("${line%%|*}=${line#*|}")
+done <<<"${EXTRA_TOOLS:-}"
 for sc in $SCENARIOS; do
   case $sc in nfs-iscsi|nfs-ram|ram-iscsi) ;; *) die "unknown scenario $sc" ;; esac
   run_tools "$sc" "$RUNS" 1 "${specs[@]}"

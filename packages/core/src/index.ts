@@ -16,7 +16,7 @@ export {
   convert, startConvert, ConvertJob,
   DEFAULT_WORKERS, AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,
   type ConvertOptions, type ConvertProgress, type ConvertResult,
-} from './convert.js';
+} from './convert/index.js';
 export { WorkerGovernor } from './autotune.js';
 export { compareImages, type CompareOptions, type CompareResult } from './compare.js';
 export { mapImage, type MapEntry } from './map.js';

@@ -1,0 +1,115 @@
+/**
+ * The cursor: hands workers the next chunk of the sources, asking block status lazily,
+ * so that there is never a list of all requests (memory stays O(workers x buffer)).
+ */
+import { toBlockError } from '../errors.js';
+import { roundDown } from '../registry.js';
+import { chainStatus } from '../status.js';
+import type { BlockBackend, ExtentKind } from '../types.js';
+import { MAX_MERGED_HOLE } from './options.js';
+
+/** A chunk of work: one extent piece of one source, mapped to target offsets. */
+export interface Chunk {
+  seq: number;
+  source: BlockBackend;
+  sourceOffset: number;
+  targetOffset: number;
+  length: number;
+  /** 'data' must be read; 'zero' is known zeroes. */
+  kind: Exclude<ExtentKind, 'unallocated'>;
+}
+
+/**
+ * Walks the sources in order, asking block status lazily, and carves the next chunk.
+ * Only one block-status query is in flight; other workers wait for it.
+ */
+export class ChunkCursor {
+  #index = 0;
+  #pos = 0;
+  #base = 0;
+  #extentEnd = 0;
+  #extentKind: 'data' | 'zero' = 'data';
+  #pending: Promise<void> | null = null;
+  #seq = 0;
+
+  constructor(
+    private readonly sources: readonly BlockBackend[],
+    private readonly align: number,
+    private readonly maxData: number,
+    private readonly maxZero: number,
+    private readonly allData: boolean,
+    /** Smallest hole that may be merged into a data chunk (the zero scan must find it again); 0: never. */
+    private readonly minMergedHole: number,
+    /** The zero scan's unit: a merged hole must sit on unit boundaries of the chunk. */
+    private readonly unit: number,
+  ) {}
+
+  get issued(): number { return this.#seq; }
+
+  async next(): Promise<Chunk | null> {
+    for (;;) {
+      if (this.#pending) { await this.#pending; continue; }
+      const src = this.sources[this.#index];
+      if (!src) return null;
+      if (this.#pos >= src.size) {
+        this.#base += src.size;
+        this.#index++;
+        this.#pos = 0;
+        this.#extentEnd = 0;
+        continue;
+      }
+      if (this.#pos < this.#extentEnd) return this.#carve(src);
+      this.#pending = this.#query(src).finally(() => { this.#pending = null; });
+    }
+  }
+
+  async #query(src: BlockBackend): Promise<void> {
+    const pos = this.#pos;
+    let at = pos;
+    try {
+      if (this.allData || !src.hasBlockStatus) {
+        this.#extentEnd = src.size;
+        this.#extentKind = 'data';
+        return;
+      }
+      const ext = await chainStatus(src, pos, src.size - pos);
+      let end = pos + Math.min(ext.length, src.size - pos);
+      this.#extentKind = ext.kind === 'data' ? 'data' : 'zero';
+      // Merge small holes and the data after them into this data extent, up to one buffer.
+      if (ext.kind === 'data' && this.minMergedHole > 0 && src.cheapHoleReads) {
+        while (end < src.size && end - pos < this.maxData) {
+          at = end;
+          const hole = await chainStatus(src, end, src.size - end);
+          const holeEnd = end + hole.length;
+          if (hole.kind !== 'zero' || hole.length > MAX_MERGED_HOLE || hole.length < this.minMergedHole ||
+              (end - pos) % this.unit !== 0 || hole.length % this.unit !== 0 || holeEnd >= src.size || holeEnd - pos >= this.maxData) break;
+          at = holeEnd;
+          const data = await chainStatus(src, holeEnd, src.size - holeEnd);
+          if (data.kind !== 'data') break;
+          end = Math.min(holeEnd + data.length, pos + this.maxData);
+        }
+      }
+      this.#extentEnd = end;
+    } catch (err) {
+      throw toBlockError(err, { op: 'blockStatus', location: src.location, offset: at });
+    }
+  }
+
+  #carve(src: BlockBackend): Chunk {
+    const start = this.#pos;
+    let kind = this.#extentKind;
+    let end = Math.min(this.#extentEnd, start + (kind === 'data' ? this.maxData : this.maxZero));
+    if (end < src.size && end % this.align !== 0) {
+      const aligned = roundDown(end, this.align);
+      if (aligned > start) {
+        end = aligned;
+      } else {
+        // The extent ends inside one aligned block: copy that block as data.
+        end = Math.min(aligned + this.align, src.size);
+        kind = 'data';
+      }
+    }
+    this.#pos = end;
+    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind };
+  }
+}

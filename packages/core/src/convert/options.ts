@@ -1,0 +1,82 @@
+/**
+ * What a convert takes and reports: the public options and results of the scheduler
+ * (index.ts), and its defaults.
+ */
+import type { BlockBackend } from '../types.js';
+
+export const DEFAULT_WORKERS = 8;
+export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
+export const DEFAULT_MIN_SPARSE = 4096;
+export const MAX_WORKERS = 256;
+/** Most workers -m auto uses: memory stays AUTO_MAX_WORKERS x buffer at worst. */
+export const AUTO_MAX_WORKERS = 32;
+/** Zero-detection granularity when the target allows finer: one sector, as qemu-img. */
+export const SECTOR = 512;
+/**
+ * Holes up to this size between data extents of a source with cheap hole reads are
+ * read along with the data (and found again by the zero scan): one request instead of
+ * two for images fragmented at cluster granularity.
+ */
+export const MAX_MERGED_HOLE = 128 * 1024;
+
+export interface ConvertOptions {
+  /** Opened sources; their contents are concatenated into the target. */
+  readonly sources: readonly BlockBackend[];
+  /** Opened target, at least as large as the sources together. */
+  readonly target: BlockBackend;
+  /**
+   * Parallel workers (-m), each with one buffer. Default 8. 'auto': adapted during the
+   * copy (see autotune.ts), up to AUTO_MAX_WORKERS.
+   */
+  readonly workers?: number | 'auto';
+  /** Bytes per worker buffer, the largest chunk; capped by both sides' max transfer. Default 2 MiB. */
+  readonly bufferSize?: number;
+  /** Allow writes to complete out of order (-W). Ignored if the target cannot. */
+  readonly outOfOrder?: boolean;
+  /**
+   * Zero runs of at least this many bytes in data are not written as data (-S).
+   * 0: no scanning and no skipping: every byte is written, the target fully allocated.
+   * Default 4096. A multiple of 512.
+   */
+  readonly minSparse?: number;
+  /** The target is known to read back zeroes (--target-is-zero); otherwise its capability decides. */
+  readonly targetIsZero?: boolean;
+  /** Bytes per second (-r); unlimited when absent or 0. */
+  readonly rateLimit?: number;
+  /**
+   * Write only what differs from the target's backing image (qemu-img convert -B): the
+   * target reads through to it, so equal clusters are left unallocated.
+   */
+  readonly diffAgainstBacking?: boolean;
+  /** Store data compressed (-c): the target must be able to (canCompress). */
+  readonly compress?: boolean;
+  /** Flush the target at the end (default true). The job does not resolve until it succeeds. */
+  readonly flush?: boolean;
+  readonly signal?: AbortSignal;
+  /** Minimum milliseconds between progress events. Default 100. */
+  readonly progressInterval?: number;
+}
+
+export interface ConvertProgress {
+  /** Bytes of the target image covered so far (read, written, zeroed or skipped). */
+  readonly done: number;
+  readonly total: number;
+  readonly bytesRead: number;
+  readonly bytesWritten: number;
+  /** Bytes handed to writeZeroes. */
+  readonly bytesZeroed: number;
+  /** Zero bytes left alone because the target reads them back as zeroes. */
+  readonly bytesSkipped: number;
+  readonly elapsedMs: number;
+  /** Bytes per second over the job so far. */
+  readonly rate: number;
+}
+
+export interface ConvertResult extends ConvertProgress {
+  /** Workers used (with 'auto': the count it settled on). */
+  readonly workers: number;
+  /** With 'auto': the worker counts tried, in order. */
+  readonly workersTried?: readonly number[];
+  readonly bufferSize: number;
+  readonly outOfOrder: boolean;
+}

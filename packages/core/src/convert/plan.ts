@@ -1,0 +1,132 @@
+/**
+ * The plan of a convert: the options checked, and every size and mode the scheduler
+ * derives from them and from the backends' limits, computed once before any I/O. Pure:
+ * nothing here reads or writes an image.
+ */
+import { BlockError } from '../errors.js';
+import { gateBackend } from '../gate.js';
+import { roundDown } from '../registry.js';
+import type { BlockBackend, WriteFlags } from '../types.js';
+import {
+  AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, DEFAULT_WORKERS, MAX_WORKERS, SECTOR,
+  type ConvertOptions,
+} from './options.js';
+
+export interface ConvertPlan {
+  /** The backends behind the request gate (registry backends are gated already). */
+  readonly target: BlockBackend;
+  readonly sources: readonly BlockBackend[];
+  /** Bytes of all sources together. */
+  readonly total: number;
+  /** -B: the target's backing image, compared with instead of writing what it holds. */
+  readonly backing?: BlockBackend;
+  /** Workers to start; with -m auto the most the governor may use. */
+  readonly workers: number;
+  readonly autoWorkers: boolean;
+  /** Each worker's buffer: the largest chunk. */
+  readonly bufferSize: number;
+  /** Chunk boundaries: the largest request alignment, or the target's preferred one. */
+  readonly chunkAlign: number;
+  /** Largest data chunk (whole chunkAlign units) and largest zero chunk. */
+  readonly maxDataChunk: number;
+  readonly maxZeroChunk: number;
+  /** Granularity of the zero scan, and of -B comparisons. */
+  readonly unit: number;
+  /** -S: zero runs of at least this are not written as data; 0 scans nothing. */
+  readonly minSparse: number;
+  /** -S 0: every byte is written as data, zeroes included. */
+  readonly allData: boolean;
+  /** Smallest hole the cursor may read along with the data around it; 0: never. */
+  readonly minMergedHole: number;
+  /** The target reads back zeroes: zero ranges are skipped. */
+  readonly targetZero: boolean;
+  /** -W, when the target takes it. */
+  readonly outOfOrder: boolean;
+  /** The target takes one write at a time. */
+  readonly serialized: boolean;
+  /** Largest writeZeroes request. */
+  readonly maxZeroes: number;
+  readonly writeFlags?: WriteFlags;
+  /** Writes go out one by one per worker (one-at-a-time targets, compressed writes). */
+  readonly pieceByPiece: boolean;
+  readonly rateLimit?: number;
+  /** Buffers in memory every backend of the copy can do I/O from (O_DIRECT). */
+  readonly allocate: (n: number) => Uint8Array;
+}
+
+function checkOptions(o: ConvertOptions): void {
+  const int = (name: string, v: number | undefined, min: number, max = Number.MAX_SAFE_INTEGER): void => {
+    if (v !== undefined && (!Number.isSafeInteger(v) || v < min || v > max)) {
+      throw new BlockError('EINVAL', `${name} must be an integer from ${min} to ${max}, got ${v}`);
+    }
+  };
+  if (o.sources.length === 0) throw new BlockError('EINVAL', 'no source image');
+  if (o.workers !== 'auto') int('workers', o.workers, 1, MAX_WORKERS);
+  int('bufferSize', o.bufferSize, SECTOR, 1 << 30);
+  int('minSparse', o.minSparse, 0);
+  int('rateLimit', o.rateLimit, 0);
+  if (o.minSparse !== undefined && o.minSparse % SECTOR !== 0) {
+    throw new BlockError('EINVAL', `minSparse must be a multiple of ${SECTOR} bytes, got ${o.minSparse}`);
+  }
+  if (o.target.readOnly) {
+    throw new BlockError('EROFS', `the target is read-only${o.target.readOnlyReason ? `: ${o.target.readOnlyReason}` : ''}`, { location: o.target.location });
+  }
+  if (o.compress && !o.target.canCompress) {
+    throw new BlockError('EINVAL', `the target (${o.target.driverName}) cannot store compressed data`, { location: o.target.location });
+  }
+}
+
+export function planConvert(o: ConvertOptions): ConvertPlan {
+  checkOptions(o);
+  const target = gateBackend(o.target);
+  const sources = o.sources.map((s) => gateBackend(s));
+  const total = sources.reduce((n, s) => n + s.size, 0);
+  if (target.size < total) {
+    throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes)`, { location: target.location });
+  }
+  const align = Math.max(target.limits.requestAlignment, ...sources.map((s) => s.limits.requestAlignment));
+  let base = 0;
+  for (const s of sources.slice(0, -1)) {
+    base += s.size;
+    if (base % align !== 0) {
+      throw new BlockError('EINVAL', `source ${s.location} ends at ${base}, not a multiple of the ${align}-byte alignment; sources cannot be concatenated`);
+    }
+  }
+
+  const minSparse = o.minSparse ?? DEFAULT_MIN_SPARSE;
+  const allData = minSparse === 0;
+  const backing = o.diffAgainstBacking && target.backing ? gateBackend(target.backing) : undefined;
+  if (o.diffAgainstBacking && !backing) throw new BlockError('EINVAL', 'the target has no backing image to compare with', { location: target.location });
+  const targetZero = !backing && (o.targetIsZero === true || target.readsZeroesInitially);
+  const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
+  // In order, writes of consecutive chunks overlap unless the target cannot take that.
+  const serialized = !outOfOrder && target.canWriteOutOfOrder === false;
+  const maxTransfer = Math.min(target.limits.maxTransfer, ...sources.map((s) => s.limits.maxTransfer));
+  const bufferSize = Math.max(align, roundDown(Math.min(o.bufferSize ?? DEFAULT_BUFFER_SIZE, maxTransfer), align));
+  // Chunks and zero runs on the target's preferred granularity (qcow2 clusters) spare it
+  // copy-on-write, as long as a buffer holds one such unit; sources only need `align`.
+  // Compressed writes go by whole compression units (qcow2 clusters).
+  const preferred = (o.compress ? target.limits.compressionUnit : undefined) ?? target.limits.preferredAlignment ?? 1;
+  const chunkAlign = preferred > align && preferred <= bufferSize && preferred % align === 0 ? preferred : align;
+  const chunksAtMost = Math.ceil(total / bufferSize) || 1;
+  const autoWorkers = o.workers === 'auto';
+  const workers = autoWorkers ? Math.min(AUTO_MAX_WORKERS, chunksAtMost) : Math.max(1, Math.min((o.workers as number | undefined) ?? DEFAULT_WORKERS, chunksAtMost));
+  const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
+  // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
+  // Zero chunks compared with a backing image are read like data: one buffer at most.
+  const maxZeroChunk = backing ? bufferSize : targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), chunkAlign));
+  const unit = Math.max(SECTOR, target.limits.requestAlignment, chunkAlign);
+  // A merged hole must come back from the zero scan as a run the target need not write.
+  const minMergedHole = allData ? 0 : Math.max(minSparse, unit);
+  const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));
+  const alignedOwner = memAlign > 1 ? [target, ...sources].find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) >= memAlign) : undefined;
+  const writeFlags = o.compress ? { compress: true } : undefined;
+  return {
+    target, sources, total, backing, workers, autoWorkers, bufferSize, chunkAlign,
+    maxDataChunk: roundDown(bufferSize, chunkAlign), maxZeroChunk, unit, minSparse, allData, minMergedHole,
+    targetZero, outOfOrder, serialized, maxZeroes, writeFlags,
+    pieceByPiece: serialized || writeFlags !== undefined,
+    rateLimit: o.rateLimit || undefined,
+    allocate: (n) => (alignedOwner ? alignedOwner.allocBuffer!(n) : Buffer.allocUnsafeSlow(n)),
+  };
+}
