@@ -164,8 +164,9 @@ export class DriverRegistry implements ImageResolver {
     const file = await this.openProtocol(location, { readOnly: options.repair === undefined, cache: options.cache, signal: options.signal });
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
-      if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location });
-      return await fmt.check(file, options);
+      // field "format": the CLI exits 63 for this, as qemu-img check does.
+      if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location, field: 'format' });
+      return await fmt.check(file, { ...options, resolver: this });
     } catch (err) {
       throw toBlockError(err, { op: 'check', location });
     } finally {
