@@ -40,6 +40,24 @@ export async function openBacking(file: BlockBackend, header: Qcow2Header, optio
   return chain.run(chainSoFar, () => openChild(options, resolveRelative(file.location, name), header.backingFormat, 'backing file', name, where));
 }
 
+/**
+ * Opens, and closes again, what the image refers to: qemu-img check opens the data
+ * file and the whole backing chain before it checks anything, and fails when one of
+ * them cannot be opened (missing, a loop, a damaged header).
+ */
+export async function openReferencesForCheck(file: BlockBackend, header: Qcow2Header, options: OpenOptions & { readonly resolver?: ImageResolver }): Promise<void> {
+  const where = { location: file.location, op: 'check' };
+  const opened: BlockBackend[] = [];
+  try {
+    const dataFile = await openDataFile(file, header, undefined, options, where, false);
+    if (dataFile) opened.push(dataFile);
+    const backing = await openBacking(file, header, options, where, [await canonical(file.location)]);
+    if (backing) opened.push(backing);
+  } finally {
+    await Promise.allSettled(opened.map((b) => b.close()));
+  }
+}
+
 /** Opens the backing or data file; a failure names the image that refers to it (once, not at every level of a chain). */
 async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }, writable = false): Promise<BlockBackend> {
   const field = what === 'backing file' ? 'backing_file' : 'data_file';
