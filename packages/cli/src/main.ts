@@ -210,7 +210,7 @@ Examples:
 
   program
     .command('check')
-    .description('Check an image\'s metadata for consistency (as qemu-img check). Exit 0: clean, 1: check failed, 2: corruptions, 3: leaks only.')
+    .description('Check an image\'s metadata for consistency (as qemu-img check). Exit 0: clean, 1: check failed, 2: corruptions, 3: leaks only, 63: the format has no checks.')
     .argument('<image>')
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .addOption(new Option('-r, --repair <what>', 'repair leaks, or all inconsistencies that can be repaired').choices(['leaks', 'all']))
@@ -227,7 +227,9 @@ Examples:
         // As qemu-img does: after a repair, check again and report on the repaired image.
         if (opts.repair && (r.leaksFixed || r.corruptionsFixed)) { fixed = r; r = await reg.check(image, { format: opts.format, options: opts.opts }); }
       } catch (err) {
-        throw new ExitError(1, describe(err, ctx.debug));
+        // qemu-img check's own code for a format without checks.
+        const noChecks = err instanceof BlockError && err.code === 'ENOTSUP' && err.op === 'check' && err.field === 'format';
+        throw new ExitError(noChecks ? 63 : 1, describe(err, ctx.debug));
       }
       const format = opts.format ?? 'qcow2';
       if (opts.output === 'json') {

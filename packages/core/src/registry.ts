@@ -178,8 +178,9 @@ export class DriverRegistry implements ImageResolver {
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
       checkOpenOptions(options.options, protocol, fmt, location);
-      if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location });
-      const r = await fmt.check(file, options);
+      // field "format": the CLI exits 63 for this, as qemu-img check does.
+      if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location, field: 'format' });
+      const r = await fmt.check(file, { ...options, resolver: this });
       return { ...r, messages: r.messages.map(redactCredentials) };
     } catch (err) {
       throw toBlockError(err, { op: 'check', location });

@@ -274,6 +274,11 @@ export interface CheckOptions {
   /** Repair what can be: "leaks" only, or "all" (refcounts too low as well), as qemu-img check -r. */
   readonly repair?: 'leaks' | 'all';
   readonly signal?: AbortSignal;
+  /**
+   * Opens what the image refers to (backing chain, external data file): qemu-img check
+   * opens them too, and fails when one cannot be opened.
+   */
+  readonly resolver?: ImageResolver;
 }
 
 /** What a consistency check found, in qemu-img check's terms. */

@@ -1,304 +1,259 @@
 /**
- * `check`: the refcounts of an image recomputed from every reference (header, L1 and
- * L2 tables, data and compressed clusters, snapshots and their tables, the refcount
- * structures themselves, the bitmap directory) and compared with the stored ones,
- * as qemu-img check does (qemu's block/qcow2-refcount.c): a stored refcount above
- * the references is a leak, one below is a corruption, and so is an L2 or L1 entry
- * whose "copied" flag disagrees with its cluster's refcount. Repair sets stored
- * refcounts to the references (leaks, or every mismatch with repair=all) and, with
- * repair=all, clears a lazy-refcount dirty bit.
+ * `check`: qemu-img check for qcow2. Its exit code (0 clean, 1 check not completed,
+ * 2 corruptions, 3 leaks) and counts are the reference, so this follows QEMU 7.2
+ * (block/qcow2.c qcow2_co_check_locked, block/qcow2-refcount.c qcow2_check_refcounts,
+ * block/qcow2-snapshot.c) step for step:
+ *
+ * 1. the image is opened as qemu-img check opens it: its backing chain and data file
+ *    too, but the tables' placement in the file is left to the check;
+ * 2. the snapshot table is read (check-snapshots.ts);
+ * 3. every reference is counted into an in-memory refcount table (check-count.ts);
+ * 4. the stored refcounts are compared with it: above is a leak, below a corruption,
+ *    unreadable a check error (compareRefcounts);
+ * 5. repairs: leaks, or everything with -r all, in place; with -r all a structure that
+ *    cannot be mended in place is written anew (rebuild.ts), and -r leaks then fails;
+ * 6. the "copied" flags of the active L1 and L2 entries must say "refcount 1" exactly
+ *    when it is (checkCopiedFlags);
+ * 7. after a repair that left nothing wrong, the dirty and corrupt bits are cleared.
+ *
+ * Where QEMU's check returns an error (a table it cannot read, a repair it must
+ * refuse), this throws: qemu-img then prints no report and exits 1.
  *
  * Memory: one 16-bit counter per cluster of the file (wider counts in a side map),
- * bounded by the file's size; tables are read one at a time.
+ * bounded by the file's size; tables are read one at a time, and no more of a table
+ * than QEMU's limits allow (header.ts, check-snapshots.ts).
  */
 import { BlockError, type BlockBackend, type CheckOptions, type CheckResult } from '@blockconv/core';
 import { hex, type Where } from './errors.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
-import { metaReader, readHeader, type ReadMeta } from './io.js';
-import { compressedRange, entryOffset } from './mapping.js';
-import { refcountAt, setRefcountAt } from './refcounts.js';
-import { readSnapshotTable } from './snapshots.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from './header.js';
+import { metaReader, readHeader } from './io.js';
+import { entryOffset } from './mapping.js';
+import { openReferencesForCheck } from './references.js';
+import { calculateRefcounts, clusterType } from './check-count.js';
+import { readSnapshotsForCheck } from './check-snapshots.js';
+import {
+  checkFailed, hex64, noCounts, signalCorruption, writeIncompatibleFeatures, writeMetadata, type CheckState, type Counts,
+} from './check-state.js';
+import { readPadded, ReferenceCounts, RefcountUnreadable, StoredRefcounts } from './check-tables.js';
+import { rebuildRefcountStructure } from './rebuild.js';
 
-const TWO_32 = 0x1_0000_0000;
-/** Files with more clusters than this are refused rather than given a huge counter array. */
-const MAX_CHECK_CLUSTERS = 2 ** 31;
-
-/** Counts references per host cluster. */
-class ReferenceCounts {
-  readonly #counts: Uint16Array;
-  readonly #wide = new Map<number, number>();
-  constructor(readonly clusters: number) { this.#counts = new Uint16Array(clusters); }
-  get(c: number): number { return this.#wide.get(c) ?? this.#counts[c]!; }
-  inc(c: number): void {
-    const v = this.get(c) + 1;
-    if (v > 0xffff) this.#wide.set(c, v);
-    else this.#counts[c] = v;
-  }
-}
-
-interface State {
-  readonly h: Qcow2Header;
-  readonly file: BlockBackend;
-  readonly read: ReadMeta;
-  readonly refs: ReferenceCounts;
-  readonly cs: number;
-  readonly messages: string[];
-  corruptions: number;
-  checkErrors: number;
-  allocated: number;
-  fragmented: number;
-  compressed: number;
-  nextContiguous: number;
-}
+/** QEMU refuses files of more clusters than an int holds. */
+const MAX_CHECK_CLUSTERS = 2 ** 31 - 1;
+const COPIED = 0x8000_0000;
 
 export async function checkQcow2(file: BlockBackend, options: CheckOptions = {}): Promise<CheckResult> {
+  const st = await openForCheck(file, options);
+  const snapshotTable = await readSnapshotsForCheck(st);
+  st.snapshots = snapshotTable.snapshots;
+  st.snapshotsSize = snapshotTable.size;
+  await checkRefcounts(st);
+  const total = sum(st.res, snapshotTable.counts);
+  if (st.repair !== undefined && total.checkErrors === 0 && total.corruptions === 0) await markCleanAndConsistent(st);
+  return {
+    ...total,
+    messages: st.messages,
+    imageEndOffset: (st.highestCluster + 1) * st.cs,
+    totalClusters: Math.ceil(st.h.size / st.cs),
+    allocatedClusters: st.frag.allocated,
+    fragmentedClusters: st.frag.fragmented,
+    compressedClusters: st.frag.compressed,
+  };
+}
+
+/** Reads what QEMU reads when it opens the image for a check, and opens what the image refers to. */
+async function openForCheck(file: BlockBackend, options: CheckOptions): Promise<CheckState> {
   const where: Where = { location: file.location, op: 'check' };
   const read = metaReader(file);
-  const h = await readHeader(file, read, where);
+  const h = await readHeader(file, read, where, { forCheck: true });
+  // Without a resolver (a driver called directly) there is nothing to open them with.
+  if (options.resolver) await openReferencesForCheck(file, h, { resolver: options.resolver, signal: options.signal });
   const cs = h.clusterSize;
   const clusters = Math.ceil(file.size / cs);
   if (clusters > MAX_CHECK_CLUSTERS) {
     throw new BlockError('EFBIG', `the file has ${clusters} clusters, more than check handles (${MAX_CHECK_CLUSTERS})`, where);
   }
-  const st: State = {
-    h, file, read, refs: new ReferenceCounts(clusters), cs, messages: [],
-    corruptions: 0, checkErrors: 0, allocated: 0, fragmented: 0, compressed: 0, nextContiguous: 0,
-  };
-
-  // References.
-  inc(st, 0, cs);
-  await walkL1(st, h.l1TableOffset, h.l1Size, true);
-  const snapshots = await readSnapshotTable(h, file.size, read, where).catch((err: unknown) => {
-    st.messages.push(`ERROR reading the snapshot table: ${(err as Error).message}`);
-    st.checkErrors++;
-    return [];
-  });
-  if (snapshots.length) inc(st, h.snapshotsOffset, snapshots.reduce((n, s) => n + s.entryLength, 0));
-  for (const s of snapshots) await walkL1(st, s.l1TableOffset, s.l1Size, false);
-  await countBitmaps(st);
-  inc(st, h.refcountTableOffset, h.refcountTableClusters * cs);
-  const table = await read(h.refcountTableOffset, Math.min(h.refcountTableClusters * cs, file.size - h.refcountTableOffset));
-  const tv = new DataView(table.buffer, table.byteOffset, table.byteLength);
-  const blocks: number[] = [];
-  for (let r = 0; r < table.length / 8; r++) {
-    const offset = tv.getUint32(r * 8) * TWO_32 + ((tv.getUint32(r * 8 + 4) & ~(cs - 1)) >>> 0);
-    blocks.push(offset);
-    if (offset === 0) continue;
-    if (offset % cs !== 0) { corruptionAt(st, `ERROR refcount block ${r} is not cluster aligned; refcount table entry corrupted`); blocks[r] = 0; continue; }
-    if (offset >= file.size) { corruptionAt(st, `ERROR refcount block ${r} is outside image`); blocks[r] = 0; continue; }
-    inc(st, offset, cs);
-  }
-
-  // Stored against counted.
+  // Both tables as QEMU reads them at open: past the end of the file as zeroes.
+  const activeL1 = await readPadded(file, read, h.l1TableOffset, h.l1Size * 8);
+  const reftable = await readPadded(file, read, h.refcountTableOffset, h.refcountTableClusters * cs);
   const bits = 2 ** h.refcountOrder;
-  const perBlock = (cs * 8) / bits;
-  let leaks = 0;
-  let leaksFixed = 0;
-  let corruptionsFixed = 0;
-  let highest = -1;
-  const fixLeaks = options.repair !== undefined;
-  const fixAll = options.repair === 'all';
-  const stored = async (c: number): Promise<{ block: Uint8Array; view: DataView; index: number; offset: number } | undefined> => {
-    const r = Math.floor(c / perBlock);
-    const offset = blocks[r] ?? 0;
-    if (offset === 0) return undefined;
-    if (cachedBlock?.offset !== offset) {
-      if (cachedBlock?.dirty) await file.write(cachedBlock.offset, cachedBlock.block);
-      const block = await read(offset, cs);
-      cachedBlock = { offset, block, view: new DataView(block.buffer, block.byteOffset, block.byteLength), dirty: false };
-    }
-    return { block: cachedBlock.block, view: cachedBlock.view, index: c % perBlock, offset };
+  // An unaligned refcount block is a corruption QEMU signals when it meets it.
+  const stored = new StoredRefcounts(file, read, reftable, cs, bits, (m) => signalCorruption(st, m));
+  const st: CheckState = {
+    h, file, read, cs, where, repair: options.repair, signal: options.signal,
+    hasDataFile: (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
+    messages: [], res: noCounts(),
+    refs: new ReferenceCounts(clusters, bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1),
+    stored, reftableOffset: h.refcountTableOffset, activeL1, snapshots: [], snapshotsSize: 0,
+    rebuild: false, highestCluster: 0, frag: { allocated: 0, fragmented: 0, compressed: 0 },
+    incompatibleFeatures: h.incompatibleFeatures, signaledCorruption: false,
   };
-  let cachedBlock: { offset: number; block: Uint8Array; view: DataView; dirty: boolean } | undefined;
-  const refcountOf = new Map<number, number>(); // for the copied-flag check: clusters whose final refcount is not the reference count
-  for (let c = 0; c < clusters; c++) {
-    options.signal?.throwIfAborted();
-    const counted = st.refs.get(c);
-    if (counted > 0) highest = c;
-    const s = await stored(c);
-    const have = s ? refcountAt(s.block, s.view, bits, s.index) : 0;
-    if (have === counted) continue;
-    if (have > counted) {
-      if (fixLeaks && s) {
-        setRefcountAt(s.block, s.view, bits, s.index, counted);
-        cachedBlock!.dirty = true;
-        leaksFixed++;
-        st.messages.push(`Repairing cluster ${c} refcount=${have} reference=${counted}`);
-      } else {
-        leaks++;
-        st.messages.push(`Leaked cluster ${c} refcount=${have} reference=${counted}`);
-        refcountOf.set(c, have);
-      }
-    } else if (fixAll && s) {
-      setRefcountAt(s.block, s.view, bits, s.index, counted);
-      cachedBlock!.dirty = true;
-      corruptionsFixed++;
-      st.messages.push(`Repairing cluster ${c} refcount=${have} reference=${counted}`);
-    } else {
-      st.corruptions++;
-      st.messages.push(`ERROR cluster ${c} refcount=${have} reference=${counted}`);
-      refcountOf.set(c, have);
-    }
-  }
-  if (cachedBlock?.dirty) await file.write(cachedBlock.offset, cachedBlock.block);
+  return st;
+}
 
-  await checkCopiedFlags(st, (c) => refcountOf.get(c) ?? st.refs.get(c));
-
-  if (options.repair !== undefined && (leaksFixed || corruptionsFixed)) await file.flush();
-  if (fixAll && h.version === 3 && (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n && st.corruptions === 0) {
-    const b = new Uint8Array(8);
-    new DataView(b.buffer).setBigUint64(0, h.incompatibleFeatures & ~INCOMPAT_DIRTY);
-    await file.write(72, b);
-    await file.flush();
-  }
+function sum(a: Counts, b: Counts): Counts {
   return {
-    corruptions: st.corruptions, leaks, checkErrors: st.checkErrors, corruptionsFixed, leaksFixed, messages: st.messages,
-    imageEndOffset: (highest + 1) * cs,
-    totalClusters: Math.ceil(h.size / cs),
-    allocatedClusters: st.allocated,
-    fragmentedClusters: st.fragmented,
-    compressedClusters: st.compressed,
+    corruptions: a.corruptions + b.corruptions, leaks: a.leaks + b.leaks, checkErrors: a.checkErrors + b.checkErrors,
+    corruptionsFixed: a.corruptionsFixed + b.corruptionsFixed, leaksFixed: a.leaksFixed + b.leaksFixed,
   };
 }
 
-function corruptionAt(st: State, message: string): void {
-  st.corruptions++;
-  st.messages.push(message);
-}
+/** Steps 3 to 6 (QEMU's qcow2_check_refcounts). */
+async function checkRefcounts(st: CheckState): Promise<void> {
+  await calculateRefcounts(st);
+  // What a repair pass starts from, should one follow.
+  const beforeCompare = { ...st.res };
+  await compareRefcounts(st, undefined);
 
-/** Counts one reference to every cluster [offset, offset+length) touches. */
-function inc(st: State, offset: number, length: number): void {
-  if (length <= 0) return;
-  const first = Math.floor(offset / st.cs);
-  const last = Math.floor((offset + length - 1) / st.cs);
-  for (let c = first; c <= last; c++) {
-    if (c >= st.refs.clusters) {
-      corruptionAt(st, `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(c * st.cs)} size ${hex(st.cs)}`);
-      return;
+  if (st.rebuild && st.repair === 'all') {
+    await rebuildAndRecount(st);
+  } else if (st.repair !== undefined) {
+    if (st.rebuild) {
+      st.messages.push('ERROR need to rebuild refcount structures');
+      st.res.checkErrors++;
+      throw checkFailed(st, 'refcount table', 'the refcount structure cannot be repaired in place (a refcount block is missing, misplaced or shared, or a cluster in use has refcount 0): repair with -r all');
     }
-    st.refs.inc(c);
+    if (st.res.leaks || st.res.corruptions) {
+      st.res = beforeCompare;
+      await compareRefcounts(st, st.repair);
+    }
   }
+  await st.stored.flush();
+  await checkCopiedFlags(st);
 }
 
-/** Counts the L1 table, its L2 tables and the clusters they map; `active` also gathers the allocation figures. */
-async function walkL1(st: State, l1Offset: number, l1Size: number, active: boolean): Promise<void> {
-  const { cs, h } = st;
-  if (l1Size === 0) return;
-  inc(st, l1Offset, l1Size * 8);
-  let l1: Uint8Array;
-  try {
-    l1 = await st.read(l1Offset, Math.min(l1Size * 8, Math.max(0, st.file.size - l1Offset)));
-  } catch (err) {
-    st.messages.push(`ERROR: I/O error in reading the L1 table at ${hex(l1Offset)}: ${(err as Error).message}`);
-    st.checkErrors++;
-    return;
-  }
-  const lv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
-  for (let i = 0; i < l1.length / 8; i++) {
-    const l2Offset = entryOffset(lv.getUint32(i * 8), lv.getUint32(i * 8 + 4));
-    if (l2Offset === 0) continue;
-    if (l2Offset % cs !== 0) {
-      corruptionAt(st, `ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
+/** Writes a new refcount structure, then counts again and repairs the leaks the old one leaves. */
+async function rebuildAndRecount(st: CheckState): Promise<void> {
+  const before = { ...st.res };
+  st.messages.push('Rebuilding refcount structure');
+  await rebuildRefcountStructure(st);
+  st.res.corruptions = 0;
+  st.res.leaks = 0;
+  st.rebuild = false;
+  st.refs.clear();
+  await calculateRefcounts(st);
+  // QEMU keeps the recount's figures and takes from the leak repair only what it could not fix.
+  const recount = { ...st.res };
+  st.res = noCounts();
+  await compareRefcounts(st, 'leaks');
+  await st.stored.flush();
+  if (st.rebuild) st.messages.push('ERROR rebuilt refcount structure is still broken');
+  const freshLeaks = st.res.leaks;
+  st.res = recount;
+  if (st.res.corruptions < before.corruptions) st.res.corruptionsFixed += before.corruptions - st.res.corruptions;
+  if (st.res.leaks < before.leaks) st.res.leaksFixed += before.leaks - st.res.leaks;
+  st.res.leaks += freshLeaks;
+}
+
+/**
+ * Stored refcounts against counted ones, cluster by cluster (QEMU's compare_refcounts);
+ * `fix` repairs in place what it allows. A cluster in use whose stored refcount is 0
+ * is never mended in place: it calls for a rebuild.
+ */
+async function compareRefcounts(st: CheckState, fix: 'leaks' | 'all' | undefined): Promise<void> {
+  st.highestCluster = 0;
+  for (let c = 0; c < st.refs.size; c++) {
+    if ((c & 0xffff) === 0) st.signal?.throwIfAborted();
+    const stored = await st.stored.get(c);
+    if (stored instanceof RefcountUnreadable) {
+      st.messages.push(`Can't get refcount for cluster ${c}: ${stored.reason}`);
+      st.res.checkErrors++;
       continue;
     }
-    inc(st, l2Offset, cs);
-    if (l2Offset + cs > st.file.size) continue;
-    const l2 = await st.read(l2Offset, cs);
+    const counted = st.refs.get(c);
+    if (stored > 0 || counted > 0) st.highestCluster = c;
+    if (stored === counted) continue;
+    let fixed: 'leaksFixed' | 'corruptionsFixed' | undefined;
+    if (stored === 0) st.rebuild = true;
+    else if (stored > counted && fix !== undefined) fixed = 'leaksFixed';
+    else if (stored < counted && fix === 'all') fixed = 'corruptionsFixed';
+    st.messages.push(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${stored} reference=${counted}`);
+    if (fixed && (await st.stored.set(c, counted))) {
+      st.res[fixed]++;
+      if (counted === 0) await discardFreed(st, c);
+      continue;
+    }
+    if (stored < counted) st.res.corruptions++;
+    else st.res.leaks++;
+  }
+}
+
+/**
+ * A cluster a repair has freed is discarded, as QEMU discards it, so that the space
+ * comes back (and what it held reads as zeroes where the storage punches holes).
+ */
+async function discardFreed(st: CheckState, cluster: number): Promise<void> {
+  const { file, cs } = st;
+  const offset = cluster * cs;
+  const length = Math.min(cs, file.size - offset);
+  const align = file.limits.requestAlignment;
+  if (!file.canDiscard || length <= 0 || offset % align !== 0 || length % align !== 0) return;
+  // Only space is at stake: a discard the storage refuses changes nothing in the image.
+  await file.discard(offset, length).catch(() => {});
+}
+
+/**
+ * The active L1 and L2 entries' "copied" flag must be set exactly when the refcount
+ * is 1 (QEMU's check_oflag_copied). With -r all it is repaired; with -r leaks only
+ * when nothing else is wrong, since the refcounts are then known to be right.
+ */
+async function checkCopiedFlags(st: CheckState): Promise<void> {
+  const { h, cs } = st;
+  const repair = st.repair === 'all' || (st.repair === 'leaks' && !st.res.checkErrors && !st.res.corruptions && !st.res.leaks);
+  const l1 = new DataView(st.activeL1.buffer, st.activeL1.byteOffset, st.activeL1.byteLength);
+  for (let i = 0; i < h.l1Size; i++) {
+    const hi1 = l1.getUint32(i * 8);
+    const lo1 = l1.getUint32(i * 8 + 4);
+    const l2Offset = entryOffset(hi1, lo1);
+    if (l2Offset === 0) continue;
+    const rc = await st.stored.get(Math.floor(l2Offset / cs));
+    // Already reported by the compare.
+    if (rc instanceof RefcountUnreadable) continue;
+    if ((rc === 1) !== ((hi1 & COPIED) !== 0)) {
+      st.res.corruptions++;
+      st.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi1, lo1)} refcount=${rc}`);
+      if (repair) {
+        l1.setUint32(i * 8, rc === 1 ? (hi1 | COPIED) >>> 0 : hi1 & ~COPIED);
+        await writeMetadata(st, h.l1TableOffset + i * 8, st.activeL1.subarray(i * 8, i * 8 + 8), { what: 'L1 entry', ignore: 'active L1 table', failure: 'ERROR updating an L1 entry' });
+        st.res.corruptions--;
+        st.res.corruptionsFixed++;
+      }
+    }
+    // Past the end of the file it reads as zeroes: no entry to check.
+    if (l2Offset >= st.file.size) continue;
+    const l2 = await readPadded(st.file, st.read, l2Offset, h.l2Entries * h.l2EntrySize).catch((err: unknown) => {
+      st.messages.push(`ERROR: Could not read L2 table: ${(err as Error).message}`);
+      st.res.checkErrors++;
+      throw checkFailed(st, 'L2 table', `cannot read the L2 table at ${hex(l2Offset)}: ${(err as Error).message}`);
+    });
     const v = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
-    // Contiguity is judged within one L2 table, as QEMU does.
-    st.nextContiguous = 0;
+    let dirty = 0;
     for (let j = 0; j < h.l2Entries; j++) {
       const at = j * h.l2EntrySize;
       const hi = v.getUint32(at);
       const lo = v.getUint32(at + 4);
-      // Extended L2: the bitmaps must agree with the entry (qcow2.txt "Extended L2 Entries").
-      const zeroBits = h.extendedL2 ? v.getUint32(at + 8) : 0;
-      const allocBits = h.extendedL2 ? v.getUint32(at + 12) : 0;
-      if (hi & 0x4000_0000) {
-        if (hi & 0x8000_0000) corruptionAt(st, `ERROR: coffset=${hex(hi * TWO_32 + lo)}: copied flag must never be set for compressed clusters`);
-        if (zeroBits || allocBits) corruptionAt(st, `ERROR: compressed cluster ${j} of the L2 table at ${hex(l2Offset)} has a non-zero subcluster bitmap`);
-        const [host, length] = compressedRange(hi, lo, h.clusterBits);
-        inc(st, host, length);
-        // Compressed clusters count as fragmented, as in QEMU: they are read by whole sectors, shared with neighbours.
-        if (active) { st.allocated++; st.compressed++; st.fragmented++; }
-        continue;
+      const type = clusterType(st, hi, lo);
+      if (type !== 'normal' && type !== 'zero-alloc') continue;
+      // Clusters of an external data file always have refcount 1.
+      const r = st.hasDataFile ? 1 : await st.stored.get(Math.floor(entryOffset(hi, lo) / cs));
+      if (r instanceof RefcountUnreadable) continue;
+      if ((r === 1) === ((hi & COPIED) !== 0)) continue;
+      st.res.corruptions++;
+      st.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(hi, lo)} refcount=${r}`);
+      if (repair) {
+        v.setUint32(at, r === 1 ? (hi | COPIED) >>> 0 : hi & ~COPIED);
+        dirty++;
       }
-      const host = entryOffset(hi, lo);
-      const allocated = host !== 0 || (hasDataFile && (hi & 0x8000_0000) !== 0);
-      if (h.extendedL2) {
-        if (!allocated && allocBits) corruptionAt(st, `ERROR: Unallocated cluster has non-zero subcluster allocation map (L2 entry ${j} of the table at ${hex(l2Offset)})`);
-        if (allocated && (allocBits & zeroBits)) corruptionAt(st, `ERROR: subclusters marked both allocated and zero (L2 entry ${j} of the table at ${hex(l2Offset)})`);
-      }
-      if (!allocated) continue;
-      if (host % cs !== 0) {
-        corruptionAt(st, `ERROR offset=${hex(host)}: Cluster is not properly aligned; L2 entry corrupted.`);
-        continue;
-      }
-      if (active) {
-        st.allocated++;
-        if (st.nextContiguous !== 0 && host !== st.nextContiguous) st.fragmented++;
-        st.nextContiguous = host + cs;
-      }
-      if (!hasDataFile) inc(st, host, cs);
+    }
+    if (dirty > 0) {
+      await writeMetadata(st, l2Offset, l2.subarray(0, cs), { what: 'L2 table', ignore: 'active L2 table', failure: 'ERROR: Could not write L2 table; metadata overlap check failed' });
+      st.res.corruptions -= dirty;
+      st.res.corruptionsFixed += dirty;
     }
   }
 }
 
-/** The bitmap directory and each bitmap's table and data clusters. */
-async function countBitmaps(st: State): Promise<void> {
-  const ext = st.h.bitmaps;
-  if (!ext) return;
-  inc(st, ext.directoryOffset, ext.directorySize);
-  const dir = await st.read(ext.directoryOffset, ext.directorySize);
-  const dv = new DataView(dir.buffer, dir.byteOffset, dir.byteLength);
-  let at = 0;
-  for (let i = 0; i < ext.nbBitmaps && at + 24 <= dir.length; i++) {
-    const tableOffset = dv.getUint32(at) * TWO_32 + dv.getUint32(at + 4);
-    const tableSize = dv.getUint32(at + 8);
-    const nameSize = dv.getUint16(at + 18);
-    const extraSize = dv.getUint32(at + 20);
-    if (tableOffset !== 0 && tableOffset % st.cs === 0 && tableOffset + tableSize * 8 <= st.file.size) {
-      inc(st, tableOffset, tableSize * 8);
-      const t = await st.read(tableOffset, tableSize * 8);
-      const tv = new DataView(t.buffer, t.byteOffset, t.byteLength);
-      for (let e = 0; e < tableSize; e++) {
-        const off = entryOffset(tv.getUint32(e * 8), tv.getUint32(e * 8 + 4));
-        if (off > 1) inc(st, off, st.cs);
-      }
-    }
-    at = Math.ceil((at + 24 + extraSize + nameSize) / 8) * 8;
-  }
-}
-
-/** Active L1/L2 entries: the copied flag must be set exactly when the refcount is 1. */
-async function checkCopiedFlags(st: State, refcount: (cluster: number) => number): Promise<void> {
-  const { cs, h } = st;
-  if (h.l1Size === 0 || (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return;
-  const l1 = await st.read(h.l1TableOffset, Math.min(h.l1Size * 8, Math.max(0, st.file.size - h.l1TableOffset)));
-  const lv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
-  for (let i = 0; i < l1.length / 8; i++) {
-    const hi1 = lv.getUint32(i * 8);
-    const l2Offset = entryOffset(hi1, lv.getUint32(i * 8 + 4));
-    if (l2Offset === 0 || l2Offset % cs !== 0 || l2Offset + cs > st.file.size) continue;
-    const rc = refcount(l2Offset / cs);
-    if ((rc === 1) !== ((hi1 & 0x8000_0000) !== 0)) {
-      corruptionAt(st, `ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi1 * TWO_32 + lv.getUint32(i * 8 + 4))} refcount=${rc}`);
-    }
-    if (hasDataFile) continue;
-    const l2 = await st.read(l2Offset, cs);
-    const v = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
-    for (let j = 0; j < h.l2Entries; j++) {
-      const hi = v.getUint32(j * h.l2EntrySize);
-      const lo = v.getUint32(j * h.l2EntrySize + 4);
-      if (hi & 0x4000_0000) continue;
-      const host = entryOffset(hi, lo);
-      if (host === 0 || host % cs !== 0 || host >= st.file.size) continue;
-      const r = refcount(host / cs);
-      if ((r === 1) !== ((hi & 0x8000_0000) !== 0)) {
-        corruptionAt(st, `ERROR OFLAG_COPIED data cluster: l2_entry=${hex(hi * TWO_32 + lo)} refcount=${r}`);
-      }
-    }
-  }
+/** A repair that left nothing wrong: the image is clean again (dirty bit) and consistent (corrupt bit). */
+async function markCleanAndConsistent(st: CheckState): Promise<void> {
+  const bits = st.incompatibleFeatures & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+  if (bits !== st.incompatibleFeatures) await writeIncompatibleFeatures(st, bits);
 }

@@ -1,19 +1,12 @@
 /**
  * The qcow2 FormatDriver: probes the magic, parses and checks the header, reads the
- * L1 table (the active one or a snapshot's), and opens what the image refers to:
- * the external data file and the backing chain, through the resolver and relative to
- * the image's own location, as QEMU does. Backing loops are caught by comparing the
- * canonical locations of the images being opened along the chain (carried through
- * nested opens in an AsyncLocalStorage), and the chain depth is capped.
+ * L1 table (the active one or a snapshot's), and opens what the image refers to
+ * (references.ts): the external data file and the backing chain, whose depth is capped.
  */
-import { AsyncLocalStorage } from 'node:async_hooks';
-import { realpath } from 'node:fs/promises';
-import { resolve as resolvePath } from 'node:path';
 import {
   BLOCK_API_VERSION,
   BlockError,
   gateBackend,
-  parseLocation,
   parseSize,
   resolveRelative,
   type BlockBackend,
@@ -30,6 +23,7 @@ import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOM
 import { metaReader, readHeader, type ReadMeta } from './io.js';
 import { ClusterMapper } from './mapping.js';
 import { Refcounts } from './refcounts.js';
+import { canonical, chain, openBacking, openDataFile } from './references.js';
 import { checkSnapshotL1, findSnapshot, readSnapshotTable, type Snapshot } from './snapshots.js';
 
 /** Default bound of the L2 table cache (QEMU's default maximum on Linux). */
@@ -43,18 +37,9 @@ export const MAX_CHAIN_DEPTH = 64;
  * - `snapshot`: read the internal snapshot with this ID or, failing that, name (qemu-img -l X);
  * - `snapshot.id`, `snapshot.name`: the same by ID and/or name (qemu-img -l snapshot.id=..,snapshot.name=..);
  * - `data-file`: location of the external data file, instead of the name stored in the image.
- * Other keys are ignored: the map is shared with the protocol layer below.
+ * The registry refuses keys that neither qcow2 nor the protocol below declares (openOptions).
  */
 export const OPEN_OPTIONS = ['l2-cache-size', 'snapshot', 'snapshot.id', 'snapshot.name', 'data-file'] as const;
-
-/** Canonical locations of the images whose opening is in progress, outermost first. */
-const chain = new AsyncLocalStorage<readonly string[]>();
-
-async function canonical(location: string): Promise<string> {
-  const parsed = parseLocation(location);
-  if (parsed.scheme !== 'file') return location;
-  return realpath(parsed.location).catch(() => resolvePath(parsed.location));
-}
 
 interface ParsedOptions {
   l2CacheSize: number;
@@ -130,29 +115,14 @@ export async function openQcow2(unchecked: BlockBackend, options: OpenOptions & 
 
   const opened: BlockBackend[] = [];
   try {
-    let dataFile: BlockBackend | undefined;
-    if ((header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
-      const name = opts.dataFile ?? header.dataFile;
-      if (name === undefined || name === '') {
-        throw corrupt(where, 'data file extension', 'the image uses an external data file but does not name it (give the "data-file" option)');
-      }
-      if (snapshots.length > 0) {
-        throw corrupt(where, 'nb_snapshots', 'internal snapshots in an image with an external data file');
-      }
-      dataFile = await openChild(options, resolveRelative(file.location, name), 'raw', 'data file', name, where, writable);
-      opened.push(dataFile);
-    } else if (opts.dataFile !== undefined) {
-      throw new BlockError('EINVAL', 'the "data-file" option is only for images with an external data file', where);
+    if (snapshots.length > 0 && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
+      throw corrupt(where, 'nb_snapshots', 'internal snapshots in an image with an external data file');
     }
-
-    let backing: BlockBackend | undefined;
-    let fullBackingFilename: string | undefined;
-    if (header.backingFile !== undefined) {
-      fullBackingFilename = resolveRelative(file.location, header.backingFile);
-      backing = await chain.run([...ancestors, self], () =>
-        openChild(options, fullBackingFilename!, header.backingFormat, 'backing file', header.backingFile!, where));
-      opened.push(backing);
-    }
+    const dataFile = await openDataFile(file, header, opts.dataFile, options, where, writable);
+    if (dataFile) opened.push(dataFile);
+    const fullBackingFilename = header.backingFile === undefined ? undefined : resolveRelative(file.location, header.backingFile);
+    const backing = await openBacking(file, header, options, where, [...ancestors, self]);
+    if (backing) opened.push(backing);
 
     const cache = new TableCache(opts.l2CacheSize, header.clusterSize, (offset) => readMeta(offset, header.clusterSize));
     const mapper = new ClusterMapper({
@@ -192,21 +162,6 @@ async function openRefcounts(file: BlockBackend, h: Qcow2Header, readMeta: ReadM
   const table = (await readMeta(h.refcountTableOffset, bytes)).slice();
   const cache = new TableCache(Math.max(1024 * 1024, l2CacheSize / 4), h.clusterSize, (offset) => readMeta(offset, h.clusterSize));
   return new Refcounts({ file, clusterSize: h.clusterSize, refcountOrder: h.refcountOrder, table, tableOffset: h.refcountTableOffset, cache, end: file.size, where });
-}
-
-/** Opens the backing or data file; a failure names the image that refers to it (once, not at every level of a chain). */
-async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }, writable = false): Promise<BlockBackend> {
-  const field = what === 'backing file' ? 'backing_file' : 'data_file';
-  if (!options.resolver) {
-    throw new BlockError('ENOTSUP', `the image has a ${what} ("${name}") but no resolver was given to open it`, { ...where, field });
-  }
-  try {
-    return gateBackend(await options.resolver.open(location, { readOnly: !writable, cache: options.cache, signal: options.signal, ...(format !== undefined ? { format } : {}) }));
-  } catch (err) {
-    if (err instanceof BlockError && (err.field === 'backing_file' || err.field === 'data_file')) throw err;
-    const e = err as BlockError;
-    throw new BlockError(e?.code ?? 'EIO', `cannot open ${what} "${name}" (${location}): ${e?.message ?? String(err)}`, { ...where, field, cause: err });
-  }
 }
 
 export const qcow2Driver: FormatDriver = {

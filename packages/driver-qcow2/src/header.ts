@@ -153,8 +153,19 @@ export function headerReadLength(prefix: Uint8Array, fileSize: number, where: Wh
   return Math.min(fileSize, 2 ** clusterBits);
 }
 
+export interface ParseOptions {
+  /**
+   * Parse as QEMU opens an image for `qemu-img check`: where the tables lie in the file
+   * (the L1 and refcount tables past its end or over the header, no refcount table at
+   * all, the snapshot table's place) is left to the check, which counts what is wrong
+   * there instead of refusing the image.
+   */
+  readonly forCheck?: boolean;
+}
+
 /** Parses and validates the header from `first`: the first cluster of the file (or all of a shorter file). */
-export function parseHeader(first: Uint8Array, fileSize: number, where: Where): Qcow2Header {
+export function parseHeader(first: Uint8Array, fileSize: number, where: Where, options: ParseOptions = {}): Qcow2Header {
+  const strictPlacement = options.forCheck !== true;
   headerReadLength(first, fileSize, where);
   const dv = view(first);
   const version = u32(dv, 4) as 2 | 3;
@@ -340,7 +351,7 @@ export function parseHeader(first: Uint8Array, fileSize: number, where: Where): 
   if (l1Size < l1Needed) throw bad('l1_size', `l1_size ${l1Size} is too small for the virtual size ${rawSize} (needs ${l1Needed} entries)`, 36);
   // Offsets are checked even for empty tables, as QEMU does.
   if (l1TableOffset % clusterSize !== 0) throw bad('l1_table_offset', `l1_table_offset ${l1TableOffset} is not aligned to a cluster`, 40);
-  if (l1Size > 0) {
+  if (l1Size > 0 && strictPlacement) {
     if (l1TableOffset < clusterSize) throw bad('l1_table_offset', `l1_table_offset ${l1TableOffset} overlaps the header`, 40);
     if (l1TableOffset + l1Size * 8 > fileSize) {
       throw bad('l1_table_offset', `L1 table at ${l1TableOffset} (l1_size ${l1Size}, ${l1Size * 8} bytes) runs past the end of the file (${fileSize} bytes)`, 40);
@@ -350,12 +361,12 @@ export function parseHeader(first: Uint8Array, fileSize: number, where: Where): 
   // Refcount table: not needed to read, but it must be a plausible structure.
   const refcountTableOffset = u64(dv, 48);
   const refcountTableClusters = u32(dv, 56);
-  if (refcountTableClusters === 0) throw bad('refcount_table_clusters', 'the image has no refcount table (refcount_table_clusters is 0)', 56);
+  if (refcountTableClusters === 0 && strictPlacement) throw bad('refcount_table_clusters', 'the image has no refcount table (refcount_table_clusters is 0)', 56);
   if (refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) {
     throw bad('refcount_table_clusters', `refcount_table_clusters ${refcountTableClusters} is too large (at most ${MAX_REFTABLE_BYTES} bytes)`, 56);
   }
   if (refcountTableOffset % clusterSize !== 0) throw bad('refcount_table_offset', `refcount_table_offset ${refcountTableOffset} is not aligned to a cluster`, 48);
-  if (refcountTableOffset < clusterSize || refcountTableOffset >= fileSize) {
+  if (strictPlacement && (refcountTableOffset < clusterSize || refcountTableOffset >= fileSize)) {
     throw bad('refcount_table_offset', `refcount_table_offset ${refcountTableOffset} lies outside the file (${fileSize} bytes) or in the header`, 48);
   }
 
@@ -363,7 +374,7 @@ export function parseHeader(first: Uint8Array, fileSize: number, where: Where): 
   const snapshotsOffset = u64(dv, 64);
   if (nbSnapshots > MAX_SNAPSHOTS) throw bad('nb_snapshots', `nb_snapshots ${nbSnapshots} is too large (at most ${MAX_SNAPSHOTS})`, 60);
   if (snapshotsOffset % clusterSize !== 0) throw bad('snapshots_offset', `snapshots_offset ${snapshotsOffset} is not aligned to a cluster`, 64);
-  if (nbSnapshots > 0) {
+  if (nbSnapshots > 0 && strictPlacement) {
     // Each entry takes at least 40 bytes.
     if (snapshotsOffset < clusterSize || snapshotsOffset + nbSnapshots * 40 > fileSize) {
       throw bad('snapshots_offset', `snapshot table at ${snapshotsOffset} (${nbSnapshots} snapshots) lies outside the file (${fileSize} bytes)`, 64);

@@ -1,7 +1,7 @@
 /** Reading metadata through the protocol backend below, honouring its limits. */
 import type { BlockBackend } from '@blockconv/core';
 import type { Where } from './errors.js';
-import { headerReadLength, parseHeader, type Qcow2Header } from './header.js';
+import { headerReadLength, parseHeader, type ParseOptions, type Qcow2Header } from './header.js';
 
 export type ReadMeta = (offset: number, length: number) => Promise<Uint8Array>;
 
@@ -12,9 +12,9 @@ export function metaReader(file: BlockBackend): ReadMeta {
 }
 
 /** Reads and validates the header (from the first cluster). */
-export async function readHeader(file: BlockBackend, readMeta: ReadMeta, where: Where): Promise<Qcow2Header> {
+export async function readHeader(file: BlockBackend, readMeta: ReadMeta, where: Where, options: ParseOptions = {}): Promise<Qcow2Header> {
   const prefix = await readMeta(0, Math.min(file.size, 512));
   const firstLength = headerReadLength(prefix, file.size, where);
   const first = firstLength <= prefix.length ? prefix : await readMeta(0, firstLength);
-  return parseHeader(first, file.size, where);
+  return parseHeader(first, file.size, where, options);
 }
