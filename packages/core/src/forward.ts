@@ -14,15 +14,15 @@ export function forwardBackend(inner: BlockBackend, overrides: Partial<BlockBack
       if (key === 'constructor' || key in overrides || Object.prototype.hasOwnProperty.call(out, key)) continue;
       const d = Object.getOwnPropertyDescriptor(o, key)!;
       if (d.get) {
-        Object.defineProperty(out, key, { get: () => (inner as unknown as Record<string, unknown>)[key], enumerable: true });
+        Object.defineProperty(out, key, { get: () => (inner as unknown as Record<string, unknown>)[key], enumerable: true, configurable: true });
       } else {
         const v = d.value as unknown;
-        Object.defineProperty(out, key, { value: typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(inner) : v, enumerable: true });
+        Object.defineProperty(out, key, { value: typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(inner) : v, enumerable: true, configurable: true });
       }
     }
   }
   for (const [key, value] of Object.entries(overrides)) {
-    Object.defineProperty(out, key, { value, enumerable: true });
+    Object.defineProperty(out, key, { value, enumerable: true, configurable: true });
   }
   return out as BlockBackend;
 }

@@ -16,10 +16,12 @@
  * A driver therefore only sees requests that lie inside the image, start on a multiple
  * of requestAlignment and are a multiple of it long (or end at the image's end, when
  * its size is not a multiple), are at most maxTransfer (maxWriteZeroes for zeroes and
- * discards), and change nothing on a read-only or closed backend. Requests that already
- * respect all that go straight to the driver: the gate adds a few comparisons, and no
- * allocation unless the backend needs alignment (then one promise per write, to know
- * which writes are in flight).
+ * discards), and change nothing on a read-only or closed backend; compressed writes
+ * cover whole compressionUnit blocks (others are refused). Pieces of a split request go
+ * out one by one to a target that takes one write at a time. Nothing is sent after
+ * close(). Reads and writes that already respect all that go straight to the driver:
+ * the gate adds a few comparisons, and allocates nothing unless the backend needs
+ * alignment (then a closure and a promise per write, to know which are in flight).
  */
 import { BlockError } from './errors.js';
 import { forwardBackend } from './forward.js';
@@ -60,6 +62,13 @@ export function checkLimits(b: BlockBackend): void {
   if (l.maxWriteZeroes !== undefined && (!Number.isSafeInteger(l.maxWriteZeroes) || l.maxWriteZeroes < l.requestAlignment)) {
     bad('maxWriteZeroes', `${l.maxWriteZeroes} is less than one block (${l.requestAlignment})`);
   }
+  if (l.preferredAlignment !== undefined && (!isPowerOfTwo(l.preferredAlignment) || l.preferredAlignment % l.requestAlignment !== 0)) {
+    bad('preferredAlignment', `${l.preferredAlignment} is not a power of two and a multiple of requestAlignment (${l.requestAlignment})`);
+  }
+  // A compression unit may be finer than the alignment (512-byte qcow2 clusters on O_DIRECT).
+  if (l.compressionUnit !== undefined && (!isPowerOfTwo(l.compressionUnit) || l.compressionUnit > l.maxTransfer)) {
+    bad('compressionUnit', `${l.compressionUnit} is not a power of two of at most maxTransfer (${l.maxTransfer})`);
+  }
   const mem = l.minMemAlignment ?? 1;
   if (!isPowerOfTwo(mem)) bad('minMemAlignment', `${mem} is not a power of two`);
   if (mem > 1 && typeof b.allocBuffer !== 'function') bad('minMemAlignment', `${mem} needs allocBuffer()`);
@@ -68,8 +77,9 @@ export function checkLimits(b: BlockBackend): void {
 
 /**
  * Lets writes run concurrently, except a read-modify-write, which runs alone: it waits
- * for the writes in flight, and writes that arrive meanwhile wait for it. Otherwise a
- * write landing between the read and the write-back of a block would be undone.
+ * for the writes in flight, and writes that arrive meanwhile wait for it (and are then
+ * checked again, as the image may have been resized or closed). Otherwise a write
+ * landing between the read and the write-back of a block would be undone.
  * Read-modify-writes are rare (the unaligned tail of an image, a format's small
  * metadata update on an O_DIRECT file), so a barrier is cheaper than tracking the range
  * of every write.
@@ -83,11 +93,15 @@ class WriteSerializer {
     if (--this.#inFlight === 0 && this.#drained) { const d = this.#drained; this.#drained = null; d(); }
   };
 
-  /** Runs a plain write now, or after the read-modify-writes queued before it. */
-  shared<T>(start: () => Promise<T>): Promise<T> {
-    if (this.#exclusive) return this.#exclusive.then(() => this.shared(start));
+  /** What a new write must wait for first, if anything. */
+  get waiting(): Promise<void> | null {
+    return this.#exclusive;
+  }
+
+  /** Starts a plain write now (the caller has waited for `waiting`), counting it in flight. */
+  track(start: () => Promise<void>): Promise<void> {
     this.#inFlight++;
-    let p: Promise<T>;
+    let p: Promise<void>;
     try {
       p = start();
     } catch (err) {
@@ -128,6 +142,15 @@ export interface GateFacts {
   readonly readOnlyReason?: string;
 }
 
+/** Calls a driver method, turning a synchronous throw (a careless driver) into a rejection. */
+function call<T>(start: () => Promise<T>): Promise<T> {
+  try {
+    return start();
+  } catch (err) {
+    return Promise.reject(err);
+  }
+}
+
 /**
  * Wraps `inner` in the request gate. Idempotent: a gated backend is returned as it is.
  * Every other member (capabilities, info, a driver's own extras) is forwarded.
@@ -147,15 +170,19 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
   /** Largest read/write piece: maxTransfer, in whole blocks. */
   const maxIo = l.maxTransfer - (l.maxTransfer % align);
   const maxZero = Math.max(align, (l.maxWriteZeroes ?? l.maxTransfer) - ((l.maxWriteZeroes ?? l.maxTransfer) % align));
+  const compressionUnit = l.compressionUnit ?? align;
   // Backends without alignment never need a read-modify-write, so their writes are not tracked.
   const serializer = align > 1 ? new WriteSerializer() : undefined;
+  // The pieces of a split request go out one by one to a target that takes one write at a time.
+  const oneAtATime = inner.canWriteOutOfOrder === false;
   let closed = false;
+  const closedError = (op: string): BlockError => new BlockError('EBADF', 'image is closed', { op, location: inner.location });
 
   const alloc = (n: number): Uint8Array => (memAlign > 1 ? inner.allocBuffer!(n) : new Uint8Array(n));
   const memOk = (u: Uint8Array | undefined): boolean => memAlign === 1 || u === undefined || u.byteOffset % memAlign === 0;
   /** Null when the request may proceed; else the error to reject it with. */
   const refuse = (op: string, offset: number, length: number, writes: boolean): BlockError | null => {
-    if (closed) return new BlockError('EBADF', 'image is closed', { op, location: inner.location });
+    if (closed) return closedError(op);
     if (writes && readOnly) return new BlockError('EROFS', readOnlyReason, at(inner, op, offset, length));
     const size = inner.size;
     if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= size)) {
@@ -166,7 +193,26 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
   /** Aligned as the driver needs it: start on a block, whole blocks or up to the end. */
   const isAligned = (offset: number, length: number): boolean =>
     offset % align === 0 && (length % align === 0 || offset + length === inner.size);
-  const write = (start: () => Promise<void>): Promise<void> => (serializer ? serializer.shared(start) : start());
+  /** One piece of a split write: after any read-modify-write queued before it, never after close. */
+  const send = (op: string, start: () => Promise<void>): Promise<void> => {
+    if (!serializer) return closed ? Promise.reject(closedError(op)) : call(start);
+    const wait = serializer.waiting;
+    if (wait) return wait.then(() => send(op, start));
+    return closed ? Promise.reject(closedError(op)) : serializer.track(start);
+  };
+  /** Runs the pieces of one request: all in flight, or one by one; every started one settles before an error is thrown. */
+  const runPieces = async (pieces: ReadonlyArray<() => Promise<unknown>>): Promise<void> => {
+    if (oneAtATime || pieces.length === 1) {
+      for (const piece of pieces) await piece();
+      return;
+    }
+    const started: Array<Promise<unknown>> = [];
+    try {
+      for (const piece of pieces) started.push(piece());
+    } finally {
+      await settle(started);
+    }
+  };
 
   /** Reads [pos, pos+n) into dest through an aligned bounce buffer covering whole blocks. */
   const bounceRead = async (pos: number, n: number, dest: Uint8Array): Promise<void> => {
@@ -191,24 +237,31 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
   const readSlow = async (offset: number, length: number, into: Uint8Array | undefined): Promise<Uint8Array> => {
     const out = into ? into.subarray(0, length) : alloc(length);
     const end = offset + length;
-    const parts: Array<Promise<void>> = [];
+    const pieces: Array<() => Promise<void>> = [];
     // Unaligned head and tail blocks through bounces; the aligned middle in maxIo pieces.
     let mid = offset;
     let midEnd = end;
     if (offset % align !== 0) {
       mid = Math.min(offset - (offset % align) + align, end);
-      parts.push(bounceRead(offset, mid - offset, out.subarray(0, mid - offset)));
+      const m = mid;
+      pieces.push(() => bounceRead(offset, m - offset, out.subarray(0, m - offset)));
     }
     if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
       midEnd = Math.max(mid, midEnd - (midEnd % align));
-      if (end > midEnd) parts.push(bounceRead(midEnd, end - midEnd, out.subarray(midEnd - offset)));
+      const me = midEnd;
+      if (end > me) pieces.push(() => bounceRead(me, end - me, out.subarray(me - offset)));
     }
     for (let s = mid; s < midEnd; s += maxIo) {
       const n = Math.min(maxIo, midEnd - s);
       const dest = out.subarray(s - offset, s - offset + n);
-      parts.push(memOk(dest) ? readDirect(s, n, dest) : bounceRead(s, n, dest));
+      pieces.push(memOk(dest) ? () => readDirect(s, n, dest) : () => bounceRead(s, n, dest));
     }
-    await settle(parts);
+    const started: Array<Promise<void>> = [];
+    try {
+      for (const piece of pieces) started.push(piece());
+    } finally {
+      await settle(started);
+    }
     return out;
   };
 
@@ -216,8 +269,11 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
    * Writes the unaligned [pos, pos+n) — `data`, or zeroes when absent — by reading the
    * whole blocks around it, patching them and writing them back, alone (see WriteSerializer).
    */
-  const readModifyWrite = (pos: number, n: number, data: Uint8Array | undefined, flags?: WriteFlags): Promise<void> =>
+  const readModifyWrite = (op: string, pos: number, n: number, data: Uint8Array | undefined, flags?: WriteFlags): Promise<void> =>
     serializer!.exclusive(async () => {
+      // Checked again: the image may have been closed or resized while this waited.
+      if (closed) throw closedError(op);
+      if (pos + n > inner.size) throw new BlockError('ERANGE', `request outside the image (size ${inner.size})`, at(inner, op, pos, n));
       const start = pos - (pos % align);
       const end = Math.min(Math.ceil((pos + n) / align) * align, inner.size);
       const block = alloc(end - start);
@@ -225,59 +281,69 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
       if (got.buffer !== block.buffer || got.byteOffset !== block.byteOffset) block.set(got.subarray(0, end - start));
       if (data) block.set(data.subarray(0, n), pos - start);
       else block.fill(0, pos - start, pos - start + n);
+      if (closed) throw closedError(op);
       await inner.write(start, block, flags);
     });
 
-  const writeSlow = async (offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> => {
-    const end = offset + data.length;
-    const parts: Array<Promise<void>> = [];
+  /** Splits an unaligned or oversized change into edge blocks (read-modify-write) and an aligned middle. */
+  const edges = (offset: number, end: number): { mid: number; midEnd: number; head: boolean; tail: boolean } => {
     let mid = offset;
     let midEnd = end;
+    let head = false;
+    let tail = false;
     if (offset % align !== 0) {
       mid = Math.min(offset - (offset % align) + align, end);
-      parts.push(readModifyWrite(offset, mid - offset, data, flags));
+      head = true;
     }
     if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
       midEnd = Math.max(mid, midEnd - (midEnd % align));
-      if (end > midEnd) parts.push(readModifyWrite(midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
+      tail = end > midEnd;
     }
-    // Compressed writes must stay whole compression units: split on those.
-    const unit = flags?.compress && l.compressionUnit ? Math.max(l.compressionUnit, align) : align;
+    return { mid, midEnd, head, tail };
+  };
+
+  const writeSlow = (offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> => {
+    const end = offset + data.length;
+    if (flags?.compress && (offset % compressionUnit !== 0 || (data.length % compressionUnit !== 0 && end !== inner.size))) {
+      return Promise.reject(new BlockError('EINVAL', `compressed writes cover whole ${compressionUnit}-byte compression units`, at(inner, 'write', offset, data.length)));
+    }
+    const { mid, midEnd, head, tail } = edges(offset, end);
+    const pieces: Array<() => Promise<void>> = [];
+    if (head) pieces.push(() => readModifyWrite('write', offset, mid - offset, data, flags));
+    // Compressed writes stay whole compression units (checked above): split on those.
+    const unit = flags?.compress ? compressionUnit : align;
     const step = Math.max(unit, maxIo - (maxIo % unit));
     for (let s = mid; s < midEnd; s += step) {
       const piece = data.subarray(s - offset, Math.min(s + step, midEnd) - offset);
+      const at = s;
       if (memOk(piece)) {
-        parts.push(write(() => inner.write(s, piece, flags)));
+        pieces.push(() => send('write', () => inner.write(at, piece, flags)));
       } else {
-        const copy = alloc(piece.length);
-        copy.set(piece);
-        parts.push(write(() => inner.write(s, copy, flags)));
+        pieces.push(() => {
+          const copy = alloc(piece.length);
+          copy.set(piece);
+          return send('write', () => inner.write(at, copy, flags));
+        });
       }
     }
-    await settle(parts);
+    if (tail) pieces.push(() => readModifyWrite('write', midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
+    return runPieces(pieces);
   };
 
-  const zeroSlow = async (offset: number, length: number, flags: WriteZeroesFlags | undefined): Promise<void> => {
+  const zeroSlow = (offset: number, length: number, flags: WriteZeroesFlags | undefined): Promise<void> => {
     const end = offset + length;
-    let mid = offset;
-    let midEnd = end;
-    const edges: Array<Promise<void>> = [];
-    if (offset % align !== 0) {
-      mid = Math.min(offset - (offset % align) + align, end);
-      edges.push(readModifyWrite(offset, mid - offset, undefined));
-    }
-    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
-      midEnd = Math.max(mid, midEnd - (midEnd % align));
-      if (end > midEnd) edges.push(readModifyWrite(midEnd, end - midEnd, undefined));
-    }
+    const { mid, midEnd, head, tail } = edges(offset, end);
+    const parts: Array<() => Promise<void>> = [];
+    if (head) parts.push(() => readModifyWrite('writeZeroes', offset, mid - offset, undefined));
     // One piece at a time: a huge zero request must not become thousands in flight.
-    const middle = (async () => {
+    parts.push(async () => {
       for (let s = mid; s < midEnd; s += maxZero) {
         const n = Math.min(maxZero, midEnd - s);
-        await write(() => inner.writeZeroes(s, n, flags));
+        await send('writeZeroes', () => inner.writeZeroes(s, n, flags));
       }
-    })();
-    await settle([...edges, middle]);
+    });
+    if (tail) parts.push(() => readModifyWrite('writeZeroes', midEnd, end - midEnd, undefined));
+    return runPieces(parts);
   };
 
   const gate: { -readonly [K in keyof BlockBackend]?: BlockBackend[K] } = {
@@ -290,23 +356,33 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         return Promise.reject(new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, at(inner, 'read', offset, length)));
       }
       if (length === 0) return Promise.resolve(into ? into.subarray(0, 0) : new Uint8Array(0));
-      if (length <= maxIo && isAligned(offset, length) && memOk(into)) return inner.read(offset, length, into);
+      if (length <= maxIo && isAligned(offset, length) && memOk(into)) return call(() => inner.read(offset, length, into));
       return readSlow(offset, length, into);
     },
 
     write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+      // Behind a read-modify-write, wait, then check against what the image is by then.
+      const wait = serializer?.waiting;
+      if (wait) return wait.then(() => gate.write!(offset, data, flags));
       const err = refuse('write', offset, data.length, true);
       if (err) return Promise.reject(err);
       if (data.length === 0) return Promise.resolve();
-      if (data.length <= maxIo && isAligned(offset, data.length) && memOk(data)) return write(() => inner.write(offset, data, flags));
+      if (data.length <= maxIo && isAligned(offset, data.length) && memOk(data) && (!flags?.compress || offset % compressionUnit === 0)) {
+        if (!serializer) {
+          try { return inner.write(offset, data, flags); } catch (e) { return Promise.reject(e); }
+        }
+        return serializer.track(() => inner.write(offset, data, flags));
+      }
       return writeSlow(offset, data, flags);
     },
 
     writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
+      const wait = serializer?.waiting;
+      if (wait) return wait.then(() => gate.writeZeroes!(offset, length, flags));
       const err = refuse('writeZeroes', offset, length, true);
       if (err) return Promise.reject(err);
       if (length === 0) return Promise.resolve();
-      if (length <= maxZero && isAligned(offset, length)) return write(() => inner.writeZeroes(offset, length, flags));
+      if (length <= maxZero && isAligned(offset, length)) return send('writeZeroes', () => inner.writeZeroes(offset, length, flags));
       return zeroSlow(offset, length, flags);
     },
 
@@ -318,12 +394,12 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
       const end = offset + length === inner.size ? offset + length : offset + length - ((offset + length) % align);
       for (let s = start; s < end; s += maxZero) {
         const n = Math.min(maxZero, end - s);
-        await write(() => inner.discard(s, n));
+        await send('discard', () => inner.discard(s, n));
       }
     },
 
     async blockStatus(offset: number, length: number): Promise<Extent> {
-      if (closed) throw new BlockError('EBADF', 'image is closed', { op: 'blockStatus', location: inner.location });
+      if (closed) throw closedError('blockStatus');
       const size = inner.size;
       if (!(Number.isSafeInteger(offset) && offset >= 0 && offset < size)) {
         throw new BlockError('ERANGE', `block status outside the image (size ${size})`, at(inner, 'blockStatus', offset, length));
@@ -335,24 +411,28 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
     },
 
     flush(): Promise<void> {
-      if (closed) return Promise.reject(new BlockError('EBADF', 'image is closed', { op: 'flush', location: inner.location }));
-      return inner.flush();
+      if (closed) return Promise.reject(closedError('flush'));
+      return call(() => inner.flush());
     },
 
+    /**
+     * Nothing is sent after close: queued writes fail with EBADF. On a backend that needs
+     * alignment (its writes are counted), the writes in flight finish first.
+     */
     close(): Promise<void> {
       if (closed) return Promise.resolve();
       closed = true;
-      return inner.close();
+      return serializer ? serializer.exclusive(() => call(() => inner.close())) : call(() => inner.close());
     },
   };
 
   if (inner.resize) {
     const resize = inner.resize.bind(inner);
     gate.resize = (size: number): Promise<void> => {
-      if (closed) return Promise.reject(new BlockError('EBADF', 'image is closed', { op: 'resize', location: inner.location }));
+      if (closed) return Promise.reject(closedError('resize'));
       if (readOnly) return Promise.reject(new BlockError('EROFS', readOnlyReason, { op: 'resize', location: inner.location }));
       if (!Number.isSafeInteger(size) || size < 0) return Promise.reject(new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }));
-      return serializer ? serializer.exclusive(() => resize(size)) : resize(size);
+      return serializer ? serializer.exclusive(() => call(() => resize(size))) : call(() => resize(size));
     };
   }
 
@@ -372,21 +452,27 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (into.byteOffset + pos) % memAlign === 0))) direct = false;
       }
       if (count === 0) return Promise.resolve();
-      if (direct) return readSegments(into, segments, count);
+      if (direct) return call(() => readSegments(into, segments, count));
       // Some piece needs splitting or a bounce: each through read(), all in flight.
-      const parts: Array<Promise<unknown>> = [];
+      const pieces: Array<() => Promise<unknown>> = [];
       for (let i = 0; i < count; i++) {
-        const pos = segments[3 * i + 2]!;
+        const offset = segments[3 * i]!;
         const length = segments[3 * i + 1]!;
-        parts.push(gate.read!(segments[3 * i]!, length, into.subarray(pos, pos + length)));
+        const pos = segments[3 * i + 2]!;
+        pieces.push(() => gate.read!(offset, length, into.subarray(pos, pos + length)));
       }
-      return settle(parts);
+      return runPieces(pieces);
     };
   }
 
   if (inner.writeSegments) {
     const writeSegments = inner.writeSegments.bind(inner);
     gate.writeSegments = (offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
+      const wait = serializer?.waiting;
+      if (wait) {
+        const copy = segments.slice(0, 2 * count); // the caller may reuse the list once this returns
+        return wait.then(() => gate.writeSegments!(offset, data, copy, count));
+      }
       let direct = true;
       let prevEnd = 0;
       for (let i = 0; i < count; i++) {
@@ -401,19 +487,25 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         if (direct && !(e - s <= maxIo && isAligned(offset + s, e - s) && (memAlign === 1 || (data.byteOffset + s) % memAlign === 0))) direct = false;
       }
       if (count === 0) return Promise.resolve();
-      if (direct) return write(() => writeSegments(offset, data, segments, count));
-      const parts: Array<Promise<void>> = [];
+      if (direct) return send('write', () => writeSegments(offset, data, segments, count));
+      const pieces: Array<() => Promise<void>> = [];
       for (let i = 0; i < count; i++) {
         const s = segments[2 * i]!;
-        parts.push(gate.write!(offset + s, data.subarray(s, segments[2 * i + 1]!)));
+        const e = segments[2 * i + 1]!;
+        pieces.push(() => gate.write!(offset + s, data.subarray(s, e)));
       }
-      return settle(parts);
+      return runPieces(pieces);
     };
   }
 
   if (inner.writeScattered) {
     const writeScattered = inner.writeScattered.bind(inner);
     gate.writeScattered = (from: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
+      const wait = serializer?.waiting;
+      if (wait) {
+        const copy = segments.slice(0, 3 * count);
+        return wait.then(() => gate.writeScattered!(from, copy, count));
+      }
       let direct = true;
       for (let i = 0; i < count; i++) {
         const offset = segments[3 * i]!;
@@ -427,13 +519,15 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (from.byteOffset + pos) % memAlign === 0))) direct = false;
       }
       if (count === 0) return Promise.resolve();
-      if (direct) return write(() => writeScattered(from, segments, count));
-      const parts: Array<Promise<void>> = [];
+      if (direct) return send('write', () => writeScattered(from, segments, count));
+      const pieces: Array<() => Promise<void>> = [];
       for (let i = 0; i < count; i++) {
+        const offset = segments[3 * i]!;
+        const length = segments[3 * i + 1]!;
         const pos = segments[3 * i + 2]!;
-        parts.push(gate.write!(segments[3 * i]!, from.subarray(pos, pos + segments[3 * i + 1]!)));
+        pieces.push(() => gate.write!(offset, from.subarray(pos, pos + length)));
       }
-      return settle(parts);
+      return runPieces(pieces);
     };
   }
 

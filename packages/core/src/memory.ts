@@ -75,6 +75,8 @@ export class MemoryBackend implements BlockBackend {
       optimalTransfer: opts.limits?.optimalTransfer ?? Math.max(align, PAGE),
       maxWriteZeroes: opts.limits?.maxWriteZeroes,
       minMemAlignment: opts.limits?.minMemAlignment,
+      preferredAlignment: opts.limits?.preferredAlignment,
+      compressionUnit: opts.limits?.compressionUnit,
     };
     this.canWriteZeroes = opts.canWriteZeroes ?? true;
     this.canDiscard = opts.canDiscard ?? true;

@@ -149,7 +149,7 @@ export class DriverRegistry implements ImageResolver {
     } catch (err) {
       throw toBlockError(err, { op: 'open', location });
     }
-    return gated(backend, driver.readOnly ? { readOnlyReason: readOnlyProtocol(driver) } : undefined);
+    return await gated(backend, driver.readOnly ? { readOnlyReason: readOnlyProtocol(driver) } : undefined);
   }
 
   /** Opens an image: protocol, then the named or probed format on top. */
@@ -157,12 +157,14 @@ export class DriverRegistry implements ImageResolver {
     await this.#load(location, options.format); // probing loads the formats that may claim the bytes
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
     const { driver: protocol } = this.protocolFor(location);
+    // Checked before any driver sees them when the format is known; after probing otherwise.
+    if (formatDriver) checkOpenOptions(options.options, protocol, formatDriver, location);
     const file = await this.openProtocol(location, options);
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
       checkOpenOptions(options.options, protocol, fmt, location);
       const readOnly = protocol.readOnly ? { readOnly: true } : {};
-      return gated(redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })), protocol.readOnly ? { readOnlyReason: readOnlyProtocol(protocol) } : undefined);
+      return await gated(redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })), protocol.readOnly ? { readOnlyReason: readOnlyProtocol(protocol) } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -225,6 +227,8 @@ export class DriverRegistry implements ImageResolver {
     if (!driver.create) {
       throw new BlockError('ENOTSUP', `${driver.name} cannot create images; use an existing one with -n`, { location });
     }
+    // Before anything is created: a typo must not cost an existing file its contents.
+    checkOpenOptions(options.openOptions, driver, fmt, location);
     const protocolSize = fmt.protocolSizeFor ? fmt.protocolSizeFor(size, options) : 0;
     let made: void | CreateResult;
     try {
@@ -232,13 +236,15 @@ export class DriverRegistry implements ImageResolver {
     } catch (err) {
       throw toBlockError(err, { op: 'create', location });
     }
-    const file = await this.openProtocol(location, { cache: options.cache, signal: options.signal, options: options.openOptions });
+    const opened = await this.openProtocol(location, { cache: options.cache, signal: options.signal, options: options.openOptions });
+    // The format's create sees what the protocol said (file.readsZeroesInitially), e.g. to
+    // tell whether preallocated clusters read as zeroes.
+    const file = made?.readsZeroes ? gateBackend(opened, { readsZeroesInitially: true }) : opened;
     try {
-      checkOpenOptions(options.openOptions, driver, fmt, location);
       const formatted = await fmt.create(file, size, { ...options, resolver: this });
       const readsZeroes = (formatted?.readsZeroes ?? made?.readsZeroes) === true;
       const image = await fmt.open(file, { cache: options.cache, signal: options.signal, options: options.openOptions, resolver: this });
-      return gated(redactedLocation(image), readsZeroes ? { readsZeroesInitially: true } : undefined);
+      return await gated(redactedLocation(image), readsZeroes ? { readsZeroesInitially: true } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'create', location });
@@ -247,11 +253,11 @@ export class DriverRegistry implements ImageResolver {
 }
 
 /** Every backend the registry hands out goes through the request gate (gate.ts); one with invalid limits is closed and refused. */
-function gated(backend: BlockBackend, facts?: GateFacts): BlockBackend {
+async function gated(backend: BlockBackend, facts?: GateFacts): Promise<BlockBackend> {
   try {
     return gateBackend(backend, facts);
   } catch (err) {
-    void backend.close().catch(() => {});
+    await backend.close().catch(() => {});
     throw err;
   }
 }

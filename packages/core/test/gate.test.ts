@@ -189,4 +189,70 @@ test('convert of an odd-sized source onto a 512- and a 4096-byte-block target pa
   }
 });
 
+test('nothing reaches the driver after close: queued writes, the rest of a split zero request', async () => {
+  const mem = strict(1 << 20, 4096, { maxWriteZeroes: 4096 }, { latency: 2 });
+  const gate = gateBackend(mem);
+  const rmw = gate.write(100, new Uint8Array(10)); // exclusive
+  const queued = gate.write(8192, new Uint8Array(4096)); // waits behind it
+  const zeroes = gate.writeZeroes(16 * KiB, 64 * KiB); // 16 pieces, one at a time
+  await new Promise((r) => setTimeout(r, 5));
+  await gate.close();
+  const closedAt = mem.log.length;
+  const results = await Promise.allSettled([rmw, queued, zeroes]);
+  assert.is(mem.log.length, closedAt, 'no request after close');
+  assert.ok(results.some((r) => r.status === 'rejected' && (r.reason as BlockError).code === 'EBADF'), 'what was left fails with EBADF');
+});
+
+test('a write queued behind a read-modify-write is checked against the size it meets', async () => {
+  const mem = strict(64 * KiB, 4096, {}, { latency: 1 });
+  let size = 64 * KiB;
+  Object.defineProperty(mem, 'size', { get: () => size });
+  (mem as unknown as { resize: (n: number) => Promise<void> }).resize = async (n: number) => { size = n; };
+  const gate = gateBackend(mem);
+  const rmw = gate.write(100, new Uint8Array(10));
+  const shrink = gate.resize!(8192);
+  const late = gate.write(32 * KiB, new Uint8Array(4096));
+  await rmw;
+  await shrink;
+  assert.is(await code(late), 'ERANGE');
+  assert.ok(mem.log.every((r) => r.offset + r.length <= 64 * KiB && (r.op !== 'write' || r.offset < 8192)), 'nothing past the new end');
+});
+
+test('a driver that throws instead of rejecting leaves no unhandled rejection', async () => {
+  const mem = strict(1 << 20, 1, { maxTransfer: 4096, optimalTransfer: 4096 });
+  let calls = 0;
+  const real = mem.write.bind(mem);
+  mem.write = (offset: number, data: Uint8Array) => {
+    if (++calls === 3) throw new Error('sync');
+    return real(offset, data);
+  };
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: unknown): void => { unhandled.push(e); };
+  process.on('unhandledRejection', onUnhandled);
+  try {
+    const err = await gateBackend(mem).write(0, new Uint8Array(5 * 4096)).then(() => undefined, (e: unknown) => e as Error);
+    assert.match(String(err), /sync/);
+    await new Promise((r) => setTimeout(r, 10));
+    assert.equal(unhandled, []);
+  } finally {
+    process.off('unhandledRejection', onUnhandled);
+  }
+});
+
+test('compressed writes: whole compression units only, split on units within maxTransfer', async () => {
+  const mem = strict(1 << 20, 512, { maxTransfer: 128 * KiB, optimalTransfer: 64 * KiB, compressionUnit: 64 * KiB });
+  const gate = gateBackend(mem);
+  assert.is(await code(gate.write(4096, new Uint8Array(64 * KiB), { compress: true })), 'EINVAL');
+  await gate.write(64 * KiB, new Uint8Array(320 * KiB), { compress: true });
+  const writes = mem.log.filter((r) => r.op === 'write');
+  assert.ok(writes.every((r) => r.offset % (64 * KiB) === 0 && r.length % (64 * KiB) === 0 && r.length <= 128 * KiB), 'whole units, within maxTransfer');
+  assert.throws(() => gateBackend(strict(1 << 20, 512, { maxTransfer: 64 * KiB, optimalTransfer: 64 * KiB, compressionUnit: 1 << 20 })), /compressionUnit/);
+});
+
+test('the pieces of a split write go one at a time to a target that takes one write at a time', async () => {
+  const mem = new MemoryBackend({ size: 1 << 20, latency: 1, canWriteOutOfOrder: false, limits: { requestAlignment: 1, maxTransfer: 4096, optimalTransfer: 4096 } });
+  await gateBackend(mem).write(0, new Uint8Array(8 * 4096));
+  assert.is(mem.maxInFlight, 1);
+});
+
 test.run();

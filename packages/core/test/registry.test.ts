@@ -120,6 +120,12 @@ test('open options: declared ones reach the driver, an unknown one is refused wi
   const err = await reg.open('demo://x', { options: { sped: 'fast' } }).catch((e: unknown) => e as BlockError);
   assert.is(err.code, 'EINVAL');
   assert.match(err.message, /unknown open option "sped" \(demo takes speed; raw takes none\)/);
+  // create checks them before it creates (or truncates) anything.
+  const mem = createMemoryDriver();
+  const reg2 = new DriverRegistry().register(mem, identity);
+  const refused = await reg2.create('mem://typo', 4096, { openOptions: { sped: '1' } }).catch((e: unknown) => e as BlockError);
+  assert.is(refused.code, 'EINVAL');
+  assert.not.ok(mem.images.has('mem://typo'), 'nothing was created');
 });
 
 test('create\'s answer that the new image reads zeroes reaches the backend the registry returns', async () => {

@@ -242,13 +242,17 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
       throw new BlockError(e?.code ?? 'EIO', `cannot create data file "${o.dataFile}": ${e?.message ?? String(err)}`, { ...where, field: 'data_file', cause: err });
     }
   }
+  // Unallocated clusters read as zeroes unless a backing file shows through; preallocated
+  // ones (and a raw data file's bytes) read what the file holding the data holds, which
+  // the registry tells through readsZeroesInitially (a new sparse file: zeroes; a device: not).
+  const holder = data ?? file;
+  const readsZeroes = o.backingFile === undefined && ((o.preallocation === 'off' && !o.dataFileRaw) || holder.readsZeroesInitially);
   try {
     await writeImage(file, size, o, data);
   } finally {
     await data?.close();
   }
-  // Unallocated clusters read as zeroes unless a backing file shows through.
-  return { readsZeroes: o.backingFile === undefined };
+  return { readsZeroes };
 }
 
 /** The header, refcount structures and L1 table of a new image (and its preallocation). */
