@@ -436,22 +436,33 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
     };
   }
 
+  /**
+   * Checks (offset, length, buffer position) triples of readSegments/writeScattered: the
+   * error to reject with, or whether every piece can go to the driver as it is.
+   */
+  const checkPlaced = (op: 'read' | 'write', buffer: Uint8Array, segments: Float64Array, count: number): BlockError | boolean => {
+    let direct = true;
+    for (let i = 0; i < count; i++) {
+      const offset = segments[3 * i]!;
+      const length = segments[3 * i + 1]!;
+      const pos = segments[3 * i + 2]!;
+      const err = refuse(op, offset, length, op === 'write');
+      if (err) return err;
+      if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= buffer.length)) {
+        return new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(inner, op, offset, length));
+      }
+      if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (buffer.byteOffset + pos) % memAlign === 0))) direct = false;
+    }
+    return direct;
+  };
+
   if (inner.readSegments) {
     const readSegments = inner.readSegments.bind(inner);
     gate.readSegments = (into: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
-      let direct = true;
-      for (let i = 0; i < count; i++) {
-        const offset = segments[3 * i]!;
-        const length = segments[3 * i + 1]!;
-        const pos = segments[3 * i + 2]!;
-        const err = refuse('read', offset, length, false);
-        if (err) return Promise.reject(err);
-        if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= into.length)) {
-          return Promise.reject(new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(inner, 'read', offset, length)));
-        }
-        if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (into.byteOffset + pos) % memAlign === 0))) direct = false;
-      }
+      const checked = checkPlaced('read', into, segments, count);
+      if (checked instanceof BlockError) return Promise.reject(checked);
       if (count === 0) return Promise.resolve();
+      const direct = checked;
       if (direct) return call(() => readSegments(into, segments, count));
       // Some piece needs splitting or a bounce: each through read(), all in flight.
       const pieces: Array<() => Promise<unknown>> = [];
@@ -506,19 +517,10 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         const copy = segments.slice(0, 3 * count);
         return wait.then(() => gate.writeScattered!(from, copy, count));
       }
-      let direct = true;
-      for (let i = 0; i < count; i++) {
-        const offset = segments[3 * i]!;
-        const length = segments[3 * i + 1]!;
-        const pos = segments[3 * i + 2]!;
-        const err = refuse('write', offset, length, true);
-        if (err) return Promise.reject(err);
-        if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= from.length)) {
-          return Promise.reject(new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(inner, 'write', offset, length)));
-        }
-        if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (from.byteOffset + pos) % memAlign === 0))) direct = false;
-      }
+      const checked = checkPlaced('write', from, segments, count);
+      if (checked instanceof BlockError) return Promise.reject(checked);
       if (count === 0) return Promise.resolve();
+      const direct = checked;
       if (direct) return send('write', () => writeScattered(from, segments, count));
       const pieces: Array<() => Promise<void>> = [];
       for (let i = 0; i < count; i++) {
