@@ -23,3 +23,4 @@ export { mapImage, type MapEntry } from './map.js';
 export { parseSize, formatSize } from './size.js';
 export { ZeroScanner } from './zeroscan.js';
 export { MemoryBackend, createMemoryDriver, type MemoryBackendOptions, type MemoryOp, type MemoryOpRecord } from './memory.js';
+export { checksumImage, BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, HashPool, zeroBlockDigest, type ChecksumOptions, type ChecksumResult } from './checksum/index.js';
