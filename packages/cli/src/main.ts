@@ -165,7 +165,9 @@ export function buildProgram(ctx: Context): Command {
     .option('--buffer-size <size>', 'buffer per worker, the largest request', sizeOption('buffer size'), DEFAULT_BUFFER_SIZE)
     .option('-p', 'show progress (a bar on a terminal)')
     .addOption(new Option('--progress <mode>', 'progress output: bar, json (JSON lines on stdout), none').choices(['bar', 'json', 'none']))
-    .option('-q, --quiet', 'print nothing but errors')
+    .option('--checksum', 'print the blkhash digest (as "blockconv checksum" and blksum compute it) of the data copied, computed as it passes: "HEX  TARGET" on stdout')
+    .option('--verify', 'after the copy, read the target back and fail unless it has that digest (implies --checksum)')
+    .option('-q, --quiet', 'print nothing but errors (and the --checksum line)')
     .addOption(new Option('--output <fmt>', 'result summary format').choices(['human', 'json']).default('human'))
     .addHelpText('after', `
 Cache modes: "none"/"directsync" bypass the host page cache (O_DIRECT); "unsafe" skips
@@ -508,6 +510,8 @@ interface ConvertFlags {
   p?: boolean;
   progress?: ProgressMode;
   quiet?: boolean;
+  checksum?: boolean;
+  verify?: boolean;
   output: 'human' | 'json';
 }
 
@@ -566,6 +570,8 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       flush: o.cache !== 'unsafe',
       signal: abort.signal,
       progressInterval: mode === 'json' ? 500 : 100,
+      checksum: o.checksum,
+      verify: o.verify,
     });
     sink = progressSink(mode, total);
     job.on('progress', (p) => sink!.update(p));
@@ -584,7 +590,11 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
     target = undefined;
     if (o.output === 'json') {
       process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames.map(redactLocation), target: redactLocation(targetName), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
-    } else if (!o.quiet && mode !== 'none') {
+    } else {
+      if (r.checksum !== undefined) process.stdout.write(`${r.checksum}  ${redactLocation(targetName)}\n`);
+      if (r.verified && !o.quiet) process.stderr.write('verified: the target reads back with the same digest\n');
+    }
+    if (o.output !== 'json' && !o.quiet && mode !== 'none') {
       process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
         `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
         `${r.workersTried ? `; -m auto settled on ${r.workers} workers, tried ${r.workersTried.join(' ')}` : ''})\n`);

@@ -96,4 +96,24 @@ test('bad input: a missing image is one line and exit 1', () => {
   assert.match(r.stderr, /^blockconv: .*nope\.raw open: no such file or directory\n$/);
 });
 
+test('convert --checksum prints the digest of what it copied; --verify reads the target back (raw and qcow2 targets)', () => {
+  const src = join(dir, 'conv-src.raw');
+  execFileSync('truncate', ['-s', '20M', src]);
+  execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=64K', 'seek=7', 'count=40', 'conv=notrunc', 'status=none']);
+  qemuIo(src, 'raw', 'write -P 0 5M 1M', 'write -P 0x77 19M 4095');
+  const want = reference(src);
+  for (const [fmt, extra] of [['raw', []], ['qcow2', []], ['raw', ['-m', '3', '-W']], ['qcow2', ['-c']]] as const) {
+    const dst = join(dir, `conv-dst.${fmt}`);
+    const r = blockconv('convert', '-O', fmt, ...extra, '--checksum', src, dst);
+    assert.is(r.code, 0, r.stderr);
+    assert.is(r.stdout, `${want}  ${dst}\n`, `${fmt} ${extra.join(' ')}`);
+    const v = blockconv('convert', '-O', fmt, ...extra, '--verify', '--output', 'json', src, dst);
+    assert.is(v.code, 0, v.stderr);
+    const done = JSON.parse(v.stdout.trim().split('\n').at(-1)!) as { checksum: string; verified: boolean };
+    assert.is(done.checksum, want);
+    assert.ok(done.verified);
+    assert.is(checksumOf(dst), want, 'the target\'s own checksum');
+  }
+});
+
 test.run();

@@ -78,4 +78,54 @@ test('a read error names the offset, and nothing is left running', async () => {
   assert.match(String(err), /read at offset 524288/);
 });
 
+
+test('convert --checksum: the digest of what was copied equals checksumImage of the source, however it is copied', async () => {
+  const { convert } = await import('../src/index.js');
+  const size = 40 * B + 777;
+  const src = new MemoryBackend({ size, limits: { requestAlignment: 1 } });
+  const data = new Uint8Array(size).map((_, i) => ((i * 13) ^ (i >> 9)) & 0xff);
+  await src.write(0, data.subarray(0, 10 * B));
+  await src.write(10 * B, new Uint8Array(3 * B)); // written zeroes
+  await src.write(20 * B + 100, data.subarray(20 * B + 100, 30 * B)); // data not on a block boundary
+  await src.write(size - 500, data.subarray(size - 500)); // the odd tail
+  const want = (await checksumImage(src)).checksum;
+  for (const o of [{}, { workers: 1 }, { workers: 7, outOfOrder: true }, { minSparse: 0 }, { bufferSize: 3 * B }, { workers: 'auto' as const }]) {
+    const target = new MemoryBackend({ size, limits: { requestAlignment: 512 } });
+    const r = await convert({ sources: [src], target, checksum: true, ...o });
+    assert.is(r.checksum, want, JSON.stringify(o));
+    assert.is((await checksumImage(target)).checksum, want, `target content, ${JSON.stringify(o)}`);
+  }
+  const plain = await convert({ sources: [src], target: new MemoryBackend({ size }) });
+  assert.is(plain.checksum, undefined, 'no checksum unless asked');
+});
+
+test('convert --checksum of concatenated sources equals the checksum of the whole; unaligned joins are refused', async () => {
+  const { convert } = await import('../src/index.js');
+  const a = new MemoryBackend({ size: 4 * B });
+  const b = new MemoryBackend({ size: 3 * B + 5 });
+  await a.write(B, new Uint8Array(B).fill(7));
+  await b.write(0, new Uint8Array(3 * B + 5).fill(9));
+  const whole = new MemoryBackend({ size: 7 * B + 5 });
+  await convert({ sources: [a, b], target: whole });
+  const r = await convert({ sources: [a, b], target: new MemoryBackend({ size: 7 * B + 5 }), checksum: true });
+  assert.is(r.checksum, (await checksumImage(whole)).checksum);
+  const odd = new MemoryBackend({ size: B + 512 });
+  const err = await convert({ sources: [odd, b], target: new MemoryBackend({ size: 8 * B }), checksum: true }).catch((e: unknown) => e as Error);
+  assert.match(String(err), /not on a 64 KiB block/);
+});
+
+test('convert --verify: reads the target back; a target that stores other bytes fails loudly', async () => {
+  const { convert } = await import('../src/index.js');
+  const src = new MemoryBackend({ size: 8 * B });
+  await src.write(0, new Uint8Array(8 * B).fill(3));
+  const good = await convert({ sources: [src], target: new MemoryBackend({ size: 9 * B }), verify: true });
+  assert.ok(good.verified);
+  assert.is(good.checksum, (await checksumImage(src)).checksum);
+  const bad = new MemoryBackend({ size: 8 * B });
+  const store = bad.write.bind(bad);
+  bad.write = (offset: number, d: Uint8Array) => { const c = d.slice(); if (offset === 0) c[5] = 0xff; return store(offset, c); };
+  const err = await convert({ sources: [src], target: bad, verify: true }).catch((e: unknown) => e as Error);
+  assert.match(String(err), /verify failed: the target reads back as blkhash [0-9a-f]{64}, the copied data was [0-9a-f]{64}/);
+});
+
 test.run();

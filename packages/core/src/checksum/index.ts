@@ -26,6 +26,8 @@ export interface ChecksumOptions {
   /** Called with the bytes hashed so far, at most every `progressInterval` ms. */
   readonly onProgress?: (done: number, total: number) => void;
   readonly progressInterval?: number;
+  /** Hash only the first `length` bytes (a target larger than what was copied to it). Default: all. */
+  readonly length?: number;
 }
 
 export interface ChecksumResult {
@@ -50,7 +52,8 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
     throw new BlockError('EINVAL', `checksum buffer size must be a multiple of ${B} bytes up to 1 GiB, got ${bufferSize}`);
   }
   const inFlight = Math.max(1, options.inFlight ?? 4);
-  const size = b.size;
+  const size = options.length ?? b.size;
+  if (!Number.isSafeInteger(size) || size < 0 || size > b.size) throw new BlockError('EINVAL', `checksum length ${size} is outside the image (size ${b.size})`);
   const hash = new BlockHash();
   const pool = new HashPool(options.threads);
   const free: ArrayBuffer[] = [];

@@ -76,6 +76,11 @@ export class ChunkCopier {
     this.#scanner = plan.allData ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
   }
 
+  /** The first `length` bytes of the buffer: the chunk just read. */
+  bytes(length: number): Uint8Array {
+    return this.#buffer.subarray(0, length);
+  }
+
   /** Reads a data chunk into the buffer and finds its zero runs. */
   async read(chunk: Chunk): Promise<void> {
     const { length } = chunk;

@@ -27,6 +27,8 @@ import { ChunkCursor, type Chunk } from './cursor.js';
 import type { ConvertOptions, ConvertProgress, ConvertResult } from './options.js';
 import { WriteOrder } from './order.js';
 import { planConvert } from './plan.js';
+import { ChecksumTap } from './checksum-tap.js';
+import { checksumImage } from '../checksum/index.js';
 
 export * from './options.js';
 
@@ -103,7 +105,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   await Promise.resolve(); // let the caller attach listeners before the first event
   const plan = planConvert(o);
   const { target, total, workers, bufferSize, outOfOrder } = plan;
-  const cursor = new ChunkCursor(plan.sources, plan.chunkAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit);
+  const cursor = new ChunkCursor(plan.sources, plan.cursorAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit);
   const order = outOfOrder ? undefined : new WriteOrder();
   const releaseOrder = order ? (seq: number): void => order.done(seq) : (): void => {};
   const limiter = plan.rateLimit ? new RateLimiter(plan.rateLimit) : undefined;
@@ -113,6 +115,8 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     return zeroBuffer;
   };
   const governor = plan.autoWorkers ? new WorkerGovernor(workers) : undefined;
+  // Copies of chunks waiting to be hashed: twice the workers keeps them from waiting.
+  const tap = plan.checksum ? new ChecksumTap(bufferSize, 2 * workers) : undefined;
   // -m auto: workers beyond the governor's count wait here (holding no buffer) until it grows.
   let parked: Array<() => void> = [];
   let exhausted = false;
@@ -196,6 +200,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
           }
           op = 'read';
           await copier.read(chunk);
+          if (tap) await tap.data(chunk.seq, copier.bytes(chunk.length));
+        } else {
+          tap?.zero(chunk.seq, chunk.length);
         }
         readFirst();
         if (failure) break;
@@ -233,12 +240,24 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
       }
       if (failure) throw failure;
     }
-    const result = governor
-      ? { ...snapshot(), workers: governor.chosen, workersTried: [...governor.history], bufferSize, outOfOrder }
-      : { ...snapshot(), workers, bufferSize, outOfOrder };
+    const checksum = tap ? await tap.hexdigest() : undefined;
+    let verified: boolean | undefined;
+    if (o.verify) {
+      // Read back through the target, as a later reader would (the digest of its first `total` bytes).
+      const back = await checksumImage(target, { length: total, signal: o.signal });
+      if (back.checksum !== checksum) {
+        throw new BlockError('EIO', `verify failed: the target reads back as blkhash ${back.checksum}, the copied data was ${checksum}`, { op: 'verify', location: target.location });
+      }
+      verified = true;
+    }
+    const result = {
+      ...snapshot(), workers: governor ? governor.chosen : workers, ...(governor ? { workersTried: [...governor.history] } : {}),
+      bufferSize, outOfOrder, ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
+    };
     job.emit('progress', result);
     return result;
   } finally {
     for (const [s, h] of aborters) s.removeEventListener('abort', h);
+    await tap?.close();
   }
 }

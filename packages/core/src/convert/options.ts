@@ -55,6 +55,14 @@ export interface ConvertOptions {
   readonly signal?: AbortSignal;
   /** Minimum milliseconds between progress events. Default 100. */
   readonly progressInterval?: number;
+  /**
+   * Compute the blkhash digest (checksumImage's) of what is copied, from the data as it
+   * passes: ConvertResult.checksum. Chunks then start on 64 KiB blocks; concatenated
+   * sources must each be a multiple of 64 KiB long, the last aside.
+   */
+  readonly checksum?: boolean;
+  /** After the copy (and flush), read the target back and check it against the digest (implies checksum). */
+  readonly verify?: boolean;
 }
 
 export interface ConvertProgress {
@@ -79,4 +87,8 @@ export interface ConvertResult extends ConvertProgress {
   readonly workersTried?: readonly number[];
   readonly bufferSize: number;
   readonly outOfOrder: boolean;
+  /** With checksum or verify: the blkhash digest of the sources' content, hex. */
+  readonly checksum?: string;
+  /** With verify: the target read back to the same digest (else the job fails). */
+  readonly verified?: boolean;
 }

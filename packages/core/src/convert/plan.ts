@@ -7,6 +7,7 @@ import { BlockError } from '../errors.js';
 import { gateBackend } from '../gate.js';
 import { roundDown } from '../registry.js';
 import type { BlockBackend, WriteFlags } from '../types.js';
+import { BLKHASH_BLOCK_SIZE } from '../checksum/blkhash.js';
 import {
   AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, DEFAULT_WORKERS, MAX_WORKERS, SECTOR,
   type ConvertOptions,
@@ -27,6 +28,10 @@ export interface ConvertPlan {
   readonly bufferSize: number;
   /** Chunk boundaries: the largest request alignment, or the target's preferred one. */
   readonly chunkAlign: number;
+  /** Where chunks may start: chunkAlign, or 64 KiB blocks with a checksum (no block spans two chunks). */
+  readonly cursorAlign: number;
+  /** Compute the blkhash digest of what passes. */
+  readonly checksum: boolean;
   /** Largest data chunk (whole chunkAlign units) and largest zero chunk. */
   readonly maxDataChunk: number;
   readonly maxZeroChunk: number;
@@ -116,14 +121,26 @@ export function planConvert(o: ConvertOptions): ConvertPlan {
   // Zero chunks compared with a backing image are read like data: one buffer at most.
   const maxZeroChunk = backing ? bufferSize : targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), chunkAlign));
   const unit = Math.max(SECTOR, target.limits.requestAlignment, chunkAlign);
+  const checksum = o.checksum === true || o.verify === true;
+  const cursorAlign = checksum ? Math.max(chunkAlign, BLKHASH_BLOCK_SIZE) : chunkAlign;
+  if (checksum) {
+    if (bufferSize < cursorAlign) throw new BlockError('EINVAL', `a checksum needs a buffer of at least ${cursorAlign} bytes, got ${bufferSize}`);
+    let end = 0;
+    for (const s of sources.slice(0, -1)) {
+      end += s.size;
+      if (end % BLKHASH_BLOCK_SIZE !== 0) {
+        throw new BlockError('EINVAL', `source ${s.location} ends at ${end}, not on a 64 KiB block: concatenated sources cannot be checksummed while copied`);
+      }
+    }
+  }
   // A merged hole must come back from the zero scan as a run the target need not write.
   const minMergedHole = allData ? 0 : Math.max(minSparse, unit);
   const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));
   const alignedOwner = memAlign > 1 ? [target, ...sources].find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) >= memAlign) : undefined;
   const writeFlags = o.compress ? { compress: true } : undefined;
   return {
-    target, sources, total, backing, workers, autoWorkers, bufferSize, chunkAlign,
-    maxDataChunk: roundDown(bufferSize, chunkAlign), maxZeroChunk, unit, minSparse, allData, minMergedHole,
+    target, sources, total, backing, workers, autoWorkers, bufferSize, chunkAlign, cursorAlign, checksum,
+    maxDataChunk: roundDown(bufferSize, cursorAlign), maxZeroChunk: checksum ? roundDown(maxZeroChunk, cursorAlign) || cursorAlign : maxZeroChunk, unit, minSparse, allData, minMergedHole,
     targetZero, outOfOrder, serialized, maxZeroes, writeFlags,
     pieceByPiece: serialized || writeFlags !== undefined,
     rateLimit: o.rateLimit || undefined,
