@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, convert } from '@blockconv/core';
+import { DriverRegistry, checksumImage, convert } from '@blockconv/core';
 import { drivers as raw } from '@blockconv/driver-raw';
 import { drivers as iscsi, type IscsiBackend } from '../../src/index.js';
 import { CHAP_PASSWORD_FILE, CHAP_USER, LUNS, chapPassword, cli, ensureServer, run, wipeLun } from '../helpers.js';
@@ -190,6 +190,30 @@ test('many tasks are in flight at once during a convert (counted in the binding)
     await Promise.all([source.close(), target.close()]);
   }
   run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', lun.file, out]);
+});
+
+test('checksum of a LUN equals its backing file\'s; convert --checksum --verify onto a LUN', async () => {
+  const reg = new DriverRegistry().register(...raw, ...iscsi);
+  for (const lun of [LUNS.disk512, LUNS.disk4k]) {
+    wipeLun(lun.file);
+    const src = path.join(dir, 'ck-src.raw');
+    localImage(src, 8 * MiB + 4096);
+    const source = await reg.open(src, { readOnly: true, format: 'raw' });
+    const target = await reg.open(lun.url, { format: 'raw' });
+    try {
+      const r = await convert({ sources: [source], target, checksum: true, verify: true });
+      assert.is(r.checksum, (await checksumImage(source)).checksum, `${lun.blockSize}-byte blocks: the copied data`);
+      assert.ok(r.verified);
+      const backing = await reg.open(lun.file, { readOnly: true, format: 'raw' });
+      try {
+        assert.is((await checksumImage(target)).checksum, (await checksumImage(backing)).checksum, `${lun.blockSize}-byte blocks: the whole LUN`);
+      } finally {
+        await backing.close();
+      }
+    } finally {
+      await Promise.all([source.close(), target.close()]);
+    }
+  }
 });
 
 test.run();

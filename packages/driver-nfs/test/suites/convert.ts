@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, convert } from '@blockconv/core';
+import { DriverRegistry, checksumImage, convert } from '@blockconv/core';
 import { drivers as raw } from '@blockconv/driver-raw';
 import { drivers as nfs, type NfsBackend } from '../../src/index.js';
 import { ensureServer, run, scratch } from '../helpers.js';
@@ -110,6 +110,32 @@ test('8 concurrent reads are in flight together on the connection', async () => 
   } finally {
     await b.close();
     remote.remove();
+  }
+});
+
+test('checksum over NFS (v3 and v4) equals the local file\'s, and convert --checksum to NFS agrees', async () => {
+  const dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-ck-');
+  const remote = scratch('ck');
+  try {
+    const local = localImage(dir);
+    const src = await registry.open(local, { readOnly: true, format: 'raw' });
+    const want = (await checksumImage(src)).checksum;
+    const target = await registry.create(remote.url, src.size, { format: 'raw' });
+    const r = await convert({ sources: [src], target, checksum: true, verify: true });
+    await Promise.all([src.close(), target.close()]);
+    assert.is(r.checksum, want);
+    assert.ok(r.verified);
+    for (const query of ['', '?version=4']) {
+      const img = await registry.open(remote.url + query, { readOnly: true, format: 'raw' });
+      try {
+        assert.is((await checksumImage(img)).checksum, want, `nfs${query}`);
+      } finally {
+        await img.close();
+      }
+    }
+  } finally {
+    remote.remove();
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 
