@@ -214,6 +214,23 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
     }
   };
 
+  /** Splits [offset, end) into unaligned edge blocks (bounced or read-modify-written) and an aligned middle. */
+  const edges = (offset: number, end: number): { mid: number; midEnd: number; head: boolean; tail: boolean } => {
+    let mid = offset;
+    let midEnd = end;
+    let head = false;
+    let tail = false;
+    if (offset % align !== 0) {
+      mid = Math.min(offset - (offset % align) + align, end);
+      head = true;
+    }
+    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
+      midEnd = Math.max(mid, midEnd - (midEnd % align));
+      tail = end > midEnd;
+    }
+    return { mid, midEnd, head, tail };
+  };
+
   /** Reads [pos, pos+n) into dest through an aligned bounce buffer covering whole blocks. */
   const bounceRead = async (pos: number, n: number, dest: Uint8Array): Promise<void> => {
     const start = pos - (pos % align);
@@ -239,18 +256,9 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
     const end = offset + length;
     const pieces: Array<() => Promise<void>> = [];
     // Unaligned head and tail blocks through bounces; the aligned middle in maxIo pieces.
-    let mid = offset;
-    let midEnd = end;
-    if (offset % align !== 0) {
-      mid = Math.min(offset - (offset % align) + align, end);
-      const m = mid;
-      pieces.push(() => bounceRead(offset, m - offset, out.subarray(0, m - offset)));
-    }
-    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
-      midEnd = Math.max(mid, midEnd - (midEnd % align));
-      const me = midEnd;
-      if (end > me) pieces.push(() => bounceRead(me, end - me, out.subarray(me - offset)));
-    }
+    const { mid, midEnd, head, tail } = edges(offset, end);
+    if (head) pieces.push(() => bounceRead(offset, mid - offset, out.subarray(0, mid - offset)));
+    if (tail) pieces.push(() => bounceRead(midEnd, end - midEnd, out.subarray(midEnd - offset)));
     for (let s = mid; s < midEnd; s += maxIo) {
       const n = Math.min(maxIo, midEnd - s);
       const dest = out.subarray(s - offset, s - offset + n);
@@ -284,23 +292,6 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
       if (closed) throw closedError(op);
       await inner.write(start, block, flags);
     });
-
-  /** Splits an unaligned or oversized change into edge blocks (read-modify-write) and an aligned middle. */
-  const edges = (offset: number, end: number): { mid: number; midEnd: number; head: boolean; tail: boolean } => {
-    let mid = offset;
-    let midEnd = end;
-    let head = false;
-    let tail = false;
-    if (offset % align !== 0) {
-      mid = Math.min(offset - (offset % align) + align, end);
-      head = true;
-    }
-    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
-      midEnd = Math.max(mid, midEnd - (midEnd % align));
-      tail = end > midEnd;
-    }
-    return { mid, midEnd, head, tail };
-  };
 
   const writeSlow = (offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> => {
     const end = offset + data.length;
@@ -356,7 +347,10 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         return Promise.reject(new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, at(inner, 'read', offset, length)));
       }
       if (length === 0) return Promise.resolve(into ? into.subarray(0, 0) : new Uint8Array(0));
-      if (length <= maxIo && isAligned(offset, length) && memOk(into)) return call(() => inner.read(offset, length, into));
+      if (length <= maxIo && isAligned(offset, length) && memOk(into)) {
+        // Inline, not through call(): no closure per read on the copy's hot path.
+        try { return inner.read(offset, length, into); } catch (e) { return Promise.reject(e); }
+      }
       return readSlow(offset, length, into);
     },
 

@@ -61,7 +61,7 @@ export async function calculateRefcounts(st: CheckState): Promise<void> {
 async function countL1(st: CheckState, offset: number, entries: number, active: boolean): Promise<void> {
   if (entries === 0) return;
   countRange(st, offset, entries * 8);
-  const l1 = await readTable(st, offset, entries * 8, 'L1 table', 'check_refcounts_l1');
+  const l1 = await readTable(st, offset, entries * 8, 'L1 table', ioError('check_refcounts_l1'));
   const v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   for (let i = 0; i < entries; i++) {
     const hi = v.getUint32(i * 8);
@@ -82,7 +82,7 @@ async function countL2(st: CheckState, l2Offset: number, active: boolean): Promi
   // Past the end of the file it reads as zeroes: nothing allocated, nothing to count.
   // (A damaged L1 table can name hundreds of thousands of such tables.)
   if (l2Offset >= st.file.size) return;
-  const l2 = await readTable(st, l2Offset, h.l2Entries * h.l2EntrySize, 'L2 table', 'check_refcounts_l2');
+  const l2 = await readTable(st, l2Offset, h.l2Entries * h.l2EntrySize, 'L2 table', ioError('check_refcounts_l2'));
   const v = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
   // Contiguity is judged within one L2 table, as QEMU does.
   let nextContiguous = 0;
@@ -136,11 +136,18 @@ async function countL2(st: CheckState, l2Offset: number, active: boolean): Promi
 }
 
 /** Reads a table for the check; what QEMU cannot read makes the check fail. */
-async function readTable(st: CheckState, offset: number, length: number, what: string, fn: string): Promise<Uint8Array> {
+/** qemu-img's report line for an I/O error in its function `fn`. */
+const ioError = (fn: string) => (): string => `ERROR: I/O error in ${fn}`;
+
+/**
+ * Reads a table for the check; an I/O error is a check error (qemu-img's message for it,
+ * `report`, goes with the report) and ends the check naming the table.
+ */
+export async function readTable(st: CheckState, offset: number, length: number, what: string, report: (err: Error) => string): Promise<Uint8Array> {
   try {
     return await readPadded(st.file, st.read, offset, length);
   } catch (err) {
-    st.messages.push(`ERROR: I/O error in ${fn}`);
+    st.messages.push(report(err as Error));
     st.res.checkErrors++;
     throw checkFailed(st, what, `cannot read the ${what} at ${hex(offset)}: ${(err as Error).message}`);
   }
@@ -151,7 +158,7 @@ async function countBitmaps(st: CheckState): Promise<void> {
   const ext = st.h.bitmaps;
   if (!ext) return;
   countRange(st, ext.directoryOffset, ext.directorySize);
-  const dir = await readTable(st, ext.directoryOffset, ext.directorySize, 'bitmap directory', 'qcow2_check_bitmaps_refcounts');
+  const dir = await readTable(st, ext.directoryOffset, ext.directorySize, 'bitmap directory', ioError('qcow2_check_bitmaps_refcounts'));
   const dv = new DataView(dir.buffer, dir.byteOffset, dir.byteLength);
   let at = 0;
   for (let i = 0; i < ext.nbBitmaps && at + 24 <= dir.length; i++) {
@@ -161,7 +168,7 @@ async function countBitmaps(st: CheckState): Promise<void> {
     const extraSize = dv.getUint32(at + 20);
     if (tableOffset !== 0 && tableOffset % st.cs === 0 && tableOffset + tableSize * 8 <= st.file.size) {
       countRange(st, tableOffset, tableSize * 8);
-      const t = await readTable(st, tableOffset, tableSize * 8, 'bitmap table', 'qcow2_check_bitmaps_refcounts');
+      const t = await readTable(st, tableOffset, tableSize * 8, 'bitmap table', ioError('qcow2_check_bitmaps_refcounts'));
       const tv = new DataView(t.buffer, t.byteOffset, t.byteLength);
       for (let e = 0; e < tableSize; e++) {
         const off = entryOffset(tv.getUint32(e * 8), tv.getUint32(e * 8 + 4));

@@ -24,12 +24,12 @@
  * than QEMU's limits allow (header.ts, check-snapshots.ts).
  */
 import { BlockError, type BlockBackend, type CheckOptions, type CheckResult } from '@blockconv/core';
-import { hex, type Where } from './errors.js';
+import type { Where } from './errors.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from './header.js';
 import { metaReader, readHeader } from './io.js';
 import { entryOffset } from './mapping.js';
 import { openReferencesForCheck } from './references.js';
-import { calculateRefcounts, clusterType } from './check-count.js';
+import { calculateRefcounts, clusterType, readTable } from './check-count.js';
 import { readSnapshotsForCheck } from './check-snapshots.js';
 import {
   checkFailed, hex64, noCounts, signalCorruption, writeIncompatibleFeatures, writeMetadata, type CheckState, type Counts,
@@ -220,11 +220,7 @@ async function checkCopiedFlags(st: CheckState): Promise<void> {
     }
     // Past the end of the file it reads as zeroes: no entry to check.
     if (l2Offset >= st.file.size) continue;
-    const l2 = await readPadded(st.file, st.read, l2Offset, h.l2Entries * h.l2EntrySize).catch((err: unknown) => {
-      st.messages.push(`ERROR: Could not read L2 table: ${(err as Error).message}`);
-      st.res.checkErrors++;
-      throw checkFailed(st, 'L2 table', `cannot read the L2 table at ${hex(l2Offset)}: ${(err as Error).message}`);
-    });
+    const l2 = await readTable(st, l2Offset, h.l2Entries * h.l2EntrySize, 'L2 table', (err) => `ERROR: Could not read L2 table: ${err.message}`);
     const v = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
     let dirty = 0;
     for (let j = 0; j < h.l2Entries; j++) {

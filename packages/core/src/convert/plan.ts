@@ -90,9 +90,12 @@ export function planConvert(o: ConvertOptions): ConvertPlan {
     throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes)`, { location: target.location });
   }
   const align = Math.max(target.limits.requestAlignment, ...sources.map((s) => s.limits.requestAlignment));
+  /** Where each source but the last ends in the target. */
+  const joins: Array<{ source: BlockBackend; end: number }> = [];
   let base = 0;
   for (const s of sources.slice(0, -1)) {
     base += s.size;
+    joins.push({ source: s, end: base });
     if (base % align !== 0) {
       throw new BlockError('EINVAL', `source ${s.location} ends at ${base}, not a multiple of the ${align}-byte alignment; sources cannot be concatenated`);
     }
@@ -125,12 +128,9 @@ export function planConvert(o: ConvertOptions): ConvertPlan {
   const cursorAlign = checksum ? Math.max(chunkAlign, BLKHASH_BLOCK_SIZE) : chunkAlign;
   if (checksum) {
     if (bufferSize < cursorAlign) throw new BlockError('EINVAL', `a checksum needs a buffer of at least ${cursorAlign} bytes, got ${bufferSize}`);
-    let end = 0;
-    for (const s of sources.slice(0, -1)) {
-      end += s.size;
-      if (end % BLKHASH_BLOCK_SIZE !== 0) {
-        throw new BlockError('EINVAL', `source ${s.location} ends at ${end}, not on a 64 KiB block: concatenated sources cannot be checksummed while copied`);
-      }
+    const join = joins.find((j) => j.end % BLKHASH_BLOCK_SIZE !== 0);
+    if (join) {
+      throw new BlockError('EINVAL', `source ${join.source.location} ends at ${join.end}, not on a 64 KiB block: concatenated sources cannot be checksummed while copied`);
     }
   }
   // A merged hole must come back from the zero scan as a run the target need not write.
