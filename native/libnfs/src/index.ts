@@ -27,6 +27,10 @@ export interface NfsStat {
   readonly mode: number;
   readonly blocks: number;
   readonly blksize: number;
+  readonly dev: number;
+  readonly ino: number;
+  readonly mtimeSec: number;
+  readonly mtimeNsec: number;
 }
 
 export interface MountInfo {

@@ -421,6 +421,11 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
         o.Set("mode", Napi::Number::New(env, static_cast<double>(st->nfs_mode)));
         o.Set("blocks", Napi::Number::New(env, static_cast<double>(st->nfs_blocks)));
         o.Set("blksize", Napi::Number::New(env, static_cast<double>(st->nfs_blksize)));
+        // Identity: which file (a resumed convert refuses another) and its version.
+        o.Set("dev", Napi::Number::New(env, static_cast<double>(st->nfs_dev)));
+        o.Set("ino", Napi::Number::New(env, static_cast<double>(st->nfs_ino)));
+        o.Set("mtimeSec", Napi::Number::New(env, static_cast<double>(st->nfs_mtime)));
+        o.Set("mtimeNsec", Napi::Number::New(env, static_cast<double>(st->nfs_mtime_nsec)));
         r->deferred.Resolve(o);
         break;
       }

@@ -166,6 +166,19 @@ export interface BlockBackend {
   info?(): Promise<Record<string, unknown>>;
   /** Bytes this image occupies on its storage, when known (`info`'s disk size). */
   allocatedSize?(): Promise<number | undefined>;
+  /**
+   * Which object this is and which version of it, when the storage can tell (a file's
+   * device and inode, its mtime): a resumed convert refuses a source that changed or a
+   * target that was replaced. Formats report their file's.
+   */
+  identity?(): Promise<BackendIdentity>;
+}
+
+export interface BackendIdentity {
+  /** Names the object itself, stable while it exists (e.g. "dev:ino"). */
+  readonly id: string;
+  /** Changes whenever its content is changed (e.g. the mtime in nanoseconds). */
+  readonly version?: string;
 }
 
 /** Cache modes as qemu-img names them. */

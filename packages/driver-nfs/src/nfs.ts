@@ -26,6 +26,7 @@ import {
   BLOCK_API_VERSION,
   BlockError,
   redactLocation,
+  type BackendIdentity,
   type BlockBackend,
   type BlockLimits,
   type CreateOptions,
@@ -432,6 +433,12 @@ export class NfsBackend implements BlockBackend {
     const c = this.#conns[0]!;
     const st = await c.ctx.fstat(c.fh).catch(() => undefined);
     return st ? st.blocks * 512 : undefined;
+  }
+
+  async identity(): Promise<BackendIdentity> {
+    const c = this.#conns[0]!;
+    const st = await c.ctx.fstat(c.fh).catch((err: unknown) => { throw nfsError(err, { op: 'fstat', location: this.location }); });
+    return { id: `${st.dev}:${st.ino}`, version: `${st.mtimeSec}.${String(st.mtimeNsec).padStart(9, '0')}` };
   }
 
   #where(op: string, offset: number, length: number): Where {

@@ -10,6 +10,7 @@
 import {
   BlockError,
   roundDown,
+  type BackendIdentity,
   type BlockBackend,
   type BlockLimits,
   type Extent,
@@ -293,6 +294,14 @@ export class Qcow2Backend implements BlockBackend {
   /** The image file's allocation, as qemu-img reports it (an external data file is not counted). */
   async allocatedSize(): Promise<number | undefined> {
     return this.#file.allocatedSize?.();
+  }
+
+  /** The image file's identity; the version also changes with the data file's or the backing chain's. */
+  async identity(): Promise<BackendIdentity> {
+    const file = await this.#file.identity?.();
+    if (!file) return { id: this.location };
+    const below = await Promise.all([this.#p.dataFile, this.backing].map((b) => b?.identity?.()));
+    return { id: file.id, version: [file.version, ...below.map((i) => i && `${i.id}@${i.version ?? ''}`)].filter(Boolean).join(' ') };
   }
 
   /** L2 cache counters, for tests and tuning. */

@@ -13,6 +13,7 @@ import {
   roundDown,
   roundUp,
   toBlockError,
+  type BackendIdentity,
   type BlockBackend,
   type BlockLimits,
   type CreateOptions,
@@ -340,6 +341,13 @@ export class FileBackend implements BlockBackend {
     if (this.#p.isDevice || this.#closed) return undefined;
     const st = await fstat(this.#p.fd);
     return st.blocks * 512;
+  }
+
+  async identity(): Promise<BackendIdentity> {
+    const st = await new Promise<fs.BigIntStats>((resolve, reject) => fs.fstat(this.#p.fd, { bigint: true }, (err, s) => (err ? reject(err) : resolve(s))));
+    // A block device's mtime says nothing about its content: the id alone.
+    if (this.#p.isDevice) return { id: `${st.rdev}` };
+    return { id: `${st.dev}:${st.ino}`, version: `${st.mtimeNs}` };
   }
 
   // --- internals -----------------------------------------------------------------

@@ -9,7 +9,8 @@
  * are hashed without being read. This class only takes the block digests, in order;
  * who computes them (worker threads, see pool.ts) is the caller's choice.
  */
-import { createHash, type Hash } from 'node:crypto';
+import { createHash } from 'node:crypto';
+import type { IHasher } from 'hash-wasm';
 
 export const BLKHASH_BLOCK_SIZE = 64 * 1024;
 export const BLKHASH_ALGORITHM = 'blkhash-sha256';
@@ -22,11 +23,59 @@ export function zeroBlockDigest(): Buffer {
   return (zeroDigest ??= createHash('sha256').update(Buffer.alloc(BLKHASH_BLOCK_SIZE)).digest());
 }
 
-/** The outer hash: block digests in order, then the length. */
+/**
+ * Where a hash stopped, so that a resumed convert can go on with it: the outer
+ * SHA-256's internal state and the bytes hashed. JSON-safe.
+ */
+export interface BlockHashState {
+  readonly algorithm: typeof BLKHASH_ALGORITHM;
+  /** Bytes hashed; a multiple of the block size. */
+  readonly length: number;
+  /** The outer SHA-256 state (hash-wasm's save()), base64. */
+  readonly outer: string;
+}
+
+let createOuter: (() => Promise<IHasher>) | undefined;
+
+/**
+ * The outer hash: block digests in order, then the length. The outer SHA-256 is
+ * hash-wasm's because its state can be saved and loaded (node:crypto's cannot), which a
+ * resumed convert needs; it hashes 32 bytes per 64 KiB block, so its speed hardly counts.
+ * Loaded on first use: runs without a checksum do not pay for it.
+ */
 export class BlockHash {
-  readonly #outer: Hash = createHash('sha256');
+  readonly #outer: IHasher;
   #length = 0;
   #finished = false;
+
+  private constructor(outer: IHasher, length: number) {
+    this.#outer = outer;
+    this.#length = length;
+  }
+
+  /** A new hash, or one that goes on from a saved state. */
+  static async create(from?: BlockHashState): Promise<BlockHash> {
+    createOuter ??= (await import('hash-wasm')).createSHA256;
+    const outer = await createOuter();
+    outer.init();
+    if (!from) return new BlockHash(outer, 0);
+    if (from.algorithm !== BLKHASH_ALGORITHM || !Number.isSafeInteger(from.length) || from.length < 0 || from.length % BLKHASH_BLOCK_SIZE !== 0) {
+      throw new Error(`blkhash: not a saved ${BLKHASH_ALGORITHM} state at a block boundary`);
+    }
+    try {
+      outer.load(Buffer.from(from.outer, 'base64'));
+    } catch (err) {
+      throw new Error(`blkhash: the saved hash state cannot be loaded (${(err as Error).message})`);
+    }
+    return new BlockHash(outer, from.length);
+  }
+
+  /** The state now, to go on from later (only on a block boundary). */
+  save(): BlockHashState {
+    this.#check();
+    if (this.#length % BLKHASH_BLOCK_SIZE !== 0) throw new Error('blkhash: a state is saved on block boundaries only');
+    return { algorithm: BLKHASH_ALGORITHM, length: this.#length, outer: Buffer.from(this.#outer.save()).toString('base64') };
+  }
 
   /** Bytes hashed so far. */
   get length(): number {
@@ -68,7 +117,8 @@ export class BlockHash {
     this.#finished = true;
     const len = Buffer.alloc(8);
     len.writeBigUInt64LE(BigInt(this.#length));
-    return this.#outer.update(len).digest('hex');
+    this.#outer.update(len);
+    return this.#outer.digest('hex');
   }
 
   #check(): void {

@@ -54,7 +54,7 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
   const inFlight = Math.max(1, options.inFlight ?? 4);
   const size = options.length ?? b.size;
   if (!Number.isSafeInteger(size) || size < 0 || size > b.size) throw new BlockError('EINVAL', `checksum length ${size} is outside the image (size ${b.size})`);
-  const hash = new BlockHash();
+  const hash = await BlockHash.create();
   const pool = new HashPool(options.threads);
   const free: ArrayBuffer[] = [];
   const queue: Piece[] = [];

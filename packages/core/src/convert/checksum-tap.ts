@@ -5,29 +5,68 @@
  * are known zeroes; the digests join the outer hash in chunk order. Chunks start on
  * 64 KiB block boundaries (the plan aligns them so), so no block spans two chunks.
  * Memory: at most `maxPending` copies in flight, each one chunk's buffer.
+ *
+ * With checkpoints the hash takes a chunk only once its writes have completed
+ * (`written`), so that the hash never runs ahead of the watermark and `stateAt` can
+ * give the state at exactly a checkpoint's offset.
  */
-import { BlockHash, BLKHASH_BLOCK_SIZE } from '../checksum/blkhash.js';
+import { BlockHash, BLKHASH_BLOCK_SIZE, type BlockHashState } from '../checksum/blkhash.js';
 import { HashPool } from '../checksum/pool.js';
 
 type Entry = { zero: number } | { digests: Promise<{ buffer: ArrayBuffer; digests: Uint8Array }>; length: number };
 
 export class ChecksumTap {
-  readonly #hash = new BlockHash();
+  readonly #hash: BlockHash;
   readonly #pool = new HashPool();
   readonly #entries = new Map<number, Entry>();
   readonly #free: ArrayBuffer[] = [];
   readonly #bufferSize: number;
   readonly #maxPending: number;
   #next = 0;
+  /** Chunks the hash has taken. */
+  #fed = 0;
+  /** Chunks below this have been written (Infinity: no checkpoints, no waiting). */
+  #written: number;
+  /** stateAt() calls waiting for the hash to reach their chunk. */
+  readonly #stateWaiters = new Map<number, Array<{ resolve: (s: BlockHashState) => void; reject: (e: unknown) => void }>>();
   #pending = 0;
   #draining: Promise<void> = Promise.resolve();
   #failure: unknown;
   /** Workers waiting for a free copy buffer. */
   #waiters: Array<() => void> = [];
 
-  constructor(bufferSize: number, maxPending: number) {
+  private constructor(hash: BlockHash, bufferSize: number, maxPending: number, gated: boolean) {
+    this.#hash = hash;
     this.#bufferSize = bufferSize;
     this.#maxPending = Math.max(2, maxPending);
+    this.#written = gated ? 0 : Infinity;
+  }
+
+  /**
+   * A tap, going on from a saved hash state when resuming. `gated`: chunks join the
+   * hash only once written (checkpoints need it).
+   */
+  static async create(bufferSize: number, maxPending: number, options: { from?: BlockHashState; gated?: boolean } = {}): Promise<ChecksumTap> {
+    return new ChecksumTap(await BlockHash.create(options.from), bufferSize, maxPending, options.gated === true);
+  }
+
+  /** Chunks below `seq` have been written: the hash may take them. */
+  written(seq: number): void {
+    if (seq <= this.#written) return;
+    this.#written = seq;
+    this.#drain();
+  }
+
+  /** The hash state once it has taken every chunk before `seq` (which must not be passed yet). */
+  stateAt(seq: number): Promise<BlockHashState> {
+    if (seq < this.#fed) return Promise.reject(new Error(`checksum: the hash is past chunk ${seq}`));
+    if (seq === this.#fed) return Promise.resolve(this.#hash.save());
+    if (this.#failure !== undefined) return Promise.reject(this.#failure);
+    return new Promise((resolve, reject) => {
+      const list = this.#stateWaiters.get(seq);
+      if (list) list.push({ resolve, reject });
+      else this.#stateWaiters.set(seq, [{ resolve, reject }]);
+    });
   }
 
   /** Takes chunk `seq`'s data (copied: the caller reuses its buffer at once). */
@@ -60,34 +99,48 @@ export class ChecksumTap {
 
   async close(): Promise<void> {
     await this.#draining.catch(() => {});
+    this.#rejectWaiters(new Error('checksum: closed'));
     await this.#pool.close();
   }
 
   /** Feeds the chunks that are next in order, one drain at a time. */
   #drain(): void {
     this.#draining = this.#draining.then(async () => {
-      for (let e = this.#entries.get(this.#next); e; e = this.#entries.get(this.#next)) {
+      for (let e = this.#entries.get(this.#next); e && this.#next < this.#written; e = this.#entries.get(this.#next)) {
         this.#entries.delete(this.#next);
         this.#next++;
         if ('zero' in e) {
           this.#hash.addZeroes(e.zero);
-          continue;
+        } else {
+          try {
+            const { buffer, digests } = await e.digests;
+            this.#hash.addDigests(digests, Math.ceil(e.length / BLKHASH_BLOCK_SIZE), e.length);
+            this.#free.push(buffer);
+          } catch (err) {
+            this.#failure ??= err;
+          } finally {
+            this.#pending--;
+          }
         }
-        try {
-          const { buffer, digests } = await e.digests;
-          this.#hash.addDigests(digests, Math.ceil(e.length / BLKHASH_BLOCK_SIZE), e.length);
-          this.#free.push(buffer);
-        } catch (err) {
-          this.#failure ??= err;
-        } finally {
-          this.#pending--;
+        this.#fed++;
+        const waiting = this.#stateWaiters.get(this.#fed);
+        if (waiting && this.#failure === undefined) {
+          this.#stateWaiters.delete(this.#fed);
+          const state = this.#hash.save();
+          for (const w of waiting) w.resolve(state);
         }
       }
+      if (this.#failure !== undefined) this.#rejectWaiters(this.#failure);
       // Everyone looks again: the one holding the new next chunk may go.
       const waiters = this.#waiters;
       this.#waiters = [];
       for (const w of waiters) w();
     });
+  }
+
+  #rejectWaiters(err: unknown): void {
+    for (const list of this.#stateWaiters.values()) for (const w of list) w.reject(err);
+    this.#stateWaiters.clear();
   }
 
   #throwIfFailed(): void {

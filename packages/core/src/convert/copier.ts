@@ -76,6 +76,11 @@ export class ChunkCopier {
     this.#scanner = plan.allData ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
   }
 
+  /** Zeroes of this chunk are left alone: the target reads them back as zeroes. */
+  skipsZeroes(chunk: Chunk): boolean {
+    return this.#plan.targetZero && chunk.targetOffset >= this.#plan.rewriteEnd;
+  }
+
   /** The first `length` bytes of the buffer: the chunk just read. */
   bytes(length: number): Uint8Array {
     return this.#buffer.subarray(0, length);
@@ -99,12 +104,13 @@ export class ChunkCopier {
     const target = this.#target;
     const scanner = this.#scanner;
     const flags = this.#plan.writeFlags;
+    const skipZeroes = this.skipsZeroes(chunk);
     let written = 0;
     if (this.#theirs) {
       // -B reads the backing image first; its writes go out in turn, one chunk at a time.
       await this.#writeDifferences(targetOffset, length, chunk.kind === 'data' ? this.#buffer : undefined, this.#theirs);
     } else if (chunk.kind === 'zero') {
-      if (this.#plan.targetZero) this.#stats.bytesSkipped += length;
+      if (skipZeroes) this.#stats.bytesSkipped += length;
       else await this.#issue(this.#writeZeroes(targetOffset, length), seq);
     } else if (!scanner) {
       await this.#issue(target.write(targetOffset, this.#buffer.subarray(0, length), flags), seq);
@@ -115,7 +121,7 @@ export class ChunkCopier {
       for (let i = 0; i < this.#segments; i++) {
         const len = scanner.segments[2 * i + 1]! - scanner.segments[2 * i]!;
         if (!scanner.segmentIsZero[i]) written += len;
-        else if (this.#plan.targetZero) this.#stats.bytesSkipped += len;
+        else if (skipZeroes) this.#stats.bytesSkipped += len;
         else await this.#issue(this.#writeZeroes(targetOffset + scanner.segments[2 * i]!, len), seq);
       }
     } else {
@@ -126,7 +132,7 @@ export class ChunkCopier {
           const piece = this.#segments === 1 ? this.#buffer.subarray(0, length) : this.#buffer.subarray(start, end);
           await this.#issue(target.write(targetOffset + start, piece, flags), seq);
           written += end - start;
-        } else if (this.#plan.targetZero) {
+        } else if (skipZeroes) {
           this.#stats.bytesSkipped += end - start;
         } else {
           await this.#issue(this.#writeZeroes(targetOffset + start, end - start), seq);

@@ -31,6 +31,7 @@ export class ChunkCursor {
   #extentKind: 'data' | 'zero' = 'data';
   #pending: Promise<void> | null = null;
   #seq = 0;
+  readonly #splitAt: number;
 
   constructor(
     private readonly sources: readonly BlockBackend[],
@@ -42,7 +43,21 @@ export class ChunkCursor {
     private readonly minMergedHole: number,
     /** The zero scan's unit: a merged hole must sit on unit boundaries of the chunk. */
     private readonly unit: number,
-  ) {}
+    /**
+     * Resuming: the target offset to start at (a chunk boundary of the interrupted run),
+     * and one that no chunk crosses (the end of what must be rewritten in full).
+     */
+    place: { readonly start?: number; readonly splitAt?: number } = {},
+  ) {
+    let start = place.start ?? 0;
+    while (this.#index < sources.length && start >= sources[this.#index]!.size) {
+      start -= sources[this.#index]!.size;
+      this.#base += sources[this.#index]!.size;
+      this.#index++;
+    }
+    this.#pos = start;
+    this.#splitAt = place.splitAt ?? 0;
+  }
 
   get issued(): number { return this.#seq; }
 
@@ -109,6 +124,8 @@ export class ChunkCursor {
         kind = 'data';
       }
     }
+    const split = this.#splitAt - this.#base;
+    if (start < split && end > split) end = split;
     this.#pos = end;
     return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind };
   }

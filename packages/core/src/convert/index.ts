@@ -29,8 +29,12 @@ import { WriteOrder } from './order.js';
 import { planConvert } from './plan.js';
 import { ChecksumTap } from './checksum-tap.js';
 import { checksumImage } from '../checksum/index.js';
+import { Checkpointer } from './checkpoints.js';
+import { checkResume, identifyConvert, type ResumeState } from './resume.js';
 
 export * from './options.js';
+export { DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, ProgressLedger } from './checkpoints.js';
+export { HEAD_BYTES, RESUME_STATE_KIND, RESUME_STATE_VERSION, checkResume, checkStateShape, identifyConvert, type ConvertIdentity, type ImageIdentity, type ResumeState } from './resume.js';
 
 /** Token bucket on copied bytes (-r). */
 class RateLimiter {
@@ -46,10 +50,11 @@ class RateLimiter {
 }
 
 /**
- * A running convert. Emits 'progress' (ConvertProgress); `done` settles with the
- * result; `progress()` iterates progress updates until the end.
+ * A running convert. Emits 'progress' (ConvertProgress) and, with checkpoints,
+ * 'checkpoint' (ResumeState, once saved); `done` settles with the result; `progress()`
+ * iterates progress updates until the end.
  */
-export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress] }> {
+export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress]; checkpoint: [ResumeState] }> {
   readonly total: number;
   readonly done: Promise<ConvertResult>;
   readonly #controller = new AbortController();
@@ -95,17 +100,31 @@ export function startConvert(options: ConvertOptions): ConvertJob {
 }
 
 /** Converts and resolves with the result: the one call for library users. */
-export function convert(options: ConvertOptions & { onProgress?: (p: ConvertProgress) => void }): Promise<ConvertResult> {
+export function convert(options: ConvertOptions & { onProgress?: (p: ConvertProgress) => void; onCheckpoint?: (s: ResumeState) => void }): Promise<ConvertResult> {
   const job = new ConvertJob(options);
   if (options.onProgress) job.on('progress', options.onProgress);
+  if (options.onCheckpoint) job.on('checkpoint', options.onCheckpoint);
   return job.done;
+}
+
+/** The options recorded in a checkpoint because they change the output. */
+function outputOptions(o: ConvertOptions, plan: ReturnType<typeof planConvert>): Record<string, string> {
+  return {
+    compress: String(o.compress === true),
+    minSparse: String(plan.minSparse),
+    targetIsZero: String(o.targetIsZero === true),
+    diffAgainstBacking: String(o.diffAgainstBacking === true),
+    checksum: String(plan.checksum),
+    ...o.resumeTag,
+  };
 }
 
 async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): Promise<ConvertResult> {
   await Promise.resolve(); // let the caller attach listeners before the first event
   const plan = planConvert(o);
   const { target, total, workers, bufferSize, outOfOrder } = plan;
-  const cursor = new ChunkCursor(plan.sources, plan.cursorAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit);
+  const cursor = new ChunkCursor(plan.sources, plan.cursorAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit,
+    { start: plan.start, splitAt: plan.rewriteEnd });
   const order = outOfOrder ? undefined : new WriteOrder();
   const releaseOrder = order ? (seq: number): void => order.done(seq) : (): void => {};
   const limiter = plan.rateLimit ? new RateLimiter(plan.rateLimit) : undefined;
@@ -115,8 +134,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     return zeroBuffer;
   };
   const governor = plan.autoWorkers ? new WorkerGovernor(workers) : undefined;
+  const checkpointing = o.checkpoint !== undefined || o.resume !== undefined;
   // Copies of chunks waiting to be hashed: twice the workers keeps them from waiting.
-  const tap = plan.checksum ? new ChecksumTap(bufferSize, 2 * workers) : undefined;
+  const tap = plan.checksum ? await ChecksumTap.create(bufferSize, 2 * workers, { from: o.resume?.progress.checksum, gated: checkpointing }) : undefined;
   // -m auto: workers beyond the governor's count wait here (holding no buffer) until it grows.
   let parked: Array<() => void> = [];
   let exhausted = false;
@@ -127,11 +147,12 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
 
   const started = performance.now();
   const stats = new CopyStats();
+  stats.done = plan.start;
   const snapshot = (): ConvertProgress => {
     const elapsedMs = performance.now() - started;
     return {
       done: stats.done, bytesRead: stats.bytesRead, bytesWritten: stats.bytesWritten, bytesZeroed: stats.bytesZeroed, bytesSkipped: stats.bytesSkipped,
-      total, elapsedMs, rate: elapsedMs > 0 ? (stats.done * 1000) / elapsedMs : 0,
+      total, elapsedMs, rate: elapsedMs > 0 ? ((stats.done - plan.start) * 1000) / elapsedMs : 0,
     };
   };
   const interval = o.progressInterval ?? 100;
@@ -149,9 +170,11 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   const fail = (err: unknown, details?: { op: string; location: string; offset: number; length: number }): void => {
     if (failure) return;
     failure = toBlockError(err, details);
+    void checkpointer?.stop();
     order?.releaseAll();
     wakeParked();
   };
+  let checkpointer: Checkpointer | undefined;
   const onAbort = (signal: AbortSignal) => (): void => fail(cancelled(signal.reason));
   const aborters: Array<[AbortSignal, () => void]> = [];
   for (const s of [o.signal, internal]) {
@@ -212,8 +235,17 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
         }
         if (failure) break;
         op = 'write';
+        const end = chunk.targetOffset + chunk.length;
+        if (checkpointer && end > checkpointer.limit && (chunk.kind === 'data' || !copier.skipsZeroes(chunk))) {
+          await checkpointer.allow(end);
+          if (failure) break;
+        }
         await copier.write(chunk);
         progressed(chunk.length);
+        if (checkpointer) {
+          checkpointer.completed(chunk.seq, end);
+          tap?.written(checkpointer.ledger.openSeq);
+        }
         if (governor) {
           const before = governor.active;
           // This chunk's own data, now read and written: the copy's rate, without counting
@@ -230,8 +262,23 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   };
 
   try {
+    if (checkpointing) {
+      const identity = await identifyConvert(plan.sources, target, outputOptions(o, plan));
+      if (o.resume) await checkResume(o.resume, identity, target);
+      checkpointer = new Checkpointer({
+        schedule: o.checkpoint ?? {}, identity, total, start: plan.start, dirtyEnd: plan.rewriteEnd, targetZero: plan.targetZero,
+        inFlight: workers * bufferSize,
+        flush: () => target.flush(),
+        hashAt: tap ? (seq) => tap.stateAt(seq) : undefined,
+        onCheckpoint: (state) => job.emit('checkpoint', state),
+        onError: (err) => fail(err),
+      });
+      await checkpointer.begin();
+    }
     await Promise.all(Array.from({ length: workers }, worker));
+    await checkpointer?.stop();
     if (failure) throw failure;
+    tap?.written(Number.MAX_SAFE_INTEGER);
     if (o.flush !== false) {
       try {
         await target.flush();
@@ -253,11 +300,13 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
     const result = {
       ...snapshot(), workers: governor ? governor.chosen : workers, ...(governor ? { workersTried: [...governor.history] } : {}),
       bufferSize, outOfOrder, ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
+      ...(o.resume ? { resumedFrom: plan.start } : {}), ...(checkpointer ? { checkpoints: checkpointer.count } : {}),
     };
     job.emit('progress', result);
     return result;
   } finally {
     for (const [s, h] of aborters) s.removeEventListener('abort', h);
+    await checkpointer?.stop();
     await tap?.close();
   }
 }

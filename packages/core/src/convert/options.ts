@@ -3,6 +3,8 @@
  * (index.ts), and its defaults.
  */
 import type { BlockBackend } from '../types.js';
+import type { BlockHashState } from '../checksum/blkhash.js';
+import type { ResumeState } from './resume.js';
 
 export const DEFAULT_WORKERS = 8;
 export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
@@ -63,6 +65,56 @@ export interface ConvertOptions {
   readonly checksum?: boolean;
   /** After the copy (and flush), read the target back and check it against the digest (implies checksum). */
   readonly verify?: boolean;
+  /**
+   * Checkpoint the copy, so that an interrupted run can be resumed: on this schedule
+   * the target is flushed and the durable progress handed to `save` (and emitted as the
+   * job's 'checkpoint' event). See checkpoints.ts.
+   */
+  readonly checkpoint?: CheckpointSchedule;
+  /**
+   * Go on from the last checkpoint of an interrupted run of the same convert. Refused
+   * (EINVAL, naming what differs) when a source, the target or an option that changes
+   * the output is not what it was.
+   */
+  readonly resume?: ResumeState;
+  /**
+   * The caller's options that change the output but that the scheduler does not see
+   * (the CLI's target format and create options): recorded in checkpoints, and a
+   * resume with different ones is refused.
+   */
+  readonly resumeTag?: Readonly<Record<string, string>>;
+}
+
+export interface CheckpointSchedule {
+  /**
+   * At most this many bytes (plus workers x buffer) are copied again after an
+   * interruption; checkpoints come every three quarters of it. Default 1 GiB.
+   */
+  readonly everyBytes?: number;
+  /** Also checkpoint after this many seconds without one; 0: by bytes only. Default 30. */
+  readonly everySeconds?: number;
+  /**
+   * Keeps the state where a later run can find it (a file, a job's data). Awaited: the
+   * copy writes no further than the previous state allows until it resolves.
+   */
+  readonly save?: (state: ResumeState) => Promise<void> | void;
+}
+
+/** The progress part of a checkpoint: what the target durably holds. */
+export interface CheckpointProgress {
+  /** Target bytes [0, done) were written and then flushed. */
+  readonly done: number;
+  /**
+   * This run writes nothing at or past dirtyEnd before its next checkpoint, so a resumed
+   * run must write [done, dirtyEnd) in full, zeroes included; beyond it the target is
+   * still as it was at the start.
+   */
+  readonly dirtyEnd: number;
+  readonly total: number;
+  /** The first run's target read back as zeroes: zeroes past dirtyEnd need no writing. */
+  readonly targetZero: boolean;
+  /** With a checksum: the hash at `done`. */
+  readonly checksum?: BlockHashState;
 }
 
 export interface ConvertProgress {
@@ -91,4 +143,8 @@ export interface ConvertResult extends ConvertProgress {
   readonly checksum?: string;
   /** With verify: the target read back to the same digest (else the job fails). */
   readonly verified?: boolean;
+  /** With resume: the target offset this run started from. */
+  readonly resumedFrom?: number;
+  /** Checkpoints taken by this run. */
+  readonly checkpoints?: number;
 }

@@ -8,6 +8,8 @@ import { gateBackend } from '../gate.js';
 import { roundDown } from '../registry.js';
 import type { BlockBackend, WriteFlags } from '../types.js';
 import { BLKHASH_BLOCK_SIZE } from '../checksum/blkhash.js';
+import { DEFAULT_CHECKPOINT_BYTES } from './checkpoints.js';
+import { checkStateShape } from './resume.js';
 import {
   AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, DEFAULT_WORKERS, MAX_WORKERS, SECTOR,
   type ConvertOptions,
@@ -55,6 +57,13 @@ export interface ConvertPlan {
   /** Writes go out one by one per worker (one-at-a-time targets, compressed writes). */
   readonly pieceByPiece: boolean;
   readonly rateLimit?: number;
+  /** Resuming: the target offset this run starts at (0 otherwise). */
+  readonly start: number;
+  /**
+   * Resuming: [start, rewriteEnd) may hold stray writes of the interrupted run and is
+   * written in full, zeroes included, whatever targetZero says.
+   */
+  readonly rewriteEnd: number;
   /** Buffers in memory every backend of the copy can do I/O from (O_DIRECT). */
   readonly allocate: (n: number) => Uint8Array;
 }
@@ -105,7 +114,13 @@ export function planConvert(o: ConvertOptions): ConvertPlan {
   const allData = minSparse === 0;
   const backing = o.diffAgainstBacking && target.backing ? gateBackend(target.backing) : undefined;
   if (o.diffAgainstBacking && !backing) throw new BlockError('EINVAL', 'the target has no backing image to compare with', { location: target.location });
-  const targetZero = !backing && (o.targetIsZero === true || target.readsZeroesInitially);
+  // A resumed target was not just created: whether it read back zeroes is the first run's to say.
+  const resume = o.resume?.progress;
+  if (o.resume) {
+    checkStateShape(o.resume);
+    if (resume!.total !== total) throw new BlockError('EINVAL', `cannot resume: the state is of a ${resume!.total}-byte copy, this one is ${total} bytes`, { op: 'resume', field: 'resume' });
+  }
+  const targetZero = !backing && (resume ? resume.targetZero : o.targetIsZero === true || target.readsZeroesInitially);
   const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
   // In order, writes of consecutive chunks overlap unless the target cannot take that.
   const serialized = !outOfOrder && target.canWriteOutOfOrder === false;
@@ -122,7 +137,9 @@ export function planConvert(o: ConvertOptions): ConvertPlan {
   const maxZeroes = target.limits.maxWriteZeroes ?? target.limits.maxTransfer;
   // A zero chunk skipped on a zero target costs nothing, so it may be huge; written zeroes are split later.
   // Zero chunks compared with a backing image are read like data: one buffer at most.
-  const maxZeroChunk = backing ? bufferSize : targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30), chunkAlign));
+  // With checkpoints, a written chunk must fit in one checkpoint's span (checkpoints.ts).
+  const zeroCap = o.checkpoint ? Math.max(bufferSize, roundDown(o.checkpoint.everyBytes ?? DEFAULT_CHECKPOINT_BYTES, chunkAlign)) : 1 << 30;
+  const maxZeroChunk = backing ? bufferSize : targetZero ? Number.MAX_SAFE_INTEGER : Math.max(bufferSize, roundDown(Math.min(maxZeroes, 1 << 30, zeroCap), chunkAlign));
   const unit = Math.max(SECTOR, target.limits.requestAlignment, chunkAlign);
   const checksum = o.checksum === true || o.verify === true;
   const cursorAlign = checksum ? Math.max(chunkAlign, BLKHASH_BLOCK_SIZE) : chunkAlign;
@@ -138,8 +155,12 @@ export function planConvert(o: ConvertOptions): ConvertPlan {
   const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));
   const alignedOwner = memAlign > 1 ? [target, ...sources].find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) >= memAlign) : undefined;
   const writeFlags = o.compress ? { compress: true } : undefined;
+  const start = resume?.done ?? 0;
+  const rewriteEnd = resume ? Math.min(total, Math.ceil(resume.dirtyEnd / cursorAlign) * cursorAlign) : 0;
+  if (checksum && start % BLKHASH_BLOCK_SIZE !== 0 && start !== total) throw new BlockError('EINVAL', `cannot resume a checksum from offset ${start}: not on a 64 KiB block`, { op: 'resume', field: 'resume' });
+  if (checksum && resume && !resume.checksum) throw new BlockError('EINVAL', 'cannot resume with a checksum: the interrupted run computed none', { op: 'resume', field: 'checksum' });
   return {
-    target, sources, total, backing, workers, autoWorkers, bufferSize, chunkAlign, cursorAlign, checksum,
+    target, sources, total, backing, start, rewriteEnd, workers, autoWorkers, bufferSize, chunkAlign, cursorAlign, checksum,
     maxDataChunk: roundDown(bufferSize, cursorAlign), maxZeroChunk: checksum ? roundDown(maxZeroChunk, cursorAlign) || cursorAlign : maxZeroChunk, unit, minSparse, allData, minMergedHole,
     targetZero, outOfOrder, serialized, maxZeroes, writeFlags,
     pieceByPiece: serialized || writeFlags !== undefined,
