@@ -27,9 +27,12 @@ import {
   type CacheMode,
   type CheckResult,
   type DriverRegistry,
+  type ResumeState,
 } from '@blockconv/core';
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { discoverDrivers, type Discovery } from './discover.js';
+import { defaultStatePath, readState, removeState, writeState } from './state-file.js';
 import { progressSink, type ProgressMode } from './progress.js';
 import { redactStreams } from './redact-output.js';
 
@@ -52,6 +55,25 @@ function sizeOption(name: string) {
   return (v: string): number => {
     try { return parseSize(v, name); } catch (e) { throw new InvalidArgumentError((e as Error).message + '.'); }
   };
+}
+
+interface CheckpointSpec { everyBytes?: number; everySeconds?: number }
+
+/** --checkpoint: "off", a size ("1G"), seconds ("30s"), or both ("1G,30s"). */
+function checkpointOption(v: string): CheckpointSpec | 'off' {
+  if (v === 'off' || v === 'no' || v === '0') return 'off';
+  const out: CheckpointSpec = {};
+  for (const part of v.split(',')) {
+    const secs = /^(\d+(?:\.\d+)?)s$/.exec(part);
+    if (secs) { out.everySeconds = Number(secs[1]); continue; }
+    try {
+      out.everyBytes = parseSize(part, 'checkpoint interval');
+    } catch (e) {
+      throw new InvalidArgumentError(`expected off, a size (1G), seconds (30s) or both (1G,30s), got "${part}".`);
+    }
+    if (out.everyBytes < 1024 * 1024) throw new InvalidArgumentError('a checkpoint interval is at least 1M.');
+  }
+  return out;
 }
 
 /** qemu-img style "-o a=b,c=d" (repeatable; ",," escapes a comma). */
@@ -167,14 +189,22 @@ export function buildProgram(ctx: Context): Command {
     .addOption(new Option('--progress <mode>', 'progress output: bar, json (JSON lines on stdout), none').choices(['bar', 'json', 'none']))
     .option('--checksum', 'print the blkhash digest (as "blockconv checksum" and blksum compute it) of the data copied, computed as it passes: "HEX  TARGET" on stdout')
     .option('--verify', 'after the copy, read the target back and fail unless it has that digest (implies --checksum)')
+    .option('--resume', 'continue an interrupted convert of the same sources to the same target from its last checkpoint (copies from the start if there is none); refused if a source, the target or an output option changed')
+    .option('--state <file>', 'the resume state file (default: one per target in $XDG_STATE_HOME/blockconv, ~/.local/state/blockconv)')
+    .option('--checkpoint <every>', 'checkpoint schedule: flush the target and save the state every SIZE copied and/or every N seconds ("1G", "30s", "1G,30s"), or "off"; at most SIZE plus workers x buffer is copied again after an interruption (default: 1G,30s; off with -t unsafe)', checkpointOption)
     .option('-q, --quiet', 'print nothing but errors (and the --checksum line)')
     .addOption(new Option('--output <fmt>', 'result summary format').choices(['human', 'json']).default('human'))
     .addHelpText('after', `
 Cache modes: "none"/"directsync" bypass the host page cache (O_DIRECT); "unsafe" skips
 the final flush. Any other mode flushes the target before reporting success.
+Resume: a convert checkpoints as it goes; if it is interrupted (killed, a server
+lost, Ctrl-C), the same command with --resume continues from the last checkpoint.
+A qcow2 target's clusters leaked by the interruption are reclaimed first. The state
+is removed once the convert succeeds.
 Examples:
   blockconv convert -p disk.raw copy.raw
-  blockconv convert -m 16 -W -O raw src.img /dev/sdb -n`)
+  blockconv convert -m 16 -W -O raw src.img /dev/sdb -n
+  blockconv convert --resume -O qcow2 nfs://server/export/t.img t.qcow2`)
     .action(async (images: string[], opts: ConvertFlags, cmd: Command) => {
       if (images.length < 2) cmd.error('error: convert needs a source and a target');
       await runConvert(ctx, images.slice(0, -1), images.at(-1)!, opts);
@@ -512,7 +542,39 @@ interface ConvertFlags {
   quiet?: boolean;
   checksum?: boolean;
   verify?: boolean;
+  resume?: boolean;
+  state?: string;
+  checkpoint?: CheckpointSpec | 'off';
   output: 'human' | 'json';
+}
+
+/** The convert's options that change the output beyond what the core sees: a resume must repeat them. */
+function resumeTag(o: ConvertFlags): Record<string, string> {
+  const create = { ...o.targetOptions, ...(o.backing !== undefined ? { backing_file: o.backing } : {}), ...(o.backingFormat !== undefined ? { backing_fmt: o.backingFormat } : {}) };
+  return {
+    targetFormat: o.targetFormat,
+    create: String(o.create),
+    createOptions: Object.keys(create).sort().map((k) => `${k}=${create[k as keyof typeof create]}`).join(','),
+    ...(o.snapshot ? { snapshot: Object.entries(o.snapshot).map(([k, v]) => `${k}=${v}`).join(',') } : {}),
+  };
+}
+
+/**
+ * Before a resumed run opens its qcow2 target: clusters that the interruption left
+ * allocated but unreferenced are reclaimed (check -r leaks); a target with real
+ * corruption is not resumed. Formats without checks (raw) have nothing to repair.
+ */
+async function repairForResume(reg: DriverRegistry, target: string, o: ConvertFlags, signal: AbortSignal): Promise<void> {
+  let r: CheckResult;
+  try {
+    r = await reg.check(target, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, repair: 'leaks', signal });
+  } catch (err) {
+    if (err instanceof BlockError && err.code === 'ENOTSUP' && err.field === 'format') return;
+    throw err;
+  }
+  if (r.corruptions > 0 || r.checkErrors > 0) {
+    throw new BlockError('ECORRUPT', `cannot resume: the target has ${r.corruptions} corruptions and ${r.checkErrors} check errors (blockconv check says what); start again without --resume`, { location: target, op: 'resume' });
+  }
 }
 
 async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
@@ -528,9 +590,22 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   const abort = signalAbort();
   const mode: ProgressMode = o.quiet ? 'none' : o.progress ?? (o.p ? 'bar' : 'none');
   let sink: ReturnType<typeof progressSink> | undefined;
+  // Checkpoints by default, so that an interrupted convert can be resumed without having
+  // asked for it beforehand; not with -t unsafe (no flushes), unless asked for.
+  if (o.checkpoint === 'off' && (o.resume || o.state)) throw new BlockError('EINVAL', '--checkpoint off leaves nothing to resume from: drop it, or --resume and --state');
+  const checkpointing = o.checkpoint !== 'off' && (o.resume || o.state !== undefined || o.checkpoint !== undefined || o.cache !== 'unsafe');
+  const statePath = checkpointing ? o.state ?? defaultStatePath(targetName) : undefined;
+  const resumeState: ResumeState | undefined = o.resume ? await readState(statePath!) : undefined;
+  const say = (line: string): void => { if (!o.quiet && o.output !== 'json') process.stderr.write(line + '\n'); };
+  if (o.resume && !resumeState) say(`no resume state (${statePath}): copying from the start`);
+  if (!o.resume && statePath && existsSync(statePath)) say(`note: an interrupted convert to this target left a resume state; starting over replaces it (--resume continues it)`);
+  const resuming = resumeState !== undefined;
+  // A resumed target exists: it is opened, not created again.
+  const createTarget = o.create && !resuming;
+  if (resuming) await repairForResume(reg, targetName, o, abort.signal);
   // Everything opens at once: each open is a connection set up (mount, login), and
   // one after another they add their round trips to the copy's start.
-  const openTarget = o.create ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });
+  const openTarget = createTarget ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });
   const opening = [...sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })), ...(openTarget ? [openTarget] : [])];
   try {
     // All settle before any error is thrown, so that what did open is closed below.
@@ -545,7 +620,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
     const total = sources.reduce((n, s) => n + s.size, 0);
     if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
     if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
-    if (o.create) {
+    if (createTarget) {
       const options = { ...o.targetOptions };
       if (o.backing !== undefined) options.backing_file = o.backing;
       if (o.backingFormat !== undefined) options.backing_fmt = o.backingFormat;
@@ -572,22 +647,37 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       progressInterval: mode === 'json' ? 500 : 100,
       checksum: o.checksum,
       verify: o.verify,
+      ...(checkpointing ? {
+        checkpoint: { ...(o.checkpoint as CheckpointSpec | undefined), save: (state: ResumeState) => writeState(statePath!, state) },
+        resume: resumeState,
+        resumeTag: resumeTag(o),
+      } : {}),
     });
     sink = progressSink(mode, total);
     job.on('progress', (p) => sink!.update(p));
+    let durable = resumeState?.progress.done ?? 0;
+    job.on('checkpoint', (state) => {
+      durable = state.progress.done;
+      if (mode === 'json') process.stdout.write(JSON.stringify({ event: 'checkpoint', done: state.progress.done, dirtyEnd: state.progress.dirtyEnd, total: state.progress.total }) + '\n');
+    });
+    if (resuming && resumeState.progress.done > 0) say(`resuming at ${formatSize(resumeState.progress.done)} of ${formatSize(total)} (${resumeState.progress.done} bytes)`);
     let r;
     try {
       r = await job.done;
     } catch (err) {
+      // Say how to go on: what is durable, and where the state is.
+      const next = statePath && durable > 0 && !(err instanceof BlockError && err.op === 'resume') ? `; ${durable} bytes are durable: the same command with --resume continues (state: ${statePath})` : '';
       if (err instanceof BlockError && err.code === 'ECANCELED') {
-        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${redactLocation(targetName)} is incomplete`);
+        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${redactLocation(targetName)} is incomplete${next}`);
       }
+      if (err instanceof Error && next) err.message += next;
       throw err;
     } finally {
       sink.stop();
     }
     await target.close();
     target = undefined;
+    if (statePath) await removeState(statePath);
     if (o.output === 'json') {
       process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames.map(redactLocation), target: redactLocation(targetName), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
     } else {

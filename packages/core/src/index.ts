@@ -16,6 +16,9 @@ export {
   convert, startConvert, ConvertJob,
   DEFAULT_WORKERS, AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,
   type ConvertOptions, type ConvertProgress, type ConvertResult,
+  DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, HEAD_BYTES, RESUME_STATE_KIND, RESUME_STATE_VERSION,
+  checkResume, checkStateShape, identifyConvert,
+  type CheckpointSchedule, type CheckpointProgress, type ConvertIdentity, type ImageIdentity, type ResumeState,
 } from './convert/index.js';
 export { WorkerGovernor } from './autotune.js';
 export { compareImages, type CompareOptions, type CompareResult } from './compare.js';
@@ -23,4 +26,4 @@ export { mapImage, type MapEntry } from './map.js';
 export { parseSize, formatSize } from './size.js';
 export { ZeroScanner } from './zeroscan.js';
 export { MemoryBackend, createMemoryDriver, type MemoryBackendOptions, type MemoryOp, type MemoryOpRecord } from './memory.js';
-export { checksumImage, BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, HashPool, zeroBlockDigest, type ChecksumOptions, type ChecksumResult } from './checksum/index.js';
+export { checksumImage, BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, HashPool, zeroBlockDigest, type BlockHashState, type ChecksumOptions, type ChecksumResult } from './checksum/index.js';

@@ -12,7 +12,7 @@ import type { BlockBackend } from '../types.js';
 import { BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash } from './blkhash.js';
 import { HashPool } from './pool.js';
 
-export { BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, zeroBlockDigest } from './blkhash.js';
+export { BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, zeroBlockDigest, type BlockHashState } from './blkhash.js';
 export { HashPool } from './pool.js';
 
 export interface ChecksumOptions {
