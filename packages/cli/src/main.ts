@@ -670,7 +670,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       if (err instanceof BlockError && err.code === 'ECANCELED') {
         throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${redactLocation(targetName)} is incomplete${next}`);
       }
-      if (err instanceof Error && next) err.message += next;
+      if (err instanceof Error && next) err.message = err.message.replace(/\.$/, '') + next;
       throw err;
     } finally {
       sink.stop();
