@@ -133,17 +133,37 @@ function cacheOption(flag: string, what: string, dflt: CacheMode): Option {
   return new Option(flag, `cache mode for the ${what}`).choices(CACHE_MODES).default(dflt);
 }
 
-/** SIGINT/SIGTERM cancel the job cleanly instead of killing the process mid-write. */
-function signalAbort(): { signal: AbortSignal; dispose: () => void; exitCode: () => number } {
+/** How long a stop at a checkpoint may wait for the writes in flight before the job is cancelled. */
+const GRACEFUL_STOP_MS = 10_000;
+
+/**
+ * SIGINT/SIGTERM cancel the job cleanly instead of killing the process mid-write. With
+ * `graceful` set (a checkpointing convert), the first signal stops at a checkpoint: the
+ * writes in flight finish and a last checkpoint is saved (cancelled anyway after
+ * GRACEFUL_STOP_MS); a second signal cancels at once.
+ */
+function signalAbort(): { signal: AbortSignal; dispose: () => void; exitCode: () => number; graceful: (stop: (reason: Error) => void) => void } {
   const ac = new AbortController();
   let code = 1;
+  let graceful: ((reason: Error) => void) | undefined;
+  let stopping = false;
   const on = (sig: NodeJS.Signals, c: number) => {
-    const h = (): void => { code = c; ac.abort(new Error(`interrupted by ${sig}`)); };
-    process.once(sig, h);
+    const h = (): void => {
+      code = c;
+      const reason = new Error(`interrupted by ${sig}`);
+      if (graceful && !stopping) {
+        stopping = true;
+        graceful(reason);
+        setTimeout(() => ac.abort(reason), GRACEFUL_STOP_MS).unref();
+      } else {
+        ac.abort(reason);
+      }
+    };
+    process.on(sig, h);
     return () => process.off(sig, h);
   };
   const offs = [on('SIGINT', 130), on('SIGTERM', 143)];
-  return { signal: ac.signal, dispose: () => offs.forEach((f) => f()), exitCode: () => code };
+  return { signal: ac.signal, dispose: () => offs.forEach((f) => f()), exitCode: () => code, graceful: (stop) => { graceful = stop; } };
 }
 
 async function closeAll(images: Array<BlockBackend | undefined>): Promise<void> {
@@ -653,6 +673,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
         resumeTag: resumeTag(o),
       } : {}),
     });
+    if (checkpointing) abort.graceful((reason) => job.stop(reason));
     sink = progressSink(mode, total);
     job.on('progress', (p) => sink!.update(p));
     let durable = resumeState?.progress.done ?? 0;

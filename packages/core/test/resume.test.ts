@@ -211,4 +211,45 @@ test('a failing save stops the copy with a clear error; nothing is reported comp
   assert.match(err!.message, /checkpoint: the state could not be saved: disk full/);
 });
 
+test('stop(): the chunks in flight finish, a last checkpoint holds all of them, nothing is left to copy twice', async () => {
+  const src = await makeSource();
+  const t = new CrashableTarget(src.size);
+  let last: ResumeState | undefined;
+  const job = startConvert({ ...base(src, t.backend, { checksum: true }), checkpoint: { everyBytes: 64 * MiB } });
+  job.on('checkpoint', (s) => { last = s; });
+  job.on('progress', (p) => { if (p.done >= 10 * MiB) job.stop(new Error('asked to stop')); });
+  const err = await job.done.then(() => undefined, (e: unknown) => e as BlockError);
+  assert.is(err?.code, 'ECANCELED');
+  assert.match(err!.message, /asked to stop/);
+  assert.ok(last && last.progress.done >= 10 * MiB, `the last checkpoint covers what was copied (${last?.progress.done})`);
+  // Everything written was flushed before that checkpoint: a crash now loses nothing of it.
+  const { image, strays } = await t.crash(() => 1);
+  assert.is(strays.length, 0);
+  const r = await convert({ ...base(src, image, { checksum: true }), resume: last });
+  await assertSame(src, image);
+  assert.is(r.checksum, (await checksumImage(src)).checksum);
+});
+
+test('concatenated sources resume across the join', async () => {
+  const a = new MemoryBackend({ size: 8 * MiB, location: 'mem://a' });
+  await a.write(0, pattern(8 * MiB, 3));
+  const b = await makeSource();
+  const whole = new MemoryBackend({ size: a.size + b.size });
+  await whole.write(0, await a.read(0, a.size));
+  await whole.write(a.size, await b.read(0, b.size));
+  for (const stopAt of [6 * MiB, 12 * MiB, 30 * MiB]) {
+    const t = new CrashableTarget(a.size + b.size);
+    let last: ResumeState | undefined;
+    const ac = new AbortController();
+    const job = startConvert({ ...base(a, t.backend, { checksum: true }), sources: [a, b], signal: ac.signal });
+    job.on('checkpoint', (s) => { last = s; });
+    job.on('progress', (p) => { if (p.done >= stopAt) ac.abort(); });
+    await job.done.catch(() => {});
+    const { image } = await t.crash(rng(stopAt));
+    const r = await convert({ ...base(a, image, { checksum: true }), sources: [a, b], resume: last });
+    await assertSame(whole, image, `stopped at ${stopAt}`);
+    assert.is(r.checksum, (await checksumImage(whole)).checksum);
+  }
+});
+
 test.run();

@@ -135,6 +135,15 @@ export class Checkpointer {
     }
   }
 
+  /** Takes a checkpoint of everything completed now (the copy stopped between chunks). */
+  async final(): Promise<void> {
+    while (this.#running) await this.#running;
+    if (this.#stopped || this.ledger.watermark <= this.#lastDone) return;
+    this.#running = this.#take();
+    await this.#running;
+    this.#running = null;
+  }
+
   /** No more checkpoints (the copy failed or ended); waits for one being taken. */
   async stop(): Promise<void> {
     this.#stopped = true;

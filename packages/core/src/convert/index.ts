@@ -58,12 +58,13 @@ export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress]; chec
   readonly total: number;
   readonly done: Promise<ConvertResult>;
   readonly #controller = new AbortController();
+  readonly #stop = new StopRequest();
   #finished = false;
 
   constructor(options: ConvertOptions) {
     super();
     this.total = options.sources.reduce((s, b) => s + b.size, 0);
-    this.done = run(options, this, this.#controller.signal).finally(() => { this.#finished = true; });
+    this.done = run(options, this, this.#controller.signal, this.#stop).finally(() => { this.#finished = true; });
     // Callers that only use events must not get an unhandled rejection.
     this.done.catch(() => {});
   }
@@ -71,6 +72,16 @@ export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress]; chec
   /** Stops the job; `done` rejects with ECANCELED. */
   cancel(reason?: unknown): void {
     this.#controller.abort(reason);
+  }
+
+  /**
+   * Stops at a checkpoint: no new chunk is started, the chunks in flight finish, and
+   * (with checkpoints) a last one is taken and emitted; then `done` rejects with
+   * ECANCELED. It waits for the writes in flight: if they may never end (a dead
+   * server), cancel() after a deadline.
+   */
+  stop(reason?: unknown): void {
+    this.#stop.request(reason);
   }
 
   /** Progress updates as an async iterator, ending when the job ends (or throwing its error). */
@@ -91,6 +102,24 @@ export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress]; chec
     } finally {
       this.off('progress', onProgress);
     }
+  }
+}
+
+/** A graceful stop asked for by ConvertJob.stop(): seen by the workers between chunks. */
+class StopRequest {
+  requested = false;
+  reason: unknown;
+  #listeners: Array<() => void> = [];
+
+  request(reason: unknown): void {
+    if (this.requested) return;
+    this.requested = true;
+    this.reason = reason;
+    for (const l of this.#listeners) l();
+  }
+
+  onRequest(listener: () => void): void {
+    this.#listeners.push(listener);
   }
 }
 
@@ -119,7 +148,7 @@ function outputOptions(o: ConvertOptions, plan: ReturnType<typeof planConvert>):
   };
 }
 
-async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): Promise<ConvertResult> {
+async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, stop: StopRequest): Promise<ConvertResult> {
   await Promise.resolve(); // let the caller attach listeners before the first event
   const plan = planConvert(o);
   const { target, total, workers, bufferSize, outOfOrder } = plan;
@@ -142,8 +171,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
   let exhausted = false;
   const wakeParked = (): void => { const p = parked; parked = []; for (const w of p) w(); };
   const mayRun = async (index: number): Promise<void> => {
-    while (governor && index >= governor.active && !failure && !exhausted) await new Promise<void>((r) => parked.push(r));
+    while (governor && index >= governor.active && !failure && !exhausted && !stop.requested) await new Promise<void>((r) => parked.push(r));
   };
+  stop.onRequest(wakeParked);
 
   const started = performance.now();
   const stats = new CopyStats();
@@ -215,7 +245,9 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
       for (;;) {
         chunk = null;
         await mayRun(index);
-        if (failure || (chunk = await cursor.next()) === null || failure) break;
+        if (failure || stop.requested) break;
+        if ((chunk = await cursor.next()) === null) { exhausted = true; break; }
+        if (failure) break;
         if (chunk.kind === 'data') {
           if (limiter) {
             const wait = limiter.delay(chunk.length);
@@ -253,7 +285,6 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
           if (governor.sample(chunk.kind === 'data' ? chunk.length : 0) > before) wakeParked();
         }
       }
-      exhausted ||= chunk === null;
       wakeParked();
     } catch (err) {
       const c = chunk;
@@ -276,6 +307,11 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal): P
       await checkpointer.begin();
     }
     await Promise.all(Array.from({ length: workers }, worker));
+    if (stop.requested && !failure && !exhausted) {
+      // Stopped between chunks: what completed is made durable and recorded, then the job ends.
+      await checkpointer?.final();
+      if (!failure) fail(cancelled(stop.reason ?? new Error('stopped at a checkpoint')));
+    }
     await checkpointer?.stop();
     if (failure) throw failure;
     tap?.written(Number.MAX_SAFE_INTEGER);
