@@ -230,6 +230,18 @@ test('stop(): the chunks in flight finish, a last checkpoint holds all of them, 
   assert.is(r.checksum, (await checksumImage(src)).checksum);
 });
 
+test('a checksummed copy whose end is not on a 64 KiB block finishes (no checkpoint is taken at the end)', async () => {
+  // Slow writes, so that the last chunk's completion (the watermark at the odd end) starts a checkpoint.
+  const src = new MemoryBackend({ size: 5 * MiB - 100, location: 'mem://odd' });
+  await src.write(0, pattern(src.size, 9));
+  const dst = new MemoryBackend({ size: src.size, limits: { requestAlignment: 1 }, latency: (op) => (op === 'write' ? 40 : 0) });
+  const states: ResumeState[] = [];
+  const r = await convert({ sources: [src], target: dst, workers: 1, bufferSize: MiB, checksum: true, checkpoint: { everyBytes: MiB }, onCheckpoint: (s) => states.push(s) });
+  assert.is(r.checksum, (await checksumImage(src)).checksum);
+  assert.ok(states.length >= 3);
+  assert.ok(states.every((s) => s.progress.done < src.size));
+});
+
 test('concatenated sources resume across the join', async () => {
   const a = new MemoryBackend({ size: 8 * MiB, location: 'mem://a' });
   await a.write(0, pattern(8 * MiB, 3));

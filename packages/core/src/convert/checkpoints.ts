@@ -138,7 +138,7 @@ export class Checkpointer {
   /** Takes a checkpoint of everything completed now (the copy stopped between chunks). */
   async final(): Promise<void> {
     while (this.#running) await this.#running;
-    if (this.#stopped || this.ledger.watermark <= this.#lastDone) return;
+    if (this.#stopped || this.ledger.watermark <= this.#lastDone || this.ledger.watermark >= this.#p.total) return;
     this.#running = this.#take();
     await this.#running;
     this.#running = null;
@@ -152,7 +152,8 @@ export class Checkpointer {
   }
 
   #maybeStart(): void {
-    if (this.#running || this.#stopped) return;
+    // At the end the copy is about to finish: its result, not a checkpoint, records it.
+    if (this.#running || this.#stopped || this.ledger.watermark >= this.#p.total) return;
     const progress = this.ledger.watermark - this.#lastDone;
     const due = this.#waiters.length > 0
       ? progress > 0 || this.ledger.watermark + this.#span > this.#limit

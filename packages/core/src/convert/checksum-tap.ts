@@ -60,7 +60,13 @@ export class ChecksumTap {
   /** The hash state once it has taken every chunk before `seq` (which must not be passed yet). */
   stateAt(seq: number): Promise<BlockHashState> {
     if (seq < this.#fed) return Promise.reject(new Error(`checksum: the hash is past chunk ${seq}`));
-    if (seq === this.#fed) return Promise.resolve(this.#hash.save());
+    if (seq === this.#fed) {
+      try {
+        return Promise.resolve(this.#hash.save());
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
     if (this.#failure !== undefined) return Promise.reject(this.#failure);
     return new Promise((resolve, reject) => {
       const list = this.#stateWaiters.get(seq);
@@ -126,8 +132,12 @@ export class ChecksumTap {
         const waiting = this.#stateWaiters.get(this.#fed);
         if (waiting && this.#failure === undefined) {
           this.#stateWaiters.delete(this.#fed);
-          const state = this.#hash.save();
-          for (const w of waiting) w.resolve(state);
+          try {
+            const state = this.#hash.save();
+            for (const w of waiting) w.resolve(state);
+          } catch (err) {
+            for (const w of waiting) w.reject(err);
+          }
         }
       }
       if (this.#failure !== undefined) this.#rejectWaiters(this.#failure);
