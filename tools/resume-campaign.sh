@@ -24,12 +24,12 @@ const rows = fs.readFileSync(process.argv[2], 'utf8').trim().split('\n').map((l)
 const MiB = 1024 * 1024;
 const by = new Map();
 for (const r of rows) (by.get(r.kind) ?? by.set(r.kind, []).get(r.kind)).push(r);
-console.log('| target | kills | killed mid-copy | resumed past 0 | re-copied max | re-copied median | bound (interval + workers x buffer) |');
-console.log('|---|---|---|---|---|---|---|');
+console.log('| target | kills | killed mid-copy | resumed past 0 | re-copied max | re-copied median | bound (interval + workers x buffer) | qcow2 leaks after the kill (max clusters) |');
+console.log('|---|---|---|---|---|---|---|---|');
 for (const [kind, rs] of by) {
   const killed = rs.filter((r) => r.killed);
   const re = killed.map((r) => r.recopied).sort((a, b) => a - b);
   const med = re.length ? re[Math.floor(re.length / 2)] : 0;
-  console.log(`| ${kind} | ${rs.length} | ${killed.length} | ${killed.filter((r) => r.resumedFrom > 0).length} | ${(Math.max(0, ...re) / MiB).toFixed(1)} MiB | ${(med / MiB).toFixed(1)} MiB | ${(rs[0].bound / MiB).toFixed(0)} MiB |`);
+  console.log(`| ${kind} | ${rs.length} | ${killed.length} | ${killed.filter((r) => r.resumedFrom > 0).length} | ${(Math.max(0, ...re) / MiB).toFixed(1)} MiB | ${(med / MiB).toFixed(1)} MiB | ${(rs[0].bound / MiB).toFixed(0)} MiB | ${kind.includes('qcow2') ? Math.max(0, ...rs.map((r) => r.leaks ?? 0)) : '-'} |`);
 }
 EOF
