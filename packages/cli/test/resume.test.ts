@@ -154,9 +154,9 @@ async function convertKilled(args: string[], ms: number): Promise<{ killed: bool
   return { killed: code === null, stdout, code };
 }
 
-function qemuImg(args: string[]): { code: number; out: string } {
+function qemuImg(args: string[]): { code: number; out: string; stdout: string } {
   const r = spawnSync('qemu-img', args, { encoding: 'utf8' });
-  return { code: r.status ?? -1, out: (r.stdout + r.stderr).trim() };
+  return { code: r.status ?? -1, out: (r.stdout + r.stderr).trim(), stdout: r.stdout };
 }
 
 for (const kind of KINDS) {
@@ -180,7 +180,7 @@ for (const kind of KINDS) {
       if (kind.format === 'qcow2' && first.killed && fs.existsSync(t.local)) {
         const chk = qemuImg(['check', '-U', '--output=json', '-f', 'qcow2', t.local]);
         assert.ok(chk.code === 0 || chk.code === 3, `the killed run's qcow2: qemu-img check exit ${chk.code}: ${chk.out}`);
-        leaks = (JSON.parse(chk.out.slice(chk.out.indexOf('{'))) as { leaks?: number })['leaks'] ?? 0;
+        leaks = (JSON.parse(chk.stdout) as { leaks?: number }).leaks ?? 0;
       }
       const second = blockconv([...common, '--resume']);
       assert.is(second.code, 0, `resume after a kill at ${at} ms: ${second.stderr}`);
