@@ -16,6 +16,7 @@ packages=(
   libiscsi-bin      # iscsi-inq: readiness probe of tools/iscsi-server.sh
   tgt               # tgtd: the loopback iSCSI target of tools/iscsi-server.sh
   zlib1g-dev libzstd-dev libdeflate-dev  # native/codec: qcow2 cluster (de)compression
+  redis-server      # the job store of @blockconv/fleet (BullMQ), tools/redis-server.sh
 )
 
 missing=()

@@ -579,24 +579,6 @@ function resumeTag(o: ConvertFlags): Record<string, string> {
   };
 }
 
-/**
- * Before a resumed run opens its qcow2 target: clusters that the interruption left
- * allocated but unreferenced are reclaimed (check -r leaks); a target with real
- * corruption is not resumed. Formats without checks (raw) have nothing to repair.
- */
-async function repairForResume(reg: DriverRegistry, target: string, o: ConvertFlags, signal: AbortSignal): Promise<void> {
-  let r: CheckResult;
-  try {
-    r = await reg.check(target, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, repair: 'leaks', signal });
-  } catch (err) {
-    if (err instanceof BlockError && err.code === 'ENOTSUP' && err.field === 'format') return;
-    throw err;
-  }
-  if (r.corruptions > 0 || r.checkErrors > 0) {
-    throw new BlockError('ECORRUPT', `cannot resume: the target has ${r.corruptions} corruptions and ${r.checkErrors} check errors (blockconv check says what); start again without --resume`, { location: target, op: 'resume' });
-  }
-}
-
 async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
   if (o.targetOptions?.help) return printCreateOptions(ctx, reg, o.targetFormat);
@@ -622,7 +604,7 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   const resuming = resumeState !== undefined;
   // A resumed target exists: it is opened, not created again.
   const createTarget = o.create && !resuming;
-  if (resuming) await repairForResume(reg, targetName, o, abort.signal);
+  if (resuming) await reg.reclaimForResume(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });
   // Everything opens at once: each open is a connection set up (mount, login), and
   // one after another they add their round trips to the copy's start.
   const openTarget = createTarget ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });

@@ -191,6 +191,24 @@ export class DriverRegistry implements ImageResolver {
     }
   }
 
+  /**
+   * Before a resumed convert opens its target: clusters the interruption left allocated
+   * but unreferenced are reclaimed (check with repair 'leaks'); a target with real
+   * corruption is refused. Formats without checks (raw) have nothing to reclaim.
+   */
+  async reclaimForResume(location: string, options: { readonly format?: string; readonly cache?: CacheMode; readonly options?: Readonly<Record<string, string>>; readonly signal?: AbortSignal } = {}): Promise<void> {
+    let r: CheckResult;
+    try {
+      r = await this.check(location, { ...options, repair: 'leaks' });
+    } catch (err) {
+      if (err instanceof BlockError && err.code === 'ENOTSUP' && err.field === 'format') return;
+      throw err;
+    }
+    if (r.corruptions > 0 || r.checkErrors > 0) {
+      throw new BlockError('ECORRUPT', `cannot resume: the target has ${r.corruptions} corruptions and ${r.checkErrors} check errors (blockconv check says what); start again without resuming`, { location, op: 'resume' });
+    }
+  }
+
   /** Picks the format whose probe is most confident; raw when none claims the bytes. */
   async probe(file: BlockBackend, location: string): Promise<FormatDriver> {
     let head: Uint8Array = new Uint8Array(0);

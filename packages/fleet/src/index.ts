@@ -1,0 +1,176 @@
+/**
+ * @blockconv/fleet: convert jobs across many hosts on BullMQ + Redis. BullMQ brings the
+ * jobs, retries with backoff, progress and concurrency; this package adds what is
+ * specific to block copies:
+ * - a job's last checkpoint (the core's ResumeState) is stored in the job's data, so a
+ *   retried job resumes where it stopped, on whichever worker picks it up;
+ * - progress (bytes, rate, ETA) goes into the job; the result carries the checksum;
+ * - closing a worker stops its running jobs at a checkpoint, so that they are retried
+ *   from there rather than from zero.
+ * The core never depends on this package; it uses only the core's public API.
+ */
+import { Queue, Worker, type Job, type JobsOptions } from 'bullmq';
+import { BlockError, startConvert, type BlockBackend, type ConvertResult, type DriverRegistry, type ResumeState } from '@blockconv/core';
+
+/** The BullMQ queue convert jobs go through. */
+export const CONVERT_QUEUE = 'blockconv-convert';
+
+export interface ConvertJobData {
+  /** Source locations (paths or URLs), concatenated. No credentials: see the README. */
+  readonly sources: readonly string[];
+  readonly target: string;
+  readonly sourceFormat?: string;
+  /** Default raw. */
+  readonly targetFormat?: string;
+  /** Write into an existing target (-n); default: create it. */
+  readonly noCreate?: boolean;
+  readonly workers?: number;
+  readonly bufferSize?: number;
+  readonly outOfOrder?: boolean;
+  readonly compress?: boolean;
+  readonly minSparse?: number;
+  /** Default true: the result carries the blkhash digest. */
+  readonly checksum?: boolean;
+  readonly checkpointBytes?: number;
+  readonly checkpointSeconds?: number;
+  /** Bytes per second (-r). */
+  readonly rateLimit?: number;
+  /** Written by workers: the last checkpoint, which a retry resumes from. */
+  readonly resume?: ResumeState;
+}
+
+export interface ConvertJobProgress {
+  readonly done: number;
+  readonly total: number;
+  /** Bytes per second so far (this attempt). */
+  readonly rate: number;
+  /** Seconds left at that rate, when known. */
+  readonly etaSeconds?: number;
+  readonly resumedFrom?: number;
+}
+
+export interface ConvertJobResult {
+  readonly total: number;
+  readonly checksum?: string;
+  readonly elapsedMs: number;
+  readonly bytesRead: number;
+  readonly bytesWritten: number;
+  readonly resumedFrom?: number;
+  readonly checkpoints?: number;
+  readonly worker: string;
+}
+
+/** A Redis connection for BullMQ from a URL (workers block on Redis: no retry limit per request). */
+function connection(url: string): { url: string; maxRetriesPerRequest: null } {
+  return { url, maxRetriesPerRequest: null };
+}
+
+/** Adds a convert job; retried (resuming) `attempts` times with exponential backoff by default. */
+export async function submitConvert(redisUrl: string, data: ConvertJobData, options: JobsOptions = {}): Promise<string> {
+  if (!data.sources?.length || !data.target) throw new BlockError('EINVAL', 'a convert job needs sources and a target', { field: 'job' });
+  const queue = new Queue<ConvertJobData>(CONVERT_QUEUE, { connection: connection(redisUrl) });
+  try {
+    const job = await queue.add('convert', data, { attempts: 3, backoff: { type: 'exponential', delay: 1000 }, ...options });
+    return job.id!;
+  } finally {
+    await queue.close();
+  }
+}
+
+export interface FleetWorkerOptions {
+  readonly redis: string;
+  /** Jobs run at once by this worker. Default 1. */
+  readonly concurrency?: number;
+  /** Opens and creates images: the drivers this host has. */
+  readonly registry: DriverRegistry;
+  /** Names this worker in results and logs. */
+  readonly name?: string;
+}
+
+/** Runs convert jobs from the queue until closed. */
+export class FleetWorker {
+  readonly #worker: Worker<ConvertJobData, ConvertJobResult>;
+  readonly #registry: DriverRegistry;
+  readonly #name: string;
+  /** Running jobs: stopped at a checkpoint when the worker closes. */
+  readonly #running = new Set<{ stop: (reason: Error) => void }>();
+
+  constructor(o: FleetWorkerOptions) {
+    this.#registry = o.registry;
+    this.#name = o.name ?? `${process.pid}`;
+    this.#worker = new Worker<ConvertJobData, ConvertJobResult>(CONVERT_QUEUE, (job) => this.#run(job), {
+      connection: connection(o.redis), concurrency: o.concurrency ?? 1, autorun: true,
+    });
+    // A failed job is BullMQ's to retry; the worker itself goes on.
+    this.#worker.on('error', () => {});
+  }
+
+  /** Resolves once the worker is connected and taking jobs. */
+  async ready(): Promise<void> {
+    await this.#worker.waitUntilReady();
+  }
+
+  /**
+   * Stops: running jobs finish their chunks in flight, save a last checkpoint into the
+   * job and fail this attempt, so that a retry (on any worker) resumes from there.
+   */
+  async close(): Promise<void> {
+    for (const r of this.#running) r.stop(new Error(`worker ${this.#name} is shutting down`));
+    await this.#worker.close();
+  }
+
+  async #run(job: Job<ConvertJobData, ConvertJobResult>): Promise<ConvertJobResult> {
+    const d = job.data;
+    const reg = this.#registry;
+    const resume = d.resume;
+    const sources: BlockBackend[] = [];
+    let target: BlockBackend | undefined;
+    try {
+      for (const s of d.sources) sources.push(await reg.open(s, { format: d.sourceFormat, readOnly: true }));
+      const total = sources.reduce((n, s) => n + s.size, 0);
+      const format = d.targetFormat ?? 'raw';
+      if (resume) {
+        await reg.reclaimForResume(d.target, { format });
+        target = await reg.open(d.target, { format });
+      } else if (d.noCreate) {
+        target = await reg.open(d.target, { format });
+      } else {
+        target = await reg.create(d.target, total, { format });
+      }
+      const convertJob = startConvert({
+        sources, target,
+        workers: d.workers, bufferSize: d.bufferSize, outOfOrder: d.outOfOrder, compress: d.compress, minSparse: d.minSparse, rateLimit: d.rateLimit,
+        checksum: d.checksum !== false,
+        checkpoint: {
+          everyBytes: d.checkpointBytes, everySeconds: d.checkpointSeconds,
+          save: async (state) => { await job.updateData({ ...job.data, resume: state }); },
+        },
+        resume,
+        resumeTag: { targetFormat: format, create: String(!d.noCreate) },
+        progressInterval: 1000,
+      });
+      const handle = { stop: (reason: Error) => convertJob.stop(reason) };
+      this.#running.add(handle);
+      convertJob.on('progress', (p) => {
+        const eta = p.rate > 0 ? Math.round((p.total - p.done) / p.rate) : undefined;
+        const progress: ConvertJobProgress = { done: p.done, total: p.total, rate: Math.round(p.rate), ...(eta !== undefined ? { etaSeconds: eta } : {}), ...(resume ? { resumedFrom: resume.progress.done } : {}) };
+        job.updateProgress(progress as unknown as object).catch(() => {});
+      });
+      let r: ConvertResult;
+      try {
+        r = await convertJob.done;
+      } finally {
+        this.#running.delete(handle);
+      }
+      await target.close();
+      target = undefined;
+      return {
+        total: r.total, elapsedMs: Math.round(r.elapsedMs), bytesRead: r.bytesRead, bytesWritten: r.bytesWritten, worker: this.#name,
+        ...(r.checksum ? { checksum: r.checksum } : {}), ...(r.resumedFrom !== undefined ? { resumedFrom: r.resumedFrom } : {}),
+        ...(r.checkpoints !== undefined ? { checkpoints: r.checkpoints } : {}),
+      };
+    } finally {
+      await Promise.all([...sources, target].map((b) => b?.close().catch(() => {})));
+    }
+  }
+}
