@@ -1,5 +1,6 @@
 /**
- * The `blockconv` command: convert, create, check, info, compare, map, checksum, drivers. Flags follow
+ * The `blockconv` command: convert, create, check, info, compare, map, checksum, drivers, and the
+ * fleet's worker, submit and jobs (fleet-commands.ts). Flags follow
  * qemu-img so that operators can switch without relearning. Errors are one line on
  * stderr (a stack trace only with --debug) and a non-zero exit. No credential is printed:
  * every location shown is redacted (core's redactLocation), and main() filters
@@ -32,6 +33,7 @@ import {
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { discoverDrivers, type Discovery } from './discover.js';
+import { addFleetCommands } from './fleet-commands.js';
 import { defaultStatePath, readState, removeState, writeState } from './state-file.js';
 import { progressSink, type ProgressMode } from './progress.js';
 import { redactStreams } from './redact-output.js';
@@ -472,6 +474,11 @@ Examples:
       for (const p of d.failed) process.stdout.write(`failed   ${p.name}: ${p.error}\n`);
     });
 
+  addFleetCommands(program, async () => {
+    const reg = await registry(ctx);
+    await ctx.discovery!.loadAll();
+    return reg;
+  });
   return program;
 }
 

@@ -10,7 +10,8 @@
  * The core never depends on this package; it uses only the core's public API.
  */
 import { Queue, Worker, type Job, type JobsOptions } from 'bullmq';
-import { BlockError, startConvert, type BlockBackend, type ConvertResult, type DriverRegistry, type ResumeState } from '@blockconv/core';
+import { Redis } from 'ioredis';
+import { BlockError, redactLocation, startConvert, type BlockBackend, type ConvertResult, type DriverRegistry, type ResumeState } from '@blockconv/core';
 
 /** The BullMQ queue convert jobs go through. */
 export const CONVERT_QUEUE = 'blockconv-convert';
@@ -65,10 +66,43 @@ function connection(url: string): { url: string; maxRetriesPerRequest: null } {
   return { url, maxRetriesPerRequest: null };
 }
 
+/**
+ * Fails fast, in one line, when Redis cannot be reached (BullMQ would retry forever):
+ * one connection attempt, bounded by `timeoutMs`.
+ */
+export async function checkRedis(url: string, timeoutMs = 5000): Promise<void> {
+  let client: Redis;
+  try {
+    client = new Redis(url, { lazyConnect: true, connectTimeout: timeoutMs, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false });
+  } catch (err) {
+    throw new BlockError('EINVAL', `malformed Redis URL ${redactLocation(url)}: ${(err as Error).message}`, { field: 'redis' });
+  }
+  // The socket's own error says more than the client's "Connection is closed".
+  let cause: Error | undefined;
+  client.on('error', (err: Error) => { cause ??= err; });
+  try {
+    await client.connect();
+    await client.ping();
+  } catch (err) {
+    const why = cause ?? (err as Error);
+    throw new BlockError((why as NodeJS.ErrnoException).code === 'ENOTFOUND' ? 'ENOTFOUND' : 'ECONNREFUSED', `cannot reach Redis at ${redactLocation(url)}: ${why.message}`, { field: 'redis' });
+  } finally {
+    client.disconnect();
+  }
+}
+
 /** Adds a convert job; retried (resuming) `attempts` times with exponential backoff by default. */
 export async function submitConvert(redisUrl: string, data: ConvertJobData, options: JobsOptions = {}): Promise<string> {
   if (!data.sources?.length || !data.target) throw new BlockError('EINVAL', 'a convert job needs sources and a target', { field: 'job' });
+  // Secrets never go into Redis: workers find credentials themselves (environment, files).
+  for (const l of [...data.sources, data.target]) {
+    if (redactLocation(l) !== l) {
+      throw new BlockError('EINVAL', `${redactLocation(l)}: a job must not carry credentials; give them to the workers (e.g. LIBISCSI_CHAP_PASSWORD, a password file)`, { field: 'location' });
+    }
+  }
+  await checkRedis(redisUrl);
   const queue = new Queue<ConvertJobData>(CONVERT_QUEUE, { connection: connection(redisUrl) });
+  queue.on('error', () => {});
   try {
     const job = await queue.add('convert', data, { attempts: 3, backoff: { type: 'exponential', delay: 1000 }, ...options });
     return job.id!;
@@ -108,6 +142,14 @@ export class FleetWorker {
   /** Resolves once the worker is connected and taking jobs. */
   async ready(): Promise<void> {
     await this.#worker.waitUntilReady();
+  }
+
+  /** A worker, once Redis has answered (a clear error if it cannot be reached). */
+  static async start(o: FleetWorkerOptions): Promise<FleetWorker> {
+    await checkRedis(o.redis);
+    const w = new FleetWorker(o);
+    await w.ready();
+    return w;
   }
 
   /**
@@ -172,5 +214,59 @@ export class FleetWorker {
     } finally {
       await Promise.all([...sources, target].map((b) => b?.close().catch(() => {})));
     }
+  }
+}
+
+/** A job as `blockconv jobs` shows it: locations as submitted (never credentials, see submitConvert). */
+export interface ConvertJobSummary {
+  readonly id: string;
+  readonly state: string;
+  readonly sources: readonly string[];
+  readonly target: string;
+  readonly attemptsMade: number;
+  readonly progress?: ConvertJobProgress;
+  readonly result?: ConvertJobResult;
+  readonly failedReason?: string;
+  /** Durable bytes of the last checkpoint, when the job has one. */
+  readonly checkpoint?: number;
+}
+
+async function summarize(job: Job<ConvertJobData, ConvertJobResult>): Promise<ConvertJobSummary> {
+  const p = job.progress as Partial<ConvertJobProgress> | number;
+  return {
+    id: job.id!, state: await job.getState(), sources: job.data.sources, target: job.data.target, attemptsMade: job.attemptsMade,
+    ...(typeof p === 'object' && p && p.total !== undefined ? { progress: p as ConvertJobProgress } : {}),
+    ...(job.returnvalue ? { result: job.returnvalue } : {}),
+    ...(job.failedReason ? { failedReason: job.failedReason } : {}),
+    ...(job.data.resume ? { checkpoint: job.data.resume.progress.done } : {}),
+  };
+}
+
+/** The queue's convert jobs (or those named), newest first. */
+export async function listConvertJobs(redisUrl: string, ids?: readonly string[]): Promise<ConvertJobSummary[]> {
+  await checkRedis(redisUrl);
+  const queue = new Queue<ConvertJobData, ConvertJobResult>(CONVERT_QUEUE, { connection: connection(redisUrl) });
+  queue.on('error', () => {});
+  try {
+    const jobs = ids
+      ? (await Promise.all(ids.map((id) => queue.getJob(id)))).filter((j): j is Job<ConvertJobData, ConvertJobResult> => j !== undefined)
+      : await queue.getJobs(['active', 'waiting', 'delayed', 'prioritized', 'completed', 'failed'], 0, 999);
+    return Promise.all(jobs.map(summarize));
+  } finally {
+    await queue.close();
+  }
+}
+
+/**
+ * Follows jobs until each has completed or failed for good (attempts used up), calling
+ * `onUpdate` with their summaries about twice a second.
+ */
+export async function followJobs(redisUrl: string, ids: readonly string[], onUpdate: (jobs: readonly ConvertJobSummary[]) => void, signal?: AbortSignal): Promise<ConvertJobSummary[]> {
+  for (;;) {
+    signal?.throwIfAborted();
+    const jobs = await listConvertJobs(redisUrl, ids);
+    onUpdate(jobs);
+    if (jobs.length === ids.length && jobs.every((j) => j.state === 'completed' || j.state === 'failed')) return jobs;
+    await new Promise((r) => setTimeout(r, 500));
   }
 }

@@ -1,0 +1,130 @@
+/**
+ * The fleet through the CLI, with real processes: three `blockconv worker`s on a real
+ * Redis, `submit --wait` and `jobs`; a worker SIGTERMed mid-job checkpoints it and
+ * another worker resumes it; an unreachable Redis and credentials in a location are one
+ * line errors.
+ */
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { Queue } from 'bullmq';
+import { CONVERT_QUEUE, type ConvertJobSummary } from '../src/index.js';
+import { REDIS_URL, ensureServer } from '../../../tools/test/redis-server.js';
+
+ensureServer();
+const BIN = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'cli', 'bin', 'blockconv.js');
+const dir = fs.mkdtempSync(join(process.env.BLOCKCONV_TEST_DIR ?? tmpdir(), 'blockconv-fleet-cli-'));
+const env = { ...process.env, BLOCKCONV_REDIS: REDIS_URL, BLOCKCONV_STATE_DIR: join(dir, 'state') };
+const source = join(dir, 'template.raw');
+let digest = '';
+const workers: ChildProcess[] = [];
+
+function cli(args: string[]): { code: number; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env, timeout: 120_000 });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+async function startWorker(name: string): Promise<ChildProcess> {
+  const w = spawn(process.execPath, [BIN, 'worker', '--name', name], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  workers.push(w);
+  await new Promise<void>((resolve, reject) => {
+    let err = '';
+    w.stderr!.on('data', (d: Buffer) => { err += d.toString(); if (err.includes('taking convert jobs')) resolve(); });
+    w.on('exit', (c) => reject(new Error(`worker ${name} exited ${c}: ${err}`)));
+  });
+  return w;
+}
+
+async function stopWorker(w: ChildProcess): Promise<void> {
+  if (w.exitCode !== null) return;
+  const exited = new Promise((r) => w.on('exit', r));
+  w.kill('SIGTERM');
+  await exited;
+}
+
+test.before(async () => {
+  const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
+  await q.obliterate({ force: true });
+  await q.close();
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', source, '192M']);
+  execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 30M', '-c', 'write -P 0x42 64M 50M', source], { stdio: 'ignore' });
+  execFileSync('dd', ['if=/dev/urandom', `of=${source}`, 'bs=1M', 'seek=150', 'count=30', 'conv=notrunc', 'status=none']);
+  digest = (JSON.parse(cli(['checksum', '--output', 'json', source]).stdout) as { checksum: string }).checksum;
+});
+
+test.after(async () => {
+  await Promise.all(workers.map(stopWorker));
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test('3 workers, 6 targets from one template: all complete with the template\'s checksum; jobs lists them', async () => {
+  await Promise.all(['w1', 'w2', 'w3'].map(startWorker));
+  const runs = await Promise.all(Array.from({ length: 6 }, (_, i) => new Promise<{ code: number | null; stdout: string }>((resolve) => {
+    const c = spawn(process.execPath, [BIN, 'submit', '--wait', '--output', 'json', source, join(dir, `t${i}.raw`)], { env, stdio: ['ignore', 'pipe', 'ignore'] });
+    let out = '';
+    c.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+    c.on('exit', (code) => resolve({ code, stdout: out }));
+  })));
+  const jobs = runs.map((r) => { assert.is(r.code, 0); return JSON.parse(r.stdout) as ConvertJobSummary; });
+  for (const j of jobs) {
+    assert.is(j.state, 'completed');
+    assert.is(j.result?.checksum, digest);
+  }
+  assert.ok(new Set(jobs.map((j) => j.result!.worker)).size >= 2, 'the jobs were spread over the workers');
+  const listed = JSON.parse(cli(['jobs', '--output', 'json']).stdout) as ConvertJobSummary[];
+  assert.ok(jobs.every((j) => listed.some((l) => l.id === j.id && l.state === 'completed')));
+  const human = cli(['jobs', jobs[0]!.id]);
+  assert.match(human.stdout, new RegExp(`^${jobs[0]!.id}\\s+completed .*t\\d\\.raw ${digest}`));
+});
+
+test('a worker stopped (SIGTERM) mid-job checkpoints it; another worker resumes it and it completes verified', async () => {
+  // One worker at a time, slowed by its rate limit: w4 takes the job, is stopped, w5 resumes it.
+  await Promise.all(workers.map(stopWorker));
+  const w4 = await startWorker('w4');
+  const target = join(dir, 'moved.raw');
+  const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
+  try {
+    const job = await q.add('convert', { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 }, { attempts: 3, backoff: { type: 'fixed', delay: 200 } });
+    for (let i = 0; i < 200; i++) {
+      const j = await q.getJob(job.id!);
+      if (((j?.progress as { done?: number })?.done ?? 0) > 40 * 1024 * 1024) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await stopWorker(w4);
+    const stopped = (await q.getJob(job.id!))!;
+    assert.ok((stopped.data.resume?.progress.done ?? 0) > 0, 'a checkpoint is in the job');
+    await startWorker('w5');
+    let done: ConvertJobSummary | undefined;
+    for (let i = 0; i < 600 && done?.state !== 'completed' && done?.state !== 'failed'; i++) {
+      done = (JSON.parse(cli(['jobs', '--output', 'json', job.id!]).stdout) as ConvertJobSummary[])[0];
+      await new Promise((res) => setTimeout(res, 200));
+    }
+    assert.is(done?.state, 'completed', JSON.stringify(done));
+    assert.is(done!.result!.worker, 'w5');
+    assert.ok((done!.result!.resumedFrom ?? 0) > 0, `resumed from ${done!.result!.resumedFrom}`);
+    assert.is(done!.result!.checksum, digest);
+    execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', source, target]);
+  } finally {
+    await q.close();
+  }
+});
+
+test('bad input: unreachable Redis, credentials in a location, a missing source: one line each, non-zero', async () => {
+  const down = spawnSync(process.execPath, [BIN, 'jobs', '--redis', 'redis://127.0.0.1:1'], { encoding: 'utf8', env, timeout: 30_000 });
+  assert.is(down.status, 1);
+  assert.match(down.stderr, /^blockconv: .*cannot reach Redis at redis:\/\/127\.0\.0\.1:1: connect ECONNREFUSED/);
+  assert.is(down.stderr.trim().split('\n').length, 1);
+  const secret = cli(['submit', 'iscsi://user%hunter2secret@127.0.0.1/iqn.2026-11.x:y/1', join(dir, 'x.raw')]);
+  assert.is(secret.code, 1);
+  assert.match(secret.stderr, /must not carry credentials/);
+  assert.not.match(secret.stderr + secret.stdout, /hunter2secret/);
+  const missing = cli(['submit', '--wait', '--attempts', '1', join(dir, 'nope.raw'), join(dir, 'y.raw')]);
+  assert.is(missing.code, 1);
+  assert.match(missing.stderr, /failed: .*nope\.raw.*(no such file|ENOENT)/i);
+});
+
+test.run();
