@@ -32,12 +32,14 @@ export function addFleetCommands(program: Command, registry: () => Promise<Drive
     .addOption(redisOption())
     .option('--concurrency <n>', 'jobs at once', (v: string) => Number(v), 1)
     .option('--name <name>', 'this worker\'s name in results (default: host:pid)')
-    .action(async (o: { redis: string; concurrency: number; name?: string }) => {
+    .option('--lock-seconds <s>', 'a job\'s lock: if this worker dies, others take its jobs over (resuming) this long after', (v: string) => Number(v), 30)
+    .action(async (o: { redis: string; concurrency: number; name?: string; lockSeconds: number }) => {
+      if (!(o.lockSeconds >= 1)) throw new BlockError('EINVAL', '--lock-seconds must be at least 1', { field: 'lock-seconds' });
       if (!Number.isInteger(o.concurrency) || o.concurrency < 1) throw new BlockError('EINVAL', '--concurrency must be a whole number of at least 1', { field: 'concurrency' });
       const fleet = await loadFleet();
       const os = await import('node:os');
       const name = o.name ?? `${os.hostname()}:${process.pid}`;
-      const worker = await fleet.FleetWorker.start({ redis: o.redis, concurrency: o.concurrency, registry: await registry(), name });
+      const worker = await fleet.FleetWorker.start({ redis: o.redis, concurrency: o.concurrency, registry: await registry(), name, lockMs: o.lockSeconds * 1000 });
       process.stderr.write(`worker ${name}: taking convert jobs from ${redactLocation(o.redis)}\n`);
       await new Promise<void>((resolve) => {
         const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };

@@ -119,7 +119,16 @@ export interface FleetWorkerOptions {
   readonly registry: DriverRegistry;
   /** Names this worker in results and logs. */
   readonly name?: string;
+  /**
+   * How long a job's lock lasts without renewal (renewed at half of it): a worker that
+   * died (kill -9, a lost host) gives its jobs back to the others this long after,
+   * and they resume from the job's checkpoint. Default 30 s.
+   */
+  readonly lockMs?: number;
 }
+
+/** A job whose worker vanished this many times is failed instead of retried again. */
+const MAX_STALLED = 3;
 
 /** Runs convert jobs from the queue until closed. */
 export class FleetWorker {
@@ -133,7 +142,8 @@ export class FleetWorker {
     this.#registry = o.registry;
     this.#name = o.name ?? `${process.pid}`;
     this.#worker = new Worker<ConvertJobData, ConvertJobResult>(CONVERT_QUEUE, (job) => this.#run(job), {
-      connection: connection(o.redis), concurrency: o.concurrency ?? 1, autorun: true,
+      connection: connection(o.redis), concurrency: o.concurrency ?? 1, autorun: true, name: this.#name,
+      lockDuration: o.lockMs ?? 30_000, stalledInterval: o.lockMs ?? 30_000, maxStalledCount: MAX_STALLED,
     });
     // A failed job is BullMQ's to retry; the worker itself goes on.
     this.#worker.on('error', () => {});

@@ -28,8 +28,8 @@ function cli(args: string[]): { code: number; stdout: string; stderr: string } {
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
-async function startWorker(name: string): Promise<ChildProcess> {
-  const w = spawn(process.execPath, [BIN, 'worker', '--name', name], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+async function startWorker(name: string, ...flags: string[]): Promise<ChildProcess> {
+  const w = spawn(process.execPath, [BIN, 'worker', '--name', name, ...flags], { env, stdio: ['ignore', 'ignore', 'pipe'] });
   workers.push(w);
   await new Promise<void>((resolve, reject) => {
     let err = '';
@@ -40,7 +40,7 @@ async function startWorker(name: string): Promise<ChildProcess> {
 }
 
 async function stopWorker(w: ChildProcess): Promise<void> {
-  if (w.exitCode !== null) return;
+  if (w.exitCode !== null || w.signalCode !== null) return;
   const exited = new Promise((r) => w.on('exit', r));
   w.kill('SIGTERM');
   await exited;
@@ -62,7 +62,7 @@ test.after(async () => {
 });
 
 test('3 workers, 6 targets from one template: all complete with the template\'s checksum; jobs lists them', async () => {
-  await Promise.all(['w1', 'w2', 'w3'].map(startWorker));
+  await Promise.all(['w1', 'w2', 'w3'].map((n) => startWorker(n)));
   const runs = await Promise.all(Array.from({ length: 6 }, (_, i) => new Promise<{ code: number | null; stdout: string }>((resolve) => {
     const c = spawn(process.execPath, [BIN, 'submit', '--wait', '--output', 'json', source, join(dir, `t${i}.raw`)], { env, stdio: ['ignore', 'pipe', 'ignore'] });
     let out = '';
@@ -106,6 +106,39 @@ test('a worker stopped (SIGTERM) mid-job checkpoints it; another worker resumes 
     assert.is(done?.state, 'completed', JSON.stringify(done));
     assert.is(done!.result!.worker, 'w5');
     assert.ok((done!.result!.resumedFrom ?? 0) > 0, `resumed from ${done!.result!.resumedFrom}`);
+    assert.is(done!.result!.checksum, digest);
+    execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', source, target]);
+  } finally {
+    await q.close();
+  }
+});
+
+test('kill -9 of the worker running a job: another takes it over once its lock lapses, resumes from the checkpoint, and it completes verified', async () => {
+  await Promise.all(workers.map(stopWorker));
+  const w6 = await startWorker('w6', '--lock-seconds', '2');
+  const target = join(dir, 'orphaned.raw');
+  const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
+  try {
+    const job = await q.add('convert', { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 }, { attempts: 3 });
+    for (let i = 0; i < 200; i++) {
+      const j = await q.getJob(job.id!);
+      if (((j?.progress as { done?: number })?.done ?? 0) > 40 * 1024 * 1024) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const killed = new Promise((r) => w6.on('exit', r));
+    w6.kill('SIGKILL');
+    await killed;
+    const checkpoint = (await q.getJob(job.id!))!.data.resume?.progress.done ?? 0;
+    assert.ok(checkpoint > 0, 'the dead worker left a checkpoint in the job');
+    await startWorker('w7', '--lock-seconds', '2');
+    let done: ConvertJobSummary | undefined;
+    for (let i = 0; i < 600 && done?.state !== 'completed' && done?.state !== 'failed'; i++) {
+      done = (JSON.parse(cli(['jobs', '--output', 'json', job.id!]).stdout) as ConvertJobSummary[])[0];
+      await new Promise((res) => setTimeout(res, 200));
+    }
+    assert.is(done?.state, 'completed', JSON.stringify(done));
+    assert.is(done!.result!.worker, 'w7');
+    assert.is(done!.result!.resumedFrom, checkpoint, 'resumed from the checkpoint the dead worker saved');
     assert.is(done!.result!.checksum, digest);
     execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', source, target]);
   } finally {
