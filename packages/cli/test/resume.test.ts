@@ -59,15 +59,20 @@ function blockconv(args: string[], timeout = 300_000): { code: number; stdout: s
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** As blockconv(), without blocking this process (whose event loop may be forwarding for it). */
-async function blockconvAsync(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+/**
+ * As blockconv(), without blocking this process (whose event loop may be forwarding for
+ * it); SIGKILLed after `killAfterMs` if given.
+ */
+async function blockconvAsync(args: string[], killAfterMs?: number): Promise<{ code: number | null; killed: boolean; stdout: string; stderr: string }> {
   const child = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
   child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const timer = killAfterMs === undefined ? undefined : setTimeout(() => child.kill('SIGKILL'), killAfterMs);
   const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
-  return { code: code ?? -1, stdout, stderr };
+  clearTimeout(timer);
+  return { code, killed: code === null, stdout, stderr };
 }
 
 /** 1 GiB: 448 MiB of data in runs of several patterns and random bytes, written zeroes, holes, an odd tail. */
@@ -142,18 +147,6 @@ function writtenEnd(local: string, format: string): number {
   return end;
 }
 
-/** Runs the convert and SIGKILLs it after `ms`; returns what it printed. */
-async function convertKilled(args: string[], ms: number): Promise<{ killed: boolean; stdout: string; code: number | null }> {
-  const child = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-  child.stderr.resume();
-  const timer = setTimeout(() => child.kill('SIGKILL'), ms);
-  const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
-  clearTimeout(timer);
-  return { killed: code === null, stdout, code };
-}
-
 function qemuImg(args: string[]): { code: number; out: string; stdout: string } {
   const r = spawnSync('qemu-img', args, { encoding: 'utf8' });
   return { code: r.status ?? -1, out: (r.stdout + r.stderr).trim(), stdout: r.stdout };
@@ -171,7 +164,7 @@ for (const kind of KINDS) {
         '--checkpoint', `${INTERVAL}`, '--checksum', '--output', 'json', SOURCE, t.url];
       // The rate limit makes the copy last ~1.5 s, so that a kill lands anywhere in it.
       const at = Math.round(250 + random() * 1400);
-      const first = await convertKilled([...common.slice(0, 1), '-r', '300M', '--progress', 'json', ...common.slice(1)], at);
+      const first = await blockconvAsync([...common.slice(0, 1), '-r', '300M', '--progress', 'json', ...common.slice(1)], at);
       const checkpoints = first.stdout.split('\n').filter((l) => l.includes('"checkpoint"')).map((l) => JSON.parse(l) as { done: number; dirtyEnd: number });
       const last = checkpoints.at(-1);
       const reached = first.killed ? writtenEnd(t.local, kind.format) : 0;
@@ -213,7 +206,7 @@ test('a source changed between the runs is refused, naming it; the state stays f
   fs.copyFileSync(SOURCE, src);
   const target = join(dir, 'changing-target.qcow2');
   const args = ['convert', '-O', 'qcow2', '--checkpoint', '64M', '--output', 'json', src, target];
-  const first = await convertKilled([args[0]!, '-r', '300M', ...args.slice(1)], 900);
+  const first = await blockconvAsync([args[0]!, '-r', '300M', ...args.slice(1)], 900);
   assert.ok(first.killed);
   const fd = fs.openSync(src, 'r+');
   fs.writeSync(fd, Buffer.from('changed'), 0, 7, 10 * MiB);

@@ -14,6 +14,7 @@ import * as assert from 'uvu/assert';
 import { Queue } from 'bullmq';
 import { CONVERT_QUEUE, type ConvertJobSummary } from '../src/index.js';
 import { REDIS_URL, ensureServer } from '../../../tools/test/redis-server.js';
+import { waitForProgress } from './helpers.js';
 
 ensureServer();
 const BIN = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'cli', 'bin', 'blockconv.js');
@@ -26,6 +27,16 @@ const workers: ChildProcess[] = [];
 function cli(args: string[]): { code: number; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env, timeout: 120_000 });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Polls `blockconv jobs` until the job has completed or failed for good (two minutes at most). */
+async function jobEnd(id: string): Promise<ConvertJobSummary | undefined> {
+  let job: ConvertJobSummary | undefined;
+  for (let i = 0; i < 600 && job?.state !== 'completed' && job?.state !== 'failed'; i++) {
+    job = (JSON.parse(cli(['jobs', '--output', 'json', id]).stdout) as ConvertJobSummary[])[0];
+    await new Promise((res) => setTimeout(res, 200));
+  }
+  return job;
 }
 
 async function startWorker(name: string, ...flags: string[]): Promise<ChildProcess> {
@@ -89,20 +100,12 @@ test('a worker stopped (SIGTERM) mid-job checkpoints it; another worker resumes 
   const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
   try {
     const job = await q.add('convert', { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 }, { attempts: 3, backoff: { type: 'fixed', delay: 200 } });
-    for (let i = 0; i < 200; i++) {
-      const j = await q.getJob(job.id!);
-      if (((j?.progress as { done?: number })?.done ?? 0) > 40 * 1024 * 1024) break;
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    await waitForProgress(q, job.id!, 40 * 1024 * 1024);
     await stopWorker(w4);
     const stopped = (await q.getJob(job.id!))!;
     assert.ok((stopped.data.resume?.progress.done ?? 0) > 0, 'a checkpoint is in the job');
     await startWorker('w5');
-    let done: ConvertJobSummary | undefined;
-    for (let i = 0; i < 600 && done?.state !== 'completed' && done?.state !== 'failed'; i++) {
-      done = (JSON.parse(cli(['jobs', '--output', 'json', job.id!]).stdout) as ConvertJobSummary[])[0];
-      await new Promise((res) => setTimeout(res, 200));
-    }
+    const done = await jobEnd(job.id!);
     assert.is(done?.state, 'completed', JSON.stringify(done));
     assert.is(done!.result!.worker, 'w5');
     assert.ok((done!.result!.resumedFrom ?? 0) > 0, `resumed from ${done!.result!.resumedFrom}`);
@@ -120,22 +123,14 @@ test('kill -9 of the worker running a job: another takes it over once its lock l
   const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
   try {
     const job = await q.add('convert', { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 }, { attempts: 3 });
-    for (let i = 0; i < 200; i++) {
-      const j = await q.getJob(job.id!);
-      if (((j?.progress as { done?: number })?.done ?? 0) > 40 * 1024 * 1024) break;
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    await waitForProgress(q, job.id!, 40 * 1024 * 1024);
     const killed = new Promise((r) => w6.on('exit', r));
     w6.kill('SIGKILL');
     await killed;
     const checkpoint = (await q.getJob(job.id!))!.data.resume?.progress.done ?? 0;
     assert.ok(checkpoint > 0, 'the dead worker left a checkpoint in the job');
     await startWorker('w7', '--lock-seconds', '2');
-    let done: ConvertJobSummary | undefined;
-    for (let i = 0; i < 600 && done?.state !== 'completed' && done?.state !== 'failed'; i++) {
-      done = (JSON.parse(cli(['jobs', '--output', 'json', job.id!]).stdout) as ConvertJobSummary[])[0];
-      await new Promise((res) => setTimeout(res, 200));
-    }
+    const done = await jobEnd(job.id!);
     assert.is(done?.state, 'completed', JSON.stringify(done));
     assert.is(done!.result!.worker, 'w7');
     assert.is(done!.result!.resumedFrom, checkpoint, 'resumed from the checkpoint the dead worker saved');

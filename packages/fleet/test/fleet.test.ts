@@ -14,6 +14,7 @@ import { DriverRegistry, checksumImage } from '@blockconv/core';
 import { drivers as raw } from '@blockconv/driver-raw';
 import { CONVERT_QUEUE, FleetWorker, submitConvert, type ConvertJobResult } from '../src/index.js';
 import { REDIS_URL, ensureServer } from '../../../tools/test/redis-server.js';
+import { waitForProgress } from './helpers.js';
 
 ensureServer();
 const MiB = 1024 * 1024;
@@ -59,11 +60,7 @@ test('a worker closed mid-job saves a checkpoint into the job; the retry on anot
   const id = await submitConvert(REDIS_URL, { sources: [source], target, rateLimit: 40 * MiB, checkpointBytes: 16 * MiB }, { backoff: { type: 'fixed', delay: 200 } });
   const job = (await queue.getJob(id))!;
   // Once it has gone some way, the worker is shut down.
-  for (let i = 0; i < 100; i++) {
-    const p = (await queue.getJob(id))!.progress as { done?: number };
-    if ((p?.done ?? 0) > 64 * MiB) break;
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  await waitForProgress(queue, id, 64 * MiB, 10_000);
   await a.close();
   const stopped = (await queue.getJob(id))!;
   assert.ok(stopped.data.resume && stopped.data.resume.progress.done > 0, 'the job holds a checkpoint');

@@ -26,7 +26,7 @@ import { ChunkCopier, CopyStats } from './copier.js';
 import { ChunkCursor, type Chunk } from './cursor.js';
 import type { ConvertOptions, ConvertProgress, ConvertResult } from './options.js';
 import { WriteOrder } from './order.js';
-import { planConvert } from './plan.js';
+import { planConvert, type ConvertPlan } from './plan.js';
 import { ChecksumTap } from './checksum-tap.js';
 import { checksumImage } from '../checksum/index.js';
 import { Checkpointer } from './checkpoints.js';
@@ -137,7 +137,7 @@ export function convert(options: ConvertOptions & { onProgress?: (p: ConvertProg
 }
 
 /** The options recorded in a checkpoint because they change the output. */
-function outputOptions(o: ConvertOptions, plan: ReturnType<typeof planConvert>): Record<string, string> {
+function outputOptions(o: ConvertOptions, plan: ConvertPlan): Record<string, string> {
   return {
     compress: String(o.compress === true),
     minSparse: String(plan.minSparse),
