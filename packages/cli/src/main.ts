@@ -23,7 +23,7 @@ import {
   resolveRelative,
   MAX_WORKERS,
   parseSize,
-  startConvert,
+  startConvert, openTargets,
   type BlockBackend,
   type CacheMode,
   type CheckResult,
@@ -202,6 +202,7 @@ export function buildProgram(ctx: Context): Command {
     .option('-W, --out-of-order', 'write each chunk as soon as it is read, not in target order (by default writes are issued in order, several in flight; out of order suits preallocated targets such as LUNs and devices)')
     .option('-S, --sparse-size <size>', 'zero runs of at least this size are not written; 0 writes everything (fully allocated target)', sizeOption('sparse size'), 4096)
     .option('-n, --no-create', 'do not create the target: write into an existing image of at least the source size')
+    .option('--tee <target>', 'also write the copy to this target (repeatable; same format and options): the sources are read once for all targets; a target that fails is dropped and the others complete', (v: string, prev: string[] = []) => [...prev, v])
     .option('--target-is-zero', 'the existing target (-n) already reads as zeroes: skip writing zeroes')
     .addOption(cacheOption('-t, --cache <mode>', 'target', 'writeback'))
     .addOption(cacheOption('-T, --source-cache <mode>', 'source', 'writeback'))
@@ -573,6 +574,7 @@ interface ConvertFlags {
   state?: string;
   checkpoint?: CheckpointSpec | 'off';
   output: 'human' | 'json';
+  tee?: string[];
 }
 
 /** The convert's options that change the output beyond what the core sees: a resume must repeat them. */
@@ -586,7 +588,7 @@ function resumeTag(o: ConvertFlags): Record<string, string> {
   };
 }
 
-async function runConvert(ctx: Context, sourceNames: string[], targetName: string, o: ConvertFlags): Promise<void> {
+async function runConvert(ctx: Context, sourceNames: string[], firstTarget: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
   if (o.targetOptions?.help) return printCreateOptions(ctx, reg, o.targetFormat);
   if (o.sourceOpts?.help || o.targetOpts?.help) return printOpenOptions(ctx, reg);
@@ -594,8 +596,14 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   const sourceOptions = o.snapshot || o.sourceOpts ? { ...o.snapshot, ...o.sourceOpts } : undefined;
   if (o.targetIsZero && o.create) throw new BlockError('EINVAL', '--target-is-zero requires -n (an existing target)');
   if (o.sparseSize % 512 !== 0) throw new BlockError('EINVAL', `-S must be a multiple of 512 bytes, got ${o.sparseSize}`);
+  // --tee: more targets, each written the whole copy while the sources are read once.
+  const targetNames = [firstTarget, ...(o.tee ?? [])];
+  const several = targetNames.length > 1;
+  if (several && o.backing !== undefined) throw new BlockError('EINVAL', '-B takes one target: it cannot be used with --tee');
+  if (new Set(targetNames).size !== targetNames.length) throw new BlockError('EINVAL', 'a target is named twice (--tee)');
+  const targetLabel = targetNames.map(redactLocation).join(', ');
   const sources: BlockBackend[] = [];
-  let target: BlockBackend | undefined;
+  let targets: BlockBackend[] = [];
   const abort = signalAbort();
   const mode: ProgressMode = o.quiet ? 'none' : o.progress ?? (o.p ? 'bar' : 'none');
   let sink: ReturnType<typeof progressSink> | undefined;
@@ -603,46 +611,31 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
   // asked for it beforehand; not with -t unsafe (no flushes), unless asked for.
   if (o.checkpoint === 'off' && (o.resume || o.state)) throw new BlockError('EINVAL', '--checkpoint off leaves nothing to resume from: drop it, or --resume and --state');
   const checkpointing = o.checkpoint !== 'off' && (o.resume || o.state !== undefined || o.checkpoint !== undefined || o.cache !== 'unsafe');
-  const statePath = checkpointing ? o.state ?? defaultStatePath(targetName) : undefined;
+  const statePath = checkpointing ? o.state ?? defaultStatePath(targetNames.join('\n')) : undefined;
   const resumeState: ResumeState | undefined = o.resume ? await readState(statePath!) : undefined;
   const say = (line: string): void => { if (!o.quiet && o.output !== 'json') process.stderr.write(line + '\n'); };
   if (o.resume && !resumeState) say(`no resume state (${statePath}): copying from the start`);
   if (!o.resume && statePath && existsSync(statePath)) say(`note: an interrupted convert to this target left a resume state; starting over replaces it (--resume continues it)`);
   const resuming = resumeState !== undefined;
-  // A resumed target exists: it is opened, not created again.
-  const createTarget = o.create && !resuming;
-  if (resuming) await reg.reclaimForResume(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });
-  // Everything opens at once: each open is a connection set up (mount, login), and
-  // one after another they add their round trips to the copy's start.
-  const openTarget = createTarget ? undefined : reg.open(targetName, { format: o.targetFormat, cache: o.cache, options: o.targetOpts, signal: abort.signal });
-  const opening = [...sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })), ...(openTarget ? [openTarget] : [])];
+  if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
+  if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
   try {
-    // All settle before any error is thrown, so that what did open is closed below.
-    const opened = await Promise.allSettled(opening);
-    let openedTarget: BlockBackend | undefined;
-    opened.forEach((r, i) => {
-      if (r.status === 'fulfilled') { if (i < sourceNames.length) sources.push(r.value); else openedTarget = r.value; }
-    });
-    target = openedTarget;
+    // Sources open at once, each a connection set up (mount, login): one after another
+    // they would add their round trips to the copy's start. All settle before any error
+    // is thrown, so that what did open is closed below.
+    const opened = await Promise.allSettled(sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })));
+    for (const r of opened) if (r.status === 'fulfilled') sources.push(r.value);
     const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
     const total = sources.reduce((n, s) => n + s.size, 0);
-    if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
-    if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
-    if (createTarget) {
-      const options = { ...o.targetOptions };
-      if (o.backing !== undefined) options.backing_file = o.backing;
-      if (o.backingFormat !== undefined) options.backing_fmt = o.backingFormat;
-      target = await reg.create(targetName, total, { format: o.targetFormat, cache: o.cache, options, openOptions: o.targetOpts, signal: abort.signal });
-      if (o.backing !== undefined && !target.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
-    } else {
-      target = openedTarget!;
-      if (target.size < total) {
-        throw new BlockError('ERANGE', `target is smaller than the source (${target.size} < ${total} bytes); -n writes into an existing image, which must be at least as large`, { location: targetName });
-      }
-    }
+    const createOptions = { ...o.targetOptions, ...(o.backing !== undefined ? { backing_file: o.backing } : {}), ...(o.backingFormat !== undefined ? { backing_fmt: o.backingFormat } : {}) };
+    targets = await openTargets(reg, targetNames, {
+      format: o.targetFormat, create: o.create, size: total, resume: resumeState, cache: o.cache,
+      openOptions: o.targetOpts, createOptions, signal: abort.signal,
+    });
+    if (o.backing !== undefined && !resuming && !targets[0]!.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
     const job = startConvert({
-      sources, target,
+      sources, ...(several ? { targets } : { target: targets[0] }),
       workers: o.workers,
       bufferSize: o.bufferSize,
       outOfOrder: o.outOfOrder,
@@ -678,30 +671,38 @@ async function runConvert(ctx: Context, sourceNames: string[], targetName: strin
       // Say how to go on: what is durable, and where the state is.
       const next = statePath && durable > 0 && !(err instanceof BlockError && err.op === 'resume') ? `; ${durable} bytes are durable: the same command with --resume continues (state: ${statePath})` : '';
       if (err instanceof BlockError && err.code === 'ECANCELED') {
-        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${redactLocation(targetName)} is incomplete${next}`);
+        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${targetLabel} is incomplete${next}`);
       }
       if (err instanceof Error && next) err.message = err.message.replace(/\.$/, '') + next;
       throw err;
     } finally {
       sink.stop();
     }
-    await target.close();
-    target = undefined;
+    const closing = targets;
+    targets = [];
+    await closeAll(closing);
     if (statePath) await removeState(statePath);
+    const outcomes = r.targets ?? [{ location: redactLocation(firstTarget), ok: true }];
+    const failures = outcomes.filter((t) => !t.ok);
     if (o.output === 'json') {
-      process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames.map(redactLocation), target: redactLocation(targetName), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
-    } else {
-      if (r.checksum !== undefined) process.stdout.write(`${r.checksum}  ${redactLocation(targetName)}\n`);
-      if (r.verified && !o.quiet) process.stderr.write('verified: the target reads back with the same digest\n');
+      process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames.map(redactLocation), target: several ? targetNames.map(redactLocation) : redactLocation(firstTarget), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
+    } else if (r.checksum !== undefined) {
+      for (const t of outcomes) if (t.ok) process.stdout.write(`${r.checksum}  ${t.location}\n`);
+    }
+    if (o.output !== 'json') {
+      if (r.verified && !o.quiet) process.stderr.write(`verified: ${several ? 'each completed target reads' : 'the target reads'} back with the same digest\n`);
+      for (const t of failures) process.stderr.write(`blockconv: target ${t.location} failed, the others went on: ${t.error}\n`);
     }
     if (o.output !== 'json' && !o.quiet && mode !== 'none') {
       process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
-        `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
+        `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}${several ? ` to each of ${outcomes.length - failures.length} targets` : ''}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
         `${r.workersTried ? `; -m auto settled on ${r.workers} workers, tried ${r.workersTried.join(' ')}` : ''})\n`);
     }
+    // Not every target holds the copy: the command did not do what it was asked.
+    if (failures.length) throw new ExitError(1, `${failures.length} of ${outcomes.length} targets failed (${failures.map((t) => t.location).join(', ')}); the others are complete`);
   } finally {
     abort.dispose();
-    await closeAll([...sources, target]);
+    await closeAll([...sources, ...targets]);
   }
 }
 

@@ -236,6 +236,36 @@ test('a full file system: ENOSPC is a clear error with the offset, never reporte
   }
 });
 
+test('--tee: one read, every target written; a full one fails alone and the exit says so', () => {
+  const ok = run('convert', '--checksum', '--output', 'json', '-O', 'qcow2', src, p('tee1.qcow2'), '--tee', p('tee2.qcow2'));
+  assert.is(ok.code, 0, ok.stderr);
+  const r = JSON.parse(ok.stdout.trim().split('\n').at(-1)!) as { bytesRead: number; checksum: string; targets: Array<{ ok: boolean }> };
+  assert.equal(r.targets.map((t) => t.ok), [true, true]);
+  for (const t of ['tee1.qcow2', 'tee2.qcow2']) {
+    assert.is(qemuCompare(src, p(t)).code, 0, t);
+    assert.is(spawnSync('qemu-img', ['check', p(t)]).status, 0);
+  }
+  const single = JSON.parse(run('convert', '--output', 'json', src, p('tee-one.raw')).stdout.trim().split('\n').at(-1)!) as { bytesRead: number };
+  assert.is(r.bytesRead, single.bytesRead, 'the source is read once for two targets');
+  assert.is(run('convert', src, p('x.raw'), '--tee', p('x.raw')).code, 1, 'a target named twice');
+  const mnt = p('tiny-tee');
+  mkdirSync(mnt);
+  if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt]).status !== 0) {
+    console.warn('  (skipped the full target: cannot mount a tmpfs here)');
+    return;
+  }
+  try {
+    const bad = run('convert', src, p('tee3.raw'), '--tee', join(mnt, 'full.raw'), '--tee', p('tee4.raw'));
+    assert.is(bad.code, 1);
+    assert.match(bad.stderr, /target .*full\.raw failed, the others went on: .*write at offset \d+.*no space left on device/);
+    assert.match(bad.stderr, /1 of 3 targets failed .*the others are complete/);
+    assert.not.match(bad.stderr, /\n\s+at /);
+    for (const t of ['tee3.raw', 'tee4.raw']) assert.is(qemuCompare(src, p(t)).code, 0, t);
+  } finally {
+    spawnSync('umount', [mnt]);
+  }
+});
+
 test('SIGINT stops a convert cleanly: exit 130, the target named incomplete', async () => {
   const child = spawn(process.execPath, [BIN, 'convert', '-r', '4M', '--progress=json', src, p('int.raw')], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';

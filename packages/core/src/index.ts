@@ -19,6 +19,7 @@ export {
   DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, HEAD_BYTES, RESUME_STATE_KIND, RESUME_STATE_VERSION,
   checkResume, checkStateShape, identifyConvert,
   type CheckpointSchedule, type CheckpointProgress, type ConvertIdentity, type ImageIdentity, type ResumeState,
+  FanoutTarget, UnopenedTarget, type FailedTarget, type TargetOutcome, openTargets, type OpenTargetsOptions,
 } from './convert/index.js';
 export { WorkerGovernor } from './autotune.js';
 export { compareImages, type CompareOptions, type CompareResult } from './compare.js';

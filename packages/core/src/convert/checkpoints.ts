@@ -19,6 +19,7 @@
 import { BlockError, toBlockError } from '../errors.js';
 import type { BlockHashState } from '../checksum/blkhash.js';
 import type { CheckpointProgress, CheckpointSchedule } from './options.js';
+import type { FailedTarget } from './fanout.js';
 import { RESUME_STATE_KIND, RESUME_STATE_VERSION, type ConvertIdentity, type ResumeState } from './resume.js';
 
 export const DEFAULT_CHECKPOINT_BYTES = 1024 * 1024 * 1024;
@@ -71,6 +72,8 @@ export interface CheckpointerParams {
   /** The hash state once the hash has taken every chunk before `seq`. */
   readonly hashAt?: (seq: number) => Promise<BlockHashState>;
   readonly onCheckpoint: (state: ResumeState) => void;
+  /** Several targets: those dropped so far, recorded in each checkpoint. */
+  readonly failedTargets?: () => readonly FailedTarget[];
   /** A checkpoint failed (flush or save): the copy stops with this error. */
   readonly onError: (err: BlockError) => void;
 }
@@ -190,6 +193,7 @@ export class Checkpointer {
     };
     const state: ResumeState = {
       kind: RESUME_STATE_KIND, version: RESUME_STATE_VERSION, ...this.#p.identity, progress, savedAt: new Date().toISOString(),
+      ...(this.#p.failedTargets?.().length ? { failedTargets: this.#p.failedTargets() } : {}),
     };
     if (this.#p.schedule.save) {
       try {

@@ -31,8 +31,11 @@ import { ChecksumTap } from './checksum-tap.js';
 import { checksumImage } from '../checksum/index.js';
 import { Checkpointer } from './checkpoints.js';
 import { checkResume, identifyConvert, type ResumeState } from './resume.js';
+import { FanoutTarget } from './fanout.js';
 
 export * from './options.js';
+export { FanoutTarget, UnopenedTarget, type FailedTarget, type TargetOutcome } from './fanout.js';
+export { openTargets, type OpenTargetsOptions } from './targets.js';
 export { DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, ProgressLedger } from './checkpoints.js';
 export { HEAD_BYTES, RESUME_STATE_KIND, RESUME_STATE_VERSION, checkResume, checkStateShape, identifyConvert, type ConvertIdentity, type ImageIdentity, type ResumeState } from './resume.js';
 
@@ -136,6 +139,14 @@ export function convert(options: ConvertOptions & { onProgress?: (p: ConvertProg
   return job.done;
 }
 
+/** The one target standing for several (read once, write many). */
+function openFanout(o: ConvertOptions): FanoutTarget {
+  if (o.target) throw new BlockError('EINVAL', 'give a target or several targets, not both', { field: 'targets' });
+  if (o.diffAgainstBacking) throw new BlockError('EINVAL', 'writing only what differs from a backing image (-B) takes one target', { field: 'targets' });
+  const total = o.sources.reduce((n, s) => n + s.size, 0);
+  return new FanoutTarget(o.targets!, { total, compress: o.compress, failed: o.resume?.failedTargets });
+}
+
 /** The options recorded in a checkpoint because they change the output. */
 function outputOptions(o: ConvertOptions, plan: ConvertPlan): Record<string, string> {
   return {
@@ -150,7 +161,9 @@ function outputOptions(o: ConvertOptions, plan: ConvertPlan): Record<string, str
 
 async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, stop: StopRequest): Promise<ConvertResult> {
   await Promise.resolve(); // let the caller attach listeners before the first event
-  const plan = planConvert(o);
+  const fanout = o.targets ? openFanout(o) : undefined;
+  if (!fanout && !o.target) throw new BlockError('EINVAL', 'no target image');
+  const plan = planConvert({ ...o, target: fanout ?? o.target! });
   const { target, total, workers, bufferSize, outOfOrder } = plan;
   const cursor = new ChunkCursor(plan.sources, plan.cursorAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit,
     { start: plan.start, splitAt: plan.rewriteEnd });
@@ -302,6 +315,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
         flush: () => target.flush(),
         hashAt: tap ? (seq) => tap.stateAt(seq) : undefined,
         onCheckpoint: (state) => job.emit('checkpoint', state),
+        failedTargets: fanout ? () => fanout.failed() : undefined,
         onError: (err) => fail(err),
       });
       await checkpointer.begin();
@@ -325,7 +339,15 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
     }
     const checksum = tap ? await tap.hexdigest() : undefined;
     let verified: boolean | undefined;
-    if (o.verify) {
+    if (o.verify && fanout) {
+      // Each target on its own: one that reads back wrong fails alone.
+      for (const t of fanout.live()) {
+        const back = await checksumImage(t, { length: total, signal: o.signal });
+        if (back.checksum !== checksum) fanout.drop(t, new BlockError('EIO', `verify failed: the target reads back as blkhash ${back.checksum}, the copied data was ${checksum}`, { op: 'verify', location: t.location }));
+      }
+      if (fanout.live().length === 0) throw new BlockError('EIO', `verify failed on every target; the first: ${fanout.outcomes()[0]!.error}`, { op: 'verify' });
+      verified = true;
+    } else if (o.verify) {
       // Read back through the target, as a later reader would (the digest of its first `total` bytes).
       const back = await checksumImage(target, { length: total, signal: o.signal });
       if (back.checksum !== checksum) {
@@ -337,6 +359,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
       ...snapshot(), workers: governor ? governor.chosen : workers, ...(governor ? { workersTried: [...governor.history] } : {}),
       bufferSize, outOfOrder, ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
       ...(o.resume ? { resumedFrom: plan.start } : {}), ...(checkpointer ? { checkpoints: checkpointer.count } : {}),
+      ...(fanout ? { targets: fanout.outcomes() } : {}),
     };
     job.emit('progress', result);
     return result;

@@ -5,6 +5,7 @@
 import type { BlockBackend } from '../types.js';
 import type { BlockHashState } from '../checksum/blkhash.js';
 import type { ResumeState } from './resume.js';
+import type { TargetOutcome } from './fanout.js';
 
 export const DEFAULT_WORKERS = 8;
 export const DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024;
@@ -25,7 +26,13 @@ export interface ConvertOptions {
   /** Opened sources; their contents are concatenated into the target. */
   readonly sources: readonly BlockBackend[];
   /** Opened target, at least as large as the sources together. */
-  readonly target: BlockBackend;
+  readonly target?: BlockBackend;
+  /**
+   * Instead of `target`: several targets, each written the whole copy while the sources
+   * are read once (see fanout.ts). A target that fails is dropped and the others go on;
+   * ConvertResult.targets says which completed. The convert fails only when all fail.
+   */
+  readonly targets?: readonly BlockBackend[];
   /**
    * Parallel workers (-m), each with one buffer. Default 8. 'auto': adapted during the
    * copy (see autotune.ts), up to AUTO_MAX_WORKERS.
@@ -147,4 +154,6 @@ export interface ConvertResult extends ConvertProgress {
   readonly resumedFrom?: number;
   /** Checkpoints taken by this run. */
   readonly checkpoints?: number;
+  /** With `targets`: each one's outcome, in order; only those `ok` hold the copy. */
+  readonly targets?: readonly TargetOutcome[];
 }

@@ -68,7 +68,7 @@ export interface ConvertPlan {
   readonly allocate: (n: number) => Uint8Array;
 }
 
-function checkOptions(o: ConvertOptions): void {
+function checkOptions(o: ConvertOptions & { readonly target: BlockBackend }): void {
   const int = (name: string, v: number | undefined, min: number, max = Number.MAX_SAFE_INTEGER): void => {
     if (v !== undefined && (!Number.isSafeInteger(v) || v < min || v > max)) {
       throw new BlockError('EINVAL', `${name} must be an integer from ${min} to ${max}, got ${v}`);
@@ -90,7 +90,8 @@ function checkOptions(o: ConvertOptions): void {
   }
 }
 
-export function planConvert(o: ConvertOptions): ConvertPlan {
+/** `o.target` is the one target, or the fanout of several (fanout.ts). */
+export function planConvert(o: ConvertOptions & { readonly target: BlockBackend }): ConvertPlan {
   checkOptions(o);
   const target = gateBackend(o.target);
   const sources = o.sources.map((s) => gateBackend(s));

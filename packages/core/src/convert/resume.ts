@@ -10,6 +10,7 @@ import { BlockError, toBlockError } from '../errors.js';
 import { redactLocation } from '../redact.js';
 import type { BlockBackend } from '../types.js';
 import type { CheckpointProgress } from './options.js';
+import type { FailedTarget } from './fanout.js';
 
 export const RESUME_STATE_KIND = 'blockconv-convert-state';
 export const RESUME_STATE_VERSION = 1;
@@ -44,6 +45,8 @@ export interface ResumeState extends ConvertIdentity {
   readonly progress: CheckpointProgress;
   /** When it was taken (ISO 8601). */
   readonly savedAt: string;
+  /** A convert to several targets: those dropped from the copy, which a resume leaves out. */
+  readonly failedTargets?: readonly FailedTarget[];
 }
 
 async function identify(b: BlockBackend, withVersion: boolean): Promise<ImageIdentity> {
