@@ -17,6 +17,7 @@ packages=(
   tgt               # tgtd: the loopback iSCSI target of tools/iscsi-server.sh
   zlib1g-dev libzstd-dev libdeflate-dev  # native/codec: qcow2 cluster (de)compression
   redis-server      # the job store of @blockconv/fleet (BullMQ), tools/redis-server.sh
+  chromium          # a real headless browser for the fleet dashboard test
 )
 
 missing=()

@@ -1,12 +1,17 @@
 /**
- * `blockconv worker`, `submit` and `jobs`: the fleet commands, over @blockconv/fleet
- * (BullMQ on Redis). That package is optional: it is loaded only by these commands, and
- * a clear error says how to install it when it is missing.
+ * `blockconv worker`, `submit`, `jobs` and `dashboard`: the fleet commands, over
+ * @blockconv/fleet (BullMQ on Redis). That package is optional: it is loaded only by
+ * these commands, and a clear error says how to install it when it is missing.
  */
+import { readFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { Option, type Command } from 'commander';
+import type * as CliProgress from 'cli-progress';
 import { BlockError, formatSize, redactLocation, type DriverRegistry } from '@blockconv/core';
+import { keyValues } from './key-values.js';
 
 type Fleet = typeof import('@blockconv/fleet');
+type Summary = import('@blockconv/fleet').ConvertJobSummary;
 
 async function loadFleet(): Promise<Fleet> {
   try {
@@ -18,11 +23,71 @@ async function loadFleet(): Promise<Fleet> {
 
 const redisOption = (): Option => new Option('--redis <url>', 'the Redis that holds the jobs').env('BLOCKCONV_REDIS').default('redis://127.0.0.1:6379');
 
-function line(j: import('@blockconv/fleet').ConvertJobSummary): string {
+function targetsOf(j: Summary): string {
+  return [j.target, ...(j.tee ?? [])].map(redactLocation).join(', ');
+}
+
+function line(j: Summary): string {
   const p = j.progress;
   const pct = p && p.total > 0 ? ` ${((p.done / p.total) * 100).toFixed(1)}% ${formatSize(p.rate)}/s${p.etaSeconds !== undefined ? ` ETA ${p.etaSeconds}s` : ''}` : '';
-  const end = j.state === 'completed' ? ` ${j.result?.checksum ?? ''}` : j.state === 'failed' ? ` ${j.failedReason ?? ''}` : pct;
-  return `${j.id.padEnd(6)} ${j.state.padEnd(10)} ${j.sources.map(redactLocation).join(' + ')} -> ${redactLocation(j.target)}${end}`;
+  const failedTargets = j.result?.targets?.filter((t) => !t.ok) ?? [];
+  const end = j.state === 'completed' ? ` ${j.result?.checksum ?? ''}${failedTargets.map((t) => `; target ${t.location} failed: ${t.error}`).join('')}`
+    : j.state === 'failed' ? ` ${j.failedReason ?? ''}` : pct;
+  return `${j.id.padEnd(6)} ${j.state.padEnd(10)} ${j.sources.map(redactLocation).join(' + ')} -> ${targetsOf(j)}${end}`;
+}
+
+/** --cap SERVER=K, repeatable. */
+function capOption(v: string, prev: Record<string, number> = {}): Record<string, number> {
+  const eq = v.lastIndexOf('=');
+  const k = Number(v.slice(eq + 1));
+  if (eq <= 0 || !Number.isSafeInteger(k) || k < 1) throw new BlockError('EINVAL', `--cap: expected SERVER=K (e.g. nfs://filer=2, "*=4"), got "${v}"`, { field: 'cap' });
+  return { ...prev, [v.slice(0, eq)]: k };
+}
+
+/**
+ * Follows jobs to their end: a bar of the bytes of all jobs on a terminal, else a line
+ * per change of a job's state. Returns the summaries at the end.
+ */
+async function follow(fleet: Fleet, redis: string, ids: readonly string[], json: boolean): Promise<Summary[]> {
+  const tty = process.stderr.isTTY && !json;
+  let bars: CliProgress.MultiBar | undefined;
+  let bar: CliProgress.SingleBar | undefined;
+  if (tty) {
+    const cliProgress = createRequire(import.meta.url)('cli-progress') as typeof CliProgress;
+    // A MultiBar for its log(): finished jobs print above the bar.
+    bars = new cliProgress.MultiBar({
+      stream: process.stderr, hideCursor: true, barCompleteChar: '\u2588', barIncompleteChar: '\u2591', etaBuffer: 20,
+      format: '{bar} {percentage}% | {doneText} / {totalText} | jobs {finished}/{jobs} done, {running} running, {failedJobs} failed | ETA {eta_formatted}',
+    });
+    bar = bars.create(1, 0, { doneText: '0 B', totalText: '?', finished: 0, jobs: ids.length, running: 0, failedJobs: 0 });
+  }
+  const seen = new Map<string, string>();
+  try {
+    return await fleet.followJobs(redis, ids, (jobs) => {
+      if (json) return;
+      for (const j of jobs) {
+        const l = j.state === 'active' ? `${j.id} active` : line(j);
+        if (seen.get(j.id) !== l && (!tty || j.state === 'completed' || j.state === 'failed')) {
+          seen.set(j.id, l);
+          if (bars) bars.log(line(j) + '\n'); else process.stderr.write(line(j) + '\n');
+        }
+      }
+      if (bar) {
+        // Jobs not started yet count with their sizes once known; until then the total grows.
+        const total = jobs.reduce((n, j) => n + (j.progress?.total ?? j.result?.total ?? 0), 0);
+        const done = jobs.reduce((n, j) => n + (j.state === 'completed' ? j.result?.total ?? 0 : j.progress?.done ?? 0), 0);
+        bar.setTotal(Math.max(total, 1));
+        bar.update(done, {
+          doneText: formatSize(done), totalText: formatSize(total), jobs: ids.length,
+          finished: jobs.filter((j) => j.state === 'completed' || j.state === 'failed').length,
+          running: jobs.filter((j) => j.state === 'active').length,
+          failedJobs: jobs.filter((j) => !fleet.jobSucceeded(j) && (j.state === 'completed' || j.state === 'failed')).length,
+        });
+      }
+    });
+  } finally {
+    bars?.stop();
+  }
 }
 
 export function addFleetCommands(program: Command, registry: () => Promise<DriverRegistry>): void {
@@ -33,13 +98,19 @@ export function addFleetCommands(program: Command, registry: () => Promise<Drive
     .option('--concurrency <n>', 'jobs at once', (v: string) => Number(v), 1)
     .option('--name <name>', 'this worker\'s name in results (default: host:pid)')
     .option('--lock-seconds <s>', 'a job\'s lock: if this worker dies, others take its jobs over (resuming) this long after', (v: string) => Number(v), 30)
-    .action(async (o: { redis: string; concurrency: number; name?: string; lockSeconds: number }) => {
+    .option('-q, --quiet', 'no line per job start and end')
+    .action(async (o: { redis: string; concurrency: number; name?: string; lockSeconds: number; quiet?: boolean }) => {
       if (!(o.lockSeconds >= 1)) throw new BlockError('EINVAL', '--lock-seconds must be at least 1', { field: 'lock-seconds' });
       if (!Number.isInteger(o.concurrency) || o.concurrency < 1) throw new BlockError('EINVAL', '--concurrency must be a whole number of at least 1', { field: 'concurrency' });
       const fleet = await loadFleet();
       const os = await import('node:os');
       const name = o.name ?? `${os.hostname()}:${process.pid}`;
-      const worker = await fleet.FleetWorker.start({ redis: o.redis, concurrency: o.concurrency, registry: await registry(), name, lockMs: o.lockSeconds * 1000 });
+      const worker = await fleet.FleetWorker.start({
+        redis: o.redis, concurrency: o.concurrency, registry: await registry(), name, lockMs: o.lockSeconds * 1000,
+        onEvent: o.quiet ? undefined : (e) => {
+          if (e.event !== 'wait-cap') process.stderr.write(`worker ${name}: ${new Date().toISOString()} job ${e.job} ${e.event} ${e.target}${e.detail ? ` ${e.detail}` : ''}\n`);
+        },
+      });
       process.stderr.write(`worker ${name}: taking convert jobs from ${redactLocation(o.redis)}\n`);
       await new Promise<void>((resolve) => {
         const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
@@ -52,37 +123,62 @@ export function addFleetCommands(program: Command, registry: () => Promise<Drive
 
   program
     .command('submit')
-    .description('Queue a convert job: SOURCE... TARGET, as for convert. Prints its id; --wait follows it to the end.')
-    .usage('[options] <source...> <target>')
-    .argument('<images...>')
+    .description('Queue convert jobs: SOURCE... TARGET as for convert (--tee for more targets of the same read), or a batch file. Prints the job ids; --wait follows them to the end.')
+    .usage('[options] <source...> <target>  |  --batch FILE')
+    .argument('[images...]')
     .addOption(redisOption())
+    .option('--batch <file>', 'a JSON batch: a template and many targets, each with options (see the README)')
     .option('-f, --source-format <fmt>', 'source format (default: probed)')
     .option('-O, --target-format <fmt>', 'target format', 'raw')
+    .option('-o, --target-options <k=v,...>', 'target creation options', keyValues)
+    .option('--source-opts <k=v,...>', 'source driver options (secrets by reference only: password-env=VAR, password-file=PATH on the worker)', keyValues)
+    .option('--target-opts <k=v,...>', 'target driver options (secrets by reference only, as --source-opts)', keyValues)
+    .option('--tee <target>', 'also write the same read to this target (repeatable); a failing target fails alone', (v: string, prev: string[] = []) => [...prev, v])
     .option('-n, --no-create', 'write into an existing target')
     .option('-m, --workers <n>', 'convert workers', (v: string) => Number(v))
     .option('-W, --out-of-order', 'out-of-order writes')
     .option('-c, --compress', 'compressed target')
-    .option('--attempts <n>', 'tries before the job fails for good (each resumes the last)', (v: string) => Number(v), 3)
-    .option('--wait', 'follow the job to its end; exit non-zero if it failed')
+    .option('-r, --rate-limit <bytes>', 'bytes per second', (v: string) => Number(v))
+    .option('--cap <server=k>', 'at most K jobs at once on this storage server, across all workers (nfs://HOST, iscsi://HOST:PORT, "*" for any; repeatable; kept in Redis)', capOption)
+    .option('--attempts <n>', 'tries before a job fails for good (each resumes the last)', (v: string) => Number(v), 3)
+    .option('--wait', 'follow the jobs to their end (a progress bar on a terminal); exit non-zero if any failed')
     .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
-    .action(async (images: string[], o: { redis: string; sourceFormat?: string; targetFormat: string; create: boolean; workers?: number; outOfOrder?: boolean; compress?: boolean; attempts: number; wait?: boolean; output: string }) => {
-      if (images.length < 2) throw new BlockError('EINVAL', 'submit needs a source and a target');
+    .action(async (images: string[], o: {
+      redis: string; batch?: string; sourceFormat?: string; targetFormat: string; targetOptions?: Record<string, string>; sourceOpts?: Record<string, string>;
+      targetOpts?: Record<string, string>; tee?: string[]; create: boolean; workers?: number; outOfOrder?: boolean; compress?: boolean; rateLimit?: number;
+      cap?: Record<string, number>; attempts: number; wait?: boolean; output: string;
+    }) => {
       const fleet = await loadFleet();
-      const id = await fleet.submitConvert(o.redis, {
-        sources: images.slice(0, -1), target: images.at(-1)!, sourceFormat: o.sourceFormat, targetFormat: o.targetFormat, noCreate: !o.create,
-        workers: o.workers, outOfOrder: o.outOfOrder, compress: o.compress,
-      }, { attempts: o.attempts });
+      let batch: import('@blockconv/fleet').ConvertBatch;
+      if (o.batch !== undefined) {
+        if (images.length) throw new BlockError('EINVAL', 'give a batch file or SOURCE... TARGET, not both');
+        let text: string;
+        try { text = await readFile(o.batch, 'utf8'); } catch (err) { throw new BlockError('ENOENT', `cannot read the batch file ${o.batch}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { field: 'batch' }); }
+        let parsed: unknown;
+        try { parsed = JSON.parse(text); } catch (err) { throw new BlockError('EINVAL', `batch file ${o.batch} is not JSON: ${(err as Error).message}`, { field: 'batch' }); }
+        const b = fleet.parseBatch(parsed);
+        batch = { ...b, caps: { ...b.caps, ...o.cap } };
+      } else {
+        if (images.length < 2) throw new BlockError('EINVAL', 'submit needs a source and a target (or --batch FILE)');
+        batch = {
+          jobs: [{
+            sources: images.slice(0, -1), target: images.at(-1)!, ...(o.tee ? { tee: o.tee } : {}), sourceFormat: o.sourceFormat, targetFormat: o.targetFormat, noCreate: !o.create,
+            workers: o.workers, outOfOrder: o.outOfOrder, compress: o.compress, rateLimit: o.rateLimit,
+            sourceOptions: o.sourceOpts, targetOptions: o.targetOpts, createOptions: o.targetOptions,
+          }],
+          caps: o.cap ?? {},
+        };
+      }
+      const ids = await fleet.submitBatch(o.redis, batch, o.batch !== undefined && batch.attempts ? {} : { attempts: o.attempts });
       if (!o.wait) {
-        process.stdout.write(o.output === 'json' ? JSON.stringify({ id }) + '\n' : `${id}\n`);
+        process.stdout.write(o.output === 'json' ? JSON.stringify({ ids }) + '\n' : ids.join('\n') + '\n');
         return;
       }
-      let last = '';
-      const [job] = await fleet.followJobs(o.redis, [id], (jobs) => {
-        const l = jobs[0] ? line(jobs[0]) : '';
-        if (o.output !== 'json' && l !== last) { process.stderr.write(l + '\n'); last = l; }
-      });
-      if (o.output === 'json') process.stdout.write(JSON.stringify(job) + '\n');
-      if (job!.state !== 'completed') throw new BlockError('EIO', `job ${id} failed: ${job!.failedReason ?? job!.state}`);
+      const jobs = await follow(fleet, o.redis, ids, o.output === 'json');
+      if (o.output === 'json') process.stdout.write(JSON.stringify(jobs) + '\n');
+      const bad = jobs.filter((j) => !fleet.jobSucceeded(j));
+      if (bad.length) throw new BlockError('EIO', `${bad.length} of ${jobs.length} jobs failed: ${bad.map((j) => `job ${j.id} (${targetsOf(j)}): ${j.failedReason ?? j.result?.targets?.filter((t) => !t.ok).map((t) => `${t.location}: ${t.error}`).join('; ') ?? j.state}`).join('; ')}`);
+      if (o.output !== 'json') process.stderr.write(`${jobs.length} of ${jobs.length} jobs completed\n`);
     });
 
   program
@@ -96,5 +192,25 @@ export function addFleetCommands(program: Command, registry: () => Promise<Drive
       const jobs = await fleet.listConvertJobs(o.redis, ids.length ? ids : undefined);
       if (o.output === 'json') process.stdout.write(JSON.stringify(jobs, null, 1) + '\n');
       else for (const j of jobs) process.stdout.write(line(j) + '\n');
+    });
+
+  program
+    .command('dashboard')
+    .description('Serve a web page of the convert queue (bull-board): jobs, progress, results, failures. Until SIGINT/SIGTERM.')
+    .addOption(redisOption())
+    .option('--port <n>', 'TCP port', (v: string) => Number(v), 3000)
+    .option('--bind <addr>', 'address to listen on (the page has no login: loopback unless you mean it)', '127.0.0.1')
+    .option('--read-only', 'no retry or clean buttons')
+    .action(async (o: { redis: string; port: number; bind: string; readOnly?: boolean }) => {
+      if (!Number.isInteger(o.port) || o.port < 0 || o.port > 65535) throw new BlockError('EINVAL', `--port must be 0-65535, got ${o.port}`, { field: 'port' });
+      const fleet = await loadFleet();
+      const d = await fleet.startDashboard({ redis: o.redis, port: o.port, host: o.bind, readOnly: o.readOnly });
+      process.stderr.write(`dashboard: ${d.url} (queue of ${redactLocation(o.redis)})\n`);
+      await new Promise<void>((resolve) => {
+        const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+      });
+      await d.close();
     });
 }

@@ -34,6 +34,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { discoverDrivers, type Discovery } from './discover.js';
 import { addFleetCommands } from './fleet-commands.js';
+import { keyValues } from './key-values.js';
 import { defaultStatePath, readState, removeState, writeState } from './state-file.js';
 import { progressSink, type ProgressMode } from './progress.js';
 import { redactStreams } from './redact-output.js';
@@ -79,19 +80,6 @@ function checkpointOption(v: string): CheckpointSpec | 'off' {
 }
 
 /** qemu-img style "-o a=b,c=d" (repeatable; ",," escapes a comma). */
-function keyValues(v: string, prev: Record<string, string> = {}): Record<string, string> {
-  const out = { ...prev };
-  for (const part of v.replace(/,,/g, '\0').split(',')) {
-    if (!part) continue;
-    const eq = part.indexOf('=');
-    if (eq <= 0) {
-      if (part === 'help' || part === '?') { out.help = 'true'; continue; }
-      throw new InvalidArgumentError(`expected key=value, got "${part.replace(/\0/g, ',')}".`);
-    }
-    out[part.slice(0, eq)] = part.slice(eq + 1).replace(/\0/g, ',');
-  }
-  return out;
-}
 
 /** qemu-img's -l: "X" (ID or name) or "snapshot.id=..,snapshot.name=..". */
 function snapshotOption(v: string): Record<string, string> {

@@ -7,7 +7,8 @@
  * CHAP credentials, so that no password needs to sit on a command line:
  *   LIBISCSI_CHAP_USERNAME / LIBISCSI_CHAP_PASSWORD   (libiscsi's and qemu's names)
  *   BLOCKCONV_ISCSI_PASSWORD_FILE=<file>              (first line = password)
- *   driver options (-o / -l): user=, password-file=
+ *   driver options (-o / -l): user=, password-file=, password-env= (the name of an
+ *   environment variable holding it: how a fleet job names a worker's secret)
  * A user in the URL wins over the options, which win over the environment. The password
  * never appears in `location`, messages or errors (core's redactLocation; a password
  * from the environment or a file is registered with the redactor too). libiscsi's own
@@ -128,6 +129,11 @@ function credentials(u: IscsiUrl, options: Readonly<Record<string, string>> | un
   if (!user) return {};
   let password = u.password;
   if (password === undefined && options?.['password-file']) password = readPasswordFile(options['password-file'], u.display);
+  const envName = options?.['password-env'];
+  if (password === undefined && envName) {
+    password = env[envName];
+    if (password === undefined) throw new BlockError('EACCES', `CHAP password: the environment variable ${envName} (password-env) is not set`, { op: 'open', location: u.display, field: 'password-env' });
+  }
   if (password === undefined && env.LIBISCSI_CHAP_PASSWORD !== undefined) password = env.LIBISCSI_CHAP_PASSWORD;
   if (password === undefined && env.BLOCKCONV_ISCSI_PASSWORD_FILE) password = readPasswordFile(env.BLOCKCONV_ISCSI_PASSWORD_FILE, u.display);
   if (password === undefined) {
@@ -469,6 +475,7 @@ export const iscsiDriver: ProtocolDriver = {
     { name: 'timeout', description: 'seconds a SCSI task may take before it fails', default: String(DEFAULT_TIMEOUT_S) },
     { name: 'user', description: 'CHAP user name (else the URL\'s, LIBISCSI_CHAP_USERNAME or BLOCKCONV_ISCSI_USER)' },
     { name: 'password-file', description: 'file holding the CHAP password (else LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE)' },
+    { name: 'password-env', description: 'name of an environment variable holding the CHAP password' },
   ],
   secretParameters: ['target_password'],
   open: openIscsi,

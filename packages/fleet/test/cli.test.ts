@@ -7,55 +7,25 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Queue } from 'bullmq';
 import { CONVERT_QUEUE, type ConvertJobSummary } from '../src/index.js';
 import { REDIS_URL, ensureServer } from '../../../tools/test/redis-server.js';
-import { waitForProgress } from './helpers.js';
+import { BIN, FleetProcesses, waitForProgress } from './helpers.js';
 
 ensureServer();
-const BIN = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'cli', 'bin', 'blockconv.js');
 const dir = fs.mkdtempSync(join(process.env.BLOCKCONV_TEST_DIR ?? tmpdir(), 'blockconv-fleet-cli-'));
-const env = { ...process.env, BLOCKCONV_REDIS: REDIS_URL, BLOCKCONV_STATE_DIR: join(dir, 'state') };
+const fleet = new FleetProcesses({ ...process.env, BLOCKCONV_REDIS: REDIS_URL, BLOCKCONV_STATE_DIR: join(dir, 'state') });
+const env = fleet.env;
+const cli = (args: string[]) => fleet.cli(args);
+const jobEnd = (id: string) => fleet.jobEnd(id);
+const startWorker = (name: string, ...flags: string[]) => fleet.startWorker(name, flags);
+const stopWorker = (w: ChildProcess) => fleet.stopWorker(w);
+const workers = fleet.workers;
 const source = join(dir, 'template.raw');
 let digest = '';
-const workers: ChildProcess[] = [];
-
-function cli(args: string[]): { code: number; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env, timeout: 120_000 });
-  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
-}
-
-/** Polls `blockconv jobs` until the job has completed or failed for good (two minutes at most). */
-async function jobEnd(id: string): Promise<ConvertJobSummary | undefined> {
-  let job: ConvertJobSummary | undefined;
-  for (let i = 0; i < 600 && job?.state !== 'completed' && job?.state !== 'failed'; i++) {
-    job = (JSON.parse(cli(['jobs', '--output', 'json', id]).stdout) as ConvertJobSummary[])[0];
-    await new Promise((res) => setTimeout(res, 200));
-  }
-  return job;
-}
-
-async function startWorker(name: string, ...flags: string[]): Promise<ChildProcess> {
-  const w = spawn(process.execPath, [BIN, 'worker', '--name', name, ...flags], { env, stdio: ['ignore', 'ignore', 'pipe'] });
-  workers.push(w);
-  await new Promise<void>((resolve, reject) => {
-    let err = '';
-    w.stderr!.on('data', (d: Buffer) => { err += d.toString(); if (err.includes('taking convert jobs')) resolve(); });
-    w.on('exit', (c) => reject(new Error(`worker ${name} exited ${c}: ${err}`)));
-  });
-  return w;
-}
-
-async function stopWorker(w: ChildProcess): Promise<void> {
-  if (w.exitCode !== null || w.signalCode !== null) return;
-  const exited = new Promise((r) => w.on('exit', r));
-  w.kill('SIGTERM');
-  await exited;
-}
 
 test.before(async () => {
   const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
@@ -80,7 +50,7 @@ test('3 workers, 6 targets from one template: all complete with the template\'s 
     c.stdout.on('data', (d: Buffer) => { out += d.toString(); });
     c.on('exit', (code) => resolve({ code, stdout: out }));
   })));
-  const jobs = runs.map((r) => { assert.is(r.code, 0); return JSON.parse(r.stdout) as ConvertJobSummary; });
+  const jobs = runs.map((r) => { assert.is(r.code, 0); return (JSON.parse(r.stdout) as ConvertJobSummary[])[0]!; });
   for (const j of jobs) {
     assert.is(j.state, 'completed');
     assert.is(j.result?.checksum, digest);
