@@ -15,7 +15,7 @@
 # A benchmark, not a test: it prints numbers (markdown) and fails only when a tool fails.
 #
 # Environment: RATE=1gbit  SIZE=1G (template's virtual size; ~50 % data)  COPIES=8  JOBS=4
-#   RUNS=3  QUIET_WAIT=30  OUT_DIR=bench-out (fleet-RATE.md)
+#   RUNS=3  PARTS="fanout concurrency"  QUIET_WAIT=30  OUT_DIR=bench-out (fleet-RATE.md)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RATE=${RATE:-1gbit}
@@ -23,6 +23,7 @@ SIZE=${SIZE:-1G}
 COPIES=${COPIES:-8}
 JOBS=${JOBS:-4}
 RUNS=${RUNS:-3}
+PARTS=${PARTS:-fanout concurrency}
 QUIET_WAIT=${QUIET_WAIT:-30}
 WARMUP=0
 OUT_DIR=${OUT_DIR:-$ROOT/bench-out}
@@ -108,7 +109,7 @@ verify_first() {  # LABEL TARGET
 
 STARTED_WORKERS=0
 for ((run = 1; run <= RUNS; run++)); do
-  for tool in fleet qemu-seq qemu-par; do
+  for tool in $( [[ " $PARTS " == *" fanout "* ]] && echo fleet qemu-seq qemu-par); do
     rm -f "$shm"/t*.raw
     sync; wait_quiet "$tool"
     tx0=$(nfs_tx); t0=$(now)
@@ -131,7 +132,7 @@ for ((run = 1; run <= RUNS; run++)); do
     record "$tool" "$(python3 -c "print(f'{$t1-$t0:.2f}')")" $((tx1 - tx0))
     verify_first "$tool" "$shm/t$((COPIES - 1)).raw"
   done
-  for mode in one-process many-processes; do
+  for mode in $( [[ " $PARTS " == *" concurrency "* ]] && echo one-process many-processes); do
     rm -f "$shm"/j*.raw
     reset_queue
     if [ "$mode" = one-process ]; then STARTED_WORKERS=$((STARTED_WORKERS + 1)); start_workers 1 "$JOBS"
@@ -155,18 +156,23 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
   echo
   echo "Template: $(numfmt --to=iec "$SIZE_BYTES") qcow2, $(numfmt --to=iec "$ALLOC") allocated; RUNS=$RUNS (median; all runs in brackets)."
   echo
+  [ -n "${WALL[fleet]:-}" ] && {
   echo "## $COPIES raw targets in /dev/shm from the template on NFS"
   echo
   echo "| tool | wall s | NFS server sent | × template allocated |"
   echo "|---|---:|---:|---:|"
+  }
   for t in fleet qemu-seq qemu-par; do
+    [ -n "${WALL[$t]:-}" ] || continue
     w=$(echo "${WALL[$t]}" | median); x=$(echo "${TX[$t]}" | median)
     echo "| $t | $w [${WALL[$t]% }] | $(numfmt --to=iec "$x") | $(python3 -c "print(f'{$x/$ALLOC:.2f}')") |"
   done
+  [ -n "${WALL[one-process]:-}" ] && {
   echo
   echo "## $JOBS jobs, template and targets in /dev/shm (CPU-bound)"
   echo
-  echo "| workers | wall s | Redis commands (whole batch, submit --wait polling included) |"
-  echo "|---|---:|---:|"
-  for t in one-process many-processes; do echo "| $t | $(echo "${WALL[$t]}" | median) [${WALL[$t]% }] | $(echo "${OPS[$t]}" | median) |"; done
+  }
+  [ -n "${WALL[one-process]:-}" ] && echo "| workers | wall s | Redis commands (whole batch, submit --wait polling included) |"
+  [ -n "${WALL[one-process]:-}" ] && echo "|---|---:|---:|"
+  for t in one-process many-processes; do [ -n "${WALL[$t]:-}" ] || continue; echo "| $t | $(echo "${WALL[$t]}" | median) [${WALL[$t]% }] | $(echo "${OPS[$t]}" | median) |"; done
 } | tee "$OUT_DIR/fleet-$RATE.md"

@@ -193,6 +193,37 @@ test('Redis restarted mid-batch: no job lost, no target written by two workers a
   }
 });
 
+test('bad targets in a batch fail alone, each with a one-line reason: unknown scheme, too small, unwritable; the rest complete', async () => {
+  const small = join(dir, 'small.raw');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', small, '1M']);
+  const batch = writeBatch('bad.json', {
+    source: local,
+    targets: [join(dir, 'ok1.raw'), 'frob://nowhere/x.raw', { target: small, noCreate: true }, join(dir, 'ok2.raw'), join(dir, 'no/such/dir/x.raw')],
+    attempts: 1,
+  });
+  const r = await fleet.cliAsync(['submit', '--batch', batch, '--wait', '--output', 'json']);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /^blockconv: 3 of 5 jobs failed: /);
+  assert.is(r.stderr.trim().split('\n').length, 1, 'one line');
+  const jobs = JSON.parse(r.stdout) as ConvertJobSummary[];
+  const by = (t: string): ConvertJobSummary => jobs.find((j) => j.target.endsWith(t))!;
+  assert.is(by('ok1.raw').result?.checksum, rawDigest);
+  assert.is(by('ok2.raw').result?.checksum, rawDigest);
+  assert.match(by('x.raw').failedReason!, /./);
+  assert.match(jobs.find((j) => j.target.startsWith('frob:'))!.failedReason!, /frob/);
+  assert.match(by('small.raw').failedReason!, /target is smaller than the source \(1048576 < 33554432 bytes\)/);
+  assert.match(by('dir/x.raw').failedReason!, /no such file or directory/);
+  for (const j of jobs) assert.not.match(j.failedReason ?? '', /\n/);
+  // Several targets in one job: the bad one fails alone and the job says so.
+  const tee = await fleet.cliAsync(['submit', '--wait', '--output', 'json', '--tee', join(dir, 'no/such/dir/y.raw'), local, join(dir, 'ok3.raw')]);
+  assert.is(tee.code, 1);
+  const [j] = JSON.parse(tee.stdout) as ConvertJobSummary[];
+  assert.is(j!.state, 'completed');
+  assert.equal(j!.result!.targets!.map((t) => t.ok), [true, false]);
+  assert.match(tee.stderr, /1 of 1 jobs failed: .*y\.raw.*no such file or directory/);
+  execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', local, join(dir, 'ok3.raw')]);
+});
+
 test('the dashboard (bull-board) in headless chromium shows a running job\'s progress and a failed job\'s reason', async () => {
   const dash = spawn(process.execPath, [BIN, 'dashboard', '--port', '0'], { env: fleet.env, stdio: ['ignore', 'ignore', 'pipe'] });
   try {
@@ -203,7 +234,7 @@ test('the dashboard (bull-board) in headless chromium shows a running job\'s pro
     });
     assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/$/, 'bound to loopback by default');
     const failed = (JSON.parse(fleet.cli(['submit', '--output', 'json', '--attempts', '1', join(dir, 'missing.raw'), join(dir, 'never.raw')]).stdout) as { ids: string[] }).ids[0]!;
-    const running = (JSON.parse(fleet.cli(['submit', '--output', 'json', '-r', String(2 * MiB), local, join(dir, 'slow.raw')]).stdout) as { ids: string[] }).ids[0]!;
+    const running = (JSON.parse(fleet.cli(['submit', '--output', 'json', '-r', String(MiB / 2), local, join(dir, 'slow.raw')]).stdout) as { ids: string[] }).ids[0]!;
     for (let i = 0; i < 200; i++) {
       const [j] = JSON.parse(fleet.cli(['jobs', '--output', 'json', running]).stdout) as ConvertJobSummary[];
       if ((j?.progress?.done ?? 0) > 0) break;

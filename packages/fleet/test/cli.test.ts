@@ -97,7 +97,14 @@ test('kill -9 of the worker running a job: another takes it over once its lock l
     const killed = new Promise((r) => w6.on('exit', r));
     w6.kill('SIGKILL');
     await killed;
-    const checkpoint = (await q.getJob(job.id!))!.data.resume?.progress.done ?? 0;
+    const atKill = (await q.getJob(job.id!))!;
+    const checkpoint = atKill.data.resume?.progress.done ?? 0;
+    // Copied again: what the dead worker had written past its checkpoint. Its last progress
+    // report (once a second) says at least how much; the checkpoint's dirtyEnd bounds it.
+    const dirtyEnd = atKill.data.resume?.progress.dirtyEnd ?? 0;
+    const reported = Math.max(0, ((atKill.progress as { done?: number }).done ?? 0) - checkpoint);
+    if (process.env.BLOCKCONV_FLEET_REPORT) console.log(`  kill -9: checkpoint at ${checkpoint} bytes; copied again: at least ${reported} (last progress), at most ${dirtyEnd - checkpoint} (dirtyEnd)`);
+    assert.ok(dirtyEnd - checkpoint <= 16 * 1024 * 1024 + 8 * 2 * 1024 * 1024, `at most one interval and the buffers in flight are copied again (${dirtyEnd - checkpoint})`);
     assert.ok(checkpoint > 0, 'the dead worker left a checkpoint in the job');
     await startWorker('w7', '--lock-seconds', '2');
     const done = await jobEnd(job.id!);
