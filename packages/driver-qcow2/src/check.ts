@@ -28,7 +28,7 @@ import type { Where } from './errors.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from './header.js';
 import { metaReader, readHeader } from './io.js';
 import { entryOffset } from './mapping.js';
-import { openReferencesForCheck } from './references.js';
+import { openReferencesForCheck, referencePolicy } from './references.js';
 import { calculateRefcounts, clusterType, readTable } from './check-count.js';
 import { readSnapshotsForCheck } from './check-snapshots.js';
 import {
@@ -66,7 +66,10 @@ async function openForCheck(file: BlockBackend, options: CheckOptions): Promise<
   const read = metaReader(file);
   const h = await readHeader(file, read, where, { forCheck: true });
   // Without a resolver (a driver called directly) there is nothing to open them with.
-  if (options.resolver) await openReferencesForCheck(file, h, { resolver: options.resolver, signal: options.signal });
+  if (options.resolver) {
+    const policy = referencePolicy((options as { options?: Readonly<Record<string, string>> }).options?.references, where);
+    await openReferencesForCheck(file, h, { resolver: options.resolver, signal: options.signal }, policy);
+  }
   const cs = h.clusterSize;
   const clusters = Math.ceil(file.size / cs);
   if (clusters > MAX_CHECK_CLUSTERS) {

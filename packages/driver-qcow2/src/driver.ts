@@ -23,7 +23,7 @@ import { AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOM
 import { metaReader, readHeader, type ReadMeta } from './io.js';
 import { ClusterMapper } from './mapping.js';
 import { Refcounts } from './refcounts.js';
-import { canonical, chain, openBacking, openDataFile } from './references.js';
+import { DEFAULT_REFERENCE_POLICY, canonical, chain, openBacking, openDataFile, referencePolicy, type ReferencePolicy } from './references.js';
 import { checkSnapshotL1, findSnapshot, readSnapshotTable, type Snapshot } from './snapshots.js';
 
 /** Default bound of the L2 table cache (QEMU's default maximum on Linux). */
@@ -39,16 +39,17 @@ export const MAX_CHAIN_DEPTH = 64;
  * - `data-file`: location of the external data file, instead of the name stored in the image.
  * The registry refuses keys that neither qcow2 nor the protocol below declares (openOptions).
  */
-export const OPEN_OPTIONS = ['l2-cache-size', 'snapshot', 'snapshot.id', 'snapshot.name', 'data-file'] as const;
+export const OPEN_OPTIONS = ['l2-cache-size', 'snapshot', 'snapshot.id', 'snapshot.name', 'data-file', 'references'] as const;
 
 interface ParsedOptions {
   l2CacheSize: number;
   snapshot?: { idOrName?: string; id?: string; name?: string };
   dataFile?: string;
+  references: ReferencePolicy;
 }
 
 function parseOptions(o: Readonly<Record<string, string>> | undefined, location: string): ParsedOptions {
-  const out: ParsedOptions = { l2CacheSize: DEFAULT_L2_CACHE_SIZE };
+  const out: ParsedOptions = { l2CacheSize: DEFAULT_L2_CACHE_SIZE, references: referencePolicy(o?.references, { location, op: 'open' }) };
   if (!o) return out;
   if (o['l2-cache-size'] !== undefined) out.l2CacheSize = parseSize(o['l2-cache-size'], 'l2-cache-size');
   const idOrName = o.snapshot;
@@ -84,7 +85,7 @@ export async function openQcow2(unchecked: BlockBackend, options: OpenOptions & 
   const file = gateBackend(unchecked);
   const where = { location: file.location, op: 'open' };
   const self = await canonical(file.location);
-  const ancestors = chain.getStore() ?? [];
+  const ancestors = chain.getStore()?.images ?? [];
   if (ancestors.includes(self)) {
     throw corrupt(where, 'backing_file', `backing file loop: ${[...ancestors, self].join(' -> ')}`);
   }
@@ -118,10 +119,10 @@ export async function openQcow2(unchecked: BlockBackend, options: OpenOptions & 
     if (snapshots.length > 0 && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
       throw corrupt(where, 'nb_snapshots', 'internal snapshots in an image with an external data file');
     }
-    const dataFile = await openDataFile(file, header, opts.dataFile, options, where, writable);
+    const dataFile = await openDataFile(file, header, opts.dataFile, options, where, writable, opts.references);
     if (dataFile) opened.push(dataFile);
     const fullBackingFilename = header.backingFile === undefined ? undefined : resolveRelative(file.location, header.backingFile);
-    const backing = await openBacking(file, header, options, where, [...ancestors, self]);
+    const backing = await openBacking(file, header, options, where, [...ancestors, self], opts.references);
     if (backing) opened.push(backing);
 
     const cache = new TableCache(opts.l2CacheSize, header.clusterSize, (offset) => readMeta(offset, header.clusterSize));
@@ -176,6 +177,7 @@ export const qcow2Driver: FormatDriver = {
     { name: 'snapshot.id', description: 'read the internal snapshot with this ID' },
     { name: 'snapshot.name', description: 'read the internal snapshot with this name' },
     { name: 'data-file', description: 'the external data file, in place of the name the image records' },
+    { name: 'references', description: `which backing and data files the image may name: same-server (on the image's own storage), confined (inside the image's directory: for untrusted images), none, or any (as qemu-img)`, default: DEFAULT_REFERENCE_POLICY },
   ],
   probe: (head: Uint8Array) =>
     head.length >= 4 && ((head[0]! << 24) | (head[1]! << 16) | (head[2]! << 8) | head[3]!) >>> 0 === QCOW2_MAGIC ? 100 : 0,
