@@ -9,7 +9,7 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, DriverRegistry, checksumImage, convert, mapImage, type BlockBackend } from '@blockconv/core';
+import { BlockError, DriverRegistry, HashPool, checksumImage, convert, mapImage, type BlockBackend } from '@blockconv/core';
 import { drivers as rawDrivers } from '@blockconv/driver-raw';
 import { drivers as qcow2Drivers } from '@blockconv/driver-qcow2';
 
@@ -53,6 +53,8 @@ export interface CaseReply {
 }
 
 const registry = new DriverRegistry().register(...rawDrivers, ...qcow2Drivers);
+// One hashing thread for all cases: starting one per checksum would cost more than the case.
+const pool = new HashPool(1);
 // Warnings about damaged images are expected by the hundred: keep them off stderr.
 process.removeAllListeners('warning');
 process.on('warning', () => {});
@@ -134,7 +136,7 @@ async function runCase(req: CaseRequest): Promise<CaseReply> {
     const dst = await registry.create(ourRaw, img.size, { format: 'raw' });
     try { await convert({ sources: [img], target: dst, workers: 4 }); } finally { await dst.close(); }
   }));
-  await run('checksum', () => withImage(async (img) => { checksum = (await checksumImage(img, { threads: 1 })).checksum; }));
+  await run('checksum', () => withImage(async (img) => { checksum = (await checksumImage(img, { pool })).checksum; }));
   for (const d of defects) if (d.op === 'map' && d.kind === 'exception' && d.detail.includes('map entry')) Object.assign(d, { kind: 'map' });
 
   let qemu: CaseReply['qemu'];
@@ -155,7 +157,7 @@ async function runCase(req: CaseRequest): Promise<CaseReply> {
   if (converted && checksum !== undefined && small) {
     const raw = await registry.open(ourRaw, { format: 'raw', readOnly: true });
     try {
-      const c = (await checksumImage(raw, { threads: 1 })).checksum;
+      const c = (await checksumImage(raw, { pool })).checksum;
       if (c !== checksum) defects.push({ kind: 'mismatch', op: 'checksum', detail: `checksum ${checksum} but the converted image's is ${c}` });
     } finally { await raw.close(); }
   }

@@ -22,6 +22,12 @@ export interface ChecksumOptions {
   readonly inFlight?: number;
   /** Hashing threads. Default: one per core. */
   readonly threads?: number;
+  /**
+   * Threads to hash on, kept open by their owner for many checksums (a worker thread
+   * costs tens of milliseconds to start); `threads` is then ignored. Default: a pool
+   * made for this call and closed at its end.
+   */
+  readonly pool?: HashPool;
   readonly signal?: AbortSignal;
   /** Called with the bytes hashed so far, at most every `progressInterval` ms. */
   readonly onProgress?: (done: number, total: number) => void;
@@ -55,7 +61,7 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
   const size = options.length ?? b.size;
   if (!Number.isSafeInteger(size) || size < 0 || size > b.size) throw new BlockError('EINVAL', `checksum length ${size} is outside the image (size ${b.size})`);
   const hash = await BlockHash.create();
-  const pool = new HashPool(options.threads);
+  const pool = options.pool ?? new HashPool(options.threads);
   const free: ArrayBuffer[] = [];
   const queue: Piece[] = [];
   let reading = 0;
@@ -125,6 +131,6 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
   } finally {
     // Pieces still in flight (after an error) settle before the pool goes.
     await Promise.allSettled(queue.map((p) => ('data' in p ? p.data : undefined)));
-    await pool.close();
+    if (!options.pool) await pool.close();
   }
 }
