@@ -88,8 +88,14 @@ export interface LbaStatus {
 export interface IscsiSessionOptions {
   /** Our initiator IQN; default a unique one per session (no two sessions clash). */
   readonly initiatorName?: string;
-  /** Seconds after which a task or login fails with ETIMEDOUT; 0 = never (libiscsi's default). */
+  /** Seconds after which a task or login fails with ETIMEDOUT, counted from when it is queued; 0 = never (libiscsi's default). */
   readonly timeoutSec?: number;
+  /**
+   * Stall timeout in milliseconds: tasks in flight fail (ETIMEDOUT) when the session's
+   * socket has moved no byte either way for this long. Unlike timeoutSec, a slow link
+   * with many tasks queued never trips it.
+   */
+  readonly stallMs?: number;
 }
 
 export interface LoginParams {
@@ -121,7 +127,7 @@ interface NativeContext {
 }
 
 interface Native {
-  IscsiContext: new (options: { initiatorName: string; timeoutSec?: number }) => NativeContext;
+  IscsiContext: new (options: { initiatorName: string; timeoutSec?: number; stallMs?: number }) => NativeContext;
 }
 
 // An ESM module cannot import a .node file; createRequire can. src/ (tsx) and dist/
@@ -145,6 +151,10 @@ function addon(): Native {
   if (!native) throw loadError!;
   return native;
 }
+
+const UNIT_ATTENTION = 0x6;
+/** Unit attentions in a row before a command fails (one per condition the target reports). */
+const UNIT_ATTENTION_RETRIES = 5;
 
 /** SCSI sense keys (SPC-4), as words. */
 const SENSE_KEYS: Readonly<Record<number, string>> = {
@@ -230,7 +240,7 @@ export class IscsiSession {
 
   constructor(options: IscsiSessionOptions = {}) {
     const initiatorName = options.initiatorName ?? `iqn.2026-11.org.blockconv:initiator-${process.pid}-${++sessions}`;
-    this.#n = new (addon().IscsiContext)({ initiatorName, timeoutSec: options.timeoutSec });
+    this.#n = new (addon().IscsiContext)({ initiatorName, timeoutSec: options.timeoutSec, stallMs: options.stallMs });
   }
 
   /** Connects to the portal, logs in to the target (CHAP when a user is given) and checks the LUN. */
@@ -245,22 +255,22 @@ export class IscsiSession {
 
   /** READ(16) of `blocks` blocks at `lba` into `buffer` (at least blocks*blockSize bytes). */
   read16(lba: number, blocks: number, blockSize: number, buffer: Uint8Array): Promise<void> {
-    return this.#wrap(this.#n.read16(lba, blocks, blockSize, buffer));
+    return this.#task(() => this.#n.read16(lba, blocks, blockSize, buffer));
   }
 
   /** WRITE(16) of all of `buffer` (whole blocks) at `lba`; FUA when asked. */
   write16(lba: number, blockSize: number, buffer: Uint8Array, fua = false): Promise<void> {
-    return this.#wrap(this.#n.write16(lba, blockSize, buffer, fua));
+    return this.#task(() => this.#n.write16(lba, blockSize, buffer, fua));
   }
 
   /** WRITE SAME(16) of a zero block over `blocks` blocks; with `unmap` the target may deallocate them. */
   writeSame16(lba: number, blocks: number, blockSize: number, unmap = false): Promise<void> {
-    return this.#wrap(this.#n.writeSame16(lba, blocks, blockSize, unmap));
+    return this.#task(() => this.#n.writeSame16(lba, blocks, blockSize, unmap));
   }
 
   /** UNMAP of one range. */
   unmap(lba: number, blocks: number): Promise<void> {
-    return this.#wrap(this.#n.unmap(lba, blocks));
+    return this.#task(() => this.#n.unmap(lba, blocks));
   }
 
   /**
@@ -269,33 +279,33 @@ export class IscsiSession {
    * whose every GET LBA STATUS walks the rest of the LUN, a lot of target CPU).
    */
   getLbaStatus(lba: number, maxDescriptors = 1): Promise<LbaStatus[]> {
-    return this.#wrap(this.#n.getLbaStatus(lba, maxDescriptors));
+    return this.#task(() => this.#n.getLbaStatus(lba, maxDescriptors));
   }
 
   synchronizeCache16(): Promise<void> {
-    return this.#wrap(this.#n.synchronizeCache16());
+    return this.#task(() => this.#n.synchronizeCache16());
   }
 
   readCapacity16(): Promise<Capacity> {
-    return this.#wrap(this.#n.readCapacity16());
+    return this.#task(() => this.#n.readCapacity16());
   }
 
   inquiry(): Promise<StandardInquiry> {
-    return this.#wrap(this.#n.inquiry(-1)) as Promise<StandardInquiry>;
+    return this.#task(() => this.#n.inquiry(-1)) as Promise<StandardInquiry>;
   }
 
   /** VPD page numbers the LUN supports (page 0x00). */
   async supportedVpdPages(): Promise<number[]> {
-    const r = (await this.#wrap(this.#n.inquiry(0x00))) as { pages: number[] } | null;
+    const r = (await this.#task(() => this.#n.inquiry(0x00))) as { pages: number[] } | null;
     return r?.pages ?? [];
   }
 
   blockLimits(): Promise<BlockLimitsPage | null> {
-    return this.#wrap(this.#n.inquiry(0xb0)) as Promise<BlockLimitsPage | null>;
+    return this.#task(() => this.#n.inquiry(0xb0)) as Promise<BlockLimitsPage | null>;
   }
 
   provisioning(): Promise<ProvisioningPage | null> {
-    return this.#wrap(this.#n.inquiry(0xb2)) as Promise<ProvisioningPage | null>;
+    return this.#task(() => this.#n.inquiry(0xb2)) as Promise<ProvisioningPage | null>;
   }
 
   /**
@@ -319,6 +329,22 @@ export class IscsiSession {
   /** Drops the session at once (no logout). Tasks in flight reject with ECANCELED; idempotent. */
   destroy(): void {
     this.#n.destroy();
+  }
+
+  /**
+   * A SCSI command, sent again when the target answers UNIT ATTENTION: the first command
+   * after a target restart or reset gets one (SPC-4: the condition is reported once and
+   * cleared), and a session that reconnected must not fail a copy for it.
+   */
+  async #task<T>(send: () => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await send();
+      } catch (err) {
+        const sense = (err as { sense?: SenseData } | null)?.sense;
+        if (sense?.key !== UNIT_ATTENTION || attempt >= UNIT_ATTENTION_RETRIES) throw refine(err, this.#password);
+      }
+    }
   }
 
   #wrap<T>(p: Promise<T>): Promise<T> {

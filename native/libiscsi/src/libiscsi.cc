@@ -4,7 +4,10 @@
 //  - a uv_poll_t on iscsi_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with iscsi_which_events() after every submit
 //    and every iscsi_service() call, and re-armed only when the mask changes (POLLOUT
 //    only while libiscsi has output queued: level-triggered polls busy-loop otherwise);
-//  - a ~100 ms tick (the SocketPoller's) calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire
+//  - a ~100 ms tick (the SocketPoller's) calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire,
+//    and checking the stall timeout (`stallMs`): tasks fail when the socket has moved no
+//    byte for that long while they wait (blockconv::SocketProgress), not when they have
+//    waited that long, which a slow link with many tasks queued would trip
 //    (and so a 0 from iscsi_which_events, "try again later", is retried);
 //  - the poll handle is re-created when the fd, or the socket behind it, changes.
 // Completions run inside iscsi_service(); they only settle promises and queue the task
@@ -18,10 +21,12 @@
 #include <uv.h>
 
 #include <blockconv/socket_poller.h>
+#include <blockconv/socket_progress.h>
 
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -140,7 +145,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     });
   }
 
-  // new IscsiContext({ initiatorName, timeoutSec? })
+  // new IscsiContext({ initiatorName, timeoutSec?, stallMs? })
   explicit IscsiContext(const Napi::CallbackInfo& info) : Napi::ObjectWrap<IscsiContext>(info), env_(info.Env()) {
     Napi::Env env = info.Env();
     std::string initiator = "iqn.2026-11.org.blockconv:initiator";
@@ -151,6 +156,8 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
       if (n.IsString()) initiator = n.As<Napi::String>().Utf8Value();
       Napi::Value t = o.Get("timeoutSec");
       if (t.IsNumber()) timeout = t.As<Napi::Number>().Int32Value();
+      Napi::Value st = o.Get("stallMs");
+      if (st.IsNumber() && st.As<Napi::Number>().DoubleValue() > 0) stallMs_ = static_cast<uint64_t>(st.As<Napi::Number>().DoubleValue());
     }
     iscsi_ = iscsi_create_context(initiator.c_str());
     if (!iscsi_) {
@@ -160,9 +167,11 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     iscsi_set_session_type(iscsi_, ISCSI_SESSION_NORMAL);
     iscsi_set_header_digest(iscsi_, ISCSI_HEADER_DIGEST_NONE_CRC32C);
     if (timeout > 0) iscsi_set_timeout(iscsi_, timeout);
-    // A lost session fails its tasks instead of queueing them for a reconnect that may
-    // never come (no hang when the target is gone).
-    iscsi_set_noautoreconnect(iscsi_, 1);
+    // With a stall timeout, a lost session reconnects and its tasks are sent again: a
+    // target restarted within the timeout is ridden through, and one that stays away
+    // moves no byte and fails every task when the timeout runs out. Without one, a lost
+    // session fails its tasks at once instead of waiting for a reconnect that may never come.
+    iscsi_set_noautoreconnect(iscsi_, stallMs_ > 0 ? 0 : 1);
     if (napi_get_uv_event_loop(env, &loop_) != napi_ok || !loop_) {
       Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
       return;
@@ -200,6 +209,8 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   Napi::Value Submit(Request* r, F submit) {
     Napi::Promise p = r->deferred.Promise();
     pending_.insert(r);
+    // The stall clock starts when the session goes from idle to busy.
+    if (outstanding_ == 0 && loop_) lastProgress_ = uv_now(loop_);
     outstanding_++;
     if (outstanding_ > peak_) peak_ = outstanding_;
     bool ok = submit();
@@ -253,6 +264,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     // The password now lives in libiscsi only; wipe our copy.
     std::fill(pass.begin(), pass.end(), '\0');
     lun_ = static_cast<int>(lun);
+    portal_ = portal;
     connecting_ = r;
     return Submit(r, [&] { return iscsi_full_connect_async(iscsi_, portal.c_str(), static_cast<int>(lun), OnConnect, this) == 0; });
   }
@@ -398,6 +410,8 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   bool Finish(Request* r) {
     if (!pending_.erase(r)) return false;
     outstanding_--;
+    if (iscsi_) progress_.Completed(iscsi_get_fd(iscsi_));
+    if (loop_) lastProgress_ = uv_now(loop_);
     return true;
   }
 
@@ -546,7 +560,16 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     Ref();  // JS run at scope close may drop the last reference
     {
       Napi::CallbackScope cs(env, *async_);
-      if (iscsi_service(iscsi_, revents) < 0) {
+      // The stall check runs on the tick (revents 0): every ~100 ms while busy.
+      if (stallMs_ && revents == 0 && progress_.Moved(iscsi_get_fd(iscsi_))) lastProgress_ = uv_now(loop_);
+      if (stallMs_ && revents == 0 && outstanding_ > 0 && uv_now(loop_) - lastProgress_ >= stallMs_) {
+        char secs[32];
+        snprintf(secs, sizeof secs, "%g", stallMs_ / 1000.0);
+        broken_ = "no answer from the iSCSI target " + portal_ + " for " + secs + " s with " + std::to_string(outstanding_) +
+                  " tasks waiting (target unreachable or not answering)";
+        brokenCode_ = "ETIMEDOUT";
+        FailAll();
+      } else if (iscsi_service(iscsi_, revents) < 0) {
         const char* e = iscsi_get_error(iscsi_);
         broken_ = std::string("iSCSI connection lost: ") + (e && *e ? e : "socket error");
         brokenCode_ = "ECONNRESET";
@@ -632,6 +655,10 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   std::string brokenCode_ = "EIO";
   int outstanding_ = 0;
   int peak_ = 0;
+  uint64_t stallMs_ = 0;       // 0: no stall timeout
+  uint64_t lastProgress_ = 0;  // loop time of the last byte moved (or of going busy)
+  blockconv::SocketProgress progress_;
+  std::string portal_;
   std::unordered_set<Request*> pending_;
   std::vector<struct scsi_task*> done_;
 };

@@ -43,8 +43,14 @@ export interface MountInfo {
 }
 
 export interface NfsContextOptions {
-  /** RPC timeout in milliseconds (whole seconds in libnfs 4.0); unset: libnfs's default (none). */
+  /** RPC timeout in milliseconds (whole seconds in libnfs 4.0), counted from when a request is queued; unset: libnfs's default (none). */
   readonly timeoutMs?: number;
+  /**
+   * Stall timeout in milliseconds: requests in flight fail (ETIMEDOUT) when the
+   * connection has moved no byte either way for this long. Unlike timeoutMs, a slow
+   * link with many requests queued never trips it.
+   */
+  readonly stallMs?: number;
   /** Reconnect attempts after a lost connection (libnfs: -1 forever, 0 never). */
   readonly autoReconnect?: number;
   /**

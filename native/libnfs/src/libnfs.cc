@@ -4,7 +4,12 @@
 //  - a uv_poll_t on nfs_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with nfs_which_events() after every submit and
 //    every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
 //    armed only while libnfs has output queued: level-triggered polls busy-loop otherwise);
-//  - a ~100 ms tick (the SocketPoller's) calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire;
+//  - a ~100 ms tick (the SocketPoller's) calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire,
+//    and checking the stall timeout: with `stallMs`, requests fail only when the socket
+//    has moved no byte (TCP_INFO's counters, blockconv::SocketProgress) for that long
+//    while they wait.
+//    libnfs's own timeout counts from when a request is queued, so a slow link with many
+//    requests queued behind each other trips it although every byte is moving;
 //  - the poll handle is re-created when the fd, or the socket behind it, changes
 //    (mount hops portmapper -> mountd -> nfsd; reconnects dup2 a new socket onto the fd).
 // Completions run inside nfs_service(); they only settle promises. JS continuations run
@@ -16,11 +21,13 @@
 #include <uv.h>
 
 #include <blockconv/socket_poller.h>
+#include <blockconv/socket_progress.h>
 
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -111,7 +118,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     });
   }
 
-  // new NfsContext({ timeoutMs?, autoReconnect?, clientName? })
+  // new NfsContext({ timeoutMs?, stallMs?, autoReconnect?, clientName? })
   explicit NfsContext(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NfsContext>(info), env_(info.Env()) {
     Napi::Env env = info.Env();
     nfs_ = nfs_init_context();
@@ -123,6 +130,8 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       Napi::Object o = info[0].As<Napi::Object>();
       Napi::Value t = o.Get("timeoutMs");
       if (t.IsNumber()) nfs_set_timeout(nfs_, t.As<Napi::Number>().Int32Value());
+      Napi::Value st = o.Get("stallMs");
+      if (st.IsNumber() && st.As<Napi::Number>().DoubleValue() > 0) stallMs_ = static_cast<uint64_t>(st.As<Napi::Number>().DoubleValue());
       Napi::Value r = o.Get("autoReconnect");
       if (r.IsNumber()) nfs_set_autoreconnect(nfs_, r.As<Napi::Number>().Int32Value());
       // NFSv4 state (open stateids) belongs to a client id: contexts opened side by side
@@ -168,6 +177,8 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   template <typename F>
   Napi::Value Submit(Request* r, F submit) {
     Napi::Promise p = r->deferred.Promise();
+    // The stall clock starts when the connection goes from idle to busy.
+    if (outstanding_ == 0 && loop_) lastProgress_ = uv_now(loop_);
     outstanding_++;
     int rc = submit();
     if (rc < 0) {
@@ -363,6 +374,8 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     // Peak of requests still in flight when one completes: > 1 proves pipelining.
     if (self->outstanding_ > self->peak_) self->peak_ = self->outstanding_;
     self->outstanding_--;
+    if (self->nfs_) self->progress_.Completed(nfs_get_fd(self->nfs_));
+    if (self->loop_) self->lastProgress_ = uv_now(self->loop_);
     if (self->envGone_) {  // environment teardown: no JS may run; just free
       r->buffer.SuppressDestruct();
       delete r;
@@ -450,7 +463,16 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     Ref();  // JS run at scope close may drop the last reference
     {
       Napi::CallbackScope cs(env, *async_);
-      if (nfs_service(nfs_, revents) < 0) {
+      // The stall check runs on the tick (revents 0): every ~100 ms while busy.
+      if (stallMs_ && revents == 0 && progress_.Moved(nfs_get_fd(nfs_))) lastProgress_ = uv_now(loop_);
+      if (stallMs_ && revents == 0 && outstanding_ > 0 && uv_now(loop_) - lastProgress_ >= stallMs_) {
+        char secs[32];
+        snprintf(secs, sizeof secs, "%g", stallMs_ / 1000.0);
+        broken_ = "no answer from the NFS server " + server_ + " for " + secs + " s with " + std::to_string(outstanding_) +
+                  " requests waiting (server unreachable or not answering)";
+        brokenErr_ = ETIMEDOUT;
+        FailAll();
+      } else if (nfs_service(nfs_, revents) < 0) {
         // The socket is beyond repair: fail everything in flight with libnfs's reason.
         const char* e = nfs_get_error(nfs_);
         broken_ = std::string("NFS connection failed: ") + (e && *e ? e : "socket error");
@@ -513,6 +535,9 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   int brokenErr_ = EIO;
   int outstanding_ = 0;
   int peak_ = 0;
+  uint64_t stallMs_ = 0;       // 0: no stall timeout
+  uint64_t lastProgress_ = 0;  // loop time of the last byte moved (or of going busy)
+  blockconv::SocketProgress progress_;
   uint64_t submitted_ = 0;  // requests libnfs accepted since creation
   uint32_t nextHandle_ = 0;
   std::unordered_map<uint32_t, struct nfsfh*> handles_;

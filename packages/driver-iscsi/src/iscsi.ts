@@ -15,7 +15,8 @@
  * URL options (?header_digest=, target_user=, target_password= for mutual CHAP) are
  * not taken: this driver refuses query strings, but declares target_password secret,
  * since the refusal quotes the URL.
- * Driver options: timeout=<seconds> per SCSI task and login (default 30; 0 = none).
+ * Driver options: timeout=<seconds> without any byte moving on the session while tasks
+ * (or the login) wait, after which they fail (default 30; 0 = none).
  *
  * What the LUN tells and the driver does with it (after QEMU's block/iscsi.c):
  * - READ CAPACITY(16): size and block size (512 or 4096 bytes = requestAlignment);
@@ -454,7 +455,9 @@ export async function openIscsi(location: string, options: OpenOptions = {}): Pr
   const timeoutSec = timeoutOption(u.display, options.options);
   const address = await resolveHost(u.host, u.display);
   const portal = isIP(address) === 6 ? `[${address}]:${u.port}` : `${address}:${u.port}`;
-  const s = new IscsiSession({ timeoutSec });
+  // A stall timeout, not libiscsi's per-task one: that counts from when a task is queued,
+  // and a slow link with many tasks queued trips it while data still flows.
+  const s = new IscsiSession({ stallMs: timeoutSec ? timeoutSec * 1000 : undefined });
   try {
     await s.login({ portal, target: u.target, lun: u.lun, user: creds.user, password: creds.password });
     const p = await probe(s, options.readOnly === true);
@@ -472,7 +475,7 @@ export const iscsiDriver: ProtocolDriver = {
   description: 'existing iSCSI LUNs through libiscsi (no kernel initiator); convert to a LUN with -n',
   schemes: ['iscsi'],
   openOptions: [
-    { name: 'timeout', description: 'seconds a SCSI task may take before it fails', default: String(DEFAULT_TIMEOUT_S) },
+    { name: 'timeout', description: 'seconds the target may send and take nothing while tasks wait, before they fail (0: wait forever)', default: String(DEFAULT_TIMEOUT_S) },
     { name: 'user', description: 'CHAP user name (else the URL\'s, LIBISCSI_CHAP_USERNAME or BLOCKCONV_ISCSI_USER)' },
     { name: 'password-file', description: 'file holding the CHAP password (else LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE)' },
     { name: 'password-env', description: 'name of an environment variable holding the CHAP password' },

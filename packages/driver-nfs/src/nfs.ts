@@ -7,7 +7,8 @@
  * URLs are libnfs's: nfs://server/export/path/file?version=3|4&uid=&gid=&nfsport=&mountport=...
  * (libnfs 4.0 splits export and file at the last "/"; `server:port` becomes nfsport=),
  * plus this driver's own `connections=N` (1..32), which libnfs never sees.
- * Driver options (-o/-l): timeout=<seconds> per RPC (default 30; 0 = wait forever),
+ * Driver options (-o/-l): timeout=<seconds> without any byte moving on a connection
+ * while requests wait, after which they fail (default 30; 0 = wait forever),
  * connections=N (as the URL option).
  * No URL option of libnfs 4.0 holds a secret (AUTH_SYS trusts uid=/gid=), so the driver
  * declares no secretParameters; a user part (user:password@) is refused, as libnfs would
@@ -141,7 +142,9 @@ async function connect(location: string, flags: number, timeoutMs: number, op: s
   }
   // A client name of its own per context: NFSv4 open state is the client's, and
   // contexts side by side on one file must not take each other's over.
-  const ctx = new NfsContext({ timeoutMs: timeoutMs || -1, clientName: `blockconv-${process.pid}-${++clientSerial}-${Date.now().toString(36)}` });
+  // A stall timeout, not libnfs's per-request one: that counts from when a request is
+  // queued, and a slow link with many requests queued trips it while data still flows.
+  const ctx = new NfsContext({ stallMs: timeoutMs || undefined, timeoutMs: -1, clientName: `blockconv-${process.pid}-${++clientSerial}-${Date.now().toString(36)}` });
   try {
     const m = await ctx.mount(url);
     if (!m.file || m.file === '/') throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
@@ -496,7 +499,7 @@ export const nfsDriver: ProtocolDriver = {
   description: 'files on NFS servers (NFSv3, NFSv4) through libnfs, without a kernel mount',
   schemes: ['nfs'],
   openOptions: [
-    { name: 'timeout', description: 'seconds a request may take before it fails (also for create)', default: String(DEFAULT_TIMEOUT_S) },
+    { name: 'timeout', description: 'seconds the server may send and take nothing while requests wait, before they fail (0: wait forever; also for create)', default: String(DEFAULT_TIMEOUT_S) },
     { name: 'connections', description: `TCP connections to spread requests over (1-${MAX_CONNECTIONS}); also ?connections=N in the URL`, default: '1' },
   ],
   open: openNfs,

@@ -6,8 +6,9 @@
 //   now naming another socket: the inode tells them apart);
 // - it keeps Node alive only while requests are in flight: an idle connection always
 //   waits for POLLIN, and must not hold the process open by itself;
-// - a periodic tick (never keeping Node alive) calls the service function with no
-//   events while requests are in flight, so that the library's own timeouts fire.
+// - a periodic tick calls the service function with no events while requests are in
+//   flight, so that the library's own timeouts (and the owner's stall check) fire; it
+//   keeps Node alive only while requests are in flight, as the watcher does.
 // Header-only, shared by @blockconv/libnfs and @blockconv/libiscsi.
 #pragma once
 
@@ -43,6 +44,13 @@ class SocketPoller {
   // mask it waits for (0: "ask again later", the tick does); busy: requests in flight.
   void Update(int fd, int wantPoll, bool busy) {
     busy_ = busy;
+    // While requests are in flight the tick keeps Node alive too: between sockets (a
+    // reconnect) there is no watcher, and the loop must not end with requests pending.
+    if (tick_ && busy != tickRef_) {
+      if (busy) uv_ref(reinterpret_cast<uv_handle_t*>(tick_));
+      else uv_unref(reinterpret_cast<uv_handle_t*>(tick_));
+      tickRef_ = busy;
+    }
     if (fd < 0) { CloseWatch(); return; }  // between sockets: the tick still services
     ino_t ino = SocketId(fd);
     if (!poll_ || fd != fd_ || ino != ino_) {
@@ -80,6 +88,7 @@ class SocketPoller {
   // The connection is gone (failed or closed): no more watching, no more ticks' service.
   void Close() {
     busy_ = false;
+    if (tick_ && tickRef_) { uv_unref(reinterpret_cast<uv_handle_t*>(tick_)); tickRef_ = false; }
     CloseWatch();
   }
 
@@ -118,6 +127,7 @@ class SocketPoller {
   uv_loop_t* loop_ = nullptr;
   uv_timer_t* tick_ = nullptr;
   bool busy_ = false;
+  bool tickRef_ = false;
   void* owner_ = nullptr;
   ReadyFn onReady_ = nullptr;
   uv_poll_t* poll_ = nullptr;

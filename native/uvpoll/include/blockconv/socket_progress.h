@@ -1,0 +1,83 @@
+// SocketProgress: whether a TCP socket moved any byte since the last look, from the
+// kernel's own counters (TCP_INFO: bytes received, bytes the peer acknowledged). The
+// stall timeouts of @blockconv/libnfs and @blockconv/libiscsi are built on it: requests
+// fail when nothing has moved for a while, not when they have waited a while, so a slow
+// link with many requests queued never trips them, while a dead server, a dropped link
+// or a reconnect loop that never gets an answer does. Events on the socket are not
+// progress: a reconnect attempt refused at once makes events and moves no data; nor are
+// bytes on a new socket before a request completes on it.
+// Header-only, shared by the two bindings.
+#pragma once
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+namespace blockconv {
+
+// glibc's struct tcp_info stops before the byte counters (Linux 4.1+) that the kernel's
+// uapi struct appends; the uapi only ever grows, so the prefix plus these fields is its layout.
+struct TcpInfoWithBytes {
+  struct tcp_info base;
+  uint64_t pacing_rate, max_pacing_rate, bytes_acked, bytes_received;
+};
+static_assert(offsetof(TcpInfoWithBytes, bytes_acked) == 120, "struct tcp_info layout");
+
+class SocketProgress {
+ public:
+  // True when `fd` moved bytes since the previous call. Bytes on a socket seen for the
+  // first time (a connect, a reconnect) count only once a request has completed on it:
+  // a reconnect loop that resends requests and gets answers it cannot parse moves bytes
+  // for ever and completes nothing.
+  bool Moved(int fd) {
+    ino_t ino;
+    uint64_t rx, tx;
+    if (!Look(fd, &ino, &rx, &tx)) return false;
+    if (!counters_) return true;
+    bool moved = ino == ino_ && !fresh_ && (rx > rx_ || tx > tx_);
+    if (ino != ino_) fresh_ = true;
+    ino_ = ino;
+    rx_ = rx;
+    tx_ = tx;
+    return moved;
+  }
+
+  // A request completed on `fd` (answered, with success or an error): the socket is
+  // proven, and its bytes count from now on.
+  void Completed(int fd) {
+    ino_t ino;
+    uint64_t rx, tx;
+    if (Look(fd, &ino, &rx, &tx) && ino != ino_) {
+      ino_ = ino;
+      rx_ = rx;
+      tx_ = tx;
+    }
+    fresh_ = false;
+  }
+
+ private:
+  bool Look(int fd, ino_t* ino, uint64_t* rx, uint64_t* tx) {
+    if (fd < 0) return false;
+    struct stat st;
+    TcpInfoWithBytes ti = {};
+    socklen_t len = sizeof ti;
+    if (fstat(fd, &st) != 0 || getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return false;
+    // A kernel without the counters (before 4.1): every look counts as progress, as if
+    // there were no stall timeout, rather than failing healthy requests.
+    counters_ = len >= offsetof(TcpInfoWithBytes, bytes_received) + sizeof ti.bytes_received;
+    *ino = st.st_ino;
+    *rx = ti.bytes_received;
+    *tx = ti.bytes_acked;
+    return true;
+  }
+
+  ino_t ino_ = 0;
+  uint64_t rx_ = 0, tx_ = 0;
+  bool fresh_ = true;
+  bool counters_ = true;
+};
+
+}  // namespace blockconv
