@@ -15,7 +15,9 @@ packages=(
   libiscsi-dev      # native/libiscsi: headers and pkg-config for the iSCSI binding
   libiscsi-bin      # iscsi-inq: readiness probe of tools/iscsi-server.sh
   tgt               # tgtd: the loopback iSCSI target of tools/iscsi-server.sh
+  btrfs-progs       # the small NFS export with a qgroup limit (ENOSPC, EDQUOT from a real server)
   zlib1g-dev libzstd-dev libdeflate-dev  # native/codec: qcow2 cluster (de)compression
+  iproute2          # ip, tc: the lab's namespaces and shaped links (tools/lab.sh, faults tests)
   redis-server      # the job store of @blockconv/fleet (BullMQ), tools/redis-server.sh
   chromium          # a real headless browser for the fleet dashboard test
 )

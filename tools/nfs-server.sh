@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a loopback NFS server for tests and benchmarks: rpcbind + NFS-Ganesha (VFS FSAL)
-# on 127.0.0.1, exporting a local directory as the pseudo path /export (NFSv3 and v4).
+# on 127.0.0.1, exporting a local directory as the pseudo path /export (NFSv3 and v4),
+# and a small file system with user quotas as /small (below).
 #
 #   tools/nfs-server.sh start|stop|status|restart
 #
@@ -16,6 +17,13 @@ export_dir=${NFS_EXPORT_DIR:-/var/tmp/blockconv-nfs/export}
 state=${NFS_STATE_DIR:-/var/tmp/blockconv-nfs/state}
 timeout=${NFS_READY_TIMEOUT:-30}
 url=nfs://127.0.0.1/export
+# Two more exports, each a 128 MiB btrfs file system on a loop device: /small, which fills
+# up (ENOSPC), and /quota, under an 8 MiB qgroup limit (EDQUOT), so that tests
+# see a full target and a quota from a real server. (This kernel has no CONFIG_QUOTA, so
+# no ext4/XFS user quotas; btrfs qgroups work without it.) Left out where loop devices or
+# btrfs do not work.
+small_dir=${NFS_SMALL_DIR:-/var/tmp/blockconv-nfs/small}
+quota_dir=${NFS_QUOTA_DIR:-/var/tmp/blockconv-nfs/quota}
 
 log() { echo "nfs-server: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -59,8 +67,45 @@ stop_pid() {
 }
 
 write_config() {
-  ganesha_config 127.0.0.1 "$export_dir" "$state" tools/nfs-server.sh >"$state/ganesha.conf"
+  local small="" quota=""
+  mountpoint -q "$small_dir" 2>/dev/null && small=$small_dir
+  mountpoint -q "$quota_dir" 2>/dev/null && quota=$quota_dir
+  ganesha_config 127.0.0.1 "$export_dir" "$state" tools/nfs-server.sh "$small" "$quota" >"$state/ganesha.conf"
 }
+
+# The small file systems: made afresh at every start (a previous run may have filled them).
+# small_fs DIR SIZE [QGROUP_LIMIT]: a btrfs file system on a loop device mounted at DIR.
+# (One file system each: ganesha cannot export a btrfs subvolume of its own.)
+small_fs() {
+  local dir=$1 size=$2 limit=${3:-} img dev
+  mountpoint -q "$dir" && return 0
+  command -v mkfs.btrfs >/dev/null 2>&1 || { log "no mkfs.btrfs (package btrfs-progs): no $dir"; return 1; }
+  mkdir -p "$dir"
+  img=$state/$(basename "$dir").btrfs
+  rm -f "$img"
+  truncate -s "$size" "$img"
+  mkfs.btrfs -q -f "$img" >/dev/null 2>&1 || { log "mkfs.btrfs failed: no $dir"; return 1; }
+  dev=$(losetup -f --show "$img" 2>/dev/null) || { log "no loop device: no $dir"; return 1; }
+  if ! mount "$dev" "$dir" 2>/dev/null; then losetup -d "$dev"; log "cannot mount btrfs: no $dir"; return 1; fi
+  if [ -n "$limit" ]; then
+    btrfs quota enable "$dir" && btrfs qgroup limit "$limit" "$dir" || { log "btrfs qgroups failed: no $dir"; umount_dir "$dir"; return 1; }
+  fi
+  chmod 1777 "$dir"
+}
+
+mount_small() {
+  small_fs "$small_dir" 128M && small_fs "$quota_dir" 128M 8M || { umount_dir "$small_dir"; umount_dir "$quota_dir"; }
+  return 0
+}
+
+umount_dir() {
+  mountpoint -q "$1" 2>/dev/null || return 0
+  local dev
+  dev=$(findmnt -n -o SOURCE "$1")
+  umount "$1" && [ -n "$dev" ] && losetup -d "$dev" 2>/dev/null || true
+}
+
+umount_small() { umount_dir "$small_dir"; umount_dir "$quota_dir"; }
 
 start() {
   need_binaries
@@ -85,6 +130,7 @@ start() {
     rpcbind_up || die "rpcbind did not start: $(tail -5 "$state/rpcbind.log")"
   fi
 
+  mount_small
   write_config
   : >"$state/ganesha.log"
   # -F: foreground, so $! is ganesha's PID and stop can kill exactly it.
@@ -114,6 +160,7 @@ start() {
 stop() {
   stop_pid ganesha ganesha.nfsd
   stop_pid rpcbind rpcbind
+  umount_small
   log "stopped"
 }
 

@@ -12,6 +12,11 @@ const script = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../nf
 export const EXPORT_DIR = process.env.NFS_EXPORT_DIR ?? '/var/tmp/blockconv-nfs/export';
 const STATE_DIR = process.env.NFS_STATE_DIR ?? '/var/tmp/blockconv-nfs/state';
 export const BASE_URL = 'nfs://127.0.0.1/export';
+/** The small exports of tools/nfs-server.sh: a 128 MiB file system that fills up, one under an 8 MiB quota. */
+export const SMALL_DIR = process.env.NFS_SMALL_DIR ?? '/var/tmp/blockconv-nfs/small';
+export const QUOTA_DIR = process.env.NFS_QUOTA_DIR ?? '/var/tmp/blockconv-nfs/quota';
+export const SMALL_URL = 'nfs://127.0.0.1/small';
+export const QUOTA_URL = 'nfs://127.0.0.1/quota';
 
 /** Makes sure the server runs; idempotent within the process. */
 export function ensureServer(): void {

@@ -128,7 +128,16 @@ function refine(err: unknown, timeoutMs: number | undefined): unknown {
   if (e.code === 'EINTR' && /cancelled/i.test(m)) {
     code = 'ETIMEDOUT';
     e.message = `NFS request timed out${timeoutMs ? ` after ${timeoutMs / 1000} s` : ''} (server unreachable or not answering)`;
-  } else if (/connection refused/i.test(m)) code = 'ECONNREFUSED';
+  } else if (/ERR_NOSPC/.test(m)) {
+    code = 'ENOSPC';
+    e.message = `no space left on the NFS server's file system (${m})`;
+  } else if (/ERR_DQUOT/.test(m)) {
+    // libnfs 4.0 reports NFS3ERR_DQUOT as ERANGE.
+    code = 'EDQUOT';
+    e.message = `over the user's quota on the NFS server (${m})`;
+  } else if (/ERR_FBIG/.test(m)) code = 'EFBIG';
+  else if (/ERR_ROFS/.test(m)) code = 'EROFS';
+  else if (/connection refused/i.test(m)) code = 'ECONNREFUSED';
   else if (/timed? ?out/i.test(m)) code = 'ETIMEDOUT';
   else if (/Can not resolv/i.test(m)) code = 'ENOTFOUND';
   else if (/reconnect/i.test(m)) {

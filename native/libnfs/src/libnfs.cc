@@ -368,6 +368,14 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
 
   // --- completion ---------------------------------------------------------------
 
+  // A message worth showing: text, not a stray byte or two.
+  static bool Printable(const char* s) {
+    if (!s) return false;
+    size_t n = 0;
+    for (; s[n] && n < 512; n++) if (static_cast<unsigned char>(s[n]) < 0x20) return false;
+    return n >= 4;
+  }
+
   static void OnComplete(int err, struct nfs_context* nfs, void* data, void* priv) {
     auto* r = static_cast<Request*>(priv);
     NfsContext* self = r->ctx;
@@ -392,9 +400,11 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       } else if (!self->broken_.empty()) {
         text = self->broken_;
         code = self->brokenErr_;
-      } else if (data) {
+      } else if (Printable(static_cast<const char*>(data))) {
         text = static_cast<const char*>(data);
-      } else if (const char* e = nfs_get_error(nfs)) {
+      } else if (const char* e = nfs_get_error(nfs); Printable(e)) {
+        // libnfs 4.0's write path sometimes hands back a pointer that is not its message
+        // (seen: one byte, "\x1c", for NFS3ERR_NOSPC): its error string then says what failed.
         text = e;
       }
       r->deferred.Reject(NfsError(env, code, text));
