@@ -10,9 +10,10 @@
  *   loses its place in the reply stream; see docs/RELIABILITY.md).
  * Figures (seconds from the fault to the exit) with BLOCKCONV_FAULT_REPORT=FILE (one
  * JSON line each; tools/fault-campaign.sh). BLOCKCONV_FAULT_TIMEOUT sets the timeout
- * option (default 3 s; "default" leaves the drivers' own, 30 s).
+ * option (default 3 s; "default" leaves the drivers' own, 30 s), BLOCKCONV_FAULT_RATE the
+ * links' rate (default 8mbit).
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -24,7 +25,7 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const BIN = join(ROOT, 'packages', 'cli', 'bin', 'blockconv.js');
 const LAB = join(ROOT, 'tools', 'lab.sh');
 const MiB = 1024 * 1024;
-const RATE = '8mbit';
+const RATE = process.env.BLOCKCONV_FAULT_RATE ?? '8mbit';
 const TIMEOUT_S = process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? 30 : Number(process.env.BLOCKCONV_FAULT_TIMEOUT ?? 3);
 const TIMEOUT_OPT = process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? [] : [`timeout=${TIMEOUT_S}`];
 const REPORT = process.env.BLOCKCONV_FAULT_REPORT;
@@ -92,7 +93,7 @@ function report(row: Record<string, unknown>): void {
 /** A failed run: exit 1, one line naming what and where, nothing reported done, within the bound. */
 function assertCleanFailure(r: Run & { faultAt?: number }, what: RegExp, scenario: string): number {
   assert.is(r.code, 1, `${scenario}: exit ${r.code}: ${r.stderr}`);
-  const lines = r.stderr.trim().split('\n').filter((l) => !l.startsWith('note: '));
+  const lines = r.stderr.trim().split('\n').filter((l) => !l.startsWith('blockconv: note: '));
   assert.is(lines.length, 1, `${scenario}: one line: ${r.stderr}`);
   assert.match(lines[0]!, what, scenario);
   assert.match(lines[0]!, /at offset \d+/, `${scenario}: names the offset: ${lines[0]}`);
@@ -106,7 +107,11 @@ function assertCleanFailure(r: Run & { faultAt?: number }, what: RegExp, scenari
 
 const link = (ifname: string, state: 'up' | 'down'): void => { execFileSync('ip', ['link', 'set', ifname, state]); };
 
+/** Whether the lab was up before: if not, the test takes it down again. */
+let wasUp = false;
+
 test.before(() => {
+  wasUp = spawnSync('bash', [LAB, 'status'], { stdio: 'ignore' }).status === 0;
   L = labUp();
   work = fs.mkdtempSync('/dev/shm/blockconv-faults-');
   source = join(work, 'source.raw');
@@ -118,7 +123,10 @@ test.before(() => {
 test.after(() => {
   // Leave the lab as a later test or benchmark expects it: links up, servers serving.
   try { link(L.nfsIf, 'up'); link(L.iscsiIf, 'up'); } catch { /* already up */ }
-  try { labUp(); } catch { /* reported by the test that broke it */ }
+  try {
+    if (wasUp) labUp();
+    else execFileSync('bash', [LAB, 'down'], { stdio: 'ignore', timeout: 60_000 });
+  } catch { /* reported by the test that broke it */ }
   fs.rmSync(join(L.exportDir, 'faults-source.raw'), { force: true });
   fs.rmSync(work, { recursive: true, force: true });
 });

@@ -5,7 +5,7 @@
 // link with many requests queued never trips them, while a dead server, a dropped link
 // or a reconnect loop that never gets an answer does. Events on the socket are not
 // progress: a reconnect attempt refused at once makes events and moves no data; nor are
-// bytes on a new socket before a request completes on it.
+// the bytes of a second reconnect before any request completes.
 // Header-only, shared by the two bindings.
 #pragma once
 
@@ -28,25 +28,30 @@ static_assert(offsetof(TcpInfoWithBytes, bytes_acked) == 120, "struct tcp_info l
 
 class SocketProgress {
  public:
-  // True when `fd` moved bytes since the previous call. Bytes on a socket seen for the
-  // first time (a connect, a reconnect) count only once a request has completed on it:
-  // a reconnect loop that resends requests and gets answers it cannot parse moves bytes
-  // for ever and completes nothing.
+  // True when `fd` moved bytes since the previous look. A socket's first look never
+  // counts (there is nothing to compare with). Nor do the bytes of a connection made after
+  // another one since the last completed request: a reconnect loop that resends its
+  // requests and gets answers it cannot parse moves bytes for ever and completes nothing
+  // (seen: libnfs 4.0 after an NFS server restart), while one reconnect that works (a
+  // target restarted, a slow link) moves bytes from its first second on.
   bool Moved(int fd) {
     ino_t ino;
     uint64_t rx, tx;
     if (!Look(fd, &ino, &rx, &tx)) return false;
     if (!counters_) return true;
-    bool moved = ino == ino_ && !fresh_ && (rx > rx_ || tx > tx_);
-    if (ino != ino_) fresh_ = true;
+    bool same = ino == ino_;
+    bool grew = same && (rx > rx_ || tx > tx_);
+    if (!same) counted_ = false;
+    // A connection counts once it has received something (refused attempts never do).
+    if (!counted_ && rx > 0) { counted_ = true; connections_++; }
     ino_ = ino;
     rx_ = rx;
     tx_ = tx;
-    return moved;
+    return grew && connections_ <= 1;
   }
 
-  // A request completed on `fd` (answered, with success or an error): the socket is
-  // proven, and its bytes count from now on.
+  // A request completed (answered, with success or an error): the current connection is
+  // proven, and bytes count again.
   void Completed(int fd) {
     ino_t ino;
     uint64_t rx, tx;
@@ -55,7 +60,8 @@ class SocketProgress {
       rx_ = rx;
       tx_ = tx;
     }
-    fresh_ = false;
+    counted_ = true;
+    connections_ = 0;
   }
 
  private:
@@ -76,7 +82,8 @@ class SocketProgress {
 
   ino_t ino_ = 0;
   uint64_t rx_ = 0, tx_ = 0;
-  bool fresh_ = true;
+  bool counted_ = false;     // the current socket is among connections_ (or proven)
+  int connections_ = 0;      // connections that received bytes since the last completion
   bool counters_ = true;
 };
 
