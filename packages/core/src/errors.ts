@@ -85,7 +85,16 @@ function formatMessage(message: string, d: BlockErrorDetails): string {
   if (d.op !== undefined) where.push(d.op);
   if (d.offset !== undefined) where.push(`at offset ${d.offset}` + (d.length !== undefined ? ` (+${d.length})` : ''));
   if (d.field !== undefined) where.push(`field ${d.field}`);
-  return where.length ? `${where.join(' ')}: ${message}` : message;
+  return oneLine(where.length ? `${where.join(' ')}: ${message}` : message);
+}
+
+/**
+ * Control characters written as escapes: an error is one line, whatever the names in
+ * it hold (found by the fuzz campaign: a backing file name with a newline in it).
+ */
+function oneLine(s: string): string {
+  // eslint-disable-next-line no-control-regex
+  return /[\x00-\x1f\x7f]/.test(s) ? s.replace(/[\x00-\x1f\x7f]/g, (c) => (c === '\n' ? '\\n' : c === '\t' ? '\\t' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)) : s;
 }
 
 /** Node system error codes that map onto ours one to one. */

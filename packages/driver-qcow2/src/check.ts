@@ -32,7 +32,7 @@ import { openReferencesForCheck, referencePolicy } from './references.js';
 import { calculateRefcounts, clusterType, readTable } from './check-count.js';
 import { readSnapshotsForCheck } from './check-snapshots.js';
 import {
-  checkFailed, hex64, noCounts, signalCorruption, writeIncompatibleFeatures, writeMetadata, type CheckState, type Counts,
+  checkFailed, checkMessages, finalMessages, hex64, noCounts, signalCorruption, writeIncompatibleFeatures, writeMetadata, type CheckState, type Counts,
 } from './check-state.js';
 import { readPadded, ReferenceCounts, RefcountUnreadable, StoredRefcounts } from './check-tables.js';
 import { rebuildRefcountStructure } from './rebuild.js';
@@ -51,7 +51,7 @@ export async function checkQcow2(file: BlockBackend, options: CheckOptions = {})
   if (st.repair !== undefined && total.checkErrors === 0 && total.corruptions === 0) await markCleanAndConsistent(st);
   return {
     ...total,
-    messages: st.messages,
+    messages: finalMessages(st.messages),
     imageEndOffset: (st.highestCluster + 1) * st.cs,
     totalClusters: Math.ceil(st.h.size / st.cs),
     allocatedClusters: st.frag.allocated,
@@ -84,7 +84,7 @@ async function openForCheck(file: BlockBackend, options: CheckOptions): Promise<
   const st: CheckState = {
     h, file, read, cs, where, repair: options.repair, signal: options.signal,
     hasDataFile: (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
-    messages: [], res: noCounts(),
+    messages: checkMessages(), res: noCounts(),
     refs: new ReferenceCounts(clusters, bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1),
     stored, reftableOffset: h.refcountTableOffset, activeL1, snapshots: [], snapshotsSize: 0,
     rebuild: false, highestCluster: 0, frag: { allocated: 0, fragmented: 0, compressed: 0 },

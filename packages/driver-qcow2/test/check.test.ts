@@ -14,7 +14,7 @@ import * as path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { checkCases, dataCluster, openFailures, refcountEntry, sample, type CorruptImage, type Verdict } from './corrupt-images.js';
-import { CLI, MiB, cliAsync, create, headerOf, patch, qemuImg, qemuIo, readBytes, removeDir, tempDir } from './helpers.js';
+import { CLI, MiB, cliAsync, create, headerOf, patch, qemuImg, qemuIo, readBytes, removeDir, tempDir, u64 } from './helpers.js';
 
 const dir = tempDir('blockconv-qcow2-check-');
 process.on('exit', () => removeDir(dir));
@@ -146,6 +146,27 @@ agreement('a lazy-refcounts image left dirty: writing refused until check -r all
   assert.is(readBytes(image, 72, 8).readBigUInt64BE(0) & 1n, 0n, 'dirty bit cleared');
   assert.is(qemuCheck(image).status, 0);
 });
+agreement('tables of garbage: a problem per entry counted, the lines kept bounded (found by the fuzz campaign)', async () => {
+  // 2 MiB clusters: an L2 table has 262144 entries. L1[0] made to point at a data cluster
+  // full of 0x11 bytes: every "entry" is a corruption (qemu-img counts them all too).
+  const image = path.join(dir, 'garbage-l2.qcow2');
+  create(image, 8 * MiB, { cluster_size: 2 * MiB });
+  qemuIo(image, ['write -P 0x11 2M 2M']);
+  const map = JSON.parse(qemuImg('map', '--output=json', image)) as Array<{ start: number; offset?: number; data: boolean }>;
+  const host = map.find((e) => e.data && e.start === 2 * MiB)!.offset!;
+  const h = headerOf(image);
+  patch(image, h.l1Offset, u64(host).map((b, i) => (i === 0 ? b | 0x80 : b))); // with COPIED
+  const ours = await ourCheck(image);
+  const q = qemuCheck(image);
+  assert.equal(summary(ours), summary(q));
+  assert.ok(ours.report!.corruptions > 100_000, `${ours.report!.corruptions} corruptions`);
+  const human = await cliAsync('check', image);
+  const lines = (human.stdout + human.stderr).split('\n');
+  assert.ok(lines.length < 10_100, `${lines.length} lines`);
+  assert.match(human.stdout + human.stderr, /\.\.\. and \d+ more lines like these \(the counts above include them\)/);
+  assert.not.match(human.stderr, /Maximum call stack/);
+});
+
 agreement('raw images: check says the format has no checks, exit 63 as qemu-img', async () => {
   const raw = path.join(dir, 'plain.raw');
   fs.writeFileSync(raw, Buffer.alloc(4096));
