@@ -134,9 +134,10 @@ function cliDefects(image: string, out: string): Defect[] {
     [['checksum', '-f', 'qcow2', image], [0, 1]],
   ];
   for (const [args, codes] of runs) {
-    const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 120_000, maxBuffer: 256 * MiB });
+    // Resume states go to a directory of the case's own, not the user's.
+    const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 120_000, maxBuffer: 256 * MiB, env: { ...process.env, XDG_STATE_HOME: path.dirname(out) } });
     const what = `blockconv ${args[0]}`;
-    const errors = r.stderr.split('\n').filter((l) => l && !l.startsWith('blockconv: warning: '));
+    const errors = r.stderr.split('\n').filter((l) => l && !l.startsWith('blockconv: warning: ') && !l.startsWith('blockconv: note: '));
     if (r.error || r.signal) defects.push({ kind: 'hang', detail: `${what}: ${r.error?.message ?? r.signal}` });
     else if (!codes.includes(r.status!)) defects.push({ kind: 'exception', detail: `${what}: exit ${r.status}: ${r.stderr.slice(0, 2000)}` });
     else if (/^\s+at /m.test(r.stderr) || errors.length > 1 || errors.some((l) => !l.startsWith('blockconv: '))) {

@@ -601,7 +601,8 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
   const checkpointing = o.checkpoint !== 'off' && (o.resume || o.state !== undefined || o.checkpoint !== undefined || o.cache !== 'unsafe');
   const statePath = checkpointing ? o.state ?? defaultStatePath(targetNames.join('\n')) : undefined;
   const resumeState: ResumeState | undefined = o.resume ? await readState(statePath!) : undefined;
-  const say = (line: string): void => { if (!o.quiet && o.output !== 'json') process.stderr.write(line + '\n'); };
+  // Notices, in the voice of errors and warnings ("blockconv: ..."), so that scripts can tell them from other output.
+  const say = (line: string): void => { if (!o.quiet && o.output !== 'json') process.stderr.write(`blockconv: ${line}\n`); };
   if (o.resume && !resumeState) say(`no resume state (${statePath}): copying from the start`);
   if (!o.resume && statePath && existsSync(statePath)) say(`note: an interrupted convert to this target left a resume state; starting over replaces it (--resume continues it)`);
   const resuming = resumeState !== undefined;
