@@ -210,4 +210,26 @@ test('NFS server restarted within a few seconds: a clean failure within the boun
   L = labUp();
 });
 
+// The peer, side by side (campaign only: BLOCKCONV_FAULT_QEMU=1): qemu-img through the same faults.
+if (process.env.BLOCKCONV_FAULT_QEMU) {
+  const qemu = (args: string[], fault: () => void, restore: () => void): Promise<{ code: number | null; seconds: number | undefined }> => new Promise((resolve) => {
+    const child = spawn('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let faultAt = 0;
+    const t = setTimeout(() => { faultAt = performance.now(); fault(); }, 3000);
+    const cap = setTimeout(() => child.kill('SIGKILL'), 183_000);
+    child.on('close', (code, signal) => {
+      clearTimeout(t); clearTimeout(cap); restore();
+      resolve({ code: signal ? null : code, seconds: faultAt ? (performance.now() - faultAt) / 1000 : undefined });
+    });
+  });
+  test('qemu-img, NFS link dropped mid-copy (for comparison)', async () => {
+    const r = await qemu(['convert', '-O', 'raw', `${L.nfsUrl}/faults-source.raw`, join(work, 'qemu-drop.raw')], () => link(L.nfsIf, 'down'), () => link(L.nfsIf, 'up'));
+    report({ scenario: 'qemu-img: NFS link dropped', outcome: r.code === null ? 'no exit in 180 s (killed)' : `exit ${r.code}`, secondsAfterFault: r.seconds && Number(r.seconds.toFixed(2)) });
+  });
+  test('qemu-img, iSCSI link dropped mid-copy (for comparison)', async () => {
+    const r = await qemu(['convert', '-n', '-O', 'raw', source, L.iscsiUrl], () => link(L.iscsiIf, 'down'), () => link(L.iscsiIf, 'up'));
+    report({ scenario: 'qemu-img: iSCSI link dropped', outcome: r.code === null ? 'no exit in 180 s (killed)' : `exit ${r.code}`, secondsAfterFault: r.seconds && Number(r.seconds.toFixed(2)) });
+  });
+}
+
 test.run();
