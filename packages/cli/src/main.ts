@@ -603,7 +603,7 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
   const resumeState: ResumeState | undefined = o.resume ? await readState(statePath!) : undefined;
   // Notices, in the voice of errors and warnings ("blockconv: ..."), so that scripts can tell them from other output.
   const say = (line: string): void => { if (!o.quiet && o.output !== 'json') process.stderr.write(`blockconv: ${line}\n`); };
-  if (o.resume && !resumeState) say(`no resume state (${statePath}): copying from the start`);
+  if (o.resume && !resumeState) say(`note: no resume state (${statePath}): copying from the start`);
   if (!o.resume && statePath && existsSync(statePath)) say(`note: an interrupted convert to this target left a resume state; starting over replaces it (--resume continues it)`);
   const resuming = resumeState !== undefined;
   if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
@@ -652,7 +652,7 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
       durable = state.progress.done;
       if (mode === 'json') process.stdout.write(JSON.stringify({ event: 'checkpoint', done: state.progress.done, dirtyEnd: state.progress.dirtyEnd, total: state.progress.total }) + '\n');
     });
-    if (resuming && resumeState.progress.done > 0) say(`resuming at ${formatSize(resumeState.progress.done)} of ${formatSize(total)} (${resumeState.progress.done} bytes)`);
+    if (resuming && resumeState.progress.done > 0) say(`note: resuming at ${formatSize(resumeState.progress.done)} of ${formatSize(total)} (${resumeState.progress.done} bytes)`);
     let r;
     try {
       r = await job.done;
