@@ -336,15 +336,13 @@ export class IscsiSession {
    * after a target restart or reset gets one (SPC-4: the condition is reported once and
    * cleared), and a session that reconnected must not fail a copy for it.
    */
-  async #task<T>(send: () => Promise<T>): Promise<T> {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await send();
-      } catch (err) {
-        const sense = (err as { sense?: SenseData } | null)?.sense;
-        if (sense?.key !== UNIT_ATTENTION || attempt >= UNIT_ATTENTION_RETRIES) throw refine(err, this.#password);
-      }
-    }
+  #task<T>(send: () => Promise<T>, attempt = 1): Promise<T> {
+    // No async frame on the hot path: the retry is only set up when a command fails.
+    return send().catch((err: unknown) => {
+      const sense = (err as { sense?: SenseData } | null)?.sense;
+      if (sense?.key !== UNIT_ATTENTION || attempt >= UNIT_ATTENTION_RETRIES) throw refine(err, this.#password);
+      return this.#task(send, attempt + 1);
+    });
   }
 
   #wrap<T>(p: Promise<T>): Promise<T> {

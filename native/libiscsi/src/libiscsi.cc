@@ -157,7 +157,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
       Napi::Value t = o.Get("timeoutSec");
       if (t.IsNumber()) timeout = t.As<Napi::Number>().Int32Value();
       Napi::Value st = o.Get("stallMs");
-      if (st.IsNumber() && st.As<Napi::Number>().DoubleValue() > 0) stallMs_ = static_cast<uint64_t>(st.As<Napi::Number>().DoubleValue());
+      if (st.IsNumber() && st.As<Napi::Number>().DoubleValue() > 0) stall_.Set(static_cast<uint64_t>(st.As<Napi::Number>().DoubleValue()));
     }
     iscsi_ = iscsi_create_context(initiator.c_str());
     if (!iscsi_) {
@@ -171,7 +171,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     // target restarted within the timeout is ridden through, and one that stays away
     // moves no byte and fails every task when the timeout runs out. Without one, a lost
     // session fails its tasks at once instead of waiting for a reconnect that may never come.
-    iscsi_set_noautoreconnect(iscsi_, stallMs_ > 0 ? 0 : 1);
+    iscsi_set_noautoreconnect(iscsi_, stall_.enabled() ? 0 : 1);
     if (napi_get_uv_event_loop(env, &loop_) != napi_ok || !loop_) {
       Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
       return;
@@ -210,7 +210,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     Napi::Promise p = r->deferred.Promise();
     pending_.insert(r);
     // The stall clock starts when the session goes from idle to busy.
-    if (outstanding_ == 0 && loop_) lastProgress_ = uv_now(loop_);
+    if (outstanding_ == 0 && loop_) stall_.Busy(uv_now(loop_));
     outstanding_++;
     if (outstanding_ > peak_) peak_ = outstanding_;
     bool ok = submit();
@@ -410,8 +410,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   bool Finish(Request* r) {
     if (!pending_.erase(r)) return false;
     outstanding_--;
-    if (iscsi_) progress_.Completed(iscsi_get_fd(iscsi_));
-    if (loop_) lastProgress_ = uv_now(loop_);
+    if (iscsi_ && loop_) stall_.Completed(iscsi_get_fd(iscsi_), uv_now(loop_));
     return true;
   }
 
@@ -561,11 +560,8 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     {
       Napi::CallbackScope cs(env, *async_);
       // The stall check runs on the tick (revents 0): every ~100 ms while busy.
-      if (stallMs_ && revents == 0 && progress_.Moved(iscsi_get_fd(iscsi_))) lastProgress_ = uv_now(loop_);
-      if (stallMs_ && revents == 0 && outstanding_ > 0 && uv_now(loop_) - lastProgress_ >= stallMs_) {
-        char secs[32];
-        snprintf(secs, sizeof secs, "%g", stallMs_ / 1000.0);
-        broken_ = "no answer from the iSCSI target " + portal_ + " for " + secs + " s with " + std::to_string(outstanding_) +
+      if (revents == 0 && stall_.Stalled(iscsi_get_fd(iscsi_), outstanding_, uv_now(loop_))) {
+        broken_ = "no answer from the iSCSI target " + portal_ + " for " + stall_.Seconds() + " s with " + std::to_string(outstanding_) +
                   " tasks waiting (target unreachable or not answering)";
         brokenCode_ = "ETIMEDOUT";
         FailAll();
@@ -655,9 +651,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   std::string brokenCode_ = "EIO";
   int outstanding_ = 0;
   int peak_ = 0;
-  uint64_t stallMs_ = 0;       // 0: no stall timeout
-  uint64_t lastProgress_ = 0;  // loop time of the last byte moved (or of going busy)
-  blockconv::SocketProgress progress_;
+  blockconv::StallWatch stall_;
   std::string portal_;
   std::unordered_set<Request*> pending_;
   std::vector<struct scsi_task*> done_;

@@ -131,7 +131,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       Napi::Value t = o.Get("timeoutMs");
       if (t.IsNumber()) nfs_set_timeout(nfs_, t.As<Napi::Number>().Int32Value());
       Napi::Value st = o.Get("stallMs");
-      if (st.IsNumber() && st.As<Napi::Number>().DoubleValue() > 0) stallMs_ = static_cast<uint64_t>(st.As<Napi::Number>().DoubleValue());
+      if (st.IsNumber() && st.As<Napi::Number>().DoubleValue() > 0) stall_.Set(static_cast<uint64_t>(st.As<Napi::Number>().DoubleValue()));
       Napi::Value r = o.Get("autoReconnect");
       if (r.IsNumber()) nfs_set_autoreconnect(nfs_, r.As<Napi::Number>().Int32Value());
       // NFSv4 state (open stateids) belongs to a client id: contexts opened side by side
@@ -178,7 +178,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   Napi::Value Submit(Request* r, F submit) {
     Napi::Promise p = r->deferred.Promise();
     // The stall clock starts when the connection goes from idle to busy.
-    if (outstanding_ == 0 && loop_) lastProgress_ = uv_now(loop_);
+    if (outstanding_ == 0 && loop_) stall_.Busy(uv_now(loop_));
     outstanding_++;
     int rc = submit();
     if (rc < 0) {
@@ -382,8 +382,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     // Peak of requests still in flight when one completes: > 1 proves pipelining.
     if (self->outstanding_ > self->peak_) self->peak_ = self->outstanding_;
     self->outstanding_--;
-    if (self->nfs_) self->progress_.Completed(nfs_get_fd(self->nfs_));
-    if (self->loop_) self->lastProgress_ = uv_now(self->loop_);
+    if (self->nfs_ && self->loop_) self->stall_.Completed(nfs_get_fd(self->nfs_), uv_now(self->loop_));
     if (self->envGone_) {  // environment teardown: no JS may run; just free
       r->buffer.SuppressDestruct();
       delete r;
@@ -474,11 +473,8 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     {
       Napi::CallbackScope cs(env, *async_);
       // The stall check runs on the tick (revents 0): every ~100 ms while busy.
-      if (stallMs_ && revents == 0 && progress_.Moved(nfs_get_fd(nfs_))) lastProgress_ = uv_now(loop_);
-      if (stallMs_ && revents == 0 && outstanding_ > 0 && uv_now(loop_) - lastProgress_ >= stallMs_) {
-        char secs[32];
-        snprintf(secs, sizeof secs, "%g", stallMs_ / 1000.0);
-        broken_ = "no answer from the NFS server " + server_ + " for " + secs + " s with " + std::to_string(outstanding_) +
+      if (revents == 0 && stall_.Stalled(nfs_get_fd(nfs_), outstanding_, uv_now(loop_))) {
+        broken_ = "no answer from the NFS server " + server_ + " for " + stall_.Seconds() + " s with " + std::to_string(outstanding_) +
                   " requests waiting (server unreachable or not answering)";
         brokenErr_ = ETIMEDOUT;
         FailAll();
@@ -545,9 +541,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   int brokenErr_ = EIO;
   int outstanding_ = 0;
   int peak_ = 0;
-  uint64_t stallMs_ = 0;       // 0: no stall timeout
-  uint64_t lastProgress_ = 0;  // loop time of the last byte moved (or of going busy)
-  blockconv::SocketProgress progress_;
+  blockconv::StallWatch stall_;
   uint64_t submitted_ = 0;  // requests libnfs accepted since creation
   uint32_t nextHandle_ = 0;
   std::unordered_map<uint32_t, struct nfsfh*> handles_;

@@ -13,7 +13,10 @@
 #include <netinet/tcp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/socket.h>
+
+#include <string>
 #include <sys/stat.h>
 
 namespace blockconv {
@@ -85,6 +88,43 @@ class SocketProgress {
   bool counted_ = false;     // the current socket is among connections_ (or proven)
   int connections_ = 0;      // connections that received bytes since the last completion
   bool counters_ = true;
+};
+
+// The stall timeout both bindings use: the clock starts when the connection goes busy,
+// moves on with every byte (SocketProgress) and every completion, and runs out when
+// nothing has moved for `ms` while requests wait. Times are libuv loop times (ms).
+class StallWatch {
+ public:
+  void Set(uint64_t ms) { ms_ = ms; }
+  uint64_t ms() const { return ms_; }
+  bool enabled() const { return ms_ > 0; }
+
+  // A request is submitted on an idle connection.
+  void Busy(uint64_t now) { last_ = now; }
+
+  void Completed(int fd, uint64_t now) {
+    progress_.Completed(fd);
+    last_ = now;
+  }
+
+  // On the service tick: whether requests have waited `ms` with nothing moving on `fd`.
+  bool Stalled(int fd, int outstanding, uint64_t now) {
+    if (!ms_) return false;
+    if (progress_.Moved(fd)) last_ = now;
+    return outstanding > 0 && now - last_ >= ms_;
+  }
+
+  // "N s" for messages.
+  std::string Seconds() const {
+    char secs[32];
+    snprintf(secs, sizeof secs, "%g", ms_ / 1000.0);
+    return secs;
+  }
+
+ private:
+  uint64_t ms_ = 0;    // 0: no stall timeout
+  uint64_t last_ = 0;  // loop time of the last byte moved, completion, or going busy
+  SocketProgress progress_;
 };
 
 }  // namespace blockconv
