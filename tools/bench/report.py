@@ -13,7 +13,8 @@ WORK holds what the script recorded (tools/bench/lib.sh):
                source; for a qcow2 source also "image": its file, options, cluster counts)
   env.json     run-wide facts (versions, host, parameters); optional keys that shape the
                report: "title", "baselines" (tools a column "x TOOL" divides by; default
-               qemu-img and nbdcopy), "rss_budget_scope" (prefix of the scenarios the RSS
+               qemu-img and nbdcopy; each ratio is the median over the rounds of this tool's
+               wall / the baseline's in the same round, with the range), "rss_budget_scope" (prefix of the scenarios the RSS
                budget applies to; default "huge"), "ratio_target" ({"tool", "max"}: a line
                saying whether that tool's median wall / the first baseline's stays <= max)
   warnings.txt one warning a line (build changed mid-run, machine never went idle)
@@ -94,12 +95,18 @@ def summarize(runs, verify, commands, sc, loc, baselines=DEFAULT_BASELINES):
             # blockconv's own copy time: wall minus this is start-up and exit
             row["median_internal_s"] = round(statistics.median(internal) / 1000, 2)
         rows.append(row)
-    ref = {r["tool"]: r["median_wall_s"] for r in rows}
+    # Ratios pair run i of a tool with run i of the baseline (the same round of the
+    # alternation, so the same state of the machine); the median of those per-pair
+    # ratios is the figure, their range the spread.
+    by_tool = {r["tool"]: {x["run"]: x["wall_s"] for x in r["runs_detail"] if x["rc"] == 0} for r in rows}
     for r in rows:
         for name in baselines:
-            base = ref.get(name)
-            r[f"x_{name}"] = (round(r["median_wall_s"] / base, 2)
-                              if base and r["median_wall_s"] is not None else None)
+            base = by_tool.get(name)
+            ours = by_tool[r["tool"]]
+            pairs = sorted(ours[i] / base[i] for i in ours if base and i in base and base[i] > 0)
+            r[f"x_{name}"] = round(statistics.median(pairs), 2) if pairs else None
+            r[f"x_{name}_spread"] = [round(pairs[0], 2), round(pairs[-1], 2)] if pairs else None
+            r[f"x_{name}_pairs"] = len(pairs)
     return rows
 
 
@@ -111,10 +118,20 @@ def fmt(v, digits=2):
     return str(v)
 
 
+def fmt_ratio(r, b):
+    """Median per-pair ratio with its range: "0.95 (0.90-1.02)"."""
+    v, spread = r.get(f"x_{b}"), r.get(f"x_{b}_spread")
+    if v is None:
+        return "n/a"
+    if not spread or r.get(f"x_{b}_pairs", 0) < 2:
+        return f"{v:.2f}"
+    return f"{v:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
+
+
 def head(baselines):
     return (["tool", "runs", "median wall s", "min wall s", "median peak RSS MiB",
              "CPU s (user+sys)", "user s", "sys s", "CPU/wall"]
-            + [f"x {b}" for b in baselines] + ["verify", "target alloc MiB", "other CPU s"])
+            + [f"x {b} (per-pair median, range)" for b in baselines] + ["verify", "target alloc MiB", "other CPU s"])
 
 
 def cells(r, baselines):
@@ -124,7 +141,7 @@ def cells(r, baselines):
     return ([r["tool"], runs, fmt(r["median_wall_s"]), fmt(r["min_wall_s"]),
             fmt(r["median_peak_rss_mib"], 1), fmt(r["median_cpu_s"]),
             fmt(r["median_user_s"]), fmt(r["median_sys_s"]), fmt(util)]
-            + [fmt(r[f"x_{b}"]) for b in baselines]
+            + [fmt_ratio(r, b) for b in baselines]
             + [r["verify"], fmt(r["target_alloc_mib"], 1), fmt(r["median_other_cpu_s"])])
 
 

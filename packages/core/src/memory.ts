@@ -10,7 +10,7 @@ import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, ty
 
 const PAGE = 64 * 1024;
 
-export type MemoryOp = 'read' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush';
+export type MemoryOp = 'read' | 'readSegments' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush';
 
 export interface MemoryOpRecord {
   readonly op: MemoryOp;
@@ -90,18 +90,40 @@ export class MemoryBackend implements BlockBackend {
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const out = into ? into.subarray(0, length) : new Uint8Array(length);
-    await this.#op('read', offset, length, () => {
-      for (let done = 0; done < length;) {
-        const pos = offset + done;
-        const page = this.#pages.get(Math.floor(pos / PAGE));
-        const inPage = pos % PAGE;
-        const n = Math.min(PAGE - inPage, length - done);
-        if (page) out.set(page.subarray(inPage, inPage + n), done);
-        else out.fill(0, done, done + n);
-        done += n;
-      }
-    });
+    await this.#op('read', offset, length, () => this.#load(offset, length, out));
     return out;
+  }
+
+  #load(offset: number, length: number, out: Uint8Array): void {
+    for (let done = 0; done < length;) {
+      const pos = offset + done;
+      const page = this.#pages.get(Math.floor(pos / PAGE));
+      const inPage = pos % PAGE;
+      const n = Math.min(PAGE - inPage, length - done);
+      if (page) out.set(page.subarray(inPage, inPage + n), done);
+      else out.fill(0, done, done + n);
+      done += n;
+    }
+  }
+
+  /**
+   * Vectored read, logged as one operation over the span of its pieces; `length` of
+   * the record is the bytes the pieces ask for (what a driver would move).
+   */
+  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    if (count === 0) return;
+    const pieces = Array.from({ length: count }, (_, i) => [segments[3 * i]!, segments[3 * i + 1]!, segments[3 * i + 2]!] as const);
+    for (const [off, len, at] of pieces) {
+      if (!(at + len <= into.length)) throw new BlockError('EINVAL', 'segment runs past the buffer', { op: 'readSegments', location: this.location, offset: off, length: len });
+      const a = this.limits.requestAlignment;
+      if (off % a !== 0 || (len % a !== 0 && off + len !== this.size) || off + len > this.size) {
+        throw new BlockError('EINVAL', `segment not aligned to ${a} bytes or past the end`, { op: 'readSegments', location: this.location, offset: off, length: len });
+      }
+    }
+    const bytes = pieces.reduce((n, [, len]) => n + len, 0);
+    await this.#op('readSegments', pieces[0]![0], bytes, () => {
+      for (const [off, len, at] of pieces) this.#load(off, len, into.subarray(at, at + len));
+    });
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
@@ -185,7 +207,8 @@ export class MemoryBackend implements BlockBackend {
       }
       const a = this.limits.requestAlignment;
       // A block-status length is only a hint, so only its offset must be aligned.
-      if (offset % a !== 0 || (op !== 'blockStatus' && length % a !== 0 && offset + length !== this.size)) {
+      // readSegments' pieces are checked one by one (its length is their sum).
+      if (offset % a !== 0 || (op !== 'blockStatus' && op !== 'readSegments' && length % a !== 0 && offset + length !== this.size)) {
         throw new BlockError('EINVAL', `request not aligned to ${a} bytes`, { op, location: this.location, offset, length });
       }
     }

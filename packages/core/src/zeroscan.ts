@@ -46,15 +46,36 @@ export class ZeroScanner {
    * Splits [0, length) into alternating data and zero segments. Zero runs shorter
    * than minRun stay inside data; runs are whole units, so they keep the target's
    * alignment. `length` need not be a multiple of the unit (the image's tail).
+   * `known` holds `knownCount` ascending [start, end) pairs already known to be zeroes
+   * (holes the source reported, never read into the buffer): they become zero segments
+   * unscanned, and the buffer's bytes there are not looked at.
    */
-  scan(length: number): number {
-    const unit = this.unit;
+  scan(length: number, known?: Float64Array, knownCount = 0): number {
     this.segmentCount = 0;
     this.dataCount = 0;
-    let dataStart = 0;
+    this.#dataStart = 0;
     let pos = 0;
-    while (pos < length) {
-      const n = Math.min(unit, length - pos);
+    for (let k = 0; k < knownCount; k++) {
+      const start = known![2 * k]!;
+      const end = known![2 * k + 1]!;
+      this.#scanRange(pos, start);
+      this.#zero(start, end);
+      pos = end;
+    }
+    this.#scanRange(pos, length);
+    if (length > this.#dataStart) this.#push(this.#dataStart, length, false);
+    return this.segmentCount;
+  }
+
+  /** Where the data segment being built starts. */
+  #dataStart = 0;
+
+  /** Finds the zero runs of [from, to). */
+  #scanRange(from: number, to: number): void {
+    const unit = this.unit;
+    let pos = from;
+    while (pos < to) {
+      const n = Math.min(unit, to - pos);
       if (n < unit || !this.#isZero(pos, n)) {
         pos += n;
         continue;
@@ -64,8 +85,8 @@ export class ZeroScanner {
       const runStart = pos;
       pos += n;
       let step = unit;
-      while (pos < length) {
-        const room = length - pos - ((length - pos) % unit);
+      while (pos < to) {
+        const room = to - pos - ((to - pos) % unit);
         if (room === 0) break;
         const span = Math.min(step, room);
         if (this.#isZero(pos, span)) {
@@ -77,14 +98,20 @@ export class ZeroScanner {
           step = Math.max(unit, span / 2 - ((span / 2) % unit));
         }
       }
-      if (pos - runStart >= this.minRun) {
-        if (runStart > dataStart) this.#push(dataStart, runStart, false);
-        this.#push(runStart, pos, true);
-        dataStart = pos;
-      }
+      if (pos - runStart >= this.minRun) this.#zero(runStart, pos);
     }
-    if (length > dataStart) this.#push(dataStart, length, false);
-    return this.segmentCount;
+  }
+
+  /** A zero segment [start, end): joined to the one before when they touch. */
+  #zero(start: number, end: number): void {
+    const last = this.segmentCount - 1;
+    if (start === this.#dataStart && last >= 0 && this.segmentIsZero[last] && this.segments[2 * last + 1] === start) {
+      this.segments[2 * last + 1] = end;
+    } else {
+      if (start > this.#dataStart) this.#push(this.#dataStart, start, false);
+      this.#push(start, end, true);
+    }
+    this.#dataStart = end;
   }
 
   #push(start: number, end: number, zero: boolean): void {

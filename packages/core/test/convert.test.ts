@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, compareImages, convert, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress } from '../src/index.js';
+import { BlockError, checksumImage, compareImages, convert, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress } from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const KiB = 1024;
@@ -166,13 +166,25 @@ test('small holes between data are read with it (cheap hole reads) and still not
   src.log.length = 0;
   const dst = new MemoryBackend({ size: 8 * MiB, record: true });
   const r = await convert({ sources: [src], target: dst, bufferSize: MiB });
-  const reads = src.log.filter((x) => x.op === 'read');
+  const reads = src.log.filter((x) => x.op === 'read' || x.op === 'readSegments');
   assert.ok(reads.length <= 9, `${reads.length} reads for 64 extents`);
+  // One vectored read per chunk, of the data alone: the merged holes are not read.
+  assert.is(reads.reduce((n, x) => n + x.length, 0), 64 * 64 * KiB);
   const writes = dst.log.filter((x) => x.op === 'write' || x.op === 'writeSegments');
   assert.ok(writes.length <= 9, `${writes.length} vectored writes for 64 extents`);
   assert.is(r.bytesWritten, 64 * 64 * KiB);
   assert.is(dst.allocatedBytes, 64 * 64 * KiB, 'holes stay holes');
   await assertSame(src, dst);
+  // The holes left unread in the buffers never reach the digest or a -B comparison.
+  const summed = new MemoryBackend({ size: 8 * MiB });
+  const withSum = await convert({ sources: [src], target: summed, bufferSize: MiB, checksum: true });
+  assert.is(withSum.checksum, (await checksumImage(src)).checksum);
+  await assertSame(src, summed);
+  const backing = new MemoryBackend({ size: 8 * MiB });
+  await backing.write(0, pattern(8 * MiB, 9));
+  const overlay = Object.assign(new MemoryBackend({ size: 8 * MiB, readsZeroesInitially: false }), { backing });
+  await convert({ sources: [src], target: overlay, bufferSize: MiB, diffAgainstBacking: true });
+  await assertSame(src, overlay);
   // A hole below -S cannot be found again by the zero scan, so it is not merged.
   const r2 = await convert({ sources: [src], target: new MemoryBackend({ size: 8 * MiB }), bufferSize: MiB, minSparse: 128 * KiB });
   assert.is(r2.bytesRead, 64 * 64 * KiB);
@@ -290,7 +302,7 @@ test('bounded work list: a 1 TiB sparse source is walked lazily, one block-statu
   const dst = new MemoryBackend({ size: TiB });
   const r = await convert({ sources: [src], target: dst });
   assert.is(r.bytesWritten, 2000 * 64 * KiB);
-  const firstRead = src.log.findIndex((x) => x.op === 'read');
+  const firstRead = src.log.findIndex((x) => x.op === 'read' || x.op === 'readSegments');
   const statusCount = src.log.filter((x) => x.op === 'blockStatus').length;
   const statusBeforeFirstRead = src.log.slice(0, firstRead).filter((x) => x.op === 'blockStatus').length;
   // Look-ahead is bounded by one buffer (hole merging peeks at most 2 MiB ahead), never the image.

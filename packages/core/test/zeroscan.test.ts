@@ -39,6 +39,21 @@ test('a tail shorter than one unit is data', () => {
   assert.equal(segments(s), [[0, 8 * KiB, true], [8 * KiB, 8 * KiB + 100, false]]);
 });
 
+test('known holes are zero segments without a look at their bytes, joined to zero runs beside them', () => {
+  const buf = Buffer.alloc(64 * KiB, 5);
+  buf.fill(0xee, 8 * KiB, 16 * KiB); // a hole never read: stale bytes
+  buf.fill(0, 16 * KiB, 24 * KiB); // zeroes in data right after it
+  buf.fill(0xee, 40 * KiB, 48 * KiB);
+  const s = new ZeroScanner(buf, 4096, 4096);
+  const known = Float64Array.of(8 * KiB, 16 * KiB, 40 * KiB, 48 * KiB);
+  s.scan(buf.length, known, 2);
+  assert.equal(segments(s), [[0, 8 * KiB, false], [8 * KiB, 24 * KiB, true], [24 * KiB, 40 * KiB, false], [40 * KiB, 48 * KiB, true], [48 * KiB, 64 * KiB, false]]);
+  assert.equal(Array.from(s.dataSegments.subarray(0, 2 * s.dataCount)), [0, 8 * KiB, 24 * KiB, 40 * KiB, 48 * KiB, 64 * KiB]);
+  // A hole at the very start and one at the end.
+  s.scan(buf.length, Float64Array.of(0, 8 * KiB, 56 * KiB, 64 * KiB), 2);
+  assert.equal(segments(s), [[0, 8 * KiB, true], [8 * KiB, 16 * KiB, false], [16 * KiB, 24 * KiB, true], [24 * KiB, 56 * KiB, false], [56 * KiB, 64 * KiB, true]]);
+});
+
 test('random placement agrees with a byte-by-byte reference', () => {
   let seed = 42;
   const rnd = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n; };

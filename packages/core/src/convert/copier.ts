@@ -5,7 +5,8 @@
  */
 import type { BlockBackend } from '../types.js';
 import { ZeroScanner, isZero, sameBytes } from '../zeroscan.js';
-import type { Chunk } from './cursor.js';
+import { HoleList, type Chunk } from './cursor.js';
+import { MAX_MERGED_HOLES } from './options.js';
 import type { ConvertPlan } from './plan.js';
 
 /** Bytes moved so far, for progress and the result. */
@@ -61,6 +62,10 @@ export class ChunkCopier {
   readonly #theirs?: Uint8Array;
   readonly #scanner?: ZeroScanner;
   readonly #batch = new WriteBatch();
+  /** The holes of this worker's chunk (ChunkCursor.next fills them). */
+  readonly holes = new HoleList();
+  /** readSegments triples for a chunk's data pieces between its holes. */
+  readonly #pieces = new Float64Array(3 * (MAX_MERGED_HOLES + 1));
   /** Data segments the last scan found (0 without a scan). */
   #segments = 0;
   #releasedSeq = -1;
@@ -88,11 +93,43 @@ export class ChunkCopier {
 
   /** Reads a data chunk into the buffer and finds its zero runs. */
   async read(chunk: Chunk): Promise<void> {
-    const { length } = chunk;
-    const data = await chunk.source.read(chunk.sourceOffset, length, this.#buffer);
-    if (data.buffer !== this.#buffer.buffer || data.byteOffset !== this.#buffer.byteOffset) this.#buffer.set(data.subarray(0, length));
+    const { length, source } = chunk;
+    const holes = this.#scanner && source.readSegments ? chunk.holeCount : 0;
+    if (holes > 0) {
+      await this.#readAround(chunk, holes);
+    } else {
+      const data = await source.read(chunk.sourceOffset, length, this.#buffer);
+      if (data.buffer !== this.#buffer.buffer || data.byteOffset !== this.#buffer.byteOffset) this.#buffer.set(data.subarray(0, length));
+    }
     this.#stats.bytesRead += length;
-    this.#segments = this.#scanner ? this.#scanner.scan(length) : 0;
+    this.#segments = this.#scanner ? this.#scanner.scan(length, this.holes.pairs, holes) : 0;
+  }
+
+  /**
+   * Reads only the data pieces of a chunk with merged holes, in one vectored request:
+   * reading the holes would copy zeroes the zero scan then has to find again. The
+   * holes' bytes in the buffer are left as they were, unless something reads the
+   * whole buffer (a checksum, -B's comparison): then they are zeroed.
+   */
+  async #readAround(chunk: Chunk, holes: number): Promise<void> {
+    const pairs = this.holes.pairs;
+    const pieces = this.#pieces;
+    let n = 0;
+    let pos = 0;
+    for (let h = 0; h <= holes; h++) {
+      const end = h < holes ? pairs[2 * h]! : chunk.length;
+      if (end > pos) {
+        pieces[3 * n] = chunk.sourceOffset + pos;
+        pieces[3 * n + 1] = end - pos;
+        pieces[3 * n + 2] = pos;
+        n++;
+      }
+      if (h < holes) pos = pairs[2 * h + 1]!;
+    }
+    await chunk.source.readSegments!(this.#buffer, pieces, n);
+    if (this.#plan.checksum || this.#theirs) {
+      for (let h = 0; h < holes; h++) this.#buffer.fill(0, pairs[2 * h]!, pairs[2 * h + 1]!);
+    }
   }
 
   /**

@@ -6,7 +6,7 @@ import { toBlockError } from '../errors.js';
 import { roundDown } from '../registry.js';
 import { chainStatus } from '../status.js';
 import type { BlockBackend, ExtentKind } from '../types.js';
-import { MAX_MERGED_HOLE } from './options.js';
+import { MAX_MERGED_HOLE, MAX_MERGED_HOLES } from './options.js';
 
 /** A chunk of work: one extent piece of one source, mapped to target offsets. */
 export interface Chunk {
@@ -17,6 +17,17 @@ export interface Chunk {
   length: number;
   /** 'data' must be read; 'zero' is known zeroes. */
   kind: Exclude<ExtentKind, 'unallocated'>;
+  /**
+   * Holes of a data chunk that small holes were merged into: `holeCount` pairs
+   * [start, end) in the worker's HoleList, relative to the chunk, on the zero scan's
+   * units. They need not be read: the source says they are zeroes.
+   */
+  holeCount: number;
+}
+
+/** A worker's list of its chunk's holes: filled by ChunkCursor.next, read by the copier. */
+export class HoleList {
+  readonly pairs = new Float64Array(2 * MAX_MERGED_HOLES);
 }
 
 /**
@@ -31,6 +42,9 @@ export class ChunkCursor {
   #extentKind: 'data' | 'zero' = 'data';
   #pending: Promise<void> | null = null;
   #seq = 0;
+  /** Holes merged into the current data extent: absolute source offsets [start, end). */
+  readonly #holes = new Float64Array(2 * MAX_MERGED_HOLES);
+  #holeCount = 0;
   readonly #splitAt: number;
 
   constructor(
@@ -61,7 +75,8 @@ export class ChunkCursor {
 
   get issued(): number { return this.#seq; }
 
-  async next(): Promise<Chunk | null> {
+  /** The next chunk; a merged data chunk's holes go into `holes`. */
+  async next(holes: HoleList): Promise<Chunk | null> {
     for (;;) {
       if (this.#pending) { await this.#pending; continue; }
       const src = this.sources[this.#index];
@@ -73,7 +88,7 @@ export class ChunkCursor {
         this.#extentEnd = 0;
         continue;
       }
-      if (this.#pos < this.#extentEnd) return this.#carve(src);
+      if (this.#pos < this.#extentEnd) return this.#carve(src, holes);
       this.#pending = this.#query(src).finally(() => { this.#pending = null; });
     }
   }
@@ -81,6 +96,7 @@ export class ChunkCursor {
   async #query(src: BlockBackend): Promise<void> {
     const pos = this.#pos;
     let at = pos;
+    this.#holeCount = 0;
     try {
       if (this.allData || !src.hasBlockStatus) {
         this.#extentEnd = src.size;
@@ -92,7 +108,7 @@ export class ChunkCursor {
       this.#extentKind = ext.kind === 'data' ? 'data' : 'zero';
       // Merge small holes and the data after them into this data extent, up to one buffer.
       if (ext.kind === 'data' && this.minMergedHole > 0 && src.cheapHoleReads) {
-        while (end < src.size && end - pos < this.maxData) {
+        while (end < src.size && end - pos < this.maxData && this.#holeCount < MAX_MERGED_HOLES) {
           at = end;
           const hole = await chainStatus(src, end, src.size - end);
           const holeEnd = end + hole.length;
@@ -101,6 +117,9 @@ export class ChunkCursor {
           at = holeEnd;
           const data = await chainStatus(src, holeEnd, src.size - holeEnd);
           if (data.kind !== 'data') break;
+          this.#holes[2 * this.#holeCount] = end;
+          this.#holes[2 * this.#holeCount + 1] = holeEnd;
+          this.#holeCount++;
           end = Math.min(holeEnd + data.length, pos + this.maxData);
         }
       }
@@ -110,7 +129,7 @@ export class ChunkCursor {
     }
   }
 
-  #carve(src: BlockBackend): Chunk {
+  #carve(src: BlockBackend, holes: HoleList): Chunk {
     const start = this.#pos;
     let kind = this.#extentKind;
     let end = Math.min(this.#extentEnd, start + (kind === 'data' ? this.maxData : this.maxZero));
@@ -127,6 +146,25 @@ export class ChunkCursor {
     const split = this.#splitAt - this.#base;
     if (start < split && end > split) end = split;
     this.#pos = end;
-    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind };
+    const holeCount = kind === 'data' ? this.#clipHoles(start, end, holes.pairs) : 0;
+    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind, holeCount };
+  }
+
+  /**
+   * The merged holes inside [start, end), relative to start, shrunk to whole zero-scan
+   * units of the chunk (the bytes cut off are read with the data: they read as zeroes).
+   */
+  #clipHoles(start: number, end: number, out: Float64Array): number {
+    const unit = this.unit;
+    let n = 0;
+    for (let i = 0; i < this.#holeCount; i++) {
+      const a = Math.ceil((Math.max(this.#holes[2 * i]!, start) - start) / unit) * unit;
+      const b = roundDown(Math.min(this.#holes[2 * i + 1]!, end) - start, unit);
+      if (b - a < this.minMergedHole) continue;
+      out[2 * n] = a;
+      out[2 * n + 1] = b;
+      n++;
+    }
+    return n;
   }
 }

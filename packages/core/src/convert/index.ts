@@ -259,7 +259,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
         chunk = null;
         await mayRun(index);
         if (failure || stop.requested) break;
-        if ((chunk = await cursor.next()) === null) { exhausted = true; break; }
+        if ((chunk = await cursor.next(copier.holes)) === null) { exhausted = true; break; }
         if (failure) break;
         if (chunk.kind === 'data') {
           if (limiter) {

@@ -21,6 +21,11 @@ export const SECTOR = 512;
  * two for images fragmented at cluster granularity.
  */
 export const MAX_MERGED_HOLE = 128 * 1024;
+/**
+ * Most holes merged into one data chunk. They are not read: the chunk's data pieces
+ * come in one vectored read (readSegments) and the zero scan skips the holes.
+ */
+export const MAX_MERGED_HOLES = 256;
 
 export interface ConvertOptions {
   /** Opened sources; their contents are concatenated into the target. */
