@@ -45,6 +45,9 @@
 #   OUT_DIR=bench-out   tables: headline-RATE.md (+ .json, -sweep.tsv); per-run data in
 #                     OUT_DIR/headline-RATE-work/
 #   SVG_OUT=docs/headline-sweep-RATE.svg
+#   TOOLS             the built-in tools to run, one label a line (default: all of them:
+#                     tcp stream, blockconv -m 1, blockconv (default), blockconv -W,
+#                     qemu-img -m 1, qemu-img -m 8 -W)
 #   EXTRA_TOOLS       more tools, one a line: "label|command" with {SRC} {DST} {N}, e.g. another
 #                     checkout's CLI: 'before|node /work/wt/packages/cli/bin/blockconv.js convert {N} -f qcow2 -O raw {SRC} {DST}'
 # blockconv convert always gets --output json added, to record its own elapsed time.
@@ -146,8 +149,11 @@ record_source headline "$LAB_NFS_EXPORT_DIR" "$img_info"
 
 # Tools. {N} becomes -n when the target is the LUN. qemu-img's target cache default is
 # "unsafe" (no final flush); blockconv's default flushes (SYNCHRONIZE CACHE / fdatasync).
-TOOL_LABELS=('blockconv -m 1' 'blockconv (default)' 'blockconv -W' 'qemu-img -m 1' 'qemu-img -m 8 -W')
+# "tcp stream" is no copy: plain TCP streams of the template's allocated bytes over the
+# same links (tools/bench/tcp_stream.py), what a bare TCP payload gets through the shaping.
+TOOL_LABELS=('tcp stream' 'blockconv -m 1' 'blockconv (default)' 'blockconv -W' 'qemu-img -m 1' 'qemu-img -m 8 -W')
 declare -A BUILTIN=(
+  ['tcp stream']="python3 $HELPERS/tcp_stream.py {LINKS} $ALLOC"
   ['blockconv -m 1']='blockconv convert -m 1 {N} -f qcow2 -O raw {SRC} {DST}'
   ['blockconv (default)']='blockconv convert {N} -f qcow2 -O raw {SRC} {DST}'
   ['blockconv -W']='blockconv convert -W {N} -f qcow2 -O raw {SRC} {DST}'
@@ -191,7 +197,7 @@ run_tools() {
   local -a specs=("$@")
   local spec
   for spec in "${specs[@]}"; do
-    printf '%s\t%s\t%s\n' "$sc" "${spec%%=*}" "$(echo "${spec#*=}" | sed "s/{N}/$n/")" >>"$WORK/tools.tsv"
+    printf '%s\t%s\t%s\n' "$sc" "${spec%%=*}" "$(echo "${spec#*=}" | sed "s/{N}/$n/; s/{LINKS}/$sc/")" >>"$WORK/tools.tsv"
   done
   sync
   if [[ $dst == /* ]]; then
@@ -201,13 +207,13 @@ run_tools() {
   for ((run = 1 - WARMUP; run <= runs; run++)); do
     for spec in "${specs[@]}"; do
       label=${spec%%=*}
-      template=$(echo "${spec#*=}" | sed "s/{N}/$n/")
+      template=$(echo "${spec#*=}" | sed "s/{N}/$n/; s/{LINKS}/$sc/")
       [ -n "$n" ] && wipe_lun
       s0=$(server_cpu)
       timed_run "$sc" lab "$label" "$template" "$src" "$dst" "$run" "$runs"
       ((run <= 0)) || printf '%s\t%s\t%s\t%s\n' "$sc" "$label" "$run" \
         "$(awk -v t=$(($(server_cpu) - s0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')" >>"$WORK/servers.tsv"
-      if ((run == 1)) && [ "$do_verify" = 1 ]; then verify_target "$sc" "$label" "$dst"; fi
+      if ((run == 1)) && [ "$do_verify" = 1 ] && [ "$label" != 'tcp stream' ]; then verify_target "$sc" "$label" "$dst"; fi
     done
   done
   [[ $dst == /* ]] && rm -f "$dst"
@@ -219,7 +225,11 @@ if ((RATE_BPS > 0)); then
   log "link limit: $ALLOC B / $RATE = $(python3 -c "print(f'{$ALLOC / $RATE_BPS:.2f}')") s"
 fi
 specs=()
-for l in "${TOOL_LABELS[@]}"; do specs+=("$l=${BUILTIN[$l]}"); done
+if [ -n "${TOOLS:-}" ]; then mapfile -t TOOL_LABELS <<<"$TOOLS"; fi
+for l in "${TOOL_LABELS[@]}"; do
+  [ -n "${BUILTIN[$l]:-}" ] || die "unknown tool '$l' in TOOLS (built in: ${!BUILTIN[*]})"
+  specs+=("$l=${BUILTIN[$l]}")
+done
 while IFS= read -r line; do
   [ -n "$line" ] && specs+=("${line%%|*}=${line#*|}")
 done <<<"${EXTRA_TOOLS:-}"

@@ -609,19 +609,26 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
   if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
   if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
   try {
-    // Sources open at once, each a connection set up (mount, login): one after another
-    // they would add their round trips to the copy's start. All settle before any error
-    // is thrown, so that what did open is closed below.
-    const opened = await Promise.allSettled(sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })));
-    for (const r of opened) if (r.status === 'fulfilled') sources.push(r.value);
-    const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
-    const total = sources.reduce((n, s) => n + s.size, 0);
+    // Sources and existing targets open at once, each a connection set up (mount, login):
+    // one after another they would add their round trips to the copy's start. A target
+    // to create waits for the sources' size. All settle before any error is thrown, so
+    // that what did open is closed below.
+    const sourcesOpened = Promise.allSettled(sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })))
+      .then((opened) => {
+        for (const r of opened) if (r.status === 'fulfilled') sources.push(r.value);
+        const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed) throw failed.reason;
+        return sources.reduce((n, s) => n + s.size, 0);
+      });
     const createOptions = { ...o.targetOptions, ...(o.backing !== undefined ? { backing_file: o.backing } : {}), ...(o.backingFormat !== undefined ? { backing_fmt: o.backingFormat } : {}) };
-    targets = await openTargets(reg, targetNames, {
-      format: o.targetFormat, create: o.create, size: total, resume: resumeState, cache: o.cache,
+    const [sized, targetsOpened] = await Promise.allSettled([sourcesOpened, openTargets(reg, targetNames, {
+      format: o.targetFormat, create: o.create, size: sourcesOpened, resume: resumeState, cache: o.cache,
       openOptions: o.targetOpts, createOptions, signal: abort.signal,
-    });
+    })]);
+    if (targetsOpened.status === 'fulfilled') targets = targetsOpened.value;
+    if (sized.status === 'rejected') throw sized.reason;
+    if (targetsOpened.status === 'rejected') throw targetsOpened.reason;
+    const total = sized.value;
     if (o.backing !== undefined && !resuming && !targets[0]!.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
     const job = startConvert({
       sources, ...(several ? { targets } : { target: targets[0] }),

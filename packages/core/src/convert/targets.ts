@@ -15,8 +15,13 @@ export interface OpenTargetsOptions {
   readonly format?: string;
   /** Create each target (default); false opens existing ones (-n). */
   readonly create?: boolean;
-  /** Bytes of the sources: the size a target is created with, and the least an existing one must have. */
-  readonly size: number;
+  /**
+   * Bytes of the sources: the size a target is created with, and the least an existing
+   * one must have. A promise lets existing targets (-n, a resume) open while the sources
+   * still do, each a mount or a login: only the size check waits for it. If it rejects,
+   * what opened is closed and its error is thrown.
+   */
+  readonly size: number | Promise<number>;
   /** Resuming: the targets exist and are opened; leaks are reclaimed first; dropped ones stay out. */
   readonly resume?: ResumeState;
   readonly cache?: CacheMode;
@@ -34,11 +39,18 @@ async function openOne(reg: DriverRegistry, name: string, o: OpenTargetsOptions)
     await reg.reclaimForResume(name, { format, cache: o.cache, options: o.openOptions, signal: o.signal });
     return reg.open(name, { format, cache: o.cache, options: o.openOptions, signal: o.signal });
   }
-  if (o.create !== false) return reg.create(name, o.size, { format, cache: o.cache, options: o.createOptions, openOptions: o.openOptions, signal: o.signal });
+  if (o.create !== false) return reg.create(name, await o.size, { format, cache: o.cache, options: o.createOptions, openOptions: o.openOptions, signal: o.signal });
   const t = await reg.open(name, { format, cache: o.cache, options: o.openOptions, signal: o.signal });
-  if (t.size < o.size) {
+  let size: number;
+  try {
+    size = await o.size;
+  } catch (err) {
     await t.close().catch(() => {});
-    throw new BlockError('ERANGE', `target is smaller than the source (${t.size} < ${o.size} bytes); -n writes into an existing image, which must be at least as large`, { location: name });
+    throw err;
+  }
+  if (t.size < size) {
+    await t.close().catch(() => {});
+    throw new BlockError('ERANGE', `target is smaller than the source (${t.size} < ${size} bytes); -n writes into an existing image, which must be at least as large`, { location: name });
   }
   return t;
 }
