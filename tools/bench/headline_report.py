@@ -16,6 +16,8 @@ import os
 import statistics
 import sys
 
+from pairs import per_pair
+
 BASE = "qemu-img -m 8 -W"
 TCP = "tcp stream"
 ORDER = ["nfs-iscsi", "nfs-ram", "ram-iscsi"]
@@ -79,24 +81,17 @@ def summarize(env, runs, verify, commands, sc):
             "rss_mib": max(r["rss_mib"] for r in ok) if ok else None,
             "verified": verify.get((sc, tool), "-"),
         })
-    # Ratios are medians of per-pair ratios: run i of a tool against run i of the
-    # baseline (the same round of the alternation), with their range.
+    # Ratios are medians of per-pair ratios (pairs.py), with their range.
     walls = {r["tool"]: {x["run"]: x["wall_s"] for x in runs[sc][r["tool"]] if x["rc"] == 0} for r in rows}
     # The TCP stream's own transfer time (its "copy s"): without the start of its four
     # helper processes (~0.2 s), which says nothing about the links.
     if TCP in walls:
         walls[TCP] = {x["run"]: x["internal_ms"] / 1000 if x["internal_ms"] else x["wall_s"]
                       for x in runs[sc][TCP] if x["rc"] == 0}
-    def per_pair(tool, base, invert=False):
-        b = walls.get(base)
-        if not b:
-            return None, None
-        pairs = sorted((b[i] / w if invert else w / b[i]) for i, w in walls[tool].items() if i in b and w > 0)
-        return (statistics.median(pairs), [pairs[0], pairs[-1]]) if pairs else (None, None)
     for r in rows:
-        r["vs_qemu"], r["vs_qemu_range"] = per_pair(r["tool"], BASE)
-        # The TCP stream's wall / this tool's: 1.0 = as fast as bare TCP through the links.
-        r["of_tcp"], r["of_tcp_range"] = per_pair(r["tool"], TCP, invert=True)
+        r["vs_qemu"], r["vs_qemu_range"], _ = per_pair(walls[r["tool"]], walls.get(BASE, {}))
+        # The TCP stream's time / this tool's: 1.0 = as fast as bare TCP through the links.
+        r["of_tcp"], r["of_tcp_range"], _ = per_pair(walls.get(TCP, {}), walls[r["tool"]])
     return rows
 
 

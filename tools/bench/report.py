@@ -28,6 +28,8 @@ import os
 import statistics
 import sys
 
+from pairs import per_pair
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -95,18 +97,13 @@ def summarize(runs, verify, commands, sc, loc, baselines=DEFAULT_BASELINES):
             # blockconv's own copy time: wall minus this is start-up and exit
             row["median_internal_s"] = round(statistics.median(internal) / 1000, 2)
         rows.append(row)
-    # Ratios pair run i of a tool with run i of the baseline (the same round of the
-    # alternation, so the same state of the machine); the median of those per-pair
-    # ratios is the figure, their range the spread.
     by_tool = {r["tool"]: {x["run"]: x["wall_s"] for x in r["runs_detail"] if x["rc"] == 0} for r in rows}
     for r in rows:
         for name in baselines:
-            base = by_tool.get(name)
-            ours = by_tool[r["tool"]]
-            pairs = sorted(ours[i] / base[i] for i in ours if base and i in base and base[i] > 0)
-            r[f"x_{name}"] = round(statistics.median(pairs), 2) if pairs else None
-            r[f"x_{name}_spread"] = [round(pairs[0], 2), round(pairs[-1], 2)] if pairs else None
-            r[f"x_{name}_pairs"] = len(pairs)
+            ratio, spread, n = per_pair(by_tool[r["tool"]], by_tool.get(name, {}))
+            r[f"x_{name}"] = round(ratio, 2) if ratio is not None else None
+            r[f"x_{name}_spread"] = [round(v, 2) for v in spread] if spread else None
+            r[f"x_{name}_pairs"] = n
     return rows
 
 
