@@ -185,6 +185,9 @@ server_cpu() {
   echo "$t"
 }
 
+# fill_template TEMPLATE N SCENARIO: {N} (-n for the LUN) and {LINKS} (the scenario) filled in.
+fill_template() { echo "$1" | sed "s/{N}/$2/; s/{LINKS}/$3/"; }
+
 # run_tools SCENARIO RUNS VERIFY LABEL=TEMPLATE...: alternating runs of the given tools.
 run_tools() {
   local sc=$1 runs=$2 do_verify=$3 run label template src dst n= s0; shift 3
@@ -197,7 +200,7 @@ run_tools() {
   local -a specs=("$@")
   local spec
   for spec in "${specs[@]}"; do
-    printf '%s\t%s\t%s\n' "$sc" "${spec%%=*}" "$(echo "${spec#*=}" | sed "s/{N}/$n/; s/{LINKS}/$sc/")" >>"$WORK/tools.tsv"
+    printf '%s\t%s\t%s\n' "$sc" "${spec%%=*}" "$(fill_template "${spec#*=}" "$n" "$sc")" >>"$WORK/tools.tsv"
   done
   sync
   if [[ $dst == /* ]]; then
@@ -207,7 +210,7 @@ run_tools() {
   for ((run = 1 - WARMUP; run <= runs; run++)); do
     for spec in "${specs[@]}"; do
       label=${spec%%=*}
-      template=$(echo "${spec#*=}" | sed "s/{N}/$n/; s/{LINKS}/$sc/")
+      template=$(fill_template "${spec#*=}" "$n" "$sc")
       [ -n "$n" ] && wipe_lun
       s0=$(server_cpu)
       timed_run "$sc" lab "$label" "$template" "$src" "$dst" "$run" "$runs"

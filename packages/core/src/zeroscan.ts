@@ -18,6 +18,8 @@ export class ZeroScanner {
   /** Whether segment i is zeroes. */
   readonly segmentIsZero: Uint8Array;
   segmentCount = 0;
+  /** While scanning: where the data segment being built starts. */
+  #dataStart = 0;
   /** The data segments alone, in the same pair form (for BlockBackend.writeSegments). */
   readonly dataSegments: Float64Array;
   dataCount = 0;
@@ -66,9 +68,6 @@ export class ZeroScanner {
     if (length > this.#dataStart) this.#push(this.#dataStart, length, false);
     return this.segmentCount;
   }
-
-  /** Where the data segment being built starts. */
-  #dataStart = 0;
 
   /** Finds the zero runs of [from, to). */
   #scanRange(from: number, to: number): void {

@@ -5,7 +5,7 @@
  */
 import type { BlockBackend } from '../types.js';
 import { ZeroScanner, isZero, sameBytes } from '../zeroscan.js';
-import { HoleList, type Chunk } from './cursor.js';
+import { holeList, type Chunk } from './cursor.js';
 import { MAX_MERGED_HOLES } from './options.js';
 import type { ConvertPlan } from './plan.js';
 
@@ -63,7 +63,7 @@ export class ChunkCopier {
   readonly #scanner?: ZeroScanner;
   readonly #batch = new WriteBatch();
   /** The holes of this worker's chunk (ChunkCursor.next fills them). */
-  readonly holes = new HoleList();
+  readonly holes = holeList();
   /** readSegments triples for a chunk's data pieces between its holes. */
   readonly #pieces = new Float64Array(3 * (MAX_MERGED_HOLES + 1));
   /** Data segments the last scan found (0 without a scan). */
@@ -93,16 +93,16 @@ export class ChunkCopier {
 
   /** Reads a data chunk into the buffer and finds its zero runs. */
   async read(chunk: Chunk): Promise<void> {
-    const { length, source } = chunk;
-    const holes = this.#scanner && source.readSegments ? chunk.holeCount : 0;
-    if (holes > 0) {
-      await this.#readAround(chunk, holes);
+    const { length, holeCount } = chunk;
+    if (holeCount > 0) {
+      await this.#readAround(chunk, holeCount);
     } else {
-      const data = await source.read(chunk.sourceOffset, length, this.#buffer);
+      const data = await chunk.source.read(chunk.sourceOffset, length, this.#buffer);
       if (data.buffer !== this.#buffer.buffer || data.byteOffset !== this.#buffer.byteOffset) this.#buffer.set(data.subarray(0, length));
     }
     this.#stats.bytesRead += length;
-    this.#segments = this.#scanner ? this.#scanner.scan(length, this.holes.pairs, holes) : 0;
+    // Holes are merged only when there is a scan (-S > 0), so a chunk with holes has one.
+    this.#segments = this.#scanner ? this.#scanner.scan(length, this.holes, holeCount) : 0;
   }
 
   /**
@@ -112,7 +112,7 @@ export class ChunkCopier {
    * whole buffer (a checksum, -B's comparison): then they are zeroed.
    */
   async #readAround(chunk: Chunk, holes: number): Promise<void> {
-    const pairs = this.holes.pairs;
+    const pairs = this.holes;
     const pieces = this.#pieces;
     let n = 0;
     let pos = 0;

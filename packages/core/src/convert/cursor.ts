@@ -18,16 +18,17 @@ export interface Chunk {
   /** 'data' must be read; 'zero' is known zeroes. */
   kind: Exclude<ExtentKind, 'unallocated'>;
   /**
-   * Holes of a data chunk that small holes were merged into: `holeCount` pairs
-   * [start, end) in the worker's HoleList, relative to the chunk, on the zero scan's
-   * units. They need not be read: the source says they are zeroes.
+   * Holes of a data chunk that small holes were merged into, from a source that can
+   * read around them (readSegments): `holeCount` pairs [start, end) in the list the
+   * worker gave ChunkCursor.next, relative to the chunk, on the zero scan's units. They
+   * need not be read: the source says they are zeroes.
    */
   holeCount: number;
 }
 
-/** A worker's list of its chunk's holes: filled by ChunkCursor.next, read by the copier. */
-export class HoleList {
-  readonly pairs = new Float64Array(2 * MAX_MERGED_HOLES);
+/** A worker's list of its chunk's holes, for ChunkCursor.next to fill. */
+export function holeList(): Float64Array {
+  return new Float64Array(2 * MAX_MERGED_HOLES);
 }
 
 /**
@@ -75,8 +76,8 @@ export class ChunkCursor {
 
   get issued(): number { return this.#seq; }
 
-  /** The next chunk; a merged data chunk's holes go into `holes`. */
-  async next(holes: HoleList): Promise<Chunk | null> {
+  /** The next chunk; a merged data chunk's holes go into `holes` (from holeList()). */
+  async next(holes: Float64Array): Promise<Chunk | null> {
     for (;;) {
       if (this.#pending) { await this.#pending; continue; }
       const src = this.sources[this.#index];
@@ -129,7 +130,7 @@ export class ChunkCursor {
     }
   }
 
-  #carve(src: BlockBackend, holes: HoleList): Chunk {
+  #carve(src: BlockBackend, holes: Float64Array): Chunk {
     const start = this.#pos;
     let kind = this.#extentKind;
     let end = Math.min(this.#extentEnd, start + (kind === 'data' ? this.maxData : this.maxZero));
@@ -146,7 +147,7 @@ export class ChunkCursor {
     const split = this.#splitAt - this.#base;
     if (start < split && end > split) end = split;
     this.#pos = end;
-    const holeCount = kind === 'data' ? this.#clipHoles(start, end, holes.pairs) : 0;
+    const holeCount = kind === 'data' && src.readSegments ? this.#clipHoles(start, end, holes) : 0;
     return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind, holeCount };
   }
 
