@@ -138,6 +138,20 @@ export class Qcow2Backend implements BlockBackend {
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const out = into ? into.subarray(0, length) : this.#buffer(length);
+    await this.#readRanges(out, [offset, length, 0], 1, 'read');
+    return out;
+  }
+
+  /**
+   * Guest ranges into one buffer (convert reads a chunk's data pieces around its holes
+   * so): every range's host data runs go to the file below as one vectored request.
+   */
+  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+    if (count > 0) await this.#readRanges(into, segments, count, 'readSegments');
+  }
+
+  /** Walks the cluster map over (guest offset, length, buffer position) triples. */
+  async #readRanges(out: Uint8Array, ranges: ArrayLike<number>, count: number, op: string): Promise<void> {
     // Parts run while later runs are looked up: each gets its rejection handler at once
     // (an await in between would leave it unhandled), and the first error is kept.
     const tasks: Array<Promise<void>> = [];
@@ -149,49 +163,53 @@ export class Qcow2Backend implements BlockBackend {
     const scattered: number[] = [];
     try {
       const run = newRun();
-      const end = offset + length;
       let group: CompressedGroup | undefined;
-      for (let pos = offset; pos < end;) {
-        const pending = this.#mapper.lookup(pos, end - pos, run);
-        if (pending) await pending;
-        const at = pos - offset;
-        const n = run.length;
-        if (run.kind !== KIND_COMPRESSED && group) { track(this.#readCompressed(group, out)); group = undefined; }
-        switch (run.kind) {
-          case KIND_DATA:
-            if (vectored) {
-              const avail = Math.max(0, Math.min(n, data.size - run.host));
-              // Pieces respect the data file's maxTransfer, as readSegments requires.
-              for (let done = 0; done < avail; done += data.limits.maxTransfer) {
-                scattered.push(run.host + done, Math.min(data.limits.maxTransfer, avail - done), at + done);
+      for (let r = 0; r < count; r++) {
+        const offset = ranges[3 * r]!;
+        const end = offset + ranges[3 * r + 1]!;
+        const base = ranges[3 * r + 2]! - offset;
+        for (let pos = offset; pos < end;) {
+          const pending = this.#mapper.lookup(pos, end - pos, run);
+          if (pending) await pending;
+          const at = base + pos;
+          const n = run.length;
+          if (run.kind !== KIND_COMPRESSED && group) { track(this.#readCompressed(group, out)); group = undefined; }
+          switch (run.kind) {
+            case KIND_DATA:
+              if (vectored) {
+                const avail = Math.max(0, Math.min(n, data.size - run.host));
+                // Pieces respect the data file's maxTransfer, as readSegments requires.
+                for (let done = 0; done < avail; done += data.limits.maxTransfer) {
+                  scattered.push(run.host + done, Math.min(data.limits.maxTransfer, avail - done), at + done);
+                }
+                if (avail < n) out.fill(0, at + avail, at + n);
+              } else {
+                track(this.#readData(run.host, out.subarray(at, at + n)));
               }
-              if (avail < n) out.fill(0, at + avail, at + n);
-            } else {
-              track(this.#readData(run.host, out.subarray(at, at + n)));
+              break;
+            case KIND_ZERO:
+              out.fill(0, at, at + n);
+              break;
+            case KIND_UNALLOCATED:
+              if (this.backing) track(this.#readBacking(pos, out.subarray(at, at + n)));
+              else out.fill(0, at, at + n);
+              break;
+            case KIND_COMPRESSED: {
+              const inCluster = pos % this.#clusterSize;
+              const cEnd = Math.min(run.host + run.csize, this.#file.size);
+              const item = { host: run.host, guest: pos - inCluster, inCluster, outAt: at, length: n };
+              if (group && run.host >= group.start && run.host <= group.end && Math.max(cEnd, group.end) - group.start <= MAX_COMPRESSED_GROUP) {
+                group.end = Math.max(group.end, cEnd);
+                group.items.push(item);
+              } else {
+                if (group) track(this.#readCompressed(group, out));
+                group = { start: run.host, end: cEnd, items: [item] };
+              }
+              break;
             }
-            break;
-          case KIND_ZERO:
-            out.fill(0, at, at + n);
-            break;
-          case KIND_UNALLOCATED:
-            if (this.backing) track(this.#readBacking(pos, out.subarray(at, at + n)));
-            else out.fill(0, at, at + n);
-            break;
-          case KIND_COMPRESSED: {
-            const inCluster = pos % this.#clusterSize;
-            const cEnd = Math.min(run.host + run.csize, this.#file.size);
-            const item = { host: run.host, guest: pos - inCluster, inCluster, outAt: at, length: n };
-            if (group && run.host >= group.start && run.host <= group.end && Math.max(cEnd, group.end) - group.start <= MAX_COMPRESSED_GROUP) {
-              group.end = Math.max(group.end, cEnd);
-              group.items.push(item);
-            } else {
-              if (group) track(this.#readCompressed(group, out));
-              group = { start: run.host, end: cEnd, items: [item] };
-            }
-            break;
           }
+          pos += n;
         }
-        pos += n;
       }
       if (group) track(this.#readCompressed(group, out));
       if (scattered.length) track(data.readSegments!(out, Float64Array.from(scattered), scattered.length / 3));
@@ -200,8 +218,11 @@ export class Qcow2Backend implements BlockBackend {
     }
     // Every part must settle before returning: the caller reuses `out` right after.
     await Promise.all(tasks);
-    if (failure !== undefined) throw this.#contextual(failure, 'read', offset, length);
-    return out;
+    if (failure !== undefined) {
+      const first = ranges[0]!;
+      const last = ranges[3 * (count - 1)]! + ranges[3 * (count - 1) + 1]!;
+      throw this.#contextual(failure, op, first, last - first);
+    }
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {

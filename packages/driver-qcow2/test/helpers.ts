@@ -250,15 +250,19 @@ export async function readWhole(img: BlockBackend): Promise<Uint8Array> {
   return out;
 }
 
-export interface SpyStats { reads: number; bytes: number; maxEnd: number; outside: number; size: number; log: Array<[number, number]> }
+/** `reads` counts pieces read (each segment of a readSegments call), `requests` the calls. */
+export interface SpyStats { requests: number; reads: number; bytes: number; maxEnd: number; outside: number; size: number; log: Array<[number, number]> }
 
-/** Wraps a backend, calling `onRead` before every read; everything else passes through. */
-export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) => void): BlockBackend {
+/**
+ * Wraps a backend, calling `onRead` before every read (once per segment of a
+ * readSegments) and `onRequest` once per call; everything else passes through.
+ */
+export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) => void, onRequest: () => void = () => {}): BlockBackend {
   const spy: BlockBackend = {
     driverName: b.driverName, location: b.location, size: b.size, readOnly: b.readOnly, limits: b.limits,
     canWriteZeroes: b.canWriteZeroes, canDiscard: b.canDiscard, readsZeroesInitially: b.readsZeroesInitially,
     canCompress: b.canCompress, hasBlockStatus: b.hasBlockStatus, cheapHoleReads: b.cheapHoleReads, canWriteOutOfOrder: b.canWriteOutOfOrder,
-    read: (offset, length, into) => { onRead(offset, length); return b.read(offset, length, into); },
+    read: (offset, length, into) => { onRequest(); onRead(offset, length); return b.read(offset, length, into); },
     write: (o, d, f) => b.write(o, d, f),
     writeZeroes: (o, l, f) => b.writeZeroes(o, l, f),
     discard: (o, l) => b.discard(o, l),
@@ -269,6 +273,13 @@ export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) 
   return Object.assign(spy, {
     ...(b.allocBuffer ? { allocBuffer: b.allocBuffer.bind(b) } : {}),
     ...(b.allocatedSize ? { allocatedSize: b.allocatedSize.bind(b) } : {}),
+    ...(b.readSegments ? {
+      readSegments: (into: Uint8Array, segments: Float64Array, count: number) => {
+        onRequest();
+        for (let i = 0; i < count; i++) onRead(segments[3 * i]!, segments[3 * i + 1]!);
+        return b.readSegments!(into, segments, count);
+      },
+    } : {}),
   });
 }
 
@@ -282,7 +293,7 @@ export function spyRegistry(options: { log?: boolean } = {}): { reg: DriverRegis
     ...fileDriver,
     async open(location, openOptions) {
       const b = await fileDriver.open(location, openOptions);
-      const s: SpyStats = { reads: 0, bytes: 0, maxEnd: 0, outside: 0, size: b.size, log: [] };
+      const s: SpyStats = { requests: 0, reads: 0, bytes: 0, maxEnd: 0, outside: 0, size: b.size, log: [] };
       stats.set(location, s);
       return spyOn(b, (offset, length) => {
         s.reads++;
@@ -290,7 +301,7 @@ export function spyRegistry(options: { log?: boolean } = {}): { reg: DriverRegis
         s.maxEnd = Math.max(s.maxEnd, offset + length);
         if (offset < 0 || offset + length > b.size) s.outside++;
         if (options.log) s.log.push([offset, length]);
-      });
+      }, () => { s.requests++; });
     },
   };
   const reg = new DriverRegistry().register(...rawDrivers, ...qcow2Drivers, spyFile);

@@ -15,7 +15,7 @@ import defaultDrivers, { drivers, openQcow2, qcow2Driver, type Qcow2Backend } fr
 import { zstdFrameLength } from '../src/compression.js';
 import { TableCache } from '../src/cache.js';
 import {
-  KiB, MiB, blockError, create, qemuConvert, qemuImg, qemuIo, readAll, readWhole, registry, removeDir, spyOn, spyRegistry, tempDir,
+  KiB, MiB, blockError, create, qemuConvert, qemuImg, qemuIo, readAll, readWhole, registry, removeDir, spyOn, spyRegistry, tempDir, writeMixed,
 } from './helpers.js';
 
 let dir = '';
@@ -103,6 +103,44 @@ io('contiguous clusters are read with one request; a 2 MiB read costs one data r
     assert.is(ext.length, 8 * MiB, 'one extent for the whole image');
   } finally {
     await img.close();
+  }
+});
+
+io('readSegments: guest ranges around holes read as read() does, data runs in one request below', async () => {
+  const c = 64 * KiB;
+  const base = create(path.join(dir, 'segs-base.qcow2'), 4 * MiB);
+  qemuIo(base, ['write -P 0x77 0 4M']);
+  const plain = create(path.join(dir, 'segs.qcow2'), 4 * MiB, { backing_file: base, backing_fmt: 'qcow2' });
+  writeMixed(plain, c, 4 * MiB);
+  const raw = create(path.join(dir, 'segs.raw'), 4 * MiB, {}, 'raw');
+  qemuIo(raw, ['write -P 9 0 1M', `write -P 8 ${2 * MiB} 1M`], ['-f', 'raw']);
+  const packed = path.join(dir, 'segs-c.qcow2');
+  qemuImg('convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, packed);
+  // Odd offsets and lengths, ranges that cross runs of every kind, out of order in the buffer.
+  const ranges = [[0, 3 * c + 17], [5 * c - 100, 4296], [8 * c + 1, 3 * c], [MiB - 513, 2 * MiB + 1024], [4 * MiB - 8192, 8192]];
+  for (const f of [plain, packed]) {
+    const { reg, stats } = spyRegistry({ log: true });
+    const img = await reg.open(f, { readOnly: true });
+    try {
+      let at = 0;
+      const segs = new Float64Array(3 * ranges.length);
+      ranges.forEach(([o, n], i) => { segs.set([o!, n!, at], 3 * i); at += n! + 11; });
+      const into = new Uint8Array(at).fill(0xee);
+      const s = stats.get(f)!;
+      await img.read(0, 4 * MiB, new Uint8Array(4 * MiB)); // tables cached: count data requests only
+      const before = s.requests;
+      await img.readSegments!(into, segs, ranges.length);
+      if (f === plain) assert.is(s.requests - before, 1, 'the data runs of all ranges in one request to the image file');
+      for (let i = 0; i < ranges.length; i++) {
+        const [o, n] = ranges[i]!;
+        const want = await img.read(o!, n!, new Uint8Array(n!));
+        const pos = segs[3 * i + 2]!;
+        assert.ok(Buffer.from(into.subarray(pos, pos + n!)).equals(want), `${path.basename(f)}: range ${o}+${n}`);
+        assert.ok(into.subarray(pos + n!, pos + n! + 11).every((b) => b === 0xee || pos + n! >= into.length), 'nothing written between ranges');
+      }
+    } finally {
+      await img.close();
+    }
   }
 });
 
