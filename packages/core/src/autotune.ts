@@ -9,6 +9,7 @@
  * workers first fill their buffers, and a pipeline shrinking drains, either of which
  * would skew it; then two windows are averaged before a count is judged.
  */
+import { DEFAULT_WORKERS } from './convert/options.js';
 
 /**
  * Doubling the workers must raise throughput by this factor to be kept (a smaller step,
@@ -56,11 +57,12 @@ export class WorkerGovernor {
   readonly history: number[] = [];
 
   /**
-   * Starts at 2: writes overlap, so two workers already keep a link or the CPUs busy in
-   * many setups (the lab's 1 Gbit/s and unshaped runs alike), and where more pay, the
-   * climb finds them within a few windows.
+   * Starts where a fixed count would (DEFAULT_WORKERS): a short copy is
+   * over before a climb from 2 reaches it (unshaped lab, 2 GiB: auto from 2 took 1.17x
+   * the time of -m 8, it never got past 4), and where more requests in flight pay, the
+   * climb goes on from there.
    */
-  constructor(max: number, start = Math.min(2, max), now = performance.now()) {
+  constructor(max: number, start = Math.min(DEFAULT_WORKERS, max), now = performance.now()) {
     this.#max = Math.max(1, max);
     this.#min = 1;
     this.active = Math.max(this.#min, Math.min(start, this.#max));

@@ -22,7 +22,7 @@ function settle(curve: (n: number) => number, max = 32, windows = 40): { final: 
 test('governor: throughput that saturates: settles on the fewest workers near the top', () => {
   // Each worker adds 10 MB/s until a 120 MB/s link is full (at 12 workers).
   const r = settle((n) => Math.min(n * 10_000, 120_000));
-  assert.ok(r.tried.slice(0, 4).join() === '2,4,8,16', `climbs by doubling: ${r.tried}`);
+  assert.ok(r.tried.slice(0, 3).join() === '8,16,32', `starts at the default count and climbs by doubling: ${r.tried}`);
   assert.ok(Math.min(r.final * 10_000, 120_000) >= 120_000 / 1.05, `final ${r.final} within 5% of the best (tried ${r.tried})`);
   assert.ok(r.final <= 24, `no more workers than needed: ${r.final}`);
 });
@@ -34,9 +34,17 @@ test('governor: throughput that falls past a peak (contention): stays at the pea
   assert.ok(curve(r.final) >= best / 1.05 - 1e-9, `final ${r.final} gives ${curve(r.final).toFixed(0)}, best ${best.toFixed(0)} (tried ${r.tried})`);
 });
 
-test('governor: flat throughput (one stage is the limit whatever the count): stays low', () => {
+test('governor: flat throughput (one stage is the limit whatever the count): stays at the default count', () => {
   const r = settle(() => 50_000);
-  assert.is(r.final, 2, `tried ${r.tried}`);
+  assert.is(r.final, 8, `tried ${r.tried}`);
+});
+
+test('governor: a peak below the default count: probes find it', () => {
+  // CPU-bound: 3 workers are best, each one more costs 8 %.
+  const curve = (n: number): number => 100_000 / (1 + 0.08 * Math.abs(n - 3));
+  const r = settle(curve, 32, 120);
+  assert.ok(curve(r.final) >= curve(3) / 1.25, `final ${r.final} (tried ${r.tried})`);
+  assert.ok(r.final < 8, `moved down from 8: ${r.final} (tried ${r.tried})`);
 });
 
 test('governor: never exceeds its maximum', () => {
