@@ -125,13 +125,22 @@ img_info=$(make_qcow2 "$raw_info" "$img" -o cluster_size=64k)
 ALLOC=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["allocated_bytes"])' "$img.json")
 # ganesha reads the export through the page cache: warm it, so no run pays the disk.
 cat "$img" >/dev/null
-ram_img=$shm/$img_name
-cp --sparse=always "$img" "$ram_img"
-TARGETS+=("$ram_img")
 IMG_URL=$LAB_NFS_URL/$img_name
 
 # The LUN: exactly the template's size, so qemu-img compare sees two images of one size.
 $LAB lun-size "$SIZE_BYTES"
+# What lives in RAM besides the raw source: the LUN's data and (ram-iscsi only) a
+# copy of the template. A 16 GiB template needs about 16-24 GiB of it: check first, since a
+# full tmpfs makes the machine swap and the runs meaningless rather than fail.
+need=$ALLOC
+case " $SCENARIOS " in *" ram-iscsi "*) need=$((need + ALLOC)) ;; esac
+[ "$(avail_bytes "$shm")" -gt $((need + (2 << 30))) ] ||
+  die "$shm: $(( (need >> 20) + 2048 )) MiB of free RAM needed for the LUN's data (and the template's copy for ram-iscsi) at SIZE=$SIZE; free /dev/shm or choose fewer scenarios"
+ram_img=$shm/$img_name
+case " $SCENARIOS " in
+  *" ram-iscsi "*) cp --sparse=always "$img" "$ram_img"; TARGETS+=("$ram_img") ;;
+  *) rm -f "$ram_img" ;;
+esac
 wipe_lun() {
   fallocate --punch-hole --offset 0 --length "$(stat -c %s "$LAB_LUN_FILE")" "$LAB_LUN_FILE"
   sync -f "$LAB_LUN_FILE"
