@@ -199,8 +199,9 @@ start_iscsi() {
   echo $! >"$state/tgtd.pid"
   local deadline=$((SECONDS + timeout))
   until tgtadm -C "$ctl" --op show --mode sys >/dev/null 2>&1; do
-    # Only whether the process lives: while `ip netns exec` execs tgtd, its cmdline can read empty.
-    kill -0 "$(cat "$state/tgtd.pid")" 2>/dev/null || die "tgtd exited during start-up: $(grep -v -e RDMA -e oom "$state/tgtd.log" | tail -5)"
+    # Only whether the process lives (not a zombie): while `ip netns exec` execs tgtd,
+    # its cmdline can read empty, which alive() takes for another program.
+    [[ "$(awk '{print $3}' "/proc/$(cat "$state/tgtd.pid")/stat" 2>/dev/null)" =~ ^[^Z]$ ]] || die "tgtd exited during start-up: $(grep -v -e RDMA -e oom "$state/tgtd.log" | tail -5)"
     ((SECONDS < deadline)) || { stop_iscsi; die "tgtd did not start within ${timeout}s"; }
     sleep 0.1
   done
