@@ -65,10 +65,15 @@ need_binaries() {
 
 # A recorded PID counts only while that process still runs the same program.
 alive() {
-  local pidfile=$state/$1.pid prog=$2 pid
+  local pidfile=$state/$1.pid prog=$2 pid cmd
   [ -f "$pidfile" ] || return 1
   pid=$(cat "$pidfile")
-  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$prog"
+  [ -n "$pid" ] || return 1
+  # A zombie is dead; an empty cmdline is a process in the middle of exec (ip netns exec
+  # becoming the server), alive. Otherwise the PID must still be our program.
+  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" =~ ^[^Z]$ ]] || return 1
+  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  [ -z "$cmd" ] || grep -q -- "$prog" <<<"$cmd"
 }
 
 # Stop a recorded PID: SIGTERM, then SIGKILL after 5 s.
@@ -199,9 +204,7 @@ start_iscsi() {
   echo $! >"$state/tgtd.pid"
   local deadline=$((SECONDS + timeout))
   until tgtadm -C "$ctl" --op show --mode sys >/dev/null 2>&1; do
-    # Only whether the process lives (not a zombie): while `ip netns exec` execs tgtd,
-    # its cmdline can read empty, which alive() takes for another program.
-    [[ "$(awk '{print $3}' "/proc/$(cat "$state/tgtd.pid")/stat" 2>/dev/null)" =~ ^[^Z]$ ]] || die "tgtd exited during start-up: $(grep -v -e RDMA -e oom "$state/tgtd.log" | tail -5)"
+    alive tgtd tgtd || die "tgtd exited during start-up: $(grep -v -e RDMA -e oom "$state/tgtd.log" | tail -5)"
     ((SECONDS < deadline)) || { stop_iscsi; die "tgtd did not start within ${timeout}s"; }
     sleep 0.1
   done

@@ -138,7 +138,7 @@ export class Qcow2Backend implements BlockBackend {
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const out = into ? into.subarray(0, length) : this.#buffer(length);
-    await this.#readRanges(out, [offset, length, 0], 1, 'read');
+    await this.#readRanges(out, Float64Array.of(offset, length, 0), 1, 'read');
     return out;
   }
 
@@ -151,7 +151,7 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   /** Walks the cluster map over (guest offset, length, buffer position) triples. */
-  async #readRanges(out: Uint8Array, ranges: ArrayLike<number>, count: number, op: string): Promise<void> {
+  async #readRanges(out: Uint8Array, ranges: Float64Array, count: number, op: string): Promise<void> {
     // Parts run while later runs are looked up: each gets its rejection handler at once
     // (an await in between would leave it unhandled), and the first error is kept.
     const tasks: Array<Promise<void>> = [];
