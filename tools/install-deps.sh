@@ -9,6 +9,7 @@ packages=(
   libnbd-bin        # nbdcopy: the fastest benchmark peer
   g++ make python3  # node-gyp builds of native/
   time              # GNU time: wall time and peak RSS in the benchmarks
+  util-linux-extra  # fincore: page-cache residency in the write-behind tests
   libnfs-dev        # native/libnfs: headers and pkg-config for the NFS binding
   libnfs-utils      # nfs-ls: readiness probe of tools/nfs-server.sh
   nfs-ganesha nfs-ganesha-vfs rpcbind  # the loopback NFS server of tools/nfs-server.sh

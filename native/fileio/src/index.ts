@@ -1,6 +1,6 @@
 /**
  * Native file I/O that Node's fs lacks (Linux only): SEEK_DATA/SEEK_HOLE, fallocate,
- * block device ioctls and aligned buffers for O_DIRECT.
+ * write-behind (sync_file_range), block device ioctls and aligned buffers for O_DIRECT.
  *
  * Every async call runs its syscalls on the libuv thread pool. Failures reject with
  * an Error shaped like Node's fs errors: `code` ('ENOSPC', 'EOPNOTSUPP', ...), negative
@@ -42,6 +42,7 @@ interface Native {
   preadSegments(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   pwriteScatter(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
   blockDeviceDiscard(fd: number, offset: number, length: number): Promise<void>;
@@ -112,6 +113,18 @@ export function pwriteScatter(fd: number, buffer: Uint8Array, segments: Float64A
 /** fallocate(2); `mode` is an OR of the FALLOC_FL_* constants (0 allocates). */
 export function fallocate(fd: number, mode: number, offset: number, length: number): Promise<void> {
   return native.fallocate(fd, mode, offset, length);
+}
+
+/**
+ * Write-behind for long sequential writes through the page cache: starts writeback of
+ * [offset, offset + length) without waiting (sync_file_range WRITE), then waits until
+ * [evictOffset, evictOffset + evictLength) is on the disk and drops it from the cache
+ * (fadvise DONTNEED). Dirty pages then stay near what the caller keeps in its window,
+ * instead of piling up to the kernel's dirty limit. Not a flush: it does not commit
+ * metadata or the disk's cache. A length of 0 skips that part.
+ */
+export function writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void> {
+  return native.writeBehind(fd, offset, length, evictOffset, evictLength);
 }
 
 /** Size of a block device in bytes (BLKGETSIZE64). */

@@ -106,6 +106,35 @@ test('fallocate: allocate, punch a hole, zero a range', async () => {
   fs.closeSync(fd);
 });
 
+/** Bytes of `file` in the page cache, by fincore (util-linux). */
+function cachedBytes(file: string): number {
+  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
+}
+
+test('writeBehind starts writeback of one range and drops an older one from the cache', async () => {
+  const file = path.join(dir, 'behind.img');
+  const fd = fs.openSync(file, 'w+');
+  const data = Buffer.alloc(4 * MiB);
+  for (let i = 0; i < data.length; i += 4096) data.writeUInt32LE(i, i);
+  fs.writeSync(fd, data, 0, 2 * MiB, 0);
+  await fileio.writeBehind(fd, 0, 2 * MiB, 0, 0); // start only: nothing evicted
+  assert.is(cachedBytes(file), 2 * MiB);
+  fs.writeSync(fd, data, 2 * MiB, 2 * MiB, 2 * MiB);
+  await fileio.writeBehind(fd, 2 * MiB, 2 * MiB, 0, 2 * MiB);
+  assert.is(cachedBytes(file), 2 * MiB, 'the first range left the cache, the second stayed');
+  assert.ok(fs.readFileSync(file).equals(data), 'the evicted range reads back from the disk');
+  fs.closeSync(fd);
+});
+
+test('writeBehind failures reject like Node fs errors', async () => {
+  const [r] = fs.readdirSync('/proc/self/fd').map(Number).sort((a, b) => b - a);
+  const bad = (r ?? 1000) + 100;
+  const err = await rejection(fileio.writeBehind(bad, 0, 4096, 0, 0));
+  assert.is(err.code, 'EBADF');
+  assert.is(err.syscall, 'sync_file_range');
+  assert.throws(() => fileio.writeBehind(0, -1, 0, 0, 0), (e: Error) => e instanceof RangeError && /"offset"/.test(e.message));
+});
+
 test('errors look like Node fs errors', async () => {
   const { fd } = sparseFile('err.img', MiB, []);
   fs.closeSync(fd);

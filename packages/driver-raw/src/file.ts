@@ -25,6 +25,7 @@ import {
   type WriteZeroesFlags,
 } from '@blockconv/core';
 import * as fileio from '@blockconv/fileio';
+import { parseWriteBehindOption, writeBehindFor, type WriteBehind } from './write-behind.js';
 
 const { O_RDONLY, O_RDWR, O_WRONLY, O_CREAT, O_TRUNC, O_DIRECT, O_DSYNC } = fs.constants;
 
@@ -93,6 +94,8 @@ interface FileParams {
   sync: boolean;
   /** cache=unsafe: flushes are skipped. */
   unsafe: boolean;
+  /** Large writes are written behind (buffered, writable, on a disk). */
+  writeBehind?: WriteBehind;
   /** Logical block size (devices) or FILE_DIRECT_ALIGN (files). */
   sectorSize: number;
 }
@@ -170,6 +173,7 @@ export class FileBackend implements BlockBackend {
     this.#extents = null;
     try {
       await this.#transfer(true, data, offset);
+      await this.#p.writeBehind?.written(offset, data.length);
       if (flags?.fua && !this.#p.sync) await fdatasync(this.#p.fd);
     } catch (err) {
       throw toBlockError(err, this.#where('write', offset, data.length));
@@ -206,6 +210,7 @@ export class FileBackend implements BlockBackend {
     this.#extents = null;
     try {
       await fileio.pwriteSegments(this.#p.fd, data, offset, segments, count);
+      await this.#p.writeBehind?.written(offset + first, span);
     } catch (err) {
       throw toBlockError(err, this.#where('write', offset + first, span));
     }
@@ -222,6 +227,9 @@ export class FileBackend implements BlockBackend {
     this.#extents = null;
     try {
       await fileio.pwriteScatter(this.#p.fd, from, segments, count);
+      // Pieces are runs of new clusters (qcow2 data): each large one is written behind.
+      const behind = this.#p.writeBehind;
+      if (behind) for (let i = 0; i < count; i++) await behind.written(segments[3 * i]!, segments[3 * i + 1]!);
     } catch (err) {
       throw toBlockError(err, this.#where('write', segments[0]!, segments[1]!));
     }
@@ -504,7 +512,12 @@ export async function openFile(location: string, options: OpenOptions = {}): Pro
       bufferedFd = await openFd(`/proc/self/fd/${fd}`, flags).catch(() => openFd(location, flags));
       fds.push(bufferedFd);
     }
-    return new FileBackend({ location, fd, bufferedFd, size, readOnly, isDevice, direct, sync, unsafe: cache === 'unsafe', sectorSize });
+    const unsafe = cache === 'unsafe';
+    const option = options.options?.['write-behind'];
+    parseWriteBehindOption(location, option);
+    // Direct and synchronous writes leave nothing dirty to write behind.
+    const writeBehind = readOnly || direct || sync ? undefined : await writeBehindFor({ fd, location, isDevice, size, unsafe, option });
+    return new FileBackend({ location, fd, bufferedFd, size, readOnly, isDevice, direct, sync, unsafe, sectorSize, writeBehind });
   } catch (err) {
     for (const fd of fds) fs.close(fd, () => {});
     throw toBlockError(err, where);
@@ -557,6 +570,14 @@ export const fileDriver: ProtocolDriver = {
   name: 'file',
   description: 'local files and block devices',
   schemes: ['file'],
+  openOptions: [
+    {
+      name: 'write-behind',
+      description: 'for writes of 256 KiB or more through the page cache: start their writeback at once and drop each from the cache once it is on the disk, so a long copy does not pile up dirty pages; with cache=unsafe only on files larger than the kernel\'s background dirty threshold (off: leave it all to the kernel)',
+      default: 'on',
+      values: ['on', 'off'],
+    },
+  ],
   open: openFile,
   create: createFile,
 };

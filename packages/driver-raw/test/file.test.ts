@@ -1,4 +1,5 @@
 /** The file protocol with buffered I/O: sparseness, zeroing, EOF handling, create/open. */
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
@@ -182,6 +183,47 @@ test('cache modes writethrough and unsafe open and work', async () => {
     assert.is((await img.read(0, 1))[0], 3);
     await img.close();
   }
+});
+
+/** Bytes of `file` in the page cache, by fincore (util-linux). */
+function cachedBytes(file: string): number {
+  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
+}
+
+test('write-behind: a long write keeps ~32 large writes in the cache; small writes, write-behind=off and unsafe short copies are left alone', async () => {
+  const f = path.join(dir, 'behind.img');
+  const chunk = filled(MiB, 5);
+  const cached: Record<string, number> = {};
+  const modes = { on: {}, off: { options: { 'write-behind': 'off' } }, unsafe: { cache: 'unsafe' } } as const;
+  for (const [mode, opts] of Object.entries(modes)) {
+    await createFile(f, 80 * MiB);
+    const img = await openFile(f, opts);
+    for (let i = 0; i < 64; i++) await img.write(i * MiB, chunk);
+    // Data runs of one chunk (writeSegments) count as one write of their span.
+    const segs = new Float64Array([0, 256 * KiB, 512 * KiB, MiB]);
+    for (let i = 64; i < 72; i++) await img.writeSegments(i * MiB, chunk, segs, 2);
+    for (let i = 0; i < 64; i++) await img.write(72 * MiB + i * 64 * KiB, chunk.subarray(0, 64 * KiB));
+    cached[mode] = cachedBytes(f);
+    const back = await img.read(0, 80 * MiB);
+    assert.ok(back.subarray(0, 64 * MiB).every((b) => b === 5));
+    assert.ok(back.subarray(64 * MiB + 256 * KiB, 64 * MiB + 512 * KiB).every((b) => b === 0));
+    await img.close();
+  }
+  // 64 MiB, 8 x 768 KiB of data runs, 4 MiB of small writes.
+  assert.is(cached.off, 74 * MiB, 'without write-behind everything written stays cached');
+  // cache=unsafe on a file below the kernel's background dirty threshold (GiBs): left alone.
+  assert.is(cached.unsafe, cached.off);
+  // 32 large writes (1 MiB or a 1 MiB span) behind, plus the 4 MiB of small ones.
+  assert.ok(cached.on! <= 32 * MiB + 4 * MiB, `write-behind left ${cached.on} bytes cached`);
+  assert.ok(cached.on! >= 4 * MiB, 'small writes were not waited for');
+});
+
+test('write-behind=maybe is refused naming the option', async () => {
+  const f = path.join(dir, 'behind-opt.img');
+  await createFile(f, MiB);
+  const e = await rejects(() => openFile(f, { options: { 'write-behind': 'maybe' } }), { code: 'EINVAL' });
+  assert.match(e.message, /write-behind.*"maybe"/);
+  assert.ok(fileDriver.openOptions?.some((o) => o.name === 'write-behind' && o.default === 'on'));
 });
 
 (canMount ? test : test.skip)('tmpfs: no ZERO_RANGE, so punch then reallocate', async () => {
