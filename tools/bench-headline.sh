@@ -42,6 +42,10 @@
 #   QUIET_WAIT=60     seconds to wait for the machine to go idle before each run
 #   (per run, the CPU the lab's ganesha and tgtd used is recorded: "servers CPU s";
 #   "other CPU s" is all other CPU the machine spent, servers included)
+#   LINK_SAMPLES=1    sample both links' byte counters and the CPU (machine, ganesha,
+#                     tgtd) every 0.1 s during each run (tools/bench/link_sampler.py,
+#                     into WORK/samples/) and print, per run, where each link stood
+#                     still and whether the other moved meanwhile (0: off, default)
 #   OUT_DIR=bench-out   tables: headline-RATE.md (+ .json, -sweep.tsv); per-run data in
 #                     OUT_DIR/headline-RATE-work/
 #   SVG_OUT=docs/headline-sweep-RATE.svg
@@ -245,10 +249,20 @@ done
 while IFS= read -r line; do
   [ -n "$line" ] && specs+=("${line%%|*}=${line#*|}")
 done <<<"${EXTRA_TOOLS:-}"
+if [ "${LINK_SAMPLES:-0}" = 1 ]; then
+  # Host ends: NFS data arrives on the NFS link (rx), iSCSI data leaves on the iSCSI link (tx).
+  # and the CPU of the machine and of each server, to tell a slow link from a busy host.
+  RUN_SAMPLER="python3 $HELPERS/link_sampler.py sample {OUT} $LAB_NFS_IF:rx $LAB_ISCSI_IF:tx cpu pid:$LAB_GANESHA_PID pid:$LAB_TGTD_PID"
+fi
 for sc in $SCENARIOS; do
   case $sc in nfs-iscsi|nfs-ram|ram-iscsi) ;; *) die "unknown scenario $sc" ;; esac
   run_tools "$sc" "$RUNS" 1 "${specs[@]}"
   python3 "$HELPERS/headline_report.py" table "$WORK" "$sc"
+  if [ -n "${RUN_SAMPLER:-}" ] && ((RATE_BPS > 0)); then
+    for f in "$WORK/samples/$sc"-*.tsv; do
+      [ -e "$f" ] && python3 "$HELPERS/link_sampler.py" summary "$f" --rate $((RATE_BPS * 8)) >&2
+    done
+  fi
 done
 
 if [ "$SWEEP" = 1 ]; then

@@ -152,8 +152,21 @@ timed_run() {
   wait_quiet "$label run $run at $loc"
   rm -f "$dst"   # every tool starts from a missing target and creates it; right
                  # before the run, so the run recycles the pages just freed
+  # RUN_SAMPLER: a command started beside each timed run and stopped (SIGTERM) after
+  # it, with {OUT} replaced by WORK/samples/SCENARIO-LABEL-RUN.tsv (see link_sampler.py).
+  local sampler=""
+  if [ -n "${RUN_SAMPLER:-}" ] && ((run > 0)); then
+    mkdir -p "$WORK/samples"
+    local sample_out
+    sample_out=$WORK/samples/$(printf '%s-%s-%s' "$sc" "$label" "$run" | tr -c 'A-Za-z0-9._-' '_').tsv
+    # Word splitting of the template is intended: it is a command line.
+    # shellcheck disable=SC2086
+    ${RUN_SAMPLER//\{OUT\}/$sample_out} &
+    sampler=$!
+  fi
   b0=$(cpu_busy)
   /usr/bin/time -f '%e %M %U %S %w %c' -o "$WORK/time.out" "${CMD[@]}" >"$WORK/last.log" 2>&1 || rc=$?
+  if [ -n "$sampler" ]; then kill -TERM "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; fi
   # GNU time writes "Command exited with non-zero status N" above the numbers on failure.
   read -r wall rss user sys vcs ics < <(tail -n1 "$WORK/time.out")
   # CPU the machine spent outside the tool during its run: other processes, or
