@@ -75,6 +75,8 @@ def summary(path, rate_bps):
     speeds = [[(rows[i + 1][k + 1] - rows[i][k + 1]) / (t[i + 1] - t[i]) for i in range(len(rows) - 1)] for k in range(len(links))]
     still = [[s < 0.01 * rate for s in link] for link in speeds]
     moving = [i for i in range(len(rows) - 1) if any(not still[k][i] for k in range(len(links)))]
+    if not moving:
+        return {"error": "no traffic on any link"}
     first, last = moving[0], moving[-1]
     out = {"links": {}, "run_s": round(t[last + 1] - t[first], 2)}
     for k, name in enumerate(links):
@@ -125,7 +127,7 @@ def main():
         if "--json" in args:
             print(json.dumps(res))
         else:
-            print(f"{args[0]}: run {res.get('run_s')} s")
+            print(f"{args[0]}: " + (res["error"] if "error" in res else f"run {res['run_s']} s"))
             for name, l in res.get("links", {}).items():
                 print(f"  {name}: {l['avg_of_rate']:.3f} of the rate, {l['slow_1s_windows']} 1-s windows under half, "
                       f"still {l['still_s']} s ({l['still_while_others_move_s']} s while the other link moved), longest {l['longest_still_s']} s")

@@ -1,7 +1,8 @@
 // Native file I/O that Node's fs lacks: SEEK_DATA/SEEK_HOLE, fallocate, write-behind
-// (sync_file_range), block device ioctls and aligned buffers for O_DIRECT. Every syscall that may block runs
-// on the libuv thread pool (Napi::AsyncWorker) and settles a promise, so the event
-// loop never waits on storage. Errors mimic Node's fs errors (code, errno, syscall).
+// (sync_file_range), block device ioctls and aligned buffers for O_DIRECT. Every
+// syscall that may block runs on the libuv thread pool (Napi::AsyncWorker) and settles
+// a promise, so the event loop never waits on storage. Errors mimic Node's fs errors
+// (code, errno, syscall).
 
 #include <napi.h>
 
@@ -456,10 +457,7 @@ Napi::Value WriteBehind(const Napi::CallbackInfo& info) {
         do rc = sync_file_range(fd, static_cast<off_t>(evictOffset), static_cast<off_t>(evictLength),
                                 SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
         while (rc < 0 && errno == EINTR);
-        if (rc < 0) {
-          r.value = evictOffset;
-          return Fail(r, "sync_file_range");
-        }
+        if (rc < 0) return Fail(r, "sync_file_range");
         // Advice only: a failure changes nothing that matters.
         posix_fadvise(fd, static_cast<off_t>(evictOffset), static_cast<off_t>(evictLength), POSIX_FADV_DONTNEED);
       },

@@ -513,10 +513,10 @@ export async function openFile(location: string, options: OpenOptions = {}): Pro
       fds.push(bufferedFd);
     }
     const unsafe = cache === 'unsafe';
-    const option = options.options?.['write-behind'];
-    parseWriteBehindOption(location, option);
+    // Checked on every open, so a bad value fails even where it would not apply.
+    const behind = parseWriteBehindOption(location, options.options?.['write-behind']);
     // Direct and synchronous writes leave nothing dirty to write behind.
-    const writeBehind = readOnly || direct || sync ? undefined : await writeBehindFor({ fd, location, isDevice, size, unsafe, option });
+    const writeBehind = behind && !readOnly && !direct && !sync ? await writeBehindFor({ fd, location, isDevice, size, unsafe }) : undefined;
     return new FileBackend({ location, fd, bufferedFd, size, readOnly, isDevice, direct, sync, unsafe, sectorSize, writeBehind });
   } catch (err) {
     for (const fd of fds) fs.close(fd, () => {});

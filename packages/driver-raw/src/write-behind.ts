@@ -57,11 +57,9 @@ export interface WriteBehindTarget {
   readonly size: number;
   /** cache=unsafe: nothing will be flushed, so data may stay dirty at exit. */
   readonly unsafe: boolean;
-  /** The write-behind open option: 'on' (default) or 'off'. */
-  readonly option: string | undefined;
 }
 
-/** The write-behind=on|off option, checked whatever the open mode. */
+/** The write-behind=on|off open option (default on). */
 export function parseWriteBehindOption(location: string, value: string | undefined): boolean {
   if (value === undefined || value === 'on') return true;
   if (value === 'off') return false;
@@ -69,8 +67,8 @@ export function parseWriteBehindOption(location: string, value: string | undefin
 }
 
 /**
- * The write-behind for a writable buffered fd, or undefined where it has no use: turned
- * off, a file in memory (tmpfs, ramfs), or with cache=unsafe a file no larger than the
+ * The write-behind for a writable buffered fd, or undefined where it has no use: a
+ * file in memory (tmpfs, ramfs), or with cache=unsafe a file no larger than the
  * kernel's background dirty threshold. Nothing flushes an unsafe target, and below
  * that threshold the kernel neither writes back nor throttles, so a copy that fits
  * ends without waiting for the disk. A larger one is written behind from its first
@@ -78,7 +76,6 @@ export function parseWriteBehindOption(location: string, value: string | undefin
  * slower than writing behind throughout (docs/PERFORMANCE.md).
  */
 export async function writeBehindFor(t: WriteBehindTarget): Promise<WriteBehind | undefined> {
-  if (!parseWriteBehindOption(t.location, t.option)) return undefined;
   if (!t.isDevice) {
     const type = await fs.promises.statfs(t.location).then((s) => s.type, () => undefined);
     if (type === TMPFS_MAGIC || type === RAMFS_MAGIC) return undefined;
