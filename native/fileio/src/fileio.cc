@@ -171,10 +171,12 @@ Napi::Value SettleBlockStatus(Napi::Env env, const Result& r) {
 }
 
 // Both lseeks happen in one job so a caller pays one thread-pool round trip per extent.
-void BlockStatusWork(int fd, uint64_t offset, uint64_t size, Result& r) {
+// `atData`: the caller knows data starts at offset (a hole's SEEK_DATA said so), so
+// only its end is looked for.
+void BlockStatusWork(int fd, uint64_t offset, uint64_t size, Result& r, bool atData = false) {
   if (offset >= size) return;  // nothing left: {data: false, length: 0}
   const uint64_t rest = size - offset;
-  off_t data = lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
+  off_t data = atData ? static_cast<off_t>(offset) : lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
   if (data < 0) {
     if (errno == ENXIO) {  // no data after offset: a hole up to EOF
       r.value = rest;
@@ -214,9 +216,10 @@ Napi::Value SettleExtents(Napi::Env env, const Result& r) {
 
 void ExtentsWork(int fd, uint64_t offset, uint64_t size, uint32_t max, Result& r) {
   r.list.reserve(2 * static_cast<size_t>(max));
+  bool atData = false;
   for (uint32_t n = 0; n < max && offset < size; n++) {
     Result one;
-    BlockStatusWork(fd, offset, size, one);
+    BlockStatusWork(fd, offset, size, one, atData);
     if (one.err != 0) {
       if (n == 0) r = one;  // later failures just end the batch early
       return;
@@ -225,6 +228,9 @@ void ExtentsWork(int fd, uint64_t offset, uint64_t size, uint32_t max, Result& r
     r.list.push_back(static_cast<double>(one.value));
     r.list.push_back(one.flag ? 1.0 : 0.0);
     offset += one.value;
+    // A hole ends where SEEK_DATA found data: the next extent is data (2 lseeks per
+    // data extent and its hole, not 3).
+    atData = !one.flag;
   }
 }
 
