@@ -250,8 +250,8 @@ while IFS= read -r line; do
   [ -n "$line" ] && specs+=("${line%%|*}=${line#*|}")
 done <<<"${EXTRA_TOOLS:-}"
 if [ "${LINK_SAMPLES:-0}" = 1 ]; then
-  # Host ends: NFS data arrives on the NFS link (rx), iSCSI data leaves on the iSCSI link (tx).
-  # and the CPU of the machine and of each server, to tell a slow link from a busy host.
+  # Host ends: NFS data arrives on the NFS link (rx), iSCSI data leaves on the iSCSI link
+  # (tx); the CPU of the machine and of each server tells a slow link from a busy host.
   RUN_SAMPLER="python3 $HELPERS/link_sampler.py sample {OUT} $LAB_NFS_IF:rx $LAB_ISCSI_IF:tx cpu pid:$LAB_GANESHA_PID pid:$LAB_TGTD_PID"
 fi
 for sc in $SCENARIOS; do

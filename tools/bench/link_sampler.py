@@ -10,7 +10,8 @@
       Per link, over the run (from its first to its last moving sample): the average, the
       1-second windows below half the rate, the longest time it stood still (< 1 % of the
       rate), and how much of that stillness the other links were moving (a pipeline bubble
-      on one side) or still too (both waiting).
+      on one side) or still too (both waiting); and the CPUs the machine and each sampled
+      process kept busy on average meanwhile.
 """
 import json
 import os
@@ -66,6 +67,8 @@ def summary(path, rate_bps):
         rows = [[float(x) for x in line.split("\t")] for line in f if line.strip()]
     cols = [k for k, name in enumerate(header[1:]) if is_link(name)]
     links = [header[1 + k] for k in cols]
+    cpu_cols = [k for k, name in enumerate(header[1:]) if not is_link(name)]
+    all_rows = rows
     rows = [[r[0]] + [r[1 + k] for k in cols] for r in rows]
     if len(rows) < 3:
         return {"error": "too few samples"}
@@ -78,7 +81,12 @@ def summary(path, rate_bps):
     if not moving:
         return {"error": "no traffic on any link"}
     first, last = moving[0], moving[-1]
-    out = {"links": {}, "run_s": round(t[last + 1] - t[first], 2)}
+    out = {"links": {}, "run_s": round(t[last + 1] - t[first], 2), "cpus": {}}
+    # CPUs busy on average while the links moved: the machine ("cpu") and each process.
+    for k in cpu_cols:
+        a, b = all_rows[first][1 + k], all_rows[last + 1][1 + k]
+        if b >= a and b > 0:
+            out["cpus"][header[1 + k]] = round((b - a) / (t[last + 1] - t[first]), 2)
     for k, name in enumerate(links):
         total = rows[last + 1][k + 1] - rows[first][k + 1]
         dur = t[last + 1] - t[first]
@@ -127,7 +135,8 @@ def main():
         if "--json" in args:
             print(json.dumps(res))
         else:
-            print(f"{args[0]}: " + (res["error"] if "error" in res else f"run {res['run_s']} s"))
+            print(f"{args[0]}: " + (res["error"] if "error" in res else f"run {res['run_s']} s")
+                  + "".join(f", {name} {n} CPUs" for name, n in res.get("cpus", {}).items()))
             for name, l in res.get("links", {}).items():
                 print(f"  {name}: {l['avg_of_rate']:.3f} of the rate, {l['slow_1s_windows']} 1-s windows under half, "
                       f"still {l['still_s']} s ({l['still_while_others_move_s']} s while the other link moved), longest {l['longest_still_s']} s")
