@@ -252,7 +252,7 @@ done <<<"${EXTRA_TOOLS:-}"
 if [ "${LINK_SAMPLES:-0}" = 1 ]; then
   # Host ends: NFS data arrives on the NFS link (rx), iSCSI data leaves on the iSCSI link
   # (tx); the CPU of the machine and of each server tells a slow link from a busy host.
-  RUN_SAMPLER="python3 $HELPERS/link_sampler.py sample {OUT} $LAB_NFS_IF:rx $LAB_ISCSI_IF:tx cpu pid:$LAB_GANESHA_PID pid:$LAB_TGTD_PID"
+  RUN_SAMPLER="python3 $HELPERS/link_sampler.py sample {OUT} $LAB_NFS_IF:rx $LAB_ISCSI_IF:tx cpu ganesha=pid:$LAB_GANESHA_PID tgtd=pid:$LAB_TGTD_PID"
 fi
 for sc in $SCENARIOS; do
   case $sc in nfs-iscsi|nfs-ram|ram-iscsi) ;; *) die "unknown scenario $sc" ;; esac

@@ -5,7 +5,8 @@
       Appends "t  value1  value2 ..." every S seconds (default 0.1) until killed
       (SIGTERM). SPEC is IFACE:rx or IFACE:tx (bytes, from /sys/class/net/IFACE/
       statistics), pid:N (CPU seconds of process N and its threads, from /proc/N/stat;
-      0 once it is gone) or cpu (busy CPU seconds of the machine, from /proc/stat).
+      0 once it is gone) or cpu (busy CPU seconds of the machine, from /proc/stat);
+      NAME=SPEC names the column.
   link_sampler.py summary OUT.tsv --rate BITS_PER_S [--json]
       Per link, over the run (from its first to its last moving sample): the average, the
       1-second windows below half the rate, the longest time it stood still (< 1 % of the
@@ -28,6 +29,7 @@ def is_link(spec):
 
 
 def read_counter(spec):
+    spec = spec.split("=", 1)[-1]  # NAME=SPEC: NAME only labels the column
     if spec == "cpu":
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
