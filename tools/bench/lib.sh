@@ -166,7 +166,12 @@ timed_run() {
   fi
   b0=$(cpu_busy)
   /usr/bin/time -f '%e %M %U %S %w %c' -o "$WORK/time.out" "${CMD[@]}" >"$WORK/last.log" 2>&1 || rc=$?
-  if [ -n "$sampler" ]; then kill -TERM "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; fi
+  if [ -n "$sampler" ]; then
+    # By its unique output path: $! may be a wrapper's PID (a pyenv shim runs python as
+    # its child), and killing that would leave the sampler running.
+    pkill -TERM -f -- "$sample_out" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+  fi
   # GNU time writes "Command exited with non-zero status N" above the numbers on failure.
   read -r wall rss user sys vcs ics < <(tail -n1 "$WORK/time.out")
   # CPU the machine spent outside the tool during its run: other processes, or
