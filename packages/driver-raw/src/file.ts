@@ -320,6 +320,7 @@ export class FileBackend implements BlockBackend {
     }
     this.#extents = null;
     this.#size = size;
+    this.#p.writeBehind?.grown(size);
   }
 
   async flush(): Promise<void> {
@@ -573,7 +574,7 @@ export const fileDriver: ProtocolDriver = {
   openOptions: [
     {
       name: 'write-behind',
-      description: 'for writes of 256 KiB or more through the page cache: start their writeback at once and drop each from the cache once it is on the disk, so a long copy does not pile up dirty pages; with cache=unsafe only on files larger than the kernel\'s background dirty threshold (off: leave it all to the kernel)',
+      description: 'for writes of 256 KiB or more through the page cache: start their writeback at once and drop each from the cache once it is on the disk, so a long copy does not pile up dirty pages; with cache=unsafe only once the file is larger than the kernel\'s background dirty threshold (off: leave it all to the kernel)',
       default: 'on',
       values: ['on', 'off'],
     },

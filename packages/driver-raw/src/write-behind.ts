@@ -31,14 +31,27 @@ export class WriteBehind {
   /** [offset, length] pairs, a ring; the slot at #next is the oldest. */
   readonly #ring = new Float64Array(2 * WINDOWS);
   #next = 0;
+  /** Writing behind only once the file is larger than this (cache=unsafe); -1: always. */
+  readonly #above: number;
+  #active: boolean;
 
-  constructor(fd: number) {
+  constructor(fd: number, size: number, above = -1) {
     this.#fd = fd;
+    this.#above = above;
+    this.#active = size > above;
+  }
+
+  /**
+   * The file grew (a format allocating at its end: qcow2 starts small). An unsafe
+   * target that outgrows the threshold is written behind from then on.
+   */
+  grown(size: number): void {
+    if (size > this.#above) this.#active = true;
   }
 
   /** Called after [offset, offset + length) was written; waits when the disk is behind. */
   written(offset: number, length: number): Promise<void> | undefined {
-    if (length < MIN_WRITE) return undefined;
+    if (!this.#active || length < MIN_WRITE) return undefined;
     const i = 2 * this.#next;
     const evictOffset = this.#ring[i]!;
     const evictLength = this.#ring[i + 1]!;
@@ -67,21 +80,21 @@ export function parseWriteBehindOption(location: string, value: string | undefin
 }
 
 /**
- * The write-behind for a writable buffered fd, or undefined where it has no use: a
- * file in memory (tmpfs, ramfs), or with cache=unsafe a file no larger than the
- * kernel's background dirty threshold. Nothing flushes an unsafe target, and below
- * that threshold the kernel neither writes back nor throttles, so a copy that fits
- * ends without waiting for the disk. A larger one is written behind from its first
- * write: letting the threshold's worth pile up first and then writing behind measured
- * slower than writing behind throughout (docs/PERFORMANCE.md).
+ * The write-behind for a writable buffered fd, or undefined where it has no use (a
+ * file in memory: tmpfs, ramfs). With cache=unsafe it waits while the file is no
+ * larger than the kernel's background dirty threshold: nothing flushes an unsafe
+ * target, and below that threshold the kernel neither writes back nor throttles, so a
+ * copy that fits ends without waiting for the disk. A larger one is written behind
+ * from its first write: letting the threshold's worth pile up first and then writing
+ * behind measured slower than writing behind throughout (docs/PERFORMANCE.md); only a
+ * file that grows past it (a qcow2 being filled) starts late.
  */
 export async function writeBehindFor(t: WriteBehindTarget): Promise<WriteBehind | undefined> {
   if (!t.isDevice) {
     const type = await fs.promises.statfs(t.location).then((s) => s.type, () => undefined);
     if (type === TMPFS_MAGIC || type === RAMFS_MAGIC) return undefined;
   }
-  if (t.unsafe && t.size <= (await backgroundDirtyBytes())) return undefined;
-  return new WriteBehind(t.fd);
+  return new WriteBehind(t.fd, t.size, t.unsafe ? await backgroundDirtyBytes() : -1);
 }
 
 /**

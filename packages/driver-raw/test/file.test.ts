@@ -218,6 +218,22 @@ test('write-behind: a long write keeps ~32 large writes in the cache; small writ
   assert.ok(cached.on! >= 4 * MiB, 'small writes were not waited for');
 });
 
+test('write-behind with cache=unsafe starts once the file outgrows the kernel\'s background dirty threshold', async () => {
+  const f = path.join(dir, 'behind-grown.img');
+  await createFile(f, 80 * MiB);
+  const img = await openFile(f, { cache: 'unsafe' });
+  const chunk = filled(MiB, 6);
+  for (let i = 0; i < 16; i++) await img.write(i * MiB, chunk);
+  assert.is(cachedBytes(f), 16 * MiB, 'a small unsafe file is left to the kernel');
+  await img.resize(2 ** 40); // sparse: past any threshold (a few GiB), no space used
+  for (let i = 16; i < 80; i++) await img.write(i * MiB, chunk);
+  // The 16 MiB from before, and at most 32 of the 64 written since.
+  assert.ok(cachedBytes(f) <= 48 * MiB, `write-behind left ${cachedBytes(f)} bytes cached`);
+  assert.ok((await img.read(0, 80 * MiB)).every((b) => b === 6));
+  await img.close();
+  fs.rmSync(f);
+});
+
 test('write-behind=maybe is refused naming the option', async () => {
   const f = path.join(dir, 'behind-opt.img');
   await createFile(f, MiB);
