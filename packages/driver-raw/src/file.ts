@@ -173,7 +173,9 @@ export class FileBackend implements BlockBackend {
     this.#extents = null;
     try {
       await this.#transfer(true, data, offset);
-      await this.#p.writeBehind?.written(offset, data.length);
+      // Only a write that is written behind waits: no await (a microtask) per write otherwise.
+      const behind = this.#p.writeBehind?.written(offset, data.length);
+      if (behind) await behind;
       if (flags?.fua && !this.#p.sync) await fdatasync(this.#p.fd);
     } catch (err) {
       throw toBlockError(err, this.#where('write', offset, data.length));
@@ -210,7 +212,8 @@ export class FileBackend implements BlockBackend {
     this.#extents = null;
     try {
       await fileio.pwriteSegments(this.#p.fd, data, offset, segments, count);
-      await this.#p.writeBehind?.written(offset + first, span);
+      const behind = this.#p.writeBehind?.written(offset + first, span);
+      if (behind) await behind;
     } catch (err) {
       throw toBlockError(err, this.#where('write', offset + first, span));
     }
@@ -228,8 +231,13 @@ export class FileBackend implements BlockBackend {
     try {
       await fileio.pwriteScatter(this.#p.fd, from, segments, count);
       // Pieces are runs of new clusters (qcow2 data): each large one is written behind.
-      const behind = this.#p.writeBehind;
-      if (behind) for (let i = 0; i < count; i++) await behind.written(segments[3 * i]!, segments[3 * i + 1]!);
+      const wb = this.#p.writeBehind;
+      if (wb) {
+        for (let i = 0; i < count; i++) {
+          const behind = wb.written(segments[3 * i]!, segments[3 * i + 1]!);
+          if (behind) await behind;
+        }
+      }
     } catch (err) {
       throw toBlockError(err, this.#where('write', segments[0]!, segments[1]!));
     }

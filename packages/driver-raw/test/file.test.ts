@@ -1,12 +1,11 @@
 /** The file protocol with buffered I/O: sparseness, zeroing, EOF handling, create/open. */
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DriverRegistry, gateBackend } from '@blockconv/core';
 import { createFile, drivers, fileDriver, openFile } from '../src/index.js';
-import { canMount, diskTempDir, extents, filled, rejects, removeDir, scratchMount } from './helpers.js';
+import { cachedBytes, canMount, diskTempDir, extents, filled, rejects, removeDir, scratchMount } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -184,11 +183,6 @@ test('cache modes writethrough and unsafe open and work', async () => {
     await img.close();
   }
 });
-
-/** Bytes of `file` in the page cache, by fincore (util-linux). */
-function cachedBytes(file: string): number {
-  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
-}
 
 test('write-behind: a long write keeps ~32 large writes in the cache; small writes, write-behind=off and unsafe short copies are left alone', async () => {
   const f = path.join(dir, 'behind.img');

@@ -9,6 +9,11 @@ export function diskTempDir(prefix = 'blockconv-raw-'): string {
   return fs.mkdtempSync(path.join('/var/tmp', prefix));
 }
 
+/** Bytes of `file` in the page cache, by fincore (util-linux). */
+export function cachedBytes(file: string): number {
+  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
+}
+
 export function removeDir(dir: string): void {
   fs.rmSync(dir, { recursive: true, force: true });
 }
