@@ -1,5 +1,5 @@
 // Native file I/O that Node's fs lacks: SEEK_DATA/SEEK_HOLE, fallocate, write-behind
-// (sync_file_range), block device ioctls and aligned buffers for O_DIRECT. Every
+// (sync_file_range), in-kernel copies (copy_file_range), block device ioctls and aligned buffers for O_DIRECT. Every
 // syscall that may block runs on the libuv thread pool (Napi::AsyncWorker) and settles
 // a promise, so the event loop never waits on storage. Errors mimic Node's fs errors
 // (code, errno, syscall).
@@ -471,6 +471,42 @@ Napi::Value WriteBehind(const Napi::CallbackInfo& info) {
 }
 
 // ---------------------------------------------------------------------------
+// copyRange(srcFd, srcOffset, dstFd, dstOffset, length)
+//
+// Copies within the kernel (copy_file_range): no pass through user memory, and on file
+// systems that share extents (XFS, btrfs) or a server that copies (NFS 4.2) no data
+// moves at all. Resolves with the bytes copied, which is less than `length` only where
+// the source ends. Errors come back as they are: the caller decides which ones mean
+// "not here" (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL) and falls back to read and write.
+
+Napi::Value CopyRange(const Napi::CallbackInfo& info) {
+  int srcFd, dstFd;
+  uint64_t srcOffset, dstOffset, length;
+  if (!ArgCount(info, 5, "copyRange") || !ArgFd(info, 0, &srcFd) || !ArgOffset(info, 1, "srcOffset", &srcOffset) ||
+      !ArgFd(info, 2, &dstFd) || !ArgOffset(info, 3, "dstOffset", &dstOffset) || !ArgOffset(info, 4, "length", &length)) {
+    return info.Env().Undefined();
+  }
+  return Worker::Run(
+      info.Env(), "fileio.copyRange",
+      [=](Result& r) {
+        uint64_t done = 0;
+        while (done < length) {
+          loff_t in = static_cast<loff_t>(srcOffset + done), out = static_cast<loff_t>(dstOffset + done);
+          ssize_t n = copy_file_range(srcFd, &in, dstFd, &out, static_cast<size_t>(length - done), 0);
+          if (n < 0) {
+            if (errno == EINTR) continue;
+            Fail(r, "copy_file_range");
+            break;
+          }
+          if (n == 0) break;  // end of the source file
+          done += static_cast<uint64_t>(n);
+        }
+        r.value = done;
+      },
+      SettleNumber);
+}
+
+// ---------------------------------------------------------------------------
 // Block device ioctls
 
 Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
@@ -571,6 +607,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("pwriteScatter", Napi::Function::New(env, PwriteScatter, "pwriteScatter"));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("writeBehind", Napi::Function::New(env, WriteBehind, "writeBehind"));
+  exports.Set("copyRange", Napi::Function::New(env, CopyRange, "copyRange"));
   exports.Set("blockDeviceSize", Napi::Function::New(env, BlockDeviceSize, "blockDeviceSize"));
   exports.Set("blockDeviceZeroOut", Napi::Function::New(env, BlockDeviceZeroOut, "blockDeviceZeroOut"));
   exports.Set("blockDeviceDiscard", Napi::Function::New(env, BlockDeviceDiscard, "blockDeviceDiscard"));

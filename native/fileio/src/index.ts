@@ -1,6 +1,6 @@
 /**
  * Native file I/O that Node's fs lacks (Linux only): SEEK_DATA/SEEK_HOLE, fallocate,
- * write-behind (sync_file_range), block device ioctls and aligned buffers for O_DIRECT.
+ * write-behind (sync_file_range), in-kernel copies (copy_file_range), block device ioctls and aligned buffers for O_DIRECT.
  *
  * Every async call runs its syscalls on the libuv thread pool. Failures reject with
  * an Error shaped like Node's fs errors: `code` ('ENOSPC', 'EOPNOTSUPP', ...), negative
@@ -43,6 +43,7 @@ interface Native {
   pwriteScatter(fd: number, buffer: Uint8Array, segments: Float64Array, count: number): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void>;
+  copyRange(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number): Promise<number>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
   blockDeviceDiscard(fd: number, offset: number, length: number): Promise<void>;
@@ -125,6 +126,18 @@ export function fallocate(fd: number, mode: number, offset: number, length: numb
  */
 export function writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void> {
   return native.writeBehind(fd, offset, length, evictOffset, evictLength);
+}
+
+/**
+ * Copies `length` bytes at `srcOffset` of one file to `dstOffset` of another inside the
+ * kernel (copy_file_range, looping over partial copies): the data never passes through
+ * this process, and file systems that share extents (reflink) or servers that copy
+ * (NFS 4.2) move none at all. Resolves with the bytes copied: less than `length` only
+ * where the source ends. EXDEV, EOPNOTSUPP, ENOSYS or EINVAL mean the kernel cannot do
+ * this copy; some bytes may have been copied before an error.
+ */
+export function copyRange(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number): Promise<number> {
+  return native.copyRange(srcFd, srcOffset, dstFd, dstOffset, length);
 }
 
 /** Size of a block device in bytes (BLKGETSIZE64). */

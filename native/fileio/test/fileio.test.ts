@@ -135,6 +135,34 @@ test('writeBehind failures reject like Node fs errors', async () => {
   assert.throws(() => fileio.writeBehind(0, -1, 0, 0, 0), (e: Error) => e instanceof RangeError && /"offset"/.test(e.message));
 });
 
+test('copyRange copies inside the kernel, stops where the source ends, and says EXDEV across file system types', async () => {
+  const a = sparseFile('copy-src.img', 4 * MiB, [[MiB, 2 * MiB + 512]]);
+  const b = sparseFile('copy-dst.img', 4 * MiB, []);
+  try {
+    assert.is(await fileio.copyRange(a.fd, MiB, b.fd, 0, 2 * MiB + 512), 2 * MiB + 512);
+    const got = Buffer.alloc(2 * MiB + 1024);
+    fs.readSync(b.fd, got, 0, got.length, 0);
+    assert.ok(got.subarray(0, 2 * MiB + 512).every((x) => x === 0xaa));
+    assert.ok(got.subarray(2 * MiB + 512).every((x) => x === 0));
+    assert.is(await fileio.copyRange(a.fd, 4 * MiB - 4096, b.fd, 0, 8192), 4096, 'short at the end of the source');
+    const shmDir = fs.mkdtempSync('/dev/shm/blockconv-fileio-');
+    const c = fs.openSync(path.join(shmDir, 'c.img'), 'w+');
+    try {
+      const e = await rejection(fileio.copyRange(a.fd, 0, c, 0, 4096));
+      assert.is(e.code, 'EXDEV');
+      assert.is(e.syscall, 'copy_file_range');
+    } finally {
+      fs.closeSync(c);
+      fs.rmSync(shmDir, { recursive: true, force: true });
+    }
+    assert.is((await rejection(fileio.copyRange(a.fd, 0, a.fd, 4096, 8192))).code, 'EINVAL', 'overlapping ranges of one file');
+    assert.throws(() => void fileio.copyRange(a.fd, -1, b.fd, 0, 1), RangeError);
+  } finally {
+    fs.closeSync(a.fd);
+    fs.closeSync(b.fd);
+  }
+});
+
 test('errors look like Node fs errors', async () => {
   const { fd } = sparseFile('err.img', MiB, []);
   fs.closeSync(fd);

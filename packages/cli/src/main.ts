@@ -188,6 +188,7 @@ export function buildProgram(ctx: Context): Command {
     .option('-F, --backing-format <fmt>', 'format of the -B backing file (default: probed)')
     .option('-c, --compress', 'store the target compressed (qcow2: clusters that shrink, in the image\'s compression_type)')
     .option('-W, --out-of-order', 'write each chunk as soon as it is read, not in target order (by default writes are issued in order, several in flight; out of order suits preallocated targets such as LUNs and devices)')
+    .option('-C, --copy-offload', 'let the storage copy the data itself where source and target allow (copy_file_range between local files: the bytes stay in the kernel, and file systems with reflinks share them); elsewhere data is read and written as usual. Zero extents are still zeroed or skipped, but zero runs inside data are written as they are; not with -c, -B, -S, --checksum or --verify')
     .option('-S, --sparse-size <size>', 'zero runs of at least this size are not written; 0 writes everything (fully allocated target)', sizeOption('sparse size'), 4096)
     .option('-n, --no-create', 'do not create the target: write into an existing image of at least the source size')
     .option('--tee <target>', 'also write the copy to this target (repeatable; same format and options): the sources are read once for all targets; a target that fails is dropped and the others complete', (v: string, prev: string[] = []) => [...prev, v])
@@ -218,6 +219,8 @@ Examples:
   blockconv convert --resume -O qcow2 nfs://server/export/t.img t.qcow2`)
     .action(async (images: string[], opts: ConvertFlags, cmd: Command) => {
       if (images.length < 2) cmd.error('error: convert needs a source and a target');
+      // -S has a default; only one given on the command line clashes with -C.
+      opts.sparseSizeGiven = cmd.getOptionValueSource('sparseSize') === 'cli';
       await runConvert(ctx, images.slice(0, -1), images.at(-1)!, opts);
     });
 
@@ -547,6 +550,9 @@ interface ConvertFlags {
   backing?: string;
   backingFormat?: string;
   sparseSize: number;
+  /** -S was on the command line (not its default). */
+  sparseSizeGiven?: boolean;
+  copyOffload?: boolean;
   create: boolean;
   targetIsZero?: boolean;
   cache: CacheMode;
@@ -637,7 +643,9 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
       outOfOrder: o.outOfOrder,
       compress: o.compress,
       diffAgainstBacking: o.backing !== undefined,
-      minSparse: o.sparseSize,
+      // -C does not scan data: -S given with it is refused by the core, naming both.
+      minSparse: o.copyOffload && !o.sparseSizeGiven ? undefined : o.sparseSize,
+      copyOffload: o.copyOffload,
       targetIsZero: o.targetIsZero,
       rateLimit: o.rateLimit,
       flush: o.cache !== 'unsafe',
@@ -692,6 +700,7 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
     if (o.output !== 'json' && !o.quiet && mode !== 'none') {
       process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
         `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}${several ? ` to each of ${outcomes.length - failures.length} targets` : ''}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
+        `${r.bytesOffloaded !== undefined ? `; the storage copied ${formatSize(r.bytesOffloaded)} itself (-C)` : ''}` +
         `${r.workersTried ? `; -m auto settled on ${r.workers} workers, tried ${r.workersTried.join(' ')}` : ''})\n`);
     }
     // Not every target holds the copy: the command did not do what it was asked.

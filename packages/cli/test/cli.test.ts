@@ -278,10 +278,35 @@ test('SIGINT stops a convert cleanly: exit 130, the target named incomplete', as
   assert.match(stderr, /convert cancelled \(interrupted by SIGINT\): target .*int\.raw is incomplete/);
 });
 
+test('-C: the kernel copies the data (same file system), the result says how much; clashing flags refused in one line', () => {
+  const d = mkdtempSync('/var/tmp/blockconv-offload-');
+  try {
+    const s = join(d, 's.raw');
+    execFileSync('cp', ['--sparse=always', src, s]);
+    const r = run('convert', '-C', '--output', 'json', s, join(d, 'o.raw'));
+    assert.is(r.code, 0, r.stderr);
+    const res = JSON.parse(r.stdout.trim().split('\n').at(-1)!);
+    assert.ok(res.bytesOffloaded > 0 && res.bytesOffloaded === res.bytesWritten, JSON.stringify(res));
+    assert.is(qemuCompare(s, join(d, 'o.raw')).code, 0);
+    const human = run('convert', '-C', '-p', s, join(d, 'o2.raw'));
+    assert.is(human.code, 0, human.stderr);
+    assert.match(human.stderr, /the storage copied [\d.]+ MiB itself \(-C\)/);
+    for (const [flag, why] of [[['-S', '8k'], /-S/], [['-c', '-O', 'qcow2'], /-c/], [['--checksum'], /checksum/]] as const) {
+      const bad = run('convert', '-C', ...flag, s, join(d, 'bad.img'));
+      assert.is(bad.code, 1, flag.join(' '));
+      assert.match(bad.stderr, /copy offload \(-C\) cannot/);
+      assert.match(bad.stderr, why);
+      assert.is(bad.stderr.trim().split('\n').length, 1, 'one line');
+    }
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
 test('help tells the truth: every convert flag documented', () => {
   const r = run('convert', '--help');
   assert.is(r.code, 0);
-  for (const f of ['-f,', '-O,', '-m,', '-W,', '-S,', '-n,', '-p', '--progress', '-q,', '-t,', '-T,', '-o,', '-r,', '--target-is-zero']) {
+  for (const f of ['-f,', '-O,', '-m,', '-W,', '-S,', '-n,', '-p', '--progress', '-q,', '-t,', '-T,', '-o,', '-r,', '--target-is-zero', '-C,']) {
     assert.ok(r.stdout.includes(f), `help mentions ${f}`);
   }
 });

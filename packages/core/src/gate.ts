@@ -11,7 +11,9 @@
  *   with a read-modify-write of the edge blocks, serialised against every other write
  *   to the backend (see WriteSerializer); unaligned discards shrink to whole blocks
  *   (discard is advisory);
- * - memory not on a minMemAlignment boundary goes through an aligned bounce buffer.
+ * - memory not on a minMemAlignment boundary goes through an aligned bounce buffer;
+ * - copy offload (copyTo/copyFrom) is checked as a read and a write; what would need
+ *   padding is declined, so the caller reads and writes it instead.
  *
  * A driver therefore only sees requests that lie inside the image, start on a multiple
  * of requestAlignment and are a multiple of it long (or end at the image's end, when
@@ -99,9 +101,9 @@ class WriteSerializer {
   }
 
   /** Starts a plain write now (the caller has waited for `waiting`), counting it in flight. */
-  track(start: () => Promise<void>): Promise<void> {
+  track<T>(start: () => Promise<T>): Promise<T> {
     this.#inFlight++;
-    let p: Promise<void>;
+    let p: Promise<T>;
     try {
       p = start();
     } catch (err) {
@@ -194,7 +196,7 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
   const isAligned = (offset: number, length: number): boolean =>
     offset % align === 0 && (length % align === 0 || offset + length === inner.size);
   /** One piece of a split write: after any read-modify-write queued before it, never after close. */
-  const send = (op: string, start: () => Promise<void>): Promise<void> => {
+  const send = <T>(op: string, start: () => Promise<T>): Promise<T> => {
     if (!serializer) return closed ? Promise.reject(closedError(op)) : call(start);
     const wait = serializer.waiting;
     if (wait) return wait.then(() => send(op, start));
@@ -524,6 +526,38 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         pieces.push(() => gate.write!(offset, from.subarray(pos, pos + length)));
       }
       return runPieces(pieces);
+    };
+  }
+
+  /**
+   * Copy offload (copyTo on a source, copyFrom on a target): checked like a read or a
+   * write, split at maxTransfer, pieces one by one. A range the driver could not take
+   * as it is (unaligned for O_DIRECT) is declined (false): the caller's read and write
+   * then go through the gate's padding.
+   */
+  const offloaded = async (op: 'read' | 'write', offset: number, length: number, piece: (at: number, n: number, delta: number) => Promise<boolean>): Promise<boolean> => {
+    const err = refuse(op, offset, length, op === 'write');
+    if (err) throw err;
+    if (!isAligned(offset, length)) return false;
+    for (let done = 0; done < length; done += maxIo) {
+      const n = Math.min(maxIo, length - done);
+      if (!(await piece(offset + done, n, done))) return false;
+    }
+    return true;
+  };
+
+  if (inner.copyTo) {
+    const copyTo = inner.copyTo.bind(inner);
+    gate.copyTo = (offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean> =>
+      offloaded('read', offset, length, (at, n, delta) => call(() => copyTo(at, n, target, targetOffset + delta)));
+  }
+
+  if (inner.copyFrom) {
+    const copyFrom = inner.copyFrom.bind(inner);
+    gate.copyFrom = async (offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean> => {
+      const wait = serializer?.waiting;
+      if (wait) await wait;
+      return offloaded('write', offset, length, (at, n, delta) => send('write', () => copyFrom(at, n, source, sourceOffset + delta)));
     };
   }
 

@@ -10,7 +10,7 @@ import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, ty
 
 const PAGE = 64 * 1024;
 
-export type MemoryOp = 'read' | 'readSegments' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush';
+export type MemoryOp = 'read' | 'readSegments' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush' | 'copy';
 
 export interface MemoryOpRecord {
   readonly op: MemoryOp;
@@ -31,6 +31,11 @@ export interface MemoryBackendOptions {
   readonly canWriteZeroes?: boolean;
   readonly canDiscard?: boolean;
   readonly canWriteOutOfOrder?: boolean;
+  /**
+   * Copy offload (copyTo/copyFrom) with other memory backends that can, as a
+   * server-side copy would: logged as 'copy' on the target. Default false.
+   */
+  readonly canCopy?: boolean;
   /** Milliseconds an operation takes, or a function of it (for latency injection). */
   readonly latency?: number | ((op: MemoryOp, offset: number, length: number) => number);
   /** Returns an error to fail an operation with (failure injection). */
@@ -53,6 +58,9 @@ export class MemoryBackend implements BlockBackend {
   readonly cheapHoleReads = true;
   readonly canWriteOutOfOrder: boolean;
   readonly log: MemoryOpRecord[] = [];
+  /** With canCopy. */
+  readonly copyTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number) => Promise<boolean>;
+  readonly copyFrom?: (offset: number, length: number, source: BlockBackend, sourceOffset: number) => Promise<boolean>;
   /** Highest number of operations in flight at once. */
   maxInFlight = 0;
   inFlight = 0;
@@ -83,6 +91,19 @@ export class MemoryBackend implements BlockBackend {
     this.readsZeroesInitially = opts.readsZeroesInitially ?? true;
     this.hasBlockStatus = opts.hasBlockStatus ?? true;
     this.canWriteOutOfOrder = opts.canWriteOutOfOrder ?? true;
+    if (opts.canCopy) {
+      this.copyTo = (offset, length, target, targetOffset) =>
+        target.copyFrom ? target.copyFrom(targetOffset, length, this, offset) : Promise.resolve(false);
+      this.copyFrom = async (offset, length, source, sourceOffset) => {
+        if (!(source instanceof MemoryBackend) || !source.copyTo) return false;
+        await this.#op('copy', offset, length, () => {
+          const data = new Uint8Array(length);
+          source.#load(sourceOffset, length, data);
+          this.#store(offset, data);
+        }, true);
+        return true;
+      };
+    }
   }
 
   /** Bytes held in memory (allocated pages). */

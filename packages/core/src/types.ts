@@ -149,6 +149,24 @@ export interface BlockBackend {
    * Each segment lies inside the backend and respects the limits.
    */
   writeScattered?(from: Uint8Array, segments: Float64Array, count: number): Promise<void>;
+  /**
+   * Optional copy offload, the source's half (QEMU's copy_range_from): copies `length`
+   * bytes at `offset` of this image to `targetOffset` of `target` without passing them
+   * through the caller, by handing the request to the target's copyFrom with what the
+   * target needs to reach the bytes (a format translates offsets to its file's and asks
+   * its file). Resolves true once copied; false when this pair cannot (another file
+   * system, a backend without copyFrom): nothing is then promised about the target
+   * range, and the caller copies it by reading and writing.
+   */
+  copyTo?(offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean>;
+  /**
+   * Optional copy offload, the target's half (QEMU's copy_range_to): writes `length`
+   * bytes of `source` at `sourceOffset` to `offset` of this image, the storage copying
+   * them itself (copy_file_range between local files, a server-side copy). `source` is
+   * the layer that reached its storage (a protocol backend, not gated). Resolves false,
+   * as copyTo, when it cannot copy from that source.
+   */
+  copyFrom?(offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean>;
   writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   blockStatus(offset: number, length: number): Promise<Extent>;

@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, checksumImage, compareImages, convert, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress } from '../src/index.js';
+import { BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress } from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const KiB = 1024;
@@ -343,6 +343,61 @@ test('rate limit slows the copy to about the asked rate', async () => {
   const t0 = performance.now();
   await convert({ sources: [src], target: new MemoryBackend({ size: MiB }), rateLimit: 4 * MiB, bufferSize: 64 * KiB });
   assert.ok(performance.now() - t0 >= 150, 'a quarter second of budget, mostly waited');
+});
+
+test('copy offload (-C): data chunks are copied by the storage, in order; zero extents still zeroed', async () => {
+  const src = await source(8 * MiB, [[0, 3 * MiB], [5 * MiB, 64 * KiB]], { canCopy: true, record: true });
+  const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, readsZeroesInitially: false, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
+  await dst.write(0, pattern(8 * MiB, 7));
+  dst.log.length = 0;
+  const r = await convert({ sources: [src], target: dst, copyOffload: true, workers: 4, bufferSize: MiB });
+  assert.ok(!src.log.some((e) => e.op === 'read'), 'nothing read through blockconv');
+  await assertSame(src, dst);
+  assert.is(r.bytesOffloaded, 3 * MiB + 64 * KiB);
+  assert.is(r.bytesWritten, 3 * MiB + 64 * KiB);
+  const copies = dst.log.filter((e) => e.op === 'copy');
+  assert.ok(!dst.log.some((e) => e.op === 'write'), 'no plain writes');
+  for (let i = 1; i < copies.length; i++) assert.ok(copies[i]!.offset > copies[i - 1]!.offset, 'issued in order');
+  assert.ok(dst.maxInFlight > 1, 'several in flight');
+  assert.ok(r.bytesZeroed >= 4 * MiB, 'zero extents zeroed on a target with old data');
+});
+
+test('copy offload falls back to reading and writing: a target that cannot, a pair that declines midway', async () => {
+  const src = await source(8 * MiB, [[0, 8 * MiB]], { canCopy: true });
+  const plain = new MemoryBackend({ size: 8 * MiB, record: true });
+  const r = await convert({ sources: [src], target: plain, copyOffload: true, bufferSize: MiB });
+  assert.is(r.bytesOffloaded, 0);
+  assert.ok(plain.log.some((e) => e.op === 'write'));
+  await assertSame(src, plain);
+  // Two copies accepted, then declined: off for the rest of the job, nothing lost.
+  let accepted = 0;
+  const declining = forwardBackend(src, {
+    copyTo: (o: number, n: number, t: BlockBackend, to: number) => (accepted < 2 ? (accepted++, src.copyTo!(o, n, t, to)) : Promise.resolve(false)),
+  });
+  const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, record: true });
+  const r2 = await convert({ sources: [declining], target: dst, copyOffload: true, workers: 1, bufferSize: MiB });
+  assert.is(r2.bytesOffloaded, 2 * MiB);
+  assert.is(r2.bytesWritten, 8 * MiB);
+  assert.is(r2.bytesRead, 8 * MiB);
+  await assertSame(src, dst);
+});
+
+test('copy offload: a failed copy fails the job with the target offset; one-at-a-time targets get one copy at a time', async () => {
+  const src = await source(8 * MiB, [[0, 8 * MiB]], { canCopy: true });
+  const dst = new MemoryBackend({
+    size: 8 * MiB, location: 'mem://dst', canCopy: true,
+    fail: (op, off) => (op === 'copy' && off === 5 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined),
+  });
+  const err = (await convert({ sources: [src], target: dst, copyOffload: true, bufferSize: MiB }).catch((e: unknown) => e)) as BlockError;
+  assert.is(err.code, 'ENOSPC');
+  assert.is(err.op, 'write');
+  assert.is(err.offset, 5 * MiB);
+  assert.is(dst.flushes, 0);
+  const serial = new MemoryBackend({ size: 8 * MiB, canCopy: true, canWriteOutOfOrder: false, latency: 1 });
+  const r = await convert({ sources: [src], target: serial, copyOffload: true, workers: 4, bufferSize: MiB });
+  assert.is(serial.maxInFlight, 1);
+  assert.is(r.bytesOffloaded, 8 * MiB);
+  await assertSame(src, serial);
 });
 
 test('option validation lists what is valid', async () => {

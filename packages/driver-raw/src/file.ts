@@ -1,8 +1,8 @@
 /**
  * The "file" protocol: local regular files and block devices, through plain fds.
  * Reads and writes use callback fs.read/fs.write (one thread-pool hop, no FileHandle
- * bookkeeping); what fs lacks (SEEK_DATA, fallocate, block device ioctls, aligned
- * memory) comes from @blockconv/fileio. The core's request gate checks ranges, the
+ * bookkeeping); what fs lacks (SEEK_DATA, fallocate, copy_file_range, block device
+ * ioctls, aligned memory) comes from @blockconv/fileio. The core's request gate checks ranges, the
  * read-only and closed states and splits at maxTransfer, so none of that is done here.
  */
 import * as fs from 'node:fs';
@@ -79,6 +79,16 @@ function errCode(err: unknown): string | undefined {
 function isUnsupported(err: unknown): boolean {
   const code = errCode(err);
   return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
+}
+
+/**
+ * copy_file_range cannot do this pair: EXDEV (file systems of different types), EINVAL
+ * (overlapping ranges of one file, O_DIRECT where the file system refuses it), and no
+ * support at all. Anything else (ENOSPC, EIO) is a real failure of the copy.
+ */
+function cannotCopy(err: unknown): boolean {
+  const code = errCode(err);
+  return isUnsupported(err) || code === 'EXDEV' || code === 'EINVAL' || code === 'EBADF' || code === 'ETXTBSY';
 }
 
 interface FileParams {
@@ -241,6 +251,38 @@ export class FileBackend implements BlockBackend {
     } catch (err) {
       throw toBlockError(err, this.#where('write', segments[0]!, segments[1]!));
     }
+  }
+
+  /** Copy offload from this file: only another local file can take it (see copyFrom). */
+  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean> {
+    return target.copyFrom ? target.copyFrom(targetOffset, length, this, offset) : false;
+  }
+
+  /**
+   * Copy offload into this file from another local file: copy_file_range, so the bytes
+   * stay in the kernel (and a file system that shares extents shares them). False where
+   * the kernel cannot (another file system type, the same file overlapping) or the
+   * source is not a local file; then the caller reads and writes.
+   */
+  async copyFrom(offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean> {
+    if (!(source instanceof FileBackend)) return false;
+    this.#extents = null;
+    let copied: number;
+    try {
+      copied = await fileio.copyRange(source.#p.fd, sourceOffset, this.#p.fd, offset, length);
+    } catch (err) {
+      if (cannotCopy(err)) return false;
+      throw toBlockError(err, this.#where('write', offset, length));
+    }
+    // The source file ended early (truncated since it was opened): a read gives zeroes there.
+    if (copied < length) return false;
+    try {
+      const behind = this.#p.writeBehind?.written(offset, length);
+      if (behind) await behind;
+    } catch (err) {
+      throw toBlockError(err, this.#where('write', offset, length));
+    }
+    return true;
   }
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {

@@ -17,6 +17,17 @@ export class CopyStats {
   bytesWritten = 0;
   bytesZeroed = 0;
   bytesSkipped = 0;
+  /** Bytes the storage copied itself (-C), counted in bytesRead and bytesWritten too. */
+  bytesOffloaded = 0;
+}
+
+/**
+ * Copy offload for a job (-C), shared by its workers: on while the pairs met so far
+ * accept it; the first one that declines turns it off, as qemu-img does, and every
+ * chunk from then on is read and written.
+ */
+export class CopyOffload {
+  constructor(public enabled: boolean) {}
 }
 
 /**
@@ -69,16 +80,20 @@ export class ChunkCopier {
   /** Data segments the last scan found (0 without a scan). */
   #segments = 0;
   #releasedSeq = -1;
+  readonly #offload: CopyOffload;
+  /** read() left the chunk to be copied by the storage: write() offloads it. */
+  #offloading = false;
 
-  constructor(plan: ConvertPlan, stats: CopyStats, zeroes: () => Uint8Array, releaseOrder: (seq: number) => void) {
+  constructor(plan: ConvertPlan, stats: CopyStats, zeroes: () => Uint8Array, releaseOrder: (seq: number) => void, offload: CopyOffload) {
     this.#plan = plan;
+    this.#offload = offload;
     this.#target = plan.target;
     this.#stats = stats;
     this.#zeroes = zeroes;
     this.#releaseOrder = releaseOrder;
     this.#buffer = plan.allocate(plan.bufferSize);
     this.#theirs = plan.backing ? plan.allocate(plan.bufferSize) : undefined;
-    this.#scanner = plan.allData ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
+    this.#scanner = !plan.scan ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
   }
 
   /** Zeroes of this chunk are left alone: the target reads them back as zeroes. */
@@ -91,8 +106,16 @@ export class ChunkCopier {
     return this.#buffer.subarray(0, length);
   }
 
-  /** Reads a data chunk into the buffer and finds its zero runs. */
+  /**
+   * Reads a data chunk into the buffer and finds its zero runs; with copy offload on
+   * and a source that can, reads nothing: write() has the storage copy it.
+   */
   async read(chunk: Chunk): Promise<void> {
+    this.#offloading = this.#offload.enabled && chunk.source.copyTo !== undefined;
+    if (!this.#offloading) await this.#read(chunk);
+  }
+
+  async #read(chunk: Chunk): Promise<void> {
     const { length, holeCount } = chunk;
     if (holeCount > 0) {
       await this.#readAround(chunk, holeCount);
@@ -143,6 +166,13 @@ export class ChunkCopier {
     const flags = this.#plan.writeFlags;
     const skipZeroes = this.skipsZeroes(chunk);
     let written = 0;
+    if (chunk.kind === 'data' && this.#offloading) {
+      this.#offloading = false;
+      if (await this.#copyOffloaded(chunk)) return;
+      // Declined: off for the whole job, and this chunk is read and written after all.
+      this.#offload.enabled = false;
+      await this.#read(chunk);
+    }
     if (this.#theirs) {
       // -B reads the backing image first; its writes go out in turn, one chunk at a time.
       await this.#writeDifferences(targetOffset, length, chunk.kind === 'data' ? this.#buffer : undefined, this.#theirs);
@@ -180,6 +210,22 @@ export class ChunkCopier {
     this.#release(seq);
     await this.#batch.settle();
     this.#stats.bytesWritten += written;
+  }
+
+  /**
+   * Has the storage copy a data chunk: issued, then the next chunk may issue its own
+   * (after it settles, on a target that takes one write at a time). False when the
+   * pair declined.
+   */
+  async #copyOffloaded(chunk: Chunk): Promise<boolean> {
+    const copy = chunk.source.copyTo!(chunk.sourceOffset, chunk.length, this.#target, chunk.targetOffset);
+    if (this.#plan.serialized) await copy.catch(() => {});
+    this.#release(chunk.seq);
+    if (!(await copy)) return false;
+    this.#stats.bytesRead += chunk.length;
+    this.#stats.bytesWritten += chunk.length;
+    this.#stats.bytesOffloaded += chunk.length;
+    return true;
   }
 
   /** Lets the next chunk write (once per chunk: a second release would move the turn back). */

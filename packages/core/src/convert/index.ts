@@ -22,7 +22,7 @@
 import { EventEmitter } from 'node:events';
 import { BlockError, cancelled, toBlockError } from '../errors.js';
 import { WorkerGovernor } from '../autotune.js';
-import { ChunkCopier, CopyStats } from './copier.js';
+import { ChunkCopier, CopyOffload, CopyStats } from './copier.js';
 import { ChunkCursor, type Chunk } from './cursor.js';
 import type { ConvertOptions, ConvertProgress, ConvertResult } from './options.js';
 import { WriteOrder } from './order.js';
@@ -175,6 +175,8 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
     if (!zeroBuffer) { zeroBuffer = plan.allocate(bufferSize); zeroBuffer.fill(0); }
     return zeroBuffer;
   };
+  // -C: only a target that can take copies (a fanout of several cannot) starts with it on.
+  const offload = new CopyOffload(plan.copyOffload && target.copyFrom !== undefined);
   const governor = plan.autoWorkers ? new WorkerGovernor(workers) : undefined;
   const checkpointing = o.checkpoint !== undefined || o.resume !== undefined;
   // Copies of chunks waiting to be hashed: twice the workers keeps them from waiting.
@@ -251,7 +253,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
   /** One worker: the next chunk, read, wait for its turn, write; until the cursor is done. */
   const copyLoop = async (index: number, readFirst: () => void): Promise<void> => {
     if (failure || exhausted) return;
-    const copier = new ChunkCopier(plan, stats, zeroes, releaseOrder);
+    const copier = new ChunkCopier(plan, stats, zeroes, releaseOrder, offload);
     let op = 'read';
     let chunk: Chunk | null = null;
     try {
@@ -357,7 +359,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
     }
     const result = {
       ...snapshot(), workers: governor ? governor.chosen : workers, ...(governor ? { workersTried: [...governor.history] } : {}),
-      bufferSize, outOfOrder, ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
+      bufferSize, outOfOrder, ...(plan.copyOffload ? { bytesOffloaded: stats.bytesOffloaded } : {}), ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
       ...(o.resume ? { resumedFrom: plan.start } : {}), ...(checkpointer ? { checkpoints: checkpointer.count } : {}),
       ...(fanout ? { targets: fanout.outcomes() } : {}),
     };

@@ -64,6 +64,14 @@ export interface ConvertOptions {
   readonly diffAgainstBacking?: boolean;
   /** Store data compressed (-c): the target must be able to (canCompress). */
   readonly compress?: boolean;
+  /**
+   * Copy offload (-C, qemu-img's): data is copied by the storage itself (copy_file_range
+   * between local files) where source and target allow, else read and written. Zero
+   * extents are still found by block status; zero runs inside data are not looked for,
+   * so it cannot be combined with minSparse, compress, diffAgainstBacking, checksum or
+   * verify (all need the bytes to pass through the copy).
+   */
+  readonly copyOffload?: boolean;
   /** Flush the target at the end (default true). The job does not resolve until it succeeds. */
   readonly flush?: boolean;
   readonly signal?: AbortSignal;
@@ -151,6 +159,8 @@ export interface ConvertResult extends ConvertProgress {
   readonly workersTried?: readonly number[];
   readonly bufferSize: number;
   readonly outOfOrder: boolean;
+  /** With copyOffload: bytes the storage copied itself (part of bytesWritten and bytesRead). */
+  readonly bytesOffloaded?: number;
   /** With checksum or verify: the blkhash digest of the sources' content, hex. */
   readonly checksum?: string;
   /** With verify: the target read back to the same digest (else the job fails). */

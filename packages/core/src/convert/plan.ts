@@ -43,6 +43,10 @@ export interface ConvertPlan {
   readonly minSparse: number;
   /** -S 0: every byte is written as data, zeroes included. */
   readonly allData: boolean;
+  /** Data is scanned for zero runs (-S > 0, no copy offload). */
+  readonly scan: boolean;
+  /** -C: data chunks are copied by the storage where source and target allow. */
+  readonly copyOffload: boolean;
   /** Smallest hole the cursor may read along with the data around it; 0: never. */
   readonly minMergedHole: number;
   /** The target reads back zeroes: zero ranges are skipped. */
@@ -84,6 +88,12 @@ function checkOptions(o: ConvertOptions & { readonly target: BlockBackend }): vo
   }
   if (o.target.readOnly) {
     throw new BlockError('EROFS', `the target is read-only${o.target.readOnlyReason ? `: ${o.target.readOnlyReason}` : ''}`, { location: o.target.location });
+  }
+  if (o.copyOffload) {
+    // Each of these needs the bytes in memory, which an offloaded copy never brings there.
+    const clash = o.compress ? 'compress (-c)' : o.diffAgainstBacking ? 'write only what differs from a backing image (-B)'
+      : o.minSparse !== undefined ? 'look for zero runs in data (-S)' : o.checksum || o.verify ? 'checksum or verify what it copies' : undefined;
+    if (clash) throw new BlockError('EINVAL', `copy offload (-C) cannot ${clash}: the data does not pass through blockconv`, { field: 'copyOffload' });
   }
   if (o.compress && !o.target.canCompress) {
     throw new BlockError('EINVAL', `the target (${o.target.driverName}) cannot store compressed data`, { location: o.target.location });
@@ -152,7 +162,9 @@ export function planConvert(o: ConvertOptions & { readonly target: BlockBackend 
     }
   }
   // A merged hole must come back from the zero scan as a run the target need not write.
-  const minMergedHole = allData ? 0 : Math.max(minSparse, unit);
+  // Not with copy offload: merged holes are found by the scan, which it does not run.
+  const copyOffload = o.copyOffload === true;
+  const minMergedHole = allData || copyOffload ? 0 : Math.max(minSparse, unit);
   const memAlign = Math.max(target.limits.minMemAlignment ?? 1, ...sources.map((s) => s.limits.minMemAlignment ?? 1));
   const alignedOwner = memAlign > 1 ? [target, ...sources].find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) >= memAlign) : undefined;
   const writeFlags = o.compress ? { compress: true } : undefined;
@@ -163,6 +175,7 @@ export function planConvert(o: ConvertOptions & { readonly target: BlockBackend 
   return {
     target, sources, total, backing, start, rewriteEnd, workers, autoWorkers, bufferSize, chunkAlign, cursorAlign, checksum,
     maxDataChunk: roundDown(bufferSize, cursorAlign), maxZeroChunk: checksum ? roundDown(maxZeroChunk, cursorAlign) || cursorAlign : maxZeroChunk, unit, minSparse, allData, minMergedHole,
+    scan: !allData && !copyOffload, copyOffload,
     targetZero, outOfOrder, serialized, maxZeroes, writeFlags,
     pieceByPiece: serialized || writeFlags !== undefined,
     rateLimit: o.rateLimit || undefined,
