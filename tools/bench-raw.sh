@@ -68,8 +68,11 @@ declare -A BUILTIN=(
   [blockconv -m 8 -W -t unsafe]='blockconv convert -m 8 -W -t unsafe {SRC} {DST}'
   [blockconv -m 8 -W]='blockconv convert -m 8 -W {SRC} {DST}'
   [blockconv (default)]='blockconv convert {SRC} {DST}'
+  [qemu-img -C]='qemu-img convert -C -f raw -O raw -m 8 -W {SRC} {DST}'
+  [blockconv -C -m 8 -W -t unsafe]='blockconv convert -C -m 8 -W -t unsafe {SRC} {DST}'
 )
-DEFAULT_TOOLS=$'qemu-img\nnbdcopy\nblockconv -m 8 -W -t unsafe\nblockconv (default)'
+# -C (copy offload): the kernel copies file to file (copy_file_range); both tools have it.
+DEFAULT_TOOLS=$'qemu-img\nnbdcopy\nblockconv -m 8 -W -t unsafe\nblockconv (default)\nqemu-img -C\nblockconv -C -m 8 -W -t unsafe'
 # nbdcopy is not asked for in the huge scenario but costs a few seconds and is the
 # fastest peer; "-m 8 -W" without -t unsafe shows what the final flush costs.
 DEFAULT_HUGE_TOOLS=$'qemu-img\nnbdcopy\nblockconv -m 8 -W -t unsafe\nblockconv -m 8 -W\nblockconv (default)'
