@@ -8,6 +8,7 @@
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import {
+  checkCopyOffload,
   BlockError,
   checksumImage,
   compareImages,
@@ -590,6 +591,8 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
   const sourceOptions = o.snapshot || o.sourceOpts ? { ...o.snapshot, ...o.sourceOpts } : undefined;
   if (o.targetIsZero && o.create) throw new BlockError('EINVAL', '--target-is-zero requires -n (an existing target)');
   if (o.sparseSize % 512 !== 0) throw new BlockError('EINVAL', `-S must be a multiple of 512 bytes, got ${o.sparseSize}`);
+  // Before anything is opened or created: a refused -C leaves no new target behind.
+  checkCopyOffload({ copyOffload: o.copyOffload, compress: o.compress, diffAgainstBacking: o.backing !== undefined, minSparse: o.sparseSizeGiven ? o.sparseSize : undefined, checksum: o.checksum, verify: o.verify });
   // --tee: more targets, each written the whole copy while the sources are read once.
   const targetNames = [firstTarget, ...(o.tee ?? [])];
   const several = targetNames.length > 1;

@@ -3,7 +3,7 @@
  * qemu-img as the oracle (qemu-img compare / map / info).
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -297,6 +297,7 @@ test('-C: the kernel copies the data (same file system), the result says how muc
       assert.match(bad.stderr, /copy offload \(-C\) cannot/);
       assert.match(bad.stderr, why);
       assert.is(bad.stderr.trim().split('\n').length, 1, 'one line');
+      assert.not.ok(existsSync(join(d, 'bad.img')), 'refused before the target was created');
     }
   } finally {
     rmSync(d, { recursive: true, force: true });

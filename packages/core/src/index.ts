@@ -13,7 +13,7 @@ export { chainStatus } from './status.js';
 export { forwardBackend } from './forward.js';
 export { gateBackend, ungated, isGated, checkLimits, type GateFacts } from './gate.js';
 export {
-  convert, startConvert, ConvertJob,
+  convert, startConvert, ConvertJob, checkCopyOffload,
   DEFAULT_WORKERS, AUTO_MAX_WORKERS, DEFAULT_BUFFER_SIZE, DEFAULT_MIN_SPARSE, MAX_WORKERS,
   type ConvertOptions, type ConvertProgress, type ConvertResult,
   DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, HEAD_BYTES, RESUME_STATE_KIND, RESUME_STATE_VERSION,

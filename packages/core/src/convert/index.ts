@@ -34,6 +34,7 @@ import { checkResume, identifyConvert, type ResumeState } from './resume.js';
 import { FanoutTarget } from './fanout.js';
 
 export * from './options.js';
+export { checkCopyOffload } from './plan.js';
 export { FanoutTarget, UnopenedTarget, type FailedTarget, type TargetOutcome } from './fanout.js';
 export { openTargets, type OpenTargetsOptions } from './targets.js';
 export { DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, ProgressLedger } from './checkpoints.js';

@@ -72,6 +72,17 @@ export interface ConvertPlan {
   readonly allocate: (n: number) => Uint8Array;
 }
 
+/**
+ * Refuses copy offload with what needs the bytes in memory, which an offloaded copy
+ * never brings there. Exported so that a caller can check before it creates a target.
+ */
+export function checkCopyOffload(o: Pick<ConvertOptions, 'copyOffload' | 'compress' | 'diffAgainstBacking' | 'minSparse' | 'checksum' | 'verify'>): void {
+  if (!o.copyOffload) return;
+  const clash = o.compress ? 'compress (-c)' : o.diffAgainstBacking ? 'write only what differs from a backing image (-B)'
+    : o.minSparse !== undefined ? 'look for zero runs in data (-S)' : o.checksum || o.verify ? 'checksum or verify what it copies' : undefined;
+  if (clash) throw new BlockError('EINVAL', `copy offload (-C) cannot ${clash}: the data does not pass through blockconv`, { field: 'copyOffload' });
+}
+
 function checkOptions(o: ConvertOptions & { readonly target: BlockBackend }): void {
   const int = (name: string, v: number | undefined, min: number, max = Number.MAX_SAFE_INTEGER): void => {
     if (v !== undefined && (!Number.isSafeInteger(v) || v < min || v > max)) {
@@ -89,12 +100,7 @@ function checkOptions(o: ConvertOptions & { readonly target: BlockBackend }): vo
   if (o.target.readOnly) {
     throw new BlockError('EROFS', `the target is read-only${o.target.readOnlyReason ? `: ${o.target.readOnlyReason}` : ''}`, { location: o.target.location });
   }
-  if (o.copyOffload) {
-    // Each of these needs the bytes in memory, which an offloaded copy never brings there.
-    const clash = o.compress ? 'compress (-c)' : o.diffAgainstBacking ? 'write only what differs from a backing image (-B)'
-      : o.minSparse !== undefined ? 'look for zero runs in data (-S)' : o.checksum || o.verify ? 'checksum or verify what it copies' : undefined;
-    if (clash) throw new BlockError('EINVAL', `copy offload (-C) cannot ${clash}: the data does not pass through blockconv`, { field: 'copyOffload' });
-  }
+  checkCopyOffload(o);
   if (o.compress && !o.target.canCompress) {
     throw new BlockError('EINVAL', `the target (${o.target.driverName}) cannot store compressed data`, { location: o.target.location });
   }
