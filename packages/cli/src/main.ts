@@ -646,8 +646,8 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
       outOfOrder: o.outOfOrder,
       compress: o.compress,
       diffAgainstBacking: o.backing !== undefined,
-      // -C does not scan data: -S given with it is refused by the core, naming both.
-      minSparse: o.copyOffload && !o.sparseSizeGiven ? undefined : o.sparseSize,
+      // -C does not scan data (an -S given with it was refused above).
+      minSparse: o.copyOffload ? undefined : o.sparseSize,
       copyOffload: o.copyOffload,
       targetIsZero: o.targetIsZero,
       rateLimit: o.rateLimit,

@@ -535,29 +535,35 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
    * as it is (unaligned for O_DIRECT) is declined (false): the caller's read and write
    * then go through the gate's padding.
    */
-  const offloaded = async (op: 'read' | 'write', offset: number, length: number, piece: (at: number, n: number, delta: number) => Promise<boolean>): Promise<boolean> => {
+  const mayOffload = (op: 'read' | 'write', offset: number, length: number): boolean => {
     const err = refuse(op, offset, length, op === 'write');
     if (err) throw err;
-    if (!isAligned(offset, length)) return false;
-    for (let done = 0; done < length; done += maxIo) {
-      const n = Math.min(maxIo, length - done);
-      if (!(await piece(offset + done, n, done))) return false;
-    }
-    return true;
+    return isAligned(offset, length);
   };
 
   if (inner.copyTo) {
     const copyTo = inner.copyTo.bind(inner);
-    gate.copyTo = (offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean> =>
-      offloaded('read', offset, length, (at, n, delta) => call(() => copyTo(at, n, target, targetOffset + delta)));
+    gate.copyTo = async (offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean> => {
+      if (!mayOffload('read', offset, length)) return false;
+      for (let done = 0; done < length; done += maxIo) {
+        if (!(await copyTo(offset + done, Math.min(maxIo, length - done), target, targetOffset + done))) return false;
+      }
+      return true;
+    };
   }
 
   if (inner.copyFrom) {
     const copyFrom = inner.copyFrom.bind(inner);
     gate.copyFrom = async (offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean> => {
+      // Behind a read-modify-write, wait, then check against what the image is by then (as write).
       const wait = serializer?.waiting;
       if (wait) await wait;
-      return offloaded('write', offset, length, (at, n, delta) => send('write', () => copyFrom(at, n, source, sourceOffset + delta)));
+      if (!mayOffload('write', offset, length)) return false;
+      for (let done = 0; done < length; done += maxIo) {
+        const n = Math.min(maxIo, length - done);
+        if (!(await send('write', () => copyFrom(offset + done, n, source, sourceOffset + done)))) return false;
+      }
+      return true;
     };
   }
 

@@ -267,22 +267,17 @@ export class FileBackend implements BlockBackend {
   async copyFrom(offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean> {
     if (!(source instanceof FileBackend)) return false;
     this.#extents = null;
-    let copied: number;
     try {
-      copied = await fileio.copyRange(source.#p.fd, sourceOffset, this.#p.fd, offset, length);
-    } catch (err) {
-      if (cannotCopy(err)) return false;
-      throw toBlockError(err, this.#where('write', offset, length));
-    }
-    // The source file ended early (truncated since it was opened): a read gives zeroes there.
-    if (copied < length) return false;
-    try {
+      // The source file ended early (truncated since it was opened): a read gives zeroes there.
+      if ((await fileio.copyRange(source.#p.fd, sourceOffset, this.#p.fd, offset, length)) < length) return false;
       const behind = this.#p.writeBehind?.written(offset, length);
       if (behind) await behind;
+      return true;
     } catch (err) {
+      // Only the copy itself may decline; a failing write-behind is a failed write.
+      if ((err as { syscall?: unknown }).syscall === 'copy_file_range' && cannotCopy(err)) return false;
       throw toBlockError(err, this.#where('write', offset, length));
     }
-    return true;
   }
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
