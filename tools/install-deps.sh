@@ -6,7 +6,8 @@ set -euo pipefail
 packages=(
   qemu-utils        # qemu-img / qemu-io: the reference oracle and benchmark peer
   qemu-block-extra  # qemu-img's nfs:// and iscsi:// support (the oracle reads the servers)
-  libnbd-bin        # nbdcopy: the fastest benchmark peer
+  libnbd-bin        # nbdcopy, nbdinfo: the fastest benchmark peer, and NBD test clients
+  nbdkit            # NBD test servers (memory, sparse-random, error and delay filters)
   g++ make python3  # node-gyp builds of native/
   time              # GNU time: wall time and peak RSS in the benchmarks
   util-linux-extra  # fincore: page-cache residency in the write-behind tests

@@ -28,6 +28,10 @@ const KNOWN_PACKAGES: Readonly<Record<string, { pkg: string; needs?: string }>> 
   qcow2: { pkg: '@blockconv/driver-qcow2' },
   nfs: { pkg: '@blockconv/driver-nfs', needs: 'libnfs (Debian: libnfs-dev)' },
   iscsi: { pkg: '@blockconv/driver-iscsi', needs: 'libiscsi (Debian: libiscsi-dev)' },
+  nbd: { pkg: '@blockconv/driver-nbd' },
+  'nbd+unix': { pkg: '@blockconv/driver-nbd' },
+  nbds: { pkg: '@blockconv/driver-nbd' },
+  'nbds+unix': { pkg: '@blockconv/driver-nbd' },
 };
 
 export interface ParsedLocation {

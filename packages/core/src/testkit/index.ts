@@ -57,6 +57,23 @@ function allZero(u: Uint8Array): boolean {
   return true;
 }
 
+/** Writes `data` at `offset` in requests of at most maxTransfer, as the gate would split it. */
+async function writeAll(b: BlockBackend, offset: number, data: Uint8Array): Promise<void> {
+  const max = b.limits.maxTransfer;
+  const parts: Promise<void>[] = [];
+  for (let at = 0; at < data.length; at += max) parts.push(b.write(offset + at, data.subarray(at, Math.min(data.length, at + max))));
+  await Promise.all(parts);
+}
+
+/** Reads `length` bytes at `offset` into `into` in requests of at most maxTransfer; returns the filled view. */
+async function readAll(b: BlockBackend, offset: number, length: number, into: Uint8Array): Promise<Uint8Array> {
+  const max = b.limits.maxTransfer;
+  const parts: Promise<Uint8Array>[] = [];
+  for (let at = 0; at < length; at += max) parts.push(b.read(offset + at, Math.min(max, length - at), into.subarray(at)));
+  await Promise.all(parts);
+  return into.subarray(0, length);
+}
+
 function buffer(b: BlockBackend, n: number): Uint8Array {
   return b.allocBuffer ? b.allocBuffer(n) : new Uint8Array(n);
 }
@@ -257,8 +274,8 @@ export function conformance(name: string, options: ConformanceOptions): void {
       const data = pattern(len, off + 1);
       const w = buffer(b, len);
       w.set(data);
-      await b.write(off, w);
-      const got = await b.read(off, len, buffer(b, len));
+      await writeAll(b, off, w);
+      const got = await readAll(b, off, len, buffer(b, len));
       assert.ok(Buffer.from(got).equals(Buffer.from(data)), `data at ${off} (+${len}) reads back`);
     }
   });
@@ -267,8 +284,8 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const len = Math.min(b.limits.maxTransfer, aligned(b, 4 << 20), b.size - (b.size % b.limits.requestAlignment));
     const w = buffer(b, len);
     w.set(pattern(len, 7));
-    await b.write(0, w);
-    const got = await b.read(0, len, buffer(b, len));
+    await writeAll(b, 0, w);
+    const got = await readAll(b, 0, len, buffer(b, len));
     assert.ok(Buffer.from(got).equals(Buffer.from(w)));
   });
 
@@ -278,9 +295,9 @@ export function conformance(name: string, options: ConformanceOptions): void {
     await Promise.all(Array.from({ length: n }, (_, i) => {
       const w = buffer(b, len);
       w.set(pattern(len, 100 + i));
-      return b.write(i * len, w);
+      return writeAll(b, i * len, w);
     }));
-    const got = await Promise.all(Array.from({ length: n }, (_, i) => b.read(i * len, len, buffer(b, len))));
+    const got = await Promise.all(Array.from({ length: n }, (_, i) => readAll(b, i * len, len, buffer(b, len))));
     got.forEach((g, i) => assert.ok(Buffer.from(g).equals(Buffer.from(pattern(len, 100 + i))), `range ${i}`));
   });
 
@@ -291,13 +308,13 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const base = aligned(b, 1 << 20);
     const old = buffer(b, len);
     old.set(pattern(len, 21));
-    await b.write(base, old);
+    await writeAll(b, base, old);
     const data = buffer(b, len);
     data.set(pattern(len, 22));
     const seg = new Float64Array([0, a * 2, a * 8, a * 9, len - a * 4, len, 999, 999]);
     await b.writeSegments(base, data, seg, 3);
     seg.fill(0); // the caller may reuse the list at once
-    const got = await b.read(base, len, buffer(b, len));
+    const got = await readAll(b, base, len, buffer(b, len));
     const want = Buffer.from(old);
     for (const [s0, e0] of [[0, a * 2], [a * 8, a * 9], [len - a * 4, len]] as const) want.set(data.subarray(s0, e0), s0);
     assert.ok(Buffer.from(got).equals(want), 'listed pieces written, the rest untouched');
@@ -314,7 +331,7 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const data = buffer(b, len);
     data.set(pattern(len, 23));
     await b.writeSegments(base, data, new Float64Array([0, p, 2 * p, 4 * p, 5 * p, 6 * p]), 3);
-    const got = await b.read(base, len, buffer(b, len));
+    const got = await readAll(b, base, len, buffer(b, len));
     const want = Buffer.alloc(len);
     for (const [s0, e0] of [[0, p], [2 * p, 4 * p], [5 * p, 6 * p]] as const) want.set(data.subarray(s0, e0), s0);
     assert.ok(Buffer.from(got).equals(want), 'pieces written, the gaps still zero');
@@ -324,12 +341,12 @@ export function conformance(name: string, options: ConformanceOptions): void {
     if (!b.writeScattered) return;
     const a = b.limits.requestAlignment;
     const len = aligned(b, 64 * 1024);
-    await b.write(0, buffer(b, len * 2).fill(0x11));
+    await writeAll(b, 0, buffer(b, len * 2).fill(0x11));
     const from = buffer(b, len);
     from.set(pattern(len, 41));
     // Out of order, and pieces of the source moved to other places.
     await b.writeScattered(from, new Float64Array([len, a * 2, 0, 0, a, len - a, a * 3, a, a]), 3);
-    const got = await b.read(0, len * 2, buffer(b, len * 2));
+    const got = await readAll(b, 0, len * 2, buffer(b, len * 2));
     const want = Buffer.alloc(len * 2, 0x11);
     want.set(from.subarray(0, a * 2), len);
     want.set(from.subarray(len - a, len), 0);
@@ -343,7 +360,7 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const len = aligned(b, 64 * 1024);
     const w = buffer(b, len * 2);
     w.set(pattern(len * 2, 31));
-    await b.write(0, w);
+    await writeAll(b, 0, w);
     const into = buffer(b, len * 2);
     into.fill(0xee);
     // Out of order, and one piece ending at the end of the written data.
@@ -360,10 +377,10 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const len = aligned(b, 256 * 1024);
     const w = buffer(b, len * 2);
     w.set(pattern(len * 2, 3));
-    await b.write(0, w);
+    await writeAll(b, 0, w);
     await b.writeZeroes(0, len, { mayUnmap: true });
     await b.writeZeroes(len, len / 2, { mayUnmap: false });
-    const got = await b.read(0, len * 2, buffer(b, len * 2));
+    const got = await readAll(b, 0, len * 2, buffer(b, len * 2));
     assert.ok(allZero(got.subarray(0, len + len / 2)), 'zeroed range reads zero');
     assert.ok(Buffer.from(got.subarray(len + len / 2)).equals(Buffer.from(w.subarray(len + len / 2))), 'neighbouring data intact');
   });
@@ -372,9 +389,9 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const len = aligned(b, 128 * 1024);
     const w = buffer(b, len * 2);
     w.set(pattern(len * 2, 5));
-    await b.write(0, w);
+    await writeAll(b, 0, w);
     await b.discard(0, len);
-    const got = await b.read(len, len, buffer(b, len));
+    const got = await readAll(b, len, len, buffer(b, len));
     assert.ok(Buffer.from(got).equals(Buffer.from(w.subarray(len))));
   });
 
@@ -384,11 +401,11 @@ export function conformance(name: string, options: ConformanceOptions): void {
     const off = aligned(b, 12345);
     const w = buffer(b, len);
     w.set(pattern(len, 11));
-    await b.write(off, w);
+    await writeAll(b, off, w);
     await b.flush();
     await b.close();
     b = await t.reopen();
-    const got = await b.read(off, len, buffer(b, len));
+    const got = await readAll(b, off, len, buffer(b, len));
     assert.ok(Buffer.from(got).equals(Buffer.from(w)));
   });
 

@@ -1,0 +1,2 @@
+// The NBD driver against real servers from Debian (qemu-nbd, nbdkit).
+await import('./suites/conformance.js');
