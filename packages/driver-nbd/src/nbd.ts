@@ -153,6 +153,7 @@ export class NbdBackend implements BlockBackend {
   #status?: Uint32Array;
   #statusStart = 0;
   #generation = 0;
+  #statusRequests = 0;
   #writeZeroesWorks = true;
   #zeroBuf?: Uint8Array;
   #closed = false;
@@ -182,9 +183,9 @@ export class NbdBackend implements BlockBackend {
     this.hasBlockStatus = info.metaContexts.has(BASE_ALLOCATION);
   }
 
-  /** Connections open, and the requests in flight on each, for tests and diagnostics. */
-  get stats(): { connections: number; inFlight: number[] } {
-    return { connections: this.#connections.length, inFlight: this.#connections.map((c) => c.inFlight) };
+  /** Connections open, requests in flight on each, block status requests sent: for tests and diagnostics. */
+  get stats(): { connections: number; inFlight: number[]; statusRequests: number } {
+    return { connections: this.#connections.length, inFlight: this.#connections.map((c) => c.inFlight), statusRequests: this.#statusRequests };
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -248,6 +249,7 @@ export class NbdBackend implements BlockBackend {
     if (!found) {
       const generation = this.#generation;
       const hint = Math.min(rest, Math.max(length, STATUS_HINT));
+      this.#statusRequests++;
       const status = await this.#pick().blockStatus(offset, floorTo(Math.min(hint, 0xffffffff), this.limits.requestAlignment) || hint);
       // Not kept when a change started meanwhile: the answer may predate it.
       if (generation === this.#generation) {

@@ -1,2 +1,5 @@
 // The NBD driver against real servers from Debian (qemu-nbd, nbdkit).
 await import('./suites/conformance.js');
+await import('./suites/driver.js');
+await import('./suites/errors.js');
+await import('./suites/cli.js');
