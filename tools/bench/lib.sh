@@ -144,14 +144,23 @@ wait_quiet() {
   done
 }
 
+is_url() { [[ $1 == *://* ]]; }
+
 # Run one tool once under GNU time and append a line to runs.tsv (unless run <= 0:
 # a warm-up). Args: scenario location label template src dst run runs
 timed_run() {
   local sc=$1 loc=$2 label=$3 template=$4 src=$5 dst=$6 run=$7 rc=0 wall rss user sys vcs ics internal b0 other
   build_cmd "$template" "$src" "$dst"
   wait_quiet "$label run $run at $loc"
-  rm -f "$dst"   # every tool starts from a missing target and creates it; right
-                 # before the run, so the run recycles the pages just freed
+  # Every tool starts from a missing target and creates it; right before the run, so
+  # the run recycles the pages just freed. A target that is a URL (an NBD export)
+  # cannot be deleted: RESET_TARGET, when set, is run instead to bring it back to its
+  # starting state (e.g. all zeroes).
+  if is_url "$dst"; then
+    [ -z "${RESET_TARGET:-}" ] || eval "$RESET_TARGET"
+  else
+    rm -f "$dst"
+  fi
   # RUN_SAMPLER: a command started beside each timed run and stopped (SIGTERM) after
   # it, with {OUT} replaced by WORK/samples/SCENARIO-LABEL-RUN.tsv (see link_sampler.py).
   local sampler=""
@@ -198,7 +207,7 @@ timed_run() {
 verify() {
   local sc=$1 loc=$2 label=$3 src=$4 dst=$5 src_fmt=${6:-raw} dst_fmt=${7:-raw} status=OK alloc="" blocks bsize
   local rc=0 why
-  if [ ! -e "$dst" ]; then
+  if ! is_url "$dst" && [ ! -e "$dst" ]; then
     rc=2; why="no target"
   else
     qemu-img compare -q -f "$src_fmt" -F "$dst_fmt" "$src" "$dst" 2>"$WORK/compare.err" || rc=$?
@@ -212,7 +221,7 @@ verify() {
     status=FAIL
     log "VERIFY FAILED: $label at $loc: $why"
   fi
-  if [ -e "$dst" ]; then
+  if ! is_url "$dst" && [ -e "$dst" ]; then
     read -r blocks bsize < <(stat -c '%b %B' "$dst")
     alloc=$((blocks * bsize))
   fi
@@ -233,7 +242,7 @@ run_scenario() {
   for spec in "${specs[@]}"; do
     printf '%s\t%s\t%s\n' "$sc" "${spec%%|*}" "${spec#*|}" >>"$WORK/tools.tsv"
   done
-  TARGETS+=("$dst")
+  is_url "$dst" || TARGETS+=("$dst")
   # Start each location with no dirty pages (e.g. from the previous location's
   # targets) that the kernel would write back during the first runs.
   sync
@@ -243,7 +252,7 @@ run_scenario() {
   # which costs ~2 s/GiB of extra sys time: one tool alone would pay it. A dummy
   # target as big as the data puts the first run on the same footing.
   data=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["data_bytes"])' "$SOURCE_INFO")
-  dd if=/dev/zero of="$dst" bs=4M count=$(((data + (4 << 20) - 1) >> 22)) status=none
+  is_url "$dst" || dd if=/dev/zero of="$dst" bs=4M count=$(((data + (4 << 20) - 1) >> 22)) status=none
   for ((run = 1 - WARMUP; run <= runs; run++)); do
     for spec in "${specs[@]}"; do
       label=${spec%%|*} template=${spec#*|}
@@ -251,7 +260,7 @@ run_scenario() {
       if ((run == 1)); then verify "$sc" "$loc" "$label" "$ref" "$dst" "$ref_fmt" "$dst_fmt"; fi
     done
   done
-  rm -f "$dst"
+  is_url "$dst" || rm -f "$dst"
   local fp
   fp=$(build_fingerprint)
   [ "$fp" = "$FP_START" ] || warn "blockconv's build changed since the start ($FP_START -> $fp): $sc at $loc may mix builds"

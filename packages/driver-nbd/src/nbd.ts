@@ -149,9 +149,8 @@ export class NbdBackend implements BlockBackend {
   readonly #info: ExportInfo;
   readonly #exportName: string;
   readonly #unsafe: boolean;
-  /** The last block status answer: extents from #statusStart as (length, flags) pairs. */
-  #status?: Uint32Array;
-  #statusStart = 0;
+  /** The last block status answer: where each extent ends, and its flags. */
+  #status?: StatusList;
   #generation = 0;
   #statusRequests = 0;
   #writeZeroesWorks = true;
@@ -252,11 +251,9 @@ export class NbdBackend implements BlockBackend {
       this.#statusRequests++;
       const status = await this.#pick().blockStatus(offset, floorTo(Math.min(hint, 0xffffffff), this.limits.requestAlignment) || hint);
       // Not kept when a change started meanwhile: the answer may predate it.
-      if (generation === this.#generation) {
-        this.#status = status;
-        this.#statusStart = offset;
-      }
-      found = covering(status, offset, offset, rest);
+      const list = statusList(status, offset);
+      if (generation === this.#generation) this.#status = list;
+      found = covering(list, offset, rest);
     }
     if (!found) return { kind: 'data', length: Math.min(rest, Math.max(length, this.limits.requestAlignment)) };
     return { kind: found.flags & State.ZERO ? 'zero' : 'data', length: found.end - offset };
@@ -318,7 +315,7 @@ export class NbdBackend implements BlockBackend {
   }
 
   #covering(offset: number): { flags: number; end: number } | undefined {
-    return this.#status ? covering(this.#status, this.#statusStart, offset, this.size - offset) : undefined;
+    return this.#status ? covering(this.#status, offset, this.size - offset) : undefined;
   }
 
   /** Called as a change starts and as it ends, so no block status overlapping it is kept. */
@@ -328,15 +325,38 @@ export class NbdBackend implements BlockBackend {
   }
 }
 
-/** The extent of `status` (pairs from `start`) that covers `offset`. */
-function covering(status: Uint32Array, start: number, offset: number, rest: number): { flags: number; end: number } | undefined {
+/** A block status answer, ready for lookups: extent i covers [ends[i-1] (or start), ends[i]). */
+interface StatusList {
+  readonly start: number;
+  readonly ends: Float64Array;
+  readonly flags: Uint32Array;
+}
+
+function statusList(pairs: Uint32Array, start: number): StatusList {
+  const n = pairs.length >> 1;
+  const ends = new Float64Array(n);
+  const flags = new Uint32Array(n);
   let at = start;
-  for (let i = 0; i + 1 < status.length; i += 2) {
-    const end = at + status[i]!;
-    if (offset < end) return offset >= at ? { flags: status[i + 1]!, end: Math.min(end, offset + rest) } : undefined;
-    at = end;
+  for (let i = 0; i < n; i++) {
+    at += pairs[2 * i]!;
+    ends[i] = at;
+    flags[i] = pairs[2 * i + 1]!;
   }
-  return undefined;
+  return { start, ends, flags };
+}
+
+/** The extent that covers `offset` (binary search: a converter walks thousands of them). */
+function covering(list: StatusList, offset: number, rest: number): { flags: number; end: number } | undefined {
+  const { ends } = list;
+  if (offset < list.start || ends.length === 0 || offset >= ends[ends.length - 1]!) return undefined;
+  let lo = 0;
+  let hi = ends.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (ends[mid]! > offset) hi = mid;
+    else lo = mid + 1;
+  }
+  return { flags: list.flags[lo]!, end: Math.min(ends[lo]!, offset + rest) };
 }
 
 /** Waits for all, then throws the first failure (nothing is left running unobserved). */
