@@ -3,11 +3,9 @@
  * replies, metadata contexts, NBD_OPT_GO with block sizes), then many requests in flight,
  * their replies matched by cookie in whatever order the server sends them.
  *
- * Reads land in the caller's buffer without a copy where it pays: the socket is opened
- * with `onread`, whose buffer function names where the kernel's next read goes, so once
- * a data chunk's header is parsed the rest of its payload is read straight into the
- * destination (as libnbd's recv into the caller's buffer). Headers and small payloads go
- * through one staging buffer. Measured against libnbd before choosing this design
+ * Reads land in the caller's buffer without a copy where it pays (reader.ts): once a
+ * data chunk's header is parsed, the rest of its payload is read straight into the
+ * destination. Measured against libnbd before choosing this design
  * (docs/PERFORMANCE.md, issue 17): 4.8 µs of client CPU per 4 KiB read against
  * libnbd's 4.1 µs in C (no binding cost counted), 56 µs per 256 KiB read against 46 µs.
  *
@@ -47,6 +45,7 @@ import {
   errnoText,
   optionErrorText,
 } from './protocol.js';
+import { SinkReader } from './reader.js';
 
 /** Where the server listens: a Unix socket path, or a TCP host and port. */
 export interface Endpoint {
@@ -86,9 +85,6 @@ export interface ExportInfo {
 const MAX_OPTION_REPLY = 64 * 1024;
 /** Largest non-data reply payload: block status of 2^20 extents, as proto.md caps it. */
 const MAX_STATUS_PAYLOAD = 4 + 8 * (1 << 20);
-/** Below this many bytes left of a payload, reading it through the staging buffer is as cheap. */
-const DIRECT_MIN = 16 * 1024;
-const STAGING_SIZE = 64 * 1024;
 
 /** What the reader is filling its sink for. */
 const enum Want {
@@ -132,12 +128,8 @@ export class NbdConnection {
   /** The context id whose block status replies are kept (base:allocation). */
   #statusContext = -1;
 
-  // Reader: bytes go into #sink[#sinkPos, #sinkEnd), then #advance() acts on #want.
-  readonly #staging = Buffer.allocUnsafe(STAGING_SIZE);
-  #nextRead: Uint8Array = this.#staging;
-  #sink: Uint8Array = new Uint8Array(0);
-  #sinkPos = 0;
-  #sinkEnd = 0;
+  // Reader: bytes go into the reader's sink, then #advance() acts on #want.
+  readonly #reader = new SinkReader(() => this.#advance(), (bytes) => this.#stash(bytes));
   #want: Want = Want.Handshake;
   readonly #header = Buffer.alloc(STRUCTURED_REPLY_SIZE);
   readonly #scratch = Buffer.alloc(12);
@@ -164,7 +156,7 @@ export class NbdConnection {
   private constructor(endpoint: Endpoint, options: ConnectOptions) {
     const socket = net.connect({
       ...(endpoint.path !== undefined ? { path: endpoint.path } : { host: endpoint.host!, port: endpoint.port! }),
-      onread: { buffer: () => this.#nextRead, callback: (n: number, buf: Uint8Array) => this.#onRead(n, buf) },
+      onread: { buffer: () => this.#reader.nextBuffer, callback: (n: number, buf: Uint8Array) => this.#reader.onRead(n, buf) },
     } as net.NetConnectOpts);
     this.#socket = socket;
     this.#location = options.location;
@@ -351,8 +343,7 @@ export class NbdConnection {
     if (this.#failure) return;
     this.#failure = this.#closing && err.code === 'ECONNRESET' ? new BlockError('EIO', 'the NBD connection is closed') : err;
     err = this.#failure;
-    this.#sinkEnd = this.#sinkPos = 0;
-    this.#nextRead = this.#staging;
+    this.#reader.stop();
     for (const slot of this.#slots) {
       if (slot.reject === noop) continue;
       const reject = slot.reject;
@@ -383,39 +374,9 @@ export class NbdConnection {
 
   // ---- reading ----
 
-  /** The socket's onread callback: `n` bytes landed in `buf` (staging, or a sink read straight into). */
-  #onRead(n: number, buf: Uint8Array): void {
-    if (this.#failure) return;
-    if (buf !== this.#staging) {
-      this.#sinkPos += n;
-      if (this.#sinkPos === this.#sinkEnd) this.#advance();
-    } else {
-      let p = 0;
-      while (p < n && !this.#failure) {
-        if (this.#sinkPos === this.#sinkEnd) {
-          // Bytes nothing asked for: in the handshake, kept for the next read; in
-          // transmission the reader always wants a header, so this cannot happen.
-          this.#stash(this.#staging.subarray(p, n));
-          break;
-        }
-        const take = Math.min(this.#sinkEnd - this.#sinkPos, n - p);
-        this.#staging.copy(this.#sink, this.#sinkPos, p, p + take);
-        this.#sinkPos += take;
-        p += take;
-        if (this.#sinkPos === this.#sinkEnd) this.#advance();
-      }
-    }
-    this.#nextRead = this.#sinkEnd - this.#sinkPos >= DIRECT_MIN && (this.#want === Want.Data || this.#want === Want.SimpleReadData)
-      ? this.#sink.subarray(this.#sinkPos, this.#sinkEnd)
-      : this.#staging;
-  }
-
   #expect(want: Want, sink: Uint8Array, start: number, end: number): void {
     this.#want = want;
-    this.#sink = sink;
-    this.#sinkPos = start;
-    this.#sinkEnd = end;
-    if (start === end) this.#advance();
+    this.#reader.expect(sink, start, end, want === Want.Data || want === Want.SimpleReadData);
   }
 
   #expectHeader(): void {
@@ -429,8 +390,9 @@ export class NbdConnection {
       case Want.Handshake: {
         const waiter = this.#handshakeWaiter;
         this.#handshakeWaiter = null;
-        this.#sinkEnd = this.#sinkPos = 0;
-        waiter?.(this.#sink as Buffer);
+        const out = this.#reader.sink as Buffer;
+        this.#reader.clear();
+        waiter?.(out);
         return;
       }
       case Want.ReplyHeader: return this.#onReplyHeader();
