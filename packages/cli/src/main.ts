@@ -1,5 +1,5 @@
 /**
- * The `blockconv` command: convert, create, check, info, compare, map, checksum, drivers, and the
+ * The `blockconv` command: convert, create, check, info, compare, map, checksum, drivers, serve (serve-command.ts), and the
  * fleet's worker, submit and jobs (fleet-commands.ts). Flags follow
  * qemu-img so that operators can switch without relearning. Errors are one line on
  * stderr (a stack trace only with --debug) and a non-zero exit. No credential is printed:
@@ -35,6 +35,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { discoverDrivers, type Discovery } from './discover.js';
 import { addFleetCommands } from './fleet-commands.js';
+import { addServeCommand } from './serve-command.js';
 import { keyValues } from './key-values.js';
 import { defaultStatePath, readState, removeState, writeState } from './state-file.js';
 import { progressSink, type ProgressMode } from './progress.js';
@@ -466,6 +467,8 @@ Examples:
       for (const p of d.loaded) process.stdout.write(`package  ${p.name} (${p.drivers.join(', ')})\n`);
       for (const p of d.failed) process.stdout.write(`failed   ${p.name}: ${p.error}\n`);
     });
+
+  addServeCommand(program, () => registry(ctx), CACHE_MODES);
 
   addFleetCommands(program, async () => {
     const reg = await registry(ctx);

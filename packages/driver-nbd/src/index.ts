@@ -7,6 +7,7 @@ import { nbdDriver } from './nbd.js';
 
 export { nbdDriver, openNbd, parseNbdUrl, NbdBackend, type NbdUrl } from './nbd.js';
 export { NbdConnection, type Endpoint, type ConnectOptions, type ExportInfo } from './connection.js';
+export { NbdServer, type NbdServerOptions } from './server.js';
 export * as protocol from './protocol.js';
 
 export const drivers: readonly BlockDriver[] = [nbdDriver];

@@ -69,21 +69,33 @@ export class SinkReader {
       this.#pos += n;
       if (this.#pos === this.#end) this.full();
     } else {
-      let p = 0;
-      while (p < n && !this.#stopped) {
-        if (this.#pos === this.#end) {
-          this.unasked(this.#staging.subarray(p, n));
-          break;
-        }
-        const take = Math.min(this.#end - this.#pos, n - p);
-        this.#staging.copy(this.#sink, this.#pos, p, p + take);
-        this.#pos += take;
-        p += take;
-        if (this.#pos === this.#end) this.full();
-      }
+      this.#consume(this.#staging, n);
     }
     this.#next = this.#direct && !this.#stopped && this.#end - this.#pos >= DIRECT_MIN
       ? this.#sink.subarray(this.#pos, this.#end)
       : this.#staging;
+  }
+
+  /**
+   * For sockets without onread (a server's accepted sockets in Node 20): a 'data' chunk,
+   * copied into the sinks as if read into staging.
+   */
+  feed(chunk: Buffer): void {
+    if (!this.#stopped) this.#consume(chunk, chunk.length);
+  }
+
+  #consume(src: Buffer, n: number): void {
+    let p = 0;
+    while (p < n && !this.#stopped) {
+      if (this.#pos === this.#end) {
+        this.unasked(src.subarray(p, n));
+        break;
+      }
+      const take = Math.min(this.#end - this.#pos, n - p);
+      src.copy(this.#sink, this.#pos, p, p + take);
+      this.#pos += take;
+      p += take;
+      if (this.#pos === this.#end) this.full();
+    }
   }
 }

@@ -3,3 +3,4 @@ await import('./suites/conformance.js');
 await import('./suites/driver.js');
 await import('./suites/errors.js');
 await import('./suites/cli.js');
+await import('./suites/serve.js');
