@@ -8,6 +8,7 @@ packages=(
   qemu-block-extra  # qemu-img's nfs:// and iscsi:// support (the oracle reads the servers)
   libnbd-bin        # nbdcopy, nbdinfo: the fastest benchmark peer, and NBD test clients
   nbdkit            # NBD test servers (memory, sparse-random, error and delay filters)
+  nginx-light openssl  # the HTTP(S) test server of driver-http (Range, TLS, Basic auth)
   g++ make python3  # node-gyp builds of native/
   time              # GNU time: wall time and peak RSS in the benchmarks
   util-linux-extra  # fincore: page-cache residency in the write-behind tests

@@ -32,6 +32,8 @@ const KNOWN_PACKAGES: Readonly<Record<string, { pkg: string; needs?: string }>> 
   'nbd+unix': { pkg: '@blockconv/driver-nbd' },
   nbds: { pkg: '@blockconv/driver-nbd' },
   'nbds+unix': { pkg: '@blockconv/driver-nbd' },
+  http: { pkg: '@blockconv/driver-http' },
+  https: { pkg: '@blockconv/driver-http' },
 };
 
 export interface ParsedLocation {
