@@ -4,3 +4,4 @@ await import('./suites/driver.js');
 await import('./suites/errors.js');
 await import('./suites/cli.js');
 await import('./suites/serve.js');
+await import('./suites/install.js');

@@ -1,4 +1,4 @@
-// The core's conformance kit against real NBD servers: nbdkit's memory plugin (multi-conn,
+// The core's conformance kit against real NBD servers: nbdkit's memory and file plugins (multi-conn,
 // TCP), qemu-nbd over a raw file and over a qcow2 image, and nbdkit with 4 KiB minimum blocks.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -44,4 +44,13 @@ conformance('nbd (qemu-nbd qcow2)', {
 
 conformance('nbd (nbdkit, 4 KiB minimum block, 256 KiB maximum)', {
   open: withServer((dir) => nbdkit(dir, ['--filter=blocksize-policy', 'memory', `${16 * MiB}`, 'blocksize-minimum=4096', 'blocksize-preferred=65536', 'blocksize-maximum=262144', 'blocksize-error-policy=error'])),
+});
+
+conformance('nbd (nbdkit file plugin)', {
+  open: withServer((dir) => {
+    const file = path.join(dir, 'disk.raw');
+    run('qemu-img', ['create', '-q', '-f', 'raw', file, '16M']);
+    run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 3M 1M', file]);
+    return nbdkit(dir, ['file', file]);
+  }),
 });
