@@ -18,6 +18,9 @@
 #   bcl-isc-h 198.18.0.5/30  <== veth ==>   bcl-isc-n 198.18.0.6/30: tgtd, one thin LUN
 #                                           (a sparse file in $LAB_LUN_DIR, 2 GiB, 512-byte
 #                                           blocks, thin_provisioning=1)
+#                                           netns bclab-http
+#   bcl-htp-h 198.18.0.9/30  <== veth ==>   bcl-htp-n 198.18.0.10/30: nginx serving
+#                                           $LAB_DIR/www on port 80 (Range, keep-alive)
 # The LUN lives in RAM (/dev/shm) like an array's NVRAM-backed cache: SYNCHRONIZE CACHE,
 # which blockconv sends at the end of a copy, then costs what it costs an array, not
 # this VM's disk (measured: fdatasync of 1 GiB on /var/tmp added ~0.8 s to each copy).
@@ -44,19 +47,22 @@ lun_file=$lun_dir/lun1.img
 ctl=${LAB_TGT_CONTROL:-37}
 timeout=${LAB_READY_TIMEOUT:-40}
 
-NS_NFS=bclab-nfs NS_ISCSI=bclab-iscsi
+NS_NFS=bclab-nfs NS_ISCSI=bclab-iscsi NS_HTTP=bclab-http
 NFS_HOST_IF=bcl-nfs-h NFS_NS_IF=bcl-nfs-n NFS_HOST_IP=198.18.0.1 NFS_IP=198.18.0.2
 ISCSI_HOST_IF=bcl-isc-h ISCSI_NS_IF=bcl-isc-n ISCSI_HOST_IP=198.18.0.5 ISCSI_IP=198.18.0.6
+HTTP_HOST_IF=bcl-htp-h HTTP_NS_IF=bcl-htp-n HTTP_HOST_IP=198.18.0.9 HTTP_IP=198.18.0.10
+www_dir=$LAB_DIR/www
 IQN=iqn.2026-11.org.blockconv.lab:lun
 NFS_URL=nfs://$NFS_IP/export
 ISCSI_URL=iscsi://$ISCSI_IP:3260/$IQN/1
+HTTP_URL=http://$HTTP_IP
 
 log() { echo "lab: $*" >&2; }
 die() { log "$*"; exit 1; }
 
 need_binaries() {
   local missing=() b
-  for b in ip tc unshare ganesha.nfsd rpcbind nfs-ls tgtd tgtadm iscsi-inq flock; do
+  for b in ip tc unshare ganesha.nfsd rpcbind nfs-ls tgtd tgtadm iscsi-inq flock nginx; do
     command -v "$b" >/dev/null 2>&1 || missing+=("$b")
   done
   ((${#missing[@]} == 0)) || die "missing ${missing[*]}: run tools/install-deps.sh (as root)"
@@ -93,6 +99,7 @@ stop_pid() {
 ns_exists() { ip netns list | awk '{print $1}' | grep -qx "$1"; }
 nfs_ready() { timeout 5 nfs-ls "$NFS_URL" >/dev/null 2>&1; }
 iscsi_ready() { timeout 5 iscsi-inq "$ISCSI_URL" >/dev/null 2>&1; }
+http_ready() { timeout 5 bash -c "exec 3<>/dev/tcp/$HTTP_IP/80" 2>/dev/null; }
 tgt() { tgtadm -C "$ctl" --lld iscsi "$@"; }
 
 # --- network -------------------------------------------------------------------------
@@ -132,6 +139,7 @@ shape_all() {
   local rate=$1
   shape "$NFS_HOST_IF" "" "$rate"; shape "$NFS_NS_IF" "$NS_NFS" "$rate"
   shape "$ISCSI_HOST_IF" "" "$rate"; shape "$ISCSI_NS_IF" "$NS_ISCSI" "$rate"
+  shape "$HTTP_HOST_IF" "" "$rate"; shape "$HTTP_NS_IF" "$NS_HTTP" "$rate"
   echo "$rate" >"$state/rate"
 }
 
@@ -242,6 +250,39 @@ lun_size() {
   log "LUN 1 is now $size bytes"
 }
 
+# --- HTTP host: nginx -----------------------------------------------------------------
+
+start_http() {
+  if alive nginx nginx && http_ready; then return 0; fi
+  stop_http
+  mkdir -p "$www_dir" "$state/nginx-tmp"
+  # One worker, no daemon: its PID is the one recorded. sendfile from the page cache;
+  # Range and keep-alive as any web server of images has them.
+  cat >"$state/nginx.conf" <<CONF
+daemon off; master_process off; worker_processes 1;
+error_log $state/nginx.log; pid $state/nginx.pidfile;
+events { worker_connections 512; }
+http {
+  access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;
+  client_body_temp_path $state/nginx-tmp; proxy_temp_path $state/nginx-tmp;
+  fastcgi_temp_path $state/nginx-tmp; uwsgi_temp_path $state/nginx-tmp; scgi_temp_path $state/nginx-tmp;
+  types { } default_type application/octet-stream;
+  server { listen $HTTP_IP:80; root $www_dir; location / { } }
+}
+CONF
+  : >"$state/nginx.log"
+  ip netns exec "$NS_HTTP" nginx -c "$state/nginx.conf" -p "$state" >>"$state/nginx.log" 2>&1 9>&- &
+  echo $! >"$state/nginx.pid"
+  local deadline=$((SECONDS + timeout))
+  until http_ready; do
+    alive nginx nginx || die "nginx exited during start-up: $(tail -5 "$state/nginx.log")"
+    ((SECONDS < deadline)) || { stop_http; die "nginx did not answer $HTTP_URL within ${timeout}s"; }
+    sleep 0.1
+  done
+}
+
+stop_http() { stop_pid nginx nginx; }
+
 # --- commands ---------------------------------------------------------------------------
 
 up() {
@@ -250,17 +291,20 @@ up() {
   mkdir -p "$state" "$export_dir" "$lun_dir"
   make_link "$NS_NFS" "$NFS_HOST_IF" "$NFS_NS_IF" "$NFS_HOST_IP" "$NFS_IP"
   make_link "$NS_ISCSI" "$ISCSI_HOST_IF" "$ISCSI_NS_IF" "$ISCSI_HOST_IP" "$ISCSI_IP"
+  make_link "$NS_HTTP" "$HTTP_HOST_IF" "$HTTP_NS_IF" "$HTTP_HOST_IP" "$HTTP_IP"
   shape_all "$rate"
   start_nfs
   start_iscsi
+  start_http
   status_text
 }
 
 down() {
   stop_nfs
   stop_iscsi
+  stop_http
   local ns
-  for ns in "$NS_NFS" "$NS_ISCSI"; do
+  for ns in "$NS_NFS" "$NS_ISCSI" "$NS_HTTP"; do
     # Deleting the namespace deletes its veth end, and so the pair.
     if [ -f "$state/netns-$ns" ]; then
       ns_exists "$ns" && ip netns del "$ns"
@@ -270,10 +314,10 @@ down() {
   rm -f "$state/rate"
   # The LUN holds RAM; the export (the template, slow to make) is kept.
   rm -f "$lun_file"; rmdir "$lun_dir" 2>/dev/null || true
-  log "down (kept $export_dir; rm -rf $LAB_DIR to free it)"
+  log "down (kept $export_dir and $www_dir; rm -rf $LAB_DIR to free them)"
 }
 
-is_up() { alive ganesha ganesha.nfsd && alive tgtd tgtd && nfs_ready && iscsi_ready; }
+is_up() { alive ganesha ganesha.nfsd && alive tgtd tgtd && alive nginx nginx && nfs_ready && iscsi_ready && http_ready; }
 
 status_text() {
   local rate
@@ -284,6 +328,8 @@ lab up, links: $([ "$rate" = none ] && echo "unshaped (veth, no qdisc)" || echo 
              $NFS_URL  ->  $export_dir
   iSCSI host netns $NS_ISCSI $ISCSI_IP (host side $ISCSI_HOST_IP)   tgtd pid $(cat "$state/tgtd.pid") (tgtadm -C $ctl)
              $ISCSI_URL  ->  $lun_file ($(stat -c %s "$lun_file") bytes, thin)
+  HTTP host  netns $NS_HTTP  $HTTP_IP (host side $HTTP_HOST_IP)   nginx pid $(cat "$state/nginx.pid")
+             $HTTP_URL/  ->  $www_dir
 EOF
 }
 
@@ -292,6 +338,9 @@ env_text() {
 LAB_NFS_URL=$NFS_URL
 LAB_NFS_EXPORT_DIR=$export_dir
 LAB_ISCSI_URL=$ISCSI_URL
+LAB_HTTP_URL=$HTTP_URL
+LAB_HTTP_DIR=$www_dir
+LAB_HTTP_IF=$HTTP_HOST_IF
 LAB_LUN_FILE=$lun_file
 LAB_RATE=$(cat "$state/rate" 2>/dev/null || echo none)
 LAB_NFS_IF=$NFS_HOST_IF
