@@ -32,7 +32,8 @@ test('npm pack + npm install with only @blockconv/core: the driver loads and rea
       const http = new DriverRegistry().register(...drivers).protocols.find((d) => d.name === 'http');
       const img = await http.open(process.argv[2], {});
       const b = await img.read(1000, 16);
-      console.log(img.size, img.readOnly, Buffer.from(b).toString('hex'));
+      // One string: console.log colours numbers when FORCE_COLOR is set (nx sets it).
+      console.log(img.size + ' ' + img.readOnly + ' ' + Buffer.from(b).toString('hex'));
       await img.close();`);
     const out = await new Promise<string>((resolve, reject) => {
       // Not execFileSync: the server answers from this process's event loop.

@@ -31,7 +31,8 @@ test('npm pack + npm install with only @blockconv/core: the driver loads and rea
         const nbd = new DriverRegistry().register(...drivers).protocols.find((d) => d.name === 'nbd');
         const img = await nbd.open(process.argv[2], { readOnly: true });
         const b = await img.read(8, 8);
-        console.log(img.size, String(Buffer.from(b).readBigUInt64BE(0)));
+        // One string: console.log colours numbers when FORCE_COLOR is set (nx sets it).
+        console.log(img.size + ' ' + Buffer.from(b).readBigUInt64BE(0));
         await img.close();`);
       const out = execFileSync(process.execPath, ['main.js', server.url], { cwd: app, encoding: 'utf8' });
       assert.is(out.trim(), '1048576 8', 'the pattern plugin stores each offset at itself');
