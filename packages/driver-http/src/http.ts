@@ -128,6 +128,7 @@ function statusError(status: number, where: Where): BlockError {
   if (status === 404 || status === 410) return new BlockError('ENOENT', `${STATUS_TEXT(status)}: no image at this URL`, where);
   if (status === 401) return new BlockError('EACCES', `${STATUS_TEXT(status)}: the server wants credentials (user:password@ in the URL, or the options user= and password-file=)`, where);
   if (status === 403) return new BlockError('EACCES', `${STATUS_TEXT(status)}: the server refuses access`, where);
+  if (status === 412) return new BlockError('EIO', `${STATUS_TEXT(status)}: the image changed on the server since it was opened (another ETag or date): its parts would not fit together`, where);
   if (status === 416) return new BlockError('EINVAL', `${STATUS_TEXT(status)}: the server refused the range (did the image shrink?)`, where);
   return new BlockError('EIO', `${STATUS_TEXT(status)}`, where);
 }
@@ -167,7 +168,16 @@ export class HttpClient {
   readonly #agent: http.Agent;
   #auth?: string;
   #authHost: string;
+  /** Sent with every GET once open: the image must still be the version it opened (ETag, else Last-Modified). */
+  #precondition: Record<string, string> = {};
   retries = 0;
+
+  /** The image's size once open (Content-Range totals must agree). */
+  #size = -1;
+
+  set size(n: number) {
+    this.#size = n;
+  }
 
   constructor(url: URL, options: HttpOptions) {
     this.#url = new URL(url.href);
@@ -192,10 +202,20 @@ export class HttpClient {
     return this.#options.retries;
   }
 
+  get timeoutMs(): number {
+    return this.#options.timeoutMs;
+  }
+
+  /** From now on a GET asks for this version only; a server with another answers 412. */
+  pin(identity: { etag?: string; lastModified?: string }): void {
+    if (identity.etag && !identity.etag.startsWith('W/')) this.#precondition = { 'if-match': identity.etag };
+    else if (identity.lastModified) this.#precondition = { 'if-unmodified-since': identity.lastModified };
+  }
+
   /** Sends one request; resolves with the response (body unread). No retries here. */
   send(method: 'GET' | 'HEAD', headers: Record<string, string>, url: URL = this.#url): Promise<http.IncomingMessage> {
     return new Promise((resolve, reject) => {
-      const h: Record<string, string> = { 'accept-encoding': 'identity', 'user-agent': 'blockconv', ...headers };
+      const h: Record<string, string> = { 'accept-encoding': 'identity', 'user-agent': 'blockconv', ...(method === 'GET' ? this.#precondition : {}), ...headers };
       // Credentials go to the host they were given for, never to another after a redirect.
       if (this.#auth && url.host === this.#authHost) h.authorization = this.#auth;
       const mod = url.protocol === 'https:' ? https : http;
@@ -249,13 +269,15 @@ export class HttpClient {
     const res = await this.send('GET', { range: `bytes=${offset}-${offset + length - 1}` });
     const status = res.statusCode ?? 0;
     if (status !== 206) {
-      res.resume();
+      // A 200 carries the whole image: drop the connection rather than drain it.
+      if (status === 200) res.destroy();
+      else res.resume();
       if (status === 200) throw new BlockError('EIO', 'the server ignored the Range header (answered 200 with the whole image)', where);
       if (transientStatus(status)) throw new TransientError(STATUS_TEXT(status), 'EIO');
       throw statusError(status, where);
     }
     const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(String(res.headers['content-range'] ?? ''));
-    if (!range || Number(range[1]) !== offset || Number(range[2]) > offset + length - 1) {
+    if (!range || Number(range[1]) !== offset || Number(range[2]) < offset || Number(range[2]) > offset + length - 1 || (range[3] !== '*' && Number(range[3]) !== this.#size)) {
       res.resume();
       throw new BlockError('EIO', `the server answered another range (${res.headers['content-range'] ?? 'none'}) than asked (bytes ${offset}-${offset + length - 1})`, where);
     }
@@ -399,11 +421,14 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
   #starting = false;
   #restarts = 0;
   #failure?: BlockError;
+  #closed = false;
+  #restartTimer?: NodeJS.Timeout;
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
     if (length === 0) return out;
     if (this.#failure) throw this.#failure;
+    if (this.#closed) throw new BlockError('EIO', 'the image is closed', { op: 'read', location: this.location, offset, length });
     const end = offset + length;
     if (offset < this.#pos - LOOKBEHIND || (offset < this.#pos && this.#pos > this.size)) {
       throw new BlockError('ENOTSUP', `the server does not take Range requests, so the image can only be read in one pass, as a raw image is converted (a read at ${offset} came after the stream passed ${this.#pos}); formats such as qcow2 need random access`, { op: 'read', location: this.location, offset, length });
@@ -421,6 +446,9 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
   }
 
   override async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#restartTimer);
+    this.#fail(new BlockError('EIO', 'the image was closed while reads waited', { op: 'read', location: this.location }));
     this.#res?.destroy();
     await super.close();
   }
@@ -451,15 +479,24 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
 
   /** Starts or resumes the stream while reads wait; pauses it when none does. */
   #pump(): void {
+    if (this.#closed || this.#failure) return;
     if (this.#pending.length === 0) {
-      this.#res?.pause();
+      this.#pause();
       return;
     }
     if (this.#res) {
+      // Idle while paused by us is not a stall: the timeout counts again from here.
+      this.#res.socket?.setTimeout(this.client.timeoutMs);
       this.#res.resume();
       return;
     }
     if (!this.#starting) void this.#start();
+  }
+
+  /** Pauses the stream while nothing waits, without its socket timing out meanwhile. */
+  #pause(): void {
+    this.#res?.socket?.setTimeout(0);
+    this.#res?.pause();
   }
 
   /** (Re)starts the GET; after a failure, the bytes already consumed are skipped. */
@@ -471,6 +508,10 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
       const res = await withRetries(this.client, where, async () => {
         const r = await this.client.send('GET', {});
         const status = r.statusCode ?? 0;
+        if (status === 200 && r.headers['content-length'] !== undefined && Number(r.headers['content-length']) !== this.size) {
+          r.destroy();
+          throw new BlockError('EIO', `the image changed on the server: ${r.headers['content-length']} bytes now, ${this.size} at open`, where);
+        }
         if (status === 200) return r;
         r.resume();
         if (transientStatus(status)) throw new TransientError(STATUS_TEXT(status), 'EIO');
@@ -518,12 +559,13 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
       else still.push(r);
     }
     this.#pending = still;
-    if (this.#pending.length === 0) this.#res?.pause();
+    if (this.#pending.length === 0) this.#pause();
   }
 
   #onEnd(res: http.IncomingMessage): void {
     if (this.#res !== res) return;
     this.#res = undefined;
+    if (this.#closed) return;
     if (this.#pos >= this.size || this.#pending.length === 0) return;
     // Cut short: restart and skip to where we were (as many times as retries allow).
     if (this.#restarts++ >= this.client.retryLimit) {
@@ -531,11 +573,11 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
       return;
     }
     this.client.retries++;
-    setTimeout(() => this.#pump(), backoff(this.#restarts - 1));
+    this.#restartTimer = setTimeout(() => this.#pump(), backoff(this.#restarts - 1));
   }
 
   #fail(err: BlockError): void {
-    this.#failure = err;
+    this.#failure ??= err;
     const pending = this.#pending;
     this.#pending = [];
     for (const r of pending) r.reject(new BlockError(err.code, err.message.replace(/^.*?: /, ''), { op: 'read', location: this.location, offset: r.offset, cause: err }));
@@ -605,6 +647,8 @@ export async function openHttp(location: string, options: OpenOptions = {}): Pro
     if (String(h['content-encoding'] ?? 'identity') !== 'identity') {
       throw new BlockError('ENOTSUP', `the server sends the image encoded (${h['content-encoding']}), not as its bytes`, where);
     }
+    client.size = size;
+    client.pin(identity);
     return ranges ? new HttpRangeBackend(client, display, size, identity) : new HttpStreamBackend(client, display, size, identity);
   } catch (err) {
     client.destroy();

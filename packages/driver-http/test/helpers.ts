@@ -142,6 +142,8 @@ export interface Faults {
   noLength?: boolean;
   /** Refuse HEAD with 405. */
   noHead?: boolean;
+  /** Send this ETag and answer 412 to an If-Match naming another. */
+  etag?: string;
 }
 
 /** A server of `image` whose misbehaviour `faults` (changeable while it runs) says. */
@@ -162,6 +164,8 @@ export async function faultServer(image: Buffer, faults: Faults = {}): Promise<{
         return;
       }
       if (req.method === 'HEAD' && f.noHead) { res.writeHead(405); res.end(); return; }
+      if (f.etag && req.headers['if-match'] && req.headers['if-match'] !== f.etag) { res.writeHead(412); res.end(); return; }
+      if (f.etag) res.setHeader('etag', f.etag);
       const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
       let body = image;
       const headers: Record<string, string | number> = {};

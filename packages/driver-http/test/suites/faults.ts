@@ -97,6 +97,32 @@ test('no Range: reads in ascending order stream; reads a little behind come from
   await s.close();
 });
 
+test('the image replaced on the server (another ETag): reads fail with 412 instead of mixing versions', async () => {
+  const s = await faultServer(image, { etag: '"v1"' });
+  const b = await openHttp(`${s.url}/disk.raw`);
+  assert.ok(Buffer.from(await b.read(0, 4096)).equals(image.subarray(0, 4096)));
+  s.faults.etag = '"v2"';
+  const e = await failure(() => b.read(4096, 4096));
+  assert.is(e.code, 'EIO');
+  assert.match(e.message, /read at offset 4096 \(\+4096\): HTTP 412 Precondition Failed: the image changed on the server/);
+  assert.ok(s.requests.some((r) => r.startsWith('GET')), 'GETs were sent');
+  await b.close();
+  await s.close();
+});
+
+test('no Range: close while a read waits rejects it, and nothing is fetched after', async () => {
+  const s = await faultServer(image, { noRange: true, stallMs: 300, stalls: 10 });
+  const b = await openHttp(`${s.url}/disk.raw`, { options: { retries: '0' } });
+  const waiting = b.read(0, MiB).then(() => 'read', (e: Error) => e.message);
+  await new Promise((r) => setTimeout(r, 100));
+  await b.close();
+  assert.match(await waiting, /closed while reads waited/);
+  const sent = s.requests.length;
+  await new Promise((r) => setTimeout(r, 700));
+  assert.is(s.requests.length, sent, 'no request after close');
+  await s.close();
+});
+
 test('nobody listening: ECONNREFUSED after the retries', async () => {
   const port = await freePort();
   const start = Date.now();
