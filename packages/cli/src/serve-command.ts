@@ -99,16 +99,28 @@ Examples:
       }
       const name = encodeURIComponent(opts.exportName);
       const host = opts.bind.includes(':') ? `[${opts.bind}]` : opts.bind;
-      const url = tcp ? `nbd://${host}:${opts.port ?? 10809}/${name}` : `nbd+unix:///${name}?socket=${socketPath}`;
+      // The socket path as a query value: characters that would end or change it are escaped.
+      const socketParam = socketPath?.replace(/[%&#+ ?]/g, (c) => encodeURIComponent(c));
+      const url = tcp ? `nbd://${host}:${opts.port ?? 10809}/${name}` : `nbd+unix:///${name}?socket=${socketParam}`;
       const readOnly = opts.readOnly === true || img.readOnly;
       if (opts.output === 'json') {
         process.stdout.write(JSON.stringify({ event: 'listening', url, image: where, size: img.size, readOnly }) + '\n');
       } else {
         process.stderr.write(`blockconv serve: ${where} (${formatSize(img.size)}${readOnly ? ', read-only' : ''}) at ${url}; Ctrl-C stops\n`);
       }
+      // The first signal stops serving cleanly; a second one while that waits exits at once.
       const signal = await new Promise<NodeJS.Signals>((resolve) => {
-        process.once('SIGINT', () => resolve('SIGINT'));
-        process.once('SIGTERM', () => resolve('SIGTERM'));
+        let stopping = false;
+        const on = (sig: NodeJS.Signals): void => {
+          if (stopping) {
+            process.stderr.write(`blockconv serve: ${sig} again: exiting without waiting for clients or flushing ${where}\n`);
+            process.exit(sig === 'SIGINT' ? 130 : 143);
+          }
+          stopping = true;
+          resolve(sig);
+        };
+        process.on('SIGINT', on);
+        process.on('SIGTERM', on);
       });
       // Finish what clients asked, then make it durable (unless -t unsafe), then close.
       await server.close();

@@ -41,6 +41,7 @@ import {
   SIMPLE_REPLY_SIZE,
   STRUCTURED_REPLY_MAGIC,
   STRUCTURED_REPLY_SIZE,
+  NbdErrno,
   errnoCode,
   errnoText,
   optionErrorText,
@@ -111,6 +112,8 @@ interface Slot {
   error: BlockError | null;
   /** Block status descriptors (length, flags pairs) for the selected context. */
   status: Uint32Array | undefined;
+  /** Bytes of a read the data and hole chunks have covered (the server must cover all). */
+  covered: number;
 }
 
 const OP_NAMES: Readonly<Record<number, string>> = {
@@ -151,6 +154,8 @@ export class NbdConnection {
   #inFlight = 0;
   #failure: BlockError | null = null;
   #closing = false;
+  /** The server said ESHUTDOWN: no new requests; the connection closes once idle. */
+  #draining = false;
   readonly #closed: Promise<void>;
 
   private constructor(endpoint: Endpoint, options: ConnectOptions) {
@@ -218,7 +223,7 @@ export class NbdConnection {
 
   /** Whether requests can still be sent. */
   get usable(): boolean {
-    return !this.#failure && !this.#closing;
+    return !this.#failure && !this.#closing && !this.#draining;
   }
 
   read(offset: number, length: number, into: Uint8Array): Promise<void> {
@@ -281,8 +286,8 @@ export class NbdConnection {
   // ---- transmission ----
 
   #request(command: number, flags: number, offset: number, length: number, into: Uint8Array | null, data: Uint8Array | null): Promise<Uint32Array | undefined> {
-    if (this.#failure || this.#closing) {
-      const why = this.#failure ?? new BlockError('EIO', 'the NBD connection is closed');
+    if (this.#failure || this.#closing || this.#draining) {
+      const why = this.#failure ?? new BlockError(this.#draining ? 'ESHUTDOWN' : 'EIO', this.#draining ? 'the NBD server is shutting down' : 'the NBD connection is closed');
       return Promise.reject(new BlockError(why.code, why.message, { op: OP_NAMES[command], location: this.#location, offset, length, cause: why }));
     }
     const slot = this.#takeSlot();
@@ -292,6 +297,7 @@ export class NbdConnection {
     slot.into = into;
     slot.error = null;
     slot.status = undefined;
+    slot.covered = 0;
     const h = slot.header;
     h.writeUInt16BE(flags, 4);
     h.writeUInt16BE(command, 6);
@@ -321,7 +327,7 @@ export class NbdConnection {
     header.writeUInt32BE(REQUEST_MAGIC, 0);
     const cookie = this.#slots.length;
     header.writeUInt32BE(cookie, 12);
-    const slot: Slot = { cookie, header, command: 0, offset: 0, length: 0, into: null, resolve: noop, reject: noop, error: null, status: undefined };
+    const slot: Slot = { cookie, header, command: 0, offset: 0, length: 0, into: null, resolve: noop, reject: noop, error: null, status: undefined, covered: 0 };
     this.#slots.push(slot);
     return slot;
   }
@@ -334,6 +340,7 @@ export class NbdConnection {
     slot.reject = noop;
     this.#free.push(slot.cookie);
     if (--this.#inFlight === 0 && this.#timeoutMs > 0) this.#socket.setTimeout(0);
+    if (this.#inFlight === 0 && this.#draining) void this.close();
     if (error) reject(error);
     else resolve(status);
   }
@@ -410,6 +417,7 @@ export class NbdConnection {
           return this.#protocolError(`read reply data at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`);
         }
         this.#dataStart = offset - slot.offset;
+        slot.covered += n;
         return this.#expect(Want.Data, slot.into!, this.#dataStart, this.#dataStart + n);
       }
       case Want.Data: return this.#chunkDone();
@@ -421,6 +429,7 @@ export class NbdConnection {
           return this.#protocolError(`read reply hole at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`);
         }
         slot.into!.fill(0, offset - slot.offset, offset - slot.offset + n);
+        slot.covered += n;
         return this.#chunkDone();
       }
       case Want.Payload: return this.#onPayload();
@@ -520,6 +529,10 @@ export class NbdConnection {
   #chunkDone(): void {
     const slot = this.#current!;
     const done = this.#chunkFlags & REPLY_FLAG_DONE;
+    // Chunks may not overlap (proto.md), so covering all bytes means summing to the length.
+    if (done && !slot.error && slot.command === Command.READ && slot.covered !== slot.length) {
+      return this.#protocolError(`read reply covering ${slot.covered} of the ${slot.length} bytes asked at ${slot.offset}`);
+    }
     this.#expectHeader();
     if (done) this.#finish(slot);
   }
@@ -534,6 +547,8 @@ export class NbdConnection {
   }
 
   #replyError(slot: Slot, value: number, message: string, at?: number): BlockError {
+    // A server shutting down: send nothing more here (proto.md: the client must disconnect).
+    if (value === NbdErrno.ESHUTDOWN) this.#draining = true;
     const text = errnoText(value) + (message ? ` (server: ${message})` : '');
     return new BlockError(errnoCode(value), text, { op: OP_NAMES[slot.command], location: this.#location, offset: at ?? slot.offset, length: at === undefined ? slot.length : undefined });
   }

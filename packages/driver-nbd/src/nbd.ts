@@ -89,10 +89,9 @@ export function parseNbdUrl(location: string): NbdUrl {
     throw invalid(display, `bad percent-encoding in the export name "${path}"`);
   }
   if (exportName.includes('\0')) throw invalid(display, 'the export name contains a NUL character');
-  const params = new URLSearchParams(m[4]?.slice(1) ?? '');
   let socket: string | undefined;
   let connections: number | undefined;
-  for (const [key, value] of params) {
+  for (const [key, value] of queryPairs(m[4]?.slice(1) ?? '', display)) {
     if (key === 'socket' && scheme === 'nbd+unix') {
       if (socket !== undefined) throw invalid(display, 'socket= given twice');
       socket = value;
@@ -117,6 +116,19 @@ export function parseNbdUrl(location: string): NbdUrl {
   const port = hp[3] === undefined || hp[3] === '' ? DEFAULT_PORT : Number(hp[3]);
   if (!Number.isInteger(port) || port < 1 || port > 65535) throw invalid(display, `port ${hp[3]} is not between 1 and 65535`);
   return { endpoint: { host, port }, exportName, connections };
+}
+
+/** key=value pairs of a query, percent-decoded as RFC 3986 says ("+" stays "+", unlike forms). */
+function queryPairs(query: string, display: string): [string, string][] {
+  if (query === '') return [];
+  return query.split('&').map((part) => {
+    const eq = part.indexOf('=');
+    try {
+      return [decodeURIComponent(eq < 0 ? part : part.slice(0, eq)), eq < 0 ? '' : decodeURIComponent(part.slice(eq + 1))];
+    } catch {
+      throw invalid(display, `bad percent-encoding in the URL parameter "${part}"`);
+    }
+  });
 }
 
 function timeoutOption(location: string, options?: Readonly<Record<string, string>>): number {
@@ -302,7 +314,7 @@ export class NbdBackend implements BlockBackend {
   async #flushNow(): Promise<void> {
     if (!(this.#info.flags & Flag.SEND_FLUSH)) return;
     // With multi-conn one flush covers the writes every connection completed (proto.md).
-    await this.#connections[0]!.flush();
+    await this.#pick().flush();
   }
 
   /** The least busy usable connection; the first one's failure when none is left. */

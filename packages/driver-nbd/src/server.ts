@@ -44,6 +44,8 @@ const MAX_PAYLOAD = 32 * MiB;
 const MAX_OPTION = 64 * 1024;
 /** Bytes of requests in flight on one connection before it stops reading more. */
 const MAX_PENDING = 64 * MiB;
+/** How long a shutdown waits for a connection's requests before dropping it. */
+const SHUTDOWN_GRACE_MS = 10_000;
 /** Extents in one block status reply at most. */
 const MAX_EXTENTS = 64 * 1024;
 /** The context id of base:allocation on every connection. */
@@ -116,7 +118,8 @@ export class NbdServer {
 
   /** Listens on a Unix socket path or a TCP host and port; resolves once listening. */
   async listen(where: { path: string } | { host: string; port: number }): Promise<net.AddressInfo | string> {
-    const server = net.createServer((socket) => this.#accept(socket));
+    // allowHalfOpen: a client may shut its side after DISC and still be owed replies.
+    const server = net.createServer({ allowHalfOpen: true }, (socket) => this.#accept(socket));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       if ('path' in where) server.listen(where.path, resolve);
@@ -187,13 +190,15 @@ class ServerConnection {
   #noZeroes = false;
   #structured = false;
   #allocation = false;
-  /** The write request whose payload is being read. */
-  #write: { flags: number; cookie: Buffer; offset: number; data: Buffer } | null = null;
+  /** The write request whose payload is being read; `refuse`: the error to answer once it is. */
+  #write: { flags: number; cookie: Buffer; offset: number; data: Buffer; refuse?: [number, string] } | null = null;
+  /** Requests taken and not yet answered (a write counts from its header on). */
   #inFlight = 0;
   #pendingBytes = 0;
   #paused = false;
   #disconnecting = false;
-  #idle: (() => void) | null = null;
+  /** Waiting for this connection to have no request in flight (shutdown). */
+  readonly #idle: (() => void)[] = [];
 
   constructor(socket: net.Socket, server: NbdServer, backend: BlockBackend, name: string) {
     this.#socket = socket;
@@ -203,7 +208,9 @@ class ServerConnection {
     socket.setNoDelay(true);
     socket.on('error', (err) => this.#server.reportError(err, this.#name));
     socket.on('data', (chunk: Buffer) => this.#reader.feed(chunk));
-    socket.once('close', () => { this.#reader.stop(); this.#idle?.(); });
+    socket.once('close', () => { this.#reader.stop(); this.#wake(); });
+    // The client half-closed: once its requests are answered, close ours too.
+    socket.on('end', () => { this.#disconnecting = true; this.#reader.stop(); if (this.#inFlight === 0) this.#end(); });
     const greeting = Buffer.alloc(18);
     greeting.writeBigUInt64BE(NBDMAGIC, 0);
     greeting.writeBigUInt64BE(IHAVEOPT, 8);
@@ -212,11 +219,34 @@ class ServerConnection {
     this.#expect(Want.ClientFlags, this.#small, 0, 4);
   }
 
-  /** Waits for the requests in flight, then closes (server shutdown). */
+  /**
+   * Server shutdown: waits for the requests in flight (SHUTDOWN_GRACE_MS at most), then
+   * closes; resolves once the socket is closed, dropping it if the client does not close.
+   */
   async shutdown(): Promise<void> {
     if (this.#socket.destroyed) return;
-    if (this.#inFlight > 0) await new Promise<void>((r) => { this.#idle = r; });
-    this.#socket.end();
+    const closed = new Promise<void>((r) => this.#socket.once('close', () => r()));
+    const grace = setTimeout(() => this.#socket.destroy(), SHUTDOWN_GRACE_MS);
+    if (this.#inFlight > 0) await new Promise<void>((r) => this.#idle.push(r));
+    this.#end();
+    // A client that neither reads nor closes: its socket goes after a little more.
+    clearTimeout(grace);
+    const drop = setTimeout(() => this.#socket.destroy(), 2000);
+    await closed;
+    clearTimeout(drop);
+  }
+
+  #wake(): void {
+    for (const r of this.#idle.splice(0)) r();
+  }
+
+  #end(): void {
+    if (!this.#socket.writableEnded) this.#socket.end();
+  }
+
+  /** Replies may still be written: the socket is neither destroyed nor ended by us. */
+  get #writable(): boolean {
+    return !this.#socket.destroyed && !this.#socket.writableEnded;
   }
 
   #expect(want: Want, sink: Uint8Array, start: number, end: number): void {
@@ -251,8 +281,12 @@ class ServerConnection {
         const w = this.#write!;
         this.#write = null;
         this.#expectRequest();
-        if (w.flags < 0) return this.#error(w.cookie, NbdErrno.ESHUTDOWN, 'the server is shutting down');
-        void this.#serve(w.cookie, () => this.#backend.write(w.offset, w.data, { fua: (w.flags & CommandFlag.FUA) !== 0 }), w.data.length);
+        if (w.refuse) {
+          this.#release(w.data.length);
+          this.#error(w.cookie, w.refuse[0], w.refuse[1]);
+          return this.#done();
+        }
+        void this.#serve(w.cookie, () => this.#backend.write(w.offset, w.data, { fua: (w.flags & CommandFlag.FUA) !== 0 }), w.data.length, true);
         return;
       }
     }
@@ -416,30 +450,28 @@ class ServerConnection {
     if (type === Command.DISC) {
       this.#disconnecting = true;
       this.#reader.stop();
-      if (this.#inFlight === 0) this.#socket.end();
+      if (this.#inFlight === 0) this.#end();
       return;
     }
-    if (this.#server.closing) {
-      // Shutting down: the request's payload is still read, then refused (proto.md).
-      if (type === Command.WRITE && length <= MAX_PAYLOAD) {
-        this.#write = { flags: -1, cookie, offset, data: Buffer.allocUnsafe(length) };
-        return this.#expect(Want.WriteData, this.#write.data, 0, length);
-      }
-      this.#expectRequest();
-      return this.#error(cookie, NbdErrno.ESHUTDOWN, 'the server is shutting down');
-    }
+    const inside = offset + length <= exp.size;
     if (type === Command.WRITE) {
+      // The payload is read whatever the answer, so that the next request is found.
       if (length > MAX_PAYLOAD) return this.#violation(`write of ${length} bytes (at most ${MAX_PAYLOAD})`);
+      const refuse: [number, string] | undefined = this.#server.closing ? [NbdErrno.ESHUTDOWN, 'the server is shutting down']
+        : exp.readOnly ? [NbdErrno.EPERM, 'the export is read-only']
+        : !inside ? [NbdErrno.EINVAL, `write at ${offset} (+${length}) past the end (${exp.size})`] : undefined;
       const data = Buffer.allocUnsafe(length);
-      this.#write = { flags, cookie, offset, data };
+      this.#write = { flags, cookie, offset, data, refuse };
+      this.#inFlight++;
       this.#hold(length);
       return this.#expect(Want.WriteData, data, 0, length);
     }
     this.#expectRequest();
-    const inside = offset + length <= exp.size;
+    if (this.#server.closing) return this.#error(cookie, NbdErrno.ESHUTDOWN, 'the server is shutting down');
     switch (type) {
       case Command.READ: {
-        if (length > MAX_PAYLOAD) return this.#violation(`read of ${length} bytes (at most ${MAX_PAYLOAD})`);
+        // A read above the maximum payload is refused, not a reason to disconnect (proto.md).
+        if (length > MAX_PAYLOAD) return this.#error(cookie, this.#structured ? NbdErrno.EOVERFLOW : NbdErrno.EINVAL, `read of ${length} bytes (at most ${MAX_PAYLOAD})`);
         if (!inside) return this.#error(cookie, NbdErrno.EINVAL, `read at ${offset} (+${length}) past the end (${exp.size})`);
         this.#hold(length);
         void this.#serveRead(cookie, offset, length);
@@ -486,8 +518,9 @@ class ServerConnection {
     }
   }
 
-  async #serve(cookie: Buffer, op: () => Promise<void>, held: number): Promise<void> {
-    this.#inFlight++;
+  /** Runs `op` and answers; `counted`: the request is already in #inFlight (a write). */
+  async #serve(cookie: Buffer, op: () => Promise<void>, held: number, counted = false): Promise<void> {
+    if (!counted) this.#inFlight++;
     try {
       await op();
       this.#simple(cookie, 0);
@@ -501,10 +534,14 @@ class ServerConnection {
 
   async #serveRead(cookie: Buffer, offset: number, length: number): Promise<void> {
     this.#inFlight++;
+    // The read's bytes count against MAX_PENDING until the kernel took them, so that a
+    // client that asks much and reads slowly cannot make replies pile up here.
+    let held = length;
     try {
       const data = Buffer.allocUnsafe(length);
       await this.#backend.read(offset, length, data);
-      if (this.#socket.destroyed) return;
+      if (!this.#writable) return;
+      const sent = (): void => this.#release(length);
       if (this.#structured) {
         const h = Buffer.alloc(28);
         h.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
@@ -516,19 +553,20 @@ class ServerConnection {
         h.writeUInt32BE(offset >>> 0, 24);
         this.#socket.cork();
         this.#socket.write(h);
-        this.#socket.write(data);
+        this.#socket.write(data, sent);
         this.#socket.uncork();
       } else {
         this.#socket.cork();
         this.#simple(cookie, 0);
-        this.#socket.write(data);
+        this.#socket.write(data, sent);
         this.#socket.uncork();
       }
+      held = 0;
     } catch (err) {
       // Without structured replies a failed read has no payload: the simple reply says so.
       this.#error(cookie, errnoOf(err), (err as Error).message);
     } finally {
-      this.#release(length);
+      this.#release(held);
       this.#done();
     }
   }
@@ -551,7 +589,7 @@ class ServerConnection {
       d.writeUInt32BE(4 + pairs.length * 4, 16);
       d.writeUInt32BE(ALLOCATION_ID, 20);
       for (let i = 0; i < pairs.length; i++) d.writeUInt32BE(pairs[i]!, 24 + 4 * i);
-      if (!this.#socket.destroyed) this.#socket.write(d);
+      if (this.#writable) this.#socket.write(d);
     } catch (err) {
       this.#error(cookie, errnoOf(err), (err as Error).message);
     } finally {
@@ -562,13 +600,13 @@ class ServerConnection {
   #done(): void {
     this.#inFlight--;
     if (this.#inFlight === 0) {
-      if (this.#disconnecting) this.#socket.end();
-      this.#idle?.();
+      if (this.#disconnecting) this.#end();
+      this.#wake();
     }
   }
 
   #simple(cookie: Buffer, error: number): void {
-    if (this.#socket.destroyed) return;
+    if (!this.#writable) return;
     const r = Buffer.alloc(16);
     r.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
     r.writeUInt32BE(error, 4);
@@ -578,7 +616,7 @@ class ServerConnection {
 
   /** An error reply: a structured error chunk with the message when negotiated, else simple. */
   #error(cookie: Buffer, errno: number, message: string): void {
-    if (this.#socket.destroyed) return;
+    if (!this.#writable) return;
     if (!this.#structured) return this.#simple(cookie, errno);
     const msg = Buffer.from(message, 'utf8').subarray(0, MAX_STRING);
     const d = Buffer.alloc(20 + 6 + msg.length);

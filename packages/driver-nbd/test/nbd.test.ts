@@ -5,3 +5,4 @@ await import('./suites/errors.js');
 await import('./suites/cli.js');
 await import('./suites/serve.js');
 await import('./suites/install.js');
+await import('./suites/server.js');

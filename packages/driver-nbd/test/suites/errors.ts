@@ -23,7 +23,7 @@ async function fakeServer(onConnection: (s: net.Socket) => void): Promise<{ url:
 }
 
 /** The greeting of a fixed newstyle server, then a GO exchange answering `size`, then `after`. */
-function handshakeThen(size: number, after: (s: net.Socket) => void): (s: net.Socket) => void {
+function handshakeThen(size: number, after: (s: net.Socket) => void, structured = false): (s: net.Socket) => void {
   return (s) => {
     const g = Buffer.alloc(18);
     g.writeBigUInt64BE(protocol.NBDMAGIC, 0);
@@ -59,7 +59,8 @@ function handshakeThen(size: number, after: (s: net.Socket) => void): (s: net.So
           after(s);
           return;
         }
-        reply(option, protocol.OptionError.UNSUP);
+        if (option === protocol.Option.STRUCTURED_REPLY && structured) reply(option, protocol.OptionReply.ACK);
+        else reply(option, protocol.OptionError.UNSUP);
       }
     };
     s.on('data', onData);
@@ -170,6 +171,24 @@ test('protocol violations: a reply to a cookie never sent, a bad magic', async (
     await b.close();
     fake.close();
   }
+});
+
+test('a read reply that does not cover the whole request is a protocol error, not stale bytes', async () => {
+  const fake = await fakeServer(handshakeThen(MiB, (s) => s.once('data', (req: Buffer) => {
+    // One structured chunk: NONE with DONE, for the read's cookie.
+    const h = Buffer.alloc(20);
+    h.writeUInt32BE(protocol.STRUCTURED_REPLY_MAGIC, 0);
+    h.writeUInt16BE(protocol.REPLY_FLAG_DONE, 4);
+    h.writeUInt16BE(protocol.ReplyType.NONE, 6);
+    req.copy(h, 8, 8, 16);
+    s.write(h);
+  }), true));
+  const b = await openNbd(fake.url);
+  const e = await failure(() => b.read(0, 4096));
+  assert.is(e.code, 'EIO');
+  assert.match(e.message, /protocol error: read reply covering 0 of the 4096 bytes asked at 0/);
+  await b.close();
+  fake.close();
 });
 
 test('a malformed export size or block sizes from the server fail the open, naming them', async () => {
