@@ -378,6 +378,10 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
       const err = refuse('writeZeroes', offset, length, true);
       if (err) return Promise.reject(err);
       if (length === 0) return Promise.resolve();
+      // A fast zero is all or nothing at metadata speed: no read-modify-write of the edges.
+      if (flags?.fast && (inner.canFastZero !== true || !isAligned(offset, length))) {
+        return Promise.reject(new BlockError('ENOTSUP', inner.canFastZero ? 'a fast zero must be aligned to the image\'s blocks' : 'this image cannot zero fast', at(inner, 'writeZeroes', offset, length)));
+      }
       if (length <= maxZero && isAligned(offset, length)) return send('writeZeroes', () => inner.writeZeroes(offset, length, flags));
       return zeroSlow(offset, length, flags);
     },

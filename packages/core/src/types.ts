@@ -70,6 +70,12 @@ export interface WriteFlags {
 export interface WriteZeroesFlags {
   /** The range may be deallocated instead of written, as long as it then reads as zeroes. */
   readonly mayUnmap?: boolean;
+  /**
+   * Only if it is fast (metadata, not data): a backend that would have to write zeroes
+   * rejects with ENOTSUP at once instead. Sent only to canFastZero backends (the gate
+   * refuses it elsewhere); NBD's FAST_ZERO, QEMU's BDRV_REQ_NO_FALLBACK.
+   */
+  readonly fast?: boolean;
 }
 
 /** An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one. */
@@ -96,6 +102,12 @@ export interface BlockBackend {
   readonly canWriteZeroes: boolean;
   /** discard deallocates; false means discard is a no-op. */
   readonly canDiscard: boolean;
+  /**
+   * writeZeroes takes `fast` (nbdkit's can_fast_zero): convert then zeroes a target that
+   * may hold old data in one go before copying, and skips its zero extents (qemu-img's
+   * pre-zeroing). Absent means false.
+   */
+  readonly canFastZero?: boolean;
   /**
    * Every byte not yet written reads back as zero: a thin LUN that reports LBPRZ and
    * is wholly unmapped, or anything a create() just made and said so (the registry sets

@@ -151,6 +151,7 @@ export class NbdBackend implements BlockBackend {
   readonly limits: BlockLimits;
   readonly canWriteZeroes: boolean;
   readonly canDiscard: boolean;
+  readonly canFastZero: boolean;
   readsZeroesInitially = false;
   readonly canCompress = false;
   readonly hasBlockStatus: boolean;
@@ -191,6 +192,7 @@ export class NbdBackend implements BlockBackend {
     };
     this.canWriteZeroes = (info.flags & Flag.SEND_WRITE_ZEROES) !== 0;
     this.canDiscard = (info.flags & Flag.SEND_TRIM) !== 0;
+    this.canFastZero = this.canWriteZeroes && (info.flags & Flag.SEND_FAST_ZERO) !== 0;
     this.hasBlockStatus = info.metaContexts.has(BASE_ALLOCATION);
   }
 
@@ -220,6 +222,8 @@ export class NbdBackend implements BlockBackend {
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     this.#changed();
     try {
+      // FAST_ZERO: the server zeroes at metadata speed or says ENOTSUP; no fallback here.
+      if (flags?.fast) return await this.#pick().writeZeroes(offset, length, { noHole: flags.mayUnmap !== true, fast: true });
       if (this.canWriteZeroes && this.#writeZeroesWorks) {
         try {
           await this.#pick().writeZeroes(offset, length, { noHole: flags?.mayUnmap !== true });

@@ -100,8 +100,8 @@ export class NbdServer {
     this.#onError = options.onConnectionError;
     this.#minBlock = Math.min(65536, backend.limits.requestAlignment);
     this.#preferredBlock = Math.max(this.#minBlock, 4096, pow2(backend.limits.preferredAlignment ?? 1));
-    let flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.SEND_FUA | Flag.CAN_MULTI_CONN | Flag.SEND_WRITE_ZEROES | Flag.SEND_DF;
-    if (backend.canWriteZeroes) flags |= Flag.SEND_FAST_ZERO;
+    // SEND_FAST_ZERO always: a fast zero the image cannot do gets ENOTSUP (allowed by proto.md).
+    let flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.SEND_FUA | Flag.CAN_MULTI_CONN | Flag.SEND_WRITE_ZEROES | Flag.SEND_DF | Flag.SEND_FAST_ZERO;
     if (backend.canDiscard) flags |= Flag.SEND_TRIM;
     if (this.#readOnly) flags |= Flag.READ_ONLY;
     this.#flags = flags;
@@ -486,8 +486,12 @@ class ServerConnection {
         return;
       case Command.WRITE_ZEROES:
         if (!inside) return this.#error(cookie, NbdErrno.EINVAL, 'write zeroes past the end');
-        if ((flags & CommandFlag.FAST_ZERO) && !this.#backend.canWriteZeroes) return this.#error(cookie, NbdErrno.ENOTSUP, 'zeroing is not faster than writing here');
-        void this.#serve(cookie, () => (exp.readOnly ? refusedReadOnly() : this.#backend.writeZeroes(offset, length, { mayUnmap: !(flags & CommandFlag.NO_HOLE) })), 0);
+        {
+          // FAST_ZERO: only an image that can zero fast gets it; else ENOTSUP, nothing changed.
+          const fast = (flags & CommandFlag.FAST_ZERO) !== 0;
+          if (fast && this.#backend.canFastZero !== true) return this.#error(cookie, NbdErrno.ENOTSUP, 'zeroing is not faster than writing here');
+          void this.#serve(cookie, () => (exp.readOnly ? refusedReadOnly() : this.#backend.writeZeroes(offset, length, { mayUnmap: !(flags & CommandFlag.NO_HOLE), fast })), 0);
+        }
         return;
       case Command.BLOCK_STATUS:
         if (!this.#allocation) return this.#error(cookie, NbdErrno.EINVAL, 'no metadata context was selected');

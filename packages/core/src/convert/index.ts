@@ -32,6 +32,7 @@ import { checksumImage } from '../checksum/index.js';
 import { Checkpointer } from './checkpoints.js';
 import { checkResume, identifyConvert, type ResumeState } from './resume.js';
 import { FanoutTarget } from './fanout.js';
+import { preZero } from './prezero.js';
 
 export * from './options.js';
 export { checkCopyOffload } from './plan.js';
@@ -164,7 +165,11 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
   await Promise.resolve(); // let the caller attach listeners before the first event
   const fanout = o.targets ? openFanout(o) : undefined;
   if (!fanout && !o.target) throw new BlockError('EINVAL', 'no target image');
-  const plan = planConvert({ ...o, target: fanout ?? o.target! });
+  // One target, copied whole from the start, whose zeroes are not known: zero it fast if it can.
+  const preZeroed = !fanout && !o.resume && !o.diffAgainstBacking && o.targetIsZero !== true && o.minSparse !== 0
+    ? await preZero(o.target!, o.sources.reduce((n, s) => n + s.size, 0))
+    : false;
+  const plan = planConvert({ ...o, target: fanout ?? o.target!, ...(preZeroed ? { targetIsZero: true } : {}) });
   const { target, total, workers, bufferSize, outOfOrder } = plan;
   const cursor = new ChunkCursor(plan.sources, plan.cursorAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit,
     { start: plan.start, splitAt: plan.rewriteEnd });
@@ -360,7 +365,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
     }
     const result = {
       ...snapshot(), workers: governor ? governor.chosen : workers, ...(governor ? { workersTried: [...governor.history] } : {}),
-      bufferSize, outOfOrder, ...(plan.copyOffload ? { bytesOffloaded: stats.bytesOffloaded } : {}), ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
+      bufferSize, outOfOrder, ...(preZeroed ? { preZeroed } : {}), ...(plan.copyOffload ? { bytesOffloaded: stats.bytesOffloaded } : {}), ...(checksum !== undefined ? { checksum } : {}), ...(verified ? { verified } : {}),
       ...(o.resume ? { resumedFrom: plan.start } : {}), ...(checkpointer ? { checkpoints: checkpointer.count } : {}),
       ...(fanout ? { targets: fanout.outcomes() } : {}),
     };

@@ -159,6 +159,8 @@ export interface ConvertResult extends ConvertProgress {
   readonly workersTried?: readonly number[];
   readonly bufferSize: number;
   readonly outOfOrder: boolean;
+  /** The target was zeroed whole first (fast zero, as qemu-img does), so its zero extents were skipped. */
+  readonly preZeroed?: boolean;
   /** With copyOffload: bytes the storage copied itself (part of bytesWritten and bytesRead). */
   readonly bytesOffloaded?: number;
   /** With checksum or verify: the blkhash digest of the sources' content, hex. */

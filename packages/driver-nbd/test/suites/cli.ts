@@ -62,6 +62,34 @@ test('nbd → nbd: nbdkit sparse-random into an nbdkit memory disk, compared by 
   }
 });
 
+test('an export with old data and fast zero is zeroed in one request first, then only data is written; without fast zero, zeroes are written', async () => {
+  const src = path.join(dir, 'src.raw');
+  sparseImage(src, 64 * MiB, [[10, 3], [40, 1]]);
+  for (const [filters, fast] of [[[], true], [['--filter=nozero', 'zeromode=plugin', 'fastzeromode=none'], false]] as const) {
+    const log = path.join(dir, `log-${fast}`);
+    const dst = await nbdkit(dir, ['--filter=log', ...filters.filter((f) => f.startsWith('--')), 'memory', '64M', `logfile=${log}`, ...filters.filter((f) => !f.startsWith('--'))]);
+    try {
+      run('qemu-io', ['-f', 'raw', '-c', 'write -P 7 30M 2M', dst.url]); // old data where the source has a hole
+      const r = cli(['convert', '-n', '--output', 'json', src, dst.url]);
+      assert.is(r.status, 0, r.stderr);
+      const done = JSON.parse(r.stdout.trim().split('\n').pop()!) as { preZeroed?: boolean; bytesZeroed: number };
+      assert.is(done.preZeroed === true, fast, `preZeroed with fast zero: ${fast}`);
+      assert.is(compare(src, dst.url).status, 0, 'identical: the old data is gone');
+      const zeroes = fs.readFileSync(log, 'utf8').split('\n').filter((l) => / Zero id=\d+ /.test(l));
+      if (fast) {
+        assert.is(zeroes.length, 1, zeroes.join('\n'));
+        assert.match(zeroes[0]!, /offset=0x0 count=0x4000000 .*fast=1/);
+        assert.is(done.bytesZeroed, 0);
+      } else {
+        assert.ok(zeroes.every((l) => /fast=0/.test(l)), 'no fast zero asked of a server without it');
+        assert.ok(done.bytesZeroed > 0, 'zero extents written');
+      }
+    } finally {
+      await dst.stop();
+    }
+  }
+});
+
 test('blockconv map of an export agrees with nbdinfo --map', async () => {
   const src = await nbdkit(dir, ['sparse-random', '64M', 'seed=11', 'percent=40', 'runlength=262144']);
   try {
