@@ -261,11 +261,10 @@ export class HttpClient {
   }
 
   /**
-   * GET of [offset, offset + length) into `into` (or the whole image when `length` is
-   * undefined and `stream` takes the chunks): one attempt; throws TransientError for
-   * what a retry may fix.
+   * One GET of [offset, offset + length) into `into`: the bytes that arrived, and why the
+   * body stopped short (`cut`) if it did. Throws TransientError for what a retry may fix.
    */
-  async getRange(offset: number, length: number, into: Uint8Array, where: Where, signal?: AbortSignal): Promise<{ got: number; cut?: Error }> {
+  async getRange(offset: number, length: number, into: Uint8Array, where: Where): Promise<{ got: number; cut?: Error }> {
     const res = await this.send('GET', { range: `bytes=${offset}-${offset + length - 1}` });
     const status = res.statusCode ?? 0;
     if (status !== 206) {
@@ -285,8 +284,6 @@ export class HttpClient {
     let got = 0;
     let cut: Error | undefined;
     await new Promise<void>((resolve) => {
-      const abort = (): void => { res.destroy(signal!.reason as Error); };
-      signal?.addEventListener('abort', abort, { once: true });
       res.on('data', (chunk: Buffer) => {
         const n = Math.min(chunk.length, want - got);
         chunk.copy(into, got, 0, n);
@@ -295,14 +292,14 @@ export class HttpClient {
       res.once('end', () => resolve());
       // A body cut short (reset, timeout): what arrived counts; the caller retries the rest.
       res.once('error', (err) => { cut = err; resolve(); });
-      res.once('close', () => { signal?.removeEventListener('abort', abort); resolve(); });
+      res.once('close', () => resolve());
     });
     if (!cut && got < want) cut = new Error(`the response ended after ${got} of ${want} bytes`);
     return { got, cut };
   }
 }
 
-/** Runs `attempt` until it succeeds, retrying transient failures with backoff; `progress` tells whether a retry resumes. */
+/** Runs `attempt` until it succeeds, retrying transient failures with backoff (the attempt itself resumes where the last stopped). */
 async function withRetries<T>(client: HttpClient, where: Where, attempt: (n: number) => Promise<T>, signal?: AbortSignal): Promise<T> {
   for (let n = 0; ; n++) {
     try {
@@ -544,8 +541,8 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
     this.#toRing(chunk);
     const end = start + chunk.length;
     this.#pos = end;
-    // Copy into every waiting read the chunk overlaps; resolve the complete ones.
-    const still: PendingRead[] = [];
+    // Copy into every waiting read the chunk overlaps; resolve the complete ones, keep the others.
+    let kept = 0;
     for (const r of this.#pending) {
       const a = Math.max(r.offset, start);
       const b = Math.min(r.end, end);
@@ -556,9 +553,9 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
         r.offset = b;
       }
       if (r.offset >= r.end) r.resolve();
-      else still.push(r);
+      else this.#pending[kept++] = r;
     }
-    this.#pending = still;
+    this.#pending.length = kept;
     if (this.#pending.length === 0) this.#pause();
   }
 

@@ -3,63 +3,17 @@
  * self-signed certificate, Basic authentication, a location without Range), a test
  * server of our own that injects failures, and the CLI.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { freePort, run, tmpDir as scratchDir } from '../../../tools/test/fixtures.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-export const CLI = path.resolve(here, '../../cli/bin/blockconv.js');
-export const MiB = 1024 * 1024;
+export { CLI, MiB, cli, compare, failure, freePort, run, sparseImage } from '../../../tools/test/fixtures.js';
 
 export function tmpDir(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'blockconv-http-'));
-}
-
-export function run(cmd: string, args: string[]): string {
-  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
-export function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 120_000): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, ...env } });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
-
-export async function failure(fn: () => Promise<unknown>): Promise<Error & { code?: string }> {
-  try {
-    await fn();
-  } catch (err) {
-    return err as Error & { code?: string };
-  }
-  throw new Error('expected a rejection');
-}
-
-export function compare(a: string, b: string, formats: [string, string] = ['raw', 'raw']): { status: number | null; out: string } {
-  const r = spawnSync('qemu-img', ['compare', '-f', formats[0], '-F', formats[1], a, b], { encoding: 'utf8' });
-  return { status: r.status, out: r.stdout + r.stderr };
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.once('error', reject);
-  });
-}
-
-/** A raw file of `size` bytes with random data in the given MiB ranges. */
-export function sparseImage(file: string, size: number, dataMiB: readonly [number, number][]): void {
-  fs.closeSync(fs.openSync(file, 'w'));
-  fs.truncateSync(file, size);
-  for (const [at, n] of dataMiB) {
-    execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `seek=${at}`, `count=${n}`, 'conv=notrunc', 'status=none']);
-  }
+  return scratchDir('blockconv-http-');
 }
 
 export interface Nginx {

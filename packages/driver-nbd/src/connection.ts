@@ -142,7 +142,6 @@ export class NbdConnection {
   #chunkFlags = 0;
   #chunkType = 0;
   #chunkLength = 0;
-  #dataStart = 0;
 
   // Handshake: bytes the server sent that no read asked for yet, and the read waiting.
   #pending: Buffer[] = [];
@@ -214,11 +213,6 @@ export class NbdConnection {
   /** Requests sent and not yet answered. */
   get inFlight(): number {
     return this.#inFlight;
-  }
-
-  /** Why the connection is unusable, once it is (a message without location or operation). */
-  get failure(): BlockError | null {
-    return this.#failure;
   }
 
   /** Whether requests can still be sent. */
@@ -416,9 +410,9 @@ export class NbdConnection {
         if (offset < slot.offset || offset + n > slot.offset + slot.length) {
           return this.#protocolError(`read reply data at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`);
         }
-        this.#dataStart = offset - slot.offset;
+        const at = offset - slot.offset;
         slot.covered += n;
-        return this.#expect(Want.Data, slot.into!, this.#dataStart, this.#dataStart + n);
+        return this.#expect(Want.Data, slot.into!, at, at + n);
       }
       case Want.Data: return this.#chunkDone();
       case Want.Hole: {

@@ -80,13 +80,21 @@ function pow2(n: number): number {
   return p;
 }
 
+/** What a connection needs to know about the export; fixed at construction. */
+interface ExportFacts {
+  readonly name: string;
+  readonly size: number;
+  /** Transmission flags (structured replies aside: SEND_DF goes only with them). */
+  readonly flags: number;
+  readonly minBlock: number;
+  readonly preferredBlock: number;
+  readonly readOnly: boolean;
+}
+
 export class NbdServer {
   readonly #backend: BlockBackend;
-  readonly #exportName: string;
-  readonly #readOnly: boolean;
-  readonly #flags: number;
-  readonly #minBlock: number;
-  readonly #preferredBlock: number;
+  /** @internal */
+  readonly export: ExportFacts;
   readonly #onError?: (err: Error, client: string) => void;
   readonly #servers: net.Server[] = [];
   readonly #connections = new Set<ServerConnection>();
@@ -95,20 +103,21 @@ export class NbdServer {
 
   constructor(backend: BlockBackend, options: NbdServerOptions = {}) {
     this.#backend = backend;
-    this.#exportName = options.exportName ?? '';
-    this.#readOnly = options.readOnly === true || backend.readOnly;
     this.#onError = options.onConnectionError;
-    this.#minBlock = Math.min(65536, backend.limits.requestAlignment);
-    this.#preferredBlock = Math.max(this.#minBlock, 4096, pow2(backend.limits.preferredAlignment ?? 1));
+    const readOnly = options.readOnly === true || backend.readOnly;
+    const minBlock = Math.min(65536, backend.limits.requestAlignment);
     // SEND_FAST_ZERO always: a fast zero the image cannot do gets ENOTSUP (allowed by proto.md).
     let flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.SEND_FUA | Flag.CAN_MULTI_CONN | Flag.SEND_WRITE_ZEROES | Flag.SEND_DF | Flag.SEND_FAST_ZERO;
     if (backend.canDiscard) flags |= Flag.SEND_TRIM;
-    if (this.#readOnly) flags |= Flag.READ_ONLY;
-    this.#flags = flags;
+    if (readOnly) flags |= Flag.READ_ONLY;
+    this.export = {
+      name: options.exportName ?? '', size: backend.size, flags, minBlock, readOnly,
+      preferredBlock: Math.max(minBlock, 4096, pow2(backend.limits.preferredAlignment ?? 1)),
+    };
   }
 
   get exportName(): string {
-    return this.#exportName;
+    return this.export.name;
   }
 
   /** Clients connected now, and served since the start. */
@@ -151,11 +160,6 @@ export class NbdServer {
     const conn = new ServerConnection(socket, this, this.#backend, `client ${this.#served}`);
     this.#connections.add(conn);
     socket.once('close', () => this.#connections.delete(conn));
-  }
-
-  /** @internal What a connection needs to know about the export. */
-  get export(): { name: string; size: number; flags: number; minBlock: number; preferredBlock: number; readOnly: boolean } {
-    return { name: this.#exportName, size: this.#backend.size, flags: this.#flags, minBlock: this.#minBlock, preferredBlock: this.#preferredBlock, readOnly: this.#readOnly };
   }
 
   /** @internal */

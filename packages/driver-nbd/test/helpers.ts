@@ -2,41 +2,15 @@
  * Fixtures for the NBD driver tests: real servers from Debian (qemu-nbd, nbdkit) on Unix
  * sockets or loopback TCP in a temporary directory, one per test that needs it, and the CLI.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import * as fs from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { freePort, tmpDir as scratchDir } from '../../../tools/test/fixtures.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-export const CLI = path.resolve(here, '../../cli/bin/blockconv.js');
-
-export const MiB = 1024 * 1024;
+export { CLI, MiB, cli, compare, failure, freePort, run, sparseImage } from '../../../tools/test/fixtures.js';
 
 export function tmpDir(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'blockconv-nbd-'));
-}
-
-export function run(cmd: string, args: string[]): string {
-  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
-/** Runs the blockconv CLI; never throws. */
-export function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 120_000): { status: number | null; stdout: string; stderr: string; ms: number } {
-  const start = Date.now();
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, ...env } });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr, ms: Date.now() - start };
-}
-
-/** Awaits a rejection and returns the error (uvu has no async `rejects`). */
-export async function failure(fn: () => Promise<unknown>): Promise<Error & { code?: string }> {
-  try {
-    await fn();
-  } catch (err) {
-    return err as Error & { code?: string };
-  }
-  throw new Error('expected a rejection');
+  return scratchDir('blockconv-nbd-');
 }
 
 export interface Server {
@@ -96,18 +70,6 @@ function server(cmd: string, args: string[], where: { socket?: string; port?: nu
   }));
 }
 
-/** A free loopback TCP port (bound, then released). */
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.once('error', reject);
-  });
-}
-
 /**
  * nbdkit in the foreground: `nbdkit(dir, ['memory', '64M'])`, or with filters first
  * (`['--filter=error', 'memory', '64M', 'error-rate=1']`). TCP when `tcp` is set.
@@ -125,19 +87,4 @@ export async function nbdkit(dir: string, args: string[], tcp = false): Promise<
 export function qemuNbd(dir: string, file: string, format: 'raw' | 'qcow2', extra: string[] = []): Promise<Server> {
   const socket = path.join(dir, `qemu-nbd-${Math.random().toString(36).slice(2, 8)}.sock`);
   return server('qemu-nbd', ['-t', '-e', '8', '-k', socket, '-f', format, '--cache=writeback', ...extra, file], { socket }, 'qemu-nbd');
-}
-
-/** A raw file of `size` bytes with random data in the given MiB ranges. */
-export function sparseImage(file: string, size: number, dataMiB: readonly [number, number][]): void {
-  fs.closeSync(fs.openSync(file, 'w'));
-  fs.truncateSync(file, size);
-  for (const [at, n] of dataMiB) {
-    execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `seek=${at}`, `count=${n}`, 'conv=notrunc', 'status=none']);
-  }
-}
-
-/** qemu-img compare; returns its exit status (0 identical, 1 different) and output. */
-export function compare(a: string, b: string, formats: [string, string] = ['raw', 'raw']): { status: number | null; out: string } {
-  const r = spawnSync('qemu-img', ['compare', '-f', formats[0], '-F', formats[1], a, b], { encoding: 'utf8' });
-  return { status: r.status, out: r.stdout + r.stderr };
 }
