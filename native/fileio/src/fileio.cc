@@ -1,5 +1,6 @@
 // Native file I/O that Node's fs lacks: SEEK_DATA/SEEK_HOLE, fallocate, write-behind
-// (sync_file_range), in-kernel copies (copy_file_range), block device ioctls and aligned buffers for O_DIRECT. Every
+// (sync_file_range), in-kernel copies (copy_file_range), a file-to-file copy of a chunk
+// with its zero scan in one job (pipe), block device ioctls and aligned buffers for O_DIRECT. Every
 // syscall that may block runs on the libuv thread pool (Napi::AsyncWorker) and settles
 // a promise, so the event loop never waits on storage. Errors mimic Node's fs errors
 // (code, errno, syscall).
@@ -110,6 +111,7 @@ bool ArgOffset(const Napi::CallbackInfo& info, size_t i, const char* name, uint6
 struct Result {
   int err = 0;                 // errno, 0 on success
   const char* syscall = "";    // for the error message
+  double errOffset = -1;       // file offset of the failed call, when known (error.offset)
   uint64_t value = 0;          // size / length
   bool flag = false;           // blockStatus: data or hole
   std::vector<double> list;    // extents: [length, isData] pairs
@@ -133,7 +135,9 @@ class Worker : public Napi::AsyncWorker {
   void OnOK() override {
     Napi::Env env = Env();
     if (result_.err != 0) {
-      deferred_.Reject(ErrnoError(env, result_.err, result_.syscall));
+      Napi::Value error = ErrnoError(env, result_.err, result_.syscall);
+      if (result_.errOffset >= 0) error.As<Napi::Object>().Set("offset", Napi::Number::New(env, result_.errOffset));
+      deferred_.Reject(error);
     } else {
       deferred_.Resolve(settle_(env, result_));
     }
@@ -507,6 +511,191 @@ Napi::Value CopyRange(const Napi::CallbackInfo& info) {
 }
 
 // ---------------------------------------------------------------------------
+// pipe(srcFd, pieces, pieceCount, dstFd, dstOffset, length, buffer, holes, holeCount,
+//      unit, minRun, runs) -> number of zero runs
+//
+// One chunk of a file-to-file convert in one thread-pool job: reads the pieces
+// (preadSegments' triples: source offset, length, position in the buffer), finds the
+// zero runs of buffer[0, length) exactly as the core's ZeroScanner does (whole units,
+// runs of at least minRun, the known holes as zero runs unread), writes the data
+// between them at dstOffset, and leaves the zero runs in `runs` as [start, end) pairs
+// relative to the chunk for the caller to zero or skip. Done as a read job, a scan on
+// the main thread and a write job, the chunk costs two more thread-pool hand-offs and
+// the main thread's time. minRun 0 scans nothing: the chunk is written whole.
+
+constexpr size_t kZeroSpan = 64 * 1024;
+const uint8_t kZeroes[kZeroSpan] = {};
+
+bool AllZero(const uint8_t* p, uint64_t n) {
+  if (n >= 8) {
+    uint64_t first;
+    memcpy(&first, p, 8);
+    if (first != 0) return false;  // real data: rejected by one load
+  }
+  for (uint64_t done = 0; done < n; done += kZeroSpan) {
+    size_t k = static_cast<size_t>(std::min<uint64_t>(kZeroSpan, n - done));
+    if (memcmp(p + done, kZeroes, k) != 0) return false;
+  }
+  return true;
+}
+
+struct ZeroRuns {
+  double* out;
+  size_t cap;  // pairs
+  size_t count = 0;
+  bool overflow = false;
+  // A zero run, joined to the one before when they touch (ZeroScanner.#zero).
+  void Add(uint64_t start, uint64_t end) {
+    if (count > 0 && out[2 * count - 1] == static_cast<double>(start)) {
+      out[2 * count - 1] = static_cast<double>(end);
+      return;
+    }
+    if (count == cap) { overflow = true; return; }
+    out[2 * count] = static_cast<double>(start);
+    out[2 * count + 1] = static_cast<double>(end);
+    count++;
+  }
+};
+
+// ZeroScanner.#scanRange: whole zero units from `from`, runs of at least minRun.
+void ScanRange(const uint8_t* buf, uint64_t from, uint64_t to, uint64_t unit, uint64_t minRun, ZeroRuns& runs) {
+  uint64_t pos = from;
+  while (pos < to) {
+    uint64_t n = std::min(unit, to - pos);
+    if (n < unit || !AllZero(buf + pos, n)) {
+      pos += n;
+      continue;
+    }
+    uint64_t start = pos;
+    pos += n;
+    while (to - pos >= unit && AllZero(buf + pos, unit)) pos += unit;
+    if (pos - start >= minRun) runs.Add(start, pos);
+  }
+}
+
+bool WriteAll(int fd, const uint8_t* data, uint64_t len, uint64_t offset, Result& r) {
+  uint64_t done = 0;
+  while (done < len) {
+    ssize_t n = pwrite(fd, data + done, len - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n < 0) Fail(r, "pwrite");
+      else { r.err = EIO; r.syscall = "pwrite"; }  // cannot happen for regular files; never spin
+      r.errOffset = static_cast<double>(offset + done);
+      return false;
+    }
+    done += static_cast<uint64_t>(n);
+  }
+  return true;
+}
+
+struct PipeJob {
+  int srcFd, dstFd;
+  std::vector<uint64_t> pieces;  // triples
+  std::vector<uint64_t> holes;   // pairs
+  uint64_t dstOffset, length, unit, minRun;
+  uint8_t* data;
+  double* runs;
+  size_t runCap;
+};
+
+void PipeWork(const PipeJob& j, Result& r) {
+  TransferSegmentsWork(false, j.srcFd, j.data, j.pieces, r);
+  if (r.err != 0) {
+    r.errOffset = static_cast<double>(r.value);
+    return;
+  }
+  ZeroRuns runs{j.runs, j.runCap};
+  if (j.minRun > 0) {
+    uint64_t pos = 0;
+    for (size_t k = 0; k + 1 < j.holes.size(); k += 2) {
+      ScanRange(j.data, pos, j.holes[k], j.unit, j.minRun, runs);
+      runs.Add(j.holes[k], j.holes[k + 1]);
+      pos = j.holes[k + 1];
+    }
+    ScanRange(j.data, pos, j.length, j.unit, j.minRun, runs);
+  }
+  if (runs.overflow) {  // the caller's list is sized for every unit; never write half a scan
+    r.err = EOVERFLOW;
+    r.syscall = "pipe";
+    return;
+  }
+  uint64_t at = 0;
+  for (size_t i = 0; i <= runs.count; i++) {
+    uint64_t end = i < runs.count ? static_cast<uint64_t>(j.runs[2 * i]) : j.length;
+    if (end > at && !WriteAll(j.dstFd, j.data + at, end - at, j.dstOffset + at, r)) return;
+    if (i < runs.count) at = static_cast<uint64_t>(j.runs[2 * i + 1]);
+  }
+  r.value = runs.count;
+}
+
+bool ArgTyped(const Napi::CallbackInfo& info, size_t i, napi_typedarray_type type, const char* name) {
+  if (info[i].IsTypedArray() && info[i].As<Napi::TypedArray>().TypedArrayType() == type) return true;
+  Napi::TypeError::New(info.Env(), std::string("The \"") + name + "\" argument must be a " +
+                                       (type == napi_uint8_array ? "Uint8Array" : "Float64Array"))
+      .ThrowAsJavaScriptException();
+  return false;
+}
+
+Napi::Value Pipe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  PipeJob j{};
+  uint64_t pieceCount, holeCount;
+  if (!ArgCount(info, 12, "pipe") || !ArgFd(info, 0, &j.srcFd) || !ArgTyped(info, 1, napi_float64_array, "pieces") ||
+      !ArgOffset(info, 2, "pieceCount", &pieceCount) || !ArgFd(info, 3, &j.dstFd) ||
+      !ArgOffset(info, 4, "dstOffset", &j.dstOffset) || !ArgOffset(info, 5, "length", &j.length) ||
+      !ArgTyped(info, 6, napi_uint8_array, "buffer") || !ArgTyped(info, 7, napi_float64_array, "holes") ||
+      !ArgOffset(info, 8, "holeCount", &holeCount) || !ArgOffset(info, 9, "unit", &j.unit) ||
+      !ArgOffset(info, 10, "minRun", &j.minRun) || !ArgTyped(info, 11, napi_float64_array, "runs")) {
+    return env.Undefined();
+  }
+  Napi::Uint8Array buf = info[6].As<Napi::Uint8Array>();
+  Napi::Float64Array pieces = info[1].As<Napi::Float64Array>(), holes = info[7].As<Napi::Float64Array>();
+  Napi::Float64Array runs = info[11].As<Napi::Float64Array>();
+  auto fail = [&](const std::string& what) {
+    Napi::RangeError::New(env, "pipe: " + what).ThrowAsJavaScriptException();
+    return env.Undefined();
+  };
+  if (j.length > buf.ByteLength()) return fail("length exceeds the buffer");
+  if (3 * pieceCount > pieces.ElementLength()) return fail("pieceCount exceeds the piece list");
+  if (2 * holeCount > holes.ElementLength()) return fail("holeCount exceeds the hole list");
+  if (j.minRun > 0 && j.unit == 0) return fail("unit must be positive");
+  // Every unit a run of its own, plus the holes: the most runs a scan can find.
+  j.runCap = runs.ElementLength() / 2;
+  if (j.minRun > 0 && j.runCap < (j.length + j.unit - 1) / j.unit + holeCount + 1) return fail("the run list is too short for the chunk");
+  j.pieces.resize(3 * pieceCount);
+  for (size_t i = 0; i < j.pieces.size(); i += 3) {
+    double off = pieces[i], len = pieces[i + 1], at = pieces[i + 2];
+    if (!(off >= 0 && len >= 0 && at >= 0 && std::trunc(off) == off && std::trunc(len) == len && std::trunc(at) == at &&
+          off <= kMaxSafeInteger && at + len <= static_cast<double>(j.length))) {
+      return fail("piece " + std::to_string(i / 3) + " is outside the chunk");
+    }
+    j.pieces[i] = static_cast<uint64_t>(off);
+    j.pieces[i + 1] = static_cast<uint64_t>(len);
+    j.pieces[i + 2] = static_cast<uint64_t>(at);
+  }
+  j.holes.resize(2 * holeCount);
+  double last = 0;
+  for (size_t i = 0; i < j.holes.size(); i += 2) {
+    double a = holes[i], b = holes[i + 1];
+    if (!(a >= last && b >= a && b <= static_cast<double>(j.length) && std::trunc(a) == a && std::trunc(b) == b)) {
+      return fail("hole " + std::to_string(i / 2) + " is not ascending inside the chunk");
+    }
+    j.holes[i] = static_cast<uint64_t>(a);
+    j.holes[i + 1] = static_cast<uint64_t>(b);
+    last = b;
+  }
+  if (j.minRun == 0 && holeCount > 0) return fail("holes need a scan (minRun > 0)");
+  j.data = buf.Data();
+  j.runs = runs.Data();
+  // Released with the worker, on the main thread.
+  auto keep = std::make_shared<std::pair<Napi::Reference<Napi::Uint8Array>, Napi::Reference<Napi::Float64Array>>>(
+      Napi::Persistent(buf), Napi::Persistent(runs));
+  return Worker::Run(
+      env, "fileio.pipe", [j = std::move(j), keep](Result& r) { PipeWork(j, r); }, SettleNumber);
+}
+
+// ---------------------------------------------------------------------------
 // Block device ioctls
 
 Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
@@ -608,6 +797,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocate", Napi::Function::New(env, Fallocate, "fallocate"));
   exports.Set("writeBehind", Napi::Function::New(env, WriteBehind, "writeBehind"));
   exports.Set("copyRange", Napi::Function::New(env, CopyRange, "copyRange"));
+  exports.Set("pipe", Napi::Function::New(env, Pipe, "pipe"));
   exports.Set("blockDeviceSize", Napi::Function::New(env, BlockDeviceSize, "blockDeviceSize"));
   exports.Set("blockDeviceZeroOut", Napi::Function::New(env, BlockDeviceZeroOut, "blockDeviceZeroOut"));
   exports.Set("blockDeviceDiscard", Napi::Function::New(env, BlockDeviceDiscard, "blockDeviceDiscard"));

@@ -1,6 +1,7 @@
 /**
  * Native file I/O that Node's fs lacks (Linux only): SEEK_DATA/SEEK_HOLE, fallocate,
- * write-behind (sync_file_range), in-kernel copies (copy_file_range), block device ioctls and aligned buffers for O_DIRECT.
+ * write-behind (sync_file_range), in-kernel copies (copy_file_range), a chunk's copy
+ * with its zero scan in one job (pipe), block device ioctls and aligned buffers for O_DIRECT.
  *
  * Every async call runs its syscalls on the libuv thread pool. Failures reject with
  * an Error shaped like Node's fs errors: `code` ('ENOSPC', 'EOPNOTSUPP', ...), negative
@@ -23,6 +24,8 @@ export interface FileIoError extends Error {
   readonly code: string;
   readonly errno: number;
   readonly syscall: string;
+  /** The file offset of the failed read or write, where known (pipe). */
+  readonly offset?: number;
 }
 
 interface FallocConstants {
@@ -44,6 +47,8 @@ interface Native {
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void>;
   copyRange(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number): Promise<number>;
+  pipe(srcFd: number, pieces: Float64Array, pieceCount: number, dstFd: number, dstOffset: number, length: number, buffer: Uint8Array,
+    holes: Float64Array, holeCount: number, unit: number, minRun: number, runs: Float64Array): Promise<number>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
   blockDeviceDiscard(fd: number, offset: number, length: number): Promise<void>;
@@ -138,6 +143,34 @@ export function writeBehind(fd: number, offset: number, length: number, evictOff
  */
 export function copyRange(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number): Promise<number> {
   return native.copyRange(srcFd, srcOffset, dstFd, dstOffset, length);
+}
+
+/** Where pipe finds a chunk's bytes and what it knows of them. */
+export interface PipeChunk {
+  /** preadSegments' triples: source offset, length, position in the chunk (pipe's pieceCount of them). */
+  readonly pieces: Float64Array;
+  readonly buffer: Uint8Array;
+  /** Holes of the chunk, [start, end) pairs relative to it: zero runs, not read. */
+  readonly holes: Float64Array;
+  readonly holeCount: number;
+  /** Zero runs are whole units of this size, of at least minRun bytes; minRun 0 scans nothing. */
+  readonly unit: number;
+  readonly minRun: number;
+  /** Receives the zero runs found, [start, end) pairs relative to the chunk. */
+  readonly runs: Float64Array;
+}
+
+/**
+ * One chunk of a file-to-file copy in one thread-pool job: reads `pieceCount` pieces of
+ * `srcFd` into the buffer (bytes past the end of the file read as zeroes), finds the
+ * zero runs as the core's ZeroScanner does, and writes everything else to `dstFd` at
+ * `dstOffset` (chunk position p at dstOffset + p). Resolves with the number of zero
+ * runs, left in `runs` and not written. A failed read rejects with syscall 'pread', a
+ * failed write with 'pwrite', each with the file `offset`. The lists are copied at
+ * the call; the buffer and `runs` must stay untouched until it settles.
+ */
+export function pipe(srcFd: number, dstFd: number, dstOffset: number, length: number, c: PipeChunk, pieceCount: number): Promise<number> {
+  return native.pipe(srcFd, c.pieces, pieceCount, dstFd, dstOffset, length, c.buffer, c.holes, c.holeCount, c.unit, c.minRun, c.runs);
 }
 
 /** Size of a block device in bytes (BLKGETSIZE64). */

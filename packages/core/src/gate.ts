@@ -12,8 +12,9 @@
  *   to the backend (see WriteSerializer); unaligned discards shrink to whole blocks
  *   (discard is advisory);
  * - memory not on a minMemAlignment boundary goes through an aligned bounce buffer;
- * - copy offload (copyTo/copyFrom) is checked as a read and a write; what would need
- *   padding is declined, so the caller reads and writes it instead.
+ * - copy offload (copyTo/copyFrom) and fused copies (pipeTo/pipeFrom) are checked as
+ *   a read and a write; what would need padding or splitting is declined, so the caller
+ *   reads and writes it instead.
  *
  * A driver therefore only sees requests that lie inside the image, start on a multiple
  * of requestAlignment and are a multiple of it long (or end at the image's end, when
@@ -27,7 +28,7 @@
  */
 import { BlockError } from './errors.js';
 import { forwardBackend } from './forward.js';
-import type { BlockBackend, BlockLimits, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
+import type { BlockBackend, BlockLimits, Extent, PipeRequest, WriteFlags, WriteZeroesFlags } from './types.js';
 
 const GATED = Symbol.for('@blockconv/core.gated');
 
@@ -568,6 +569,31 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
         if (!(await send('write', () => copyFrom(offset + done, n, source, sourceOffset + done)))) return false;
       }
       return true;
+    };
+  }
+
+  /**
+   * A fused copy (pipeTo on a source, pipeFrom on a target): checked like a read or a
+   * write. It is one chunk, so one that is larger than maxTransfer, unaligned, or in
+   * memory the driver cannot use is declined (-1) rather than split: the caller then
+   * reads and writes it through the gate.
+   */
+  const mayPipe = (op: 'read' | 'write', offset: number, length: number, request: PipeRequest): boolean =>
+    mayOffload(op, offset, length) && length <= maxIo && memOk(request.buffer);
+
+  if (inner.pipeTo) {
+    const pipeTo = inner.pipeTo.bind(inner);
+    gate.pipeTo = async (offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> =>
+      mayPipe('read', offset, length, request) ? pipeTo(offset, length, target, targetOffset, request) : -1;
+  }
+
+  if (inner.pipeFrom) {
+    const pipeFrom = inner.pipeFrom.bind(inner);
+    gate.pipeFrom = async (offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> => {
+      const wait = serializer?.waiting;
+      if (wait) await wait;
+      if (!mayPipe('write', offset, length, request)) return -1;
+      return send('write', () => pipeFrom(offset, length, source, pieceCount, request));
     };
   }
 

@@ -6,11 +6,12 @@
  */
 import { BlockError } from './errors.js';
 import { redactLocation } from './redact.js';
-import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
+import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, type PipeRequest, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
+import { ZeroScanner } from './zeroscan.js';
 
 const PAGE = 64 * 1024;
 
-export type MemoryOp = 'read' | 'readSegments' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush' | 'copy';
+export type MemoryOp = 'read' | 'readSegments' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush' | 'copy' | 'pipe';
 
 export interface MemoryOpRecord {
   readonly op: MemoryOp;
@@ -36,6 +37,12 @@ export interface MemoryBackendOptions {
    * server-side copy would: logged as 'copy' on the target. Default false.
    */
   readonly canCopy?: boolean;
+  /**
+   * Fused copies (pipeTo/pipeFrom) with other memory backends that can, scanned with
+   * the core's ZeroScanner: the reference for what a driver's pipe must do. Logged as
+   * 'pipe' on the target. Default false.
+   */
+  readonly canPipe?: boolean;
   /** Milliseconds an operation takes, or a function of it (for latency injection). */
   readonly latency?: number | ((op: MemoryOp, offset: number, length: number) => number);
   /** Returns an error to fail an operation with (failure injection). */
@@ -61,6 +68,9 @@ export class MemoryBackend implements BlockBackend {
   /** With canCopy. */
   readonly copyTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number) => Promise<boolean>;
   readonly copyFrom?: (offset: number, length: number, source: BlockBackend, sourceOffset: number) => Promise<boolean>;
+  /** With canPipe. */
+  readonly pipeTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest) => Promise<number>;
+  readonly pipeFrom?: (offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest) => Promise<number>;
   /** Highest number of operations in flight at once. */
   maxInFlight = 0;
   inFlight = 0;
@@ -104,6 +114,51 @@ export class MemoryBackend implements BlockBackend {
         return true;
       };
     }
+    if (opts.canPipe) {
+      this.pipeTo = (offset, length, target, targetOffset, request) => {
+        if (!target.pipeFrom) return Promise.resolve(-1);
+        let n = 0;
+        let pos = 0;
+        for (let h = 0; h <= request.holeCount; h++) {
+          const end = h < request.holeCount ? request.holes[2 * h]! : length;
+          if (end > pos) {
+            request.pieces[3 * n] = offset + pos;
+            request.pieces[3 * n + 1] = end - pos;
+            request.pieces[3 * n + 2] = pos;
+            n++;
+          }
+          if (h < request.holeCount) pos = request.holes[2 * h + 1]!;
+        }
+        return target.pipeFrom(targetOffset, length, this, n, request);
+      };
+      this.pipeFrom = (offset, length, source, pieceCount, request) => this.#pipeFrom(offset, length, source, pieceCount, request);
+    }
+  }
+
+  #pipeFrom(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> {
+    if (!(source instanceof MemoryBackend) || !source.pipeTo) return Promise.resolve(-1);
+    let found = 0;
+    return this.#op('pipe', offset, length, () => {
+      const { buffer, pieces, holes, holeCount, runs } = request;
+      for (let i = 0; i < pieceCount; i++) {
+        const at = pieces[3 * i + 2]!;
+        source.#load(pieces[3 * i]!, pieces[3 * i + 1]!, buffer.subarray(at, at + pieces[3 * i + 1]!));
+      }
+      let pos = 0;
+      const write = (end: number): void => { if (end > pos) this.#store(offset + pos, buffer.subarray(pos, end)); };
+      if (request.minRun > 0) {
+        const scanner = new ZeroScanner(buffer, request.unit, request.minRun);
+        const n = scanner.scan(length, holes, holeCount);
+        for (let i = 0; i < n; i++) {
+          if (!scanner.segmentIsZero[i]) continue;
+          write(scanner.segments[2 * i]!);
+          runs[2 * found] = scanner.segments[2 * i]!;
+          runs[2 * found + 1] = pos = scanner.segments[2 * i + 1]!;
+          found++;
+        }
+      }
+      write(length);
+    }, true).then(() => found);
   }
 
   /** Bytes held in memory (allocated pages). */

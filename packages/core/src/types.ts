@@ -79,6 +79,31 @@ export interface WriteZeroesFlags {
 }
 
 /** An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one. */
+/**
+ * A data chunk that a source and target pair may copy in one step of their own
+ * (BlockBackend.pipeTo): the caller's buffer and lists, reused from chunk to chunk.
+ */
+export interface PipeRequest {
+  /** The caller's buffer, at least the chunk's length (aligned as the pair's limits ask). */
+  readonly buffer: Uint8Array;
+  /**
+   * Holes of the chunk the source reported, [start, end) pairs relative to it on whole
+   * units: zero runs, never read. Empty without a zero scan.
+   */
+  readonly holes: Float64Array;
+  holeCount: number;
+  /** The zero scan: runs are whole units of `unit` bytes and at least `minRun` long; minRun 0 scans nothing. */
+  readonly unit: number;
+  readonly minRun: number;
+  /** Room for the source to say where the chunk's data lies (readSegments' triples): one more than the holes. */
+  readonly pieces: Float64Array;
+  /**
+   * Receives the zero runs found, [start, end) pairs relative to the chunk (the holes
+   * among them): these were not written. Room for a run per unit, plus the holes.
+   */
+  readonly runs: Float64Array;
+}
+
 export interface BlockBackend {
   /** The driver that opened it, e.g. "file" or "raw". */
   readonly driverName: string;
@@ -179,6 +204,26 @@ export interface BlockBackend {
    * as copyTo, when it cannot copy from that source.
    */
   copyFrom?(offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean>;
+  /**
+   * Optional fused copy, the source's half: a data chunk of convert, [offset, +length),
+   * read into `request.buffer`, scanned for zero runs as the core's ZeroScanner scans
+   * (whole `unit`s, runs of at least `minRun`, the holes counted as runs unread), and
+   * its data written to `targetOffset` of `target`, in one step of the pair's own (two
+   * local files: one thread-pool job, where a read, a scan and a write cost three
+   * hand-offs). The source says where the bytes lie (`request.pieces`) and hands it to
+   * the target's pipeFrom, as copyTo does. Resolves with the number of zero runs left
+   * in `request.runs`, none of them written: the caller zeroes or skips them. Resolves
+   * -1 when the pair cannot; then nothing was read or written.
+   */
+  pipeTo?(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number>;
+  /**
+   * Optional fused copy, the target's half: reads `pieceCount` triples of
+   * `request.pieces` (source offset, length, position in the chunk) from `source` (the
+   * layer that reached its storage, not gated) into the buffer, then scans and writes
+   * the chunk at `offset` of this image as pipeTo describes. -1 when it cannot take
+   * this source.
+   */
+  pipeFrom?(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number>;
   writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   blockStatus(offset: number, length: number): Promise<Extent>;

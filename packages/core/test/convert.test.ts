@@ -400,6 +400,80 @@ test('copy offload: a failed copy fails the job with the target offset; one-at-a
   await assertSame(src, serial);
 });
 
+/** Data with a written run of zeroes inside it, and 64 KiB data pieces between 64 KiB holes (merged into chunks). */
+async function pipeSource(extra: Partial<ConstructorParameters<typeof MemoryBackend>[0]> = {}): Promise<MemoryBackend> {
+  const ranges: Array<[number, number]> = [[0, 3 * MiB]];
+  for (let off = 4 * MiB; off < 6 * MiB; off += 128 * KiB) ranges.push([off, 64 * KiB]);
+  const src = await source(8 * MiB, ranges, { canPipe: true, record: true, ...extra });
+  await src.write(MiB, new Uint8Array(256 * KiB));
+  src.log.length = 0;
+  return src;
+}
+
+test('fused copy (pipeTo/pipeFrom): each data chunk is one step, issued in order; zero runs and holes skipped on a zero target', async () => {
+  const src = await pipeSource();
+  const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
+  const r = await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB });
+  assert.ok(!src.log.some((e) => e.op === 'read' || e.op === 'readSegments'), 'nothing read by the core');
+  assert.ok(!dst.log.some((e) => e.op === 'write' || e.op === 'writeSegments' || e.op === 'writeZeroes'), 'no other writes');
+  const pipes = dst.log.filter((e) => e.op === 'pipe');
+  assert.is(pipes.length, 5, '3 chunks of the data run, 2 of the merged pieces');
+  for (let i = 1; i < pipes.length; i++) assert.ok(pipes[i]!.offset > pipes[i - 1]!.offset, 'issued in order');
+  assert.ok(dst.maxInFlight > 1, 'several in flight');
+  assert.is(r.bytesWritten, 3 * MiB - 256 * KiB + 16 * 64 * KiB, 'the zero run and the holes were not written');
+  assert.is(r.bytesRead, 3 * MiB + 2 * MiB - 128 * KiB, 'data chunks count whole, the holes merged into them included');
+  assert.is(r.done, 8 * MiB);
+  await assertSame(src, dst);
+});
+
+test('fused copy into a target with old data: the zero runs it found are zeroed; -S 0 pipes unscanned', async () => {
+  const src = await pipeSource();
+  const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, readsZeroesInitially: false, record: true });
+  await dst.write(0, pattern(8 * MiB, 5));
+  dst.log.length = 0;
+  const r = await convert({ sources: [src], target: dst, outOfOrder: true, bufferSize: MiB });
+  await assertSame(src, dst);
+  assert.ok(dst.log.some((e) => e.op === 'writeZeroes' && e.offset === MiB && e.length === 256 * KiB), 'the zero run in data zeroed');
+  assert.ok(!dst.log.some((e) => e.op === 'write'));
+  assert.is(r.bytesZeroed, 8 * MiB - (3 * MiB - 256 * KiB) - 16 * 64 * KiB);
+  const all = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true });
+  const r0 = await convert({ sources: [src], target: all, minSparse: 0, bufferSize: MiB });
+  await assertSame(src, all);
+  assert.ok(all.log.some((e) => e.op === 'pipe'));
+  assert.is(r0.bytesWritten, 8 * MiB, '-S 0: every byte written as data, through the pipe and as zero writes');
+});
+
+test('fused copy stays off where the core needs the bytes, and a declined chunk is read and written instead', async () => {
+  const src = await pipeSource();
+  const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true });
+  const r = await convert({ sources: [src], target: dst, checksum: true, bufferSize: MiB });
+  assert.ok(r.checksum);
+  assert.ok(!dst.log.some((e) => e.op === 'pipe'), 'a checksum reads through the core');
+  await assertSame(src, dst);
+  let calls = 0;
+  const declining = forwardBackend(src, {
+    pipeTo: (o: number, n: number, t: BlockBackend, to: number, req: Parameters<NonNullable<BlockBackend['pipeTo']>>[4]) =>
+      (calls++ % 2 === 0 ? Promise.resolve(-1) : src.pipeTo!(o, n, t, to, req)),
+  });
+  const dst2 = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true });
+  const r2 = await convert({ sources: [declining], target: dst2, workers: 2, bufferSize: MiB });
+  await assertSame(src, dst2);
+  assert.is(dst2.log.filter((e) => e.op === 'pipe').length, 2);
+  assert.is(r2.bytesWritten, 3 * MiB - 256 * KiB + 16 * 64 * KiB);
+});
+
+test('a failed fused copy fails the job with the target offset', async () => {
+  const src = await pipeSource();
+  const dst = new MemoryBackend({
+    size: 8 * MiB, location: 'mem://dst', canPipe: true,
+    fail: (op, off) => (op === 'pipe' && off === 2 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined),
+  });
+  const err = (await convert({ sources: [src], target: dst, bufferSize: MiB }).catch((e: unknown) => e)) as BlockError;
+  assert.is(err.code, 'ENOSPC');
+  assert.is(err.offset, 2 * MiB);
+  assert.is(dst.flushes, 0);
+});
+
 test('option validation lists what is valid', async () => {
   const src = await source(MiB, []);
   const dst = new MemoryBackend({ size: MiB });

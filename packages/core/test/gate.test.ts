@@ -255,4 +255,25 @@ test('the pieces of a split write go one at a time to a target that takes one wr
   assert.is(mem.maxInFlight, 1);
 });
 
+test('fused copies (pipeTo/pipeFrom) are checked like a read and a write; what would need padding or splitting is declined', async () => {
+  const limits = { requestAlignment: 4 * KiB, maxTransfer: 64 * KiB };
+  const src = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true }));
+  const dst = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true, record: true }));
+  const ro = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true, readOnly: true }));
+  await src.write(0, new Uint8Array(64 * KiB).fill(7));
+  const request = {
+    buffer: new Uint8Array(128 * KiB), holes: new Float64Array(2), holeCount: 0, unit: 4 * KiB, minRun: 4 * KiB,
+    pieces: new Float64Array(6), runs: new Float64Array(2 * 40),
+  };
+  assert.is(await src.pipeTo!(0, 64 * KiB, dst, 0, request), 0, 'no zero runs');
+  assert.is(await src.pipeTo!(512, 4 * KiB, dst, 0, request), -1, 'unaligned source: declined');
+  assert.is(await src.pipeTo!(0, 4 * KiB, dst, 512, request), -1, 'unaligned target: declined');
+  assert.is(await src.pipeTo!(0, 128 * KiB, dst, 0, request), -1, 'over maxTransfer: declined, not split');
+  assert.is(dst.log.filter((e) => e.op === 'pipe').length, 1, 'only the first reached the target');
+  const err = await src.pipeTo!(0, 4 * KiB, ro, 0, request).catch((e: unknown) => e);
+  assert.is((err as BlockError).code, 'EROFS');
+  const range = await src.pipeTo!(252 * KiB, 8 * KiB, dst, 0, request).catch((e: unknown) => e);
+  assert.is((range as BlockError).code, 'ERANGE');
+});
+
 test.run();

@@ -20,6 +20,7 @@ import {
   type CreateResult,
   type Extent,
   type OpenOptions,
+  type PipeRequest,
   type ProtocolDriver,
   type WriteFlags,
   type WriteZeroesFlags,
@@ -278,6 +279,52 @@ export class FileBackend implements BlockBackend {
       if ((err as { syscall?: unknown }).syscall === 'copy_file_range' && cannotCopy(err)) return false;
       throw toBlockError(err, this.#where('write', offset, length));
     }
+  }
+
+  /** A fused copy from this file: where the chunk's data lies, for the target (see pipeFrom). */
+  async pipeTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> {
+    if (this.#p.direct || !target.pipeFrom) return -1;
+    const { holes, holeCount, pieces } = request;
+    let n = 0;
+    let pos = 0;
+    for (let h = 0; h <= holeCount; h++) {
+      const end = h < holeCount ? holes[2 * h]! : length;
+      if (end > pos) {
+        pieces[3 * n] = offset + pos;
+        pieces[3 * n + 1] = end - pos;
+        pieces[3 * n + 2] = pos;
+        n++;
+      }
+      if (h < holeCount) pos = holes[2 * h + 1]!;
+    }
+    return target.pipeFrom(targetOffset, length, this, n, request);
+  }
+
+  /**
+   * A fused copy into this file from another local file: fileio.pipe reads, scans and
+   * writes the chunk in one thread-pool job. Not with O_DIRECT on either side (its
+   * edge handling lives in read and write).
+   */
+  async pipeFrom(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> {
+    if (!(source instanceof FileBackend) || source.#p.direct || this.#p.direct) return -1;
+    this.#extents = null;
+    let runs: number;
+    try {
+      runs = await fileio.pipe(source.#p.fd, this.#p.fd, offset, length, request, pieceCount);
+    } catch (err) {
+      const at = (err as { offset?: number }).offset ?? offset;
+      if ((err as { syscall?: unknown }).syscall === 'pread') throw toBlockError(err, source.#where('read', at, length));
+      throw toBlockError(err, this.#where('write', at, length));
+    }
+    const behind = this.#p.writeBehind?.written(offset, length);
+    if (behind) {
+      try {
+        await behind;
+      } catch (err) {
+        throw toBlockError(err, this.#where('write', offset, length));
+      }
+    }
+    return runs;
   }
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {

@@ -3,7 +3,7 @@
  * path for the chunk's pieces (data, zeroes, skipped zeroes, and with -B what differs
  * from the backing image), with the copy's byte counts kept here and nowhere else.
  */
-import type { BlockBackend } from '../types.js';
+import type { BlockBackend, PipeRequest } from '../types.js';
 import { ZeroScanner, isZero, sameBytes } from '../zeroscan.js';
 import { holeList, type Chunk } from './cursor.js';
 import { MAX_MERGED_HOLES } from './options.js';
@@ -83,6 +83,10 @@ export class ChunkCopier {
   readonly #offload: CopyOffload;
   /** read() left the chunk to be copied by the storage: write() offloads it. */
   #offloading = false;
+  /** The fused copy's request (plan.pipe), this worker's buffer and lists in it. */
+  readonly #pipe?: PipeRequest;
+  /** read() left the chunk to the pair's fused copy: write() pipes it. */
+  #piping = false;
 
   constructor(plan: ConvertPlan, stats: CopyStats, zeroes: () => Uint8Array, releaseOrder: (seq: number) => void, offload: CopyOffload) {
     this.#plan = plan;
@@ -94,6 +98,13 @@ export class ChunkCopier {
     this.#buffer = plan.allocate(plan.bufferSize);
     this.#theirs = plan.backing ? plan.allocate(plan.bufferSize) : undefined;
     this.#scanner = !plan.scan ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
+    if (plan.pipe) {
+      this.#pipe = {
+        buffer: this.#buffer, holes: this.holes, holeCount: 0, pieces: this.#pieces, unit: plan.unit,
+        minRun: plan.scan ? Math.max(plan.minSparse, plan.unit) : 0,
+        runs: new Float64Array(2 * (Math.ceil(plan.bufferSize / plan.unit) + MAX_MERGED_HOLES + 1)),
+      };
+    }
   }
 
   /** Zeroes of this chunk are left alone: the target reads them back as zeroes. */
@@ -108,11 +119,13 @@ export class ChunkCopier {
 
   /**
    * Reads a data chunk into the buffer and finds its zero runs; with copy offload on
-   * and a source that can, reads nothing: write() has the storage copy it.
+   * and a source that can, reads nothing: write() has the storage copy it. Nor with a
+   * source that can pipe: write() has the pair read, scan and write it in one step.
    */
   async read(chunk: Chunk): Promise<void> {
     this.#offloading = this.#offload.enabled && chunk.source.copyTo !== undefined;
-    if (!this.#offloading) await this.#read(chunk);
+    this.#piping = !this.#offloading && this.#pipe !== undefined && chunk.source.pipeTo !== undefined;
+    if (!this.#offloading && !this.#piping) await this.#read(chunk);
   }
 
   async #read(chunk: Chunk): Promise<void> {
@@ -173,6 +186,12 @@ export class ChunkCopier {
       this.#offload.enabled = false;
       await this.#read(chunk);
     }
+    if (chunk.kind === 'data' && this.#piping) {
+      this.#piping = false;
+      if (await this.#piped(chunk, skipZeroes)) return;
+      // Declined (a range the pair cannot take as it is): read and write this chunk.
+      await this.#read(chunk);
+    }
     if (this.#theirs) {
       // -B reads the backing image first; its writes go out in turn, one chunk at a time.
       await this.#writeDifferences(targetOffset, length, chunk.kind === 'data' ? this.#buffer : undefined, this.#theirs);
@@ -225,6 +244,36 @@ export class ChunkCopier {
     this.#stats.bytesRead += chunk.length;
     this.#stats.bytesWritten += chunk.length;
     this.#stats.bytesOffloaded += chunk.length;
+    return true;
+  }
+
+  /**
+   * Has the pair read, scan and write a data chunk in one step, then zeroes or skips
+   * the zero runs it found, as write() does with its own scan's. The next chunk may
+   * issue once the step is issued; were it declined after all, this chunk's read and
+   * write go out behind later chunks' (the plan pipes only to targets that take that).
+   * False when declined.
+   */
+  async #piped(chunk: Chunk, skipZeroes: boolean): Promise<boolean> {
+    const { length, targetOffset, seq } = chunk;
+    const request = this.#pipe!;
+    request.holeCount = chunk.holeCount;
+    const piped = chunk.source.pipeTo!(chunk.sourceOffset, length, this.#target, targetOffset, request);
+    this.#release(seq);
+    const count = await piped;
+    if (count < 0) return false;
+    this.#stats.bytesRead += length;
+    const runs = request.runs;
+    let zeroes = 0;
+    for (let i = 0; i < count; i++) {
+      const start = runs[2 * i]!;
+      const len = runs[2 * i + 1]! - start;
+      zeroes += len;
+      if (skipZeroes) this.#stats.bytesSkipped += len;
+      else this.#batch.add(this.#writeZeroes(targetOffset + start, len));
+    }
+    await this.#batch.settle();
+    this.#stats.bytesWritten += length - zeroes;
     return true;
   }
 

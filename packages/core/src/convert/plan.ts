@@ -47,6 +47,12 @@ export interface ConvertPlan {
   readonly scan: boolean;
   /** -C: data chunks are copied by the storage where source and target allow. */
   readonly copyOffload: boolean;
+  /**
+   * Data chunks may go through the pair's fused copy (pipeTo/pipeFrom) where the source
+   * offers one: nothing needs the bytes in the core (no checksum, -B, compression or
+   * copy offload), and the target takes several writes at once.
+   */
+  readonly pipe: boolean;
   /** Smallest hole the cursor may read along with the data around it; 0: never. */
   readonly minMergedHole: number;
   /** The target reads back zeroes: zero ranges are skipped. */
@@ -182,6 +188,7 @@ export function planConvert(o: ConvertOptions & { readonly target: BlockBackend 
     target, sources, total, backing, start, rewriteEnd, workers, autoWorkers, bufferSize, chunkAlign, cursorAlign, checksum,
     maxDataChunk: roundDown(bufferSize, cursorAlign), maxZeroChunk: checksum ? roundDown(maxZeroChunk, cursorAlign) || cursorAlign : maxZeroChunk, unit, minSparse, allData, minMergedHole,
     scan: !allData && !copyOffload, copyOffload,
+    pipe: target.pipeFrom !== undefined && !checksum && !backing && !copyOffload && writeFlags === undefined && !serialized,
     targetZero, outOfOrder, serialized, maxZeroes, writeFlags,
     pieceByPiece: serialized || writeFlags !== undefined,
     rateLimit: o.rateLimit || undefined,
