@@ -10,10 +10,12 @@
 import {
   BlockError,
   roundDown,
+  ungated,
   type BackendIdentity,
   type BlockBackend,
   type BlockLimits,
   type Extent,
+  type PipeRequest,
   type WriteFlags,
   type WriteZeroesFlags,
 } from '@blockconv/core';
@@ -223,6 +225,57 @@ export class Qcow2Backend implements BlockBackend {
       const last = ranges[3 * (count - 1)]! + ranges[3 * (count - 1) + 1]!;
       throw this.#contextual(failure, op, first, last - first);
     }
+  }
+
+  /**
+   * A fused copy of a data chunk (see BlockBackend.pipeTo): the host runs of its data
+   * clusters become the pieces a target reads from the file below, zero clusters are
+   * zeroed in the buffer here. Declined where bytes need this driver on the way
+   * (compressed clusters, a backing file's, a file that needs aligned requests) or
+   * the runs do not fit the request's list.
+   */
+  async pipeTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> {
+    const data = this.#data;
+    if (!target.pipeFrom || data.limits.requestAlignment !== 1 || (data.limits.minMemAlignment ?? 1) !== 1) return -1;
+    const { holes, holeCount, pieces, buffer } = request;
+    const room = pieces.length / 3;
+    const run = newRun();
+    let n = 0;
+    let pos = 0;
+    try {
+      for (let h = 0; h <= holeCount; h++) {
+        const end = h < holeCount ? holes[2 * h]! : length;
+        while (pos < end) {
+          const pending = this.#mapper.lookup(offset + pos, end - pos, run);
+          if (pending) await pending;
+          const len = run.length;
+          if (run.kind === KIND_DATA) {
+            const avail = Math.max(0, Math.min(len, data.size - run.host));
+            if (avail > 0) {
+              if (n > 0 && pieces[3 * n - 3]! + pieces[3 * n - 2]! === run.host && pieces[3 * n - 1]! + pieces[3 * n - 2]! === pos) {
+                pieces[3 * n - 2]! += avail; // host-contiguous with the run before
+              } else {
+                if (n === room) return -1;
+                pieces[3 * n] = run.host;
+                pieces[3 * n + 1] = avail;
+                pieces[3 * n + 2] = pos;
+                n++;
+              }
+            }
+            if (avail < len) buffer.fill(0, pos + avail, pos + len);
+          } else if (run.kind === KIND_ZERO || (run.kind === KIND_UNALLOCATED && !this.backing)) {
+            buffer.fill(0, pos, pos + len);
+          } else {
+            return -1;
+          }
+          pos += len;
+        }
+        if (h < holeCount) pos = holes[2 * h + 1]!;
+      }
+    } catch (err) {
+      throw this.#contextual(err, 'read', offset, length);
+    }
+    return target.pipeFrom(targetOffset, length, ungated(data), n, request);
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
