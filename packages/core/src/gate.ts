@@ -579,7 +579,7 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
    * reads and writes it through the gate.
    */
   const mayPipe = (op: 'read' | 'write', offset: number, length: number, request: PipeRequest): boolean =>
-    mayOffload(op, offset, length) && length <= maxIo && memOk(request.buffer);
+    mayOffload(op, offset, length) && length <= maxIo && request.buffer.length >= length && memOk(request.buffer);
 
   if (inner.pipeTo) {
     const pipeTo = inner.pipeTo.bind(inner);

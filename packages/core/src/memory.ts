@@ -137,17 +137,25 @@ export class MemoryBackend implements BlockBackend {
 
   #pipeFrom(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> {
     if (!(source instanceof MemoryBackend) || !source.pipeTo) return Promise.resolve(-1);
+    const { buffer, pieces, holes, holeCount, runs, unit, minRun } = request;
+    // What fileio.pipe refuses, refused here too.
+    if ((minRun === 0 && holeCount > 0) || (minRun > 0 && runs.length < 2 * (Math.ceil(length / unit) + holeCount + 1)) || buffer.length < length) {
+      return Promise.reject(new RangeError('pipe: holes without a scan, a run list too short for the chunk, or a buffer too small'));
+    }
     let found = 0;
+    request.issued();
     return this.#op('pipe', offset, length, () => {
-      const { buffer, pieces, holes, holeCount, runs } = request;
       for (let i = 0; i < pieceCount; i++) {
-        const at = pieces[3 * i + 2]!;
-        source.#load(pieces[3 * i]!, pieces[3 * i + 1]!, buffer.subarray(at, at + pieces[3 * i + 1]!));
+        const [off, len, at] = [pieces[3 * i]!, pieces[3 * i + 1]!, pieces[3 * i + 2]!];
+        // The source's failure injection applies to its half, as a read.
+        const err = source.#opts.fail?.('read', off, len);
+        if (err) throw err;
+        source.#load(off, len, buffer.subarray(at, at + len));
       }
       let pos = 0;
       const write = (end: number): void => { if (end > pos) this.#store(offset + pos, buffer.subarray(pos, end)); };
-      if (request.minRun > 0) {
-        const scanner = new ZeroScanner(buffer, request.unit, request.minRun);
+      if (minRun > 0) {
+        const scanner = new ZeroScanner(buffer, unit, minRun);
         const n = scanner.scan(length, holes, holeCount);
         for (let i = 0; i < n; i++) {
           if (!scanner.segmentIsZero[i]) continue;

@@ -78,7 +78,6 @@ export interface WriteZeroesFlags {
   readonly fast?: boolean;
 }
 
-/** An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one. */
 /**
  * A data chunk that a source and target pair may copy in one step of their own
  * (BlockBackend.pipeTo): the caller's buffer and lists, reused from chunk to chunk.
@@ -102,8 +101,14 @@ export interface PipeRequest {
    * among them): these were not written. Room for a run per unit, plus the holes.
    */
   readonly runs: Float64Array;
+  /**
+   * The target half calls this once, when the step is under way and can no longer be
+   * declined (convert then lets the next chunk issue its writes, keeping write order).
+   */
+  readonly issued: () => void;
 }
 
+/** An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one. */
 export interface BlockBackend {
   /** The driver that opened it, e.g. "file" or "raw". */
   readonly driverName: string;
@@ -213,15 +218,16 @@ export interface BlockBackend {
    * hand-offs). The source says where the bytes lie (`request.pieces`) and hands it to
    * the target's pipeFrom, as copyTo does. Resolves with the number of zero runs left
    * in `request.runs`, none of them written: the caller zeroes or skips them. Resolves
-   * -1 when the pair cannot; then nothing was read or written.
+   * -1 when the pair cannot; then nothing was written to the target and `issued` was
+   * not called (the buffer may have been used).
    */
   pipeTo?(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number>;
   /**
    * Optional fused copy, the target's half: reads `pieceCount` triples of
    * `request.pieces` (source offset, length, position in the chunk) from `source` (the
    * layer that reached its storage, not gated) into the buffer, then scans and writes
-   * the chunk at `offset` of this image as pipeTo describes. -1 when it cannot take
-   * this source.
+   * the chunk at `offset` of this image as pipeTo describes, calling
+   * `request.issued()` as the step starts. -1 when it cannot take this source.
    */
   pipeFrom?(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number>;
   writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;

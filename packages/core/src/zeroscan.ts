@@ -90,7 +90,8 @@ export class ZeroScanner {
         const span = Math.min(step, room);
         if (this.#isZero(pos, span)) {
           pos += span;
-          step = Math.min(step * 2, SPAN);
+          // Spans stay whole units: a unit larger than SPAN is compared in one call.
+          step = Math.min(step * 2, Math.max(unit, SPAN - (SPAN % unit)));
         } else if (span === unit) {
           break;
         } else {

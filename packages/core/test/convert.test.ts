@@ -455,10 +455,13 @@ test('fused copy stays off where the core needs the bytes, and a declined chunk 
     pipeTo: (o: number, n: number, t: BlockBackend, to: number, req: Parameters<NonNullable<BlockBackend['pipeTo']>>[4]) =>
       (calls++ % 2 === 0 ? Promise.resolve(-1) : src.pipeTo!(o, n, t, to, req)),
   });
-  const dst2 = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true });
-  const r2 = await convert({ sources: [declining], target: dst2, workers: 2, bufferSize: MiB });
+  const dst2 = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true, latency: (_op, off) => 1 + ((off / MiB) % 3) });
+  const r2 = await convert({ sources: [declining], target: dst2, workers: 4, bufferSize: MiB });
   await assertSame(src, dst2);
   assert.is(dst2.log.filter((e) => e.op === 'pipe').length, 2);
+  // Declined chunks keep their turn: data goes out in order, piped or not.
+  const issued = dst2.log.filter((e) => e.op === 'pipe' || e.op === 'write' || e.op === 'writeSegments').map((e) => e.offset);
+  assert.equal(issued, [...issued].sort((a, b) => a - b), `issued in order: ${issued.join(' ')}`);
   assert.is(r2.bytesWritten, 3 * MiB - 256 * KiB + 16 * 64 * KiB);
 });
 

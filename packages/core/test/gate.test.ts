@@ -263,7 +263,7 @@ test('fused copies (pipeTo/pipeFrom) are checked like a read and a write; what w
   await src.write(0, new Uint8Array(64 * KiB).fill(7));
   const request = {
     buffer: new Uint8Array(128 * KiB), holes: new Float64Array(2), holeCount: 0, unit: 4 * KiB, minRun: 4 * KiB,
-    pieces: new Float64Array(6), runs: new Float64Array(2 * 40),
+    pieces: new Float64Array(6), runs: new Float64Array(2 * 40), issued: () => {},
   };
   assert.is(await src.pipeTo!(0, 64 * KiB, dst, 0, request), 0, 'no zero runs');
   assert.is(await src.pipeTo!(512, 4 * KiB, dst, 0, request), -1, 'unaligned source: declined');

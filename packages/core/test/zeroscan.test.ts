@@ -82,4 +82,28 @@ test('random placement agrees with a byte-by-byte reference', () => {
   }
 });
 
+test('units larger than the compare span: runs are still whole units (qcow2 clusters of 128 KiB to 2 MiB)', () => {
+  let seed = 7;
+  const rnd = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n; };
+  for (const unit of [128 * KiB, 1024 * KiB, 2048 * KiB]) {
+    for (let iter = 0; iter < 20; iter++) {
+      const units = 1 + rnd(8);
+      const len = units * unit;
+      const buf = Buffer.alloc(len);
+      // Some units hold a byte somewhere, the rest are zero.
+      for (let u = 0; u < units; u++) if (rnd(2)) buf[u * unit + rnd(unit)] = 1;
+      const s = new ZeroScanner(buf, unit, unit);
+      s.scan(len);
+      const expected: Array<[number, number, boolean]> = [];
+      for (let u = 0; u < units; u++) {
+        const zero = buf.subarray(u * unit, (u + 1) * unit).every((v) => v === 0);
+        const last = expected[expected.length - 1];
+        if (last && last[2] === zero) last[1] += unit;
+        else expected.push([u * unit, (u + 1) * unit, zero]);
+      }
+      assert.equal(segments(s), expected, `unit ${unit}, iteration ${iter}`);
+    }
+  }
+});
+
 test.run();

@@ -310,13 +310,21 @@ export class FileBackend implements BlockBackend {
     this.#extents = null;
     let runs: number;
     try {
-      runs = await fileio.pipe(source.#p.fd, this.#p.fd, offset, length, request, pieceCount);
+      const job = fileio.pipe(source.#p.fd, this.#p.fd, offset, length, request, pieceCount);
+      request.issued();
+      runs = await job;
     } catch (err) {
+      const syscall = (err as { syscall?: unknown }).syscall;
       const at = (err as { offset?: number }).offset ?? offset;
-      if ((err as { syscall?: unknown }).syscall === 'pread') throw toBlockError(err, source.#where('read', at, length));
-      throw toBlockError(err, this.#where('write', at, length));
+      if (syscall === 'pread') throw toBlockError(err, source.#where('read', at, length));
+      if (syscall === 'pwrite') throw toBlockError(err, this.#where('write', at, length));
+      throw err; // a request the native side refused (a caller's bug), as it is
     }
-    const behind = this.#p.writeBehind?.written(offset, length);
+    // What was written spans from the first data byte to the last: the zero runs at the ends were not.
+    const runList = request.runs;
+    const first = runs > 0 && runList[0] === 0 ? runList[1]! : 0;
+    const end = runs > 0 && runList[2 * runs - 1] === length ? runList[2 * runs - 2]! : length;
+    const behind = end > first ? this.#p.writeBehind?.written(offset + first, end - first) : undefined;
     if (behind) {
       try {
         await behind;

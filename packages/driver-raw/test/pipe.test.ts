@@ -256,10 +256,12 @@ test('a source that shrank reads as zeroes past its end, as a read does', async 
     fs.truncateSync(source, 2 * MiB);
     const request: PipeRequest = {
       buffer: Buffer.alloc(2 * MiB), holes: new Float64Array(2), holeCount: 0, unit: 512, minRun: 4096,
-      pieces: new Float64Array(3), runs: new Float64Array(2 * (4096 + 2)),
+      pieces: new Float64Array(3), runs: new Float64Array(2 * (4096 + 2)), issued: () => { issued++; },
     };
+    let issued = 0;
     const runs = await src.pipeTo!(MiB, 2 * MiB, dst, 0, request);
     assert.is(runs, 1);
+    assert.is(issued, 1, 'the target said when the step started');
     assert.equal(Array.from(request.runs.subarray(0, 2)), [0, 2 * MiB], 'the written zeroes and the cut-off part');
   } finally {
     await src.close();
@@ -273,7 +275,7 @@ test('a failing read names the source, a failing write (ENOSPC) the target and i
   const dst = await reg.create(path.join(shm, 'err.raw'), src.size, { format: 'raw' });
   const request: PipeRequest = {
     buffer: Buffer.alloc(MiB), holes: new Float64Array(2), holeCount: 0, unit: 512, minRun: 4096,
-    pieces: new Float64Array(3), runs: new Float64Array(2 * (2048 + 2)),
+    pieces: new Float64Array(3), runs: new Float64Array(2 * (2048 + 2)), issued: () => {},
   };
   const raw = ungated(src);
   await src.close(); // its fd is gone: the job's pread fails

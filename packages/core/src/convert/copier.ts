@@ -87,6 +87,8 @@ export class ChunkCopier {
   readonly #pipe?: PipeRequest;
   /** read() left the chunk to the pair's fused copy: write() pipes it. */
   #piping = false;
+  /** The chunk being piped, for the request's issued(). */
+  #pipeSeq = -1;
 
   constructor(plan: ConvertPlan, stats: CopyStats, zeroes: () => Uint8Array, releaseOrder: (seq: number) => void, offload: CopyOffload) {
     this.#plan = plan;
@@ -103,6 +105,7 @@ export class ChunkCopier {
         buffer: this.#buffer, holes: this.holes, holeCount: 0, pieces: this.#pieces, unit: plan.unit,
         minRun: plan.scan ? Math.max(plan.minSparse, plan.unit) : 0,
         runs: new Float64Array(2 * (Math.ceil(plan.bufferSize / plan.unit) + MAX_MERGED_HOLES + 1)),
+        issued: () => this.#release(this.#pipeSeq),
       };
     }
   }
@@ -250,18 +253,19 @@ export class ChunkCopier {
   /**
    * Has the pair read, scan and write a data chunk in one step, then zeroes or skips
    * the zero runs it found, as write() does with its own scan's. The next chunk may
-   * issue once the step is issued; were it declined after all, this chunk's read and
-   * write go out behind later chunks' (the plan pipes only to targets that take that).
-   * False when declined.
+   * issue its writes once the target has started the step (request.issued); the zero
+   * runs are known only when it ends, so their writes follow later chunks' data. False
+   * when declined: nothing was written, and the turn is still this chunk's.
    */
   async #piped(chunk: Chunk, skipZeroes: boolean): Promise<boolean> {
     const { length, targetOffset, seq } = chunk;
     const request = this.#pipe!;
     request.holeCount = chunk.holeCount;
-    const piped = chunk.source.pipeTo!(chunk.sourceOffset, length, this.#target, targetOffset, request);
-    this.#release(seq);
-    const count = await piped;
+    this.#pipeSeq = seq;
+    const count = await chunk.source.pipeTo!(chunk.sourceOffset, length, this.#target, targetOffset, request);
     if (count < 0) return false;
+    // A driver that never called issued(): the step is over, so the turn passes now.
+    this.#release(seq);
     this.#stats.bytesRead += length;
     const runs = request.runs;
     let zeroes = 0;
