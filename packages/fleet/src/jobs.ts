@@ -168,15 +168,22 @@ export interface ConvertJobSummary {
   readonly checkpoint?: number;
 }
 
-/** Completed with every target, or not. */
+/** Completed with every target, or not: a completed job without a result (none recorded) has not succeeded. */
 export function jobSucceeded(j: ConvertJobSummary): boolean {
-  return j.state === 'completed' && (j.result?.targets ?? []).every((t) => t.ok);
+  return j.state === 'completed' && j.result !== undefined && (j.result.targets ?? []).every((t) => t.ok);
 }
 
-async function summarize(job: Job<ConvertJobData, ConvertJobResult>): Promise<ConvertJobSummary> {
+async function summarize(queue: Queue, found: Job<ConvertJobData, ConvertJobResult>): Promise<ConvertJobSummary> {
+  let job = found;
+  const state = await job.getState();
+  // The job was read before its state: one that finished in between was read without its
+  // result (or failure), which its move to completed (failed) wrote with the state. Read again.
+  if ((state === 'completed' && job.returnvalue == null) || (state === 'failed' && !job.failedReason)) {
+    job = (await queue.getJob(job.id!)) ?? job;
+  }
   const p = job.progress as Partial<ConvertJobProgress> | number;
   return {
-    id: job.id!, state: await job.getState(), sources: job.data.sources, target: job.data.target, ...(job.data.tee ? { tee: job.data.tee } : {}), attemptsMade: job.attemptsMade,
+    id: job.id!, state, sources: job.data.sources, target: job.data.target, ...(job.data.tee ? { tee: job.data.tee } : {}), attemptsMade: job.attemptsMade,
     ...(typeof p === 'object' && p && p.total !== undefined ? { progress: p as ConvertJobProgress } : {}),
     ...(job.returnvalue ? { result: job.returnvalue } : {}),
     ...(job.failedReason ? { failedReason: job.failedReason } : {}),
@@ -192,7 +199,7 @@ export async function listConvertJobs(redisUrl: string, ids?: readonly string[])
     const jobs = ids
       ? (await Promise.all(ids.map((id) => queue.getJob(id)))).filter((j): j is Job<ConvertJobData, ConvertJobResult> => j !== undefined)
       : await queue.getJobs(['active', 'waiting', 'delayed', 'prioritized', 'completed', 'failed'], 0, 999);
-    return Promise.all(jobs.map(summarize));
+    return Promise.all(jobs.map((j) => summarize(queue, j)));
   } finally {
     await queue.close();
   }
