@@ -26,5 +26,6 @@ export { compareImages, type CompareOptions, type CompareResult } from './compar
 export { mapImage, type MapEntry } from './map.js';
 export { parseSize, formatSize } from './size.js';
 export { ZeroScanner } from './zeroscan.js';
+export { piecesAroundHoles } from './pieces.js';
 export { MemoryBackend, createMemoryDriver, type MemoryBackendOptions, type MemoryOp, type MemoryOpRecord } from './memory.js';
 export { checksumImage, BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, HashPool, zeroBlockDigest, type BlockHashState, type ChecksumOptions, type ChecksumResult } from './checksum/index.js';

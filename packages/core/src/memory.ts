@@ -7,6 +7,7 @@
 import { BlockError } from './errors.js';
 import { redactLocation } from './redact.js';
 import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, type PipeRequest, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
+import { piecesAroundHoles } from './pieces.js';
 import { ZeroScanner } from './zeroscan.js';
 
 const PAGE = 64 * 1024;
@@ -117,18 +118,7 @@ export class MemoryBackend implements BlockBackend {
     if (opts.canPipe) {
       this.pipeTo = (offset, length, target, targetOffset, request) => {
         if (!target.pipeFrom) return Promise.resolve(-1);
-        let n = 0;
-        let pos = 0;
-        for (let h = 0; h <= request.holeCount; h++) {
-          const end = h < request.holeCount ? request.holes[2 * h]! : length;
-          if (end > pos) {
-            request.pieces[3 * n] = offset + pos;
-            request.pieces[3 * n + 1] = end - pos;
-            request.pieces[3 * n + 2] = pos;
-            n++;
-          }
-          if (h < request.holeCount) pos = request.holes[2 * h + 1]!;
-        }
+        const n = piecesAroundHoles(offset, length, request.holes, request.holeCount, request.pieces);
         return target.pipeFrom(targetOffset, length, this, n, request);
       };
       this.pipeFrom = (offset, length, source, pieceCount, request) => this.#pipeFrom(offset, length, source, pieceCount, request);

@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import {
   BLOCK_API_VERSION,
   BlockError,
+  piecesAroundHoles,
   roundDown,
   roundUp,
   toBlockError,
@@ -284,19 +285,7 @@ export class FileBackend implements BlockBackend {
   /** A fused copy from this file: where the chunk's data lies, for the target (see pipeFrom). */
   async pipeTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> {
     if (this.#p.direct || !target.pipeFrom) return -1;
-    const { holes, holeCount, pieces } = request;
-    let n = 0;
-    let pos = 0;
-    for (let h = 0; h <= holeCount; h++) {
-      const end = h < holeCount ? holes[2 * h]! : length;
-      if (end > pos) {
-        pieces[3 * n] = offset + pos;
-        pieces[3 * n + 1] = end - pos;
-        pieces[3 * n + 2] = pos;
-        n++;
-      }
-      if (h < holeCount) pos = holes[2 * h + 1]!;
-    }
+    const n = piecesAroundHoles(offset, length, request.holes, request.holeCount, request.pieces);
     return target.pipeFrom(targetOffset, length, this, n, request);
   }
 

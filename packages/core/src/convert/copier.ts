@@ -5,6 +5,7 @@
  */
 import type { BlockBackend, PipeRequest } from '../types.js';
 import { ZeroScanner, isZero, sameBytes } from '../zeroscan.js';
+import { piecesAroundHoles } from '../pieces.js';
 import { holeList, type Chunk } from './cursor.js';
 import { MAX_MERGED_HOLES } from './options.js';
 import type { ConvertPlan } from './plan.js';
@@ -152,20 +153,8 @@ export class ChunkCopier {
    */
   async #readAround(chunk: Chunk, holes: number): Promise<void> {
     const pairs = this.holes;
-    const pieces = this.#pieces;
-    let n = 0;
-    let pos = 0;
-    for (let h = 0; h <= holes; h++) {
-      const end = h < holes ? pairs[2 * h]! : chunk.length;
-      if (end > pos) {
-        pieces[3 * n] = chunk.sourceOffset + pos;
-        pieces[3 * n + 1] = end - pos;
-        pieces[3 * n + 2] = pos;
-        n++;
-      }
-      if (h < holes) pos = pairs[2 * h + 1]!;
-    }
-    await chunk.source.readSegments!(this.#buffer, pieces, n);
+    const n = piecesAroundHoles(chunk.sourceOffset, chunk.length, pairs, holes, this.#pieces);
+    await chunk.source.readSegments!(this.#buffer, this.#pieces, n);
     if (this.#plan.checksum || this.#theirs) {
       for (let h = 0; h < holes; h++) this.#buffer.fill(0, pairs[2 * h]!, pairs[2 * h + 1]!);
     }
