@@ -119,6 +119,11 @@ export class FileBackend implements BlockBackend {
   readonly limits: BlockLimits;
   readonly canWriteZeroes = true;
   readonly canDiscard = true;
+  /**
+   * Regular files zero with fallocate (punch, ZERO_RANGE): metadata only, or ENOTSUP
+   * where the file system has neither. Devices may have to write (BLKZEROOUT): not fast.
+   */
+  readonly canFastZero: boolean;
   /** Unknown for an existing file; the registry sets it on one create() just made. */
   readonly readsZeroesInitially = false;
   readonly canCompress = false;
@@ -159,6 +164,7 @@ export class FileBackend implements BlockBackend {
     this.readOnly = p.readOnly;
     // Block devices have no holes to find; report them as all data.
     this.hasBlockStatus = !p.isDevice;
+    this.canFastZero = !p.isDevice;
     this.cheapHoleReads = !p.isDevice;
     this.#align = p.direct ? p.sectorSize : 1;
     this.limits = {
@@ -329,7 +335,7 @@ export class FileBackend implements BlockBackend {
     if (length === 0) return;
     try {
       if (this.#p.isDevice) await this.#zeroDevice(offset, length);
-      else await this.#zeroFile(offset, length, flags?.mayUnmap === true);
+      else await this.#zeroFile(offset, length, flags?.mayUnmap === true, flags?.fast === true);
     } catch (err) {
       throw toBlockError(err, this.#where('writeZeroes', offset, length));
     }
@@ -504,13 +510,16 @@ export class FileBackend implements BlockBackend {
   /**
    * Zeroes a file range with the cheapest method the file system has: punching a
    * hole when unmapping is allowed, else ZERO_RANGE (which keeps blocks allocated),
-   * each falling back to the other and finally to writing zeroes.
+   * each falling back to the other and finally to writing zeroes, which a fast zero
+   * refuses instead (ENOTSUP, nothing changed).
    */
-  async #zeroFile(offset: number, length: number, mayUnmap: boolean): Promise<void> {
+  async #zeroFile(offset: number, length: number, mayUnmap: boolean, fast: boolean): Promise<void> {
     const punch = (): Promise<boolean> => this.#tryFallocate('punch', offset, length);
     const zero = (): Promise<boolean> => this.#tryFallocate('zero', offset, length);
     const done = mayUnmap ? (await punch()) || (await zero()) : (await zero()) || (await this.#punchAndReallocate(offset, length));
-    if (!done) await this.#writeZeroBuffer(offset, length);
+    if (done) return;
+    if (fast) throw Object.assign(new Error('the file system cannot zero without writing (no fallocate punch or zero range)'), { code: 'ENOTSUP' });
+    await this.#writeZeroBuffer(offset, length);
   }
 
   /** Without ZERO_RANGE, punch then reallocate (as QEMU does) so the range stays allocated. */

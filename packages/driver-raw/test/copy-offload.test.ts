@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, convert, ungated, type BlockBackend } from '@blockconv/core';
+import { DriverRegistry, convert, forwardBackend, ungated, type BlockBackend } from '@blockconv/core';
 import { drivers } from '../src/index.js';
 import { diskTempDir, extents, rejects, removeDir } from './helpers.js';
 
@@ -94,7 +94,7 @@ test('across file systems (tmpfs to ext4) the kernel declines: read and write in
   identical(source, path.join(disk, 'from-shm.raw'));
 });
 
-test('into an existing target with old content (-n): zero extents are zeroed, data copied by the kernel', async () => {
+test('into an existing target with old content (-n): pre-zeroed, or its zero extents zeroed; data copied by the kernel', async () => {
   const source = makeSource(disk, 'src-n.raw');
   const target = path.join(disk, 'old.raw');
   fs.writeFileSync(target, Buffer.alloc(24 * MiB + 512, 0x5a));
@@ -103,7 +103,12 @@ test('into an existing target with old content (-n): zero extents are zeroed, da
   try {
     const r = await convert({ sources: [src], target: dst, copyOffload: true, outOfOrder: true });
     assert.ok(r.bytesOffloaded! > 0);
-    assert.ok(r.bytesZeroed > 0, 'the holes were zeroed');
+    assert.is(r.preZeroed, true, 'a file zeroes fast: zeroed whole first');
+    // Without fast zero (hidden here), the zero extents are zeroed one by one.
+    fs.writeFileSync(target, Buffer.alloc(24 * MiB + 512, 0x5a));
+    const r2 = await convert({ sources: [src], target: forwardBackend(ungated(dst), { canFastZero: false }), copyOffload: true, outOfOrder: true });
+    assert.ok(r2.bytesOffloaded! > 0);
+    assert.ok(r2.bytesZeroed > 0, 'the holes were zeroed');
   } finally {
     await src.close();
     await dst.close();

@@ -207,7 +207,8 @@ test('into an existing target with old data the zero runs are zeroed; -S 0 write
   let src = await reg.open(source, { readOnly: true, format: 'raw' });
   let dst = await reg.open(out, { format: 'raw' });
   try {
-    const r = await convert({ sources: [src], target: dst, outOfOrder: true });
+    // Fast zero hidden: a file would be zeroed whole first, and no run would need zeroing.
+    const r = await convert({ sources: [src], target: forwardBackend(ungated(dst), { canFastZero: false }), outOfOrder: true });
     assert.ok(r.bytesZeroed >= MiB, 'the zero run and the holes were zeroed');
   } finally {
     await src.close();

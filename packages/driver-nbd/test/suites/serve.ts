@@ -114,6 +114,25 @@ test('nbdcopy and qemu-io write into a served qcow2: qemu-img check clean, conte
   assert.is(compare(src, img, ['raw', 'qcow2']).status, 0, 'the image holds what the clients wrote');
 });
 
+test('a served raw file zeroes fast: a convert into it with old data is pre-zeroed, then only data is sent', async () => {
+  const img = path.join(dir, 'old.raw');
+  fs.writeFileSync(img, Buffer.alloc(16 * MiB, 0x5a));
+  const src = path.join(dir, 'fz-src.raw');
+  sparseImage(src, 16 * MiB, [[1, 2], [9, 1]]);
+  const s = await serve(['--socket', sock(dir), img]);
+  let done: { preZeroed?: boolean; bytesZeroed: number };
+  try {
+    const r = cli(['convert', '-n', '--output', 'json', '-f', 'raw', '-O', 'raw', src, s.url]);
+    assert.is(r.status, 0, r.stderr);
+    done = JSON.parse(r.stdout) as typeof done;
+  } finally {
+    assert.is(await s.stop(), 0, s.stderr());
+  }
+  assert.is(done.preZeroed, true, 'the file export took the fast zero');
+  assert.is(done.bytesZeroed, 0);
+  assert.is(compare(src, img, ['raw', 'raw']).status, 0);
+});
+
 test('a read-only export: nbdinfo says so, writes fail, the image is untouched', async () => {
   const img = path.join(dir, 'disk.raw');
   sparseImage(img, 16 * MiB, [[0, 1]]);
