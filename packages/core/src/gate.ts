@@ -28,6 +28,7 @@
  */
 import { BlockError } from './errors.js';
 import { forwardBackend } from './forward.js';
+import { settleAll } from './settle.js';
 import type { BlockBackend, BlockLimits, Extent, PipeRequest, WriteFlags, WriteZeroesFlags } from './types.js';
 
 const GATED = Symbol.for('@blockconv/core.gated');
@@ -213,7 +214,7 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
     try {
       for (const piece of pieces) started.push(piece());
     } finally {
-      await settle(started);
+      await settleAll(started);
     }
   };
 
@@ -271,7 +272,7 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
     try {
       for (const piece of pieces) started.push(piece());
     } finally {
-      await settle(started);
+      await settleAll(started);
     }
     return out;
   };
@@ -600,14 +601,4 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
   const gated = forwardBackend(inner, gate);
   Object.defineProperty(gated, GATED, { value: inner });
   return gated;
-}
-
-/**
- * Waits for every part and throws the first error, so that nothing still writes into
- * a caller's buffer after the request has failed.
- */
-async function settle(parts: ReadonlyArray<Promise<unknown>>): Promise<void> {
-  if (parts.length === 1) { await parts[0]; return; }
-  const results = await Promise.allSettled(parts);
-  for (const r of results) if (r.status === 'rejected') throw r.reason;
 }

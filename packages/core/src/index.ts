@@ -27,5 +27,7 @@ export { mapImage, type MapEntry } from './map.js';
 export { parseSize, formatSize } from './size.js';
 export { ZeroScanner } from './zeroscan.js';
 export { piecesAroundHoles } from './pieces.js';
+export { settleAll } from './settle.js';
+export { timeoutOption } from './driver-options.js';
 export { MemoryBackend, createMemoryDriver, type MemoryBackendOptions, type MemoryOp, type MemoryOpRecord } from './memory.js';
 export { checksumImage, BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash, HashPool, zeroBlockDigest, type BlockHashState, type ChecksumOptions, type ChecksumResult } from './checksum/index.js';

@@ -136,7 +136,9 @@ export class MemoryBackend implements BlockBackend {
     request.issued();
     return this.#op('pipe', offset, length, () => {
       for (let i = 0; i < pieceCount; i++) {
-        const [off, len, at] = [pieces[3 * i]!, pieces[3 * i + 1]!, pieces[3 * i + 2]!];
+        const off = pieces[3 * i]!;
+        const len = pieces[3 * i + 1]!;
+        const at = pieces[3 * i + 2]!;
         // The source's failure injection applies to its half, as a read.
         const err = source.#opts.fail?.('read', off, len);
         if (err) throw err;

@@ -40,6 +40,8 @@ import {
   REDACTED,
   redactLocation,
   registerSecret,
+  settleAll,
+  timeoutOption,
   type BlockBackend,
   type BlockLimits,
   type Extent,
@@ -144,12 +146,6 @@ function credentials(u: IscsiUrl, options: Readonly<Record<string, string>> | un
   return { user, password };
 }
 
-function timeoutOption(location: string, options?: Readonly<Record<string, string>>): number {
-  const v = options?.timeout;
-  if (v === undefined) return DEFAULT_TIMEOUT_S;
-  if (!/^\d+$/.test(v)) throw new BlockError('EINVAL', `timeout=${v}: expected whole seconds`, { op: 'open', location });
-  return Number(v);
-}
 
 /** Codes of the binding kept as they are; others become EIO (message kept). */
 const CODES = new Set(['ENOENT', 'EACCES', 'EROFS', 'ENOSPC', 'ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'ENOTFOUND',
@@ -431,12 +427,6 @@ function covering(list: readonly LbaStatus[] | undefined, lba: number): LbaStatu
   return lba < d.lba + d.blocks ? d : undefined;
 }
 
-/** Waits for all, then throws the first failure (no task is left running unobserved). */
-async function settleAll(parts: Promise<void>[]): Promise<void> {
-  const results = await Promise.allSettled(parts);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
-}
 
 async function resolveHost(host: string, location: string): Promise<string> {
   if (isIP(host)) return host;
@@ -452,7 +442,7 @@ export async function openIscsi(location: string, options: OpenOptions = {}): Pr
   options.signal?.throwIfAborted();
   const u = parseIscsiUrl(location);
   const creds = credentials(u, options.options);
-  const timeoutSec = timeoutOption(u.display, options.options);
+  const timeoutSec = timeoutOption(u.display, options.options, DEFAULT_TIMEOUT_S);
   const address = await resolveHost(u.host, u.display);
   const portal = isIP(address) === 6 ? `[${address}]:${u.port}` : `${address}:${u.port}`;
   // A stall timeout, not libiscsi's per-task one: that counts from when a task is queued,

@@ -28,6 +28,8 @@ import {
   BLOCK_API_VERSION,
   BlockError,
   redactLocation,
+  settleAll,
+  timeoutOption,
   type BlockBackend,
   type BlockLimits,
   type Extent,
@@ -131,12 +133,6 @@ function queryPairs(query: string, display: string): [string, string][] {
   });
 }
 
-function timeoutOption(location: string, options?: Readonly<Record<string, string>>): number {
-  const v = options?.timeout;
-  if (v === undefined) return DEFAULT_TIMEOUT_S * 1000;
-  if (!/^\d+$/.test(v)) throw invalid(location, `timeout=${v}: expected whole seconds`);
-  return Number(v) * 1000;
-}
 
 function floorTo(n: number, align: number): number {
   return Math.floor(n / align) * align;
@@ -375,18 +371,12 @@ function covering(list: StatusList, offset: number, rest: number): { flags: numb
   return { flags: list.flags[lo]!, end: Math.min(ends[lo]!, offset + rest) };
 }
 
-/** Waits for all, then throws the first failure (nothing is left running unobserved). */
-async function settleAll(parts: Promise<void>[]): Promise<void> {
-  const results = await Promise.allSettled(parts);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
-}
 
 /** Opens the export an nbd:// or nbd+unix:// URL names. */
 export async function openNbd(location: string, options: OpenOptions = {}): Promise<NbdBackend> {
   const display = redactLocation(location);
   const url = parseNbdUrl(location);
-  const timeoutMs = timeoutOption(display, options.options);
+  const timeoutMs = timeoutOption(display, options.options, DEFAULT_TIMEOUT_S) * 1000;
   const asked = options.options?.connections !== undefined ? parseConnections(options.options.connections, display) : undefined;
   if (asked !== undefined && url.connections !== undefined && asked !== url.connections) {
     throw invalid(display, `connections given twice with different values (${url.connections}, ${asked})`);

@@ -27,6 +27,8 @@ import {
   BLOCK_API_VERSION,
   BlockError,
   redactLocation,
+  settleAll,
+  timeoutOption,
   type BackendIdentity,
   type BlockBackend,
   type BlockLimits,
@@ -77,12 +79,6 @@ function nfsError(err: unknown, where: Where): BlockError {
   return new BlockError(CODES[raw] ?? 'EIO', text, { ...where, cause: err });
 }
 
-function timeoutOption(location: string, options?: Readonly<Record<string, string>>): number {
-  const v = options?.timeout;
-  if (v === undefined) return DEFAULT_TIMEOUT_S * 1000;
-  if (!/^\d+$/.test(v)) throw new BlockError('EINVAL', `timeout=${v}: expected whole seconds`, { op: 'open', location });
-  return Number(v) * 1000;
-}
 
 function isV4(location: string): boolean {
   return /[?&]version=4(&|$)/.test(location);
@@ -191,15 +187,6 @@ async function connectAll(location: string, url: string, n: number, flags: numbe
   throw failed.reason;
 }
 
-/**
- * Waits for every request (none may still use a buffer when the caller gets control
- * back), then throws the first failure.
- */
-async function settleAll(parts: readonly Promise<unknown>[]): Promise<void> {
-  const results = await Promise.allSettled(parts);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
-}
 
 /** Per-connection counters, for tests and diagnostics. */
 export interface ConnectionStats {
@@ -454,7 +441,7 @@ export class NfsBackend implements BlockBackend {
 export async function openNfs(location: string, options: OpenOptions = {}): Promise<NfsBackend> {
   options.signal?.throwIfAborted();
   const readOnly = options.readOnly === true;
-  const timeoutMs = timeoutOption(location, options.options);
+  const timeoutMs = timeoutOption(location, options.options, DEFAULT_TIMEOUT_S) * 1000;
   const { url, connections } = splitConnections(location, options.options, 'open');
   const conns = await connectAll(location, url, connections, readOnly ? O_RDONLY : O_RDWR, timeoutMs, 'open');
   try {
@@ -476,7 +463,7 @@ export async function createNfs(location: string, size: number, options: CreateO
   if (!Number.isSafeInteger(size) || size < 0) {
     throw new BlockError('EINVAL', `invalid image size ${size}`, { op: 'create', location });
   }
-  const timeoutMs = timeoutOption(location, options.options);
+  const timeoutMs = timeoutOption(location, options.options, DEFAULT_TIMEOUT_S) * 1000;
   const { url } = splitConnections(location, options.options, 'create');
   const c = await connect(location, O_RDWR | O_CREAT, timeoutMs, 'create', url);
   try {

@@ -1,5 +1,4 @@
 /** Fixtures for the NFS driver tests: the loopback server, local and export paths. */
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
@@ -14,19 +13,7 @@ export function scratch(prefix: string, query = ''): { url: string; local: strin
   return { url: `${BASE_URL}/${name}${query}`, local, remove: () => fs.rmSync(local, { force: true }) };
 }
 
-export function run(cmd: string, args: string[]): string {
-  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
-/** Awaits a rejection and returns the error (uvu has no async `rejects`). */
-export async function failure(fn: () => Promise<unknown>): Promise<Error & { code?: string }> {
-  try {
-    await fn();
-  } catch (err) {
-    return err as Error & { code?: string };
-  }
-  throw new Error('expected a rejection');
-}
+export { failure, run } from '../../../tools/test/fixtures.js';
 
 /**
  * A TCP forwarder to the NFS port, so a test can make "the server" vanish without

@@ -3,7 +3,7 @@
  * on one file system, the fallback to read and write across two (ext4 and tmpfs), and
  * what it refuses. qemu-img compare is the oracle.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -11,7 +11,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DriverRegistry, convert, forwardBackend, ungated, type BlockBackend } from '@blockconv/core';
 import { drivers } from '../src/index.js';
-import { diskTempDir, extents, rejects, removeDir } from './helpers.js';
+import { dataBytes, diskTempDir, identical, rejects, removeDir } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -39,10 +39,6 @@ function makeSource(dir: string, name = 'src.raw'): string {
   return file;
 }
 
-function identical(a: string, b: string): void {
-  const r = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b], { encoding: 'utf8' });
-  assert.is(r.status, 0, `${a} and ${b}: ${r.stdout}${r.stderr}`);
-}
 
 /** Opens a source read-only and creates a raw target of its size, as the CLI does. */
 async function pair(source: string, target: string, cache?: 'none'): Promise<{ src: BlockBackend; dst: BlockBackend; close(): Promise<void> }> {
@@ -51,15 +47,6 @@ async function pair(source: string, target: string, cache?: 'none'): Promise<{ s
   return { src, dst, close: async () => { await src.close(); await dst.close(); } };
 }
 
-/** Bytes of data (allocated) in a file, by block status. */
-async function dataBytes(file: string): Promise<number> {
-  const b = await reg.open(file, { readOnly: true, format: 'raw' });
-  try {
-    return (await extents(b)).filter((e) => e.kind === 'data').reduce((n, e) => n + e.length, 0);
-  } finally {
-    await b.close();
-  }
-}
 
 test('file to file on one file system: the kernel copies the data, zero extents stay holes', async () => {
   const source = makeSource(disk);

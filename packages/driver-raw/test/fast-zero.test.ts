@@ -4,7 +4,7 @@
  * Convert into an existing file therefore zeroes it whole first and writes only the
  * data, as qemu-img convert -n does; block devices (BLKZEROOUT may write) do not claim it.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -12,7 +12,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DriverRegistry, convert, type BlockError } from '@blockconv/core';
 import { drivers } from '../src/index.js';
-import { attachLoop, canLoop, canMount, diskTempDir, extents, removeDir, scratchMount } from './helpers.js';
+import { attachLoop, canLoop, canMount, dataBytes, diskTempDir, identical, removeDir, scratchMount } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -33,19 +33,7 @@ function makeSource(at: string): string {
   return file;
 }
 
-function identical(a: string, b: string): void {
-  const r = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b], { encoding: 'utf8' });
-  assert.is(r.status, 0, `${a} and ${b}: ${r.stdout}${r.stderr}`);
-}
 
-async function dataBytes(file: string): Promise<number> {
-  const b = await reg.open(file, { readOnly: true, format: 'raw' });
-  try {
-    return (await extents(b)).filter((e) => e.kind === 'data').reduce((n, e) => n + e.length, 0);
-  } finally {
-    await b.close();
-  }
-}
 
 test('a file zeroes fast: the range becomes a hole, with or without unmapping', async () => {
   const f = path.join(dir, 'fast.raw');

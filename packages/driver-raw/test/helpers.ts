@@ -1,8 +1,11 @@
 /** Shared fixtures: temp dirs, scratch mounts and loop devices (we may be root). */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as assert from 'uvu/assert';
+import { DriverRegistry } from '@blockconv/core';
+import { drivers } from '../src/index.js';
 
 /** A fresh directory on /var/tmp: a disk file system (ext4 here) with O_DIRECT and holes. */
 export function diskTempDir(prefix = 'blockconv-raw-'): string {
@@ -114,4 +117,20 @@ export async function rejects(fn: () => Promise<unknown>, expected: Record<strin
     if (e[key] !== value) throw new Error(`expected ${key} = ${String(value)}, got ${String(e[key])} (${e.message})`);
   }
   return e;
+}
+
+/** Asserts that two raw images hold the same bytes (qemu-img compare). */
+export function identical(a: string, b: string): void {
+  const r = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b], { encoding: 'utf8' });
+  assert.is(r.status, 0, `${a} and ${b}: ${r.stdout}${r.stderr}`);
+}
+
+/** Bytes of data (allocated) in a raw file, by block status. */
+export async function dataBytes(file: string): Promise<number> {
+  const b = await new DriverRegistry().register(...drivers).open(file, { readOnly: true, format: 'raw' });
+  try {
+    return (await extents(b)).filter((e) => e.kind === 'data').reduce((n, e) => n + e.length, 0);
+  } finally {
+    await b.close();
+  }
 }

@@ -4,7 +4,7 @@
  * core's ZeroScanner, bit for bit, since convert treats the runs it returns as its own;
  * qemu-img compare is the oracle for whole copies.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -13,7 +13,7 @@ import * as assert from 'uvu/assert';
 import { DriverRegistry, ZeroScanner, convert, forwardBackend, ungated, type BlockBackend, type BlockError, type PipeRequest } from '@blockconv/core';
 import * as fileio from '@blockconv/fileio';
 import { drivers } from '../src/index.js';
-import { canMount, diskTempDir, extents, removeDir, scratchMount } from './helpers.js';
+import { canMount, dataBytes, diskTempDir, identical, removeDir, scratchMount } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -152,19 +152,7 @@ function makeSource(dir: string, name: string): string {
   return file;
 }
 
-function identical(a: string, b: string): void {
-  const r = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b], { encoding: 'utf8' });
-  assert.is(r.status, 0, `${a} and ${b}: ${r.stdout}${r.stderr}`);
-}
 
-async function dataBytes(file: string): Promise<number> {
-  const b = await reg.open(file, { readOnly: true, format: 'raw' });
-  try {
-    return (await extents(b)).filter((e) => e.kind === 'data').reduce((n, e) => n + e.length, 0);
-  } finally {
-    await b.close();
-  }
-}
 
 /** The target, with its pipeFrom calls counted (and what they returned). */
 function counted(target: BlockBackend): { target: BlockBackend; results: number[] } {
