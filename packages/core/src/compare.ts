@@ -6,7 +6,7 @@
 import { gateBackend } from './gate.js';
 import { cancelled, toBlockError } from './errors.js';
 import { chainStatus } from './status.js';
-import type { BlockBackend } from './types.js';
+import type { BlockBackend, GatedBackend } from './types.js';
 
 export interface CompareOptions {
   readonly workers?: number;
@@ -37,9 +37,9 @@ export async function compareImages(first: BlockBackend, second: BlockBackend, o
   let failure: unknown;
 
   /** Status of one side at pos: zero-or-beyond-end, and how far it holds. */
-  const sideStatus = async (img: BlockBackend, at: number): Promise<{ zero: boolean; length: number }> => {
+  const sideStatus = async (img: GatedBackend, at: number): Promise<{ zero: boolean; length: number }> => {
     if (at >= img.size) return { zero: true, length: end - at };
-    const ext = img.hasBlockStatus ? await chainStatus(img, at, img.size - at) : { kind: 'data', length: img.size - at };
+    const ext = img.canBlockStatus ? await chainStatus(img, at, img.size - at) : { kind: 'data', length: img.size - at };
     return { zero: ext.kind === 'zero', length: ext.length };
   };
   const next = async (): Promise<{ offset: number; length: number } | null> => {

@@ -1,7 +1,7 @@
 /**
  * Pass-through layers (the raw format, future filters) present another backend as
  * their own. Copying its members one by one silently drops every member added to
- * BlockBackend later (the raw format once lost cheapHoleReads that way), so this
+ * BlockBackend later (the raw format once lost canReadHolesCheaply that way), so this
  * forwards all of them: data as it is, accessors live, methods bound to the inner
  * backend (whose private state they need). Built once at open; nothing per request.
  */
@@ -21,8 +21,9 @@ export function forwardBackend(inner: BlockBackend, overrides: Partial<BlockBack
       }
     }
   }
-  for (const [key, value] of Object.entries(overrides)) {
-    Object.defineProperty(out, key, { value, enumerable: true, configurable: true });
+  // Accessors among the overrides stay accessors (live capabilities), values stay values.
+  for (const [key, d] of Object.entries(Object.getOwnPropertyDescriptors(overrides))) {
+    Object.defineProperty(out, key, { ...d, enumerable: true, configurable: true });
   }
   return out as BlockBackend;
 }

@@ -3,33 +3,36 @@
  * external data files) is wrapped in one, so that the core, not each driver, enforces
  * the interface's rules for every request, whoever makes it: convert, compare, a format
  * driver reading its protocol, an embedding program. As QEMU's block layer does in
- * bdrv_co_preadv/pwritev for every driver:
- * - a closed backend (EBADF), a change to a read-only one (EROFS), a request outside the
- *   image (ERANGE): one check, the same codes whatever the driver;
- * - reads and writes are split at maxTransfer, writeZeroes and discard at maxWriteZeroes;
- * - unaligned reads go through a bounce buffer; unaligned writes and zeroes are padded
- *   with a read-modify-write of the edge blocks, serialised against every other write
- *   to the backend (see WriteSerializer); unaligned discards shrink to whole blocks
- *   (discard is advisory);
- * - memory not on a minMemAlignment boundary goes through an aligned bounce buffer;
- * - copy offload (copyTo/copyFrom) and fused copies (pipeTo/pipeFrom) are checked as
- *   a read and a write; what would need padding or splitting is declined, so the caller
- *   reads and writes it instead.
+ * bdrv_co_preadv/pwritev for every driver, each request passes the same steps:
+ * - admit: a closed backend (EBADF), a change to a read-only one (EROFS), a request
+ *   outside the image (ERANGE) are refused, with the same codes whatever the driver; a
+ *   write that arrives while a read-modify-write runs waits behind it, then is admitted
+ *   again (the image may have been resized or closed meanwhile);
+ * - direct: a request that already fits the limits goes straight to the driver (a few
+ *   comparisons, no allocation);
+ * - split: reads and writes at maxTransfer, writeZeroes and discard at maxWriteZeroes;
+ * - pad: unaligned reads go through a bounce buffer; unaligned writes and zeroes are
+ *   padded with a read-modify-write of the edge blocks, serialised against every other
+ *   write (write-serializer.ts); unaligned discards shrink to whole blocks (discard is
+ *   advisory); memory off a minMemAlignment boundary goes through an aligned copy;
+ * - copy steps (copyTo/copyFrom) are checked as a read and a write; one that would need
+ *   padding or splitting is declined, so the caller reads and writes the chunk instead.
  *
- * A driver therefore only sees requests that lie inside the image, start on a multiple
- * of requestAlignment and are a multiple of it long (or end at the image's end, when
- * its size is not a multiple), are at most maxTransfer (maxWriteZeroes for zeroes and
- * discards), and change nothing on a read-only or closed backend; compressed writes
- * cover whole compressionUnit blocks (others are refused). Pieces of a split request go
- * out one by one to a target that takes one write at a time. Nothing is sent after
- * close(). Reads and writes that already respect all that go straight to the driver:
- * the gate adds a few comparisons, and allocates nothing unless the backend needs
- * alignment (then a closure and a promise per write, to know which are in flight).
+ * It also completes the backend: capabilities default as types.ts says, and what the
+ * driver left out is supplied (no write on a read-only image, zeroes written when there
+ * is no writeZeroes, all data without blockStatus, no-op discard and flush). Pieces of a
+ * split request go out one by one to a target that takes one write at a time. Nothing is
+ * sent after close().
  */
 import { BlockError } from './errors.js';
 import { forwardBackend } from './forward.js';
+import { checkLimits } from './limits.js';
+import { SegmentList } from './segments.js';
 import { settleAll } from './settle.js';
-import type { BlockBackend, BlockLimits, Extent, PipeRequest, WriteFlags, WriteZeroesFlags } from './types.js';
+import type { BlockBackend, CopyRequest, Extent, GatedBackend, WriteFlags, WriteZeroesFlags } from './types.js';
+import { WriteSerializer } from './write-serializer.js';
+
+export { checkLimits } from './limits.js';
 
 const GATED = Symbol.for('@blockconv/core.gated');
 
@@ -38,112 +41,20 @@ export function ungated(backend: BlockBackend): BlockBackend {
   return (backend as { [GATED]?: BlockBackend })[GATED] ?? backend;
 }
 
-export function isGated(backend: BlockBackend): boolean {
+export function isGated(backend: BlockBackend): backend is GatedBackend {
   return (backend as { [GATED]?: BlockBackend })[GATED] !== undefined;
 }
 
-function isPowerOfTwo(n: number): boolean {
-  return Number.isSafeInteger(n) && n > 0 && Math.log2(n) % 1 === 0;
-}
-
-/**
- * Checks that a backend's limits are data the gate can honour; a driver that declares
- * nonsense fails at open with a message naming the field, not later with odd requests.
- */
-export function checkLimits(b: BlockBackend): void {
-  const l = b.limits;
-  const bad = (field: string, why: string): never => {
-    throw new BlockError('EINVAL', `driver "${b.driverName}" declares invalid limits: ${why}`, { op: 'open', location: b.location, field: `limits.${field}` });
-  };
-  if (!l) bad('', 'no limits');
-  if (!isPowerOfTwo(l.requestAlignment)) bad('requestAlignment', `${l.requestAlignment} is not a power of two`);
-  if (!Number.isSafeInteger(l.maxTransfer) || l.maxTransfer < l.requestAlignment || l.maxTransfer % l.requestAlignment !== 0) {
-    bad('maxTransfer', `${l.maxTransfer} is not a positive multiple of requestAlignment (${l.requestAlignment})`);
-  }
-  if (!Number.isSafeInteger(l.optimalTransfer) || l.optimalTransfer <= 0 || l.optimalTransfer > l.maxTransfer) {
-    bad('optimalTransfer', `${l.optimalTransfer} is not between 1 and maxTransfer (${l.maxTransfer})`);
-  }
-  if (l.maxWriteZeroes !== undefined && (!Number.isSafeInteger(l.maxWriteZeroes) || l.maxWriteZeroes < l.requestAlignment)) {
-    bad('maxWriteZeroes', `${l.maxWriteZeroes} is less than one block (${l.requestAlignment})`);
-  }
-  if (l.preferredAlignment !== undefined && (!isPowerOfTwo(l.preferredAlignment) || l.preferredAlignment % l.requestAlignment !== 0)) {
-    bad('preferredAlignment', `${l.preferredAlignment} is not a power of two and a multiple of requestAlignment (${l.requestAlignment})`);
-  }
-  // A compression unit may be finer than the alignment (512-byte qcow2 clusters on O_DIRECT).
-  if (l.compressionUnit !== undefined && (!isPowerOfTwo(l.compressionUnit) || l.compressionUnit > l.maxTransfer)) {
-    bad('compressionUnit', `${l.compressionUnit} is not a power of two of at most maxTransfer (${l.maxTransfer})`);
-  }
-  const mem = l.minMemAlignment ?? 1;
-  if (!isPowerOfTwo(mem)) bad('minMemAlignment', `${mem} is not a power of two`);
-  if (mem > 1 && typeof b.allocBuffer !== 'function') bad('minMemAlignment', `${mem} needs allocBuffer()`);
-  if (!Number.isSafeInteger(b.size) || b.size < 0) bad('size', `${b.size} is not a byte count`);
-}
-
-/**
- * Lets writes run concurrently, except a read-modify-write, which runs alone: it waits
- * for the writes in flight, and writes that arrive meanwhile wait for it (and are then
- * checked again, as the image may have been resized or closed). Otherwise a write
- * landing between the read and the write-back of a block would be undone.
- * Read-modify-writes are rare (the unaligned tail of an image, a format's small
- * metadata update on an O_DIRECT file), so a barrier is cheaper than tracking the range
- * of every write.
- */
-class WriteSerializer {
-  #inFlight = 0;
-  /** Set while a read-modify-write waits or runs; resolves when the last one queued ends. */
-  #exclusive: Promise<void> | null = null;
-  #drained: (() => void) | null = null;
-  readonly #untrack = (): void => {
-    if (--this.#inFlight === 0 && this.#drained) { const d = this.#drained; this.#drained = null; d(); }
-  };
-
-  /** What a new write must wait for first, if anything. */
-  get waiting(): Promise<void> | null {
-    return this.#exclusive;
-  }
-
-  /** Starts a plain write now (the caller has waited for `waiting`), counting it in flight. */
-  track<T>(start: () => Promise<T>): Promise<T> {
-    this.#inFlight++;
-    let p: Promise<T>;
-    try {
-      p = start();
-    } catch (err) {
-      this.#untrack();
-      return Promise.reject(err);
-    }
-    p.then(this.#untrack, this.#untrack);
-    return p;
-  }
-
-  /** Runs `body` once no other write is in flight, holding new writes back until it ends. */
-  async exclusive<T>(body: () => Promise<T>): Promise<T> {
-    const before = this.#exclusive;
-    let release!: () => void;
-    const mine = new Promise<void>((r) => { release = r; });
-    const tail = before ? before.then(() => mine) : mine;
-    this.#exclusive = tail;
-    try {
-      if (before) await before;
-      if (this.#inFlight > 0) await new Promise<void>((r) => { this.#drained = r; });
-      return await body();
-    } finally {
-      if (this.#exclusive === tail) this.#exclusive = null;
-      release();
-    }
-  }
+/** Facts the opener knows better than the driver: what a create() said, a read-only protocol or format. */
+export interface GateFacts {
+  readonly zeroInitialized?: boolean;
+  /** The backend must be read-only, for this reason (it reports readOnly and readOnlyReason). */
+  readonly readOnlyReason?: string;
 }
 
 /** Error details for one request. */
 function at(b: BlockBackend, op: string, offset: number, length: number) {
   return { op, location: b.location, offset, length };
-}
-
-/** Facts the opener knows better than the driver: what a create() said, a read-only protocol. */
-export interface GateFacts {
-  readonly readsZeroesInitially?: boolean;
-  /** The backend must be read-only, for this reason (it reports readOnly and readOnlyReason). */
-  readonly readOnlyReason?: string;
 }
 
 /** Calls a driver method, turning a synchronous throw (a careless driver) into a rejection. */
@@ -155,71 +66,185 @@ function call<T>(start: () => Promise<T>): Promise<T> {
   }
 }
 
+/** Runs the pieces of one request all in flight; every started one settles before an error is thrown. */
+async function allInFlight(pieces: ReadonlyArray<() => Promise<unknown>>): Promise<void> {
+  const started: Array<Promise<unknown>> = [];
+  try {
+    for (const piece of pieces) started.push(piece());
+  } finally {
+    await settleAll(started);
+  }
+}
+
+/** Where a request's unaligned edge blocks are: [offset, mid) and [midEnd, end) need padding. */
+interface Edges {
+  readonly mid: number;
+  readonly midEnd: number;
+  readonly head: boolean;
+  readonly tail: boolean;
+}
+
 /**
  * Wraps `inner` in the request gate. Idempotent: a gated backend is returned as it is.
- * Every other member (capabilities, info, a driver's own extras) is forwarded.
+ * Every other member (info, identity, a driver's own extras) is forwarded.
  */
-export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBackend {
+export function gateBackend(inner: BlockBackend, facts?: GateFacts): GatedBackend {
   if (isGated(inner)) {
     if (!facts) return inner;
     inner = ungated(inner); // a new gate with the facts, in place of the old one
   }
-  checkLimits(inner);
-  const forcedReadOnly = facts?.readOnlyReason;
-  const readOnly = forcedReadOnly !== undefined || inner.readOnly;
-  const readOnlyReason = forcedReadOnly ?? inner.readOnlyReason ?? 'image is read-only';
-  const l: BlockLimits = inner.limits;
-  const align = l.requestAlignment;
-  const memAlign = l.minMemAlignment ?? 1;
-  /** Largest read/write piece: maxTransfer, in whole blocks. */
-  const maxIo = l.maxTransfer - (l.maxTransfer % align);
-  const maxZero = Math.max(align, (l.maxWriteZeroes ?? l.maxTransfer) - ((l.maxWriteZeroes ?? l.maxTransfer) % align));
-  const compressionUnit = l.compressionUnit ?? align;
-  // Backends without alignment never need a read-modify-write, so their writes are not tracked.
-  const serializer = align > 1 ? new WriteSerializer() : undefined;
-  // The pieces of a split request go out one by one to a target that takes one write at a time.
-  const oneAtATime = inner.canWriteOutOfOrder === false;
-  let closed = false;
-  const closedError = (op: string): BlockError => new BlockError('EBADF', 'image is closed', { op, location: inner.location });
+  const gated = forwardBackend(inner, new RequestGate(inner, facts).members()) as GatedBackend;
+  Object.defineProperty(gated, GATED, { value: inner });
+  return gated;
+}
 
-  const alloc = (n: number): Uint8Array => (memAlign > 1 ? inner.allocBuffer!(n) : new Uint8Array(n));
-  const memOk = (u: Uint8Array | undefined): boolean => memAlign === 1 || u === undefined || u.byteOffset % memAlign === 0;
+/** The steps of the gate for one backend; gateBackend presents them as the backend's members. */
+class RequestGate {
+  readonly #inner: BlockBackend;
+  readonly #readOnly: boolean;
+  readonly #readOnlyReason: string;
+  readonly #forcedReadOnly: string | undefined;
+  readonly #zeroInitialized: boolean;
+  readonly #align: number;
+  readonly #memAlign: number;
+  /** Largest read/write piece: maxTransfer, in whole blocks. */
+  readonly #maxIo: number;
+  /** Largest writeZeroes/discard piece. */
+  readonly #maxZero: number;
+  readonly #compressionUnit: number;
+  /** Backends without alignment never need a read-modify-write, so their writes are not tracked. */
+  readonly #serializer: WriteSerializer | undefined;
+  /** The pieces of a split request go out one by one to a target that takes one write at a time. */
+  readonly #oneAtATime: boolean;
+  #closed = false;
+  /** Zeroes written for a driver without writeZeroes (allocated on first use). */
+  #zeroes: Uint8Array | undefined;
+
+  constructor(inner: BlockBackend, facts: GateFacts | undefined) {
+    checkLimits(inner);
+    this.#inner = inner;
+    this.#forcedReadOnly = facts?.readOnlyReason;
+    this.#readOnly = this.#forcedReadOnly !== undefined || (inner.readOnly ?? typeof inner.write !== 'function');
+    this.#readOnlyReason = this.#forcedReadOnly ?? inner.readOnlyReason ?? 'image is read-only';
+    this.#zeroInitialized = facts?.zeroInitialized === true;
+    const l = inner.limits;
+    this.#align = l.requestAlignment;
+    this.#memAlign = l.minMemAlignment ?? 1;
+    this.#maxIo = l.maxTransfer - (l.maxTransfer % this.#align);
+    const maxZeroes = l.maxWriteZeroes ?? l.maxTransfer;
+    this.#maxZero = Math.max(this.#align, maxZeroes - (maxZeroes % this.#align));
+    this.#compressionUnit = l.compressionUnit ?? this.#align;
+    this.#serializer = this.#align > 1 ? new WriteSerializer() : undefined;
+    this.#oneAtATime = inner.canWriteOutOfOrder === false;
+  }
+
+  /**
+   * The members that override the driver's: the operations, bound once, and the
+   * capabilities with their defaults (live getters: a driver may change its answer).
+   */
+  members(): Partial<GatedBackend> {
+    const inner = this.#inner;
+    const gate = this;
+    const ops: Partial<{ -readonly [K in keyof GatedBackend]: GatedBackend[K] }> = {
+      read: this.read.bind(this),
+      write: this.write.bind(this),
+      writeZeroes: this.writeZeroes.bind(this),
+      discard: this.discard.bind(this),
+      blockStatus: this.blockStatus.bind(this),
+      flush: this.flush.bind(this),
+      close: this.close.bind(this),
+    };
+    if (inner.resize) ops.resize = this.resize.bind(this);
+    if (inner.readSegments) ops.readSegments = this.readSegments.bind(this);
+    if (inner.writeSegments) ops.writeSegments = this.writeSegments.bind(this);
+    if (inner.copyTo) ops.copyTo = this.copyTo.bind(this);
+    if (inner.copyFrom) ops.copyFrom = this.copyFrom.bind(this);
+    return Object.defineProperties(ops, {
+      readOnly: { get: () => gate.#readOnly || inner.readOnly === true, enumerable: true },
+      readOnlyReason: { get: () => gate.#forcedReadOnly ?? inner.readOnlyReason, enumerable: true },
+      canZero: { get: () => inner.canZero ?? typeof inner.writeZeroes === 'function', enumerable: true },
+      canFastZero: { get: () => inner.canFastZero === true && typeof inner.writeZeroes === 'function', enumerable: true },
+      canDiscard: { get: () => inner.canDiscard ?? typeof inner.discard === 'function', enumerable: true },
+      canCompress: { get: () => inner.canCompress === true, enumerable: true },
+      canBlockStatus: { get: () => inner.canBlockStatus ?? typeof inner.blockStatus === 'function', enumerable: true },
+      canReadHolesCheaply: { get: () => inner.canReadHolesCheaply === true, enumerable: true },
+      canWriteOutOfOrder: { get: () => inner.canWriteOutOfOrder !== false, enumerable: true },
+      zeroInitialized: { get: () => gate.#zeroInitialized || inner.zeroInitialized === true, enumerable: true },
+      backing: { get: () => gate.#gatedBacking(), enumerable: true },
+    }) as Partial<GatedBackend>;
+  }
+
+  #backing: { readonly inner: BlockBackend; readonly gated: GatedBackend } | undefined;
+
+  /** The backing image behind a gate of its own (the same one each time; registry backings are gated already). */
+  #gatedBacking(): GatedBackend | undefined {
+    const backing = this.#inner.backing;
+    if (!backing) return undefined;
+    if (this.#backing?.inner !== backing) this.#backing = { inner: backing, gated: gateBackend(backing) };
+    return this.#backing.gated;
+  }
+
+  // ---- admit ------------------------------------------------------------------------
+
+  #closedError(op: string): BlockError {
+    return new BlockError('EBADF', 'image is closed', { op, location: this.#inner.location });
+  }
+
   /** Null when the request may proceed; else the error to reject it with. */
-  const refuse = (op: string, offset: number, length: number, writes: boolean): BlockError | null => {
-    if (closed) return closedError(op);
-    if (writes && readOnly) return new BlockError('EROFS', readOnlyReason, at(inner, op, offset, length));
-    const size = inner.size;
+  #refuse(op: string, offset: number, length: number, writes: boolean): BlockError | null {
+    if (this.#closed) return this.#closedError(op);
+    if (writes && this.#readOnly) return new BlockError('EROFS', this.#readOnlyReason, at(this.#inner, op, offset, length));
+    const size = this.#inner.size;
     if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= size)) {
-      return new BlockError('ERANGE', `request outside the image (size ${size})`, at(inner, op, offset, length));
+      return new BlockError('ERANGE', `request outside the image (size ${size})`, at(this.#inner, op, offset, length));
     }
     return null;
-  };
-  /** Aligned as the driver needs it: start on a block, whole blocks or up to the end. */
-  const isAligned = (offset: number, length: number): boolean =>
-    offset % align === 0 && (length % align === 0 || offset + length === inner.size);
-  /** One piece of a split write: after any read-modify-write queued before it, never after close. */
-  const send = <T>(op: string, start: () => Promise<T>): Promise<T> => {
-    if (!serializer) return closed ? Promise.reject(closedError(op)) : call(start);
+  }
+
+  /**
+   * A write that arrives while a read-modify-write waits or runs: `retry` (the same call
+   * again, admitted anew) once it is over. Null when nothing is in the way.
+   */
+  #behindBarrier<T>(retry: () => Promise<T>): Promise<T> | null {
+    const wait = this.#serializer?.waiting;
+    return wait ? wait.then(retry) : null;
+  }
+
+  /** Starts one driver write after any read-modify-write queued before it, never after close. */
+  #send<T>(op: string, start: () => Promise<T>): Promise<T> {
+    const serializer = this.#serializer;
+    if (!serializer) return this.#closed ? Promise.reject(this.#closedError(op)) : call(start);
     const wait = serializer.waiting;
-    if (wait) return wait.then(() => send(op, start));
-    return closed ? Promise.reject(closedError(op)) : serializer.track(start);
-  };
-  /** Runs the pieces of one request: all in flight, or one by one; every started one settles before an error is thrown. */
-  const runPieces = async (pieces: ReadonlyArray<() => Promise<unknown>>): Promise<void> => {
-    if (oneAtATime || pieces.length === 1) {
-      for (const piece of pieces) await piece();
-      return;
-    }
-    const started: Array<Promise<unknown>> = [];
-    try {
-      for (const piece of pieces) started.push(piece());
-    } finally {
-      await settleAll(started);
-    }
-  };
+    if (wait) return wait.then(() => this.#send(op, start));
+    return this.#closed ? Promise.reject(this.#closedError(op)) : serializer.track(start);
+  }
+
+  // ---- direct: does the request fit the driver as it is? ----------------------------
+
+  /** Starts on a block and is whole blocks, or runs to the image's end. */
+  #aligned(offset: number, length: number): boolean {
+    return offset % this.#align === 0 && (length % this.#align === 0 || offset + length === this.#inner.size);
+  }
+
+  /** Memory at `position` of `buffer` is on the driver's memory alignment. */
+  #memoryFits(buffer: Uint8Array | undefined, position = 0): boolean {
+    return this.#memAlign === 1 || buffer === undefined || (buffer.byteOffset + position) % this.#memAlign === 0;
+  }
+
+  /** The one test of "can this go straight to the driver": aligned, small enough, memory usable. */
+  #fits(offset: number, length: number, buffer: Uint8Array | undefined, position = 0): boolean {
+    return length <= this.#maxIo && this.#aligned(offset, length) && this.#memoryFits(buffer, position);
+  }
+
+  // ---- pad and split ----------------------------------------------------------------
+
+  #alloc(n: number): Uint8Array {
+    return this.#memAlign > 1 ? this.#inner.allocBuffer!(n) : new Uint8Array(n);
+  }
 
   /** Splits [offset, end) into unaligned edge blocks (bounced or read-modify-written) and an aligned middle. */
-  const edges = (offset: number, end: number): { mid: number; midEnd: number; head: boolean; tail: boolean } => {
+  #edges(offset: number, end: number): Edges {
+    const align = this.#align;
     let mid = offset;
     let midEnd = end;
     let head = false;
@@ -228,377 +253,338 @@ export function gateBackend(inner: BlockBackend, facts?: GateFacts): BlockBacken
       mid = Math.min(offset - (offset % align) + align, end);
       head = true;
     }
-    if (midEnd > mid && midEnd % align !== 0 && midEnd !== inner.size) {
+    if (midEnd > mid && midEnd % align !== 0 && midEnd !== this.#inner.size) {
       midEnd = Math.max(mid, midEnd - (midEnd % align));
       tail = end > midEnd;
     }
     return { mid, midEnd, head, tail };
-  };
+  }
+
+  /** Runs a split write's pieces: all in flight, or one by one to a one-at-a-time target. */
+  async #runPieces(pieces: ReadonlyArray<() => Promise<unknown>>): Promise<void> {
+    if (this.#oneAtATime || pieces.length === 1) {
+      for (const piece of pieces) await piece();
+      return;
+    }
+    await allInFlight(pieces);
+  }
+
+  /** Reads the driver's view of [offset, +length) into `out` (it may hand back another buffer). */
+  async #readInto(offset: number, length: number, out: Uint8Array): Promise<void> {
+    const got = await this.#inner.read(offset, length, out);
+    if (got.buffer !== out.buffer || got.byteOffset !== out.byteOffset) out.set(got.subarray(0, length));
+  }
 
   /** Reads [pos, pos+n) into dest through an aligned bounce buffer covering whole blocks. */
-  const bounceRead = async (pos: number, n: number, dest: Uint8Array): Promise<void> => {
+  async #bounceRead(pos: number, n: number, dest: Uint8Array): Promise<void> {
+    const align = this.#align;
     const start = pos - (pos % align);
-    const end = Math.min(Math.ceil((pos + n) / align) * align, inner.size);
-    for (let s = start; s < end; s += maxIo) {
-      const e = Math.min(s + maxIo, end);
+    const end = Math.min(Math.ceil((pos + n) / align) * align, this.#inner.size);
+    for (let s = start; s < end; s += this.#maxIo) {
+      const e = Math.min(s + this.#maxIo, end);
       const lo = Math.max(s, pos);
       const hi = Math.min(e, pos + n);
       if (hi <= lo) continue;
-      const got = await inner.read(s, e - s, alloc(e - s));
+      const got = await this.#inner.read(s, e - s, this.#alloc(e - s));
       dest.set(got.subarray(lo - s, hi - s), lo - pos);
     }
-  };
-
-  /** A read the driver can take as it is, or already split: straight to it. */
-  const readDirect = async (offset: number, length: number, out: Uint8Array): Promise<void> => {
-    const got = await inner.read(offset, length, out);
-    if (got.buffer !== out.buffer || got.byteOffset !== out.byteOffset) out.set(got.subarray(0, length));
-  };
-
-  const readSlow = async (offset: number, length: number, into: Uint8Array | undefined): Promise<Uint8Array> => {
-    const out = into ? into.subarray(0, length) : alloc(length);
-    const end = offset + length;
-    const pieces: Array<() => Promise<void>> = [];
-    // Unaligned head and tail blocks through bounces; the aligned middle in maxIo pieces.
-    const { mid, midEnd, head, tail } = edges(offset, end);
-    if (head) pieces.push(() => bounceRead(offset, mid - offset, out.subarray(0, mid - offset)));
-    if (tail) pieces.push(() => bounceRead(midEnd, end - midEnd, out.subarray(midEnd - offset)));
-    for (let s = mid; s < midEnd; s += maxIo) {
-      const n = Math.min(maxIo, midEnd - s);
-      const dest = out.subarray(s - offset, s - offset + n);
-      pieces.push(memOk(dest) ? () => readDirect(s, n, dest) : () => bounceRead(s, n, dest));
-    }
-    const started: Array<Promise<void>> = [];
-    try {
-      for (const piece of pieces) started.push(piece());
-    } finally {
-      await settleAll(started);
-    }
-    return out;
-  };
+  }
 
   /**
    * Writes the unaligned [pos, pos+n) — `data`, or zeroes when absent — by reading the
-   * whole blocks around it, patching them and writing them back, alone (see WriteSerializer).
+   * whole blocks around it, patching them and writing them back, alone.
    */
-  const readModifyWrite = (op: string, pos: number, n: number, data: Uint8Array | undefined, flags?: WriteFlags): Promise<void> =>
-    serializer!.exclusive(async () => {
+  #readModifyWrite(op: string, pos: number, n: number, data: Uint8Array | undefined, flags?: WriteFlags): Promise<void> {
+    return this.#serializer!.exclusive(async () => {
+      const inner = this.#inner;
       // Checked again: the image may have been closed or resized while this waited.
-      if (closed) throw closedError(op);
+      if (this.#closed) throw this.#closedError(op);
       if (pos + n > inner.size) throw new BlockError('ERANGE', `request outside the image (size ${inner.size})`, at(inner, op, pos, n));
-      const start = pos - (pos % align);
-      const end = Math.min(Math.ceil((pos + n) / align) * align, inner.size);
-      const block = alloc(end - start);
-      const got = await inner.read(start, end - start, block);
-      if (got.buffer !== block.buffer || got.byteOffset !== block.byteOffset) block.set(got.subarray(0, end - start));
+      const start = pos - (pos % this.#align);
+      const end = Math.min(Math.ceil((pos + n) / this.#align) * this.#align, inner.size);
+      const block = this.#alloc(end - start);
+      await this.#readInto(start, end - start, block);
       if (data) block.set(data.subarray(0, n), pos - start);
       else block.fill(0, pos - start, pos - start + n);
-      if (closed) throw closedError(op);
-      await inner.write(start, block, flags);
+      if (this.#closed) throw this.#closedError(op);
+      await inner.write!(start, block, flags);
     });
+  }
 
-  const writeSlow = (offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> => {
-    const end = offset + data.length;
-    if (flags?.compress && (offset % compressionUnit !== 0 || (data.length % compressionUnit !== 0 && end !== inner.size))) {
-      return Promise.reject(new BlockError('EINVAL', `compressed writes cover whole ${compressionUnit}-byte compression units`, at(inner, 'write', offset, data.length)));
+  // ---- reads ------------------------------------------------------------------------
+
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    const err = this.#refuse('read', offset, length, false);
+    if (err) return Promise.reject(err);
+    if (into && into.length < length) {
+      return Promise.reject(new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, at(this.#inner, 'read', offset, length)));
     }
-    const { mid, midEnd, head, tail } = edges(offset, end);
-    const pieces: Array<() => Promise<void>> = [];
-    if (head) pieces.push(() => readModifyWrite('write', offset, mid - offset, data, flags));
-    // Compressed writes stay whole compression units (checked above): split on those.
-    const unit = flags?.compress ? compressionUnit : align;
-    const step = Math.max(unit, maxIo - (maxIo % unit));
-    for (let s = mid; s < midEnd; s += step) {
-      const piece = data.subarray(s - offset, Math.min(s + step, midEnd) - offset);
-      const at = s;
-      if (memOk(piece)) {
-        pieces.push(() => send('write', () => inner.write(at, piece, flags)));
-      } else {
-        pieces.push(() => {
-          const copy = alloc(piece.length);
-          copy.set(piece);
-          return send('write', () => inner.write(at, copy, flags));
-        });
+    if (length === 0) return Promise.resolve(into ? into.subarray(0, 0) : new Uint8Array(0));
+    // Inline, not through call(): no closure per read on the copy's hot path.
+    if (this.#fits(offset, length, into)) {
+      try {
+        return this.#inner.read(offset, length, into);
+      } catch (e) {
+        return Promise.reject(e);
       }
     }
-    if (tail) pieces.push(() => readModifyWrite('write', midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
-    return runPieces(pieces);
-  };
+    return this.#readPadded(offset, length, into);
+  }
 
-  const zeroSlow = (offset: number, length: number, flags: WriteZeroesFlags | undefined): Promise<void> => {
+  /** A read split at maxTransfer, its unaligned edges and misaligned memory through bounces. */
+  async #readPadded(offset: number, length: number, into: Uint8Array | undefined): Promise<Uint8Array> {
+    const out = into ? into.subarray(0, length) : this.#alloc(length);
     const end = offset + length;
-    const { mid, midEnd, head, tail } = edges(offset, end);
-    const parts: Array<() => Promise<void>> = [];
-    if (head) parts.push(() => readModifyWrite('writeZeroes', offset, mid - offset, undefined));
-    // One piece at a time: a huge zero request must not become thousands in flight.
-    parts.push(async () => {
-      for (let s = mid; s < midEnd; s += maxZero) {
-        const n = Math.min(maxZero, midEnd - s);
-        await send('writeZeroes', () => inner.writeZeroes(s, n, flags));
-      }
-    });
-    if (tail) parts.push(() => readModifyWrite('writeZeroes', midEnd, end - midEnd, undefined));
-    return runPieces(parts);
-  };
+    const pieces: Array<() => Promise<void>> = [];
+    const { mid, midEnd, head, tail } = this.#edges(offset, end);
+    if (head) pieces.push(() => this.#bounceRead(offset, mid - offset, out.subarray(0, mid - offset)));
+    if (tail) pieces.push(() => this.#bounceRead(midEnd, end - midEnd, out.subarray(midEnd - offset)));
+    for (let s = mid; s < midEnd; s += this.#maxIo) {
+      const n = Math.min(this.#maxIo, midEnd - s);
+      const dest = out.subarray(s - offset, s - offset + n);
+      pieces.push(this.#memoryFits(dest) ? () => this.#readInto(s, n, dest) : () => this.#bounceRead(s, n, dest));
+    }
+    await allInFlight(pieces);
+    return out;
+  }
 
-  const gate: { -readonly [K in keyof BlockBackend]?: BlockBackend[K] } = {
-    ...(facts?.readsZeroesInitially ? { readsZeroesInitially: true } : {}),
-    ...(forcedReadOnly !== undefined ? { readOnly: true, readOnlyReason: forcedReadOnly } : {}),
-    read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
-      const err = refuse('read', offset, length, false);
-      if (err) return Promise.reject(err);
-      if (into && into.length < length) {
-        return Promise.reject(new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, at(inner, 'read', offset, length)));
+  /**
+   * Checks segments against the image and `buffer`: the error to reject with, or
+   * whether every one can go to the driver as it is.
+   */
+  #checkSegments(op: 'read' | 'write', buffer: Uint8Array, segments: SegmentList): BlockError | boolean {
+    let direct = true;
+    for (let i = 0; i < segments.count; i++) {
+      const offset = segments.offsetAt(i);
+      const length = segments.lengthAt(i);
+      const pos = segments.positionAt(i);
+      const err = this.#refuse(op, offset, length, op === 'write');
+      if (err) return err;
+      if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= buffer.length)) {
+        return new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(this.#inner, op, offset, length));
       }
-      if (length === 0) return Promise.resolve(into ? into.subarray(0, 0) : new Uint8Array(0));
-      if (length <= maxIo && isAligned(offset, length) && memOk(into)) {
-        // Inline, not through call(): no closure per read on the copy's hot path.
-        try { return inner.read(offset, length, into); } catch (e) { return Promise.reject(e); }
-      }
-      return readSlow(offset, length, into);
-    },
+      if (direct && !this.#fits(offset, length, buffer, pos)) direct = false;
+    }
+    return direct;
+  }
 
-    write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
-      // Behind a read-modify-write, wait, then check against what the image is by then.
-      const wait = serializer?.waiting;
-      if (wait) return wait.then(() => gate.write!(offset, data, flags));
-      const err = refuse('write', offset, data.length, true);
-      if (err) return Promise.reject(err);
-      if (data.length === 0) return Promise.resolve();
-      if (data.length <= maxIo && isAligned(offset, data.length) && memOk(data) && (!flags?.compress || offset % compressionUnit === 0)) {
-        if (!serializer) {
-          try { return inner.write(offset, data, flags); } catch (e) { return Promise.reject(e); }
-        }
-        return serializer.track(() => inner.write(offset, data, flags));
-      }
-      return writeSlow(offset, data, flags);
-    },
+  readSegments(into: Uint8Array, segments: SegmentList): Promise<void> {
+    const checked = this.#checkSegments('read', into, segments);
+    if (checked instanceof BlockError) return Promise.reject(checked);
+    if (segments.count === 0) return Promise.resolve();
+    if (checked) return call(() => this.#inner.readSegments!(into, segments));
+    // Some piece needs splitting or a bounce: each through read(), all in flight.
+    const pieces: Array<() => Promise<unknown>> = [];
+    for (let i = 0; i < segments.count; i++) {
+      const offset = segments.offsetAt(i);
+      const length = segments.lengthAt(i);
+      const pos = segments.positionAt(i);
+      pieces.push(() => this.read(offset, length, into.subarray(pos, pos + length)));
+    }
+    return allInFlight(pieces);
+  }
 
-    writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
-      const wait = serializer?.waiting;
-      if (wait) return wait.then(() => gate.writeZeroes!(offset, length, flags));
-      const err = refuse('writeZeroes', offset, length, true);
-      if (err) return Promise.reject(err);
-      if (length === 0) return Promise.resolve();
-      // A fast zero is all or nothing at metadata speed: no read-modify-write of the edges.
-      if (flags?.fast && (inner.canFastZero !== true || !isAligned(offset, length))) {
-        return Promise.reject(new BlockError('ENOTSUP', inner.canFastZero ? 'a fast zero must be aligned to the image\'s blocks' : 'this image cannot zero fast', at(inner, 'writeZeroes', offset, length)));
-      }
-      if (length <= maxZero && isAligned(offset, length)) return send('writeZeroes', () => inner.writeZeroes(offset, length, flags));
-      return zeroSlow(offset, length, flags);
-    },
-
-    async discard(offset: number, length: number): Promise<void> {
-      const err = refuse('discard', offset, length, true);
-      if (err) throw err;
-      // Advisory: only the whole blocks inside the range (the image's end counts as one).
-      const start = Math.ceil(offset / align) * align;
-      const end = offset + length === inner.size ? offset + length : offset + length - ((offset + length) % align);
-      for (let s = start; s < end; s += maxZero) {
-        const n = Math.min(maxZero, end - s);
-        await send('discard', () => inner.discard(s, n));
-      }
-    },
-
-    async blockStatus(offset: number, length: number): Promise<Extent> {
-      if (closed) throw closedError('blockStatus');
-      const size = inner.size;
-      if (!(Number.isSafeInteger(offset) && offset >= 0 && offset < size)) {
-        throw new BlockError('ERANGE', `block status outside the image (size ${size})`, at(inner, 'blockStatus', offset, length));
-      }
-      const ext = await inner.blockStatus(offset, Number.isSafeInteger(length) && length > 0 ? Math.min(length, size - offset) : size - offset);
+  blockStatus(offset: number, length: number): Promise<Extent> {
+    const inner = this.#inner;
+    if (this.#closed) return Promise.reject(this.#closedError('blockStatus'));
+    const size = inner.size;
+    if (!(Number.isSafeInteger(offset) && offset >= 0 && offset < size)) {
+      return Promise.reject(new BlockError('ERANGE', `block status outside the image (size ${size})`, at(inner, 'blockStatus', offset, length)));
+    }
+    if (!inner.blockStatus) return Promise.resolve({ kind: 'data', length: size - offset });
+    const asked = Number.isSafeInteger(length) && length > 0 ? Math.min(length, size - offset) : size - offset;
+    return call(() => inner.blockStatus!(offset, asked)).then((ext) => {
       if (!(ext.length > 0)) throw new BlockError('EIO', 'driver returned an empty extent', at(inner, 'blockStatus', offset, length));
       // The length is a hint that may run on, but never past the end of the image.
       return offset + ext.length <= size ? ext : { ...ext, length: size - offset };
-    },
-
-    flush(): Promise<void> {
-      if (closed) return Promise.reject(closedError('flush'));
-      return call(() => inner.flush());
-    },
-
-    /**
-     * Nothing is sent after close: queued writes fail with EBADF. On a backend that needs
-     * alignment (its writes are counted), the writes in flight finish first.
-     */
-    close(): Promise<void> {
-      if (closed) return Promise.resolve();
-      closed = true;
-      return serializer ? serializer.exclusive(() => call(() => inner.close())) : call(() => inner.close());
-    },
-  };
-
-  if (inner.resize) {
-    const resize = inner.resize.bind(inner);
-    gate.resize = (size: number): Promise<void> => {
-      if (closed) return Promise.reject(closedError('resize'));
-      if (readOnly) return Promise.reject(new BlockError('EROFS', readOnlyReason, { op: 'resize', location: inner.location }));
-      if (!Number.isSafeInteger(size) || size < 0) return Promise.reject(new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }));
-      return serializer ? serializer.exclusive(() => call(() => resize(size))) : call(() => resize(size));
-    };
+    });
   }
 
-  /**
-   * Checks (offset, length, buffer position) triples of readSegments/writeScattered: the
-   * error to reject with, or whether every piece can go to the driver as it is.
-   */
-  const checkPlaced = (op: 'read' | 'write', buffer: Uint8Array, segments: Float64Array, count: number): BlockError | boolean => {
-    let direct = true;
-    for (let i = 0; i < count; i++) {
-      const offset = segments[3 * i]!;
-      const length = segments[3 * i + 1]!;
-      const pos = segments[3 * i + 2]!;
-      const err = refuse(op, offset, length, op === 'write');
-      if (err) return err;
-      if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= buffer.length)) {
-        return new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(inner, op, offset, length));
-      }
-      if (direct && !(length <= maxIo && isAligned(offset, length) && (memAlign === 1 || (buffer.byteOffset + pos) % memAlign === 0))) direct = false;
-    }
-    return direct;
-  };
+  // ---- writes -----------------------------------------------------------------------
 
-  if (inner.readSegments) {
-    const readSegments = inner.readSegments.bind(inner);
-    gate.readSegments = (into: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
-      const checked = checkPlaced('read', into, segments, count);
-      if (checked instanceof BlockError) return Promise.reject(checked);
-      if (count === 0) return Promise.resolve();
-      const direct = checked;
-      if (direct) return call(() => readSegments(into, segments, count));
-      // Some piece needs splitting or a bounce: each through read(), all in flight.
-      const pieces: Array<() => Promise<unknown>> = [];
-      for (let i = 0; i < count; i++) {
-        const offset = segments[3 * i]!;
-        const length = segments[3 * i + 1]!;
-        const pos = segments[3 * i + 2]!;
-        pieces.push(() => gate.read!(offset, length, into.subarray(pos, pos + length)));
-      }
-      return runPieces(pieces);
-    };
-  }
-
-  if (inner.writeSegments) {
-    const writeSegments = inner.writeSegments.bind(inner);
-    gate.writeSegments = (offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
-      const wait = serializer?.waiting;
-      if (wait) {
-        const copy = segments.slice(0, 2 * count); // the caller may reuse the list once this returns
-        return wait.then(() => gate.writeSegments!(offset, data, copy, count));
-      }
-      let direct = true;
-      let prevEnd = 0;
-      for (let i = 0; i < count; i++) {
-        const s = segments[2 * i]!;
-        const e = segments[2 * i + 1]!;
-        const err = refuse('write', offset + s, e - s, true);
-        if (err) return Promise.reject(err);
-        if (!(Number.isSafeInteger(s) && s >= prevEnd && e >= s && e <= data.length)) {
-          return Promise.reject(new BlockError('EINVAL', `segment ${i} is not inside the buffer, after the one before`, at(inner, 'write', offset + s, e - s)));
+  write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    const later = this.#serializer?.waiting && this.#behindBarrier(() => this.write(offset, data, flags));
+    if (later) return later;
+    const err = this.#refuse('write', offset, data.length, true);
+    if (err) return Promise.reject(err);
+    if (data.length === 0) return Promise.resolve();
+    if (this.#fits(offset, data.length, data) && (!flags?.compress || offset % this.#compressionUnit === 0)) {
+      const inner = this.#inner;
+      if (!this.#serializer) {
+        try {
+          return inner.write!(offset, data, flags);
+        } catch (e) {
+          return Promise.reject(e);
         }
-        prevEnd = e;
-        if (direct && !(e - s <= maxIo && isAligned(offset + s, e - s) && (memAlign === 1 || (data.byteOffset + s) % memAlign === 0))) direct = false;
       }
-      if (count === 0) return Promise.resolve();
-      if (direct) return send('write', () => writeSegments(offset, data, segments, count));
-      const pieces: Array<() => Promise<void>> = [];
-      for (let i = 0; i < count; i++) {
-        const s = segments[2 * i]!;
-        const e = segments[2 * i + 1]!;
-        pieces.push(() => gate.write!(offset + s, data.subarray(s, e)));
-      }
-      return runPieces(pieces);
-    };
+      return this.#serializer.track(() => inner.write!(offset, data, flags));
+    }
+    return this.#writePadded(offset, data, flags);
   }
 
-  if (inner.writeScattered) {
-    const writeScattered = inner.writeScattered.bind(inner);
-    gate.writeScattered = (from: Uint8Array, segments: Float64Array, count: number): Promise<void> => {
-      const wait = serializer?.waiting;
-      if (wait) {
-        const copy = segments.slice(0, 3 * count);
-        return wait.then(() => gate.writeScattered!(from, copy, count));
-      }
-      const checked = checkPlaced('write', from, segments, count);
-      if (checked instanceof BlockError) return Promise.reject(checked);
-      if (count === 0) return Promise.resolve();
-      const direct = checked;
-      if (direct) return send('write', () => writeScattered(from, segments, count));
-      const pieces: Array<() => Promise<void>> = [];
-      for (let i = 0; i < count; i++) {
-        const offset = segments[3 * i]!;
-        const length = segments[3 * i + 1]!;
-        const pos = segments[3 * i + 2]!;
-        pieces.push(() => gate.write!(offset, from.subarray(pos, pos + length)));
-      }
-      return runPieces(pieces);
-    };
+  /** A write split at maxTransfer (compression units kept whole), its unaligned edges read-modify-written. */
+  #writePadded(offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> {
+    const end = offset + data.length;
+    const unitOfCompression = this.#compressionUnit;
+    if (flags?.compress && (offset % unitOfCompression !== 0 || (data.length % unitOfCompression !== 0 && end !== this.#inner.size))) {
+      return Promise.reject(new BlockError('EINVAL', `compressed writes cover whole ${unitOfCompression}-byte compression units`, at(this.#inner, 'write', offset, data.length)));
+    }
+    const { mid, midEnd, head, tail } = this.#edges(offset, end);
+    const pieces: Array<() => Promise<void>> = [];
+    if (head) pieces.push(() => this.#readModifyWrite('write', offset, mid - offset, data, flags));
+    const unit = flags?.compress ? unitOfCompression : this.#align;
+    const step = Math.max(unit, this.#maxIo - (this.#maxIo % unit));
+    for (let s = mid; s < midEnd; s += step) {
+      const piece = data.subarray(s - offset, Math.min(s + step, midEnd) - offset);
+      pieces.push(() => this.#writeMiddle(s, piece, flags));
+    }
+    if (tail) pieces.push(() => this.#readModifyWrite('write', midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
+    return this.#runPieces(pieces);
   }
 
-  /**
-   * Copy offload (copyTo on a source, copyFrom on a target): checked like a read or a
-   * write, split at maxTransfer, pieces one by one. A range the driver could not take
-   * as it is (unaligned for O_DIRECT) is declined (false): the caller's read and write
-   * then go through the gate's padding.
-   */
-  const mayOffload = (op: 'read' | 'write', offset: number, length: number): boolean => {
-    const err = refuse(op, offset, length, op === 'write');
+  /** An aligned piece of a split write, copied first when its memory is not aligned. */
+  #writeMiddle(offset: number, piece: Uint8Array, flags: WriteFlags | undefined): Promise<void> {
+    let data = piece;
+    if (!this.#memoryFits(piece)) {
+      data = this.#alloc(piece.length);
+      data.set(piece);
+    }
+    return this.#send('write', () => this.#inner.write!(offset, data, flags));
+  }
+
+  writeSegments(from: Uint8Array, segments: SegmentList): Promise<void> {
+    // The caller may reuse the list once this returns: a write held back keeps a copy.
+    const later = this.#serializer?.waiting && this.#behindBarrier(() => this.writeSegments(from, copyOf(segments)));
+    if (later) return later;
+    const checked = this.#checkSegments('write', from, segments);
+    if (checked instanceof BlockError) return Promise.reject(checked);
+    if (segments.count === 0) return Promise.resolve();
+    if (checked) return this.#send('write', () => this.#inner.writeSegments!(from, segments));
+    const pieces: Array<() => Promise<void>> = [];
+    for (let i = 0; i < segments.count; i++) {
+      const offset = segments.offsetAt(i);
+      const pos = segments.positionAt(i);
+      const data = from.subarray(pos, pos + segments.lengthAt(i));
+      pieces.push(() => this.write(offset, data));
+    }
+    return this.#runPieces(pieces);
+  }
+
+  writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
+    const later = this.#serializer?.waiting && this.#behindBarrier(() => this.writeZeroes(offset, length, flags));
+    if (later) return later;
+    const inner = this.#inner;
+    const err = this.#refuse('writeZeroes', offset, length, true);
+    if (err) return Promise.reject(err);
+    if (length === 0) return Promise.resolve();
+    // A fast zero is all or nothing at metadata speed: no read-modify-write of the edges.
+    if (flags?.fast && (inner.canFastZero !== true || !inner.writeZeroes || !this.#aligned(offset, length))) {
+      const why = inner.canFastZero && inner.writeZeroes ? "a fast zero must be aligned to the image's blocks" : 'this image cannot zero fast';
+      return Promise.reject(new BlockError('ENOTSUP', why, at(inner, 'writeZeroes', offset, length)));
+    }
+    if (!inner.writeZeroes) return this.#writeZeroBuffers(offset, length);
+    if (length <= this.#maxZero && this.#aligned(offset, length)) return this.#send('writeZeroes', () => inner.writeZeroes!(offset, length, flags));
+    return this.#zeroPadded(offset, length, flags);
+  }
+
+  #zeroPadded(offset: number, length: number, flags: WriteZeroesFlags | undefined): Promise<void> {
+    const end = offset + length;
+    const { mid, midEnd, head, tail } = this.#edges(offset, end);
+    const parts: Array<() => Promise<void>> = [];
+    if (head) parts.push(() => this.#readModifyWrite('writeZeroes', offset, mid - offset, undefined));
+    // One piece at a time: a huge zero request must not become thousands in flight.
+    parts.push(async () => {
+      for (let s = mid; s < midEnd; s += this.#maxZero) {
+        const n = Math.min(this.#maxZero, midEnd - s);
+        await this.#send('writeZeroes', () => this.#inner.writeZeroes!(s, n, flags));
+      }
+    });
+    if (tail) parts.push(() => this.#readModifyWrite('writeZeroes', midEnd, end - midEnd, undefined));
+    return this.#runPieces(parts);
+  }
+
+  /** Zeroes for a driver without writeZeroes: a buffer of them written piece by piece. */
+  async #writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const zeroes = (this.#zeroes ??= this.#alloc(Math.min(this.#maxIo, 1 << 20)).fill(0));
+    for (let done = 0; done < length; done += zeroes.length) {
+      const n = Math.min(zeroes.length, length - done);
+      await this.write(offset + done, n === zeroes.length ? zeroes : zeroes.subarray(0, n));
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const err = this.#refuse('discard', offset, length, true);
     if (err) throw err;
-    return isAligned(offset, length);
-  };
-
-  if (inner.copyTo) {
-    const copyTo = inner.copyTo.bind(inner);
-    gate.copyTo = async (offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean> => {
-      if (!mayOffload('read', offset, length)) return false;
-      for (let done = 0; done < length; done += maxIo) {
-        if (!(await copyTo(offset + done, Math.min(maxIo, length - done), target, targetOffset + done))) return false;
-      }
-      return true;
-    };
+    const inner = this.#inner;
+    if (!inner.discard) return;
+    // Advisory: only the whole blocks inside the range (the image's end counts as one).
+    const align = this.#align;
+    const start = Math.ceil(offset / align) * align;
+    const end = offset + length === inner.size ? offset + length : offset + length - ((offset + length) % align);
+    for (let s = start; s < end; s += this.#maxZero) {
+      const n = Math.min(this.#maxZero, end - s);
+      await this.#send('discard', () => inner.discard!(s, n));
+    }
   }
 
-  if (inner.copyFrom) {
-    const copyFrom = inner.copyFrom.bind(inner);
-    gate.copyFrom = async (offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean> => {
-      // Behind a read-modify-write, wait, then check against what the image is by then (as write).
-      const wait = serializer?.waiting;
-      if (wait) await wait;
-      if (!mayOffload('write', offset, length)) return false;
-      for (let done = 0; done < length; done += maxIo) {
-        const n = Math.min(maxIo, length - done);
-        if (!(await send('write', () => copyFrom(offset + done, n, source, sourceOffset + done)))) return false;
-      }
-      return true;
-    };
+  flush(): Promise<void> {
+    if (this.#closed) return Promise.reject(this.#closedError('flush'));
+    const inner = this.#inner;
+    return inner.flush ? call(() => inner.flush!()) : Promise.resolve();
   }
 
   /**
-   * A fused copy (pipeTo on a source, pipeFrom on a target): checked like a read or a
-   * write. It is one chunk, so one that is larger than maxTransfer, unaligned, or in
-   * memory the driver cannot use is declined (-1) rather than split: the caller then
-   * reads and writes it through the gate.
+   * Nothing is sent after close: queued writes fail with EBADF. On a backend that needs
+   * alignment (its writes are counted), the writes in flight finish first.
    */
-  const mayPipe = (op: 'read' | 'write', offset: number, length: number, request: PipeRequest): boolean =>
-    mayOffload(op, offset, length) && length <= maxIo && request.buffer.length >= length && memOk(request.buffer);
-
-  if (inner.pipeTo) {
-    const pipeTo = inner.pipeTo.bind(inner);
-    gate.pipeTo = async (offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> =>
-      mayPipe('read', offset, length, request) ? pipeTo(offset, length, target, targetOffset, request) : -1;
+  close(): Promise<void> {
+    if (this.#closed) return Promise.resolve();
+    this.#closed = true;
+    const close = (): Promise<void> => call(() => this.#inner.close());
+    return this.#serializer ? this.#serializer.exclusive(close) : close();
   }
 
-  if (inner.pipeFrom) {
-    const pipeFrom = inner.pipeFrom.bind(inner);
-    gate.pipeFrom = async (offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> => {
-      const wait = serializer?.waiting;
-      if (wait) await wait;
-      if (!mayPipe('write', offset, length, request)) return -1;
-      return send('write', () => pipeFrom(offset, length, source, pieceCount, request));
-    };
+  resize(size: number): Promise<void> {
+    const inner = this.#inner;
+    if (this.#closed) return Promise.reject(this.#closedError('resize'));
+    if (this.#readOnly) return Promise.reject(new BlockError('EROFS', this.#readOnlyReason, { op: 'resize', location: inner.location }));
+    if (!Number.isSafeInteger(size) || size < 0) return Promise.reject(new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }));
+    const resize = (): Promise<void> => call(() => inner.resize!(size));
+    return this.#serializer ? this.#serializer.exclusive(resize) : resize();
   }
 
-  const gated = forwardBackend(inner, gate);
-  Object.defineProperty(gated, GATED, { value: inner });
-  return gated;
+  // ---- copy steps -------------------------------------------------------------------
+
+  /**
+   * A copy step (copyTo on a source, copyFrom on a target) is one chunk: checked like a
+   * read or a write, and declined (false) rather than split or padded when it is larger
+   * than maxTransfer, unaligned, or in memory the driver cannot use. The caller then
+   * reads and writes the chunk through the gate.
+   */
+  #mayCopy(op: 'read' | 'write', offset: number, length: number, request: CopyRequest): boolean {
+    const err = this.#refuse(op, offset, length, op === 'write');
+    if (err) throw err;
+    if (request.offload) return length <= this.#maxIo && this.#aligned(offset, length);
+    return request.buffer.length >= length && this.#fits(offset, length, request.buffer);
+  }
+
+  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean> {
+    return this.#mayCopy('read', offset, length, request) && this.#inner.copyTo!(offset, length, target, targetOffset, request);
+  }
+
+  async copyFrom(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean> {
+    // Behind a read-modify-write, wait, then check against what the image is by then (as write).
+    const wait = this.#serializer?.waiting;
+    if (wait) await wait;
+    if (!this.#mayCopy('write', offset, length, request)) return false;
+    return this.#send('write', () => this.#inner.copyFrom!(offset, length, source, request));
+  }
+}
+
+/** A copy of a segment list, for a request held back after its caller moved on. */
+function copyOf(segments: SegmentList): SegmentList {
+  const copy = new SegmentList(segments.count);
+  copy.array.set(segments.array.subarray(0, 3 * segments.count));
+  copy.count = segments.count;
+  return copy;
 }

@@ -8,7 +8,7 @@ export {
   redactCredentials, redactLocation, declareSecretParameters, isSecretParameter, registerSecret,
   REDACTED, GENERIC_SECRET_WORDS, MIN_SCANNED_SECRET,
 } from './redact.js';
-export { DriverRegistry, type DriverLoader, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
+export { DriverRegistry, type DriverLoader, matchesMagic, parseLocation, resolveRelative, roundUp, roundDown, type ParsedLocation, type ImageOpenOptions, type ImageCreateOptions } from './registry.js';
 export { chainStatus } from './status.js';
 export { forwardBackend } from './forward.js';
 export { gateBackend, ungated, isGated, checkLimits, type GateFacts } from './gate.js';
@@ -26,7 +26,8 @@ export { compareImages, type CompareOptions, type CompareResult } from './compar
 export { mapImage, type MapEntry } from './map.js';
 export { parseSize, formatSize } from './size.js';
 export { ZeroScanner } from './zeroscan.js';
-export { piecesAroundHoles } from './pieces.js';
+export { SegmentList, piecesAroundHoles } from './segments.js';
+export { adaptApi1Driver } from './compat/api1.js';
 export { settleAll } from './settle.js';
 export { timeoutOption } from './driver-options.js';
 export { MemoryBackend, createMemoryDriver, type MemoryBackendOptions, type MemoryOp, type MemoryOpRecord } from './memory.js';

@@ -3,7 +3,8 @@
  * `qemu-img map --output=json`: adjacent ranges with the same status are merged.
  */
 import { toBlockError } from './errors.js';
-import type { BlockBackend } from './types.js';
+import { gateBackend } from './gate.js';
+import type { BlockBackend, GatedBackend } from './types.js';
 
 export interface MapEntry {
   start: number;
@@ -20,9 +21,10 @@ export interface MapEntry {
 
 export async function* mapImage(image: BlockBackend, start = 0, length = image.size - start): AsyncGenerator<MapEntry> {
   const end = Math.min(image.size, start + length);
+  const gated = gateBackend(image);
   let pending: MapEntry | undefined;
   for (let pos = start; pos < end;) {
-    const entry = await statusAt(image, pos, end - pos);
+    const entry = await statusAt(gated, pos, end - pos);
     pos += entry.length;
     if (pending && mergeable(pending, entry)) {
       pending.length += entry.length;
@@ -39,18 +41,18 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
     (a.offset === undefined) === (b.offset === undefined) && (a.offset === undefined || a.offset + a.length === b.offset);
 }
 
-async function statusAt(image: BlockBackend, pos: number, length: number): Promise<MapEntry> {
+async function statusAt(image: GatedBackend, pos: number, length: number): Promise<MapEntry> {
   let len = length;
   // As qemu-img map: a range no layer allocates is reported at the last layer asked
   // (the overlay, when a shorter backing file ends before it), with that layer's offset.
   let lastDepth = 0;
   let lastOffset: number | undefined;
   let depth = 0;
-  for (let layer: BlockBackend | undefined = image; layer; layer = layer.backing, depth++) {
+  for (let layer: GatedBackend | undefined = image; layer; layer = layer.backing, depth++) {
     if (pos >= layer.size) break;
     let ext;
     try {
-      ext = layer.hasBlockStatus ? await layer.blockStatus(pos, Math.min(len, layer.size - pos)) : { kind: 'data' as const, length: layer.size - pos };
+      ext = layer.canBlockStatus ? await layer.blockStatus(pos, Math.min(len, layer.size - pos)) : { kind: 'data' as const, length: layer.size - pos };
     } catch (err) {
       throw toBlockError(err, { op: 'blockStatus', location: layer.location, offset: pos });
     }

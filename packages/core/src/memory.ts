@@ -6,8 +6,8 @@
  */
 import { BlockError } from './errors.js';
 import { redactLocation } from './redact.js';
-import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type Extent, type PipeRequest, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
-import { piecesAroundHoles } from './pieces.js';
+import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type CopyRequest, type Extent, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
+import { SegmentList, piecesAroundHoles } from './segments.js';
 import { ZeroScanner } from './zeroscan.js';
 
 const PAGE = 64 * 1024;
@@ -28,18 +28,18 @@ export interface MemoryBackendOptions {
   readonly location?: string;
   readonly limits?: Partial<BlockLimits>;
   readonly readOnly?: boolean;
-  readonly readsZeroesInitially?: boolean;
-  readonly hasBlockStatus?: boolean;
-  readonly canWriteZeroes?: boolean;
+  readonly zeroInitialized?: boolean;
+  readonly canBlockStatus?: boolean;
+  readonly canZero?: boolean;
   readonly canDiscard?: boolean;
   readonly canWriteOutOfOrder?: boolean;
   /**
-   * Copy offload (copyTo/copyFrom) with other memory backends that can, as a
-   * server-side copy would: logged as 'copy' on the target. Default false.
+   * Copy offload (copyTo/copyFrom with request.offload) with other memory backends that
+   * can, as a server-side copy would: logged as 'copy' on the target. Default false.
    */
   readonly canCopy?: boolean;
   /**
-   * Fused copies (pipeTo/pipeFrom) with other memory backends that can, scanned with
+   * Fused copies (copyTo/copyFrom without offload) with other memory backends that can, scanned with
    * the core's ZeroScanner: the reference for what a driver's pipe must do. Logged as
    * 'pipe' on the target. Default false.
    */
@@ -58,20 +58,17 @@ export class MemoryBackend implements BlockBackend {
   readonly size: number;
   readonly readOnly: boolean;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes: boolean;
+  readonly canZero: boolean;
   readonly canDiscard: boolean;
-  readonly readsZeroesInitially: boolean;
+  readonly zeroInitialized: boolean;
   readonly canCompress = false;
-  readonly hasBlockStatus: boolean;
-  readonly cheapHoleReads = true;
+  readonly canBlockStatus: boolean;
+  readonly canReadHolesCheaply = true;
   readonly canWriteOutOfOrder: boolean;
   readonly log: MemoryOpRecord[] = [];
-  /** With canCopy. */
-  readonly copyTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number) => Promise<boolean>;
-  readonly copyFrom?: (offset: number, length: number, source: BlockBackend, sourceOffset: number) => Promise<boolean>;
-  /** With canPipe. */
-  readonly pipeTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest) => Promise<number>;
-  readonly pipeFrom?: (offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest) => Promise<number>;
+  /** With canCopy or canPipe. */
+  readonly copyTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest) => Promise<boolean>;
+  readonly copyFrom?: (offset: number, length: number, source: BlockBackend, request: CopyRequest) => Promise<boolean>;
   /** Highest number of operations in flight at once. */
   maxInFlight = 0;
   inFlight = 0;
@@ -97,68 +94,67 @@ export class MemoryBackend implements BlockBackend {
       preferredAlignment: opts.limits?.preferredAlignment,
       compressionUnit: opts.limits?.compressionUnit,
     };
-    this.canWriteZeroes = opts.canWriteZeroes ?? true;
+    this.canZero = opts.canZero ?? true;
     this.canDiscard = opts.canDiscard ?? true;
-    this.readsZeroesInitially = opts.readsZeroesInitially ?? true;
-    this.hasBlockStatus = opts.hasBlockStatus ?? true;
+    this.zeroInitialized = opts.zeroInitialized ?? true;
+    this.canBlockStatus = opts.canBlockStatus ?? true;
     this.canWriteOutOfOrder = opts.canWriteOutOfOrder ?? true;
-    if (opts.canCopy) {
-      this.copyTo = (offset, length, target, targetOffset) =>
-        target.copyFrom ? target.copyFrom(targetOffset, length, this, offset) : Promise.resolve(false);
-      this.copyFrom = async (offset, length, source, sourceOffset) => {
-        if (!(source instanceof MemoryBackend) || !source.copyTo) return false;
-        await this.#op('copy', offset, length, () => {
-          const data = new Uint8Array(length);
-          source.#load(sourceOffset, length, data);
-          this.#store(offset, data);
-        }, true);
-        return true;
+    if (opts.canCopy || opts.canPipe) {
+      this.copyTo = (offset, length, target, targetOffset, request) => {
+        if (!target.copyFrom || !this.#takes(request)) return Promise.resolve(false);
+        piecesAroundHoles(offset, length, request.holes, request.pieces);
+        return target.copyFrom(targetOffset, length, this, request);
       };
-    }
-    if (opts.canPipe) {
-      this.pipeTo = (offset, length, target, targetOffset, request) => {
-        if (!target.pipeFrom) return Promise.resolve(-1);
-        const n = piecesAroundHoles(offset, length, request.holes, request.holeCount, request.pieces);
-        return target.pipeFrom(targetOffset, length, this, n, request);
-      };
-      this.pipeFrom = (offset, length, source, pieceCount, request) => this.#pipeFrom(offset, length, source, pieceCount, request);
+      this.copyFrom = (offset, length, source, request) => this.#copyFrom(offset, length, source, request);
     }
   }
 
-  #pipeFrom(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> {
-    if (!(source instanceof MemoryBackend) || !source.pipeTo) return Promise.resolve(-1);
-    const { buffer, pieces, holes, holeCount, runs, unit, minRun } = request;
+  /** Offloads with canCopy, fused copies with canPipe. */
+  #takes(request: CopyRequest): boolean {
+    return request.offload ? this.#opts.canCopy === true : this.#opts.canPipe === true;
+  }
+
+  #copyFrom(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean> {
+    if (!(source instanceof MemoryBackend) || !source.#takes(request) || !this.#takes(request)) return Promise.resolve(false);
+    const { buffer, pieces, holes, zeroRuns, unit, minRun } = request;
+    if (request.offload) {
+      request.issued();
+      return this.#op('copy', offset, length, () => {
+        const data = new Uint8Array(length);
+        for (let i = 0; i < pieces.count; i++) {
+          const pos = pieces.positionAt(i);
+          source.#load(pieces.offsetAt(i), pieces.lengthAt(i), data.subarray(pos, pos + pieces.lengthAt(i)));
+        }
+        this.#store(offset, data);
+      }, true).then(() => true);
+    }
     // What fileio.pipe refuses, refused here too.
-    if ((minRun === 0 && holeCount > 0) || (minRun > 0 && runs.length < 2 * (Math.ceil(length / unit) + holeCount + 1)) || buffer.length < length) {
+    if ((minRun === 0 && holes.count > 0) || (minRun > 0 && zeroRuns.capacity < Math.ceil(length / unit) + holes.count + 1) || buffer.length < length) {
       return Promise.reject(new RangeError('pipe: holes without a scan, a run list too short for the chunk, or a buffer too small'));
     }
-    let found = 0;
     request.issued();
     return this.#op('pipe', offset, length, () => {
-      for (let i = 0; i < pieceCount; i++) {
-        const off = pieces[3 * i]!;
-        const len = pieces[3 * i + 1]!;
-        const at = pieces[3 * i + 2]!;
+      for (let i = 0; i < pieces.count; i++) {
+        const off = pieces.offsetAt(i);
+        const len = pieces.lengthAt(i);
+        const at = pieces.positionAt(i);
         // The source's failure injection applies to its half, as a read.
         const err = source.#opts.fail?.('read', off, len);
         if (err) throw err;
         source.#load(off, len, buffer.subarray(at, at + len));
       }
-      let pos = 0;
-      const write = (end: number): void => { if (end > pos) this.#store(offset + pos, buffer.subarray(pos, end)); };
-      if (minRun > 0) {
-        const scanner = new ZeroScanner(buffer, unit, minRun);
-        const n = scanner.scan(length, holes, holeCount);
-        for (let i = 0; i < n; i++) {
-          if (!scanner.segmentIsZero[i]) continue;
-          write(scanner.segments[2 * i]!);
-          runs[2 * found] = scanner.segments[2 * i]!;
-          runs[2 * found + 1] = pos = scanner.segments[2 * i + 1]!;
-          found++;
-        }
+      if (minRun === 0) {
+        this.#store(offset, buffer.subarray(0, length));
+        return;
       }
-      write(length);
-    }, true).then(() => found);
+      const scanner = new ZeroScanner(buffer, unit, minRun);
+      scanner.scan(length, offset, holes);
+      for (let i = 0; i < scanner.data.count; i++) {
+        const pos = scanner.data.positionAt(i);
+        this.#store(scanner.data.offsetAt(i), buffer.subarray(pos, pos + scanner.data.lengthAt(i)));
+      }
+      for (let i = 0; i < scanner.zeroes.count; i++) zeroRuns.push(scanner.zeroes.offsetAt(i), scanner.zeroes.lengthAt(i), scanner.zeroes.positionAt(i));
+    }, true).then(() => true);
   }
 
   /** Bytes held in memory (allocated pages). */
@@ -186,19 +182,18 @@ export class MemoryBackend implements BlockBackend {
    * Vectored read, logged as one operation over the span of its pieces; `length` of
    * the record is the bytes the pieces ask for (what a driver would move).
    */
-  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count === 0) return;
-    const pieces = Array.from({ length: count }, (_, i) => [segments[3 * i]!, segments[3 * i + 1]!, segments[3 * i + 2]!] as const);
-    for (const [off, len, at] of pieces) {
+  async readSegments(into: Uint8Array, segments: SegmentList): Promise<void> {
+    if (segments.count === 0) return;
+    const pieces = segments.toArray();
+    for (const { offset: off, length: len, position: at } of pieces) {
       if (!(at + len <= into.length)) throw new BlockError('EINVAL', 'segment runs past the buffer', { op: 'readSegments', location: this.location, offset: off, length: len });
       const a = this.limits.requestAlignment;
       if (off % a !== 0 || (len % a !== 0 && off + len !== this.size) || off + len > this.size) {
         throw new BlockError('EINVAL', `segment not aligned to ${a} bytes or past the end`, { op: 'readSegments', location: this.location, offset: off, length: len });
       }
     }
-    const bytes = pieces.reduce((n, [, len]) => n + len, 0);
-    await this.#op('readSegments', pieces[0]![0], bytes, () => {
-      for (const [off, len, at] of pieces) this.#load(off, len, into.subarray(at, at + len));
+    await this.#op('readSegments', pieces[0]!.offset, segments.totalLength(), () => {
+      for (const { offset: off, length: len, position: at } of pieces) this.#load(off, len, into.subarray(at, at + len));
     });
   }
 
@@ -221,13 +216,14 @@ export class MemoryBackend implements BlockBackend {
     }
   }
 
-  /** Vectored write, logged as one operation (as a driver would send one request). */
-  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count === 0) return;
-    const pieces = Array.from({ length: count }, (_, i) => [segments[2 * i]!, segments[2 * i + 1]!] as const);
-    const first = pieces[0]![0];
-    await this.#op('writeSegments', offset + first, pieces[count - 1]![1] - first, () => {
-      for (const [a, b] of pieces) this.#store(offset + a, data.subarray(a, b));
+  /** Vectored write, logged as one operation over the span of its pieces (as a driver would send one request). */
+  async writeSegments(from: Uint8Array, segments: SegmentList): Promise<void> {
+    if (segments.count === 0) return;
+    const pieces = segments.toArray();
+    const first = Math.min(...pieces.map((p) => p.offset));
+    const end = Math.max(...pieces.map((p) => p.offset + p.length));
+    await this.#op('writeSegments', first, end - first, () => {
+      for (const { offset, length, position } of pieces) this.#store(offset, from.subarray(position, position + length));
     }, true);
   }
 
@@ -242,7 +238,7 @@ export class MemoryBackend implements BlockBackend {
   async blockStatus(offset: number, length: number): Promise<Extent> {
     let result: Extent = { kind: 'data', length: this.size - offset };
     await this.#op('blockStatus', offset, Math.max(1, Math.min(length, this.size - offset)), () => {
-      if (!this.hasBlockStatus) return;
+      if (!this.canBlockStatus) return;
       const allocated = this.#pages.has(Math.floor(offset / PAGE));
       let end = (Math.floor(offset / PAGE) + 1) * PAGE;
       while (end < this.size && end < offset + length && this.#pages.has(end / PAGE) === allocated) end += PAGE;

@@ -4,11 +4,15 @@
  * the format is layered on the protocol backend as in QEMU.
  */
 import { BlockError, toBlockError } from './errors.js';
+import { adaptApi1Driver } from './compat/api1.js';
 import { gateBackend, type GateFacts } from './gate.js';
 import { declareSecretParameters, redactCredentials, redactLocation } from './redact.js';
 import {
   BLOCK_API_VERSION,
+  SUPPORTED_API_VERSIONS,
   type BlockBackend,
+  type FormatMagic,
+  type GatedBackend,
   type BlockDriver,
   type CacheMode,
   type CheckOptions,
@@ -108,10 +112,12 @@ export class DriverRegistry implements ImageResolver {
 
   /** Registers drivers; a later registration of the same name replaces the earlier one. */
   register(...drivers: readonly BlockDriver[]): this {
-    for (const d of drivers) {
-      if (d.apiVersion !== BLOCK_API_VERSION) {
-        throw new BlockError('ENOTSUP', `driver "${d.name}" implements API version ${String(d.apiVersion)}, this core implements ${BLOCK_API_VERSION}`);
+    for (const given of drivers) {
+      const version = given.apiVersion as number;
+      if (!SUPPORTED_API_VERSIONS.includes(version)) {
+        throw new BlockError('ENOTSUP', `driver "${given.name}" implements driver API version ${String(given.apiVersion)}; this @blockconv/core implements versions ${SUPPORTED_API_VERSIONS.join(' and ')}`, { field: 'apiVersion' });
       }
+      const d = version === BLOCK_API_VERSION ? given : adaptApi1Driver(given);
       if (d.kind === 'protocol') {
         if (d.secretParameters) declareSecretParameters(d.secretParameters);
         this.#protocols.set(d.name, d);
@@ -145,7 +151,7 @@ export class DriverRegistry implements ImageResolver {
   }
 
   /** Opens a protocol backend only (no format layer). */
-  async openProtocol(location: string, options: OpenOptions = {}): Promise<BlockBackend> {
+  async openProtocol(location: string, options: OpenOptions = {}): Promise<GatedBackend> {
     await this.#load(location, undefined);
     learnSecrets(location);
     const { driver, location: loc } = this.protocolFor(location);
@@ -159,7 +165,7 @@ export class DriverRegistry implements ImageResolver {
   }
 
   /** Opens an image: protocol, then the named or probed format on top. */
-  async open(location: string, options: ImageOpenOptions = {}): Promise<BlockBackend> {
+  async open(location: string, options: ImageOpenOptions = {}): Promise<GatedBackend> {
     await this.#load(location, options.format); // probing loads the formats that may claim the bytes
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
     const { driver: protocol } = this.protocolFor(location);
@@ -169,8 +175,9 @@ export class DriverRegistry implements ImageResolver {
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
       checkOpenOptions(options.options, protocol, fmt, location);
-      const readOnly = protocol.readOnly ? { readOnly: true } : {};
-      return await gated(redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })), protocol.readOnly ? { readOnlyReason: readOnlyProtocol(protocol) } : undefined);
+      const onlyReads = protocol.readOnly ? readOnlyProtocol(protocol) : fmt.readOnly ? readOnlyFormat(fmt) : undefined;
+      const readOnly = onlyReads !== undefined ? { readOnly: true } : {};
+      return await gated(redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })), onlyReads !== undefined ? { readOnlyReason: onlyReads } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -217,19 +224,13 @@ export class DriverRegistry implements ImageResolver {
 
   /** Picks the format whose probe is most confident; raw when none claims the bytes. */
   async probe(file: BlockBackend, location: string): Promise<FormatDriver> {
-    let head: Uint8Array = new Uint8Array(0);
-    if (file.size > 0) {
-      const align = file.limits.requestAlignment;
-      const len = Math.min(roundUp(PROBE_BYTES, align), roundUp(file.size, align));
-      const buf = file.allocBuffer ? file.allocBuffer(len) : new Uint8Array(len);
-      head = (await file.read(0, Math.min(len, file.size), buf)).subarray(0, Math.min(PROBE_BYTES, file.size));
-    }
+    const head = await readHead(file);
     // The loader may skip packages whose declared magic does not match the head.
     await this.#loader?.('format', '*', head);
     let best: FormatDriver | undefined;
     let bestScore = 0;
     for (const f of this.#formats.values()) {
-      const score = f.probe?.(head, location) ?? 0;
+      const score = probeScore(f, head, location);
       if (score > bestScore) { best = f; bestScore = score; }
     }
     if (!best) throw missingDriver('format', 'raw');
@@ -240,11 +241,12 @@ export class DriverRegistry implements ImageResolver {
    * Creates an image and returns it opened read-write. The protocol object is created
    * (a smaller existing file is replaced), then the format writes its metadata into it.
    */
-  async create(location: string, size: number, options: ImageCreateOptions = {}): Promise<BlockBackend> {
+  async create(location: string, size: number, options: ImageCreateOptions = {}): Promise<GatedBackend> {
     if (!Number.isSafeInteger(size) || size < 0) throw new BlockError('EINVAL', `invalid image size ${size}`);
     await this.#load(location, options.format ?? 'raw');
     learnSecrets(location);
     const fmt = this.format(options.format ?? 'raw');
+    if (fmt.readOnly) throw new BlockError('EROFS', `${readOnlyFormat(fmt)}: it cannot create images`, { op: 'create', location, field: 'format' });
     if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
     const { driver, location: loc } = this.protocolFor(location);
     if (driver.readOnly) throw new BlockError('EROFS', `${readOnlyProtocol(driver)}: it cannot create images`, { op: 'create', location });
@@ -261,14 +263,14 @@ export class DriverRegistry implements ImageResolver {
       throw toBlockError(err, { op: 'create', location });
     }
     const opened = await this.openProtocol(location, { cache: options.cache, signal: options.signal, options: options.openOptions });
-    // The format's create sees what the protocol said (file.readsZeroesInitially), e.g. to
+    // The format's create sees what the protocol said (file.zeroInitialized), e.g. to
     // tell whether preallocated clusters read as zeroes.
-    const file = made?.readsZeroes ? gateBackend(opened, { readsZeroesInitially: true }) : opened;
+    const file = made?.zeroInitialized ? gateBackend(opened, { zeroInitialized: true }) : opened;
     try {
       const formatted = await fmt.create(file, size, { ...options, resolver: this });
-      const readsZeroes = (formatted?.readsZeroes ?? made?.readsZeroes) === true;
+      const zeroInitialized = (formatted?.zeroInitialized ?? made?.zeroInitialized) === true;
       const image = await fmt.open(file, { cache: options.cache, signal: options.signal, options: options.openOptions, resolver: this });
-      return await gated(redactedLocation(image), readsZeroes ? { readsZeroesInitially: true } : undefined);
+      return await gated(redactedLocation(image), zeroInitialized ? { zeroInitialized: true } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'create', location });
@@ -276,8 +278,34 @@ export class DriverRegistry implements ImageResolver {
   }
 }
 
+/** The first PROBE_BYTES of an image (fewer when it is smaller), for probing. */
+async function readHead(file: BlockBackend): Promise<Uint8Array> {
+  if (file.size === 0) return new Uint8Array(0);
+  const align = file.limits.requestAlignment;
+  const len = Math.min(roundUp(PROBE_BYTES, align), roundUp(file.size, align));
+  const buf = file.allocBuffer ? file.allocBuffer(len) : new Uint8Array(len);
+  return (await file.read(0, Math.min(len, file.size), buf)).subarray(0, Math.min(PROBE_BYTES, file.size));
+}
+
+/** Whether `head` holds one of the byte strings at its offset. */
+export function matchesMagic(magic: readonly FormatMagic[], head: Uint8Array): boolean {
+  return magic.some((m) => {
+    const bytes = typeof m.bytes === 'string' ? new TextEncoder().encode(m.bytes) : m.bytes;
+    if (m.offset + bytes.length > head.length) return false;
+    for (let i = 0; i < bytes.length; i++) if (head[m.offset + i] !== bytes[i]) return false;
+    return true;
+  });
+}
+
+/** A format's confidence for `head`: its magic preselects, its probe decides; magic alone is 100. */
+function probeScore(f: FormatDriver, head: Uint8Array, location: string): number {
+  if (f.magic && !matchesMagic(f.magic, head)) return 0;
+  if (f.probe) return f.probe(head, location);
+  return f.magic ? 100 : 0;
+}
+
 /** Every backend the registry hands out goes through the request gate (gate.ts); one with invalid limits is closed and refused. */
-async function gated(backend: BlockBackend, facts?: GateFacts): Promise<BlockBackend> {
+async function gated(backend: BlockBackend, facts?: GateFacts): Promise<GatedBackend> {
   try {
     return gateBackend(backend, facts);
   } catch (err) {
@@ -288,6 +316,10 @@ async function gated(backend: BlockBackend, facts?: GateFacts): Promise<BlockBac
 
 function readOnlyProtocol(driver: ProtocolDriver): string {
   return `the ${driver.name} driver only reads (a source, never a target)`;
+}
+
+function readOnlyFormat(driver: FormatDriver): string {
+  return `the ${driver.name} format driver only reads (a source, never a target)`;
 }
 
 /**

@@ -3,7 +3,8 @@
  * reader of the top image sees, data or zeroes, at an offset.
  */
 import { BlockError } from './errors.js';
-import type { BlockBackend, Extent } from './types.js';
+import { gateBackend } from './gate.js';
+import type { BlockBackend, Extent, GatedBackend } from './types.js';
 
 /**
  * The first extent at `offset` as the top image reads it: 'data' when some layer
@@ -13,7 +14,7 @@ import type { BlockBackend, Extent } from './types.js';
  */
 export async function chainStatus(top: BlockBackend, offset: number, length: number): Promise<Extent> {
   let len = Math.min(length, top.size - offset);
-  for (let layer: BlockBackend | undefined = top; layer; layer = layer.backing) {
+  for (let layer: GatedBackend | undefined = gateBackend(top); layer; layer = layer.backing) {
     if (offset >= layer.size) return { kind: 'zero', length: len }; // past a shorter backing file
     const ext = await layer.blockStatus(offset, Math.min(len, layer.size - offset));
     if (!(ext.length > 0)) {

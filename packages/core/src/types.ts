@@ -4,9 +4,13 @@
  * operations plus capability flags) and QEMU's BlockLimits (limits are data the
  * core enforces, so drivers never re-check them).
  */
+import type { SegmentList } from './segments.js';
 
 /** Version of this interface; a driver states which one it was written against. */
-export const BLOCK_API_VERSION = 1;
+export const BLOCK_API_VERSION = 2;
+
+/** Versions this core loads: 2 as it is, 1 through the adapter in compat/api1.ts. */
+export const SUPPORTED_API_VERSIONS: readonly number[] = [1, 2];
 
 /**
  * Request limits of a backend. The core's request gate splits and pads every request
@@ -20,8 +24,11 @@ export interface BlockLimits {
   readonly requestAlignment: number;
   /** Largest read or write in one call. */
   readonly maxTransfer: number;
-  /** Preferred request size for throughput; a multiple of requestAlignment. */
-  readonly optimalTransfer: number;
+  /**
+   * Preferred request size for throughput, a hint for callers that choose their own
+   * sizes (at most maxTransfer). Convert does not use it: its chunks are its buffer size.
+   */
+  readonly optimalTransfer?: number;
   /** Largest writeZeroes/discard in one call. Defaults to maxTransfer when absent. */
   readonly maxWriteZeroes?: number;
   /** Required alignment of the memory of I/O buffers (O_DIRECT); 1 when any will do. */
@@ -79,28 +86,42 @@ export interface WriteZeroesFlags {
 }
 
 /**
- * A data chunk that a source and target pair may copy in one step of their own
- * (BlockBackend.pipeTo): the caller's buffer and lists, reused from chunk to chunk.
+ * One data chunk of a convert that a source and target pair may copy in a step of their
+ * own (BlockBackend.copyTo on the source, copyFrom on the target), instead of the core
+ * reading it into its buffer and writing it out. Two kinds of step share the hooks:
+ * - `offload` true (-C): the storage copies the bytes itself (copy_file_range between
+ *   local files, a server-side copy); nothing passes through the process, nothing is
+ *   scanned, `zeroRuns` stays empty.
+ * - `offload` false: a fused copy; the pair reads the chunk into `buffer`, finds its
+ *   zero runs as the core's ZeroScanner does (whole `unit`s, runs of at least `minRun`,
+ *   `holes` counted as runs unread), writes the data and leaves the zero runs, not
+ *   written, in `zeroRuns` for the caller to zero or skip (two local files: one
+ *   thread-pool job, where a read, a scan and a write cost three hand-offs).
+ * The caller owns the request and reuses it from chunk to chunk.
  */
-export interface PipeRequest {
+export interface CopyRequest {
+  readonly offload: boolean;
   /** The caller's buffer, at least the chunk's length (aligned as the pair's limits ask). */
   readonly buffer: Uint8Array;
   /**
-   * Holes of the chunk the source reported, [start, end) pairs relative to it on whole
-   * units: zero runs, never read. Empty without a zero scan.
+   * Holes of the chunk the source reported: source offsets, lengths, positions in the
+   * chunk, on whole units. Zero runs, never read. Empty without a zero scan.
    */
-  readonly holes: Float64Array;
-  holeCount: number;
+  readonly holes: SegmentList;
   /** The zero scan: runs are whole units of `unit` bytes and at least `minRun` long; minRun 0 scans nothing. */
   readonly unit: number;
   readonly minRun: number;
-  /** Room for the source to say where the chunk's data lies (readSegments' triples): one more than the holes. */
-  readonly pieces: Float64Array;
   /**
-   * Receives the zero runs found, [start, end) pairs relative to the chunk (the holes
-   * among them): these were not written. Room for a run per unit, plus the holes.
+   * Filled by the source half: where the chunk's bytes lie in the layer it hands to the
+   * target (offset there, length, position in the chunk). Room for holes + 1 pieces.
    */
-  readonly runs: Float64Array;
+  readonly pieces: SegmentList;
+  /**
+   * Filled by the target half: the zero runs found (target offsets, lengths, positions
+   * in the chunk), the holes among them; these were not written. Room for a run per
+   * unit, plus the holes.
+   */
+  readonly zeroRuns: SegmentList;
   /**
    * The target half calls this once, when the step is under way and can no longer be
    * declined (convert then lets the next chunk issue its writes, keeping write order).
@@ -108,7 +129,13 @@ export interface PipeRequest {
   readonly issued: () => void;
 }
 
-/** An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one. */
+/**
+ * An opened image: a protocol (file, nfs, iscsi) or a format (raw, qcow2) on top of one.
+ * What a driver implements. Only the members without `?` are required: a capability
+ * defaults to "the method exists" (nbdkit's rule), and the request gate (gate.ts),
+ * which every backend the registry opens sits behind, fills in the rest (see
+ * GatedBackend). A read-only image needs no write methods at all.
+ */
 export interface BlockBackend {
   /** The driver that opened it, e.g. "file" or "raw". */
   readonly driverName: string;
@@ -119,46 +146,51 @@ export interface BlockBackend {
   readonly location: string;
   /** Virtual size in bytes. */
   readonly size: number;
-  readonly readOnly: boolean;
+  /** Refuses every change. Default: true when there is no write(), else false. */
+  readonly readOnly?: boolean;
   /** Why the image is read-only when that is not the caller's choice (e.g. "marked corrupt"), for messages. */
   readonly readOnlyReason?: string;
   /**
-   * Limits as data: the core's request gate (gate.ts), which every backend the registry
-   * opens sits behind, splits and pads every request to fit them.
+   * Limits as data: the request gate splits and pads every request to fit them, so the
+   * driver never checks them itself.
    */
   readonly limits: BlockLimits;
 
-  /** writeZeroes is cheaper than writing a buffer of zeroes (else the core writes zeroes). */
-  readonly canWriteZeroes: boolean;
-  /** discard deallocates; false means discard is a no-op. */
-  readonly canDiscard: boolean;
+  // Capabilities: what the backend can do, each defaulting as its comment says.
+
+  /** writeZeroes is cheaper than writing a buffer of zeroes. Default: writeZeroes exists. */
+  readonly canZero?: boolean;
   /**
    * writeZeroes takes `fast` (nbdkit's can_fast_zero): convert then zeroes a target that
    * may hold old data in one go before copying, and skips its zero extents (qemu-img's
-   * pre-zeroing). Absent means false.
+   * pre-zeroing). Default false.
    */
   readonly canFastZero?: boolean;
-  /**
-   * Every byte not yet written reads back as zero: a thin LUN that reports LBPRZ and
-   * is wholly unmapped, or anything a create() just made and said so (the registry sets
-   * this on the backend it returns). Convert then skips zeroes.
-   */
-  readonly readsZeroesInitially: boolean;
-  /** Writes may be stored compressed (WriteFlags.compress, qemu-img convert -c). */
-  readonly canCompress: boolean;
-  /** blockStatus tells real allocation; when false it reports the whole image as data. */
-  readonly hasBlockStatus: boolean;
+  /** discard deallocates. Default: discard exists (without it, discard is a no-op). */
+  readonly canDiscard?: boolean;
+  /** Writes may be stored compressed (WriteFlags.compress, qemu-img convert -c). Default false. */
+  readonly canCompress?: boolean;
+  /** blockStatus tells real allocation. Default: blockStatus exists (without it, all is data). */
+  readonly canBlockStatus?: boolean;
   /**
    * Reading a zero extent costs no real I/O (the kernel or the driver fills zeroes, as
    * for holes in local files): convert may then read small holes along with the data
-   * around them, saving requests. False for anything that moves the zeroes over a wire.
+   * around them, saving requests. False (the default) for anything that moves the
+   * zeroes over a wire.
    */
-  readonly cheapHoleReads?: boolean;
+  readonly canReadHolesCheaply?: boolean;
   /**
    * Writes may overlap and complete in any order (-W). false: the target needs each write
    * to finish before the next starts (a stream, say); convert then sends them one by one.
+   * Default true.
    */
   readonly canWriteOutOfOrder?: boolean;
+  /**
+   * Every byte not yet written reads back as zero (QEMU's has_zero_init): a thin LUN that
+   * reports LBPRZ and is wholly unmapped, or anything a create() just made and said so
+   * (the registry sets it on the backend it returns). Convert then skips zeroes. Default false.
+   */
+  readonly zeroInitialized?: boolean;
   /** The image this one reads through to for unallocated extents, if any. */
   readonly backing?: BlockBackend;
 
@@ -168,72 +200,48 @@ export interface BlockBackend {
    */
   read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
   /**
-   * Optional vectored read: for i < count, reads segments[3i+1] bytes at offset
-   * segments[3i] into `into` at segments[3i+2], as one request where the storage
-   * allows. A format driver uses it when one guest range maps to many host runs.
-   * Each segment lies inside the image and respects the limits; `segments` may be
-   * reused by the caller as soon as the call returns.
+   * Optional vectored read: reads each segment's bytes at its offset into `into` at its
+   * position, as one request where the storage allows. A format driver uses it when one
+   * guest range maps to many host runs. Each segment lies inside the image and respects
+   * the limits; the caller may reuse the list once the call returns.
    */
-  readSegments?(into: Uint8Array, segments: Float64Array, count: number): Promise<void>;
-  write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
+  readSegments?(into: Uint8Array, segments: SegmentList): Promise<void>;
+  /** Writes `data` at `offset`. Absent on read-only backends. */
+  write?(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
   /**
-   * Optional vectored write: for i < count, writes data[segments[2i], segments[2i+1])
-   * at offset + segments[2i], as one request where the storage allows. Convert uses it
-   * for a chunk whose data is split by zero runs. Segments ascend and respect the
-   * limits; `segments` may be reused by the caller as soon as the call returns.
+   * Optional vectored write, the mirror of readSegments: writes each segment's bytes of
+   * `from`, taken at its position, to its offset, as one request where the storage
+   * allows. Convert uses it for a chunk whose data is split by zero runs; a format
+   * driver when one guest request lands in several host runs (new qcow2 clusters).
+   * Segments respect the limits; the caller may reuse the list once the call returns.
    */
-  writeSegments?(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void>;
+  writeSegments?(from: Uint8Array, segments: SegmentList): Promise<void>;
   /**
-   * Optional scattered write, the mirror of readSegments: for i < count, writes
-   * segments[3i+1] bytes of `from` starting at segments[3i+2] at offset segments[3i],
-   * as one request where the storage allows. A format driver uses it when one guest
-   * request lands in several unrelated host runs (newly allocated qcow2 clusters).
-   * Each segment lies inside the backend and respects the limits.
+   * Optional copy step of a chunk, the source's half (QEMU's copy_range_from): copies
+   * `length` bytes at `offset` to `targetOffset` of `target` as `request` says (an
+   * offload or a fused copy). The source fills `request.pieces` with where the bytes lie
+   * in the layer that reaches its storage (a format translates offsets to its file's)
+   * and hands that layer to `target.copyFrom`. Resolves true once copied; false when
+   * the pair cannot (another file system, a compressed cluster, a target without
+   * copyFrom): then nothing was written to the target and `issued` was not called (the
+   * buffer may have been used), and the caller reads and writes the chunk itself.
    */
-  writeScattered?(from: Uint8Array, segments: Float64Array, count: number): Promise<void>;
+  copyTo?(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean>;
   /**
-   * Optional copy offload, the source's half (QEMU's copy_range_from): copies `length`
-   * bytes at `offset` of this image to `targetOffset` of `target` without passing them
-   * through the caller, by handing the request to the target's copyFrom with what the
-   * target needs to reach the bytes (a format translates offsets to its file's and asks
-   * its file). Resolves true once copied; false when this pair cannot (another file
-   * system, a backend without copyFrom): nothing is then promised about the target
-   * range, and the caller copies it by reading and writing.
+   * Optional copy step, the target's half (QEMU's copy_range_to): copies the
+   * `request.pieces` of `source` (the layer that reached its storage, not gated) to
+   * `offset` of this image, `length` bytes in all, calling `request.issued()` as the
+   * step starts. False, as copyTo, when it cannot take this source or request.
    */
-  copyTo?(offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean>;
-  /**
-   * Optional copy offload, the target's half (QEMU's copy_range_to): writes `length`
-   * bytes of `source` at `sourceOffset` to `offset` of this image, the storage copying
-   * them itself (copy_file_range between local files, a server-side copy). `source` is
-   * the layer that reached its storage (a protocol backend, not gated). Resolves false,
-   * as copyTo, when it cannot copy from that source.
-   */
-  copyFrom?(offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean>;
-  /**
-   * Optional fused copy, the source's half: a data chunk of convert, [offset, +length),
-   * read into `request.buffer`, scanned for zero runs as the core's ZeroScanner scans
-   * (whole `unit`s, runs of at least `minRun`, the holes counted as runs unread), and
-   * its data written to `targetOffset` of `target`, in one step of the pair's own (two
-   * local files: one thread-pool job, where a read, a scan and a write cost three
-   * hand-offs). The source says where the bytes lie (`request.pieces`) and hands it to
-   * the target's pipeFrom, as copyTo does. Resolves with the number of zero runs left
-   * in `request.runs`, none of them written: the caller zeroes or skips them. Resolves
-   * -1 when the pair cannot; then nothing was written to the target and `issued` was
-   * not called (the buffer may have been used).
-   */
-  pipeTo?(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number>;
-  /**
-   * Optional fused copy, the target's half: reads `pieceCount` triples of
-   * `request.pieces` (source offset, length, position in the chunk) from `source` (the
-   * layer that reached its storage, not gated) into the buffer, then scans and writes
-   * the chunk at `offset` of this image as pipeTo describes, calling
-   * `request.issued()` as the step starts. -1 when it cannot take this source.
-   */
-  pipeFrom?(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number>;
-  writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
-  discard(offset: number, length: number): Promise<void>;
-  blockStatus(offset: number, length: number): Promise<Extent>;
-  flush(): Promise<void>;
+  copyFrom?(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean>;
+  /** Makes [offset, +length) read as zeroes. Absent: the gate writes zeroes (canZero false). */
+  writeZeroes?(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
+  /** Deallocates [offset, +length) (advisory). Absent: a no-op. */
+  discard?(offset: number, length: number): Promise<void>;
+  /** The extent at `offset`. Absent: the whole image is data. */
+  blockStatus?(offset: number, length: number): Promise<Extent>;
+  /** Makes completed writes durable. Absent: nothing to do (read-only or write-through backends). */
+  flush?(): Promise<void>;
   close(): Promise<void>;
   /**
    * Changes the size (growable protocols: files, NFS files). A format driver that
@@ -253,6 +261,29 @@ export interface BlockBackend {
    * target that was replaced. Formats report their file's.
    */
   identity?(): Promise<BackendIdentity>;
+}
+
+/**
+ * A backend behind the request gate: what the registry returns and what format drivers
+ * receive as their file. Every capability is decided and every method is present (the
+ * gate supplies what the driver left out), so callers never test for them.
+ */
+export interface GatedBackend extends BlockBackend {
+  readonly readOnly: boolean;
+  readonly canZero: boolean;
+  readonly canFastZero: boolean;
+  readonly canDiscard: boolean;
+  readonly canCompress: boolean;
+  readonly canBlockStatus: boolean;
+  readonly canReadHolesCheaply: boolean;
+  readonly canWriteOutOfOrder: boolean;
+  readonly zeroInitialized: boolean;
+  readonly backing?: GatedBackend;
+  write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
+  writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<Extent>;
+  flush(): Promise<void>;
 }
 
 export interface BackendIdentity {
@@ -283,11 +314,11 @@ export interface CreateOptions {
 
 /**
  * What a create() knows about the object it made. The registry puts it into the backend
- * it returns (readsZeroesInitially), so no driver needs to remember what it created.
+ * it returns (zeroInitialized), so no driver needs to remember what it created.
  */
 export interface CreateResult {
   /** Every byte of the new object reads back as zero (a new sparse file, a qcow2 without backing). */
-  readonly readsZeroes?: boolean;
+  readonly zeroInitialized?: boolean;
 }
 
 /** Describes one option a driver takes: creation options for `-o help`, open options for `drivers`. */
@@ -301,7 +332,18 @@ export interface OptionInfo {
 /** The former name of OptionInfo. */
 export type CreateOptionInfo = OptionInfo;
 
+/**
+ * Bytes that identify a format, for probing without a probe() and for loading a driver
+ * package only for images it may claim: `bytes` (a string stands for its UTF-8 bytes)
+ * at `offset` of the image.
+ */
+export interface FormatMagic {
+  readonly offset: number;
+  readonly bytes: Uint8Array | string;
+}
+
 interface DriverBase {
+  /** The interface version the driver was written against: BLOCK_API_VERSION (1 still loads, through an adapter). */
   readonly apiVersion: typeof BLOCK_API_VERSION;
   /** Unique name, e.g. "file", "nfs", "raw", "qcow2". */
   readonly name: string;
@@ -341,15 +383,26 @@ export interface ProtocolDriver extends DriverBase {
 /** Interprets the bytes of a protocol backend: raw, qcow2. */
 export interface FormatDriver extends DriverBase {
   readonly kind: 'format';
+  /**
+   * Byte strings of which any one, found at its offset, claims an image for this
+   * format (confidence 100, unless probe() answers). `magic` and `probe` may both be
+   * given: the magic then only preselects, and probe() decides.
+   */
+  readonly magic?: readonly FormatMagic[];
   /** Confidence 0..100 that `head` (the first bytes, up to 4 KiB) is this format. */
   probe?(head: Uint8Array, location: string): number;
+  /**
+   * The format is only read (a format whose writer is not written yet): the registry
+   * opens its images read-only, with a readOnlyReason that says so, and refuses to create one.
+   */
+  readonly readOnly?: boolean;
   /** Opens the format on top of `file`, which it then owns (closes it on close). */
-  open(file: BlockBackend, options: OpenOptions & { readonly resolver?: ImageResolver }): Promise<BlockBackend>;
+  open(file: GatedBackend, options: OpenOptions & { readonly resolver?: ImageResolver }): Promise<BlockBackend>;
   /**
    * Writes a new empty image of `size` bytes into the (empty) `file`. Without a
-   * readsZeroes answer, the protocol's answer stands (right for raw).
+   * zeroInitialized answer, the protocol's answer stands (right for raw).
    */
-  create?(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void | CreateResult>;
+  create?(file: GatedBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void | CreateResult>;
   /**
    * Size the protocol object needs before create() is called (raw: the image size;
    * formats that grow themselves: 0).
@@ -359,7 +412,7 @@ export interface FormatDriver extends DriverBase {
    * Checks the format's metadata in `file` (opened read-write when repairing) and
    * repairs what options.repair allows; does not close `file`.
    */
-  check?(file: BlockBackend, options: CheckOptions): Promise<CheckResult>;
+  check?(file: GatedBackend, options: CheckOptions): Promise<CheckResult>;
 }
 
 export type BlockDriver = ProtocolDriver | FormatDriver;
@@ -396,7 +449,7 @@ export interface CheckResult {
 
 /** Opens further images by name, e.g. a format driver resolving its backing file. */
 export interface ImageResolver {
-  open(location: string, options?: OpenOptions & { readonly format?: string }): Promise<BlockBackend>;
+  open(location: string, options?: OpenOptions & { readonly format?: string }): Promise<GatedBackend>;
   /** Creates an image and returns it opened read-write (a format's external data file). */
-  create?(location: string, size: number, options?: CreateOptions & { readonly format?: string }): Promise<BlockBackend>;
+  create?(location: string, size: number, options?: CreateOptions & { readonly format?: string }): Promise<GatedBackend>;
 }

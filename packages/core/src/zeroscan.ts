@@ -4,6 +4,7 @@
  * case for real data) is rejected by one typed-array load; otherwise memcmp, through
  * Buffer#compare, checks it against a zero page, greedily over large spans.
  */
+import { SegmentList } from './segments.js';
 
 /** Largest span compared in one call while a zero run is extended. */
 const SPAN = 64 * 1024;
@@ -13,25 +14,21 @@ const ZEROES = Buffer.alloc(SPAN);
 export class ZeroScanner {
   readonly #bytes: Buffer;
   readonly #words: Int32Array;
-  /** Segment boundaries of the last scan: [start0, end0, start1, end1, ...]. */
-  readonly segments: Float64Array;
-  /** Whether segment i is zeroes. */
-  readonly segmentIsZero: Uint8Array;
-  segmentCount = 0;
+  /** The data segments of the last scan: image offsets (base + position), lengths, positions in the buffer. */
+  readonly data: SegmentList;
+  /** Its zero runs, in the same form (the known holes among them). */
+  readonly zeroes: SegmentList;
+  #base = 0;
   /** While scanning: where the data segment being built starts. */
   #dataStart = 0;
-  /** The data segments alone, in the same pair form (for BlockBackend.writeSegments). */
-  readonly dataSegments: Float64Array;
-  dataCount = 0;
 
   constructor(buffer: Uint8Array, readonly unit: number, readonly minRun: number) {
     if (buffer.byteOffset % 4 !== 0) throw new RangeError('scan buffer must be 4-byte aligned');
     this.#bytes = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     this.#words = new Int32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >> 2);
     const maxSegments = Math.ceil(buffer.byteLength / unit) + 1;
-    this.segments = new Float64Array(maxSegments * 2);
-    this.segmentIsZero = new Uint8Array(maxSegments);
-    this.dataSegments = new Float64Array(maxSegments * 2);
+    this.data = new SegmentList(maxSegments);
+    this.zeroes = new SegmentList(maxSegments);
   }
 
   /** Is [off, off+len) all zero? */
@@ -45,28 +42,29 @@ export class ZeroScanner {
   }
 
   /**
-   * Splits [0, length) into alternating data and zero segments. Zero runs shorter
-   * than minRun stay inside data; runs are whole units, so they keep the target's
-   * alignment. `length` need not be a multiple of the unit (the image's tail).
-   * `known` holds `knownCount` ascending [start, end) pairs already known to be zeroes
-   * (holes the source reported, never read into the buffer): they become zero segments
-   * unscanned, and the buffer's bytes there are not looked at.
+   * Splits buffer[0, length) into data segments and zero runs, both placed at image
+   * offset `base` + position. Zero runs shorter than minRun stay inside data; runs are
+   * whole units, so they keep the target's alignment. `length` need not be a multiple
+   * of the unit (the image's tail). `known` holds zero runs already known (holes the
+   * source reported, never read into the buffer; ascending positions): they become
+   * zero runs unscanned, and the buffer's bytes there are not looked at.
    */
-  scan(length: number, known?: Float64Array, knownCount = 0): number {
-    this.segmentCount = 0;
-    this.dataCount = 0;
+  scan(length: number, base = 0, known?: SegmentList): void {
+    this.data.clear();
+    this.zeroes.clear();
+    this.#base = base;
     this.#dataStart = 0;
     let pos = 0;
+    const knownCount = known?.count ?? 0;
     for (let k = 0; k < knownCount; k++) {
-      const start = known![2 * k]!;
-      const end = known![2 * k + 1]!;
+      const start = known!.positionAt(k);
+      const end = start + known!.lengthAt(k);
       this.#scanRange(pos, start);
       this.#zero(start, end);
       pos = end;
     }
     this.#scanRange(pos, length);
-    if (length > this.#dataStart) this.#push(this.#dataStart, length, false);
-    return this.segmentCount;
+    if (length > this.#dataStart) this.data.push(base + this.#dataStart, length - this.#dataStart, this.#dataStart);
   }
 
   /** Finds the zero runs of [from, to). */
@@ -102,28 +100,11 @@ export class ZeroScanner {
     }
   }
 
-  /** A zero segment [start, end): joined to the one before when they touch. */
+  /** A zero run [start, end) of the buffer: joined to the one before when they touch. */
   #zero(start: number, end: number): void {
-    const last = this.segmentCount - 1;
-    if (start === this.#dataStart && last >= 0 && this.segmentIsZero[last] && this.segments[2 * last + 1] === start) {
-      this.segments[2 * last + 1] = end;
-    } else {
-      if (start > this.#dataStart) this.#push(this.#dataStart, start, false);
-      this.#push(start, end, true);
-    }
+    if (start > this.#dataStart) this.data.push(this.#base + this.#dataStart, start - this.#dataStart, this.#dataStart);
+    this.zeroes.append(this.#base + start, end - start, start);
     this.#dataStart = end;
-  }
-
-  #push(start: number, end: number, zero: boolean): void {
-    const i = this.segmentCount++;
-    this.segments[2 * i] = start;
-    this.segments[2 * i + 1] = end;
-    this.segmentIsZero[i] = zero ? 1 : 0;
-    if (!zero) {
-      const d = this.dataCount++;
-      this.dataSegments[2 * d] = start;
-      this.dataSegments[2 * d + 1] = end;
-    }
   }
 }
 

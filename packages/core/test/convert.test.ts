@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress } from '../src/index.js';
+import { BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress, type CopyRequest } from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const KiB = 1024;
@@ -46,7 +46,7 @@ test('a target that cannot overlap writes gets them one at a time, also the piec
   const ranges: Array<[number, number]> = [];
   for (let off = 0; off < 4 * MiB; off += 128 * KiB) ranges.push([off, 64 * KiB]);
   const src = await source(4 * MiB, ranges, { latency: 1 });
-  const dst = new MemoryBackend({ size: 4 * MiB, canWriteOutOfOrder: false, readsZeroesInitially: false, latency: 1, record: true });
+  const dst = new MemoryBackend({ size: 4 * MiB, canWriteOutOfOrder: false, zeroInitialized: false, latency: 1, record: true });
   await dst.write(0, pattern(4 * MiB, 99));
   await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB });
   assert.is(dst.maxInFlight, 1);
@@ -106,7 +106,7 @@ test('zero extents are skipped on a zero-initialised target', async () => {
 
 test('zero extents become writeZeroes when the target may hold old data', async () => {
   const src = await source(32 * MiB, [[MiB, MiB]]);
-  const dst = new MemoryBackend({ size: 32 * MiB, readsZeroesInitially: false, record: true });
+  const dst = new MemoryBackend({ size: 32 * MiB, zeroInitialized: false, record: true });
   await dst.write(20 * MiB, pattern(MiB, 9)); // stale data that must be wiped
   const r = await convert({ sources: [src], target: dst });
   assert.is(r.bytesZeroed, 31 * MiB);
@@ -115,7 +115,7 @@ test('zero extents become writeZeroes when the target may hold old data', async 
 
 test('--target-is-zero skips zeroes on a target that does not say it is zeroed', async () => {
   const src = await source(8 * MiB, [[0, MiB]]);
-  const dst = new MemoryBackend({ size: 8 * MiB, readsZeroesInitially: false, record: true });
+  const dst = new MemoryBackend({ size: 8 * MiB, zeroInitialized: false, record: true });
   const r = await convert({ sources: [src], target: dst, targetIsZero: true });
   assert.is(r.bytesZeroed, 0);
   assert.is(r.bytesSkipped, 7 * MiB);
@@ -123,7 +123,7 @@ test('--target-is-zero skips zeroes on a target that does not say it is zeroed',
 
 test('a target without writeZeroes gets written zero buffers', async () => {
   const src = await source(4 * MiB, [[0, MiB]]);
-  const dst = new MemoryBackend({ size: 4 * MiB, readsZeroesInitially: false, canWriteZeroes: false, record: true });
+  const dst = new MemoryBackend({ size: 4 * MiB, zeroInitialized: false, canZero: false, record: true });
   await dst.write(2 * MiB, pattern(MiB, 3));
   await convert({ sources: [src], target: dst });
   assert.equal(dst.log.filter((x) => x.op === 'writeZeroes').length, 0);
@@ -145,7 +145,7 @@ test('-S: zero runs inside data of at least minSparse bytes are not written', as
   assert.equal(writes, [['writeSegments', 0, MiB]]);
   await assertSame(src, dst);
 
-  const dst2 = new MemoryBackend({ size: MiB, readsZeroesInitially: false, record: true });
+  const dst2 = new MemoryBackend({ size: MiB, zeroInitialized: false, record: true });
   const r2 = await convert({ sources: [src], target: dst2, minSparse: 16 * KiB });
   assert.is(r2.bytesSkipped + r2.bytesZeroed, 0, 'an 8 KiB run is below -S 16k');
 });
@@ -182,7 +182,7 @@ test('small holes between data are read with it (cheap hole reads) and still not
   await assertSame(src, summed);
   const backing = new MemoryBackend({ size: 8 * MiB });
   await backing.write(0, pattern(8 * MiB, 9));
-  const overlay = Object.assign(new MemoryBackend({ size: 8 * MiB, readsZeroesInitially: false }), { backing });
+  const overlay = Object.assign(new MemoryBackend({ size: 8 * MiB, zeroInitialized: false }), { backing });
   await convert({ sources: [src], target: overlay, bufferSize: MiB, diffAgainstBacking: true });
   await assertSame(src, overlay);
   // A hole below -S cannot be found again by the zero scan, so it is not merged.
@@ -196,7 +196,7 @@ test('requests respect the target\'s max transfer and both sides\' alignment', a
   const odd: BlockBackend = Object.assign(Object.create(null), {
     driverName: 'odd', location: 'odd', size: inner.size, readOnly: true,
     limits: { requestAlignment: 1, maxTransfer: 8 * MiB, optimalTransfer: MiB },
-    canWriteZeroes: false, canDiscard: false, readsZeroesInitially: false, canCompress: false, hasBlockStatus: true,
+    canZero: false, canDiscard: false, zeroInitialized: false, canCompress: false, canBlockStatus: true,
     read: (o: number, l: number, into?: Uint8Array) => inner.read(o, l, into),
     write: () => Promise.reject(new Error('ro')), writeZeroes: () => Promise.reject(new Error('ro')),
     discard: () => Promise.resolve(), flush: () => Promise.resolve(), close: () => Promise.resolve(),
@@ -204,7 +204,7 @@ test('requests respect the target\'s max transfer and both sides\' alignment', a
   });
   await inner.writeZeroes(0, 4 * MiB); // so that the "zero" extents really are zero
   await inner.write(0, pattern(4 * MiB, 2).map((v, i) => (Math.floor(i / 1000) % 2 ? 0 : v)));
-  const dst = new MemoryBackend({ size: 4 * MiB, limits: { requestAlignment: 4096, maxTransfer: 64 * KiB }, readsZeroesInitially: false, record: true });
+  const dst = new MemoryBackend({ size: 4 * MiB, limits: { requestAlignment: 4096, maxTransfer: 64 * KiB }, zeroInitialized: false, record: true });
   await convert({ sources: [odd], target: dst, workers: 3 });
   for (const r of dst.log) {
     if (r.op === 'flush') continue;
@@ -347,7 +347,7 @@ test('rate limit slows the copy to about the asked rate', async () => {
 
 test('copy offload (-C): data chunks are copied by the storage, in order; zero extents still zeroed', async () => {
   const src = await source(8 * MiB, [[0, 3 * MiB], [5 * MiB, 64 * KiB]], { canCopy: true, record: true });
-  const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, readsZeroesInitially: false, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
+  const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, zeroInitialized: false, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
   await dst.write(0, pattern(8 * MiB, 7));
   dst.log.length = 0;
   const r = await convert({ sources: [src], target: dst, copyOffload: true, workers: 4, bufferSize: MiB });
@@ -372,7 +372,7 @@ test('copy offload falls back to reading and writing: a target that cannot, a pa
   // Two copies accepted, then declined: off for the rest of the job, nothing lost.
   let accepted = 0;
   const declining = forwardBackend(src, {
-    copyTo: (o: number, n: number, t: BlockBackend, to: number) => (accepted < 2 ? (accepted++, src.copyTo!(o, n, t, to)) : Promise.resolve(false)),
+    copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) => (accepted < 2 ? (accepted++, src.copyTo!(o, n, t, to, req)) : Promise.resolve(false)),
   });
   const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, record: true });
   const r2 = await convert({ sources: [declining], target: dst, copyOffload: true, workers: 1, bufferSize: MiB });
@@ -410,7 +410,7 @@ async function pipeSource(extra: Partial<ConstructorParameters<typeof MemoryBack
   return src;
 }
 
-test('fused copy (pipeTo/pipeFrom): each data chunk is one step, issued in order; zero runs and holes skipped on a zero target', async () => {
+test('fused copy (copyTo/copyFrom): each data chunk is one step, issued in order; zero runs and holes skipped on a zero target', async () => {
   const src = await pipeSource();
   const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
   const r = await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB });
@@ -428,7 +428,7 @@ test('fused copy (pipeTo/pipeFrom): each data chunk is one step, issued in order
 
 test('fused copy into a target with old data: the zero runs it found are zeroed; -S 0 pipes unscanned', async () => {
   const src = await pipeSource();
-  const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, readsZeroesInitially: false, record: true });
+  const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, zeroInitialized: false, record: true });
   await dst.write(0, pattern(8 * MiB, 5));
   dst.log.length = 0;
   const r = await convert({ sources: [src], target: dst, outOfOrder: true, bufferSize: MiB });
@@ -452,8 +452,8 @@ test('fused copy stays off where the core needs the bytes, and a declined chunk 
   await assertSame(src, dst);
   let calls = 0;
   const declining = forwardBackend(src, {
-    pipeTo: (o: number, n: number, t: BlockBackend, to: number, req: Parameters<NonNullable<BlockBackend['pipeTo']>>[4]) =>
-      (calls++ % 2 === 0 ? Promise.resolve(-1) : src.pipeTo!(o, n, t, to, req)),
+    copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) =>
+      (calls++ % 2 === 0 ? Promise.resolve(false) : src.copyTo!(o, n, t, to, req)),
   });
   const dst2 = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true, latency: (_op, off) => 1 + ((off / MiB) % 3) });
   const r2 = await convert({ sources: [declining], target: dst2, workers: 4, bufferSize: MiB });

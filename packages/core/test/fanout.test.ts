@@ -79,13 +79,13 @@ test('limits are those every target accepts: each receives only requests within 
 
 test('zeroes are skipped only when every target reads back zeroes', async () => {
   const src = await source(16 * MiB);
-  const zeroing = new MemoryBackend({ size: 16 * MiB, location: 'mem://z', readsZeroesInitially: true, record: true });
-  const dirty = new MemoryBackend({ size: 16 * MiB, location: 'mem://d', readsZeroesInitially: false });
+  const zeroing = new MemoryBackend({ size: 16 * MiB, location: 'mem://z', zeroInitialized: true, record: true });
+  const dirty = new MemoryBackend({ size: 16 * MiB, location: 'mem://d', zeroInitialized: false });
   await dirty.write(5 * MiB, pattern(MiB, 9));
   await convert({ sources: [src], targets: [zeroing, dirty] });
   assert.ok(await same(src, dirty), 'the old data of the target that does not read zeroes is zeroed');
   assert.ok(zeroing.log.some((r) => r.op === 'writeZeroes'));
-  const z2 = [0, 1].map((i) => new MemoryBackend({ size: 16 * MiB, location: `mem://z${i}`, readsZeroesInitially: true, record: true }));
+  const z2 = [0, 1].map((i) => new MemoryBackend({ size: 16 * MiB, location: `mem://z${i}`, zeroInitialized: true, record: true }));
   await convert({ sources: [src], targets: z2 });
   assert.ok(z2.every((t) => !t.log.some((r) => r.op === 'writeZeroes')), 'all read zeroes: none written');
 });

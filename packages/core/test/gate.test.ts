@@ -2,7 +2,7 @@
 // limits) behind the gate must take any request at all, and agree with a plain array.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, MemoryBackend, convert, gateBackend, isGated, ungated, type BlockBackend } from '../src/index.js';
+import { BlockError, MemoryBackend, convert, gateBackend, isGated, ungated, SegmentList, type BlockBackend, type CopyRequest } from '../src/index.js';
 
 const KiB = 1024;
 
@@ -162,7 +162,7 @@ test('vectored requests that break the limits fall back to single requests', asy
   const gate = gateBackend(mem) as BlockBackend;
   const data = bytes(64 * KiB, 8);
   // Unaligned pieces, and one longer than maxTransfer (8 KiB).
-  await gate.writeSegments!(0, data, new Float64Array([10, 700, 1024, 1024 + 20 * 512, 40000, 64 * KiB]), 3);
+  await gate.writeSegments!(data, SegmentList.of([10, 690, 10], [1024, 20 * 512, 1024], [40000, 64 * KiB - 40000, 40000]));
   const got = await gate.read(0, 64 * KiB);
   const want = new Uint8Array(64 * KiB);
   for (const [s, e] of [[10, 700], [1024, 1024 + 20 * 512], [40000, 64 * KiB]] as const) want.set(data.subarray(s, e), s);
@@ -179,7 +179,7 @@ test('convert of an odd-sized source onto a 512- and a 4096-byte-block target pa
     const target = strict(1 << 20, align, { maxTransfer: 256 * KiB, optimalTransfer: 256 * KiB, maxWriteZeroes: 1 << 20 });
     // A target that is not all zeroes beyond the source: the padding must keep it.
     await target.write(1 << 19, new Uint8Array(1 << 19).fill(0xab));
-    Object.defineProperty(target, 'readsZeroesInitially', { value: false });
+    Object.defineProperty(target, 'zeroInitialized', { value: false });
     target.log.length = 0;
     await convert({ sources: [source], target, workers: 4 });
     assertWithinLimits(target);
@@ -255,24 +255,25 @@ test('the pieces of a split write go one at a time to a target that takes one wr
   assert.is(mem.maxInFlight, 1);
 });
 
-test('fused copies (pipeTo/pipeFrom) are checked like a read and a write; what would need padding or splitting is declined', async () => {
+test('copy steps (copyTo/copyFrom) are checked like a read and a write; what would need padding or splitting is declined', async () => {
   const limits = { requestAlignment: 4 * KiB, maxTransfer: 64 * KiB };
   const src = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true }));
   const dst = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true, record: true }));
   const ro = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true, readOnly: true }));
   await src.write(0, new Uint8Array(64 * KiB).fill(7));
-  const request = {
-    buffer: new Uint8Array(128 * KiB), holes: new Float64Array(2), holeCount: 0, unit: 4 * KiB, minRun: 4 * KiB,
-    pieces: new Float64Array(6), runs: new Float64Array(2 * 40), issued: () => {},
+  const request: CopyRequest = {
+    offload: false, buffer: new Uint8Array(128 * KiB), holes: new SegmentList(1), unit: 4 * KiB, minRun: 4 * KiB,
+    pieces: new SegmentList(2), zeroRuns: new SegmentList(40), issued: () => {},
   };
-  assert.is(await src.pipeTo!(0, 64 * KiB, dst, 0, request), 0, 'no zero runs');
-  assert.is(await src.pipeTo!(512, 4 * KiB, dst, 0, request), -1, 'unaligned source: declined');
-  assert.is(await src.pipeTo!(0, 4 * KiB, dst, 512, request), -1, 'unaligned target: declined');
-  assert.is(await src.pipeTo!(0, 128 * KiB, dst, 0, request), -1, 'over maxTransfer: declined, not split');
+  assert.is(await src.copyTo!(0, 64 * KiB, dst, 0, request), true, 'copied');
+  assert.is(request.zeroRuns.count, 0, 'no zero runs');
+  assert.is(await src.copyTo!(512, 4 * KiB, dst, 0, request), false, 'unaligned source: declined');
+  assert.is(await src.copyTo!(0, 4 * KiB, dst, 512, request), false, 'unaligned target: declined');
+  assert.is(await src.copyTo!(0, 128 * KiB, dst, 0, request), false, 'over maxTransfer: declined, not split');
   assert.is(dst.log.filter((e) => e.op === 'pipe').length, 1, 'only the first reached the target');
-  const err = await src.pipeTo!(0, 4 * KiB, ro, 0, request).catch((e: unknown) => e);
+  const err = await src.copyTo!(0, 4 * KiB, ro, 0, request).catch((e: unknown) => e);
   assert.is((err as BlockError).code, 'EROFS');
-  const range = await src.pipeTo!(252 * KiB, 8 * KiB, dst, 0, request).catch((e: unknown) => e);
+  const range = await src.copyTo!(252 * KiB, 8 * KiB, dst, 0, request).catch((e: unknown) => e);
   assert.is((range as BlockError).code, 'ERANGE');
 });
 

@@ -34,7 +34,7 @@ test('the gate refuses a fast zero to a backend without canFastZero, and an unal
 async function sourceAndDirtyTarget(Target: typeof MemoryBackend): Promise<{ src: MemoryBackend; dst: MemoryBackend }> {
   const src = new MemoryBackend({ size: 16 * MiB, location: 'mem://src' });
   await src.write(2 * MiB, pattern(MiB, 1));
-  const dst = new Target({ size: 16 * MiB, location: 'mem://dst', canWriteZeroes: true, readsZeroesInitially: false, record: true });
+  const dst = new Target({ size: 16 * MiB, location: 'mem://dst', canZero: true, zeroInitialized: false, record: true });
   await dst.write(8 * MiB, pattern(MiB, 2)); // old data where the source reads zeroes
   dst.log.length = 0;
   return { src, dst };

@@ -29,8 +29,8 @@ test('a missing driver names the package to install (and the system library)', (
   assert.match(err(() => reg.format('vmdk')).message, /unknown format "vmdk" \(known: raw\)/);
 });
 
-test('drivers written against another API version are refused', () => {
-  assert.throws(() => new DriverRegistry().register({ ...identity, apiVersion: 2 as 1 }), /implements API version 2/);
+test('drivers written against an API version this core does not know are refused, naming both', () => {
+  assert.throws(() => new DriverRegistry().register({ ...identity, apiVersion: 3 as 2 }), /driver "raw" implements driver API version 3; this @blockconv\/core implements versions 1 and 2/);
 });
 
 test('create + open through a protocol and the identity format; probe falls back to raw', async () => {
@@ -130,13 +130,13 @@ test('open options: declared ones reach the driver, an unknown one is refused wi
 
 test('create\'s answer that the new image reads zeroes reaches the backend the registry returns', async () => {
   const mem = createMemoryDriver();
-  const zeroFormat: FormatDriver = { ...identity, name: 'zf', create: async () => ({ readsZeroes: true }) };
-  const dirtyFormat: FormatDriver = { ...identity, name: 'df', create: async () => ({ readsZeroes: false }) };
-  const reg = new DriverRegistry().register({ ...mem, create: async (l, n) => { mem.images.set(l, new MemoryBackend({ size: n, location: l, readsZeroesInitially: false })); } }, zeroFormat, dirtyFormat, identity);
-  assert.ok((await reg.create('mem://a', 4096, { format: 'zf' })).readsZeroesInitially, 'the format says so');
-  assert.not.ok((await reg.create('mem://b', 4096, { format: 'df' })).readsZeroesInitially, 'the format says not');
-  assert.not.ok((await reg.create('mem://c', 4096, { format: 'raw' })).readsZeroesInitially, 'no one says so');
-  assert.not.ok((await reg.open('mem://a', { format: 'zf' })).readsZeroesInitially, 'a later open is not told');
+  const zeroFormat: FormatDriver = { ...identity, name: 'zf', create: async () => ({ zeroInitialized: true }) };
+  const dirtyFormat: FormatDriver = { ...identity, name: 'df', create: async () => ({ zeroInitialized: false }) };
+  const reg = new DriverRegistry().register({ ...mem, create: async (l, n) => { mem.images.set(l, new MemoryBackend({ size: n, location: l, zeroInitialized: false })); } }, zeroFormat, dirtyFormat, identity);
+  assert.ok((await reg.create('mem://a', 4096, { format: 'zf' })).zeroInitialized, 'the format says so');
+  assert.not.ok((await reg.create('mem://b', 4096, { format: 'df' })).zeroInitialized, 'the format says not');
+  assert.not.ok((await reg.create('mem://c', 4096, { format: 'raw' })).zeroInitialized, 'no one says so');
+  assert.not.ok((await reg.open('mem://a', { format: 'zf' })).zeroInitialized, 'a later open is not told');
 });
 
 test.run();

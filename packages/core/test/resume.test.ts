@@ -7,6 +7,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
+  SegmentList,
   BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert,
   type BlockBackend, type ConvertOptions, type ResumeState,
 } from '../src/index.js';
@@ -35,7 +36,7 @@ class CrashableTarget {
   #pending: Array<Intent & { done: boolean }> = [];
 
   constructor(size: number, readsZeroes = true) {
-    this.live = new MemoryBackend({ size, location: 'mem://target', readsZeroesInitially: readsZeroes, latency: (op) => (op === 'flush' ? 2 : op === 'read' ? 0 : 1) });
+    this.live = new MemoryBackend({ size, location: 'mem://target', zeroInitialized: readsZeroes, latency: (op) => (op === 'flush' ? 2 : op === 'read' ? 0 : 1) });
     this.durable = new MemoryBackend({ size });
     const record = async (intent: Intent, op: Promise<void>): Promise<void> => {
       const entry = { ...intent, done: false };
@@ -45,9 +46,12 @@ class CrashableTarget {
     };
     this.backend = forwardBackend(this.live, {
       write: (offset: number, data: Uint8Array) => record({ offset, data: new Uint8Array(data) }, this.live.write(offset, data)),
-      writeSegments: (offset: number, data: Uint8Array, segments: Float64Array, count: number) => {
-        const pieces = Array.from({ length: count }, (_, i) => [segments[2 * i]!, segments[2 * i + 1]!] as const);
-        return Promise.all(pieces.map(([a, b]) => record({ offset: offset + a, data: new Uint8Array(data.subarray(a, b)) }, this.live.write(offset + a, data.subarray(a, b))))).then(() => {});
+      writeSegments: (from: Uint8Array, segments: SegmentList) => {
+        const pieces = segments.toArray();
+        return Promise.all(pieces.map(({ offset, length, position }) => {
+          const data = from.subarray(position, position + length);
+          return record({ offset, data: new Uint8Array(data) }, this.live.write(offset, data));
+        })).then(() => {});
       },
       writeZeroes: (offset: number, length: number) => record({ offset, zeroes: length }, this.live.writeZeroes(offset, length)),
       discard: (offset: number, length: number) => record({ offset, zeroes: length }, this.live.discard(offset, length)),
@@ -62,7 +66,7 @@ class CrashableTarget {
 
   /** The image after a crash now: the durable part and a random subset of the rest. */
   async crash(random: () => number): Promise<{ image: MemoryBackend; strays: Intent[] }> {
-    const image = new MemoryBackend({ size: this.live.size, location: 'mem://target', readsZeroesInitially: false });
+    const image = new MemoryBackend({ size: this.live.size, location: 'mem://target', zeroInitialized: false });
     await image.write(0, await this.durable.read(0, this.durable.size));
     const strays = this.#pending.filter(() => random() < 0.5);
     for (const e of strays) await this.#apply(image, e);
@@ -193,7 +197,7 @@ test('a resume is refused when the source changed, the options differ, or the ta
   await refused({ ...base(src, image, { checksum: false, compress: false }), resume: last }, /option checksum was true, is now false/);
   const other = new MemoryBackend({ size: src.size + MiB, location: 'mem://other' });
   await refused({ ...base(src, other, { checksum: true }), resume: last }, /cannot resume: the target was mem:\/\/target/);
-  const wiped = new MemoryBackend({ size: src.size, location: 'mem://target', readsZeroesInitially: false });
+  const wiped = new MemoryBackend({ size: src.size, location: 'mem://target', zeroInitialized: false });
   await refused({ ...base(src, wiped, { checksum: true }), resume: last }, /the target's first 1048576 bytes are not the sources'/);
   await refused({ ...base(src, image, { checksum: true }), resume: { ...last!, version: 7 } as unknown as ResumeState }, /not a resume state of this version/);
   // And the real thing still works after all those refusals.

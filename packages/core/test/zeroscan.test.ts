@@ -1,11 +1,21 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { ZeroScanner } from '../src/index.js';
+import { SegmentList, ZeroScanner } from '../src/index.js';
 
 const KiB = 1024;
 
+/** Data and zero segments of the last scan, in buffer order: [start, end, isZero]. */
 function segments(s: ZeroScanner): Array<[number, number, boolean]> {
-  return Array.from({ length: s.segmentCount }, (_, i) => [s.segments[2 * i]!, s.segments[2 * i + 1]!, s.segmentIsZero[i] === 1]);
+  const out: Array<[number, number, boolean]> = [];
+  for (const [list, zero] of [[s.data, false], [s.zeroes, true]] as const) {
+    for (let i = 0; i < list.count; i++) out.push([list.positionAt(i), list.positionAt(i) + list.lengthAt(i), zero]);
+  }
+  return out.sort((a, b) => a[0] - b[0]);
+}
+
+/** Known holes at buffer positions (a scan at base 0: offset = position). */
+function holes(...pairs: Array<[number, number]>): SegmentList {
+  return SegmentList.of(...pairs.map(([a, b]) => [a, b - a, a] as const));
 }
 
 test('all data, all zero, and runs at unit granularity', () => {
@@ -45,12 +55,14 @@ test('known holes are zero segments without a look at their bytes, joined to zer
   buf.fill(0, 16 * KiB, 24 * KiB); // zeroes in data right after it
   buf.fill(0xee, 40 * KiB, 48 * KiB);
   const s = new ZeroScanner(buf, 4096, 4096);
-  const known = Float64Array.of(8 * KiB, 16 * KiB, 40 * KiB, 48 * KiB);
-  s.scan(buf.length, known, 2);
+  const known = holes([8 * KiB, 16 * KiB], [40 * KiB, 48 * KiB]);
+  s.scan(buf.length, 0, known);
   assert.equal(segments(s), [[0, 8 * KiB, false], [8 * KiB, 24 * KiB, true], [24 * KiB, 40 * KiB, false], [40 * KiB, 48 * KiB, true], [48 * KiB, 64 * KiB, false]]);
-  assert.equal(Array.from(s.dataSegments.subarray(0, 2 * s.dataCount)), [0, 8 * KiB, 24 * KiB, 40 * KiB, 48 * KiB, 64 * KiB]);
+  assert.equal(s.data.toArray(), [{ offset: 0, length: 8 * KiB, position: 0 }, { offset: 24 * KiB, length: 16 * KiB, position: 24 * KiB }, { offset: 48 * KiB, length: 16 * KiB, position: 48 * KiB }]);
+  s.scan(buf.length, 1 << 20, known);
+  assert.equal(s.zeroes.offsetAt(0), (1 << 20) + 8 * KiB, 'offsets are placed at the base');
   // A hole at the very start and one at the end.
-  s.scan(buf.length, Float64Array.of(0, 8 * KiB, 56 * KiB, 64 * KiB), 2);
+  s.scan(buf.length, 0, holes([0, 8 * KiB], [56 * KiB, 64 * KiB]));
   assert.equal(segments(s), [[0, 8 * KiB, true], [8 * KiB, 16 * KiB, false], [16 * KiB, 24 * KiB, true], [24 * KiB, 56 * KiB, false], [56 * KiB, 64 * KiB, true]]);
 });
 

@@ -324,12 +324,12 @@ abstract class HttpBase {
   readonly readOnly = true;
   readonly readOnlyReason = 'http:// and https:// images are read-only';
   readonly limits = LIMITS;
-  readonly canWriteZeroes = false;
+  readonly canZero = false;
   readonly canDiscard = false;
-  readonly readsZeroesInitially = false;
+  readonly zeroInitialized = false;
   readonly canCompress = false;
-  readonly hasBlockStatus = false;
-  readonly cheapHoleReads = false;
+  readonly canBlockStatus = false;
+  readonly canReadHolesCheaply = false;
   protected readonly client: HttpClient;
   readonly #identity: { etag?: string; lastModified?: string };
 

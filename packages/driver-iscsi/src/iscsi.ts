@@ -27,7 +27,7 @@
  * - writeZeroes = WRITE SAME(16) of a zero block, with the UNMAP bit when the LUN is thin,
  *   reads unmapped blocks as zeroes and the caller allows it; discard = UNMAP; block
  *   status = GET LBA STATUS (thin LUNs only); flush = SYNCHRONIZE CACHE(16).
- * - readsZeroesInitially only when GET LBA STATUS says, at open, that the whole LUN is
+ * - zeroInitialized only when GET LBA STATUS says, at open, that the whole LUN is
  *   deallocated and LBPRZ holds: a LUN is never created, so old data may be there.
  * - No create: convert to a LUN with -n.
  */
@@ -233,12 +233,12 @@ export class IscsiBackend implements BlockBackend {
   readonly size: number;
   readonly readOnly: boolean;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes = true;
+  readonly canZero = true;
   readonly canDiscard: boolean;
-  readonly readsZeroesInitially: boolean;
+  readonly zeroInitialized: boolean;
   readonly canCompress = false;
-  readonly hasBlockStatus: boolean;
-  readonly cheapHoleReads = false;
+  readonly canBlockStatus: boolean;
+  readonly canReadHolesCheaply = false;
   readonly canWriteOutOfOrder = true;
 
   readonly #s: IscsiSession;
@@ -264,8 +264,8 @@ export class IscsiBackend implements BlockBackend {
     this.size = (p.cap.lastLba + 1) * this.#bs;
     this.limits = p.limits;
     this.canDiscard = p.unmapSupported;
-    this.hasBlockStatus = p.thin;
-    this.readsZeroesInitially = p.allZero;
+    this.canBlockStatus = p.thin;
+    this.zeroInitialized = p.allZero;
   }
 
   /** Tasks in flight on the session and GET LBA STATUS requests sent, for tests and diagnostics. */
@@ -347,7 +347,7 @@ export class IscsiBackend implements BlockBackend {
     const bs = this.#bs;
     const lba = Math.floor(offset / bs);
     const rest = this.size - offset;
-    if (!this.hasBlockStatus || !this.#lbaStatusWorks) return { kind: 'data', length: rest };
+    if (!this.canBlockStatus || !this.#lbaStatusWorks) return { kind: 'data', length: rest };
     let d = covering(this.#status, lba);
     if (!d) {
       const generation = this.#generation;

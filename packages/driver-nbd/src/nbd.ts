@@ -17,7 +17,7 @@
  *   writes should keep;
  * - base:allocation: block status (zero where the server says NBD_STATE_ZERO, else data),
  *   answered from the last reply's extents until this backend changes the export;
- *   readsZeroesInitially when, at open, the whole export reads as zeroes;
+ *   zeroInitialized when, at open, the whole export reads as zeroes;
  * - WRITE_ZEROES (NO_HOLE unless the caller allows unmapping; FAST_ZERO when asked),
  *   TRIM, FLUSH, FUA as the transmission flags allow; FUA without SEND_FUA is a flush;
  * - multi-conn: requests go to the least busy of several connections; without it, one
@@ -145,13 +145,13 @@ export class NbdBackend implements BlockBackend {
   readonly readOnly: boolean;
   readonly readOnlyReason?: string;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes: boolean;
+  readonly canZero: boolean;
   readonly canDiscard: boolean;
   readonly canFastZero: boolean;
-  readsZeroesInitially = false;
+  zeroInitialized = false;
   readonly canCompress = false;
-  readonly hasBlockStatus: boolean;
-  readonly cheapHoleReads = false;
+  readonly canBlockStatus: boolean;
+  readonly canReadHolesCheaply = false;
   readonly canWriteOutOfOrder = true;
 
   readonly #connections: NbdConnection[];
@@ -186,10 +186,10 @@ export class NbdBackend implements BlockBackend {
       maxWriteZeroes: floorTo(MAX_ZEROES, align),
       preferredAlignment: Math.max(align, Math.min(info.preferredBlock, 64 * 1024)),
     };
-    this.canWriteZeroes = (info.flags & Flag.SEND_WRITE_ZEROES) !== 0;
+    this.canZero = (info.flags & Flag.SEND_WRITE_ZEROES) !== 0;
     this.canDiscard = (info.flags & Flag.SEND_TRIM) !== 0;
-    this.canFastZero = this.canWriteZeroes && (info.flags & Flag.SEND_FAST_ZERO) !== 0;
-    this.hasBlockStatus = info.metaContexts.has(BASE_ALLOCATION);
+    this.canFastZero = this.canZero && (info.flags & Flag.SEND_FAST_ZERO) !== 0;
+    this.canBlockStatus = info.metaContexts.has(BASE_ALLOCATION);
   }
 
   /** Connections open, requests in flight on each, block status requests sent: for tests and diagnostics. */
@@ -220,7 +220,7 @@ export class NbdBackend implements BlockBackend {
     try {
       // FAST_ZERO: the server zeroes at metadata speed or says ENOTSUP; no fallback here.
       if (flags?.fast) return await this.#pick().writeZeroes(offset, length, { noHole: flags.mayUnmap !== true, fast: true });
-      if (this.canWriteZeroes && this.#writeZeroesWorks) {
+      if (this.canZero && this.#writeZeroesWorks) {
         try {
           await this.#pick().writeZeroes(offset, length, { noHole: flags?.mayUnmap !== true });
           return;
@@ -255,7 +255,7 @@ export class NbdBackend implements BlockBackend {
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
     const rest = this.size - offset;
-    if (!this.hasBlockStatus) return { kind: 'data', length: rest };
+    if (!this.canBlockStatus) return { kind: 'data', length: rest };
     let found = this.#covering(offset);
     if (!found) {
       const generation = this.#generation;
@@ -291,7 +291,7 @@ export class NbdBackend implements BlockBackend {
       connections: this.#connections.length,
       multiConn: (f & Flag.CAN_MULTI_CONN) !== 0,
       structuredReplies: i.structuredReplies,
-      blockStatus: this.hasBlockStatus,
+      blockStatus: this.canBlockStatus,
       minimumBlockSize: i.minBlock,
       preferredBlockSize: i.preferredBlock,
       maximumPayload: i.maxPayload,
@@ -306,9 +306,9 @@ export class NbdBackend implements BlockBackend {
 
   /** Sees, once at open, whether the whole export reads as zeroes (a new nbdkit memory disk). */
   async probeAllZero(): Promise<void> {
-    if (this.readOnly || !this.hasBlockStatus || this.size === 0) return;
+    if (this.readOnly || !this.canBlockStatus || this.size === 0) return;
     const e = await this.blockStatus(0, this.size);
-    this.readsZeroesInitially = e.kind === 'zero' && e.length >= this.size;
+    this.zeroInitialized = e.kind === 'zero' && e.length >= this.size;
   }
 
   async #flushNow(): Promise<void> {

@@ -10,7 +10,7 @@
  * No TLS: the CLI binds to loopback unless told otherwise.
  */
 import * as net from 'node:net';
-import { mapImage, type BlockBackend } from '@blockconv/core';
+import { gateBackend, mapImage, type BlockBackend, type GatedBackend } from '@blockconv/core';
 import {
   BASE_ALLOCATION,
   Command,
@@ -92,7 +92,7 @@ interface ExportFacts {
 }
 
 export class NbdServer {
-  readonly #backend: BlockBackend;
+  readonly #backend: GatedBackend;
   /** @internal */
   readonly export: ExportFacts;
   readonly #onError?: (err: Error, client: string) => void;
@@ -101,7 +101,9 @@ export class NbdServer {
   #closing = false;
   #served = 0;
 
-  constructor(backend: BlockBackend, options: NbdServerOptions = {}) {
+  constructor(image: BlockBackend, options: NbdServerOptions = {}) {
+    // Behind the request gate (registry images are already): every request fits the image's limits.
+    const backend = gateBackend(image);
     this.#backend = backend;
     this.#onError = options.onConnectionError;
     const readOnly = options.readOnly === true || backend.readOnly;
@@ -185,7 +187,7 @@ const enum Want {
 class ServerConnection {
   readonly #socket: net.Socket;
   readonly #server: NbdServer;
-  readonly #backend: BlockBackend;
+  readonly #backend: GatedBackend;
   readonly #name: string;
   readonly #reader = new SinkReader(() => this.#advance(), () => this.#violation('bytes the protocol did not ask for'));
   #want: Want = Want.ClientFlags;
@@ -204,7 +206,7 @@ class ServerConnection {
   /** Waiting for this connection to have no request in flight (shutdown). */
   readonly #idle: (() => void)[] = [];
 
-  constructor(socket: net.Socket, server: NbdServer, backend: BlockBackend, name: string) {
+  constructor(socket: net.Socket, server: NbdServer, backend: GatedBackend, name: string) {
     this.#socket = socket;
     this.#server = server;
     this.#backend = backend;

@@ -15,9 +15,9 @@
  * otherwise take it for the host name and quote it back in its error.
  *
  * What libnfs 4.0 cannot do, and what this driver reports instead:
- * - No SEEK_DATA over NFSv3 (and none exposed for v4): hasBlockStatus is false and the
+ * - No SEEK_DATA over NFSv3 (and none exposed for v4): canBlockStatus is false and the
  *   whole image reads as data; convert's zero detection keeps targets sparse anyway.
- * - No server-side zeroing or hole punching: canWriteZeroes/canDiscard are false
+ * - No server-side zeroing or hole punching: canZero/canDiscard are false
  *   (writeZeroes writes zero buffers; discard is a no-op).
  * - NFSv4: rsize/wsize are not learnt, and a WRITE of more than ~3.9 KiB fails to
  *   encode, so v4 writes go out as many 2 KiB WRITEs in flight at once (slow: prefer v3).
@@ -31,6 +31,7 @@ import {
   timeoutOption,
   type BackendIdentity,
   type BlockBackend,
+  type SegmentList,
   type BlockLimits,
   type CreateOptions,
   type CreateResult,
@@ -203,14 +204,14 @@ export class NfsBackend implements BlockBackend {
   readonly location: string;
   readonly readOnly: boolean;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes = false;
+  readonly canZero = false;
   readonly canDiscard = false;
   /** Unknown for an existing file; the registry sets it on one create() just made. */
-  readonly readsZeroesInitially = false;
+  readonly zeroInitialized = false;
   readonly canCompress = false;
   /** libnfs 4.0 has no SEEK_DATA: everything is reported as data. */
-  readonly hasBlockStatus = false;
-  readonly cheapHoleReads = false;
+  readonly canBlockStatus = false;
+  readonly canReadHolesCheaply = false;
   readonly canWriteOutOfOrder = true;
 
   readonly #conns: readonly Connection[];
@@ -289,42 +290,25 @@ export class NfsBackend implements BlockBackend {
    * Vectored read (qcow2 reads one guest range from many host runs with it): every
    * segment a request of its own, all in flight together, spread over the connections.
    */
-  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+  async readSegments(into: Uint8Array, segments: SegmentList): Promise<void> {
     const parts: Promise<unknown>[] = [];
-    for (let i = 0; i < count; i++) {
-      const offset = segments[3 * i]!;
-      const length = segments[3 * i + 1]!;
-      const at = segments[3 * i + 2]!;
-      parts.push(this.read(offset, length, into.subarray(at, at + length)));
+    for (let i = 0; i < segments.count; i++) {
+      const at = segments.positionAt(i);
+      parts.push(this.read(segments.offsetAt(i), segments.lengthAt(i), into.subarray(at, at + segments.lengthAt(i))));
     }
     await settleAll(parts);
   }
 
   /**
-   * Convert's vectored write (data split by zero runs): every piece in flight at once,
+   * Vectored write (convert's data split by zero runs; qcow2's newly allocated clusters
+   * of a chunk, one allocation for the whole chunk): every piece in flight at once,
    * rather than one after another as the core would write them without this.
    */
-  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+  async writeSegments(from: Uint8Array, segments: SegmentList): Promise<void> {
     const parts: Promise<void>[] = [];
-    for (let i = 0; i < count; i++) {
-      const s = segments[2 * i]!;
-      const e = segments[2 * i + 1]!;
-      parts.push(this.write(offset + s, data.subarray(s, e)));
-    }
-    await settleAll(parts);
-  }
-
-  /**
-   * Scattered write (qcow2 puts a chunk's newly allocated clusters with it, one
-   * allocation for the whole chunk): every piece in flight at once.
-   */
-  async writeScattered(from: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    const parts: Promise<void>[] = [];
-    for (let i = 0; i < count; i++) {
-      const offset = segments[3 * i]!;
-      const length = segments[3 * i + 1]!;
-      const at = segments[3 * i + 2]!;
-      parts.push(this.write(offset, from.subarray(at, at + length)));
+    for (let i = 0; i < segments.count; i++) {
+      const at = segments.positionAt(i);
+      parts.push(this.write(segments.offsetAt(i), from.subarray(at, at + segments.lengthAt(i))));
     }
     await settleAll(parts);
   }
@@ -471,7 +455,7 @@ export async function createNfs(location: string, size: number, options: CreateO
     await c.ctx.ftruncate(c.fh, 0);
     await c.ctx.ftruncate(c.fh, size);
     await c.ctx.close(c.fh);
-    return { readsZeroes: true };
+    return { zeroInitialized: true };
   } catch (err) {
     throw nfsError(err, { op: 'create', location });
   } finally {

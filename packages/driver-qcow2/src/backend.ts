@@ -15,7 +15,9 @@ import {
   type BlockBackend,
   type BlockLimits,
   type Extent,
-  type PipeRequest,
+  type CopyRequest,
+  type GatedBackend,
+  SegmentList,
   type WriteFlags,
   type WriteZeroesFlags,
 } from '@blockconv/core';
@@ -35,12 +37,12 @@ const MAX_COMPRESSED_GROUP = 1 * MiB;
 const STATUS_LOAD_BUDGET = 4;
 
 export interface Qcow2Parts {
-  readonly file: BlockBackend;
+  readonly file: GatedBackend;
   readonly header: Qcow2Header;
   readonly mapper: ClusterMapper;
   readonly cache: TableCache;
-  readonly dataFile?: BlockBackend;
-  readonly backing?: BlockBackend;
+  readonly dataFile?: GatedBackend;
+  readonly backing?: GatedBackend;
   /** The backing file name resolved against the image's location. */
   readonly fullBackingFilename?: string;
   readonly snapshots: readonly Snapshot[];
@@ -65,12 +67,12 @@ export class Qcow2Backend implements BlockBackend {
   readonly readOnly: boolean;
   readonly readOnlyReason?: string;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes: boolean;
+  readonly canZero: boolean;
   readonly canDiscard: boolean;
-  readonly readsZeroesInitially: boolean;
+  readonly zeroInitialized: boolean;
   readonly canCompress: boolean;
-  readonly hasBlockStatus = true;
-  readonly cheapHoleReads: boolean;
+  readonly canBlockStatus = true;
+  readonly canReadHolesCheaply: boolean;
   /** Concurrent writes are ordered per cluster by the writer. */
   readonly canWriteOutOfOrder = true;
   readonly backing?: BlockBackend;
@@ -82,9 +84,9 @@ export class Qcow2Backend implements BlockBackend {
   readonly snapshot?: Snapshot;
 
   readonly #p: Qcow2Parts;
-  readonly #file: BlockBackend;
+  readonly #file: GatedBackend;
   /** Where data clusters live: the external data file, or the image file. */
-  readonly #data: BlockBackend;
+  readonly #data: GatedBackend;
   readonly #mapper: ClusterMapper;
   readonly #clusterSize: number;
   readonly #writer?: Qcow2Writer;
@@ -105,14 +107,14 @@ export class Qcow2Backend implements BlockBackend {
     this.snapshot = p.snapshot;
     // Requests the core sends are aligned for every backend below, so that data
     // runs (cluster-aligned in the host) go straight through; finer runs bounce.
-    const below = [p.file, p.dataFile, p.backing].filter((b): b is BlockBackend => b !== undefined);
+    const below = [p.file, p.dataFile, p.backing].filter((b): b is GatedBackend => b !== undefined);
     const align = Math.max(1, ...below.map((b) => b.limits.requestAlignment));
     const memAlign = Math.max(1, ...below.map((b) => b.limits.minMemAlignment ?? 1));
     const maxTransfer = Math.max(align, roundDown(MAX_TRANSFER, align));
     this.limits = {
       requestAlignment: align,
       maxTransfer,
-      optimalTransfer: Math.min(maxTransfer, Math.max(align, p.header.clusterSize, p.file.limits.optimalTransfer)),
+      optimalTransfer: Math.min(maxTransfer, Math.max(align, p.header.clusterSize, p.file.limits.optimalTransfer ?? 0)),
       minMemAlignment: memAlign,
       // Whole clusters (subclusters with extended L2) need no copy-on-write.
       preferredAlignment: Math.max(align, p.header.subclusterSize),
@@ -122,11 +124,11 @@ export class Qcow2Backend implements BlockBackend {
     if (memAlign > 1 && owner) this.allocBuffer = owner.allocBuffer!.bind(owner);
     this.readOnly = p.write === undefined;
     if ((p.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) this.readOnlyReason = 'the image is marked corrupt; writing is refused';
-    this.canWriteZeroes = p.write !== undefined && (p.header.version === 3 || !p.backing);
+    this.canZero = p.write !== undefined && (p.header.version === 3 || !p.backing);
     this.canDiscard = p.write !== undefined;
     this.canCompress = p.write !== undefined;
     // Unknown for an existing image; the registry sets it on one create() just made.
-    this.readsZeroesInitially = false;
+    this.zeroInitialized = false;
     if (p.write) {
       this.#writer = new Qcow2Writer({
         ...p.write,
@@ -135,7 +137,7 @@ export class Qcow2Backend implements BlockBackend {
       });
     }
     // Zero and unallocated ranges are filled here without I/O, unless a backing file must be read.
-    this.cheapHoleReads = p.backing ? p.backing.cheapHoleReads === true : true;
+    this.canReadHolesCheaply = p.backing ? p.backing.canReadHolesCheaply === true : true;
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -148,8 +150,8 @@ export class Qcow2Backend implements BlockBackend {
    * Guest ranges into one buffer (convert reads a chunk's data pieces around its holes
    * so): every range's host data runs go to the file below as one vectored request.
    */
-  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count > 0) await this.#readRanges(into, segments, count, 'readSegments');
+  async readSegments(into: Uint8Array, segments: SegmentList): Promise<void> {
+    if (segments.count > 0) await this.#readRanges(into, segments.array, segments.count, 'readSegments');
   }
 
   /** Walks the cluster map over (guest offset, length, buffer position) triples. */
@@ -214,7 +216,7 @@ export class Qcow2Backend implements BlockBackend {
         }
       }
       if (group) track(this.#readCompressed(group, out));
-      if (scattered.length) track(data.readSegments!(out, Float64Array.from(scattered), scattered.length / 3));
+      if (scattered.length) track(data.readSegments!(out, new SegmentList(Float64Array.from(scattered), scattered.length / 3)));
     } catch (err) {
       failure ??= err;
     }
@@ -228,23 +230,24 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   /**
-   * A fused copy of a data chunk (see BlockBackend.pipeTo): the host runs of its data
+   * A fused copy of a data chunk (see BlockBackend.copyTo): the host runs of its data
    * clusters become the pieces a target reads from the file below, zero clusters are
-   * zeroed in the buffer here. Declined where bytes need this driver on the way
-   * (compressed clusters, a backing file's, a file that needs aligned requests) or
-   * the runs do not fit the request's list.
+   * zeroed in the buffer here. Declined for offloads (a zero cluster has no bytes to
+   * copy), and where bytes need this driver on the way (compressed clusters, a backing
+   * file's, a file that needs aligned requests) or the runs do not fit the request's list.
    */
-  async pipeTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> {
+  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean> {
     const data = this.#data;
-    if (!target.pipeFrom || data.limits.requestAlignment !== 1 || (data.limits.minMemAlignment ?? 1) !== 1) return -1;
-    const { holes, holeCount, pieces, buffer } = request;
-    const room = pieces.length / 3;
+    if (request.offload || !target.copyFrom || data.limits.requestAlignment !== 1 || (data.limits.minMemAlignment ?? 1) !== 1) return false;
+    const { holes, pieces, buffer } = request;
+    const holeCount = holes.count;
+    const room = pieces.capacity;
+    pieces.clear();
     const run = newRun();
-    let n = 0;
     let pos = 0;
     try {
       for (let h = 0; h <= holeCount; h++) {
-        const end = h < holeCount ? holes[2 * h]! : length;
+        const end = h < holeCount ? holes.positionAt(h) : length;
         while (pos < end) {
           const pending = this.#mapper.lookup(offset + pos, end - pos, run);
           if (pending) await pending;
@@ -252,30 +255,25 @@ export class Qcow2Backend implements BlockBackend {
           if (run.kind === KIND_DATA) {
             const avail = Math.max(0, Math.min(len, data.size - run.host));
             if (avail > 0) {
-              if (n > 0 && pieces[3 * n - 3]! + pieces[3 * n - 2]! === run.host && pieces[3 * n - 1]! + pieces[3 * n - 2]! === pos) {
-                pieces[3 * n - 2]! += avail; // host-contiguous with the run before
-              } else {
-                if (n === room) return -1;
-                pieces[3 * n] = run.host;
-                pieces[3 * n + 1] = avail;
-                pieces[3 * n + 2] = pos;
-                n++;
-              }
+              // Host-contiguous with the run before: one piece.
+              const joins = pieces.count > 0 && pieces.endAt(pieces.count - 1) === run.host && pieces.positionAt(pieces.count - 1) + pieces.lengthAt(pieces.count - 1) === pos;
+              if (!joins && pieces.count === room) return false;
+              pieces.append(run.host, avail, pos);
             }
             if (avail < len) buffer.fill(0, pos + avail, pos + len);
           } else if (run.kind === KIND_ZERO || (run.kind === KIND_UNALLOCATED && !this.backing)) {
             buffer.fill(0, pos, pos + len);
           } else {
-            return -1;
+            return false;
           }
           pos += len;
         }
-        if (h < holeCount) pos = holes[2 * h + 1]!;
+        if (h < holeCount) pos = holes.positionAt(h) + holes.lengthAt(h);
       }
     } catch (err) {
       throw this.#contextual(err, 'read', offset, length);
     }
-    return target.pipeFrom(targetOffset, length, ungated(data), n, request);
+    return target.copyFrom(targetOffset, length, ungated(data), request);
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
@@ -306,14 +304,12 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   /** Data split by zero runs, in as few allocations and host requests as possible. */
-  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count === 0) return;
-    const first = segments[0]!;
-    const span = segments[2 * count - 1]! - first;
+  async writeSegments(from: Uint8Array, segments: SegmentList): Promise<void> {
+    if (segments.count === 0) return;
     try {
-      await this.#writable.writeSegments(offset, data, segments, count);
+      await this.#writable.writeSegments(from, segments);
     } catch (err) {
-      throw this.#contextual(err, 'write', offset + first, span);
+      throw this.#contextual(err, 'write', segments.offsetAt(0), segments.lengthAt(0));
     }
   }
 

@@ -5,7 +5,7 @@
  * image corrupt when it is open for a repair), refusing a write that would land on
  * other metadata (qcow2_check_metadata_overlap, in QEMU's default "cached" mode).
  */
-import { BlockError, type BlockBackend } from '@blockconv/core';
+import { BlockError, type GatedBackend } from '@blockconv/core';
 import { hex, type Where } from './errors.js';
 import { INCOMPAT_CORRUPT, type Qcow2Header } from './header.js';
 import type { ReadMeta } from './io.js';
@@ -36,7 +36,7 @@ export interface CheckSnapshot {
 
 export interface CheckState {
   readonly h: Qcow2Header;
-  readonly file: BlockBackend;
+  readonly file: GatedBackend;
   readonly read: ReadMeta;
   readonly cs: number;
   readonly where: Where;

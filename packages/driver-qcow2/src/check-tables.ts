@@ -4,7 +4,7 @@
  * as QEMU's do where a damaged image points them: past the end of the file they read
  * zeroes, and only beyond what a request can address (2^63 - 2^30) do they fail.
  */
-import { BlockError, type BlockBackend } from '@blockconv/core';
+import { BlockError, type GatedBackend } from '@blockconv/core';
 import { hex } from './errors.js';
 import type { ReadMeta } from './io.js';
 import { refcountAt, setRefcountAt } from './refcounts.js';
@@ -19,7 +19,7 @@ const REFT_RESERVED_LO = 0x1ff;
  * Reads [offset, offset+length) with what lies past the end of the file as zeroes,
  * as QEMU's block layer reads; fails (EIO) only for requests past what QEMU can address.
  */
-export async function readPadded(file: BlockBackend, read: ReadMeta, offset: number, length: number): Promise<Uint8Array> {
+export async function readPadded(file: GatedBackend, read: ReadMeta, offset: number, length: number): Promise<Uint8Array> {
   if (offset + length > MAX_REQUEST_END) {
     throw new BlockError('EIO', `read of ${length} bytes at ${hex(offset)} is beyond any file`, { location: file.location, op: 'check', offset, length });
   }
@@ -123,7 +123,7 @@ export class StoredRefcounts {
   readonly #cache = new Map<number, { bytes: Uint8Array; view: DataView; dirty: boolean }>();
 
   constructor(
-    private readonly file: BlockBackend,
+    private readonly file: GatedBackend,
     private readonly read: ReadMeta,
     readonly table: Uint8Array,
     private readonly cs: number,

@@ -23,7 +23,7 @@
  * bounded by the file's size; tables are read one at a time, and no more of a table
  * than QEMU's limits allow (header.ts, check-snapshots.ts).
  */
-import { BlockError, type BlockBackend, type CheckOptions, type CheckResult } from '@blockconv/core';
+import { BlockError, type GatedBackend, type CheckOptions, type CheckResult } from '@blockconv/core';
 import type { Where } from './errors.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from './header.js';
 import { metaReader, readHeader } from './io.js';
@@ -41,7 +41,7 @@ import { rebuildRefcountStructure } from './rebuild.js';
 const MAX_CHECK_CLUSTERS = 2 ** 31 - 1;
 const COPIED = 0x8000_0000;
 
-export async function checkQcow2(file: BlockBackend, options: CheckOptions = {}): Promise<CheckResult> {
+export async function checkQcow2(file: GatedBackend, options: CheckOptions = {}): Promise<CheckResult> {
   const st = await openForCheck(file, options);
   const snapshotTable = await readSnapshotsForCheck(st);
   st.snapshots = snapshotTable.snapshots;
@@ -61,7 +61,7 @@ export async function checkQcow2(file: BlockBackend, options: CheckOptions = {})
 }
 
 /** Reads what QEMU reads when it opens the image for a check, and opens what the image refers to. */
-async function openForCheck(file: BlockBackend, options: CheckOptions): Promise<CheckState> {
+async function openForCheck(file: GatedBackend, options: CheckOptions): Promise<CheckState> {
   const where: Where = { location: file.location, op: 'check' };
   const read = metaReader(file);
   const h = await readHeader(file, read, where, { forCheck: true });

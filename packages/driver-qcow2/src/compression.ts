@@ -14,7 +14,7 @@
  * cut and hostile headers are refused before anything is allocated.
  */
 import { constants as zc, inflateRaw } from 'node:zlib';
-import { BlockError, type BlockBackend } from '@blockconv/core';
+import { BlockError, SegmentList, type GatedBackend } from '@blockconv/core';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header.js';
 import { ZstdBatchError, zstdPool, type ZstdBatch } from './zstd-pool.js';
 
@@ -201,7 +201,7 @@ export interface HostGroup {
 
 /** Groups of one file for one output buffer, gathered until the current task yields. */
 interface PendingRead {
-  readonly file: BlockBackend;
+  readonly file: GatedBackend;
   readonly type: number;
   readonly clusterSize: number;
   readonly out: Uint8Array;
@@ -220,7 +220,7 @@ let pendingReads: PendingRead[] = [];
  * has one, and decompressed as one batch: two thread-pool round trips per request
  * instead of two per cluster. Settles once every cluster of the batch has.
  */
-export function readCompressedGroup(file: BlockBackend, type: number, clusterSize: number, group: HostGroup, out: Uint8Array): Promise<void> {
+export function readCompressedGroup(file: GatedBackend, type: number, clusterSize: number, group: HostGroup, out: Uint8Array): Promise<void> {
   let batch = pendingReads.find((p) => p.file === file && p.out === out && p.type === type && p.clusterSize === clusterSize);
   if (!batch) {
     if (pendingReads.length === 0) queueMicrotask(flushReads);
@@ -260,7 +260,7 @@ async function readBatch(b: PendingRead): Promise<void> {
       at += g.end - g.start;
     });
     if (groups.length > 1 && file.readSegments && file.limits.requestAlignment === 1 && memAlign === 1) {
-      await file.readSegments(input, segments, groups.length);
+      await file.readSegments(input, new SegmentList(segments.subarray(0, 3 * groups.length), groups.length));
     } else {
       const reads = groups.map((g, i) => file.read(g.start, g.end - g.start, input.subarray(segments[3 * i + 2]!, segments[3 * i + 2]! + g.end - g.start)));
       const results = await Promise.allSettled(reads);
@@ -282,7 +282,7 @@ const spareInput = new Map<number, Uint8Array[]>();
 let spareInputBytes = 0;
 
 /** A buffer of at least `bytes`; with `align` > 1 allocated by the file (aligned for O_DIRECT). */
-function takeInput(bytes: number, align: number, file: BlockBackend): Uint8Array {
+function takeInput(bytes: number, align: number, file: GatedBackend): Uint8Array {
   const size = Math.max(64 * 1024, 2 ** Math.ceil(Math.log2(Math.max(1, bytes))));
   const list = spareInput.get(align);
   const i = list ? list.findIndex((b) => b.length === size) : -1;

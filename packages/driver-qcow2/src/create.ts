@@ -8,7 +8,7 @@ import {
   BlockError,
   parseSize,
   resolveRelative,
-  type BlockBackend,
+  type GatedBackend,
   type CreateOptionInfo,
   type CreateOptions,
   type CreateResult,
@@ -220,7 +220,7 @@ export function encodeHeader(f: HeaderFields): Uint8Array {
 }
 
 /** Writes a new, empty image of `size` bytes into the empty `file`. */
-export async function createQcow2(file: BlockBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<CreateResult> {
+export async function createQcow2(file: GatedBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<CreateResult> {
   options.signal?.throwIfAborted();
   const where = { location: file.location, op: 'create' };
   let o: Qcow2CreateOptions;
@@ -231,7 +231,7 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
     throw err;
   }
   if (o.backingFile !== undefined) await checkBacking(file, o, options);
-  let data: BlockBackend | undefined;
+  let data: GatedBackend | undefined;
   if (o.dataFile !== undefined) {
     if (!options.resolver?.create) throw new BlockError('ENOTSUP', 'an external data file was given but no resolver can create it', { ...where, field: 'data_file' });
     const location = resolveRelative(file.location, o.dataFile);
@@ -244,19 +244,19 @@ export async function createQcow2(file: BlockBackend, size: number, options: Cre
   }
   // Unallocated clusters read as zeroes unless a backing file shows through; preallocated
   // ones (and a raw data file's bytes) read what the file holding the data holds, which
-  // the registry tells through readsZeroesInitially (a new sparse file: zeroes; a device: not).
+  // the registry tells through zeroInitialized (a new sparse file: zeroes; a device: not).
   const holder = data ?? file;
-  const readsZeroes = o.backingFile === undefined && ((o.preallocation === 'off' && !o.dataFileRaw) || holder.readsZeroesInitially);
+  const zeroInitialized = o.backingFile === undefined && ((o.preallocation === 'off' && !o.dataFileRaw) || holder.zeroInitialized);
   try {
     await writeImage(file, size, o, data);
   } finally {
     await data?.close();
   }
-  return { readsZeroes };
+  return { zeroInitialized };
 }
 
 /** The header, refcount structures and L1 table of a new image (and its preallocation). */
-async function writeImage(file: BlockBackend, size: number, o: Qcow2CreateOptions, data: BlockBackend | undefined): Promise<void> {
+async function writeImage(file: GatedBackend, size: number, o: Qcow2CreateOptions, data: GatedBackend | undefined): Promise<void> {
   const where = { location: file.location, op: 'create' };
   if (!file.resize) throw new BlockError('ENOTSUP', `${file.driverName} storage cannot grow, which a qcow2 image needs`, where);
   const cs = 2 ** o.clusterBits;
@@ -298,11 +298,11 @@ async function writeImage(file: BlockBackend, size: number, o: Qcow2CreateOption
 }
 
 /** The backing image must open; its format is recorded when not given (qemu-img requires it be known). */
-async function checkBacking(file: BlockBackend, o: Qcow2CreateOptions, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void> {
+async function checkBacking(file: GatedBackend, o: Qcow2CreateOptions, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void> {
   const where = { location: file.location, op: 'create', field: 'backing_file' };
   if (!options.resolver) throw new BlockError('ENOTSUP', 'a backing file was given but no resolver to open it', where);
   const location = resolveRelative(file.location, o.backingFile!);
-  let backing: BlockBackend;
+  let backing: GatedBackend;
   try {
     backing = await options.resolver.open(location, { readOnly: true, signal: options.signal, ...(o.backingFormat !== undefined ? { format: o.backingFormat } : {}) });
   } catch (err) {
@@ -314,7 +314,7 @@ async function checkBacking(file: BlockBackend, o: Qcow2CreateOptions, options: 
 }
 
 /** preallocation=metadata/falloc/full: every cluster gets a host cluster (and, but for metadata, real space). */
-async function preallocate(file: BlockBackend, o: Qcow2CreateOptions, size: number, l1Size: number, l1Offset: number, refcounts: Refcounts, where: { location: string; op: string }, data: BlockBackend | undefined): Promise<void> {
+async function preallocate(file: GatedBackend, o: Qcow2CreateOptions, size: number, l1Size: number, l1Offset: number, refcounts: Refcounts, where: { location: string; op: string }, data: GatedBackend | undefined): Promise<void> {
   const cs = 2 ** o.clusterBits;
   const header = preallocHeader(o, size, l1Size, l1Offset);
   const l1 = new Uint8Array(l1Size * 8);

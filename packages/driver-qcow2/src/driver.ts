@@ -10,6 +10,7 @@ import {
   parseSize,
   resolveRelative,
   type BlockBackend,
+  type GatedBackend,
   type FormatDriver,
   type ImageResolver,
   type OpenOptions,
@@ -114,7 +115,7 @@ export async function openQcow2(unchecked: BlockBackend, options: OpenOptions & 
   const l1Entries = Math.min(snapshot ? snapshot.l1Size : header.l1Size, header.l1Needed);
   const l1 = l1Entries > 0 ? await readMeta(l1Offset, l1Entries * 8) : new Uint8Array(0);
 
-  const opened: BlockBackend[] = [];
+  const opened: GatedBackend[] = [];
   try {
     if (snapshots.length > 0 && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
       throw corrupt(where, 'nb_snapshots', 'internal snapshots in an image with an external data file');
@@ -155,7 +156,7 @@ function refuseWriting(h: Qcow2Header, snapshots: number, readingSnapshot: boole
 }
 
 /** The refcount table, read whole (at most 8 MiB), and the allocator over it. */
-async function openRefcounts(file: BlockBackend, h: Qcow2Header, readMeta: ReadMeta, l2CacheSize: number, where: { location: string; op: string }): Promise<Refcounts> {
+async function openRefcounts(file: GatedBackend, h: Qcow2Header, readMeta: ReadMeta, l2CacheSize: number, where: { location: string; op: string }): Promise<Refcounts> {
   const bytes = h.refcountTableClusters * h.clusterSize;
   if (h.refcountTableOffset + bytes > file.size) {
     throw corrupt(where, 'refcount_table_offset', `refcount table at ${h.refcountTableOffset} (${bytes} bytes) runs past the end of the file (${file.size} bytes)`, 48);

@@ -15,7 +15,7 @@
  * disk (applyFrees), so a crash can leak clusters but never leave one referenced
  * with a refcount of 0.
  */
-import { BlockError, type BlockBackend } from '@blockconv/core';
+import { BlockError, type GatedBackend } from '@blockconv/core';
 import { TableCache, type CachedTable, type TableCopy } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { MAX_REFTABLE_BYTES } from './header.js';
@@ -25,7 +25,7 @@ const TWO_32 = 0x1_0000_0000;
 const MIN_GROWTH = 64 * 1024 * 1024;
 
 export interface RefcountParams {
-  readonly file: BlockBackend;
+  readonly file: GatedBackend;
   readonly clusterSize: number;
   readonly refcountOrder: number;
   /** The refcount table as stored (big-endian u64 entries, whole clusters). */
@@ -50,7 +50,7 @@ export interface RefcountCommit {
 }
 
 export class Refcounts {
-  readonly #file: BlockBackend;
+  readonly #file: GatedBackend;
   readonly #cs: number;
   readonly #bits: number;
   readonly #perBlock: number;

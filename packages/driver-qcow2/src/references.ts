@@ -17,7 +17,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { realpath } from 'node:fs/promises';
 import { dirname, posix, resolve as resolvePath } from 'node:path';
-import { BlockError, gateBackend, parseLocation, resolveRelative, type BlockBackend, type ImageResolver, type OpenOptions } from '@blockconv/core';
+import { BlockError, gateBackend, parseLocation, resolveRelative, type GatedBackend, type ImageResolver, type OpenOptions } from '@blockconv/core';
 import { corrupt } from './errors.js';
 import { INCOMPAT_DATA_FILE, type Qcow2Header } from './header.js';
 
@@ -84,7 +84,7 @@ export async function canonical(location: string): Promise<string> {
 }
 
 /** The external data file, when the image has one (the "data-file" option names another). */
-export async function openDataFile(file: BlockBackend, header: Qcow2Header, dataFileOption: string | undefined, options: OpenOptions & { readonly resolver?: ImageResolver }, where: { location: string; op: string }, writable: boolean, policy: ReferencePolicy): Promise<BlockBackend | undefined> {
+export async function openDataFile(file: GatedBackend, header: Qcow2Header, dataFileOption: string | undefined, options: OpenOptions & { readonly resolver?: ImageResolver }, where: { location: string; op: string }, writable: boolean, policy: ReferencePolicy): Promise<GatedBackend | undefined> {
   if ((header.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n) {
     if (dataFileOption !== undefined) throw new BlockError('EINVAL', 'the "data-file" option is only for images with an external data file', where);
     return undefined;
@@ -99,7 +99,7 @@ export async function openDataFile(file: BlockBackend, header: Qcow2Header, data
 }
 
 /** The backing file (and, through its own open, the rest of the chain); `chainSoFar` ends with this image. */
-export async function openBacking(file: BlockBackend, header: Qcow2Header, options: OpenOptions & { readonly resolver?: ImageResolver }, where: { location: string; op: string }, chainSoFar: readonly string[], policy: ReferencePolicy): Promise<BlockBackend | undefined> {
+export async function openBacking(file: GatedBackend, header: Qcow2Header, options: OpenOptions & { readonly resolver?: ImageResolver }, where: { location: string; op: string }, chainSoFar: readonly string[], policy: ReferencePolicy): Promise<GatedBackend | undefined> {
   if (header.backingFile === undefined) return undefined;
   const name = header.backingFile;
   const location = resolveRelative(file.location, name);
@@ -112,9 +112,9 @@ export async function openBacking(file: BlockBackend, header: Qcow2Header, optio
  * file and the whole backing chain before it checks anything, and fails when one of
  * them cannot be opened (missing, a loop, a damaged header).
  */
-export async function openReferencesForCheck(file: BlockBackend, header: Qcow2Header, options: OpenOptions & { readonly resolver?: ImageResolver }, policy: ReferencePolicy): Promise<void> {
+export async function openReferencesForCheck(file: GatedBackend, header: Qcow2Header, options: OpenOptions & { readonly resolver?: ImageResolver }, policy: ReferencePolicy): Promise<void> {
   const where = { location: file.location, op: 'check' };
-  const opened: BlockBackend[] = [];
+  const opened: GatedBackend[] = [];
   try {
     const dataFile = await openDataFile(file, header, undefined, options, where, false, policy);
     if (dataFile) opened.push(dataFile);
@@ -126,7 +126,7 @@ export async function openReferencesForCheck(file: BlockBackend, header: Qcow2He
 }
 
 /** Opens the backing or data file; a failure names the image that refers to it (once, not at every level of a chain). */
-async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }, writable = false): Promise<BlockBackend> {
+async function openChild(options: OpenOptions & { readonly resolver?: ImageResolver }, location: string, format: string | undefined, what: string, name: string, where: { location: string; op: string }, writable = false): Promise<GatedBackend> {
   const field = what === 'backing file' ? 'backing_file' : 'data_file';
   if (!options.resolver) {
     throw new BlockError('ENOTSUP', `the image has a ${what} ("${name}") but no resolver was given to open it`, { ...where, field });

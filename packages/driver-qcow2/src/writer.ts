@@ -20,7 +20,7 @@
  * the first change and cleared after the last commit, and the refcount barrier is
  * skipped, as QEMU does.
  */
-import { BlockError, type BlockBackend, type WriteZeroesFlags } from '@blockconv/core';
+import { BlockError, SegmentList, type GatedBackend, type WriteZeroesFlags } from '@blockconv/core';
 import type { TableCache, CachedTable } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, type Qcow2Header } from './header.js';
@@ -49,9 +49,9 @@ const H_INCOMPAT = 72;
 const H_AUTOCLEAR = 88;
 
 export interface WriterParams {
-  readonly file: BlockBackend;
+  readonly file: GatedBackend;
   /** Where data clusters live: an external data file (guest offset = host offset there), else the image file. */
-  readonly data?: BlockBackend;
+  readonly data?: GatedBackend;
   /** data_file_raw: the data file stays a valid raw image, zeroes included. */
   readonly dataFileRaw?: boolean;
   readonly header: Qcow2Header;
@@ -99,9 +99,9 @@ function inflightRecord(): Inflight {
 
 export class Qcow2Writer {
   readonly #p: WriterParams;
-  readonly #file: BlockBackend;
+  readonly #file: GatedBackend;
   /** Where data clusters are written: the data file or the image file. */
-  readonly #data: BlockBackend;
+  readonly #data: GatedBackend;
   readonly #hasDataFile: boolean;
   readonly #h: Qcow2Header;
   readonly #cs: number;
@@ -193,20 +193,20 @@ export class Qcow2Writer {
   }
 
   /**
-   * Data split by zero runs (convert's chunks, BlockBackend.writeSegments): when every
+   * Data split by zero runs (convert's chunks, GatedBackend.writeSegments): when every
    * piece covers whole clusters that have no host cluster yet, one allocation serves
    * them all and one scattered write puts them there; otherwise piece by piece.
    */
-  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
+  async writeSegments(data: Uint8Array, segments: SegmentList): Promise<void> {
     await this.#begin();
     const cs = this.#cs;
     const pieces: Array<readonly [number, number, number]> = [];
-    let whole = !this.#hasDataFile && this.#data.writeScattered !== undefined;
-    for (let i = 0; i < count; i++) {
-      const s = segments[2 * i]!;
-      const e = segments[2 * i + 1]!;
-      pieces.push([offset + s, offset + e, s]);
-      if ((offset + s) % cs !== 0 || ((offset + e) % cs !== 0 && offset + e !== this.#size)) whole = false;
+    let whole = !this.#hasDataFile && this.#data.writeSegments !== undefined;
+    for (let i = 0; i < segments.count; i++) {
+      const a = segments.offsetAt(i);
+      const b = segments.endAt(i);
+      pieces.push([a, b, segments.positionAt(i)]);
+      if (a % cs !== 0 || (b % cs !== 0 && b !== this.#size)) whole = false;
     }
     if (whole) {
       // Every L2 table the pieces need, read or allocated first; then a synchronous look at every cluster.
@@ -235,7 +235,7 @@ export class Qcow2Writer {
         for (let done = 0; done < b - a; done += max) triples.push(at + done, Math.min(max, b - a - done), s + done);
         at += Math.ceil((b - a) / cs) * cs;
       }
-      await this.#data.writeScattered!(data, Float64Array.from(triples), triples.length / 3);
+      await this.#data.writeSegments!(data, new SegmentList(Float64Array.from(triples), triples.length / 3));
       // Link, now that the data is written.
       at = host;
       for (const [a, b] of pieces) {

@@ -6,7 +6,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DriverRegistry, type ProtocolDriver } from '@blockconv/core';
+import { DriverRegistry, type ProtocolDriver, type SegmentList } from '@blockconv/core';
 import { drivers as rawDrivers, fileDriver } from '@blockconv/driver-raw';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -134,7 +134,7 @@ function paths(name: string, forceFallback: boolean): void {
           const readSegments = b.readSegments!.bind(b);
           return Object.assign(b, {
             read: (o: number, l: number, into?: Uint8Array) => { calls.read++; return read(o, l, into); },
-            readSegments: (into: Uint8Array, segs: Float64Array, count: number) => { calls.readSegments++; return readSegments(into, segs, count); },
+            readSegments: (into: Uint8Array, segs: SegmentList) => { calls.readSegments++; return readSegments(into, segs); },
           });
         },
       };

@@ -6,7 +6,7 @@ import { execFile, execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { BlockError, DriverRegistry, convert, type BlockBackend, type ImageOpenOptions, type ProtocolDriver } from '@blockconv/core';
+import { BlockError, DriverRegistry, convert, type BlockBackend, type ImageOpenOptions, type SegmentList, type ProtocolDriver } from '@blockconv/core';
 import { drivers as rawDrivers, fileDriver } from '@blockconv/driver-raw';
 import { drivers as qcow2Drivers } from '../src/index.js';
 
@@ -260,8 +260,8 @@ export interface SpyStats { requests: number; reads: number; bytes: number; maxE
 export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) => void, onRequest: () => void = () => {}): BlockBackend {
   const spy: BlockBackend = {
     driverName: b.driverName, location: b.location, size: b.size, readOnly: b.readOnly, limits: b.limits,
-    canWriteZeroes: b.canWriteZeroes, canDiscard: b.canDiscard, readsZeroesInitially: b.readsZeroesInitially,
-    canCompress: b.canCompress, hasBlockStatus: b.hasBlockStatus, cheapHoleReads: b.cheapHoleReads, canWriteOutOfOrder: b.canWriteOutOfOrder,
+    canZero: b.canZero, canDiscard: b.canDiscard, zeroInitialized: b.zeroInitialized,
+    canCompress: b.canCompress, canBlockStatus: b.canBlockStatus, canReadHolesCheaply: b.canReadHolesCheaply, canWriteOutOfOrder: b.canWriteOutOfOrder,
     read: (offset, length, into) => { onRequest(); onRead(offset, length); return b.read(offset, length, into); },
     write: (o, d, f) => b.write(o, d, f),
     writeZeroes: (o, l, f) => b.writeZeroes(o, l, f),
@@ -274,10 +274,10 @@ export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) 
     ...(b.allocBuffer ? { allocBuffer: b.allocBuffer.bind(b) } : {}),
     ...(b.allocatedSize ? { allocatedSize: b.allocatedSize.bind(b) } : {}),
     ...(b.readSegments ? {
-      readSegments: (into: Uint8Array, segments: Float64Array, count: number) => {
+      readSegments: (into: Uint8Array, segments: SegmentList) => {
         onRequest();
-        for (let i = 0; i < count; i++) onRead(segments[3 * i]!, segments[3 * i + 1]!);
-        return b.readSegments!(into, segments, count);
+        for (let i = 0; i < segments.count; i++) onRead(segments.offsetAt(i), segments.lengthAt(i));
+        return b.readSegments!(into, segments);
       },
     } : {}),
   });

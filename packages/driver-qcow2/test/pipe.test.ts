@@ -1,5 +1,5 @@
 /**
- * qcow2 as the source of a fused copy (pipeTo): the host runs of a chunk's data
+ * qcow2 as the source of a fused copy (copyTo): the host runs of a chunk's data
  * clusters go to a raw file target that reads, scans and writes them in one job.
  * Where the bytes need the driver (compressed clusters, a backing file) it declines
  * and the chunk is read and written as before; qemu-img compare says the result is the
@@ -9,14 +9,14 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { convert, forwardBackend, ungated, type BlockBackend, type PipeRequest } from '@blockconv/core';
+import { convert, forwardBackend, ungated, type BlockBackend, type CopyRequest } from '@blockconv/core';
 import { KiB, MiB, create, qemuImg, qemuIo, registry, removeDir, tempDir } from './helpers.js';
 
 let dir = '';
 test.before(() => { dir = tempDir('blockconv-qcow2-pipe-'); });
 test.after(() => removeDir(dir));
 
-/** Converts to a new raw file, counting what the target's pipeFrom returned (-1: declined). */
+/** Converts to a new raw file, counting the zero runs the target's copyFrom found (-1: declined). */
 async function pipedConvert(image: string, out: string): Promise<{ results: number[]; bytesWritten: number }> {
   const reg = registry();
   const src = await reg.open(image, { readOnly: true });
@@ -24,9 +24,9 @@ async function pipedConvert(image: string, out: string): Promise<{ results: numb
   const inner = ungated(dst);
   const results: number[] = [];
   const target = forwardBackend(inner, {
-    pipeFrom: async (o: number, n: number, s: BlockBackend, c: number, r: PipeRequest) => {
-      const v = await inner.pipeFrom!(o, n, s, c, r);
-      results.push(v);
+    copyFrom: async (o: number, n: number, s: BlockBackend, r: CopyRequest) => {
+      const v = await inner.copyFrom!(o, n, s, r);
+      results.push(v ? r.zeroRuns.count : -1);
       return v;
     },
   });

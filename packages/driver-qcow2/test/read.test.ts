@@ -6,7 +6,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, DriverRegistry, type BlockBackend } from '@blockconv/core';
+import { BlockError, DriverRegistry, SegmentList, type BlockBackend } from '@blockconv/core';
 import { conformance } from '@blockconv/core/testkit';
 import { drivers as rawDrivers, fileDriver } from '@blockconv/driver-raw';
 import { suite } from 'uvu';
@@ -129,7 +129,7 @@ io('readSegments: guest ranges around holes read as read() does, data runs in on
       const s = stats.get(f)!;
       await img.read(0, 4 * MiB, new Uint8Array(4 * MiB)); // tables cached: count data requests only
       const before = s.requests;
-      await img.readSegments!(into, segs, ranges.length);
+      await img.readSegments!(into, new SegmentList(segs, ranges.length));
       if (f === plain) assert.is(s.requests - before, 1, 'the data runs of all ranges in one request to the image file');
       for (let i = 0; i < ranges.length; i++) {
         const [o, n] = ranges[i]!;

@@ -21,13 +21,46 @@ import {
   type CreateResult,
   type Extent,
   type OpenOptions,
-  type PipeRequest,
+  type CopyRequest,
+  type SegmentList,
   type ProtocolDriver,
   type WriteFlags,
   type WriteZeroesFlags,
 } from '@blockconv/core';
 import * as fileio from '@blockconv/fileio';
 import { parseWriteBehindOption, writeBehindFor, type WriteBehind } from './write-behind.js';
+
+/**
+ * fileio.pipe's own lists for a copy request: holes and zero runs as [start, end) pairs
+ * relative to the chunk, as the addon takes them. Made once per request (one per convert
+ * worker) and reused from chunk to chunk.
+ */
+interface PipeLists {
+  readonly chunk: fileio.PipeChunk & { holeCount: number };
+  readonly runs: Float64Array;
+}
+
+const pipeListsOf = new WeakMap<CopyRequest, PipeLists>();
+
+function pipeLists(request: CopyRequest): PipeLists {
+  let lists = pipeListsOf.get(request);
+  if (!lists) {
+    const runs = new Float64Array(2 * request.zeroRuns.capacity);
+    const chunk = {
+      pieces: request.pieces.array, buffer: request.buffer, holes: new Float64Array(2 * request.holes.capacity), holeCount: 0,
+      unit: request.unit, minRun: request.minRun, runs,
+    };
+    lists = { chunk, runs };
+    pipeListsOf.set(request, lists);
+  }
+  const holes = request.holes;
+  for (let i = 0; i < holes.count; i++) {
+    lists.chunk.holes[2 * i] = holes.positionAt(i);
+    lists.chunk.holes[2 * i + 1] = holes.positionAt(i) + holes.lengthAt(i);
+  }
+  lists.chunk.holeCount = holes.count;
+  return lists;
+}
 
 const { O_RDONLY, O_RDWR, O_WRONLY, O_CREAT, O_TRUNC, O_DIRECT, O_DSYNC } = fs.constants;
 
@@ -117,7 +150,7 @@ export class FileBackend implements BlockBackend {
   readonly location: string;
   readonly readOnly: boolean;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes = true;
+  readonly canZero = true;
   readonly canDiscard = true;
   /**
    * Regular files zero with fallocate (punch, ZERO_RANGE): metadata only, or ENOTSUP
@@ -125,11 +158,11 @@ export class FileBackend implements BlockBackend {
    */
   readonly canFastZero: boolean;
   /** Unknown for an existing file; the registry sets it on one create() just made. */
-  readonly readsZeroesInitially = false;
+  readonly zeroInitialized = false;
   readonly canCompress = false;
-  readonly hasBlockStatus: boolean;
+  readonly canBlockStatus: boolean;
   /** Holes of regular files read as zeroes filled by the kernel, without disk I/O. */
-  readonly cheapHoleReads: boolean;
+  readonly canReadHolesCheaply: boolean;
   readonly canWriteOutOfOrder = true;
   /** Present only with O_DIRECT, where the memory of I/O buffers must be aligned. */
   readonly allocBuffer?: (size: number) => Uint8Array;
@@ -163,9 +196,9 @@ export class FileBackend implements BlockBackend {
     this.#size = p.size;
     this.readOnly = p.readOnly;
     // Block devices have no holes to find; report them as all data.
-    this.hasBlockStatus = !p.isDevice;
+    this.canBlockStatus = !p.isDevice;
     this.canFastZero = !p.isDevice;
-    this.cheapHoleReads = !p.isDevice;
+    this.canReadHolesCheaply = !p.isDevice;
     this.#align = p.direct ? p.sectorSize : 1;
     this.limits = {
       requestAlignment: this.#align,
@@ -201,83 +234,91 @@ export class FileBackend implements BlockBackend {
   }
 
   /** Scattered reads in one thread-pool job (pread per piece), see BlockBackend. */
-  async readSegments(into: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count === 0) return;
+  async readSegments(into: Uint8Array, segments: SegmentList): Promise<void> {
+    if (segments.count === 0) return;
     if (this.#p.direct) {
       // O_DIRECT pieces may need read()'s unaligned-edge handling.
-      const pieces = Array.from({ length: count }, (_, i) => [segments[3 * i]!, segments[3 * i + 1]!, segments[3 * i + 2]!] as const);
-      await Promise.all(pieces.map(([off, len, at]) => this.read(off, len, into.subarray(at, at + len))));
+      await Promise.all(segments.toArray().map(({ offset, length, position }) => this.read(offset, length, into.subarray(position, position + length))));
       return;
     }
     try {
-      await fileio.preadSegments(this.#p.fd, into, segments, count);
+      await fileio.preadSegments(this.#p.fd, into, segments.array, segments.count);
     } catch (err) {
-      throw toBlockError(err, this.#where('read', segments[0]!, segments[3 * count - 2]!));
+      throw toBlockError(err, this.#where('read', segments.offsetAt(0), segments.lengthAt(0)));
     }
-  }
-
-  /** Data split by zero runs in one thread-pool job (pwrite per piece), see BlockBackend. */
-  async writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count === 0) return;
-    const first = segments[0]!;
-    const span = segments[2 * count - 1]! - first;
-    if (this.#p.direct) {
-      // O_DIRECT pieces may need the unaligned-edge handling of write(): keep it simple.
-      const pieces = Array.from({ length: count }, (_, i) => [segments[2 * i]!, segments[2 * i + 1]!] as const);
-      for (const [a, b] of pieces) await this.write(offset + a, data.subarray(a, b));
-      return;
-    }
-    this.#extents = null;
-    try {
-      await fileio.pwriteSegments(this.#p.fd, data, offset, segments, count);
-      const behind = this.#p.writeBehind?.written(offset + first, span);
-      if (behind) await behind;
-    } catch (err) {
-      throw toBlockError(err, this.#where('write', offset + first, span));
-    }
-  }
-
-  /** Pieces bound for unrelated offsets in one thread-pool job (pwrite per piece), see BlockBackend. */
-  async writeScattered(from: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    if (count === 0) return;
-    if (this.#p.direct) {
-      const pieces = Array.from({ length: count }, (_, i) => [segments[3 * i]!, segments[3 * i + 1]!, segments[3 * i + 2]!] as const);
-      await Promise.all(pieces.map(([off, len, at]) => this.write(off, from.subarray(at, at + len))));
-      return;
-    }
-    this.#extents = null;
-    try {
-      await fileio.pwriteScatter(this.#p.fd, from, segments, count);
-      // Pieces are runs of new clusters (qcow2 data): each large one is written behind.
-      const wb = this.#p.writeBehind;
-      if (wb) {
-        for (let i = 0; i < count; i++) {
-          const behind = wb.written(segments[3 * i]!, segments[3 * i + 1]!);
-          if (behind) await behind;
-        }
-      }
-    } catch (err) {
-      throw toBlockError(err, this.#where('write', segments[0]!, segments[1]!));
-    }
-  }
-
-  /** Copy offload from this file: only another local file can take it (see copyFrom). */
-  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number): Promise<boolean> {
-    return target.copyFrom ? target.copyFrom(targetOffset, length, this, offset) : false;
   }
 
   /**
-   * Copy offload into this file from another local file: copy_file_range, so the bytes
-   * stay in the kernel (and a file system that shares extents shares them). False where
-   * the kernel cannot (another file system type, the same file overlapping) or the
-   * source is not a local file; then the caller reads and writes.
+   * Pieces of a buffer to their own offsets in one thread-pool job (pwrite per piece),
+   * see BlockBackend: convert's data split by zero runs, qcow2's runs of new clusters.
    */
-  async copyFrom(offset: number, length: number, source: BlockBackend, sourceOffset: number): Promise<boolean> {
-    if (!(source instanceof FileBackend)) return false;
+  async writeSegments(from: Uint8Array, segments: SegmentList): Promise<void> {
+    const count = segments.count;
+    if (count === 0) return;
+    if (this.#p.direct) {
+      // O_DIRECT pieces may need the unaligned-edge handling of write(): keep it simple.
+      await Promise.all(segments.toArray().map(({ offset, length, position }) => this.write(offset, from.subarray(position, position + length))));
+      return;
+    }
     this.#extents = null;
     try {
-      // The source file ended early (truncated since it was opened): a read gives zeroes there.
-      if ((await fileio.copyRange(source.#p.fd, sourceOffset, this.#p.fd, offset, length)) < length) return false;
+      await fileio.pwriteScatter(this.#p.fd, from, segments.array, count);
+      await this.#wroteSegments(segments);
+    } catch (err) {
+      throw toBlockError(err, this.#where('write', segments.offsetAt(0), segments.lengthAt(0)));
+    }
+  }
+
+  /** Write-behind of what writeSegments wrote: the span of ascending pieces at once, else each large one. */
+  async #wroteSegments(segments: SegmentList): Promise<void> {
+    const wb = this.#p.writeBehind;
+    if (!wb) return;
+    let ascending = true;
+    for (let i = 1; i < segments.count && ascending; i++) ascending = segments.offsetAt(i) >= segments.endAt(i - 1);
+    if (ascending) {
+      const first = segments.offsetAt(0);
+      const behind = wb.written(first, segments.endAt(segments.count - 1) - first);
+      if (behind) await behind;
+      return;
+    }
+    for (let i = 0; i < segments.count; i++) {
+      const behind = wb.written(segments.offsetAt(i), segments.lengthAt(i));
+      if (behind) await behind;
+    }
+  }
+
+  /**
+   * A copy step from this file: where the chunk's data lies, for the target (see
+   * copyFrom). A fused copy is not offered with O_DIRECT (its edge handling lives in
+   * read and write).
+   */
+  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean> {
+    if (!target.copyFrom || (!request.offload && this.#p.direct)) return false;
+    piecesAroundHoles(offset, length, request.holes, request.pieces);
+    return target.copyFrom(targetOffset, length, this, request);
+  }
+
+  /** A copy step into this file from another local file: an offload or a fused copy. */
+  async copyFrom(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean> {
+    if (!(source instanceof FileBackend)) return false;
+    return request.offload ? this.#copyRange(offset, length, source, request) : this.#pipe(offset, length, source, request);
+  }
+
+  /**
+   * Copy offload: copy_file_range of each piece, so the bytes stay in the kernel (and a
+   * file system that shares extents shares them). False where the kernel cannot (another
+   * file system type, the same file overlapping); then the caller reads and writes.
+   */
+  async #copyRange(offset: number, length: number, source: FileBackend, request: CopyRequest): Promise<boolean> {
+    this.#extents = null;
+    request.issued();
+    const pieces = request.pieces;
+    try {
+      for (let i = 0; i < pieces.count; i++) {
+        const n = pieces.lengthAt(i);
+        // The source file ended early (truncated since it was opened): a read gives zeroes there.
+        if ((await fileio.copyRange(source.#p.fd, pieces.offsetAt(i), this.#p.fd, offset + pieces.positionAt(i), n)) < n) return false;
+      }
       const behind = this.#p.writeBehind?.written(offset, length);
       if (behind) await behind;
       return true;
@@ -288,24 +329,17 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  /** A fused copy from this file: where the chunk's data lies, for the target (see pipeFrom). */
-  async pipeTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: PipeRequest): Promise<number> {
-    if (this.#p.direct || !target.pipeFrom) return -1;
-    const n = piecesAroundHoles(offset, length, request.holes, request.holeCount, request.pieces);
-    return target.pipeFrom(targetOffset, length, this, n, request);
-  }
-
   /**
-   * A fused copy into this file from another local file: fileio.pipe reads, scans and
-   * writes the chunk in one thread-pool job. Not with O_DIRECT on either side (its
-   * edge handling lives in read and write).
+   * A fused copy: fileio.pipe reads, scans and writes the chunk in one thread-pool job.
+   * Not with O_DIRECT on either side.
    */
-  async pipeFrom(offset: number, length: number, source: BlockBackend, pieceCount: number, request: PipeRequest): Promise<number> {
-    if (!(source instanceof FileBackend) || source.#p.direct || this.#p.direct) return -1;
+  async #pipe(offset: number, length: number, source: FileBackend, request: CopyRequest): Promise<boolean> {
+    if (source.#p.direct || this.#p.direct) return false;
     this.#extents = null;
+    const lists = pipeLists(request);
     let runs: number;
     try {
-      const job = fileio.pipe(source.#p.fd, this.#p.fd, offset, length, request, pieceCount);
+      const job = fileio.pipe(source.#p.fd, this.#p.fd, offset, length, lists.chunk, request.pieces.count);
       request.issued();
       runs = await job;
     } catch (err) {
@@ -315,8 +349,9 @@ export class FileBackend implements BlockBackend {
       if (syscall === 'pwrite') throw toBlockError(err, this.#where('write', at, length));
       throw err; // a request the native side refused (a caller's bug), as it is
     }
+    const runList = lists.runs;
+    for (let i = 0; i < runs; i++) request.zeroRuns.push(offset + runList[2 * i]!, runList[2 * i + 1]! - runList[2 * i]!, runList[2 * i]!);
     // What was written spans from the first data byte to the last: the zero runs at the ends were not.
-    const runList = request.runs;
     const first = runs > 0 && runList[0] === 0 ? runList[1]! : 0;
     const end = runs > 0 && runList[2 * runs - 1] === length ? runList[2 * runs - 2]! : length;
     const behind = end > first ? this.#p.writeBehind?.written(offset + first, end - first) : undefined;
@@ -327,8 +362,9 @@ export class FileBackend implements BlockBackend {
         throw toBlockError(err, this.#where('write', offset, length));
       }
     }
-    return runs;
+    return true;
   }
+
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     this.#extents = null;
@@ -363,7 +399,7 @@ export class FileBackend implements BlockBackend {
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
-    if (!this.hasBlockStatus) return { kind: 'data', length: this.size - offset, offset };
+    if (!this.canBlockStatus) return { kind: 'data', length: this.size - offset, offset };
     const cached = this.#cachedExtent(offset);
     if (cached) return cached;
     try {
@@ -648,7 +684,7 @@ export async function createFile(location: string, size: number, options: Create
       } finally {
         await closeFd(fd);
       }
-      return { readsZeroes: false }; // the device keeps what it held
+      return { zeroInitialized: false }; // the device keeps what it held
     }
     // Truncating to 0 first drops every old block, so the result is all hole.
     const fd = await openFd(location, O_WRONLY | O_CREAT | O_TRUNC, 0o644);
@@ -657,7 +693,7 @@ export async function createFile(location: string, size: number, options: Create
     } finally {
       await closeFd(fd);
     }
-    return { readsZeroes: true }; // all hole
+    return { zeroInitialized: true }; // all hole
   } catch (err) {
     throw toBlockError(err, { op: 'create', location });
   }

@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, convert, forwardBackend, ungated, type BlockBackend } from '@blockconv/core';
+import { DriverRegistry, SegmentList, convert, forwardBackend, ungated, type BlockBackend, type CopyRequest } from '@blockconv/core';
 import { drivers } from '../src/index.js';
 import { dataBytes, diskTempDir, identical, rejects, removeDir } from './helpers.js';
 
@@ -161,19 +161,24 @@ test('the request gate checks offloaded copies as reads and writes', async () =>
   const src = await reg.open(source, { readOnly: true, format: 'raw' });
   const ro = await reg.open(source, { readOnly: true, format: 'raw' });
   const dst = await reg.create(path.join(disk, 'g.raw'), MiB, { format: 'raw' });
+  // An offload: the storage copies; no buffer, no scan.
+  const offload: CopyRequest = {
+    offload: true, buffer: new Uint8Array(0), holes: new SegmentList(1), unit: 4096, minRun: 0,
+    pieces: new SegmentList(1), zeroRuns: new SegmentList(0), issued: () => {},
+  };
   try {
-    await rejects(() => src.copyTo!(0, 4096, ro, 0), { code: 'EROFS' });
-    await rejects(() => src.copyTo!(src.size - 4096, 8192, dst, 0), { code: 'ERANGE' });
-    await rejects(() => src.copyTo!(0, 8192, dst, MiB - 4096), { code: 'ERANGE' });
-    assert.is(await src.copyTo!(0, MiB, dst, 0), true);
+    await rejects(() => src.copyTo!(0, 4096, ro, 0, offload), { code: 'EROFS' });
+    await rejects(() => src.copyTo!(src.size - 4096, 8192, dst, 0, offload), { code: 'ERANGE' });
+    await rejects(() => src.copyTo!(0, 8192, dst, MiB - 4096, offload), { code: 'ERANGE' });
+    assert.is(await src.copyTo!(0, MiB, dst, 0, offload), true);
     const got = await dst.read(0, MiB);
     const want = await src.read(0, MiB);
     assert.ok(Buffer.from(got).equals(Buffer.from(want)));
     // A backend that is not a local file is declined, not an error.
     const memory = { ...ungated(dst), copyFrom: undefined } as unknown as BlockBackend;
-    assert.is(await ungated(src).copyTo!(0, 4096, memory, 0), false);
+    assert.is(await ungated(src).copyTo!(0, 4096, memory, 0, offload), false);
     await dst.close();
-    await rejects(() => src.copyTo!(0, 4096, dst, 0), { code: 'EBADF' });
+    await rejects(() => src.copyTo!(0, 4096, dst, 0, offload), { code: 'EBADF' });
   } finally {
     await src.close();
     await ro.close();

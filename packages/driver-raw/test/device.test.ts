@@ -27,8 +27,8 @@ test.after(() => {
 it('opens with the device size, all data, nothing known to be zero', async () => {
   const img = await openFile(loop!.dev);
   assert.is(img.size, SIZE);
-  assert.not.ok(img.hasBlockStatus);
-  assert.not.ok(img.readsZeroesInitially);
+  assert.not.ok(img.canBlockStatus);
+  assert.not.ok(img.zeroInitialized);
   assert.is(img.limits.requestAlignment, 1);
   assert.equal(await extents(img), [{ start: 0, length: SIZE, kind: 'data' }]);
   assert.is(await img.allocatedSize(), undefined);
@@ -41,7 +41,7 @@ it('create checks the size and keeps the contents', async () => {
   await createFile(loop!.dev, SIZE - MiB);
   const img = await openFile(loop!.dev);
   assert.is(img.size, SIZE, 'a device is not truncated');
-  assert.not.ok(img.readsZeroesInitially);
+  assert.not.ok(img.zeroInitialized);
   assert.is((await img.read(0, 1))[0], 0xcc);
   await img.close();
 });

@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, gateBackend } from '@blockconv/core';
+import { DriverRegistry, SegmentList, gateBackend } from '@blockconv/core';
 import { createFile, drivers, fileDriver, openFile } from '../src/index.js';
 import { cachedBytes, canMount, diskTempDir, extents, filled, rejects, removeDir, scratchMount } from './helpers.js';
 
@@ -32,20 +32,20 @@ test('create makes a sparse file of exactly the size, replacing an existing one'
 
 test('create says a new file reads zeroes; the registry tells the backend it returns, a later open is not told', async () => {
   const f = path.join(dir, 'fresh.img');
-  assert.equal(await fileDriver.create!(f, MiB, {}), { readsZeroes: true });
+  assert.equal(await fileDriver.create!(f, MiB, {}), { zeroInitialized: true });
   const reg = new DriverRegistry().register(...drivers);
   const created = await reg.create(f, MiB);
-  assert.ok(created.readsZeroesInitially);
+  assert.ok(created.zeroInitialized);
   await created.close();
   const again = await reg.open(f);
-  assert.not.ok(again.readsZeroesInitially);
+  assert.not.ok(again.zeroInitialized);
   await again.close();
   // A file made by someone else is never assumed to be zero.
   const other = path.join(dir, 'other.img');
   fs.writeFileSync(other, '');
   fs.truncateSync(other, MiB);
   const img = await fileDriver.open(other, {});
-  assert.not.ok(img.readsZeroesInitially);
+  assert.not.ok(img.zeroInitialized);
   await img.close();
 });
 
@@ -59,7 +59,7 @@ test('buffered limits and flags', async () => {
   assert.is(img.limits.minMemAlignment, 1);
   assert.ok(img.limits.maxTransfer >= 16 * MiB);
   assert.is(img.allocBuffer, undefined);
-  assert.ok(img.canWriteZeroes && img.canDiscard && img.hasBlockStatus && img.canWriteOutOfOrder);
+  assert.ok(img.canZero && img.canDiscard && img.canBlockStatus && img.canWriteOutOfOrder);
   assert.not.ok(img.canCompress);
   assert.equal(await img.info(), {});
   await img.close();
@@ -194,8 +194,7 @@ test('write-behind: a long write keeps ~32 large writes in the cache; small writ
     const img = await openFile(f, opts);
     for (let i = 0; i < 64; i++) await img.write(i * MiB, chunk);
     // Data runs of one chunk (writeSegments) count as one write of their span.
-    const segs = new Float64Array([0, 256 * KiB, 512 * KiB, MiB]);
-    for (let i = 64; i < 72; i++) await img.writeSegments(i * MiB, chunk, segs, 2);
+    for (let i = 64; i < 72; i++) await img.writeSegments!(chunk, SegmentList.of([i * MiB, 256 * KiB, 0], [i * MiB + 512 * KiB, 512 * KiB, 512 * KiB]));
     for (let i = 0; i < 64; i++) await img.write(72 * MiB + i * 64 * KiB, chunk.subarray(0, 64 * KiB));
     cached[mode] = cachedBytes(f);
     const back = await img.read(0, 80 * MiB);

@@ -1,5 +1,5 @@
 /**
- * The fused file-to-file copy (pipeTo/pipeFrom over fileio.pipe): one thread-pool job
+ * The fused file-to-file copy (copyTo/copyFrom over fileio.pipe): one thread-pool job
  * reads a chunk, finds its zero runs and writes the rest. Its scan must agree with the
  * core's ZeroScanner, bit for bit, since convert treats the runs it returns as its own;
  * qemu-img compare is the oracle for whole copies.
@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, ZeroScanner, convert, forwardBackend, ungated, type BlockBackend, type BlockError, type PipeRequest } from '@blockconv/core';
+import { DriverRegistry, SegmentList, ZeroScanner, convert, forwardBackend, ungated, type BlockBackend, type BlockError, type CopyRequest } from '@blockconv/core';
 import * as fileio from '@blockconv/fileio';
 import { drivers } from '../src/index.js';
 import { canMount, dataBytes, diskTempDir, identical, removeDir, scratchMount } from './helpers.js';
@@ -94,9 +94,11 @@ test('fileio.pipe finds exactly the zero runs ZeroScanner finds, writes only the
     reference.set(file);
     for (let h = 0; h < holeCount; h++) reference.fill(0x77, holes[2 * h]!, holes[2 * h + 1]!);
     const scanner = new ZeroScanner(reference, unit, minRun);
-    const n = scanner.scan(length, holes, holeCount);
+    const known = new SegmentList(holeCount);
+    for (let h = 0; h < holeCount; h++) known.push(holes[2 * h]!, holes[2 * h + 1]! - holes[2 * h]!, holes[2 * h]!);
+    scanner.scan(length, 0, known);
     const expected: number[] = [];
-    for (let i = 0; i < n; i++) if (scanner.segmentIsZero[i]) expected.push(scanner.segments[2 * i]!, scanner.segments[2 * i + 1]!);
+    for (let i = 0; i < scanner.zeroes.count; i++) expected.push(scanner.zeroes.positionAt(i), scanner.zeroes.positionAt(i) + scanner.zeroes.lengthAt(i));
     const label = `round ${round}: unit ${unit}, minRun ${minRun}, length ${length}, ${holeCount} holes`;
     assert.equal(Array.from(runs.subarray(0, 2 * count)), expected, label);
     const out = fs.readFileSync(dst);
@@ -154,15 +156,27 @@ function makeSource(dir: string, name: string): string {
 
 
 
-/** The target, with its pipeFrom calls counted (and what they returned). */
+/** The target, with its copyFrom calls counted: the zero runs each found, -1 for a declined one. */
 function counted(target: BlockBackend): { target: BlockBackend; results: number[] } {
   const results: number[] = [];
-  const inner = target.pipeFrom!;
+  const inner = target.copyFrom!;
   return {
     results,
     target: forwardBackend(target, {
-      pipeFrom: async (o: number, n: number, s: BlockBackend, c: number, r: PipeRequest) => { const v = await inner(o, n, s, c, r); results.push(v); return v; },
+      copyFrom: async (o: number, n: number, s: BlockBackend, r: CopyRequest) => {
+        const v = await inner(o, n, s, r);
+        results.push(v ? r.zeroRuns.count : -1);
+        return v;
+      },
     }),
+  };
+}
+
+/** A fused-copy request with room for `units` zero runs. */
+function pipeRequest(bytes: number, units: number, issued: () => void = () => {}): CopyRequest {
+  return {
+    offload: false, buffer: Buffer.alloc(bytes), holes: new SegmentList(1), unit: 512, minRun: 4096,
+    pieces: new SegmentList(1), zeroRuns: new SegmentList(units + 2), issued,
   };
 }
 
@@ -174,7 +188,7 @@ test('convert file to file pipes every data chunk: identical, zero runs and hole
     const dst = await reg.create(out, src.size, { format: 'raw' });
     const { target, results } = counted(ungated(dst));
     try {
-      assert.type(src.pipeTo, 'function', 'raw over a file can pipe');
+      assert.type(src.copyTo, 'function', 'raw over a file can pipe');
       const r = await convert({ sources: [src], target, workers: 4, targetIsZero: true });
       assert.ok(results.length >= 4 && results.every((v) => v >= 0), `every chunk piped (${results.join(' ')})`);
       assert.ok(results.some((v) => v > 0), 'zero runs found');
@@ -243,15 +257,12 @@ test('a source that shrank reads as zeroes past its end, as a read does', async 
   const dst = await reg.create(out, src.size, { format: 'raw' });
   try {
     fs.truncateSync(source, 2 * MiB);
-    const request: PipeRequest = {
-      buffer: Buffer.alloc(2 * MiB), holes: new Float64Array(2), holeCount: 0, unit: 512, minRun: 4096,
-      pieces: new Float64Array(3), runs: new Float64Array(2 * (4096 + 2)), issued: () => { issued++; },
-    };
     let issued = 0;
-    const runs = await src.pipeTo!(MiB, 2 * MiB, dst, 0, request);
-    assert.is(runs, 1);
+    const request = pipeRequest(2 * MiB, 4096, () => { issued++; });
+    assert.is(await src.copyTo!(MiB, 2 * MiB, dst, 0, request), true);
+    assert.is(request.zeroRuns.count, 1);
     assert.is(issued, 1, 'the target said when the step started');
-    assert.equal(Array.from(request.runs.subarray(0, 2)), [0, 2 * MiB], 'the written zeroes and the cut-off part');
+    assert.equal(request.zeroRuns.toArray(), [{ offset: 0, length: 2 * MiB, position: 0 }], 'the written zeroes and the cut-off part');
   } finally {
     await src.close();
     await dst.close();
@@ -262,13 +273,10 @@ test('a failing read names the source, a failing write (ENOSPC) the target and i
   const source = makeSource(shm, 'src-err.raw');
   const src = await reg.open(source, { readOnly: true, format: 'raw' });
   const dst = await reg.create(path.join(shm, 'err.raw'), src.size, { format: 'raw' });
-  const request: PipeRequest = {
-    buffer: Buffer.alloc(MiB), holes: new Float64Array(2), holeCount: 0, unit: 512, minRun: 4096,
-    pieces: new Float64Array(3), runs: new Float64Array(2 * (2048 + 2)), issued: () => {},
-  };
+  const request = pipeRequest(MiB, 2048);
   const raw = ungated(src);
   await src.close(); // its fd is gone: the job's pread fails
-  const err = (await raw.pipeTo!(0, MiB, dst, 0, request).catch((e: unknown) => e)) as BlockError;
+  const err = (await raw.copyTo!(0, MiB, dst, 0, request).catch((e: unknown) => e)) as BlockError;
   assert.is(err.code, 'EBADF');
   assert.is(err.op, 'read');
   assert.is(err.location, source);

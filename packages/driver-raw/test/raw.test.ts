@@ -33,7 +33,7 @@ test('raw passes everything through and reports itself as raw', async () => {
   assert.is(raw.size, file.size);
   assert.is(raw.location, f);
   assert.is(raw.limits, file.limits);
-  assert.ok(raw.hasBlockStatus && raw.canWriteZeroes);
+  assert.ok(raw.canBlockStatus && raw.canZero);
   assert.type(raw.allocBuffer, 'function');
   const buf = raw.allocBuffer!(4096).fill(8);
   await raw.write(4096, buf);
@@ -56,12 +56,12 @@ test('registry: create, open by probing, and plain paths or file:// URLs', async
   const img = await reg.create(f, 3 * MiB);
   assert.is(img.driverName, 'raw');
   assert.is(img.size, 3 * MiB);
-  assert.ok(img.readsZeroesInitially);
+  assert.ok(img.zeroInitialized);
   await img.write(MiB, filled(MiB, 7));
   await img.close();
   const again = await reg.open(`file://${f}`);
   assert.is(again.driverName, 'raw');
-  assert.not.ok(again.readsZeroesInitially);
+  assert.not.ok(again.zeroInitialized);
   assert.equal(await extents(again), [
     { start: 0, length: MiB, kind: 'zero' },
     { start: MiB, length: MiB, kind: 'data' },

@@ -1,14 +1,26 @@
 /**
- * One worker's copy of one chunk: its preallocated buffer, the read, and the one write
- * path for the chunk's pieces (data, zeroes, skipped zeroes, and with -B what differs
- * from the backing image), with the copy's byte counts kept here and nowhere else.
+ * One worker's copy of one chunk: its preallocated buffer and lists, and every way a
+ * chunk reaches the target, with the copy's byte counts kept here and nowhere else.
+ *
+ * A chunk's way is decided once, when it is handed out (modeOf), and passed from the
+ * read to the write:
+ * - 'zero': known zeroes; written as zeroes, or skipped on a target that reads them back;
+ * - 'copy': the source and target copy it in a step of their own (copyTo/copyFrom: an
+ *   offload, -C, or a fused read-scan-write); when the pair declines, the chunk goes the
+ *   'data' way after all;
+ * - 'data': read into the buffer, scanned for zero runs, its data written (vectored when
+ *   the target can), its zero runs zeroed or skipped;
+ * - 'diff' (-B): read, compared with the backing image, only what differs written.
  */
-import type { BlockBackend, PipeRequest } from '../types.js';
+import type { CopyRequest, GatedBackend } from '../types.js';
 import { ZeroScanner, isZero, sameBytes } from '../zeroscan.js';
-import { piecesAroundHoles } from '../pieces.js';
+import { SegmentList, piecesAroundHoles } from '../segments.js';
 import { holeList, type Chunk } from './cursor.js';
 import { MAX_MERGED_HOLES } from './options.js';
 import type { ConvertPlan } from './plan.js';
+
+/** How one chunk is copied; see the head of this file. */
+export type ChunkMode = 'zero' | 'copy' | 'data' | 'diff';
 
 /** Bytes moved so far, for progress and the result. */
 export class CopyStats {
@@ -41,7 +53,10 @@ class WriteBatch {
   #failed = false;
   #error: unknown;
   readonly #onError = (err: unknown): void => {
-    if (!this.#failed) { this.#failed = true; this.#error = err; }
+    if (!this.#failed) {
+      this.#failed = true;
+      this.#error = err;
+    }
   };
 
   add(write: Promise<unknown>): void {
@@ -63,9 +78,9 @@ class WriteBatch {
 
 export class ChunkCopier {
   readonly #plan: ConvertPlan;
-  readonly #target: BlockBackend;
+  readonly #target: GatedBackend;
   readonly #stats: CopyStats;
-  /** A buffer of zeroes shared by the workers (read only), for targets that cannot writeZeroes and -S 0. */
+  /** A buffer of zeroes shared by the workers (read only), for -S 0. */
   readonly #zeroes: () => Uint8Array;
   /** Lets the next chunk issue its writes (the write order); a no-op out of order. */
   readonly #releaseOrder: (seq: number) => void;
@@ -75,21 +90,15 @@ export class ChunkCopier {
   readonly #scanner?: ZeroScanner;
   readonly #batch = new WriteBatch();
   /** The holes of this worker's chunk (ChunkCursor.next fills them). */
-  readonly holes = holeList();
-  /** readSegments triples for a chunk's data pieces between its holes. */
-  readonly #pieces = new Float64Array(3 * (MAX_MERGED_HOLES + 1));
-  /** Data segments the last scan found (0 without a scan). */
-  #segments = 0;
+  readonly holes: SegmentList = holeList();
+  /** readSegments pieces for a chunk's data between its holes. */
+  readonly #pieces = new SegmentList(MAX_MERGED_HOLES + 1);
   #releasedSeq = -1;
   readonly #offload: CopyOffload;
-  /** read() left the chunk to be copied by the storage: write() offloads it. */
-  #offloading = false;
-  /** The fused copy's request (plan.pipe), this worker's buffer and lists in it. */
-  readonly #pipe?: PipeRequest;
-  /** read() left the chunk to the pair's fused copy: write() pipes it. */
-  #piping = false;
-  /** The chunk being piped, for the request's issued(). */
-  #pipeSeq = -1;
+  /** The copy step's request (offload or fused copy): this worker's buffer and lists in it. */
+  readonly #request: CopyRequest & { offload: boolean };
+  /** The chunk whose copy step is under way, for the request's issued(). */
+  #copySeq = -1;
 
   constructor(plan: ConvertPlan, stats: CopyStats, zeroes: () => Uint8Array, releaseOrder: (seq: number) => void, offload: CopyOffload) {
     this.#plan = plan;
@@ -101,14 +110,27 @@ export class ChunkCopier {
     this.#buffer = plan.allocate(plan.bufferSize);
     this.#theirs = plan.backing ? plan.allocate(plan.bufferSize) : undefined;
     this.#scanner = !plan.scan ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
-    if (plan.pipe) {
-      this.#pipe = {
-        buffer: this.#buffer, holes: this.holes, holeCount: 0, pieces: this.#pieces, unit: plan.unit,
-        minRun: plan.scan ? Math.max(plan.minSparse, plan.unit) : 0,
-        runs: new Float64Array(2 * (Math.ceil(plan.bufferSize / plan.unit) + MAX_MERGED_HOLES + 1)),
-        issued: () => this.#release(this.#pipeSeq),
-      };
-    }
+    this.#request = {
+      offload: false,
+      buffer: this.#buffer,
+      holes: this.holes,
+      pieces: this.#pieces,
+      unit: plan.unit,
+      minRun: plan.scan ? Math.max(plan.minSparse, plan.unit) : 0,
+      zeroRuns: new SegmentList(plan.pipe ? Math.ceil(plan.bufferSize / plan.unit) + MAX_MERGED_HOLES + 1 : 0),
+      // A target that takes one write at a time gets the next chunk's once this one is done.
+      issued: () => {
+        if (!plan.serialized) this.#release(this.#copySeq);
+      },
+    };
+  }
+
+  /** How this chunk goes, decided once (see the head of this file). */
+  modeOf(chunk: Chunk): ChunkMode {
+    if (chunk.kind === 'zero') return this.#theirs ? 'diff' : 'zero';
+    if (this.#theirs) return 'diff';
+    if (chunk.source.copyTo !== undefined && (this.#offload.enabled || this.#plan.pipe)) return 'copy';
+    return 'data';
   }
 
   /** Zeroes of this chunk are left alone: the target reads them back as zeroes. */
@@ -122,27 +144,50 @@ export class ChunkCopier {
   }
 
   /**
-   * Reads a data chunk into the buffer and finds its zero runs; with copy offload on
-   * and a source that can, reads nothing: write() has the storage copy it. Nor with a
-   * source that can pipe: write() has the pair read, scan and write it in one step.
+   * The read half: a 'data' or 'diff' chunk is read into the buffer (and a 'data' one
+   * scanned); a 'copy' chunk is read by the copy step, at write time; a 'zero' one not at all.
    */
-  async read(chunk: Chunk): Promise<void> {
-    this.#offloading = this.#offload.enabled && chunk.source.copyTo !== undefined;
-    this.#piping = !this.#offloading && this.#pipe !== undefined && chunk.source.pipeTo !== undefined;
-    if (!this.#offloading && !this.#piping) await this.#read(chunk);
+  async read(chunk: Chunk, mode: ChunkMode): Promise<void> {
+    if (mode === 'data' || (mode === 'diff' && chunk.kind === 'data')) await this.#readData(chunk);
   }
 
-  async #read(chunk: Chunk): Promise<void> {
-    const { length, holeCount } = chunk;
-    if (holeCount > 0) {
-      await this.#readAround(chunk, holeCount);
+  /**
+   * The write half: issues every write of the chunk, lets the next chunk issue its own,
+   * then waits for these to land.
+   */
+  async write(chunk: Chunk, mode: ChunkMode): Promise<void> {
+    if (mode === 'copy') {
+      if (await this.#copyStep(chunk)) return;
+      // Declined: an offload is off for the whole job; either way this chunk is read and written.
+      if (this.#request.offload) this.#offload.enabled = false;
+      await this.#readData(chunk);
+      mode = 'data';
+    }
+    if (mode === 'diff') {
+      // -B reads the backing image first; its writes go out in turn, one chunk at a time.
+      await this.#writeDifferences(chunk.targetOffset, chunk.length, chunk.kind === 'data' ? this.#buffer : undefined, this.#theirs!);
+    } else if (mode === 'zero') {
+      await this.#zeroOrSkip(chunk, chunk.targetOffset, chunk.length);
+    } else {
+      await this.#writeData(chunk);
+    }
+    // Issued: the next chunk may issue its own while these are in flight.
+    this.#release(chunk.seq);
+    await this.#batch.settle();
+  }
+
+  /** Reads a data chunk into the buffer and, with a scan, finds its zero runs. */
+  async #readData(chunk: Chunk): Promise<void> {
+    const { length } = chunk;
+    if (this.holes.count > 0) {
+      await this.#readAround(chunk);
     } else {
       const data = await chunk.source.read(chunk.sourceOffset, length, this.#buffer);
       if (data.buffer !== this.#buffer.buffer || data.byteOffset !== this.#buffer.byteOffset) this.#buffer.set(data.subarray(0, length));
     }
     this.#stats.bytesRead += length;
     // Holes are merged only when there is a scan (-S > 0), so a chunk with holes has one.
-    this.#segments = this.#scanner ? this.#scanner.scan(length, this.holes, holeCount) : 0;
+    this.#scanner?.scan(length, chunk.targetOffset, this.holes);
   }
 
   /**
@@ -151,128 +196,79 @@ export class ChunkCopier {
    * holes' bytes in the buffer are left as they were, unless something reads the
    * whole buffer (a checksum, -B's comparison): then they are zeroed.
    */
-  async #readAround(chunk: Chunk, holes: number): Promise<void> {
-    const pairs = this.holes;
-    const n = piecesAroundHoles(chunk.sourceOffset, chunk.length, pairs, holes, this.#pieces);
-    await chunk.source.readSegments!(this.#buffer, this.#pieces, n);
+  async #readAround(chunk: Chunk): Promise<void> {
+    const holes = this.holes;
+    piecesAroundHoles(chunk.sourceOffset, chunk.length, holes, this.#pieces);
+    await chunk.source.readSegments!(this.#buffer, this.#pieces);
     if (this.#plan.checksum || this.#theirs) {
-      for (let h = 0; h < holes; h++) this.#buffer.fill(0, pairs[2 * h]!, pairs[2 * h + 1]!);
+      for (let h = 0; h < holes.count; h++) this.#buffer.fill(0, holes.positionAt(h), holes.positionAt(h) + holes.lengthAt(h));
     }
   }
 
   /**
-   * Writes the chunk (read already, when data): issues every write, lets the next chunk
-   * issue its own, then waits for these to land.
+   * A 'data' chunk's writes: without a scan the buffer whole; with one, its data
+   * segments (in one vectored request where the target takes it) and its zero runs.
    */
-  async write(chunk: Chunk): Promise<void> {
-    const { length, targetOffset, seq } = chunk;
+  async #writeData(chunk: Chunk): Promise<void> {
     const target = this.#target;
-    const scanner = this.#scanner;
     const flags = this.#plan.writeFlags;
-    const skipZeroes = this.skipsZeroes(chunk);
-    let written = 0;
-    if (chunk.kind === 'data' && this.#offloading) {
-      this.#offloading = false;
-      if (await this.#copyOffloaded(chunk)) return;
-      // Declined: off for the whole job, and this chunk is read and written after all.
-      this.#offload.enabled = false;
-      await this.#read(chunk);
-    }
-    if (chunk.kind === 'data' && this.#piping) {
-      this.#piping = false;
-      if (await this.#piped(chunk, skipZeroes)) return;
-      // Declined (a range the pair cannot take as it is): read and write this chunk.
-      await this.#read(chunk);
-    }
-    if (this.#theirs) {
-      // -B reads the backing image first; its writes go out in turn, one chunk at a time.
-      await this.#writeDifferences(targetOffset, length, chunk.kind === 'data' ? this.#buffer : undefined, this.#theirs);
-    } else if (chunk.kind === 'zero') {
-      if (skipZeroes) this.#stats.bytesSkipped += length;
-      else await this.#issue(this.#writeZeroes(targetOffset, length), seq);
-    } else if (!scanner) {
-      await this.#issue(target.write(targetOffset, this.#buffer.subarray(0, length), flags), seq);
-      written = length;
-    } else if (target.writeSegments && scanner.dataCount > 1 && !flags) {
-      // Data split by zero runs: all of it in one vectored request, then the zeroes.
-      await this.#issue(target.writeSegments(targetOffset, this.#buffer, scanner.dataSegments, scanner.dataCount), seq);
-      for (let i = 0; i < this.#segments; i++) {
-        const len = scanner.segments[2 * i + 1]! - scanner.segments[2 * i]!;
-        if (!scanner.segmentIsZero[i]) written += len;
-        else if (skipZeroes) this.#stats.bytesSkipped += len;
-        else await this.#issue(this.#writeZeroes(targetOffset + scanner.segments[2 * i]!, len), seq);
-      }
+    const scanner = this.#scanner;
+    const seq = chunk.seq;
+    if (!scanner) {
+      await this.#issue(target.write(chunk.targetOffset, this.#buffer.subarray(0, chunk.length), flags), seq);
+      this.#stats.bytesWritten += chunk.length;
     } else {
-      for (let i = 0; i < this.#segments; i++) {
-        const start = scanner.segments[2 * i]!;
-        const end = scanner.segments[2 * i + 1]!;
-        if (!scanner.segmentIsZero[i]) {
-          const piece = this.#segments === 1 ? this.#buffer.subarray(0, length) : this.#buffer.subarray(start, end);
-          await this.#issue(target.write(targetOffset + start, piece, flags), seq);
-          written += end - start;
-        } else if (skipZeroes) {
-          this.#stats.bytesSkipped += end - start;
-        } else {
-          await this.#issue(this.#writeZeroes(targetOffset + start, end - start), seq);
+      const data = scanner.data;
+      if (target.writeSegments && data.count > 1 && !flags) {
+        await this.#issue(target.writeSegments(this.#buffer, data), seq);
+      } else {
+        for (let i = 0; i < data.count; i++) {
+          const pos = data.positionAt(i);
+          await this.#issue(target.write(data.offsetAt(i), this.#buffer.subarray(pos, pos + data.lengthAt(i)), flags), seq);
         }
       }
+      this.#stats.bytesWritten += data.totalLength();
+      const zeroes = scanner.zeroes;
+      for (let i = 0; i < zeroes.count; i++) await this.#zeroOrSkip(chunk, zeroes.offsetAt(i), zeroes.lengthAt(i));
     }
-    // Issued: the next chunk may issue its own while these are in flight.
-    this.#release(seq);
-    await this.#batch.settle();
-    this.#stats.bytesWritten += written;
   }
 
   /**
-   * Has the storage copy a data chunk: issued, then the next chunk may issue its own
-   * (after it settles, on a target that takes one write at a time). False when the
-   * pair declined.
+   * Has the source and target copy a data chunk in a step of their own (an offload, or a
+   * fused read-scan-write whose zero runs then are zeroed or skipped here). The next
+   * chunk may issue its writes once the target has started the step (request.issued); a
+   * fused copy's zero runs are known only when it ends, so their writes follow later
+   * chunks' data. False when declined: nothing was written, and the turn is still this
+   * chunk's.
    */
-  async #copyOffloaded(chunk: Chunk): Promise<boolean> {
-    const copy = chunk.source.copyTo!(chunk.sourceOffset, chunk.length, this.#target, chunk.targetOffset);
-    if (this.#plan.serialized) await copy.catch(() => {});
+  async #copyStep(chunk: Chunk): Promise<boolean> {
+    const request = this.#request;
+    request.offload = this.#offload.enabled;
+    request.zeroRuns.clear();
+    this.#copySeq = chunk.seq;
+    const copied = await chunk.source.copyTo!(chunk.sourceOffset, chunk.length, this.#target, chunk.targetOffset, request);
+    if (!copied) return false;
+    // A driver that never called issued(), or a one-at-a-time target: the step is over, so the turn passes now.
     this.#release(chunk.seq);
-    if (!(await copy)) return false;
     this.#stats.bytesRead += chunk.length;
-    this.#stats.bytesWritten += chunk.length;
-    this.#stats.bytesOffloaded += chunk.length;
-    return true;
-  }
-
-  /**
-   * Has the pair read, scan and write a data chunk in one step, then zeroes or skips
-   * the zero runs it found, as write() does with its own scan's. The next chunk may
-   * issue its writes once the target has started the step (request.issued); the zero
-   * runs are known only when it ends, so their writes follow later chunks' data. False
-   * when declined: nothing was written, and the turn is still this chunk's.
-   */
-  async #piped(chunk: Chunk, skipZeroes: boolean): Promise<boolean> {
-    const { length, targetOffset, seq } = chunk;
-    const request = this.#pipe!;
-    request.holeCount = chunk.holeCount;
-    this.#pipeSeq = seq;
-    const count = await chunk.source.pipeTo!(chunk.sourceOffset, length, this.#target, targetOffset, request);
-    if (count < 0) return false;
-    // A driver that never called issued(): the step is over, so the turn passes now.
-    this.#release(seq);
-    this.#stats.bytesRead += length;
-    const runs = request.runs;
-    let zeroes = 0;
-    for (let i = 0; i < count; i++) {
-      const start = runs[2 * i]!;
-      const len = runs[2 * i + 1]! - start;
-      zeroes += len;
-      if (skipZeroes) this.#stats.bytesSkipped += len;
-      else this.#batch.add(this.#writeZeroes(targetOffset + start, len));
+    if (request.offload) {
+      this.#stats.bytesWritten += chunk.length;
+      this.#stats.bytesOffloaded += chunk.length;
+      return true;
     }
+    const runs = request.zeroRuns;
+    for (let i = 0; i < runs.count; i++) await this.#zeroOrSkip(chunk, runs.offsetAt(i), runs.lengthAt(i));
     await this.#batch.settle();
-    this.#stats.bytesWritten += length - zeroes;
+    this.#stats.bytesWritten += chunk.length - runs.totalLength();
     return true;
   }
 
   /** Lets the next chunk write (once per chunk: a second release would move the turn back). */
   #release(seq: number): void {
-    if (this.#releasedSeq !== seq) { this.#releasedSeq = seq; this.#releaseOrder(seq); }
+    if (this.#releasedSeq !== seq) {
+      this.#releasedSeq = seq;
+      this.#releaseOrder(seq);
+    }
   }
 
   /**
@@ -288,9 +284,18 @@ export class ChunkCopier {
     return this.#batch.settle();
   }
 
+  /** A zero range of the chunk: skipped on a target that reads back zeroes, else zeroed. */
+  #zeroOrSkip(chunk: Chunk, offset: number, length: number): Promise<void> | undefined {
+    if (this.skipsZeroes(chunk)) {
+      this.#stats.bytesSkipped += length;
+      return undefined;
+    }
+    return this.#issue(this.#writeZeroes(offset, length), chunk.seq);
+  }
+
   /** Zeroes a range of the target (the request gate splits it to the target's limits). */
   async #writeZeroes(offset: number, length: number): Promise<void> {
-    if (this.#plan.allData || !this.#target.canWriteZeroes) {
+    if (this.#plan.allData || !this.#target.canZero) {
       const buf = this.#zeroes();
       for (let done = 0; done < length; done += buf.length) {
         const n = Math.min(buf.length, length - done);

@@ -5,30 +5,29 @@
 import { toBlockError } from '../errors.js';
 import { roundDown } from '../registry.js';
 import { chainStatus } from '../status.js';
-import type { BlockBackend, ExtentKind } from '../types.js';
+import { SegmentList } from '../segments.js';
+import type { GatedBackend, ExtentKind } from '../types.js';
 import { MAX_MERGED_HOLE, MAX_MERGED_HOLES } from './options.js';
 
 /** A chunk of work: one extent piece of one source, mapped to target offsets. */
 export interface Chunk {
   seq: number;
-  source: BlockBackend;
+  source: GatedBackend;
   sourceOffset: number;
   targetOffset: number;
   length: number;
   /** 'data' must be read; 'zero' is known zeroes. */
   kind: Exclude<ExtentKind, 'unallocated'>;
-  /**
-   * Holes of a data chunk that small holes were merged into, from a source that can
-   * read around them (readSegments): `holeCount` pairs [start, end) in the list the
-   * worker gave ChunkCursor.next, relative to the chunk, on the zero scan's units. They
-   * need not be read: the source says they are zeroes.
-   */
-  holeCount: number;
 }
 
-/** A worker's list of its chunk's holes, for ChunkCursor.next to fill. */
-export function holeList(): Float64Array {
-  return new Float64Array(2 * MAX_MERGED_HOLES);
+/**
+ * A worker's list of its chunk's holes, for ChunkCursor.next to fill: the small holes a
+ * data chunk was merged across, from a source that can read around them (readSegments),
+ * as source offsets, lengths and positions in the chunk, on the zero scan's units. They
+ * need not be read: the source says they are zeroes. Empty for most chunks.
+ */
+export function holeList(): SegmentList {
+  return new SegmentList(MAX_MERGED_HOLES);
 }
 
 /**
@@ -49,7 +48,7 @@ export class ChunkCursor {
   readonly #splitAt: number;
 
   constructor(
-    private readonly sources: readonly BlockBackend[],
+    private readonly sources: readonly GatedBackend[],
     private readonly align: number,
     private readonly maxData: number,
     private readonly maxZero: number,
@@ -77,7 +76,7 @@ export class ChunkCursor {
   get issued(): number { return this.#seq; }
 
   /** The next chunk; a merged data chunk's holes go into `holes` (from holeList()). */
-  async next(holes: Float64Array): Promise<Chunk | null> {
+  async next(holes: SegmentList): Promise<Chunk | null> {
     for (;;) {
       if (this.#pending) { await this.#pending; continue; }
       const src = this.sources[this.#index];
@@ -94,12 +93,12 @@ export class ChunkCursor {
     }
   }
 
-  async #query(src: BlockBackend): Promise<void> {
+  async #query(src: GatedBackend): Promise<void> {
     const pos = this.#pos;
     let at = pos;
     this.#holeCount = 0;
     try {
-      if (this.allData || !src.hasBlockStatus) {
+      if (this.allData || !src.canBlockStatus) {
         this.#extentEnd = src.size;
         this.#extentKind = 'data';
         return;
@@ -108,7 +107,7 @@ export class ChunkCursor {
       let end = pos + Math.min(ext.length, src.size - pos);
       this.#extentKind = ext.kind === 'data' ? 'data' : 'zero';
       // Merge small holes and the data after them into this data extent, up to one buffer.
-      if (ext.kind === 'data' && this.minMergedHole > 0 && src.cheapHoleReads) {
+      if (ext.kind === 'data' && this.minMergedHole > 0 && src.canReadHolesCheaply) {
         while (end < src.size && end - pos < this.maxData && this.#holeCount < MAX_MERGED_HOLES) {
           at = end;
           const hole = await chainStatus(src, end, src.size - end);
@@ -130,7 +129,7 @@ export class ChunkCursor {
     }
   }
 
-  #carve(src: BlockBackend, holes: Float64Array): Chunk {
+  #carve(src: GatedBackend, holes: SegmentList): Chunk {
     const start = this.#pos;
     let kind = this.#extentKind;
     let end = Math.min(this.#extentEnd, start + (kind === 'data' ? this.maxData : this.maxZero));
@@ -147,25 +146,21 @@ export class ChunkCursor {
     const split = this.#splitAt - this.#base;
     if (start < split && end > split) end = split;
     this.#pos = end;
-    const holeCount = kind === 'data' && src.readSegments ? this.#clipHoles(start, end, holes) : 0;
-    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind, holeCount };
+    holes.clear();
+    if (kind === 'data' && src.readSegments) this.#clipHoles(start, end, holes);
+    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind };
   }
 
   /**
    * The merged holes inside [start, end), relative to start, shrunk to whole zero-scan
    * units of the chunk (the bytes cut off are read with the data: they read as zeroes).
    */
-  #clipHoles(start: number, end: number, out: Float64Array): number {
+  #clipHoles(start: number, end: number, out: SegmentList): void {
     const unit = this.unit;
-    let n = 0;
     for (let i = 0; i < this.#holeCount; i++) {
       const a = Math.ceil((Math.max(this.#holes[2 * i]!, start) - start) / unit) * unit;
       const b = roundDown(Math.min(this.#holes[2 * i + 1]!, end) - start, unit);
-      if (b - a < this.minMergedHole) continue;
-      out[2 * n] = a;
-      out[2 * n + 1] = b;
-      n++;
+      if (b - a >= this.minMergedHole) out.push(start + a, b - a, a);
     }
-    return n;
   }
 }

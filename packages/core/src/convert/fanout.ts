@@ -14,7 +14,9 @@
  */
 import { BlockError, toBlockError } from '../errors.js';
 import { redactLocation } from '../redact.js';
-import type { BackendIdentity, BlockBackend, BlockLimits, Extent, WriteFlags, WriteZeroesFlags } from '../types.js';
+import { gateBackend } from '../gate.js';
+import type { SegmentList } from '../segments.js';
+import type { BackendIdentity, BlockBackend, BlockLimits, Extent, GatedBackend, WriteFlags, WriteZeroesFlags } from '../types.js';
 
 /** What became of one target of a convert to several. */
 export interface TargetOutcome {
@@ -42,12 +44,7 @@ export class UnopenedTarget implements BlockBackend {
   readonly driverName = 'unopened';
   readonly size = 0;
   readonly readOnly = true;
-  readonly limits: BlockLimits = { requestAlignment: 1, maxTransfer: 1, optimalTransfer: 1 };
-  readonly canWriteZeroes = false;
-  readonly canDiscard = false;
-  readonly readsZeroesInitially = false;
-  readonly canCompress = false;
-  readonly hasBlockStatus = false;
+  readonly limits: BlockLimits = { requestAlignment: 1, maxTransfer: 1 };
 
   constructor(readonly location: string, readonly error: BlockError) {}
 
@@ -62,7 +59,7 @@ export class UnopenedTarget implements BlockBackend {
 }
 
 interface Member {
-  readonly backend: BlockBackend;
+  readonly backend: GatedBackend;
   failure?: BlockError;
 }
 
@@ -80,11 +77,11 @@ export class FanoutTarget implements BlockBackend {
   readonly size: number;
   readonly readOnly = false;
   readonly limits: BlockLimits;
-  readonly canWriteZeroes: boolean;
+  readonly canZero: boolean;
   readonly canDiscard: boolean;
-  readonly readsZeroesInitially: boolean;
+  readonly zeroInitialized: boolean;
   readonly canCompress: boolean;
-  readonly hasBlockStatus = false;
+  readonly canBlockStatus = false;
   readonly canWriteOutOfOrder: boolean;
   readonly #members: Member[];
   /** Members still in the copy; rebuilt when one fails (rare), not per request. */
@@ -96,7 +93,8 @@ export class FanoutTarget implements BlockBackend {
    */
   constructor(targets: readonly BlockBackend[], checks: FanoutChecks) {
     if (targets.length === 0) throw new BlockError('EINVAL', 'no target image');
-    this.#members = targets.map((backend) => ({ backend }));
+    // An unopened target fails as it is; the others behind their gates (registry ones are already).
+    this.#members = targets.map((t) => ({ backend: gateBackend(t), ...(t instanceof UnopenedTarget ? { failure: t.error } : {}) }));
     for (const f of checks.failed ?? []) {
       const m = this.#members[f.index];
       if (m) m.failure = new BlockError('EIO', `left out: it failed in the interrupted run (${f.reason})`, { location: m.backend.location });
@@ -104,8 +102,7 @@ export class FanoutTarget implements BlockBackend {
     for (const m of this.#members) {
       if (m.failure) continue;
       const t = m.backend;
-      if (t instanceof UnopenedTarget) m.failure = t.error;
-      else if (t.readOnly) m.failure = new BlockError('EROFS', `the target is read-only${t.readOnlyReason ? `: ${t.readOnlyReason}` : ''}`, { location: t.location });
+      if (t.readOnly) m.failure = new BlockError('EROFS', `the target is read-only${t.readOnlyReason ? `: ${t.readOnlyReason}` : ''}`, { location: t.location });
       else if (t.size < checks.total) m.failure = new BlockError('ERANGE', `target is smaller than the source (${t.size} < ${checks.total} bytes)`, { location: t.location });
       else if (checks.compress && !t.canCompress) m.failure = new BlockError('EINVAL', `the target (${t.driverName}) cannot store compressed data`, { location: t.location });
     }
@@ -122,18 +119,17 @@ export class FanoutTarget implements BlockBackend {
     this.limits = {
       requestAlignment: Math.max(...l.map((x) => x.requestAlignment)),
       maxTransfer,
-      optimalTransfer: Math.min(maxTransfer, Math.max(...l.map((x) => x.optimalTransfer))),
       maxWriteZeroes: Math.min(...l.map((x) => x.maxWriteZeroes ?? x.maxTransfer)),
       minMemAlignment: Math.max(...l.map((x) => x.minMemAlignment ?? 1)),
       // Alignments are powers of two: the largest is a multiple of the others.
       ...(alignments.every((a) => preferred % a === 0) && preferred > 1 ? { preferredAlignment: preferred } : {}),
       ...(units.length ? { compressionUnit: Math.max(...units) } : {}),
     };
-    this.canWriteZeroes = live.every((t) => t.canWriteZeroes);
+    this.canZero = live.every((t) => t.canZero);
     this.canDiscard = live.every((t) => t.canDiscard);
-    this.readsZeroesInitially = live.every((t) => t.readsZeroesInitially);
+    this.zeroInitialized = live.every((t) => t.zeroInitialized);
     this.canCompress = live.every((t) => t.canCompress);
-    this.canWriteOutOfOrder = live.every((t) => t.canWriteOutOfOrder !== false);
+    this.canWriteOutOfOrder = live.every((t) => t.canWriteOutOfOrder);
   }
 
   /** Each target's outcome so far: `ok` means no request to it has failed. */
@@ -152,12 +148,12 @@ export class FanoutTarget implements BlockBackend {
   }
 
   /** The targets still in the copy. */
-  live(): BlockBackend[] {
+  live(): GatedBackend[] {
     return this.#live.map((m) => m.backend);
   }
 
   /** Drops a target from the copy with this error (e.g. its verify failed). */
-  drop(target: BlockBackend, err: unknown): void {
+  drop(target: GatedBackend, err: unknown): void {
     const m = this.#members.find((x) => x.backend === target);
     if (m && !m.failure) this.#fail(m, toBlockError(err, { location: target.location }));
   }
@@ -171,7 +167,7 @@ export class FanoutTarget implements BlockBackend {
    * Runs a request on every live target; a target whose request fails is dropped. Throws
    * only when none is left, with the first failure.
    */
-  async #each(op: string, offset: number | undefined, length: number | undefined, run: (t: BlockBackend) => Promise<unknown>): Promise<void> {
+  async #each(op: string, offset: number | undefined, length: number | undefined, run: (t: GatedBackend) => Promise<unknown>): Promise<void> {
     const live = this.#live;
     if (live.length === 0) throw this.#firstFailure();
     const settle = (m: Member) => run(m.backend).then(undefined, (err: unknown) => {
@@ -198,13 +194,12 @@ export class FanoutTarget implements BlockBackend {
     return this.#each('write', offset, data.length, (t) => t.write(offset, data, flags));
   }
 
-  writeSegments(offset: number, data: Uint8Array, segments: Float64Array, count: number): Promise<void> {
-    return this.#each('write', offset, undefined, async (t) => {
-      if (t.writeSegments) return t.writeSegments(offset, data, segments, count);
-      for (let i = 0; i < count; i++) {
-        const s = segments[2 * i]!;
-        const e = segments[2 * i + 1]!;
-        await t.write(offset + s, data.subarray(s, e));
+  writeSegments(from: Uint8Array, segments: SegmentList): Promise<void> {
+    return this.#each('write', segments.count ? segments.offsetAt(0) : undefined, undefined, async (t) => {
+      if (t.writeSegments) return t.writeSegments(from, segments);
+      for (let i = 0; i < segments.count; i++) {
+        const pos = segments.positionAt(i);
+        await t.write(segments.offsetAt(i), from.subarray(pos, pos + segments.lengthAt(i)));
       }
     });
   }

@@ -33,6 +33,7 @@ import { Checkpointer } from './checkpoints.js';
 import { checkResume, identifyConvert, type ResumeState } from './resume.js';
 import { FanoutTarget } from './fanout.js';
 import { preZero } from './prezero.js';
+import { gateBackend } from '../gate.js';
 
 export * from './options.js';
 export { checkCopyOffload } from './plan.js';
@@ -167,7 +168,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
   if (!fanout && !o.target) throw new BlockError('EINVAL', 'no target image');
   // One target, copied whole from the start, whose zeroes are not known: zero it fast if it can.
   const preZeroed = !fanout && !o.resume && !o.diffAgainstBacking && o.targetIsZero !== true && o.minSparse !== 0
-    ? await preZero(o.target!, o.sources.reduce((n, s) => n + s.size, 0))
+    ? await preZero(gateBackend(o.target!), o.sources.reduce((n, s) => n + s.size, 0))
     : false;
   const plan = planConvert({ ...o, target: fanout ?? o.target!, ...(preZeroed ? { targetIsZero: true } : {}) });
   const { target, total, workers, bufferSize, outOfOrder } = plan;
@@ -256,7 +257,12 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
     }
   };
 
-  /** One worker: the next chunk, read, wait for its turn, write; until the cursor is done. */
+  /**
+   * One worker, and one chunk's whole path: the next chunk from the cursor, its mode
+   * decided once (copier.modeOf), read (and scanned) into the worker's buffer, hashed,
+   * its turn in the write order awaited, room in the checkpoint span awaited, written,
+   * counted. Until the cursor is done.
+   */
   const copyLoop = async (index: number, readFirst: () => void): Promise<void> => {
     if (failure || exhausted) return;
     const copier = new ChunkCopier(plan, stats, zeroes, releaseOrder, offload);
@@ -267,15 +273,19 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
         chunk = null;
         await mayRun(index);
         if (failure || stop.requested) break;
-        if ((chunk = await cursor.next(copier.holes)) === null) { exhausted = true; break; }
+        if ((chunk = await cursor.next(copier.holes)) === null) {
+          exhausted = true;
+          break;
+        }
         if (failure) break;
+        const mode = copier.modeOf(chunk);
+        op = 'read';
         if (chunk.kind === 'data') {
           if (limiter) {
             const wait = limiter.delay(chunk.length);
             if (wait > 1) await new Promise((r) => setTimeout(r, wait));
           }
-          op = 'read';
-          await copier.read(chunk);
+          await copier.read(chunk, mode);
           if (tap) await tap.data(chunk.seq, copier.bytes(chunk.length));
         } else {
           tap?.zero(chunk.seq, chunk.length);
@@ -293,7 +303,7 @@ async function run(o: ConvertOptions, job: ConvertJob, internal: AbortSignal, st
           await checkpointer.allow(end);
           if (failure) break;
         }
-        await copier.write(chunk);
+        await copier.write(chunk, mode);
         progressed(chunk.length);
         if (checkpointer) {
           checkpointer.completed(chunk.seq, end);

@@ -6,7 +6,7 @@
 import { BlockError } from '../errors.js';
 import { gateBackend } from '../gate.js';
 import { roundDown } from '../registry.js';
-import type { BlockBackend, WriteFlags } from '../types.js';
+import type { BlockBackend, GatedBackend, WriteFlags } from '../types.js';
 import { BLKHASH_BLOCK_SIZE } from '../checksum/blkhash.js';
 import { DEFAULT_CHECKPOINT_BYTES } from './checkpoints.js';
 import { checkStateShape } from './resume.js';
@@ -17,12 +17,12 @@ import {
 
 export interface ConvertPlan {
   /** The backends behind the request gate (registry backends are gated already). */
-  readonly target: BlockBackend;
-  readonly sources: readonly BlockBackend[];
+  readonly target: GatedBackend;
+  readonly sources: readonly GatedBackend[];
   /** Bytes of all sources together. */
   readonly total: number;
   /** -B: the target's backing image, compared with instead of writing what it holds. */
-  readonly backing?: BlockBackend;
+  readonly backing?: GatedBackend;
   /** Workers to start; with -m auto the most the governor may use. */
   readonly workers: number;
   readonly autoWorkers: boolean;
@@ -48,7 +48,7 @@ export interface ConvertPlan {
   /** -C: data chunks are copied by the storage where source and target allow. */
   readonly copyOffload: boolean;
   /**
-   * Data chunks may go through the pair's fused copy (pipeTo/pipeFrom) where the source
+   * Data chunks may go through the pair's fused copy (copyTo/copyFrom) where the source
    * offers one: nothing needs the bytes in the core (no checksum, -B, compression or
    * copy offload), and the target takes several writes at once.
    */
@@ -143,10 +143,10 @@ export function planConvert(o: ConvertOptions & { readonly target: BlockBackend 
     checkStateShape(o.resume);
     if (resume!.total !== total) throw new BlockError('EINVAL', `cannot resume: the state is of a ${resume!.total}-byte copy, this one is ${total} bytes`, { op: 'resume', field: 'resume' });
   }
-  const targetZero = !backing && (resume ? resume.targetZero : o.targetIsZero === true || target.readsZeroesInitially);
-  const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder !== false;
+  const targetZero = !backing && (resume ? resume.targetZero : o.targetIsZero === true || target.zeroInitialized);
+  const outOfOrder = (o.outOfOrder ?? false) && target.canWriteOutOfOrder;
   // In order, writes of consecutive chunks overlap unless the target cannot take that.
-  const serialized = !outOfOrder && target.canWriteOutOfOrder === false;
+  const serialized = !outOfOrder && !target.canWriteOutOfOrder;
   const maxTransfer = Math.min(target.limits.maxTransfer, ...sources.map((s) => s.limits.maxTransfer));
   const bufferSize = Math.max(align, roundDown(Math.min(o.bufferSize ?? DEFAULT_BUFFER_SIZE, maxTransfer), align));
   // Chunks and zero runs on the target's preferred granularity (qcow2 clusters) spare it
@@ -188,7 +188,7 @@ export function planConvert(o: ConvertOptions & { readonly target: BlockBackend 
     target, sources, total, backing, start, rewriteEnd, workers, autoWorkers, bufferSize, chunkAlign, cursorAlign, checksum,
     maxDataChunk: roundDown(bufferSize, cursorAlign), maxZeroChunk: checksum ? roundDown(maxZeroChunk, cursorAlign) || cursorAlign : maxZeroChunk, unit, minSparse, allData, minMergedHole,
     scan: !allData && !copyOffload, copyOffload,
-    pipe: target.pipeFrom !== undefined && !checksum && !backing && !copyOffload && writeFlags === undefined && !serialized,
+    pipe: target.copyFrom !== undefined && !checksum && !backing && !copyOffload && writeFlags === undefined && !serialized,
     targetZero, outOfOrder, serialized, maxZeroes, writeFlags,
     pieceByPiece: serialized || writeFlags !== undefined,
     rateLimit: o.rateLimit || undefined,

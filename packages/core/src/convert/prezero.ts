@@ -5,11 +5,11 @@
  * written one by one. A fast zero the target turns down (ENOTSUP) changes nothing: the copy
  * then writes zeroes as usual.
  */
-import type { BlockBackend } from '../types.js';
+import type { GatedBackend } from '../types.js';
 
 /** Zeroes [0, length) of `target` if it can do so fast; true when it did. */
-export async function preZero(target: BlockBackend, length: number): Promise<boolean> {
-  if (target.canFastZero !== true || target.readsZeroesInitially || target.readOnly || length === 0) return false;
+export async function preZero(target: GatedBackend, length: number): Promise<boolean> {
+  if (!target.canFastZero || target.zeroInitialized || target.readOnly || length === 0) return false;
   try {
     await target.writeZeroes(0, length, { mayUnmap: true, fast: true });
     return true;

@@ -105,15 +105,15 @@ test('what a thin LUN reports: limits, block status, zeroes only when wholly dea
   const lun = LUNS.disk512;
   wipeLun(lun.file);
   let b = await openIscsi(lun.url);
-  assert.ok(b.hasBlockStatus && b.canDiscard && b.canWriteZeroes);
-  assert.ok(b.readsZeroesInitially, 'wholly deallocated LUN reads zeroes');
+  assert.ok(b.canBlockStatus && b.canDiscard && b.canZero);
+  assert.ok(b.zeroInitialized, 'wholly deallocated LUN reads zeroes');
   assert.equal(await b.blockStatus(0, 4096), { kind: 'zero', length: lun.size });
   await b.write(8192, new Uint8Array(4096).fill(1));
   assert.equal(await b.blockStatus(0, 4096), { kind: 'zero', length: 8192 });
   assert.equal(await b.blockStatus(8192, 4096), { kind: 'data', length: 4096 });
   await b.close();
   b = await openIscsi(lun.url);
-  assert.not.ok(b.readsZeroesInitially, 'a LUN holding data does not claim to read zeroes');
+  assert.not.ok(b.zeroInitialized, 'a LUN holding data does not claim to read zeroes');
   await b.discard(8192, 4096);
   assert.is((await b.blockStatus(8192, 4096)).kind, 'zero');
   await b.close();

@@ -136,17 +136,17 @@ test('export names: the named one opens, an unknown one is ENOENT naming it', as
   await server.stop();
 });
 
-test('readsZeroesInitially when the whole export reads as zeroes, not otherwise', async () => {
+test('zeroInitialized when the whole export reads as zeroes, not otherwise', async () => {
   const mem = await nbdkit(dir, ['memory', '1G']);
   const b = await openNbd(mem.url);
-  assert.is(b.readsZeroesInitially, true, 'a new memory disk');
+  assert.is(b.zeroInitialized, true, 'a new memory disk');
   await b.write(512 * MiB, Buffer.alloc(4096, 1));
   await b.close();
   const again = await openNbd(mem.url);
-  assert.is(again.readsZeroesInitially, false, 'after a write');
+  assert.is(again.zeroInitialized, false, 'after a write');
   await again.close();
   const ro = await openNbd(mem.url, { readOnly: true });
-  assert.is(ro.readsZeroesInitially, false, 'not asked of a read-only source');
+  assert.is(ro.zeroInitialized, false, 'not asked of a read-only source');
   await ro.close();
   await mem.stop();
 });
@@ -173,7 +173,7 @@ test('FUA goes out as the request flag; flush as NBD_CMD_FLUSH, none with cache=
 test('a server without WRITE_ZEROES gets zero buffers', async () => {
   const server = await nbdkit(dir, ['--filter=nozero', 'memory', '16M', 'zeromode=none']);
   const b = await openNbd(server.url);
-  assert.is(b.canWriteZeroes, false);
+  assert.is(b.canZero, false);
   await b.write(0, Buffer.alloc(4 * MiB, 9));
   await b.writeZeroes(MiB, 2 * MiB);
   const got = Buffer.from(await b.read(0, 4 * MiB));

@@ -21,7 +21,7 @@ async function served(backend: MemoryBackend, options: ConstructorParameters<typ
 }
 
 test('readOnly over a writable backend: writes, zeroes and trims are refused (EPERM) and change nothing', async () => {
-  const backend = new MemoryBackend({ size: 16 * MiB, canWriteZeroes: true, canDiscard: true });
+  const backend = new MemoryBackend({ size: 16 * MiB, canZero: true, canDiscard: true });
   await backend.write(0, Buffer.alloc(4096, 7));
   const { server, sock } = await served(backend, { readOnly: true });
   // The connection itself, not a backend: it sends what the caller asks, flags or not.
