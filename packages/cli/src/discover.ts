@@ -9,9 +9,12 @@
  * that is a driver or an array of them. A package that names what it serves in its
  * package.json (`"blockconv": {"schemes": [...], "formats": [...]}`) is imported only
  * when one of those is used, so that a convert of local files never loads the NFS or
- * iSCSI addons; a package without that field is imported at start. A format package
- * may also give each format's magic (`"magic": {"qcow2": "514649fb"}`: hex bytes at
- * offset 0): probing then imports it only for images that start with those bytes.
+ * iSCSI addons; a package without that field is imported at start. The package.json
+ * is read from the package's folder, so its "exports" need not list it. A format
+ * package may also give each format's magic, byte strings each at an offset:
+ * `"magic": {"vmdk": [{"offset": 0, "hex": "4b444d56"}, {"offset": 0, "text": "# Disk DescriptorFile"}]}`
+ * (a plain hex string means those bytes at offset 0): probing then imports it only for
+ * images that hold one of them.
  * Its secret URL parameters (`"secretParameters": [...]`, as ProtocolDriver declares
  * them) are redacted from the start, before the package is imported: a command may
  * print a location before it opens it.
@@ -20,7 +23,7 @@ import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { DriverRegistry, declareSecretParameters, type BlockDriver } from '@blockconv/core';
+import { DriverRegistry, declareSecretParameters, matchesMagic, type BlockDriver, type FormatMagic } from '@blockconv/core';
 
 export interface LoadedPackage {
   readonly name: string;
@@ -46,21 +49,36 @@ export interface Discovery {
 interface PackageMeta {
   readonly schemes: readonly string[];
   readonly formats: readonly string[];
-  /** Per format, the bytes its images start with (hex). */
-  readonly magic?: Readonly<Record<string, string>>;
+  /** Per format, byte strings of which one its images hold: hex at offset 0, or a list of {offset, hex | text}. */
+  readonly magic?: Readonly<Record<string, unknown>>;
   readonly secretParameters?: readonly string[];
 }
 
-function metaOf(entry: string, name: string): PackageMeta | undefined {
+/** A package.json magic entry as byte strings at offsets; undefined when it does not parse (then no preselection). */
+export function parseMagic(value: unknown): FormatMagic[] | undefined {
+  if (typeof value === 'string') return /^([0-9a-f]{2})+$/i.test(value) ? [{ offset: 0, bytes: Buffer.from(value, 'hex') }] : undefined;
+  if (!Array.isArray(value) || value.length === 0) return undefined;
+  const out: FormatMagic[] = [];
+  for (const m of value as Array<{ offset?: unknown; hex?: unknown; text?: unknown }>) {
+    const offset = m?.offset ?? 0;
+    if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0 || offset >= 4096) return undefined;
+    if (typeof m.hex === 'string' && /^([0-9a-f]{2})+$/i.test(m.hex)) out.push({ offset, bytes: Buffer.from(m.hex, 'hex') });
+    else if (typeof m.text === 'string' && m.text.length > 0) out.push({ offset, bytes: m.text });
+    else return undefined;
+  }
+  return out;
+}
+
+/** What a package found in `nodeModules` says of itself: read from its folder, whatever its "exports" list. */
+function metaOf(nodeModules: string, name: string): PackageMeta | undefined {
   try {
-    const req = createRequire(entry);
-    const pkg = JSON.parse(readFileSync(req.resolve(`${name}/package.json`), 'utf8')) as { blockconv?: Partial<PackageMeta> };
+    const pkg = JSON.parse(readFileSync(join(nodeModules, name, 'package.json'), 'utf8')) as { blockconv?: Partial<PackageMeta> };
     const b = pkg.blockconv;
     if (!b || (!Array.isArray(b.schemes) && !Array.isArray(b.formats))) return undefined;
     const secretParameters = Array.isArray(b.secretParameters) ? b.secretParameters.filter((n) => typeof n === 'string') : undefined;
     return { schemes: b.schemes ?? [], formats: b.formats ?? [], magic: b.magic, secretParameters };
   } catch {
-    return undefined; // no readable package.json (or not exported): import it to find out
+    return undefined; // no readable package.json: import it to find out
   }
 }
 
@@ -132,8 +150,8 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
   const pending = new Map<string, { entry: string; promise?: Promise<void> }>();
   const byScheme = new Map<string, string>();
   const byFormat = new Map<string, string>();
-  /** Packages whose every format declares a magic: probed only for images starting with one. */
-  const magicOf = new Map<string, Uint8Array[]>();
+  /** Packages whose every format declares a magic: probed only for images that hold one. */
+  const magicOf = new Map<string, FormatMagic[]>();
 
   /** Imports a lazily listed package once. */
   const loadLazy = (name: string): Promise<void> => {
@@ -162,12 +180,13 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
         seen.add(name);
         let entry: string;
         try {
-          entry = createRequire(join(nm, 'noop.js')).resolve(name);
+          // From the folder, as import would: an ESM-only package's "exports" need no "require" condition.
+          entry = packageEntry(join(nm, name));
         } catch (err) {
           failed.push({ name, path: join(nm, name), error: err instanceof Error ? err.message.split('\n')[0]! : String(err) });
           continue;
         }
-        const meta = metaOf(entry, name);
+        const meta = metaOf(nm, name);
         if (!meta) {
           await load(name, entry);
           continue;
@@ -176,10 +195,8 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
         if (meta.secretParameters) declareSecretParameters(meta.secretParameters);
         for (const sc of meta.schemes) if (!byScheme.has(sc.toLowerCase())) byScheme.set(sc.toLowerCase(), name);
         for (const f of meta.formats) if (!byFormat.has(f)) byFormat.set(f, name);
-        const magics = meta.formats.map((f) => meta.magic?.[f]);
-        if (meta.formats.length && magics.every((m) => typeof m === 'string' && /^([0-9a-f]{2})+$/i.test(m))) {
-          magicOf.set(name, magics.map((m) => Buffer.from(m!, 'hex')));
-        }
+        const magics = meta.formats.map((f) => parseMagic(meta.magic?.[f]));
+        if (meta.formats.length && magics.every((m) => m !== undefined)) magicOf.set(name, magics.flat() as FormatMagic[]);
       }
     }
   }
@@ -198,7 +215,7 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
   }
   const mayClaim = (pkg: string, head: Uint8Array | undefined): boolean => {
     const magics = magicOf.get(pkg);
-    return !magics || !head || magics.some((m) => head.length >= m.length && Buffer.compare(head.subarray(0, m.length), m) === 0);
+    return !magics || !head || matchesMagic(magics, head);
   };
   registry.setLoader(async (kind, name, head) => {
     if (kind === 'format' && name === '*') await Promise.all([...new Set(byFormat.values())].filter((p) => mayClaim(p, head)).map(loadLazy));

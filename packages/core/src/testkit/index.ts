@@ -10,6 +10,7 @@
  * largest transfer, many requests in flight); and behind the core's gate, as the
  * registry hands it out, any request must work or fail with the documented code.
  */
+import * as fs from 'node:fs/promises';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { BlockError } from '../errors.js';
@@ -27,10 +28,75 @@ export interface ConformanceTarget {
 }
 
 export interface ConformanceOptions {
-  /** Opens a fresh writable image of at least 8 MiB whose content the kit may change. */
+  /**
+   * Opens the backend under test. Writable drivers: a fresh image of at least 8 MiB
+   * whose content the kit may change. Read-only drivers (readOnly): any image, opened
+   * read-only, ideally with data, zeroes and holes, and at least 8 KiB. A protocol
+   * driver returns its own backend; a format driver the backend of its open() over a
+   * file (the simplest way: `registry.open(path, { format })` of a registry that holds
+   * the driver and a protocol, which also puts the core's gate in front, as users get it).
+   */
   readonly open: () => Promise<ConformanceTarget>;
   /** Skip checks that need writing (read-only drivers). */
   readonly readOnly?: boolean;
+  /**
+   * What the image must read as: its bytes, the path of a raw file holding them (e.g. a
+   * `qemu-img convert -O raw` of the image), or another backend. With it, the kit reads
+   * the whole image and compares, and checks block status against it: a zero extent
+   * must be zeroes there, and bytes that are not zero must lie in data extents.
+   */
+  readonly reference?: Uint8Array | string | BlockBackend;
+}
+
+/** Reads `length` bytes at `offset` of a reference. */
+type ReferenceReader = { readonly size: number; read(offset: number, length: number): Promise<Uint8Array>; close(): Promise<void> };
+
+async function openReference(ref: Uint8Array | string | BlockBackend): Promise<ReferenceReader> {
+  if (ref instanceof Uint8Array) return { size: ref.length, read: async (o, n) => ref.subarray(o, o + n), close: async () => {} };
+  if (typeof ref === 'string') {
+    const fh = await fs.open(ref, 'r');
+    const size = (await fh.stat()).size;
+    return {
+      size,
+      read: async (o, n) => {
+        const out = new Uint8Array(n);
+        const { bytesRead } = await fh.read(out, 0, n, o);
+        return out.subarray(0, bytesRead);
+      },
+      close: () => fh.close(),
+    };
+  }
+  const g = gateBackend(ref);
+  return { size: g.size, read: (o, n) => g.read(o, n), close: async () => {} };
+}
+
+/** Bytes compared per step when checking against a reference. */
+const REFERENCE_STEP = 1 << 20;
+
+/** The whole image reads as the reference, and block status agrees with it. */
+async function checkReference(b: GatedBackend, ref: ReferenceReader, label: string): Promise<void> {
+  assert.is(b.size, ref.size, `${label}: size ${b.size} is the reference's ${ref.size}`);
+  for (let pos = 0; pos < b.size; pos += REFERENCE_STEP) {
+    const n = Math.min(REFERENCE_STEP, b.size - pos);
+    const [got, want] = await Promise.all([b.read(pos, n), ref.read(pos, n)]);
+    if (!Buffer.from(got).equals(Buffer.from(want))) {
+      let i = 0;
+      while (i < n && got[i] === want[i]) i++;
+      assert.unreachable(`${label}: byte ${pos + i} reads ${got[i]}, the reference has ${want[i]}`);
+    }
+  }
+  for (let pos = 0, n = 0; pos < b.size && n++ < 100000;) {
+    const ext = await b.blockStatus(pos, b.size - pos);
+    const end = Math.min(b.size, pos + ext.length);
+    if (ext.kind !== 'data') {
+      for (let at = pos; at < end; at += REFERENCE_STEP) {
+        const bytes = await ref.read(at, Math.min(REFERENCE_STEP, end - at));
+        const i = bytes.findIndex((x) => x !== 0);
+        assert.ok(i < 0, `${label}: block status says ${ext.kind} at [${pos}, ${end}), the reference has data at ${at + i}`);
+      }
+    }
+    pos = end;
+  }
 }
 
 /** Deterministic pattern bytes, different for every offset and seed. */
@@ -217,6 +283,16 @@ export function conformance(name: string, options: ConformanceOptions): void {
       await expectCode(gate.discard(0, a), 'EROFS', 'discard on read-only');
     } finally {
       if (ro !== b) await ro.close();
+    }
+  });
+
+  test('reads as the reference, byte for byte, and block status agrees with it (with `reference`)', async () => {
+    if (options.reference === undefined) return;
+    const ref = await openReference(options.reference);
+    try {
+      await checkReference(b, ref, name);
+    } finally {
+      await ref.close();
     }
   });
 
