@@ -22,10 +22,10 @@ const CORE = resolve(here, '../../core');
 const dir = mkdtempSync(join(tmpdir(), 'blockconv-driver-kit-'));
 process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
 
-/** The README's worked example: the TypeScript block under "A worked example". */
+/** The README's worked protocol driver: the TypeScript block under its heading. */
 function readmeExample(): string {
   const readme = readFileSync(join(CORE, 'README.md'), 'utf8');
-  const section = readme.slice(readme.indexOf('### A worked example'));
+  const section = readme.slice(readme.indexOf('### A worked example: a read-only protocol driver'));
   const m = /```ts\n([\s\S]*?)```/.exec(section);
   if (!m) throw new Error('packages/core/README.md has no worked example');
   return m[1]!;
