@@ -1,6 +1,6 @@
 /**
- * @blockconv/driver-qcow2: the qcow2 format (read side), layered on any protocol
- * backend. Register with `registry.register(...drivers)`.
+ * @blockconv/driver-qcow2: the qcow2 format (read, write, create, check), layered on
+ * any protocol backend. Register with `registry.register(...drivers)`.
  */
 import type { BlockDriver } from '@blockconv/core';
 import { qcow2Driver } from './driver.js';
