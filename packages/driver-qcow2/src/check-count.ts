@@ -10,28 +10,19 @@ import { MAX_L1_BYTES } from './header.js';
 import { compressedRange, entryOffset } from './mapping.js';
 import { checkFailed, corruption, countRange, hex64, type CheckState } from './check-state.js';
 import { readPadded } from './check-tables.js';
+import { HI_COMPRESSED, HI_COPIED, L1_RESERVED_HI, L1_RESERVED_LO, L2_RESERVED_HI, L2_RESERVED_LO, LO_ZERO, TWO_32 } from './format.js';
 
-const TWO_32 = 0x1_0000_0000;
-/** Reserved bits of L1 entries (qcow2.txt: bits 0..8 and 56..62). */
-const L1_RESERVED_HI = 0x7f00_0000;
-const L1_RESERVED_LO = 0x1ff;
-/** Reserved bits of standard L2 entries (bits 1..8 and 56..61). */
-const L2_RESERVED_HI = 0x3f00_0000;
-const L2_RESERVED_LO = 0x1fe;
-const COPIED = 0x8000_0000;
-const COMPRESSED = 0x4000_0000;
-const ZERO = 1;
 
 export type ClusterType = 'compressed' | 'zero-plain' | 'zero-alloc' | 'normal' | 'unallocated';
 
 /** QEMU's qcow2_get_cluster_type, from an entry's two 32-bit halves. */
 export function clusterType(st: CheckState, hi: number, lo: number): ClusterType {
-  if (hi & COMPRESSED) return 'compressed';
+  if (hi & HI_COMPRESSED) return 'compressed';
   const allocated = entryOffset(hi, lo) !== 0;
-  if ((lo & ZERO) && !st.h.extendedL2) return allocated ? 'zero-alloc' : 'zero-plain';
+  if ((lo & LO_ZERO) && !st.h.extendedL2) return allocated ? 'zero-alloc' : 'zero-plain';
   if (allocated) return 'normal';
   // With an external data file offset 0 is a cluster of it, told apart by the copied flag.
-  return st.hasDataFile && (hi & COPIED) ? 'normal' : 'unallocated';
+  return st.hasDataFile && (hi & HI_COPIED) ? 'normal' : 'unallocated';
 }
 
 /** Counts every reference into st.refs, with the checks QEMU makes on the way. */
@@ -99,7 +90,7 @@ async function countL2(st: CheckState, l2Offset: number, active: boolean): Promi
     }
     switch (type) {
       case 'compressed': {
-        if (hi & COPIED) corruption(st, `ERROR: coffset=${hex(compressedRange(hi, lo, h.clusterBits)[0])}: copied flag must never be set for compressed clusters`);
+        if (hi & HI_COPIED) corruption(st, `ERROR: coffset=${hex(compressedRange(hi, lo, h.clusterBits)[0])}: copied flag must never be set for compressed clusters`);
         if (st.hasDataFile) { corruption(st, `ERROR compressed cluster ${j} with data file, entry=0x${hex64(hi, lo)}`); break; }
         if (zeroBits || allocBits) { corruption(st, `ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`); break; }
         const [host, length] = compressedRange(hi, lo, h.clusterBits);
@@ -114,7 +105,7 @@ async function countL2(st: CheckState, l2Offset: number, active: boolean): Promi
         if (zeroBits & allocBits) corruption(st, `ERROR offset=${host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
         if (host % cs !== 0) {
           // QEMU's -r all turns a preallocated (data-less) one into a zero cluster; this check only reports it.
-          const preallocated = h.extendedL2 ? allocBits === 0 : (lo & ZERO) !== 0;
+          const preallocated = h.extendedL2 ? allocBits === 0 : (lo & LO_ZERO) !== 0;
           corruption(st, `ERROR offset=${host.toString(16)}: ${preallocated ? 'Preallocated cluster' : 'Data cluster'} is not properly aligned; L2 entry corrupted.`);
         }
         if (active) {

@@ -8,6 +8,7 @@ import { hex } from './errors.js';
 import { MAX_SNAPSHOTS } from './header.js';
 import { checkFailed, noCounts, type CheckSnapshot, type CheckState, type Counts } from './check-state.js';
 import { readPadded } from './check-tables.js';
+import { TWO_32 } from './format.js';
 
 const HEADER_BYTES = 40;
 /** QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE. */
@@ -54,7 +55,7 @@ export async function readSnapshotsForCheck(st: CheckState): Promise<CheckedSnap
       st.messages.push('ERROR failed to read the snapshot table: Snapshot table is too big');
       throw checkFailed(st, 'snapshot table', `the snapshot table at ${hex(offset)} is larger than ${MAX_TABLE_BYTES} bytes (at entry ${i})`, 'ECORRUPT');
     }
-    snapshots.push({ id, name, l1TableOffset: head.getUint32(0) * 0x1_0000_0000 + head.getUint32(4), l1Size: head.getUint32(8), extraDataSize });
+    snapshots.push({ id, name, l1TableOffset: head.getUint32(0) * TWO_32 + head.getUint32(4), l1Size: head.getUint32(8), extraDataSize });
   }
   if (h.version === 3) {
     snapshots.forEach((s, i) => {

@@ -11,6 +11,7 @@ import { INCOMPAT_CORRUPT, type Qcow2Header } from './header.js';
 import type { ReadMeta } from './io.js';
 import { entryOffset } from './mapping.js';
 import type { ReferenceCounts, StoredRefcounts } from './check-tables.js';
+import { TWO_32 } from './format.js';
 
 /** The counts qemu-img check reports. */
 export interface Counts {
@@ -65,7 +66,7 @@ export interface CheckState {
 
 /** A 64-bit entry from its two 32-bit halves, in hex as QEMU prints entries (no 0x). */
 export function hex64(hi: number, lo: number): string {
-  return (BigInt(hi) * 0x1_0000_0000n + BigInt(lo)).toString(16);
+  return (BigInt(hi) * BigInt(TWO_32) + BigInt(lo)).toString(16);
 }
 
 export function corruption(st: CheckState, message: string): void {

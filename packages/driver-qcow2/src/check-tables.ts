@@ -8,12 +8,11 @@ import { BlockError, type GatedBackend } from '@blockconv/core';
 import { hex } from './errors.js';
 import type { ReadMeta } from './io.js';
 import { refcountAt, setRefcountAt } from './refcounts.js';
+import { REFT_RESERVED_LO, TWO_32 } from './format.js';
 
-const TWO_32 = 0x1_0000_0000;
 /** QEMU's BDRV_MAX_LENGTH: requests reaching past it fail with EIO. */
 const MAX_REQUEST_END = 2 ** 63 - 2 ** 30;
 /** Refcount table entries: bits 9..63 are the block's offset, bits 0..8 are reserved (qcow2.txt). */
-const REFT_RESERVED_LO = 0x1ff;
 
 /**
  * Reads [offset, offset+length) with what lies past the end of the file as zeroes,

@@ -36,10 +36,10 @@ import {
 } from './check-state.js';
 import { readPadded, ReferenceCounts, RefcountUnreadable, StoredRefcounts } from './check-tables.js';
 import { rebuildRefcountStructure } from './rebuild.js';
+import { HI_COPIED } from './format.js';
 
 /** QEMU refuses files of more clusters than an int holds. */
 const MAX_CHECK_CLUSTERS = 2 ** 31 - 1;
-const COPIED = 0x8000_0000;
 
 export async function checkQcow2(file: GatedBackend, options: CheckOptions = {}): Promise<CheckResult> {
   const st = await openForCheck(file, options);
@@ -211,11 +211,11 @@ async function checkCopiedFlags(st: CheckState): Promise<void> {
     const rc = await st.stored.get(Math.floor(l2Offset / cs));
     // Already reported by the compare.
     if (rc instanceof RefcountUnreadable) continue;
-    if ((rc === 1) !== ((hi1 & COPIED) !== 0)) {
+    if ((rc === 1) !== ((hi1 & HI_COPIED) !== 0)) {
       st.res.corruptions++;
       st.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi1, lo1)} refcount=${rc}`);
       if (repair) {
-        l1.setUint32(i * 8, rc === 1 ? (hi1 | COPIED) >>> 0 : hi1 & ~COPIED);
+        l1.setUint32(i * 8, rc === 1 ? (hi1 | HI_COPIED) >>> 0 : hi1 & ~HI_COPIED);
         await writeMetadata(st, h.l1TableOffset + i * 8, st.activeL1.subarray(i * 8, i * 8 + 8), { what: 'L1 entry', ignore: 'active L1 table', failure: 'ERROR updating an L1 entry' });
         st.res.corruptions--;
         st.res.corruptionsFixed++;
@@ -235,11 +235,11 @@ async function checkCopiedFlags(st: CheckState): Promise<void> {
       // Clusters of an external data file always have refcount 1.
       const r = st.hasDataFile ? 1 : await st.stored.get(Math.floor(entryOffset(hi, lo) / cs));
       if (r instanceof RefcountUnreadable) continue;
-      if ((r === 1) === ((hi & COPIED) !== 0)) continue;
+      if ((r === 1) === ((hi & HI_COPIED) !== 0)) continue;
       st.res.corruptions++;
       st.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(hi, lo)} refcount=${r}`);
       if (repair) {
-        v.setUint32(at, r === 1 ? (hi | COPIED) >>> 0 : hi & ~COPIED);
+        v.setUint32(at, r === 1 ? (hi | HI_COPIED) >>> 0 : hi & ~HI_COPIED);
         dirty++;
       }
     }

@@ -6,41 +6,15 @@
  */
 import { corrupt, hex, unsupported, type Where } from './errors.js';
 
-export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
-export const V2_HEADER_LENGTH = 72;
-export const V3_MIN_HEADER_LENGTH = 104;
-export const MIN_CLUSTER_BITS = 9;
-/** QEMU's implementation limit (2 MiB clusters); the spec sets no upper bound. */
-export const MAX_CLUSTER_BITS = 21;
-/** QEMU's limits, kept so that we refuse what QEMU refuses rather than allocate for it. */
-export const MAX_L1_BYTES = 32 * 1024 * 1024;
-export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
-export const MAX_SNAPSHOTS = 65536;
-export const MAX_BITMAPS = 65535;
-export const MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS;
-export const MAX_BACKING_NAME = 1023;
-export const SUBCLUSTERS_PER_CLUSTER = 32;
-
-export const EXT_END = 0x00000000;
-export const EXT_BACKING_FORMAT = 0xe2792aca;
-export const EXT_FEATURE_TABLE = 0x6803f857;
-export const EXT_BITMAPS = 0x23852875;
-export const EXT_CRYPTO = 0x0537be77;
-export const EXT_DATA_FILE = 0x44415441;
-
-export const INCOMPAT_DIRTY = 1n << 0n;
-export const INCOMPAT_CORRUPT = 1n << 1n;
-export const INCOMPAT_DATA_FILE = 1n << 2n;
-export const INCOMPAT_COMPRESSION = 1n << 3n;
-export const INCOMPAT_EXTL2 = 1n << 4n;
-export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
-export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
-export const AUTOCLEAR_BITMAPS = 1n << 0n;
-export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
-
-export const COMPRESSION_ZLIB = 0;
-export const COMPRESSION_ZSTD = 1;
-export const COMPRESSION_NAMES: Readonly<Record<number, string>> = { [COMPRESSION_ZLIB]: 'zlib', [COMPRESSION_ZSTD]: 'zstd' };
+// The constants live in format.ts; re-exported for the header's users.
+export * from './format.js';
+import {
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_NAMES, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+  EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN, MAX_BACKING_NAME, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS,
+  MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MIN_CLUSTER_BITS, QCOW2_MAGIC, SUBCLUSTERS_PER_CLUSTER,
+  TWO_32, V2_HEADER_LENGTH, V3_MIN_HEADER_LENGTH,
+} from './format.js';
 
 const CRYPT_NAMES: Readonly<Record<number, string>> = { 1: 'AES', 2: 'LUKS' };
 const KNOWN_INCOMPAT_NAMES: Readonly<Record<number, string>> = {
@@ -122,7 +96,7 @@ function u32(dv: DataView, off: number): number {
 
 /** A big-endian u64 as a number; values past 2^53 lose precision, and every caller bounds them. */
 function u64(dv: DataView, off: number): number {
-  return dv.getUint32(off) * 0x1_0000_0000 + dv.getUint32(off + 4);
+  return dv.getUint32(off) * TWO_32 + dv.getUint32(off + 4);
 }
 
 function view(buf: Uint8Array): DataView {

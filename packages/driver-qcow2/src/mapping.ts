@@ -11,6 +11,7 @@
 import { TableCache, type CachedTable } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import type { Qcow2Header } from './header.js';
+import { HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, LO_OFFSET_MASK, TWO_32 } from './format.js';
 
 export const KIND_UNALLOCATED = 0;
 export const KIND_ZERO = 1;
@@ -37,7 +38,7 @@ export interface Run {
 
 /** The offset field (bits 9-55) of an L1 or standard L2 entry, from its two 32-bit halves. */
 export function entryOffset(hi: number, lo: number): number {
-  return (hi & 0x00ff_ffff) * TWO_32 + ((lo & 0xffff_fe00) >>> 0);
+  return (hi & HI_OFFSET_MASK) * TWO_32 + ((lo & LO_OFFSET_MASK) >>> 0);
 }
 
 /**
@@ -57,14 +58,13 @@ export function compressedRange(hi: number, lo: number, clusterBits: number): re
 export function compressedEntry(host: number, size: number, clusterBits: number): readonly [number, number] {
   const highBits = 70 - clusterBits - 32;
   const sectors = Math.floor((host + size - 1) / 512) - Math.floor(host / 512);
-  return [(0x4000_0000 + sectors * 2 ** highBits + Math.floor(host / TWO_32)) >>> 0, host % TWO_32];
+  return [(HI_COMPRESSED + sectors * 2 ** highBits + Math.floor(host / TWO_32)) >>> 0, host % TWO_32];
 }
 
 export function newRun(): Run {
   return { kind: KIND_UNALLOCATED, length: 0, host: -1, csize: 0 };
 }
 
-const TWO_32 = 0x1_0000_0000;
 const NO_KIND = -1;
 
 export interface MapperParams {
@@ -172,7 +172,7 @@ export class ClusterMapper {
         const hi = table.view.getUint32(at);
         const lo = table.view.getUint32(at + 4);
         unitEnd = clusterStart + cs;
-        if (hi & 0x4000_0000) {
+        if (hi & HI_COMPRESSED) {
           kind = KIND_COMPRESSED;
           host = (hi & 0x3fff_ffff & ((1 << this.#cHighBits) - 1)) * TWO_32 + lo;
           const sectors = (((hi & 0x3fff_ffff) >>> this.#cHighBits) & this.#cSectorsMask) + 1;
@@ -182,7 +182,7 @@ export class ClusterMapper {
         } else {
           const hostOffset = entryOffset(hi, lo);
           // Offset 0 is unallocated, except in an external data file where the copied flag (bit 63) disambiguates.
-          const allocated = hostOffset !== 0 || (this.#hasDataFile && (hi & 0x8000_0000) !== 0);
+          const allocated = hostOffset !== 0 || (this.#hasDataFile && (hi & HI_COPIED) !== 0);
           if (!h.extendedL2) {
             if ((lo & 1) && h.version === 2) {
               throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: zero cluster flag in a version 2 image`, l2Offset + at);

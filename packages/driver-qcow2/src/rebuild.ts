@@ -12,6 +12,7 @@
 import { setRefcountAt } from './refcounts.js';
 import { StoredRefcounts } from './check-tables.js';
 import { signalCorruption, writeMetadata, type CheckState } from './check-state.js';
+import { TWO_32 } from './format.js';
 
 interface NewTable {
   /** Block offsets by refcount table index (0: no block). */
@@ -36,16 +37,16 @@ export async function rebuildRefcountStructure(st: CheckState): Promise<void> {
   const bytes = new Uint8Array(table.offsets.length * 8);
   const view = new DataView(bytes.buffer);
   table.offsets.forEach((offset, r) => {
-    view.setUint32(r * 8, Math.floor(offset / 0x1_0000_0000));
-    view.setUint32(r * 8 + 4, offset % 0x1_0000_0000);
+    view.setUint32(r * 8, Math.floor(offset / TWO_32));
+    view.setUint32(r * 8 + 4, offset % TWO_32);
   });
   await writeMetadata(st, tableOffset, bytes, { what: 'refcount table', failure: 'ERROR writing reftable' });
 
   // The header's refcount_table_offset and refcount_table_clusters, together.
   const header = new Uint8Array(12);
   const hv = new DataView(header.buffer);
-  hv.setUint32(0, Math.floor(tableOffset / 0x1_0000_0000));
-  hv.setUint32(4, tableOffset % 0x1_0000_0000);
+  hv.setUint32(0, Math.floor(tableOffset / TWO_32));
+  hv.setUint32(4, tableOffset % TWO_32);
   hv.setUint32(8, tableClusters);
   await st.file.write(48, header);
   await st.file.flush();

@@ -19,8 +19,8 @@ import { BlockError, type GatedBackend } from '@blockconv/core';
 import { TableCache, type CachedTable, type TableCopy } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { MAX_REFTABLE_BYTES } from './header.js';
+import { TWO_32 } from './format.js';
 
-const TWO_32 = 0x1_0000_0000;
 /** The file grows in steps (ftruncate is a metadata write); the tail is cut at close. */
 const MIN_GROWTH = 64 * 1024 * 1024;
 

@@ -6,6 +6,7 @@
  */
 import { corrupt, type Where } from './errors.js';
 import { MAX_L1_BYTES, MAX_SNAPSHOTS, type Qcow2Header } from './header.js';
+import { TWO_32 } from './format.js';
 
 /** QEMU's bounds: on average 1 KiB per entry, at most 1 KiB of extra data in one. */
 const MAX_TABLE_BYTES = 1024 * MAX_SNAPSHOTS;
@@ -38,7 +39,7 @@ export type ReadMeta = (offset: number, length: number) => Promise<Uint8Array>;
 const utf8 = new TextDecoder('utf-8');
 
 function u64(dv: DataView, off: number): number {
-  return dv.getUint32(off) * 0x1_0000_0000 + dv.getUint32(off + 4);
+  return dv.getUint32(off) * TWO_32 + dv.getUint32(off + 4);
 }
 
 /** Reads and checks the snapshot table; reads at most what the entries need and the file holds. */

@@ -27,12 +27,8 @@ import { AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, type Qcow2Header } from './header.js
 import { STORE_UNCOMPRESSED, compressClusters } from './compress.js';
 import { compressedEntry, compressedRange, entryOffset } from './mapping.js';
 import type { Refcounts } from './refcounts.js';
+import { ALL_SUBCLUSTERS, HI_COMPRESSED, HI_COPIED, LO_ZERO, TWO_32 } from './format.js';
 
-const TWO_32 = 0x1_0000_0000;
-const HI_COPIED = 0x8000_0000;
-const HI_COMPRESSED = 0x4000_0000;
-const LO_ZERO = 1;
-const ALL_SUBCLUSTERS = 0xffff_ffff;
 /**
  * Longest time metadata stays only in memory while writes go on: a long convert that
  * dies keeps most of what it wrote reachable (and the crash tests see commits).
