@@ -210,68 +210,83 @@ async function readEdges(b: BlockBackend, label: string): Promise<void> {
 
 export function conformance(name: string, options: ConformanceOptions): void {
   const test = suite(`conformance: ${name}`);
-  let t: ConformanceTarget;
-  /** The backend under test, behind its gate (requests that fit its limits pass straight through). */
-  let b: GatedBackend;
+  const s = {} as SuiteState;
   test.before.each(async () => {
-    t = await options.open();
-    b = gateBackend(t.backend);
+    s.t = await options.open();
+    s.b = gateBackend(s.t.backend);
   });
   test.after.each(async () => {
-    await b.close().catch(() => {});
-    await t.cleanup?.();
+    await s.b.close().catch(() => {});
+    await s.t.cleanup?.();
   });
+  readChecks(test, s, name, options);
+  if (!options.readOnly) {
+    writeChecks(test, s);
+    segmentChecks(test, s);
+  }
+  test.run();
+}
 
+/** The backend under test, behind its gate (requests that fit its limits pass straight through), per test. */
+interface SuiteState {
+  t: ConformanceTarget;
+  b: GatedBackend;
+}
+
+type Suite = ReturnType<typeof suite>;
+
+/** Checks for every backend, read-only or not. */
+function readChecks(test: Suite, s: SuiteState, name: string, options: ConformanceOptions): void {
   test('limits are consistent data', () => {
-    const l = b.limits;
+    const l = s.b.limits;
     assert.ok(isPowerOfTwo(l.requestAlignment), `requestAlignment ${l.requestAlignment} is a power of two`);
     assert.ok(l.maxTransfer >= l.requestAlignment && l.maxTransfer % l.requestAlignment === 0, 'maxTransfer is a multiple of the alignment');
     if (l.optimalTransfer !== undefined) assert.ok(l.optimalTransfer > 0 && l.optimalTransfer <= l.maxTransfer, 'optimalTransfer within maxTransfer');
     if (l.maxWriteZeroes !== undefined) assert.ok(l.maxWriteZeroes >= l.requestAlignment, 'maxWriteZeroes at least one block');
-    if ((l.minMemAlignment ?? 1) > 1) assert.type(b.allocBuffer, 'function', 'minMemAlignment > 1 comes with allocBuffer');
-    assert.ok(Number.isSafeInteger(b.size) && b.size > 0, 'size is a positive integer');
-    assert.type(b.location, 'string');
+    if ((l.minMemAlignment ?? 1) > 1) assert.type(s.b.allocBuffer, 'function', 'minMemAlignment > 1 comes with allocBuffer');
+    assert.ok(Number.isSafeInteger(s.b.size) && s.b.size > 0, 'size is a positive integer');
+    assert.type(s.b.location, 'string');
   });
 
   test('block status: extents are contiguous, non-empty, inside the image, and zero extents read as zeroes', async () => {
     let pos = 0;
     let n = 0;
-    const buf = buffer(b, b.limits.requestAlignment * 16);
-    while (pos < b.size && n++ < 10000) {
-      const ext = await b.blockStatus(pos, b.size - pos);
+    const buf = buffer(s.b, s.b.limits.requestAlignment * 16);
+    while (pos < s.b.size && n++ < 10000) {
+      const ext = await s.b.blockStatus(pos, s.b.size - pos);
       assert.ok(ext.length > 0, `extent at ${pos} is not empty`);
-      assert.ok(pos + ext.length <= b.size, `extent at ${pos} ends inside the image`);
+      assert.ok(pos + ext.length <= s.b.size, `extent at ${pos} ends inside the image`);
       assert.ok(['data', 'zero', 'unallocated'].includes(ext.kind), `kind ${ext.kind}`);
       if (ext.kind === 'zero') {
-        const len = Math.min(buf.length, ext.length - (ext.length % b.limits.requestAlignment) || ext.length);
-        const got = await b.read(pos, len, buf);
+        const len = Math.min(buf.length, ext.length - (ext.length % s.b.limits.requestAlignment) || ext.length);
+        const got = await s.b.read(pos, len, buf);
         assert.ok(allZero(got), `zero extent at ${pos} reads as zeroes`);
       }
       pos += ext.length;
     }
-    assert.is(pos, b.size, 'extents cover the image');
+    assert.is(pos, s.b.size, 'extents cover the image');
   });
 
   test('block status: a short query may answer with a longer extent, never past the end', async () => {
-    const last = b.size - b.limits.requestAlignment;
-    const ext = await b.blockStatus(last, 1);
-    assert.ok(ext.length >= 1 && last + ext.length <= b.size);
+    const last = s.b.size - s.b.limits.requestAlignment;
+    const ext = await s.b.blockStatus(last, 1);
+    assert.ok(ext.length >= 1 && last + ext.length <= s.b.size);
   });
 
   test('read fills the given buffer and returns a view of it', async () => {
-    const len = aligned(b, 4096);
-    const into = buffer(b, len * 2);
-    const got = await b.read(0, len, into);
+    const len = aligned(s.b, 4096);
+    const into = buffer(s.b, len * 2);
+    const got = await s.b.read(0, len, into);
     assert.is(got.length, len);
     assert.is(got.buffer, into.buffer, 'returns a view of the caller\'s buffer');
   });
 
   test('reads at the edges of the declared limits: the last block, maxTransfer, many in flight; errors through the gate', async () => {
-    await readEdges(b, name);
+    await readEdges(s.b, name);
   });
 
   test('a read-only open: the same reads, and every change refused with EROFS', async () => {
-    const ro = options.readOnly ? b : await t.openReadOnly?.();
+    const ro = options.readOnly ? s.b : await s.t.openReadOnly?.();
     if (!ro) return;
     try {
       assert.ok(ro.readOnly, 'reports readOnly');
@@ -282,7 +297,7 @@ export function conformance(name: string, options: ConformanceOptions): void {
       await expectCode(gate.writeZeroes(0, a), 'EROFS', 'writeZeroes to read-only');
       await expectCode(gate.discard(0, a), 'EROFS', 'discard on read-only');
     } finally {
-      if (ro !== b) await ro.close();
+      if (ro !== s.b) await ro.close();
     }
   });
 
@@ -290,26 +305,24 @@ export function conformance(name: string, options: ConformanceOptions): void {
     if (options.reference === undefined) return;
     const ref = await openReference(options.reference);
     try {
-      await checkReference(b, ref, name);
+      await checkReference(s.b, ref, name);
     } finally {
       await ref.close();
     }
   });
 
   test('a closed backend refuses requests with EBADF', async () => {
-    const { gate } = layers(b);
+    const { gate } = layers(s.b);
     await gate.close();
     await expectCode(gate.read(0, 1), 'EBADF', 'read after close');
     await gate.close(); // twice is harmless
   });
+}
 
-  if (options.readOnly) {
-    test.run();
-    return;
-  }
-
+/** Checks that write: the limits' edges, unaligned requests, persistence, zeroes and discards. */
+function writeChecks(test: Suite, s: SuiteState): void {
   test('writes at the edges of the declared limits: maxTransfer, maxWriteZeroes, the last block', async () => {
-    const { driver } = layers(b);
+    const { driver } = layers(s.b);
     const a = driver.limits.requestAlignment;
     const big = largest(driver, driver.limits.maxTransfer);
     const w = buffer(driver, big);
@@ -330,7 +343,7 @@ export function conformance(name: string, options: ConformanceOptions): void {
   });
 
   test('unaligned writes and zeroes through the gate land exactly, neighbours intact', async () => {
-    const { gate, driver } = layers(b);
+    const { gate, driver } = layers(s.b);
     const a = driver.limits.requestAlignment;
     const size = driver.size;
     const span = Math.min(size, 8 * a + 8192);
@@ -353,85 +366,128 @@ export function conformance(name: string, options: ConformanceOptions): void {
   });
 
   test('write then read back, at several aligned offsets and sizes', async () => {
-    const a = b.limits.requestAlignment;
-    const cases = [[0, a], [a * 3, aligned(b, 65536)], [aligned(b, 1 << 20) + a, aligned(b, 300000)], [b.size - a * 2, a * 2]] as const;
+    const a = s.b.limits.requestAlignment;
+    const cases = [[0, a], [a * 3, aligned(s.b, 65536)], [aligned(s.b, 1 << 20) + a, aligned(s.b, 300000)], [s.b.size - a * 2, a * 2]] as const;
     for (const [off, len] of cases) {
       const data = pattern(len, off + 1);
-      const w = buffer(b, len);
+      const w = buffer(s.b, len);
       w.set(data);
-      await writeAll(b, off, w);
-      const got = await readAll(b, off, len, buffer(b, len));
+      await writeAll(s.b, off, w);
+      const got = await readAll(s.b, off, len, buffer(s.b, len));
       assert.ok(Buffer.from(got).equals(Buffer.from(data)), `data at ${off} (+${len}) reads back`);
     }
   });
 
   test('write of the largest transfer', async () => {
-    const len = Math.min(b.limits.maxTransfer, aligned(b, 4 << 20), b.size - (b.size % b.limits.requestAlignment));
-    const w = buffer(b, len);
+    const len = Math.min(s.b.limits.maxTransfer, aligned(s.b, 4 << 20), s.b.size - (s.b.size % s.b.limits.requestAlignment));
+    const w = buffer(s.b, len);
     w.set(pattern(len, 7));
-    await writeAll(b, 0, w);
-    const got = await readAll(b, 0, len, buffer(b, len));
+    await writeAll(s.b, 0, w);
+    const got = await readAll(s.b, 0, len, buffer(s.b, len));
     assert.ok(Buffer.from(got).equals(Buffer.from(w)));
   });
 
   test('concurrent writes to distinct ranges all land', async () => {
-    const len = aligned(b, 64 * 1024);
-    const n = Math.min(16, Math.floor(b.size / len));
+    const len = aligned(s.b, 64 * 1024);
+    const n = Math.min(16, Math.floor(s.b.size / len));
     await Promise.all(Array.from({ length: n }, (_, i) => {
-      const w = buffer(b, len);
+      const w = buffer(s.b, len);
       w.set(pattern(len, 100 + i));
-      return writeAll(b, i * len, w);
+      return writeAll(s.b, i * len, w);
     }));
-    const got = await Promise.all(Array.from({ length: n }, (_, i) => readAll(b, i * len, len, buffer(b, len))));
+    const got = await Promise.all(Array.from({ length: n }, (_, i) => readAll(s.b, i * len, len, buffer(s.b, len))));
     got.forEach((g, i) => assert.ok(Buffer.from(g).equals(Buffer.from(pattern(len, 100 + i))), `range ${i}`));
   });
 
+  test('writeZeroes reads back as zeroes, with and without mayUnmap', async () => {
+    const len = aligned(s.b, 256 * 1024);
+    const w = buffer(s.b, len * 2);
+    w.set(pattern(len * 2, 3));
+    await writeAll(s.b, 0, w);
+    await s.b.writeZeroes(0, len, { mayUnmap: true });
+    await s.b.writeZeroes(len, len / 2, { mayUnmap: false });
+    const got = await readAll(s.b, 0, len * 2, buffer(s.b, len * 2));
+    assert.ok(allZero(got.subarray(0, len + len / 2)), 'zeroed range reads zero');
+    assert.ok(Buffer.from(got.subarray(len + len / 2)).equals(Buffer.from(w.subarray(len + len / 2))), 'neighbouring data intact');
+  });
+
+  test('discard succeeds and leaves neighbours intact', async () => {
+    const len = aligned(s.b, 128 * 1024);
+    const w = buffer(s.b, len * 2);
+    w.set(pattern(len * 2, 5));
+    await writeAll(s.b, 0, w);
+    await s.b.discard(0, len);
+    const got = await readAll(s.b, len, len, buffer(s.b, len));
+    assert.ok(Buffer.from(got).equals(Buffer.from(w.subarray(len))));
+  });
+
+  test('data written and flushed survives close and reopen', async () => {
+    if (!s.t.reopen) return;
+    const len = aligned(s.b, 8192);
+    const off = aligned(s.b, 12345);
+    const w = buffer(s.b, len);
+    w.set(pattern(len, 11));
+    await writeAll(s.b, off, w);
+    await s.b.flush();
+    await s.b.close();
+    s.b = gateBackend(await s.t.reopen());
+    const got = await readAll(s.b, off, len, buffer(s.b, len));
+    assert.ok(Buffer.from(got).equals(Buffer.from(w)));
+  });
+
+  test('flush succeeds', async () => {
+    await s.b.flush();
+  });
+}
+
+/** The vectored requests, when the backend offers them. */
+function segmentChecks(test: Suite, s: SuiteState): void {
   test('writeSegments (when offered) writes exactly the listed pieces', async () => {
-    if (!b.writeSegments) return;
-    const a = b.limits.requestAlignment;
-    const len = aligned(b, 256 * 1024);
-    const base = aligned(b, 1 << 20);
-    const old = buffer(b, len);
+    if (!s.b.writeSegments) return;
+    const a = s.b.limits.requestAlignment;
+    const len = aligned(s.b, 256 * 1024);
+    const base = aligned(s.b, 1 << 20);
+    const old = buffer(s.b, len);
     old.set(pattern(len, 21));
-    await writeAll(b, base, old);
-    const data = buffer(b, len);
+    await writeAll(s.b, base, old);
+    const data = buffer(s.b, len);
     data.set(pattern(len, 22));
     const seg = segments([base, a * 2, 0], [base + a * 8, a, a * 8], [base + len - a * 4, a * 4, len - a * 4]);
-    await b.writeSegments(data, seg);
+    await s.b.writeSegments(data, seg);
     seg.array.fill(0); // the caller may reuse the list at once
-    const got = await readAll(b, base, len, buffer(b, len));
+    const got = await readAll(s.b, base, len, buffer(s.b, len));
     const want = Buffer.from(old);
     for (const [s0, e0] of [[0, a * 2], [a * 8, a * 9], [len - a * 4, len]] as const) want.set(data.subarray(s0, e0), s0);
     assert.ok(Buffer.from(got).equals(want), 'listed pieces written, the rest untouched');
   });
 
   test('writeSegments (when offered) of whole preferred blocks over zeroed space', async () => {
-    if (!b.writeSegments) return;
+    if (!s.b.writeSegments) return;
     // Whole blocks of the preferred granularity over unmapped zeroes: what convert sends a fresh target.
-    const p = Math.max(b.limits.requestAlignment, b.limits.preferredAlignment ?? 1);
+    const p = Math.max(s.b.limits.requestAlignment, s.b.limits.preferredAlignment ?? 1);
     const len = p * 6;
-    const base = aligned(b, 4 << 20);
-    if (base + len > b.size) return;
-    await b.writeZeroes(base, len, { mayUnmap: true });
-    const data = buffer(b, len);
+    const base = aligned(s.b, 4 << 20);
+    if (base + len > s.b.size) return;
+    await s.b.writeZeroes(base, len, { mayUnmap: true });
+    const data = buffer(s.b, len);
     data.set(pattern(len, 23));
-    await b.writeSegments(data, segments([base, p, 0], [base + 2 * p, 2 * p, 2 * p], [base + 5 * p, p, 5 * p]));
-    const got = await readAll(b, base, len, buffer(b, len));
+    await s.b.writeSegments(data, segments([base, p, 0], [base + 2 * p, 2 * p, 2 * p], [base + 5 * p, p, 5 * p]));
+    const got = await readAll(s.b, base, len, buffer(s.b, len));
     const want = Buffer.alloc(len);
     for (const [s0, e0] of [[0, p], [2 * p, 4 * p], [5 * p, 6 * p]] as const) want.set(data.subarray(s0, e0), s0);
     assert.ok(Buffer.from(got).equals(want), 'pieces written, the gaps still zero');
   });
 
   test('writeSegments (when offered) puts each piece at its own offset, from its own position', async () => {
-    if (!b.writeSegments) return;
-    const a = b.limits.requestAlignment;
-    const len = aligned(b, 64 * 1024);
-    await writeAll(b, 0, buffer(b, len * 2).fill(0x11));
-    const from = buffer(b, len);
+    if (!s.b.writeSegments) return;
+    const a = s.b.limits.requestAlignment;
+    const len = aligned(s.b, 64 * 1024);
+    await writeAll(s.b, 0, buffer(s.b, len * 2).fill(0x11));
+    const from = buffer(s.b, len);
     from.set(pattern(len, 41));
     // Out of order, and pieces of the source moved to other places.
-    await b.writeSegments(from, segments([len, a * 2, 0], [0, a, len - a], [a * 3, a, a]));
-    const got = await readAll(b, 0, len * 2, buffer(b, len * 2));
+    await s.b.writeSegments(from, segments([len, a * 2, 0], [0, a, len - a], [a * 3, a, a]));
+    const got = await readAll(s.b, 0, len * 2, buffer(s.b, len * 2));
     const want = Buffer.alloc(len * 2, 0x11);
     want.set(from.subarray(0, a * 2), len);
     want.set(from.subarray(len - a, len), 0);
@@ -440,62 +496,20 @@ export function conformance(name: string, options: ConformanceOptions): void {
   });
 
   test('readSegments (when offered) scatters the listed ranges and touches nothing else', async () => {
-    if (!b.readSegments) return;
-    const a = b.limits.requestAlignment;
-    const len = aligned(b, 64 * 1024);
-    const w = buffer(b, len * 2);
+    if (!s.b.readSegments) return;
+    const a = s.b.limits.requestAlignment;
+    const len = aligned(s.b, 64 * 1024);
+    const w = buffer(s.b, len * 2);
     w.set(pattern(len * 2, 31));
-    await writeAll(b, 0, w);
-    const into = buffer(b, len * 2);
+    await writeAll(s.b, 0, w);
+    const into = buffer(s.b, len * 2);
     into.fill(0xee);
     // Out of order, and one piece ending at the end of the written data.
-    await b.readSegments(into, segments([len, a * 2, 0], [0, a, len], [len * 2 - a, a, len * 2 - a]));
+    await s.b.readSegments(into, segments([len, a * 2, 0], [0, a, len], [len * 2 - a, a, len * 2 - a]));
     const want = Buffer.alloc(len * 2, 0xee);
     want.set(w.subarray(len, len + a * 2), 0);
     want.set(w.subarray(0, a), len);
     want.set(w.subarray(len * 2 - a, len * 2), len * 2 - a);
     assert.ok(Buffer.from(into).equals(want));
   });
-
-  test('writeZeroes reads back as zeroes, with and without mayUnmap', async () => {
-    const len = aligned(b, 256 * 1024);
-    const w = buffer(b, len * 2);
-    w.set(pattern(len * 2, 3));
-    await writeAll(b, 0, w);
-    await b.writeZeroes(0, len, { mayUnmap: true });
-    await b.writeZeroes(len, len / 2, { mayUnmap: false });
-    const got = await readAll(b, 0, len * 2, buffer(b, len * 2));
-    assert.ok(allZero(got.subarray(0, len + len / 2)), 'zeroed range reads zero');
-    assert.ok(Buffer.from(got.subarray(len + len / 2)).equals(Buffer.from(w.subarray(len + len / 2))), 'neighbouring data intact');
-  });
-
-  test('discard succeeds and leaves neighbours intact', async () => {
-    const len = aligned(b, 128 * 1024);
-    const w = buffer(b, len * 2);
-    w.set(pattern(len * 2, 5));
-    await writeAll(b, 0, w);
-    await b.discard(0, len);
-    const got = await readAll(b, len, len, buffer(b, len));
-    assert.ok(Buffer.from(got).equals(Buffer.from(w.subarray(len))));
-  });
-
-  test('data written and flushed survives close and reopen', async () => {
-    if (!t.reopen) return;
-    const len = aligned(b, 8192);
-    const off = aligned(b, 12345);
-    const w = buffer(b, len);
-    w.set(pattern(len, 11));
-    await writeAll(b, off, w);
-    await b.flush();
-    await b.close();
-    b = gateBackend(await t.reopen());
-    const got = await readAll(b, off, len, buffer(b, len));
-    assert.ok(Buffer.from(got).equals(Buffer.from(w)));
-  });
-
-  test('flush succeeds', async () => {
-    await b.flush();
-  });
-
-  test.run();
 }
