@@ -154,7 +154,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.a
     console.log('| | after converts | RSS (after GC) | heap | fds | sockets | libuv handles |');
     console.log('|---|---|---|---|---|---|---|');
     for (const [k, s] of [['first', r.first], ['last', r.last]] as const) console.log(`| ${k} | ${s.after} | ${s.rssMiB} MiB | ${s.heapMiB} MiB | ${s.fds} | ${s.sockets} | ${s.handles} |`);
-    console.log(`\n${r.converts} converts, ${r.failedAsExpected} failed as their case expects, ${r.surprises.length} surprises${r.surprises.length ? ':\n' + r.surprises.join('\n') : '.'}`);
+    console.log(`\n${r.converts} converts, ${r.failedAsExpected} failed as their case expects, ${r.surprises.length} surprises${r.surprises.length ? `:\n${r.surprises.join('\n')}` : '.'}`);
   }
   process.exitCode = r.surprises.length ? 1 : 0;
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `npm test`: installs everything (system packages, npm ci, native builds), builds and
-# runs every package's tests through nx, then prints one "N passed, N failed" line.
+# `npm test`: installs everything (system packages, npm ci, native builds), checks the
+# tree with Biome, builds and runs every package's tests through nx, then prints one "N passed, N failed" line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +8,9 @@ bash tools/install-deps.sh
 if [ -z "${BLOCKCONV_NO_INSTALL:-}" ]; then
   npm ci --no-audit --no-fund
 fi
+
+# Formatting and lint first (biome.jsonc): a tree that does not pass is not tested.
+npx biome ci .
 
 export NX_DAEMON=false NX_NO_CLOUD=true NX_TUI=false
 log=$(mktemp)

@@ -107,7 +107,7 @@ function runOne(c: ArgCase, cwd: string, index: number): Promise<ArgOutcome> {
     const timer = setTimeout(() => { timedOut = true; child.kill('SIGKILL'); }, 20_000);
     child.on('close', (code, signal) => {
       clearTimeout(timer);
-      let problem = judge(code, timedOut ? null : signal, stderr, timedOut, c.argv);
+      const problem = judge(code, timedOut ? null : signal, stderr, timedOut, c.argv);
       // Some environments stop Node itself before any of our code runs (seen: LANG=/nonexistent
       // segfaults Debian's node 20 in its ICU set-up, `node -e 0` as well): not ours to judge.
       if (problem && (signal || code === 9) && Object.keys(c.env).length) {

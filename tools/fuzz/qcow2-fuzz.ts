@@ -179,7 +179,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
   const lenientCases: string[] = [];
   const defects: CaseRecord[] = [];
   const report = o.reportFile ? fs.openSync(o.reportFile, 'w') : undefined;
-  const record = (r: CaseRecord): void => { if (report !== undefined) fs.writeSync(report, JSON.stringify(r) + '\n'); };
+  const record = (r: CaseRecord): void => { if (report !== undefined) fs.writeSync(report, `${JSON.stringify(r)}\n`); };
 
   const indices = o.only !== undefined ? [o.only] : Array.from({ length: o.cases }, (_, i) => i);
   let next = 0;

@@ -83,7 +83,7 @@ function formatMessage(message: string, d: BlockErrorDetails): string {
   const where: string[] = [];
   if (d.location !== undefined) where.push(d.location);
   if (d.op !== undefined) where.push(d.op);
-  if (d.offset !== undefined) where.push(`at offset ${d.offset}` + (d.length !== undefined ? ` (+${d.length})` : ''));
+  if (d.offset !== undefined) where.push(`at offset ${d.offset}${d.length !== undefined ? ` (+${d.length})` : ''}`);
   if (d.field !== undefined) where.push(`field ${d.field}`);
   return oneLine(where.length ? `${where.join(' ')}: ${message}` : message);
 }

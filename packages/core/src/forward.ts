@@ -11,7 +11,7 @@ export function forwardBackend(inner: BlockBackend, overrides: Partial<BlockBack
   const out: object = {};
   for (let o: object | null = inner; o && o !== Object.prototype; o = Object.getPrototypeOf(o) as object | null) {
     for (const key of Object.getOwnPropertyNames(o)) {
-      if (key === 'constructor' || key in overrides || Object.prototype.hasOwnProperty.call(out, key)) continue;
+      if (key === 'constructor' || key in overrides || Object.hasOwn(out, key)) continue;
       const d = Object.getOwnPropertyDescriptor(o, key)!;
       if (d.get) {
         Object.defineProperty(out, key, { get: () => (inner as unknown as Record<string, unknown>)[key], enumerable: true, configurable: true });

@@ -144,7 +144,6 @@ class RequestGate {
    */
   members(): Partial<GatedBackend> {
     const inner = this.#inner;
-    const gate = this;
     const ops: Partial<{ -readonly [K in keyof GatedBackend]: GatedBackend[K] }> = {
       read: this.read.bind(this),
       write: this.write.bind(this),
@@ -160,8 +159,8 @@ class RequestGate {
     if (inner.copyTo) ops.copyTo = this.copyTo.bind(this);
     if (inner.copyFrom) ops.copyFrom = this.copyFrom.bind(this);
     return Object.defineProperties(ops, {
-      readOnly: { get: () => gate.#readOnly || inner.readOnly === true, enumerable: true },
-      readOnlyReason: { get: () => gate.#forcedReadOnly ?? inner.readOnlyReason, enumerable: true },
+      readOnly: { get: () => this.#readOnly || inner.readOnly === true, enumerable: true },
+      readOnlyReason: { get: () => this.#forcedReadOnly ?? inner.readOnlyReason, enumerable: true },
       canZero: { get: () => inner.canZero ?? typeof inner.writeZeroes === 'function', enumerable: true },
       canFastZero: { get: () => inner.canFastZero === true && typeof inner.writeZeroes === 'function', enumerable: true },
       canDiscard: { get: () => inner.canDiscard ?? typeof inner.discard === 'function', enumerable: true },
@@ -169,8 +168,8 @@ class RequestGate {
       canBlockStatus: { get: () => inner.canBlockStatus ?? typeof inner.blockStatus === 'function', enumerable: true },
       canReadHolesCheaply: { get: () => inner.canReadHolesCheaply === true, enumerable: true },
       canWriteOutOfOrder: { get: () => inner.canWriteOutOfOrder !== false, enumerable: true },
-      zeroInitialized: { get: () => gate.#zeroInitialized || inner.zeroInitialized === true, enumerable: true },
-      backing: { get: () => gate.#gatedBacking(), enumerable: true },
+      zeroInitialized: { get: () => this.#zeroInitialized || inner.zeroInitialized === true, enumerable: true },
+      backing: { get: () => this.#gatedBacking(), enumerable: true },
     }) as Partial<GatedBackend>;
   }
 

@@ -4,7 +4,7 @@
  */
 import { toBlockError } from './errors.js';
 import { gateBackend } from './gate.js';
-import type { BlockBackend, GatedBackend } from './types.js';
+import type { BlockBackend, Extent, GatedBackend } from './types.js';
 
 export interface MapEntry {
   start: number;
@@ -50,7 +50,7 @@ async function statusAt(image: GatedBackend, pos: number, length: number): Promi
   let depth = 0;
   for (let layer: GatedBackend | undefined = image; layer; layer = layer.backing, depth++) {
     if (pos >= layer.size) break;
-    let ext;
+    let ext: Extent;
     try {
       ext = layer.canBlockStatus ? await layer.blockStatus(pos, Math.min(len, layer.size - pos)) : { kind: 'data' as const, length: layer.size - pos };
     } catch (err) {

@@ -7,7 +7,7 @@
 import { BlockError } from './errors.js';
 import { redactLocation } from './redact.js';
 import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type CopyRequest, type Extent, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
-import { SegmentList, piecesAroundHoles } from './segments.js';
+import { type SegmentList, piecesAroundHoles } from './segments.js';
 import { ZeroScanner } from './zeroscan.js';
 
 const PAGE = 64 * 1024;
@@ -202,7 +202,6 @@ export class MemoryBackend implements BlockBackend {
   }
 
   #store(offset: number, data: Uint8Array): void {
-    {
       for (let done = 0; done < data.length;) {
         const pos = offset + done;
         const idx = Math.floor(pos / PAGE);
@@ -213,7 +212,6 @@ export class MemoryBackend implements BlockBackend {
         page.set(data.subarray(done, done + n), inPage);
         done += n;
       }
-    }
   }
 
   /** Vectored write, logged as one operation over the span of its pieces (as a driver would send one request). */

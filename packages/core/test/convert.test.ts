@@ -372,7 +372,7 @@ test('copy offload falls back to reading and writing: a target that cannot, a pa
   // Two copies accepted, then declined: off for the rest of the job, nothing lost.
   let accepted = 0;
   const declining = forwardBackend(src, {
-    copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) => (accepted < 2 ? (accepted++, src.copyTo!(o, n, t, to, req)) : Promise.resolve(false)),
+    copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) => accepted++ < 2 ? src.copyTo!(o, n, t, to, req) : Promise.resolve(false),
   });
   const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, record: true });
   const r2 = await convert({ sources: [declining], target: dst, copyOffload: true, workers: 1, bufferSize: MiB });

@@ -2,7 +2,7 @@
 // pre-zeroing of a target that can zero fast (qemu-img's BDRV_REQ_NO_FALLBACK).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { compareImages, convert, gateBackend, MemoryBackend, type BlockBackend } from '../src/index.js';
+import { compareImages, convert, gateBackend, MemoryBackend, } from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const MiB = 1024 * 1024;

@@ -7,8 +7,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
-  SegmentList,
-  BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert,
+  type SegmentList,
+  type BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert,
   type BlockBackend, type ConvertOptions, type ResumeState,
 } from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
@@ -137,7 +137,7 @@ test('stray writes in [done, dirtyEnd) where the source has zeroes are overwritt
   const job = startConvert({ ...base(src, t.backend), signal: ac.signal });
   job.on('checkpoint', (s) => { last = s; if (s.progress.done >= 5 * MiB) ac.abort(); });
   await job.done.catch(() => {});
-  assert.ok(last && last.progress.targetZero);
+  assert.ok(last?.progress.targetZero);
   const { image } = await t.crash(() => 1);
   // Garbage where the source reads zeroes, inside the range the first run might have written.
   const junk = last!.progress.done + 64 * KiB;

@@ -352,7 +352,7 @@ export class IscsiBackend implements BlockBackend {
     if (!d) {
       const generation = this.#generation;
       this.#lbaStatusRequests++;
-      let descriptors;
+      let descriptors: LbaStatus[];
       try {
         descriptors = await this.#s.getLbaStatus(lba, LBA_STATUS_DESCRIPTORS);
       } catch (err) {

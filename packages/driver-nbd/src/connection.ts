@@ -88,7 +88,7 @@ const MAX_OPTION_REPLY = 64 * 1024;
 const MAX_STATUS_PAYLOAD = 4 + 8 * (1 << 20);
 
 /** What the reader is filling its sink for. */
-const enum Want {
+enum Want {
   Handshake,
   ReplyHeader,
   StructuredRest,

@@ -176,7 +176,7 @@ export class NbdServer {
 }
 
 /** What the reader is filling its sink for. */
-const enum Want {
+enum Want {
   ClientFlags,
   OptionHeader,
   OptionData,

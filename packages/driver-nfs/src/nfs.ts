@@ -357,7 +357,7 @@ export class NfsBackend implements BlockBackend {
   /** Advisory, and NFS (before v4.2) cannot deallocate: a no-op. */
   async discard(): Promise<void> {}
 
-  async blockStatus(offset: number, length: number): Promise<Extent> {
+  async blockStatus(offset: number, _length: number): Promise<Extent> {
     return { kind: 'data', length: this.size - offset, offset };
   }
 

@@ -159,7 +159,9 @@ export async function decompressGroupInto(type: number, raw: Uint8Array, items: 
   if (!codec) {
     const done = await decompressGroup(type, raw, items, clusterSize);
     try {
-      items.forEach((item, i) => out.set(done.clusters[i]!.subarray(item.inCluster, item.inCluster + item.length), item.outAt));
+      items.forEach((item, i) => {
+        out.set(done.clusters[i]!.subarray(item.inCluster, item.inCluster + item.length), item.outAt);
+      });
     } finally {
       done.release();
     }
@@ -181,7 +183,9 @@ export async function decompressGroupInto(type: number, raw: Uint8Array, items: 
     const scratch = takeScratch(partial.length * clusterSize);
     jobs.push(codec.decompressBatch({ kind, clusterSize, input: raw, spans: partialSpans, output: scratch }).then(
       () => {
-        partial.forEach((item, i) => out.set(scratch.subarray(i * clusterSize + item.inCluster, i * clusterSize + item.inCluster + item.length), item.outAt));
+        partial.forEach((item, i) => {
+          out.set(scratch.subarray(i * clusterSize + item.inCluster, i * clusterSize + item.inCluster + item.length), item.outAt);
+        });
         giveScratch(scratch);
       },
       (err: unknown) => { giveScratch(scratch); throw batchError(kind, partial, err); },

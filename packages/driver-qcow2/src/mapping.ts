@@ -8,7 +8,7 @@
  * with 32-bit reads: no BigInt and no allocation per cluster. Every entry is checked
  * when it is used (alignment, inside the file, consistent bitmaps), as QEMU does.
  */
-import { TableCache, type CachedTable } from './cache.js';
+import type { TableCache, CachedTable } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import type { Qcow2Header } from './header.js';
 import { HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, LO_OFFSET_MASK, TWO_32 } from './format.js';

@@ -16,7 +16,7 @@
  * with a refcount of 0.
  */
 import { BlockError, type GatedBackend } from '@blockconv/core';
-import { TableCache, type CachedTable, type TableCopy } from './cache.js';
+import type { TableCache, CachedTable, TableCopy } from './cache.js';
 import { corrupt, hex, type Where } from './errors.js';
 import { MAX_REFTABLE_BYTES } from './header.js';
 import { TWO_32 } from './format.js';

@@ -48,7 +48,7 @@ function serverOf(location: string): string {
 /** The directory part of a location, with "." and ".." segments resolved (local: symlinks too). */
 async function directoryOf(location: string): Promise<string> {
   const { scheme } = parseLocation(location);
-  if (scheme === 'file') return dirname(await canonical(location)) + '/';
+  if (scheme === 'file') return `${dirname(await canonical(location))}/`;
   const path = location.replace(/[?#].*$/, '');
   return posix.dirname(posix.normalize(path.replace(/^[a-z][a-z0-9+.-]*:\/\/[^/]*/i, ''))).replace(/\/?$/, '/');
 }

@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, mapImage } from '@blockconv/core';
+import { type BlockError, mapImage } from '@blockconv/core';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MiB, TiB, blockError, cli, create, qemuImg, qemuIo, registry, removeDir, tempDir } from './helpers.js';
@@ -46,17 +46,17 @@ async function refused(image: string, options: Record<string, string>, message: 
 }
 
 test('same-server (the default) follows local names anywhere; confined only inside the image\'s directory', async () => {
-  const escape = overlay('escape.qcow2', '../elsewhere/secret.raw');
+  const escaping = overlay('escaping.qcow2', '../elsewhere/secret.raw');
   const absolute = overlay('absolute.qcow2', path.join(outside, 'secret.raw'));
   const inside = overlay('inside.qcow2', 'sub/base.raw');
-  assert.is((await opens(escape))[0], 0x5e);
+  assert.is((await opens(escaping))[0], 0x5e);
   assert.is((await opens(absolute))[0], 0x5e);
   assert.is((await opens(inside, { references: 'confined' }))[0], 0x11);
-  const err = await refused(escape, { references: 'confined' }, /backing file "\.\.\/elsewhere\/secret\.raw" resolves to .*elsewhere\/secret\.raw, outside the image's directory .*images\/: refused by references=confined; the open option references=any follows it/);
+  const err = await refused(escaping, { references: 'confined' }, /backing file "\.\.\/elsewhere\/secret\.raw" resolves to .*elsewhere\/secret\.raw, outside the image's directory .*images\/: refused by references=confined; the open option references=any follows it/);
   assert.is(err.field, 'backing_file');
   await refused(absolute, { references: 'confined' }, /outside the image's directory/);
   await refused(inside, { references: 'none' }, /backing file "sub\/base\.raw" is named by the image: refused by references=none/);
-  assert.is((await opens(escape, { references: 'any' }))[0], 0x5e);
+  assert.is((await opens(escaping, { references: 'any' }))[0], 0x5e);
 });
 
 test('confined: a symlink inside the directory that points out of it is outside', async () => {
@@ -91,18 +91,18 @@ test('data files: one the image names is checked, one the user names is the user
 });
 
 test('check honours the policy; a bad value is refused naming the option', async () => {
-  const escape = path.join(images, 'escape.qcow2');
-  const err = await blockError(registry().check(escape, { format: 'qcow2', options: { references: 'confined' } }));
+  const escaping = path.join(images, 'escaping.qcow2');
+  const err = await blockError(registry().check(escaping, { format: 'qcow2', options: { references: 'confined' } }));
   assert.is(err.code, 'EACCES');
-  assert.is((await registry().check(escape, { format: 'qcow2' })).corruptions, 0);
-  const bad = await blockError(opens(escape, { references: 'sometimes' }));
+  assert.is((await registry().check(escaping, { format: 'qcow2' })).corruptions, 0);
+  const bad = await blockError(opens(escaping, { references: 'sometimes' }));
   assert.is(bad.code, 'EINVAL');
   assert.is(bad.field, 'references');
   assert.match(bad.message, /references must be one of same-server, confined, none, any, got "sometimes"/);
 });
 
 test('the command: one line naming the policy, exit 1', () => {
-  const r = cli('convert', '-O', 'raw', '--source-opts', 'references=confined', path.join(images, 'escape.qcow2'), path.join(dir, 'out.raw'));
+  const r = cli('convert', '-O', 'raw', '--source-opts', 'references=confined', path.join(images, 'escaping.qcow2'), path.join(dir, 'out.raw'));
   assert.is(r.status, 1, r.stderr);
   assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
   assert.match(r.stderr, /^blockconv: .*refused by references=confined/, r.stderr);

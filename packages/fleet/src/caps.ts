@@ -39,7 +39,7 @@ return 1
  */
 export function serverOf(location: string): string | undefined {
   const m = /^([a-z][a-z0-9+.-]*):\/\/(?:[^@/]*@)?(\[[^\]]+\]|[^/:?#]*)(?::(\d+))?/i.exec(location);
-  if (!m || !m[2]) return undefined;
+  if (!m?.[2]) return undefined;
   const scheme = m[1]!.toLowerCase();
   const host = m[2].toLowerCase();
   if (scheme === 'iscsi') return `iscsi://${host}:${m[3] ?? '3260'}`;

@@ -8,7 +8,7 @@
 import { BlockError, cancelled, toBlockError } from '../errors.js';
 import { gateBackend } from '../gate.js';
 import { chainStatus } from '../status.js';
-import type { BlockBackend } from '../types.js';
+import type { BlockBackend, Extent } from '../types.js';
 import { BLKHASH_ALGORITHM, BLKHASH_BLOCK_SIZE, BlockHash } from './blkhash.js';
 import { HashPool } from './pool.js';
 
@@ -98,7 +98,7 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
   try {
     for (let pos = 0; pos < size;) {
       if (options.signal?.aborted) throw cancelled(options.signal.reason);
-      let ext;
+      let ext: Extent;
       try {
         ext = await chainStatus(b, pos, size - pos);
       } catch (err) {

@@ -8,7 +8,7 @@
 import { createHash } from 'node:crypto';
 import { BlockError, toBlockError } from '../errors.js';
 import { redactLocation } from '../redact.js';
-import type { BlockBackend } from '../types.js';
+import type { BackendIdentity, BlockBackend } from '../types.js';
 import type { CheckpointProgress } from './options.js';
 import type { FailedTarget } from './fanout.js';
 
@@ -50,7 +50,7 @@ export interface ResumeState extends ConvertIdentity {
 }
 
 async function identify(b: BlockBackend, withVersion: boolean): Promise<ImageIdentity> {
-  let id;
+  let id: BackendIdentity | undefined;
   try {
     id = await b.identity?.();
   } catch (err) {

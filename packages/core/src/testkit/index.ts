@@ -194,7 +194,9 @@ async function readEdges(b: BlockBackend, label: string): Promise<void> {
   const piece = Math.max(a, big >= 64 * a ? big / 64 - ((big / 64) % a) : a);
   const count = Math.min(64, Math.floor(big / piece));
   const parts = await Promise.all(Array.from({ length: count }, (_, i) => driver.read(i * piece, piece, buffer(driver, piece))));
-  parts.forEach((p, i) => assert.ok(Buffer.from(p).equals(Buffer.from(whole.subarray(i * piece, (i + 1) * piece))), `${label}: read ${i} of ${count} in flight agrees with the large read`));
+  parts.forEach((p, i) => {
+    assert.ok(Buffer.from(p).equals(Buffer.from(whole.subarray(i * piece, (i + 1) * piece))), `${label}: read ${i} of ${count} in flight agrees with the large read`);
+  });
   // Through the gate: any byte range, with the documented codes for what cannot be.
   const tail = await gate.read(size - 1, 1);
   assert.is(tail[0], last[last.length - 1], `${label}: the gate reads the last byte`);
@@ -396,7 +398,9 @@ function writeChecks(test: Suite, s: SuiteState): void {
       return writeAll(s.b, i * len, w);
     }));
     const got = await Promise.all(Array.from({ length: n }, (_, i) => readAll(s.b, i * len, len, buffer(s.b, len))));
-    got.forEach((g, i) => assert.ok(Buffer.from(g).equals(Buffer.from(pattern(len, 100 + i))), `range ${i}`));
+    got.forEach((g, i) => {
+      assert.ok(Buffer.from(g).equals(Buffer.from(pattern(len, 100 + i))), `range ${i}`);
+    });
   });
 
   test('writeZeroes reads back as zeroes, with and without mayUnmap', async () => {

@@ -124,7 +124,9 @@ test('CHAP through the CLI: password from a file or the environment works, a wro
     cli(['info', lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, LIBISCSI_CHAP_PASSWORD: password }),
     cli(['compare', src, lun.url.replace('iscsi://', `iscsi://${CHAP_USER}%${password}@`)]),
   ];
-  runs.forEach((r, i) => expectOk(r, `CHAP run ${i}`));
+  runs.forEach((r, i) => {
+    expectOk(r, `CHAP run ${i}`);
+  });
   run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, lun.file]);
   const refused = [
     cli(['info', lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, LIBISCSI_CHAP_PASSWORD: wrong }),

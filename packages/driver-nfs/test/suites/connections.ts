@@ -93,7 +93,7 @@ test('the open option connections=N (-o/-l) does the same; one connection by def
   try {
     const b = (await openNfs(remote.url, { options: { connections: '3' } })) as NfsBackend;
     assert.is(b.stats.connections.length, 3);
-    assert.is((await b.info())['connections'], 3);
+    assert.is((await b.info()).connections, 3);
     await b.close();
     const one = (await openNfs(remote.url)) as NfsBackend;
     assert.is(one.stats.connections.length, 1);
