@@ -1,7 +1,7 @@
 // Node binding over libiscsi's asynchronous API (libiscsi 1.19). One IscsiContext is
 // one iSCSI session to one LUN; its socket is driven from the Node event loop the way
 // QEMU's block/iscsi.c drives it from its AioContext:
-//  - a uv_poll_t on iscsi_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with iscsi_which_events() after every submit
+//  - a uv_poll_t on iscsi_get_fd() (blockconv::SocketPoller, @blockconv/napi-common), armed with iscsi_which_events() after every submit
 //    and every iscsi_service() call, and re-armed only when the mask changes (POLLOUT
 //    only while libiscsi has output queued: level-triggered polls busy-loop otherwise);
 //  - a ~100 ms tick (the SocketPoller's) calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire,

@@ -1,7 +1,7 @@
 // Node binding over libnfs's asynchronous API (libnfs 4.0). One NfsContext per
 // connection; libnfs's socket is driven from the Node event loop the way QEMU's
 // block/nfs.c drives it from its AioContext:
-//  - a uv_poll_t on nfs_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with nfs_which_events() after every submit and
+//  - a uv_poll_t on nfs_get_fd() (blockconv::SocketPoller, @blockconv/napi-common), armed with nfs_which_events() after every submit and
 //    every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
 //    armed only while libnfs has output queued: level-triggered polls busy-loop otherwise);
 //  - a ~100 ms tick (the SocketPoller's) calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire,
