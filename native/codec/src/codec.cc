@@ -18,6 +18,9 @@
 
 #include <napi.h>
 
+#include <blockconv/napi_args.h>
+#include <blockconv/pinned_buffer.h>
+
 #include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
@@ -39,7 +42,8 @@ constexpr int kZstd = 1;
 constexpr int32_t kStoreUncompressed = -1;
 constexpr uint32_t kMinClusterSize = 512;
 constexpr uint32_t kMaxClusterSize = 2u << 20;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
+// Argument errors in the addon's own short words ("clusterSize" is out of range).
+constexpr blockconv::ArgWords kArgWords = blockconv::ArgWords::kShort;
 
 // Per pool thread: created on first use, reset for every cluster.
 struct ThreadCodecs {
@@ -246,8 +250,10 @@ struct Span {
 
 class BatchWorker : public Napi::AsyncWorker {
  public:
+  // `lengths` is an empty pin for decompression.
   BatchWorker(Napi::Env env, const char* name, bool compress, int kind, size_t size, size_t first,
-              std::vector<Span> spans, Napi::Uint8Array input, Napi::Uint8Array output, Napi::Int32Array lengths)
+              std::vector<Span> spans, blockconv::PinnedBuffer input, blockconv::PinnedBuffer output,
+              blockconv::PinnedBuffer lengths)
       : Napi::AsyncWorker(env, name),
         deferred_(Napi::Promise::Deferred::New(env)),
         compress_(compress),
@@ -255,38 +261,22 @@ class BatchWorker : public Napi::AsyncWorker {
         size_(size),
         first_(first),
         spans_(std::move(spans)),
-        in_(input.Data()),
-        out_(output.Data()),
-        lengths_(lengths.IsEmpty() ? nullptr : lengths.Data()),
-        input_ref_(Napi::Persistent(input)),
-        output_ref_(Napi::Persistent(output)) {
-    if (!lengths.IsEmpty()) lengths_ref_ = Napi::Persistent(lengths);
-  }
+        input_(std::move(input)),
+        output_(std::move(output)),
+        lengths_(std::move(lengths)) {}
 
-  Napi::Promise Promise() { return deferred_.Promise(); }
+  // Queues the job; it deletes itself once settled.
+  Napi::Promise Start() {
+    Napi::Promise promise = deferred_.Promise();
+    Queue();
+    return promise;
+  }
 
  protected:
   void Execute() override {
-    std::string why;
-    const char* code = "ECORRUPT";
-    for (size_t i = 0; i < spans_.size(); i++) {
-      const Span& s = spans_[i];
-      if (compress_) {
-        int64_t n = kind_ == kZlib ? DeflateCluster(in_ + s.in, size_, out_ + s.out, &why)
-                                   : ZstdCluster(in_ + s.in, size_, out_ + s.out, &why);
-        if (n == -2) {
-          failure_.Set(first_ + i, "EIO", std::move(why));
-          return;
-        }
-        lengths_[i] = static_cast<int32_t>(n);
-      } else {
-        bool ok = kind_ == kZlib ? InflateCluster(in_ + s.in, s.in_len, out_ + s.out, size_, &why, &code)
-                                 : UnzstdCluster(in_ + s.in, s.in_len, out_ + s.out, size_, &why, &code);
-        if (!ok) {
-          failure_.Set(first_ + i, code, std::move(why));
-          return;
-        }
-      }
+    for (size_t i = 0; i < spans_.size() && !failure_.failed; i++) {
+      if (compress_) CompressOne(i);
+      else DecompressOne(i);
     }
   }
 
@@ -305,147 +295,128 @@ class BatchWorker : public Napi::AsyncWorker {
   }
 
  private:
+  void CompressOne(size_t i) {
+    const Span& s = spans_[i];
+    const uint8_t* in = input_.data() + s.in;
+    uint8_t* out = output_.data() + s.out;
+    std::string why;
+    int64_t n = kind_ == kZlib ? DeflateCluster(in, size_, out, &why) : ZstdCluster(in, size_, out, &why);
+    if (n == -2) failure_.Set(first_ + i, "EIO", std::move(why));
+    else lengths_.as<int32_t>()[i] = static_cast<int32_t>(n);
+  }
+
+  void DecompressOne(size_t i) {
+    const Span& s = spans_[i];
+    const uint8_t* in = input_.data() + s.in;
+    uint8_t* out = output_.data() + s.out;
+    std::string why;
+    const char* code = "ECORRUPT";
+    bool ok = kind_ == kZlib ? InflateCluster(in, s.in_len, out, size_, &why, &code)
+                             : UnzstdCluster(in, s.in_len, out, size_, &why, &code);
+    if (!ok) failure_.Set(first_ + i, code, std::move(why));
+  }
+
   Napi::Promise::Deferred deferred_;
   const bool compress_;
   const int kind_;
   const size_t size_;
   const size_t first_;
   const std::vector<Span> spans_;
-  const uint8_t* in_;
-  uint8_t* out_;
-  int32_t* lengths_;
-  // The buffers stay referenced while the pool thread uses their memory.
-  Napi::Reference<Napi::Uint8Array> input_ref_;
-  Napi::Reference<Napi::Uint8Array> output_ref_;
-  Napi::Reference<Napi::Int32Array> lengths_ref_;
+  // The caller's buffers, pinned while the pool thread uses their memory.
+  const blockconv::PinnedBuffer input_;
+  const blockconv::PinnedBuffer output_;
+  const blockconv::PinnedBuffer lengths_;
   Failure failure_;
 };
 
 // ---------------------------------------------------------------------------
-// Arguments. Exceptions are disabled: helpers throw a pending JS exception and
-// return false.
+// Arguments
 
-bool Throw(Napi::Env env, bool range, const std::string& message) {
-  if (range) Napi::RangeError::New(env, message).ThrowAsJavaScriptException();
-  else Napi::TypeError::New(env, message).ThrowAsJavaScriptException();
-  return false;
-}
+bool IsUint(double v) { return v >= 0 && v <= blockconv::kMaxSafeInteger && std::trunc(v) == v; }
 
-bool ArgUint(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
-  if (!info[i].IsNumber()) return Throw(info.Env(), false, std::string("\"") + name + "\" must be a number");
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(v) || std::trunc(v) != v || v < 0 || v > max) {
-    return Throw(info.Env(), true, std::string("\"") + name + "\" is out of range");
-  }
-  *out = v;
-  return true;
-}
+// What decompress and compress both take: (kind, clusterSize, input, spans, first,
+// count, output), `stride` numbers per cluster in spans.
+struct Batch {
+  int kind;
+  size_t size, first, count;
+  Napi::Uint8Array input, output;
+  Napi::Float64Array spans;
+};
 
-bool ArgBytes(const Napi::CallbackInfo& info, size_t i, const char* name, Napi::Uint8Array* out) {
-  if (!info[i].IsTypedArray() || info[i].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-    return Throw(info.Env(), false, std::string("\"") + name + "\" must be a Uint8Array");
-  }
-  *out = info[i].As<Napi::Uint8Array>();
-  return true;
-}
-
-bool IsUint(double v) { return v >= 0 && v <= kMaxSafeInteger && std::trunc(v) == v; }
-
-// Shared arguments: (kind, clusterSize, input, spans: Float64Array, first, count, output).
-// `stride` numbers per cluster in spans.
-bool CommonArgs(const Napi::CallbackInfo& info, size_t stride, int* kind, size_t* size, Napi::Uint8Array* input,
-                Napi::Float64Array* spans, size_t* first, size_t* count, Napi::Uint8Array* output) {
-  Napi::Env env = info.Env();
-  double k, cs, f, c;
-  if (info.Length() < 7) return Throw(env, false, "expected 7 arguments or more");
-  if (!ArgUint(info, 0, "kind", 1, &k) || !ArgUint(info, 1, "clusterSize", kMaxClusterSize, &cs) ||
-      !ArgBytes(info, 2, "input", input) || !ArgUint(info, 4, "first", kMaxSafeInteger, &f) ||
-      !ArgUint(info, 5, "count", kMaxSafeInteger, &c) || !ArgBytes(info, 6, "output", output)) {
+bool BatchArgs(const blockconv::Args& args, size_t stride, Batch* b) {
+  if (!args.AtLeast(7, "")) return false;
+  double cs;
+  if (!args.Integer(0, "kind", 1, &b->kind) || !args.Number(1, "clusterSize", kMaxClusterSize, &cs) ||
+      !args.Uint8Array(2, "input", &b->input) || !args.Integer(4, "first", blockconv::kMaxSafeInteger, &b->first) ||
+      !args.Integer(5, "count", blockconv::kMaxSafeInteger, &b->count) || !args.Uint8Array(6, "output", &b->output)) {
     return false;
   }
   if (cs < kMinClusterSize || (static_cast<uint32_t>(cs) & (static_cast<uint32_t>(cs) - 1)) != 0) {
-    return Throw(env, true, "\"clusterSize\" must be a power of two from 512 to 2 MiB");
+    return args.RangeError("\"clusterSize\" must be a power of two from 512 to 2 MiB");
   }
-  if (!info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
-    return Throw(env, false, "\"spans\" must be a Float64Array");
+  b->size = static_cast<size_t>(cs);
+  if (!args.Float64Array(3, "spans", &b->spans)) return false;
+  if (static_cast<double>(b->first + b->count) * stride > static_cast<double>(b->spans.ElementLength())) {
+    return args.RangeError("first + count exceeds the spans given");
   }
-  *spans = info[3].As<Napi::Float64Array>();
-  if ((f + c) * stride > static_cast<double>(spans->ElementLength())) {
-    return Throw(env, true, "first + count exceeds the spans given");
-  }
-  *kind = static_cast<int>(k);
-  *size = static_cast<size_t>(cs);
-  *first = static_cast<size_t>(f);
-  *count = static_cast<size_t>(c);
   return true;
 }
 
 // decompress(kind, clusterSize, input, spans, first, count, output): spans holds
 // (input offset, input length, output offset) per cluster.
 Napi::Value Decompress(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   Napi::Env env = info.Env();
-  int kind;
-  size_t size, first, count;
-  Napi::Uint8Array input, output;
-  Napi::Float64Array list;
-  if (!CommonArgs(info, 3, &kind, &size, &input, &list, &first, &count, &output)) return env.Undefined();
-  const double in_bytes = static_cast<double>(input.ByteLength());
-  const double out_bytes = static_cast<double>(output.ByteLength());
-  std::vector<Span> spans(count);
-  for (size_t i = 0; i < count; i++) {
-    const size_t at = 3 * (first + i);
-    double in = list[at], len = list[at + 1], out = list[at + 2];
-    if (!IsUint(in) || !IsUint(len) || !IsUint(out) || in + len > in_bytes || out + size > out_bytes) {
-      Throw(env, true, "decompress: cluster " + std::to_string(first + i) + " lies outside its buffers");
+  Batch b;
+  if (!BatchArgs(args, 3, &b)) return env.Undefined();
+  const double in_bytes = static_cast<double>(b.input.ByteLength());
+  const double out_bytes = static_cast<double>(b.output.ByteLength());
+  std::vector<Span> spans(b.count);
+  for (size_t i = 0; i < b.count; i++) {
+    const size_t at = 3 * (b.first + i);
+    double in = b.spans[at], len = b.spans[at + 1], out = b.spans[at + 2];
+    if (!IsUint(in) || !IsUint(len) || !IsUint(out) || in + len > in_bytes || out + b.size > out_bytes) {
+      args.RangeError("decompress: cluster " + std::to_string(b.first + i) + " lies outside its buffers");
       return env.Undefined();
     }
     spans[i] = {static_cast<uint64_t>(in), static_cast<uint64_t>(len), static_cast<uint64_t>(out)};
   }
-  auto* w = new BatchWorker(env, "codec.decompress", false, kind, size, first, std::move(spans), input, output,
-                            Napi::Int32Array());
-  Napi::Promise promise = w->Promise();
-  w->Queue();  // deletes itself once settled
-  return promise;
+  auto* w = new BatchWorker(env, "codec.decompress", false, b.kind, b.size, b.first, std::move(spans),
+                            blockconv::PinnedBuffer(b.input), blockconv::PinnedBuffer(b.output), blockconv::PinnedBuffer());
+  return w->Start();
 }
 
 // compress(kind, clusterSize, input, spans, first, count, output, lengths): spans
 // holds (input offset, output offset) per cluster; each input is one cluster, each
 // output slot clusterSize - 1 bytes; lengths[first + i] receives the result.
 Napi::Value Compress(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   Napi::Env env = info.Env();
-  int kind;
-  size_t size, first, count;
-  Napi::Uint8Array input, output;
-  Napi::Float64Array list;
-  if (!CommonArgs(info, 2, &kind, &size, &input, &list, &first, &count, &output)) return env.Undefined();
-  if (info.Length() < 8 || !info[7].IsTypedArray() || info[7].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
-    Throw(env, false, "\"lengths\" must be an Int32Array");
+  Batch b;
+  Napi::Int32Array lengths;
+  if (!BatchArgs(args, 2, &b) || !args.Int32Array(7, "lengths", &lengths)) return env.Undefined();
+  if (b.first + b.count > lengths.ElementLength()) {
+    args.RangeError("first + count exceeds the lengths array");
     return env.Undefined();
   }
-  Napi::Int32Array lengths = info[7].As<Napi::Int32Array>();
-  if (first + count > lengths.ElementLength()) {
-    Throw(env, true, "first + count exceeds the lengths array");
-    return env.Undefined();
-  }
-  const double in_bytes = static_cast<double>(input.ByteLength());
-  const double out_bytes = static_cast<double>(output.ByteLength());
-  std::vector<Span> spans(count);
-  for (size_t i = 0; i < count; i++) {
-    const size_t at = 2 * (first + i);
-    double in = list[at], out = list[at + 1];
-    if (!IsUint(in) || !IsUint(out) || in + size > in_bytes || out + size - 1 > out_bytes) {
-      Throw(env, true, "compress: cluster " + std::to_string(first + i) + " lies outside its buffers");
+  const double in_bytes = static_cast<double>(b.input.ByteLength());
+  const double out_bytes = static_cast<double>(b.output.ByteLength());
+  std::vector<Span> spans(b.count);
+  for (size_t i = 0; i < b.count; i++) {
+    const size_t at = 2 * (b.first + i);
+    double in = b.spans[at], out = b.spans[at + 1];
+    if (!IsUint(in) || !IsUint(out) || in + b.size > in_bytes || out + b.size - 1 > out_bytes) {
+      args.RangeError("compress: cluster " + std::to_string(b.first + i) + " lies outside its buffers");
       return env.Undefined();
     }
     spans[i] = {static_cast<uint64_t>(in), 0, static_cast<uint64_t>(out)};
   }
   // The worker writes lengths from index 0: hand it the part of the array for this job.
-  Napi::Int32Array part = Napi::Int32Array::New(env, count, lengths.ArrayBuffer(),
-                                                lengths.ByteOffset() + first * sizeof(int32_t));
-  auto* w = new BatchWorker(env, "codec.compress", true, kind, size, first, std::move(spans), input, output, part);
-  Napi::Promise promise = w->Promise();
-  w->Queue();
-  return promise;
+  Napi::Int32Array part = Napi::Int32Array::New(env, b.count, lengths.ArrayBuffer(),
+                                                lengths.ByteOffset() + b.first * sizeof(int32_t));
+  auto* w = new BatchWorker(env, "codec.compress", true, b.kind, b.size, b.first, std::move(spans),
+                            blockconv::PinnedBuffer(b.input), blockconv::PinnedBuffer(b.output), blockconv::PinnedBuffer(part));
+  return w->Start();
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
