@@ -201,8 +201,8 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     return p;
   }
 
-  // Pins the caller's buffer at `i` until the task completes; the task's one iovec is it.
-  bool PinBuffer(const blockconv::Args& args, size_t i, Request* r) {
+  // The task's one iovec: the caller's buffer at `i`, pinned until the task completes.
+  bool PinIovec(const blockconv::Args& args, size_t i, Request* r) {
     Napi::TypedArray buffer;
     if (!args.Bytes(i, "buffer", &buffer)) return false;
     r->buffer = blockconv::PinnedBuffer(buffer);
@@ -260,7 +260,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::Read, &ret);
     if (!r) return ret;
-    if (!PinBuffer(args, 3, r)) { delete r; return info.Env().Undefined(); }
+    if (!PinIovec(args, 3, r)) { delete r; return info.Env().Undefined(); }
     if (blocks * bs > 0xffffffff) { delete r; return Rejected(info.Env(), "EINVAL", "read larger than 4 GiB", Op::Read); }
     uint32_t len = static_cast<uint32_t>(blocks * bs);
     if (r->iov.iov_len < len) { delete r; return Rejected(info.Env(), "EINVAL", "buffer too small for the read", Op::Read); }
@@ -279,7 +279,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::Write, &ret);
     if (!r) return ret;
-    if (!PinBuffer(args, 2, r)) { delete r; return info.Env().Undefined(); }
+    if (!PinIovec(args, 2, r)) { delete r; return info.Env().Undefined(); }
     int fua = info.Length() > 3 && info[3].ToBoolean().Value() ? 1 : 0;
     if (r->iov.iov_len > 0xffffffff || r->iov.iov_len % static_cast<size_t>(bs) != 0) {
       delete r;
