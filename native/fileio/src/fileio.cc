@@ -22,7 +22,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
-#include <uv.h>
 
 #include <algorithm>
 #include <cctype>

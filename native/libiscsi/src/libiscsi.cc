@@ -18,7 +18,6 @@
 // (the caller decides whether to reconnect), so a dead target never means a hang.
 
 #include <napi.h>
-#include <uv.h>
 
 #include <blockconv/napi_args.h>
 #include <blockconv/pinned_buffer.h>
@@ -26,14 +25,11 @@
 #include <blockconv/socket_progress.h>
 
 #include <errno.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 
-#include <memory>
 #include <string>
 #include <unordered_set>
 #include <vector>

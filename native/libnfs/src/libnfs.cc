@@ -18,7 +18,6 @@
 // No synchronous libnfs call is ever made.
 
 #include <napi.h>
-#include <uv.h>
 
 #include <blockconv/errno_name.h>
 #include <blockconv/napi_args.h>
@@ -28,13 +27,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 
-#include <memory>
 #include <string>
 #include <unordered_map>
 
