@@ -15,8 +15,18 @@
 //   with default parameters.
 // A cluster is stored compressed only when it fits in cluster_size - 1 bytes (QEMU's
 // qcow2_co_pwritev_compressed_task); otherwise compress reports kStoreUncompressed.
+//
+// Besides qcow2's: rfc1950, for other formats' grains (a VMDK streamOptimized grain is
+// one): a zlib stream (RFC 1950: header, deflate data, adler32) that decompresses to at
+// most a cluster, the last grain of an image often less; trailing bytes are ignored and
+// the length is reported. libdeflate does the work; when it refuses a stream, zlib
+// gives the verdict and its reason (a wrong adler32 is zlib's "incorrect data check").
+// Decompression only.
 
 #include <napi.h>
+
+#include <blockconv/napi_args.h>
+#include <blockconv/pinned_buffer.h>
 
 #include <libdeflate.h>
 #include <zlib.h>
@@ -35,11 +45,13 @@ namespace {
 
 constexpr int kZlib = 0;
 constexpr int kZstd = 1;
+constexpr int kRfc1950 = 2;  // decompression only
 // compress: the cluster does not shrink below its size; store it uncompressed.
 constexpr int32_t kStoreUncompressed = -1;
 constexpr uint32_t kMinClusterSize = 512;
 constexpr uint32_t kMaxClusterSize = 2u << 20;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
+// Argument errors in the addon's own short words ("clusterSize" is out of range).
+constexpr blockconv::ArgWords kArgWords = blockconv::ArgWords::kShort;
 
 // Per pool thread: created on first use, reset for every cluster.
 struct ThreadCodecs {
@@ -48,15 +60,20 @@ struct ThreadCodecs {
   ZSTD_CCtx* zstd_c = nullptr;
   z_stream deflate_s{};
   bool deflate_ready = false;
-  z_stream inflate_s{};
-  bool inflate_ready = false;
+  struct Inflate {
+    z_stream s{};
+    bool ready = false;
+  };
+  Inflate raw_inflate;   // zlib: raw deflate (windowBits -15)
+  Inflate zlib_inflate;  // rfc1950: the zlib wrapper (windowBits 15)
 
   ~ThreadCodecs() {
     if (inflater) libdeflate_free_decompressor(inflater);
     if (zstd_d) ZSTD_freeDCtx(zstd_d);
     if (zstd_c) ZSTD_freeCCtx(zstd_c);
     if (deflate_ready) deflateEnd(&deflate_s);
-    if (inflate_ready) inflateEnd(&inflate_s);
+    if (raw_inflate.ready) inflateEnd(&raw_inflate.s);
+    if (zlib_inflate.ready) inflateEnd(&zlib_inflate.s);
   }
 };
 
@@ -81,26 +98,37 @@ std::string Sizes(const char* what, size_t got, size_t want) {
   return std::string(what) + std::to_string(got) + " bytes, expected " + std::to_string(want);
 }
 
+std::string MoreThan(size_t size) { return "decompresses to more than " + std::to_string(size) + " bytes"; }
+
+// This thread's inflate state, reset and pointed at `in` and `out`; null (with `why`) when
+// zlib cannot allocate one.
+z_stream* InflateState(ThreadCodecs::Inflate& st, int windowBits, const uint8_t* in, size_t in_len, uint8_t* out,
+                       size_t size, std::string* why, const char** code) {
+  if (!st.ready) {
+    if (inflateInit2(&st.s, windowBits) != Z_OK) {
+      *code = "ENOMEM";
+      *why = "zlib: cannot allocate an inflate state";
+      return nullptr;
+    }
+    st.ready = true;
+  } else {
+    inflateReset(&st.s);
+  }
+  st.s.next_in = const_cast<Bytef*>(in);
+  // A stream never needs more input than this for a cluster of at most 2 MiB.
+  st.s.avail_in = static_cast<uInt>(in_len < (1u << 30) ? in_len : (1u << 30));
+  st.s.next_out = out;
+  st.s.avail_out = static_cast<uInt>(size);
+  return &st.s;
+}
+
 // zlib's verdict, used when libdeflate refuses a stream: QEMU inflates with zlib,
 // Z_FINISH, and accepts Z_BUF_ERROR once the cluster is full (no final block needed).
 // Stricter than QEMU in one way: a stream with more output than a cluster is refused.
 bool InflateWithZlib(const uint8_t* in, size_t in_len, uint8_t* out, size_t size, std::string* why, const char** code) {
-  z_stream& s = codecs.inflate_s;
-  if (!codecs.inflate_ready) {
-    if (inflateInit2(&s, -15) != Z_OK) {
-      *code = "ENOMEM";
-      *why = "zlib: cannot allocate an inflate state";
-      return false;
-    }
-    codecs.inflate_ready = true;
-  } else {
-    inflateReset(&s);
-  }
-  s.next_in = const_cast<Bytef*>(in);
-  // A stream never needs more input than this for a cluster of at most 2 MiB.
-  s.avail_in = static_cast<uInt>(in_len < (1u << 30) ? in_len : (1u << 30));
-  s.next_out = out;
-  s.avail_out = static_cast<uInt>(size);
+  z_stream* z = InflateState(codecs.raw_inflate, -15, in, in_len, out, size, why, code);
+  if (!z) return false;
+  z_stream& s = *z;
   int ret = inflate(&s, Z_FINISH);
   if (ret == Z_STREAM_END) {
     if (s.avail_out == 0) return true;
@@ -126,18 +154,73 @@ bool InflateWithZlib(const uint8_t* in, size_t in_len, uint8_t* out, size_t size
   s.avail_out = 1;
   inflate(&s, Z_SYNC_FLUSH);
   if (s.avail_out == 0) {
-    *why = "decompresses to more than " + std::to_string(size) + " bytes";
+    *why = MoreThan(size);
     return false;
   }
   return true;
 }
 
-bool InflateCluster(const uint8_t* in, size_t in_len, uint8_t* out, size_t size, std::string* why, const char** code) {
-  if (!codecs.inflater && !(codecs.inflater = libdeflate_alloc_decompressor())) {
+bool Inflater(std::string* why, const char** code) {
+  if (codecs.inflater || (codecs.inflater = libdeflate_alloc_decompressor())) return true;
+  *code = "ENOMEM";
+  *why = "cannot allocate a libdeflate decompressor";
+  return false;
+}
+
+// The reason zlib gives for a zlib stream it refuses.
+std::string ZlibStreamError(const z_stream& s, int ret) {
+  if (ret == Z_NEED_DICT) return "the stream needs a preset dictionary (FDICT), which is not given";
+  if (s.msg && strcmp(s.msg, "incorrect data check") == 0) return "incorrect data check: the adler32 does not match the data";
+  return s.msg ? s.msg : "invalid zlib stream";
+}
+
+// zlib's verdict on a zlib stream (rfc1950) that libdeflate refused, with zlib's reason.
+bool ZlibStreamWithZlib(const uint8_t* in, size_t in_len, uint8_t* out, size_t size, size_t* produced, std::string* why,
+                        const char** code) {
+  z_stream* z = InflateState(codecs.zlib_inflate, 15, in, in_len, out, size, why, code);
+  if (!z) return false;
+  int ret = inflate(z, Z_FINISH);
+  *produced = size - z->avail_out;
+  if (ret == Z_BUF_ERROR && z->avail_out == 0) {
+    // The output is full: the stream may end here (its trailer unread yet) or go on.
+    uint8_t probe;
+    z->next_out = &probe;
+    z->avail_out = 1;
+    ret = inflate(z, Z_SYNC_FLUSH);
+    if (z->avail_out == 0) {
+      *why = MoreThan(size);
+      return false;
+    }
+  }
+  if (ret == Z_STREAM_END) return true;
+  if (ret == Z_MEM_ERROR) {
     *code = "ENOMEM";
-    *why = "cannot allocate a libdeflate decompressor";
+    *why = "zlib: out of memory";
     return false;
   }
+  if (ret == Z_OK || ret == Z_BUF_ERROR) {
+    *why = "truncated stream: the input ends after " + std::to_string(*produced) + " bytes of output";
+  } else {
+    *why = ZlibStreamError(*z, ret);
+  }
+  return false;
+}
+
+// rfc1950: a zlib stream of at most `size` bytes of output; `produced` receives its length.
+bool InflateZlibStream(const uint8_t* in, size_t in_len, uint8_t* out, size_t size, size_t* produced, std::string* why,
+                       const char** code) {
+  if (!Inflater(why, code)) return false;
+  size_t used = 0;
+  if (libdeflate_zlib_decompress_ex(codecs.inflater, in, in_len, out, size, &used, produced) == LIBDEFLATE_SUCCESS) {
+    return true;
+  }
+  // Every refusal goes to zlib, LIBDEFLATE_INSUFFICIENT_SPACE too: libdeflate says so of
+  // a stream that fills the slot and lacks (part of) its adler32, which is truncated.
+  return ZlibStreamWithZlib(in, in_len, out, size, produced, why, code);
+}
+
+bool InflateCluster(const uint8_t* in, size_t in_len, uint8_t* out, size_t size, std::string* why, const char** code) {
+  if (!Inflater(why, code)) return false;
   size_t used = 0, produced = 0;
   switch (libdeflate_deflate_decompress_ex(codecs.inflater, in, in_len, out, size, &used, &produced)) {
     case LIBDEFLATE_SUCCESS:
@@ -145,7 +228,7 @@ bool InflateCluster(const uint8_t* in, size_t in_len, uint8_t* out, size_t size,
       *why = Sizes("decompresses to ", produced, size);
       return false;
     case LIBDEFLATE_INSUFFICIENT_SPACE:
-      *why = "decompresses to more than " + std::to_string(size) + " bytes";
+      *why = MoreThan(size);
       return false;
     default:
       return InflateWithZlib(in, in_len, out, size, why, code);
@@ -181,7 +264,7 @@ bool UnzstdCluster(const uint8_t* in, size_t in_len, uint8_t* out, size_t size, 
   size_t got = ZSTD_decompressDCtx(codecs.zstd_d, out, size, in, frame);
   if (ZSTD_isError(got)) {
     if (ZSTD_getErrorCode(got) == ZSTD_error_dstSize_tooSmall) {
-      *why = "decompresses to more than " + std::to_string(size) + " bytes";
+      *why = MoreThan(size);
     } else {
       *why = ZSTD_getErrorName(got);
     }
@@ -246,8 +329,10 @@ struct Span {
 
 class BatchWorker : public Napi::AsyncWorker {
  public:
+  // `lengths`: compress fills it always, decompress when given (else an empty pin).
   BatchWorker(Napi::Env env, const char* name, bool compress, int kind, size_t size, size_t first,
-              std::vector<Span> spans, Napi::Uint8Array input, Napi::Uint8Array output, Napi::Int32Array lengths)
+              std::vector<Span> spans, blockconv::PinnedBuffer input, blockconv::PinnedBuffer output,
+              blockconv::PinnedBuffer lengths)
       : Napi::AsyncWorker(env, name),
         deferred_(Napi::Promise::Deferred::New(env)),
         compress_(compress),
@@ -255,38 +340,22 @@ class BatchWorker : public Napi::AsyncWorker {
         size_(size),
         first_(first),
         spans_(std::move(spans)),
-        in_(input.Data()),
-        out_(output.Data()),
-        lengths_(lengths.IsEmpty() ? nullptr : lengths.Data()),
-        input_ref_(Napi::Persistent(input)),
-        output_ref_(Napi::Persistent(output)) {
-    if (!lengths.IsEmpty()) lengths_ref_ = Napi::Persistent(lengths);
-  }
+        input_(std::move(input)),
+        output_(std::move(output)),
+        lengths_(std::move(lengths)) {}
 
-  Napi::Promise Promise() { return deferred_.Promise(); }
+  // Queues the job; it deletes itself once settled.
+  Napi::Promise Start() {
+    Napi::Promise promise = deferred_.Promise();
+    Queue();
+    return promise;
+  }
 
  protected:
   void Execute() override {
-    std::string why;
-    const char* code = "ECORRUPT";
-    for (size_t i = 0; i < spans_.size(); i++) {
-      const Span& s = spans_[i];
-      if (compress_) {
-        int64_t n = kind_ == kZlib ? DeflateCluster(in_ + s.in, size_, out_ + s.out, &why)
-                                   : ZstdCluster(in_ + s.in, size_, out_ + s.out, &why);
-        if (n == -2) {
-          failure_.Set(first_ + i, "EIO", std::move(why));
-          return;
-        }
-        lengths_[i] = static_cast<int32_t>(n);
-      } else {
-        bool ok = kind_ == kZlib ? InflateCluster(in_ + s.in, s.in_len, out_ + s.out, size_, &why, &code)
-                                 : UnzstdCluster(in_ + s.in, s.in_len, out_ + s.out, size_, &why, &code);
-        if (!ok) {
-          failure_.Set(first_ + i, code, std::move(why));
-          return;
-        }
-      }
+    for (size_t i = 0; i < spans_.size() && !failure_.failed; i++) {
+      if (compress_) CompressOne(i);
+      else DecompressOne(i);
     }
   }
 
@@ -305,147 +374,143 @@ class BatchWorker : public Napi::AsyncWorker {
   }
 
  private:
+  void CompressOne(size_t i) {
+    const Span& s = spans_[i];
+    const uint8_t* in = input_.data() + s.in;
+    uint8_t* out = output_.data() + s.out;
+    std::string why;
+    int64_t n = kind_ == kZlib ? DeflateCluster(in, size_, out, &why) : ZstdCluster(in, size_, out, &why);
+    if (n == -2) failure_.Set(first_ + i, "EIO", std::move(why));
+    else lengths_.as<int32_t>()[i] = static_cast<int32_t>(n);
+  }
+
+  void DecompressOne(size_t i) {
+    const Span& s = spans_[i];
+    const uint8_t* in = input_.data() + s.in;
+    uint8_t* out = output_.data() + s.out;
+    std::string why;
+    const char* code = "ECORRUPT";
+    size_t produced = size_;  // zlib and zstd: exactly a cluster, or a failure
+    bool ok;
+    switch (kind_) {
+      case kZlib: ok = InflateCluster(in, s.in_len, out, size_, &why, &code); break;
+      case kZstd: ok = UnzstdCluster(in, s.in_len, out, size_, &why, &code); break;
+      default: ok = InflateZlibStream(in, s.in_len, out, size_, &produced, &why, &code); break;
+    }
+    if (!ok) failure_.Set(first_ + i, code, std::move(why));
+    else if (lengths_.data()) lengths_.as<int32_t>()[i] = static_cast<int32_t>(produced);
+  }
+
   Napi::Promise::Deferred deferred_;
   const bool compress_;
   const int kind_;
   const size_t size_;
   const size_t first_;
   const std::vector<Span> spans_;
-  const uint8_t* in_;
-  uint8_t* out_;
-  int32_t* lengths_;
-  // The buffers stay referenced while the pool thread uses their memory.
-  Napi::Reference<Napi::Uint8Array> input_ref_;
-  Napi::Reference<Napi::Uint8Array> output_ref_;
-  Napi::Reference<Napi::Int32Array> lengths_ref_;
+  // The caller's buffers, pinned while the pool thread uses their memory.
+  const blockconv::PinnedBuffer input_;
+  const blockconv::PinnedBuffer output_;
+  const blockconv::PinnedBuffer lengths_;
   Failure failure_;
 };
 
 // ---------------------------------------------------------------------------
-// Arguments. Exceptions are disabled: helpers throw a pending JS exception and
-// return false.
+// Arguments
 
-bool Throw(Napi::Env env, bool range, const std::string& message) {
-  if (range) Napi::RangeError::New(env, message).ThrowAsJavaScriptException();
-  else Napi::TypeError::New(env, message).ThrowAsJavaScriptException();
-  return false;
-}
+bool IsUint(double v) { return v >= 0 && v <= blockconv::kMaxSafeInteger && std::trunc(v) == v; }
 
-bool ArgUint(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
-  if (!info[i].IsNumber()) return Throw(info.Env(), false, std::string("\"") + name + "\" must be a number");
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(v) || std::trunc(v) != v || v < 0 || v > max) {
-    return Throw(info.Env(), true, std::string("\"") + name + "\" is out of range");
-  }
-  *out = v;
-  return true;
-}
-
-bool ArgBytes(const Napi::CallbackInfo& info, size_t i, const char* name, Napi::Uint8Array* out) {
-  if (!info[i].IsTypedArray() || info[i].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-    return Throw(info.Env(), false, std::string("\"") + name + "\" must be a Uint8Array");
-  }
-  *out = info[i].As<Napi::Uint8Array>();
-  return true;
-}
-
-bool IsUint(double v) { return v >= 0 && v <= kMaxSafeInteger && std::trunc(v) == v; }
-
-// Shared arguments: (kind, clusterSize, input, spans: Float64Array, first, count, output).
-// `stride` numbers per cluster in spans.
-bool CommonArgs(const Napi::CallbackInfo& info, size_t stride, int* kind, size_t* size, Napi::Uint8Array* input,
-                Napi::Float64Array* spans, size_t* first, size_t* count, Napi::Uint8Array* output) {
-  Napi::Env env = info.Env();
-  double k, cs, f, c;
-  if (info.Length() < 7) return Throw(env, false, "expected 7 arguments or more");
-  if (!ArgUint(info, 0, "kind", 1, &k) || !ArgUint(info, 1, "clusterSize", kMaxClusterSize, &cs) ||
-      !ArgBytes(info, 2, "input", input) || !ArgUint(info, 4, "first", kMaxSafeInteger, &f) ||
-      !ArgUint(info, 5, "count", kMaxSafeInteger, &c) || !ArgBytes(info, 6, "output", output)) {
-    return false;
-  }
-  if (cs < kMinClusterSize || (static_cast<uint32_t>(cs) & (static_cast<uint32_t>(cs) - 1)) != 0) {
-    return Throw(env, true, "\"clusterSize\" must be a power of two from 512 to 2 MiB");
-  }
-  if (!info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
-    return Throw(env, false, "\"spans\" must be a Float64Array");
-  }
-  *spans = info[3].As<Napi::Float64Array>();
-  if ((f + c) * stride > static_cast<double>(spans->ElementLength())) {
-    return Throw(env, true, "first + count exceeds the spans given");
-  }
-  *kind = static_cast<int>(k);
-  *size = static_cast<size_t>(cs);
-  *first = static_cast<size_t>(f);
-  *count = static_cast<size_t>(c);
-  return true;
-}
-
-// decompress(kind, clusterSize, input, spans, first, count, output): spans holds
-// (input offset, input length, output offset) per cluster.
-Napi::Value Decompress(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+// What decompress and compress both take: (kind, clusterSize, input, spans, first,
+// count, output), `stride` numbers per cluster in spans.
+struct Batch {
   int kind;
   size_t size, first, count;
   Napi::Uint8Array input, output;
-  Napi::Float64Array list;
-  if (!CommonArgs(info, 3, &kind, &size, &input, &list, &first, &count, &output)) return env.Undefined();
-  const double in_bytes = static_cast<double>(input.ByteLength());
-  const double out_bytes = static_cast<double>(output.ByteLength());
-  std::vector<Span> spans(count);
-  for (size_t i = 0; i < count; i++) {
-    const size_t at = 3 * (first + i);
-    double in = list[at], len = list[at + 1], out = list[at + 2];
-    if (!IsUint(in) || !IsUint(len) || !IsUint(out) || in + len > in_bytes || out + size > out_bytes) {
-      Throw(env, true, "decompress: cluster " + std::to_string(first + i) + " lies outside its buffers");
+  Napi::Float64Array spans;
+};
+
+bool BatchArgs(const blockconv::Args& args, size_t stride, int maxKind, Batch* b) {
+  if (!args.AtLeast(7, "")) return false;
+  double cs;
+  if (!args.Integer(0, "kind", maxKind, &b->kind) || !args.Number(1, "clusterSize", kMaxClusterSize, &cs) ||
+      !args.Uint8Array(2, "input", &b->input) || !args.Integer(4, "first", blockconv::kMaxSafeInteger, &b->first) ||
+      !args.Integer(5, "count", blockconv::kMaxSafeInteger, &b->count) || !args.Uint8Array(6, "output", &b->output)) {
+    return false;
+  }
+  if (cs < kMinClusterSize || (static_cast<uint32_t>(cs) & (static_cast<uint32_t>(cs) - 1)) != 0) {
+    return args.RangeError("\"clusterSize\" must be a power of two from 512 to 2 MiB");
+  }
+  b->size = static_cast<size_t>(cs);
+  if (!args.Float64Array(3, "spans", &b->spans)) return false;
+  if (static_cast<double>(b->first + b->count) * stride > static_cast<double>(b->spans.ElementLength())) {
+    return args.RangeError("first + count exceeds the spans given");
+  }
+  return true;
+}
+
+// The part of `lengths` for the job's clusters: the worker writes from index 0.
+bool LengthsPart(const blockconv::Args& args, const Napi::Int32Array& lengths, const Batch& b, Napi::Int32Array* part) {
+  if (b.first + b.count > lengths.ElementLength()) return args.RangeError("first + count exceeds the lengths array");
+  *part = Napi::Int32Array::New(args.Env(), b.count, lengths.ArrayBuffer(), lengths.ByteOffset() + b.first * sizeof(int32_t));
+  return true;
+}
+
+// decompress(kind, clusterSize, input, spans, first, count, output, lengths?): spans
+// holds (input offset, input length, output offset) per cluster; lengths[first + i]
+// receives the length decompressed (needed for rfc1950, whose output may be short).
+Napi::Value Decompress(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
+  Napi::Env env = info.Env();
+  Batch b;
+  Napi::Int32Array lengths, part;
+  if (!BatchArgs(args, 3, kRfc1950, &b)) return env.Undefined();
+  if ((b.kind == kRfc1950 || !args[7].IsUndefined()) &&
+      (!args.Int32Array(7, "lengths", &lengths) || !LengthsPart(args, lengths, b, &part))) {
+    return env.Undefined();
+  }
+  const double in_bytes = static_cast<double>(b.input.ByteLength());
+  const double out_bytes = static_cast<double>(b.output.ByteLength());
+  std::vector<Span> spans(b.count);
+  for (size_t i = 0; i < b.count; i++) {
+    const size_t at = 3 * (b.first + i);
+    double in = b.spans[at], len = b.spans[at + 1], out = b.spans[at + 2];
+    if (!IsUint(in) || !IsUint(len) || !IsUint(out) || in + len > in_bytes || out + b.size > out_bytes) {
+      args.RangeError("decompress: cluster " + std::to_string(b.first + i) + " lies outside its buffers");
       return env.Undefined();
     }
     spans[i] = {static_cast<uint64_t>(in), static_cast<uint64_t>(len), static_cast<uint64_t>(out)};
   }
-  auto* w = new BatchWorker(env, "codec.decompress", false, kind, size, first, std::move(spans), input, output,
-                            Napi::Int32Array());
-  Napi::Promise promise = w->Promise();
-  w->Queue();  // deletes itself once settled
-  return promise;
+  auto* w = new BatchWorker(env, "codec.decompress", false, b.kind, b.size, b.first, std::move(spans),
+                            blockconv::PinnedBuffer(b.input), blockconv::PinnedBuffer(b.output),
+                            part.IsEmpty() ? blockconv::PinnedBuffer() : blockconv::PinnedBuffer(part));
+  return w->Start();
 }
 
 // compress(kind, clusterSize, input, spans, first, count, output, lengths): spans
 // holds (input offset, output offset) per cluster; each input is one cluster, each
 // output slot clusterSize - 1 bytes; lengths[first + i] receives the result.
 Napi::Value Compress(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   Napi::Env env = info.Env();
-  int kind;
-  size_t size, first, count;
-  Napi::Uint8Array input, output;
-  Napi::Float64Array list;
-  if (!CommonArgs(info, 2, &kind, &size, &input, &list, &first, &count, &output)) return env.Undefined();
-  if (info.Length() < 8 || !info[7].IsTypedArray() || info[7].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
-    Throw(env, false, "\"lengths\" must be an Int32Array");
+  Batch b;
+  Napi::Int32Array lengths, part;
+  if (!BatchArgs(args, 2, kZstd, &b) || !args.Int32Array(7, "lengths", &lengths) || !LengthsPart(args, lengths, b, &part)) {
     return env.Undefined();
   }
-  Napi::Int32Array lengths = info[7].As<Napi::Int32Array>();
-  if (first + count > lengths.ElementLength()) {
-    Throw(env, true, "first + count exceeds the lengths array");
-    return env.Undefined();
-  }
-  const double in_bytes = static_cast<double>(input.ByteLength());
-  const double out_bytes = static_cast<double>(output.ByteLength());
-  std::vector<Span> spans(count);
-  for (size_t i = 0; i < count; i++) {
-    const size_t at = 2 * (first + i);
-    double in = list[at], out = list[at + 1];
-    if (!IsUint(in) || !IsUint(out) || in + size > in_bytes || out + size - 1 > out_bytes) {
-      Throw(env, true, "compress: cluster " + std::to_string(first + i) + " lies outside its buffers");
+  const double in_bytes = static_cast<double>(b.input.ByteLength());
+  const double out_bytes = static_cast<double>(b.output.ByteLength());
+  std::vector<Span> spans(b.count);
+  for (size_t i = 0; i < b.count; i++) {
+    const size_t at = 2 * (b.first + i);
+    double in = b.spans[at], out = b.spans[at + 1];
+    if (!IsUint(in) || !IsUint(out) || in + b.size > in_bytes || out + b.size - 1 > out_bytes) {
+      args.RangeError("compress: cluster " + std::to_string(b.first + i) + " lies outside its buffers");
       return env.Undefined();
     }
     spans[i] = {static_cast<uint64_t>(in), 0, static_cast<uint64_t>(out)};
   }
-  // The worker writes lengths from index 0: hand it the part of the array for this job.
-  Napi::Int32Array part = Napi::Int32Array::New(env, count, lengths.ArrayBuffer(),
-                                                lengths.ByteOffset() + first * sizeof(int32_t));
-  auto* w = new BatchWorker(env, "codec.compress", true, kind, size, first, std::move(spans), input, output, part);
-  Napi::Promise promise = w->Promise();
-  w->Queue();
-  return promise;
+  auto* w = new BatchWorker(env, "codec.compress", true, b.kind, b.size, b.first, std::move(spans),
+                            blockconv::PinnedBuffer(b.input), blockconv::PinnedBuffer(b.output), blockconv::PinnedBuffer(part));
+  return w->Start();
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {

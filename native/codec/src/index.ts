@@ -9,10 +9,12 @@
  * must stay untouched until the promise settles, and output ranges must not overlap
  * each other or the input.
  *
- * Decompression produces exactly one cluster per input, which may carry bytes after
- * the stream (qcow2 descriptors are rounded to sectors). Compression stores a cluster
- * compressed only when the result is smaller than the cluster (QEMU: at most
- * cluster_size - 1 bytes); otherwise its length is STORE_UNCOMPRESSED.
+ * Decompression of 'zlib' and 'zstd' produces exactly one cluster per input, which may
+ * carry bytes after the stream (qcow2 descriptors are rounded to sectors). 'rfc1950' is
+ * for other formats' grains: a zlib stream of at most a cluster, its length reported.
+ * Compression stores a cluster compressed only when the result is smaller than the
+ * cluster (QEMU: at most cluster_size - 1 bytes); otherwise its length is
+ * STORE_UNCOMPRESSED. See README.md for each kind's exact contract.
  *
  * Failures reject with a CodecError naming the first failing cluster (`index`, in
  * the batch) and why; a corrupt input is `code` 'ECORRUPT'. Bad arguments reject
@@ -20,7 +22,13 @@
  */
 import { createRequire } from 'node:module';
 
-export type CodecKind = 'zlib' | 'zstd';
+/**
+ * - 'zlib': raw deflate (RFC 1951) of exactly one cluster, as qcow2 stores it (the name is QEMU's);
+ * - 'zstd': one zstd frame of exactly one cluster (qcow2's compression_type=zstd);
+ * - 'rfc1950': a zlib stream (RFC 1950: header, deflate, adler32) of at most one cluster,
+ *   e.g. a VMDK streamOptimized grain; decompression only.
+ */
+export type CodecKind = 'zlib' | 'zstd' | 'rfc1950';
 
 /** compressBatch's length for a cluster that does not shrink: store it uncompressed. */
 export const STORE_UNCOMPRESSED = -1;
@@ -36,7 +44,10 @@ export interface CodecError extends Error {
 
 export interface DecompressBatch {
   readonly kind: CodecKind;
-  /** Cluster size: a power of two from 512 B to 2 MiB. Every cluster decompresses to exactly this. */
+  /**
+   * Cluster size: a power of two from 512 B to 2 MiB. Every 'zlib' and 'zstd' cluster
+   * decompresses to exactly this; an 'rfc1950' stream to at most this.
+   */
   readonly clusterSize: number;
   readonly input: Uint8Array;
   /**
@@ -47,11 +58,18 @@ export interface DecompressBatch {
   /** Clusters in the batch; default spans.length / 3. */
   readonly count?: number;
   readonly output: Uint8Array;
+  /**
+   * Receives per cluster the bytes decompressed into its slot: always clusterSize for
+   * 'zlib' and 'zstd', the stream's length for 'rfc1950', which requires it. Bytes of a
+   * slot past its length are unspecified.
+   */
+  readonly lengths?: Int32Array;
   /** Most thread-pool jobs to split the batch into (default 4; fewer for small batches). */
   readonly jobs?: number;
 }
 
 export interface CompressBatch {
+  /** 'zlib' or 'zstd': 'rfc1950' is refused with a TypeError (decompression only). */
   readonly kind: CodecKind;
   /** Cluster size: a power of two from 512 B to 2 MiB. Every input is one whole cluster. */
   readonly clusterSize: number;
@@ -68,7 +86,8 @@ export interface CompressBatch {
 }
 
 interface Native {
-  decompress(kind: number, clusterSize: number, input: Uint8Array, spans: Float64Array, first: number, count: number, output: Uint8Array): Promise<void>;
+  decompress(kind: number, clusterSize: number, input: Uint8Array, spans: Float64Array, first: number, count: number, output: Uint8Array,
+    lengths?: Int32Array): Promise<void>;
   compress(kind: number, clusterSize: number, input: Uint8Array, spans: Float64Array, first: number, count: number, output: Uint8Array, lengths: Int32Array): Promise<void>;
   readonly versions: { readonly libdeflate: string; readonly zstd: string; readonly zlib: string };
 }
@@ -94,7 +113,7 @@ export const available: boolean = native !== undefined;
 /** Versions of the libraries the addon runs with, when it loaded. */
 export const versions: Native['versions'] | undefined = native?.versions;
 
-const KINDS: Record<CodecKind, number> = { zlib: 0, zstd: 1 };
+const KINDS: Record<CodecKind, number> = { zlib: 0, zstd: 1, rfc1950: 2 };
 const DEFAULT_JOBS = 4;
 /** Smallest share of a batch worth its own job: decompressing 512 KiB takes ~0.5 ms, compressing 128 KiB about as long. */
 const MIN_DECOMPRESS_JOB_BYTES = 512 * 1024;
@@ -106,9 +125,13 @@ function addon(): Native {
 }
 
 function kindOf(kind: CodecKind): number {
-  const k = KINDS[kind];
-  if (k === undefined) throw new TypeError(`unknown codec kind ${JSON.stringify(kind)} (zlib or zstd)`);
+  const k = Object.hasOwn(KINDS, kind) ? KINDS[kind] : undefined;
+  if (k === undefined) throw new TypeError(`unknown codec kind ${JSON.stringify(kind)} (zlib, zstd or rfc1950)`);
   return k;
+}
+
+function lengthsOf(lengths: Int32Array | undefined, count: number): void {
+  if (lengths && lengths.length < count) throw new RangeError(`lengths holds ${lengths.length} entries, the batch has ${count} clusters`);
 }
 
 function countOf(count: number | undefined, spans: Float64Array, stride: number): number {
@@ -153,8 +176,10 @@ export async function decompressBatch(batch: DecompressBatch): Promise<void> {
   const n = addon();
   const kind = kindOf(batch.kind);
   const count = countOf(batch.count, batch.spans, 3);
-  const { clusterSize, input, spans, output } = batch;
-  await split(count, clusterSize, batch.jobs, MIN_DECOMPRESS_JOB_BYTES, (first, c) => n.decompress(kind, clusterSize, input, spans, first, c, output));
+  const { clusterSize, input, spans, output, lengths } = batch;
+  if (batch.kind === 'rfc1950' && !lengths) throw new TypeError('rfc1950 streams may be short: decompressBatch needs `lengths` to say how long');
+  lengthsOf(lengths, count);
+  await split(count, clusterSize, batch.jobs, MIN_DECOMPRESS_JOB_BYTES, (first, c) => n.decompress(kind, clusterSize, input, spans, first, c, output, lengths));
 }
 
 /**
@@ -165,10 +190,11 @@ export async function decompressBatch(batch: DecompressBatch): Promise<void> {
  */
 export async function compressBatch(batch: CompressBatch): Promise<Int32Array> {
   const n = addon();
+  if (batch.kind === 'rfc1950') throw new TypeError('rfc1950 is a decompression kind only (node:zlib deflateSync writes zlib streams)');
   const kind = kindOf(batch.kind);
   const count = countOf(batch.count, batch.spans, 2);
   const { clusterSize, input, spans, output, lengths } = batch;
-  if (lengths.length < count) throw new RangeError(`lengths holds ${lengths.length} entries, the batch has ${count} clusters`);
+  lengthsOf(lengths, count);
   await split(count, clusterSize, batch.jobs, MIN_COMPRESS_JOB_BYTES, (first, c) => n.compress(kind, clusterSize, input, spans, first, c, output, lengths));
   return lengths;
 }

@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { constants as zc, deflateRawSync, inflateRawSync } from 'node:zlib';
+import { constants as zc, deflateRawSync, deflateSync, inflateRawSync } from 'node:zlib';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { STORE_UNCOMPRESSED, available, compressBatch, decompressBatch, versions, type CodecError, type CodecKind } from '../src/index.js';
@@ -219,6 +219,108 @@ test('bad arguments reject before anything runs', async () => {
   const e5 = await failure(compressBatch({ kind: 'zlib', clusterSize: 64 * KiB, input: out, spans: Float64Array.of(0, 2), output: out.subarray(0, 64 * KiB), lengths: new Int32Array(1) }));
   assert.instance(e5, RangeError, 'compress slot past the end');
   await decompressBatch({ kind: 'zlib', clusterSize: 64 * KiB, input: new Uint8Array(0), spans: new Float64Array(0), output: out });
+});
+
+// rfc1950: zlib streams (header, deflate, adler32) of at most a cluster, as a VMDK
+// streamOptimized grain is; node:zlib's deflateSync writes them.
+
+/** Decompresses rfc1950 streams into slots of `size` bytes end to end; the lengths reported. */
+async function inflateStreams(streams: Uint8Array[], size: number, jobs?: number): Promise<{ output: Uint8Array; lengths: Int32Array }> {
+  const input = Buffer.concat(streams);
+  const spans = new Float64Array(3 * streams.length);
+  let at = 0;
+  streams.forEach((s, i) => {
+    spans.set([at, s.length, i * size], 3 * i);
+    at += s.length;
+  });
+  const output = new Uint8Array(streams.length * size);
+  const lengths = new Int32Array(streams.length).fill(-7);
+  await decompressBatch({ kind: 'rfc1950', clusterSize: size, input, spans, output, lengths, jobs });
+  return { output, lengths };
+}
+
+test('rfc1950: grains of every cluster size decompress, lengths reported, one job and several', async () => {
+  for (const size of [512, 4 * KiB, 64 * KiB, 2048 * KiB]) {
+    const count = size >= 2048 * KiB ? 3 : 24;
+    const data = hexClusters(count, size, size + 1);
+    const streams = Array.from({ length: count }, (_, i) => deflateSync(data.subarray(i * size, (i + 1) * size)));
+    for (const jobs of [1, 4]) {
+      const { output, lengths } = await inflateStreams(streams, size, jobs);
+      assert.equal([...lengths], Array(count).fill(size), `${size} jobs=${jobs}: lengths`);
+      assert.ok(Buffer.from(output).equals(Buffer.from(data)), `${size} jobs=${jobs}: same bytes`);
+    }
+  }
+});
+
+test('rfc1950: a short last grain, an empty one and trailing bytes', async () => {
+  const size = 64 * KiB;
+  const data = hexClusters(3, size, 21);
+  const last = data.subarray(2 * size, 2 * size + 1000);
+  const streams = [
+    Buffer.concat([deflateSync(data.subarray(0, size)), new Uint8Array(randomBytes(511))]), // padded to a sector, as in a VMDK
+    deflateSync(data.subarray(size, 2 * size), { level: 0 }),             // stored blocks
+    deflateSync(new Uint8Array(0)),
+    deflateSync(last),
+  ];
+  const { output, lengths } = await inflateStreams(streams, size, 4);
+  assert.equal([...lengths], [size, size, 0, 1000]);
+  assert.ok(Buffer.from(output.subarray(0, 2 * size)).equals(Buffer.from(data.subarray(0, 2 * size))));
+  assert.ok(Buffer.from(output.subarray(3 * size, 3 * size + 1000)).equals(Buffer.from(last)));
+  // Other window sizes (CINFO) and levels are all zlib streams.
+  const small = deflateSync(data.subarray(0, size), { windowBits: 9, level: 9 });
+  assert.equal([...(await inflateStreams([small], size)).lengths], [size]);
+});
+
+test('rfc1950: corrupt adler32, truncated input, output past the slot, wrong header: ECORRUPT naming the grain', async () => {
+  const size = 64 * KiB;
+  const data = hexClusters(8, size, 22);
+  const good: Uint8Array[] = Array.from({ length: 8 }, (_, i) => deflateSync(data.subarray(i * size, (i + 1) * size)));
+  const badAdler = Buffer.from(good[5]!);
+  badAdler[badAdler.length - 1]! ^= 0x01;
+  const dict = deflateSync(data.subarray(0, 4096), { dictionary: Buffer.from('a preset dictionary') });
+  const cases: Array<[string, Uint8Array, RegExp]> = [
+    ['corrupt adler32', badAdler, /^incorrect data check: the adler32 does not match the data$/],
+    ['truncated in the data', good[5]!.subarray(0, good[5]!.length >> 1), /^truncated stream: the input ends after \d+ bytes of output$/],
+    ['truncated in the adler32', good[5]!.subarray(0, good[5]!.length - 2), /^truncated stream: the input ends after 65536 bytes of output$/],
+    ['empty', new Uint8Array(0), /^truncated stream: the input ends after 0 bytes of output$/],
+    ['output larger than the slot', deflateSync(data.subarray(0, size + 1)), /^decompresses to more than 65536 bytes$/],
+    ['raw deflate, no zlib header', deflateRawSync(data.subarray(0, size)), /incorrect header check|invalid/],
+    ['garbage', new Uint8Array(randomBytes(4096)), /./],
+    ['a preset dictionary', dict, /needs a preset dictionary/],
+  ];
+  for (const [name, bad, why] of cases) {
+    for (const jobs of [1, 4]) {
+      const streams = good.slice();
+      streams[5] = bad;
+      const err = await failure(inflateStreams(streams, size, jobs));
+      assert.is(err.code, 'ECORRUPT', `${name}: code`);
+      assert.is(err.index, 5, `${name} jobs=${jobs}: index`);
+      assert.match(err.reason, why, `${name}: ${err.reason}`);
+      assert.match(err.message, /^cluster 5: /);
+    }
+  }
+  // Exactly a slot's worth, its trailer checked after the output is full.
+  const exact = Buffer.from(good[0]!);
+  assert.equal([...(await inflateStreams([exact], size)).lengths], [size]);
+  exact[exact.length - 2]! ^= 0x10;
+  assert.match((await failure(inflateStreams([exact], size))).reason, /incorrect data check/);
+});
+
+test('rfc1950: lengths are required, compressing is refused, other kinds report a whole cluster', async () => {
+  const size = 4 * KiB;
+  const stream = deflateSync(hexClusters(1, size, 23));
+  const spans = Float64Array.of(0, stream.length, 0);
+  const output = new Uint8Array(size);
+  assert.instance(await failure(decompressBatch({ kind: 'rfc1950', clusterSize: size, input: stream, spans, output })), TypeError);
+  const short = await failure(decompressBatch({ kind: 'rfc1950', clusterSize: size, input: stream, spans: Float64Array.of(0, stream.length, 0, 0, 1, 0), output: new Uint8Array(2 * size), lengths: new Int32Array(1) }));
+  assert.instance(short, RangeError, 'lengths shorter than the batch');
+  const c = await failure(compressBatch({ kind: 'rfc1950', clusterSize: size, input: output, spans: Float64Array.of(0, 0), output, lengths: new Int32Array(1) }));
+  assert.instance(c, TypeError);
+  const z = await compress('zstd', hexClusters(2, size, 24), size);
+  const lengths = new Int32Array(2);
+  const zs = streamsOf(z, size);
+  await decompressBatch({ kind: 'zstd', clusterSize: size, input: Buffer.concat(zs), spans: Float64Array.of(0, zs[0]!.length, 0, zs[0]!.length, zs[1]!.length, size), output: new Uint8Array(2 * size), lengths });
+  assert.equal([...lengths], [size, size]);
 });
 
 test.run();

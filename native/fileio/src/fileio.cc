@@ -7,6 +7,10 @@
 
 #include <napi.h>
 
+#include <blockconv/errno_name.h>
+#include <blockconv/napi_args.h>
+#include <blockconv/pinned_buffer.h>
+
 #include <vector>
 
 #include <errno.h>
@@ -18,38 +22,24 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
-#include <uv.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <functional>
-#include <memory>
+#include <cstddef>
 #include <string>
 #include <utility>
 
 namespace {
 
-// Offsets travel as JS numbers, so they are exact only up to 2^53 - 1.
-constexpr double kMaxSafeInteger = 9007199254740991.0;
-
 // ---------------------------------------------------------------------------
 // Errors
-
-// The errno's symbolic name. glibc's names are the C ones (EOPNOTSUPP for 95);
-// elsewhere (musl) libuv's, as Node's fs uses (ENOTSUP for 95).
-std::string ErrnoName(int err) {
-#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 32)
-  if (const char* name = strerrorname_np(err)) return name;
-#endif
-  char buf[64];
-  return uv_err_name_r(-err, buf, sizeof buf);
-}
 
 // Builds an Error shaped like Node's fs errors: "ENOSPC: no space left on device,
 // fallocate" with code, errno (negative, as libuv reports it) and syscall.
 Napi::Value ErrnoError(Napi::Env env, int err, const char* syscall) {
-  std::string code = ErrnoName(err);
+  std::string code = blockconv::ErrnoName(err);
   std::string text = strerror(err);
   if (!text.empty()) text[0] = static_cast<char>(tolower(text[0]));  // libuv style
   Napi::Error error = Napi::Error::New(env, code + ": " + text + ", " + syscall);
@@ -60,53 +50,13 @@ Napi::Value ErrnoError(Napi::Env env, int err, const char* syscall) {
   return obj;
 }
 
-// ---------------------------------------------------------------------------
-// Argument validation. Exceptions are disabled, so each helper throws a pending JS
-// exception and returns false; callers return at once.
-
-bool ArgCount(const Napi::CallbackInfo& info, size_t n, const char* fn) {
-  if (info.Length() >= n) return true;
-  Napi::TypeError::New(info.Env(), std::string(fn) + ": expected " + std::to_string(n) + " arguments")
-      .ThrowAsJavaScriptException();
-  return false;
-}
-
-// A non-negative integer no larger than `max`.
-bool ArgInteger(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
-  Napi::Env env = info.Env();
-  if (!info[i].IsNumber()) {
-    Napi::TypeError::New(env, std::string("The \"") + name + "\" argument must be of type number")
-        .ThrowAsJavaScriptException();
-    return false;
-  }
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(v) || std::trunc(v) != v || v < 0 || v > max) {
-    Napi::RangeError::New(env, std::string("The value of \"") + name + "\" is out of range: " +
-                                   info[i].ToString().Utf8Value())
-        .ThrowAsJavaScriptException();
-    return false;
-  }
-  *out = v;
-  return true;
-}
-
-bool ArgFd(const Napi::CallbackInfo& info, size_t i, int* fd) {
-  double v;
-  if (!ArgInteger(info, i, "fd", 2147483647.0, &v)) return false;
-  *fd = static_cast<int>(v);
-  return true;
-}
-
-bool ArgOffset(const Napi::CallbackInfo& info, size_t i, const char* name, uint64_t* out) {
-  double v;
-  if (!ArgInteger(info, i, name, kMaxSafeInteger, &v)) return false;
-  *out = static_cast<uint64_t>(v);
-  return true;
-}
+// Argument errors worded as Node's fs words them, with the value received.
+constexpr blockconv::ArgWords kArgWords = blockconv::ArgWords::kNodeReceived;
 
 // ---------------------------------------------------------------------------
 // Promise-returning worker: `work` runs on the thread pool and fills a Result; the
-// main thread turns it into a resolved value (`settle`) or an errno error.
+// main thread turns it into a resolved value (`settle`) or an errno error. `pins` are
+// the caller's buffers the work uses: released with the worker, on the main thread.
 
 struct Result {
   int err = 0;                 // errno, 0 on success
@@ -122,8 +72,10 @@ class Worker : public Napi::AsyncWorker {
   using Work = std::function<void(Result&)>;
   using Settle = Napi::Value (*)(Napi::Env, const Result&);
 
-  static Napi::Value Run(Napi::Env env, const char* name, Work work, Settle settle) {
+  template <typename... Pins>
+  static Napi::Value Run(Napi::Env env, const char* name, Work work, Settle settle, Pins&&... pins) {
     auto* w = new Worker(env, name, std::move(work), settle);
+    (w->pins_.push_back(std::forward<Pins>(pins)), ...);
     Napi::Promise promise = w->deferred_.Promise();
     w->Queue();  // the worker deletes itself after OnOK
     return promise;
@@ -152,6 +104,7 @@ class Worker : public Napi::AsyncWorker {
   Work work_;
   Settle settle_;
   Result result_;
+  std::vector<blockconv::PinnedBuffer> pins_;
 };
 
 Napi::Value SettleVoid(Napi::Env env, const Result&) { return env.Undefined(); }
@@ -239,10 +192,11 @@ void ExtentsWork(int fd, uint64_t offset, uint64_t size, uint32_t max, Result& r
 }
 
 Napi::Value Extents(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int fd;
   uint64_t offset, size, max;
-  if (!ArgCount(info, 4, "extents") || !ArgFd(info, 0, &fd) || !ArgOffset(info, 1, "offset", &offset) ||
-      !ArgOffset(info, 2, "fileSize", &size) || !ArgOffset(info, 3, "maxExtents", &max)) {
+  if (!args.AtLeast(4, "extents") || !args.Fd(0, &fd) || !args.Offset(1, "offset", &offset) ||
+      !args.Offset(2, "fileSize", &size) || !args.Offset(3, "maxExtents", &max)) {
     return info.Env().Undefined();
   }
   uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(std::max<uint64_t>(max, 1), 65536));
@@ -279,44 +233,36 @@ void PwriteSegmentsWork(int fd, const uint8_t* data, uint64_t offset, const std:
 }
 
 Napi::Value PwriteSegments(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   Napi::Env env = info.Env();
   int fd;
   uint64_t offset, count;
-  if (!ArgCount(info, 5, "pwriteSegments") || !ArgFd(info, 0, &fd)) return env.Undefined();
-  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-    Napi::TypeError::New(env, "The \"buffer\" argument must be a Uint8Array").ThrowAsJavaScriptException();
+  Napi::Uint8Array buf;
+  Napi::Float64Array list;
+  if (!args.AtLeast(5, "pwriteSegments") || !args.Fd(0, &fd) || !args.Uint8Array(1, "buffer", &buf) ||
+      !args.Offset(2, "offset", &offset) || !args.Float64Array(3, "segments", &list) || !args.Offset(4, "count", &count)) {
     return env.Undefined();
   }
-  if (!ArgOffset(info, 2, "offset", &offset)) return env.Undefined();
-  if (!info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
-    Napi::TypeError::New(env, "The \"segments\" argument must be a Float64Array").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  if (!ArgOffset(info, 4, "count", &count)) return env.Undefined();
-  Napi::Uint8Array buf = info[1].As<Napi::Uint8Array>();
-  Napi::Float64Array list = info[3].As<Napi::Float64Array>();
   if (2 * count > list.ElementLength()) {
-    Napi::RangeError::New(env, "pwriteSegments: count exceeds the segment list").ThrowAsJavaScriptException();
+    args.RangeError("pwriteSegments: count exceeds the segment list");
     return env.Undefined();
   }
   std::vector<uint64_t> seg(2 * count);
   for (size_t i = 0; i < seg.size(); i += 2) {
     double a = list[i], b = list[i + 1];
     if (!(a >= 0 && b >= a && b <= static_cast<double>(buf.ByteLength())) || std::trunc(a) != a || std::trunc(b) != b) {
-      Napi::RangeError::New(env, "pwriteSegments: segment " + std::to_string(i / 2) + " is outside the buffer")
-          .ThrowAsJavaScriptException();
+      args.RangeError("pwriteSegments: segment " + std::to_string(i / 2) + " is outside the buffer");
       return env.Undefined();
     }
     seg[i] = static_cast<uint64_t>(a);
     seg[i + 1] = static_cast<uint64_t>(b);
   }
-  const uint8_t* data = buf.Data();
-  // Released with the worker, on the main thread.
-  auto keep = std::make_shared<Napi::Reference<Napi::Uint8Array>>(Napi::Persistent(buf));
+  blockconv::PinnedBuffer pin(buf);
+  const uint8_t* data = pin.data();
   return Worker::Run(
       env, "fileio.pwriteSegments",
-      [fd, data, offset, seg = std::move(seg), keep](Result& r) { PwriteSegmentsWork(fd, data, offset, seg, r); },
-      SettleVoid);
+      [fd, data, offset, seg = std::move(seg)](Result& r) { PwriteSegmentsWork(fd, data, offset, seg, r); },
+      SettleVoid, std::move(pin));
 }
 
 // preadSegments(fd, buffer, segments, count): for i < count reads segments[3i+1] bytes
@@ -354,58 +300,62 @@ void TransferSegmentsWork(bool write, int fd, uint8_t* data, const std::vector<u
   }
 }
 
+// Copies `count` triples (file offset, length, place in the buffer) out of `list`, as
+// preadSegments, pwriteScatter and pipe take them: the caller may reuse its list at
+// once. The index of the first triple not inside a buffer of `limit` bytes, or -1.
+ptrdiff_t CopyTriples(const Napi::Float64Array& list, uint64_t count, double limit, std::vector<uint64_t>* out) {
+  out->resize(3 * count);
+  for (size_t i = 0; i < out->size(); i += 3) {
+    double off = list[i], len = list[i + 1], at = list[i + 2];
+    bool ok = off >= 0 && len >= 0 && at >= 0 && std::trunc(off) == off && std::trunc(len) == len &&
+              std::trunc(at) == at && off <= blockconv::kMaxSafeInteger && at + len <= limit;
+    if (!ok) return static_cast<ptrdiff_t>(i / 3);
+    (*out)[i] = static_cast<uint64_t>(off);
+    (*out)[i + 1] = static_cast<uint64_t>(len);
+    (*out)[i + 2] = static_cast<uint64_t>(at);
+  }
+  return -1;
+}
+
 Napi::Value TransferSegments(const Napi::CallbackInfo& info, bool write) {
+  blockconv::Args args(info, kArgWords);
   Napi::Env env = info.Env();
   const std::string name = write ? "pwriteScatter" : "preadSegments";
   int fd;
   uint64_t count;
-  if (!ArgCount(info, 4, name.c_str()) || !ArgFd(info, 0, &fd)) return env.Undefined();
-  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
-    Napi::TypeError::New(env, "The \"buffer\" argument must be a Uint8Array").ThrowAsJavaScriptException();
+  Napi::Uint8Array buf;
+  Napi::Float64Array list;
+  if (!args.AtLeast(4, name.c_str()) || !args.Fd(0, &fd) || !args.Uint8Array(1, "buffer", &buf) ||
+      !args.Float64Array(2, "segments", &list) || !args.Offset(3, "count", &count)) {
     return env.Undefined();
   }
-  if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
-    Napi::TypeError::New(env, "The \"segments\" argument must be a Float64Array").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  if (!ArgOffset(info, 3, "count", &count)) return env.Undefined();
-  Napi::Uint8Array buf = info[1].As<Napi::Uint8Array>();
-  Napi::Float64Array list = info[2].As<Napi::Float64Array>();
   if (3 * count > list.ElementLength()) {
-    Napi::RangeError::New(env, name + ": count exceeds the segment list").ThrowAsJavaScriptException();
+    args.RangeError(name + ": count exceeds the segment list");
     return env.Undefined();
   }
-  std::vector<uint64_t> seg(3 * count);
-  for (size_t i = 0; i < seg.size(); i += 3) {
-    double off = list[i], len = list[i + 1], at = list[i + 2];
-    bool ok = off >= 0 && len >= 0 && at >= 0 && std::trunc(off) == off && std::trunc(len) == len &&
-              std::trunc(at) == at && off <= kMaxSafeInteger && at + len <= static_cast<double>(buf.ByteLength());
-    if (!ok) {
-      Napi::RangeError::New(env, name + ": segment " + std::to_string(i / 3) + " is outside the buffer")
-          .ThrowAsJavaScriptException();
-      return env.Undefined();
-    }
-    seg[i] = static_cast<uint64_t>(off);
-    seg[i + 1] = static_cast<uint64_t>(len);
-    seg[i + 2] = static_cast<uint64_t>(at);
+  std::vector<uint64_t> seg;
+  ptrdiff_t bad = CopyTriples(list, count, static_cast<double>(buf.ByteLength()), &seg);
+  if (bad >= 0) {
+    args.RangeError(name + ": segment " + std::to_string(bad) + " is outside the buffer");
+    return env.Undefined();
   }
-  uint8_t* data = buf.Data();
-  // Released with the worker, on the main thread.
-  auto keep = std::make_shared<Napi::Reference<Napi::Uint8Array>>(Napi::Persistent(buf));
+  blockconv::PinnedBuffer pin(buf);
+  uint8_t* data = pin.data();
   return Worker::Run(
       env, write ? "fileio.pwriteScatter" : "fileio.preadSegments",
-      [write, fd, data, seg = std::move(seg), keep](Result& r) { TransferSegmentsWork(write, fd, data, seg, r); },
-      SettleVoid);
+      [write, fd, data, seg = std::move(seg)](Result& r) { TransferSegmentsWork(write, fd, data, seg, r); },
+      SettleVoid, std::move(pin));
 }
 
 Napi::Value PreadSegments(const Napi::CallbackInfo& info) { return TransferSegments(info, false); }
 Napi::Value PwriteScatter(const Napi::CallbackInfo& info) { return TransferSegments(info, true); }
 
 Napi::Value BlockStatus(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int fd;
   uint64_t offset, size;
-  if (!ArgCount(info, 3, "blockStatus") || !ArgFd(info, 0, &fd) || !ArgOffset(info, 1, "offset", &offset) ||
-      !ArgOffset(info, 2, "fileSize", &size)) {
+  if (!args.AtLeast(3, "blockStatus") || !args.Fd(0, &fd) || !args.Offset(1, "offset", &offset) ||
+      !args.Offset(2, "fileSize", &size)) {
     return info.Env().Undefined();
   }
   return Worker::Run(
@@ -417,14 +367,14 @@ Napi::Value BlockStatus(const Napi::CallbackInfo& info) {
 // fallocate(fd, mode, offset, length)
 
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int fd;
-  double mode;
+  int m;
   uint64_t offset, length;
-  if (!ArgCount(info, 4, "fallocate") || !ArgFd(info, 0, &fd) || !ArgInteger(info, 1, "mode", 2147483647.0, &mode) ||
-      !ArgOffset(info, 2, "offset", &offset) || !ArgOffset(info, 3, "length", &length)) {
+  if (!args.AtLeast(4, "fallocate") || !args.Fd(0, &fd) || !args.Integer(1, "mode", 2147483647.0, &m) ||
+      !args.Offset(2, "offset", &offset) || !args.Offset(3, "length", &length)) {
     return info.Env().Undefined();
   }
-  const int m = static_cast<int>(mode);
   return Worker::Run(
       info.Env(), "fileio.fallocate",
       [=](Result& r) {
@@ -447,11 +397,12 @@ Napi::Value Fallocate(const Napi::CallbackInfo& info) {
 // sync_file_range). evictLength 0 skips the eviction.
 
 Napi::Value WriteBehind(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int fd;
   uint64_t offset, length, evictOffset, evictLength;
-  if (!ArgCount(info, 5, "writeBehind") || !ArgFd(info, 0, &fd) || !ArgOffset(info, 1, "offset", &offset) ||
-      !ArgOffset(info, 2, "length", &length) || !ArgOffset(info, 3, "evictOffset", &evictOffset) ||
-      !ArgOffset(info, 4, "evictLength", &evictLength)) {
+  if (!args.AtLeast(5, "writeBehind") || !args.Fd(0, &fd) || !args.Offset(1, "offset", &offset) ||
+      !args.Offset(2, "length", &length) || !args.Offset(3, "evictOffset", &evictOffset) ||
+      !args.Offset(4, "evictLength", &evictLength)) {
     return info.Env().Undefined();
   }
   return Worker::Run(
@@ -484,10 +435,11 @@ Napi::Value WriteBehind(const Napi::CallbackInfo& info) {
 // "not here" (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL) and falls back to read and write.
 
 Napi::Value CopyRange(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int srcFd, dstFd;
   uint64_t srcOffset, dstOffset, length;
-  if (!ArgCount(info, 5, "copyRange") || !ArgFd(info, 0, &srcFd) || !ArgOffset(info, 1, "srcOffset", &srcOffset) ||
-      !ArgFd(info, 2, &dstFd) || !ArgOffset(info, 3, "dstOffset", &dstOffset) || !ArgOffset(info, 4, "length", &length)) {
+  if (!args.AtLeast(5, "copyRange") || !args.Fd(0, &srcFd) || !args.Offset(1, "srcOffset", &srcOffset) ||
+      !args.Fd(2, &dstFd) || !args.Offset(3, "dstOffset", &dstOffset) || !args.Offset(4, "length", &length)) {
     return info.Env().Undefined();
   }
   return Worker::Run(
@@ -629,78 +581,79 @@ void PipeWork(const PipeJob& j, Result& r) {
   r.value = runs.count;
 }
 
-bool ArgTyped(const Napi::CallbackInfo& info, size_t i, napi_typedarray_type type, const char* name) {
-  if (info[i].IsTypedArray() && info[i].As<Napi::TypedArray>().TypedArrayType() == type) return true;
-  Napi::TypeError::New(info.Env(), std::string("The \"") + name + "\" argument must be a " +
-                                       (type == napi_uint8_array ? "Uint8Array" : "Float64Array"))
-      .ThrowAsJavaScriptException();
-  return false;
-}
-
-Napi::Value Pipe(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  PipeJob j{};
-  uint64_t pieceCount, holeCount;
-  if (!ArgCount(info, 12, "pipe") || !ArgFd(info, 0, &j.srcFd) || !ArgTyped(info, 1, napi_float64_array, "pieces") ||
-      !ArgOffset(info, 2, "pieceCount", &pieceCount) || !ArgFd(info, 3, &j.dstFd) ||
-      !ArgOffset(info, 4, "dstOffset", &j.dstOffset) || !ArgOffset(info, 5, "length", &j.length) ||
-      !ArgTyped(info, 6, napi_uint8_array, "buffer") || !ArgTyped(info, 7, napi_float64_array, "holes") ||
-      !ArgOffset(info, 8, "holeCount", &holeCount) || !ArgOffset(info, 9, "unit", &j.unit) ||
-      !ArgOffset(info, 10, "minRun", &j.minRun) || !ArgTyped(info, 11, napi_float64_array, "runs")) {
-    return env.Undefined();
-  }
-  Napi::Uint8Array buf = info[6].As<Napi::Uint8Array>();
-  Napi::Float64Array pieces = info[1].As<Napi::Float64Array>(), holes = info[7].As<Napi::Float64Array>();
-  Napi::Float64Array runs = info[11].As<Napi::Float64Array>();
-  auto fail = [&](const std::string& what) {
-    Napi::RangeError::New(env, "pipe: " + what).ThrowAsJavaScriptException();
-    return env.Undefined();
-  };
-  if (j.length > buf.ByteLength()) return fail("length exceeds the buffer");
-  if (3 * pieceCount > pieces.ElementLength()) return fail("pieceCount exceeds the piece list");
-  if (2 * holeCount > holes.ElementLength()) return fail("holeCount exceeds the hole list");
-  if (j.minRun > 0 && j.unit == 0) return fail("unit must be positive");
-  // Every unit a run of its own, plus the holes: the most runs a scan can find.
-  j.runCap = runs.ElementLength() / 2;
-  if (j.minRun > 0 && j.runCap < (j.length + j.unit - 1) / j.unit + holeCount + 1) return fail("the run list is too short for the chunk");
-  j.pieces.resize(3 * pieceCount);
-  for (size_t i = 0; i < j.pieces.size(); i += 3) {
-    double off = pieces[i], len = pieces[i + 1], at = pieces[i + 2];
-    if (!(off >= 0 && len >= 0 && at >= 0 && std::trunc(off) == off && std::trunc(len) == len && std::trunc(at) == at &&
-          off <= kMaxSafeInteger && at + len <= static_cast<double>(j.length))) {
-      return fail("piece " + std::to_string(i / 3) + " is outside the chunk");
-    }
-    j.pieces[i] = static_cast<uint64_t>(off);
-    j.pieces[i + 1] = static_cast<uint64_t>(len);
-    j.pieces[i + 2] = static_cast<uint64_t>(at);
-  }
-  j.holes.resize(2 * holeCount);
+// The hole list of pipe: ascending [start, end) pairs inside the chunk.
+bool PipeHoles(const blockconv::Args& args, const Napi::Float64Array& list, uint64_t count, PipeJob& j) {
+  j.holes.resize(2 * count);
   double last = 0;
   for (size_t i = 0; i < j.holes.size(); i += 2) {
-    double a = holes[i], b = holes[i + 1];
+    double a = list[i], b = list[i + 1];
     if (!(a >= last && b >= a && b <= static_cast<double>(j.length) && std::trunc(a) == a && std::trunc(b) == b)) {
-      return fail("hole " + std::to_string(i / 2) + " is not ascending inside the chunk");
+      return args.RangeError("pipe: hole " + std::to_string(i / 2) + " is not ascending inside the chunk");
     }
     j.holes[i] = static_cast<uint64_t>(a);
     j.holes[i + 1] = static_cast<uint64_t>(b);
     last = b;
   }
-  if (j.minRun == 0 && holeCount > 0) return fail("holes need a scan (minRun > 0)");
-  j.data = buf.Data();
-  j.runs = runs.Data();
-  // Released with the worker, on the main thread.
-  auto keep = std::make_shared<std::pair<Napi::Reference<Napi::Uint8Array>, Napi::Reference<Napi::Float64Array>>>(
-      Napi::Persistent(buf), Napi::Persistent(runs));
+  return true;
+}
+
+// The sizes pipe's lists and buffer must have for the chunk.
+bool PipeSizes(const blockconv::Args& args, const PipeJob& j, size_t bufferBytes, size_t pieceNumbers, uint64_t pieceCount,
+               size_t holeNumbers, uint64_t holeCount) {
+  const char* wrong = nullptr;
+  if (j.length > bufferBytes) wrong = "length exceeds the buffer";
+  else if (3 * pieceCount > pieceNumbers) wrong = "pieceCount exceeds the piece list";
+  else if (2 * holeCount > holeNumbers) wrong = "holeCount exceeds the hole list";
+  else if (j.minRun > 0 && j.unit == 0) wrong = "unit must be positive";
+  // Every unit a run of its own, plus the holes: the most runs a scan can find.
+  else if (j.minRun > 0 && j.runCap < (j.length + j.unit - 1) / j.unit + holeCount + 1) wrong = "the run list is too short for the chunk";
+  return wrong ? args.RangeError(std::string("pipe: ") + wrong) : true;
+}
+
+Napi::Value Pipe(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
+  Napi::Env env = info.Env();
+  PipeJob j{};
+  uint64_t pieceCount, holeCount;
+  Napi::Uint8Array buf;
+  Napi::Float64Array pieces, holes, runs;
+  if (!args.AtLeast(12, "pipe") || !args.Fd(0, &j.srcFd) || !args.Float64Array(1, "pieces", &pieces) ||
+      !args.Offset(2, "pieceCount", &pieceCount) || !args.Fd(3, &j.dstFd) ||
+      !args.Offset(4, "dstOffset", &j.dstOffset) || !args.Offset(5, "length", &j.length) ||
+      !args.Uint8Array(6, "buffer", &buf) || !args.Float64Array(7, "holes", &holes) ||
+      !args.Offset(8, "holeCount", &holeCount) || !args.Offset(9, "unit", &j.unit) ||
+      !args.Offset(10, "minRun", &j.minRun) || !args.Float64Array(11, "runs", &runs)) {
+    return env.Undefined();
+  }
+  j.runCap = runs.ElementLength() / 2;
+  if (!PipeSizes(args, j, buf.ByteLength(), pieces.ElementLength(), pieceCount, holes.ElementLength(), holeCount)) {
+    return env.Undefined();
+  }
+  ptrdiff_t bad = CopyTriples(pieces, pieceCount, static_cast<double>(j.length), &j.pieces);
+  if (bad >= 0) {
+    args.RangeError("pipe: piece " + std::to_string(bad) + " is outside the chunk");
+    return env.Undefined();
+  }
+  if (!PipeHoles(args, holes, holeCount, j)) return env.Undefined();
+  if (j.minRun == 0 && holeCount > 0) {
+    args.RangeError("pipe: holes need a scan (minRun > 0)");
+    return env.Undefined();
+  }
+  blockconv::PinnedBuffer bufPin(buf), runsPin(runs);
+  j.data = bufPin.data();
+  j.runs = runsPin.as<double>();
   return Worker::Run(
-      env, "fileio.pipe", [j = std::move(j), keep](Result& r) { PipeWork(j, r); }, SettleNumber);
+      env, "fileio.pipe", [j = std::move(j)](Result& r) { PipeWork(j, r); }, SettleNumber, std::move(bufPin),
+      std::move(runsPin));
 }
 
 // ---------------------------------------------------------------------------
 // Block device ioctls
 
 Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int fd;
-  if (!ArgCount(info, 1, "blockDeviceSize") || !ArgFd(info, 0, &fd)) return info.Env().Undefined();
+  if (!args.AtLeast(1, "blockDeviceSize") || !args.Fd(0, &fd)) return info.Env().Undefined();
   return Worker::Run(
       info.Env(), "fileio.blockDeviceSize",
       [=](Result& r) {
@@ -712,8 +665,9 @@ Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value LogicalBlockSize(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   int fd;
-  if (!ArgCount(info, 1, "logicalBlockSize") || !ArgFd(info, 0, &fd)) return info.Env().Undefined();
+  if (!args.AtLeast(1, "logicalBlockSize") || !args.Fd(0, &fd)) return info.Env().Undefined();
   return Worker::Run(
       info.Env(), "fileio.logicalBlockSize",
       [=](Result& r) {
@@ -726,10 +680,11 @@ Napi::Value LogicalBlockSize(const Napi::CallbackInfo& info) {
 
 // BLKZEROOUT and BLKDISCARD take the same {offset, length} range argument.
 Napi::Value RangeIoctl(const Napi::CallbackInfo& info, const char* fn, unsigned long request) {
+  blockconv::Args args(info, kArgWords);
   int fd;
   uint64_t offset, length;
-  if (!ArgCount(info, 3, fn) || !ArgFd(info, 0, &fd) || !ArgOffset(info, 1, "offset", &offset) ||
-      !ArgOffset(info, 2, "length", &length)) {
+  if (!args.AtLeast(3, fn) || !args.Fd(0, &fd) || !args.Offset(1, "offset", &offset) ||
+      !args.Offset(2, "length", &length)) {
     return info.Env().Undefined();
   }
   return Worker::Run(
@@ -759,16 +714,16 @@ void FreeAligned(Napi::Env env, uint8_t* data, size_t* size) {
 }
 
 Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
+  blockconv::Args args(info, kArgWords);
   Napi::Env env = info.Env();
   double size, alignment;
-  if (!ArgCount(info, 2, "allocAligned") || !ArgInteger(info, 0, "size", kMaxSafeInteger, &size) ||
-      !ArgInteger(info, 1, "alignment", 1u << 30, &alignment)) {
+  if (!args.AtLeast(2, "allocAligned") || !args.Number(0, "size", blockconv::kMaxSafeInteger, &size) ||
+      !args.Number(1, "alignment", 1u << 30, &alignment)) {
     return env.Undefined();
   }
   const size_t align = static_cast<size_t>(alignment);
   if (align < sizeof(void*) || (align & (align - 1)) != 0) {
-    Napi::RangeError::New(env, "allocAligned: alignment must be a power of two >= " + std::to_string(sizeof(void*)))
-        .ThrowAsJavaScriptException();
+    args.RangeError("allocAligned: alignment must be a power of two >= " + std::to_string(sizeof(void*)));
     return env.Undefined();
   }
   const size_t n = static_cast<size_t>(size);

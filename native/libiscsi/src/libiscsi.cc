@@ -1,10 +1,10 @@
 // Node binding over libiscsi's asynchronous API (libiscsi 1.19). One IscsiContext is
 // one iSCSI session to one LUN; its socket is driven from the Node event loop the way
 // QEMU's block/iscsi.c drives it from its AioContext:
-//  - a uv_poll_t on iscsi_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with iscsi_which_events() after every submit
-//    and every iscsi_service() call, and re-armed only when the mask changes (POLLOUT
+//  - a uv_poll_t on iscsi_get_fd() (blockconv::ServiceLoop, @blockconv/napi-common), armed
+//    with iscsi_which_events() after every submit and every iscsi_service() call, and re-armed only when the mask changes (POLLOUT
 //    only while libiscsi has output queued: level-triggered polls busy-loop otherwise);
-//  - a ~100 ms tick (the SocketPoller's) calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire,
+//  - a ~100 ms tick (the ServiceLoop's) calling iscsi_service(ctx, 0) so libiscsi's task timeouts fire,
 //    and checking the stall timeout (`stallMs`): tasks fail when the socket has moved no
 //    byte for that long while they wait (blockconv::SocketProgress), not when they have
 //    waited that long, which a slow link with many tasks queued would trip
@@ -18,20 +18,18 @@
 // (the caller decides whether to reconnect), so a dead target never means a hang.
 
 #include <napi.h>
-#include <uv.h>
 
-#include <blockconv/socket_poller.h>
+#include <blockconv/napi_args.h>
+#include <blockconv/pinned_buffer.h>
+#include <blockconv/service_loop.h>
 #include <blockconv/socket_progress.h>
 
 #include <errno.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 
-#include <memory>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -43,8 +41,8 @@ extern "C" {
 
 namespace {
 
-constexpr double kMaxSafeInteger = 9007199254740991.0;
-constexpr uint64_t kServiceIntervalMs = 100;
+using blockconv::kMaxSafeInteger;
+constexpr blockconv::ArgWords kArgWords = blockconv::ArgWords::kNode;
 
 enum class Op { Connect, Logout, Read, Write, WriteSame, Unmap, GetLbaStatus, SyncCache, ReadCapacity, Inquiry };
 
@@ -71,7 +69,7 @@ struct Request {
   IscsiContext* ctx;
   Op op;
   Napi::Promise::Deferred deferred;
-  Napi::Reference<Napi::Value> buffer;
+  blockconv::PinnedBuffer buffer;    // READ(16) into it, WRITE(16) out of it
   struct iovec iov = {nullptr, 0};  // same layout as libiscsi's opaque scsi_iovec (QEMU relies on it too)
   std::vector<uint8_t> zeroes;       // WRITE SAME's one block of zeroes
   struct unmap_list range = {0, 0};
@@ -101,26 +99,6 @@ Napi::Value IscsiError(Napi::Env env, const char* code, const std::string& text,
     o.Set("sense", s);
   }
   return o;
-}
-
-bool ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
-  if (i >= info.Length() || !info[i].IsNumber()) {
-    Napi::TypeError::New(info.Env(), std::string("The \"") + name + "\" argument must be of type number")
-        .ThrowAsJavaScriptException();
-    return false;
-  }
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!(v >= 0 && v <= max) || static_cast<double>(static_cast<uint64_t>(v)) != v) {
-    Napi::RangeError::New(info.Env(), std::string("The value of \"") + name + "\" is out of range")
-        .ThrowAsJavaScriptException();
-    return false;
-  }
-  *out = v;
-  return true;
-}
-
-std::string ArgString(const Napi::CallbackInfo& info, size_t i) {
-  return i < info.Length() && info[i].IsString() ? info[i].As<Napi::String>().Utf8Value() : std::string();
 }
 
 class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
@@ -172,14 +150,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     // moves no byte and fails every task when the timeout runs out. Without one, a lost
     // session fails its tasks at once instead of waiting for a reconnect that may never come.
     iscsi_set_noautoreconnect(iscsi_, stall_.enabled() ? 0 : 1);
-    if (napi_get_uv_event_loop(env, &loop_) != napi_ok || !loop_) {
-      Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
-      return;
-    }
-    poller_.Attach(loop_, this, OnReady, kServiceIntervalMs);
-    async_ = std::make_unique<Napi::AsyncContext>(env, "IscsiContext");
-    Ref();  // alive while the session is: completions may arrive after JS dropped the object
-    napi_add_env_cleanup_hook(env, &IscsiContext::OnEnvTeardown, this);
+    service_.Start(this, env, "IscsiContext");
   }
 
   ~IscsiContext() override {
@@ -210,7 +181,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     Napi::Promise p = r->deferred.Promise();
     pending_.insert(r);
     // The stall clock starts when the session goes from idle to busy.
-    if (outstanding_ == 0 && loop_) stall_.Busy(uv_now(loop_));
+    if (outstanding_ == 0 && service_.started()) stall_.Busy(service_.Now());
     outstanding_++;
     if (outstanding_ > peak_) peak_ = outstanding_;
     bool ok = submit();
@@ -226,33 +197,32 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     return p;
   }
 
-  bool PinBuffer(const Napi::CallbackInfo& info, size_t i, Request* r) {
-    if (i >= info.Length() || !info[i].IsTypedArray()) {
-      Napi::TypeError::New(info.Env(), "The \"buffer\" argument must be a TypedArray or Buffer").ThrowAsJavaScriptException();
-      return false;
-    }
-    Napi::TypedArray ta = info[i].As<Napi::TypedArray>();
-    r->iov.iov_base = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-    r->iov.iov_len = ta.ByteLength();
-    r->buffer = Napi::Persistent(info[i]);
+  // The task's one iovec: the caller's buffer at `i`, pinned until the task completes.
+  bool PinIovec(const blockconv::Args& args, size_t i, Request* r) {
+    Napi::TypedArray buffer;
+    if (!args.Bytes(i, "buffer", &buffer)) return false;
+    r->buffer = blockconv::PinnedBuffer(buffer);
+    r->iov.iov_base = r->buffer.data();
+    r->iov.iov_len = r->buffer.length();
     return true;
   }
 
   // connect(portal, targetIqn, lun, user?, password?): TCP connect, login (CHAP when a
   // user is given), then TEST UNIT READY on the LUN, all by iscsi_full_connect_async.
   Napi::Value Connect(const Napi::CallbackInfo& info) {
+    blockconv::Args args(info, kArgWords);
     Napi::Env env = info.Env();
     double lun;
     if (info.Length() < 2 || !info[0].IsString() || !info[1].IsString()) {
       Napi::TypeError::New(env, "connect(portal, target, lun, user?, password?)").ThrowAsJavaScriptException();
       return env.Undefined();
     }
-    if (!ArgNumber(info, 2, "lun", 16383, &lun)) return env.Undefined();
+    if (!args.Number(2, "lun", 16383, &lun)) return env.Undefined();
     Napi::Value ret;
     if (connected_ || connecting_) return Rejected(env, "EISCONN", "iSCSI session already logged in", Op::Connect);
     Request* r = Begin(env, Op::Connect, &ret);
     if (!r) return ret;
-    std::string portal = ArgString(info, 0), target = ArgString(info, 1), user = ArgString(info, 3), pass = ArgString(info, 4);
+    std::string portal = args.OptionalString(0), target = args.OptionalString(1), user = args.OptionalString(3), pass = args.OptionalString(4);
     if (iscsi_set_targetname(iscsi_, target.c_str()) != 0) {
       delete r;
       return Rejected(env, "EINVAL", "invalid target name", Op::Connect);
@@ -279,13 +249,14 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
 
   // read16(lba, blocks, blockSize, buffer): the data lands in buffer (blocks*blockSize bytes).
   Napi::Value Read16(const Napi::CallbackInfo& info) {
+    blockconv::Args args(info, kArgWords);
     double lba, blocks, bs;
-    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba) || !ArgNumber(info, 1, "blocks", 0xffffffff, &blocks) ||
-        !ArgNumber(info, 2, "blockSize", 1 << 20, &bs)) return info.Env().Undefined();
+    if (!args.Number(0, "lba", kMaxSafeInteger, &lba) || !args.Number(1, "blocks", 0xffffffff, &blocks) ||
+        !args.Number(2, "blockSize", 1 << 20, &bs)) return info.Env().Undefined();
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::Read, &ret);
     if (!r) return ret;
-    if (!PinBuffer(info, 3, r)) { delete r; return info.Env().Undefined(); }
+    if (!PinIovec(args, 3, r)) { delete r; return info.Env().Undefined(); }
     if (blocks * bs > 0xffffffff) { delete r; return Rejected(info.Env(), "EINVAL", "read larger than 4 GiB", Op::Read); }
     uint32_t len = static_cast<uint32_t>(blocks * bs);
     if (r->iov.iov_len < len) { delete r; return Rejected(info.Env(), "EINVAL", "buffer too small for the read", Op::Read); }
@@ -298,12 +269,13 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
 
   // write16(lba, blockSize, buffer, fua): writes all of buffer (a whole number of blocks).
   Napi::Value Write16(const Napi::CallbackInfo& info) {
+    blockconv::Args args(info, kArgWords);
     double lba, bs;
-    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba) || !ArgNumber(info, 1, "blockSize", 1 << 20, &bs)) return info.Env().Undefined();
+    if (!args.Number(0, "lba", kMaxSafeInteger, &lba) || !args.Number(1, "blockSize", 1 << 20, &bs)) return info.Env().Undefined();
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::Write, &ret);
     if (!r) return ret;
-    if (!PinBuffer(info, 2, r)) { delete r; return info.Env().Undefined(); }
+    if (!PinIovec(args, 2, r)) { delete r; return info.Env().Undefined(); }
     int fua = info.Length() > 3 && info[3].ToBoolean().Value() ? 1 : 0;
     if (r->iov.iov_len > 0xffffffff || r->iov.iov_len % static_cast<size_t>(bs) != 0) {
       delete r;
@@ -318,9 +290,10 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
 
   // writeSame16(lba, blocks, blockSize, unmap): zeroes `blocks` blocks (UNMAP bit: may deallocate).
   Napi::Value WriteSame16(const Napi::CallbackInfo& info) {
+    blockconv::Args args(info, kArgWords);
     double lba, blocks, bs;
-    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba) || !ArgNumber(info, 1, "blocks", 0xffffffff, &blocks) ||
-        !ArgNumber(info, 2, "blockSize", 1 << 20, &bs)) return info.Env().Undefined();
+    if (!args.Number(0, "lba", kMaxSafeInteger, &lba) || !args.Number(1, "blocks", 0xffffffff, &blocks) ||
+        !args.Number(2, "blockSize", 1 << 20, &bs)) return info.Env().Undefined();
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::WriteSame, &ret);
     if (!r) return ret;
@@ -334,8 +307,9 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
 
   // unmap(lba, blocks): one block descriptor.
   Napi::Value Unmap(const Napi::CallbackInfo& info) {
+    blockconv::Args args(info, kArgWords);
     double lba, blocks;
-    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba) || !ArgNumber(info, 1, "blocks", 0xffffffff, &blocks)) return info.Env().Undefined();
+    if (!args.Number(0, "lba", kMaxSafeInteger, &lba) || !args.Number(1, "blocks", 0xffffffff, &blocks)) return info.Env().Undefined();
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::Unmap, &ret);
     if (!r) return ret;
@@ -347,8 +321,9 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   // getLbaStatus(lba, maxDescriptors) -> [{ lba, blocks, provisioning }] (0 mapped,
   // 1 deallocated, 2 anchored), the first descriptor covering lba.
   Napi::Value GetLbaStatus(const Napi::CallbackInfo& info) {
+    blockconv::Args args(info, kArgWords);
     double lba, max;
-    if (!ArgNumber(info, 0, "lba", kMaxSafeInteger, &lba) || !ArgNumber(info, 1, "maxDescriptors", 65535, &max)) return info.Env().Undefined();
+    if (!args.Number(0, "lba", kMaxSafeInteger, &lba) || !args.Number(1, "maxDescriptors", 65535, &max)) return info.Env().Undefined();
     Napi::Value ret;
     Request* r = Begin(info.Env(), Op::GetLbaStatus, &ret);
     if (!r) return ret;
@@ -390,10 +365,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
 
   // destroy(): synchronous and idempotent. Tasks in flight reject (ECANCELED).
   Napi::Value Destroy(const Napi::CallbackInfo& info) {
-    if (!destroyed_) {
-      napi_remove_env_cleanup_hook(env_, &IscsiContext::OnEnvTeardown, this);
-      Teardown(true);
-    }
+    if (!destroyed_) Teardown(true);
     return info.Env().Undefined();
   }
 
@@ -410,7 +382,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   bool Finish(Request* r) {
     if (!pending_.erase(r)) return false;
     outstanding_--;
-    if (iscsi_ && loop_) stall_.Completed(iscsi_get_fd(iscsi_), uv_now(loop_));
+    if (iscsi_ && service_.started()) stall_.Completed(iscsi_get_fd(iscsi_), service_.Now());
     return true;
   }
 
@@ -443,7 +415,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     struct scsi_task* task = r->op == Op::Logout ? nullptr : static_cast<struct scsi_task*>(command_data);
     if (task) self->done_.push_back(task);
     if (!self->Finish(r)) return;
-    if (self->envGone_) { r->buffer.SuppressDestruct(); delete r; return; }
+    if (self->envGone_) { r->buffer.Abandon(); delete r; return; }
     Napi::Env env = self->env_;
     Napi::HandleScope scope(env);
     if (status == SCSI_STATUS_GOOD) {
@@ -543,24 +515,15 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     done_.clear();
   }
 
-  // --- event loop ---------------------------------------------------------------
+  // --- event loop (blockconv::ServiceLoop calls Service and OnEnvTeardown) ---------
 
-  static void OnReady(void* owner, int revents) {
-    auto* self = static_cast<IscsiContext*>(owner);
-    if (!self->destroyed_) self->Service(revents);
-  }
-
-  // iscsi_service() inside a HandleScope + CallbackScope: completions settle promises,
-  // and the JS they wake runs when the scope closes, after libiscsi has returned.
+  // iscsi_service() inside a ServiceScope: completions settle promises, and the JS they
+  // wake runs when the scope closes, after libiscsi has returned.
   void Service(int revents) {
-    if (!iscsi_) return;  // failed already (FailAll): nothing left to drive
-    Napi::Env env = env_;
-    Napi::HandleScope hs(env);
-    Ref();  // JS run at scope close may drop the last reference
-    {
-      Napi::CallbackScope cs(env, *async_);
+    if (destroyed_ || !iscsi_) return;  // !iscsi_: failed already (FailAll), nothing left to drive
+    service_.Run([&] {
       // The stall check runs on the tick (revents 0): every ~100 ms while busy.
-      if (revents == 0 && stall_.Stalled(iscsi_get_fd(iscsi_), outstanding_, uv_now(loop_))) {
+      if (revents == 0 && stall_.Stalled(iscsi_get_fd(iscsi_), outstanding_, service_.Now())) {
         broken_ = "no answer from the iSCSI target " + portal_ + " for " + stall_.Seconds() + " s with " + std::to_string(outstanding_) +
                   " tasks waiting (target unreachable or not answering)";
         brokenCode_ = "ETIMEDOUT";
@@ -574,15 +537,14 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
         UpdateEvents();
       }
       FreeDone();
-    }
-    Unref();
+    });
   }
 
   // The session is beyond repair: every task in flight rejects with the reason, and
   // the context stays a closed shell.
   void FailAll() {
     connected_ = false;
-    ClosePoll();
+    service_.Close();
     struct iscsi_context* i = iscsi_;
     iscsi_ = nullptr;
     iscsi_scsi_cancel_all_tasks(i);  // callbacks fire with CANCELLED: see OnTask's broken_ branch
@@ -599,7 +561,7 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     connecting_ = nullptr;
     for (Request* r : left) {
       outstanding_--;
-      if (envGone_) { r->buffer.SuppressDestruct(); delete r; continue; }
+      if (envGone_) { r->buffer.Abandon(); delete r; continue; }
       Napi::HandleScope scope(env_);
       if (!broken_.empty()) r->deferred.Reject(IscsiError(env_, brokenCode_.c_str(), broken_, r->op));
       else r->deferred.Reject(IscsiError(env_, "ECANCELED", "iSCSI session closed with the task in flight", r->op));
@@ -611,15 +573,13 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
   // requests are in flight (an idle connection must not keep Node alive).
   void UpdateEvents() {
     if (destroyed_ || !iscsi_) return;
-    poller_.Update(iscsi_get_fd(iscsi_), iscsi_which_events(iscsi_), outstanding_ > 0);
+    service_.Update(iscsi_get_fd(iscsi_), iscsi_which_events(iscsi_), outstanding_ > 0);
   }
 
-  void ClosePoll() { poller_.Close(); }
-
+  // `js`: destroy() was called, and the object may be collected once this returns.
   void Teardown(bool js) {
     destroyed_ = true;
     connected_ = false;
-    poller_.Detach();
     if (iscsi_) {
       struct iscsi_context* i = iscsi_;
       iscsi_ = nullptr;
@@ -628,21 +588,20 @@ class IscsiContext : public Napi::ObjectWrap<IscsiContext> {
     }
     RejectLeftovers();
     FreeDone();
-    if (js) Unref();  // balance the constructor's Ref(): the object may now be collected
+    service_.Stop(js);
   }
 
-  static void OnEnvTeardown(void* arg) {
-    auto* self = static_cast<IscsiContext*>(arg);
-    self->envGone_ = true;
-    if (!self->destroyed_) self->Teardown(false);
+  void OnEnvTeardown() {
+    envGone_ = true;
+    if (!destroyed_) Teardown(false);
   }
+
+  friend class blockconv::ServiceLoop<IscsiContext>;
 
   Napi::Env env_;
   struct iscsi_context* iscsi_ = nullptr;
   int lun_ = 0;
-  uv_loop_t* loop_ = nullptr;
-  blockconv::SocketPoller poller_;
-  std::unique_ptr<Napi::AsyncContext> async_;
+  blockconv::ServiceLoop<IscsiContext> service_;
   bool destroyed_ = false;
   bool envGone_ = false;
   bool connected_ = false;

@@ -1,10 +1,10 @@
 // Node binding over libnfs's asynchronous API (libnfs 4.0). One NfsContext per
 // connection; libnfs's socket is driven from the Node event loop the way QEMU's
 // block/nfs.c drives it from its AioContext:
-//  - a uv_poll_t on nfs_get_fd() (blockconv::SocketPoller, @blockconv/uvpoll), armed with nfs_which_events() after every submit and
-//    every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
+//  - a uv_poll_t on nfs_get_fd() (blockconv::ServiceLoop, @blockconv/napi-common), armed
+//    with nfs_which_events() after every submit and every nfs_service() call, and re-armed only when the mask changes (POLLOUT stays
 //    armed only while libnfs has output queued: level-triggered polls busy-loop otherwise);
-//  - a ~100 ms tick (the SocketPoller's) calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire,
+//  - a ~100 ms tick (the ServiceLoop's) calling nfs_service(ctx, 0) so libnfs's RPC timeouts fire,
 //    and checking the stall timeout: with `stallMs`, requests fail only when the socket
 //    has moved no byte (TCP_INFO's counters, blockconv::SocketProgress) for that long
 //    while they wait.
@@ -18,20 +18,19 @@
 // No synchronous libnfs call is ever made.
 
 #include <napi.h>
-#include <uv.h>
 
-#include <blockconv/socket_poller.h>
+#include <blockconv/errno_name.h>
+#include <blockconv/napi_args.h>
+#include <blockconv/pinned_buffer.h>
+#include <blockconv/service_loop.h>
 #include <blockconv/socket_progress.h>
 
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 
-#include <memory>
 #include <string>
 #include <unordered_map>
 
@@ -41,16 +40,8 @@ extern "C" {
 
 namespace {
 
-constexpr double kMaxSafeInteger = 9007199254740991.0;
-constexpr uint64_t kServiceIntervalMs = 100;
-
-std::string ErrnoName(int err) {
-#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 32)
-  if (const char* name = strerrorname_np(err)) return name;
-#endif
-  char buf[64];
-  return uv_err_name_r(-err, buf, sizeof buf);
-}
+using blockconv::kMaxSafeInteger;
+constexpr blockconv::ArgWords kArgWords = blockconv::ArgWords::kNode;
 
 // An Error carrying libnfs's text, `code` (errno name, e.g. 'ENOENT') and `errno` (positive).
 Napi::Value NfsError(Napi::Env env, int err, const std::string& text) {
@@ -58,7 +49,7 @@ Napi::Value NfsError(Napi::Env env, int err, const std::string& text) {
   std::string msg = text.empty() ? strerror(err) : text;
   Napi::Error e = Napi::Error::New(env, msg);
   Napi::Object o = e.Value();
-  o.Set("code", Napi::String::New(env, ErrnoName(err)));
+  o.Set("code", Napi::String::New(env, blockconv::ErrnoName(err)));
   o.Set("errno", Napi::Number::New(env, err));
   return o;
 }
@@ -67,32 +58,14 @@ enum class Op { Mount, Umount, Open, Pread, Pwrite, Fstat, Ftruncate, Fsync, Clo
 
 class NfsContext;
 
-// One request in flight. The caller's buffer stays referenced until the callback.
+// One request in flight. The caller's buffer (pread, pwrite) stays pinned until the callback.
 struct Request {
   NfsContext* ctx;
   Op op;
   Napi::Promise::Deferred deferred;
-  Napi::Reference<Napi::Value> buffer;
-  uint8_t* data = nullptr;
-  size_t length = 0;
+  blockconv::PinnedBuffer buffer;
   Request(NfsContext* c, Op o, Napi::Env env) : ctx(c), op(o), deferred(Napi::Promise::Deferred::New(env)) {}
 };
-
-bool ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* name, double max, double* out) {
-  if (i >= info.Length() || !info[i].IsNumber()) {
-    Napi::TypeError::New(info.Env(), std::string("The \"") + name + "\" argument must be of type number")
-        .ThrowAsJavaScriptException();
-    return false;
-  }
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!(v >= 0 && v <= max) || static_cast<double>(static_cast<uint64_t>(v)) != v) {
-    Napi::RangeError::New(info.Env(), std::string("The value of \"") + name + "\" is out of range")
-        .ThrowAsJavaScriptException();
-    return false;
-  }
-  *out = v;
-  return true;
-}
 
 class NfsContext : public Napi::ObjectWrap<NfsContext> {
  public:
@@ -139,15 +112,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       Napi::Value n = o.Get("clientName");
       if (n.IsString()) nfs4_set_client_name(nfs_, n.As<Napi::String>().Utf8Value().c_str());
     }
-    if (napi_get_uv_event_loop(env, &loop_) != napi_ok || !loop_) {
-      Napi::Error::New(env, "no libuv loop").ThrowAsJavaScriptException();
-      return;
-    }
-    poller_.Attach(loop_, this, OnReady, kServiceIntervalMs);
-    async_ = std::make_unique<Napi::AsyncContext>(env, "NfsContext");
-    // Alive while the context is: completions may arrive after JS dropped the object.
-    Ref();
-    napi_add_env_cleanup_hook(env, &NfsContext::OnEnvTeardown, this);
+    service_.Start(this, env, "NfsContext");
   }
 
   ~NfsContext() override {
@@ -178,7 +143,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   Napi::Value Submit(Request* r, F submit) {
     Napi::Promise p = r->deferred.Promise();
     // The stall clock starts when the connection goes from idle to busy.
-    if (outstanding_ == 0 && loop_) stall_.Busy(uv_now(loop_));
+    if (outstanding_ == 0 && service_.started()) stall_.Busy(service_.Now());
     outstanding_++;
     int rc = submit();
     if (rc < 0) {
@@ -235,12 +200,13 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
   // open(path, flags, mode) -> handle id. flags are Linux O_* (O_CREAT, O_TRUNC, ...).
   Napi::Value Open(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    blockconv::Args args(info, kArgWords);
     double flags, mode;
     if (info.Length() < 1 || !info[0].IsString()) {
       Napi::TypeError::New(env, "open(path, flags, mode): path must be a string").ThrowAsJavaScriptException();
       return env.Undefined();
     }
-    if (!ArgNumber(info, 1, "flags", 0x7fffffff, &flags) || !ArgNumber(info, 2, "mode", 07777, &mode)) return env.Undefined();
+    if (!args.Number(1, "flags", 0x7fffffff, &flags) || !args.Number(2, "mode", 07777, &mode)) return env.Undefined();
     auto* r = new Request(this, Op::Open, env);
     if (!CheckUsable(env, r->deferred)) { Napi::Promise p = r->deferred.Promise(); delete r; return p; }
     std::string path = info[0].As<Napi::String>().Utf8Value();
@@ -249,7 +215,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
 
   struct nfsfh* Handle(const Napi::CallbackInfo& info, bool remove = false) {
     double id;
-    if (!ArgNumber(info, 0, "handle", 0xffffffff, &id)) return nullptr;
+    if (!blockconv::Args(info, kArgWords).Number(0, "handle", 0xffffffff, &id)) return nullptr;
     auto it = handles_.find(static_cast<uint32_t>(id));
     if (it == handles_.end()) return nullptr;
     struct nfsfh* fh = it->second;
@@ -273,17 +239,13 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     return new Request(this, op, env);
   }
 
-  // Pins `buffer` (a TypedArray or Buffer) until the callback.
-  bool PinBuffer(const Napi::CallbackInfo& info, size_t i, Request* r) {
-    if (i >= info.Length() || !info[i].IsTypedArray()) {
-      Napi::TypeError::New(info.Env(), "The \"buffer\" argument must be a TypedArray or Buffer").ThrowAsJavaScriptException();
-      return false;
-    }
-    Napi::TypedArray ta = info[i].As<Napi::TypedArray>();
-    r->data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
-    r->length = ta.ByteLength();
-    r->buffer = Napi::Persistent(info[i]);
-    return true;
+  // The buffer and offset of pread and pwrite; the buffer is pinned until the callback.
+  bool BufferAndOffset(const Napi::CallbackInfo& info, Request* r, double* offset) {
+    blockconv::Args args(info, kArgWords);
+    Napi::TypedArray buffer;
+    if (!args.Bytes(1, "buffer", &buffer)) return false;
+    r->buffer = blockconv::PinnedBuffer(buffer);
+    return args.Number(2, "offset", kMaxSafeInteger, offset);
   }
 
   // pread(handle, buffer, offset) -> bytes read into buffer (fewer at EOF).
@@ -293,8 +255,8 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     Request* r = Begin(info, Op::Pread, &fh, &ret);
     if (!r) return ret;
     double offset;
-    if (!PinBuffer(info, 1, r) || !ArgNumber(info, 2, "offset", kMaxSafeInteger, &offset)) { delete r; return info.Env().Undefined(); }
-    return Submit(r, [&] { return nfs_pread_async(nfs_, fh, static_cast<uint64_t>(offset), r->length, OnComplete, r); });
+    if (!BufferAndOffset(info, r, &offset)) { delete r; return info.Env().Undefined(); }
+    return Submit(r, [&] { return nfs_pread_async(nfs_, fh, static_cast<uint64_t>(offset), r->buffer.length(), OnComplete, r); });
   }
 
   // pwrite(handle, buffer, offset) -> bytes written.
@@ -304,8 +266,10 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     Request* r = Begin(info, Op::Pwrite, &fh, &ret);
     if (!r) return ret;
     double offset;
-    if (!PinBuffer(info, 1, r) || !ArgNumber(info, 2, "offset", kMaxSafeInteger, &offset)) { delete r; return info.Env().Undefined(); }
-    return Submit(r, [&] { return nfs_pwrite_async(nfs_, fh, static_cast<uint64_t>(offset), r->length, r->data, OnComplete, r); });
+    if (!BufferAndOffset(info, r, &offset)) { delete r; return info.Env().Undefined(); }
+    return Submit(r, [&] {
+      return nfs_pwrite_async(nfs_, fh, static_cast<uint64_t>(offset), r->buffer.length(), r->buffer.data(), OnComplete, r);
+    });
   }
 
   Napi::Value Fstat(const Napi::CallbackInfo& info) {
@@ -322,7 +286,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     Request* r = Begin(info, Op::Ftruncate, &fh, &ret);
     if (!r) return ret;
     double size;
-    if (!ArgNumber(info, 1, "size", kMaxSafeInteger, &size)) { delete r; return info.Env().Undefined(); }
+    if (!blockconv::Args(info, kArgWords).Number(1, "size", kMaxSafeInteger, &size)) { delete r; return info.Env().Undefined(); }
     return Submit(r, [&] { return nfs_ftruncate_async(nfs_, fh, static_cast<uint64_t>(size), OnComplete, r); });
   }
 
@@ -345,10 +309,7 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
 
   // destroy(): synchronous and idempotent. Requests in flight reject (ECANCELED).
   Napi::Value Destroy(const Napi::CallbackInfo& info) {
-    if (!destroyed_) {
-      napi_remove_env_cleanup_hook(env_, &NfsContext::OnEnvTeardown, this);
-      Teardown(true);
-    }
+    if (!destroyed_) Teardown(true);
     return info.Env().Undefined();
   }
 
@@ -382,98 +343,89 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
     // Peak of requests still in flight when one completes: > 1 proves pipelining.
     if (self->outstanding_ > self->peak_) self->peak_ = self->outstanding_;
     self->outstanding_--;
-    if (self->nfs_ && self->loop_) self->stall_.Completed(nfs_get_fd(self->nfs_), uv_now(self->loop_));
+    if (self->nfs_ && self->service_.started()) self->stall_.Completed(nfs_get_fd(self->nfs_), self->service_.Now());
     if (self->envGone_) {  // environment teardown: no JS may run; just free
-      r->buffer.SuppressDestruct();
+      r->buffer.Abandon();
       delete r;
       return;
     }
     Napi::Env env = self->env_;
     Napi::HandleScope scope(env);
-    if (err < 0) {
-      std::string text;
-      int code = -err;
-      if (self->destroyed_) {
-        text = "NFS context closed with the request in flight";
-        code = ECANCELED;
-      } else if (!self->broken_.empty()) {
-        text = self->broken_;
-        code = self->brokenErr_;
-      } else if (Printable(static_cast<const char*>(data))) {
-        text = static_cast<const char*>(data);
-      } else if (const char* e = nfs_get_error(nfs); Printable(e)) {
-        // libnfs 4.0's write path sometimes hands back a pointer that is not its message
-        // (seen: one byte, "\x1c", for NFS3ERR_NOSPC): its error string then says what failed.
-        text = e;
-      }
-      r->deferred.Reject(NfsError(env, code, text));
-      delete r;
-      return;
-    }
-    switch (r->op) {
-      case Op::Mount: {
-        Napi::Object o = Napi::Object::New(env);
-        o.Set("server", self->server_);
-        o.Set("export", self->export_);
-        o.Set("file", self->file_);
-        r->deferred.Resolve(o);
-        break;
-      }
-      case Op::Open: {
-        uint32_t id = ++self->nextHandle_;
-        self->handles_[id] = static_cast<struct nfsfh*>(data);
-        r->deferred.Resolve(Napi::Number::New(env, id));
-        break;
-      }
-      case Op::Pread: {
-        size_t n = static_cast<size_t>(err);
-        if (n > r->length) n = r->length;
-        // libnfs 4.0 reads into its own buffer; copy into the pinned caller buffer.
-        if (n) memcpy(r->data, data, n);
-        r->deferred.Resolve(Napi::Number::New(env, static_cast<double>(n)));
-        break;
-      }
-      case Op::Pwrite:
-        r->deferred.Resolve(Napi::Number::New(env, err));
-        break;
-      case Op::Fstat: {
-        auto* st = static_cast<struct nfs_stat_64*>(data);
-        Napi::Object o = Napi::Object::New(env);
-        o.Set("size", Napi::Number::New(env, static_cast<double>(st->nfs_size)));
-        o.Set("mode", Napi::Number::New(env, static_cast<double>(st->nfs_mode)));
-        o.Set("blocks", Napi::Number::New(env, static_cast<double>(st->nfs_blocks)));
-        o.Set("blksize", Napi::Number::New(env, static_cast<double>(st->nfs_blksize)));
-        // Identity: which file (a resumed convert refuses another) and its version.
-        o.Set("dev", Napi::Number::New(env, static_cast<double>(st->nfs_dev)));
-        o.Set("ino", Napi::Number::New(env, static_cast<double>(st->nfs_ino)));
-        o.Set("mtimeSec", Napi::Number::New(env, static_cast<double>(st->nfs_mtime)));
-        o.Set("mtimeNsec", Napi::Number::New(env, static_cast<double>(st->nfs_mtime_nsec)));
-        r->deferred.Resolve(o);
-        break;
-      }
-      default:
-        r->deferred.Resolve(env.Undefined());
-    }
+    if (err < 0) r->deferred.Reject(self->Failure(-err, nfs, data));
+    else r->deferred.Resolve(self->Success(env, r, err, data));
     delete r;
   }
 
-  // --- event loop ---------------------------------------------------------------
-
-  static void OnReady(void* owner, int revents) {
-    auto* self = static_cast<NfsContext*>(owner);
-    if (!self->destroyed_) self->Service(revents);
+  // Why a request failed: the context's fate when it was closed or broke, else libnfs's text.
+  Napi::Value Failure(int code, struct nfs_context* nfs, void* data) {
+    std::string text;
+    if (destroyed_) {
+      text = "NFS context closed with the request in flight";
+      code = ECANCELED;
+    } else if (!broken_.empty()) {
+      text = broken_;
+      code = brokenErr_;
+    } else if (Printable(static_cast<const char*>(data))) {
+      text = static_cast<const char*>(data);
+    } else if (const char* e = nfs_get_error(nfs); Printable(e)) {
+      // libnfs 4.0's write path sometimes hands back a pointer that is not its message
+      // (seen: one byte, "\x1c", for NFS3ERR_NOSPC): its error string then says what failed.
+      text = e;
+    }
+    return NfsError(env_, code, text);
   }
 
-  // nfs_service() inside a HandleScope + CallbackScope: completions settle promises, and
-  // the JS they wake runs when the scope closes, after libnfs has returned.
+  // What a request resolves with; `result` is libnfs's status (bytes for pread/pwrite).
+  Napi::Value Success(Napi::Env env, Request* r, int result, void* data) {
+    switch (r->op) {
+      case Op::Mount: {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("server", server_);
+        o.Set("export", export_);
+        o.Set("file", file_);
+        return o;
+      }
+      case Op::Open: {
+        uint32_t id = ++nextHandle_;
+        handles_[id] = static_cast<struct nfsfh*>(data);
+        return Napi::Number::New(env, id);
+      }
+      case Op::Pread: {
+        size_t n = static_cast<size_t>(result);
+        if (n > r->buffer.length()) n = r->buffer.length();
+        // libnfs 4.0 reads into its own buffer; copy into the pinned caller buffer.
+        if (n) memcpy(r->buffer.data(), data, n);
+        return Napi::Number::New(env, static_cast<double>(n));
+      }
+      case Op::Pwrite: return Napi::Number::New(env, result);
+      case Op::Fstat: return StatObject(env, static_cast<struct nfs_stat_64*>(data));
+      default: return env.Undefined();
+    }
+  }
+
+  static Napi::Object StatObject(Napi::Env env, const struct nfs_stat_64* st) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("size", Napi::Number::New(env, static_cast<double>(st->nfs_size)));
+    o.Set("mode", Napi::Number::New(env, static_cast<double>(st->nfs_mode)));
+    o.Set("blocks", Napi::Number::New(env, static_cast<double>(st->nfs_blocks)));
+    o.Set("blksize", Napi::Number::New(env, static_cast<double>(st->nfs_blksize)));
+    // Identity: which file (a resumed convert refuses another) and its version.
+    o.Set("dev", Napi::Number::New(env, static_cast<double>(st->nfs_dev)));
+    o.Set("ino", Napi::Number::New(env, static_cast<double>(st->nfs_ino)));
+    o.Set("mtimeSec", Napi::Number::New(env, static_cast<double>(st->nfs_mtime)));
+    o.Set("mtimeNsec", Napi::Number::New(env, static_cast<double>(st->nfs_mtime_nsec)));
+    return o;
+  }
+
+  // --- event loop (blockconv::ServiceLoop calls Service and OnEnvTeardown) ---------
+
+  // nfs_service() inside a ServiceScope: completions settle promises, and the JS they
+  // wake runs when the scope closes, after libnfs has returned.
   void Service(int revents) {
-    Napi::Env env = env_;
-    Napi::HandleScope hs(env);
-    Ref();  // JS run at scope close may drop the last reference
-    {
-      Napi::CallbackScope cs(env, *async_);
+    if (destroyed_) return;
+    service_.Run([&] {
       // The stall check runs on the tick (revents 0): every ~100 ms while busy.
-      if (revents == 0 && stall_.Stalled(nfs_get_fd(nfs_), outstanding_, uv_now(loop_))) {
+      if (revents == 0 && stall_.Stalled(nfs_get_fd(nfs_), outstanding_, service_.Now())) {
         broken_ = "no answer from the NFS server " + server_ + " for " + stall_.Seconds() + " s with " + std::to_string(outstanding_) +
                   " requests waiting (server unreachable or not answering)";
         brokenErr_ = ETIMEDOUT;
@@ -487,54 +439,50 @@ class NfsContext : public Napi::ObjectWrap<NfsContext> {
       } else {
         UpdateEvents();
       }
-    }
-    Unref();
+    });
   }
 
   // Rejects every request by destroying the libnfs context (its callbacks then fire with
   // a cancel status) and keeps the JS object as a closed shell.
   void FailAll() {
     struct nfs_context* n = nfs_;
-    ClosePoll();
+    service_.Close();
     handles_.clear();
     nfs_ = nullptr;
     broken_ = broken_.empty() ? "NFS connection failed" : broken_;
-    nfs_destroy_context(n);  // fires the callbacks: see OnComplete's broken_ branch
+    nfs_destroy_context(n);  // fires the callbacks: see Failure's broken_ branch
     nfs_ = nfs_init_context();  // a fresh, unconnected context keeps the getters valid
   }
 
   // After every submit and service: the socket, the events nfs waits for, and whether
-  // requests are in flight (an idle connection must not keep Node alive).
+  // requests are in flight.
   void UpdateEvents() {
     if (destroyed_ || !nfs_) return;
-    poller_.Update(nfs_get_fd(nfs_), nfs_which_events(nfs_), outstanding_ > 0);
+    service_.Update(nfs_get_fd(nfs_), nfs_which_events(nfs_), outstanding_ > 0);
   }
 
-  void ClosePoll() { poller_.Close(); }
-
+  // `js`: destroy() was called, and the object may be collected once this returns.
   void Teardown(bool js) {
     destroyed_ = true;
-    poller_.Detach();
     if (nfs_) {
       struct nfs_context* n = nfs_;
       nfs_ = nullptr;
       handles_.clear();  // libnfs frees nothing of open handles here; they die with the process
-      nfs_destroy_context(n);  // pending callbacks fire now and reject (see OnComplete)
+      nfs_destroy_context(n);  // pending callbacks fire now and reject (see Failure)
     }
-    if (js) Unref();  // balance the constructor's Ref(): the object may now be collected
+    service_.Stop(js);
   }
 
-  static void OnEnvTeardown(void* arg) {
-    auto* self = static_cast<NfsContext*>(arg);
-    self->envGone_ = true;
-    if (!self->destroyed_) self->Teardown(false);
+  void OnEnvTeardown() {
+    envGone_ = true;
+    if (!destroyed_) Teardown(false);
   }
+
+  friend class blockconv::ServiceLoop<NfsContext>;
 
   Napi::Env env_;
   struct nfs_context* nfs_ = nullptr;
-  uv_loop_t* loop_ = nullptr;
-  blockconv::SocketPoller poller_;
-  std::unique_ptr<Napi::AsyncContext> async_;
+  blockconv::ServiceLoop<NfsContext> service_;
   bool destroyed_ = false;
   bool envGone_ = false;
   std::string broken_;

@@ -9,13 +9,18 @@
 // - a periodic tick calls the service function with no events while requests are in
 //   flight, so that the library's own timeouts (and the owner's stall check) fire; it
 //   keeps Node alive only while requests are in flight, as the watcher does.
+// Both handles are UvHandles (blockconv/uv_handle.h): dropped, they close themselves.
 // Header-only, shared by @blockconv/libnfs and @blockconv/libiscsi.
 #pragma once
+
+#include <blockconv/uv_handle.h>
 
 #include <poll.h>
 #include <stdint.h>
 #include <sys/stat.h>
 #include <uv.h>
+
+#include <utility>
 
 namespace blockconv {
 
@@ -33,11 +38,11 @@ class SocketPoller {
     loop_ = loop;
     owner_ = owner;
     onReady_ = onReady;
-    tick_ = new uv_timer_t;
-    uv_timer_init(loop_, tick_);
+    tick_ = NewUvHandle<uv_timer_t>();
+    uv_timer_init(loop_, tick_.get());
     tick_->data = this;
-    uv_timer_start(tick_, OnTick, tickMs, tickMs);
-    uv_unref(reinterpret_cast<uv_handle_t*>(tick_));
+    uv_timer_start(tick_.get(), OnTick, tickMs, tickMs);
+    uv_unref(AsUvHandle(tick_));
   }
 
   // fd: the library's socket (< 0: none, the watcher closes); wantPoll: the POLLIN/POLLOUT
@@ -47,31 +52,19 @@ class SocketPoller {
     // While requests are in flight the tick keeps Node alive too: between sockets (a
     // reconnect) there is no watcher, and the loop must not end with requests pending.
     if (tick_ && busy != tickRef_) {
-      if (busy) uv_ref(reinterpret_cast<uv_handle_t*>(tick_));
-      else uv_unref(reinterpret_cast<uv_handle_t*>(tick_));
+      SetRef(AsUvHandle(tick_), busy);
       tickRef_ = busy;
     }
     if (fd < 0) { CloseWatch(); return; }  // between sockets: the tick still services
-    ino_t ino = SocketId(fd);
-    if (!poll_ || fd != fd_ || ino != ino_) {
-      CloseWatch();
-      poll_ = new uv_poll_t;
-      if (uv_poll_init(loop_, poll_, fd) != 0) { delete poll_; poll_ = nullptr; return; }
-      poll_->data = this;
-      fd_ = fd;
-      ino_ = ino;
-      armed_ = 0;
-      ref_ = true;
-    }
+    if (!Watch(fd)) return;
     int ev = ((wantPoll & POLLIN) ? UV_READABLE : 0) | ((wantPoll & POLLOUT) ? UV_WRITABLE : 0);
     if (ev != armed_) {
-      if (ev) uv_poll_start(poll_, ev, OnPoll);
-      else uv_poll_stop(poll_);
+      if (ev) uv_poll_start(poll_.get(), ev, OnPoll);
+      else uv_poll_stop(poll_.get());
       armed_ = ev;
     }
     if (busy != ref_) {
-      if (busy) uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
-      else uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+      SetRef(AsUvHandle(poll_), busy);
       ref_ = busy;
     }
   }
@@ -79,28 +72,44 @@ class SocketPoller {
   // Stops the tick and the watcher for good (the owner is going away).
   void Detach() {
     Close();
-    if (!tick_) return;
-    tick_->data = nullptr;
-    uv_close(reinterpret_cast<uv_handle_t*>(tick_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-    tick_ = nullptr;
+    tick_.reset();
   }
 
   // The connection is gone (failed or closed): no more watching, no more ticks' service.
   void Close() {
     busy_ = false;
-    if (tick_ && tickRef_) { uv_unref(reinterpret_cast<uv_handle_t*>(tick_)); tickRef_ = false; }
+    if (tick_ && tickRef_) { uv_unref(AsUvHandle(tick_)); tickRef_ = false; }
     CloseWatch();
   }
 
  private:
-  // Stops watching the socket at once; the handle's memory goes in uv_close's callback.
+  // A watcher on `fd`: the one there is while fd and the socket behind it are the same,
+  // else a new one. False when libuv cannot watch it (the tick still services).
+  bool Watch(int fd) {
+    ino_t ino = SocketId(fd);
+    if (poll_ && fd == fd_ && ino == ino_) return true;
+    CloseWatch();
+    UvHandle<uv_poll_t> poll = NewUvHandle<uv_poll_t>();
+    if (uv_poll_init(loop_, poll.get(), fd) != 0) return false;
+    poll->data = this;
+    poll_ = std::move(poll);
+    fd_ = fd;
+    ino_ = ino;
+    armed_ = 0;
+    ref_ = true;
+    return true;
+  }
+
+  // Stops watching the socket at once (the handle's memory goes once libuv has closed it).
   void CloseWatch() {
-    if (!poll_) return;
-    poll_->data = nullptr;
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-    poll_ = nullptr;
+    poll_.reset();
     fd_ = -1;
     armed_ = 0;
+  }
+
+  static void SetRef(uv_handle_t* h, bool ref) {
+    if (ref) uv_ref(h);
+    else uv_unref(h);
   }
 
   static ino_t SocketId(int fd) {
@@ -125,12 +134,12 @@ class SocketPoller {
   }
 
   uv_loop_t* loop_ = nullptr;
-  uv_timer_t* tick_ = nullptr;
+  UvHandle<uv_timer_t> tick_;
   bool busy_ = false;
   bool tickRef_ = false;
   void* owner_ = nullptr;
   ReadyFn onReady_ = nullptr;
-  uv_poll_t* poll_ = nullptr;
+  UvHandle<uv_poll_t> poll_;
   int fd_ = -1;
   ino_t ino_ = 0;
   int armed_ = 0;

@@ -1,3 +1,0 @@
-// For binding.gyp: "include_dirs": ["<!@(node -p \"require('@blockconv/uvpoll').include\")"]
-const path = require('node:path');
-exports.include = JSON.stringify(path.join(__dirname, 'include'));
