@@ -8,7 +8,7 @@ import { createRequire } from 'node:module';
 import { Option, type Command } from 'commander';
 import type * as CliProgress from 'cli-progress';
 import { BlockError, formatSize, redactLocation, type DriverRegistry } from '@blockconv/core';
-import { keyValues } from './key-values.js';
+import { keyValues } from './options.js';
 
 type Fleet = typeof import('@blockconv/fleet');
 type Summary = import('@blockconv/fleet').ConvertJobSummary;

@@ -28,39 +28,21 @@ import {
   type BlockBackend,
   type CacheMode,
   type CheckResult,
-  type DriverRegistry,
   type ResumeState,
 } from '@blockconv/core';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { discoverDrivers, type Discovery } from './discover.js';
+import { registry, registryWithAllDrivers, type CommandContext } from './context.js';
+import { printCreateOptions, printOpenOptions } from './driver-options.js';
+import { describe, ExitError } from './errors.js';
+import { closeAll } from './images.js';
 import { addFleetCommands } from './fleet-commands.js';
+import { CACHE_MODES, cacheOption, intOption, keyValues, openOptions, sizeOption } from './options.js';
 import { addServeCommand } from './serve-command.js';
-import { keyValues } from './key-values.js';
+import { signalAbort } from './signals.js';
 import { defaultStatePath, readState, removeState, writeState } from './state-file.js';
 import { progressSink, type ProgressMode } from './progress.js';
 import { redactStreams } from './redact-output.js';
-
-const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
-
-/** Exit codes: 0 success, 1 failure (compare: images differ), 2 compare error, 130/143 signals. */
-export class ExitError extends Error {
-  constructor(readonly exitCode: number, message: string) { super(message); }
-}
-
-function intOption(name: string, min: number, max: number) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer from ${min} to ${max}.`);
-    return n;
-  };
-}
-
-function sizeOption(name: string) {
-  return (v: string): number => {
-    try { return parseSize(v, name); } catch (e) { throw new InvalidArgumentError((e as Error).message + '.'); }
-  };
-}
 
 interface CheckpointSpec { everyBytes?: number; everySeconds?: number }
 
@@ -81,8 +63,6 @@ function checkpointOption(v: string): CheckpointSpec | 'off' {
   return out;
 }
 
-/** qemu-img style "-o a=b,c=d" (repeatable; ",," escapes a comma). */
-
 /** qemu-img's -l: "X" (ID or name) or "snapshot.id=..,snapshot.name=..". */
 function snapshotOption(v: string): Record<string, string> {
   if (!v.includes('=')) return { snapshot: v };
@@ -93,76 +73,7 @@ function snapshotOption(v: string): Record<string, string> {
   return kv;
 }
 
-interface Context {
-  discovery?: Discovery;
-  debug: boolean;
-}
-
-async function registry(ctx: Context): Promise<DriverRegistry> {
-  ctx.discovery ??= await discoverDrivers();
-  return ctx.discovery.registry;
-}
-
-/** Per-image open options (driver-specific, declared by each driver); "help" lists them. */
-function openOptions(flag: string, what: string): Option {
-  return new Option(flag, `open options of the ${what}, driver-specific ("help" lists them; so does "blockconv drivers")`).argParser(keyValues);
-}
-
-/** `--opts help` and friends: every installed driver's open options. */
-async function printOpenOptions(ctx: Context, reg: DriverRegistry): Promise<void> {
-  await ctx.discovery!.loadAll();
-  const out: string[] = [];
-  for (const d of [...reg.protocols, ...reg.formats]) {
-    out.push(`${d.kind} ${d.name}:`);
-    const opts = d.openOptions ?? [];
-    if (!opts.length) out.push('  (none)');
-    for (const o of opts) out.push(`  ${o.name.padEnd(20)} ${o.description}${o.default !== undefined ? ` (default: ${o.default})` : ''}`);
-  }
-  process.stdout.write(out.join('\n') + '\n');
-}
-
-function cacheOption(flag: string, what: string, dflt: CacheMode): Option {
-  return new Option(flag, `cache mode for the ${what}`).choices(CACHE_MODES).default(dflt);
-}
-
-/** How long a stop at a checkpoint may wait for the writes in flight before the job is cancelled. */
-const GRACEFUL_STOP_MS = 10_000;
-
-/**
- * SIGINT/SIGTERM cancel the job cleanly instead of killing the process mid-write. With
- * `graceful` set (a checkpointing convert), the first signal stops at a checkpoint: the
- * writes in flight finish and a last checkpoint is saved (cancelled anyway after
- * GRACEFUL_STOP_MS); a second signal cancels at once.
- */
-function signalAbort(): { signal: AbortSignal; dispose: () => void; exitCode: () => number; graceful: (stop: (reason: Error) => void) => void } {
-  const ac = new AbortController();
-  let code = 1;
-  let graceful: ((reason: Error) => void) | undefined;
-  let stopping = false;
-  const on = (sig: NodeJS.Signals, c: number) => {
-    const h = (): void => {
-      code = c;
-      const reason = new Error(`interrupted by ${sig}`);
-      if (graceful && !stopping) {
-        stopping = true;
-        graceful(reason);
-        setTimeout(() => ac.abort(reason), GRACEFUL_STOP_MS).unref();
-      } else {
-        ac.abort(reason);
-      }
-    };
-    process.on(sig, h);
-    return () => process.off(sig, h);
-  };
-  const offs = [on('SIGINT', 130), on('SIGTERM', 143)];
-  return { signal: ac.signal, dispose: () => offs.forEach((f) => f()), exitCode: () => code, graceful: (stop) => { graceful = stop; } };
-}
-
-async function closeAll(images: Array<BlockBackend | undefined>): Promise<void> {
-  await Promise.all(images.map((i) => i?.close().catch(() => {})));
-}
-
-export function buildProgram(ctx: Context): Command {
+export function buildProgram(ctx: CommandContext): Command {
   const program = new Command('blockconv')
     .description('Copy and convert disk images between storage back ends (local files, qcow2, NFS, iSCSI).')
     .option('--debug', 'print stack traces of errors')
@@ -470,19 +381,8 @@ Examples:
 
   addServeCommand(program, () => registry(ctx), CACHE_MODES);
 
-  addFleetCommands(program, async () => {
-    const reg = await registry(ctx);
-    await ctx.discovery!.loadAll();
-    return reg;
-  });
+  addFleetCommands(program, () => registryWithAllDrivers(ctx));
   return program;
-}
-
-async function printCreateOptions(ctx: Context, reg: DriverRegistry, format: string): Promise<void> {
-  await ctx.discovery!.loadAll();
-  const fmt = reg.format(format);
-  const lines = (fmt.createOptions ?? []).map((c) => `  ${c.name.padEnd(20)} ${c.description}${c.default !== undefined ? ` (default: ${c.default})` : ''}`);
-  process.stdout.write(`Supported options for ${fmt.name}:\n${lines.length ? lines.join('\n') : '  (none)'}\n`);
 }
 
 /** qemu-img check's human report. */
@@ -586,7 +486,7 @@ function resumeTag(o: ConvertFlags): Record<string, string> {
   };
 }
 
-async function runConvert(ctx: Context, sourceNames: string[], firstTarget: string, o: ConvertFlags): Promise<void> {
+async function runConvert(ctx: CommandContext, sourceNames: string[], firstTarget: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
   if (o.targetOptions?.help) return printCreateOptions(ctx, reg, o.targetFormat);
   if (o.sourceOpts?.help || o.targetOpts?.help) return printOpenOptions(ctx, reg);
@@ -717,16 +617,6 @@ async function runConvert(ctx: Context, sourceNames: string[], firstTarget: stri
   }
 }
 
-/** One line for the user; the stack only when debugging. */
-export function describe(err: unknown, debug: boolean): string {
-  if (debug && err instanceof Error && err.stack) {
-    let s = err.stack;
-    for (let c = (err as { cause?: unknown }).cause; c instanceof Error; c = (c as { cause?: unknown }).cause) s += `\ncaused by: ${c.stack ?? c.message}`;
-    return redactCredentials(s);
-  }
-  return redactCredentials(err instanceof Error ? err.message.split('\n')[0]! : String(err));
-}
-
 export interface MainOptions {
   /**
    * Filter stdout and stderr through the redactor while the command runs (default).
@@ -736,7 +626,7 @@ export interface MainOptions {
 }
 
 export async function main(argv: readonly string[], options: MainOptions = {}): Promise<number> {
-  const ctx: Context = { debug: argv.includes('--debug') };
+  const ctx: CommandContext = { debug: argv.includes('--debug') };
   const unredact = options.redactOutput === false ? () => {} : redactStreams();
   // Drivers warn through process.emitWarning (e.g. a qcow2 image with the corrupt bit):
   // one line in our own voice instead of Node's "(node:PID) Warning:". It stays after
@@ -756,7 +646,7 @@ function printWarning(w: Error): void {
   process.stderr.write(`blockconv: warning: ${redactCredentials(w.message)}\n`);
 }
 
-async function run(ctx: Context, argv: readonly string[]): Promise<number> {
+async function run(ctx: CommandContext, argv: readonly string[]): Promise<number> {
   const program = buildProgram(ctx);
   program.commands.forEach((c) => c.exitOverride());
   try {

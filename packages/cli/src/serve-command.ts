@@ -10,7 +10,7 @@ import { existsSync, lstatSync, unlinkSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { BlockError, formatSize, redactLocation, type CacheMode, type DriverRegistry } from '@blockconv/core';
-import { keyValues } from './key-values.js';
+import { keyValues } from './options.js';
 
 type DriverNbd = typeof import('@blockconv/driver-nbd');
 
