@@ -17,11 +17,10 @@ import { addCreateCommand } from './commands/create.js';
 import { addDriversCommand } from './commands/drivers.js';
 import { addInfoCommand } from './commands/info.js';
 import { addMapCommand } from './commands/map.js';
-import { registry, registryWithAllDrivers, type CommandContext } from './context.js';
+import { addServeCommand } from './commands/serve.js';
+import { registryWithAllDrivers, type CommandContext } from './context.js';
 import { describe, ExitError } from './errors.js';
 import { addFleetCommands } from './fleet-commands.js';
-import { CACHE_MODES } from './options.js';
-import { addServeCommand } from './serve-command.js';
 import { redactStreams } from './redact-output.js';
 
 /** The commands, in the order `blockconv --help` lists them. */
@@ -34,6 +33,7 @@ const COMMANDS: ReadonlyArray<(program: Command, ctx: CommandContext) => void> =
   addMapCommand,
   addChecksumCommand,
   addDriversCommand,
+  addServeCommand,
 ];
 
 export function buildProgram(ctx: CommandContext): Command {
@@ -47,8 +47,6 @@ export function buildProgram(ctx: CommandContext): Command {
     .configureHelp({ sortOptions: false })
     .exitOverride();
   for (const addCommand of COMMANDS) addCommand(program, ctx);
-  addServeCommand(program, () => registry(ctx), CACHE_MODES);
-
   addFleetCommands(program, () => registryWithAllDrivers(ctx));
   return program;
 }

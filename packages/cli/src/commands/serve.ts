@@ -9,8 +9,9 @@
 import { existsSync, lstatSync, unlinkSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { InvalidArgumentError, Option, type Command } from 'commander';
-import { BlockError, formatSize, redactLocation, type CacheMode, type DriverRegistry } from '@blockconv/core';
-import { keyValues } from './options.js';
+import { BlockError, formatSize, redactLocation, type CacheMode } from '@blockconv/core';
+import { registry, type CommandContext } from '../context.js';
+import { CACHE_MODES, keyValues } from '../options.js';
 
 type DriverNbd = typeof import('@blockconv/driver-nbd');
 
@@ -45,7 +46,7 @@ function portOption(v: string): number {
   return n;
 }
 
-export function addServeCommand(program: Command, registry: () => Promise<DriverRegistry>, cacheModes: readonly CacheMode[]): void {
+export function addServeCommand(program: Command, ctx: CommandContext): void {
   program
     .command('serve')
     .description('Export an image over NBD (block status, zero, trim, flush; many clients at once) until interrupted.')
@@ -57,7 +58,7 @@ export function addServeCommand(program: Command, registry: () => Promise<Driver
     .option('-b, --bind <address>', 'TCP address to listen on', '127.0.0.1')
     .option('-x, --export-name <name>', 'the export\'s name, which clients ask for', '')
     .option('--allow-remote-without-tls', 'allow --bind to a non-loopback address: NBD here has no TLS and no authentication, so anyone who reaches the port can read (and without -r, write) the image')
-    .addOption(new Option('-t, --cache <mode>', 'cache mode of the image').choices(cacheModes).default('writeback'))
+    .addOption(new Option('-t, --cache <mode>', 'cache mode of the image').choices(CACHE_MODES).default('writeback'))
     .addOption(new Option('--opts <k=v,...>', 'open options of the image, driver-specific').argParser(keyValues))
     .addOption(new Option('--output <fmt>', 'how to announce the address: human (stderr) or json (a line on stdout)').choices(['human', 'json']).default('human'))
     .addHelpText('after', `
@@ -73,7 +74,7 @@ Examples:
       }
       if (tcp && opts.bind !== 'localhost' && isIP(opts.bind) === 0) throw new BlockError('EINVAL', `--bind ${opts.bind}: expected an IP address`);
       const nbd = await loadNbd();
-      const reg = await registry();
+      const reg = await registry(ctx);
       const img = await reg.open(image, { format: opts.format, readOnly: opts.readOnly === true, cache: opts.cache, options: opts.opts });
       const where = redactLocation(image);
       const server = new nbd.NbdServer(img, {
