@@ -14,13 +14,16 @@ import { addChecksumCommand } from './commands/checksum.js';
 import { addCompareCommand } from './commands/compare.js';
 import { addConvertCommand } from './commands/convert.js';
 import { addCreateCommand } from './commands/create.js';
+import { addDashboardCommand } from './commands/dashboard.js';
 import { addDriversCommand } from './commands/drivers.js';
 import { addInfoCommand } from './commands/info.js';
+import { addJobsCommand } from './commands/jobs.js';
 import { addMapCommand } from './commands/map.js';
 import { addServeCommand } from './commands/serve.js';
-import { registryWithAllDrivers, type CommandContext } from './context.js';
+import { addSubmitCommand } from './commands/submit.js';
+import { addWorkerCommand } from './commands/worker.js';
+import type { CommandContext } from './context.js';
 import { describe, ExitError } from './errors.js';
-import { addFleetCommands } from './fleet-commands.js';
 import { redactStreams } from './redact-output.js';
 
 /** The commands, in the order `blockconv --help` lists them. */
@@ -34,6 +37,10 @@ const COMMANDS: ReadonlyArray<(program: Command, ctx: CommandContext) => void> =
   addChecksumCommand,
   addDriversCommand,
   addServeCommand,
+  addWorkerCommand,
+  addSubmitCommand,
+  addJobsCommand,
+  addDashboardCommand,
 ];
 
 export function buildProgram(ctx: CommandContext): Command {
@@ -47,7 +54,6 @@ export function buildProgram(ctx: CommandContext): Command {
     .configureHelp({ sortOptions: false })
     .exitOverride();
   for (const addCommand of COMMANDS) addCommand(program, ctx);
-  addFleetCommands(program, () => registryWithAllDrivers(ctx));
   return program;
 }
 

@@ -1,40 +1,11 @@
-/**
- * `blockconv worker`, `submit`, `jobs` and `dashboard`: the fleet commands, over
- * @blockconv/fleet (BullMQ on Redis). That package is optional: it is loaded only by
- * these commands, and a clear error says how to install it when it is missing.
- */
+/** `blockconv submit`: queues convert jobs, from the command line or a batch file; --wait follows them to their end. */
 import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { Option, type Command } from 'commander';
 import type * as CliProgress from 'cli-progress';
-import { BlockError, formatSize, redactLocation, type DriverRegistry } from '@blockconv/core';
-import { keyValues } from './options.js';
-
-type Fleet = typeof import('@blockconv/fleet');
-type Summary = import('@blockconv/fleet').ConvertJobSummary;
-
-async function loadFleet(): Promise<Fleet> {
-  try {
-    return await import('@blockconv/fleet');
-  } catch (err) {
-    throw new BlockError('ENODRIVER', `the fleet commands need @blockconv/fleet (npm install @blockconv/fleet): ${(err as Error).message.split('\n')[0]}`);
-  }
-}
-
-const redisOption = (): Option => new Option('--redis <url>', 'the Redis that holds the jobs').env('BLOCKCONV_REDIS').default('redis://127.0.0.1:6379');
-
-function targetsOf(j: Summary): string {
-  return [j.target, ...(j.tee ?? [])].map(redactLocation).join(', ');
-}
-
-function line(j: Summary): string {
-  const p = j.progress;
-  const pct = p && p.total > 0 ? ` ${((p.done / p.total) * 100).toFixed(1)}% ${formatSize(p.rate)}/s${p.etaSeconds !== undefined ? ` ETA ${p.etaSeconds}s` : ''}` : '';
-  const failedTargets = j.result?.targets?.filter((t) => !t.ok) ?? [];
-  const end = j.state === 'completed' ? ` ${j.result?.checksum ?? ''}${failedTargets.map((t) => `; target ${t.location} failed: ${t.error}`).join('')}`
-    : j.state === 'failed' ? ` ${j.failedReason ?? ''}` : pct;
-  return `${j.id.padEnd(6)} ${j.state.padEnd(10)} ${j.sources.map(redactLocation).join(' + ')} -> ${targetsOf(j)}${end}`;
-}
+import { BlockError, formatSize } from '@blockconv/core';
+import { jobLine, loadFleet, redisOption, targetsOf, type Fleet, type JobSummary } from '../fleet.js';
+import { keyValues } from '../options.js';
 
 /** --cap SERVER=K, repeatable. */
 function capOption(v: string, prev: Record<string, number> = {}): Record<string, number> {
@@ -48,7 +19,7 @@ function capOption(v: string, prev: Record<string, number> = {}): Record<string,
  * Follows jobs to their end: a bar of the bytes of all jobs on a terminal, else a line
  * per change of a job's state. Returns the summaries at the end.
  */
-async function follow(fleet: Fleet, redis: string, ids: readonly string[], json: boolean): Promise<Summary[]> {
+async function follow(fleet: Fleet, redis: string, ids: readonly string[], json: boolean): Promise<JobSummary[]> {
   const tty = process.stderr.isTTY && !json;
   let bars: CliProgress.MultiBar | undefined;
   let bar: CliProgress.SingleBar | undefined;
@@ -66,10 +37,10 @@ async function follow(fleet: Fleet, redis: string, ids: readonly string[], json:
     return await fleet.followJobs(redis, ids, (jobs) => {
       if (json) return;
       for (const j of jobs) {
-        const l = j.state === 'active' ? `${j.id} active` : line(j);
+        const l = j.state === 'active' ? `${j.id} active` : jobLine(j);
         if (seen.get(j.id) !== l && (!tty || j.state === 'completed' || j.state === 'failed')) {
           seen.set(j.id, l);
-          if (bars) bars.log(line(j) + '\n'); else process.stderr.write(line(j) + '\n');
+          if (bars) bars.log(jobLine(j) + '\n'); else process.stderr.write(jobLine(j) + '\n');
         }
       }
       if (bar) {
@@ -90,37 +61,7 @@ async function follow(fleet: Fleet, redis: string, ids: readonly string[], json:
   }
 }
 
-export function addFleetCommands(program: Command, registry: () => Promise<DriverRegistry>): void {
-  program
-    .command('worker')
-    .description('Run convert jobs from the Redis queue (BullMQ) until SIGTERM/SIGINT; a job stopped so is checkpointed and retried, resuming, by any worker.')
-    .addOption(redisOption())
-    .option('--concurrency <n>', 'jobs at once', (v: string) => Number(v), 1)
-    .option('--name <name>', 'this worker\'s name in results (default: host:pid)')
-    .option('--lock-seconds <s>', 'a job\'s lock: if this worker dies, others take its jobs over (resuming) this long after', (v: string) => Number(v), 30)
-    .option('-q, --quiet', 'no line per job start and end')
-    .action(async (o: { redis: string; concurrency: number; name?: string; lockSeconds: number; quiet?: boolean }) => {
-      if (!(o.lockSeconds >= 1)) throw new BlockError('EINVAL', '--lock-seconds must be at least 1', { field: 'lock-seconds' });
-      if (!Number.isInteger(o.concurrency) || o.concurrency < 1) throw new BlockError('EINVAL', '--concurrency must be a whole number of at least 1', { field: 'concurrency' });
-      const fleet = await loadFleet();
-      const os = await import('node:os');
-      const name = o.name ?? `${os.hostname()}:${process.pid}`;
-      const worker = await fleet.FleetWorker.start({
-        redis: o.redis, concurrency: o.concurrency, registry: await registry(), name, lockMs: o.lockSeconds * 1000,
-        onEvent: o.quiet ? undefined : (e) => {
-          if (e.event !== 'wait-cap') process.stderr.write(`worker ${name}: ${new Date().toISOString()} job ${e.job} ${e.event} ${e.target}${e.detail ? ` ${e.detail}` : ''}\n`);
-        },
-      });
-      process.stderr.write(`worker ${name}: taking convert jobs from ${redactLocation(o.redis)}\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
-      process.stderr.write(`worker ${name}: stopping (running jobs are checkpointed)\n`);
-      await worker.close();
-    });
-
+export function addSubmitCommand(program: Command): void {
   program
     .command('submit')
     .description('Queue convert jobs: SOURCE... TARGET as for convert (--tee for more targets of the same read), or a batch file. Prints the job ids; --wait follows them to the end.')
@@ -179,38 +120,5 @@ export function addFleetCommands(program: Command, registry: () => Promise<Drive
       const bad = jobs.filter((j) => !fleet.jobSucceeded(j));
       if (bad.length) throw new BlockError('EIO', `${bad.length} of ${jobs.length} jobs failed: ${bad.map((j) => `job ${j.id} (${targetsOf(j)}): ${j.failedReason ?? j.result?.targets?.filter((t) => !t.ok).map((t) => `${t.location}: ${t.error}`).join('; ') ?? j.state}`).join('; ')}`);
       if (o.output !== 'json') process.stderr.write(`${jobs.length} of ${jobs.length} jobs completed\n`);
-    });
-
-  program
-    .command('jobs')
-    .description('List the convert jobs in the queue: state, progress, checksum or failure.')
-    .argument('[ids...]', 'only these jobs')
-    .addOption(redisOption())
-    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
-    .action(async (ids: string[], o: { redis: string; output: string }) => {
-      const fleet = await loadFleet();
-      const jobs = await fleet.listConvertJobs(o.redis, ids.length ? ids : undefined);
-      if (o.output === 'json') process.stdout.write(JSON.stringify(jobs, null, 1) + '\n');
-      else for (const j of jobs) process.stdout.write(line(j) + '\n');
-    });
-
-  program
-    .command('dashboard')
-    .description('Serve a web page of the convert queue (bull-board): jobs, progress, results, failures. Until SIGINT/SIGTERM.')
-    .addOption(redisOption())
-    .option('--port <n>', 'TCP port', (v: string) => Number(v), 3000)
-    .option('--bind <addr>', 'address to listen on (the page has no login: loopback unless you mean it)', '127.0.0.1')
-    .option('--read-only', 'no retry or clean buttons')
-    .action(async (o: { redis: string; port: number; bind: string; readOnly?: boolean }) => {
-      if (!Number.isInteger(o.port) || o.port < 0 || o.port > 65535) throw new BlockError('EINVAL', `--port must be 0-65535, got ${o.port}`, { field: 'port' });
-      const fleet = await loadFleet();
-      const d = await fleet.startDashboard({ redis: o.redis, port: o.port, host: o.bind, readOnly: o.readOnly });
-      process.stderr.write(`dashboard: ${d.url} (queue of ${redactLocation(o.redis)})\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
-      await d.close();
     });
 }
