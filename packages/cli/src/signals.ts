@@ -1,4 +1,7 @@
-/** SIGINT and SIGTERM as an AbortSignal for a long job (convert, checksum), and the exit code each stands for. */
+/**
+ * SIGINT and SIGTERM: as an AbortSignal for a long job (convert, checksum), with the exit
+ * code each stands for; or as the cue for a server (worker, dashboard) to close.
+ */
 
 /** How long a stop at a checkpoint may wait for the writes in flight before the job is cancelled. */
 const GRACEFUL_STOP_MS = 10_000;
@@ -41,4 +44,13 @@ export function signalAbort(): SignalAbort {
   };
   const offs = [on('SIGINT', 130), on('SIGTERM', 143)];
   return { signal: ac.signal, dispose: () => offs.forEach((f) => f()), exitCode: () => code, graceful: (stop) => { graceful = stop; } };
+}
+
+/** Resolves at the first SIGINT or SIGTERM, and stops listening for them. */
+export function stopSignal(): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
 }

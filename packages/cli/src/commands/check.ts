@@ -1,10 +1,18 @@
 /** `blockconv check`: an image's metadata checked (and repaired with -r), with qemu-img check's report and exit codes. */
 import { Option, type Command } from 'commander';
-import { BlockError, redactLocation, type CheckResult } from '@blockconv/core';
+import { BlockError, redactLocation, type CheckResult, type DriverRegistry } from '@blockconv/core';
 import { registry, type CommandContext } from '../context.js';
 import { printOpenOptions } from '../driver-options.js';
 import { describe, ExitError } from '../errors.js';
-import { openOptions } from '../options.js';
+import { openOptions, outputOption } from '../options.js';
+
+interface CheckFlags {
+  format?: string;
+  repair?: 'leaks' | 'all';
+  output: 'human' | 'json';
+  quiet?: boolean;
+  opts?: Record<string, string>;
+}
 
 export function addCheckCommand(program: Command, ctx: CommandContext): void {
   program
@@ -13,38 +21,43 @@ export function addCheckCommand(program: Command, ctx: CommandContext): void {
     .argument('<image>')
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .addOption(new Option('-r, --repair <what>', 'repair leaks, or all inconsistencies that can be repaired').choices(['leaks', 'all']))
-    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .addOption(outputOption())
     .option('-q, --quiet', 'print nothing; the exit code tells')
     .addOption(openOptions('--opts <k=v,...>', 'image'))
-    .action(async (image: string, opts: { format?: string; repair?: 'leaks' | 'all'; output: 'human' | 'json'; quiet?: boolean; opts?: Record<string, string> }) => {
+    .action(async (image: string, opts: CheckFlags) => {
       const reg = await registry(ctx);
       if (opts.opts?.help) return printOpenOptions(ctx, reg);
-      let r: CheckResult;
-      let fixed: CheckResult | undefined;
-      try {
-        r = await reg.check(image, { format: opts.format, repair: opts.repair, options: opts.opts });
-        // As qemu-img does: after a repair, check again and report on the repaired image.
-        if (opts.repair && (r.leaksFixed || r.corruptionsFixed)) { fixed = r; r = await reg.check(image, { format: opts.format, options: opts.opts }); }
-      } catch (err) {
-        // qemu-img check's own code for a format without checks.
-        const noChecks = err instanceof BlockError && err.code === 'ENOTSUP' && err.op === 'check' && err.field === 'format';
-        throw new ExitError(noChecks ? 63 : 1, describe(err, ctx.debug));
-      }
-      const format = opts.format ?? 'qcow2';
-      if (opts.output === 'json') {
-        process.stdout.write(JSON.stringify({
-          'image-end-offset': r.imageEndOffset, 'total-clusters': r.totalClusters, 'check-errors': r.checkErrors,
-          'allocated-clusters': r.allocatedClusters, filename: redactLocation(image), format,
-          'fragmented-clusters': r.fragmentedClusters, 'compressed-clusters': r.compressedClusters,
-          leaks: r.leaks, corruptions: r.corruptions,
-          'leaks-fixed': fixed?.leaksFixed ?? r.leaksFixed, 'corruptions-fixed': fixed?.corruptionsFixed ?? r.corruptionsFixed,
-        }, null, 4) + '\n');
-      } else if (!opts.quiet) {
-        process.stdout.write(humanCheck(r, fixed));
-      }
+      const { r, fixed } = await checkAndRepair(ctx, reg, image, opts);
+      if (opts.output === 'json') process.stdout.write(JSON.stringify(jsonCheck(r, fixed, image, opts.format ?? 'qcow2'), null, 4) + '\n');
+      else if (!opts.quiet) process.stdout.write(humanCheck(r, fixed));
       const code = r.checkErrors ? 1 : r.corruptions ? 2 : r.leaks ? 3 : 0;
       if (code) throw new ExitError(code, '');
     });
+}
+
+/** The check, and with -r the repair: `r` reports on the image as it is now, `fixed` on what the repair did. */
+async function checkAndRepair(ctx: CommandContext, reg: DriverRegistry, image: string, opts: CheckFlags): Promise<{ r: CheckResult; fixed?: CheckResult }> {
+  try {
+    const r = await reg.check(image, { format: opts.format, repair: opts.repair, options: opts.opts });
+    // As qemu-img does: after a repair, check again and report on the repaired image.
+    if (opts.repair && (r.leaksFixed || r.corruptionsFixed)) return { r: await reg.check(image, { format: opts.format, options: opts.opts }), fixed: r };
+    return { r };
+  } catch (err) {
+    // qemu-img check's own code for a format without checks.
+    const noChecks = err instanceof BlockError && err.code === 'ENOTSUP' && err.op === 'check' && err.field === 'format';
+    throw new ExitError(noChecks ? 63 : 1, describe(err, ctx.debug));
+  }
+}
+
+/** qemu-img check's JSON report. */
+function jsonCheck(r: CheckResult, fixed: CheckResult | undefined, image: string, format: string): Record<string, unknown> {
+  return {
+    'image-end-offset': r.imageEndOffset, 'total-clusters': r.totalClusters, 'check-errors': r.checkErrors,
+    'allocated-clusters': r.allocatedClusters, filename: redactLocation(image), format,
+    'fragmented-clusters': r.fragmentedClusters, 'compressed-clusters': r.compressedClusters,
+    leaks: r.leaks, corruptions: r.corruptions,
+    'leaks-fixed': fixed?.leaksFixed ?? r.leaksFixed, 'corruptions-fixed': fixed?.corruptionsFixed ?? r.corruptionsFixed,
+  };
 }
 
 /** qemu-img check's human report. */

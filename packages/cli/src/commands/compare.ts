@@ -1,11 +1,11 @@
 /** `blockconv compare`: whether two images of any formats hold the same content; qemu-img compare's messages and exit codes. */
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import { compareImages, MAX_WORKERS, type BlockBackend } from '@blockconv/core';
 import { registry, type CommandContext } from '../context.js';
 import { printOpenOptions } from '../driver-options.js';
 import { describe, ExitError } from '../errors.js';
 import { closeAll } from '../images.js';
-import { intOption, openOptions } from '../options.js';
+import { intOption, openOptions, outputOption } from '../options.js';
 
 export function addCompareCommand(program: Command, ctx: CommandContext): void {
   program
@@ -17,7 +17,7 @@ export function addCompareCommand(program: Command, ctx: CommandContext): void {
     .option('-F, --format2 <fmt>', 'format of image2 (default: probed)')
     .option('-s, --strict', 'images of different sizes are different')
     .option('-m, --workers <n>', 'parallel readers', intOption('workers', 1, MAX_WORKERS), 8)
-    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .addOption(outputOption())
     .option('-q, --quiet', 'print nothing; the exit code tells')
     .addOption(openOptions('--opts <k=v,...>', 'first image'))
     .addOption(openOptions('--opts2 <k=v,...>', 'second image'))

@@ -3,7 +3,7 @@
  * several with --tee, converting formats, as qemu-img convert with its flags. It
  * checkpoints as it goes (state-file.ts), so that --resume continues an interrupted copy.
  */
-import { InvalidArgumentError, Option, type Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import {
   AUTO_MAX_WORKERS,
   BlockError,
@@ -18,6 +18,9 @@ import {
   startConvert,
   type BlockBackend,
   type CacheMode,
+  type ConvertJob,
+  type ConvertResult,
+  type DriverRegistry,
   type ResumeState,
 } from '@blockconv/core';
 import { existsSync } from 'node:fs';
@@ -25,9 +28,9 @@ import { registry, type CommandContext } from '../context.js';
 import { printCreateOptions, printOpenOptions } from '../driver-options.js';
 import { ExitError } from '../errors.js';
 import { closeAll } from '../images.js';
-import { cacheOption, intOption, keyValues, openOptions, sizeOption } from '../options.js';
+import { cacheOption, intOption, keyValues, openOptions, outputOption, progressOption, sizeOption } from '../options.js';
 import { progressSink, type ProgressMode } from '../progress.js';
-import { signalAbort } from '../signals.js';
+import { signalAbort, type SignalAbort } from '../signals.js';
 import { defaultStatePath, readState, removeState, writeState } from '../state-file.js';
 
 export function addConvertCommand(program: Command, ctx: CommandContext): void {
@@ -58,14 +61,14 @@ export function addConvertCommand(program: Command, ctx: CommandContext): void {
     .option('-r, --rate-limit <bytes/s>', 'limit the copy rate (suffixes k, M, G)', sizeOption('rate limit'))
     .option('--buffer-size <size>', 'buffer per worker, the largest request', sizeOption('buffer size'), DEFAULT_BUFFER_SIZE)
     .option('-p', 'show progress (a bar on a terminal)')
-    .addOption(new Option('--progress <mode>', 'progress output: bar, json (JSON lines on stdout), none').choices(['bar', 'json', 'none']))
+    .addOption(progressOption())
     .option('--checksum', 'print the blkhash digest (as "blockconv checksum" and blksum compute it) of the data copied, computed as it passes: "HEX  TARGET" on stdout')
     .option('--verify', 'after the copy, read the target back and fail unless it has that digest (implies --checksum)')
     .option('--resume', 'continue an interrupted convert of the same sources to the same target from its last checkpoint (copies from the start if there is none); refused if a source, the target or an output option changed')
     .option('--state <file>', 'the resume state file (default: one per target in $XDG_STATE_HOME/blockconv, ~/.local/state/blockconv)')
     .option('--checkpoint <every>', 'checkpoint schedule: flush the target and save the state every SIZE copied and/or every N seconds ("1G", "30s", "1G,30s"), or "off"; at most SIZE plus workers x buffer is copied again after an interruption (default: 1G,30s; off with -t unsafe)', checkpointOption)
     .option('-q, --quiet', 'print nothing but errors (and the --checksum line)')
-    .addOption(new Option('--output <fmt>', 'result summary format').choices(['human', 'json']).default('human'))
+    .addOption(outputOption('result summary format'))
     .addHelpText('after', `
 Cache modes: "none"/"directsync" bypass the host page cache (O_DIRECT); "unsafe" skips
 the final flush. Any other mode flushes the target before reporting success.
@@ -148,144 +151,208 @@ interface ConvertFlags {
   tee?: string[];
 }
 
+/** The target's creation options: -o, with -B and -F as backing_file and backing_fmt. */
+function creationOptions(o: ConvertFlags): Record<string, string> {
+  return { ...o.targetOptions, ...(o.backing !== undefined ? { backing_file: o.backing } : {}), ...(o.backingFormat !== undefined ? { backing_fmt: o.backingFormat } : {}) };
+}
+
 /** The convert's options that change the output beyond what the core sees: a resume must repeat them. */
 function resumeTag(o: ConvertFlags): Record<string, string> {
-  const create = { ...o.targetOptions, ...(o.backing !== undefined ? { backing_file: o.backing } : {}), ...(o.backingFormat !== undefined ? { backing_fmt: o.backingFormat } : {}) };
+  const create = creationOptions(o);
   return {
     targetFormat: o.targetFormat,
     create: String(o.create),
-    createOptions: Object.keys(create).sort().map((k) => `${k}=${create[k as keyof typeof create]}`).join(','),
+    createOptions: Object.keys(create).sort().map((k) => `${k}=${create[k]}`).join(','),
     ...(o.snapshot ? { snapshot: Object.entries(o.snapshot).map(([k, v]) => `${k}=${v}`).join(',') } : {}),
   };
+}
+
+/** Notices, in the voice of errors and warnings ("blockconv: ..."), so that scripts can tell them from other output. */
+function notice(o: ConvertFlags, line: string): void {
+  if (!o.quiet && o.output !== 'json') process.stderr.write(`blockconv: ${line}\n`);
+}
+
+/** What a convert settles before it opens anything. */
+interface ConvertPlan {
+  readonly sourceNames: readonly string[];
+  /** The target, then those of --tee. */
+  readonly targetNames: readonly string[];
+  /** The targets as messages name them (redacted). */
+  readonly targetLabel: string;
+  readonly mode: ProgressMode;
+  readonly checkpointing: boolean;
+  /** Where checkpoints are saved (when checkpointing). */
+  readonly statePath?: string;
+  /** The checkpoint --resume continues from, if one was found. */
+  readonly resumeState?: ResumeState;
+}
+
+/** The images a convert has open, for the end to close whatever happened. */
+interface OpenImages {
+  sources: BlockBackend[];
+  targets: BlockBackend[];
 }
 
 async function runConvert(ctx: CommandContext, sourceNames: string[], firstTarget: string, o: ConvertFlags): Promise<void> {
   const reg = await registry(ctx);
   if (o.targetOptions?.help) return printCreateOptions(ctx, reg, o.targetFormat);
   if (o.sourceOpts?.help || o.targetOpts?.help) return printOpenOptions(ctx, reg);
+  const targetNames = checkFlags(o, firstTarget);
+  const targetLabel = targetNames.map(redactLocation).join(', ');
+  const abort = signalAbort();
+  const mode: ProgressMode = o.quiet ? 'none' : o.progress ?? (o.p ? 'bar' : 'none');
+  const checkpoints = await planCheckpoints(o, targetNames);
+  if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
+  if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
+  const plan: ConvertPlan = { sourceNames, targetNames, targetLabel, mode, ...checkpoints };
+  const images: OpenImages = { sources: [], targets: [] };
+  try {
+    const total = await openImages(reg, o, plan, abort.signal, images);
+    if (o.backing !== undefined && !plan.resumeState && !images.targets[0]!.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
+    const job = startJob(o, plan, images, abort);
+    const r = await awaitJob(job, o, plan, total, abort);
+    // Closed before the resume state goes and the result is told; after a failure, the finally closes them.
+    const closing = images.targets;
+    images.targets = [];
+    await closeAll(closing);
+    if (plan.statePath) await removeState(plan.statePath);
+    reportResult(o, plan, r);
+  } finally {
+    abort.dispose();
+    await closeAll([...images.sources, ...images.targets]);
+  }
+}
+
+/** Refuses flags that contradict each other, before anything is opened; returns the targets. */
+function checkFlags(o: ConvertFlags, firstTarget: string): string[] {
   if (!o.create && o.targetOptions) throw new BlockError('EINVAL', '-o sets creation options, and -n creates nothing: give open options of an existing target with --target-opts');
-  const sourceOptions = o.snapshot || o.sourceOpts ? { ...o.snapshot, ...o.sourceOpts } : undefined;
   if (o.targetIsZero && o.create) throw new BlockError('EINVAL', '--target-is-zero requires -n (an existing target)');
   if (o.sparseSize % 512 !== 0) throw new BlockError('EINVAL', `-S must be a multiple of 512 bytes, got ${o.sparseSize}`);
   // Before anything is opened or created: a refused -C leaves no new target behind.
   checkCopyOffload({ copyOffload: o.copyOffload, compress: o.compress, diffAgainstBacking: o.backing !== undefined, minSparse: o.sparseSizeGiven ? o.sparseSize : undefined, checksum: o.checksum, verify: o.verify });
   // --tee: more targets, each written the whole copy while the sources are read once.
   const targetNames = [firstTarget, ...(o.tee ?? [])];
-  const several = targetNames.length > 1;
-  if (several && o.backing !== undefined) throw new BlockError('EINVAL', '-B takes one target: it cannot be used with --tee');
+  if (targetNames.length > 1 && o.backing !== undefined) throw new BlockError('EINVAL', '-B takes one target: it cannot be used with --tee');
   if (new Set(targetNames).size !== targetNames.length) throw new BlockError('EINVAL', 'a target is named twice (--tee)');
-  const targetLabel = targetNames.map(redactLocation).join(', ');
-  const sources: BlockBackend[] = [];
-  let targets: BlockBackend[] = [];
-  const abort = signalAbort();
-  const mode: ProgressMode = o.quiet ? 'none' : o.progress ?? (o.p ? 'bar' : 'none');
-  let sink: ReturnType<typeof progressSink> | undefined;
+  return targetNames;
+}
+
+/** Whether the convert checkpoints, where, and the state --resume continues from. */
+async function planCheckpoints(o: ConvertFlags, targetNames: readonly string[]): Promise<Pick<ConvertPlan, 'checkpointing' | 'statePath' | 'resumeState'>> {
   // Checkpoints by default, so that an interrupted convert can be resumed without having
   // asked for it beforehand; not with -t unsafe (no flushes), unless asked for.
   if (o.checkpoint === 'off' && (o.resume || o.state)) throw new BlockError('EINVAL', '--checkpoint off leaves nothing to resume from: drop it, or --resume and --state');
   const checkpointing = o.checkpoint !== 'off' && (o.resume || o.state !== undefined || o.checkpoint !== undefined || o.cache !== 'unsafe');
   const statePath = checkpointing ? o.state ?? defaultStatePath(targetNames.join('\n')) : undefined;
   const resumeState: ResumeState | undefined = o.resume ? await readState(statePath!) : undefined;
-  // Notices, in the voice of errors and warnings ("blockconv: ..."), so that scripts can tell them from other output.
-  const say = (line: string): void => { if (!o.quiet && o.output !== 'json') process.stderr.write(`blockconv: ${line}\n`); };
-  if (o.resume && !resumeState) say(`note: no resume state (${statePath}): copying from the start`);
-  if (!o.resume && statePath && existsSync(statePath)) say(`note: an interrupted convert to this target left a resume state; starting over replaces it (--resume continues it)`);
-  const resuming = resumeState !== undefined;
-  if (o.backing !== undefined && !o.create) throw new BlockError('EINVAL', '-B cannot be used with -n (the backing file is set when the target is created)');
-  if (o.backingFormat !== undefined && o.backing === undefined) throw new BlockError('EINVAL', '-F needs -B');
+  if (o.resume && !resumeState) notice(o, `note: no resume state (${statePath}): copying from the start`);
+  if (!o.resume && statePath && existsSync(statePath)) notice(o, `note: an interrupted convert to this target left a resume state; starting over replaces it (--resume continues it)`);
+  return { checkpointing, statePath, resumeState };
+}
+
+/** Opens the sources and the targets (creating them unless -n) into `images`; returns the sources' total size. */
+async function openImages(reg: DriverRegistry, o: ConvertFlags, plan: ConvertPlan, signal: AbortSignal, images: OpenImages): Promise<number> {
+  const sourceOptions = o.snapshot || o.sourceOpts ? { ...o.snapshot, ...o.sourceOpts } : undefined;
+  // Sources and existing targets open at once, each a connection set up (mount, login):
+  // one after another they would add their round trips to the copy's start. A target
+  // to create waits for the sources' size. All settle before any error is thrown, so
+  // that what did open is closed.
+  const sourcesOpened = Promise.allSettled(plan.sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal })))
+    .then((opened) => {
+      for (const r of opened) if (r.status === 'fulfilled') images.sources.push(r.value);
+      const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
+      return images.sources.reduce((n, s) => n + s.size, 0);
+    });
+  const [sized, targetsOpened] = await Promise.allSettled([sourcesOpened, openTargets(reg, [...plan.targetNames], {
+    format: o.targetFormat, create: o.create, size: sourcesOpened, resume: plan.resumeState, cache: o.cache,
+    openOptions: o.targetOpts, createOptions: creationOptions(o), signal,
+  })]);
+  if (targetsOpened.status === 'fulfilled') images.targets = targetsOpened.value;
+  if (sized.status === 'rejected') throw sized.reason;
+  if (targetsOpened.status === 'rejected') throw targetsOpened.reason;
+  return sized.value;
+}
+
+function startJob(o: ConvertFlags, plan: ConvertPlan, images: OpenImages, abort: SignalAbort): ConvertJob {
+  const { statePath, resumeState } = plan;
+  const job = startConvert({
+    sources: images.sources, ...(plan.targetNames.length > 1 ? { targets: images.targets } : { target: images.targets[0] }),
+    workers: o.workers,
+    bufferSize: o.bufferSize,
+    outOfOrder: o.outOfOrder,
+    compress: o.compress,
+    diffAgainstBacking: o.backing !== undefined,
+    // -C does not scan data (an -S given with it was refused before).
+    minSparse: o.copyOffload ? undefined : o.sparseSize,
+    copyOffload: o.copyOffload,
+    targetIsZero: o.targetIsZero,
+    rateLimit: o.rateLimit,
+    flush: o.cache !== 'unsafe',
+    signal: abort.signal,
+    progressInterval: plan.mode === 'json' ? 500 : 100,
+    checksum: o.checksum,
+    verify: o.verify,
+    ...(plan.checkpointing ? {
+      checkpoint: { ...(o.checkpoint as CheckpointSpec | undefined), save: (state: ResumeState) => writeState(statePath!, state) },
+      resume: resumeState,
+      resumeTag: resumeTag(o),
+    } : {}),
+  });
+  if (plan.checkpointing) abort.graceful((reason) => job.stop(reason));
+  return job;
+}
+
+/** Shows the job's progress and checkpoints until it ends; a failure says what is durable and how to go on. */
+async function awaitJob(job: ConvertJob, o: ConvertFlags, plan: ConvertPlan, total: number, abort: SignalAbort): Promise<ConvertResult> {
+  const { mode, statePath, resumeState } = plan;
+  const sink = progressSink(mode, total);
+  job.on('progress', (p) => sink.update(p));
+  let durable = resumeState?.progress.done ?? 0;
+  job.on('checkpoint', (state) => {
+    durable = state.progress.done;
+    if (mode === 'json') process.stdout.write(JSON.stringify({ event: 'checkpoint', done: state.progress.done, dirtyEnd: state.progress.dirtyEnd, total: state.progress.total }) + '\n');
+  });
+  if (resumeState && resumeState.progress.done > 0) notice(o, `note: resuming at ${formatSize(resumeState.progress.done)} of ${formatSize(total)} (${resumeState.progress.done} bytes)`);
   try {
-    // Sources and existing targets open at once, each a connection set up (mount, login):
-    // one after another they would add their round trips to the copy's start. A target
-    // to create waits for the sources' size. All settle before any error is thrown, so
-    // that what did open is closed below.
-    const sourcesOpened = Promise.allSettled(sourceNames.map((s) => reg.open(s, { format: o.sourceFormat, readOnly: true, cache: o.sourceCache, options: sourceOptions, signal: abort.signal })))
-      .then((opened) => {
-        for (const r of opened) if (r.status === 'fulfilled') sources.push(r.value);
-        const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-        if (failed) throw failed.reason;
-        return sources.reduce((n, s) => n + s.size, 0);
-      });
-    const createOptions = { ...o.targetOptions, ...(o.backing !== undefined ? { backing_file: o.backing } : {}), ...(o.backingFormat !== undefined ? { backing_fmt: o.backingFormat } : {}) };
-    const [sized, targetsOpened] = await Promise.allSettled([sourcesOpened, openTargets(reg, targetNames, {
-      format: o.targetFormat, create: o.create, size: sourcesOpened, resume: resumeState, cache: o.cache,
-      openOptions: o.targetOpts, createOptions, signal: abort.signal,
-    })]);
-    if (targetsOpened.status === 'fulfilled') targets = targetsOpened.value;
-    if (sized.status === 'rejected') throw sized.reason;
-    if (targetsOpened.status === 'rejected') throw targetsOpened.reason;
-    const total = sized.value;
-    if (o.backing !== undefined && !resuming && !targets[0]!.backing) throw new BlockError('EINVAL', `format ${o.targetFormat} cannot have a backing file (-B)`);
-    const job = startConvert({
-      sources, ...(several ? { targets } : { target: targets[0] }),
-      workers: o.workers,
-      bufferSize: o.bufferSize,
-      outOfOrder: o.outOfOrder,
-      compress: o.compress,
-      diffAgainstBacking: o.backing !== undefined,
-      // -C does not scan data (an -S given with it was refused above).
-      minSparse: o.copyOffload ? undefined : o.sparseSize,
-      copyOffload: o.copyOffload,
-      targetIsZero: o.targetIsZero,
-      rateLimit: o.rateLimit,
-      flush: o.cache !== 'unsafe',
-      signal: abort.signal,
-      progressInterval: mode === 'json' ? 500 : 100,
-      checksum: o.checksum,
-      verify: o.verify,
-      ...(checkpointing ? {
-        checkpoint: { ...(o.checkpoint as CheckpointSpec | undefined), save: (state: ResumeState) => writeState(statePath!, state) },
-        resume: resumeState,
-        resumeTag: resumeTag(o),
-      } : {}),
-    });
-    if (checkpointing) abort.graceful((reason) => job.stop(reason));
-    sink = progressSink(mode, total);
-    job.on('progress', (p) => sink!.update(p));
-    let durable = resumeState?.progress.done ?? 0;
-    job.on('checkpoint', (state) => {
-      durable = state.progress.done;
-      if (mode === 'json') process.stdout.write(JSON.stringify({ event: 'checkpoint', done: state.progress.done, dirtyEnd: state.progress.dirtyEnd, total: state.progress.total }) + '\n');
-    });
-    if (resuming && resumeState.progress.done > 0) say(`note: resuming at ${formatSize(resumeState.progress.done)} of ${formatSize(total)} (${resumeState.progress.done} bytes)`);
-    let r;
-    try {
-      r = await job.done;
-    } catch (err) {
-      // Say how to go on: what is durable, and where the state is.
-      const next = statePath && durable > 0 && !(err instanceof BlockError && err.op === 'resume') ? `; ${durable} bytes are durable: the same command with --resume continues (state: ${statePath})` : '';
-      if (err instanceof BlockError && err.code === 'ECANCELED') {
-        throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${targetLabel} is incomplete${next}`);
-      }
-      if (err instanceof Error && next) err.message = err.message.replace(/\.$/, '') + next;
-      throw err;
-    } finally {
-      sink.stop();
+    return await job.done;
+  } catch (err) {
+    // Say how to go on: what is durable, and where the state is.
+    const next = statePath && durable > 0 && !(err instanceof BlockError && err.op === 'resume') ? `; ${durable} bytes are durable: the same command with --resume continues (state: ${statePath})` : '';
+    if (err instanceof BlockError && err.code === 'ECANCELED') {
+      throw new ExitError(abort.exitCode(), `convert cancelled (${err.message.replace(/^cancelled: /, '')}): target ${plan.targetLabel} is incomplete${next}`);
     }
-    const closing = targets;
-    targets = [];
-    await closeAll(closing);
-    if (statePath) await removeState(statePath);
-    const outcomes = r.targets ?? [{ location: redactLocation(firstTarget), ok: true }];
-    const failures = outcomes.filter((t) => !t.ok);
-    if (o.output === 'json') {
-      process.stdout.write(JSON.stringify({ event: 'done', source: sourceNames.map(redactLocation), target: several ? targetNames.map(redactLocation) : redactLocation(firstTarget), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
-    } else if (r.checksum !== undefined) {
-      for (const t of outcomes) if (t.ok) process.stdout.write(`${r.checksum}  ${t.location}\n`);
-    }
-    if (o.output !== 'json') {
-      if (r.verified && !o.quiet) process.stderr.write(`verified: ${several ? 'each completed target reads' : 'the target reads'} back with the same digest\n`);
-      for (const t of failures) process.stderr.write(`blockconv: target ${t.location} failed, the others went on: ${t.error}\n`);
-    }
-    if (o.output !== 'json' && !o.quiet && mode !== 'none') {
-      process.stderr.write(`converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
-        `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}${several ? ` to each of ${outcomes.length - failures.length} targets` : ''}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
-        `${r.bytesOffloaded !== undefined ? `; the storage copied ${formatSize(r.bytesOffloaded)} itself (-C)` : ''}` +
-        `${r.workersTried ? `; -m auto settled on ${r.workers} workers, tried ${r.workersTried.join(' ')}` : ''})\n`);
-    }
-    // Not every target holds the copy: the command did not do what it was asked.
-    if (failures.length) throw new ExitError(1, `${failures.length} of ${outcomes.length} targets failed (${failures.map((t) => t.location).join(', ')}); the others are complete`);
+    if (err instanceof Error && next) err.message = err.message.replace(/\.$/, '') + next;
+    throw err;
   } finally {
-    abort.dispose();
-    await closeAll([...sources, ...targets]);
+    sink.stop();
   }
+}
+
+/** The result: a JSON line or the --checksum lines on stdout, the rest on stderr; a target that failed fails the command. */
+function reportResult(o: ConvertFlags, plan: ConvertPlan, r: ConvertResult): void {
+  const several = plan.targetNames.length > 1;
+  const firstTarget = plan.targetNames[0]!;
+  const outcomes = r.targets ?? [{ location: redactLocation(firstTarget), ok: true }];
+  const failures = outcomes.filter((t) => !t.ok);
+  if (o.output === 'json') {
+    process.stdout.write(JSON.stringify({ event: 'done', source: plan.sourceNames.map(redactLocation), target: several ? plan.targetNames.map(redactLocation) : redactLocation(firstTarget), ...r, elapsedMs: Math.round(r.elapsedMs), rate: Math.round(r.rate) }) + '\n');
+  } else if (r.checksum !== undefined) {
+    for (const t of outcomes) if (t.ok) process.stdout.write(`${r.checksum}  ${t.location}\n`);
+  }
+  if (o.output !== 'json') {
+    if (r.verified && !o.quiet) process.stderr.write(`verified: ${several ? 'each completed target reads' : 'the target reads'} back with the same digest\n`);
+    for (const t of failures) process.stderr.write(`blockconv: target ${t.location} failed, the others went on: ${t.error}\n`);
+  }
+  if (o.output !== 'json' && !o.quiet && plan.mode !== 'none') process.stderr.write(summaryLine(r, several ? outcomes.length - failures.length : undefined));
+  // Not every target holds the copy: the command did not do what it was asked.
+  if (failures.length) throw new ExitError(1, `${failures.length} of ${outcomes.length} targets failed (${failures.map((t) => t.location).join(', ')}); the others are complete`);
+}
+
+/** "converted ... in ... s (...)", shown with progress; `completedTargets` with --tee. */
+function summaryLine(r: ConvertResult, completedTargets: number | undefined): string {
+  return `converted ${formatSize(r.total)} in ${(r.elapsedMs / 1000).toFixed(2)} s (${formatSize(Math.round(r.rate))}/s; ` +
+    `read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)}${completedTargets !== undefined ? ` to each of ${completedTargets} targets` : ''}, zeroed ${formatSize(r.bytesZeroed)}, skipped ${formatSize(r.bytesSkipped)}` +
+    `${r.bytesOffloaded !== undefined ? `; the storage copied ${formatSize(r.bytesOffloaded)} itself (-C)` : ''}` +
+    `${r.workersTried ? `; -m auto settled on ${r.workers} workers, tried ${r.workersTried.join(' ')}` : ''})\n`;
 }

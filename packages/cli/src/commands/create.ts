@@ -1,6 +1,6 @@
 /** `blockconv create`: a new, empty image (as qemu-img create), sized or sized as its backing file. */
 import type { Command } from 'commander';
-import { BlockError, isSecretParameter, parseSize, REDACTED, redactLocation, resolveRelative } from '@blockconv/core';
+import { BlockError, isSecretParameter, parseSize, REDACTED, redactLocation, resolveRelative, type DriverRegistry } from '@blockconv/core';
 import { registry, type CommandContext } from '../context.js';
 import { printCreateOptions } from '../driver-options.js';
 import { keyValues } from '../options.js';
@@ -23,12 +23,7 @@ export function addCreateCommand(program: Command, ctx: CommandContext): void {
       const options: Record<string, string> = { ...opts.options };
       if (opts.backing !== undefined) options.backing_file = opts.backing;
       if (opts.backingFormat !== undefined) options.backing_fmt = opts.backingFormat;
-      if (size === undefined) {
-        if (options.backing_file === undefined) throw new BlockError('EINVAL', 'give the image size (or a backing file to take it from)');
-        const backing = await reg.open(resolveRelative(filename, options.backing_file), { readOnly: true, format: options.backing_fmt });
-        size = backing.size;
-        await backing.close();
-      }
+      size ??= await backingSize(reg, filename, options);
       if (!opts.quiet) {
         const shown = Object.entries(options).map(([k, v]) => ` ${k}=${isSecretParameter(k) ? REDACTED : redactLocation(v)}`).join('');
         process.stdout.write(`Formatting '${redactLocation(filename)}', fmt=${opts.format}${shown} size=${size}\n`);
@@ -36,4 +31,13 @@ export function addCreateCommand(program: Command, ctx: CommandContext): void {
       const img = await reg.create(filename, size, { format: opts.format, options });
       await img.close();
     });
+}
+
+/** The size of the backing file that -b (or -o backing_file) names, for a create without a size. */
+async function backingSize(reg: DriverRegistry, filename: string, options: Record<string, string>): Promise<number> {
+  if (options.backing_file === undefined) throw new BlockError('EINVAL', 'give the image size (or a backing file to take it from)');
+  const backing = await reg.open(resolveRelative(filename, options.backing_file), { readOnly: true, format: options.backing_fmt });
+  const size = backing.size;
+  await backing.close();
+  return size;
 }

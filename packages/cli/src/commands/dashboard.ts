@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { BlockError, redactLocation } from '@blockconv/core';
 import { loadFleet, redisOption } from '../fleet.js';
+import { stopSignal } from '../signals.js';
 
 export function addDashboardCommand(program: Command): void {
   program
@@ -16,11 +17,7 @@ export function addDashboardCommand(program: Command): void {
       const fleet = await loadFleet();
       const d = await fleet.startDashboard({ redis: o.redis, port: o.port, host: o.bind, readOnly: o.readOnly });
       process.stderr.write(`dashboard: ${d.url} (queue of ${redactLocation(o.redis)})\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
+      await stopSignal();
       await d.close();
     });
 }

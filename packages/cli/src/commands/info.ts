@@ -1,9 +1,9 @@
 /** `blockconv info`: an image's format, sizes and format details (and its backing chain's), with qemu-img info's fields. */
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import { formatSize, redactLocation, type BlockBackend } from '@blockconv/core';
 import { registry, type CommandContext } from '../context.js';
 import { printOpenOptions } from '../driver-options.js';
-import { openOptions } from '../options.js';
+import { openOptions, outputOption } from '../options.js';
 
 export function addInfoCommand(program: Command, ctx: CommandContext): void {
   program
@@ -12,7 +12,7 @@ export function addInfoCommand(program: Command, ctx: CommandContext): void {
     .argument('<image>')
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .option('--backing-chain', 'also show every image of the backing chain')
-    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .addOption(outputOption())
     .addOption(openOptions('--opts <k=v,...>', 'image'))
     .action(async (image: string, opts: { format?: string; backingChain?: boolean; output: 'human' | 'json'; opts?: Record<string, string> }) => {
       const reg = await registry(ctx);

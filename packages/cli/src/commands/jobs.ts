@@ -1,6 +1,7 @@
 /** `blockconv jobs`: the convert jobs in the queue, a line each (or JSON). */
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import { jobLine, loadFleet, redisOption } from '../fleet.js';
+import { outputOption } from '../options.js';
 
 export function addJobsCommand(program: Command): void {
   program
@@ -8,7 +9,7 @@ export function addJobsCommand(program: Command): void {
     .description('List the convert jobs in the queue: state, progress, checksum or failure.')
     .argument('[ids...]', 'only these jobs')
     .addOption(redisOption())
-    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
+    .addOption(outputOption())
     .action(async (ids: string[], o: { redis: string; output: string }) => {
       const fleet = await loadFleet();
       const jobs = await fleet.listConvertJobs(o.redis, ids.length ? ids : undefined);

@@ -1,11 +1,12 @@
 /** `blockconv submit`: queues convert jobs, from the command line or a batch file; --wait follows them to their end. */
 import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import type * as CliProgress from 'cli-progress';
+import type { ConvertBatch } from '@blockconv/fleet';
 import { BlockError, formatSize } from '@blockconv/core';
 import { jobLine, loadFleet, redisOption, targetsOf, type Fleet, type JobSummary } from '../fleet.js';
-import { keyValues } from '../options.js';
+import { keyValues, outputOption } from '../options.js';
 
 /** --cap SERVER=K, repeatable. */
 function capOption(v: string, prev: Record<string, number> = {}): Record<string, number> {
@@ -61,6 +62,12 @@ async function follow(fleet: Fleet, redis: string, ids: readonly string[], json:
   }
 }
 
+interface SubmitFlags {
+  redis: string; batch?: string; sourceFormat?: string; targetFormat: string; targetOptions?: Record<string, string>; sourceOpts?: Record<string, string>;
+  targetOpts?: Record<string, string>; tee?: string[]; create: boolean; workers?: number; outOfOrder?: boolean; compress?: boolean; rateLimit?: number;
+  cap?: Record<string, number>; attempts: number; wait?: boolean; output: string;
+}
+
 export function addSubmitCommand(program: Command): void {
   program
     .command('submit')
@@ -83,32 +90,16 @@ export function addSubmitCommand(program: Command): void {
     .option('--cap <server=k>', 'at most K jobs at once on this storage server, across all workers (nfs://HOST, iscsi://HOST:PORT, "*" for any; repeatable; kept in Redis)', capOption)
     .option('--attempts <n>', 'tries before a job fails for good (each resumes the last)', (v: string) => Number(v), 3)
     .option('--wait', 'follow the jobs to their end (a progress bar on a terminal); exit non-zero if any failed')
-    .addOption(new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human'))
-    .action(async (images: string[], o: {
-      redis: string; batch?: string; sourceFormat?: string; targetFormat: string; targetOptions?: Record<string, string>; sourceOpts?: Record<string, string>;
-      targetOpts?: Record<string, string>; tee?: string[]; create: boolean; workers?: number; outOfOrder?: boolean; compress?: boolean; rateLimit?: number;
-      cap?: Record<string, number>; attempts: number; wait?: boolean; output: string;
-    }) => {
+    .addOption(outputOption())
+    .action(async (images: string[], o: SubmitFlags) => {
       const fleet = await loadFleet();
-      let batch: import('@blockconv/fleet').ConvertBatch;
+      let batch: ConvertBatch;
       if (o.batch !== undefined) {
         if (images.length) throw new BlockError('EINVAL', 'give a batch file or SOURCE... TARGET, not both');
-        let text: string;
-        try { text = await readFile(o.batch, 'utf8'); } catch (err) { throw new BlockError('ENOENT', `cannot read the batch file ${o.batch}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { field: 'batch' }); }
-        let parsed: unknown;
-        try { parsed = JSON.parse(text); } catch (err) { throw new BlockError('EINVAL', `batch file ${o.batch} is not JSON: ${(err as Error).message}`, { field: 'batch' }); }
-        const b = fleet.parseBatch(parsed);
+        const b = fleet.parseBatch(await readBatchFile(o.batch));
         batch = { ...b, caps: { ...b.caps, ...o.cap } };
       } else {
-        if (images.length < 2) throw new BlockError('EINVAL', 'submit needs a source and a target (or --batch FILE)');
-        batch = {
-          jobs: [{
-            sources: images.slice(0, -1), target: images.at(-1)!, ...(o.tee ? { tee: o.tee } : {}), sourceFormat: o.sourceFormat, targetFormat: o.targetFormat, noCreate: !o.create,
-            workers: o.workers, outOfOrder: o.outOfOrder, compress: o.compress, rateLimit: o.rateLimit,
-            sourceOptions: o.sourceOpts, targetOptions: o.targetOpts, createOptions: o.targetOptions,
-          }],
-          caps: o.cap ?? {},
-        };
+        batch = batchOfOne(images, o);
       }
       const ids = await fleet.submitBatch(o.redis, batch, o.batch !== undefined && batch.attempts ? {} : { attempts: o.attempts });
       if (!o.wait) {
@@ -121,4 +112,24 @@ export function addSubmitCommand(program: Command): void {
       if (bad.length) throw new BlockError('EIO', `${bad.length} of ${jobs.length} jobs failed: ${bad.map((j) => `job ${j.id} (${targetsOf(j)}): ${j.failedReason ?? j.result?.targets?.filter((t) => !t.ok).map((t) => `${t.location}: ${t.error}`).join('; ') ?? j.state}`).join('; ')}`);
       if (o.output !== 'json') process.stderr.write(`${jobs.length} of ${jobs.length} jobs completed\n`);
     });
+}
+
+/** A --batch file's JSON, not yet checked (parseBatch does that). */
+async function readBatchFile(file: string): Promise<unknown> {
+  let text: string;
+  try { text = await readFile(file, 'utf8'); } catch (err) { throw new BlockError('ENOENT', `cannot read the batch file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { field: 'batch' }); }
+  try { return JSON.parse(text); } catch (err) { throw new BlockError('EINVAL', `batch file ${file} is not JSON: ${(err as Error).message}`, { field: 'batch' }); }
+}
+
+/** The one job of SOURCE... TARGET and the flags. */
+function batchOfOne(images: string[], o: SubmitFlags): ConvertBatch {
+  if (images.length < 2) throw new BlockError('EINVAL', 'submit needs a source and a target (or --batch FILE)');
+  return {
+    jobs: [{
+      sources: images.slice(0, -1), target: images.at(-1)!, ...(o.tee ? { tee: o.tee } : {}), sourceFormat: o.sourceFormat, targetFormat: o.targetFormat, noCreate: !o.create,
+      workers: o.workers, outOfOrder: o.outOfOrder, compress: o.compress, rateLimit: o.rateLimit,
+      sourceOptions: o.sourceOpts, targetOptions: o.targetOpts, createOptions: o.targetOptions,
+    }],
+    caps: o.cap ?? {},
+  };
 }

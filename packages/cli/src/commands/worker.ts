@@ -6,6 +6,7 @@ import type { Command } from 'commander';
 import { BlockError, redactLocation } from '@blockconv/core';
 import { registryWithAllDrivers, type CommandContext } from '../context.js';
 import { loadFleet, redisOption } from '../fleet.js';
+import { stopSignal } from '../signals.js';
 
 export function addWorkerCommand(program: Command, ctx: CommandContext): void {
   program
@@ -29,11 +30,7 @@ export function addWorkerCommand(program: Command, ctx: CommandContext): void {
         },
       });
       process.stderr.write(`worker ${name}: taking convert jobs from ${redactLocation(o.redis)}\n`);
-      await new Promise<void>((resolve) => {
-        const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
-      });
+      await stopSignal();
       process.stderr.write(`worker ${name}: stopping (running jobs are checkpointed)\n`);
       await worker.close();
     });
