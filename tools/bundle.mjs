@@ -28,7 +28,9 @@ await build({
     ? {
         external: ['@blockconv/*'],
         // Inlined CommonJS packages call require(): give the ES module one.
-        banner: { js: "import { createRequire as __blockconvRequire } from 'node:module'; const require = __blockconvRequire(import.meta.url);" },
+        banner: {
+          js: "import { createRequire as __blockconvRequire } from 'node:module'; const require = __blockconvRequire(import.meta.url);",
+        },
       }
     : { packages: 'external' }),
 });

@@ -52,10 +52,21 @@ function sample(after: number): Sample {
   let sockets = 0;
   for (const f of fs.readdirSync(fdDir)) {
     fds++;
-    try { if (fs.readlinkSync(path.join(fdDir, f)).startsWith('socket:')) sockets++; } catch { /* the readdir's own fd */ }
+    try {
+      if (fs.readlinkSync(path.join(fdDir, f)).startsWith('socket:')) sockets++;
+    } catch {
+      /* the readdir's own fd */
+    }
   }
   const m = process.memoryUsage();
-  return { after, rssMiB: Math.round(m.rss / MiB), heapMiB: Math.round(m.heapUsed / MiB), fds, sockets, handles: process.getActiveResourcesInfo().length };
+  return {
+    after,
+    rssMiB: Math.round(m.rss / MiB),
+    heapMiB: Math.round(m.heapUsed / MiB),
+    fds,
+    sockets,
+    handles: process.getActiveResourcesInfo().length,
+  };
 }
 
 interface Case {
@@ -65,13 +76,21 @@ interface Case {
   readonly run: (reg: DriverRegistry, dir: string) => Promise<void>;
 }
 
-async function copy(reg: DriverRegistry, from: string, to: string, o: { format?: string; targetFormat?: string; existing?: boolean; cancelAfter?: number } = {}): Promise<void> {
+async function copy(
+  reg: DriverRegistry,
+  from: string,
+  to: string,
+  o: { format?: string; targetFormat?: string; existing?: boolean; cancelAfter?: number } = {},
+): Promise<void> {
   const src = await reg.open(from, { readOnly: true, ...(o.format ? { format: o.format } : {}) });
   let dst: BlockBackend | undefined;
   try {
-    dst = o.existing ? await reg.open(to, { format: 'raw' }) : await reg.create(to, src.size, { format: o.targetFormat ?? 'raw' });
+    dst = o.existing
+      ? await reg.open(to, { format: 'raw' })
+      : await reg.create(to, src.size, { format: o.targetFormat ?? 'raw' });
     const ac = new AbortController();
-    if (o.cancelAfter !== undefined) setTimeout(() => ac.abort(new BlockError('ECANCELED', 'cancelled by the soak')), o.cancelAfter);
+    if (o.cancelAfter !== undefined)
+      setTimeout(() => ac.abort(new BlockError('ECANCELED', 'cancelled by the soak')), o.cancelAfter);
     await convert({ sources: [src], target: dst, workers: 4, signal: ac.signal });
   } finally {
     await dst?.close();
@@ -95,24 +114,55 @@ export async function runSoak(converts: number, log: (l: string) => void = () =>
   const corrupt = path.join(dir, 'corrupt.qcow2');
   // A qcow2 header whose L1 table lies past the end of the file.
   const h = Buffer.alloc(512);
-  h.writeUInt32BE(0x514649fb, 0); h.writeUInt32BE(3, 4); h.writeUInt32BE(16, 20); h.writeBigUInt64BE(BigInt(8 * MiB), 24);
-  h.writeUInt32BE(1, 36); h.writeBigUInt64BE(1n << 40n, 40); h.writeBigUInt64BE(65536n, 48); h.writeUInt32BE(1, 56); h.writeUInt32BE(4, 96); h.writeUInt32BE(104, 100);
+  h.writeUInt32BE(0x514649fb, 0);
+  h.writeUInt32BE(3, 4);
+  h.writeUInt32BE(16, 20);
+  h.writeBigUInt64BE(BigInt(8 * MiB), 24);
+  h.writeUInt32BE(1, 36);
+  h.writeBigUInt64BE(1n << 40n, 40);
+  h.writeBigUInt64BE(65536n, 48);
+  h.writeUInt32BE(1, 56);
+  h.writeUInt32BE(4, 96);
+  h.writeUInt32BE(104, 100);
   fs.writeFileSync(corrupt, h);
   const lun = LUNS.disk512.url;
   const cases: Case[] = [
     { name: 'file raw -> raw', run: (r, d) => copy(r, raw, path.join(d, 'out.raw')) },
     { name: 'raw -> qcow2', run: (r, d) => copy(r, raw, path.join(d, 'out.qcow2'), { targetFormat: 'qcow2' }) },
-    { name: 'qcow2 -> raw', run: (r, d) => copy(r, path.join(d, 'out.qcow2'), path.join(d, 'back.raw'), { format: 'qcow2' }) },
+    {
+      name: 'qcow2 -> raw',
+      run: (r, d) => copy(r, path.join(d, 'out.qcow2'), path.join(d, 'back.raw'), { format: 'qcow2' }),
+    },
     { name: 'raw -> NFS', run: (r) => copy(r, raw, `${BASE_URL}/${nfsName}`) },
     { name: 'NFS -> raw', run: (r, d) => copy(r, `${BASE_URL}/${nfsName}`, path.join(d, 'from-nfs.raw')) },
     { name: 'raw -> LUN', run: (r) => copy(r, raw, lun, { existing: true }) },
     { name: 'LUN -> raw', run: (r, d) => copy(r, lun, path.join(d, 'from-lun.raw')) },
-    { name: 'missing source', fails: 'ENOENT', run: (r, d) => copy(r, path.join(d, 'nothing-here.raw'), path.join(d, 'x.raw')) },
-    { name: 'corrupt qcow2', fails: 'ECORRUPT', run: (r, d) => copy(r, corrupt, path.join(d, 'x.raw'), { format: 'qcow2' }) },
-    { name: 'missing NFS file', fails: 'ENOENT', run: (r, d) => copy(r, `${BASE_URL}/soak-missing-${process.pid}.raw`, path.join(d, 'x.raw')) },
-    { name: 'no such LUN', fails: 'ENOENT', run: (r, d) => copy(r, `iscsi://${PORTAL}/${IQN}:disk512/9`, path.join(d, 'x.raw')) },
+    {
+      name: 'missing source',
+      fails: 'ENOENT',
+      run: (r, d) => copy(r, path.join(d, 'nothing-here.raw'), path.join(d, 'x.raw')),
+    },
+    {
+      name: 'corrupt qcow2',
+      fails: 'ECORRUPT',
+      run: (r, d) => copy(r, corrupt, path.join(d, 'x.raw'), { format: 'qcow2' }),
+    },
+    {
+      name: 'missing NFS file',
+      fails: 'ENOENT',
+      run: (r, d) => copy(r, `${BASE_URL}/soak-missing-${process.pid}.raw`, path.join(d, 'x.raw')),
+    },
+    {
+      name: 'no such LUN',
+      fails: 'ENOENT',
+      run: (r, d) => copy(r, `iscsi://${PORTAL}/${IQN}:disk512/9`, path.join(d, 'x.raw')),
+    },
     { name: 'target too small', fails: 'ERANGE', run: (r) => copy(r, raw, LUNS.small.url, { existing: true }) },
-    { name: 'cancelled copy to NFS', fails: 'ECANCELED', run: (r) => copy(r, big, `${BASE_URL}/${nfsName}`, { cancelAfter: 5 }) },
+    {
+      name: 'cancelled copy to NFS',
+      fails: 'ECANCELED',
+      run: (r) => copy(r, big, `${BASE_URL}/${nfsName}`, { cancelAfter: 5 }),
+    },
   ];
   fs.writeFileSync(big, crypto.randomBytes(32 * MiB));
   const samples: Sample[] = [];
@@ -126,15 +176,19 @@ export async function runSoak(converts: number, log: (l: string) => void = () =>
         await c.run(reg, dir);
         if (c.fails) surprises.push(`convert ${i} (${c.name}): succeeded, expected ${c.fails}`);
       } catch (err) {
-        if (!(err instanceof BlockError)) surprises.push(`convert ${i} (${c.name}): not a BlockError: ${(err as Error)?.stack ?? err}`);
+        if (!(err instanceof BlockError))
+          surprises.push(`convert ${i} (${c.name}): not a BlockError: ${(err as Error)?.stack ?? err}`);
         else if (!c.fails) surprises.push(`convert ${i} (${c.name}): ${err.code}: ${err.message}`);
-        else if (err.code !== c.fails && !(c.fails === 'ENOENT' && err.code === 'EACCES')) surprises.push(`convert ${i} (${c.name}): ${err.code} (expected ${c.fails}): ${err.message}`);
+        else if (err.code !== c.fails && !(c.fails === 'ENOENT' && err.code === 'EACCES'))
+          surprises.push(`convert ${i} (${c.name}): ${err.code} (expected ${c.fails}): ${err.message}`);
         else failedAsExpected++;
       }
       if (i + 1 === warmup || (i + 1 > warmup && ((i + 1 - warmup) % cases.length === 0 || i + 1 === converts))) {
         const s = sample(i + 1);
         samples.push(s);
-        log(`after ${s.after} converts: RSS ${s.rssMiB} MiB, heap ${s.heapMiB} MiB, ${s.fds} fds (${s.sockets} sockets), ${s.handles} handles`);
+        log(
+          `after ${s.after} converts: RSS ${s.rssMiB} MiB, heap ${s.heapMiB} MiB, ${s.fds} fds (${s.sockets} sockets), ${s.handles} handles`,
+        );
       }
     }
   } finally {
@@ -145,16 +199,29 @@ export async function runSoak(converts: number, log: (l: string) => void = () =>
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
-  const { values } = parseArgs({ options: { converts: { type: 'string', default: '500' }, json: { type: 'boolean' } } });
-  if (!/^\d+$/.test(values.converts!)) { console.error(`soak: --converts must be a whole number, got "${values.converts}"`); process.exit(2); }
+  const { values } = parseArgs({
+    options: { converts: { type: 'string', default: '500' }, json: { type: 'boolean' } },
+  });
+  if (!/^\d+$/.test(values.converts!)) {
+    console.error(`soak: --converts must be a whole number, got "${values.converts}"`);
+    process.exit(2);
+  }
   if (!(globalThis as { gc?: unknown }).gc) console.error('soak: run with node --expose-gc for RSS after a GC');
   const r = await runSoak(Number(values.converts), (l) => console.error(l));
   if (values.json) console.log(JSON.stringify(r, null, 2));
   else {
     console.log('| | after converts | RSS (after GC) | heap | fds | sockets | libuv handles |');
     console.log('|---|---|---|---|---|---|---|');
-    for (const [k, s] of [['first', r.first], ['last', r.last]] as const) console.log(`| ${k} | ${s.after} | ${s.rssMiB} MiB | ${s.heapMiB} MiB | ${s.fds} | ${s.sockets} | ${s.handles} |`);
-    console.log(`\n${r.converts} converts, ${r.failedAsExpected} failed as their case expects, ${r.surprises.length} surprises${r.surprises.length ? `:\n${r.surprises.join('\n')}` : '.'}`);
+    for (const [k, s] of [
+      ['first', r.first],
+      ['last', r.last],
+    ] as const)
+      console.log(
+        `| ${k} | ${s.after} | ${s.rssMiB} MiB | ${s.heapMiB} MiB | ${s.fds} | ${s.sockets} | ${s.handles} |`,
+      );
+    console.log(
+      `\n${r.converts} converts, ${r.failedAsExpected} failed as their case expects, ${r.surprises.length} surprises${r.surprises.length ? `:\n${r.surprises.join('\n')}` : '.'}`,
+    );
   }
   process.exitCode = r.surprises.length ? 1 : 0;
 }

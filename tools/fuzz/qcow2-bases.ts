@@ -27,11 +27,16 @@ function qemuImg(...args: string[]): void {
 }
 
 function qemuIo(image: string, cmds: string[], extra: string[] = []): void {
-  execFileSync('qemu-io', [...extra, ...cmds.flatMap((c) => ['-c', c]), image], { stdio: ['ignore', 'ignore', 'pipe'], cwd });
+  execFileSync('qemu-io', [...extra, ...cmds.flatMap((c) => ['-c', c]), image], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    cwd,
+  });
 }
 
 function create(file: string, size: number, opts: Record<string, string | number> = {}, extra: string[] = []): string {
-  const o = Object.entries(opts).map(([k, v]) => `${k}=${v}`).join(',');
+  const o = Object.entries(opts)
+    .map(([k, v]) => `${k}=${v}`)
+    .join(',');
   qemuImg('create', '-q', '-f', 'qcow2', ...(o ? ['-o', o] : []), ...extra, file, String(size));
   return file;
 }
@@ -40,8 +45,13 @@ function create(file: string, size: number, opts: Record<string, string | number
 function fill(image: string, cluster: number, size: number, extra: string[] = []): void {
   const c = Math.min(cluster, size / 16);
   qemuIo(image, [
-    `write -P 0x11 0 ${2 * c}`, `write -z ${3 * c} ${c}`, `write -P 0x22 ${5 * c + 512} 1024`,
-    `write -P 0x33 ${size / 2} ${c}`, `write -P 0x44 ${size - c} ${c}`, `discard ${c} ${c}`, ...extra,
+    `write -P 0x11 0 ${2 * c}`,
+    `write -z ${3 * c} ${c}`,
+    `write -P 0x22 ${5 * c + 512} 1024`,
+    `write -P 0x33 ${size / 2} ${c}`,
+    `write -P 0x44 ${size - c} ${c}`,
+    `discard ${c} ${c}`,
+    ...extra,
   ]);
 }
 
@@ -50,9 +60,18 @@ export function makeBases(dir: string): Base[] {
   cwd = dir;
   const at = (n: string): string => path.join(dir, n);
   const bases: Base[] = [];
-  const add = (name: string, file: string): void => { bases.push({ name, file }); };
+  const add = (name: string, file: string): void => {
+    bases.push({ name, file });
+  };
 
-  add('v2 64k', (() => { const f = create(at('v2.qcow2'), 2 * MiB, { compat: '0.10' }); fill(f, 65536, 2 * MiB); return f; })());
+  add(
+    'v2 64k',
+    (() => {
+      const f = create(at('v2.qcow2'), 2 * MiB, { compat: '0.10' });
+      fill(f, 65536, 2 * MiB);
+      return f;
+    })(),
+  );
   for (const c of [512, 4096, 65536, 2 * MiB]) {
     const size = c === 2 * MiB ? 32 * MiB : 2 * MiB;
     const f = create(at(`v3-c${c}.qcow2`), size, { cluster_size: c });
@@ -69,7 +88,19 @@ export function makeBases(dir: string): Base[] {
     qemuImg('create', '-q', '-f', 'raw', raw, String(2 * MiB));
     qemuIo(raw, ['write -P 0x55 0 256k', 'write -P 0x66 1M 64k', 'write -P 0x77 1600k 3k'], ['-f', 'raw']);
     const f = at(`${type}.qcow2`);
-    qemuImg('convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${type},cluster_size=16384`, raw, f);
+    qemuImg(
+      'convert',
+      '-q',
+      '-c',
+      '-f',
+      'raw',
+      '-O',
+      'qcow2',
+      '-o',
+      `compression_type=${type},cluster_size=16384`,
+      raw,
+      f,
+    );
     fs.rmSync(raw);
     add(`compressed ${type}`, f);
   }
@@ -116,7 +147,11 @@ export function makeBases(dir: string): Base[] {
   {
     const f = create(at('lazy.qcow2'), 2 * MiB, { lazy_refcounts: 'on', cluster_size: 4096 });
     // Writing with lazy refcounts and stopping without a flush leaves the dirty bit set.
-    try { qemuIo(f, ['write -P 0xbb 0 64k', 'write -P 0xbc 1M 4k', 'abort']); } catch { /* qemu-io's abort is SIGABRT */ }
+    try {
+      qemuIo(f, ['write -P 0xbb 0 64k', 'write -P 0xbc 1M 4k', 'abort']);
+    } catch {
+      /* qemu-io's abort is SIGABRT */
+    }
     add('lazy refcounts, dirty', f);
   }
   {

@@ -9,7 +9,15 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BlockError, DriverRegistry, HashPool, checksumImage, convert, mapImage, type BlockBackend } from '@blockconv/core';
+import {
+  BlockError,
+  DriverRegistry,
+  HashPool,
+  checksumImage,
+  convert,
+  mapImage,
+  type BlockBackend,
+} from '@blockconv/core';
 import { drivers as rawDrivers } from '@blockconv/driver-raw';
 import { drivers as qcow2Drivers } from '@blockconv/driver-qcow2';
 
@@ -65,7 +73,11 @@ function peakRss(): number {
 }
 
 function resetPeak(): void {
-  try { fs.writeFileSync('/proc/self/clear_refs', '5'); } catch { /* older kernels: the peak is then the process's */ }
+  try {
+    fs.writeFileSync('/proc/self/clear_refs', '5');
+  } catch {
+    /* older kernels: the peak is then the process's */
+  }
 }
 
 const fdCount = (): number => fs.readdirSync('/proc/self/fd').length;
@@ -75,7 +87,12 @@ class Hang extends Error {}
 async function bounded<T>(ms: number, what: string, f: () => Promise<T>): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   try {
-    return await Promise.race([f(), new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Hang(`${what}: no answer after ${ms} ms`)), ms); })]);
+    return await Promise.race([
+      f(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Hang(`${what}: no answer after ${ms} ms`)), ms);
+      }),
+    ]);
   } finally {
     clearTimeout(timer);
   }
@@ -116,28 +133,50 @@ async function runCase(req: CaseRequest): Promise<CaseReply> {
   // Each operation opens the image itself, as a separate command would.
   const withImage = async (f: (img: BlockBackend) => Promise<void>): Promise<void> => {
     const img = await registry.open(req.image, { format: 'qcow2', readOnly: true });
-    try { virtualSize = img.size; await f(img); } finally { await img.close(); }
+    try {
+      virtualSize = img.size;
+      await f(img);
+    } finally {
+      await img.close();
+    }
   };
 
-  await run('info', () => withImage(async (img) => {
-    await img.allocatedSize?.();
-    JSON.stringify(await img.info?.());
-  }));
-  await run('map', () => withImage(async (img) => {
-    let next = 0;
-    for await (const e of mapImage(img)) {
-      if (e.start !== next || !(e.length > 0)) throw new Error(`map entry ${JSON.stringify(e)} after ${next}`);
-      next = e.start + e.length;
-    }
-    if (next !== img.size) throw new Error(`map ends at ${next}, the image at ${img.size}`);
-  }));
-  await run('check', async () => { await registry.check(req.image, { format: 'qcow2' }); });
-  const converted = await run('convert', () => withImage(async (img) => {
-    const dst = await registry.create(ourRaw, img.size, { format: 'raw' });
-    try { await convert({ sources: [img], target: dst, workers: 4 }); } finally { await dst.close(); }
-  }));
-  await run('checksum', () => withImage(async (img) => { checksum = (await checksumImage(img, { pool })).checksum; }));
-  for (const d of defects) if (d.op === 'map' && d.kind === 'exception' && d.detail.includes('map entry')) Object.assign(d, { kind: 'map' });
+  await run('info', () =>
+    withImage(async (img) => {
+      await img.allocatedSize?.();
+      JSON.stringify(await img.info?.());
+    }),
+  );
+  await run('map', () =>
+    withImage(async (img) => {
+      let next = 0;
+      for await (const e of mapImage(img)) {
+        if (e.start !== next || !(e.length > 0)) throw new Error(`map entry ${JSON.stringify(e)} after ${next}`);
+        next = e.start + e.length;
+      }
+      if (next !== img.size) throw new Error(`map ends at ${next}, the image at ${img.size}`);
+    }),
+  );
+  await run('check', async () => {
+    await registry.check(req.image, { format: 'qcow2' });
+  });
+  const converted = await run('convert', () =>
+    withImage(async (img) => {
+      const dst = await registry.create(ourRaw, img.size, { format: 'raw' });
+      try {
+        await convert({ sources: [img], target: dst, workers: 4 });
+      } finally {
+        await dst.close();
+      }
+    }),
+  );
+  await run('checksum', () =>
+    withImage(async (img) => {
+      checksum = (await checksumImage(img, { pool })).checksum;
+    }),
+  );
+  for (const d of defects)
+    if (d.op === 'map' && d.kind === 'exception' && d.detail.includes('map entry')) Object.assign(d, { kind: 'map' });
 
   let qemu: CaseReply['qemu'];
   let compared: CaseReply['compared'] = 'not compared';
@@ -145,26 +184,42 @@ async function runCase(req: CaseRequest): Promise<CaseReply> {
   if (virtualSize !== undefined && !small) {
     qemu = { ok: false, skipped: true };
   } else {
-    const r = spawnSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', req.image, theirRaw], { encoding: 'utf8', timeout: 60_000, cwd: path.dirname(req.image) });
-    qemu = r.status === 0 ? { ok: true } : { ok: false, error: (r.error?.message ?? r.stderr.trim().split('\n')[0]) || `exit ${r.status}` };
+    const r = spawnSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', req.image, theirRaw], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      cwd: path.dirname(req.image),
+    });
+    qemu =
+      r.status === 0
+        ? { ok: true }
+        : { ok: false, error: (r.error?.message ?? r.stderr.trim().split('\n')[0]) || `exit ${r.status}` };
   }
   if (converted && qemu.ok) {
     const same = spawnSync('cmp', ['-s', ourRaw, theirRaw]).status === 0;
     compared = same ? 'equal' : 'differ';
-    if (!same) defects.push({ kind: 'mismatch', op: 'convert', detail: 'converted bytes differ from qemu-img convert\'s' });
+    if (!same)
+      defects.push({ kind: 'mismatch', op: 'convert', detail: "converted bytes differ from qemu-img convert's" });
   }
   // The digest of the image must be the digest of what it converts to.
   if (converted && checksum !== undefined && small) {
     const raw = await registry.open(ourRaw, { format: 'raw', readOnly: true });
     try {
       const c = (await checksumImage(raw, { pool })).checksum;
-      if (c !== checksum) defects.push({ kind: 'mismatch', op: 'checksum', detail: `checksum ${checksum} but the converted image's is ${c}` });
-    } finally { await raw.close(); }
+      if (c !== checksum)
+        defects.push({
+          kind: 'mismatch',
+          op: 'checksum',
+          detail: `checksum ${checksum} but the converted image's is ${c}`,
+        });
+    } finally {
+      await raw.close();
+    }
   }
   fs.rmSync(ourRaw, { force: true });
   fs.rmSync(theirRaw, { force: true });
   const fdsAfter = fdCount();
-  if (fdsAfter > fdsBefore) defects.push({ kind: 'fd leak', detail: `${fdsAfter - fdsBefore} file descriptors more after the case` });
+  if (fdsAfter > fdsBefore)
+    defects.push({ kind: 'fd leak', detail: `${fdsAfter - fdsBefore} file descriptors more after the case` });
   return { id: req.id, ops, defects, qemu, compared, virtualSize, rssPeak: peakRss() };
 }
 
@@ -179,7 +234,10 @@ process.on('unhandledRejection', die);
 
 process.on('message', (req: CaseRequest) => {
   current = req;
-  runCase(req).then((reply) => { current = undefined; process.send?.(reply); }, die);
+  runCase(req).then((reply) => {
+    current = undefined;
+    process.send?.(reply);
+  }, die);
 });
 // Ready once the hashing thread runs: it opens its own descriptors (event loop, wakeups)
 // as it starts, which the first case's fd count would otherwise take for a leak.

@@ -94,7 +94,12 @@ function spawnRunner(dir: string): Slot {
   const child = fork(RUNNER, [], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
   child.stderr?.resume();
   const ready = new Promise<void>((resolve, reject) => {
-    const onMsg = (m: { ready?: boolean }): void => { if (m.ready) { child.off('message', onMsg); resolve(); } };
+    const onMsg = (m: { ready?: boolean }): void => {
+      if (m.ready) {
+        child.off('message', onMsg);
+        resolve();
+      }
+    };
     child.on('message', onMsg);
     child.once('exit', (code) => reject(new Error(`fuzz runner exited (${code}) before it was ready`)));
   });
@@ -103,7 +108,11 @@ function spawnRunner(dir: string): Slot {
 }
 
 /** Sends one case; resolves with the reply, or a crash/hang record when the process dies or goes quiet. */
-function runOn(slot: Slot, req: CaseRequest, caseTimeoutMs: number): Promise<{ reply?: CaseReply; crash?: string; hang?: boolean }> {
+function runOn(
+  slot: Slot,
+  req: CaseRequest,
+  caseTimeoutMs: number,
+): Promise<{ reply?: CaseReply; crash?: string; hang?: boolean }> {
   return new Promise((resolve) => {
     const done = (r: { reply?: CaseReply; crash?: string; hang?: boolean }): void => {
       clearTimeout(timer);
@@ -115,7 +124,8 @@ function runOn(slot: Slot, req: CaseRequest, caseTimeoutMs: number): Promise<{ r
       if (m.crash !== undefined) done({ crash: m.crash });
       else if (m.id === req.id) done({ reply: m });
     };
-    const onExit = (code: number | null, signal: string | null): void => done({ crash: `runner died: ${signal ?? `exit ${code}`}` });
+    const onExit = (code: number | null, signal: string | null): void =>
+      done({ crash: `runner died: ${signal ?? `exit ${code}`}` });
     const timer = setTimeout(() => done({ hang: true }), caseTimeoutMs);
     slot.child.on('message', onMsg);
     slot.child.on('exit', onExit);
@@ -127,23 +137,50 @@ function runOn(slot: Slot, req: CaseRequest, caseTimeoutMs: number): Promise<{ r
 function cliDefects(image: string, out: string): Defect[] {
   const defects: Defect[] = [];
   const runs: Array<[string[], number[]]> = [
-    [['info', '-f', 'qcow2', '--output', 'json', image], [0, 1]],
-    [['map', '-f', 'qcow2', '--output', 'json', image], [0, 1]],
-    [['check', '-f', 'qcow2', '--output', 'json', image], [0, 1, 2, 3]],
-    [['convert', '-f', 'qcow2', '-O', 'raw', image, out], [0, 1]],
-    [['checksum', '-f', 'qcow2', image], [0, 1]],
+    [
+      ['info', '-f', 'qcow2', '--output', 'json', image],
+      [0, 1],
+    ],
+    [
+      ['map', '-f', 'qcow2', '--output', 'json', image],
+      [0, 1],
+    ],
+    [
+      ['check', '-f', 'qcow2', '--output', 'json', image],
+      [0, 1, 2, 3],
+    ],
+    [
+      ['convert', '-f', 'qcow2', '-O', 'raw', image, out],
+      [0, 1],
+    ],
+    [
+      ['checksum', '-f', 'qcow2', image],
+      [0, 1],
+    ],
   ];
   for (const [args, codes] of runs) {
     // Resume states go to a directory of the case's own, not the user's.
-    const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 120_000, maxBuffer: 256 * MiB, env: { ...process.env, XDG_STATE_HOME: path.dirname(out) } });
+    const r = spawnSync(process.execPath, [CLI, ...args], {
+      encoding: 'utf8',
+      timeout: 120_000,
+      maxBuffer: 256 * MiB,
+      env: { ...process.env, XDG_STATE_HOME: path.dirname(out) },
+    });
     const what = `blockconv ${args[0]}`;
-    const errors = r.stderr.split('\n').filter((l) => l && !l.startsWith('blockconv: warning: ') && !l.startsWith('blockconv: note: '));
+    const errors = r.stderr
+      .split('\n')
+      .filter((l) => l && !l.startsWith('blockconv: warning: ') && !l.startsWith('blockconv: note: '));
     if (r.error || r.signal) defects.push({ kind: 'hang', detail: `${what}: ${r.error?.message ?? r.signal}` });
-    else if (!codes.includes(r.status!)) defects.push({ kind: 'exception', detail: `${what}: exit ${r.status}: ${r.stderr.slice(0, 2000)}` });
+    else if (!codes.includes(r.status!))
+      defects.push({ kind: 'exception', detail: `${what}: exit ${r.status}: ${r.stderr.slice(0, 2000)}` });
     else if (/^\s+at /m.test(r.stderr) || errors.length > 1 || errors.some((l) => !l.startsWith('blockconv: '))) {
       defects.push({ kind: 'multi-line error', detail: `${what}: ${JSON.stringify(r.stderr.slice(0, 2000))}` });
     } else if (r.status === 0 && args.includes('json')) {
-      try { JSON.parse(r.stdout); } catch { defects.push({ kind: 'exception', detail: `${what}: exit 0 but its JSON does not parse` }); }
+      try {
+        JSON.parse(r.stdout);
+      } catch {
+        defects.push({ kind: 'exception', detail: `${what}: exit 0 but its JSON does not parse` });
+      }
     }
   }
   fs.rmSync(out, { force: true });
@@ -152,7 +189,12 @@ function cliDefects(image: string, out: string): Defect[] {
 
 /** Groups refusal reasons: numbers and names taken out, so that one cause is one line. */
 function reasonKey(why: string): string {
-  return why.replace(/^\S+?: /, '').replace(/\/\S+/g, 'PATH').replace(/0x[0-9a-f]+/gi, 'N').replace(/\d+/g, 'N').slice(0, 160);
+  return why
+    .replace(/^\S+?: /, '')
+    .replace(/\/\S+/g, 'PATH')
+    .replace(/0x[0-9a-f]+/gi, 'N')
+    .replace(/\d+/g, 'N')
+    .slice(0, 160);
 }
 
 export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
@@ -168,18 +210,34 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
   const bases: Base[] = makeBases(baseDir);
   const originals = bases.map((b) => fs.readFileSync(b.file));
   const layouts: Layout[] = originals.map((b) => layoutOf(b));
-  log(`qcow2 fuzz: ${o.only !== undefined ? `case ${o.only}` : `${o.cases} cases`}, seed ${o.seed}, ${bases.length} base images, ${jobs} processes, ${opTimeoutMs} ms per operation, ${rssLimit / MiB} MiB RSS`);
+  log(
+    `qcow2 fuzz: ${o.only !== undefined ? `case ${o.only}` : `${o.cases} cases`}, seed ${o.seed}, ${bases.length} base images, ${jobs} processes, ${opTimeoutMs} ms per operation, ${rssLimit / MiB} MiB RSS`,
+  );
 
   const t = {
-    crashes: 0, hangs: 0, overMemory: 0, mismatches: 0, otherDefects: 0, refused: 0, lenient: 0, bothRefused: 0,
-    equal: 0, notCompared: 0, cliRuns: 0, maxRss: 0, rssDrift: 0, driftPeak: 0,
+    crashes: 0,
+    hangs: 0,
+    overMemory: 0,
+    mismatches: 0,
+    otherDefects: 0,
+    refused: 0,
+    lenient: 0,
+    bothRefused: 0,
+    equal: 0,
+    notCompared: 0,
+    cliRuns: 0,
+    maxRss: 0,
+    rssDrift: 0,
+    driftPeak: 0,
   };
   const maxOpMs: Record<OpName, number> = { info: 0, map: 0, check: 0, convert: 0, checksum: 0 };
   const reasons = new Map<string, number>();
   const lenientCases: string[] = [];
   const defects: CaseRecord[] = [];
   const report = o.reportFile ? fs.openSync(o.reportFile, 'w') : undefined;
-  const record = (r: CaseRecord): void => { if (report !== undefined) fs.writeSync(report, `${JSON.stringify(r)}\n`); };
+  const record = (r: CaseRecord): void => {
+    if (report !== undefined) fs.writeSync(report, `${JSON.stringify(r)}\n`);
+  };
 
   const indices = o.only !== undefined ? [o.only] : Array.from({ length: o.cases }, (_, i) => i);
   let next = 0;
@@ -211,7 +269,10 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
           slot = spawnRunner(dir);
           await slot.ready;
           const again = await runOn(slot, req, caseTimeoutMs);
-          if (again.reply && again.reply.rssPeak <= rssLimit) { t.rssDrift++; t.driftPeak = Math.max(t.driftPeak, r.reply.rssPeak); }
+          if (again.reply && again.reply.rssPeak <= rssLimit) {
+            t.rssDrift++;
+            t.driftPeak = Math.max(t.driftPeak, r.reply.rssPeak);
+          }
           r = again;
         }
         const caseDefects: Defect[] = [...(r.reply?.defects ?? [])];
@@ -221,7 +282,10 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
         if (reply) {
           t.maxRss = Math.max(t.maxRss, reply.rssPeak);
           for (const op of reply.ops) maxOpMs[op.op] = Math.max(maxOpMs[op.op], op.ms);
-          if (reply.rssPeak > rssLimit) { t.overMemory++; caseDefects.push({ kind: 'exception', detail: `peak RSS ${(reply.rssPeak / MiB).toFixed(0)} MiB` }); }
+          if (reply.rssPeak > rssLimit) {
+            t.overMemory++;
+            caseDefects.push({ kind: 'exception', detail: `peak RSS ${(reply.rssPeak / MiB).toFixed(0)} MiB` });
+          }
         }
         if (o.cliEvery && (index % o.cliEvery === 0 || o.only !== undefined)) {
           t.cliRuns++;
@@ -230,26 +294,43 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
         if (r.crash !== undefined) t.crashes++;
         if (caseDefects.some((d) => d.kind === 'hang')) t.hangs++;
         if (caseDefects.some((d) => d.kind === 'mismatch')) t.mismatches++;
-        if (caseDefects.some((d) => d.kind !== 'hang' && d.kind !== 'mismatch') && r.crash === undefined && !(reply && reply.rssPeak > rssLimit && caseDefects.length === 1)) t.otherDefects++;
+        if (
+          caseDefects.some((d) => d.kind !== 'hang' && d.kind !== 'mismatch') &&
+          r.crash === undefined &&
+          !(reply && reply.rssPeak > rssLimit && caseDefects.length === 1)
+        )
+          t.otherDefects++;
         const entry: CaseRecord = { index, base: bases[b]!.name, changes, defects: caseDefects, reply };
         if (caseDefects.length) defects.push(entry);
         if (reply && !caseDefects.length) {
           const conv = reply.ops.find((x) => x.op === 'convert')!;
           if (reply.qemu.skipped) t.notCompared++;
           else if (conv.ok && reply.qemu.ok) t.equal++;
-          else if (!conv.ok && reply.qemu.ok) { t.refused++; const key = reasonKey(conv.error!); reasons.set(key, (reasons.get(key) ?? 0) + 1); }
-          else if (conv.ok && !reply.qemu.ok) { t.lenient++; if (lenientCases.length < 200) lenientCases.push(`case ${index} (${bases[b]!.name}; ${changes.join('; ')}): qemu-img: ${reply.qemu.error}`); }
-          else t.bothRefused++;
+          else if (!conv.ok && reply.qemu.ok) {
+            t.refused++;
+            const key = reasonKey(conv.error!);
+            reasons.set(key, (reasons.get(key) ?? 0) + 1);
+          } else if (conv.ok && !reply.qemu.ok) {
+            t.lenient++;
+            if (lenientCases.length < 200)
+              lenientCases.push(
+                `case ${index} (${bases[b]!.name}; ${changes.join('; ')}): qemu-img: ${reply.qemu.error}`,
+              );
+          } else t.bothRefused++;
           if (reply.qemu.ok !== conv.ok) record(entry);
         } else if (caseDefects.length) {
           record(entry);
-          log(`DEFECT case ${index} (seed ${o.seed}, ${bases[b]!.name}; ${changes.join('; ')}): ${caseDefects.map((d) => `${d.kind}${d.op ? ` in ${d.op}` : ''}: ${d.detail.split('\n').slice(0, 4).join(' | ').slice(0, 400)}`).join('; ')}`);
+          log(
+            `DEFECT case ${index} (seed ${o.seed}, ${bases[b]!.name}; ${changes.join('; ')}): ${caseDefects.map((d) => `${d.kind}${d.op ? ` in ${d.op}` : ''}: ${d.detail.split('\n').slice(0, 4).join(' | ').slice(0, 400)}`).join('; ')}`,
+          );
         }
         if (o.only !== undefined) {
           log(`case ${index}: base ${bases[b]!.name}; mutant kept at ${image}`);
           for (const c of changes) log(`  ${c}`);
           for (const op of reply?.ops ?? []) log(`  ${op.op}: ${op.ok ? 'ok' : op.error} (${op.ms.toFixed(0)} ms)`);
-          log(`  qemu-img convert: ${reply?.qemu.ok ? 'ok' : reply?.qemu.error}; compared: ${reply?.compared}; peak RSS ${((reply?.rssPeak ?? 0) / MiB).toFixed(0)} MiB`);
+          log(
+            `  qemu-img convert: ${reply?.qemu.ok ? 'ok' : reply?.qemu.error}; compared: ${reply?.compared}; peak RSS ${((reply?.rssPeak ?? 0) / MiB).toFixed(0)} MiB`,
+          );
         } else {
           fs.rmSync(image, { force: true });
         }
@@ -262,7 +343,9 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
         finished++;
         if (performance.now() - lastLog > 30_000) {
           lastLog = performance.now();
-          log(`  ${finished}/${indices.length} cases, ${defects.length} with defects, ${((performance.now() - started) / 1000).toFixed(0)} s`);
+          log(
+            `  ${finished}/${indices.length} cases, ${defects.length} with defects, ${((performance.now() - started) / 1000).toFixed(0)} s`,
+          );
         }
       }
     } finally {
@@ -277,8 +360,13 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
     if (o.only === undefined) fs.rmSync(work, { recursive: true, force: true });
   }
   return {
-    cases: indices.length, seed: o.seed, ...t, maxOpMs,
-    refusalReasons: [...reasons].sort((a, b) => b[1] - a[1]), lenientCases, defects,
+    cases: indices.length,
+    seed: o.seed,
+    ...t,
+    maxOpMs,
+    refusalReasons: [...reasons].sort((a, b) => b[1] - a[1]),
+    lenientCases,
+    defects,
     elapsedMs: performance.now() - started,
   };
 }
@@ -290,8 +378,15 @@ export function summarize(r: CampaignResult): string {
     `|---|---|---|---|---|---|---|---|---|---|---|---|---|`,
     `| ${r.cases} | ${r.crashes} | ${r.hangs} | ${r.overMemory} | ${r.mismatches} | ${r.otherDefects} | ${r.equal} | ${r.refused} | ${r.lenient} | ${r.bothRefused} | ${r.notCompared} | ${(r.maxRss / MiB).toFixed(0)} MiB | ${r.cliRuns} |`,
     '',
-    `Slowest operation: ${Object.entries(r.maxOpMs).map(([k, v]) => `${k} ${v.toFixed(0)} ms`).join(', ')}; ${(r.elapsedMs / 1000).toFixed(0)} s in all.`,
-    ...(r.rssDrift ? [``, `${r.rssDrift} cases went over the bound in a process that had run many cases (peak ${(r.driftPeak / MiB).toFixed(0)} MiB) and stayed within it when run again in a fresh process.`] : []),
+    `Slowest operation: ${Object.entries(r.maxOpMs)
+      .map(([k, v]) => `${k} ${v.toFixed(0)} ms`)
+      .join(', ')}; ${(r.elapsedMs / 1000).toFixed(0)} s in all.`,
+    ...(r.rssDrift
+      ? [
+          ``,
+          `${r.rssDrift} cases went over the bound in a process that had run many cases (peak ${(r.driftPeak / MiB).toFixed(0)} MiB) and stayed within it when run again in a fresh process.`,
+        ]
+      : []),
   ];
   if (r.refusalReasons.length) {
     lines.push('', 'Refused where qemu-img reads the image (reason, cases):', '');
@@ -307,18 +402,33 @@ export function summarize(r: CampaignResult): string {
 if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
   const { values } = parseArgs({
     options: {
-      cases: { type: 'string', default: '1000' }, seed: { type: 'string', default: '1' }, jobs: { type: 'string' },
-      case: { type: 'string' }, 'cli-every': { type: 'string', default: '0' }, 'op-timeout-ms': { type: 'string' }, report: { type: 'string' }, json: { type: 'boolean' },
+      cases: { type: 'string', default: '1000' },
+      seed: { type: 'string', default: '1' },
+      jobs: { type: 'string' },
+      case: { type: 'string' },
+      'cli-every': { type: 'string', default: '0' },
+      'op-timeout-ms': { type: 'string' },
+      report: { type: 'string' },
+      json: { type: 'boolean' },
     },
   });
   const num = (name: string, v: string | undefined): number | undefined => {
     if (v === undefined) return undefined;
-    if (!/^\d+$/.test(v)) { console.error(`qcow2-fuzz: --${name} must be a whole number, got "${v}"`); process.exit(2); }
+    if (!/^\d+$/.test(v)) {
+      console.error(`qcow2-fuzz: --${name} must be a whole number, got "${v}"`);
+      process.exit(2);
+    }
     return Number(v);
   };
   const r = await runCampaign({
-    cases: num('cases', values.cases)!, seed: num('seed', values.seed)!, jobs: num('jobs', values.jobs), only: num('case', values.case),
-    cliEvery: num('cli-every', values['cli-every']), opTimeoutMs: num('op-timeout-ms', values['op-timeout-ms']), reportFile: values.report, log: (l) => console.error(l),
+    cases: num('cases', values.cases)!,
+    seed: num('seed', values.seed)!,
+    jobs: num('jobs', values.jobs),
+    only: num('case', values.case),
+    cliEvery: num('cli-every', values['cli-every']),
+    opTimeoutMs: num('op-timeout-ms', values['op-timeout-ms']),
+    reportFile: values.report,
+    log: (l) => console.error(l),
   });
   console.log(values.json ? JSON.stringify(r, null, 2) : summarize(r));
   process.exitCode = r.crashes + r.hangs + r.overMemory + r.mismatches + r.otherDefects ? 1 : 0;

@@ -29,8 +29,12 @@ export interface Layout {
 
 const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
 
-function u32(b: Buffer, at: number): number { return at + 4 <= b.length ? b.readUInt32BE(at) : 0; }
-function u64(b: Buffer, at: number): bigint { return at + 8 <= b.length ? b.readBigUInt64BE(at) : 0n; }
+function u32(b: Buffer, at: number): number {
+  return at + 4 <= b.length ? b.readUInt32BE(at) : 0;
+}
+function u64(b: Buffer, at: number): bigint {
+  return at + 8 <= b.length ? b.readBigUInt64BE(at) : 0n;
+}
 
 export function layoutOf(b: Buffer): Layout {
   const fields: Field[] = [];
@@ -43,16 +47,29 @@ export function layoutOf(b: Buffer): Layout {
   const clusterBits = u32(b, 20);
   const clusterSize = clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 65536;
   const headerFields: Array<[string, number, Field['width'], Field['kind']]> = [
-    ['magic', 0, 4, 'other'], ['version', 4, 4, 'other'], ['backing_file_offset', 8, 8, 'offset'],
-    ['backing_file_size', 16, 4, 'size'], ['cluster_bits', 20, 4, 'bits'], ['size', 24, 8, 'size'],
-    ['crypt_method', 32, 4, 'type'], ['l1_size', 36, 4, 'count'], ['l1_table_offset', 40, 8, 'offset'],
-    ['refcount_table_offset', 48, 8, 'offset'], ['refcount_table_clusters', 56, 4, 'count'],
-    ['nb_snapshots', 60, 4, 'count'], ['snapshots_offset', 64, 8, 'offset'],
+    ['magic', 0, 4, 'other'],
+    ['version', 4, 4, 'other'],
+    ['backing_file_offset', 8, 8, 'offset'],
+    ['backing_file_size', 16, 4, 'size'],
+    ['cluster_bits', 20, 4, 'bits'],
+    ['size', 24, 8, 'size'],
+    ['crypt_method', 32, 4, 'type'],
+    ['l1_size', 36, 4, 'count'],
+    ['l1_table_offset', 40, 8, 'offset'],
+    ['refcount_table_offset', 48, 8, 'offset'],
+    ['refcount_table_clusters', 56, 4, 'count'],
+    ['nb_snapshots', 60, 4, 'count'],
+    ['snapshots_offset', 64, 8, 'offset'],
   ];
   if (version >= 3) {
-    headerFields.push(['incompatible_features', 72, 8, 'flags'], ['compatible_features', 80, 8, 'flags'],
-      ['autoclear_features', 88, 8, 'flags'], ['refcount_order', 96, 4, 'bits'], ['header_length', 100, 4, 'size'],
-      ['compression_type', 104, 1, 'type']);
+    headerFields.push(
+      ['incompatible_features', 72, 8, 'flags'],
+      ['compatible_features', 80, 8, 'flags'],
+      ['autoclear_features', 88, 8, 'flags'],
+      ['refcount_order', 96, 4, 'bits'],
+      ['header_length', 100, 4, 'size'],
+      ['compression_type', 104, 1, 'type'],
+    );
   }
   for (const [name, at, width, kind] of headerFields) f(`header.${name}`, at, width, kind);
   const headerLength = version >= 3 ? Math.min(u32(b, 100), clusterSize) : 72;
@@ -79,7 +96,8 @@ export function layoutOf(b: Buffer): Layout {
     ext += 8 + Math.ceil(len / 8) * 8;
   }
   const backingAt = Number(u64(b, 8));
-  if (backingAt > 0 && backingAt < b.length) regions.push(['backing name', backingAt, Math.min(backingAt + u32(b, 16), b.length)]);
+  if (backingAt > 0 && backingAt < b.length)
+    regions.push(['backing name', backingAt, Math.min(backingAt + u32(b, 16), b.length)]);
 
   // L1 and the L2 tables it points at.
   const l1Size = u32(b, 36);
@@ -163,7 +181,7 @@ export function layoutOf(b: Buffer): Layout {
         meta.add(block);
         regions.push([`refcount block ${r}`, block, block + Math.min(clusterSize, 4096)]);
         const order = version >= 3 ? u32(b, 96) : 4;
-        const width = order >= 3 && order <= 6 ? ((2 ** order) / 8) as Field['width'] : undefined;
+        const width = order >= 3 && order <= 6 ? ((2 ** order / 8) as Field['width']) : undefined;
         // Sub-byte refcounts are mutated through byte flips of the block.
         if (width) for (let i = 0; i < 32; i++) f(`refcount_block[${r}][${i}]`, block + i * width, width, 'refcount');
       }
@@ -195,5 +213,13 @@ export function layoutOf(b: Buffer): Layout {
       d += Math.ceil((24 + u32(b, d + 20) + nameSize) / 8) * 8;
     }
   }
-  return { fileSize: b.length, clusterSize, version, extendedL2, fields, regions: regions.filter(([, s, e]) => e > s), metadataOffsets: [...meta] };
+  return {
+    fileSize: b.length,
+    clusterSize,
+    version,
+    extendedL2,
+    fields,
+    regions: regions.filter(([, s, e]) => e > s),
+    metadataOffsets: [...meta],
+  };
 }

@@ -12,9 +12,13 @@ export type Rand = () => number;
 
 /** xorshift32: small, seedable, the same everywhere. */
 export function prng(seed: number): Rand {
-  let x = (seed >>> 0) || 1;
+  let x = seed >>> 0 || 1;
   return () => {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     return x / 0x1_0000_0000;
   };
 }
@@ -32,10 +36,14 @@ const int = (rand: Rand, n: number): number => Math.floor(rand() * n);
 
 function read(b: Buffer, fl: Field): bigint {
   switch (fl.width) {
-    case 1: return BigInt(b[fl.at]!);
-    case 2: return BigInt(b.readUInt16BE(fl.at));
-    case 4: return BigInt(b.readUInt32BE(fl.at));
-    case 8: return b.readBigUInt64BE(fl.at);
+    case 1:
+      return BigInt(b[fl.at]!);
+    case 2:
+      return BigInt(b.readUInt16BE(fl.at));
+    case 4:
+      return BigInt(b.readUInt32BE(fl.at));
+    case 8:
+      return b.readBigUInt64BE(fl.at);
   }
 }
 
@@ -43,10 +51,18 @@ function write(b: Buffer, fl: Field, v: bigint): void {
   const bits = BigInt(fl.width * 8);
   const x = BigInt.asUintN(Number(bits), v);
   switch (fl.width) {
-    case 1: b[fl.at] = Number(x); break;
-    case 2: b.writeUInt16BE(Number(x), fl.at); break;
-    case 4: b.writeUInt32BE(Number(x), fl.at); break;
-    case 8: b.writeBigUInt64BE(x, fl.at); break;
+    case 1:
+      b[fl.at] = Number(x);
+      break;
+    case 2:
+      b.writeUInt16BE(Number(x), fl.at);
+      break;
+    case 4:
+      b.writeUInt32BE(Number(x), fl.at);
+      break;
+    case 8:
+      b.writeBigUInt64BE(x, fl.at);
+      break;
   }
 }
 
@@ -56,27 +72,82 @@ function valueFor(rand: Rand, fl: Field, old: bigint, lay: Layout): bigint {
   const c = BigInt(lay.clusterSize);
   const size = BigInt(lay.fileSize);
   const metaAt = BigInt(pick(rand, lay.metadataOffsets));
-  const common: bigint[] = [0n, 1n, max, max >> 1n, old + 1n, old - 1n, old ^ (1n << BigInt(int(rand, fl.width * 8))), 1n << BigInt(int(rand, fl.width * 8))];
+  const common: bigint[] = [
+    0n,
+    1n,
+    max,
+    max >> 1n,
+    old + 1n,
+    old - 1n,
+    old ^ (1n << BigInt(int(rand, fl.width * 8))),
+    1n << BigInt(int(rand, fl.width * 8)),
+  ];
   switch (fl.kind) {
     case 'offset':
-      return pick(rand, [...common, size, size - c, size + c, metaAt, metaAt + 512n, old + c, old - c, old + 8n, 1n << 56n, BigInt(int(rand, lay.fileSize))]);
+      return pick(rand, [
+        ...common,
+        size,
+        size - c,
+        size + c,
+        metaAt,
+        metaAt + 512n,
+        old + c,
+        old - c,
+        old + 8n,
+        1n << 56n,
+        BigInt(int(rand, lay.fileSize)),
+      ]);
     case 'count':
     case 'size':
-      return pick(rand, [...common, old * 2n, old + 1000n, 0x7fffffffn, 0x80000000n, 0xffffffffn, old << 20n, BigInt(int(rand, 65536))]);
+      return pick(rand, [
+        ...common,
+        old * 2n,
+        old + 1000n,
+        0x7fffffffn,
+        0x80000000n,
+        0xffffffffn,
+        old << 20n,
+        BigInt(int(rand, 65536)),
+      ]);
     case 'bits':
       return pick(rand, [...common, 8n, 9n, 16n, 21n, 22n, 31n, 32n, 63n, 64n, old + 2n]);
     case 'flags':
     case 'type':
-      return pick(rand, [...common, old | (1n << BigInt(int(rand, 8))), old | (1n << BigInt(int(rand, fl.width * 8))), 2n, 3n]);
+      return pick(rand, [
+        ...common,
+        old | (1n << BigInt(int(rand, 8))),
+        old | (1n << BigInt(int(rand, fl.width * 8))),
+        2n,
+        3n,
+      ]);
     case 'l1': {
       // Keep or drop COPIED; point at another table, at metadata, past the end, unaligned.
       const copied = old & (1n << 63n);
-      return pick(rand, [...common, copied | metaAt, copied | (size + c), copied | (old & ~(1n << 63n)) + 512n, old ^ (1n << 63n), old | (1n << 62n), old | 1n]);
+      return pick(rand, [
+        ...common,
+        copied | metaAt,
+        copied | (size + c),
+        copied | ((old & ~(1n << 63n)) + 512n),
+        old ^ (1n << 63n),
+        old | (1n << 62n),
+        old | 1n,
+      ]);
     }
     case 'l2': {
       const flags = old & (7n << 61n);
-      return pick(rand, [...common, flags | metaAt, flags | (size + c), old + 512n, old ^ (1n << 62n), old ^ (1n << 63n), old | 1n, old ^ 1n,
-        (1n << 62n) | metaAt, (1n << 62n) | (old & ((1n << 54n) - 1n)) | (0xffn << 54n), old | (0x3fn << 56n)]);
+      return pick(rand, [
+        ...common,
+        flags | metaAt,
+        flags | (size + c),
+        old + 512n,
+        old ^ (1n << 62n),
+        old ^ (1n << 63n),
+        old | 1n,
+        old ^ 1n,
+        (1n << 62n) | metaAt,
+        (1n << 62n) | (old & ((1n << 54n) - 1n)) | (0xffn << 54n),
+        old | (0x3fn << 56n),
+      ]);
     }
     case 'refcount':
       return pick(rand, [...common, 0n, 2n, max, old + 1n]);
@@ -123,9 +194,14 @@ export function mutate(src: Buffer, lay: Layout, rand: Rand): { bytes: Buffer; c
     } else if (r < 0.94) {
       // Truncation: at a structure's start or inside it, or anywhere.
       const region = lay.regions.length ? pick(rand, lay.regions) : undefined;
-      const len = region && rand() < 0.7 ? region[1] + (rand() < 0.5 ? 0 : int(rand, Math.max(1, region[2] - region[1]))) : int(rand, b.length);
+      const len =
+        region && rand() < 0.7
+          ? region[1] + (rand() < 0.5 ? 0 : int(rand, Math.max(1, region[2] - region[1])))
+          : int(rand, b.length);
       if (len >= b.length) continue;
-      changes.push(`truncated to ${len} (${region && len >= region[1] && len < region[2] ? `in ${region[0]}` : 'bytes'})`);
+      changes.push(
+        `truncated to ${len} (${region && len >= region[1] && len < region[2] ? `in ${region[0]}` : 'bytes'})`,
+      );
       b = b.subarray(0, len);
     } else {
       const extra = Buffer.alloc(1 + int(rand, 2 * lay.clusterSize));

@@ -24,9 +24,17 @@ export function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): strin
 }
 
 /** Runs the blockconv CLI; never throws. */
-export function cli(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 120_000): { status: number | null; stdout: string; stderr: string; ms: number } {
+export function cli(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  timeoutMs = 120_000,
+): { status: number | null; stdout: string; stderr: string; ms: number } {
   const start = Date.now();
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, ...env } });
+  const r = spawnSync(process.execPath, [CLI, ...args], {
+    encoding: 'utf8',
+    timeout: timeoutMs,
+    env: { ...process.env, ...env },
+  });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr, ms: Date.now() - start };
 }
 
@@ -41,7 +49,11 @@ export async function failure(fn: () => Promise<unknown>): Promise<Error & { cod
 }
 
 /** qemu-img compare; its exit status (0 identical, 1 different) and output. */
-export function compare(a: string, b: string, formats: [string, string] = ['raw', 'raw']): { status: number | null; out: string } {
+export function compare(
+  a: string,
+  b: string,
+  formats: [string, string] = ['raw', 'raw'],
+): { status: number | null; out: string } {
   const r = spawnSync('qemu-img', ['compare', '-f', formats[0], '-F', formats[1], a, b], { encoding: 'utf8' });
   return { status: r.status, out: r.stdout + r.stderr };
 }
@@ -63,6 +75,14 @@ export function sparseImage(file: string, size: number, dataMiB: readonly [numbe
   fs.closeSync(fs.openSync(file, 'w'));
   fs.truncateSync(file, size);
   for (const [at, n] of dataMiB) {
-    execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `seek=${at}`, `count=${n}`, 'conv=notrunc', 'status=none']);
+    execFileSync('dd', [
+      'if=/dev/urandom',
+      `of=${file}`,
+      'bs=1M',
+      `seek=${at}`,
+      `count=${n}`,
+      'conv=notrunc',
+      'status=none',
+    ]);
   }
 }

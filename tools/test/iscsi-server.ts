@@ -23,11 +23,36 @@ export const CHAP_PASSWORD_FILE = path.join(STATE_DIR, 'chap-password');
 
 /** The test LUNs: URL (without credentials), backing file, size and block size. */
 export const LUNS = {
-  disk512: { url: `iscsi://${PORTAL}/${IQN}:disk512/1`, file: path.join(LUN_DIR, 'disk512-1.img'), size: 64 << 20, blockSize: 512 },
-  small: { url: `iscsi://${PORTAL}/${IQN}:disk512/2`, file: path.join(LUN_DIR, 'disk512-small.img'), size: 4 << 20, blockSize: 512 },
-  binding: { url: `iscsi://${PORTAL}/${IQN}:disk512/3`, file: path.join(LUN_DIR, 'disk512-binding.img'), size: 16 << 20, blockSize: 512 },
-  disk4k: { url: `iscsi://${PORTAL}/${IQN}:disk4k/1`, file: path.join(LUN_DIR, 'disk4k-1.img'), size: 64 << 20, blockSize: 4096 },
-  chap: { url: `iscsi://${PORTAL}/${IQN}:chap/1`, file: path.join(LUN_DIR, 'chap-1.img'), size: 16 << 20, blockSize: 512 },
+  disk512: {
+    url: `iscsi://${PORTAL}/${IQN}:disk512/1`,
+    file: path.join(LUN_DIR, 'disk512-1.img'),
+    size: 64 << 20,
+    blockSize: 512,
+  },
+  small: {
+    url: `iscsi://${PORTAL}/${IQN}:disk512/2`,
+    file: path.join(LUN_DIR, 'disk512-small.img'),
+    size: 4 << 20,
+    blockSize: 512,
+  },
+  binding: {
+    url: `iscsi://${PORTAL}/${IQN}:disk512/3`,
+    file: path.join(LUN_DIR, 'disk512-binding.img'),
+    size: 16 << 20,
+    blockSize: 512,
+  },
+  disk4k: {
+    url: `iscsi://${PORTAL}/${IQN}:disk4k/1`,
+    file: path.join(LUN_DIR, 'disk4k-1.img'),
+    size: 64 << 20,
+    blockSize: 4096,
+  },
+  chap: {
+    url: `iscsi://${PORTAL}/${IQN}:chap/1`,
+    file: path.join(LUN_DIR, 'chap-1.img'),
+    size: 16 << 20,
+    blockSize: 512,
+  },
 } as const;
 
 /** Makes sure the target runs; idempotent within the process. */
@@ -57,11 +82,16 @@ export async function iscsiProxy(): Promise<{ portal: string; kill(): void; free
   let frozen = false;
   const server = net.createServer((client) => {
     const upstream = net.connect(3260, '127.0.0.1');
-    for (const [from, to] of [[client, upstream], [upstream, client]] as const) {
+    for (const [from, to] of [
+      [client, upstream],
+      [upstream, client],
+    ] as const) {
       sockets.add(from);
       from.on('error', () => {});
       from.on('close', () => sockets.delete(from));
-      from.on('data', (chunk: Buffer) => { if (!frozen) to.write(chunk); });
+      from.on('data', (chunk: Buffer) => {
+        if (!frozen) to.write(chunk);
+      });
     }
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));

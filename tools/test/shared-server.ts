@@ -38,7 +38,10 @@ export function ensureSharedServer(script: string, stateDir: string): void {
   }
   process.on('exit', () => {
     fs.rmSync(me, { force: true });
-    const others = fs.readdirSync(users).map(Number).filter((pid) => pid !== process.pid && alive(pid));
+    const others = fs
+      .readdirSync(users)
+      .map(Number)
+      .filter((pid) => pid !== process.pid && alive(pid));
     if (others.length > 0 || !fs.existsSync(marker)) return;
     fs.rmSync(marker, { force: true });
     execFileSync('bash', [script, 'stop'], { stdio: 'ignore' });

@@ -86,9 +86,26 @@ export interface CompressBatch {
 }
 
 interface Native {
-  decompress(kind: number, clusterSize: number, input: Uint8Array, spans: Float64Array, first: number, count: number, output: Uint8Array,
-    lengths?: Int32Array): Promise<void>;
-  compress(kind: number, clusterSize: number, input: Uint8Array, spans: Float64Array, first: number, count: number, output: Uint8Array, lengths: Int32Array): Promise<void>;
+  decompress(
+    kind: number,
+    clusterSize: number,
+    input: Uint8Array,
+    spans: Float64Array,
+    first: number,
+    count: number,
+    output: Uint8Array,
+    lengths?: Int32Array,
+  ): Promise<void>;
+  compress(
+    kind: number,
+    clusterSize: number,
+    input: Uint8Array,
+    spans: Float64Array,
+    first: number,
+    count: number,
+    output: Uint8Array,
+    lengths: Int32Array,
+  ): Promise<void>;
   readonly versions: { readonly libdeflate: string; readonly zstd: string; readonly zlib: string };
 }
 
@@ -131,17 +148,25 @@ function kindOf(kind: CodecKind): number {
 }
 
 function lengthsOf(lengths: Int32Array | undefined, count: number): void {
-  if (lengths && lengths.length < count) throw new RangeError(`lengths holds ${lengths.length} entries, the batch has ${count} clusters`);
+  if (lengths && lengths.length < count)
+    throw new RangeError(`lengths holds ${lengths.length} entries, the batch has ${count} clusters`);
 }
 
 function countOf(count: number | undefined, spans: Float64Array, stride: number): number {
   const n = count ?? spans.length / stride;
-  if (!Number.isSafeInteger(n) || n < 0 || n * stride > spans.length) throw new RangeError(`count ${n} does not match ${spans.length} span numbers`);
+  if (!Number.isSafeInteger(n) || n < 0 || n * stride > spans.length)
+    throw new RangeError(`count ${n} does not match ${spans.length} span numbers`);
   return n;
 }
 
 /** Runs `count` clusters as up to `jobs` thread-pool jobs; the lowest failing index wins. */
-async function split(count: number, clusterSize: number, jobs: number | undefined, minBytes: number, run: (first: number, n: number) => Promise<void>): Promise<void> {
+async function split(
+  count: number,
+  clusterSize: number,
+  jobs: number | undefined,
+  minBytes: number,
+  run: (first: number, n: number) => Promise<void>,
+): Promise<void> {
   if (count === 0) return;
   const byBytes = Math.ceil((count * clusterSize) / minBytes);
   const parts = Math.max(1, Math.min(jobs ?? DEFAULT_JOBS, byBytes, count));
@@ -151,7 +176,7 @@ async function split(count: number, clusterSize: number, jobs: number | undefine
   try {
     for (let first = 0; first < count; first += per) pending.push(run(first, Math.min(per, count - first)));
   } catch (err) {
-    refused = { err };  // bad arguments of a later job: the earlier ones still use the buffers
+    refused = { err }; // bad arguments of a later job: the earlier ones still use the buffers
   }
   const results = await Promise.allSettled(pending);
   if (refused) throw refused.err;
@@ -177,9 +202,12 @@ export async function decompressBatch(batch: DecompressBatch): Promise<void> {
   const kind = kindOf(batch.kind);
   const count = countOf(batch.count, batch.spans, 3);
   const { clusterSize, input, spans, output, lengths } = batch;
-  if (batch.kind === 'rfc1950' && !lengths) throw new TypeError('rfc1950 streams may be short: decompressBatch needs `lengths` to say how long');
+  if (batch.kind === 'rfc1950' && !lengths)
+    throw new TypeError('rfc1950 streams may be short: decompressBatch needs `lengths` to say how long');
   lengthsOf(lengths, count);
-  await split(count, clusterSize, batch.jobs, MIN_DECOMPRESS_JOB_BYTES, (first, c) => n.decompress(kind, clusterSize, input, spans, first, c, output, lengths));
+  await split(count, clusterSize, batch.jobs, MIN_DECOMPRESS_JOB_BYTES, (first, c) =>
+    n.decompress(kind, clusterSize, input, spans, first, c, output, lengths),
+  );
 }
 
 /**
@@ -190,11 +218,14 @@ export async function decompressBatch(batch: DecompressBatch): Promise<void> {
  */
 export async function compressBatch(batch: CompressBatch): Promise<Int32Array> {
   const n = addon();
-  if (batch.kind === 'rfc1950') throw new TypeError('rfc1950 is a decompression kind only (node:zlib deflateSync writes zlib streams)');
+  if (batch.kind === 'rfc1950')
+    throw new TypeError('rfc1950 is a decompression kind only (node:zlib deflateSync writes zlib streams)');
   const kind = kindOf(batch.kind);
   const count = countOf(batch.count, batch.spans, 2);
   const { clusterSize, input, spans, output, lengths } = batch;
   lengthsOf(lengths, count);
-  await split(count, clusterSize, batch.jobs, MIN_COMPRESS_JOB_BYTES, (first, c) => n.compress(kind, clusterSize, input, spans, first, c, output, lengths));
+  await split(count, clusterSize, batch.jobs, MIN_COMPRESS_JOB_BYTES, (first, c) =>
+    n.compress(kind, clusterSize, input, spans, first, c, output, lengths),
+  );
   return lengths;
 }

@@ -7,7 +7,15 @@ import * as path from 'node:path';
 import { constants as zc, deflateRawSync, deflateSync, inflateRawSync } from 'node:zlib';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { STORE_UNCOMPRESSED, available, compressBatch, decompressBatch, versions, type CodecError, type CodecKind } from '../src/index.js';
+import {
+  STORE_UNCOMPRESSED,
+  available,
+  compressBatch,
+  decompressBatch,
+  versions,
+  type CodecError,
+  type CodecKind,
+} from '../src/index.js';
 
 const KiB = 1024;
 const KINDS: CodecKind[] = ['zlib', 'zstd'];
@@ -15,21 +23,41 @@ const KINDS: CodecKind[] = ['zlib', 'zstd'];
 /** Compressible clusters: random hex digits (about 60 % after compression), seeded by `seed`. */
 function hexClusters(count: number, size: number, seed = 1): Uint8Array {
   const out = new Uint8Array(count * size);
-  let x = seed * 2654435761 >>> 0 || 1;
+  let x = (seed * 2654435761) >>> 0 || 1;
   for (let i = 0; i < out.length; i++) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     out[i] = '0123456789abcdef'.charCodeAt(x & 15);
   }
   return out;
 }
 
 /** Compresses `count` clusters laid end to end; slots of size - 1 bytes end to end. */
-async function compress(kind: CodecKind, data: Uint8Array, size: number, jobs?: number): Promise<{ out: Uint8Array; lengths: Int32Array }> {
+async function compress(
+  kind: CodecKind,
+  data: Uint8Array,
+  size: number,
+  jobs?: number,
+): Promise<{ out: Uint8Array; lengths: Int32Array }> {
   const count = data.length / size;
   const spans = new Float64Array(2 * count);
-  for (let i = 0; i < count; i++) { spans[2 * i] = i * size; spans[2 * i + 1] = i * (size - 1); }
+  for (let i = 0; i < count; i++) {
+    spans[2 * i] = i * size;
+    spans[2 * i + 1] = i * (size - 1);
+  }
   const out = new Uint8Array(count * (size - 1));
-  const lengths = await compressBatch({ kind, clusterSize: size, input: data, spans, output: out, lengths: new Int32Array(count), jobs });
+  const lengths = await compressBatch({
+    kind,
+    clusterSize: size,
+    input: data,
+    spans,
+    output: out,
+    lengths: new Int32Array(count),
+    jobs,
+  });
   return { out, lengths };
 }
 
@@ -104,7 +132,11 @@ for (const kind of KINDS) {
     const data = hexClusters(16, size, 3);
     const good = streamsOf(await compress(kind, data, size), size);
     const cases: Array<[string, Uint8Array, RegExp]> = [
-      ['truncated', good[0]!.subarray(0, good[0]!.length >> 1), kind === 'zlib' ? /truncated|decompresses to \d+ bytes, expected 65536/ : /truncated/],
+      [
+        'truncated',
+        good[0]!.subarray(0, good[0]!.length >> 1),
+        kind === 'zlib' ? /truncated|decompresses to \d+ bytes, expected 65536/ : /truncated/,
+      ],
       ['garbage', new Uint8Array(randomBytes(4096)), kind === 'zlib' ? /./ : /not a zstd frame/],
       ['empty', new Uint8Array(0), /./],
     ];
@@ -131,9 +163,17 @@ for (const kind of KINDS) {
     const short = streamsOf(await compress(kind, hexClusters(1, size / 2, 5), size / 2), size / 2)[0]!;
     const l = await failure(decompress(kind, [long], size));
     assert.is(l.code, 'ECORRUPT');
-    assert.match(l.reason, kind === 'zlib' ? /more than 65536 bytes/ : /content size 131072 is not the cluster size 65536/);
+    assert.match(
+      l.reason,
+      kind === 'zlib' ? /more than 65536 bytes/ : /content size 131072 is not the cluster size 65536/,
+    );
     const s = await failure(decompress(kind, [short], size));
-    assert.match(s.reason, kind === 'zlib' ? /decompresses to 32768 bytes, expected 65536/ : /content size 32768 is not the cluster size 65536/);
+    assert.match(
+      s.reason,
+      kind === 'zlib'
+        ? /decompresses to 32768 bytes, expected 65536/
+        : /content size 32768 is not the cluster size 65536/,
+    );
   });
 
   test(`${kind}: many batches at once`, async () => {
@@ -166,7 +206,10 @@ test('zlib: a stream that fills the cluster without a final block is read as QEM
   assert.match((await failure(decompress('zlib', [padded], size))).reason, /invalid stored block lengths/);
   // Without the last bytes of data it is short.
   const short = deflateRawSync(data.subarray(0, size - 100), { finishFlush: zc.Z_SYNC_FLUSH });
-  assert.match((await failure(decompress('zlib', [short], size))).reason, /truncated stream: decompresses to 65436 bytes/);
+  assert.match(
+    (await failure(decompress('zlib', [short], size))).reason,
+    /truncated stream: decompresses to 65436 bytes/,
+  );
 });
 
 test('zstd: hostile frame headers are refused', async () => {
@@ -175,7 +218,10 @@ test('zstd: hostile frame headers are refused', async () => {
   const withDict = Buffer.from(frame!);
   // Frame header descriptor: dictionary ID flag 1 (one byte) would shift the header; a
   // skippable frame and a bad magic are simpler hostile inputs.
-  withDict[0] = 0x50; withDict[1] = 0x2a; withDict[2] = 0x4d; withDict[3] = 0x18; // skippable magic
+  withDict[0] = 0x50;
+  withDict[1] = 0x2a;
+  withDict[2] = 0x4d;
+  withDict[3] = 0x18; // skippable magic
   assert.match((await failure(decompress('zstd', [withDict], size))).reason, /content size 0|not a zstd frame/);
   const dict = Buffer.concat([frame!.subarray(0, 4), Buffer.from([frame![4]! | 0x01, 0x07]), frame!.subarray(5)]);
   assert.match((await failure(decompress('zstd', [dict], size))).reason, /dictionary/);
@@ -191,7 +237,19 @@ test('compressed clusters are byte for byte what qemu-img writes', async () => {
     fs.writeFileSync(raw, data);
     for (const kind of KINDS) {
       const img = path.join(dir, `${kind}.qcow2`);
-      execFileSync('qemu-img', ['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${size},compression_type=${kind}`, raw, img]);
+      execFileSync('qemu-img', [
+        'convert',
+        '-q',
+        '-c',
+        '-f',
+        'raw',
+        '-O',
+        'qcow2',
+        '-o',
+        `cluster_size=${size},compression_type=${kind}`,
+        raw,
+        img,
+      ]);
       const file = fs.readFileSync(img);
       const l2 = Number(file.readBigUInt64BE(Number(file.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
       const entry = file.readBigUInt64BE(l2);
@@ -199,7 +257,10 @@ test('compressed clusters are byte for byte what qemu-img writes', async () => {
       const host = Number(entry & ((1n << 54n) - 1n)); // 62 - (cluster_bits - 8) offset bits
       const c = await compress(kind, data, size);
       const ours = streamsOf(c, size)[0]!;
-      assert.ok(Buffer.from(ours).equals(file.subarray(host, host + ours.length)), `${kind}: same ${ours.length} bytes as qemu-img`);
+      assert.ok(
+        Buffer.from(ours).equals(file.subarray(host, host + ours.length)),
+        `${kind}: same ${ours.length} bytes as qemu-img`,
+      );
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -208,24 +269,75 @@ test('compressed clusters are byte for byte what qemu-img writes', async () => {
 
 test('bad arguments reject before anything runs', async () => {
   const out = new Uint8Array(64 * KiB);
-  const e1 = await failure(decompressBatch({ kind: 'zlib', clusterSize: 64 * KiB, input: new Uint8Array(10), spans: Float64Array.of(0, 11, 0), output: out }));
+  const e1 = await failure(
+    decompressBatch({
+      kind: 'zlib',
+      clusterSize: 64 * KiB,
+      input: new Uint8Array(10),
+      spans: Float64Array.of(0, 11, 0),
+      output: out,
+    }),
+  );
   assert.instance(e1, RangeError);
-  const e2 = await failure(decompressBatch({ kind: 'zlib', clusterSize: 64 * KiB, input: new Uint8Array(10), spans: Float64Array.of(0, 10, 1), output: out }));
+  const e2 = await failure(
+    decompressBatch({
+      kind: 'zlib',
+      clusterSize: 64 * KiB,
+      input: new Uint8Array(10),
+      spans: Float64Array.of(0, 10, 1),
+      output: out,
+    }),
+  );
   assert.instance(e2, RangeError, 'output slot past the end');
-  const e3 = await failure(decompressBatch({ kind: 'lz4' as CodecKind, clusterSize: 64 * KiB, input: new Uint8Array(10), spans: Float64Array.of(0, 10, 0), output: out }));
+  const e3 = await failure(
+    decompressBatch({
+      kind: 'lz4' as CodecKind,
+      clusterSize: 64 * KiB,
+      input: new Uint8Array(10),
+      spans: Float64Array.of(0, 10, 0),
+      output: out,
+    }),
+  );
   assert.instance(e3, TypeError);
-  const e4 = await failure(decompressBatch({ kind: 'zstd', clusterSize: 1000, input: new Uint8Array(10), spans: Float64Array.of(0, 10, 0), output: out }));
+  const e4 = await failure(
+    decompressBatch({
+      kind: 'zstd',
+      clusterSize: 1000,
+      input: new Uint8Array(10),
+      spans: Float64Array.of(0, 10, 0),
+      output: out,
+    }),
+  );
   assert.instance(e4, RangeError, 'cluster size not a power of two');
-  const e5 = await failure(compressBatch({ kind: 'zlib', clusterSize: 64 * KiB, input: out, spans: Float64Array.of(0, 2), output: out.subarray(0, 64 * KiB), lengths: new Int32Array(1) }));
+  const e5 = await failure(
+    compressBatch({
+      kind: 'zlib',
+      clusterSize: 64 * KiB,
+      input: out,
+      spans: Float64Array.of(0, 2),
+      output: out.subarray(0, 64 * KiB),
+      lengths: new Int32Array(1),
+    }),
+  );
   assert.instance(e5, RangeError, 'compress slot past the end');
-  await decompressBatch({ kind: 'zlib', clusterSize: 64 * KiB, input: new Uint8Array(0), spans: new Float64Array(0), output: out });
+  await decompressBatch({
+    kind: 'zlib',
+    clusterSize: 64 * KiB,
+    input: new Uint8Array(0),
+    spans: new Float64Array(0),
+    output: out,
+  });
 });
 
 // rfc1950: zlib streams (header, deflate, adler32) of at most a cluster, as a VMDK
 // streamOptimized grain is; node:zlib's deflateSync writes them.
 
 /** Decompresses rfc1950 streams into slots of `size` bytes end to end; the lengths reported. */
-async function inflateStreams(streams: Uint8Array[], size: number, jobs?: number): Promise<{ output: Uint8Array; lengths: Int32Array }> {
+async function inflateStreams(
+  streams: Uint8Array[],
+  size: number,
+  jobs?: number,
+): Promise<{ output: Uint8Array; lengths: Int32Array }> {
   const input = Buffer.concat(streams);
   const spans = new Float64Array(3 * streams.length);
   let at = 0;
@@ -258,7 +370,7 @@ test('rfc1950: a short last grain, an empty one and trailing bytes', async () =>
   const last = data.subarray(2 * size, 2 * size + 1000);
   const streams = [
     Buffer.concat([deflateSync(data.subarray(0, size)), new Uint8Array(randomBytes(511))]), // padded to a sector, as in a VMDK
-    deflateSync(data.subarray(size, 2 * size), { level: 0 }),             // stored blocks
+    deflateSync(data.subarray(size, 2 * size), { level: 0 }), // stored blocks
     deflateSync(new Uint8Array(0)),
     deflateSync(last),
   ];
@@ -280,8 +392,16 @@ test('rfc1950: corrupt adler32, truncated input, output past the slot, wrong hea
   const dict = deflateSync(data.subarray(0, 4096), { dictionary: Buffer.from('a preset dictionary') });
   const cases: Array<[string, Uint8Array, RegExp]> = [
     ['corrupt adler32', badAdler, /^incorrect data check: the adler32 does not match the data$/],
-    ['truncated in the data', good[5]!.subarray(0, good[5]!.length >> 1), /^truncated stream: the input ends after \d+ bytes of output$/],
-    ['truncated in the adler32', good[5]!.subarray(0, good[5]!.length - 2), /^truncated stream: the input ends after 65536 bytes of output$/],
+    [
+      'truncated in the data',
+      good[5]!.subarray(0, good[5]!.length >> 1),
+      /^truncated stream: the input ends after \d+ bytes of output$/,
+    ],
+    [
+      'truncated in the adler32',
+      good[5]!.subarray(0, good[5]!.length - 2),
+      /^truncated stream: the input ends after 65536 bytes of output$/,
+    ],
     ['empty', new Uint8Array(0), /^truncated stream: the input ends after 0 bytes of output$/],
     ['output larger than the slot', deflateSync(data.subarray(0, size + 1)), /^decompresses to more than 65536 bytes$/],
     ['raw deflate, no zlib header', deflateRawSync(data.subarray(0, size)), /incorrect header check|invalid/],
@@ -311,15 +431,43 @@ test('rfc1950: lengths are required, compressing is refused, other kinds report 
   const stream = deflateSync(hexClusters(1, size, 23));
   const spans = Float64Array.of(0, stream.length, 0);
   const output = new Uint8Array(size);
-  assert.instance(await failure(decompressBatch({ kind: 'rfc1950', clusterSize: size, input: stream, spans, output })), TypeError);
-  const short = await failure(decompressBatch({ kind: 'rfc1950', clusterSize: size, input: stream, spans: Float64Array.of(0, stream.length, 0, 0, 1, 0), output: new Uint8Array(2 * size), lengths: new Int32Array(1) }));
+  assert.instance(
+    await failure(decompressBatch({ kind: 'rfc1950', clusterSize: size, input: stream, spans, output })),
+    TypeError,
+  );
+  const short = await failure(
+    decompressBatch({
+      kind: 'rfc1950',
+      clusterSize: size,
+      input: stream,
+      spans: Float64Array.of(0, stream.length, 0, 0, 1, 0),
+      output: new Uint8Array(2 * size),
+      lengths: new Int32Array(1),
+    }),
+  );
   assert.instance(short, RangeError, 'lengths shorter than the batch');
-  const c = await failure(compressBatch({ kind: 'rfc1950', clusterSize: size, input: output, spans: Float64Array.of(0, 0), output, lengths: new Int32Array(1) }));
+  const c = await failure(
+    compressBatch({
+      kind: 'rfc1950',
+      clusterSize: size,
+      input: output,
+      spans: Float64Array.of(0, 0),
+      output,
+      lengths: new Int32Array(1),
+    }),
+  );
   assert.instance(c, TypeError);
   const z = await compress('zstd', hexClusters(2, size, 24), size);
   const lengths = new Int32Array(2);
   const zs = streamsOf(z, size);
-  await decompressBatch({ kind: 'zstd', clusterSize: size, input: Buffer.concat(zs), spans: Float64Array.of(0, zs[0]!.length, 0, zs[0]!.length, zs[1]!.length, size), output: new Uint8Array(2 * size), lengths });
+  await decompressBatch({
+    kind: 'zstd',
+    clusterSize: size,
+    input: Buffer.concat(zs),
+    spans: Float64Array.of(0, zs[0]!.length, 0, zs[0]!.length, zs[1]!.length, size),
+    output: new Uint8Array(2 * size),
+    lengths,
+  });
   assert.equal([...lengths], [size, size]);
 });
 

@@ -47,8 +47,20 @@ interface Native {
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void>;
   copyRange(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number): Promise<number>;
-  pipe(srcFd: number, pieces: Float64Array, pieceCount: number, dstFd: number, dstOffset: number, length: number, buffer: Uint8Array,
-    holes: Float64Array, holeCount: number, unit: number, minRun: number, runs: Float64Array): Promise<number>;
+  pipe(
+    srcFd: number,
+    pieces: Float64Array,
+    pieceCount: number,
+    dstFd: number,
+    dstOffset: number,
+    length: number,
+    buffer: Uint8Array,
+    holes: Float64Array,
+    holeCount: number,
+    unit: number,
+    minRun: number,
+    runs: Float64Array,
+  ): Promise<number>;
   blockDeviceSize(fd: number): Promise<number>;
   blockDeviceZeroOut(fd: number, offset: number, length: number): Promise<void>;
   blockDeviceDiscard(fd: number, offset: number, length: number): Promise<void>;
@@ -94,7 +106,13 @@ export function extents(fd: number, offset: number, fileSize: number, maxExtents
  * is copied at the call, so the caller may reuse it; the buffer must stay unchanged
  * until the promise settles.
  */
-export function pwriteSegments(fd: number, buffer: Uint8Array, offset: number, segments: Float64Array, count: number): Promise<void> {
+export function pwriteSegments(
+  fd: number,
+  buffer: Uint8Array,
+  offset: number,
+  segments: Float64Array,
+  count: number,
+): Promise<void> {
   return native.pwriteSegments(fd, buffer, offset, segments, count);
 }
 
@@ -129,7 +147,13 @@ export function fallocate(fd: number, mode: number, offset: number, length: numb
  * instead of piling up to the kernel's dirty limit. Not a flush: it does not commit
  * metadata or the disk's cache. A length of 0 skips that part.
  */
-export function writeBehind(fd: number, offset: number, length: number, evictOffset: number, evictLength: number): Promise<void> {
+export function writeBehind(
+  fd: number,
+  offset: number,
+  length: number,
+  evictOffset: number,
+  evictLength: number,
+): Promise<void> {
   return native.writeBehind(fd, offset, length, evictOffset, evictLength);
 }
 
@@ -141,7 +165,13 @@ export function writeBehind(fd: number, offset: number, length: number, evictOff
  * where the source ends. EXDEV, EOPNOTSUPP, ENOSYS or EINVAL mean the kernel cannot do
  * this copy; some bytes may have been copied before an error.
  */
-export function copyRange(srcFd: number, srcOffset: number, dstFd: number, dstOffset: number, length: number): Promise<number> {
+export function copyRange(
+  srcFd: number,
+  srcOffset: number,
+  dstFd: number,
+  dstOffset: number,
+  length: number,
+): Promise<number> {
   return native.copyRange(srcFd, srcOffset, dstFd, dstOffset, length);
 }
 
@@ -169,8 +199,28 @@ export interface PipeChunk {
  * failed write with 'pwrite', each with the file `offset`. The lists are copied at
  * the call; the buffer and `runs` must stay untouched until it settles.
  */
-export function pipe(srcFd: number, dstFd: number, dstOffset: number, length: number, c: PipeChunk, pieceCount: number): Promise<number> {
-  return native.pipe(srcFd, c.pieces, pieceCount, dstFd, dstOffset, length, c.buffer, c.holes, c.holeCount, c.unit, c.minRun, c.runs);
+export function pipe(
+  srcFd: number,
+  dstFd: number,
+  dstOffset: number,
+  length: number,
+  c: PipeChunk,
+  pieceCount: number,
+): Promise<number> {
+  return native.pipe(
+    srcFd,
+    c.pieces,
+    pieceCount,
+    dstFd,
+    dstOffset,
+    length,
+    c.buffer,
+    c.holes,
+    c.holeCount,
+    c.unit,
+    c.minRun,
+    c.runs,
+  );
 }
 
 /** Size of a block device in bytes (BLKGETSIZE64). */

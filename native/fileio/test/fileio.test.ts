@@ -11,7 +11,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 let dir = '';
 
-test.before(() => { dir = fs.mkdtempSync(path.join('/var/tmp', 'blockconv-fileio-')); });
+test.before(() => {
+  dir = fs.mkdtempSync(path.join('/var/tmp', 'blockconv-fileio-'));
+});
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 /** A sparse file of `size` bytes with `fill` written at each [offset, length]. */
@@ -27,7 +29,7 @@ function sparseFile(name: string, size: number, writes: Array<[number, number]>)
 
 async function walk(fd: number, size: number): Promise<Array<[boolean, number, number]>> {
   const out: Array<[boolean, number, number]> = [];
-  for (let pos = 0; pos < size;) {
+  for (let pos = 0; pos < size; ) {
     const r = await fileio.blockStatus(fd, pos, size);
     assert.ok(r.length > 0);
     out.push([r.data, pos, r.length]);
@@ -55,15 +57,25 @@ function tryExec(cmd: string, args: string[]): string | undefined {
 
 test('falloc constants match linux/falloc.h', () => {
   assert.equal(
-    [fileio.FALLOC_FL_KEEP_SIZE, fileio.FALLOC_FL_PUNCH_HOLE, fileio.FALLOC_FL_NO_HIDE_STALE, fileio.FALLOC_FL_COLLAPSE_RANGE,
-      fileio.FALLOC_FL_ZERO_RANGE, fileio.FALLOC_FL_INSERT_RANGE, fileio.FALLOC_FL_UNSHARE_RANGE],
+    [
+      fileio.FALLOC_FL_KEEP_SIZE,
+      fileio.FALLOC_FL_PUNCH_HOLE,
+      fileio.FALLOC_FL_NO_HIDE_STALE,
+      fileio.FALLOC_FL_COLLAPSE_RANGE,
+      fileio.FALLOC_FL_ZERO_RANGE,
+      fileio.FALLOC_FL_INSERT_RANGE,
+      fileio.FALLOC_FL_UNSHARE_RANGE,
+    ],
     [0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40],
   );
 });
 
 test('blockStatus walks data and holes of a sparse file', async () => {
   const size = 8 * MiB;
-  const { fd } = sparseFile('sparse.img', size, [[MiB, 64 * KiB], [4 * MiB, 8 * KiB]]);
+  const { fd } = sparseFile('sparse.img', size, [
+    [MiB, 64 * KiB],
+    [4 * MiB, 8 * KiB],
+  ]);
   const p = fileio.blockStatus(fd, 0, size);
   assert.instance(p, Promise);
   assert.equal(await walk(fd, size), [
@@ -92,7 +104,12 @@ test('fallocate: allocate, punch a hole, zero a range', async () => {
   await fileio.fallocate(fd, fileio.FALLOC_FL_PUNCH_HOLE | fileio.FALLOC_FL_KEEP_SIZE, MiB, MiB);
   assert.is(blocks(), 3 * MiB);
   assert.equal(await fileio.blockStatus(fd, MiB, 4 * MiB), { data: false, length: MiB });
-  assert.ok(fs.readFileSync(file).subarray(MiB, 2 * MiB).every((b) => b === 0));
+  assert.ok(
+    fs
+      .readFileSync(file)
+      .subarray(MiB, 2 * MiB)
+      .every((b) => b === 0),
+  );
 
   await fileio.fallocate(fd, 0, MiB, MiB);
   assert.is(blocks(), 4 * MiB);
@@ -108,7 +125,9 @@ test('fallocate: allocate, punch a hole, zero a range', async () => {
 
 /** Bytes of `file` in the page cache, by fincore (util-linux). */
 function cachedBytes(file: string): number {
-  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
+  return Number(
+    execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim(),
+  );
 }
 
 test('writeBehind starts writeback of one range and drops an older one from the cache', async () => {
@@ -127,12 +146,18 @@ test('writeBehind starts writeback of one range and drops an older one from the 
 });
 
 test('writeBehind failures reject like Node fs errors', async () => {
-  const [r] = fs.readdirSync('/proc/self/fd').map(Number).sort((a, b) => b - a);
+  const [r] = fs
+    .readdirSync('/proc/self/fd')
+    .map(Number)
+    .sort((a, b) => b - a);
   const bad = (r ?? 1000) + 100;
   const err = await rejection(fileio.writeBehind(bad, 0, 4096, 0, 0));
   assert.is(err.code, 'EBADF');
   assert.is(err.syscall, 'sync_file_range');
-  assert.throws(() => fileio.writeBehind(0, -1, 0, 0, 0), (e: Error) => e instanceof RangeError && /"offset"/.test(e.message));
+  assert.throws(
+    () => fileio.writeBehind(0, -1, 0, 0, 0),
+    (e: Error) => e instanceof RangeError && /"offset"/.test(e.message),
+  );
 });
 
 test('copyRange copies inside the kernel, stops where the source ends, and says EXDEV across file system types', async () => {
@@ -155,7 +180,11 @@ test('copyRange copies inside the kernel, stops where the source ends, and says 
       fs.closeSync(c);
       fs.rmSync(shmDir, { recursive: true, force: true });
     }
-    assert.is((await rejection(fileio.copyRange(a.fd, 0, a.fd, 4096, 8192))).code, 'EINVAL', 'overlapping ranges of one file');
+    assert.is(
+      (await rejection(fileio.copyRange(a.fd, 0, a.fd, 4096, 8192))).code,
+      'EINVAL',
+      'overlapping ranges of one file',
+    );
     assert.throws(() => void fileio.copyRange(a.fd, -1, b.fd, 0, 1), RangeError);
   } finally {
     fs.closeSync(a.fd);
@@ -185,24 +214,30 @@ test('errors look like Node fs errors', async () => {
   fs.closeSync(fd3);
 });
 
-(fs.existsSync('/dev/shm') ? test : test.skip)('EOPNOTSUPP where the file system lacks a mode (tmpfs, ZERO_RANGE)', async () => {
-  const f = fs.mkdtempSync('/dev/shm/blockconv-fileio-');
-  try {
-    const fd = fs.openSync(path.join(f, 'img'), 'w+');
-    const e = await rejection(fileio.fallocate(fd, fileio.FALLOC_FL_ZERO_RANGE, 0, 4096));
-    assert.is(e.code, 'EOPNOTSUPP');
-    assert.is(e.errno, -os.constants.errno.EOPNOTSUPP);
-    assert.is(e.syscall, 'fallocate');
-    assert.match(e.message, /^EOPNOTSUPP: operation not supported, fallocate$/);
-    fs.closeSync(fd);
-  } finally {
-    fs.rmSync(f, { recursive: true, force: true });
-  }
-});
+(fs.existsSync('/dev/shm') ? test : test.skip)(
+  'EOPNOTSUPP where the file system lacks a mode (tmpfs, ZERO_RANGE)',
+  async () => {
+    const f = fs.mkdtempSync('/dev/shm/blockconv-fileio-');
+    try {
+      const fd = fs.openSync(path.join(f, 'img'), 'w+');
+      const e = await rejection(fileio.fallocate(fd, fileio.FALLOC_FL_ZERO_RANGE, 0, 4096));
+      assert.is(e.code, 'EOPNOTSUPP');
+      assert.is(e.errno, -os.constants.errno.EOPNOTSUPP);
+      assert.is(e.syscall, 'fallocate');
+      assert.match(e.message, /^EOPNOTSUPP: operation not supported, fallocate$/);
+      fs.closeSync(fd);
+    } finally {
+      fs.rmSync(f, { recursive: true, force: true });
+    }
+  },
+);
 
 test('bad arguments throw synchronously: TypeError for types, RangeError for values', () => {
   const f = fileio.blockStatus as unknown as (...args: unknown[]) => unknown;
-  assert.throws(() => f('3', 0, 10), (e: Error) => e instanceof TypeError && /"fd"/.test(e.message));
+  assert.throws(
+    () => f('3', 0, 10),
+    (e: Error) => e instanceof TypeError && /"fd"/.test(e.message),
+  );
   assert.throws(() => f(3, 0), TypeError);
   assert.throws(() => f(3, 0n, 10), TypeError);
   assert.throws(() => f(3, -1, 10), RangeError);
@@ -249,7 +284,8 @@ test('allocAligned memory satisfies O_DIRECT where unaligned memory does not', (
 });
 
 // Loop devices need root and /dev/loop-control; attached inside the test so nothing leaks.
-const canLoop = process.getuid?.() === 0 && fs.existsSync('/dev/loop-control') && tryExec('losetup', ['--version']) !== undefined;
+const canLoop =
+  process.getuid?.() === 0 && fs.existsSync('/dev/loop-control') && tryExec('losetup', ['--version']) !== undefined;
 
 (canLoop ? test : test.skip)('block device ioctls on a loop device', async () => {
   const backing = path.join(dir, 'loop.img');

@@ -158,37 +158,70 @@ const UNIT_ATTENTION_RETRIES = 5;
 
 /** SCSI sense keys (SPC-4), as words. */
 const SENSE_KEYS: Readonly<Record<number, string>> = {
-  0x0: 'no sense', 0x1: 'recovered error', 0x2: 'not ready', 0x3: 'medium error', 0x4: 'hardware error',
-  0x5: 'illegal request', 0x6: 'unit attention', 0x7: 'data protect', 0x8: 'blank check',
-  0x9: 'vendor specific', 0xa: 'copy aborted', 0xb: 'aborted command', 0xd: 'volume overflow', 0xe: 'miscompare',
+  0x0: 'no sense',
+  0x1: 'recovered error',
+  0x2: 'not ready',
+  0x3: 'medium error',
+  0x4: 'hardware error',
+  0x5: 'illegal request',
+  0x6: 'unit attention',
+  0x7: 'data protect',
+  0x8: 'blank check',
+  0x9: 'vendor specific',
+  0xa: 'copy aborted',
+  0xb: 'aborted command',
+  0xd: 'volume overflow',
+  0xe: 'miscompare',
 };
 
 /** The ASC/ASCQ pairs a block target commonly returns, as words (SPC-4 annex). */
 const ASC_ASCQ: Readonly<Record<number, string>> = {
-  0x0400: 'logical unit not ready', 0x0401: 'logical unit becoming ready',
-  0x0402: 'logical unit not ready, initializing command required', 0x0403: 'logical unit not ready, manual intervention required',
-  0x0c00: 'write error', 0x1100: 'unrecovered read error', 0x1a00: 'parameter list length error',
-  0x2000: 'invalid command operation code', 0x2100: 'logical block address out of range',
-  0x2400: 'invalid field in CDB', 0x2500: 'logical unit not supported', 0x2600: 'invalid field in parameter list',
-  0x2700: 'write protected', 0x2707: 'space allocation failed (thin pool full)',
-  0x2800: 'medium may have changed', 0x2900: 'power on, reset or bus device reset occurred',
-  0x2a01: 'mode parameters changed', 0x2a09: 'capacity data has changed', 0x3a00: 'medium not present',
-  0x3e03: 'logical unit failed self-test', 0x4400: 'internal target failure', 0x4700: 'SCSI parity error',
+  0x0400: 'logical unit not ready',
+  0x0401: 'logical unit becoming ready',
+  0x0402: 'logical unit not ready, initializing command required',
+  0x0403: 'logical unit not ready, manual intervention required',
+  0x0c00: 'write error',
+  0x1100: 'unrecovered read error',
+  0x1a00: 'parameter list length error',
+  0x2000: 'invalid command operation code',
+  0x2100: 'logical block address out of range',
+  0x2400: 'invalid field in CDB',
+  0x2500: 'logical unit not supported',
+  0x2600: 'invalid field in parameter list',
+  0x2700: 'write protected',
+  0x2707: 'space allocation failed (thin pool full)',
+  0x2800: 'medium may have changed',
+  0x2900: 'power on, reset or bus device reset occurred',
+  0x2a01: 'mode parameters changed',
+  0x2a09: 'capacity data has changed',
+  0x3a00: 'medium not present',
+  0x3e03: 'logical unit failed self-test',
+  0x4400: 'internal target failure',
+  0x4700: 'SCSI parity error',
 };
 
 const STATUS_NAMES: Readonly<Record<number, string>> = {
-  0x02: 'CHECK CONDITION', 0x04: 'CONDITION MET', 0x08: 'BUSY', 0x18: 'RESERVATION CONFLICT',
-  0x28: 'TASK SET FULL', 0x30: 'ACA ACTIVE', 0x40: 'TASK ABORTED',
+  0x02: 'CHECK CONDITION',
+  0x04: 'CONDITION MET',
+  0x08: 'BUSY',
+  0x18: 'RESERVATION CONFLICT',
+  0x28: 'TASK SET FULL',
+  0x30: 'ACA ACTIVE',
+  0x40: 'TASK ABORTED',
 };
 
 const hex = (n: number): string => `0x${n.toString(16).padStart(2, '0')}`;
 
 /** One line describing a SCSI status and its sense data. */
-export function describeScsiError(status: number | undefined, sense: SenseData | undefined): { code: string; text: string } {
+export function describeScsiError(
+  status: number | undefined,
+  sense: SenseData | undefined,
+): { code: string; text: string } {
   if (sense) {
     const pair = (sense.asc << 8) | sense.ascq;
     const key = SENSE_KEYS[sense.key] ?? `sense key ${hex(sense.key)}`;
-    const what = ASC_ASCQ[pair] ?? (sense.ascqName ? sense.ascqName.toLowerCase().replace(/_/g, ' ') : 'unknown condition');
+    const what =
+      ASC_ASCQ[pair] ?? (sense.ascqName ? sense.ascqName.toLowerCase().replace(/_/g, ' ') : 'unknown condition');
     let code = 'EIO';
     if (pair === 0x2100) code = 'ERANGE';
     else if (pair === 0x2000 || (sense.key === 0x5 && pair === 0x2400)) code = 'ENOTSUP';
@@ -196,9 +229,12 @@ export function describeScsiError(status: number | undefined, sense: SenseData |
     else if (pair === 0x2707) code = 'ENOSPC';
     else if (sense.key === 0x7) code = 'EROFS';
     else if (sense.key === 0x5) code = 'EINVAL';
-    return { code, text: `${key}: ${what} (sense key ${hex(sense.key)}, ASC/ASCQ ${hex(sense.asc)}/${hex(sense.ascq)})` };
+    return {
+      code,
+      text: `${key}: ${what} (sense key ${hex(sense.key)}, ASC/ASCQ ${hex(sense.asc)}/${hex(sense.ascq)})`,
+    };
   }
-  const name = status === undefined ? 'unknown status' : STATUS_NAMES[status] ?? `SCSI status ${hex(status)}`;
+  const name = status === undefined ? 'unknown status' : (STATUS_NAMES[status] ?? `SCSI status ${hex(status)}`);
   const code = status === 0x08 || status === 0x28 ? 'EBUSY' : status === 0x18 ? 'EACCES' : 'EIO';
   return { code, text: `target answered ${name}` };
 }
@@ -208,8 +244,10 @@ function describeLoginError(message: string): { code: string; text: string } {
   if (/Authentication failure|Authorization failure/i.test(message)) {
     return { code: 'EACCES', text: 'login refused: CHAP authentication failed (wrong or missing user/password)' };
   }
-  if (/Target not found|Target removed/i.test(message)) return { code: 'ENOENT', text: 'login refused: no such target on this portal' };
-  if (/Connection refused/i.test(message)) return { code: 'ECONNREFUSED', text: 'connection refused (is an iSCSI target listening on this portal?)' };
+  if (/Target not found|Target removed/i.test(message))
+    return { code: 'ENOENT', text: 'login refused: no such target on this portal' };
+  if (/Connection refused/i.test(message))
+    return { code: 'ECONNREFUSED', text: 'connection refused (is an iSCSI target listening on this portal?)' };
   if (/TestUnitReady|LOGICAL_UNIT_NOT_SUPPORTED|lun/i.test(message) && /not supported|LOGICAL_UNIT/i.test(message)) {
     return { code: 'ENOENT', text: 'no such LUN on this target' };
   }
@@ -318,7 +356,9 @@ export class IscsiSession {
     try {
       await Promise.race([
         this.#n.logout().catch(() => {}),
-        new Promise<void>((resolve) => { timer = setTimeout(resolve, timeoutMs); }),
+        new Promise<void>((resolve) => {
+          timer = setTimeout(resolve, timeoutMs);
+        }),
       ]);
     } finally {
       clearTimeout(timer);
@@ -347,14 +387,24 @@ export class IscsiSession {
 
   #wrap<T>(p: Promise<T>): Promise<T> {
     const password = this.#password;
-    return p.catch((err: unknown) => { throw refine(err, password); });
+    return p.catch((err: unknown) => {
+      throw refine(err, password);
+    });
   }
 
   /** Tasks submitted and not yet completed. */
-  get outstanding(): number { return this.#n.outstanding; }
+  get outstanding(): number {
+    return this.#n.outstanding;
+  }
   /** Most tasks that were in flight at once, counted at submission. */
-  get peakOutstanding(): number { return this.#n.peakOutstanding; }
+  get peakOutstanding(): number {
+    return this.#n.peakOutstanding;
+  }
   /** libiscsi's socket (-1 when not connected), for tests. */
-  get fd(): number { return this.#n.fd; }
-  get destroyed(): boolean { return this.#n.destroyed; }
+  get fd(): number {
+    return this.#n.fd;
+  }
+  get destroyed(): boolean {
+    return this.#n.destroyed;
+  }
 }

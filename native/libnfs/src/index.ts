@@ -82,7 +82,15 @@ interface NativeContext {
 
 interface Native {
   NfsContext: new (options?: NfsContextOptions) => NativeContext;
-  constants: { O_RDONLY: number; O_WRONLY: number; O_RDWR: number; O_CREAT: number; O_TRUNC: number; O_EXCL: number; O_SYNC: number };
+  constants: {
+    O_RDONLY: number;
+    O_WRONLY: number;
+    O_RDWR: number;
+    O_CREAT: number;
+    O_TRUNC: number;
+    O_EXCL: number;
+    O_SYNC: number;
+  };
 }
 
 // An ESM module cannot import a .node file; createRequire can. src/ (tsx) and dist/
@@ -109,13 +117,30 @@ function addon(): Native {
 
 /** open() flags (Linux values, which libnfs expects). */
 export const constants: Native['constants'] = native?.constants ?? {
-  O_RDONLY: 0, O_WRONLY: 1, O_RDWR: 2, O_CREAT: 0o100, O_TRUNC: 0o1000, O_EXCL: 0o200, O_SYNC: 0o4010000,
+  O_RDONLY: 0,
+  O_WRONLY: 1,
+  O_RDWR: 2,
+  O_CREAT: 0o100,
+  O_TRUNC: 0o1000,
+  O_EXCL: 0o200,
+  O_SYNC: 0o4010000,
 };
 
 /** URL options libnfs 4.0 understands (nfs_set_context_args); it silently ignores others. */
 export const URL_OPTIONS: readonly string[] = [
-  'uid', 'gid', 'tcp-syncnt', 'readahead', 'pagecache', 'debug', 'auto-traverse-mounts',
-  'dircache', 'autoreconnect', 'if', 'version', 'nfsport', 'mountport',
+  'uid',
+  'gid',
+  'tcp-syncnt',
+  'readahead',
+  'pagecache',
+  'debug',
+  'auto-traverse-mounts',
+  'dircache',
+  'autoreconnect',
+  'if',
+  'version',
+  'nfsport',
+  'mountport',
 ];
 
 /** libnfs reports some failures with a generic errno; its text says what happened. */
@@ -148,7 +173,6 @@ function refine(err: unknown, timeoutMs: number | undefined): unknown {
   return e;
 }
 
-
 function urlError(message: string): NfsError {
   return Object.assign(new Error(message), { code: 'EINVAL', errno: 22 }) as NfsError;
 }
@@ -168,8 +192,10 @@ export async function prepareUrl(url: string): Promise<string> {
   const params = new URLSearchParams(m[4] ?? '');
   if (!host) throw urlError(`invalid NFS URL ${JSON.stringify(url)}: no server`);
   for (const [key, value] of params) {
-    if (!URL_OPTIONS.includes(key)) throw urlError(`unknown NFS URL option "${key}" (libnfs 4.0 knows ${URL_OPTIONS.join(', ')})`);
-    if (key === 'version' && value !== '3' && value !== '4') throw urlError(`NFS version ${value} is not supported (3 or 4)`);
+    if (!URL_OPTIONS.includes(key))
+      throw urlError(`unknown NFS URL option "${key}" (libnfs 4.0 knows ${URL_OPTIONS.join(', ')})`);
+    if (key === 'version' && value !== '3' && value !== '4')
+      throw urlError(`NFS version ${value} is not supported (3 or 4)`);
     if (key !== 'if' && !/^-?\d+$/.test(value)) throw urlError(`NFS URL option ${key}=${value}: expected a number`);
   }
   if (port !== undefined) {
@@ -251,20 +277,36 @@ export class NfsContext {
   }
 
   #wrap<T>(p: Promise<T>): Promise<T> {
-    return p.catch((err: unknown) => { throw refine(err, this.#timeoutMs); });
+    return p.catch((err: unknown) => {
+      throw refine(err, this.#timeoutMs);
+    });
   }
 
   /** Largest READ the server accepts (its rsize); 0 before mount. */
-  get readMax(): number { return this.#n.readMax; }
+  get readMax(): number {
+    return this.#n.readMax;
+  }
   /** Largest WRITE the server accepts (its wsize); 0 before mount. */
-  get writeMax(): number { return this.#n.writeMax; }
+  get writeMax(): number {
+    return this.#n.writeMax;
+  }
   /** Requests submitted and not yet completed. */
-  get outstanding(): number { return this.#n.outstanding; }
+  get outstanding(): number {
+    return this.#n.outstanding;
+  }
   /** Most requests that were in flight at once, counted when one completes. */
-  get peakOutstanding(): number { return this.#n.peakOutstanding; }
+  get peakOutstanding(): number {
+    return this.#n.peakOutstanding;
+  }
   /** Requests libnfs accepted on this context since it was made (mount and open included). */
-  get submitted(): number { return this.#n.submitted; }
+  get submitted(): number {
+    return this.#n.submitted;
+  }
   /** libnfs's socket (-1 when not connected), for tests. */
-  get fd(): number { return this.#n.fd; }
-  get destroyed(): boolean { return this.#n.destroyed; }
+  get fd(): number {
+    return this.#n.fd;
+  }
+  get destroyed(): boolean {
+    return this.#n.destroyed;
+  }
 }

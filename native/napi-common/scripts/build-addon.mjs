@@ -23,7 +23,9 @@ const libraries = pkg.systemLibraries?.pkgConfig ?? {};
 const missing = Object.keys(libraries).filter((m) => spawnSync('pkg-config', ['--exists', m]).status !== 0);
 if (missing.length > 0) {
   const debian = missing.map((m) => libraries[m]).join(' ');
-  console.error(`${pkg.name}: ${missing.join(', ')} not found (Debian: ${debian}, see tools/install-deps.sh); addon not built, ${pkg.systemLibraries.without}`);
+  console.error(
+    `${pkg.name}: ${missing.join(', ')} not found (Debian: ${debian}, see tools/install-deps.sh); addon not built, ${pkg.systemLibraries.without}`,
+  );
   process.exit(0);
 }
 

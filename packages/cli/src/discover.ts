@@ -23,7 +23,13 @@ import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { DriverRegistry, declareSecretParameters, matchesMagic, type BlockDriver, type FormatMagic } from '@blockconv/core';
+import {
+  DriverRegistry,
+  declareSecretParameters,
+  matchesMagic,
+  type BlockDriver,
+  type FormatMagic,
+} from '@blockconv/core';
 
 export interface LoadedPackage {
   readonly name: string;
@@ -56,13 +62,15 @@ interface PackageMeta {
 
 /** A package.json magic entry as byte strings at offsets; undefined when it does not parse (then no preselection). */
 export function parseMagic(value: unknown): FormatMagic[] | undefined {
-  if (typeof value === 'string') return /^([0-9a-f]{2})+$/i.test(value) ? [{ offset: 0, bytes: Buffer.from(value, 'hex') }] : undefined;
+  if (typeof value === 'string')
+    return /^([0-9a-f]{2})+$/i.test(value) ? [{ offset: 0, bytes: Buffer.from(value, 'hex') }] : undefined;
   if (!Array.isArray(value) || value.length === 0) return undefined;
   const out: FormatMagic[] = [];
   for (const m of value as Array<{ offset?: unknown; hex?: unknown; text?: unknown }>) {
     const offset = m?.offset ?? 0;
     if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0 || offset >= 4096) return undefined;
-    if (typeof m.hex === 'string' && /^([0-9a-f]{2})+$/i.test(m.hex)) out.push({ offset, bytes: Buffer.from(m.hex, 'hex') });
+    if (typeof m.hex === 'string' && /^([0-9a-f]{2})+$/i.test(m.hex))
+      out.push({ offset, bytes: Buffer.from(m.hex, 'hex') });
     else if (typeof m.text === 'string' && m.text.length > 0) out.push({ offset, bytes: m.text });
     else return undefined;
   }
@@ -72,10 +80,14 @@ export function parseMagic(value: unknown): FormatMagic[] | undefined {
 /** What a package found in `nodeModules` says of itself: read from its folder, whatever its "exports" list. */
 function metaOf(nodeModules: string, name: string): PackageMeta | undefined {
   try {
-    const pkg = JSON.parse(readFileSync(join(nodeModules, name, 'package.json'), 'utf8')) as { blockconv?: Partial<PackageMeta> };
+    const pkg = JSON.parse(readFileSync(join(nodeModules, name, 'package.json'), 'utf8')) as {
+      blockconv?: Partial<PackageMeta>;
+    };
     const b = pkg.blockconv;
     if (!b || (!Array.isArray(b.schemes) && !Array.isArray(b.formats))) return undefined;
-    const secretParameters = Array.isArray(b.secretParameters) ? b.secretParameters.filter((n) => typeof n === 'string') : undefined;
+    const secretParameters = Array.isArray(b.secretParameters)
+      ? b.secretParameters.filter((n) => typeof n === 'string')
+      : undefined;
     return { schemes: b.schemes ?? [], formats: b.formats ?? [], magic: b.magic, secretParameters };
   } catch {
     return undefined; // no readable package.json: import it to find out
@@ -100,7 +112,11 @@ function candidatesIn(nodeModules: string): string[] {
   for (const e of entries) {
     if (e.startsWith('@')) {
       let scoped: string[] = [];
-      try { scoped = readdirSync(join(nodeModules, e)); } catch { /* unreadable scope */ }
+      try {
+        scoped = readdirSync(join(nodeModules, e));
+      } catch {
+        /* unreadable scope */
+      }
       for (const s of scoped) if (PACKAGE_RE.test(`${e}/${s}`)) out.push(`${e}/${s}`);
     } else if (PACKAGE_RE.test(e)) {
       out.push(e);
@@ -118,7 +134,7 @@ function packageEntry(dir: string): string {
     const t = target as Record<string, unknown>;
     target = t.import ?? t.node ?? t.default;
   }
-  return join(dir, typeof target === 'string' ? target : pkg.main ?? 'index.js');
+  return join(dir, typeof target === 'string' ? target : (pkg.main ?? 'index.js'));
 }
 
 /** A BLOCKCONV_DRIVERS entry as a file to import: a path (file or package folder), or a package name. */
@@ -142,7 +158,9 @@ function driversOf(mod: Record<string, unknown>): BlockDriver[] {
   return named.length ? named : pick(mod.default);
 }
 
-export async function discoverDrivers(fromDirs: readonly string[] = [import.meta.dirname ?? process.cwd(), process.cwd()]): Promise<Discovery> {
+export async function discoverDrivers(
+  fromDirs: readonly string[] = [import.meta.dirname ?? process.cwd(), process.cwd()],
+): Promise<Discovery> {
   const registry = new DriverRegistry();
   const loaded: LoadedPackage[] = [];
   const failed: FailedPackage[] = [];
@@ -183,7 +201,11 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
           // From the folder, as import would: an ESM-only package's "exports" need no "require" condition.
           entry = packageEntry(join(nm, name));
         } catch (err) {
-          failed.push({ name, path: join(nm, name), error: err instanceof Error ? err.message.split('\n')[0]! : String(err) });
+          failed.push({
+            name,
+            path: join(nm, name),
+            error: err instanceof Error ? err.message.split('\n')[0]! : String(err),
+          });
           continue;
         }
         const meta = metaOf(nm, name);
@@ -196,12 +218,16 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
         for (const sc of meta.schemes) if (!byScheme.has(sc.toLowerCase())) byScheme.set(sc.toLowerCase(), name);
         for (const f of meta.formats) if (!byFormat.has(f)) byFormat.set(f, name);
         const magics = meta.formats.map((f) => parseMagic(meta.magic?.[f]));
-        if (meta.formats.length && magics.every((m) => m !== undefined)) magicOf.set(name, magics.flat() as FormatMagic[]);
+        if (meta.formats.length && magics.every((m) => m !== undefined))
+          magicOf.set(name, magics.flat() as FormatMagic[]);
       }
     }
   }
 
-  for (const spec of (process.env.BLOCKCONV_DRIVERS ?? '').split(',').map((s) => s.trim()).filter(Boolean)) {
+  for (const spec of (process.env.BLOCKCONV_DRIVERS ?? '')
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)) {
     if (seen.has(spec)) continue;
     seen.add(spec);
     let entry: string;
@@ -218,9 +244,12 @@ export async function discoverDrivers(fromDirs: readonly string[] = [import.meta
     return !magics || !head || matchesMagic(magics, head);
   };
   registry.setLoader(async (kind, name, head) => {
-    if (kind === 'format' && name === '*') await Promise.all([...new Set(byFormat.values())].filter((p) => mayClaim(p, head)).map(loadLazy));
+    if (kind === 'format' && name === '*')
+      await Promise.all([...new Set(byFormat.values())].filter((p) => mayClaim(p, head)).map(loadLazy));
     else await loadLazy((kind === 'scheme' ? byScheme : byFormat).get(name) ?? '');
   });
-  const loadAll = async (): Promise<void> => { await Promise.all([...pending.keys()].map(loadLazy)); };
+  const loadAll = async (): Promise<void> => {
+    await Promise.all([...pending.keys()].map(loadLazy));
+  };
   return { registry, loaded, failed, loadAll };
 }

@@ -50,7 +50,10 @@ export function buildProgram(ctx: CommandContext): Command {
     .version(createRequire(import.meta.url)('../package.json').version as string, '-V, --version')
     .showSuggestionAfterError()
     // Usage errors may quote an argument; subcommands inherit this.
-    .configureOutput({ writeOut: (s) => process.stdout.write(redactCredentials(s)), writeErr: (s) => process.stderr.write(redactCredentials(s)) })
+    .configureOutput({
+      writeOut: (s) => process.stdout.write(redactCredentials(s)),
+      writeErr: (s) => process.stderr.write(redactCredentials(s)),
+    })
     .configureHelp({ sortOptions: false })
     .exitOverride();
   for (const addCommand of COMMANDS) addCommand(program, ctx);
@@ -88,7 +91,7 @@ function printWarning(w: Error): void {
 
 async function run(ctx: CommandContext, argv: readonly string[]): Promise<number> {
   const program = buildProgram(ctx);
-  program.commands.forEach((c) => c.exitOverride());
+  for (const c of program.commands) c.exitOverride();
   try {
     await program.parseAsync(argv as string[]);
     return 0;
@@ -106,8 +109,10 @@ async function run(ctx: CommandContext, argv: readonly string[]): Promise<number
       // Installed but broken (e.g. an addon built without its system library) is not "missing".
       const failed = ctx.discovery?.failed ?? [];
       const named = failed.find((f) => msg.includes(`install ${f.name}`));
-      if (named) msg = `${msg.slice(0, msg.indexOf(': install '))}: ${named.name} is installed but failed to load: ${named.error}`;
-      else if (failed.length) msg += ` (packages that failed to load: ${failed.map((f) => `${f.name}: ${f.error}`).join('; ')})`;
+      if (named)
+        msg = `${msg.slice(0, msg.indexOf(': install '))}: ${named.name} is installed but failed to load: ${named.error}`;
+      else if (failed.length)
+        msg += ` (packages that failed to load: ${failed.map((f) => `${f.name}: ${f.error}`).join('; ')})`;
     }
     process.stderr.write(`blockconv: ${msg}\n`);
     return 1;

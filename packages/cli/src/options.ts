@@ -15,7 +15,10 @@ export function keyValues(v: string, prev: Record<string, string> = {}): Record<
     if (!part) continue;
     const eq = part.indexOf('=');
     if (eq <= 0) {
-      if (part === 'help' || part === '?') { out.help = 'true'; continue; }
+      if (part === 'help' || part === '?') {
+        out.help = 'true';
+        continue;
+      }
       throw new InvalidArgumentError(`expected key=value, got "${part.replace(/\0/g, ',')}".`);
     }
     out[part.slice(0, eq)] = part.slice(eq + 1).replace(/\0/g, ',');
@@ -26,20 +29,28 @@ export function keyValues(v: string, prev: Record<string, string> = {}): Record<
 export function intOption(name: string, min: number, max: number) {
   return (v: string): number => {
     const n = Number(v);
-    if (!/^\d+$/.test(v) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer from ${min} to ${max}.`);
+    if (!/^\d+$/.test(v) || n < min || n > max)
+      throw new InvalidArgumentError(`${name} must be an integer from ${min} to ${max}.`);
     return n;
   };
 }
 
 export function sizeOption(name: string) {
   return (v: string): number => {
-    try { return parseSize(v, name); } catch (e) { throw new InvalidArgumentError((e as Error).message + '.'); }
+    try {
+      return parseSize(v, name);
+    } catch (e) {
+      throw new InvalidArgumentError(`${(e as Error).message}.`);
+    }
   };
 }
 
 /** Per-image open options (driver-specific, declared by each driver); "help" lists them. */
 export function openOptions(flag: string, what: string): Option {
-  return new Option(flag, `open options of the ${what}, driver-specific ("help" lists them; so does "blockconv drivers")`).argParser(keyValues);
+  return new Option(
+    flag,
+    `open options of the ${what}, driver-specific ("help" lists them; so does "blockconv drivers")`,
+  ).argParser(keyValues);
 }
 
 export function cacheOption(flag: string, what: string, dflt: CacheMode): Option {
@@ -53,5 +64,9 @@ export function outputOption(description = 'output format'): Option {
 
 /** --progress bar|json|none, beside -p (a bar). */
 export function progressOption(): Option {
-  return new Option('--progress <mode>', 'progress output: bar, json (JSON lines on stdout), none').choices(['bar', 'json', 'none']);
+  return new Option('--progress <mode>', 'progress output: bar, json (JSON lines on stdout), none').choices([
+    'bar',
+    'json',
+    'none',
+  ]);
 }

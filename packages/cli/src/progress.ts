@@ -16,9 +16,17 @@ export interface ProgressSink {
 export function progressSink(mode: ProgressMode, total: number): ProgressSink {
   if (mode === 'json') {
     return {
-      update: (p) => process.stdout.write(JSON.stringify({
-        event: 'progress', done: p.done, total: p.total, percent: pct(p), bytesPerSecond: Math.round(p.rate), elapsedMs: Math.round(p.elapsedMs),
-      }) + '\n'),
+      update: (p) =>
+        process.stdout.write(
+          `${JSON.stringify({
+            event: 'progress',
+            done: p.done,
+            total: p.total,
+            percent: pct(p),
+            bytesPerSecond: Math.round(p.rate),
+            elapsedMs: Math.round(p.elapsedMs),
+          })}\n`,
+        ),
       stop: () => {},
     };
   }
@@ -50,7 +58,12 @@ export function progressSink(mode: ProgressMode, total: number): ProgressSink {
   });
   bar.start(total, 0, { doneText: formatSize(0), totalText: formatSize(total), rateText: formatSize(0) });
   return {
-    update: (p) => bar.update(p.done, { doneText: formatSize(p.done), totalText: formatSize(p.total), rateText: formatSize(Math.round(p.rate)) }),
+    update: (p) =>
+      bar.update(p.done, {
+        doneText: formatSize(p.done),
+        totalText: formatSize(p.total),
+        rateText: formatSize(Math.round(p.rate)),
+      }),
     stop: () => bar.stop(),
   };
 }

@@ -12,9 +12,17 @@ export function redactStreams(streams: readonly NodeJS.WriteStream[] = [process.
   const undo = streams.map((stream) => {
     const write = stream.write;
     stream.write = function (this: NodeJS.WriteStream, chunk: unknown, ...rest: unknown[]) {
-      return (write as (...args: unknown[]) => boolean).call(this, typeof chunk === 'string' ? redactCredentials(chunk) : chunk, ...rest);
+      return (write as (...args: unknown[]) => boolean).call(
+        this,
+        typeof chunk === 'string' ? redactCredentials(chunk) : chunk,
+        ...rest,
+      );
     } as typeof stream.write;
-    return () => { stream.write = write; };
+    return () => {
+      stream.write = write;
+    };
   });
-  return () => undo.forEach((f) => f());
+  return () => {
+    for (const f of undo) f();
+  };
 }

@@ -43,13 +43,26 @@ export function signalAbort(): SignalAbort {
     return () => process.off(sig, h);
   };
   const offs = [on('SIGINT', 130), on('SIGTERM', 143)];
-  return { signal: ac.signal, dispose: () => offs.forEach((f) => f()), exitCode: () => code, graceful: (stop) => { graceful = stop; } };
+  return {
+    signal: ac.signal,
+    dispose: () => {
+      for (const f of offs) f();
+    },
+    exitCode: () => code,
+    graceful: (stop) => {
+      graceful = stop;
+    },
+  };
 }
 
 /** Resolves at the first SIGINT or SIGTERM, and stops listening for them. */
 export function stopSignal(): Promise<void> {
   return new Promise<void>((resolve) => {
-    const stop = (): void => { process.off('SIGINT', stop); process.off('SIGTERM', stop); resolve(); };
+    const stop = (): void => {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      resolve();
+    };
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
   });

@@ -24,7 +24,7 @@ export function defaultStatePath(target: string): string {
 
 /** The state in `file`, undefined if there is none; a clear error if it cannot be read. */
 export async function readState(file: string): Promise<ResumeState | undefined> {
-  let text;
+  let text: string;
   try {
     text = await fs.readFile(file, 'utf8');
   } catch (err) {
@@ -35,7 +35,11 @@ export async function readState(file: string): Promise<ResumeState | undefined> 
   try {
     state = JSON.parse(text);
   } catch (err) {
-    throw new BlockError('EINVAL', `the resume state ${file} is not JSON (${(err as Error).message}): remove it to start again`, { field: 'state' });
+    throw new BlockError(
+      'EINVAL',
+      `the resume state ${file} is not JSON (${(err as Error).message}): remove it to start again`,
+      { field: 'state' },
+    );
   }
   try {
     checkStateShape(state);
@@ -50,7 +54,7 @@ export async function writeState(file: string, state: ResumeState): Promise<void
   const tmp = `${file}.${process.pid}.tmp`;
   const fh = await fs.open(tmp, 'w', 0o600);
   try {
-    await fh.writeFile(JSON.stringify(state, null, 1) + '\n');
+    await fh.writeFile(`${JSON.stringify(state, null, 1)}\n`);
     await fh.sync();
   } finally {
     await fh.close();

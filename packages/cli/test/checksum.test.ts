@@ -55,9 +55,25 @@ test('raw images with holes, written zeroes, random data and odd sizes', () => {
     const img = join(dir, `raw-${size}.raw`);
     execFileSync('truncate', ['-s', String(size), img]);
     if (size > 1 << 20) {
-      execFileSync('dd', ['if=/dev/urandom', `of=${img}`, 'bs=4096', 'seek=3', 'count=100', 'conv=notrunc', 'status=none']);
+      execFileSync('dd', [
+        'if=/dev/urandom',
+        `of=${img}`,
+        'bs=4096',
+        'seek=3',
+        'count=100',
+        'conv=notrunc',
+        'status=none',
+      ]);
       qemuIo(img, 'raw', 'write -P 0 1M 256k', 'write -P 0x5a 2100k 3k');
-      execFileSync('dd', ['if=/dev/urandom', `of=${img}`, 'bs=1', `seek=${size - 7}`, 'count=7', 'conv=notrunc', 'status=none']);
+      execFileSync('dd', [
+        'if=/dev/urandom',
+        `of=${img}`,
+        'bs=1',
+        `seek=${size - 7}`,
+        'count=7',
+        'conv=notrunc',
+        'status=none',
+      ]);
     } else if (size > 1) {
       qemuIo(img, 'raw', `write -P 0x11 0 ${Math.floor(size / 2)}`);
     }
@@ -102,7 +118,12 @@ test('convert --checksum prints the digest of what it copied; --verify reads the
   execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=64K', 'seek=7', 'count=40', 'conv=notrunc', 'status=none']);
   qemuIo(src, 'raw', 'write -P 0 5M 1M', 'write -P 0x77 19M 4095');
   const want = reference(src);
-  for (const [fmt, extra] of [['raw', []], ['qcow2', []], ['raw', ['-m', '3', '-W']], ['qcow2', ['-c']]] as const) {
+  for (const [fmt, extra] of [
+    ['raw', []],
+    ['qcow2', []],
+    ['raw', ['-m', '3', '-W']],
+    ['qcow2', ['-c']],
+  ] as const) {
     const dst = join(dir, `conv-dst.${fmt}`);
     const r = blockconv('convert', '-O', fmt, ...extra, '--checksum', src, dst);
     assert.is(r.code, 0, r.stderr);
@@ -112,7 +133,7 @@ test('convert --checksum prints the digest of what it copied; --verify reads the
     const done = JSON.parse(v.stdout.trim().split('\n').at(-1)!) as { checksum: string; verified: boolean };
     assert.is(done.checksum, want);
     assert.ok(done.verified);
-    assert.is(checksumOf(dst), want, 'the target\'s own checksum');
+    assert.is(checksumOf(dst), want, "the target's own checksum");
   }
 });
 

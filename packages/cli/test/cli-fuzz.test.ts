@@ -13,7 +13,10 @@ const SEED = Number(process.env.BLOCKCONV_ARGFUZZ_SEED ?? 15);
 
 test(`${CASES} random command lines (seed ${SEED}): a documented exit, one error line, no stack trace`, async () => {
   const r = await runArgFuzz({ cases: CASES, seed: SEED });
-  assert.equal(r.problems.map((p) => `case ${p.index} ${JSON.stringify(p.argv).slice(0, 300)}: ${p.problem}`), []);
+  assert.equal(
+    r.problems.map((p) => `case ${p.index} ${JSON.stringify(p.argv).slice(0, 300)}: ${p.problem}`),
+    [],
+  );
   assert.ok((r.byCode['1'] ?? 0) > CASES / 2, `most lines are refused: ${JSON.stringify(r.byCode)}`);
 });
 

@@ -15,7 +15,11 @@ const MiB = 1024 * 1024;
 const dir = mkdtempSync(join(process.env.BLOCKCONV_TEST_DIR ?? tmpdir(), 'blockconv-cli-'));
 const p = (name: string): string => join(dir, name);
 
-interface Run { code: number; stdout: string; stderr: string }
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
 
 function run(...args: string[]): Run {
   const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 120_000 });
@@ -32,12 +36,25 @@ function qemuCompare(a: string, b: string, ...flags: string[]): { code: number; 
 }
 
 /** A sparse raw image with random data, written-zero ranges and holes. */
-function makeSparse(name: string, size: number, writes: Array<[number, number]>, zeroWrites: Array<[number, number]> = []): string {
+function makeSparse(
+  name: string,
+  size: number,
+  writes: Array<[number, number]>,
+  zeroWrites: Array<[number, number]> = [],
+): string {
   const file = p(name);
   rmSync(file, { force: true });
   execFileSync('truncate', ['-s', String(size), file]);
   for (const [off, len] of writes) {
-    execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=64K', `seek=${off / 65536}`, `count=${len / 65536}`, 'conv=notrunc', 'status=none']);
+    execFileSync('dd', [
+      'if=/dev/urandom',
+      `of=${file}`,
+      'bs=64K',
+      `seek=${off / 65536}`,
+      `count=${len / 65536}`,
+      'conv=notrunc',
+      'status=none',
+    ]);
   }
   const cmds = zeroWrites.flatMap(([off, len]) => ['-c', `write -P 0 ${off} ${len}`]);
   if (cmds.length) execFileSync('qemu-io', ['-f', 'raw', ...cmds, file], { stdio: 'ignore' });
@@ -45,7 +62,9 @@ function makeSparse(name: string, size: number, writes: Array<[number, number]>,
 }
 
 /** Map entries reduced to what a raw file's map means: data or zero ranges, merged. */
-function simplify(entries: Array<{ start: number; length: number; data: boolean; zero: boolean }>): Array<[number, number, boolean]> {
+function simplify(
+  entries: Array<{ start: number; length: number; data: boolean; zero: boolean }>,
+): Array<[number, number, boolean]> {
   const out: Array<[number, number, boolean]> = [];
   for (const e of entries) {
     const last = out.at(-1);
@@ -55,7 +74,18 @@ function simplify(entries: Array<{ start: number; length: number; data: boolean;
   return out;
 }
 
-const src = makeSparse('src.raw', 64 * MiB, [[0, 64 * 1024], [MiB, 5 * MiB], [10 * MiB, 128 * 1024], [20 * MiB + 192 * 1024, 64 * 1024], [63 * MiB, MiB]], [[30 * MiB, 2 * MiB]]);
+const src = makeSparse(
+  'src.raw',
+  64 * MiB,
+  [
+    [0, 64 * 1024],
+    [MiB, 5 * MiB],
+    [10 * MiB, 128 * 1024],
+    [20 * MiB + 192 * 1024, 64 * 1024],
+    [63 * MiB, MiB],
+  ],
+  [[30 * MiB, 2 * MiB]],
+);
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -66,7 +96,12 @@ test('convert raw -> raw: qemu-img compare agrees, holes and zero data stay spar
   const c = qemuCompare(src, p('out.raw'));
   assert.is(c.code, 0, c.out);
   assert.ok(statSync(p('out.raw')).blocks * 512 <= statSync(src).blocks * 512, 'no more allocated than the source');
-  const map = JSON.parse(qemuImg('map', '--output=json', '-f', 'raw', p('out.raw'))) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
+  const map = JSON.parse(qemuImg('map', '--output=json', '-f', 'raw', p('out.raw'))) as Array<{
+    start: number;
+    length: number;
+    data: boolean;
+    zero: boolean;
+  }>;
   const zeroAt30M = map.find((e) => e.start <= 30 * MiB && e.start + e.length > 30 * MiB)!;
   assert.ok(!zeroAt30M.data, 'written zeroes in the source are a hole in the target');
 });
@@ -82,7 +117,11 @@ test('blockconv map agrees with qemu-img map on sparse files', () => {
 });
 
 test('options: -m 1, -m 16 -W, --buffer-size 64k, -S 0 (fully allocated)', () => {
-  for (const args of [['-m', '1'], ['-m', '16', '-W'], ['--buffer-size', '64k']]) {
+  for (const args of [
+    ['-m', '1'],
+    ['-m', '16', '-W'],
+    ['--buffer-size', '64k'],
+  ]) {
     rmSync(p('o.raw'), { force: true });
     const r = run('convert', ...args, src, p('o.raw'));
     assert.is(r.code, 0, r.stderr);
@@ -92,7 +131,10 @@ test('options: -m 1, -m 16 -W, --buffer-size 64k, -S 0 (fully allocated)', () =>
   assert.is(r.code, 0, r.stderr);
   assert.is(qemuCompare(src, p('full.raw')).code, 0);
   const map = JSON.parse(qemuImg('map', '--output=json', '-f', 'raw', p('full.raw'))) as Array<{ data: boolean }>;
-  assert.ok(map.every((e) => e.data), '-S 0 allocates everything');
+  assert.ok(
+    map.every((e) => e.data),
+    '-S 0 allocates everything',
+  );
 });
 
 test('-n writes into an existing larger image and zeroes its old content', () => {
@@ -185,7 +227,10 @@ test('info matches qemu-img info (human and JSON)', () => {
 test('progress: --progress=json prints JSON lines ending at 100%; -p without a terminal prints percentages', () => {
   const r = run('convert', '--progress=json', src, p('pj.raw'));
   assert.is(r.code, 0, r.stderr);
-  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l));
+  const lines = r.stdout
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l));
   assert.ok(lines.length >= 1);
   assert.is(lines.at(-1).done, 64 * MiB);
   assert.is(lines.at(-1).percent, 100);
@@ -203,7 +248,10 @@ test('bad input: one line, non-zero exit, the cause named', () => {
     [['convert', '-m', '0', src, p('x.raw')], /workers must be an integer from 1 to 256/],
     [['convert', '-S', '4q', src, p('x.raw')], /invalid sparse size "4q"/],
     [['convert', '-S', '1000', src, p('x.raw')], /multiple of 512/],
-    [['convert', '-t', 'fast', src, p('x.raw')], /Allowed choices are none, writeback, writethrough, directsync, unsafe/],
+    [
+      ['convert', '-t', 'fast', src, p('x.raw')],
+      /Allowed choices are none, writeback, writethrough, directsync, unsafe/,
+    ],
     [['convert', '--target-is-zero', src, p('x.raw')], /--target-is-zero requires -n/],
     [['convert', src], /convert needs a source and a target/],
     [['convert', dir, p('x.raw')], /is a directory|EISDIR/i],
@@ -237,15 +285,35 @@ test('a full file system: ENOSPC is a clear error with the offset, never reporte
 });
 
 test('--tee: one read, every target written; a full one fails alone and the exit says so', () => {
-  const ok = run('convert', '--checksum', '--output', 'json', '-O', 'qcow2', src, p('tee1.qcow2'), '--tee', p('tee2.qcow2'));
+  const ok = run(
+    'convert',
+    '--checksum',
+    '--output',
+    'json',
+    '-O',
+    'qcow2',
+    src,
+    p('tee1.qcow2'),
+    '--tee',
+    p('tee2.qcow2'),
+  );
   assert.is(ok.code, 0, ok.stderr);
-  const r = JSON.parse(ok.stdout.trim().split('\n').at(-1)!) as { bytesRead: number; checksum: string; targets: Array<{ ok: boolean }> };
-  assert.equal(r.targets.map((t) => t.ok), [true, true]);
+  const r = JSON.parse(ok.stdout.trim().split('\n').at(-1)!) as {
+    bytesRead: number;
+    checksum: string;
+    targets: Array<{ ok: boolean }>;
+  };
+  assert.equal(
+    r.targets.map((t) => t.ok),
+    [true, true],
+  );
   for (const t of ['tee1.qcow2', 'tee2.qcow2']) {
     assert.is(qemuCompare(src, p(t)).code, 0, t);
     assert.is(spawnSync('qemu-img', ['check', p(t)]).status, 0);
   }
-  const single = JSON.parse(run('convert', '--output', 'json', src, p('tee-one.raw')).stdout.trim().split('\n').at(-1)!) as { bytesRead: number };
+  const single = JSON.parse(
+    run('convert', '--output', 'json', src, p('tee-one.raw')).stdout.trim().split('\n').at(-1)!,
+  ) as { bytesRead: number };
   assert.is(r.bytesRead, single.bytesRead, 'the source is read once for two targets');
   assert.is(run('convert', src, p('x.raw'), '--tee', p('x.raw')).code, 1, 'a target named twice');
   const mnt = p('tiny-tee');
@@ -257,7 +325,10 @@ test('--tee: one read, every target written; a full one fails alone and the exit
   try {
     const bad = run('convert', src, p('tee3.raw'), '--tee', join(mnt, 'full.raw'), '--tee', p('tee4.raw'));
     assert.is(bad.code, 1);
-    assert.match(bad.stderr, /target .*full\.raw failed, the others went on: .*write at offset \d+.*no space left on device/);
+    assert.match(
+      bad.stderr,
+      /target .*full\.raw failed, the others went on: .*write at offset \d+.*no space left on device/,
+    );
     assert.match(bad.stderr, /1 of 3 targets failed .*the others are complete/);
     assert.not.match(bad.stderr, /\n\s+at /);
     for (const t of ['tee3.raw', 'tee4.raw']) assert.is(qemuCompare(src, p(t)).code, 0, t);
@@ -267,9 +338,13 @@ test('--tee: one read, every target written; a full one fails alone and the exit
 });
 
 test('SIGINT stops a convert cleanly: exit 130, the target named incomplete', async () => {
-  const child = spawn(process.execPath, [BIN, 'convert', '-r', '4M', '--progress=json', src, p('int.raw')], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [BIN, 'convert', '-r', '4M', '--progress=json', src, p('int.raw')], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stderr = '';
-  child.stderr.on('data', (d) => { stderr += d; });
+  child.stderr.on('data', (d) => {
+    stderr += d;
+  });
   // Interrupt once the copy is under way (the first progress line), however slow start-up is.
   await new Promise<void>((r) => child.stdout.once('data', () => r()));
   child.kill('SIGINT');
@@ -291,7 +366,11 @@ test('-C: the kernel copies the data (same file system), the result says how muc
     const human = run('convert', '-C', '-p', s, join(d, 'o2.raw'));
     assert.is(human.code, 0, human.stderr);
     assert.match(human.stderr, /the storage copied [\d.]+ MiB itself \(-C\)/);
-    for (const [flag, why] of [[['-S', '8k'], /-S/], [['-c', '-O', 'qcow2'], /-c/], [['--checksum'], /checksum/]] as const) {
+    for (const [flag, why] of [
+      [['-S', '8k'], /-S/],
+      [['-c', '-O', 'qcow2'], /-c/],
+      [['--checksum'], /checksum/],
+    ] as const) {
       const bad = run('convert', '-C', ...flag, s, join(d, 'bad.img'));
       assert.is(bad.code, 1, flag.join(' '));
       assert.match(bad.stderr, /copy offload \(-C\) cannot/);
@@ -307,7 +386,23 @@ test('-C: the kernel copies the data (same file system), the result says how muc
 test('help tells the truth: every convert flag documented', () => {
   const r = run('convert', '--help');
   assert.is(r.code, 0);
-  for (const f of ['-f,', '-O,', '-m,', '-W,', '-S,', '-n,', '-p', '--progress', '-q,', '-t,', '-T,', '-o,', '-r,', '--target-is-zero', '-C,']) {
+  for (const f of [
+    '-f,',
+    '-O,',
+    '-m,',
+    '-W,',
+    '-S,',
+    '-n,',
+    '-p',
+    '--progress',
+    '-q,',
+    '-t,',
+    '-T,',
+    '-o,',
+    '-r,',
+    '--target-is-zero',
+    '-C,',
+  ]) {
     assert.ok(r.stdout.includes(f), `help mentions ${f}`);
   }
 });

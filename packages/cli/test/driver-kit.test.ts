@@ -37,7 +37,14 @@ mkdirSync(join(dir, 'node_modules', '@blockconv'), { recursive: true });
 symlinkSync(CORE, join(dir, 'node_modules', '@blockconv', 'core'));
 // The three forms BLOCKCONV_DRIVERS takes: an entry file, a package folder, a package name.
 writeFileSync(join(dir, 'slice-driver.mjs'), code);
-const manifest = (name: string) => JSON.stringify({ name, version: '1.0.0', type: 'module', exports: { '.': { import: './dist/index.js' } }, peerDependencies: { '@blockconv/core': '^0.1.0' } });
+const manifest = (name: string) =>
+  JSON.stringify({
+    name,
+    version: '1.0.0',
+    type: 'module',
+    exports: { '.': { import: './dist/index.js' } },
+    peerDependencies: { '@blockconv/core': '^0.1.0' },
+  });
 for (const pkg of [join(dir, 'slice-folder'), join(dir, 'node_modules', 'slice-by-name')]) {
   mkdirSync(join(pkg, 'dist'), { recursive: true });
   writeFileSync(join(pkg, 'package.json'), manifest(pkg.endsWith('name') ? 'slice-by-name' : 'slice-folder'));
@@ -52,7 +59,12 @@ writeFileSync(disk, bytes);
 const url = `slice://${disk}`;
 
 function run(drivers: string, ...args: string[]): { code: number; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [BIN, ...args], { cwd: dir, encoding: 'utf8', timeout: 60_000, env: { ...process.env, BLOCKCONV_DRIVERS: drivers } });
+  const r = spawnSync(process.execPath, [BIN, ...args], {
+    cwd: dir,
+    encoding: 'utf8',
+    timeout: 60_000,
+    env: { ...process.env, BLOCKCONV_DRIVERS: drivers },
+  });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -94,8 +106,12 @@ test('a missing BLOCKCONV_DRIVERS entry is reported, not fatal', () => {
 test.run();
 
 // The conformance kit, as the README shows it, on the same driver.
-const { sliceDriver } = (await import(pathToFileURL(join(dir, 'slice-driver.mjs')).href)) as { sliceDriver: ProtocolDriver };
-conformance('slice (the core README\'s example)', {
+const { sliceDriver } = (await import(pathToFileURL(join(dir, 'slice-driver.mjs')).href)) as {
+  sliceDriver: ProtocolDriver;
+};
+conformance("slice (the core README's example)", {
   readOnly: true,
-  open: async () => ({ backend: await sliceDriver.open(url, { readOnly: true, options: { start: '4096', length: String(2 << 20) } }) }),
+  open: async () => ({
+    backend: await sliceDriver.open(url, { readOnly: true, options: { start: '4096', length: String(2 << 20) } }),
+  }),
 });

@@ -26,19 +26,40 @@ const BIN = join(ROOT, 'packages', 'cli', 'bin', 'blockconv.js');
 const LAB = join(ROOT, 'tools', 'lab.sh');
 const MiB = 1024 * 1024;
 const RATE = process.env.BLOCKCONV_FAULT_RATE ?? '8mbit';
-const TIMEOUT_S = process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? 30 : Number(process.env.BLOCKCONV_FAULT_TIMEOUT ?? 3);
+const TIMEOUT_S =
+  process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? 30 : Number(process.env.BLOCKCONV_FAULT_TIMEOUT ?? 3);
 const TIMEOUT_OPT = process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? [] : [`timeout=${TIMEOUT_S}`];
 const REPORT = process.env.BLOCKCONV_FAULT_REPORT;
 /** What a failure may take past the timeout: the 100 ms stall tick, the in-order writer settling, exit. */
 const SLACK_S = 3;
 
-interface Lab { nfsUrl: string; exportDir: string; iscsiUrl: string; lunFile: string; nfsIf: string; iscsiIf: string; ganeshaPid: number; tgtdPid: number }
+interface Lab {
+  nfsUrl: string;
+  exportDir: string;
+  iscsiUrl: string;
+  lunFile: string;
+  nfsIf: string;
+  iscsiIf: string;
+  ganeshaPid: number;
+  tgtdPid: number;
+}
 
 function lab(): Lab {
-  const env = Object.fromEntries(execFileSync('bash', [LAB, 'env'], { encoding: 'utf8' }).trim().split('\n').map((l) => l.split('=') as [string, string]));
+  const env = Object.fromEntries(
+    execFileSync('bash', [LAB, 'env'], { encoding: 'utf8' })
+      .trim()
+      .split('\n')
+      .map((l) => l.split('=') as [string, string]),
+  );
   return {
-    nfsUrl: env.LAB_NFS_URL!, exportDir: env.LAB_NFS_EXPORT_DIR!, iscsiUrl: env.LAB_ISCSI_URL!, lunFile: env.LAB_LUN_FILE!,
-    nfsIf: env.LAB_NFS_IF!, iscsiIf: env.LAB_ISCSI_IF!, ganeshaPid: Number(env.LAB_GANESHA_PID), tgtdPid: Number(env.LAB_TGTD_PID),
+    nfsUrl: env.LAB_NFS_URL!,
+    exportDir: env.LAB_NFS_EXPORT_DIR!,
+    iscsiUrl: env.LAB_ISCSI_URL!,
+    lunFile: env.LAB_LUN_FILE!,
+    nfsIf: env.LAB_NFS_IF!,
+    iscsiIf: env.LAB_ISCSI_IF!,
+    ganeshaPid: Number(env.LAB_GANESHA_PID),
+    tgtdPid: Number(env.LAB_TGTD_PID),
   };
 }
 
@@ -64,7 +85,12 @@ function sha(file: string, length = SIZE): string {
   }
 }
 
-interface Run { code: number | null; stdout: string; stderr: string; endedAt: number }
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+  endedAt: number;
+}
 
 /** The command in the background; `fault` runs `at` ms after it starts. */
 function blockconv(args: string[], fault?: { at: number; run: () => void }): Promise<Run & { faultAt?: number }> {
@@ -73,9 +99,18 @@ function blockconv(args: string[], fault?: { at: number; run: () => void }): Pro
     let stdout = '';
     let stderr = '';
     let faultAt: number | undefined;
-    child.stdout.on('data', (d: Buffer) => { stdout += d; });
-    child.stderr.on('data', (d: Buffer) => { stderr += d; });
-    const timer = fault ? setTimeout(() => { faultAt = performance.now(); fault.run(); }, fault.at) : undefined;
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d;
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d;
+    });
+    const timer = fault
+      ? setTimeout(() => {
+          faultAt = performance.now();
+          fault.run();
+        }, fault.at)
+      : undefined;
     // A hang is a failure of its own, not a stuck test: 4 minutes is far past any bound here.
     const hang = setTimeout(() => child.kill('SIGKILL'), 240_000);
     child.on('close', (code) => {
@@ -87,25 +122,33 @@ function blockconv(args: string[], fault?: { at: number; run: () => void }): Pro
 }
 
 function report(row: Record<string, unknown>): void {
-  if (REPORT) fs.appendFileSync(REPORT, JSON.stringify({ timeoutS: TIMEOUT_S, rate: RATE, ...row }) + '\n');
+  if (REPORT) fs.appendFileSync(REPORT, `${JSON.stringify({ timeoutS: TIMEOUT_S, rate: RATE, ...row })}\n`);
 }
 
 /** A failed run: exit 1, one line naming what and where, nothing reported done, within the bound. */
 function assertCleanFailure(r: Run & { faultAt?: number }, what: RegExp, scenario: string): number {
   assert.is(r.code, 1, `${scenario}: exit ${r.code}: ${r.stderr}`);
-  const lines = r.stderr.trim().split('\n').filter((l) => !l.startsWith('blockconv: note: '));
+  const lines = r.stderr
+    .trim()
+    .split('\n')
+    .filter((l) => !l.startsWith('blockconv: note: '));
   assert.is(lines.length, 1, `${scenario}: one line: ${r.stderr}`);
   assert.match(lines[0]!, what, scenario);
   assert.match(lines[0]!, /at offset \d+/, `${scenario}: names the offset: ${lines[0]}`);
   assert.not.match(r.stdout, /"event":"done"/, `${scenario}: nothing reported done`);
   assert.ok(r.faultAt !== undefined, `${scenario}: the fault happened before the copy ended`);
   const took = (r.endedAt - r.faultAt!) / 1000;
-  assert.ok(took <= TIMEOUT_S + SLACK_S, `${scenario}: failed ${took.toFixed(1)} s after the fault (bound ${TIMEOUT_S} + ${SLACK_S} s)`);
+  assert.ok(
+    took <= TIMEOUT_S + SLACK_S,
+    `${scenario}: failed ${took.toFixed(1)} s after the fault (bound ${TIMEOUT_S} + ${SLACK_S} s)`,
+  );
   report({ scenario, outcome: 'clean failure', secondsAfterFault: Number(took.toFixed(2)), message: lines[0] });
   return took;
 }
 
-const link = (ifname: string, state: 'up' | 'down'): void => { execFileSync('ip', ['link', 'set', ifname, state]); };
+const link = (ifname: string, state: 'up' | 'down'): void => {
+  execFileSync('ip', ['link', 'set', ifname, state]);
+};
 
 /** Whether the lab was up before: if not, the test takes it down again. */
 let wasUp = false;
@@ -122,17 +165,45 @@ test.before(() => {
 
 test.after(() => {
   // Leave the lab as a later test or benchmark expects it: links up, servers serving.
-  try { link(L.nfsIf, 'up'); link(L.iscsiIf, 'up'); } catch { /* already up */ }
+  try {
+    link(L.nfsIf, 'up');
+    link(L.iscsiIf, 'up');
+  } catch {
+    /* already up */
+  }
   try {
     if (wasUp) labUp();
     else execFileSync('bash', [LAB, 'down'], { stdio: 'ignore', timeout: 60_000 });
-  } catch { /* reported by the test that broke it */ }
+  } catch {
+    /* reported by the test that broke it */
+  }
   fs.rmSync(join(L.exportDir, 'faults-source.raw'), { force: true });
   fs.rmSync(work, { recursive: true, force: true });
 });
 
-const nfsRead = (out: string, extra: string[] = []): string[] => ['convert', '--output', 'json', ...(TIMEOUT_OPT.length ? ['--source-opts', TIMEOUT_OPT.join(',')] : []), ...extra, '-O', 'raw', `${L.nfsUrl}/faults-source.raw`, out];
-const lunWrite = (extra: string[] = []): string[] => ['convert', '-n', '--output', 'json', ...(TIMEOUT_OPT.length ? ['--target-opts', TIMEOUT_OPT.join(',')] : []), ...extra, '-O', 'raw', source, L.iscsiUrl];
+const nfsRead = (out: string, extra: string[] = []): string[] => [
+  'convert',
+  '--output',
+  'json',
+  ...(TIMEOUT_OPT.length ? ['--source-opts', TIMEOUT_OPT.join(',')] : []),
+  ...extra,
+  '-O',
+  'raw',
+  `${L.nfsUrl}/faults-source.raw`,
+  out,
+];
+const lunWrite = (extra: string[] = []): string[] => [
+  'convert',
+  '-n',
+  '--output',
+  'json',
+  ...(TIMEOUT_OPT.length ? ['--target-opts', TIMEOUT_OPT.join(',')] : []),
+  ...extra,
+  '-O',
+  'raw',
+  source,
+  L.iscsiUrl,
+];
 
 test(`slow link (${RATE}): an NFS read with ${TIMEOUT_S} s of timeout and more queued than that moves completes`, async () => {
   const out = join(work, 'slow-nfs.raw');
@@ -140,7 +211,11 @@ test(`slow link (${RATE}): an NFS read with ${TIMEOUT_S} s of timeout and more q
   const r = await blockconv(nfsRead(out));
   assert.is(r.code, 0, r.stderr);
   assert.is(sha(out), sourceHash);
-  report({ scenario: 'NFS read on a slow link', outcome: 'completed, identical', seconds: Number(((r.endedAt - started) / 1000).toFixed(2)) });
+  report({
+    scenario: 'NFS read on a slow link',
+    outcome: 'completed, identical',
+    seconds: Number(((r.endedAt - started) / 1000).toFixed(2)),
+  });
 });
 
 test(`slow link (${RATE}): a LUN write likewise`, async () => {
@@ -150,7 +225,11 @@ test(`slow link (${RATE}): a LUN write likewise`, async () => {
   const r = await blockconv(lunWrite());
   assert.is(r.code, 0, r.stderr);
   assert.is(sha(L.lunFile), sourceHash);
-  report({ scenario: 'LUN write on a slow link', outcome: 'completed, identical', seconds: Number(((r.endedAt - started) / 1000).toFixed(2)) });
+  report({
+    scenario: 'LUN write on a slow link',
+    outcome: 'completed, identical',
+    seconds: Number(((r.endedAt - started) / 1000).toFixed(2)),
+  });
 });
 
 test('NFS link dropped mid-copy: a clean error naming the server and the offset, within the timeout', async () => {
@@ -166,7 +245,10 @@ test('iSCSI link dropped mid-copy: likewise', async () => {
 });
 
 test('NFS server killed for good mid-copy: likewise', async () => {
-  const r = await blockconv(nfsRead(join(work, 'dead-nfs.raw')), { at: 3000, run: () => process.kill(L.ganeshaPid, 'SIGKILL') });
+  const r = await blockconv(nfsRead(join(work, 'dead-nfs.raw')), {
+    at: 3000,
+    run: () => process.kill(L.ganeshaPid, 'SIGKILL'),
+  });
   assertCleanFailure(r, /NFS server 198\.18\.0\.2/, 'NFS server killed');
   L = labUp();
 });
@@ -182,25 +264,40 @@ test('iSCSI target restarted within a few seconds: the session reconnects and th
   execFileSync('truncate', ['-s', '2G', L.lunFile]);
   const pid = L.tgtdPid;
   let restartedAfter = 0;
-  const r = await blockconv(lunWrite(process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? [] : ['--target-opts', 'timeout=20']), {
-    at: 3000,
-    run: () => {
-      process.kill(pid, 'SIGKILL');
-      const t = performance.now();
-      L = labUp();
-      restartedAfter = (performance.now() - t) / 1000;
+  const r = await blockconv(
+    lunWrite(process.env.BLOCKCONV_FAULT_TIMEOUT === 'default' ? [] : ['--target-opts', 'timeout=20']),
+    {
+      at: 3000,
+      run: () => {
+        process.kill(pid, 'SIGKILL');
+        const t = performance.now();
+        L = labUp();
+        restartedAfter = (performance.now() - t) / 1000;
+      },
     },
-  });
+  );
   assert.is(r.code, 0, r.stderr);
   assert.match(r.stdout, /"event":"done"/);
   assert.is(sha(L.lunFile), sourceHash, 'the LUN holds the source');
-  report({ scenario: 'iSCSI target restarted', outcome: 'rode through, identical', restartSeconds: Number(restartedAfter.toFixed(2)) });
+  report({
+    scenario: 'iSCSI target restarted',
+    outcome: 'rode through, identical',
+    restartSeconds: Number(restartedAfter.toFixed(2)),
+  });
 });
 
 test('NFS server restarted within a few seconds: a clean failure within the bound (or a verified copy)', async () => {
   const out = join(work, 'restart-nfs.raw');
   const pid = L.ganeshaPid;
-  const r = await blockconv(nfsRead(out), { at: 3000, run: () => { process.kill(pid, 'SIGKILL'); setTimeout(() => { L = labUp(); }, 500); } });
+  const r = await blockconv(nfsRead(out), {
+    at: 3000,
+    run: () => {
+      process.kill(pid, 'SIGKILL');
+      setTimeout(() => {
+        L = labUp();
+      }, 500);
+    },
+  });
   if (r.code === 0) {
     assert.is(sha(out), sourceHash, 'a copy that rode through is identical');
     report({ scenario: 'NFS server restarted', outcome: 'rode through, identical' });
@@ -212,23 +309,49 @@ test('NFS server restarted within a few seconds: a clean failure within the boun
 
 // The peer, side by side (campaign only: BLOCKCONV_FAULT_QEMU=1): qemu-img through the same faults.
 if (process.env.BLOCKCONV_FAULT_QEMU) {
-  const qemu = (args: string[], fault: () => void, restore: () => void): Promise<{ code: number | null; seconds: number | undefined }> => new Promise((resolve) => {
-    const child = spawn('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let faultAt = 0;
-    const t = setTimeout(() => { faultAt = performance.now(); fault(); }, 3000);
-    const cap = setTimeout(() => child.kill('SIGKILL'), 183_000);
-    child.on('close', (code, signal) => {
-      clearTimeout(t); clearTimeout(cap); restore();
-      resolve({ code: signal ? null : code, seconds: faultAt ? (performance.now() - faultAt) / 1000 : undefined });
+  const qemu = (
+    args: string[],
+    fault: () => void,
+    restore: () => void,
+  ): Promise<{ code: number | null; seconds: number | undefined }> =>
+    new Promise((resolve) => {
+      const child = spawn('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+      let faultAt = 0;
+      const t = setTimeout(() => {
+        faultAt = performance.now();
+        fault();
+      }, 3000);
+      const cap = setTimeout(() => child.kill('SIGKILL'), 183_000);
+      child.on('close', (code, signal) => {
+        clearTimeout(t);
+        clearTimeout(cap);
+        restore();
+        resolve({ code: signal ? null : code, seconds: faultAt ? (performance.now() - faultAt) / 1000 : undefined });
+      });
+    });
+  test('qemu-img, NFS link dropped mid-copy (for comparison)', async () => {
+    const r = await qemu(
+      ['convert', '-O', 'raw', `${L.nfsUrl}/faults-source.raw`, join(work, 'qemu-drop.raw')],
+      () => link(L.nfsIf, 'down'),
+      () => link(L.nfsIf, 'up'),
+    );
+    report({
+      scenario: 'qemu-img: NFS link dropped',
+      outcome: r.code === null ? 'no exit in 180 s (killed)' : `exit ${r.code}`,
+      secondsAfterFault: r.seconds && Number(r.seconds.toFixed(2)),
     });
   });
-  test('qemu-img, NFS link dropped mid-copy (for comparison)', async () => {
-    const r = await qemu(['convert', '-O', 'raw', `${L.nfsUrl}/faults-source.raw`, join(work, 'qemu-drop.raw')], () => link(L.nfsIf, 'down'), () => link(L.nfsIf, 'up'));
-    report({ scenario: 'qemu-img: NFS link dropped', outcome: r.code === null ? 'no exit in 180 s (killed)' : `exit ${r.code}`, secondsAfterFault: r.seconds && Number(r.seconds.toFixed(2)) });
-  });
   test('qemu-img, iSCSI link dropped mid-copy (for comparison)', async () => {
-    const r = await qemu(['convert', '-n', '-O', 'raw', source, L.iscsiUrl], () => link(L.iscsiIf, 'down'), () => link(L.iscsiIf, 'up'));
-    report({ scenario: 'qemu-img: iSCSI link dropped', outcome: r.code === null ? 'no exit in 180 s (killed)' : `exit ${r.code}`, secondsAfterFault: r.seconds && Number(r.seconds.toFixed(2)) });
+    const r = await qemu(
+      ['convert', '-n', '-O', 'raw', source, L.iscsiUrl],
+      () => link(L.iscsiIf, 'down'),
+      () => link(L.iscsiIf, 'up'),
+    );
+    report({
+      scenario: 'qemu-img: iSCSI link dropped',
+      outcome: r.code === null ? 'no exit in 180 s (killed)' : `exit ${r.code}`,
+      secondsAfterFault: r.seconds && Number(r.seconds.toFixed(2)),
+    });
   });
 }
 

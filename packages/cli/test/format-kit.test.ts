@@ -39,12 +39,17 @@ symlinkSync(CORE, join(dir, 'node_modules', '@blockconv', 'core'));
 // Installed as a package the CLI discovers by name and imports only for images its magic claims.
 const pkg = join(dir, 'node_modules', 'blockconv-driver-vdi-reader');
 mkdirSync(join(pkg, 'dist'), { recursive: true });
-writeFileSync(join(pkg, 'package.json'), JSON.stringify({
-  name: 'blockconv-driver-vdi-reader', version: '1.0.0', type: 'module',
-  exports: { '.': { import: './dist/index.js' } },
-  peerDependencies: { '@blockconv/core': '^0.1.0' },
-  blockconv: { formats: ['vdi-reader'], magic: { 'vdi-reader': [{ offset: 64, hex: '7f10dabe' }] } },
-}));
+writeFileSync(
+  join(pkg, 'package.json'),
+  JSON.stringify({
+    name: 'blockconv-driver-vdi-reader',
+    version: '1.0.0',
+    type: 'module',
+    exports: { '.': { import: './dist/index.js' } },
+    peerDependencies: { '@blockconv/core': '^0.1.0' },
+    blockconv: { formats: ['vdi-reader'], magic: { 'vdi-reader': [{ offset: 64, hex: '7f10dabe' }] } },
+  }),
+);
 writeFileSync(join(pkg, 'dist', 'index.js'), code);
 
 function sh(cmd: string, ...args: string[]): string {
@@ -56,14 +61,32 @@ function sh(cmd: string, ...args: string[]): string {
 /** A raw image with data, a run of written zeroes and holes, and its VDI copies (dynamic and fixed). */
 const rawImage = join(dir, 'disk.raw');
 sh('qemu-img', 'create', '-f', 'raw', rawImage, '9M');
-sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x5a 0 1536k', '-c', 'write -P 0 512k 256k', '-c', 'write -P 0xa5 5M 64k', '-c', 'write -P 0x11 9212k 4k', rawImage);
+sh(
+  'qemu-io',
+  '-f',
+  'raw',
+  '-c',
+  'write -P 0x5a 0 1536k',
+  '-c',
+  'write -P 0 512k 256k',
+  '-c',
+  'write -P 0xa5 5M 64k',
+  '-c',
+  'write -P 0x11 9212k 4k',
+  rawImage,
+);
 const dynamic = join(dir, 'dynamic.vdi');
 const fixed = join(dir, 'fixed.vdi');
 sh('qemu-img', 'convert', '-f', 'raw', '-O', 'vdi', rawImage, dynamic);
 sh('qemu-img', 'convert', '-f', 'raw', '-O', 'vdi', '-o', 'static=on', rawImage, fixed);
 
 function cli(...args: string[]): { code: number; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [BIN, ...args], { cwd: dir, encoding: 'utf8', timeout: 60_000, env: { ...process.env, BLOCKCONV_DRIVERS: '' } });
+  const r = spawnSync(process.execPath, [BIN, ...args], {
+    cwd: dir,
+    encoding: 'utf8',
+    timeout: 60_000,
+    env: { ...process.env, BLOCKCONV_DRIVERS: '' },
+  });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 

@@ -47,7 +47,10 @@ function empty(d: string): void {
 
 function assertFull(r: { code: number | null; stdout: string; stderr: string }, target: RegExp, cause: RegExp): void {
   assert.is(r.code, 1, r.stderr);
-  const lines = r.stderr.trim().split('\n').filter((l) => !l.startsWith('blockconv: note: '));
+  const lines = r.stderr
+    .trim()
+    .split('\n')
+    .filter((l) => !l.startsWith('blockconv: note: '));
   assert.is(lines.length, 1, r.stderr);
   assert.match(lines[0]!, target);
   assert.match(lines[0]!, cause);
@@ -67,13 +70,22 @@ test.after(() => {
 });
 
 test('an NFS file system that fills up: ENOSPC named, with the offset, raw and qcow2', () => {
-  if (!mounted(SMALL_DIR)) { console.warn('  (skipped: tools/nfs-server.sh serves no /small here: no loop device or btrfs)'); return; }
+  if (!mounted(SMALL_DIR)) {
+    console.warn('  (skipped: tools/nfs-server.sh serves no /small here: no loop device or btrfs)');
+    return;
+  }
   empty(SMALL_DIR);
-  assertFull(run('convert', '--output', 'json', '-O', 'raw', source, `${SMALL_URL}/full.raw`),
-    /nfs:\/\/127\.0\.0\.1\/small\/full\.raw write at offset \d+/, /no space left on the NFS server's file system \(NFS: Write failed with NFS3ERR_NOSPC/);
+  assertFull(
+    run('convert', '--output', 'json', '-O', 'raw', source, `${SMALL_URL}/full.raw`),
+    /nfs:\/\/127\.0\.0\.1\/small\/full\.raw write at offset \d+/,
+    /no space left on the NFS server's file system \(NFS: Write failed with NFS3ERR_NOSPC/,
+  );
   empty(SMALL_DIR);
-  assertFull(run('convert', '--output', 'json', '-O', 'qcow2', source, `${SMALL_URL}/full.qcow2`),
-    /nfs:\/\/127\.0\.0\.1\/small\/full\.qcow2 write at offset \d+/, /no space left on the NFS server's file system/);
+  assertFull(
+    run('convert', '--output', 'json', '-O', 'qcow2', source, `${SMALL_URL}/full.qcow2`),
+    /nfs:\/\/127\.0\.0\.1\/small\/full\.qcow2 write at offset \d+/,
+    /no space left on the NFS server's file system/,
+  );
   // What is left is a qcow2 with leaks at worst: never corrupt.
   const chk = spawnSync('qemu-img', ['check', join(SMALL_DIR, 'full.qcow2')], { encoding: 'utf8' });
   assert.ok(chk.status === 0 || chk.status === 3, `qemu-img check exit ${chk.status}: ${chk.stdout}${chk.stderr}`);
@@ -81,12 +93,18 @@ test('an NFS file system that fills up: ENOSPC named, with the offset, raw and q
 });
 
 test('an NFS export under a quota: EDQUOT named (libnfs reports it as ERANGE), with the offset', () => {
-  if (!mounted(QUOTA_DIR)) { console.warn('  (skipped: tools/nfs-server.sh serves no /quota here)'); return; }
+  if (!mounted(QUOTA_DIR)) {
+    console.warn('  (skipped: tools/nfs-server.sh serves no /quota here)');
+    return;
+  }
   empty(QUOTA_DIR);
   const small = join(dir, 'sixteen.raw');
   execFileSync('head', ['-c', String(16 * MiB), source], { stdio: ['ignore', fs.openSync(small, 'w'), 'inherit'] });
-  assertFull(run('convert', '--output', 'json', '-O', 'raw', small, `${QUOTA_URL}/over.raw`),
-    /nfs:\/\/127\.0\.0\.1\/quota\/over\.raw write at offset \d+/, /over the user's quota on the NFS server \(NFS: Write failed with NFS3ERR_DQUOT/);
+  assertFull(
+    run('convert', '--output', 'json', '-O', 'raw', small, `${QUOTA_URL}/over.raw`),
+    /nfs:\/\/127\.0\.0\.1\/quota\/over\.raw write at offset \d+/,
+    /over the user's quota on the NFS server \(NFS: Write failed with NFS3ERR_DQUOT/,
+  );
   empty(QUOTA_DIR);
 });
 

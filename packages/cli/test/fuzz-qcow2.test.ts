@@ -19,7 +19,10 @@ const SEED = Number(process.env.BLOCKCONV_FUZZ_SEED ?? 15);
 test(`qcow2 fuzz: ${CASES} mutants (seed ${SEED}) end in qemu-img's bytes or a one-line refusal, in bounds`, async () => {
   const r = await runCampaign({ cases: CASES, seed: SEED, cliEvery: 30 });
   if (process.env.BLOCKCONV_FUZZ_REPORT) console.log(summarize(r));
-  const defects = r.defects.map((d) => `case ${d.index} (${d.base}; ${d.changes.join('; ')}): ${d.defects.map((x) => `${x.kind}${x.op ? ` in ${x.op}` : ''}: ${x.detail.slice(0, 600)}`).join('; ')}`);
+  const defects = r.defects.map(
+    (d) =>
+      `case ${d.index} (${d.base}; ${d.changes.join('; ')}): ${d.defects.map((x) => `${x.kind}${x.op ? ` in ${x.op}` : ''}: ${x.detail.slice(0, 600)}`).join('; ')}`,
+  );
   assert.is(defects.length, 0, `defects (seed ${SEED}):\n${defects.join('\n')}`);
   assert.is(r.crashes + r.hangs + r.overMemory + r.mismatches + r.otherDefects, 0);
   // The slice means something only if most mutants are still read, and some refused.

@@ -34,7 +34,11 @@ execFileSync('truncate', ['-s', String(8 * MiB), big]);
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
 
-interface Output { code: number; stdout: string; stderr: string }
+interface Output {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
 
 /** The locations of one run, each holding `m`. */
 function locations(m: string) {
@@ -74,9 +78,17 @@ const CASES: readonly Case[] = [
   { args: (l) => ['info', l.file], code: 0, shows: /image: file:\/\/.*\?password=\*\*\*/ },
   { args: (l) => ['info', '--output=json', l.file], code: 0, shows: /"filename": "file:\/\/.*\?password=\*\*\*"/ },
   { args: (l) => ['info', '--backing-chain', '--output=json', l.qcow2], code: 0, shows: /secret=\*\*\*/ },
-  { args: (l) => ['info', '--output=json', l.backedByFile], code: 0, shows: /"backing-filename": "file:\/\/.*\?password=\*\*\*"/ },
+  {
+    args: (l) => ['info', '--output=json', l.backedByFile],
+    code: 0,
+    shows: /"backing-filename": "file:\/\/.*\?password=\*\*\*"/,
+  },
   { args: (l) => ['info', l.backedByFile], code: 0, shows: /backing-filename: file:\/\/.*\?password=\*\*\*/ },
-  { args: (l) => ['info', l.backedByIscsi], code: 1, shows: /backing file "iscsi:\/\/bob@127\.0\.0\.1:1.*refused by references=same-server/ },
+  {
+    args: (l) => ['info', l.backedByIscsi],
+    code: 1,
+    shows: /backing file "iscsi:\/\/bob@127\.0\.0\.1:1.*refused by references=same-server/,
+  },
   // Followed (references=any), it fails to connect: the cause chain (--debug) is redacted too.
   { args: (l) => ['--debug', 'info', '--opts', 'references=any', l.backedByIscsi], code: 1, shows: /caused by/ },
   { args: (l) => ['info', l.iscsi], code: 1, shows: /iscsi:\/\/bob@127\.0\.0\.1:1.*connection refused/ },
@@ -103,7 +115,11 @@ const CASES: readonly Case[] = [
   { args: (l) => ['--debug', 'check', '-f', 'qcow2', l.nfsUser], code: 1 },
   // convert: progress bar lines, JSON progress and result, failures on either side.
   { args: (l) => ['convert', '-p', l.file, l.target('c1.raw')], code: 0, shows: /converted 4 MiB/ },
-  { args: (l) => ['convert', '--progress=json', '--output=json', l.qcow2, l.target('c2.raw')], code: 0, shows: /"target":"file:\/\/.*token=\*\*\*"/ },
+  {
+    args: (l) => ['convert', '--progress=json', '--output=json', l.qcow2, l.target('c2.raw')],
+    code: 0,
+    shows: /"target":"file:\/\/.*token=\*\*\*"/,
+  },
   { args: (l) => ['convert', '-O', 'qcow2', '-B', l.file, l.file, l.target('c3.qcow2')], code: 0 },
   { args: (l) => ['convert', '-p', l.iscsi, p('c4.raw')], code: 1, shows: /iscsi:\/\/bob@/ },
   { args: (l) => ['--debug', 'convert', '-n', '--progress=json', raw, l.iscsi], code: 1, shows: /\n\s+at / },
@@ -112,8 +128,16 @@ const CASES: readonly Case[] = [
   { args: (l) => ['--debug', 'convert', l.nfsUser, p('c6.raw')], code: 1 },
   // create: the "Formatting" line (location, -o values, backing), failures.
   { args: (l) => ['create', l.target('n1.raw'), '1M'], code: 0, shows: /Formatting 'file:\/\/.*token=\*\*\*'/ },
-  { args: (l) => ['create', '-f', 'qcow2', '-b', l.iscsi, '-F', 'raw', p('n2.qcow2'), '1M'], code: 1, shows: /backing_file=iscsi:\/\/bob@/ },
-  { args: (l) => ['create', '-f', 'qcow2', '-o', `secret=${l.marker}`, l.target('n3.qcow2'), '1M'], code: 1, shows: /secret=\*\*\*/ },
+  {
+    args: (l) => ['create', '-f', 'qcow2', '-b', l.iscsi, '-F', 'raw', p('n2.qcow2'), '1M'],
+    code: 1,
+    shows: /backing_file=iscsi:\/\/bob@/,
+  },
+  {
+    args: (l) => ['create', '-f', 'qcow2', '-o', `secret=${l.marker}`, l.target('n3.qcow2'), '1M'],
+    code: 1,
+    shows: /secret=\*\*\*/,
+  },
   { args: (l) => ['--debug', 'create', '-f', 'qcow2', l.iscsiParam, '1M'], code: 1 },
   // drivers: no location in it, but it runs with the rest.
   { args: () => ['drivers'], code: 0, shows: /protocol iscsi/ },
@@ -126,7 +150,10 @@ async function inProcess(args: string[]): Promise<Output> {
   const streams = { stdout: process.stdout, stderr: process.stderr } as const;
   const writes = { stdout: process.stdout.write, stderr: process.stderr.write };
   for (const k of ['stdout', 'stderr'] as const) {
-    streams[k].write = ((chunk: unknown) => { out[k] += String(chunk); return true; }) as typeof process.stdout.write;
+    streams[k].write = ((chunk: unknown) => {
+      out[k] += String(chunk);
+      return true;
+    }) as typeof process.stdout.write;
   }
   try {
     const code = await main(['node', 'blockconv', ...args], { redactOutput: false });
@@ -170,7 +197,12 @@ test('the blockconv binary prints no marker in any command or output mode', () =
 test('the output filter masks what a command would have printed past the redactor', async () => {
   const { redactStreams } = await import('../src/redact-output.js');
   let seen = '';
-  const stream = { write: (s: string) => { seen += s; return true; } } as unknown as NodeJS.WriteStream;
+  const stream = {
+    write: (s: string) => {
+      seen += s;
+      return true;
+    },
+  } as unknown as NodeJS.WriteStream;
   const undo = redactStreams([stream]);
   stream.write('open iscsi://bob%MARKERfilter@h/iqn.x/1 failed; nfs://h/e?token=MARKERfilter2\n');
   undo();

@@ -45,7 +45,11 @@ test.after(() => {
 function rng(seed: number): () => number {
   let s = seed >>> 0 || 1;
   return () => {
-    s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
     return s / 0x1_0000_0000;
   };
 }
@@ -63,12 +67,19 @@ function blockconv(args: string[], timeout = 300_000): { code: number; stdout: s
  * As blockconv(), without blocking this process (whose event loop may be forwarding for
  * it); SIGKILLed after `killAfterMs` if given.
  */
-async function blockconvAsync(args: string[], killAfterMs?: number): Promise<{ code: number | null; killed: boolean; stdout: string; stderr: string }> {
+async function blockconvAsync(
+  args: string[],
+  killAfterMs?: number,
+): Promise<{ code: number | null; killed: boolean; stdout: string; stderr: string }> {
   const child = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
-  child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  child.stdout.on('data', (d: Buffer) => {
+    stdout += d.toString();
+  });
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+  });
   const timer = killAfterMs === undefined ? undefined : setTimeout(() => child.kill('SIGKILL'), killAfterMs);
   const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
   clearTimeout(timer);
@@ -79,12 +90,35 @@ async function blockconvAsync(args: string[], killAfterMs?: number): Promise<{ c
 const SOURCE = join(dir, 'source.raw');
 function makeSource(file: string): void {
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(GiB - 7 * 512)]);
-  const cmds = ['write -P 0x11 0 96M', 'write -P 0x22 160M 64M', 'write -P 0 240M 32M', 'write -P 0x33 300M 1M', 'write -P 0x44 302M 1M',
-    'write -P 0x55 520M 128M', 'write -P 0x66 900M 64M'];
+  const cmds = [
+    'write -P 0x11 0 96M',
+    'write -P 0x22 160M 64M',
+    'write -P 0 240M 32M',
+    'write -P 0x33 300M 1M',
+    'write -P 0x44 302M 1M',
+    'write -P 0x55 520M 128M',
+    'write -P 0x66 900M 64M',
+  ];
   execFileSync('qemu-io', ['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), file], { stdio: 'ignore' });
   // Random data, so that a misplaced block cannot compare equal by chance.
-  execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', 'seek=700', 'count=160', 'conv=notrunc', 'status=none']);
-  execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=512', `seek=${(GiB - 7 * 512) / 512 - 3}`, 'count=3', 'conv=notrunc', 'status=none']);
+  execFileSync('dd', [
+    'if=/dev/urandom',
+    `of=${file}`,
+    'bs=1M',
+    'seek=700',
+    'count=160',
+    'conv=notrunc',
+    'status=none',
+  ]);
+  execFileSync('dd', [
+    'if=/dev/urandom',
+    `of=${file}`,
+    'bs=512',
+    `seek=${(GiB - 7 * 512) / 512 - 3}`,
+    'count=3',
+    'conv=notrunc',
+    'status=none',
+  ]);
 }
 
 let sourceDigest = '';
@@ -108,13 +142,47 @@ interface Kind {
 const LUN = { url: `iscsi://${PORTAL}/${IQN}:disk512/4`, local: join(LUN_DIR, 'disk512-bench.img') };
 
 const KINDS: Kind[] = [
-  { name: 'file raw', format: 'raw', flags: [], target: () => { const f = join(dir, uniq('t', 'raw')); return { url: f, qemu: [f], local: f }; } },
-  { name: 'file qcow2', format: 'qcow2', flags: [], target: () => { const f = join(dir, uniq('t', 'qcow2')); return { url: f, qemu: [f], local: f }; } },
+  {
+    name: 'file raw',
+    format: 'raw',
+    flags: [],
+    target: () => {
+      const f = join(dir, uniq('t', 'raw'));
+      return { url: f, qemu: [f], local: f };
+    },
+  },
+  {
+    name: 'file qcow2',
+    format: 'qcow2',
+    flags: [],
+    target: () => {
+      const f = join(dir, uniq('t', 'qcow2'));
+      return { url: f, qemu: [f], local: f };
+    },
+  },
   { name: 'NFS raw', format: 'raw', flags: [], target: () => nfsTarget('raw') },
   { name: 'NFS qcow2', format: 'qcow2', flags: [], target: () => nfsTarget('qcow2') },
-  { name: 'file qcow2 -c', format: 'qcow2', flags: ['-c'], target: () => { const f = join(dir, uniq('t', 'qcow2')); return { url: f, qemu: [f], local: f }; } },
+  {
+    name: 'file qcow2 -c',
+    format: 'qcow2',
+    flags: ['-c'],
+    target: () => {
+      const f = join(dir, uniq('t', 'qcow2'));
+      return { url: f, qemu: [f], local: f };
+    },
+  },
   { name: 'NFS qcow2 -c', format: 'qcow2', flags: ['-c'], target: () => nfsTarget('qcow2') },
-  { name: 'iSCSI LUN', format: 'raw', flags: ['-n'], target: () => ({ url: LUN.url, qemu: ['--image-opts', `driver=raw,file.driver=file,file.filename=${LUN.local}`], local: LUN.local }), reset: (f) => wipeLun(f) },
+  {
+    name: 'iSCSI LUN',
+    format: 'raw',
+    flags: ['-n'],
+    target: () => ({
+      url: LUN.url,
+      qemu: ['--image-opts', `driver=raw,file.driver=file,file.filename=${LUN.local}`],
+      local: LUN.local,
+    }),
+    reset: (f) => wipeLun(f),
+  },
 ];
 
 function nfsTarget(fmt: string): { url: string; qemu: string[]; local: string } {
@@ -127,7 +195,9 @@ function nfsTarget(fmt: string): { url: string; qemu: string[]; local: string } 
 /** The furthest offset of the target holding anything: how far the killed run got. */
 function writtenEnd(local: string, format: string): number {
   if (format === 'qcow2') {
-    const map = JSON.parse(execFileSync('qemu-img', ['map', '-U', '--output=json', '-f', 'qcow2', local], { encoding: 'utf8' })) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
+    const map = JSON.parse(
+      execFileSync('qemu-img', ['map', '-U', '--output=json', '-f', 'qcow2', local], { encoding: 'utf8' }),
+    ) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
     return map.filter((e) => e.data || (!e.zero && e.data)).reduce((m, e) => Math.max(m, e.start + e.length), 0);
   }
   // Raw: the last non-zero 64 KiB block (the target started out all zeroes).
@@ -140,7 +210,10 @@ function writtenEnd(local: string, format: string): number {
       const n = fs.readSync(fd, buf, 0, Math.min(buf.length, size - pos), pos);
       for (let b = Math.ceil(n / 65536) - 1; b >= 0; b--) {
         const block = buf.subarray(b * 65536, Math.min(n, (b + 1) * 65536));
-        if (block.some((x) => x !== 0)) { end = Math.max(end, pos + b * 65536 + block.length); break; }
+        if (block.some((x) => x !== 0)) {
+          end = Math.max(end, pos + b * 65536 + block.length);
+          break;
+        }
       }
     }
   } finally {
@@ -163,12 +236,34 @@ for (const kind of KINDS.filter((k) => k.name.includes(process.env.BLOCKCONV_RES
       const t = kind.target();
       kind.reset?.(t.local);
       const outOfOrder = k % 2 === 1 ? ['-W'] : [];
-      const common = ['convert', '-O', kind.format, ...kind.flags, ...outOfOrder, '-m', String(WORKERS), '--buffer-size', String(BUFFER),
-        '--checkpoint', `${INTERVAL}`, '--checksum', '--output', 'json', SOURCE, t.url];
+      const common = [
+        'convert',
+        '-O',
+        kind.format,
+        ...kind.flags,
+        ...outOfOrder,
+        '-m',
+        String(WORKERS),
+        '--buffer-size',
+        String(BUFFER),
+        '--checkpoint',
+        `${INTERVAL}`,
+        '--checksum',
+        '--output',
+        'json',
+        SOURCE,
+        t.url,
+      ];
       // The rate limit makes the copy last ~1.5 s, so that a kill lands anywhere in it.
       const at = Math.round(250 + random() * 1400);
-      const first = await blockconvAsync([...common.slice(0, 1), '-r', '300M', '--progress', 'json', ...common.slice(1)], at);
-      const checkpoints = first.stdout.split('\n').filter((l) => l.includes('"checkpoint"')).map((l) => JSON.parse(l) as { done: number; dirtyEnd: number });
+      const first = await blockconvAsync(
+        [...common.slice(0, 1), '-r', '300M', '--progress', 'json', ...common.slice(1)],
+        at,
+      );
+      const checkpoints = first.stdout
+        .split('\n')
+        .filter((l) => l.includes('"checkpoint"'))
+        .map((l) => JSON.parse(l) as { done: number; dirtyEnd: number });
       const last = checkpoints.at(-1);
       // A kill may land before the target exists (a slow start on a loaded machine): nothing written yet.
       const reached = first.killed && fs.existsSync(t.local) ? writtenEnd(t.local, kind.format) : 0;
@@ -177,7 +272,10 @@ for (const kind of KINDS.filter((k) => k.name.includes(process.env.BLOCKCONV_RES
       let repaired = false;
       if (kind.format === 'qcow2' && first.killed && fs.existsSync(t.local)) {
         const chk = qemuImg(['check', '-U', '--output=json', '-f', 'qcow2', t.local]);
-        assert.ok(chk.code === 0 || chk.code === 3, `the killed run's qcow2: qemu-img check exit ${chk.code}: ${chk.out}`);
+        assert.ok(
+          chk.code === 0 || chk.code === 3,
+          `the killed run's qcow2: qemu-img check exit ${chk.code}: ${chk.out}`,
+        );
         leaks = (JSON.parse(chk.stdout) as { leaks?: number }).leaks ?? 0;
         // Every other killed image is repaired by hand first, as an operator would.
         if (leaks && Math.floor(k / 2) % 2 === 0) {
@@ -191,8 +289,14 @@ for (const kind of KINDS.filter((k) => k.name.includes(process.env.BLOCKCONV_RES
       const second = blockconv([...common, '--resume']);
       assert.is(second.code, 0, `resume after a kill at ${at} ms: ${second.stderr}`);
       const result = JSON.parse(second.stdout.trim().split('\n').at(-1)!) as { checksum: string; resumedFrom?: number };
-      assert.is(result.checksum, sourceDigest, 'the digest of the resumed copy is the source\'s');
-      const cmp = qemuImg(['compare', '-U', '-f', 'raw', ...(t.qemu[0] === '--image-opts' ? ['-F', 'raw', SOURCE, LUN.local] : ['-F', kind.format, SOURCE, t.qemu[0]!])]);
+      assert.is(result.checksum, sourceDigest, "the digest of the resumed copy is the source's");
+      const cmp = qemuImg([
+        'compare',
+        '-U',
+        '-f',
+        'raw',
+        ...(t.qemu[0] === '--image-opts' ? ['-F', 'raw', SOURCE, LUN.local] : ['-F', kind.format, SOURCE, t.qemu[0]!]),
+      ]);
       assert.is(cmp.code, 0, `qemu-img compare: ${cmp.out}`);
       if (kind.format === 'qcow2') {
         const chk = qemuImg(['check', '-U', '-f', 'qcow2', t.local]);
@@ -204,10 +308,29 @@ for (const kind of KINDS.filter((k) => k.name.includes(process.env.BLOCKCONV_RES
       if (first.killed) {
         // The resume starts at the last checkpoint the killed run saved (its JSON lines may lag the file by one).
         assert.ok(!last || from >= last.done, `resumed from ${from}, but a checkpoint at ${last?.done} was saved`);
-        assert.ok(recopied <= INTERVAL + WORKERS * BUFFER, `re-copied ${recopied} bytes > ${INTERVAL} + ${WORKERS} x ${BUFFER}`);
+        assert.ok(
+          recopied <= INTERVAL + WORKERS * BUFFER,
+          `re-copied ${recopied} bytes > ${INTERVAL} + ${WORKERS} x ${BUFFER}`,
+        );
       }
       if (REPORT) {
-        fs.appendFileSync(REPORT, JSON.stringify({ kind: kind.name, kill: k, killAtMs: at, killed: first.killed, outOfOrder: outOfOrder.length > 0, checkpoints: checkpoints.length, resumedFrom: from, reached, recopied, leaks, repaired, bound: INTERVAL + WORKERS * BUFFER }) + '\n');
+        fs.appendFileSync(
+          REPORT,
+          `${JSON.stringify({
+            kind: kind.name,
+            kill: k,
+            killAtMs: at,
+            killed: first.killed,
+            outOfOrder: outOfOrder.length > 0,
+            checkpoints: checkpoints.length,
+            resumedFrom: from,
+            reached,
+            recopied,
+            leaks,
+            repaired,
+            bound: INTERVAL + WORKERS * BUFFER,
+          })}\n`,
+        );
       }
       if (kind.name !== 'iSCSI LUN') fs.rmSync(t.local, { force: true });
     }
@@ -236,20 +359,30 @@ test('a source changed between the runs is refused, naming it; the state stays f
   const again = blockconv(args);
   assert.is(again.code, 0, again.stderr);
   assert.is(qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', src, target]).code, 0);
-  const left = fs.readdirSync(stateDir).filter((f) => f.endsWith('.json') && fs.readFileSync(join(stateDir, f), 'utf8').includes('changing-target'));
+  const left = fs
+    .readdirSync(stateDir)
+    .filter((f) => f.endsWith('.json') && fs.readFileSync(join(stateDir, f), 'utf8').includes('changing-target'));
   assert.is(left.length, 0, 'no state left once the copy succeeds');
 });
 
 test('SIGINT: exit 130, the message says how much is durable and how to continue; --resume continues', async () => {
   const target = join(dir, 'sigint.raw');
   const args = ['convert', '--checkpoint', '64M', SOURCE, target];
-  const child = spawn(process.execPath, [BIN, args[0]!, '-r', '300M', ...args.slice(1)], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [BIN, args[0]!, '-r', '300M', ...args.slice(1)], {
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stderr = '';
-  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+  });
   setTimeout(() => child.kill('SIGINT'), 1200);
   const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
   assert.is(code, 130, stderr);
-  assert.match(stderr, /convert cancelled \(interrupted by SIGINT\): target .*sigint\.raw is incomplete; \d+ bytes are durable: the same command with --resume continues \(state: /);
+  assert.match(
+    stderr,
+    /convert cancelled \(interrupted by SIGINT\): target .*sigint\.raw is incomplete; \d+ bytes are durable: the same command with --resume continues \(state: /,
+  );
   const r = blockconv([...args, '--resume', '--output', 'json']);
   assert.is(r.code, 0, r.stderr);
   assert.ok((JSON.parse(r.stdout) as { resumedFrom: number }).resumedFrom > 0);
@@ -259,28 +392,47 @@ test('SIGINT: exit 130, the message says how much is durable and how to continue
 test('the NFS server dies mid-copy: a clear error within the timeout; back on the same address, --resume finishes the copy', async () => {
   ensureNfs();
   // A forwarder on a fixed port stands for the server: killed, then listening again.
-  const port = await new Promise<number>((resolve) => { const s = net.createServer(); s.listen(0, '127.0.0.1', () => { const p = (s.address() as net.AddressInfo).port; s.close(() => resolve(p)); }); });
-  const sockets = new Set<net.Socket>();
-  const listen = (): Promise<net.Server> => new Promise((resolve) => {
-    const server = net.createServer((client) => {
-      const upstream = net.connect(2049, '127.0.0.1');
-      for (const s of [client, upstream]) { sockets.add(s); s.on('error', () => {}); s.on('close', () => sockets.delete(s)); }
-      client.pipe(upstream).pipe(client);
+  const port = await new Promise<number>((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
     });
-    server.listen(port, '127.0.0.1', () => resolve(server));
   });
+  const sockets = new Set<net.Socket>();
+  const listen = (): Promise<net.Server> =>
+    new Promise((resolve) => {
+      const server = net.createServer((client) => {
+        const upstream = net.connect(2049, '127.0.0.1');
+        for (const s of [client, upstream]) {
+          sockets.add(s);
+          s.on('error', () => {});
+          s.on('close', () => sockets.delete(s));
+        }
+        client.pipe(upstream).pipe(client);
+      });
+      server.listen(port, '127.0.0.1', () => resolve(server));
+    });
   let server = await listen();
   const name = uniq('resume-dies', 'qcow2');
   nfsFiles.push(join(EXPORT_DIR, name));
   const url = `${BASE_URL}/${name}?version=4&nfsport=${port}`;
   const args = ['convert', '-O', 'qcow2', '--checkpoint', '64M', '--target-opts', 'timeout=3', SOURCE, url];
-  const child = spawn(process.execPath, [BIN, args[0]!, '-r', '300M', '--progress', 'json', ...args.slice(1)], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [BIN, args[0]!, '-r', '300M', '--progress', 'json', ...args.slice(1)], {
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stderr = '';
-  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+  });
   // Once the first checkpoint is out (the JSON lines say), the server goes.
   await new Promise<void>((resolve) => {
     let out = '';
-    child.stdout.on('data', (d: Buffer) => { out += d.toString(); if (/"event":"checkpoint","done":[1-9]/.test(out)) resolve(); });
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (/"event":"checkpoint","done":[1-9]/.test(out)) resolve();
+    });
   });
   server.close();
   for (const s of sockets) s.destroy();

@@ -16,9 +16,15 @@ const MiB = 1024 * 1024;
 /** Serves `image` on a Unix socket until `body` is done; returns serve's exit code. */
 async function serving(image: string, flags: string[], body: (url: string) => void): Promise<number | null> {
   const dir = fs.mkdtempSync(join(tmpdir(), 'blockconv-serve-'));
-  const child = spawn(process.execPath, [BIN, 'serve', '--output', 'json', '--socket', join(dir, 's.sock'), ...flags, image], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(
+    process.execPath,
+    [BIN, 'serve', '--output', 'json', '--socket', join(dir, 's.sock'), ...flags, image],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
   let err = '';
-  child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
+  child.stderr.on('data', (d: Buffer) => {
+    err += d.toString();
+  });
   try {
     const url = await new Promise<string>((resolve, reject) => {
       let out = '';
@@ -33,7 +39,9 @@ async function serving(image: string, flags: string[], body: (url: string) => vo
   } finally {
     if (child.exitCode === null) child.kill('SIGTERM');
   }
-  const code = await new Promise<number | null>((r) => (child.exitCode !== null ? r(child.exitCode) : child.once('exit', (c) => r(c))));
+  const code = await new Promise<number | null>((r) =>
+    child.exitCode !== null ? r(child.exitCode) : child.once('exit', (c) => r(c)),
+  );
   fs.rmSync(dir, { recursive: true, force: true });
   assert.is(code, 0, err);
   return code;
@@ -44,7 +52,9 @@ test('a qcow2 on NFS, served read-only: nbdcopy reads exactly its content', asyn
   const name = scratchName('serve').replace(/\.raw$/, '.qcow2');
   const local = join(EXPORT_DIR, name);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', local, '32M']);
-  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x61 1M 3M', '-c', 'write -P 0x62 20M 64k', local], { stdio: 'ignore' });
+  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x61 1M 3M', '-c', 'write -P 0x62 20M 64k', local], {
+    stdio: 'ignore',
+  });
   const out = join(tmpdir(), `${name}.raw`);
   try {
     await serving(`${BASE_URL}/${name}`, ['-r'], (url) => execFileSync('nbdcopy', [url, out]));

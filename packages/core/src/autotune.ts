@@ -127,8 +127,13 @@ export class WorkerGovernor {
           // Look next door, a quarter up and a quarter down in turn: the climb's doubling
           // may have stepped over the best count.
           this.#probeUp = !this.#probeUp;
-          const target = this.#probeUp ? Math.min(this.#max, Math.max(n + 1, Math.ceil(n * 1.25))) : Math.max(this.#min, Math.min(n - 1, Math.floor(n / 1.25)));
-          if (target !== n) { this.#phase = 'probe'; this.active = target; }
+          const target = this.#probeUp
+            ? Math.min(this.#max, Math.max(n + 1, Math.ceil(n * 1.25)))
+            : Math.max(this.#min, Math.min(n - 1, Math.floor(n / 1.25)));
+          if (target !== n) {
+            this.#phase = 'probe';
+            this.active = target;
+          }
         }
         return;
       case 'probe': {

@@ -20,13 +20,21 @@ export type CompareResult =
   | { readonly identical: true }
   | { readonly identical: false; readonly offset: number; readonly reason: 'content' | 'size' };
 
-export async function compareImages(first: BlockBackend, second: BlockBackend, options: CompareOptions = {}): Promise<CompareResult> {
+export async function compareImages(
+  first: BlockBackend,
+  second: BlockBackend,
+  options: CompareOptions = {},
+): Promise<CompareResult> {
   const a = gateBackend(first);
   const b = gateBackend(second);
-  if (a.size !== b.size && options.strict) return { identical: false, offset: Math.min(a.size, b.size), reason: 'size' };
+  if (a.size !== b.size && options.strict)
+    return { identical: false, offset: Math.min(a.size, b.size), reason: 'size' };
   const end = Math.max(a.size, b.size);
   const align = Math.max(a.limits.requestAlignment, b.limits.requestAlignment);
-  const bufferSize = Math.max(align, Math.floor(Math.min(options.bufferSize ?? 1 << 20, a.limits.maxTransfer, b.limits.maxTransfer) / align) * align);
+  const bufferSize = Math.max(
+    align,
+    Math.floor(Math.min(options.bufferSize ?? 1 << 20, a.limits.maxTransfer, b.limits.maxTransfer) / align) * align,
+  );
   const workers = Math.max(1, Math.min(options.workers ?? 8, Math.ceil(end / bufferSize) || 1));
 
   let pos = 0;
@@ -39,12 +47,17 @@ export async function compareImages(first: BlockBackend, second: BlockBackend, o
   /** Status of one side at pos: zero-or-beyond-end, and how far it holds. */
   const sideStatus = async (img: GatedBackend, at: number): Promise<{ zero: boolean; length: number }> => {
     if (at >= img.size) return { zero: true, length: end - at };
-    const ext = img.canBlockStatus ? await chainStatus(img, at, img.size - at) : { kind: 'data', length: img.size - at };
+    const ext = img.canBlockStatus
+      ? await chainStatus(img, at, img.size - at)
+      : { kind: 'data', length: img.size - at };
     return { zero: ext.kind === 'zero', length: ext.length };
   };
   const next = async (): Promise<{ offset: number; length: number } | null> => {
     for (;;) {
-      if (pending) { await pending; continue; }
+      if (pending) {
+        await pending;
+        continue;
+      }
       if (pos >= end || pos >= mismatch || failure !== undefined) return null;
       if (pos < extentEnd) {
         const offset = pos;
@@ -63,11 +76,16 @@ export async function compareImages(first: BlockBackend, second: BlockBackend, o
         if (e < end && e % align !== 0) {
           const down = e - (e % align) - pos;
           if (down > 0) len = down;
-          else { len = Math.min(align, end - pos); zero = false; }
+          else {
+            len = Math.min(align, end - pos);
+            zero = false;
+          }
         }
         bothZero = zero;
         extentEnd = pos + len;
-      })().finally(() => { pending = null; });
+      })().finally(() => {
+        pending = null;
+      });
     }
   };
 
@@ -93,7 +111,10 @@ export async function compareImages(first: BlockBackend, second: BlockBackend, o
     try {
       while ((chunk = await next())) {
         if (options.signal?.aborted) throw cancelled(options.signal.reason);
-        const [va, vb] = await Promise.all([readSide(a, chunk.offset, chunk.length, bufA), readSide(b, chunk.offset, chunk.length, bufB)]);
+        const [va, vb] = await Promise.all([
+          readSide(a, chunk.offset, chunk.length, bufA),
+          readSide(b, chunk.offset, chunk.length, bufB),
+        ]);
         if (!va.equals(vb)) {
           let i = 0;
           while (va[i] === vb[i]) i++;
@@ -101,7 +122,10 @@ export async function compareImages(first: BlockBackend, second: BlockBackend, o
         }
       }
     } catch (err) {
-      failure ??= toBlockError(err, chunk ? { op: 'compare', offset: chunk.offset, length: chunk.length } : { op: 'compare' });
+      failure ??= toBlockError(
+        err,
+        chunk ? { op: 'compare', offset: chunk.offset, length: chunk.length } : { op: 'compare' },
+      );
     }
   };
 
@@ -113,4 +137,3 @@ export async function compareImages(first: BlockBackend, second: BlockBackend, o
   }
   return { identical: true };
 }
-

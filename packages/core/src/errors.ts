@@ -69,7 +69,10 @@ export class BlockError extends Error {
   constructor(code: BlockErrorCode, message: string, details: BlockErrorDetails = {}) {
     const location = details.location === undefined ? undefined : redactLocation(details.location);
     redactCauses(details.cause);
-    super(redactCredentials(formatMessage(message, { ...details, location })), details.cause === undefined ? undefined : { cause: details.cause });
+    super(
+      redactCredentials(formatMessage(message, { ...details, location })),
+      details.cause === undefined ? undefined : { cause: details.cause },
+    );
     this.code = code;
     this.op = details.op;
     this.location = location;
@@ -94,19 +97,49 @@ function formatMessage(message: string, d: BlockErrorDetails): string {
  */
 function oneLine(s: string): string {
   // eslint-disable-next-line no-control-regex
-  return /[\x00-\x1f\x7f]/.test(s) ? s.replace(/[\x00-\x1f\x7f]/g, (c) => (c === '\n' ? '\\n' : c === '\t' ? '\\t' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)) : s;
+  return /[\x00-\x1f\x7f]/.test(s)
+    ? s.replace(/[\x00-\x1f\x7f]/g, (c) =>
+        c === '\n' ? '\\n' : c === '\t' ? '\\t' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`,
+      )
+    : s;
 }
 
 /** Node system error codes that map onto ours one to one. */
 const SYSTEM_CODES = new Set([
-  'EINVAL', 'ENOENT', 'EACCES', 'EPERM', 'EIO', 'ENOSPC', 'EROFS', 'EISDIR', 'ENOTDIR', 'EBADF',
-  'EEXIST', 'ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'EFBIG', 'EDQUOT', 'ENXIO',
-  'ENOTSUP', 'EOPNOTSUPP', 'ENOTTY', 'ENOTFOUND', 'ECANCELED', 'EPIPE',
+  'EINVAL',
+  'ENOENT',
+  'EACCES',
+  'EPERM',
+  'EIO',
+  'ENOSPC',
+  'EROFS',
+  'EISDIR',
+  'ENOTDIR',
+  'EBADF',
+  'EEXIST',
+  'ETIMEDOUT',
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'EHOSTUNREACH',
+  'EFBIG',
+  'EDQUOT',
+  'ENXIO',
+  'ENOTSUP',
+  'EOPNOTSUPP',
+  'ENOTTY',
+  'ENOTFOUND',
+  'ECANCELED',
+  'EPIPE',
 ]);
 
 /** System codes folded into one of ours. */
 const ALIASES: Readonly<Record<string, BlockErrorCode>> = {
-  EPERM: 'EACCES', EDQUOT: 'ENOSPC', EFBIG: 'ENOSPC', EOPNOTSUPP: 'ENOTSUP', ENOTTY: 'ENOTSUP', EPIPE: 'ECONNRESET',
+  EPERM: 'EACCES',
+  EDQUOT: 'ENOSPC',
+  EFBIG: 'ENOSPC',
+  EOPNOTSUPP: 'ENOTSUP',
+  ENOTTY: 'ENOTSUP',
+  EPIPE: 'ECONNRESET',
 };
 
 /** Turns any thrown value into a BlockError with context; BlockErrors pass through. */
@@ -125,12 +158,18 @@ export function toBlockError(err: unknown, details: BlockErrorDetails = {}): Blo
 /** Short human text for common system errors, keeping the original when it says more. */
 function describeSystemError(code: string, raw: string): string {
   switch (code) {
-    case 'ENOSPC': return 'no space left on device';
-    case 'ENOENT': return 'no such file or directory';
-    case 'EACCES': return 'permission denied';
-    case 'EROFS': return 'read-only file system';
-    case 'EISDIR': return 'is a directory';
-    default: return raw.replace(/^[A-Z]+: /, '').replace(/, \w+ '.*'$/, '');
+    case 'ENOSPC':
+      return 'no space left on device';
+    case 'ENOENT':
+      return 'no such file or directory';
+    case 'EACCES':
+      return 'permission denied';
+    case 'EROFS':
+      return 'read-only file system';
+    case 'EISDIR':
+      return 'is a directory';
+    default:
+      return raw.replace(/^[A-Z]+: /, '').replace(/, \w+ '.*'$/, '');
   }
 }
 
@@ -146,7 +185,11 @@ export function cancelled(reason?: unknown): BlockError {
  */
 function redactCauses(cause: unknown): void {
   const seen = new Set<unknown>();
-  for (let c = cause; c instanceof Error && !(c instanceof BlockError) && !seen.has(c); c = (c as { cause?: unknown }).cause) {
+  for (
+    let c = cause;
+    c instanceof Error && !(c instanceof BlockError) && !seen.has(c);
+    c = (c as { cause?: unknown }).cause
+  ) {
     seen.add(c);
     try {
       const message = redactCredentials(c.message);

@@ -14,10 +14,18 @@ export function forwardBackend(inner: BlockBackend, overrides: Partial<BlockBack
       if (key === 'constructor' || key in overrides || Object.hasOwn(out, key)) continue;
       const d = Object.getOwnPropertyDescriptor(o, key)!;
       if (d.get) {
-        Object.defineProperty(out, key, { get: () => (inner as unknown as Record<string, unknown>)[key], enumerable: true, configurable: true });
+        Object.defineProperty(out, key, {
+          get: () => (inner as unknown as Record<string, unknown>)[key],
+          enumerable: true,
+          configurable: true,
+        });
       } else {
         const v = d.value as unknown;
-        Object.defineProperty(out, key, { value: typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(inner) : v, enumerable: true, configurable: true });
+        Object.defineProperty(out, key, {
+          value: typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(inner) : v,
+          enumerable: true,
+          configurable: true,
+        });
       }
     }
   }

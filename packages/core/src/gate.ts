@@ -162,7 +162,10 @@ class RequestGate {
       readOnly: { get: () => this.#readOnly || inner.readOnly === true, enumerable: true },
       readOnlyReason: { get: () => this.#forcedReadOnly ?? inner.readOnlyReason, enumerable: true },
       canZero: { get: () => inner.canZero ?? typeof inner.writeZeroes === 'function', enumerable: true },
-      canFastZero: { get: () => inner.canFastZero === true && typeof inner.writeZeroes === 'function', enumerable: true },
+      canFastZero: {
+        get: () => inner.canFastZero === true && typeof inner.writeZeroes === 'function',
+        enumerable: true,
+      },
       canDiscard: { get: () => inner.canDiscard ?? typeof inner.discard === 'function', enumerable: true },
       canCompress: { get: () => inner.canCompress === true, enumerable: true },
       canBlockStatus: { get: () => inner.canBlockStatus ?? typeof inner.blockStatus === 'function', enumerable: true },
@@ -192,9 +195,18 @@ class RequestGate {
   /** Null when the request may proceed; else the error to reject it with. */
   #refuse(op: string, offset: number, length: number, writes: boolean): BlockError | null {
     if (this.#closed) return this.#closedError(op);
-    if (writes && this.#readOnly) return new BlockError('EROFS', this.#readOnlyReason, at(this.#inner, op, offset, length));
+    if (writes && this.#readOnly)
+      return new BlockError('EROFS', this.#readOnlyReason, at(this.#inner, op, offset, length));
     const size = this.#inner.size;
-    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= size)) {
+    if (
+      !(
+        Number.isSafeInteger(offset) &&
+        Number.isSafeInteger(length) &&
+        offset >= 0 &&
+        length >= 0 &&
+        offset + length <= size
+      )
+    ) {
       return new BlockError('ERANGE', `request outside the image (size ${size})`, at(this.#inner, op, offset, length));
     }
     return null;
@@ -293,12 +305,19 @@ class RequestGate {
    * Writes the unaligned [pos, pos+n) — `data`, or zeroes when absent — by reading the
    * whole blocks around it, patching them and writing them back, alone.
    */
-  #readModifyWrite(op: string, pos: number, n: number, data: Uint8Array | undefined, flags?: WriteFlags): Promise<void> {
+  #readModifyWrite(
+    op: string,
+    pos: number,
+    n: number,
+    data: Uint8Array | undefined,
+    flags?: WriteFlags,
+  ): Promise<void> {
     return this.#serializer!.exclusive(async () => {
       const inner = this.#inner;
       // Checked again: the image may have been closed or resized while this waited.
       if (this.#closed) throw this.#closedError(op);
-      if (pos + n > inner.size) throw new BlockError('ERANGE', `request outside the image (size ${inner.size})`, at(inner, op, pos, n));
+      if (pos + n > inner.size)
+        throw new BlockError('ERANGE', `request outside the image (size ${inner.size})`, at(inner, op, pos, n));
       const start = pos - (pos % this.#align);
       const end = Math.min(Math.ceil((pos + n) / this.#align) * this.#align, inner.size);
       const block = this.#alloc(end - start);
@@ -316,7 +335,13 @@ class RequestGate {
     const err = this.#refuse('read', offset, length, false);
     if (err) return Promise.reject(err);
     if (into && into.length < length) {
-      return Promise.reject(new BlockError('EINVAL', `buffer of ${into.length} bytes cannot hold ${length}`, at(this.#inner, 'read', offset, length)));
+      return Promise.reject(
+        new BlockError(
+          'EINVAL',
+          `buffer of ${into.length} bytes cannot hold ${length}`,
+          at(this.#inner, 'read', offset, length),
+        ),
+      );
     }
     if (length === 0) return Promise.resolve(into ? into.subarray(0, 0) : new Uint8Array(0));
     // Inline, not through call(): no closure per read on the copy's hot path.
@@ -360,7 +385,11 @@ class RequestGate {
       const err = this.#refuse(op, offset, length, op === 'write');
       if (err) return err;
       if (!(Number.isSafeInteger(pos) && pos >= 0 && pos + length <= buffer.length)) {
-        return new BlockError('EINVAL', `segment ${i} runs past the end of the buffer`, at(this.#inner, op, offset, length));
+        return new BlockError(
+          'EINVAL',
+          `segment ${i} runs past the end of the buffer`,
+          at(this.#inner, op, offset, length),
+        );
       }
       if (direct && !this.#fits(offset, length, buffer, pos)) direct = false;
     }
@@ -388,12 +417,19 @@ class RequestGate {
     if (this.#closed) return Promise.reject(this.#closedError('blockStatus'));
     const size = inner.size;
     if (!(Number.isSafeInteger(offset) && offset >= 0 && offset < size)) {
-      return Promise.reject(new BlockError('ERANGE', `block status outside the image (size ${size})`, at(inner, 'blockStatus', offset, length)));
+      return Promise.reject(
+        new BlockError(
+          'ERANGE',
+          `block status outside the image (size ${size})`,
+          at(inner, 'blockStatus', offset, length),
+        ),
+      );
     }
     if (!inner.blockStatus) return Promise.resolve({ kind: 'data', length: size - offset });
     const asked = Number.isSafeInteger(length) && length > 0 ? Math.min(length, size - offset) : size - offset;
     return call(() => inner.blockStatus!(offset, asked)).then((ext) => {
-      if (!(ext.length > 0)) throw new BlockError('EIO', 'driver returned an empty extent', at(inner, 'blockStatus', offset, length));
+      if (!(ext.length > 0))
+        throw new BlockError('EIO', 'driver returned an empty extent', at(inner, 'blockStatus', offset, length));
       // The length is a hint that may run on, but never past the end of the image.
       return offset + ext.length <= size ? ext : { ...ext, length: size - offset };
     });
@@ -425,8 +461,17 @@ class RequestGate {
   #writePadded(offset: number, data: Uint8Array, flags: WriteFlags | undefined): Promise<void> {
     const end = offset + data.length;
     const unitOfCompression = this.#compressionUnit;
-    if (flags?.compress && (offset % unitOfCompression !== 0 || (data.length % unitOfCompression !== 0 && end !== this.#inner.size))) {
-      return Promise.reject(new BlockError('EINVAL', `compressed writes cover whole ${unitOfCompression}-byte compression units`, at(this.#inner, 'write', offset, data.length)));
+    if (
+      flags?.compress &&
+      (offset % unitOfCompression !== 0 || (data.length % unitOfCompression !== 0 && end !== this.#inner.size))
+    ) {
+      return Promise.reject(
+        new BlockError(
+          'EINVAL',
+          `compressed writes cover whole ${unitOfCompression}-byte compression units`,
+          at(this.#inner, 'write', offset, data.length),
+        ),
+      );
     }
     const { mid, midEnd, head, tail } = this.#edges(offset, end);
     const pieces: Array<() => Promise<void>> = [];
@@ -437,7 +482,8 @@ class RequestGate {
       const piece = data.subarray(s - offset, Math.min(s + step, midEnd) - offset);
       pieces.push(() => this.#writeMiddle(s, piece, flags));
     }
-    if (tail) pieces.push(() => this.#readModifyWrite('write', midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
+    if (tail)
+      pieces.push(() => this.#readModifyWrite('write', midEnd, end - midEnd, data.subarray(midEnd - offset), flags));
     return this.#runPieces(pieces);
   }
 
@@ -478,11 +524,15 @@ class RequestGate {
     if (length === 0) return Promise.resolve();
     // A fast zero is all or nothing at metadata speed: no read-modify-write of the edges.
     if (flags?.fast && (inner.canFastZero !== true || !inner.writeZeroes || !this.#aligned(offset, length))) {
-      const why = inner.canFastZero && inner.writeZeroes ? "a fast zero must be aligned to the image's blocks" : 'this image cannot zero fast';
+      const why =
+        inner.canFastZero && inner.writeZeroes
+          ? "a fast zero must be aligned to the image's blocks"
+          : 'this image cannot zero fast';
       return Promise.reject(new BlockError('ENOTSUP', why, at(inner, 'writeZeroes', offset, length)));
     }
     if (!inner.writeZeroes) return this.#writeZeroBuffers(offset, length);
-    if (length <= this.#maxZero && this.#aligned(offset, length)) return this.#send('writeZeroes', () => inner.writeZeroes!(offset, length, flags));
+    if (length <= this.#maxZero && this.#aligned(offset, length))
+      return this.#send('writeZeroes', () => inner.writeZeroes!(offset, length, flags));
     return this.#zeroPadded(offset, length, flags);
   }
 
@@ -546,8 +596,12 @@ class RequestGate {
   resize(size: number): Promise<void> {
     const inner = this.#inner;
     if (this.#closed) return Promise.reject(this.#closedError('resize'));
-    if (this.#readOnly) return Promise.reject(new BlockError('EROFS', this.#readOnlyReason, { op: 'resize', location: inner.location }));
-    if (!Number.isSafeInteger(size) || size < 0) return Promise.reject(new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }));
+    if (this.#readOnly)
+      return Promise.reject(new BlockError('EROFS', this.#readOnlyReason, { op: 'resize', location: inner.location }));
+    if (!Number.isSafeInteger(size) || size < 0)
+      return Promise.reject(
+        new BlockError('EINVAL', `invalid size ${size}`, { op: 'resize', location: inner.location }),
+      );
     const resize = (): Promise<void> => call(() => inner.resize!(size));
     return this.#serializer ? this.#serializer.exclusive(resize) : resize();
   }
@@ -567,8 +621,17 @@ class RequestGate {
     return request.buffer.length >= length && this.#fits(offset, length, request.buffer);
   }
 
-  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean> {
-    return this.#mayCopy('read', offset, length, request) && this.#inner.copyTo!(offset, length, target, targetOffset, request);
+  async copyTo(
+    offset: number,
+    length: number,
+    target: BlockBackend,
+    targetOffset: number,
+    request: CopyRequest,
+  ): Promise<boolean> {
+    return (
+      this.#mayCopy('read', offset, length, request) &&
+      this.#inner.copyTo!(offset, length, target, targetOffset, request)
+    );
   }
 
   async copyFrom(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean> {

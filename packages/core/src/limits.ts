@@ -15,21 +15,41 @@ function isPowerOfTwo(n: number): boolean {
 export function checkLimits(b: BlockBackend): void {
   const l = b.limits;
   const bad = (field: string, why: string): never => {
-    throw new BlockError('EINVAL', `driver "${b.driverName}" declares invalid limits: ${why}`, { op: 'open', location: b.location, field: `limits.${field}` });
+    throw new BlockError('EINVAL', `driver "${b.driverName}" declares invalid limits: ${why}`, {
+      op: 'open',
+      location: b.location,
+      field: `limits.${field}`,
+    });
   };
   if (!l) bad('', 'no limits');
   if (!isPowerOfTwo(l.requestAlignment)) bad('requestAlignment', `${l.requestAlignment} is not a power of two`);
-  if (!Number.isSafeInteger(l.maxTransfer) || l.maxTransfer < l.requestAlignment || l.maxTransfer % l.requestAlignment !== 0) {
+  if (
+    !Number.isSafeInteger(l.maxTransfer) ||
+    l.maxTransfer < l.requestAlignment ||
+    l.maxTransfer % l.requestAlignment !== 0
+  ) {
     bad('maxTransfer', `${l.maxTransfer} is not a positive multiple of requestAlignment (${l.requestAlignment})`);
   }
-  if (l.optimalTransfer !== undefined && (!Number.isSafeInteger(l.optimalTransfer) || l.optimalTransfer <= 0 || l.optimalTransfer > l.maxTransfer)) {
+  if (
+    l.optimalTransfer !== undefined &&
+    (!Number.isSafeInteger(l.optimalTransfer) || l.optimalTransfer <= 0 || l.optimalTransfer > l.maxTransfer)
+  ) {
     bad('optimalTransfer', `${l.optimalTransfer} is not between 1 and maxTransfer (${l.maxTransfer})`);
   }
-  if (l.maxWriteZeroes !== undefined && (!Number.isSafeInteger(l.maxWriteZeroes) || l.maxWriteZeroes < l.requestAlignment)) {
+  if (
+    l.maxWriteZeroes !== undefined &&
+    (!Number.isSafeInteger(l.maxWriteZeroes) || l.maxWriteZeroes < l.requestAlignment)
+  ) {
     bad('maxWriteZeroes', `${l.maxWriteZeroes} is less than one block (${l.requestAlignment})`);
   }
-  if (l.preferredAlignment !== undefined && (!isPowerOfTwo(l.preferredAlignment) || l.preferredAlignment % l.requestAlignment !== 0)) {
-    bad('preferredAlignment', `${l.preferredAlignment} is not a power of two and a multiple of requestAlignment (${l.requestAlignment})`);
+  if (
+    l.preferredAlignment !== undefined &&
+    (!isPowerOfTwo(l.preferredAlignment) || l.preferredAlignment % l.requestAlignment !== 0)
+  ) {
+    bad(
+      'preferredAlignment',
+      `${l.preferredAlignment} is not a power of two and a multiple of requestAlignment (${l.requestAlignment})`,
+    );
   }
   // A compression unit may be finer than the alignment (512-byte qcow2 clusters on O_DIRECT).
   if (l.compressionUnit !== undefined && (!isPowerOfTwo(l.compressionUnit) || l.compressionUnit > l.maxTransfer)) {
@@ -40,6 +60,10 @@ export function checkLimits(b: BlockBackend): void {
   if (mem > 1 && typeof b.allocBuffer !== 'function') bad('minMemAlignment', `${mem} needs allocBuffer()`);
   if (!Number.isSafeInteger(b.size) || b.size < 0) bad('size', `${b.size} is not a byte count`);
   if (b.readOnly === false && typeof b.write !== 'function') {
-    throw new BlockError('EINVAL', `driver "${b.driverName}" declares a writable image without write()`, { op: 'open', location: b.location, field: 'write' });
+    throw new BlockError('EINVAL', `driver "${b.driverName}" declares a writable image without write()`, {
+      op: 'open',
+      location: b.location,
+      field: 'write',
+    });
   }
 }

@@ -23,7 +23,7 @@ export async function* mapImage(image: BlockBackend, start = 0, length = image.s
   const end = Math.min(image.size, start + length);
   const gated = gateBackend(image);
   let pending: MapEntry | undefined;
-  for (let pos = start; pos < end;) {
+  for (let pos = start; pos < end; ) {
     const entry = await statusAt(gated, pos, end - pos);
     pos += entry.length;
     if (pending && mergeable(pending, entry)) {
@@ -37,8 +37,14 @@ export async function* mapImage(image: BlockBackend, start = 0, length = image.s
 }
 
 function mergeable(a: MapEntry, b: MapEntry): boolean {
-  return a.depth === b.depth && a.present === b.present && a.zero === b.zero && a.data === b.data &&
-    (a.offset === undefined) === (b.offset === undefined) && (a.offset === undefined || a.offset + a.length === b.offset);
+  return (
+    a.depth === b.depth &&
+    a.present === b.present &&
+    a.zero === b.zero &&
+    a.data === b.data &&
+    (a.offset === undefined) === (b.offset === undefined) &&
+    (a.offset === undefined || a.offset + a.length === b.offset)
+  );
 }
 
 async function statusAt(image: GatedBackend, pos: number, length: number): Promise<MapEntry> {
@@ -52,7 +58,9 @@ async function statusAt(image: GatedBackend, pos: number, length: number): Promi
     if (pos >= layer.size) break;
     let ext: Extent;
     try {
-      ext = layer.canBlockStatus ? await layer.blockStatus(pos, Math.min(len, layer.size - pos)) : { kind: 'data' as const, length: layer.size - pos };
+      ext = layer.canBlockStatus
+        ? await layer.blockStatus(pos, Math.min(len, layer.size - pos))
+        : { kind: 'data' as const, length: layer.size - pos };
     } catch (err) {
       throw toBlockError(err, { op: 'blockStatus', location: layer.location, offset: pos });
     }
@@ -60,7 +68,14 @@ async function statusAt(image: GatedBackend, pos: number, length: number): Promi
     lastDepth = depth;
     lastOffset = ext.offset;
     if (ext.kind !== 'unallocated') {
-      const entry: MapEntry = { start: pos, length: len, depth, present: true, zero: ext.kind === 'zero', data: ext.kind === 'data' };
+      const entry: MapEntry = {
+        start: pos,
+        length: len,
+        depth,
+        present: true,
+        zero: ext.kind === 'zero',
+        data: ext.kind === 'data',
+      };
       if (ext.offset !== undefined) entry.offset = ext.offset;
       return entry;
     }

@@ -6,13 +6,31 @@
  */
 import { BlockError } from './errors.js';
 import { redactLocation } from './redact.js';
-import { BLOCK_API_VERSION, type BlockBackend, type BlockLimits, type CopyRequest, type Extent, type ProtocolDriver, type WriteZeroesFlags } from './types.js';
+import {
+  BLOCK_API_VERSION,
+  type BlockBackend,
+  type BlockLimits,
+  type CopyRequest,
+  type Extent,
+  type ProtocolDriver,
+  type WriteZeroesFlags,
+} from './types.js';
 import { type SegmentList, piecesAroundHoles } from './segments.js';
 import { ZeroScanner } from './zeroscan.js';
 
 const PAGE = 64 * 1024;
 
-export type MemoryOp = 'read' | 'readSegments' | 'write' | 'writeSegments' | 'writeZeroes' | 'discard' | 'blockStatus' | 'flush' | 'copy' | 'pipe';
+export type MemoryOp =
+  | 'read'
+  | 'readSegments'
+  | 'write'
+  | 'writeSegments'
+  | 'writeZeroes'
+  | 'discard'
+  | 'blockStatus'
+  | 'flush'
+  | 'copy'
+  | 'pipe';
 
 export interface MemoryOpRecord {
   readonly op: MemoryOp;
@@ -67,7 +85,13 @@ export class MemoryBackend implements BlockBackend {
   readonly canWriteOutOfOrder: boolean;
   readonly log: MemoryOpRecord[] = [];
   /** With canCopy or canPipe. */
-  readonly copyTo?: (offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest) => Promise<boolean>;
+  readonly copyTo?: (
+    offset: number,
+    length: number,
+    target: BlockBackend,
+    targetOffset: number,
+    request: CopyRequest,
+  ) => Promise<boolean>;
   readonly copyFrom?: (offset: number, length: number, source: BlockBackend, request: CopyRequest) => Promise<boolean>;
   /** Highest number of operations in flight at once. */
   maxInFlight = 0;
@@ -115,50 +139,72 @@ export class MemoryBackend implements BlockBackend {
   }
 
   #copyFrom(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean> {
-    if (!(source instanceof MemoryBackend) || !source.#takes(request) || !this.#takes(request)) return Promise.resolve(false);
+    if (!(source instanceof MemoryBackend) || !source.#takes(request) || !this.#takes(request))
+      return Promise.resolve(false);
     const { buffer, pieces, holes, zeroRuns, unit, minRun } = request;
     if (request.offload) {
       request.issued();
-      return this.#op('copy', offset, length, () => {
-        const data = new Uint8Array(length);
-        for (let i = 0; i < pieces.count; i++) {
-          const pos = pieces.positionAt(i);
-          source.#load(pieces.offsetAt(i), pieces.lengthAt(i), data.subarray(pos, pos + pieces.lengthAt(i)));
-        }
-        this.#store(offset, data);
-      }, true).then(() => true);
+      return this.#op(
+        'copy',
+        offset,
+        length,
+        () => {
+          const data = new Uint8Array(length);
+          for (let i = 0; i < pieces.count; i++) {
+            const pos = pieces.positionAt(i);
+            source.#load(pieces.offsetAt(i), pieces.lengthAt(i), data.subarray(pos, pos + pieces.lengthAt(i)));
+          }
+          this.#store(offset, data);
+        },
+        true,
+      ).then(() => true);
     }
     // What fileio.pipe refuses, refused here too.
-    if ((minRun === 0 && holes.count > 0) || (minRun > 0 && zeroRuns.capacity < Math.ceil(length / unit) + holes.count + 1) || buffer.length < length) {
-      return Promise.reject(new RangeError('pipe: holes without a scan, a run list too short for the chunk, or a buffer too small'));
+    if (
+      (minRun === 0 && holes.count > 0) ||
+      (minRun > 0 && zeroRuns.capacity < Math.ceil(length / unit) + holes.count + 1) ||
+      buffer.length < length
+    ) {
+      return Promise.reject(
+        new RangeError('pipe: holes without a scan, a run list too short for the chunk, or a buffer too small'),
+      );
     }
     request.issued();
-    return this.#op('pipe', offset, length, () => {
-      for (let i = 0; i < pieces.count; i++) {
-        const off = pieces.offsetAt(i);
-        const len = pieces.lengthAt(i);
-        const at = pieces.positionAt(i);
-        // The source's failure injection applies to its half, as a read.
-        const err = source.#opts.fail?.('read', off, len);
-        if (err) throw err;
-        source.#load(off, len, buffer.subarray(at, at + len));
-      }
-      if (minRun === 0) {
-        this.#store(offset, buffer.subarray(0, length));
-        return;
-      }
-      const scanner = new ZeroScanner(buffer, unit, minRun);
-      scanner.scan(length, offset, holes);
-      for (let i = 0; i < scanner.data.count; i++) {
-        const pos = scanner.data.positionAt(i);
-        this.#store(scanner.data.offsetAt(i), buffer.subarray(pos, pos + scanner.data.lengthAt(i)));
-      }
-      for (let i = 0; i < scanner.zeroes.count; i++) zeroRuns.push(scanner.zeroes.offsetAt(i), scanner.zeroes.lengthAt(i), scanner.zeroes.positionAt(i));
-    }, true).then(() => true);
+    return this.#op(
+      'pipe',
+      offset,
+      length,
+      () => {
+        for (let i = 0; i < pieces.count; i++) {
+          const off = pieces.offsetAt(i);
+          const len = pieces.lengthAt(i);
+          const at = pieces.positionAt(i);
+          // The source's failure injection applies to its half, as a read.
+          const err = source.#opts.fail?.('read', off, len);
+          if (err) throw err;
+          source.#load(off, len, buffer.subarray(at, at + len));
+        }
+        if (minRun === 0) {
+          this.#store(offset, buffer.subarray(0, length));
+          return;
+        }
+        const scanner = new ZeroScanner(buffer, unit, minRun);
+        scanner.scan(length, offset, holes);
+        for (let i = 0; i < scanner.data.count; i++) {
+          const pos = scanner.data.positionAt(i);
+          this.#store(scanner.data.offsetAt(i), buffer.subarray(pos, pos + scanner.data.lengthAt(i)));
+        }
+        for (let i = 0; i < scanner.zeroes.count; i++)
+          zeroRuns.push(scanner.zeroes.offsetAt(i), scanner.zeroes.lengthAt(i), scanner.zeroes.positionAt(i));
+      },
+      true,
+    ).then(() => true);
   }
 
   /** Bytes held in memory (allocated pages). */
-  get allocatedBytes(): number { return this.#pages.size * PAGE; }
+  get allocatedBytes(): number {
+    return this.#pages.size * PAGE;
+  }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const out = into ? into.subarray(0, length) : new Uint8Array(length);
@@ -167,7 +213,7 @@ export class MemoryBackend implements BlockBackend {
   }
 
   #load(offset: number, length: number, out: Uint8Array): void {
-    for (let done = 0; done < length;) {
+    for (let done = 0; done < length; ) {
       const pos = offset + done;
       const page = this.#pages.get(Math.floor(pos / PAGE));
       const inPage = pos % PAGE;
@@ -186,14 +232,26 @@ export class MemoryBackend implements BlockBackend {
     if (segments.count === 0) return;
     const pieces = segments.toArray();
     for (const { offset: off, length: len, position: at } of pieces) {
-      if (!(at + len <= into.length)) throw new BlockError('EINVAL', 'segment runs past the buffer', { op: 'readSegments', location: this.location, offset: off, length: len });
+      if (!(at + len <= into.length))
+        throw new BlockError('EINVAL', 'segment runs past the buffer', {
+          op: 'readSegments',
+          location: this.location,
+          offset: off,
+          length: len,
+        });
       const a = this.limits.requestAlignment;
       if (off % a !== 0 || (len % a !== 0 && off + len !== this.size) || off + len > this.size) {
-        throw new BlockError('EINVAL', `segment not aligned to ${a} bytes or past the end`, { op: 'readSegments', location: this.location, offset: off, length: len });
+        throw new BlockError('EINVAL', `segment not aligned to ${a} bytes or past the end`, {
+          op: 'readSegments',
+          location: this.location,
+          offset: off,
+          length: len,
+        });
       }
     }
     await this.#op('readSegments', pieces[0]!.offset, segments.totalLength(), () => {
-      for (const { offset: off, length: len, position: at } of pieces) this.#load(off, len, into.subarray(at, at + len));
+      for (const { offset: off, length: len, position: at } of pieces)
+        this.#load(off, len, into.subarray(at, at + len));
     });
   }
 
@@ -202,16 +260,16 @@ export class MemoryBackend implements BlockBackend {
   }
 
   #store(offset: number, data: Uint8Array): void {
-      for (let done = 0; done < data.length;) {
-        const pos = offset + done;
-        const idx = Math.floor(pos / PAGE);
-        let page = this.#pages.get(idx);
-        if (!page) this.#pages.set(idx, (page = new Uint8Array(PAGE)));
-        const inPage = pos % PAGE;
-        const n = Math.min(PAGE - inPage, data.length - done);
-        page.set(data.subarray(done, done + n), inPage);
-        done += n;
-      }
+    for (let done = 0; done < data.length; ) {
+      const pos = offset + done;
+      const idx = Math.floor(pos / PAGE);
+      let page = this.#pages.get(idx);
+      if (!page) this.#pages.set(idx, (page = new Uint8Array(PAGE)));
+      const inPage = pos % PAGE;
+      const n = Math.min(PAGE - inPage, data.length - done);
+      page.set(data.subarray(done, done + n), inPage);
+      done += n;
+    }
   }
 
   /** Vectored write, logged as one operation over the span of its pieces (as a driver would send one request). */
@@ -220,9 +278,16 @@ export class MemoryBackend implements BlockBackend {
     const pieces = segments.toArray();
     const first = Math.min(...pieces.map((p) => p.offset));
     const end = Math.max(...pieces.map((p) => p.offset + p.length));
-    await this.#op('writeSegments', first, end - first, () => {
-      for (const { offset, length, position } of pieces) this.#store(offset, from.subarray(position, position + length));
-    }, true);
+    await this.#op(
+      'writeSegments',
+      first,
+      end - first,
+      () => {
+        for (const { offset, length, position } of pieces)
+          this.#store(offset, from.subarray(position, position + length));
+      },
+      true,
+    );
   }
 
   async writeZeroes(offset: number, length: number, _flags?: WriteZeroesFlags): Promise<void> {
@@ -246,7 +311,9 @@ export class MemoryBackend implements BlockBackend {
   }
 
   async flush(): Promise<void> {
-    await this.#op('flush', 0, 0, () => { this.flushes++; });
+    await this.#op('flush', 0, 0, () => {
+      this.flushes++;
+    });
   }
 
   async close(): Promise<void> {
@@ -254,7 +321,7 @@ export class MemoryBackend implements BlockBackend {
   }
 
   #zero(offset: number, length: number): void {
-    for (let done = 0; done < length;) {
+    for (let done = 0; done < length; ) {
       const pos = offset + done;
       const idx = Math.floor(pos / PAGE);
       const inPage = pos % PAGE;
@@ -270,24 +337,47 @@ export class MemoryBackend implements BlockBackend {
 
   async #op(op: MemoryOp, offset: number, length: number, body: () => void, writes = false): Promise<void> {
     if (this.closed) throw new BlockError('EINVAL', 'backend is closed', { op, location: this.location });
-    if (writes && this.readOnly) throw new BlockError('EROFS', 'image is read-only', { op, location: this.location, offset });
+    if (writes && this.readOnly)
+      throw new BlockError('EROFS', 'image is read-only', { op, location: this.location, offset });
     if (op !== 'flush') {
-      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-        throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, { op, location: this.location, offset, length });
+      if (
+        !Number.isSafeInteger(offset) ||
+        !Number.isSafeInteger(length) ||
+        offset < 0 ||
+        length < 0 ||
+        offset + length > this.size
+      ) {
+        throw new BlockError('ERANGE', `request beyond the end of the image (size ${this.size})`, {
+          op,
+          location: this.location,
+          offset,
+          length,
+        });
       }
       const a = this.limits.requestAlignment;
       // A block-status length is only a hint, so only its offset must be aligned.
       // readSegments' pieces are checked one by one (its length is their sum).
-      if (offset % a !== 0 || (op !== 'blockStatus' && op !== 'readSegments' && length % a !== 0 && offset + length !== this.size)) {
-        throw new BlockError('EINVAL', `request not aligned to ${a} bytes`, { op, location: this.location, offset, length });
+      if (
+        offset % a !== 0 ||
+        (op !== 'blockStatus' && op !== 'readSegments' && length % a !== 0 && offset + length !== this.size)
+      ) {
+        throw new BlockError('EINVAL', `request not aligned to ${a} bytes`, {
+          op,
+          location: this.location,
+          offset,
+          length,
+        });
       }
     }
-    const rec: MemoryOpRecord | undefined = this.#opts.record ? { op, offset, length, started: this.#seq++ } : undefined;
+    const rec: MemoryOpRecord | undefined = this.#opts.record
+      ? { op, offset, length, started: this.#seq++ }
+      : undefined;
     if (rec) this.log.push(rec);
     this.inFlight++;
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
     try {
-      const lat = typeof this.#opts.latency === 'function' ? this.#opts.latency(op, offset, length) : this.#opts.latency ?? 0;
+      const lat =
+        typeof this.#opts.latency === 'function' ? this.#opts.latency(op, offset, length) : (this.#opts.latency ?? 0);
       if (lat > 0) await new Promise((r) => setTimeout(r, lat));
       else await Promise.resolve();
       const err = this.#opts.fail?.(op, offset, length);

@@ -50,7 +50,11 @@ interface RedactionState {
  * parameter of another scheme that shares a secret one's name costs only its value.
  */
 const STATE_KEY = Symbol.for('@blockconv/core.redaction');
-const state = ((globalThis as Record<symbol, unknown>)[STATE_KEY] ??= { parameters: new Set<string>(), secrets: new Set<string>(), scanOrder: [] }) as RedactionState;
+const state = ((globalThis as Record<symbol, unknown>)[STATE_KEY] ??= {
+  parameters: new Set<string>(),
+  secrets: new Set<string>(),
+  scanOrder: [],
+}) as RedactionState;
 
 /** Declares query parameter names (any case) whose values are secrets in every URL from now on. */
 export function declareSecretParameters(names: readonly string[]): void {
@@ -150,7 +154,11 @@ const LOCATION_USERINFO = /^([a-z][a-z0-9+.-]*:\/\/)([^/?#]*)@/i;
  * after the location's own password is dropped whatever characters it holds.
  */
 export function redactLocation(location: string): string {
-  return redactCredentials(location.replace(LOCATION_USERINFO, (m, scheme: string, userinfo: string) => dropPassword(m, scheme, userinfo, PLAIN)));
+  return redactCredentials(
+    location.replace(LOCATION_USERINFO, (m, scheme: string, userinfo: string) =>
+      dropPassword(m, scheme, userinfo, PLAIN),
+    ),
+  );
 }
 
 function redactUrl(url: string, syntax: UrlSyntax): string {

@@ -115,7 +115,11 @@ export class DriverRegistry implements ImageResolver {
     for (const given of drivers) {
       const version = given.apiVersion as number;
       if (!SUPPORTED_API_VERSIONS.includes(version)) {
-        throw new BlockError('ENOTSUP', `driver "${given.name}" implements driver API version ${String(given.apiVersion)}; this @blockconv/core implements versions ${SUPPORTED_API_VERSIONS.join(' and ')}`, { field: 'apiVersion' });
+        throw new BlockError(
+          'ENOTSUP',
+          `driver "${given.name}" implements driver API version ${String(given.apiVersion)}; this @blockconv/core implements versions ${SUPPORTED_API_VERSIONS.join(' and ')}`,
+          { field: 'apiVersion' },
+        );
       }
       const d = version === BLOCK_API_VERSION ? given : adaptApi1Driver(given);
       if (d.kind === 'protocol') {
@@ -131,8 +135,12 @@ export class DriverRegistry implements ImageResolver {
     return this;
   }
 
-  get protocols(): readonly ProtocolDriver[] { return [...this.#protocols.values()]; }
-  get formats(): readonly FormatDriver[] { return [...this.#formats.values()]; }
+  get protocols(): readonly ProtocolDriver[] {
+    return [...this.#protocols.values()];
+  }
+  get formats(): readonly FormatDriver[] {
+    return [...this.#formats.values()];
+  }
 
   protocolFor(location: string): { driver: ProtocolDriver; location: string } {
     const parsed = parseLocation(location);
@@ -177,7 +185,10 @@ export class DriverRegistry implements ImageResolver {
       checkOpenOptions(options.options, protocol, fmt, location);
       const onlyReads = protocol.readOnly ? readOnlyProtocol(protocol) : fmt.readOnly ? readOnlyFormat(fmt) : undefined;
       const readOnly = onlyReads !== undefined ? { readOnly: true } : {};
-      return await gated(redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })), onlyReads !== undefined ? { readOnlyReason: onlyReads } : undefined);
+      return await gated(
+        redactedLocation(await fmt.open(file, { ...options, ...readOnly, resolver: this })),
+        onlyReads !== undefined ? { readOnlyReason: onlyReads } : undefined,
+      );
     } catch (err) {
       await file.close().catch(() => {});
       throw toBlockError(err, { op: 'open', location });
@@ -185,16 +196,33 @@ export class DriverRegistry implements ImageResolver {
   }
 
   /** Checks an image's format metadata (qemu-img check): the named or probed format's check. */
-  async check(location: string, options: CheckOptions & { readonly format?: string; readonly cache?: CacheMode; readonly options?: Readonly<Record<string, string>> } = {}): Promise<CheckResult> {
+  async check(
+    location: string,
+    options: CheckOptions & {
+      readonly format?: string;
+      readonly cache?: CacheMode;
+      readonly options?: Readonly<Record<string, string>>;
+    } = {},
+  ): Promise<CheckResult> {
     await this.#load(location, options.format);
     const formatDriver = options.format === undefined ? undefined : this.format(options.format);
     const { driver: protocol } = this.protocolFor(location);
-    const file = await this.openProtocol(location, { readOnly: options.repair === undefined, cache: options.cache, signal: options.signal, options: options.options });
+    const file = await this.openProtocol(location, {
+      readOnly: options.repair === undefined,
+      cache: options.cache,
+      signal: options.signal,
+      options: options.options,
+    });
     try {
       const fmt = formatDriver ?? (await this.probe(file, location));
       checkOpenOptions(options.options, protocol, fmt, location);
       // field "format": the CLI exits 63 for this, as qemu-img check does.
-      if (!fmt.check) throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, { op: 'check', location, field: 'format' });
+      if (!fmt.check)
+        throw new BlockError('ENOTSUP', `format "${fmt.name}" does not support checks`, {
+          op: 'check',
+          location,
+          field: 'format',
+        });
       const r = await fmt.check(file, { ...options, resolver: this });
       return { ...r, messages: r.messages.map(redactCredentials) };
     } catch (err) {
@@ -209,7 +237,15 @@ export class DriverRegistry implements ImageResolver {
    * but unreferenced are reclaimed (check with repair 'leaks'); a target with real
    * corruption is refused. Formats without checks (raw) have nothing to reclaim.
    */
-  async reclaimForResume(location: string, options: { readonly format?: string; readonly cache?: CacheMode; readonly options?: Readonly<Record<string, string>>; readonly signal?: AbortSignal } = {}): Promise<void> {
+  async reclaimForResume(
+    location: string,
+    options: {
+      readonly format?: string;
+      readonly cache?: CacheMode;
+      readonly options?: Readonly<Record<string, string>>;
+      readonly signal?: AbortSignal;
+    } = {},
+  ): Promise<void> {
     let r: CheckResult;
     try {
       r = await this.check(location, { ...options, repair: 'leaks' });
@@ -218,7 +254,11 @@ export class DriverRegistry implements ImageResolver {
       throw err;
     }
     if (r.corruptions > 0 || r.checkErrors > 0) {
-      throw new BlockError('ECORRUPT', `cannot resume: the target has ${r.corruptions} corruptions and ${r.checkErrors} check errors (blockconv check says what); start again without resuming`, { location, op: 'resume' });
+      throw new BlockError(
+        'ECORRUPT',
+        `cannot resume: the target has ${r.corruptions} corruptions and ${r.checkErrors} check errors (blockconv check says what); start again without resuming`,
+        { location, op: 'resume' },
+      );
     }
   }
 
@@ -231,7 +271,10 @@ export class DriverRegistry implements ImageResolver {
     let bestScore = 0;
     for (const f of this.#formats.values()) {
       const score = probeScore(f, head, location);
-      if (score > bestScore) { best = f; bestScore = score; }
+      if (score > bestScore) {
+        best = f;
+        bestScore = score;
+      }
     }
     if (!best) throw missingDriver('format', 'raw');
     return best;
@@ -246,10 +289,16 @@ export class DriverRegistry implements ImageResolver {
     await this.#load(location, options.format ?? 'raw');
     learnSecrets(location);
     const fmt = this.format(options.format ?? 'raw');
-    if (fmt.readOnly) throw new BlockError('EROFS', `${readOnlyFormat(fmt)}: it cannot create images`, { op: 'create', location, field: 'format' });
+    if (fmt.readOnly)
+      throw new BlockError('EROFS', `${readOnlyFormat(fmt)}: it cannot create images`, {
+        op: 'create',
+        location,
+        field: 'format',
+      });
     if (!fmt.create) throw new BlockError('ENOTSUP', `format "${fmt.name}" cannot create images`, { location });
     const { driver, location: loc } = this.protocolFor(location);
-    if (driver.readOnly) throw new BlockError('EROFS', `${readOnlyProtocol(driver)}: it cannot create images`, { op: 'create', location });
+    if (driver.readOnly)
+      throw new BlockError('EROFS', `${readOnlyProtocol(driver)}: it cannot create images`, { op: 'create', location });
     if (!driver.create) {
       throw new BlockError('ENOTSUP', `${driver.name} cannot create images; use an existing one with -n`, { location });
     }
@@ -262,14 +311,23 @@ export class DriverRegistry implements ImageResolver {
     } catch (err) {
       throw toBlockError(err, { op: 'create', location });
     }
-    const opened = await this.openProtocol(location, { cache: options.cache, signal: options.signal, options: options.openOptions });
+    const opened = await this.openProtocol(location, {
+      cache: options.cache,
+      signal: options.signal,
+      options: options.openOptions,
+    });
     // The format's create sees what the protocol said (file.zeroInitialized), e.g. to
     // tell whether preallocated clusters read as zeroes.
     const file = made?.zeroInitialized ? gateBackend(opened, { zeroInitialized: true }) : opened;
     try {
       const formatted = await fmt.create(file, size, { ...options, resolver: this });
       const zeroInitialized = (formatted?.zeroInitialized ?? made?.zeroInitialized) === true;
-      const image = await fmt.open(file, { cache: options.cache, signal: options.signal, options: options.openOptions, resolver: this });
+      const image = await fmt.open(file, {
+        cache: options.cache,
+        signal: options.signal,
+        options: options.openOptions,
+        resolver: this,
+      });
       return await gated(redactedLocation(image), zeroInitialized ? { zeroInitialized: true } : undefined);
     } catch (err) {
       await file.close().catch(() => {});
@@ -326,13 +384,23 @@ function readOnlyFormat(driver: FormatDriver): string {
  * Refuses open options that neither driver of the image declares (a typo would
  * otherwise be ignored), naming the ones they take.
  */
-function checkOpenOptions(options: Readonly<Record<string, string>> | undefined, protocol: ProtocolDriver, format: FormatDriver, location: string): void {
+function checkOpenOptions(
+  options: Readonly<Record<string, string>> | undefined,
+  protocol: ProtocolDriver,
+  format: FormatDriver,
+  location: string,
+): void {
   if (!options) return;
   const known = new Set([...(protocol.openOptions ?? []), ...(format.openOptions ?? [])].map((o) => o.name));
   for (const key of Object.keys(options)) {
     if (known.has(key)) continue;
-    const takes = (d: BlockDriver): string => `${d.name} takes ${d.openOptions?.length ? d.openOptions.map((o) => o.name).join(', ') : 'none'}`;
-    throw new BlockError('EINVAL', `unknown open option "${key}" (${takes(protocol)}; ${takes(format)})`, { op: 'open', location, field: key });
+    const takes = (d: BlockDriver): string =>
+      `${d.name} takes ${d.openOptions?.length ? d.openOptions.map((o) => o.name).join(', ') : 'none'}`;
+    throw new BlockError('EINVAL', `unknown open option "${key}" (${takes(protocol)}; ${takes(format)})`, {
+      op: 'open',
+      location,
+      field: key,
+    });
   }
 }
 
@@ -348,7 +416,8 @@ function learnSecrets(location: string): void {
 /** A backend whose driver left a credential in `location` gets the redacted one. */
 function redactedLocation(backend: BlockBackend): BlockBackend {
   const shown = redactLocation(backend.location);
-  if (shown !== backend.location) Object.defineProperty(backend, 'location', { value: shown, enumerable: true, configurable: true });
+  if (shown !== backend.location)
+    Object.defineProperty(backend, 'location', { value: shown, enumerable: true, configurable: true });
   return backend;
 }
 

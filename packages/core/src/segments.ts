@@ -18,7 +18,8 @@ export class SegmentList {
   constructor(capacity: number | Float64Array, count = 0) {
     this.array = typeof capacity === 'number' ? new Float64Array(3 * capacity) : capacity;
     if (this.array.length % 3 !== 0) throw new RangeError('a segment array holds whole triples');
-    if (!(Number.isSafeInteger(count) && count >= 0 && 3 * count <= this.array.length)) throw new RangeError('count exceeds the segment array');
+    if (!(Number.isSafeInteger(count) && count >= 0 && 3 * count <= this.array.length))
+      throw new RangeError('count exceeds the segment array');
     this.count = count;
   }
 
@@ -83,7 +84,8 @@ export class SegmentList {
   /** The segments as plain objects, for tests and messages (allocates: not for hot paths). */
   toArray(): Array<{ offset: number; length: number; position: number }> {
     const out = [];
-    for (let i = 0; i < this.count; i++) out.push({ offset: this.offsetAt(i), length: this.lengthAt(i), position: this.positionAt(i) });
+    for (let i = 0; i < this.count; i++)
+      out.push({ offset: this.offsetAt(i), length: this.lengthAt(i), position: this.positionAt(i) });
     return out;
   }
 

@@ -18,7 +18,11 @@ export async function chainStatus(top: BlockBackend, offset: number, length: num
     if (offset >= layer.size) return { kind: 'zero', length: len }; // past a shorter backing file
     const ext = await layer.blockStatus(offset, Math.min(len, layer.size - offset));
     if (!(ext.length > 0)) {
-      throw new BlockError('EIO', `driver returned an empty extent`, { op: 'blockStatus', location: layer.location, offset });
+      throw new BlockError('EIO', `driver returned an empty extent`, {
+        op: 'blockStatus',
+        location: layer.location,
+        offset,
+      });
     }
     len = Math.min(len, ext.length);
     if (ext.kind !== 'unallocated') return { kind: ext.kind, length: len };

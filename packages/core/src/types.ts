@@ -226,7 +226,13 @@ export interface BlockBackend {
    * copyFrom): then nothing was written to the target and `issued` was not called (the
    * buffer may have been used), and the caller reads and writes the chunk itself.
    */
-  copyTo?(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean>;
+  copyTo?(
+    offset: number,
+    length: number,
+    target: BlockBackend,
+    targetOffset: number,
+    request: CopyRequest,
+  ): Promise<boolean>;
   /**
    * Optional copy step, the target's half (QEMU's copy_range_to): copies the
    * `request.pieces` of `source` (the layer that reached its storage, not gated) to
@@ -402,7 +408,11 @@ export interface FormatDriver extends DriverBase {
    * Writes a new empty image of `size` bytes into the (empty) `file`. Without a
    * zeroInitialized answer, the protocol's answer stands (right for raw).
    */
-  create?(file: GatedBackend, size: number, options: CreateOptions & { readonly resolver?: ImageResolver }): Promise<void | CreateResult>;
+  create?(
+    file: GatedBackend,
+    size: number,
+    options: CreateOptions & { readonly resolver?: ImageResolver },
+  ): Promise<void | CreateResult>;
   /**
    * Size the protocol object needs before create() is called (raw: the image size;
    * formats that grow themselves: 0).
@@ -451,5 +461,9 @@ export interface CheckResult {
 export interface ImageResolver {
   open(location: string, options?: OpenOptions & { readonly format?: string }): Promise<GatedBackend>;
   /** Creates an image and returns it opened read-write (a format's external data file). */
-  create?(location: string, size: number, options?: CreateOptions & { readonly format?: string }): Promise<GatedBackend>;
+  create?(
+    location: string,
+    size: number,
+    options?: CreateOptions & { readonly format?: string },
+  ): Promise<GatedBackend>;
 }

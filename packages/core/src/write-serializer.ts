@@ -17,7 +17,11 @@ export class WriteSerializer {
   #exclusive: Promise<void> | null = null;
   #drained: (() => void) | null = null;
   readonly #untrack = (): void => {
-    if (--this.#inFlight === 0 && this.#drained) { const d = this.#drained; this.#drained = null; d(); }
+    if (--this.#inFlight === 0 && this.#drained) {
+      const d = this.#drained;
+      this.#drained = null;
+      d();
+    }
   };
 
   /** What a new write must wait for first, if anything. */
@@ -43,12 +47,17 @@ export class WriteSerializer {
   async exclusive<T>(body: () => Promise<T>): Promise<T> {
     const before = this.#exclusive;
     let release!: () => void;
-    const mine = new Promise<void>((r) => { release = r; });
+    const mine = new Promise<void>((r) => {
+      release = r;
+    });
     const tail = before ? before.then(() => mine) : mine;
     this.#exclusive = tail;
     try {
       if (before) await before;
-      if (this.#inFlight > 0) await new Promise<void>((r) => { this.#drained = r; });
+      if (this.#inFlight > 0)
+        await new Promise<void>((r) => {
+          this.#drained = r;
+        });
       return await body();
     } finally {
       if (this.#exclusive === tail) this.#exclusive = null;

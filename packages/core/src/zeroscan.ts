@@ -22,7 +22,11 @@ export class ZeroScanner {
   /** While scanning: where the data segment being built starts. */
   #dataStart = 0;
 
-  constructor(buffer: Uint8Array, readonly unit: number, readonly minRun: number) {
+  constructor(
+    buffer: Uint8Array,
+    readonly unit: number,
+    readonly minRun: number,
+  ) {
     if (buffer.byteOffset % 4 !== 0) throw new RangeError('scan buffer must be 4-byte aligned');
     this.#bytes = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     this.#words = new Int32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >> 2);
@@ -120,5 +124,8 @@ export function isZero(u: Uint8Array): boolean {
 
 /** Do `a` and `b` hold the same bytes? */
 export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
-  return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+  return (
+    a.length === b.length &&
+    Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength))
+  );
 }

@@ -23,15 +23,21 @@ test('governor: throughput that saturates: settles on the fewest workers near th
   // Each worker adds 10 MB/s until a 120 MB/s link is full (at 12 workers).
   const r = settle((n) => Math.min(n * 10_000, 120_000));
   assert.ok(r.tried.slice(0, 3).join() === '8,16,32', `starts at the default count and climbs by doubling: ${r.tried}`);
-  assert.ok(Math.min(r.final * 10_000, 120_000) >= 120_000 / 1.05, `final ${r.final} within 5% of the best (tried ${r.tried})`);
+  assert.ok(
+    Math.min(r.final * 10_000, 120_000) >= 120_000 / 1.05,
+    `final ${r.final} within 5% of the best (tried ${r.tried})`,
+  );
   assert.ok(r.final <= 24, `no more workers than needed: ${r.final}`);
 });
 
 test('governor: throughput that falls past a peak (contention): stays at the peak', () => {
-  const curve = (n: number): number => 100_000 * n / (1 + ((n - 8) / 6) ** 2) / 8;
+  const curve = (n: number): number => (100_000 * n) / (1 + ((n - 8) / 6) ** 2) / 8;
   const r = settle(curve);
   const best = Math.max(...Array.from({ length: 32 }, (_, i) => curve(i + 1)));
-  assert.ok(curve(r.final) >= best / 1.05 - 1e-9, `final ${r.final} gives ${curve(r.final).toFixed(0)}, best ${best.toFixed(0)} (tried ${r.tried})`);
+  assert.ok(
+    curve(r.final) >= best / 1.05 - 1e-9,
+    `final ${r.final} gives ${curve(r.final).toFixed(0)}, best ${best.toFixed(0)} (tried ${r.tried})`,
+  );
 });
 
 test('governor: flat throughput (one stage is the limit whatever the count): stays at the default count', () => {
@@ -49,7 +55,10 @@ test('governor: a peak below the default count: probes find it', () => {
 
 test('governor: never exceeds its maximum', () => {
   const r = settle((n) => n * 100_000, 6);
-  assert.ok(r.tried.every((n) => n <= 6), `${r.tried}`);
+  assert.ok(
+    r.tried.every((n) => n <= 6),
+    `${r.tried}`,
+  );
   assert.is(r.final, 6);
 });
 
@@ -67,7 +76,12 @@ test('convert -m auto: over a slow link model, copies correctly and adapts the w
   const src = new MemoryBackend({ size, location: 'mem://src', readOnly: false });
   for (let off = 0; off < size; off += 8 * MiB) await src.write(off, data);
   busyUntil = Infinity; // no latency while filling
-  const slow = new MemoryBackend({ size, location: 'mem://slow', latency: (op, off, len) => (busyUntil === Infinity ? 0 : link(op, off, len)), readOnly: false });
+  const slow = new MemoryBackend({
+    size,
+    location: 'mem://slow',
+    latency: (op, off, len) => (busyUntil === Infinity ? 0 : link(op, off, len)),
+    readOnly: false,
+  });
   for (let off = 0; off < size; off += 8 * MiB) await slow.write(off, data);
   busyUntil = 0;
   const dst = new MemoryBackend({ size });

@@ -30,11 +30,38 @@ const VECTORS: Array<[string, Array<[string, number]>, string]> = [
   ['1 GiB of hole', [['-', 1 << 30]], 'c6d6562c3074a2caa0ceea3e1f460f3af678c792ed05e64157eb51e68ae5260d'],
   ['8.5 blocks of hole', [['-', 8 * B + B / 2]], 'e623a5702b1feb08fbb3d18e35bbb7ec10146b8cd1bcff811200a3948c78c55c'],
   ['8 blocks of zeroes', [['\0', 8 * B]], '722ac11a3a81034edf196aa3ee68d1a2e345cd0838b0c78c2ce2fb015d4d817d'],
-  ['8.5 blocks of zeroes', [['\0', 8 * B], ['\0', B / 2]], 'e623a5702b1feb08fbb3d18e35bbb7ec10146b8cd1bcff811200a3948c78c55c'],
-  ['half blocks A to F', [...'ABCDEF'].map((c) => [c, B / 2] as [string, number]), '4ab1586084326f5beb911621282e9557cd26856105eff7f78cace5986af4738b'],
-  ['half blocks A to E', [...'ABCDE'].map((c) => [c, B / 2] as [string, number]), '2cad558b3a2a8d87435e80fe7bae69fa664d92eaa1b9411f573b9fbb412a4d43'],
-  ['data, holes and zeroes mixed within blocks', [['A', B / 2], ['-', B / 2], ['-', B / 2], ['\0', B / 2], ['E', B / 2], ['-', B / 2], ['-', B / 2], ['\0', B / 2]],
-    '4b2b5acd96f8105f4fb26abaf35c7c5756338ef9ccce19ffe7714c9ad94b4398'],
+  [
+    '8.5 blocks of zeroes',
+    [
+      ['\0', 8 * B],
+      ['\0', B / 2],
+    ],
+    'e623a5702b1feb08fbb3d18e35bbb7ec10146b8cd1bcff811200a3948c78c55c',
+  ],
+  [
+    'half blocks A to F',
+    [...'ABCDEF'].map((c) => [c, B / 2] as [string, number]),
+    '4ab1586084326f5beb911621282e9557cd26856105eff7f78cace5986af4738b',
+  ],
+  [
+    'half blocks A to E',
+    [...'ABCDE'].map((c) => [c, B / 2] as [string, number]),
+    '2cad558b3a2a8d87435e80fe7bae69fa664d92eaa1b9411f573b9fbb412a4d43',
+  ],
+  [
+    'data, holes and zeroes mixed within blocks',
+    [
+      ['A', B / 2],
+      ['-', B / 2],
+      ['-', B / 2],
+      ['\0', B / 2],
+      ['E', B / 2],
+      ['-', B / 2],
+      ['-', B / 2],
+      ['\0', B / 2],
+    ],
+    '4b2b5acd96f8105f4fb26abaf35c7c5756338ef9ccce19ffe7714c9ad94b4398',
+  ],
 ];
 
 for (const [name, extents, want] of VECTORS) {
@@ -72,12 +99,14 @@ test('an empty image: SHA-256 of the length alone', async () => {
 });
 
 test('a read error names the offset, and nothing is left running', async () => {
-  const mem = new MemoryBackend({ size: 16 * B, fail: (op, offset) => (op === 'read' && offset >= 8 * B ? new Error('boom') : undefined) });
+  const mem = new MemoryBackend({
+    size: 16 * B,
+    fail: (op, offset) => (op === 'read' && offset >= 8 * B ? new Error('boom') : undefined),
+  });
   await mem.write(0, new Uint8Array(16 * B).fill(1));
   const err = await checksumImage(mem, { bufferSize: 2 * B }).catch((e: unknown) => e as Error);
   assert.match(String(err), /read at offset 524288/);
 });
-
 
 test('convert --checksum: the digest of what was copied equals checksumImage of the source, however it is copied', async () => {
   const { convert } = await import('../src/index.js');
@@ -89,7 +118,14 @@ test('convert --checksum: the digest of what was copied equals checksumImage of 
   await src.write(20 * B + 100, data.subarray(20 * B + 100, 30 * B)); // data not on a block boundary
   await src.write(size - 500, data.subarray(size - 500)); // the odd tail
   const want = (await checksumImage(src)).checksum;
-  for (const o of [{}, { workers: 1 }, { workers: 7, outOfOrder: true }, { minSparse: 0 }, { bufferSize: 3 * B }, { workers: 'auto' as const }]) {
+  for (const o of [
+    {},
+    { workers: 1 },
+    { workers: 7, outOfOrder: true },
+    { minSparse: 0 },
+    { bufferSize: 3 * B },
+    { workers: 'auto' as const },
+  ]) {
     const target = new MemoryBackend({ size, limits: { requestAlignment: 512 } });
     const r = await convert({ sources: [src], target, checksum: true, ...o });
     assert.is(r.checksum, want, JSON.stringify(o));
@@ -110,7 +146,9 @@ test('convert --checksum of concatenated sources equals the checksum of the whol
   const r = await convert({ sources: [a, b], target: new MemoryBackend({ size: 7 * B + 5 }), checksum: true });
   assert.is(r.checksum, (await checksumImage(whole)).checksum);
   const odd = new MemoryBackend({ size: B + 512 });
-  const err = await convert({ sources: [odd, b], target: new MemoryBackend({ size: 8 * B }), checksum: true }).catch((e: unknown) => e as Error);
+  const err = await convert({ sources: [odd, b], target: new MemoryBackend({ size: 8 * B }), checksum: true }).catch(
+    (e: unknown) => e as Error,
+  );
   assert.match(String(err), /not on a 64 KiB block/);
 });
 
@@ -123,9 +161,16 @@ test('convert --verify: reads the target back; a target that stores other bytes 
   assert.is(good.checksum, (await checksumImage(src)).checksum);
   const bad = new MemoryBackend({ size: 8 * B });
   const store = bad.write.bind(bad);
-  bad.write = (offset: number, d: Uint8Array) => { const c = d.slice(); if (offset === 0) c[5] = 0xff; return store(offset, c); };
+  bad.write = (offset: number, d: Uint8Array) => {
+    const c = d.slice();
+    if (offset === 0) c[5] = 0xff;
+    return store(offset, c);
+  };
   const err = await convert({ sources: [src], target: bad, verify: true }).catch((e: unknown) => e as Error);
-  assert.match(String(err), /verify failed: the target reads back as blkhash [0-9a-f]{64}, the copied data was [0-9a-f]{64}/);
+  assert.match(
+    String(err),
+    /verify failed: the target reads back as blkhash [0-9a-f]{64}, the copied data was [0-9a-f]{64}/,
+  );
 });
 
 test.run();

@@ -5,7 +5,14 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, MemoryBackend, compareImages, convert, createMemoryDriver, type BlockDriver } from '../src/index.js';
+import {
+  DriverRegistry,
+  MemoryBackend,
+  compareImages,
+  convert,
+  createMemoryDriver,
+  type BlockDriver,
+} from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const KiB = 1024;
@@ -22,17 +29,30 @@ function api1Protocol(images: Map<string, MemoryBackend>): BlockDriver {
     async open(location: string) {
       const m = images.get(location)!;
       return {
-        driverName: 'old', location, size: m.size, readOnly: false, limits: { requestAlignment: 512, maxTransfer: 64 * KiB, optimalTransfer: 64 * KiB },
-        canWriteZeroes: true, canDiscard: false, readsZeroesInitially: false, canCompress: false, hasBlockStatus: true,
+        driverName: 'old',
+        location,
+        size: m.size,
+        readOnly: false,
+        limits: { requestAlignment: 512, maxTransfer: 64 * KiB, optimalTransfer: 64 * KiB },
+        canWriteZeroes: true,
+        canDiscard: false,
+        readsZeroesInitially: false,
+        canCompress: false,
+        hasBlockStatus: true,
         read: (o: number, n: number, into?: Uint8Array) => m.read(o, n, into),
         readSegments: async (into: Uint8Array, triples: Float64Array, count: number) => {
           seen.push('readSegments');
-          for (let i = 0; i < count; i++) await m.read(triples[3 * i]!, triples[3 * i + 1]!, into.subarray(triples[3 * i + 2]!));
+          for (let i = 0; i < count; i++)
+            await m.read(triples[3 * i]!, triples[3 * i + 1]!, into.subarray(triples[3 * i + 2]!));
         },
         write: (o: number, d: Uint8Array) => m.write(o, d),
         writeScattered: async (from: Uint8Array, triples: Float64Array, count: number) => {
           seen.push('writeScattered');
-          for (let i = 0; i < count; i++) await m.write(triples[3 * i]!, from.subarray(triples[3 * i + 2]!, triples[3 * i + 2]! + triples[3 * i + 1]!));
+          for (let i = 0; i < count; i++)
+            await m.write(
+              triples[3 * i]!,
+              from.subarray(triples[3 * i + 2]!, triples[3 * i + 2]! + triples[3 * i + 1]!),
+            );
         },
         writeZeroes: (o: number, n: number) => m.writeZeroes(o, n),
         discard: async () => {},
@@ -59,7 +79,10 @@ function api1Format(): BlockDriver & { asked: string[] } {
     asked,
     probe: (head: Uint8Array) => (head[0] === 0x4f && head[1] === 0x4c ? 100 : 0),
     async open(file: Record<string, unknown> & { size: number }) {
-      asked.push(`hasBlockStatus=${String(file.hasBlockStatus)}`, `readsZeroesInitially=${String(file.readsZeroesInitially)}`);
+      asked.push(
+        `hasBlockStatus=${String(file.hasBlockStatus)}`,
+        `readsZeroesInitially=${String(file.readsZeroesInitially)}`,
+      );
       const inner = file as unknown as {
         read(o: number, n: number, into?: Uint8Array): Promise<Uint8Array>;
         readSegments?(into: Uint8Array, t: Float64Array, c: number): Promise<void>;
@@ -83,7 +106,14 @@ test('an API 1 protocol driver loads, its capabilities and segment lists mapped,
   const old = api1Protocol(images);
   const mem = createMemoryDriver();
   const reg = new DriverRegistry().register(old, mem);
-  const raw: BlockDriver = { apiVersion: 2, kind: 'format', name: 'raw', open: async (file) => file, create: async () => {}, protocolSizeFor: (n) => n };
+  const raw: BlockDriver = {
+    apiVersion: 2,
+    kind: 'format',
+    name: 'raw',
+    open: async (file) => file,
+    create: async () => {},
+    protocolSizeFor: (n) => n,
+  };
   reg.register(raw);
   const created = await reg.create('old://a', 256 * KiB, { format: 'raw' });
   assert.ok(created.zeroInitialized, "API 1's readsZeroes from create becomes zeroInitialized");

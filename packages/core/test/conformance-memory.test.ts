@@ -12,12 +12,23 @@ conformance('mem', {
   open: async () => {
     const backend = new MemoryBackend({ size: 9 * MiB });
     image = backend;
-    return { backend, reopen: async () => { image!.closed = false; return image!; } };
+    return {
+      backend,
+      reopen: async () => {
+        image!.closed = false;
+        return image!;
+      },
+    };
   },
 });
 
 conformance('mem, 4096-byte alignment, 64 KiB max transfer', {
-  open: async () => ({ backend: new MemoryBackend({ size: 8 * MiB + 4096, limits: { requestAlignment: 4096, maxTransfer: 64 * 1024, optimalTransfer: 64 * 1024 } }) }),
+  open: async () => ({
+    backend: new MemoryBackend({
+      size: 8 * MiB + 4096,
+      limits: { requestAlignment: 4096, maxTransfer: 64 * 1024, optimalTransfer: 64 * 1024 },
+    }),
+  }),
 });
 
 // A read-only driver checked for content and block status against a reference: data, a

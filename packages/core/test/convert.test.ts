@@ -1,13 +1,28 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, checksumImage, compareImages, convert, forwardBackend, MemoryBackend, startConvert, type BlockBackend, type ConvertProgress, type CopyRequest } from '../src/index.js';
+import {
+  BlockError,
+  checksumImage,
+  compareImages,
+  convert,
+  forwardBackend,
+  MemoryBackend,
+  startConvert,
+  type BlockBackend,
+  type ConvertProgress,
+  type CopyRequest,
+} from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
 /** A source with data at the given [offset, length] ranges, zeroes elsewhere. */
-async function source(size: number, ranges: ReadonlyArray<readonly [number, number]>, extra: Partial<ConstructorParameters<typeof MemoryBackend>[0]> = {}): Promise<MemoryBackend> {
+async function source(
+  size: number,
+  ranges: ReadonlyArray<readonly [number, number]>,
+  extra: Partial<ConstructorParameters<typeof MemoryBackend>[0]> = {},
+): Promise<MemoryBackend> {
   const m = new MemoryBackend({ size, location: 'mem://src', ...extra, readOnly: false });
   for (const [off, len] of ranges) await m.write(off, pattern(len, off + 1));
   return m;
@@ -19,7 +34,11 @@ async function assertSame(a: BlockBackend, b: BlockBackend): Promise<void> {
 }
 
 test('copies data and holes; the target equals the source', async () => {
-  const src = await source(16 * MiB, [[0, 64 * KiB], [3 * MiB, 5 * MiB + 64 * KiB], [15 * MiB, MiB]]);
+  const src = await source(16 * MiB, [
+    [0, 64 * KiB],
+    [3 * MiB, 5 * MiB + 64 * KiB],
+    [15 * MiB, MiB],
+  ]);
   const dst = new MemoryBackend({ size: 16 * MiB });
   const r = await convert({ sources: [src], target: dst });
   await assertSame(src, dst);
@@ -29,13 +48,21 @@ test('copies data and holes; the target equals the source', async () => {
 });
 
 test('writes are issued in order by default, several in flight, while reads run ahead', async () => {
-  const src = await source(8 * MiB, [[0, 8 * MiB]], { latency: (op, off) => (op === 'read' ? 1 + ((off / MiB) * 7) % 5 : 0), record: true });
+  const src = await source(8 * MiB, [[0, 8 * MiB]], {
+    latency: (op, off) => (op === 'read' ? 1 + (((off / MiB) * 7) % 5) : 0),
+    record: true,
+  });
   // Later writes finish sooner: issue order must hold even when completion order does not.
-  const dst = new MemoryBackend({ size: 8 * MiB, latency: (_op, off) => 2 + ((off / (256 * KiB)) % 4) * 3, record: true });
+  const dst = new MemoryBackend({
+    size: 8 * MiB,
+    latency: (_op, off) => 2 + ((off / (256 * KiB)) % 4) * 3,
+    record: true,
+  });
   await convert({ sources: [src], target: dst, workers: 4, bufferSize: 256 * KiB });
   const writes = dst.log.filter((r) => r.op === 'write');
   assert.is(writes.length, 32);
-  for (let i = 1; i < writes.length; i++) assert.ok(writes[i]!.offset > writes[i - 1]!.offset, 'issued in ascending offset order');
+  for (let i = 1; i < writes.length; i++)
+    assert.ok(writes[i]!.offset > writes[i - 1]!.offset, 'issued in ascending offset order');
   assert.ok(dst.maxInFlight > 1, `writes overlap (max in flight ${dst.maxInFlight})`);
   assert.ok(src.maxInFlight > 1, `reads overlap (max in flight ${src.maxInFlight})`);
   await assertSame(src, dst);
@@ -46,11 +73,20 @@ test('a target that cannot overlap writes gets them one at a time, also the piec
   const ranges: Array<[number, number]> = [];
   for (let off = 0; off < 4 * MiB; off += 128 * KiB) ranges.push([off, 64 * KiB]);
   const src = await source(4 * MiB, ranges, { latency: 1 });
-  const dst = new MemoryBackend({ size: 4 * MiB, canWriteOutOfOrder: false, zeroInitialized: false, latency: 1, record: true });
+  const dst = new MemoryBackend({
+    size: 4 * MiB,
+    canWriteOutOfOrder: false,
+    zeroInitialized: false,
+    latency: 1,
+    record: true,
+  });
   await dst.write(0, pattern(4 * MiB, 99));
   await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB });
   assert.is(dst.maxInFlight, 1);
-  assert.ok(dst.log.some((r) => r.op === 'writeZeroes'), 'zero runs written as zeroes');
+  assert.ok(
+    dst.log.some((r) => r.op === 'writeZeroes'),
+    'zero runs written as zeroes',
+  );
   await assertSame(src, dst);
 });
 
@@ -67,7 +103,12 @@ test('workers start one after another: the first reads do not share the source a
 
 test('in order, a target that cannot overlap writes gets them one at a time', async () => {
   const src = await source(4 * MiB, [[0, 4 * MiB]], { latency: 1 });
-  const dst = new MemoryBackend({ size: 4 * MiB, canWriteOutOfOrder: false, latency: (_op, off) => 1 + ((off / (256 * KiB)) % 3), record: true });
+  const dst = new MemoryBackend({
+    size: 4 * MiB,
+    canWriteOutOfOrder: false,
+    latency: (_op, off) => 1 + ((off / (256 * KiB)) % 3),
+    record: true,
+  });
   await convert({ sources: [src], target: dst, workers: 4, bufferSize: 256 * KiB });
   const writes = dst.log.filter((r) => r.op === 'write');
   for (let i = 1; i < writes.length; i++) {
@@ -80,7 +121,11 @@ test('in order, a target that cannot overlap writes gets them one at a time', as
 
 test('-W lets writes overlap and complete out of order', async () => {
   const src = await source(8 * MiB, [[0, 8 * MiB]]);
-  const dst = new MemoryBackend({ size: 8 * MiB, latency: (_op, off) => 1 + ((off / (256 * KiB)) % 3) * 3, record: true });
+  const dst = new MemoryBackend({
+    size: 8 * MiB,
+    latency: (_op, off) => 1 + ((off / (256 * KiB)) % 3) * 3,
+    record: true,
+  });
   const r = await convert({ sources: [src], target: dst, workers: 4, bufferSize: 256 * KiB, outOfOrder: true });
   assert.ok(r.outOfOrder);
   assert.ok(dst.maxInFlight > 1, 'several writes in flight');
@@ -141,7 +186,9 @@ test('-S: zero runs inside data of at least minSparse bytes are not written', as
   assert.is(r.bytesSkipped, 8 * KiB);
   assert.is(r.bytesWritten, MiB - 8 * KiB);
   // Both data pieces go in one vectored request that spans the skipped run.
-  const writes = dst.log.filter((x) => x.op === 'write' || x.op === 'writeSegments').map((x) => [x.op, x.offset, x.length]);
+  const writes = dst.log
+    .filter((x) => x.op === 'write' || x.op === 'writeSegments')
+    .map((x) => [x.op, x.offset, x.length]);
   assert.equal(writes, [['writeSegments', 0, MiB]]);
   await assertSame(src, dst);
 
@@ -169,7 +216,10 @@ test('small holes between data are read with it (cheap hole reads) and still not
   const reads = src.log.filter((x) => x.op === 'read' || x.op === 'readSegments');
   assert.ok(reads.length <= 9, `${reads.length} reads for 64 extents`);
   // One vectored read per chunk, of the data alone: the merged holes are not read.
-  assert.is(reads.reduce((n, x) => n + x.length, 0), 64 * 64 * KiB);
+  assert.is(
+    reads.reduce((n, x) => n + x.length, 0),
+    64 * 64 * KiB,
+  );
   const writes = dst.log.filter((x) => x.op === 'write' || x.op === 'writeSegments');
   assert.ok(writes.length <= 9, `${writes.length} vectored writes for 64 extents`);
   assert.is(r.bytesWritten, 64 * 64 * KiB);
@@ -186,25 +236,51 @@ test('small holes between data are read with it (cheap hole reads) and still not
   await convert({ sources: [src], target: overlay, bufferSize: MiB, diffAgainstBacking: true });
   await assertSame(src, overlay);
   // A hole below -S cannot be found again by the zero scan, so it is not merged.
-  const r2 = await convert({ sources: [src], target: new MemoryBackend({ size: 8 * MiB }), bufferSize: MiB, minSparse: 128 * KiB });
+  const r2 = await convert({
+    sources: [src],
+    target: new MemoryBackend({ size: 8 * MiB }),
+    bufferSize: MiB,
+    minSparse: 128 * KiB,
+  });
   assert.is(r2.bytesRead, 64 * 64 * KiB);
 });
 
-test('requests respect the target\'s max transfer and both sides\' alignment', async () => {
+test("requests respect the target's max transfer and both sides' alignment", async () => {
   // A source that reports extents at odd 1000-byte boundaries.
   const inner = await source(4 * MiB, [[0, 4 * MiB]]);
   const odd: BlockBackend = Object.assign(Object.create(null), {
-    driverName: 'odd', location: 'odd', size: inner.size, readOnly: true,
+    driverName: 'odd',
+    location: 'odd',
+    size: inner.size,
+    readOnly: true,
     limits: { requestAlignment: 1, maxTransfer: 8 * MiB, optimalTransfer: MiB },
-    canZero: false, canDiscard: false, zeroInitialized: false, canCompress: false, canBlockStatus: true,
+    canZero: false,
+    canDiscard: false,
+    zeroInitialized: false,
+    canCompress: false,
+    canBlockStatus: true,
     read: (o: number, l: number, into?: Uint8Array) => inner.read(o, l, into),
-    write: () => Promise.reject(new Error('ro')), writeZeroes: () => Promise.reject(new Error('ro')),
-    discard: () => Promise.resolve(), flush: () => Promise.resolve(), close: () => Promise.resolve(),
-    blockStatus: async (o: number) => ({ kind: Math.floor(o / 1000) % 2 ? 'zero' : 'data', length: Math.min(1000 - (o % 1000), inner.size - o) }),
+    write: () => Promise.reject(new Error('ro')),
+    writeZeroes: () => Promise.reject(new Error('ro')),
+    discard: () => Promise.resolve(),
+    flush: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+    blockStatus: async (o: number) => ({
+      kind: Math.floor(o / 1000) % 2 ? 'zero' : 'data',
+      length: Math.min(1000 - (o % 1000), inner.size - o),
+    }),
   });
   await inner.writeZeroes(0, 4 * MiB); // so that the "zero" extents really are zero
-  await inner.write(0, pattern(4 * MiB, 2).map((v, i) => (Math.floor(i / 1000) % 2 ? 0 : v)));
-  const dst = new MemoryBackend({ size: 4 * MiB, limits: { requestAlignment: 4096, maxTransfer: 64 * KiB }, zeroInitialized: false, record: true });
+  await inner.write(
+    0,
+    pattern(4 * MiB, 2).map((v, i) => (Math.floor(i / 1000) % 2 ? 0 : v)),
+  );
+  const dst = new MemoryBackend({
+    size: 4 * MiB,
+    limits: { requestAlignment: 4096, maxTransfer: 64 * KiB },
+    zeroInitialized: false,
+    record: true,
+  });
   await convert({ sources: [odd], target: dst, workers: 3 });
   for (const r of dst.log) {
     if (r.op === 'flush') continue;
@@ -239,7 +315,8 @@ test('a target smaller than the sources is refused before any write', async () =
 test('the first error stops the job and names the operation and offset; the target is not flushed', async () => {
   const src = await source(16 * MiB, [[0, 16 * MiB]], {
     latency: 1,
-    fail: (op, off) => (op === 'read' && off === 6 * MiB ? Object.assign(new Error('EIO: i/o error'), { code: 'EIO' }) : undefined),
+    fail: (op, off) =>
+      op === 'read' && off === 6 * MiB ? Object.assign(new Error('EIO: i/o error'), { code: 'EIO' }) : undefined,
   });
   const dst = new MemoryBackend({ size: 16 * MiB, record: true });
   const err = await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB }).catch((e: unknown) => e);
@@ -250,14 +327,19 @@ test('the first error stops the job and names the operation and offset; the targ
   assert.is(e.offset, 6 * MiB);
   assert.match(e.message, /mem:\/\/src read at offset 6291456/);
   assert.is(dst.flushes, 0, 'no flush after a failure');
-  assert.ok(!dst.log.some((r) => r.op === 'write' && r.offset >= 6 * MiB), 'in-order: nothing after the failed chunk was written');
+  assert.ok(
+    !dst.log.some((r) => r.op === 'write' && r.offset >= 6 * MiB),
+    'in-order: nothing after the failed chunk was written',
+  );
 });
 
 test('a write error (ENOSPC) is reported with the target offset', async () => {
   const src = await source(8 * MiB, [[0, 8 * MiB]]);
   const dst = new MemoryBackend({
-    size: 8 * MiB, location: 'mem://dst',
-    fail: (op, off) => (op === 'write' && off >= 5 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined),
+    size: 8 * MiB,
+    location: 'mem://dst',
+    fail: (op, off) =>
+      op === 'write' && off >= 5 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined,
   });
   const err = (await convert({ sources: [src], target: dst, bufferSize: MiB }).catch((e: unknown) => e)) as BlockError;
   assert.is(err.code, 'ENOSPC');
@@ -267,7 +349,10 @@ test('a write error (ENOSPC) is reported with the target offset', async () => {
 
 test('a failing flush fails the job', async () => {
   const src = await source(MiB, [[0, MiB]]);
-  const dst = new MemoryBackend({ size: MiB, fail: (op) => (op === 'flush' ? Object.assign(new Error('x'), { code: 'EIO' }) : undefined) });
+  const dst = new MemoryBackend({
+    size: MiB,
+    fail: (op) => (op === 'flush' ? Object.assign(new Error('x'), { code: 'EIO' }) : undefined),
+  });
   const err = (await convert({ sources: [src], target: dst }).catch((e: unknown) => e)) as BlockError;
   assert.is(err.op, 'flush');
 });
@@ -289,7 +374,11 @@ test('cancellation through an AbortSignal stops the job promptly and cleanly', a
 
 test('an already aborted signal fails at once', async () => {
   const src = await source(MiB, []);
-  const err = (await convert({ sources: [src], target: new MemoryBackend({ size: MiB }), signal: AbortSignal.abort() }).catch((e) => e)) as BlockError;
+  const err = (await convert({
+    sources: [src],
+    target: new MemoryBackend({ size: MiB }),
+    signal: AbortSignal.abort(),
+  }).catch((e) => e)) as BlockError;
   assert.is(err.code, 'ECANCELED');
 });
 
@@ -306,9 +395,19 @@ test('bounded work list: a 1 TiB sparse source is walked lazily, one block-statu
   const statusCount = src.log.filter((x) => x.op === 'blockStatus').length;
   const statusBeforeFirstRead = src.log.slice(0, firstRead).filter((x) => x.op === 'blockStatus').length;
   // Look-ahead is bounded by one buffer (hole merging peeks at most 2 MiB ahead), never the image.
-  assert.ok(statusBeforeFirstRead <= 2 + 2 * (2 * MiB) / (128 * KiB), `reads start after ${statusBeforeFirstRead} of ${statusCount} status queries`);
+  assert.ok(
+    statusBeforeFirstRead <= 2 + (2 * (2 * MiB)) / (128 * KiB),
+    `reads start after ${statusBeforeFirstRead} of ${statusCount} status queries`,
+  );
   let inFlight = 0;
-  for (const x of [...src.log.filter((x) => x.op === 'blockStatus').flatMap((x) => [[x.started, 1], [x.completed!, -1]])].sort((a, b) => a[0]! - b[0]!)) {
+  for (const x of [
+    ...src.log
+      .filter((x) => x.op === 'blockStatus')
+      .flatMap((x) => [
+        [x.started, 1],
+        [x.completed!, -1],
+      ]),
+  ].sort((a, b) => a[0]! - b[0]!)) {
     inFlight += x[1]!;
     assert.ok(inFlight <= 1, 'one status query in flight');
   }
@@ -331,10 +430,14 @@ test('progress: events, an async iterator that ends, a final event at 100%', asy
   for (let i = 1; i < seen.length; i++) assert.ok(seen[i]! >= seen[i - 1]!);
 });
 
-test('the progress iterator throws the job\'s error', async () => {
+test("the progress iterator throws the job's error", async () => {
   const src = await source(4 * MiB, [[0, 4 * MiB]], { fail: (op) => (op === 'read' ? new Error('boom') : undefined) });
   const job = startConvert({ sources: [src], target: new MemoryBackend({ size: 4 * MiB }) });
-  const err = await (async () => { for await (const _ of job.progress()) { /* drain */ } })().catch((e) => e);
+  const err = await (async () => {
+    for await (const _ of job.progress()) {
+      /* drain */
+    }
+  })().catch((e) => e);
   assert.instance(err, BlockError);
 });
 
@@ -346,8 +449,21 @@ test('rate limit slows the copy to about the asked rate', async () => {
 });
 
 test('copy offload (-C): data chunks are copied by the storage, in order; zero extents still zeroed', async () => {
-  const src = await source(8 * MiB, [[0, 3 * MiB], [5 * MiB, 64 * KiB]], { canCopy: true, record: true });
-  const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, zeroInitialized: false, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
+  const src = await source(
+    8 * MiB,
+    [
+      [0, 3 * MiB],
+      [5 * MiB, 64 * KiB],
+    ],
+    { canCopy: true, record: true },
+  );
+  const dst = new MemoryBackend({
+    size: 8 * MiB,
+    canCopy: true,
+    zeroInitialized: false,
+    latency: (_op, off) => 1 + ((off / MiB) % 3),
+    record: true,
+  });
   await dst.write(0, pattern(8 * MiB, 7));
   dst.log.length = 0;
   const r = await convert({ sources: [src], target: dst, copyOffload: true, workers: 4, bufferSize: MiB });
@@ -372,7 +488,8 @@ test('copy offload falls back to reading and writing: a target that cannot, a pa
   // Two copies accepted, then declined: off for the rest of the job, nothing lost.
   let accepted = 0;
   const declining = forwardBackend(src, {
-    copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) => accepted++ < 2 ? src.copyTo!(o, n, t, to, req) : Promise.resolve(false),
+    copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) =>
+      accepted++ < 2 ? src.copyTo!(o, n, t, to, req) : Promise.resolve(false),
   });
   const dst = new MemoryBackend({ size: 8 * MiB, canCopy: true, record: true });
   const r2 = await convert({ sources: [declining], target: dst, copyOffload: true, workers: 1, bufferSize: MiB });
@@ -385,10 +502,15 @@ test('copy offload falls back to reading and writing: a target that cannot, a pa
 test('copy offload: a failed copy fails the job with the target offset; one-at-a-time targets get one copy at a time', async () => {
   const src = await source(8 * MiB, [[0, 8 * MiB]], { canCopy: true });
   const dst = new MemoryBackend({
-    size: 8 * MiB, location: 'mem://dst', canCopy: true,
-    fail: (op, off) => (op === 'copy' && off === 5 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined),
+    size: 8 * MiB,
+    location: 'mem://dst',
+    canCopy: true,
+    fail: (op, off) =>
+      op === 'copy' && off === 5 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined,
   });
-  const err = (await convert({ sources: [src], target: dst, copyOffload: true, bufferSize: MiB }).catch((e: unknown) => e)) as BlockError;
+  const err = (await convert({ sources: [src], target: dst, copyOffload: true, bufferSize: MiB }).catch(
+    (e: unknown) => e,
+  )) as BlockError;
   assert.is(err.code, 'ENOSPC');
   assert.is(err.op, 'write');
   assert.is(err.offset, 5 * MiB);
@@ -412,10 +534,18 @@ async function pipeSource(extra: Partial<ConstructorParameters<typeof MemoryBack
 
 test('fused copy (copyTo/copyFrom): each data chunk is one step, issued in order; zero runs and holes skipped on a zero target', async () => {
   const src = await pipeSource();
-  const dst = new MemoryBackend({ size: 8 * MiB, canPipe: true, latency: (_op, off) => 1 + ((off / MiB) % 3), record: true });
+  const dst = new MemoryBackend({
+    size: 8 * MiB,
+    canPipe: true,
+    latency: (_op, off) => 1 + ((off / MiB) % 3),
+    record: true,
+  });
   const r = await convert({ sources: [src], target: dst, workers: 4, bufferSize: MiB });
   assert.ok(!src.log.some((e) => e.op === 'read' || e.op === 'readSegments'), 'nothing read by the core');
-  assert.ok(!dst.log.some((e) => e.op === 'write' || e.op === 'writeSegments' || e.op === 'writeZeroes'), 'no other writes');
+  assert.ok(
+    !dst.log.some((e) => e.op === 'write' || e.op === 'writeSegments' || e.op === 'writeZeroes'),
+    'no other writes',
+  );
   const pipes = dst.log.filter((e) => e.op === 'pipe');
   assert.is(pipes.length, 5, '3 chunks of the data run, 2 of the merged pieces');
   for (let i = 1; i < pipes.length; i++) assert.ok(pipes[i]!.offset > pipes[i - 1]!.offset, 'issued in order');
@@ -433,7 +563,10 @@ test('fused copy into a target with old data: the zero runs it found are zeroed;
   dst.log.length = 0;
   const r = await convert({ sources: [src], target: dst, outOfOrder: true, bufferSize: MiB });
   await assertSame(src, dst);
-  assert.ok(dst.log.some((e) => e.op === 'writeZeroes' && e.offset === MiB && e.length === 256 * KiB), 'the zero run in data zeroed');
+  assert.ok(
+    dst.log.some((e) => e.op === 'writeZeroes' && e.offset === MiB && e.length === 256 * KiB),
+    'the zero run in data zeroed',
+  );
   assert.ok(!dst.log.some((e) => e.op === 'write'));
   assert.is(r.bytesZeroed, 8 * MiB - (3 * MiB - 256 * KiB) - 16 * 64 * KiB);
   const all = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true });
@@ -453,23 +586,37 @@ test('fused copy stays off where the core needs the bytes, and a declined chunk 
   let calls = 0;
   const declining = forwardBackend(src, {
     copyTo: (o: number, n: number, t: BlockBackend, to: number, req: CopyRequest) =>
-      (calls++ % 2 === 0 ? Promise.resolve(false) : src.copyTo!(o, n, t, to, req)),
+      calls++ % 2 === 0 ? Promise.resolve(false) : src.copyTo!(o, n, t, to, req),
   });
-  const dst2 = new MemoryBackend({ size: 8 * MiB, canPipe: true, record: true, latency: (_op, off) => 1 + ((off / MiB) % 3) });
+  const dst2 = new MemoryBackend({
+    size: 8 * MiB,
+    canPipe: true,
+    record: true,
+    latency: (_op, off) => 1 + ((off / MiB) % 3),
+  });
   const r2 = await convert({ sources: [declining], target: dst2, workers: 4, bufferSize: MiB });
   await assertSame(src, dst2);
   assert.is(dst2.log.filter((e) => e.op === 'pipe').length, 2);
   // Declined chunks keep their turn: data goes out in order, piped or not.
-  const issued = dst2.log.filter((e) => e.op === 'pipe' || e.op === 'write' || e.op === 'writeSegments').map((e) => e.offset);
-  assert.equal(issued, [...issued].sort((a, b) => a - b), `issued in order: ${issued.join(' ')}`);
+  const issued = dst2.log
+    .filter((e) => e.op === 'pipe' || e.op === 'write' || e.op === 'writeSegments')
+    .map((e) => e.offset);
+  assert.equal(
+    issued,
+    [...issued].sort((a, b) => a - b),
+    `issued in order: ${issued.join(' ')}`,
+  );
   assert.is(r2.bytesWritten, 3 * MiB - 256 * KiB + 16 * 64 * KiB);
 });
 
 test('a failed fused copy fails the job with the target offset', async () => {
   const src = await pipeSource();
   const dst = new MemoryBackend({
-    size: 8 * MiB, location: 'mem://dst', canPipe: true,
-    fail: (op, off) => (op === 'pipe' && off === 2 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined),
+    size: 8 * MiB,
+    location: 'mem://dst',
+    canPipe: true,
+    fail: (op, off) =>
+      op === 'pipe' && off === 2 * MiB ? Object.assign(new Error('no space'), { code: 'ENOSPC' }) : undefined,
   });
   const err = (await convert({ sources: [src], target: dst, bufferSize: MiB }).catch((e: unknown) => e)) as BlockError;
   assert.is(err.code, 'ENOSPC');
@@ -480,7 +627,11 @@ test('a failed fused copy fails the job with the target offset', async () => {
 test('option validation lists what is valid', async () => {
   const src = await source(MiB, []);
   const dst = new MemoryBackend({ size: MiB });
-  for (const [opts, re] of [[{ workers: 0 }, /workers must be an integer from 1 to 256/], [{ minSparse: 1000 }, /multiple of 512/], [{ bufferSize: 7 }, /bufferSize/]] as const) {
+  for (const [opts, re] of [
+    [{ workers: 0 }, /workers must be an integer from 1 to 256/],
+    [{ minSparse: 1000 }, /multiple of 512/],
+    [{ bufferSize: 7 }, /bufferSize/],
+  ] as const) {
     const err = (await convert({ sources: [src], target: dst, ...opts }).catch((e) => e)) as BlockError;
     assert.is(err.code, 'EINVAL');
     assert.match(err.message, re);

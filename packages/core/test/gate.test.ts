@@ -2,21 +2,52 @@
 // limits) behind the gate must take any request at all, and agree with a plain array.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockError, MemoryBackend, convert, gateBackend, isGated, ungated, SegmentList, type BlockBackend, type CopyRequest } from '../src/index.js';
+import {
+  BlockError,
+  MemoryBackend,
+  convert,
+  gateBackend,
+  isGated,
+  ungated,
+  SegmentList,
+  type BlockBackend,
+  type CopyRequest,
+} from '../src/index.js';
 
 const KiB = 1024;
 
-function strict(size: number, align: number, extra: Partial<MemoryBackend['limits']> = {}, o: { readOnly?: boolean; latency?: number } = {}): MemoryBackend {
+function strict(
+  size: number,
+  align: number,
+  extra: Partial<MemoryBackend['limits']> = {},
+  o: { readOnly?: boolean; latency?: number } = {},
+): MemoryBackend {
   return new MemoryBackend({
-    size, record: true, readOnly: o.readOnly, latency: o.latency,
-    limits: { requestAlignment: align, maxTransfer: 16 * align, optimalTransfer: 8 * align, maxWriteZeroes: 4 * align, ...extra },
+    size,
+    record: true,
+    readOnly: o.readOnly,
+    latency: o.latency,
+    limits: {
+      requestAlignment: align,
+      maxTransfer: 16 * align,
+      optimalTransfer: 8 * align,
+      maxWriteZeroes: 4 * align,
+      ...extra,
+    },
   });
 }
 
 /** xorshift: the same sequence on every run. */
 function rng(seed: number): () => number {
   let x = seed >>> 0 || 1;
-  return () => { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x / 2 ** 32; };
+  return () => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x / 2 ** 32;
+  };
 }
 
 function bytes(n: number, seed: number): Uint8Array {
@@ -25,7 +56,12 @@ function bytes(n: number, seed: number): Uint8Array {
 }
 
 async function code(p: Promise<unknown>): Promise<string> {
-  try { await p; } catch (err) { assert.instance(err, BlockError); return (err as BlockError).code; }
+  try {
+    await p;
+  } catch (err) {
+    assert.instance(err, BlockError);
+    return (err as BlockError).code;
+  }
   throw new Error('expected a rejection');
 }
 
@@ -36,14 +72,21 @@ function assertWithinLimits(mem: MemoryBackend): void {
     if (r.op === 'flush') continue;
     assert.ok(r.offset % a === 0, `${r.op} at ${r.offset} is aligned`);
     if (r.op === 'blockStatus') continue;
-    assert.ok(r.length % a === 0 || r.offset + r.length === mem.size, `${r.op} of ${r.length} at ${r.offset} is whole blocks`);
-    const max = r.op === 'writeZeroes' || r.op === 'discard' ? maxWriteZeroes ?? maxTransfer : maxTransfer;
+    assert.ok(
+      r.length % a === 0 || r.offset + r.length === mem.size,
+      `${r.op} of ${r.length} at ${r.offset} is whole blocks`,
+    );
+    const max = r.op === 'writeZeroes' || r.op === 'discard' ? (maxWriteZeroes ?? maxTransfer) : maxTransfer;
     if (r.op !== 'writeSegments') assert.ok(r.length <= max, `${r.op} of ${r.length} is at most ${max}`);
   }
 }
 
 test('any read, write and zero request agrees with a plain array, and reaches the driver within its limits', async () => {
-  for (const [size, align] of [[64 * KiB + 1000, 512], [32 * KiB, 4096], [40 * KiB + 3, 1]] as const) {
+  for (const [size, align] of [
+    [64 * KiB + 1000, 512],
+    [32 * KiB, 4096],
+    [40 * KiB + 3, 1],
+  ] as const) {
     const mem = strict(size, align);
     const gate = gateBackend(mem);
     const model = new Uint8Array(size);
@@ -63,8 +106,11 @@ test('any read, write and zero request agrees with a plain array, and reaches th
         // An odd view of a larger buffer: memory offsets the driver did not choose.
         const into = new Uint8Array(length + 7).subarray(3, 3 + length);
         const got = await gate.read(offset, length, into);
-        assert.is(got.byteOffset, into.byteOffset, 'the caller\'s buffer is filled');
-        assert.ok(Buffer.from(got).equals(Buffer.from(model.subarray(offset, offset + length))), `read ${length} at ${offset} (size ${size}, align ${align})`);
+        assert.is(got.byteOffset, into.byteOffset, "the caller's buffer is filled");
+        assert.ok(
+          Buffer.from(got).equals(Buffer.from(model.subarray(offset, offset + length))),
+          `read ${length} at ${offset} (size ${size}, align ${align})`,
+        );
       }
     }
     const all = await gate.read(0, size);
@@ -130,14 +176,19 @@ test('one error code per cause, whatever the driver', async () => {
 test('a read-only reason the backend gives is the message', async () => {
   const mem = strict(8 * KiB, 1, {}, { readOnly: true });
   Object.defineProperty(mem, 'readOnlyReason', { value: 'a stream cannot be written' });
-  const err = await gateBackend(mem).write(0, new Uint8Array(1)).catch((e: unknown) => e as BlockError);
+  const err = await gateBackend(mem)
+    .write(0, new Uint8Array(1))
+    .catch((e: unknown) => e as BlockError);
   assert.match(String(err), /a stream cannot be written/);
 });
 
 test('limits that cannot be honoured are refused when the backend is gated', () => {
   const bad = (limits: object): void => {
     const mem = new MemoryBackend({ size: 4096, limits: limits as MemoryBackend['limits'] });
-    assert.throws(() => gateBackend(mem), (e: unknown) => e instanceof BlockError && e.code === 'EINVAL' && /limits/.test(e.message));
+    assert.throws(
+      () => gateBackend(mem),
+      (e: unknown) => e instanceof BlockError && e.code === 'EINVAL' && /limits/.test(e.message),
+    );
   };
   bad({ requestAlignment: 3 });
   bad({ requestAlignment: 512, maxTransfer: 1000 });
@@ -162,10 +213,18 @@ test('vectored requests that break the limits fall back to single requests', asy
   const gate = gateBackend(mem) as BlockBackend;
   const data = bytes(64 * KiB, 8);
   // Unaligned pieces, and one longer than maxTransfer (8 KiB).
-  await gate.writeSegments!(data, SegmentList.of([10, 690, 10], [1024, 20 * 512, 1024], [40000, 64 * KiB - 40000, 40000]));
+  await gate.writeSegments!(
+    data,
+    SegmentList.of([10, 690, 10], [1024, 20 * 512, 1024], [40000, 64 * KiB - 40000, 40000]),
+  );
   const got = await gate.read(0, 64 * KiB);
   const want = new Uint8Array(64 * KiB);
-  for (const [s, e] of [[10, 700], [1024, 1024 + 20 * 512], [40000, 64 * KiB]] as const) want.set(data.subarray(s, e), s);
+  for (const [s, e] of [
+    [10, 700],
+    [1024, 1024 + 20 * 512],
+    [40000, 64 * KiB],
+  ] as const)
+    want.set(data.subarray(s, e), s);
   assert.ok(Buffer.from(got).equals(Buffer.from(want)));
   assertWithinLimits(mem);
 });
@@ -176,7 +235,11 @@ test('convert of an odd-sized source onto a 512- and a 4096-byte-block target pa
     const source = new MemoryBackend({ size });
     const data = bytes(size, 3);
     await source.write(0, data);
-    const target = strict(1 << 20, align, { maxTransfer: 256 * KiB, optimalTransfer: 256 * KiB, maxWriteZeroes: 1 << 20 });
+    const target = strict(1 << 20, align, {
+      maxTransfer: 256 * KiB,
+      optimalTransfer: 256 * KiB,
+      maxWriteZeroes: 1 << 20,
+    });
     // A target that is not all zeroes beyond the source: the padding must keep it.
     await target.write(1 << 19, new Uint8Array(1 << 19).fill(0xab));
     Object.defineProperty(target, 'zeroInitialized', { value: false });
@@ -185,7 +248,10 @@ test('convert of an odd-sized source onto a 512- and a 4096-byte-block target pa
     assertWithinLimits(target);
     const got = await target.read(0, 1 << 20);
     assert.ok(Buffer.from(got.subarray(0, size)).equals(Buffer.from(data)), `source bytes (align ${align})`);
-    assert.ok(got.subarray(size).every((b) => b === 0xab), `bytes past the source untouched (align ${align})`);
+    assert.ok(
+      got.subarray(size).every((b) => b === 0xab),
+      `bytes past the source untouched (align ${align})`,
+    );
   }
 });
 
@@ -200,14 +266,19 @@ test('nothing reaches the driver after close: queued writes, the rest of a split
   const closedAt = mem.log.length;
   const results = await Promise.allSettled([rmw, queued, zeroes]);
   assert.is(mem.log.length, closedAt, 'no request after close');
-  assert.ok(results.some((r) => r.status === 'rejected' && (r.reason as BlockError).code === 'EBADF'), 'what was left fails with EBADF');
+  assert.ok(
+    results.some((r) => r.status === 'rejected' && (r.reason as BlockError).code === 'EBADF'),
+    'what was left fails with EBADF',
+  );
 });
 
 test('a write queued behind a read-modify-write is checked against the size it meets', async () => {
   const mem = strict(64 * KiB, 4096, {}, { latency: 1 });
   let size = 64 * KiB;
   Object.defineProperty(mem, 'size', { get: () => size });
-  (mem as unknown as { resize: (n: number) => Promise<void> }).resize = async (n: number) => { size = n; };
+  (mem as unknown as { resize: (n: number) => Promise<void> }).resize = async (n: number) => {
+    size = n;
+  };
   const gate = gateBackend(mem);
   const rmw = gate.write(100, new Uint8Array(10));
   const shrink = gate.resize!(8192);
@@ -215,7 +286,10 @@ test('a write queued behind a read-modify-write is checked against the size it m
   await rmw;
   await shrink;
   assert.is(await code(late), 'ERANGE');
-  assert.ok(mem.log.every((r) => r.offset + r.length <= 64 * KiB && (r.op !== 'write' || r.offset < 8192)), 'nothing past the new end');
+  assert.ok(
+    mem.log.every((r) => r.offset + r.length <= 64 * KiB && (r.op !== 'write' || r.offset < 8192)),
+    'nothing past the new end',
+  );
 });
 
 test('a driver that throws instead of rejecting leaves no unhandled rejection', async () => {
@@ -227,10 +301,17 @@ test('a driver that throws instead of rejecting leaves no unhandled rejection', 
     return real(offset, data);
   };
   const unhandled: unknown[] = [];
-  const onUnhandled = (e: unknown): void => { unhandled.push(e); };
+  const onUnhandled = (e: unknown): void => {
+    unhandled.push(e);
+  };
   process.on('unhandledRejection', onUnhandled);
   try {
-    const err = await gateBackend(mem).write(0, new Uint8Array(5 * 4096)).then(() => undefined, (e: unknown) => e as Error);
+    const err = await gateBackend(mem)
+      .write(0, new Uint8Array(5 * 4096))
+      .then(
+        () => undefined,
+        (e: unknown) => e as Error,
+      );
     assert.match(String(err), /sync/);
     await new Promise((r) => setTimeout(r, 10));
     assert.equal(unhandled, []);
@@ -245,12 +326,24 @@ test('compressed writes: whole compression units only, split on units within max
   assert.is(await code(gate.write(4096, new Uint8Array(64 * KiB), { compress: true })), 'EINVAL');
   await gate.write(64 * KiB, new Uint8Array(320 * KiB), { compress: true });
   const writes = mem.log.filter((r) => r.op === 'write');
-  assert.ok(writes.every((r) => r.offset % (64 * KiB) === 0 && r.length % (64 * KiB) === 0 && r.length <= 128 * KiB), 'whole units, within maxTransfer');
-  assert.throws(() => gateBackend(strict(1 << 20, 512, { maxTransfer: 64 * KiB, optimalTransfer: 64 * KiB, compressionUnit: 1 << 20 })), /compressionUnit/);
+  assert.ok(
+    writes.every((r) => r.offset % (64 * KiB) === 0 && r.length % (64 * KiB) === 0 && r.length <= 128 * KiB),
+    'whole units, within maxTransfer',
+  );
+  assert.throws(
+    () =>
+      gateBackend(strict(1 << 20, 512, { maxTransfer: 64 * KiB, optimalTransfer: 64 * KiB, compressionUnit: 1 << 20 })),
+    /compressionUnit/,
+  );
 });
 
 test('the pieces of a split write go one at a time to a target that takes one write at a time', async () => {
-  const mem = new MemoryBackend({ size: 1 << 20, latency: 1, canWriteOutOfOrder: false, limits: { requestAlignment: 1, maxTransfer: 4096, optimalTransfer: 4096 } });
+  const mem = new MemoryBackend({
+    size: 1 << 20,
+    latency: 1,
+    canWriteOutOfOrder: false,
+    limits: { requestAlignment: 1, maxTransfer: 4096, optimalTransfer: 4096 },
+  });
   await gateBackend(mem).write(0, new Uint8Array(8 * 4096));
   assert.is(mem.maxInFlight, 1);
 });
@@ -262,8 +355,14 @@ test('copy steps (copyTo/copyFrom) are checked like a read and a write; what wou
   const ro = gateBackend(new MemoryBackend({ size: 256 * KiB, limits, canPipe: true, readOnly: true }));
   await src.write(0, new Uint8Array(64 * KiB).fill(7));
   const request: CopyRequest = {
-    offload: false, buffer: new Uint8Array(128 * KiB), holes: new SegmentList(1), unit: 4 * KiB, minRun: 4 * KiB,
-    pieces: new SegmentList(2), zeroRuns: new SegmentList(40), issued: () => {},
+    offload: false,
+    buffer: new Uint8Array(128 * KiB),
+    holes: new SegmentList(1),
+    unit: 4 * KiB,
+    minRun: 4 * KiB,
+    pieces: new SegmentList(2),
+    zeroRuns: new SegmentList(40),
+    issued: () => {},
   };
   assert.is(await src.copyTo!(0, 64 * KiB, dst, 0, request), true, 'copied');
   assert.is(request.zeroRuns.count, 0, 'no zero runs');

@@ -2,7 +2,7 @@
 // pre-zeroing of a target that can zero fast (qemu-img's BDRV_REQ_NO_FALLBACK).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { compareImages, convert, gateBackend, MemoryBackend, } from '../src/index.js';
+import { compareImages, convert, gateBackend, MemoryBackend } from '../src/index.js';
 import { pattern } from '../src/testkit/index.js';
 
 const MiB = 1024 * 1024;
@@ -26,7 +26,11 @@ test('the gate refuses a fast zero to a backend without canFastZero, and an unal
   assert.is(await code(slow.writeZeroes(0, 65536, { fast: true })), 'ENOTSUP');
   const inner = new FastZeroMemory({ size: MiB, limits: { requestAlignment: 4096 }, record: true });
   const fast = gateBackend(inner);
-  assert.is(await code(fast.writeZeroes(100, 8192, { fast: true })), 'ENOTSUP', 'unaligned: it would need a read-modify-write');
+  assert.is(
+    await code(fast.writeZeroes(100, 8192, { fast: true })),
+    'ENOTSUP',
+    'unaligned: it would need a read-modify-write',
+  );
   assert.is(inner.log.length, 0, 'nothing reached the backend');
   assert.is(await code(fast.writeZeroes(0, 8192, { fast: true })), undefined);
 });
@@ -34,7 +38,13 @@ test('the gate refuses a fast zero to a backend without canFastZero, and an unal
 async function sourceAndDirtyTarget(Target: typeof MemoryBackend): Promise<{ src: MemoryBackend; dst: MemoryBackend }> {
   const src = new MemoryBackend({ size: 16 * MiB, location: 'mem://src' });
   await src.write(2 * MiB, pattern(MiB, 1));
-  const dst = new Target({ size: 16 * MiB, location: 'mem://dst', canZero: true, zeroInitialized: false, record: true });
+  const dst = new Target({
+    size: 16 * MiB,
+    location: 'mem://dst',
+    canZero: true,
+    zeroInitialized: false,
+    record: true,
+  });
   await dst.write(8 * MiB, pattern(MiB, 2)); // old data where the source reads zeroes
   dst.log.length = 0;
   return { src, dst };
@@ -46,8 +56,15 @@ test('convert zeroes a fast-zero target whole first, then writes only the data',
   assert.is(r.preZeroed, true);
   assert.equal((await compareImages(src, dst)).identical, true);
   const zeroes = dst.log.filter((e) => e.op === 'writeZeroes');
-  assert.equal(zeroes.map((e) => [e.offset, e.length]), [[0, 16 * MiB]], 'one fast zero of the whole target');
-  assert.ok(dst.log.filter((e) => e.op === 'write').every((e) => e.offset >= 2 * MiB && e.offset < 3 * MiB), 'then only the data');
+  assert.equal(
+    zeroes.map((e) => [e.offset, e.length]),
+    [[0, 16 * MiB]],
+    'one fast zero of the whole target',
+  );
+  assert.ok(
+    dst.log.filter((e) => e.op === 'write').every((e) => e.offset >= 2 * MiB && e.offset < 3 * MiB),
+    'then only the data',
+  );
 });
 
 test('no pre-zeroing without canFastZero, with -S 0 (fully allocated), or with a target known to read zeroes', async () => {

@@ -1,10 +1,29 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BLOCK_API_VERSION, ungated, BlockError, DriverRegistry, MemoryBackend, convert, createMemoryDriver, parseLocation, redactCredentials, redactLocation, resolveRelative, type FormatDriver, type ProtocolDriver } from '../src/index.js';
+import {
+  BLOCK_API_VERSION,
+  ungated,
+  BlockError,
+  DriverRegistry,
+  MemoryBackend,
+  convert,
+  createMemoryDriver,
+  parseLocation,
+  redactCredentials,
+  redactLocation,
+  resolveRelative,
+  type FormatDriver,
+  type ProtocolDriver,
+} from '../src/index.js';
 
 const identity: FormatDriver = {
-  apiVersion: BLOCK_API_VERSION, kind: 'format', name: 'raw',
-  probe: () => 1, open: async (file) => file, create: async () => {}, protocolSizeFor: (n) => n,
+  apiVersion: BLOCK_API_VERSION,
+  kind: 'format',
+  name: 'raw',
+  probe: () => 1,
+  open: async (file) => file,
+  create: async () => {},
+  protocolSizeFor: (n) => n,
 };
 
 test('locations: plain paths are files, URLs pick a scheme, file:// URLs become paths', () => {
@@ -17,12 +36,25 @@ test('locations: plain paths are files, URLs pick a scheme, file:// URLs become 
 
 test('a missing driver names the package to install (and the system library)', () => {
   const reg = new DriverRegistry();
-  const err = (f: () => unknown): BlockError => { try { f(); } catch (e) { return e as BlockError; } throw new Error('no error'); };
+  const err = (f: () => unknown): BlockError => {
+    try {
+      f();
+    } catch (e) {
+      return e as BlockError;
+    }
+    throw new Error('no error');
+  };
   const nfs = err(() => reg.protocolFor('nfs://h/e/x.raw'));
   assert.is(nfs.code, 'ENODRIVER');
-  assert.match(nfs.message, /no driver for scheme "nfs": install @blockconv\/driver-nfs \(needs libnfs \(Debian: libnfs-dev\)\)/);
+  assert.match(
+    nfs.message,
+    /no driver for scheme "nfs": install @blockconv\/driver-nfs \(needs libnfs \(Debian: libnfs-dev\)\)/,
+  );
   assert.match(err(() => reg.protocolFor('iscsi://h/iqn/1')).message, /install @blockconv\/driver-iscsi/);
-  assert.match(err(() => reg.format('qcow2')).message, /no driver for format "qcow2": install @blockconv\/driver-qcow2/);
+  assert.match(
+    err(() => reg.format('qcow2')).message,
+    /no driver for format "qcow2": install @blockconv\/driver-qcow2/,
+  );
   assert.match(err(() => reg.protocolFor('/tmp/x')).message, /install @blockconv\/driver-raw/);
   assert.match(err(() => reg.protocolFor('weird://x')).message, /no driver for scheme "weird"/);
   reg.register(identity);
@@ -30,7 +62,10 @@ test('a missing driver names the package to install (and the system library)', (
 });
 
 test('drivers written against an API version this core does not know are refused, naming both', () => {
-  assert.throws(() => new DriverRegistry().register({ ...identity, apiVersion: 3 as 2 }), /driver "raw" implements driver API version 3; this @blockconv\/core implements versions 1 and 2/);
+  assert.throws(
+    () => new DriverRegistry().register({ ...identity, apiVersion: 3 as 2 }),
+    /driver "raw" implements driver API version 3; this @blockconv\/core implements versions 1 and 2/,
+  );
 });
 
 test('create + open through a protocol and the identity format; probe falls back to raw', async () => {
@@ -66,10 +101,12 @@ test('backing names resolve against the image, as QEMU does', () => {
   assert.is(resolveRelative('/data/vm/top.qcow2', 'base.raw'), '/data/vm/base.raw');
   assert.is(resolveRelative('/data/vm/top.qcow2', '/abs/base.raw'), '/abs/base.raw');
   assert.is(resolveRelative('top.qcow2', 'base.raw'), 'base.raw');
-  assert.is(resolveRelative('nfs://h/export/dir/top.qcow2?version=4', 'base.qcow2'), 'nfs://h/export/dir/base.qcow2?version=4');
+  assert.is(
+    resolveRelative('nfs://h/export/dir/top.qcow2?version=4', 'base.qcow2'),
+    'nfs://h/export/dir/base.qcow2?version=4',
+  );
   assert.is(resolveRelative('nfs://h/export/top.qcow2', 'iscsi://t/iqn/1'), 'iscsi://t/iqn/1');
 });
-
 
 test('credentials in URLs are dropped from locations and error messages', () => {
   assert.is(redactLocation('iscsi://bob%secret@host/iqn.x/1'), 'iscsi://bob@host/iqn.x/1');
@@ -85,7 +122,12 @@ test('credentials in URLs are dropped from locations and error messages', () => 
 function sourceOnlyDriver(): ProtocolDriver & { opened: Array<Record<string, unknown>> } {
   const opened: Array<Record<string, unknown>> = [];
   return {
-    apiVersion: BLOCK_API_VERSION, kind: 'protocol', name: 'demo', schemes: ['demo'], readOnly: true, opened,
+    apiVersion: BLOCK_API_VERSION,
+    kind: 'protocol',
+    name: 'demo',
+    schemes: ['demo'],
+    readOnly: true,
+    opened,
     openOptions: [{ name: 'speed', description: 'how fast' }],
     async open(location, options) {
       opened.push({ location, readOnly: options.readOnly, options: options.options });
@@ -123,16 +165,28 @@ test('open options: declared ones reach the driver, an unknown one is refused wi
   // create checks them before it creates (or truncates) anything.
   const mem = createMemoryDriver();
   const reg2 = new DriverRegistry().register(mem, identity);
-  const refused = await reg2.create('mem://typo', 4096, { openOptions: { sped: '1' } }).catch((e: unknown) => e as BlockError);
+  const refused = await reg2
+    .create('mem://typo', 4096, { openOptions: { sped: '1' } })
+    .catch((e: unknown) => e as BlockError);
   assert.is(refused.code, 'EINVAL');
   assert.not.ok(mem.images.has('mem://typo'), 'nothing was created');
 });
 
-test('create\'s answer that the new image reads zeroes reaches the backend the registry returns', async () => {
+test("create's answer that the new image reads zeroes reaches the backend the registry returns", async () => {
   const mem = createMemoryDriver();
   const zeroFormat: FormatDriver = { ...identity, name: 'zf', create: async () => ({ zeroInitialized: true }) };
   const dirtyFormat: FormatDriver = { ...identity, name: 'df', create: async () => ({ zeroInitialized: false }) };
-  const reg = new DriverRegistry().register({ ...mem, create: async (l, n) => { mem.images.set(l, new MemoryBackend({ size: n, location: l, zeroInitialized: false })); } }, zeroFormat, dirtyFormat, identity);
+  const reg = new DriverRegistry().register(
+    {
+      ...mem,
+      create: async (l, n) => {
+        mem.images.set(l, new MemoryBackend({ size: n, location: l, zeroInitialized: false }));
+      },
+    },
+    zeroFormat,
+    dirtyFormat,
+    identity,
+  );
   assert.ok((await reg.create('mem://a', 4096, { format: 'zf' })).zeroInitialized, 'the format says so');
   assert.not.ok((await reg.create('mem://b', 4096, { format: 'df' })).zeroInitialized, 'the format says not');
   assert.not.ok((await reg.create('mem://c', 4096, { format: 'raw' })).zeroInitialized, 'no one says so');

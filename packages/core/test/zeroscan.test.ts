@@ -7,7 +7,10 @@ const KiB = 1024;
 /** Data and zero segments of the last scan, in buffer order: [start, end, isZero]. */
 function segments(s: ZeroScanner): Array<[number, number, boolean]> {
   const out: Array<[number, number, boolean]> = [];
-  for (const [list, zero] of [[s.data, false], [s.zeroes, true]] as const) {
+  for (const [list, zero] of [
+    [s.data, false],
+    [s.zeroes, true],
+  ] as const) {
     for (let i = 0; i < list.count; i++) out.push([list.positionAt(i), list.positionAt(i) + list.lengthAt(i), zero]);
   }
   return out.sort((a, b) => a[0] - b[0]);
@@ -29,7 +32,12 @@ test('all data, all zero, and runs at unit granularity', () => {
   buf.fill(7, 0, 512);
   buf.fill(7, 100 * KiB, 100 * KiB + 1);
   s.scan(buf.length);
-  assert.equal(segments(s), [[0, 512, false], [512, 100 * KiB, true], [100 * KiB, 100 * KiB + 512, false], [100 * KiB + 512, 256 * KiB, true]]);
+  assert.equal(segments(s), [
+    [0, 512, false],
+    [512, 100 * KiB, true],
+    [100 * KiB, 100 * KiB + 512, false],
+    [100 * KiB + 512, 256 * KiB, true],
+  ]);
 });
 
 test('runs shorter than minRun stay data; a non-zero byte late in a unit is found', () => {
@@ -39,14 +47,23 @@ test('runs shorter than minRun stay data; a non-zero byte late in a unit is foun
   buf[30 * KiB + 511] = 1; // breaks the second run into 10 KiB + 9.5 KiB (rounded to units)
   const s = new ZeroScanner(buf, 512, 4 * KiB);
   s.scan(buf.length);
-  assert.equal(segments(s), [[0, 20 * KiB, false], [20 * KiB, 30 * KiB, true], [30 * KiB, 30 * KiB + 512, false], [30 * KiB + 512, 40 * KiB, true], [40 * KiB, 64 * KiB, false]]);
+  assert.equal(segments(s), [
+    [0, 20 * KiB, false],
+    [20 * KiB, 30 * KiB, true],
+    [30 * KiB, 30 * KiB + 512, false],
+    [30 * KiB + 512, 40 * KiB, true],
+    [40 * KiB, 64 * KiB, false],
+  ]);
 });
 
 test('a tail shorter than one unit is data', () => {
   const buf = Buffer.alloc(8 * KiB + 100);
   const s = new ZeroScanner(buf, 4096, 4096);
   s.scan(buf.length);
-  assert.equal(segments(s), [[0, 8 * KiB, true], [8 * KiB, 8 * KiB + 100, false]]);
+  assert.equal(segments(s), [
+    [0, 8 * KiB, true],
+    [8 * KiB, 8 * KiB + 100, false],
+  ]);
 });
 
 test('known holes are zero segments without a look at their bytes, joined to zero runs beside them', () => {
@@ -57,18 +74,37 @@ test('known holes are zero segments without a look at their bytes, joined to zer
   const s = new ZeroScanner(buf, 4096, 4096);
   const known = holes([8 * KiB, 16 * KiB], [40 * KiB, 48 * KiB]);
   s.scan(buf.length, 0, known);
-  assert.equal(segments(s), [[0, 8 * KiB, false], [8 * KiB, 24 * KiB, true], [24 * KiB, 40 * KiB, false], [40 * KiB, 48 * KiB, true], [48 * KiB, 64 * KiB, false]]);
-  assert.equal(s.data.toArray(), [{ offset: 0, length: 8 * KiB, position: 0 }, { offset: 24 * KiB, length: 16 * KiB, position: 24 * KiB }, { offset: 48 * KiB, length: 16 * KiB, position: 48 * KiB }]);
+  assert.equal(segments(s), [
+    [0, 8 * KiB, false],
+    [8 * KiB, 24 * KiB, true],
+    [24 * KiB, 40 * KiB, false],
+    [40 * KiB, 48 * KiB, true],
+    [48 * KiB, 64 * KiB, false],
+  ]);
+  assert.equal(s.data.toArray(), [
+    { offset: 0, length: 8 * KiB, position: 0 },
+    { offset: 24 * KiB, length: 16 * KiB, position: 24 * KiB },
+    { offset: 48 * KiB, length: 16 * KiB, position: 48 * KiB },
+  ]);
   s.scan(buf.length, 1 << 20, known);
   assert.equal(s.zeroes.offsetAt(0), (1 << 20) + 8 * KiB, 'offsets are placed at the base');
   // A hole at the very start and one at the end.
   s.scan(buf.length, 0, holes([0, 8 * KiB], [56 * KiB, 64 * KiB]));
-  assert.equal(segments(s), [[0, 8 * KiB, true], [8 * KiB, 16 * KiB, false], [16 * KiB, 24 * KiB, true], [24 * KiB, 56 * KiB, false], [56 * KiB, 64 * KiB, true]]);
+  assert.equal(segments(s), [
+    [0, 8 * KiB, true],
+    [8 * KiB, 16 * KiB, false],
+    [16 * KiB, 24 * KiB, true],
+    [24 * KiB, 56 * KiB, false],
+    [56 * KiB, 64 * KiB, true],
+  ]);
 });
 
 test('random placement agrees with a byte-by-byte reference', () => {
   let seed = 42;
-  const rnd = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n; };
+  const rnd = (n: number): number => {
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+    return seed % n;
+  };
   for (let iter = 0; iter < 50; iter++) {
     const len = 512 * (1 + rnd(400));
     const buf = Buffer.alloc(len);
@@ -79,7 +115,10 @@ test('random placement agrees with a byte-by-byte reference', () => {
     for (const [a, b, z] of segments(s)) {
       assert.is(a, pos);
       if (z) {
-        assert.ok(buf.subarray(a, b).every((v) => v === 0), 'zero segment is zero');
+        assert.ok(
+          buf.subarray(a, b).every((v) => v === 0),
+          'zero segment is zero',
+        );
         assert.ok(b - a >= 2048, 'zero segment long enough');
       }
       pos = b;
@@ -88,7 +127,10 @@ test('random placement agrees with a byte-by-byte reference', () => {
     // Every 4 aligned zero sectors in a row must be inside some zero segment.
     for (let u = 0; u + 2048 <= len; u += 512) {
       if (buf.subarray(u, u + 2048).every((v) => v === 0)) {
-        assert.ok(segments(s).some(([a, b, z]) => z && a <= u && b >= u + 2048), `zero run at ${u} detected`);
+        assert.ok(
+          segments(s).some(([a, b, z]) => z && a <= u && b >= u + 2048),
+          `zero run at ${u} detected`,
+        );
       }
     }
   }
@@ -96,7 +138,10 @@ test('random placement agrees with a byte-by-byte reference', () => {
 
 test('units larger than the compare span: runs are still whole units (qcow2 clusters of 128 KiB to 2 MiB)', () => {
   let seed = 7;
-  const rnd = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n; };
+  const rnd = (n: number): number => {
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+    return seed % n;
+  };
   for (const unit of [128 * KiB, 1024 * KiB, 2048 * KiB]) {
     for (let iter = 0; iter < 20; iter++) {
       const units = 1 + rnd(8);

@@ -65,17 +65,30 @@ interface Where {
 
 /** An error worth retrying: the server or the network may do better on the next try. */
 class TransientError extends Error {
-  constructor(message: string, readonly code: string) { super(message); }
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message);
+  }
 }
 
 function invalid(location: string, what: string, field?: string): BlockError {
   return new BlockError('EINVAL', what, { op: 'open', location, field });
 }
 
-function wholeOption(options: Readonly<Record<string, string>> | undefined, name: string, dflt: number, min: number, max: number, location: string): number {
+function wholeOption(
+  options: Readonly<Record<string, string>> | undefined,
+  name: string,
+  dflt: number,
+  min: number,
+  max: number,
+  location: string,
+): number {
   const v = options?.[name];
   if (v === undefined) return dflt;
-  if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max) throw invalid(location, `${name}=${v}: expected a whole number from ${min} to ${max}`, name);
+  if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max)
+    throw invalid(location, `${name}=${v}: expected a whole number from ${min} to ${max}`, name);
   return Number(v);
 }
 
@@ -83,31 +96,47 @@ function readSecretFile(file: string, what: string, location: string): string {
   try {
     return fs.readFileSync(file, 'utf8').split('\n')[0]!.replace(/\r$/, '');
   } catch (err) {
-    throw new BlockError('EACCES', `cannot read the ${what} file ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, { op: 'open', location });
+    throw new BlockError(
+      'EACCES',
+      `cannot read the ${what} file ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+      { op: 'open', location },
+    );
   }
 }
 
 /** The driver's options and the URL's credentials, checked. */
-export function httpOptions(url: URL, options: Readonly<Record<string, string>> | undefined, location: string): HttpOptions {
+export function httpOptions(
+  url: URL,
+  options: Readonly<Record<string, string>> | undefined,
+  location: string,
+): HttpOptions {
   let ca: string | undefined;
   if (options?.ca !== undefined) {
     try {
       ca = fs.readFileSync(options.ca, 'utf8');
     } catch (err) {
-      throw new BlockError('EACCES', `cannot read the CA file ${options.ca}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, { op: 'open', location, field: 'ca' });
+      throw new BlockError(
+        'EACCES',
+        `cannot read the CA file ${options.ca}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+        { op: 'open', location, field: 'ca' },
+      );
     }
-    if (!ca.includes('-----BEGIN CERTIFICATE-----')) throw invalid(location, `ca=${options.ca}: no PEM certificate in it`, 'ca');
+    if (!ca.includes('-----BEGIN CERTIFICATE-----'))
+      throw invalid(location, `ca=${options.ca}: no PEM certificate in it`, 'ca');
   }
   let user = url.username ? decodeURIComponent(url.username) : options?.user;
   let password = url.password ? decodeURIComponent(url.password) : undefined;
-  if (password === undefined && options?.['password-file']) password = readSecretFile(options['password-file'], 'password', location);
+  if (password === undefined && options?.['password-file'])
+    password = readSecretFile(options['password-file'], 'password', location);
   if (password !== undefined && user === undefined) user = '';
   if (password !== undefined) registerSecret(password);
   return {
     connections: wholeOption(options, 'connections', DEFAULT_CONNECTIONS, 1, MAX_CONNECTIONS, location),
     timeoutMs: wholeOption(options, 'timeout', DEFAULT_TIMEOUT_S, 0, 86400, location) * 1000,
     retries: wholeOption(options, 'retries', DEFAULT_RETRIES, 0, 100, location),
-    ca, user, password,
+    ca,
+    user,
+    password,
   };
 }
 
@@ -115,7 +144,11 @@ export function httpOptions(url: URL, options: Readonly<Record<string, string>> 
 let systemCa: string | null | undefined;
 function caList(extra?: string): string[] | undefined {
   if (systemCa === undefined) {
-    try { systemCa = fs.readFileSync(SYSTEM_CA, 'utf8'); } catch { systemCa = null; }
+    try {
+      systemCa = fs.readFileSync(SYSTEM_CA, 'utf8');
+    } catch {
+      systemCa = null;
+    }
   }
   const out = [systemCa, extra].filter((x): x is string => typeof x === 'string');
   return out.length ? out : undefined;
@@ -125,11 +158,27 @@ const STATUS_TEXT = (status: number): string => `HTTP ${status} ${http.STATUS_CO
 
 /** The error for a status that will not change by retrying. */
 function statusError(status: number, where: Where): BlockError {
-  if (status === 404 || status === 410) return new BlockError('ENOENT', `${STATUS_TEXT(status)}: no image at this URL`, where);
-  if (status === 401) return new BlockError('EACCES', `${STATUS_TEXT(status)}: the server wants credentials (user:password@ in the URL, or the options user= and password-file=)`, where);
+  if (status === 404 || status === 410)
+    return new BlockError('ENOENT', `${STATUS_TEXT(status)}: no image at this URL`, where);
+  if (status === 401)
+    return new BlockError(
+      'EACCES',
+      `${STATUS_TEXT(status)}: the server wants credentials (user:password@ in the URL, or the options user= and password-file=)`,
+      where,
+    );
   if (status === 403) return new BlockError('EACCES', `${STATUS_TEXT(status)}: the server refuses access`, where);
-  if (status === 412) return new BlockError('EIO', `${STATUS_TEXT(status)}: the image changed on the server since it was opened (another ETag or date): its parts would not fit together`, where);
-  if (status === 416) return new BlockError('EINVAL', `${STATUS_TEXT(status)}: the server refused the range (did the image shrink?)`, where);
+  if (status === 412)
+    return new BlockError(
+      'EIO',
+      `${STATUS_TEXT(status)}: the image changed on the server since it was opened (another ETag or date): its parts would not fit together`,
+      where,
+    );
+  if (status === 416)
+    return new BlockError(
+      'EINVAL',
+      `${STATUS_TEXT(status)}: the server refused the range (did the image shrink?)`,
+      where,
+    );
   return new BlockError('EIO', `${STATUS_TEXT(status)}`, where);
 }
 
@@ -146,13 +195,23 @@ function networkError(err: NodeJS.ErrnoException, host: string): Error {
   }
   if (code === 'ECONNREFUSED') return new TransientError(`connection refused by ${host}`, 'ECONNREFUSED');
   if (code === 'ETIMEDOUT') return new TransientError(err.message, 'ETIMEDOUT');
-  return new TransientError(err.message || code || 'connection failed', code === 'EPIPE' ? 'ECONNRESET' : code || 'ECONNRESET');
+  return new TransientError(
+    err.message || code || 'connection failed',
+    code === 'EPIPE' ? 'ECONNRESET' : code || 'ECONNRESET',
+  );
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     const t = setTimeout(resolve, ms);
-    signal?.addEventListener('abort', () => { clearTimeout(t); reject(signal.reason); }, { once: true });
+    signal?.addEventListener(
+      'abort',
+      () => {
+        clearTimeout(t);
+        reject(signal.reason);
+      },
+      { once: true },
+    );
   });
 }
 
@@ -215,17 +274,30 @@ export class HttpClient {
   /** Sends one request; resolves with the response (body unread). No retries here. */
   send(method: 'GET' | 'HEAD', headers: Record<string, string>, url: URL = this.#url): Promise<http.IncomingMessage> {
     return new Promise((resolve, reject) => {
-      const h: Record<string, string> = { 'accept-encoding': 'identity', 'user-agent': 'blockconv', ...(method === 'GET' ? this.#precondition : {}), ...headers };
+      const h: Record<string, string> = {
+        'accept-encoding': 'identity',
+        'user-agent': 'blockconv',
+        ...(method === 'GET' ? this.#precondition : {}),
+        ...headers,
+      };
       // Credentials go to the host they were given for, never to another after a redirect.
       if (this.#auth && url.host === this.#authHost) h.authorization = this.#auth;
       const mod = url.protocol === 'https:' ? https : http;
       if (url.protocol !== this.#url.protocol) {
-        reject(new BlockError('ENOTSUP', `a redirect to ${url.protocol}// from ${this.#url.protocol}// is not followed`));
+        reject(
+          new BlockError('ENOTSUP', `a redirect to ${url.protocol}// from ${this.#url.protocol}// is not followed`),
+        );
         return;
       }
       const req = mod.request(url, { method, headers: h, agent: this.#agent }, resolve);
       if (this.#options.timeoutMs > 0) {
-        req.setTimeout(this.#options.timeoutMs, () => req.destroy(Object.assign(new Error(`no answer from ${url.host} for ${this.#options.timeoutMs / 1000} s`), { code: 'ETIMEDOUT' })));
+        req.setTimeout(this.#options.timeoutMs, () =>
+          req.destroy(
+            Object.assign(new Error(`no answer from ${url.host} for ${this.#options.timeoutMs / 1000} s`), {
+              code: 'ETIMEDOUT',
+            }),
+          ),
+        );
       }
       req.on('error', (err) => reject(networkError(err, url.host)));
       req.end();
@@ -264,21 +336,37 @@ export class HttpClient {
    * One GET of [offset, offset + length) into `into`: the bytes that arrived, and why the
    * body stopped short (`cut`) if it did. Throws TransientError for what a retry may fix.
    */
-  async getRange(offset: number, length: number, into: Uint8Array, where: Where): Promise<{ got: number; cut?: Error }> {
+  async getRange(
+    offset: number,
+    length: number,
+    into: Uint8Array,
+    where: Where,
+  ): Promise<{ got: number; cut?: Error }> {
     const res = await this.send('GET', { range: `bytes=${offset}-${offset + length - 1}` });
     const status = res.statusCode ?? 0;
     if (status !== 206) {
       // A 200 carries the whole image: drop the connection rather than drain it.
       if (status === 200) res.destroy();
       else res.resume();
-      if (status === 200) throw new BlockError('EIO', 'the server ignored the Range header (answered 200 with the whole image)', where);
+      if (status === 200)
+        throw new BlockError('EIO', 'the server ignored the Range header (answered 200 with the whole image)', where);
       if (transientStatus(status)) throw new TransientError(STATUS_TEXT(status), 'EIO');
       throw statusError(status, where);
     }
     const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(String(res.headers['content-range'] ?? ''));
-    if (!range || Number(range[1]) !== offset || Number(range[2]) < offset || Number(range[2]) > offset + length - 1 || (range[3] !== '*' && Number(range[3]) !== this.#size)) {
+    if (
+      !range ||
+      Number(range[1]) !== offset ||
+      Number(range[2]) < offset ||
+      Number(range[2]) > offset + length - 1 ||
+      (range[3] !== '*' && Number(range[3]) !== this.#size)
+    ) {
       res.resume();
-      throw new BlockError('EIO', `the server answered another range (${res.headers['content-range'] ?? 'none'}) than asked (bytes ${offset}-${offset + length - 1})`, where);
+      throw new BlockError(
+        'EIO',
+        `the server answered another range (${res.headers['content-range'] ?? 'none'}) than asked (bytes ${offset}-${offset + length - 1})`,
+        where,
+      );
     }
     const want = Number(range[2]) - offset + 1;
     let got = 0;
@@ -291,7 +379,10 @@ export class HttpClient {
       });
       res.once('end', () => resolve());
       // A body cut short (reset, timeout): what arrived counts; the caller retries the rest.
-      res.once('error', (err) => { cut = err; resolve(); });
+      res.once('error', (err) => {
+        cut = err;
+        resolve();
+      });
       res.once('close', () => resolve());
     });
     if (!cut && got < want) cut = new Error(`the response ended after ${got} of ${want} bytes`);
@@ -300,16 +391,26 @@ export class HttpClient {
 }
 
 /** Runs `attempt` until it succeeds, retrying transient failures with backoff (the attempt itself resumes where the last stopped). */
-async function withRetries<T>(client: HttpClient, where: Where, attempt: (n: number) => Promise<T>, signal?: AbortSignal): Promise<T> {
+async function withRetries<T>(
+  client: HttpClient,
+  where: Where,
+  attempt: (n: number) => Promise<T>,
+  signal?: AbortSignal,
+): Promise<T> {
   for (let n = 0; ; n++) {
     try {
       return await attempt(n);
     } catch (err) {
       if (!(err instanceof TransientError) || n >= client.retryLimit) {
-        if (err instanceof BlockError) throw err.location ? err : new BlockError(err.code, err.message, { ...where, cause: err });
+        if (err instanceof BlockError)
+          throw err.location ? err : new BlockError(err.code, err.message, { ...where, cause: err });
         const code = (err as { code?: string }).code;
         const suffix = n > 0 ? ` (after ${n} ${n === 1 ? 'retry' : 'retries'})` : '';
-        throw new BlockError(code === 'ETIMEDOUT' || code === 'ECONNREFUSED' ? code : code === 'EIO' ? 'EIO' : 'ECONNRESET', `${(err as Error).message}${suffix}`, { ...where, cause: err });
+        throw new BlockError(
+          code === 'ETIMEDOUT' || code === 'ECONNREFUSED' ? code : code === 'EIO' ? 'EIO' : 'ECONNRESET',
+          `${(err as Error).message}${suffix}`,
+          { ...where, cause: err },
+        );
       }
       client.retries++;
       await sleep(backoff(n), signal);
@@ -343,11 +444,15 @@ abstract class HttpBase {
   abstract read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
 
   write(offset: number): Promise<void> {
-    return Promise.reject(new BlockError('EROFS', this.readOnlyReason, { op: 'write', location: this.location, offset }));
+    return Promise.reject(
+      new BlockError('EROFS', this.readOnlyReason, { op: 'write', location: this.location, offset }),
+    );
   }
 
   writeZeroes(offset: number): Promise<void> {
-    return Promise.reject(new BlockError('EROFS', this.readOnlyReason, { op: 'writeZeroes', location: this.location, offset }));
+    return Promise.reject(
+      new BlockError('EROFS', this.readOnlyReason, { op: 'writeZeroes', location: this.location, offset }),
+    );
   }
 
   async discard(): Promise<void> {}
@@ -368,7 +473,13 @@ abstract class HttpBase {
   }
 
   async info(): Promise<Record<string, unknown>> {
-    return { url: redactLocation(this.client.url.href), rangeRequests: this instanceof HttpRangeBackend, etag: this.#identity.etag, lastModified: this.#identity.lastModified, retries: this.client.retries };
+    return {
+      url: redactLocation(this.client.url.href),
+      rangeRequests: this instanceof HttpRangeBackend,
+      etag: this.#identity.etag,
+      lastModified: this.#identity.lastModified,
+      retries: this.client.retries,
+    };
   }
 }
 
@@ -425,17 +536,28 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
     const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
     if (length === 0) return out;
     if (this.#failure) throw this.#failure;
-    if (this.#closed) throw new BlockError('EIO', 'the image is closed', { op: 'read', location: this.location, offset, length });
+    if (this.#closed)
+      throw new BlockError('EIO', 'the image is closed', { op: 'read', location: this.location, offset, length });
     const end = offset + length;
     if (offset < this.#pos - LOOKBEHIND || (offset < this.#pos && this.#pos > this.size)) {
-      throw new BlockError('ENOTSUP', `the server does not take Range requests, so the image can only be read in one pass, as a raw image is converted (a read at ${offset} came after the stream passed ${this.#pos}); formats such as qcow2 need random access`, { op: 'read', location: this.location, offset, length });
+      throw new BlockError(
+        'ENOTSUP',
+        `the server does not take Range requests, so the image can only be read in one pass, as a raw image is converted (a read at ${offset} came after the stream passed ${this.#pos}); formats such as qcow2 need random access`,
+        { op: 'read', location: this.location, offset, length },
+      );
     }
     // The part already passed comes from the ring.
     const behind = Math.min(end, this.#pos) - offset;
     if (behind > 0) this.#fromRing(offset, out.subarray(0, behind));
     if (end <= this.#pos) return out;
     await new Promise<void>((resolve, reject) => {
-      this.#pending.push({ offset: Math.max(offset, this.#pos), end, into: out.subarray(Math.max(0, this.#pos - offset)), resolve, reject });
+      this.#pending.push({
+        offset: Math.max(offset, this.#pos),
+        end,
+        into: out.subarray(Math.max(0, this.#pos - offset)),
+        resolve,
+        reject,
+      });
       this.#pending.sort((a, b) => a.offset - b.offset);
       this.#pump();
     });
@@ -445,7 +567,9 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
   override async close(): Promise<void> {
     this.#closed = true;
     clearTimeout(this.#restartTimer);
-    this.#fail(new BlockError('EIO', 'the image was closed while reads waited', { op: 'read', location: this.location }));
+    this.#fail(
+      new BlockError('EIO', 'the image was closed while reads waited', { op: 'read', location: this.location }),
+    );
     this.#res?.destroy();
     await super.close();
   }
@@ -505,9 +629,17 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
       const res = await withRetries(this.client, where, async () => {
         const r = await this.client.send('GET', {});
         const status = r.statusCode ?? 0;
-        if (status === 200 && r.headers['content-length'] !== undefined && Number(r.headers['content-length']) !== this.size) {
+        if (
+          status === 200 &&
+          r.headers['content-length'] !== undefined &&
+          Number(r.headers['content-length']) !== this.size
+        ) {
           r.destroy();
-          throw new BlockError('EIO', `the image changed on the server: ${r.headers['content-length']} bytes now, ${this.size} at open`, where);
+          throw new BlockError(
+            'EIO',
+            `the image changed on the server: ${r.headers['content-length']} bytes now, ${this.size} at open`,
+            where,
+          );
         }
         if (status === 200) return r;
         r.resume();
@@ -518,7 +650,10 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
       this.#res = res;
       res.on('data', (chunk: Buffer) => {
         if (toSkip > 0) {
-          if (chunk.length <= toSkip) { toSkip -= chunk.length; return; }
+          if (chunk.length <= toSkip) {
+            toSkip -= chunk.length;
+            return;
+          }
           chunk = chunk.subarray(toSkip);
           toSkip = 0;
         }
@@ -528,7 +663,9 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
       res.once('error', () => this.#onEnd(res));
       res.once('close', () => this.#onEnd(res));
     } catch (err) {
-      this.#fail(err instanceof BlockError ? err : new BlockError('EIO', (err as Error).message, { ...where, cause: err }));
+      this.#fail(
+        err instanceof BlockError ? err : new BlockError('EIO', (err as Error).message, { ...where, cause: err }),
+      );
     } finally {
       this.#starting = false;
     }
@@ -566,7 +703,13 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
     if (this.#pos >= this.size || this.#pending.length === 0) return;
     // Cut short: restart and skip to where we were (as many times as retries allow).
     if (this.#restarts++ >= this.client.retryLimit) {
-      this.#fail(new BlockError('ECONNRESET', `the stream ended at ${this.#pos} of ${this.size} bytes (after ${this.#restarts - 1} restarts)`, { op: 'read', location: this.location, offset: this.#pos }));
+      this.#fail(
+        new BlockError(
+          'ECONNRESET',
+          `the stream ended at ${this.#pos} of ${this.size} bytes (after ${this.#restarts - 1} restarts)`,
+          { op: 'read', location: this.location, offset: this.#pos },
+        ),
+      );
       return;
     }
     this.client.retries++;
@@ -577,12 +720,23 @@ export class HttpStreamBackend extends HttpBase implements BlockBackend {
     this.#failure ??= err;
     const pending = this.#pending;
     this.#pending = [];
-    for (const r of pending) r.reject(new BlockError(err.code, err.message.replace(/^.*?: /, ''), { op: 'read', location: this.location, offset: r.offset, cause: err }));
+    for (const r of pending)
+      r.reject(
+        new BlockError(err.code, err.message.replace(/^.*?: /, ''), {
+          op: 'read',
+          location: this.location,
+          offset: r.offset,
+          cause: err,
+        }),
+      );
   }
 }
 
 /** Opens the image at an http:// or https:// URL. */
-export async function openHttp(location: string, options: OpenOptions = {}): Promise<HttpRangeBackend | HttpStreamBackend> {
+export async function openHttp(
+  location: string,
+  options: OpenOptions = {},
+): Promise<HttpRangeBackend | HttpStreamBackend> {
   const display = redactLocation(location);
   let url: URL;
   try {
@@ -590,26 +744,35 @@ export async function openHttp(location: string, options: OpenOptions = {}): Pro
   } catch {
     throw invalid(display, 'not a valid URL');
   }
-  if (url.protocol !== 'http:' && url.protocol !== 'https:') throw invalid(display, `unknown scheme ${url.protocol}// (expected http:// or https://)`);
+  if (url.protocol !== 'http:' && url.protocol !== 'https:')
+    throw invalid(display, `unknown scheme ${url.protocol}// (expected http:// or https://)`);
   if (url.hash) throw invalid(display, 'an http URL for an image has no fragment (#...)');
   const opts = httpOptions(url, options.options, display);
   const client = new HttpClient(url, opts);
   const where: Where = { op: 'open', location: display };
   try {
-    const { response: res, method } = await withRetries(client, where, async () => {
-      const r = await client.resolve();
-      const status = r.response.statusCode ?? 0;
-      if (transientStatus(status)) {
-        r.response.resume();
-        throw new TransientError(STATUS_TEXT(status), 'EIO');
-      }
-      return r;
-    }, options.signal);
+    const { response: res, method } = await withRetries(
+      client,
+      where,
+      async () => {
+        const r = await client.resolve();
+        const status = r.response.statusCode ?? 0;
+        if (transientStatus(status)) {
+          r.response.resume();
+          throw new TransientError(STATUS_TEXT(status), 'EIO');
+        }
+        return r;
+      },
+      options.signal,
+    );
     const status = res.statusCode ?? 0;
     if (method === 'GET' && status === 200) res.destroy();
     else res.resume();
     const h = res.headers;
-    const identity = { etag: typeof h.etag === 'string' ? h.etag : undefined, lastModified: typeof h['last-modified'] === 'string' ? h['last-modified'] : undefined };
+    const identity = {
+      etag: typeof h.etag === 'string' ? h.etag : undefined,
+      lastModified: typeof h['last-modified'] === 'string' ? h['last-modified'] : undefined,
+    };
     let size: number | undefined;
     let ranges: boolean;
     if (method === 'HEAD') {
@@ -639,17 +802,28 @@ export async function openHttp(location: string, options: OpenOptions = {}): Pro
       }
     }
     if (size === undefined || !Number.isSafeInteger(size) || size < 0) {
-      throw new BlockError('ENOTSUP', 'the server tells no size (no Content-Length): an image of unknown size cannot be converted', where);
+      throw new BlockError(
+        'ENOTSUP',
+        'the server tells no size (no Content-Length): an image of unknown size cannot be converted',
+        where,
+      );
     }
     if (String(h['content-encoding'] ?? 'identity') !== 'identity') {
-      throw new BlockError('ENOTSUP', `the server sends the image encoded (${h['content-encoding']}), not as its bytes`, where);
+      throw new BlockError(
+        'ENOTSUP',
+        `the server sends the image encoded (${h['content-encoding']}), not as its bytes`,
+        where,
+      );
     }
     client.size = size;
     client.pin(identity);
-    return ranges ? new HttpRangeBackend(client, display, size, identity) : new HttpStreamBackend(client, display, size, identity);
+    return ranges
+      ? new HttpRangeBackend(client, display, size, identity)
+      : new HttpStreamBackend(client, display, size, identity);
   } catch (err) {
     client.destroy();
-    if (err instanceof BlockError) throw err.location ? err : new BlockError(err.code, err.message, { ...where, cause: err });
+    if (err instanceof BlockError)
+      throw err.location ? err : new BlockError(err.code, err.message, { ...where, cause: err });
     throw err;
   }
 }
@@ -658,17 +832,39 @@ export const httpDriver: ProtocolDriver = {
   apiVersion: BLOCK_API_VERSION,
   kind: 'protocol',
   name: 'http',
-  description: 'images at http:// and https:// URLs (read-only): Range requests on several connections, retries that resume; one stream when the server has no Range',
+  description:
+    'images at http:// and https:// URLs (read-only): Range requests on several connections, retries that resume; one stream when the server has no Range',
   schemes: ['http', 'https'],
   readOnly: true,
-  secretParameters: ['x-amz-signature', 'x-amz-credential', 'x-amz-security-token', 'x-goog-signature', 'x-goog-credential', 'sig', 'signature'],
+  secretParameters: [
+    'x-amz-signature',
+    'x-amz-credential',
+    'x-amz-security-token',
+    'x-goog-signature',
+    'x-goog-credential',
+    'sig',
+    'signature',
+  ],
   openOptions: [
-    { name: 'connections', description: `connections (and Range requests) in flight at most (1..${MAX_CONNECTIONS})`, default: String(DEFAULT_CONNECTIONS) },
-    { name: 'timeout', description: 'seconds a request may wait without a byte from the server before it fails (0: wait forever)', default: String(DEFAULT_TIMEOUT_S) },
-    { name: 'retries', description: 'retries of a request that failed on the way (reset, timeout, 5xx, 429, a cut-short body), with backoff from 0.25 to 8 s; each resumes where the last stopped', default: String(DEFAULT_RETRIES) },
-    { name: 'ca', description: 'file of PEM CA certificates to trust besides the system\'s (/etc/ssl/certs)' },
-    { name: 'user', description: 'user name for Basic authentication (else the URL\'s)' },
-    { name: 'password-file', description: 'file whose first line is the password (else the URL\'s)' },
+    {
+      name: 'connections',
+      description: `connections (and Range requests) in flight at most (1..${MAX_CONNECTIONS})`,
+      default: String(DEFAULT_CONNECTIONS),
+    },
+    {
+      name: 'timeout',
+      description: 'seconds a request may wait without a byte from the server before it fails (0: wait forever)',
+      default: String(DEFAULT_TIMEOUT_S),
+    },
+    {
+      name: 'retries',
+      description:
+        'retries of a request that failed on the way (reset, timeout, 5xx, 429, a cut-short body), with backoff from 0.25 to 8 s; each resumes where the last stopped',
+      default: String(DEFAULT_RETRIES),
+    },
+    { name: 'ca', description: "file of PEM CA certificates to trust besides the system's (/etc/ssl/certs)" },
+    { name: 'user', description: "user name for Basic authentication (else the URL's)" },
+    { name: 'password-file', description: "file whose first line is the password (else the URL's)" },
   ],
   open: openHttp,
 };

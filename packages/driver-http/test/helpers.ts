@@ -35,7 +35,23 @@ export async function nginx(dir: string, root: string): Promise<Nginx> {
   const [port, tlsPort] = [await freePort(), await freePort()];
   const cert = path.join(dir, 'cert.pem');
   const key = path.join(dir, 'key.pem');
-  run('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost']);
+  run('openssl', [
+    'req',
+    '-x509',
+    '-newkey',
+    'rsa:2048',
+    '-nodes',
+    '-keyout',
+    key,
+    '-out',
+    cert,
+    '-days',
+    '2',
+    '-subj',
+    '/CN=localhost',
+    '-addext',
+    'subjectAltName=IP:127.0.0.1,DNS:localhost',
+  ]);
   const user = 'alice';
   const password = 'correct-horse-battery';
   fs.writeFileSync(path.join(dir, 'htpasswd'), `${user}:${run('openssl', ['passwd', '-apr1', password]).trim()}\n`);
@@ -58,19 +74,39 @@ http {
   server { listen 127.0.0.1:${tlsPort} ssl; ssl_certificate ${cert}; ssl_certificate_key ${key}; root ${root}; ${locations} }
 }`;
   fs.writeFileSync(path.join(dir, 'nginx.conf'), conf);
-  const child: ChildProcess = spawn('nginx', ['-c', path.join(dir, 'nginx.conf'), '-p', dir], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child: ChildProcess = spawn('nginx', ['-c', path.join(dir, 'nginx.conf'), '-p', dir], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   let err = '';
-  child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
+  child.stderr!.on('data', (d: Buffer) => {
+    err += d.toString();
+  });
   const deadline = Date.now() + 10_000;
   for (;;) {
-    if (child.exitCode !== null) throw new Error(`nginx exited: ${err} ${fs.existsSync(path.join(dir, 'error.log')) ? fs.readFileSync(path.join(dir, 'error.log'), 'utf8') : ''}`);
-    const ok = await new Promise<boolean>((r) => { const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); }); s.once('error', () => r(false)); });
+    if (child.exitCode !== null)
+      throw new Error(
+        `nginx exited: ${err} ${fs.existsSync(path.join(dir, 'error.log')) ? fs.readFileSync(path.join(dir, 'error.log'), 'utf8') : ''}`,
+      );
+    const ok = await new Promise<boolean>((r) => {
+      const s = net.connect(port, '127.0.0.1', () => {
+        s.destroy();
+        r(true);
+      });
+      s.once('error', () => r(false));
+    });
     if (ok) break;
-    if (Date.now() > deadline) { child.kill('SIGKILL'); throw new Error(`nginx did not start: ${err}`); }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`nginx did not start: ${err}`);
+    }
     await new Promise((r) => setTimeout(r, 25));
   }
   return {
-    http: `http://127.0.0.1:${port}`, https: `https://127.0.0.1:${tlsPort}`, cert, user, password,
+    http: `http://127.0.0.1:${port}`,
+    https: `https://127.0.0.1:${tlsPort}`,
+    cert,
+    user,
+    password,
     stop: async () => {
       if (child.exitCode !== null) return;
       const exited = new Promise((r) => child.once('exit', r));
@@ -101,15 +137,30 @@ export interface Faults {
 }
 
 /** A server of `image` whose misbehaviour `faults` (changeable while it runs) says. */
-export async function faultServer(image: Buffer, faults: Faults = {}): Promise<{ url: string; faults: Faults; requests: string[]; close(): Promise<void> }> {
+export async function faultServer(
+  image: Buffer,
+  faults: Faults = {},
+): Promise<{ url: string; faults: Faults; requests: string[]; close(): Promise<void> }> {
   const requests: string[] = [];
   const sockets = new Set<net.Socket>();
   const server = http.createServer((req, res) => {
     requests.push(`${req.method} ${req.url} ${req.headers.range ?? ''}`.trim());
     const f = faults;
-    if (req.url === '/loop') { res.writeHead(302, { location: '/loop' }); res.end(); return; }
-    if (req.url === '/redirect') { res.writeHead(301, { location: '/disk.raw' }); res.end(); return; }
-    if (req.url !== '/disk.raw') { res.writeHead(404); res.end(); return; }
+    if (req.url === '/loop') {
+      res.writeHead(302, { location: '/loop' });
+      res.end();
+      return;
+    }
+    if (req.url === '/redirect') {
+      res.writeHead(301, { location: '/disk.raw' });
+      res.end();
+      return;
+    }
+    if (req.url !== '/disk.raw') {
+      res.writeHead(404);
+      res.end();
+      return;
+    }
     const answer = (): void => {
       if (f.failures && f.failures > 0 && f.failStatus) {
         f.failures--;
@@ -117,8 +168,16 @@ export async function faultServer(image: Buffer, faults: Faults = {}): Promise<{
         res.end();
         return;
       }
-      if (req.method === 'HEAD' && f.noHead) { res.writeHead(405); res.end(); return; }
-      if (f.etag && req.headers['if-match'] && req.headers['if-match'] !== f.etag) { res.writeHead(412); res.end(); return; }
+      if (req.method === 'HEAD' && f.noHead) {
+        res.writeHead(405);
+        res.end();
+        return;
+      }
+      if (f.etag && req.headers['if-match'] && req.headers['if-match'] !== f.etag) {
+        res.writeHead(412);
+        res.end();
+        return;
+      }
       if (f.etag) res.setHeader('etag', f.etag);
       const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
       let body = image;
@@ -135,7 +194,10 @@ export async function faultServer(image: Buffer, faults: Faults = {}): Promise<{
       }
       if (!f.noLength) headers['content-length'] = body.length;
       for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
-      if (req.method === 'HEAD') { res.end(); return; }
+      if (req.method === 'HEAD') {
+        res.end();
+        return;
+      }
       if (f.resets && f.resets > 0 && f.resetAfter !== undefined && body.length > f.resetAfter) {
         f.resets--;
         res.write(body.subarray(0, f.resetAfter), () => res.socket?.destroy());
@@ -150,11 +212,20 @@ export async function faultServer(image: Buffer, faults: Faults = {}): Promise<{
       answer();
     }
   });
-  server.on('connection', (s) => { sockets.add(s); s.on('close', () => sockets.delete(s)); });
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const port = (server.address() as net.AddressInfo).port;
   return {
-    url: `http://127.0.0.1:${port}`, faults, requests,
-    close: () => new Promise<void>((r) => { for (const s of sockets) s.destroy(); server.close(() => r()); }),
+    url: `http://127.0.0.1:${port}`,
+    faults,
+    requests,
+    close: () =>
+      new Promise<void>((r) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => r());
+      }),
   };
 }

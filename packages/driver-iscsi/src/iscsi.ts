@@ -91,16 +91,25 @@ export function parseIscsiUrl(url: string): IscsiUrl {
   const shown = redactLocation(url);
   const m = /^iscsi:\/\/(?:([^@/]*)@)?(\[[^\]]*\]|[^/:@]*)(?::([^/]*))?\/([^/]*)\/([^/?#]*)$/i.exec(url);
   if (!m) throw invalid('invalid iSCSI URL: expected iscsi://[user[%password]@]host[:port]/target-iqn/lun', shown);
-  const [, userinfo, hostPart, portText, target, lunText] = m as unknown as [string, string | undefined, string, string | undefined, string, string];
+  const [, userinfo, hostPart, portText, target, lunText] = m as unknown as [
+    string,
+    string | undefined,
+    string,
+    string | undefined,
+    string,
+    string,
+  ];
   const host = hostPart.startsWith('[') ? hostPart.slice(1, -1) : hostPart;
   if (!host) throw invalid('invalid iSCSI URL: no host', shown);
   let port = DEFAULT_PORT;
   if (portText !== undefined) {
-    if (!/^\d+$/.test(portText) || Number(portText) < 1 || Number(portText) > 65535) throw invalid(`invalid iSCSI URL: bad port "${portText}"`, shown);
+    if (!/^\d+$/.test(portText) || Number(portText) < 1 || Number(portText) > 65535)
+      throw invalid(`invalid iSCSI URL: bad port "${portText}"`, shown);
     port = Number(portText);
   }
   if (!target) throw invalid('invalid iSCSI URL: no target IQN', shown);
-  if (!/^\d+$/.test(lunText) || Number(lunText) > 16383) throw invalid(`invalid iSCSI URL: bad LUN "${lunText}" (a number 0..16383)`, shown);
+  if (!/^\d+$/.test(lunText) || Number(lunText) > 16383)
+    throw invalid(`invalid iSCSI URL: bad LUN "${lunText}" (a number 0..16383)`, shown);
   let user: string | undefined;
   let password: string | undefined;
   if (userinfo !== undefined) {
@@ -121,7 +130,11 @@ function readPasswordFile(file: string, location: string): string {
   try {
     return fs.readFileSync(file, 'utf8').split(/\r?\n/)[0]!;
   } catch (err) {
-    throw new BlockError('EACCES', `cannot read the CHAP password file ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, { op: 'open', location });
+    throw new BlockError(
+      'EACCES',
+      `cannot read the CHAP password file ${file}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+      { op: 'open', location },
+    );
   }
 }
 
@@ -131,25 +144,48 @@ function credentials(u: IscsiUrl, options: Readonly<Record<string, string>> | un
   const user = u.user ?? options?.user ?? env.LIBISCSI_CHAP_USERNAME ?? env.BLOCKCONV_ISCSI_USER;
   if (!user) return {};
   let password = u.password;
-  if (password === undefined && options?.['password-file']) password = readPasswordFile(options['password-file'], u.display);
+  if (password === undefined && options?.['password-file'])
+    password = readPasswordFile(options['password-file'], u.display);
   const envName = options?.['password-env'];
   if (password === undefined && envName) {
     password = env[envName];
-    if (password === undefined) throw new BlockError('EACCES', `CHAP password: the environment variable ${envName} (password-env) is not set`, { op: 'open', location: u.display, field: 'password-env' });
+    if (password === undefined)
+      throw new BlockError('EACCES', `CHAP password: the environment variable ${envName} (password-env) is not set`, {
+        op: 'open',
+        location: u.display,
+        field: 'password-env',
+      });
   }
   if (password === undefined && env.LIBISCSI_CHAP_PASSWORD !== undefined) password = env.LIBISCSI_CHAP_PASSWORD;
-  if (password === undefined && env.BLOCKCONV_ISCSI_PASSWORD_FILE) password = readPasswordFile(env.BLOCKCONV_ISCSI_PASSWORD_FILE, u.display);
+  if (password === undefined && env.BLOCKCONV_ISCSI_PASSWORD_FILE)
+    password = readPasswordFile(env.BLOCKCONV_ISCSI_PASSWORD_FILE, u.display);
   if (password === undefined) {
-    throw new BlockError('EACCES', `CHAP user "${user}" given but no password: set LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE`, { op: 'open', location: u.display });
+    throw new BlockError(
+      'EACCES',
+      `CHAP user "${user}" given but no password: set LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE`,
+      { op: 'open', location: u.display },
+    );
   }
   registerSecret(password);
   return { user, password };
 }
 
-
 /** Codes of the binding kept as they are; others become EIO (message kept). */
-const CODES = new Set(['ENOENT', 'EACCES', 'EROFS', 'ENOSPC', 'ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'ENOTFOUND',
-  'EINVAL', 'ECANCELED', 'ERANGE', 'ENOTSUP', 'EBADF']);
+const CODES = new Set([
+  'ENOENT',
+  'EACCES',
+  'EROFS',
+  'ENOSPC',
+  'ETIMEDOUT',
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ENOTFOUND',
+  'EINVAL',
+  'ECANCELED',
+  'ERANGE',
+  'ENOTSUP',
+  'EBADF',
+]);
 
 interface Where {
   op: string;
@@ -185,15 +221,20 @@ interface Probe {
 async function probe(s: IscsiSession, readOnly: boolean): Promise<Probe> {
   const cap = await s.readCapacity16();
   const bs = cap.blockSize;
-  if (!(bs >= 512 && (bs & (bs - 1)) === 0)) throw Object.assign(new Error(`unsupported block size ${bs}`), { code: 'ENOTSUP' });
+  if (!(bs >= 512 && (bs & (bs - 1)) === 0))
+    throw Object.assign(new Error(`unsupported block size ${bs}`), { code: 'ENOTSUP' });
   const inq = await s.inquiry();
   const pages = await s.supportedVpdPages().catch(() => [] as number[]);
   const bl = pages.includes(0xb0) ? await s.blockLimits().catch(() => null) : null;
   const lbp = cap.lbpme && pages.includes(0xb2) ? await s.provisioning().catch(() => null) : null;
   const blocksToBytes = (n: number | undefined, fallback: number, cap: number): number =>
     n && n > 0 ? Math.max(bs, Math.min(n * bs, cap)) : fallback;
-  const maxTransfer = Math.floor(blocksToBytes(bl?.maxTransferBlocks, DEFAULT_MAX_TRANSFER, MAX_TRANSFER_CAP) / bs) * bs;
-  const optimal = Math.min(maxTransfer, blocksToBytes(bl?.optimalTransferBlocks, DEFAULT_OPTIMAL_TRANSFER, MAX_TRANSFER_CAP));
+  const maxTransfer =
+    Math.floor(blocksToBytes(bl?.maxTransferBlocks, DEFAULT_MAX_TRANSFER, MAX_TRANSFER_CAP) / bs) * bs;
+  const optimal = Math.min(
+    maxTransfer,
+    blocksToBytes(bl?.optimalTransferBlocks, DEFAULT_OPTIMAL_TRANSFER, MAX_TRANSFER_CAP),
+  );
   const maxWriteSame = blocksToBytes(bl?.maxWriteSameBlocks, MAX_ZEROES_CAP, MAX_ZEROES_CAP);
   const maxUnmapBytes = blocksToBytes(bl?.maxUnmapBlocks, MAX_ZEROES_CAP, MAX_ZEROES_CAP);
   const thin = cap.lbpme;
@@ -270,7 +311,11 @@ export class IscsiBackend implements BlockBackend {
 
   /** Tasks in flight on the session and GET LBA STATUS requests sent, for tests and diagnostics. */
   get stats(): { outstanding: number; peakOutstanding: number; lbaStatusRequests: number } {
-    return { outstanding: this.#s.outstanding, peakOutstanding: this.#s.peakOutstanding, lbaStatusRequests: this.#lbaStatusRequests };
+    return {
+      outstanding: this.#s.outstanding,
+      peakOutstanding: this.#s.peakOutstanding,
+      lbaStatusRequests: this.#lbaStatusRequests,
+    };
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -392,8 +437,13 @@ export class IscsiBackend implements BlockBackend {
   async info(): Promise<Record<string, unknown>> {
     const p = this.#p;
     return {
-      vendor: p.vendor, product: p.product, blockSize: this.#bs, thinProvisioned: p.thin,
-      unmappedReadsZero: p.lbprz, maxTransfer: this.limits.maxTransfer, optimalTransfer: this.limits.optimalTransfer,
+      vendor: p.vendor,
+      product: p.product,
+      blockSize: this.#bs,
+      thinProvisioned: p.thin,
+      unmappedReadsZero: p.lbprz,
+      maxTransfer: this.limits.maxTransfer,
+      optimalTransfer: this.limits.optimalTransfer,
     };
   }
 
@@ -410,7 +460,6 @@ export class IscsiBackend implements BlockBackend {
   #where(op: string, offset: number, length: number): Where {
     return { op, location: this.location, offset, length };
   }
-
 }
 
 /** The descriptor covering `lba` (descriptors ascend and are contiguous). */
@@ -426,7 +475,6 @@ function covering(list: readonly LbaStatus[] | undefined, lba: number): LbaStatu
   const d = list[lo]!;
   return lba < d.lba + d.blocks ? d : undefined;
 }
-
 
 async function resolveHost(host: string, location: string): Promise<string> {
   if (isIP(host)) return host;
@@ -451,7 +499,11 @@ export async function openIscsi(location: string, options: OpenOptions = {}): Pr
   try {
     await s.login({ portal, target: u.target, lun: u.lun, user: creds.user, password: creds.password });
     const p = await probe(s, options.readOnly === true);
-    return new IscsiBackend(s, p, { location: u.display, readOnly: options.readOnly === true, unsafe: options.cache === 'unsafe' });
+    return new IscsiBackend(s, p, {
+      location: u.display,
+      readOnly: options.readOnly === true,
+      unsafe: options.cache === 'unsafe',
+    });
   } catch (err) {
     s.destroy();
     throw iscsiError(err, { op: 'open', location: u.display }, creds.password);
@@ -465,9 +517,16 @@ export const iscsiDriver: ProtocolDriver = {
   description: 'existing iSCSI LUNs through libiscsi (no kernel initiator); convert to a LUN with -n',
   schemes: ['iscsi'],
   openOptions: [
-    { name: 'timeout', description: 'seconds the target may send and take nothing while tasks wait, before they fail (0: wait forever)', default: String(DEFAULT_TIMEOUT_S) },
-    { name: 'user', description: 'CHAP user name (else the URL\'s, LIBISCSI_CHAP_USERNAME or BLOCKCONV_ISCSI_USER)' },
-    { name: 'password-file', description: 'file holding the CHAP password (else LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE)' },
+    {
+      name: 'timeout',
+      description: 'seconds the target may send and take nothing while tasks wait, before they fail (0: wait forever)',
+      default: String(DEFAULT_TIMEOUT_S),
+    },
+    { name: 'user', description: "CHAP user name (else the URL's, LIBISCSI_CHAP_USERNAME or BLOCKCONV_ISCSI_USER)" },
+    {
+      name: 'password-file',
+      description: 'file holding the CHAP password (else LIBISCSI_CHAP_PASSWORD or BLOCKCONV_ISCSI_PASSWORD_FILE)',
+    },
     { name: 'password-env', description: 'name of an environment variable holding the CHAP password' },
   ],
   secretParameters: ['target_password'],

@@ -117,8 +117,13 @@ interface Slot {
 }
 
 const OP_NAMES: Readonly<Record<number, string>> = {
-  [Command.READ]: 'read', [Command.WRITE]: 'write', [Command.FLUSH]: 'flush', [Command.TRIM]: 'discard',
-  [Command.WRITE_ZEROES]: 'writeZeroes', [Command.BLOCK_STATUS]: 'blockStatus', [Command.CACHE]: 'cache',
+  [Command.READ]: 'read',
+  [Command.WRITE]: 'write',
+  [Command.FLUSH]: 'flush',
+  [Command.TRIM]: 'discard',
+  [Command.WRITE_ZEROES]: 'writeZeroes',
+  [Command.BLOCK_STATUS]: 'blockStatus',
+  [Command.CACHE]: 'cache',
 };
 
 function noop(): void {}
@@ -132,7 +137,10 @@ export class NbdConnection {
   #statusContext = -1;
 
   // Reader: bytes go into the reader's sink, then #advance() acts on #want.
-  readonly #reader = new SinkReader(() => this.#advance(), (bytes) => this.#stash(bytes));
+  readonly #reader = new SinkReader(
+    () => this.#advance(),
+    (bytes) => this.#stash(bytes),
+  );
   #want: Want = Want.Handshake;
   readonly #header = Buffer.alloc(STRUCTURED_REPLY_SIZE);
   readonly #scratch = Buffer.alloc(12);
@@ -160,7 +168,10 @@ export class NbdConnection {
   private constructor(endpoint: Endpoint, options: ConnectOptions) {
     const socket = net.connect({
       ...(endpoint.path !== undefined ? { path: endpoint.path } : { host: endpoint.host!, port: endpoint.port! }),
-      onread: { buffer: () => this.#reader.nextBuffer, callback: (n: number, buf: Uint8Array) => this.#reader.onRead(n, buf) },
+      onread: {
+        buffer: () => this.#reader.nextBuffer,
+        callback: (n: number, buf: Uint8Array) => this.#reader.onRead(n, buf),
+      },
     } as net.NetConnectOpts);
     this.#socket = socket;
     this.#location = options.location;
@@ -171,7 +182,9 @@ export class NbdConnection {
     socket.on('end', () => socket.destroy());
     socket.on('timeout', () => {
       const what = this.#info ? `${this.#inFlight} request(s) waiting` : 'during the handshake';
-      this.#fail(new BlockError('ETIMEDOUT', `no answer from the NBD server for ${this.#timeoutMs / 1000} s (${what})`));
+      this.#fail(
+        new BlockError('ETIMEDOUT', `no answer from the NBD server for ${this.#timeoutMs / 1000} s (${what})`),
+      );
       socket.destroy();
     });
   }
@@ -193,14 +206,18 @@ export class NbdConnection {
         socket.once('connect', resolve);
         socket.once('error', reject);
         socket.once('close', () => reject(conn.#failure));
-      }).catch((err) => { throw conn.#failure ?? conn.#socketError(err as NodeJS.ErrnoException); });
+      }).catch((err) => {
+        throw conn.#failure ?? conn.#socketError(err as NodeJS.ErrnoException);
+      });
       await conn.#handshake(options);
       if (options.timeoutMs > 0) socket.setTimeout(0);
       return conn;
     } catch (err) {
       socket.destroy();
       const e = conn.#failure ?? err;
-      throw e instanceof BlockError && e.location === undefined ? new BlockError(e.code, e.message, { op: 'open', location: options.location, cause: e }) : e;
+      throw e instanceof BlockError && e.location === undefined
+        ? new BlockError(e.code, e.message, { op: 'open', location: options.location, cause: e })
+        : e;
     } finally {
       options.signal?.removeEventListener('abort', abort);
     }
@@ -225,12 +242,26 @@ export class NbdConnection {
   }
 
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
-    return this.#request(Command.WRITE, fua ? CommandFlag.FUA : 0, offset, data.length, null, data) as Promise<unknown> as Promise<void>;
+    return this.#request(
+      Command.WRITE,
+      fua ? CommandFlag.FUA : 0,
+      offset,
+      data.length,
+      null,
+      data,
+    ) as Promise<unknown> as Promise<void>;
   }
 
   /** NBD_CMD_WRITE_ZEROES; `noHole` keeps the range allocated, `fast` fails with ENOTSUP rather than be slow. */
-  writeZeroes(offset: number, length: number, flags: { noHole?: boolean; fast?: boolean; fua?: boolean }): Promise<void> {
-    const f = (flags.noHole ? CommandFlag.NO_HOLE : 0) | (flags.fast ? CommandFlag.FAST_ZERO : 0) | (flags.fua ? CommandFlag.FUA : 0);
+  writeZeroes(
+    offset: number,
+    length: number,
+    flags: { noHole?: boolean; fast?: boolean; fua?: boolean },
+  ): Promise<void> {
+    const f =
+      (flags.noHole ? CommandFlag.NO_HOLE : 0) |
+      (flags.fast ? CommandFlag.FAST_ZERO : 0) |
+      (flags.fua ? CommandFlag.FUA : 0);
     return this.#request(Command.WRITE_ZEROES, f, offset, length, null, null) as Promise<unknown> as Promise<void>;
   }
 
@@ -249,7 +280,12 @@ export class NbdConnection {
   async blockStatus(offset: number, length: number): Promise<Uint32Array> {
     const status = await this.#request(Command.BLOCK_STATUS, 0, offset, length, null, null);
     if (!status || status.length < 2) {
-      throw new BlockError('EIO', 'protocol error: block status reply without extents for base:allocation', { op: 'blockStatus', location: this.#location, offset, length });
+      throw new BlockError('EIO', 'protocol error: block status reply without extents for base:allocation', {
+        op: 'blockStatus',
+        location: this.#location,
+        offset,
+        length,
+      });
     }
     return status;
   }
@@ -279,10 +315,30 @@ export class NbdConnection {
 
   // ---- transmission ----
 
-  #request(command: number, flags: number, offset: number, length: number, into: Uint8Array | null, data: Uint8Array | null): Promise<Uint32Array | undefined> {
+  #request(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    into: Uint8Array | null,
+    data: Uint8Array | null,
+  ): Promise<Uint32Array | undefined> {
     if (this.#failure || this.#closing || this.#draining) {
-      const why = this.#failure ?? new BlockError(this.#draining ? 'ESHUTDOWN' : 'EIO', this.#draining ? 'the NBD server is shutting down' : 'the NBD connection is closed');
-      return Promise.reject(new BlockError(why.code, why.message, { op: OP_NAMES[command], location: this.#location, offset, length, cause: why }));
+      const why =
+        this.#failure ??
+        new BlockError(
+          this.#draining ? 'ESHUTDOWN' : 'EIO',
+          this.#draining ? 'the NBD server is shutting down' : 'the NBD connection is closed',
+        );
+      return Promise.reject(
+        new BlockError(why.code, why.message, {
+          op: OP_NAMES[command],
+          location: this.#location,
+          offset,
+          length,
+          cause: why,
+        }),
+      );
     }
     const slot = this.#takeSlot();
     slot.command = command;
@@ -321,7 +377,19 @@ export class NbdConnection {
     header.writeUInt32BE(REQUEST_MAGIC, 0);
     const cookie = this.#slots.length;
     header.writeUInt32BE(cookie, 12);
-    const slot: Slot = { cookie, header, command: 0, offset: 0, length: 0, into: null, resolve: noop, reject: noop, error: null, status: undefined, covered: 0 };
+    const slot: Slot = {
+      cookie,
+      header,
+      command: 0,
+      offset: 0,
+      length: 0,
+      into: null,
+      resolve: noop,
+      reject: noop,
+      error: null,
+      status: undefined,
+      covered: 0,
+    };
     this.#slots.push(slot);
     return slot;
   }
@@ -342,14 +410,23 @@ export class NbdConnection {
   /** The connection is unusable: every request in flight rejects with `err`. */
   #fail(err: BlockError): void {
     if (this.#failure) return;
-    this.#failure = this.#closing && err.code === 'ECONNRESET' ? new BlockError('EIO', 'the NBD connection is closed') : err;
+    this.#failure =
+      this.#closing && err.code === 'ECONNRESET' ? new BlockError('EIO', 'the NBD connection is closed') : err;
     err = this.#failure;
     this.#reader.stop();
     for (const slot of this.#slots) {
       if (slot.reject === noop) continue;
       const reject = slot.reject;
       slot.resolve = slot.reject = noop;
-      reject(new BlockError(err.code, err.message, { op: OP_NAMES[slot.command], location: this.#location, offset: slot.offset, length: slot.length, cause: err }));
+      reject(
+        new BlockError(err.code, err.message, {
+          op: OP_NAMES[slot.command],
+          location: this.#location,
+          offset: slot.offset,
+          length: slot.length,
+          cause: err,
+        }),
+      );
     }
     this.#inFlight = 0;
     this.#handshakeWaiter = null;
@@ -362,14 +439,24 @@ export class NbdConnection {
   }
 
   #socketError(err: NodeJS.ErrnoException): BlockError {
-    const code = err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'ECONNREFUSED'
-      : err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN' ? 'ENOTFOUND'
-      : err.code === 'ETIMEDOUT' ? 'ETIMEDOUT'
-      : err.code === 'EACCES' ? 'EACCES' : 'ECONNRESET';
-    const text = err.code === 'ENOENT' ? 'no NBD server at this socket (no such file)'
-      : err.code === 'ECONNREFUSED' ? 'connection refused (is the NBD server running?)'
-      : err.code === 'ENOTFOUND' ? `unknown host ${(err as { hostname?: string }).hostname ?? ''}`.trim()
-      : err.message;
+    const code =
+      err.code === 'ENOENT' || err.code === 'ECONNREFUSED'
+        ? 'ECONNREFUSED'
+        : err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN'
+          ? 'ENOTFOUND'
+          : err.code === 'ETIMEDOUT'
+            ? 'ETIMEDOUT'
+            : err.code === 'EACCES'
+              ? 'EACCES'
+              : 'ECONNRESET';
+    const text =
+      err.code === 'ENOENT'
+        ? 'no NBD server at this socket (no such file)'
+        : err.code === 'ECONNREFUSED'
+          ? 'connection refused (is the NBD server running?)'
+          : err.code === 'ENOTFOUND'
+            ? `unknown host ${(err as { hostname?: string }).hostname ?? ''}`.trim()
+            : err.message;
     return new BlockError(code, text, { cause: err });
   }
 
@@ -396,8 +483,10 @@ export class NbdConnection {
         waiter?.(out);
         return;
       }
-      case Want.ReplyHeader: return this.#onReplyHeader();
-      case Want.StructuredRest: return this.#onChunkHeader();
+      case Want.ReplyHeader:
+        return this.#onReplyHeader();
+      case Want.StructuredRest:
+        return this.#onChunkHeader();
       case Want.SimpleReadData: {
         const slot = this.#current!;
         this.#expectHeader();
@@ -408,25 +497,31 @@ export class NbdConnection {
         const offset = readOffset(this.#scratch, 0);
         const n = this.#chunkLength - 8;
         if (offset < slot.offset || offset + n > slot.offset + slot.length) {
-          return this.#protocolError(`read reply data at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`);
+          return this.#protocolError(
+            `read reply data at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`,
+          );
         }
         const at = offset - slot.offset;
         slot.covered += n;
         return this.#expect(Want.Data, slot.into!, at, at + n);
       }
-      case Want.Data: return this.#chunkDone();
+      case Want.Data:
+        return this.#chunkDone();
       case Want.Hole: {
         const slot = this.#current!;
         const offset = readOffset(this.#scratch, 0);
         const n = this.#scratch.readUInt32BE(8);
         if (n === 0 || offset < slot.offset || offset + n > slot.offset + slot.length) {
-          return this.#protocolError(`read reply hole at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`);
+          return this.#protocolError(
+            `read reply hole at offset ${offset} (+${n}) outside the request at ${slot.offset} (+${slot.length})`,
+          );
         }
         slot.into!.fill(0, offset - slot.offset, offset - slot.offset + n);
         slot.covered += n;
         return this.#chunkDone();
       }
-      case Want.Payload: return this.#onPayload();
+      case Want.Payload:
+        return this.#onPayload();
     }
   }
 
@@ -444,7 +539,8 @@ export class NbdConnection {
     if (error !== 0) {
       slot.error = this.#replyError(slot, error, '');
     } else if (slot.command === Command.READ) {
-      if (this.#info!.structuredReplies) return this.#protocolError('simple reply with data to a read after negotiating structured replies');
+      if (this.#info!.structuredReplies)
+        return this.#protocolError('simple reply with data to a read after negotiating structured replies');
       this.#current = slot;
       return this.#expect(Want.SimpleReadData, slot.into!, 0, slot.length);
     } else if (slot.command === Command.BLOCK_STATUS) {
@@ -468,14 +564,23 @@ export class NbdConnection {
         if (!(this.#chunkFlags & REPLY_FLAG_DONE)) return this.#protocolError('NONE reply chunk without the DONE flag');
         return this.#chunkDone();
       case ReplyType.OFFSET_DATA:
-        if (slot.command !== Command.READ || length < 9) return this.#protocolError(`data chunk (length ${length}) in the reply to ${OP_NAMES[slot.command]}`);
+        if (slot.command !== Command.READ || length < 9)
+          return this.#protocolError(`data chunk (length ${length}) in the reply to ${OP_NAMES[slot.command]}`);
         return this.#expect(Want.DataOffset, this.#scratch, 0, 8);
       case ReplyType.OFFSET_HOLE:
-        if (slot.command !== Command.READ || length !== 12) return this.#protocolError(`hole chunk (length ${length}) in the reply to ${OP_NAMES[slot.command]}`);
+        if (slot.command !== Command.READ || length !== 12)
+          return this.#protocolError(`hole chunk (length ${length}) in the reply to ${OP_NAMES[slot.command]}`);
         return this.#expect(Want.Hole, this.#scratch, 0, 12);
       case ReplyType.BLOCK_STATUS:
-        if (slot.command !== Command.BLOCK_STATUS || length < 12 || (length - 4) % 8 !== 0 || length > MAX_STATUS_PAYLOAD) {
-          return this.#protocolError(`block status chunk of length ${length} in the reply to ${OP_NAMES[slot.command]}`);
+        if (
+          slot.command !== Command.BLOCK_STATUS ||
+          length < 12 ||
+          (length - 4) % 8 !== 0 ||
+          length > MAX_STATUS_PAYLOAD
+        ) {
+          return this.#protocolError(
+            `block status chunk of length ${length} in the reply to ${OP_NAMES[slot.command]}`,
+          );
         }
         return this.#expectPayload(length);
       default:
@@ -488,7 +593,8 @@ export class NbdConnection {
   }
 
   #expectPayload(length: number): void {
-    if (this.#payload.length < length) this.#payload = Buffer.allocUnsafe(Math.max(length, Math.min(2 * this.#payload.length, MAX_STATUS_PAYLOAD)));
+    if (this.#payload.length < length)
+      this.#payload = Buffer.allocUnsafe(Math.max(length, Math.min(2 * this.#payload.length, MAX_STATUS_PAYLOAD)));
     this.#expect(Want.Payload, this.#payload, 0, length);
   }
 
@@ -501,7 +607,8 @@ export class NbdConnection {
         const n = (length - 4) / 4;
         const status = new Uint32Array(n);
         for (let i = 0; i < n; i++) status[i] = p.readUInt32BE(4 + 4 * i);
-        for (let i = 0; i < n; i += 2) if (status[i] === 0) return this.#protocolError('block status extent of length 0');
+        for (let i = 0; i < n; i += 2)
+          if (status[i] === 0) return this.#protocolError('block status extent of length 0');
         slot.status = status;
       }
       return this.#chunkDone();
@@ -509,7 +616,8 @@ export class NbdConnection {
     // An error chunk: error, message length, message[, offset].
     const error = p.readUInt32BE(0);
     const msgLength = p.readUInt16BE(4);
-    if (msgLength > length - 6) return this.#protocolError(`error message of ${msgLength} bytes in a chunk of ${length}`);
+    if (msgLength > length - 6)
+      return this.#protocolError(`error message of ${msgLength} bytes in a chunk of ${length}`);
     const message = p.toString('utf8', 6, 6 + msgLength);
     let at: number | undefined;
     if (this.#chunkType === ReplyType.ERROR_OFFSET) {
@@ -525,7 +633,9 @@ export class NbdConnection {
     const done = this.#chunkFlags & REPLY_FLAG_DONE;
     // Chunks may not overlap (proto.md), so covering all bytes means summing to the length.
     if (done && !slot.error && slot.command === Command.READ && slot.covered !== slot.length) {
-      return this.#protocolError(`read reply covering ${slot.covered} of the ${slot.length} bytes asked at ${slot.offset}`);
+      return this.#protocolError(
+        `read reply covering ${slot.covered} of the ${slot.length} bytes asked at ${slot.offset}`,
+      );
     }
     this.#expectHeader();
     if (done) this.#finish(slot);
@@ -544,7 +654,12 @@ export class NbdConnection {
     // A server shutting down: send nothing more here (proto.md: the client must disconnect).
     if (value === NbdErrno.ESHUTDOWN) this.#draining = true;
     const text = errnoText(value) + (message ? ` (server: ${message})` : '');
-    return new BlockError(errnoCode(value), text, { op: OP_NAMES[slot.command], location: this.#location, offset: at ?? slot.offset, length: at === undefined ? slot.length : undefined });
+    return new BlockError(errnoCode(value), text, {
+      op: OP_NAMES[slot.command],
+      location: this.#location,
+      offset: at ?? slot.offset,
+      length: at === undefined ? slot.length : undefined,
+    });
   }
 
   // ---- handshake ----
@@ -552,7 +667,8 @@ export class NbdConnection {
   #stash(bytes: Buffer): void {
     if (this.#info) return this.#protocolError(`${bytes.length} unexpected bytes from the server`);
     this.#pendingBytes += bytes.length;
-    if (this.#pendingBytes > MAX_OPTION_REPLY + 64) return this.#protocolError('the server sent more than the handshake asked for');
+    if (this.#pendingBytes > MAX_OPTION_REPLY + 64)
+      return this.#protocolError('the server sent more than the handshake asked for');
     this.#pending.push(Buffer.from(bytes));
   }
 
@@ -588,7 +704,8 @@ export class NbdConnection {
   async #optionReply(option: number): Promise<{ type: number; data: Buffer }> {
     const h = await this.#readExactly(20);
     if (h.readBigUInt64BE(0) !== OPTION_REPLY_MAGIC) throw this.#handshakeError('bad option reply magic');
-    if (h.readUInt32BE(8) !== option) throw this.#handshakeError(`reply to option ${h.readUInt32BE(8)} when option ${option} was asked`);
+    if (h.readUInt32BE(8) !== option)
+      throw this.#handshakeError(`reply to option ${h.readUInt32BE(8)} when option ${option} was asked`);
     const length = h.readUInt32BE(16);
     if (length > MAX_OPTION_REPLY) throw this.#handshakeError(`option reply of ${length} bytes`);
     const data = length ? await this.#readExactly(length) : Buffer.alloc(0);
@@ -612,22 +729,29 @@ export class NbdConnection {
     const greeting = await this.#readExactly(18);
     if (greeting.readBigUInt64BE(0) !== NBDMAGIC) throw this.#handshakeError('not an NBD server (no NBDMAGIC)');
     const style = greeting.readBigUInt64BE(8);
-    if (style === CLISERV_MAGIC) throw this.#handshakeError('the server speaks old-style negotiation, which this client does not (use a newstyle server, e.g. qemu-nbd or nbdkit)', 'ENOTSUP');
+    if (style === CLISERV_MAGIC)
+      throw this.#handshakeError(
+        'the server speaks old-style negotiation, which this client does not (use a newstyle server, e.g. qemu-nbd or nbdkit)',
+        'ENOTSUP',
+      );
     if (style !== IHAVEOPT) throw this.#handshakeError('not an NBD server (no IHAVEOPT)');
     const serverFlags = greeting.readUInt16BE(16);
-    if (!(serverFlags & FLAG_FIXED_NEWSTYLE)) throw this.#handshakeError('the server lacks fixed newstyle negotiation', 'ENOTSUP');
+    if (!(serverFlags & FLAG_FIXED_NEWSTYLE))
+      throw this.#handshakeError('the server lacks fixed newstyle negotiation', 'ENOTSUP');
     const noZeroes = (serverFlags & FLAG_NO_ZEROES) !== 0;
     const clientFlags = Buffer.alloc(4);
     clientFlags.writeUInt32BE(FLAG_FIXED_NEWSTYLE | (noZeroes ? FLAG_NO_ZEROES : 0));
     this.#socket.write(clientFlags);
 
     const name = Buffer.from(options.exportName, 'utf8');
-    if (name.length > MAX_STRING) throw new BlockError('EINVAL', `export name of ${name.length} bytes (at most ${MAX_STRING})`);
+    if (name.length > MAX_STRING)
+      throw new BlockError('EINVAL', `export name of ${name.length} bytes (at most ${MAX_STRING})`);
 
     this.#sendOption(Option.STRUCTURED_REPLY);
     let r = await this.#optionReply(Option.STRUCTURED_REPLY);
     const structuredReplies = r.type === OptionReply.ACK;
-    if (!structuredReplies && !(r.type & OPTION_REPLY_ERROR)) throw this.#handshakeError(`unexpected reply ${r.type} to STRUCTURED_REPLY`);
+    if (!structuredReplies && !(r.type & OPTION_REPLY_ERROR))
+      throw this.#handshakeError(`unexpected reply ${r.type} to STRUCTURED_REPLY`);
 
     const metaContexts = new Map<string, number>();
     const wanted = options.metaContexts ?? [];
@@ -698,9 +822,20 @@ export class NbdConnection {
     if (size < 0) throw this.#handshakeError('the server told no export size');
     if (!Number.isSafeInteger(size)) throw this.#handshakeError('export size beyond 2^53 bytes');
     if (!isPowerOfTwo(minBlock) || minBlock > 65536 || !isPowerOfTwo(preferredBlock) || maxPayload < minBlock) {
-      throw this.#handshakeError(`invalid block size constraints (minimum ${minBlock}, preferred ${preferredBlock}, maximum ${maxPayload})`);
+      throw this.#handshakeError(
+        `invalid block size constraints (minimum ${minBlock}, preferred ${preferredBlock}, maximum ${maxPayload})`,
+      );
     }
-    this.#info = { size, flags, minBlock, preferredBlock, maxPayload, blockSizeAdvertised, structuredReplies, metaContexts };
+    this.#info = {
+      size,
+      flags,
+      minBlock,
+      preferredBlock,
+      maxPayload,
+      blockSizeAdvertised,
+      structuredReplies,
+      metaContexts,
+    };
     if (this.#pendingBytes > 0) throw this.#handshakeError(`${this.#pendingBytes} bytes after the handshake`);
     this.#expectHeader();
   }
@@ -721,9 +856,12 @@ export class NbdConnection {
 
   #goError(type: number, data: Buffer, exportName: string): BlockError {
     const message = data.length > 0 ? ` (server: ${data.toString('utf8').replace(/\s+/g, ' ').trim()})` : '';
-    if (type === OptionError.UNKNOWN) return new BlockError('ENOENT', `the NBD server has no export named "${exportName}"${message}`);
-    if (type === OptionError.TLS_REQD) return new BlockError('ENOTSUP', `the NBD server requires TLS, which this client does not speak${message}`);
-    if (type === OptionError.POLICY) return new BlockError('EACCES', `the NBD server refused the export by policy${message}`);
+    if (type === OptionError.UNKNOWN)
+      return new BlockError('ENOENT', `the NBD server has no export named "${exportName}"${message}`);
+    if (type === OptionError.TLS_REQD)
+      return new BlockError('ENOTSUP', `the NBD server requires TLS, which this client does not speak${message}`);
+    if (type === OptionError.POLICY)
+      return new BlockError('EACCES', `the NBD server refused the export by policy${message}`);
     return new BlockError('EIO', `the NBD server refused the export: ${optionErrorText(type)}${message}`);
   }
 }

@@ -82,8 +82,13 @@ export function parseNbdUrl(location: string): NbdUrl {
   const authority = m[2]!;
   const path = m[3]!;
   if (m[5]) throw invalid(display, 'an NBD URL has no fragment (#...)');
-  if (scheme === 'nbds' || scheme === 'nbds+unix') throw new BlockError('ENOTSUP', `${scheme}:// needs TLS, which this NBD client does not speak (yet)`, { op: 'open', location: display });
-  if (scheme !== 'nbd' && scheme !== 'nbd+unix') throw invalid(display, `unknown scheme ${scheme}:// (expected nbd:// or nbd+unix://)`);
+  if (scheme === 'nbds' || scheme === 'nbds+unix')
+    throw new BlockError('ENOTSUP', `${scheme}:// needs TLS, which this NBD client does not speak (yet)`, {
+      op: 'open',
+      location: display,
+    });
+  if (scheme !== 'nbd' && scheme !== 'nbd+unix')
+    throw invalid(display, `unknown scheme ${scheme}:// (expected nbd:// or nbd+unix://)`);
   let exportName: string;
   try {
     exportName = decodeURIComponent(path.replace(/^\//, ''));
@@ -101,9 +106,15 @@ export function parseNbdUrl(location: string): NbdUrl {
       if (connections !== undefined) throw invalid(display, 'connections= given twice');
       connections = parseConnections(value, display);
     } else if (key.startsWith('tls')) {
-      throw new BlockError('ENOTSUP', `${key}=: TLS is not supported by this NBD client (yet)`, { op: 'open', location: display });
+      throw new BlockError('ENOTSUP', `${key}=: TLS is not supported by this NBD client (yet)`, {
+        op: 'open',
+        location: display,
+      });
     } else {
-      throw invalid(display, `unknown URL parameter "${key}" (nbd URLs take ${scheme === 'nbd+unix' ? 'socket= and ' : ''}connections=)`);
+      throw invalid(
+        display,
+        `unknown URL parameter "${key}" (nbd URLs take ${scheme === 'nbd+unix' ? 'socket= and ' : ''}connections=)`,
+      );
     }
   }
   if (scheme === 'nbd+unix') {
@@ -111,12 +122,18 @@ export function parseNbdUrl(location: string): NbdUrl {
     if (!socket) throw invalid(display, 'nbd+unix:// needs ?socket=PATH');
     return { endpoint: { path: socket }, exportName, connections };
   }
-  if (authority.includes('@')) throw invalid(display, 'a user name is only used with TLS, which this NBD client does not speak');
+  if (authority.includes('@'))
+    throw invalid(display, 'a user name is only used with TLS, which this NBD client does not speak');
   const hp = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+))(?::(\d*))?$/.exec(authority);
-  if (!hp) throw invalid(display, authority === '' ? 'nbd:// needs a host: nbd://host[:port][/export]' : `bad host or port "${authority}"`);
+  if (!hp)
+    throw invalid(
+      display,
+      authority === '' ? 'nbd:// needs a host: nbd://host[:port][/export]' : `bad host or port "${authority}"`,
+    );
   const host = hp[1] ?? hp[2]!;
   const port = hp[3] === undefined || hp[3] === '' ? DEFAULT_PORT : Number(hp[3]);
-  if (!Number.isInteger(port) || port < 1 || port > 65535) throw invalid(display, `port ${hp[3]} is not between 1 and 65535`);
+  if (!Number.isInteger(port) || port < 1 || port > 65535)
+    throw invalid(display, `port ${hp[3]} is not between 1 and 65535`);
   return { endpoint: { host, port }, exportName, connections };
 }
 
@@ -126,13 +143,15 @@ function queryPairs(query: string, display: string): [string, string][] {
   return query.split('&').map((part) => {
     const eq = part.indexOf('=');
     try {
-      return [decodeURIComponent(eq < 0 ? part : part.slice(0, eq)), eq < 0 ? '' : decodeURIComponent(part.slice(eq + 1))];
+      return [
+        decodeURIComponent(eq < 0 ? part : part.slice(0, eq)),
+        eq < 0 ? '' : decodeURIComponent(part.slice(eq + 1)),
+      ];
     } catch {
       throw invalid(display, `bad percent-encoding in the URL parameter "${part}"`);
     }
   });
 }
-
 
 function floorTo(n: number, align: number): number {
   return Math.floor(n / align) * align;
@@ -166,7 +185,10 @@ export class NbdBackend implements BlockBackend {
   #zeroBuf?: Uint8Array;
   #closed = false;
 
-  constructor(connections: NbdConnection[], o: { location: string; exportName: string; readOnly: boolean; unsafe: boolean }) {
+  constructor(
+    connections: NbdConnection[],
+    o: { location: string; exportName: string; readOnly: boolean; unsafe: boolean },
+  ) {
     const info = connections[0]!.info;
     this.#connections = connections;
     this.#info = info;
@@ -194,7 +216,11 @@ export class NbdBackend implements BlockBackend {
 
   /** Connections open, requests in flight on each, block status requests sent: for tests and diagnostics. */
   get stats(): { connections: number; inFlight: number[]; statusRequests: number } {
-    return { connections: this.#connections.length, inFlight: this.#connections.map((c) => c.inFlight), statusRequests: this.#statusRequests };
+    return {
+      connections: this.#connections.length,
+      inFlight: this.#connections.map((c) => c.inFlight),
+      statusRequests: this.#statusRequests,
+    };
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
@@ -219,7 +245,8 @@ export class NbdBackend implements BlockBackend {
     this.#changed();
     try {
       // FAST_ZERO: the server zeroes at metadata speed or says ENOTSUP; no fallback here.
-      if (flags?.fast) return await this.#pick().writeZeroes(offset, length, { noHole: flags.mayUnmap !== true, fast: true });
+      if (flags?.fast)
+        return await this.#pick().writeZeroes(offset, length, { noHole: flags.mayUnmap !== true, fast: true });
       if (this.canZero && this.#writeZeroesWorks) {
         try {
           await this.#pick().writeZeroes(offset, length, { noHole: flags?.mayUnmap !== true });
@@ -261,7 +288,10 @@ export class NbdBackend implements BlockBackend {
       const generation = this.#generation;
       const hint = Math.min(rest, Math.max(length, STATUS_HINT));
       this.#statusRequests++;
-      const status = await this.#pick().blockStatus(offset, floorTo(Math.min(hint, 0xffffffff), this.limits.requestAlignment) || hint);
+      const status = await this.#pick().blockStatus(
+        offset,
+        floorTo(Math.min(hint, 0xffffffff), this.limits.requestAlignment) || hint,
+      );
       // Not kept when a change started meanwhile: the answer may predate it.
       const list = statusList(status, offset);
       if (generation === this.#generation) this.#status = list;
@@ -371,26 +401,34 @@ function covering(list: StatusList, offset: number, rest: number): { flags: numb
   return { flags: list.flags[lo]!, end: Math.min(ends[lo]!, offset + rest) };
 }
 
-
 /** Opens the export an nbd:// or nbd+unix:// URL names. */
 export async function openNbd(location: string, options: OpenOptions = {}): Promise<NbdBackend> {
   const display = redactLocation(location);
   const url = parseNbdUrl(location);
   const timeoutMs = timeoutOption(display, options.options, DEFAULT_TIMEOUT_S) * 1000;
-  const asked = options.options?.connections !== undefined ? parseConnections(options.options.connections, display) : undefined;
+  const asked =
+    options.options?.connections !== undefined ? parseConnections(options.options.connections, display) : undefined;
   if (asked !== undefined && url.connections !== undefined && asked !== url.connections) {
     throw invalid(display, `connections given twice with different values (${url.connections}, ${asked})`);
   }
   const wanted = asked ?? url.connections;
-  const connect = (): Promise<NbdConnection> => NbdConnection.open(url.endpoint, {
-    exportName: url.exportName, location: display, timeoutMs, signal: options.signal, metaContexts: [BASE_ALLOCATION],
-  });
+  const connect = (): Promise<NbdConnection> =>
+    NbdConnection.open(url.endpoint, {
+      exportName: url.exportName,
+      location: display,
+      timeoutMs,
+      signal: options.signal,
+      metaContexts: [BASE_ALLOCATION],
+    });
   const first = await connect();
   const connections = [first];
   try {
     const multiConn = (first.info.flags & Flag.CAN_MULTI_CONN) !== 0;
     if (wanted !== undefined && wanted > 1 && !multiConn) {
-      throw invalid(display, `connections=${wanted}: the server does not allow multi-conn for this export (its caches may not be shared); use 1`);
+      throw invalid(
+        display,
+        `connections=${wanted}: the server does not allow multi-conn for this export (its caches may not be shared); use 1`,
+      );
     }
     const n = wanted ?? (multiConn ? DEFAULT_MULTI_CONN : 1);
     const more = await Promise.allSettled(Array.from({ length: n - 1 }, connect));
@@ -398,7 +436,10 @@ export async function openNbd(location: string, options: OpenOptions = {}): Prom
     const failed = more.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
     const backend = new NbdBackend(connections, {
-      location: display, exportName: url.exportName, readOnly: options.readOnly === true, unsafe: options.cache === 'unsafe',
+      location: display,
+      exportName: url.exportName,
+      readOnly: options.readOnly === true,
+      unsafe: options.cache === 'unsafe',
     });
     await backend.probeAllZero();
     return backend;
@@ -412,11 +453,20 @@ export const nbdDriver: ProtocolDriver = {
   apiVersion: BLOCK_API_VERSION,
   kind: 'protocol',
   name: 'nbd',
-  description: 'exports of NBD servers (qemu-nbd, nbdkit, blockconv serve) over TCP or Unix sockets; convert to one with -n',
+  description:
+    'exports of NBD servers (qemu-nbd, nbdkit, blockconv serve) over TCP or Unix sockets; convert to one with -n',
   schemes: ['nbd', 'nbd+unix', 'nbds', 'nbds+unix'],
   openOptions: [
-    { name: 'connections', description: `connections to open (1..${MAX_CONNECTIONS}; more than 1 only when the server allows multi-conn)`, default: `${DEFAULT_MULTI_CONN} with multi-conn, else 1` },
-    { name: 'timeout', description: 'seconds the server may owe a reply without sending a byte, before requests fail (0: wait forever)', default: String(DEFAULT_TIMEOUT_S) },
+    {
+      name: 'connections',
+      description: `connections to open (1..${MAX_CONNECTIONS}; more than 1 only when the server allows multi-conn)`,
+      default: `${DEFAULT_MULTI_CONN} with multi-conn, else 1`,
+    },
+    {
+      name: 'timeout',
+      description: 'seconds the server may owe a reply without sending a byte, before requests fail (0: wait forever)',
+      default: String(DEFAULT_TIMEOUT_S),
+    },
   ],
   open: openNbd,
 };

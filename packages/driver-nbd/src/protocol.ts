@@ -42,16 +42,22 @@ export const OptionReply = {
 export const OPTION_REPLY_ERROR = 0x80000000;
 const OPTION_ERRORS: Readonly<Record<number, string>> = {
   1: 'not supported by the server',
-  2: 'refused by the server\'s policy',
+  2: "refused by the server's policy",
   3: 'invalid',
-  4: 'not available on the server\'s platform',
+  4: "not available on the server's platform",
   5: 'the server requires TLS',
   6: 'no such export',
   7: 'the server is shutting down',
   8: 'the server requires block size negotiation',
   9: 'too big for the server',
 };
-export const OptionError = { UNSUP: OPTION_REPLY_ERROR + 1, POLICY: OPTION_REPLY_ERROR + 2, INVALID: OPTION_REPLY_ERROR + 3, TLS_REQD: OPTION_REPLY_ERROR + 5, UNKNOWN: OPTION_REPLY_ERROR + 6 } as const;
+export const OptionError = {
+  UNSUP: OPTION_REPLY_ERROR + 1,
+  POLICY: OPTION_REPLY_ERROR + 2,
+  INVALID: OPTION_REPLY_ERROR + 3,
+  TLS_REQD: OPTION_REPLY_ERROR + 5,
+  UNKNOWN: OPTION_REPLY_ERROR + 6,
+} as const;
 
 export function optionErrorText(type: number): string {
   return OPTION_ERRORS[type - OPTION_REPLY_ERROR] ?? `error ${type - OPTION_REPLY_ERROR}`;
@@ -151,7 +157,16 @@ const ERRNO_TEXT: Readonly<Record<number, string>> = {
   108: 'server is shutting down',
 };
 
-export const NbdErrno = { EPERM: 1, EIO: 5, ENOMEM: 12, EINVAL: 22, ENOSPC: 28, EOVERFLOW: 75, ENOTSUP: 95, ESHUTDOWN: 108 } as const;
+export const NbdErrno = {
+  EPERM: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  EOVERFLOW: 75,
+  ENOTSUP: 95,
+  ESHUTDOWN: 108,
+} as const;
 
 /** The core's error code for an NBD error value (unknown values are EIO, as the spec says). */
 export function errnoCode(value: number): string {

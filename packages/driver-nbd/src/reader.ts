@@ -24,7 +24,10 @@ export class SinkReader {
    * `full` is called each time the sink is full (it then sets the next one with expect());
    * `unasked` gets bytes that arrived while no sink was set (they are the caller's now).
    */
-  constructor(private readonly full: () => void, private readonly unasked: (bytes: Buffer) => void) {}
+  constructor(
+    private readonly full: () => void,
+    private readonly unasked: (bytes: Buffer) => void,
+  ) {}
 
   /** Where the socket's next read goes: for the onread buffer function. */
   get nextBuffer(): Uint8Array {
@@ -71,9 +74,10 @@ export class SinkReader {
     } else {
       this.#consume(this.#staging, n);
     }
-    this.#next = this.#direct && !this.#stopped && this.#end - this.#pos >= DIRECT_MIN
-      ? this.#sink.subarray(this.#pos, this.#end)
-      : this.#staging;
+    this.#next =
+      this.#direct && !this.#stopped && this.#end - this.#pos >= DIRECT_MIN
+        ? this.#sink.subarray(this.#pos, this.#end)
+        : this.#staging;
   }
 
   /**

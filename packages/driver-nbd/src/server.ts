@@ -63,13 +63,23 @@ export interface NbdServerOptions {
 /** NBD error values for the core's error codes. */
 function errnoOf(err: unknown): number {
   switch ((err as { code?: string } | null)?.code) {
-    case 'EROFS': case 'EACCES': case 'EPERM': return NbdErrno.EPERM;
-    case 'ENOSPC': return NbdErrno.ENOSPC;
-    case 'EINVAL': case 'ERANGE': return NbdErrno.EINVAL;
-    case 'ENOTSUP': return NbdErrno.ENOTSUP;
-    case 'ENOMEM': return NbdErrno.ENOMEM;
-    case 'ESHUTDOWN': return NbdErrno.ESHUTDOWN;
-    default: return NbdErrno.EIO;
+    case 'EROFS':
+    case 'EACCES':
+    case 'EPERM':
+      return NbdErrno.EPERM;
+    case 'ENOSPC':
+      return NbdErrno.ENOSPC;
+    case 'EINVAL':
+    case 'ERANGE':
+      return NbdErrno.EINVAL;
+    case 'ENOTSUP':
+      return NbdErrno.ENOTSUP;
+    case 'ENOMEM':
+      return NbdErrno.ENOMEM;
+    case 'ESHUTDOWN':
+      return NbdErrno.ESHUTDOWN;
+    default:
+      return NbdErrno.EIO;
   }
 }
 
@@ -109,11 +119,22 @@ export class NbdServer {
     const readOnly = options.readOnly === true || backend.readOnly;
     const minBlock = Math.min(65536, backend.limits.requestAlignment);
     // SEND_FAST_ZERO always: a fast zero the image cannot do gets ENOTSUP (allowed by proto.md).
-    let flags = Flag.HAS_FLAGS | Flag.SEND_FLUSH | Flag.SEND_FUA | Flag.CAN_MULTI_CONN | Flag.SEND_WRITE_ZEROES | Flag.SEND_DF | Flag.SEND_FAST_ZERO;
+    let flags =
+      Flag.HAS_FLAGS |
+      Flag.SEND_FLUSH |
+      Flag.SEND_FUA |
+      Flag.CAN_MULTI_CONN |
+      Flag.SEND_WRITE_ZEROES |
+      Flag.SEND_DF |
+      Flag.SEND_FAST_ZERO;
     if (backend.canDiscard) flags |= Flag.SEND_TRIM;
     if (readOnly) flags |= Flag.READ_ONLY;
     this.export = {
-      name: options.exportName ?? '', size: backend.size, flags, minBlock, readOnly,
+      name: options.exportName ?? '',
+      size: backend.size,
+      flags,
+      minBlock,
+      readOnly,
       preferredBlock: Math.max(minBlock, 4096, pow2(backend.limits.preferredAlignment ?? 1)),
     };
   }
@@ -189,7 +210,10 @@ class ServerConnection {
   readonly #server: NbdServer;
   readonly #backend: GatedBackend;
   readonly #name: string;
-  readonly #reader = new SinkReader(() => this.#advance(), () => this.#violation('bytes the protocol did not ask for'));
+  readonly #reader = new SinkReader(
+    () => this.#advance(),
+    () => this.#violation('bytes the protocol did not ask for'),
+  );
   #want: Want = Want.ClientFlags;
   readonly #small = Buffer.alloc(REQUEST_SIZE);
   #option = 0;
@@ -214,9 +238,16 @@ class ServerConnection {
     socket.setNoDelay(true);
     socket.on('error', (err) => this.#server.reportError(err, this.#name));
     socket.on('data', (chunk: Buffer) => this.#reader.feed(chunk));
-    socket.once('close', () => { this.#reader.stop(); this.#wake(); });
+    socket.once('close', () => {
+      this.#reader.stop();
+      this.#wake();
+    });
     // The client half-closed: once its requests are answered, close ours too.
-    socket.on('end', () => { this.#disconnecting = true; this.#reader.stop(); if (this.#inFlight === 0) this.#end(); });
+    socket.on('end', () => {
+      this.#disconnecting = true;
+      this.#reader.stop();
+      if (this.#inFlight === 0) this.#end();
+    });
     const greeting = Buffer.alloc(18);
     greeting.writeBigUInt64BE(NBDMAGIC, 0);
     greeting.writeBigUInt64BE(IHAVEOPT, 8);
@@ -270,7 +301,8 @@ class ServerConnection {
     switch (this.#want) {
       case Want.ClientFlags: {
         const flags = this.#small.readUInt32BE(0);
-        if (!(flags & FLAG_FIXED_NEWSTYLE)) return this.#violation('the client does not speak fixed newstyle negotiation');
+        if (!(flags & FLAG_FIXED_NEWSTYLE))
+          return this.#violation('the client does not speak fixed newstyle negotiation');
         this.#noZeroes = (flags & FLAG_NO_ZEROES) !== 0;
         return this.#expect(Want.OptionHeader, this.#small, 0, 16);
       }
@@ -281,8 +313,10 @@ class ServerConnection {
         if (length > MAX_OPTION) return this.#violation(`option ${this.#option} of ${length} bytes`);
         return this.#expect(Want.OptionData, Buffer.alloc(length), 0, length);
       }
-      case Want.OptionData: return this.#onOption(this.#option, this.#reader.sink as Buffer);
-      case Want.RequestHeader: return this.#onRequest();
+      case Want.OptionData:
+        return this.#onOption(this.#option, this.#reader.sink as Buffer);
+      case Want.RequestHeader:
+        return this.#onRequest();
       case Want.WriteData: {
         const w = this.#write!;
         this.#write = null;
@@ -292,7 +326,12 @@ class ServerConnection {
           this.#error(w.cookie, w.refuse[0], w.refuse[1]);
           return this.#done();
         }
-        void this.#serve(w.cookie, () => this.#backend.write(w.offset, w.data, { fua: (w.flags & CommandFlag.FUA) !== 0 }), w.data.length, true);
+        void this.#serve(
+          w.cookie,
+          () => this.#backend.write(w.offset, w.data, { fua: (w.flags & CommandFlag.FUA) !== 0 }),
+          w.data.length,
+          true,
+        );
         return;
       }
     }
@@ -326,7 +365,8 @@ class ServerConnection {
     const next = (): void => this.#expect(Want.OptionHeader, this.#small, 0, 16);
     switch (option) {
       case Option.EXPORT_NAME: {
-        if (data.toString('utf8') !== exp.name) return this.#violation(`no export named "${data.toString('utf8')}" (EXPORT_NAME)`);
+        if (data.toString('utf8') !== exp.name)
+          return this.#violation(`no export named "${data.toString('utf8')}" (EXPORT_NAME)`);
         const out = Buffer.alloc(10 + (this.#noZeroes ? 0 : 124));
         out.writeBigUInt64BE(BigInt(exp.size), 0);
         out.writeUInt16BE(this.#transmissionFlags(), 8);
@@ -445,7 +485,8 @@ class ServerConnection {
 
   #onRequest(): void {
     const h = this.#small;
-    if (h.readUInt32BE(0) !== REQUEST_MAGIC) return this.#violation(`bad request magic 0x${h.readUInt32BE(0).toString(16)}`);
+    if (h.readUInt32BE(0) !== REQUEST_MAGIC)
+      return this.#violation(`bad request magic 0x${h.readUInt32BE(0).toString(16)}`);
     const flags = h.readUInt16BE(4);
     const type = h.readUInt16BE(6);
     const cookie = Buffer.from(h.subarray(8, 16));
@@ -463,9 +504,13 @@ class ServerConnection {
     if (type === Command.WRITE) {
       // The payload is read whatever the answer, so that the next request is found.
       if (length > MAX_PAYLOAD) return this.#violation(`write of ${length} bytes (at most ${MAX_PAYLOAD})`);
-      const refuse: [number, string] | undefined = this.#server.closing ? [NbdErrno.ESHUTDOWN, 'the server is shutting down']
-        : exp.readOnly ? [NbdErrno.EPERM, 'the export is read-only']
-        : !inside ? [NbdErrno.EINVAL, `write at ${offset} (+${length}) past the end (${exp.size})`] : undefined;
+      const refuse: [number, string] | undefined = this.#server.closing
+        ? [NbdErrno.ESHUTDOWN, 'the server is shutting down']
+        : exp.readOnly
+          ? [NbdErrno.EPERM, 'the export is read-only']
+          : !inside
+            ? [NbdErrno.EINVAL, `write at ${offset} (+${length}) past the end (${exp.size})`]
+            : undefined;
       const data = Buffer.allocUnsafe(length);
       this.#write = { flags, cookie, offset, data, refuse };
       this.#inFlight++;
@@ -477,8 +522,14 @@ class ServerConnection {
     switch (type) {
       case Command.READ: {
         // A read above the maximum payload is refused, not a reason to disconnect (proto.md).
-        if (length > MAX_PAYLOAD) return this.#error(cookie, this.#structured ? NbdErrno.EOVERFLOW : NbdErrno.EINVAL, `read of ${length} bytes (at most ${MAX_PAYLOAD})`);
-        if (!inside) return this.#error(cookie, NbdErrno.EINVAL, `read at ${offset} (+${length}) past the end (${exp.size})`);
+        if (length > MAX_PAYLOAD)
+          return this.#error(
+            cookie,
+            this.#structured ? NbdErrno.EOVERFLOW : NbdErrno.EINVAL,
+            `read of ${length} bytes (at most ${MAX_PAYLOAD})`,
+          );
+        if (!inside)
+          return this.#error(cookie, NbdErrno.EINVAL, `read at ${offset} (+${length}) past the end (${exp.size})`);
         this.#hold(length);
         void this.#serveRead(cookie, offset, length);
         return;
@@ -495,8 +546,16 @@ class ServerConnection {
         {
           // FAST_ZERO: only an image that can zero fast gets it; else ENOTSUP, nothing changed.
           const fast = (flags & CommandFlag.FAST_ZERO) !== 0;
-          if (fast && this.#backend.canFastZero !== true) return this.#error(cookie, NbdErrno.ENOTSUP, 'zeroing is not faster than writing here');
-          void this.#serve(cookie, () => (exp.readOnly ? refusedReadOnly() : this.#backend.writeZeroes(offset, length, { mayUnmap: !(flags & CommandFlag.NO_HOLE), fast })), 0);
+          if (fast && this.#backend.canFastZero !== true)
+            return this.#error(cookie, NbdErrno.ENOTSUP, 'zeroing is not faster than writing here');
+          void this.#serve(
+            cookie,
+            () =>
+              exp.readOnly
+                ? refusedReadOnly()
+                : this.#backend.writeZeroes(offset, length, { mayUnmap: !(flags & CommandFlag.NO_HOLE), fast }),
+            0,
+          );
         }
         return;
       case Command.BLOCK_STATUS:
@@ -587,7 +646,11 @@ class ServerConnection {
       const pairs: number[] = [];
       const end = offset + length;
       for await (const e of mapImage(this.#backend, offset, length)) {
-        const n = Math.min(e.length, 0xffffffff - (0xffffffff % this.#server.export.minBlock), one ? end - e.start : Infinity);
+        const n = Math.min(
+          e.length,
+          0xffffffff - (0xffffffff % this.#server.export.minBlock),
+          one ? end - e.start : Infinity,
+        );
         pairs.push(n, e.data ? 0 : State.HOLE | State.ZERO);
         if (one || pairs.length / 2 >= MAX_EXTENTS || e.start + n >= end) break;
       }

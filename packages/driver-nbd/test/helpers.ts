@@ -29,12 +29,20 @@ export interface Server {
 function canConnect(opts: net.NetConnectOpts): Promise<boolean> {
   return new Promise((resolve) => {
     const s = net.connect(opts);
-    s.once('connect', () => { s.destroy(); resolve(true); });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
     s.once('error', () => resolve(false));
   });
 }
 
-async function waitReady(child: ChildProcess, opts: net.NetConnectOpts, what: string, stderr: () => string): Promise<void> {
+async function waitReady(
+  child: ChildProcess,
+  opts: net.NetConnectOpts,
+  what: string,
+  stderr: () => string,
+): Promise<void> {
   const deadline = Date.now() + 15_000;
   while (Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`${what} exited (${child.exitCode}): ${stderr()}`);
@@ -48,17 +56,22 @@ async function waitReady(child: ChildProcess, opts: net.NetConnectOpts, what: st
 function server(cmd: string, args: string[], where: { socket?: string; port?: number }, what: string): Promise<Server> {
   const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
-  child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
+  child.stderr!.on('data', (d: Buffer) => {
+    err += d.toString();
+  });
   const opts: net.NetConnectOpts = where.socket ? { path: where.socket } : { host: '127.0.0.1', port: where.port! };
-  const urlOf = (name: string): string => where.socket
-    ? `nbd+unix:///${encodeURIComponent(name)}?socket=${where.socket}`
-    : `nbd://127.0.0.1:${where.port}/${encodeURIComponent(name)}`;
+  const urlOf = (name: string): string =>
+    where.socket
+      ? `nbd+unix:///${encodeURIComponent(name)}?socket=${where.socket}`
+      : `nbd://127.0.0.1:${where.port}/${encodeURIComponent(name)}`;
   return waitReady(child, opts, what, () => err).then(() => ({
     url: urlOf(''),
     ...where,
     process: child,
     urlOf,
-    kill: () => { child.kill('SIGKILL'); },
+    kill: () => {
+      child.kill('SIGKILL');
+    },
     stop: async () => {
       if (child.exitCode !== null || child.signalCode !== null) return;
       const exited = new Promise((r) => child.once('exit', r));
@@ -77,7 +90,12 @@ function server(cmd: string, args: string[], where: { socket?: string; port?: nu
 export async function nbdkit(dir: string, args: string[], tcp = false): Promise<Server> {
   if (tcp) {
     const port = await freePort();
-    return server('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), ...args], { port }, 'nbdkit');
+    return server(
+      'nbdkit',
+      ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), ...args],
+      { port },
+      'nbdkit',
+    );
   }
   const socket = path.join(dir, `nbdkit-${Math.random().toString(36).slice(2, 8)}.sock`);
   return server('nbdkit', ['-f', '--exit-with-parent', '-U', socket, ...args], { socket }, 'nbdkit');
@@ -86,5 +104,10 @@ export async function nbdkit(dir: string, args: string[], tcp = false): Promise<
 /** qemu-nbd serving `file` (format `format`) until stopped; `extra` e.g. ['-r'], ['-x', 'name']. */
 export function qemuNbd(dir: string, file: string, format: 'raw' | 'qcow2', extra: string[] = []): Promise<Server> {
   const socket = path.join(dir, `qemu-nbd-${Math.random().toString(36).slice(2, 8)}.sock`);
-  return server('qemu-nbd', ['-t', '-e', '8', '-k', socket, '-f', format, '--cache=writeback', ...extra, file], { socket }, 'qemu-nbd');
+  return server(
+    'qemu-nbd',
+    ['-t', '-e', '8', '-k', socket, '-f', format, '--cache=writeback', ...extra, file],
+    { socket },
+    'qemu-nbd',
+  );
 }

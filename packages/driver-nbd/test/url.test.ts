@@ -4,7 +4,11 @@ import * as assert from 'uvu/assert';
 import { parseNbdUrl } from '../src/index.js';
 
 test('nbd://host, port and export as the URI standard says', () => {
-  assert.equal(parseNbdUrl('nbd://example.com'), { endpoint: { host: 'example.com', port: 10809 }, exportName: '', connections: undefined });
+  assert.equal(parseNbdUrl('nbd://example.com'), {
+    endpoint: { host: 'example.com', port: 10809 },
+    exportName: '',
+    connections: undefined,
+  });
   assert.equal(parseNbdUrl('nbd://example.com:1234/disk').endpoint, { host: 'example.com', port: 1234 });
   assert.is(parseNbdUrl('nbd://example.com/disk').exportName, 'disk');
   assert.is(parseNbdUrl('nbd://example.com/').exportName, '');
@@ -15,7 +19,11 @@ test('nbd://host, port and export as the URI standard says', () => {
 });
 
 test('nbd+unix:///export?socket=PATH', () => {
-  assert.equal(parseNbdUrl('nbd+unix:///disk?socket=/run/nbd.sock'), { endpoint: { path: '/run/nbd.sock' }, exportName: 'disk', connections: undefined });
+  assert.equal(parseNbdUrl('nbd+unix:///disk?socket=/run/nbd.sock'), {
+    endpoint: { path: '/run/nbd.sock' },
+    exportName: 'disk',
+    connections: undefined,
+  });
   assert.equal(parseNbdUrl('nbd+unix://?socket=/tmp/a%20b.sock').endpoint, { path: '/tmp/a b.sock' });
 });
 

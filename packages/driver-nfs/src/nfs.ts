@@ -56,13 +56,26 @@ const DEFAULT_TIMEOUT_S = 30;
 /** Most connections one image may open (each is a TCP stream, a mount and an open). */
 const MAX_CONNECTIONS = 32;
 
-
 /** libnfs error codes kept as they are; anything else becomes EIO (message kept). */
 const CODES: Readonly<Record<string, string>> = {
-  ENOENT: 'ENOENT', EACCES: 'EACCES', EPERM: 'EACCES', EROFS: 'EROFS', ENOSPC: 'ENOSPC',
-  EDQUOT: 'ENOSPC', EFBIG: 'ENOSPC', ETIMEDOUT: 'ETIMEDOUT', ECONNREFUSED: 'ECONNREFUSED',
-  ECONNRESET: 'ECONNRESET', ENOTFOUND: 'ENOTFOUND', EINVAL: 'EINVAL', ECANCELED: 'ECANCELED',
-  EISDIR: 'EISDIR', ENOTDIR: 'ENOTDIR', EEXIST: 'EEXIST', EBADF: 'EBADF', ESTALE: 'ESTALE',
+  ENOENT: 'ENOENT',
+  EACCES: 'EACCES',
+  EPERM: 'EACCES',
+  EROFS: 'EROFS',
+  ENOSPC: 'ENOSPC',
+  EDQUOT: 'ENOSPC',
+  EFBIG: 'ENOSPC',
+  ETIMEDOUT: 'ETIMEDOUT',
+  ECONNREFUSED: 'ECONNREFUSED',
+  ECONNRESET: 'ECONNRESET',
+  ENOTFOUND: 'ENOTFOUND',
+  EINVAL: 'EINVAL',
+  ECANCELED: 'ECANCELED',
+  EISDIR: 'EISDIR',
+  ENOTDIR: 'ENOTDIR',
+  EEXIST: 'EEXIST',
+  EBADF: 'EBADF',
+  ESTALE: 'ESTALE',
 };
 
 interface Where {
@@ -80,7 +93,6 @@ function nfsError(err: unknown, where: Where): BlockError {
   return new BlockError(CODES[raw] ?? 'EIO', text, { ...where, cause: err });
 }
 
-
 function isV4(location: string): boolean {
   return /[?&]version=4(&|$)/.test(location);
 }
@@ -90,7 +102,11 @@ function isV4(location: string): boolean {
  * refuse it) and checks it and the -o option of the same name. Returns the URL for
  * libnfs and the number of connections.
  */
-function splitConnections(location: string, options: Readonly<Record<string, string>> | undefined, op: string): { url: string; connections: number } {
+function splitConnections(
+  location: string,
+  options: Readonly<Record<string, string>> | undefined,
+  op: string,
+): { url: string; connections: number } {
   const q = location.indexOf('?');
   let url = location;
   const given: string[] = [];
@@ -106,17 +122,27 @@ function splitConnections(location: string, options: Readonly<Record<string, str
   if (options?.connections !== undefined) given.push(options.connections);
   for (const v of given) {
     if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > MAX_CONNECTIONS) {
-      throw new BlockError('EINVAL', `connections=${v}: expected a whole number from 1 to ${MAX_CONNECTIONS}`, { op, location });
+      throw new BlockError('EINVAL', `connections=${v}: expected a whole number from 1 to ${MAX_CONNECTIONS}`, {
+        op,
+        location,
+      });
     }
   }
   if (new Set(given.map(Number)).size > 1) {
-    throw new BlockError('EINVAL', `connections given twice with different values (${given.join(', ')})`, { op, location });
+    throw new BlockError('EINVAL', `connections given twice with different values (${given.join(', ')})`, {
+      op,
+      location,
+    });
   }
   const connections = given.length ? Number(given[0]) : 1;
   // libnfs's readahead and page cache live in each context: with several, one
   // connection's cache would not see what another wrote.
   if (connections > 1 && /[?&](readahead|pagecache)=[1-9]/.test(url)) {
-    throw new BlockError('EINVAL', 'connections > 1 cannot be combined with readahead= or pagecache= (each connection would cache apart)', { op, location });
+    throw new BlockError(
+      'EINVAL',
+      'connections > 1 cannot be combined with readahead= or pagecache= (each connection would cache apart)',
+      { op, location },
+    );
   }
   return { url, connections };
 }
@@ -130,21 +156,36 @@ interface Connection {
 let clientSerial = 0;
 
 /** Mounts the URL's export and opens its file; destroys the context on failure. */
-async function connect(location: string, flags: number, timeoutMs: number, op: string, url = location): Promise<Connection> {
+async function connect(
+  location: string,
+  flags: number,
+  timeoutMs: number,
+  op: string,
+  url = location,
+): Promise<Connection> {
   if (/^[^?]*\/$/.test(url)) {
     throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
   }
   if (/^nfs:\/\/[^/?#]*@/i.test(url)) {
-    throw new BlockError('EINVAL', 'nfs:// URLs take no user or password (the server trusts the uid= and gid= options)', { op, location });
+    throw new BlockError(
+      'EINVAL',
+      'nfs:// URLs take no user or password (the server trusts the uid= and gid= options)',
+      { op, location },
+    );
   }
   // A client name of its own per context: NFSv4 open state is the client's, and
   // contexts side by side on one file must not take each other's over.
   // A stall timeout, not libnfs's per-request one: that counts from when a request is
   // queued, and a slow link with many requests queued trips it while data still flows.
-  const ctx = new NfsContext({ stallMs: timeoutMs || undefined, timeoutMs: -1, clientName: `blockconv-${process.pid}-${++clientSerial}-${Date.now().toString(36)}` });
+  const ctx = new NfsContext({
+    stallMs: timeoutMs || undefined,
+    timeoutMs: -1,
+    clientName: `blockconv-${process.pid}-${++clientSerial}-${Date.now().toString(36)}`,
+  });
   try {
     const m = await ctx.mount(url);
-    if (!m.file || m.file === '/') throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
+    if (!m.file || m.file === '/')
+      throw new BlockError('EINVAL', 'the URL names no file (expected nfs://server/export/file)', { op, location });
     let fh: number;
     try {
       try {
@@ -176,18 +217,29 @@ function permissionDenied(err: unknown, url: string, flags: number): unknown {
   const gid = /[?&]gid=(\d+)/.exec(url)?.[1] ?? String(process.getgid?.() ?? '?');
   const access = `${flags & O_CREAT ? 'create or open' : 'open'} the file ${(flags & O_RDWR) === O_RDWR ? 'read-write' : 'read-only'}`;
   const text = typeof e.message === 'string' ? e.message.replace(/\s+/g, ' ').trim() : '';
-  return Object.assign(new Error(`permission denied: uid ${uid}, gid ${gid} may not ${access} (${text})`, { cause: err }), { code: 'EACCES' });
+  return Object.assign(
+    new Error(`permission denied: uid ${uid}, gid ${gid} may not ${access} (${text})`, { cause: err }),
+    { code: 'EACCES' },
+  );
 }
 
 /** Opens `n` connections side by side; if one fails, the others are closed. */
-async function connectAll(location: string, url: string, n: number, flags: number, timeoutMs: number, op: string): Promise<Connection[]> {
-  const results = await Promise.allSettled(Array.from({ length: n }, () => connect(location, flags, timeoutMs, op, url)));
+async function connectAll(
+  location: string,
+  url: string,
+  n: number,
+  flags: number,
+  timeoutMs: number,
+  op: string,
+): Promise<Connection[]> {
+  const results = await Promise.allSettled(
+    Array.from({ length: n }, () => connect(location, flags, timeoutMs, op, url)),
+  );
   const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
   if (!failed) return results.map((r) => (r as PromiseFulfilledResult<Connection>).value);
   for (const r of results) if (r.status === 'fulfilled') r.value.ctx.destroy();
   throw failed.reason;
 }
-
 
 /** Per-connection counters, for tests and diagnostics. */
 export interface ConnectionStats {
@@ -223,7 +275,10 @@ export class NfsBackend implements BlockBackend {
   /** Where the search for the least busy connection starts: ties rotate. */
   #next = 0;
 
-  constructor(conns: readonly Connection[], p: { location: string; size: number; readOnly: boolean; v4: boolean; unsafe: boolean }) {
+  constructor(
+    conns: readonly Connection[],
+    p: { location: string; size: number; readOnly: boolean; v4: boolean; unsafe: boolean },
+  ) {
     this.#conns = conns;
     const c = conns[0]!;
     this.location = redactLocation(p.location);
@@ -250,9 +305,18 @@ export class NfsBackend implements BlockBackend {
 
   /** Counters summed over the connections, and each connection's own. */
   get stats(): ConnectionStats & { connections: readonly ConnectionStats[] } {
-    const connections = this.#conns.map(({ ctx }) => ({ outstanding: ctx.outstanding, peakOutstanding: ctx.peakOutstanding, submitted: ctx.submitted }));
+    const connections = this.#conns.map(({ ctx }) => ({
+      outstanding: ctx.outstanding,
+      peakOutstanding: ctx.peakOutstanding,
+      submitted: ctx.submitted,
+    }));
     const sum = (k: keyof ConnectionStats) => connections.reduce((a, c) => a + c[k], 0);
-    return { outstanding: sum('outstanding'), peakOutstanding: Math.max(...connections.map((c) => c.peakOutstanding)), submitted: sum('submitted'), connections };
+    return {
+      outstanding: sum('outstanding'),
+      peakOutstanding: Math.max(...connections.map((c) => c.peakOutstanding)),
+      submitted: sum('submitted'),
+      connections,
+    };
   }
 
   /** The connection with the fewest requests in flight (the first connection when there is one). */
@@ -275,9 +339,12 @@ export class NfsBackend implements BlockBackend {
     // server's rsize break the connection, and libnfs 4.0 splits only v3 READs.
     const c = this.#pick();
     try {
-      for (let done = 0; done < length;) {
+      for (let done = 0; done < length; ) {
         const n = await c.ctx.pread(c.fh, out.subarray(done, length), offset + done);
-        if (n === 0) { out.fill(0, done, length); break; } // past EOF (file shrank): zeroes
+        if (n === 0) {
+          out.fill(0, done, length);
+          break;
+        } // past EOF (file shrank): zeroes
         done += n;
       }
     } catch (err) {
@@ -327,7 +394,7 @@ export class NfsBackend implements BlockBackend {
   async #writeAll(offset: number, data: Uint8Array): Promise<void> {
     const one = async (start: number, end: number): Promise<void> => {
       const c = this.#pick();
-      for (let done = start; done < end;) {
+      for (let done = start; done < end; ) {
         const n = await c.ctx.pwrite(c.fh, data.subarray(done, end), offset + done);
         if (n <= 0) throw Object.assign(new Error('write made no progress'), { code: 'EIO' });
         done += n;
@@ -411,14 +478,15 @@ export class NfsBackend implements BlockBackend {
 
   async identity(): Promise<BackendIdentity> {
     const c = this.#conns[0]!;
-    const st = await c.ctx.fstat(c.fh).catch((err: unknown) => { throw nfsError(err, { op: 'fstat', location: this.location }); });
+    const st = await c.ctx.fstat(c.fh).catch((err: unknown) => {
+      throw nfsError(err, { op: 'fstat', location: this.location });
+    });
     return { id: `${st.dev}:${st.ino}`, version: `${st.mtimeSec}.${String(st.mtimeNsec).padStart(9, '0')}` };
   }
 
   #where(op: string, offset: number, length: number): Where {
     return { op, location: this.location, offset, length };
   }
-
 }
 
 /** Opens the file a nfs:// URL names. */
@@ -432,7 +500,10 @@ export async function openNfs(location: string, options: OpenOptions = {}): Prom
     const st = await conns[0]!.ctx.fstat(conns[0]!.fh);
     if ((st.mode & 0o170000) === 0o040000) throw new BlockError('EISDIR', 'is a directory', { op: 'open', location });
     return new NfsBackend(conns, {
-      location, size: st.size, readOnly, v4: isV4(url),
+      location,
+      size: st.size,
+      readOnly,
+      v4: isV4(url),
       unsafe: options.cache === 'unsafe',
     });
   } catch (err) {
@@ -470,8 +541,17 @@ export const nfsDriver: ProtocolDriver = {
   description: 'files on NFS servers (NFSv3, NFSv4) through libnfs, without a kernel mount',
   schemes: ['nfs'],
   openOptions: [
-    { name: 'timeout', description: 'seconds the server may send and take nothing while requests wait, before they fail (0: wait forever; also for create)', default: String(DEFAULT_TIMEOUT_S) },
-    { name: 'connections', description: `TCP connections to spread requests over (1-${MAX_CONNECTIONS}); also ?connections=N in the URL`, default: '1' },
+    {
+      name: 'timeout',
+      description:
+        'seconds the server may send and take nothing while requests wait, before they fail (0: wait forever; also for create)',
+      default: String(DEFAULT_TIMEOUT_S),
+    },
+    {
+      name: 'connections',
+      description: `TCP connections to spread requests over (1-${MAX_CONNECTIONS}); also ?connections=N in the URL`,
+      default: '1',
+    },
   ],
   open: openNfs,
   create: createNfs,

@@ -19,7 +19,9 @@ export { failure, run } from '../../../tools/test/fixtures.js';
  * A TCP forwarder to the NFS port, so a test can make "the server" vanish without
  * stopping the shared ganesha: kill() drops every connection and stops listening.
  */
-export async function nfsProxy(target = 2049): Promise<{ port: number; kill(): void; drop(): void; connections: number }> {
+export async function nfsProxy(
+  target = 2049,
+): Promise<{ port: number; kill(): void; drop(): void; connections: number }> {
   let connections = 0;
   const sockets = new Set<net.Socket>();
   const server = net.createServer((client) => {
@@ -36,7 +38,9 @@ export async function nfsProxy(target = 2049): Promise<{ port: number; kill(): v
   const port = (server.address() as net.AddressInfo).port;
   return {
     port,
-    get connections() { return connections; },
+    get connections() {
+      return connections;
+    },
     /** Resets every connection but keeps listening: the client can reconnect. */
     drop() {
       for (const s of sockets) s.destroy();

@@ -123,7 +123,8 @@ export class Qcow2Backend implements BlockBackend {
     const owner = below.find((b) => b.allocBuffer && (b.limits.minMemAlignment ?? 1) === memAlign);
     if (memAlign > 1 && owner) this.allocBuffer = owner.allocBuffer!.bind(owner);
     this.readOnly = p.write === undefined;
-    if ((p.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) this.readOnlyReason = 'the image is marked corrupt; writing is refused';
+    if ((p.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n)
+      this.readOnlyReason = 'the image is marked corrupt; writing is refused';
     this.canZero = p.write !== undefined && (p.header.version === 3 || !p.backing);
     this.canDiscard = p.write !== undefined;
     this.canCompress = p.write !== undefined;
@@ -160,10 +161,17 @@ export class Qcow2Backend implements BlockBackend {
     // (an await in between would leave it unhandled), and the first error is kept.
     const tasks: Array<Promise<void>> = [];
     let failure: unknown;
-    const track = (part: Promise<void>): void => { tasks.push(part.catch((err: unknown) => { failure ??= err; })); };
+    const track = (part: Promise<void>): void => {
+      tasks.push(
+        part.catch((err: unknown) => {
+          failure ??= err;
+        }),
+      );
+    };
     // Data runs of a file that takes scattered reads go in one request at the end.
     const data = this.#data;
-    const vectored = data.readSegments && data.limits.requestAlignment === 1 && (data.limits.minMemAlignment ?? 1) === 1;
+    const vectored =
+      data.readSegments && data.limits.requestAlignment === 1 && (data.limits.minMemAlignment ?? 1) === 1;
     const scattered: number[] = [];
     try {
       const run = newRun();
@@ -172,12 +180,15 @@ export class Qcow2Backend implements BlockBackend {
         const offset = ranges[3 * r]!;
         const end = offset + ranges[3 * r + 1]!;
         const base = ranges[3 * r + 2]! - offset;
-        for (let pos = offset; pos < end;) {
+        for (let pos = offset; pos < end; ) {
           const pending = this.#mapper.lookup(pos, end - pos, run);
           if (pending) await pending;
           const at = base + pos;
           const n = run.length;
-          if (run.kind !== KIND_COMPRESSED && group) { track(this.#readCompressed(group, out)); group = undefined; }
+          if (run.kind !== KIND_COMPRESSED && group) {
+            track(this.#readCompressed(group, out));
+            group = undefined;
+          }
           switch (run.kind) {
             case KIND_DATA:
               if (vectored) {
@@ -202,7 +213,12 @@ export class Qcow2Backend implements BlockBackend {
               const inCluster = pos % this.#clusterSize;
               const cEnd = Math.min(run.host + run.csize, this.#file.size);
               const item = { host: run.host, guest: pos - inCluster, inCluster, outAt: at, length: n };
-              if (group && run.host >= group.start && run.host <= group.end && Math.max(cEnd, group.end) - group.start <= MAX_COMPRESSED_GROUP) {
+              if (
+                group &&
+                run.host >= group.start &&
+                run.host <= group.end &&
+                Math.max(cEnd, group.end) - group.start <= MAX_COMPRESSED_GROUP
+              ) {
                 group.end = Math.max(group.end, cEnd);
                 group.items.push(item);
               } else {
@@ -216,7 +232,8 @@ export class Qcow2Backend implements BlockBackend {
         }
       }
       if (group) track(this.#readCompressed(group, out));
-      if (scattered.length) track(data.readSegments!(out, new SegmentList(Float64Array.from(scattered), scattered.length / 3)));
+      if (scattered.length)
+        track(data.readSegments!(out, new SegmentList(Float64Array.from(scattered), scattered.length / 3)));
     } catch (err) {
       failure ??= err;
     }
@@ -236,9 +253,21 @@ export class Qcow2Backend implements BlockBackend {
    * copy), and where bytes need this driver on the way (compressed clusters, a backing
    * file's, a file that needs aligned requests) or the runs do not fit the request's list.
    */
-  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean> {
+  async copyTo(
+    offset: number,
+    length: number,
+    target: BlockBackend,
+    targetOffset: number,
+    request: CopyRequest,
+  ): Promise<boolean> {
     const data = this.#data;
-    if (request.offload || !target.copyFrom || data.limits.requestAlignment !== 1 || (data.limits.minMemAlignment ?? 1) !== 1) return false;
+    if (
+      request.offload ||
+      !target.copyFrom ||
+      data.limits.requestAlignment !== 1 ||
+      (data.limits.minMemAlignment ?? 1) !== 1
+    )
+      return false;
     const { holes, pieces, buffer } = request;
     const holeCount = holes.count;
     const room = pieces.capacity;
@@ -256,7 +285,10 @@ export class Qcow2Backend implements BlockBackend {
             const avail = Math.max(0, Math.min(len, data.size - run.host));
             if (avail > 0) {
               // Host-contiguous with the run before: one piece.
-              const joins = pieces.count > 0 && pieces.endAt(pieces.count - 1) === run.host && pieces.positionAt(pieces.count - 1) + pieces.lengthAt(pieces.count - 1) === pos;
+              const joins =
+                pieces.count > 0 &&
+                pieces.endAt(pieces.count - 1) === run.host &&
+                pieces.positionAt(pieces.count - 1) + pieces.lengthAt(pieces.count - 1) === pos;
               if (!joins && pieces.count === room) return false;
               pieces.append(run.host, avail, pos);
             }
@@ -286,10 +318,18 @@ export class Qcow2Backend implements BlockBackend {
       throw this.#contextual(err, 'blockStatus', offset, length);
     }
     switch (run.kind) {
-      case KIND_DATA: return { kind: 'data', length: run.length, offset: run.host };
-      case KIND_COMPRESSED: return { kind: 'data', length: run.length };
-      case KIND_ZERO: return run.host >= 0 ? { kind: 'zero', length: run.length, offset: run.host } : { kind: 'zero', length: run.length };
-      default: return run.host >= 0 ? { kind: 'unallocated', length: run.length, offset: run.host } : { kind: 'unallocated', length: run.length };
+      case KIND_DATA:
+        return { kind: 'data', length: run.length, offset: run.host };
+      case KIND_COMPRESSED:
+        return { kind: 'data', length: run.length };
+      case KIND_ZERO:
+        return run.host >= 0
+          ? { kind: 'zero', length: run.length, offset: run.host }
+          : { kind: 'zero', length: run.length };
+      default:
+        return run.host >= 0
+          ? { kind: 'unallocated', length: run.length, offset: run.host }
+          : { kind: 'unallocated', length: run.length };
     }
   }
 
@@ -358,7 +398,12 @@ export class Qcow2Backend implements BlockBackend {
   async info(): Promise<Record<string, unknown>> {
     const where = { location: this.location, op: 'info' };
     const bitmaps = await readBitmapList(this.header, (o, n) => this.#file.read(o, n, this.#buffer(n)), where);
-    return buildInfo({ header: this.header, snapshots: this.snapshots, bitmaps, fullBackingFilename: this.#p.fullBackingFilename });
+    return buildInfo({
+      header: this.header,
+      snapshots: this.snapshots,
+      bitmaps,
+      fullBackingFilename: this.#p.fullBackingFilename,
+    });
   }
 
   /** The image file's allocation, as qemu-img reports it (an external data file is not counted). */
@@ -371,7 +416,10 @@ export class Qcow2Backend implements BlockBackend {
     const file = await this.#file.identity?.();
     if (!file) return { id: this.location };
     const below = await Promise.all([this.#p.dataFile, this.backing].map((b) => b?.identity?.()));
-    return { id: file.id, version: [file.version, ...below.map((i) => i && `${i.id}@${i.version ?? ''}`)].filter(Boolean).join(' ') };
+    return {
+      id: file.id,
+      version: [file.version, ...below.map((i) => i && `${i.id}@${i.version ?? ''}`)].filter(Boolean).join(' '),
+    };
   }
 
   /** L2 cache counters, for tests and tuning. */
@@ -413,6 +461,12 @@ export class Qcow2Backend implements BlockBackend {
   /** Errors from below keep their own details; others get this image's. */
   #contextual(err: unknown, op: string, offset: number, length: number): BlockError {
     if (err instanceof BlockError) return err;
-    return new BlockError('EIO', (err as Error)?.message ?? String(err), { op, location: this.location, offset, length, cause: err });
+    return new BlockError('EIO', (err as Error)?.message ?? String(err), {
+      op,
+      location: this.location,
+      offset,
+      length,
+      cause: err,
+    });
   }
 }

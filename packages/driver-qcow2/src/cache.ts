@@ -47,10 +47,18 @@ export class TableCache {
   }
 
   /** Tables the cache may hold at once. */
-  get capacity(): number { return this.#capacity; }
-  get size(): number { return this.#tables.size; }
-  get stats(): { hits: number; misses: number } { return { hits: this.#hits, misses: this.#misses }; }
-  get dirtyCount(): number { return this.#dirty.size; }
+  get capacity(): number {
+    return this.#capacity;
+  }
+  get size(): number {
+    return this.#tables.size;
+  }
+  get stats(): { hits: number; misses: number } {
+    return { hits: this.#hits, misses: this.#misses };
+  }
+  get dirtyCount(): number {
+    return this.#dirty.size;
+  }
 
   /** Adds a table just allocated (not read from the file), dirty. */
   add(offset: number, bytes: Uint8Array): CachedTable {
@@ -113,11 +121,13 @@ export class TableCache {
     let p = this.#loading.get(offset);
     if (p) return p;
     this.#misses++;
-    p = this.#load(offset).then((bytes) => {
-      const table: CachedTable = { bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
-      this.#insert(offset, table);
-      return table;
-    }).finally(() => this.#loading.delete(offset));
+    p = this.#load(offset)
+      .then((bytes) => {
+        const table: CachedTable = { bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+        this.#insert(offset, table);
+        return table;
+      })
+      .finally(() => this.#loading.delete(offset));
     this.#loading.set(offset, p);
     return p;
   }

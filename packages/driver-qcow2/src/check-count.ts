@@ -10,8 +10,16 @@ import { MAX_L1_BYTES } from './header.js';
 import { compressedRange, entryOffset } from './mapping.js';
 import { checkFailed, corruption, countRange, hex64, type CheckState } from './check-state.js';
 import { readPadded } from './check-tables.js';
-import { HI_COMPRESSED, HI_COPIED, L1_RESERVED_HI, L1_RESERVED_LO, L2_RESERVED_HI, L2_RESERVED_LO, LO_ZERO, TWO_32 } from './format.js';
-
+import {
+  HI_COMPRESSED,
+  HI_COPIED,
+  L1_RESERVED_HI,
+  L1_RESERVED_LO,
+  L2_RESERVED_HI,
+  L2_RESERVED_LO,
+  LO_ZERO,
+  TWO_32,
+} from './format.js';
 
 export type ClusterType = 'compressed' | 'zero-plain' | 'zero-alloc' | 'normal' | 'unallocated';
 
@@ -19,10 +27,10 @@ export type ClusterType = 'compressed' | 'zero-plain' | 'zero-alloc' | 'normal' 
 export function clusterType(st: CheckState, hi: number, lo: number): ClusterType {
   if (hi & HI_COMPRESSED) return 'compressed';
   const allocated = entryOffset(hi, lo) !== 0;
-  if ((lo & LO_ZERO) && !st.h.extendedL2) return allocated ? 'zero-alloc' : 'zero-plain';
+  if (lo & LO_ZERO && !st.h.extendedL2) return allocated ? 'zero-alloc' : 'zero-plain';
   if (allocated) return 'normal';
   // With an external data file offset 0 is a cluster of it, told apart by the copied flag.
-  return st.hasDataFile && (hi & HI_COPIED) ? 'normal' : 'unallocated';
+  return st.hasDataFile && hi & HI_COPIED ? 'normal' : 'unallocated';
 }
 
 /** Counts every reference into st.refs, with the checks QEMU makes on the way. */
@@ -30,14 +38,21 @@ export async function calculateRefcounts(st: CheckState): Promise<void> {
   const { h, cs } = st;
   countRange(st, 0, cs); // the header
   await countL1(st, h.l1TableOffset, h.l1Size, true);
-  if (st.hasDataFile && st.snapshots.length) corruption(st, `ERROR ${st.snapshots.length} snapshots in image with data file`);
+  if (st.hasDataFile && st.snapshots.length)
+    corruption(st, `ERROR ${st.snapshots.length} snapshots in image with data file`);
   for (const s of st.snapshots) {
     if (s.l1TableOffset % cs !== 0) {
-      corruption(st, `ERROR snapshot ${s.id} (${s.name}) l1_offset=${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+      corruption(
+        st,
+        `ERROR snapshot ${s.id} (${s.name}) l1_offset=${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+      );
       continue;
     }
     if (s.l1Size > MAX_L1_BYTES / 8) {
-      corruption(st, `ERROR snapshot ${s.id} (${s.name}) l1_size=${hex(s.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
+      corruption(
+        st,
+        `ERROR snapshot ${s.id} (${s.name}) l1_size=${hex(s.l1Size)}: L1 table is too large; snapshot table entry corrupted`,
+      );
       continue;
     }
     await countL1(st, s.l1TableOffset, s.l1Size, false);
@@ -58,11 +73,13 @@ async function countL1(st: CheckState, offset: number, entries: number, active: 
     const hi = v.getUint32(i * 8);
     const lo = v.getUint32(i * 8 + 4);
     if (hi === 0 && lo === 0) continue;
-    if ((hi & L1_RESERVED_HI) || (lo & L1_RESERVED_LO)) corruption(st, `ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
+    if (hi & L1_RESERVED_HI || lo & L1_RESERVED_LO)
+      corruption(st, `ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
     // An entry with only flags set names offset 0, and QEMU reads the header as an L2 table then.
     const l2Offset = entryOffset(hi, lo);
     countRange(st, l2Offset, st.cs);
-    if (l2Offset % st.cs !== 0) corruption(st, `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
+    if (l2Offset % st.cs !== 0)
+      corruption(st, `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
     await countL2(st, l2Offset, active);
   }
 }
@@ -85,28 +102,52 @@ async function countL2(st: CheckState, l2Offset: number, active: boolean): Promi
     const zeroBits = h.extendedL2 ? v.getUint32(at + 8) : 0;
     const allocBits = h.extendedL2 ? v.getUint32(at + 12) : 0;
     const type = clusterType(st, hi, lo);
-    if (type !== 'compressed' && ((hi & L2_RESERVED_HI) || (lo & L2_RESERVED_LO))) {
+    if (type !== 'compressed' && (hi & L2_RESERVED_HI || lo & L2_RESERVED_LO)) {
       corruption(st, `ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
     }
     switch (type) {
       case 'compressed': {
-        if (hi & HI_COPIED) corruption(st, `ERROR: coffset=${hex(compressedRange(hi, lo, h.clusterBits)[0])}: copied flag must never be set for compressed clusters`);
-        if (st.hasDataFile) { corruption(st, `ERROR compressed cluster ${j} with data file, entry=0x${hex64(hi, lo)}`); break; }
-        if (zeroBits || allocBits) { corruption(st, `ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`); break; }
+        if (hi & HI_COPIED)
+          corruption(
+            st,
+            `ERROR: coffset=${hex(compressedRange(hi, lo, h.clusterBits)[0])}: copied flag must never be set for compressed clusters`,
+          );
+        if (st.hasDataFile) {
+          corruption(st, `ERROR compressed cluster ${j} with data file, entry=0x${hex64(hi, lo)}`);
+          break;
+        }
+        if (zeroBits || allocBits) {
+          corruption(
+            st,
+            `ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${hex64(hi, lo)}`,
+          );
+          break;
+        }
         const [host, length] = compressedRange(hi, lo, h.clusterBits);
         countRange(st, host, length);
         // Compressed clusters count as fragmented, as in QEMU: they are read by whole sectors, shared with neighbours.
-        if (active) { st.frag.allocated++; st.frag.compressed++; st.frag.fragmented++; }
+        if (active) {
+          st.frag.allocated++;
+          st.frag.compressed++;
+          st.frag.fragmented++;
+        }
         break;
       }
       case 'zero-alloc':
       case 'normal': {
         const host = entryOffset(hi, lo);
-        if (zeroBits & allocBits) corruption(st, `ERROR offset=${host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+        if (zeroBits & allocBits)
+          corruption(
+            st,
+            `ERROR offset=${host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+          );
         if (host % cs !== 0) {
           // QEMU's -r all turns a preallocated (data-less) one into a zero cluster; this check only reports it.
           const preallocated = h.extendedL2 ? allocBits === 0 : (lo & LO_ZERO) !== 0;
-          corruption(st, `ERROR offset=${host.toString(16)}: ${preallocated ? 'Preallocated cluster' : 'Data cluster'} is not properly aligned; L2 entry corrupted.`);
+          corruption(
+            st,
+            `ERROR offset=${host.toString(16)}: ${preallocated ? 'Preallocated cluster' : 'Data cluster'} is not properly aligned; L2 entry corrupted.`,
+          );
         }
         if (active) {
           st.frag.allocated++;
@@ -134,7 +175,13 @@ const ioError = (fn: string) => (): string => `ERROR: I/O error in ${fn}`;
  * Reads a table for the check; an I/O error is a check error (qemu-img's message for it,
  * `report`, goes with the report) and ends the check naming the table.
  */
-export async function readTable(st: CheckState, offset: number, length: number, what: string, report: (err: Error) => string): Promise<Uint8Array> {
+export async function readTable(
+  st: CheckState,
+  offset: number,
+  length: number,
+  what: string,
+  report: (err: Error) => string,
+): Promise<Uint8Array> {
   try {
     return await readPadded(st.file, st.read, offset, length);
   } catch (err) {
@@ -149,7 +196,13 @@ async function countBitmaps(st: CheckState): Promise<void> {
   const ext = st.h.bitmaps;
   if (!ext) return;
   countRange(st, ext.directoryOffset, ext.directorySize);
-  const dir = await readTable(st, ext.directoryOffset, ext.directorySize, 'bitmap directory', ioError('qcow2_check_bitmaps_refcounts'));
+  const dir = await readTable(
+    st,
+    ext.directoryOffset,
+    ext.directorySize,
+    'bitmap directory',
+    ioError('qcow2_check_bitmaps_refcounts'),
+  );
   const dv = new DataView(dir.buffer, dir.byteOffset, dir.byteLength);
   let at = 0;
   for (let i = 0; i < ext.nbBitmaps && at + 24 <= dir.length; i++) {
@@ -159,7 +212,13 @@ async function countBitmaps(st: CheckState): Promise<void> {
     const extraSize = dv.getUint32(at + 20);
     if (tableOffset !== 0 && tableOffset % st.cs === 0 && tableOffset + tableSize * 8 <= st.file.size) {
       countRange(st, tableOffset, tableSize * 8);
-      const t = await readTable(st, tableOffset, tableSize * 8, 'bitmap table', ioError('qcow2_check_bitmaps_refcounts'));
+      const t = await readTable(
+        st,
+        tableOffset,
+        tableSize * 8,
+        'bitmap table',
+        ioError('qcow2_check_bitmaps_refcounts'),
+      );
       const tv = new DataView(t.buffer, t.byteOffset, t.byteLength);
       for (let e = 0; e < tableSize; e++) {
         const off = entryOffset(tv.getUint32(e * 8), tv.getUint32(e * 8 + 4));

@@ -45,7 +45,12 @@ export async function readSnapshotsForCheck(st: CheckState): Promise<CheckedSnap
     if (extraDataSize > MAX_EXTRA_DATA) {
       // QEMU drops the excess only with -r all, and then rewrites the table: not done here.
       st.messages.push(`ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry ${i}`);
-      throw checkFailed(st, 'snapshot table', `snapshot table entry ${i} at ${hex(offset + at)} has ${extraDataSize} bytes of extra data (at most ${MAX_EXTRA_DATA})`, 'ECORRUPT');
+      throw checkFailed(
+        st,
+        'snapshot table',
+        `snapshot table entry ${i} at ${hex(offset + at)} has ${extraDataSize} bytes of extra data (at most ${MAX_EXTRA_DATA})`,
+        'ECORRUPT',
+      );
     }
     const idAt = at + HEADER_BYTES + extraDataSize;
     const id = await bytes.text(idAt, idSize);
@@ -53,9 +58,20 @@ export async function readSnapshotsForCheck(st: CheckState): Promise<CheckedSnap
     at = idAt + idSize + nameSize;
     if (at > MAX_TABLE_BYTES) {
       st.messages.push('ERROR failed to read the snapshot table: Snapshot table is too big');
-      throw checkFailed(st, 'snapshot table', `the snapshot table at ${hex(offset)} is larger than ${MAX_TABLE_BYTES} bytes (at entry ${i})`, 'ECORRUPT');
+      throw checkFailed(
+        st,
+        'snapshot table',
+        `the snapshot table at ${hex(offset)} is larger than ${MAX_TABLE_BYTES} bytes (at entry ${i})`,
+        'ECORRUPT',
+      );
     }
-    snapshots.push({ id, name, l1TableOffset: head.getUint32(0) * TWO_32 + head.getUint32(4), l1Size: head.getUint32(8), extraDataSize });
+    snapshots.push({
+      id,
+      name,
+      l1TableOffset: head.getUint32(0) * TWO_32 + head.getUint32(4),
+      l1Size: head.getUint32(8),
+      extraDataSize,
+    });
   }
   if (h.version === 3) {
     snapshots.forEach((s, i) => {
@@ -74,7 +90,10 @@ class WindowReader {
   #bytes: Uint8Array = new Uint8Array(0);
   readonly #decoder = new TextDecoder('utf-8');
 
-  constructor(private readonly st: CheckState, private readonly base: number) {}
+  constructor(
+    private readonly st: CheckState,
+    private readonly base: number,
+  ) {}
 
   async view(at: number, length: number): Promise<DataView> {
     const b = await this.#slice(at, length);
@@ -88,9 +107,15 @@ class WindowReader {
   async #slice(at: number, length: number): Promise<Uint8Array> {
     if (at < this.#start || at + length > this.#start + this.#bytes.length) {
       this.#start = at;
-      this.#bytes = await readPadded(this.st.file, this.st.read, this.base + at, Math.max(length, WINDOW)).catch((err: unknown) => {
-        throw checkFailed(this.st, 'snapshot table', `cannot read the snapshot table at ${hex(this.base + at)}: ${(err as Error).message}`);
-      });
+      this.#bytes = await readPadded(this.st.file, this.st.read, this.base + at, Math.max(length, WINDOW)).catch(
+        (err: unknown) => {
+          throw checkFailed(
+            this.st,
+            'snapshot table',
+            `cannot read the snapshot table at ${hex(this.base + at)}: ${(err as Error).message}`,
+          );
+        },
+      );
     }
     return this.#bytes.subarray(at - this.#start, at - this.#start + length);
   }

@@ -90,14 +90,19 @@ export function checkFailed(st: CheckState, field: string, message: string, code
 export function countRange(st: CheckState, offset: number, length: number): void {
   if (length <= 0) return;
   if (offset + length - st.file.size >= st.cs) {
-    corruption(st, `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(offset)} size ${hex(length)}`);
+    corruption(
+      st,
+      `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(offset)} size ${hex(length)}`,
+    );
     return;
   }
   const last = Math.floor((offset + length - 1) / st.cs);
   for (let c = Math.floor(offset / st.cs); c <= last; c++) {
     if (st.refs.inc(c)) continue;
     corruption(st, `ERROR: overflow cluster offset=${hex(c * st.cs)}`);
-    st.messages.push('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+    st.messages.push(
+      'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing',
+    );
   }
 }
 
@@ -132,22 +137,34 @@ export async function writeIncompatibleFeatures(st: CheckState, bits: bigint): P
 export async function writeAt(st: CheckState, offset: number, bytes: Uint8Array): Promise<void> {
   const end = offset + bytes.length;
   if (end > st.file.size) {
-    if (!st.file.resize) throw checkFailed(st, 'file', `cannot write at ${hex(offset)}: the file cannot grow`, 'ENOSPC');
+    if (!st.file.resize)
+      throw checkFailed(st, 'file', `cannot write at ${hex(offset)}: the file cannot grow`, 'ENOSPC');
     await st.file.resize(end);
   }
   await st.file.write(offset, bytes);
 }
 
 export type Metadata =
-  | 'qcow2_header' | 'active L1 table' | 'active L2 table' | 'refcount table'
-  | 'refcount block' | 'snapshot table' | 'inactive L1 table' | 'bitmap directory';
+  | 'qcow2_header'
+  | 'active L1 table'
+  | 'active L2 table'
+  | 'refcount table'
+  | 'refcount block'
+  | 'snapshot table'
+  | 'inactive L1 table'
+  | 'bitmap directory';
 
 /**
  * The metadata a write of [offset, offset+size) would land on, if any, leaving out
  * `ignore` (the kind being written): QEMU's overlap check in its default mode. Refusing
  * such a write is what turns some repairs into a failed check rather than a worse image.
  */
-export function overlappingMetadata(st: CheckState, offset: number, size: number, ignore?: Metadata): Metadata | undefined {
+export function overlappingMetadata(
+  st: CheckState,
+  offset: number,
+  size: number,
+  ignore?: Metadata,
+): Metadata | undefined {
   if (size === 0) return undefined;
   const { cs, h } = st;
   const is = (kind: Metadata) => kind !== ignore;
@@ -157,9 +174,11 @@ export function overlappingMetadata(st: CheckState, offset: number, size: number
   const end = Math.ceil((offset + size) / cs) * cs;
   const hits = (o: number, len: number): boolean => len > 0 && o < end && start < o + len;
   if (is('active L1 table') && h.l1Size && hits(h.l1TableOffset, h.l1Size * 8)) return 'active L1 table';
-  if (is('refcount table') && st.stored.entries && hits(st.reftableOffset, st.stored.entries * 8)) return 'refcount table';
+  if (is('refcount table') && st.stored.entries && hits(st.reftableOffset, st.stored.entries * 8))
+    return 'refcount table';
   if (is('snapshot table') && st.snapshotsSize && hits(h.snapshotsOffset, st.snapshotsSize)) return 'snapshot table';
-  if (is('inactive L1 table') && st.snapshots.some((s) => s.l1Size && hits(s.l1TableOffset, s.l1Size * 8))) return 'inactive L1 table';
+  if (is('inactive L1 table') && st.snapshots.some((s) => s.l1Size && hits(s.l1TableOffset, s.l1Size * 8)))
+    return 'inactive L1 table';
   if (is('active L2 table')) {
     const l1 = new DataView(st.activeL1.buffer, st.activeL1.byteOffset, st.activeL1.byteLength);
     for (let i = 0; i < h.l1Size; i++) {
@@ -174,7 +193,8 @@ export function overlappingMetadata(st: CheckState, offset: number, size: number
       if (block && hits(block, cs)) return 'refcount block';
     }
   }
-  if (is('bitmap directory') && h.bitmaps && hits(h.bitmaps.directoryOffset, h.bitmaps.directorySize)) return 'bitmap directory';
+  if (is('bitmap directory') && h.bitmaps && hits(h.bitmaps.directoryOffset, h.bitmaps.directorySize))
+    return 'bitmap directory';
   return undefined;
 }
 
@@ -191,7 +211,12 @@ export interface MetadataWrite {
  * A repair's write of metadata, refused (the image marked corrupt, the check failed)
  * when it would land on other metadata.
  */
-export async function writeMetadata(st: CheckState, offset: number, bytes: Uint8Array, w: MetadataWrite): Promise<void> {
+export async function writeMetadata(
+  st: CheckState,
+  offset: number,
+  bytes: Uint8Array,
+  w: MetadataWrite,
+): Promise<void> {
   const hit = overlappingMetadata(st, offset, bytes.length, w.ignore);
   if (hit) {
     await signalCorruption(st, `Preventing invalid write on metadata (overlaps with ${hit})`);

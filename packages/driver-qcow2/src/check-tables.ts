@@ -18,9 +18,19 @@ const MAX_REQUEST_END = 2 ** 63 - 2 ** 30;
  * Reads [offset, offset+length) with what lies past the end of the file as zeroes,
  * as QEMU's block layer reads; fails (EIO) only for requests past what QEMU can address.
  */
-export async function readPadded(file: GatedBackend, read: ReadMeta, offset: number, length: number): Promise<Uint8Array> {
+export async function readPadded(
+  file: GatedBackend,
+  read: ReadMeta,
+  offset: number,
+  length: number,
+): Promise<Uint8Array> {
   if (offset + length > MAX_REQUEST_END) {
-    throw new BlockError('EIO', `read of ${length} bytes at ${hex(offset)} is beyond any file`, { location: file.location, op: 'check', offset, length });
+    throw new BlockError('EIO', `read of ${length} bytes at ${hex(offset)} is beyond any file`, {
+      location: file.location,
+      op: 'check',
+      offset,
+      length,
+    });
   }
   const out = new Uint8Array(length);
   const inside = Math.min(length, Math.max(0, file.size - offset));
@@ -41,7 +51,11 @@ export function reftableEntry(table: DataView, index: number, clusterSize: numbe
   const hi = table.getUint32(index * 8);
   const lo = table.getUint32(index * 8 + 4);
   const low = (lo & ~REFT_RESERVED_LO) >>> 0;
-  return { offset: hi * TWO_32 + low, reservedBits: (lo & REFT_RESERVED_LO) !== 0, aligned: (low & (clusterSize - 1)) === 0 };
+  return {
+    offset: hi * TWO_32 + low,
+    reservedBits: (lo & REFT_RESERVED_LO) !== 0,
+    aligned: (low & (clusterSize - 1)) === 0,
+  };
 }
 
 /**
@@ -56,16 +70,21 @@ export class ReferenceCounts {
   readonly #wide = new Map<number, number>();
   #size: number;
 
-  constructor(clusters: number, readonly max: number) {
+  constructor(
+    clusters: number,
+    readonly max: number,
+  ) {
     this.#size = clusters;
     this.#counts = new Uint16Array(clusters + 1);
   }
 
   /** Entries in the table: QEMU's nb_clusters. */
-  get size(): number { return this.#size; }
+  get size(): number {
+    return this.#size;
+  }
 
   get(c: number): number {
-    return c < this.#size ? this.#wide.get(c) ?? this.#counts[c]! : 0;
+    return c < this.#size ? (this.#wide.get(c) ?? this.#counts[c]!) : 0;
   }
 
   /** Counts one more reference to cluster `c`; false when its count is already the maximum. */
@@ -175,7 +194,9 @@ export class StoredRefcounts {
     }
   }
 
-  async #block(cluster: number): Promise<{ bytes: Uint8Array; view: DataView; dirty: boolean } | RefcountUnreadable | undefined> {
+  async #block(
+    cluster: number,
+  ): Promise<{ bytes: Uint8Array; view: DataView; dirty: boolean } | RefcountUnreadable | undefined> {
     const r = Math.floor(cluster / this.#perBlock);
     const { offset, aligned } = this.entry(r);
     if (offset === 0) return undefined;

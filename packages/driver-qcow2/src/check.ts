@@ -32,7 +32,16 @@ import { openReferencesForCheck, referencePolicy } from './references.js';
 import { calculateRefcounts, clusterType, readTable } from './check-count.js';
 import { readSnapshotsForCheck } from './check-snapshots.js';
 import {
-  checkFailed, checkMessages, finalMessages, hex64, noCounts, signalCorruption, writeIncompatibleFeatures, writeMetadata, type CheckState, type Counts,
+  checkFailed,
+  checkMessages,
+  finalMessages,
+  hex64,
+  noCounts,
+  signalCorruption,
+  writeIncompatibleFeatures,
+  writeMetadata,
+  type CheckState,
+  type Counts,
 } from './check-state.js';
 import { readPadded, ReferenceCounts, RefcountUnreadable, StoredRefcounts } from './check-tables.js';
 import { rebuildRefcountStructure } from './rebuild.js';
@@ -67,13 +76,20 @@ async function openForCheck(file: GatedBackend, options: CheckOptions): Promise<
   const h = await readHeader(file, read, where, { forCheck: true });
   // Without a resolver (a driver called directly) there is nothing to open them with.
   if (options.resolver) {
-    const policy = referencePolicy((options as { options?: Readonly<Record<string, string>> }).options?.references, where);
+    const policy = referencePolicy(
+      (options as { options?: Readonly<Record<string, string>> }).options?.references,
+      where,
+    );
     await openReferencesForCheck(file, h, { resolver: options.resolver, signal: options.signal }, policy);
   }
   const cs = h.clusterSize;
   const clusters = Math.ceil(file.size / cs);
   if (clusters > MAX_CHECK_CLUSTERS) {
-    throw new BlockError('EFBIG', `the file has ${clusters} clusters, more than check handles (${MAX_CHECK_CLUSTERS})`, where);
+    throw new BlockError(
+      'EFBIG',
+      `the file has ${clusters} clusters, more than check handles (${MAX_CHECK_CLUSTERS})`,
+      where,
+    );
   }
   // Both tables as QEMU reads them at open: past the end of the file as zeroes.
   const activeL1 = await readPadded(file, read, h.l1TableOffset, h.l1Size * 8);
@@ -82,21 +98,38 @@ async function openForCheck(file: GatedBackend, options: CheckOptions): Promise<
   // An unaligned refcount block is a corruption QEMU signals when it meets it.
   const stored = new StoredRefcounts(file, read, reftable, cs, bits, (m) => signalCorruption(st, m));
   const st: CheckState = {
-    h, file, read, cs, where, repair: options.repair, signal: options.signal,
+    h,
+    file,
+    read,
+    cs,
+    where,
+    repair: options.repair,
+    signal: options.signal,
     hasDataFile: (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
-    messages: checkMessages(), res: noCounts(),
+    messages: checkMessages(),
+    res: noCounts(),
     refs: new ReferenceCounts(clusters, bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1),
-    stored, reftableOffset: h.refcountTableOffset, activeL1, snapshots: [], snapshotsSize: 0,
-    rebuild: false, highestCluster: 0, frag: { allocated: 0, fragmented: 0, compressed: 0 },
-    incompatibleFeatures: h.incompatibleFeatures, signaledCorruption: false,
+    stored,
+    reftableOffset: h.refcountTableOffset,
+    activeL1,
+    snapshots: [],
+    snapshotsSize: 0,
+    rebuild: false,
+    highestCluster: 0,
+    frag: { allocated: 0, fragmented: 0, compressed: 0 },
+    incompatibleFeatures: h.incompatibleFeatures,
+    signaledCorruption: false,
   };
   return st;
 }
 
 function sum(a: Counts, b: Counts): Counts {
   return {
-    corruptions: a.corruptions + b.corruptions, leaks: a.leaks + b.leaks, checkErrors: a.checkErrors + b.checkErrors,
-    corruptionsFixed: a.corruptionsFixed + b.corruptionsFixed, leaksFixed: a.leaksFixed + b.leaksFixed,
+    corruptions: a.corruptions + b.corruptions,
+    leaks: a.leaks + b.leaks,
+    checkErrors: a.checkErrors + b.checkErrors,
+    corruptionsFixed: a.corruptionsFixed + b.corruptionsFixed,
+    leaksFixed: a.leaksFixed + b.leaksFixed,
   };
 }
 
@@ -113,7 +146,11 @@ async function checkRefcounts(st: CheckState): Promise<void> {
     if (st.rebuild) {
       st.messages.push('ERROR need to rebuild refcount structures');
       st.res.checkErrors++;
-      throw checkFailed(st, 'refcount table', 'the refcount structure cannot be repaired in place (a refcount block is missing, misplaced or shared, or a cluster in use has refcount 0): repair with -r all');
+      throw checkFailed(
+        st,
+        'refcount table',
+        'the refcount structure cannot be repaired in place (a refcount block is missing, misplaced or shared, or a cluster in use has refcount 0): repair with -r all',
+      );
     }
     if (st.res.leaks || st.res.corruptions) {
       st.res = beforeCompare;
@@ -169,7 +206,9 @@ async function compareRefcounts(st: CheckState, fix: 'leaks' | 'all' | undefined
     if (stored === 0) st.rebuild = true;
     else if (stored > counted && fix !== undefined) fixed = 'leaksFixed';
     else if (stored < counted && fix === 'all') fixed = 'corruptionsFixed';
-    st.messages.push(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${stored} reference=${counted}`);
+    st.messages.push(
+      `${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${stored} reference=${counted}`,
+    );
     if (fixed && (await st.stored.set(c, counted))) {
       st.res[fixed]++;
       if (counted === 0) await discardFreed(st, c);
@@ -201,7 +240,8 @@ async function discardFreed(st: CheckState, cluster: number): Promise<void> {
  */
 async function checkCopiedFlags(st: CheckState): Promise<void> {
   const { h, cs } = st;
-  const repair = st.repair === 'all' || (st.repair === 'leaks' && !st.res.checkErrors && !st.res.corruptions && !st.res.leaks);
+  const repair =
+    st.repair === 'all' || (st.repair === 'leaks' && !st.res.checkErrors && !st.res.corruptions && !st.res.leaks);
   const l1 = new DataView(st.activeL1.buffer, st.activeL1.byteOffset, st.activeL1.byteLength);
   for (let i = 0; i < h.l1Size; i++) {
     const hi1 = l1.getUint32(i * 8);
@@ -213,17 +253,29 @@ async function checkCopiedFlags(st: CheckState): Promise<void> {
     if (rc instanceof RefcountUnreadable) continue;
     if ((rc === 1) !== ((hi1 & HI_COPIED) !== 0)) {
       st.res.corruptions++;
-      st.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi1, lo1)} refcount=${rc}`);
+      st.messages.push(
+        `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi1, lo1)} refcount=${rc}`,
+      );
       if (repair) {
         l1.setUint32(i * 8, rc === 1 ? (hi1 | HI_COPIED) >>> 0 : hi1 & ~HI_COPIED);
-        await writeMetadata(st, h.l1TableOffset + i * 8, st.activeL1.subarray(i * 8, i * 8 + 8), { what: 'L1 entry', ignore: 'active L1 table', failure: 'ERROR updating an L1 entry' });
+        await writeMetadata(st, h.l1TableOffset + i * 8, st.activeL1.subarray(i * 8, i * 8 + 8), {
+          what: 'L1 entry',
+          ignore: 'active L1 table',
+          failure: 'ERROR updating an L1 entry',
+        });
         st.res.corruptions--;
         st.res.corruptionsFixed++;
       }
     }
     // Past the end of the file it reads as zeroes: no entry to check.
     if (l2Offset >= st.file.size) continue;
-    const l2 = await readTable(st, l2Offset, h.l2Entries * h.l2EntrySize, 'L2 table', (err) => `ERROR: Could not read L2 table: ${err.message}`);
+    const l2 = await readTable(
+      st,
+      l2Offset,
+      h.l2Entries * h.l2EntrySize,
+      'L2 table',
+      (err) => `ERROR: Could not read L2 table: ${err.message}`,
+    );
     const v = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
     let dirty = 0;
     for (let j = 0; j < h.l2Entries; j++) {
@@ -237,14 +289,20 @@ async function checkCopiedFlags(st: CheckState): Promise<void> {
       if (r instanceof RefcountUnreadable) continue;
       if ((r === 1) === ((hi & HI_COPIED) !== 0)) continue;
       st.res.corruptions++;
-      st.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(hi, lo)} refcount=${r}`);
+      st.messages.push(
+        `${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(hi, lo)} refcount=${r}`,
+      );
       if (repair) {
         v.setUint32(at, r === 1 ? (hi | HI_COPIED) >>> 0 : hi & ~HI_COPIED);
         dirty++;
       }
     }
     if (dirty > 0) {
-      await writeMetadata(st, l2Offset, l2.subarray(0, cs), { what: 'L2 table', ignore: 'active L2 table', failure: 'ERROR: Could not write L2 table; metadata overlap check failed' });
+      await writeMetadata(st, l2Offset, l2.subarray(0, cs), {
+        what: 'L2 table',
+        ignore: 'active L2 table',
+        failure: 'ERROR: Could not write L2 table; metadata overlap check failed',
+      });
       st.res.corruptions -= dirty;
       st.res.corruptionsFixed += dirty;
     }

@@ -20,22 +20,45 @@ export const STORE_UNCOMPRESSED = -1;
  * Compresses `count` whole clusters of `input` into slots of `clusterSize - 1` bytes
  * of `output`; `lengths[i]` gets cluster i's compressed size or STORE_UNCOMPRESSED.
  */
-export async function compressClusters(type: number, clusterSize: number, input: Uint8Array, count: number, output: Uint8Array, lengths: Int32Array): Promise<void> {
+export async function compressClusters(
+  type: number,
+  clusterSize: number,
+  input: Uint8Array,
+  count: number,
+  output: Uint8Array,
+  lengths: Int32Array,
+): Promise<void> {
   const native = await nativeCodec();
   const kind = type === COMPRESSION_ZLIB ? 'zlib' : 'zstd';
   if (native) {
     const spans = new Float64Array(count * 2);
-    for (let i = 0; i < count; i++) { spans[2 * i] = i * clusterSize; spans[2 * i + 1] = i * (clusterSize - 1); }
+    for (let i = 0; i < count; i++) {
+      spans[2 * i] = i * clusterSize;
+      spans[2 * i + 1] = i * (clusterSize - 1);
+    }
     await native.compressBatch({ kind, clusterSize, input, spans, count, output, lengths });
     return;
   }
   if (kind !== 'zlib') {
-    throw new BlockError('ENOTSUP', 'writing zstd-compressed clusters needs @blockconv/codec (libzstd-dev at install time)', { op: 'write' });
+    throw new BlockError(
+      'ENOTSUP',
+      'writing zstd-compressed clusters needs @blockconv/codec (libzstd-dev at install time)',
+      { op: 'write' },
+    );
   }
-  await Promise.all(Array.from({ length: count }, async (_, i) => {
-    const out = await deflate(input.subarray(i * clusterSize, (i + 1) * clusterSize), { level: zc.Z_DEFAULT_COMPRESSION, windowBits: 12, memLevel: 9 });
-    if (out.length >= clusterSize) { lengths[i] = STORE_UNCOMPRESSED; return; }
-    output.set(out, i * (clusterSize - 1));
-    lengths[i] = out.length;
-  }));
+  await Promise.all(
+    Array.from({ length: count }, async (_, i) => {
+      const out = await deflate(input.subarray(i * clusterSize, (i + 1) * clusterSize), {
+        level: zc.Z_DEFAULT_COMPRESSION,
+        windowBits: 12,
+        memLevel: 9,
+      });
+      if (out.length >= clusterSize) {
+        lengths[i] = STORE_UNCOMPRESSED;
+        return;
+      }
+      output.set(out, i * (clusterSize - 1));
+      lengths[i] = out.length;
+    }),
+  );
 }

@@ -41,7 +41,11 @@ export interface CompressedItem extends CompressedRef {
 
 function bad(ref: CompressedRef, message: string, cause?: unknown): BlockError {
   return new BlockError('ECORRUPT', `compressed cluster at guest offset ${ref.guest}: ${message}`, {
-    location: ref.location, op: 'read', field: 'compressed cluster', offset: ref.host, cause,
+    location: ref.location,
+    op: 'read',
+    field: 'compressed cluster',
+    offset: ref.host,
+    cause,
   });
 }
 
@@ -66,10 +70,21 @@ const noop = (): void => {};
 export interface NativeCodec {
   readonly available: boolean;
   decompressBatch(batch: {
-    kind: 'zlib' | 'zstd'; clusterSize: number; input: Uint8Array; spans: Float64Array; count?: number; output: Uint8Array;
+    kind: 'zlib' | 'zstd';
+    clusterSize: number;
+    input: Uint8Array;
+    spans: Float64Array;
+    count?: number;
+    output: Uint8Array;
   }): Promise<void>;
   compressBatch(batch: {
-    kind: 'zlib' | 'zstd'; clusterSize: number; input: Uint8Array; spans: Float64Array; count?: number; output: Uint8Array; lengths: Int32Array;
+    kind: 'zlib' | 'zstd';
+    clusterSize: number;
+    input: Uint8Array;
+    spans: Float64Array;
+    count?: number;
+    output: Uint8Array;
+    lengths: Int32Array;
   }): Promise<Int32Array>;
 }
 
@@ -82,10 +97,12 @@ let codecLoading: Promise<NativeCodec | null> | undefined;
 export async function nativeCodec(): Promise<NativeCodec | null> {
   if (process.env.BLOCKCONV_NATIVE_CODEC === '0') return null;
   if (codecModule !== undefined) return codecModule;
-  codecLoading ??= import(CODEC_MODULE).then(
-    (m: NativeCodec) => (m.available ? m : null),
-    () => null,
-  ).then((m) => (codecModule = m));
+  codecLoading ??= import(CODEC_MODULE)
+    .then(
+      (m: NativeCodec) => (m.available ? m : null),
+      () => null,
+    )
+    .then((m) => (codecModule = m));
   return codecLoading;
 }
 
@@ -129,10 +146,19 @@ function kindName(type: number, ref: CompressedRef | undefined): 'zlib' | 'zstd'
  * Spans for the codec: per item (input offset, input length, output offset). zstd
  * frames are measured (and vetted) here; a zlib stream may run to the end of the group.
  */
-function spansOf(kind: 'zlib' | 'zstd', raw: Uint8Array, items: readonly CompressedItem[], clusterSize: number, outAt: (i: number) => number): Float64Array {
+function spansOf(
+  kind: 'zlib' | 'zstd',
+  raw: Uint8Array,
+  items: readonly CompressedItem[],
+  clusterSize: number,
+  outAt: (i: number) => number,
+): Float64Array {
   const spans = new Float64Array(3 * items.length);
   items.forEach((item, i) => {
-    const length = kind === 'zstd' ? zstdFrameLength(raw.subarray(item.start, item.end), clusterSize, item) : (item.end ?? raw.length) - item.start;
+    const length =
+      kind === 'zstd'
+        ? zstdFrameLength(raw.subarray(item.start, item.end), clusterSize, item)
+        : (item.end ?? raw.length) - item.start;
     spans[3 * i] = item.start;
     spans[3 * i + 1] = length;
     spans[3 * i + 2] = outAt(i);
@@ -144,7 +170,12 @@ function spansOf(kind: 'zlib' | 'zstd', raw: Uint8Array, items: readonly Compres
 function batchError(kind: string, items: readonly CompressedRef[], err: unknown): unknown {
   const e = err as { code?: string; index?: number; reason?: string } | null;
   if (!e || typeof e.index !== 'number' || !items[e.index]) return err;
-  if (e.code !== 'ECORRUPT') return new BlockError('EIO', `compressed cluster at guest offset ${items[e.index]!.guest}: ${kind}: ${e.reason}`, { location: items[e.index]!.location, op: 'read', cause: err });
+  if (e.code !== 'ECORRUPT')
+    return new BlockError('EIO', `compressed cluster at guest offset ${items[e.index]!.guest}: ${kind}: ${e.reason}`, {
+      location: items[e.index]!.location,
+      op: 'read',
+      cause: err,
+    });
   return bad(items[e.index]!, `${kind}: ${e.reason}`, err);
 }
 
@@ -154,7 +185,13 @@ function batchError(kind: string, items: readonly CompressedRef[], err: unknown)
  * `out` at its outAt. With the native codec, whole clusters are written in place.
  * Rejects with the first failing cluster's error once every cluster settled.
  */
-export async function decompressGroupInto(type: number, raw: Uint8Array, items: readonly PlacedItem[], clusterSize: number, out: Uint8Array): Promise<void> {
+export async function decompressGroupInto(
+  type: number,
+  raw: Uint8Array,
+  items: readonly PlacedItem[],
+  clusterSize: number,
+  out: Uint8Array,
+): Promise<void> {
   const codec = await nativeCodec();
   if (!codec) {
     const done = await decompressGroup(type, raw, items, clusterSize);
@@ -177,19 +214,31 @@ export async function decompressGroupInto(type: number, raw: Uint8Array, items: 
   const partialSpans = spansOf(kind, raw, partial, clusterSize, (i) => i * clusterSize);
   const jobs: Array<Promise<void>> = [];
   if (whole.length) {
-    jobs.push(codec.decompressBatch({ kind, clusterSize, input: raw, spans: wholeSpans, output: out }).catch((err: unknown) => { throw batchError(kind, whole, err); }));
+    jobs.push(
+      codec.decompressBatch({ kind, clusterSize, input: raw, spans: wholeSpans, output: out }).catch((err: unknown) => {
+        throw batchError(kind, whole, err);
+      }),
+    );
   }
   if (partial.length) {
     const scratch = takeScratch(partial.length * clusterSize);
-    jobs.push(codec.decompressBatch({ kind, clusterSize, input: raw, spans: partialSpans, output: scratch }).then(
-      () => {
-        partial.forEach((item, i) => {
-          out.set(scratch.subarray(i * clusterSize + item.inCluster, i * clusterSize + item.inCluster + item.length), item.outAt);
-        });
-        giveScratch(scratch);
-      },
-      (err: unknown) => { giveScratch(scratch); throw batchError(kind, partial, err); },
-    ));
+    jobs.push(
+      codec.decompressBatch({ kind, clusterSize, input: raw, spans: partialSpans, output: scratch }).then(
+        () => {
+          partial.forEach((item, i) => {
+            out.set(
+              scratch.subarray(i * clusterSize + item.inCluster, i * clusterSize + item.inCluster + item.length),
+              item.outAt,
+            );
+          });
+          giveScratch(scratch);
+        },
+        (err: unknown) => {
+          giveScratch(scratch);
+          throw batchError(kind, partial, err);
+        },
+      ),
+    );
   }
   const results = await Promise.allSettled(jobs);
   const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
@@ -200,7 +249,13 @@ export async function decompressGroupInto(type: number, raw: Uint8Array, items: 
 export interface HostGroup {
   readonly start: number;
   readonly end: number;
-  readonly items: ReadonlyArray<{ readonly host: number; readonly guest: number; readonly outAt: number; readonly inCluster: number; readonly length: number }>;
+  readonly items: ReadonlyArray<{
+    readonly host: number;
+    readonly guest: number;
+    readonly outAt: number;
+    readonly inCluster: number;
+    readonly length: number;
+  }>;
 }
 
 /** Groups of one file for one output buffer, gathered until the current task yields. */
@@ -224,12 +279,22 @@ let pendingReads: PendingRead[] = [];
  * has one, and decompressed as one batch: two thread-pool round trips per request
  * instead of two per cluster. Settles once every cluster of the batch has.
  */
-export function readCompressedGroup(file: GatedBackend, type: number, clusterSize: number, group: HostGroup, out: Uint8Array): Promise<void> {
-  let batch = pendingReads.find((p) => p.file === file && p.out === out && p.type === type && p.clusterSize === clusterSize);
+export function readCompressedGroup(
+  file: GatedBackend,
+  type: number,
+  clusterSize: number,
+  group: HostGroup,
+  out: Uint8Array,
+): Promise<void> {
+  let batch = pendingReads.find(
+    (p) => p.file === file && p.out === out && p.type === type && p.clusterSize === clusterSize,
+  );
   if (!batch) {
     if (pendingReads.length === 0) queueMicrotask(flushReads);
     let settle!: (err?: unknown) => void;
-    const done = new Promise<void>((resolve, reject) => { settle = (err) => (err === undefined ? resolve() : reject(err)); });
+    const done = new Promise<void>((resolve, reject) => {
+      settle = (err) => (err === undefined ? resolve() : reject(err));
+    });
     batch = { file, type, clusterSize, out, groups: [], done, settle };
     pendingReads.push(batch);
   }
@@ -240,7 +305,11 @@ export function readCompressedGroup(file: GatedBackend, type: number, clusterSiz
 function flushReads(): void {
   const batches = pendingReads;
   pendingReads = [];
-  for (const b of batches) readBatch(b).then(() => b.settle(), (err: unknown) => b.settle(err ?? new Error('compressed read failed')));
+  for (const b of batches)
+    readBatch(b).then(
+      () => b.settle(),
+      (err: unknown) => b.settle(err ?? new Error('compressed read failed')),
+    );
 }
 
 async function readBatch(b: PendingRead): Promise<void> {
@@ -260,13 +329,20 @@ async function readBatch(b: PendingRead): Promise<void> {
       segments[3 * i + 2] = at;
       // A stream may use the bytes up to its group's end, as when each group was read alone.
       const end = at + g.end - g.start;
-      for (const item of g.items) items.push({ ...item, location: file.location, start: at + item.host - g.start, end });
+      for (const item of g.items)
+        items.push({ ...item, location: file.location, start: at + item.host - g.start, end });
       at += g.end - g.start;
     });
     if (groups.length > 1 && file.readSegments && file.limits.requestAlignment === 1 && memAlign === 1) {
       await file.readSegments(input, new SegmentList(segments.subarray(0, 3 * groups.length), groups.length));
     } else {
-      const reads = groups.map((g, i) => file.read(g.start, g.end - g.start, input.subarray(segments[3 * i + 2]!, segments[3 * i + 2]! + g.end - g.start)));
+      const reads = groups.map((g, i) =>
+        file.read(
+          g.start,
+          g.end - g.start,
+          input.subarray(segments[3 * i + 2]!, segments[3 * i + 2]! + g.end - g.start),
+        ),
+      );
       const results = await Promise.allSettled(reads);
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw failed.reason;
@@ -310,7 +386,12 @@ function giveInput(b: Uint8Array, align: number): void {
  * (trailing bytes after each stream allowed). Resolves with one cluster per item;
  * rejects with the first failing cluster's error only once every cluster settled.
  */
-export async function decompressGroup(type: number, raw: Uint8Array, items: readonly CompressedItem[], clusterSize: number): Promise<DecompressedGroup> {
+export async function decompressGroup(
+  type: number,
+  raw: Uint8Array,
+  items: readonly CompressedItem[],
+  clusterSize: number,
+): Promise<DecompressedGroup> {
   const codec = await nativeCodec();
   if (codec) {
     const kind = kindName(type, items[0]);
@@ -325,18 +406,26 @@ export async function decompressGroup(type: number, raw: Uint8Array, items: read
     let released = false;
     return {
       clusters: items.map((_, i) => output.subarray(i * clusterSize, (i + 1) * clusterSize)),
-      release: () => { if (!released) { released = true; giveScratch(output); } },
+      release: () => {
+        if (!released) {
+          released = true;
+          giveScratch(output);
+        }
+      },
     };
   }
   if (type === COMPRESSION_ZLIB) {
-    const results = await Promise.allSettled(items.map((item) => inflateCluster(raw.subarray(item.start, item.end), clusterSize, item)));
+    const results = await Promise.allSettled(
+      items.map((item) => inflateCluster(raw.subarray(item.start, item.end), clusterSize, item)),
+    );
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
     return { clusters: results.map((r) => (r as PromiseFulfilledResult<Uint8Array>).value), release: noop };
   }
   if (type === COMPRESSION_ZSTD) {
     const frames: number[] = [];
-    for (const item of items) frames.push(item.start, zstdFrameLength(raw.subarray(item.start, item.end), clusterSize, item));
+    for (const item of items)
+      frames.push(item.start, zstdFrameLength(raw.subarray(item.start, item.end), clusterSize, item));
     let batch: ZstdBatch;
     try {
       batch = await zstdPool().decompressBatch(raw, frames, clusterSize);
@@ -344,7 +433,10 @@ export async function decompressGroup(type: number, raw: Uint8Array, items: read
       const item = items[err instanceof ZstdBatchError ? err.index : 0]!;
       throw bad(item, `zstd: ${(err as Error).message}`, err);
     }
-    return { clusters: items.map((_, i) => batch.clusters.subarray(i * clusterSize, (i + 1) * clusterSize)), release: batch.release };
+    return {
+      clusters: items.map((_, i) => batch.clusters.subarray(i * clusterSize, (i + 1) * clusterSize)),
+      release: batch.release,
+    };
   }
   throw new BlockError('ENOTSUP', `unknown compression type ${type}`, { location: items[0]?.location, op: 'read' });
 }
@@ -353,16 +445,23 @@ function inflateCluster(src: Uint8Array, clusterSize: number, ref: CompressedRef
   return new Promise((resolve, reject) => {
     // SYNC_FLUSH: a stream may end exactly where the cluster ends without its final
     // block marker (QEMU accepts that); the length check below decides.
-    inflateRaw(src, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: clusterSize, chunkSize: Math.max(clusterSize, 64) }, (err, out) => {
-      if (err) {
-        const why = (err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE' ? `decompresses to more than ${clusterSize} bytes` : err.message;
-        reject(bad(ref, `zlib: ${why}`, err));
-      } else if (out.length !== clusterSize) {
-        reject(bad(ref, `zlib: decompresses to ${out.length} bytes, expected ${clusterSize}`));
-      } else {
-        resolve(out);
-      }
-    });
+    inflateRaw(
+      src,
+      { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: clusterSize, chunkSize: Math.max(clusterSize, 64) },
+      (err, out) => {
+        if (err) {
+          const why =
+            (err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE'
+              ? `decompresses to more than ${clusterSize} bytes`
+              : err.message;
+          reject(bad(ref, `zlib: ${why}`, err));
+        } else if (out.length !== clusterSize) {
+          reject(bad(ref, `zlib: decompresses to ${out.length} bytes, expected ${clusterSize}`));
+        } else {
+          resolve(out);
+        }
+      },
+    );
   });
 }
 
@@ -421,6 +520,9 @@ export function zstdFrameLength(src: Uint8Array, clusterSize: number, ref: Compr
     need(p);
     if (last) break;
   }
-  if (checksum) { p += 4; need(p); }
+  if (checksum) {
+    p += 4;
+    need(p);
+  }
   return p;
 }

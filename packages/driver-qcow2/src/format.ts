@@ -37,15 +37,18 @@ export const INCOMPAT_CORRUPT = 1n << 1n;
 export const INCOMPAT_DATA_FILE = 1n << 2n;
 export const INCOMPAT_COMPRESSION = 1n << 3n;
 export const INCOMPAT_EXTL2 = 1n << 4n;
-export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+export const INCOMPAT_KNOWN =
+  INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 export const AUTOCLEAR_BITMAPS = 1n << 0n;
 export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
 
 export const COMPRESSION_ZLIB = 0;
 export const COMPRESSION_ZSTD = 1;
-export const COMPRESSION_NAMES: Readonly<Record<number, string>> = { [COMPRESSION_ZLIB]: 'zlib', [COMPRESSION_ZSTD]: 'zstd' };
-
+export const COMPRESSION_NAMES: Readonly<Record<number, string>> = {
+  [COMPRESSION_ZLIB]: 'zlib',
+  [COMPRESSION_ZSTD]: 'zstd',
+};
 
 // L1 and L2 entries (qcow2.txt "Cluster mapping"), by 32-bit half.
 /** Bit 63: the cluster's refcount is exactly one (QCOW_OFLAG_COPIED). */

@@ -5,7 +5,13 @@
 import { redactLocation } from '@blockconv/core';
 import { corrupt, type Where } from './errors.js';
 import {
-  AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, type Qcow2Header,
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
+  COMPRESSION_NAMES,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  type Qcow2Header,
 } from './header.js';
 import type { ReadMeta, Snapshot } from './snapshots.js';
 
@@ -28,7 +34,8 @@ export async function readBitmapList(h: Qcow2Header, read: ReadMeta, where: Wher
   const out: BitmapInfo[] = [];
   let at = 0;
   for (let i = 0; i < ext.nbBitmaps; i++) {
-    const bad = (message: string) => corrupt({ ...where, op: 'info' }, 'bitmap directory', `bitmap ${i}: ${message}`, ext.directoryOffset + at);
+    const bad = (message: string) =>
+      corrupt({ ...where, op: 'info' }, 'bitmap directory', `bitmap ${i}: ${message}`, ext.directoryOffset + at);
     if (at + 24 > dir.length) throw bad('entry runs past the end of the bitmap directory');
     const flags = dv.getUint32(at + 12);
     const granularityBits = dir[at + 17]!;
@@ -40,7 +47,11 @@ export async function readBitmapList(h: Qcow2Header, read: ReadMeta, where: Wher
     const names: string[] = [];
     if (flags & BITMAP_FLAG_IN_USE) names.push('in-use');
     if (flags & BITMAP_FLAG_AUTO) names.push('auto');
-    out.push({ flags: names, name: utf8.decode(dir.subarray(at + 24 + extraSize, end)), granularity: 2 ** granularityBits });
+    out.push({
+      flags: names,
+      name: utf8.decode(dir.subarray(at + 24 + extraSize, end)),
+      granularity: 2 ** granularityBits,
+    });
     at = Math.ceil(end / 8) * 8;
   }
   return out;

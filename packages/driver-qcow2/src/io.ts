@@ -12,7 +12,12 @@ export function metaReader(file: GatedBackend): ReadMeta {
 }
 
 /** Reads and validates the header (from the first cluster). */
-export async function readHeader(file: GatedBackend, readMeta: ReadMeta, where: Where, options: ParseOptions = {}): Promise<Qcow2Header> {
+export async function readHeader(
+  file: GatedBackend,
+  readMeta: ReadMeta,
+  where: Where,
+  options: ParseOptions = {},
+): Promise<Qcow2Header> {
   const prefix = await readMeta(0, Math.min(file.size, 512));
   const firstLength = headerReadLength(prefix, file.size, where);
   const first = firstLength <= prefix.length ? prefix : await readMeta(0, firstLength);

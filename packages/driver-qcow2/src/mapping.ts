@@ -132,7 +132,14 @@ export class ClusterMapper {
     return need === 0 ? undefined : this.#lookupSlow(start, maxLen, run, loadBudget, need, forStatus);
   }
 
-  async #lookupSlow(start: number, maxLen: number, run: Run, budget: number, need: number, forStatus: boolean): Promise<void> {
+  async #lookupSlow(
+    start: number,
+    maxLen: number,
+    run: Run,
+    budget: number,
+    need: number,
+    forStatus: boolean,
+  ): Promise<void> {
     while (need !== 0) {
       const table = await this.#cache.get(need);
       budget--;
@@ -145,7 +152,15 @@ export class ClusterMapper {
    * Grows `run` unit by unit (cluster, subcluster, or a whole unallocated L2 range).
    * Returns 0 when the run is complete, or the offset of an L2 table to read first.
    */
-  #extend(start: number, maxLen: number, run: Run, stopAtUncached: boolean, pinnedOffset: number, pinned: CachedTable | undefined, forStatus: boolean): number {
+  #extend(
+    start: number,
+    maxLen: number,
+    run: Run,
+    stopAtUncached: boolean,
+    pinnedOffset: number,
+    pinned: CachedTable | undefined,
+    forStatus: boolean,
+  ): number {
     const end = start + maxLen;
     const h = this.#h;
     const cs = this.#clusterSize;
@@ -184,12 +199,18 @@ export class ClusterMapper {
           // Offset 0 is unallocated, except in an external data file where the copied flag (bit 63) disambiguates.
           const allocated = hostOffset !== 0 || (this.#hasDataFile && (hi & HI_COPIED) !== 0);
           if (!h.extendedL2) {
-            if ((lo & 1) && h.version === 2) {
-              throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: zero cluster flag in a version 2 image`, l2Offset + at);
+            if (lo & 1 && h.version === 2) {
+              throw corrupt(
+                this.#where,
+                'L2 entry',
+                `L2 entry ${index} of the table at ${hex(l2Offset)}: zero cluster flag in a version 2 image`,
+                l2Offset + at,
+              );
             }
             if (lo & 1) {
               kind = KIND_ZERO;
-              if (hostOffset !== 0) host = this.#checkHost(l2Offset, index, hostOffset, clusterStart, false) + (p - clusterStart);
+              if (hostOffset !== 0)
+                host = this.#checkHost(l2Offset, index, hostOffset, clusterStart, false) + (p - clusterStart);
             } else if (!allocated) {
               kind = KIND_UNALLOCATED;
             } else {
@@ -202,14 +223,20 @@ export class ClusterMapper {
             const sc = Math.floor((p - clusterStart) / h.subclusterSize);
             const bit = 1 << sc;
             if (!allocated) {
-              if (allocBits !== 0) this.#invalidBitmap(l2Offset, index, 'subclusters are marked allocated in an unallocated cluster');
+              if (allocBits !== 0)
+                this.#invalidBitmap(l2Offset, index, 'subclusters are marked allocated in an unallocated cluster');
               kind = zeroBits & bit ? KIND_ZERO : KIND_UNALLOCATED;
             } else {
-              if ((zeroBits & allocBits) !== 0) this.#invalidBitmap(l2Offset, index, 'subclusters are marked both allocated and zero');
+              if ((zeroBits & allocBits) !== 0)
+                this.#invalidBitmap(l2Offset, index, 'subclusters are marked both allocated and zero');
               const base = this.#checkHost(l2Offset, index, hostOffset, clusterStart, (allocBits & bit) !== 0);
-              if (zeroBits & bit) { kind = KIND_ZERO; host = base + (p - clusterStart); }
-              else if (allocBits & bit) { kind = KIND_DATA; host = base + (p - clusterStart); }
-              else {
+              if (zeroBits & bit) {
+                kind = KIND_ZERO;
+                host = base + (p - clusterStart);
+              } else if (allocBits & bit) {
+                kind = KIND_DATA;
+                host = base + (p - clusterStart);
+              } else {
                 // Host space reserved, contents from the backing file; map reports where.
                 kind = KIND_UNALLOCATED;
                 if (forStatus) host = base + (p - clusterStart);
@@ -224,7 +251,12 @@ export class ClusterMapper {
         run.kind = kind;
         run.host = host;
         run.csize = csize;
-      } else if (kind !== run.kind || (kind === KIND_COMPRESSED && !forStatus) || (run.host < 0) !== (host < 0) || (host >= 0 && host !== run.host + run.length)) {
+      } else if (
+        kind !== run.kind ||
+        (kind === KIND_COMPRESSED && !forStatus) ||
+        run.host < 0 !== host < 0 ||
+        (host >= 0 && host !== run.host + run.length)
+      ) {
         return 0;
       }
       run.length += unitLen;
@@ -241,10 +273,20 @@ export class ClusterMapper {
     if (offset === 0) return 0;
     const entryAt = this.#l1Offset + index * 8;
     if (offset % this.#clusterSize !== 0) {
-      throw corrupt(this.#where, 'L1 entry', `L1 entry ${index}: L2 table offset ${hex(offset)} is not aligned to a cluster`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L1 entry',
+        `L1 entry ${index}: L2 table offset ${hex(offset)} is not aligned to a cluster`,
+        entryAt,
+      );
     }
     if (offset < this.#clusterSize || offset + this.#clusterSize > this.#file.size) {
-      throw corrupt(this.#where, 'L1 entry', `L1 entry ${index}: L2 table at ${hex(offset)} lies outside the file (${this.#file.size} bytes) or in the header`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L1 entry',
+        `L1 entry ${index}: L2 table at ${hex(offset)} lies outside the file (${this.#file.size} bytes) or in the header`,
+        entryAt,
+      );
     }
     return offset;
   }
@@ -253,18 +295,38 @@ export class ClusterMapper {
   #checkHost(l2Offset: number, index: number, hostOffset: number, guestClusterStart: number, reads: boolean): number {
     const entryAt = l2Offset + index * this.#h.l2EntrySize;
     if (hostOffset % this.#clusterSize !== 0) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} is not aligned to a cluster`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L2 entry',
+        `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} is not aligned to a cluster`,
+        entryAt,
+      );
     }
     if (this.#hasDataFile) {
       // External data files map guest offsets one to one.
       if (hostOffset !== guestClusterStart) {
-        throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: data file offset ${hex(hostOffset)} differs from the guest offset ${hex(guestClusterStart)}`, entryAt);
+        throw corrupt(
+          this.#where,
+          'L2 entry',
+          `L2 entry ${index} of the table at ${hex(l2Offset)}: data file offset ${hex(hostOffset)} differs from the guest offset ${hex(guestClusterStart)}`,
+          entryAt,
+        );
       }
     } else if (hostOffset < this.#clusterSize) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies in the header`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L2 entry',
+        `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies in the header`,
+        entryAt,
+      );
     }
     if (reads && hostOffset >= this.#dataFile.size) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies past the end of the ${this.#hasDataFile ? 'data file' : 'file'} (${this.#dataFile.size} bytes)`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L2 entry',
+        `L2 entry ${index} of the table at ${hex(l2Offset)}: cluster offset ${hex(hostOffset)} lies past the end of the ${this.#hasDataFile ? 'data file' : 'file'} (${this.#dataFile.size} bytes)`,
+        entryAt,
+      );
     }
     return hostOffset;
   }
@@ -272,14 +334,29 @@ export class ClusterMapper {
   #checkCompressed(l2Offset: number, index: number, host: number): void {
     const entryAt = l2Offset + index * this.#h.l2EntrySize;
     if (this.#hasDataFile) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster in an image with an external data file`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L2 entry',
+        `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster in an image with an external data file`,
+        entryAt,
+      );
     }
     if (host < this.#clusterSize || host >= this.#file.size) {
-      throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster descriptor points to ${hex(host)}, outside the file (${this.#file.size} bytes) or in the header`, entryAt);
+      throw corrupt(
+        this.#where,
+        'L2 entry',
+        `L2 entry ${index} of the table at ${hex(l2Offset)}: compressed cluster descriptor points to ${hex(host)}, outside the file (${this.#file.size} bytes) or in the header`,
+        entryAt,
+      );
     }
   }
 
   #invalidBitmap(l2Offset: number, index: number, why: string): never {
-    throw corrupt(this.#where, 'L2 entry', `L2 entry ${index} of the table at ${hex(l2Offset)}: invalid subcluster bitmap: ${why}`, l2Offset + index * this.#h.l2EntrySize + 8);
+    throw corrupt(
+      this.#where,
+      'L2 entry',
+      `L2 entry ${index} of the table at ${hex(l2Offset)}: invalid subcluster bitmap: ${why}`,
+      l2Offset + index * this.#h.l2EntrySize + 8,
+    );
   }
 }

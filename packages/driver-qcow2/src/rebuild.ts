@@ -107,7 +107,10 @@ function allocate(st: CheckState, count: number, firstFree: { value: number }): 
   for (; cluster < st.refs.size && free < count; cluster++) {
     if (st.refs.get(cluster) === 0) {
       free++;
-      if (firstGap) { firstFree.value = cluster; firstGap = false; }
+      if (firstGap) {
+        firstFree.value = cluster;
+        firstGap = false;
+      }
     } else {
       free = 0;
     }

@@ -83,15 +83,27 @@ export class Refcounts {
   }
 
   /** First byte after the last allocated cluster. */
-  get end(): number { return this.#next; }
-  get tableOffset(): number { return this.#tableOffset; }
-  get tableClusters(): number { return this.#table.length / this.#cs; }
-  get dirty(): boolean { return this.#tableDirty || this.#cache.dirtyCount > 0 || this.#oldTables.length > 0; }
+  get end(): number {
+    return this.#next;
+  }
+  get tableOffset(): number {
+    return this.#tableOffset;
+  }
+  get tableClusters(): number {
+    return this.#table.length / this.#cs;
+  }
+  get dirty(): boolean {
+    return this.#tableDirty || this.#cache.dirtyCount > 0 || this.#oldTables.length > 0;
+  }
   /** Dirty refcount blocks held in memory (a commit is due when many are). */
-  get dirtyBlocks(): number { return this.#cache.dirtyCount; }
+  get dirtyBlocks(): number {
+    return this.#cache.dirtyCount;
+  }
 
   /** Largest refcount an entry holds (2^refcount_bits - 1). */
-  get maxRefcount(): number { return this.#maxRefcount; }
+  get maxRefcount(): number {
+    return this.#maxRefcount;
+  }
 
   /**
    * Reserves `count` contiguous clusters at the end of the file, each with refcount 1;
@@ -103,7 +115,10 @@ export class Refcounts {
       for (;;) {
         const host = this.#next;
         const used = await this.#lastInUse(host, count);
-        if (used >= 0) { this.#next = used + this.#cs; continue; }
+        if (used >= 0) {
+          this.#next = used + this.#cs;
+          continue;
+        }
         this.#next += count * this.#cs;
         await this.#grow();
         await this.#increment(host, count);
@@ -203,7 +218,11 @@ export class Refcounts {
     const size = this.#file.size;
     if (size >= this.#next) return;
     if (!this.#file.resize) {
-      throw new BlockError('ENOSPC', `the image needs ${this.#next} bytes but its storage cannot grow (size ${size})`, { ...this.#where, op: 'write', offset: this.#next });
+      throw new BlockError('ENOSPC', `the image needs ${this.#next} bytes but its storage cannot grow (size ${size})`, {
+        ...this.#where,
+        op: 'write',
+        offset: this.#next,
+      });
     }
     const step = Math.min(Math.max(MIN_GROWTH, Math.floor(size / 8)), 1024 * 1024 * 1024);
     await this.#file.resize(Math.ceil((this.#next + step) / this.#cs) * this.#cs);
@@ -213,13 +232,14 @@ export class Refcounts {
   async #lastInUse(host: number, count: number): Promise<number> {
     let found = -1;
     const first = host / this.#cs;
-    for (let cluster = first; cluster < first + count;) {
+    for (let cluster = first; cluster < first + count; ) {
       const r = Math.floor(cluster / this.#perBlock);
       const blockOffset = this.#blockOffset(r);
       const n = Math.min(first + count - cluster, (r + 1) * this.#perBlock - cluster);
       if (blockOffset !== 0) {
         const block = await this.#cache.get(blockOffset);
-        for (let i = 0; i < n; i++) if (this.#read(block, (cluster + i) % this.#perBlock) !== 0) found = (cluster + i) * this.#cs;
+        for (let i = 0; i < n; i++)
+          if (this.#read(block, (cluster + i) % this.#perBlock) !== 0) found = (cluster + i) * this.#cs;
       }
       cluster += n;
     }
@@ -238,7 +258,12 @@ export class Refcounts {
       for (let i = first; i < first + n; i++) {
         const old = this.#read(block, i);
         if (old !== 0) {
-          throw corrupt({ ...this.#where, op: 'write' }, 'refcount block', `cluster ${hex((r * this.#perBlock + i) * this.#cs)} past the end of the used space already has refcount ${old}`, blockOffset);
+          throw corrupt(
+            { ...this.#where, op: 'write' },
+            'refcount block',
+            `cluster ${hex((r * this.#perBlock + i) * this.#cs)} past the end of the used space already has refcount ${old}`,
+            blockOffset,
+          );
         }
         this.#write(block, i, 1);
       }
@@ -254,7 +279,12 @@ export class Refcounts {
     const i = cluster % this.#perBlock;
     const v = this.#read(block, i) + delta;
     if (v < 0 || v > this.#maxRefcount) {
-      throw corrupt({ ...this.#where, op: 'write' }, 'refcount block', `refcount of cluster ${hex(cluster * this.#cs)} would become ${v}`, blockOffset);
+      throw corrupt(
+        { ...this.#where, op: 'write' },
+        'refcount block',
+        `refcount of cluster ${hex(cluster * this.#cs)} would become ${v}`,
+        blockOffset,
+      );
     }
     this.#write(block, i, v);
     this.#cache.markDirty(blockOffset);
@@ -291,7 +321,11 @@ export class Refcounts {
     // Enough entries for everything up to the table's end, plus blocks for its clusters.
     while (Math.ceil((this.#next / cs + clusters + 2) / this.#perBlock) + 2 > clusters * perCluster) clusters++;
     if (clusters * cs > MAX_REFTABLE_BYTES) {
-      throw new BlockError('EFBIG', `the image is too large for its refcount table (more than ${MAX_REFTABLE_BYTES} bytes); use larger clusters or refcount_bits`, { ...this.#where, op: 'write', field: 'refcount_table_clusters' });
+      throw new BlockError(
+        'EFBIG',
+        `the image is too large for its refcount table (more than ${MAX_REFTABLE_BYTES} bytes); use larger clusters or refcount_bits`,
+        { ...this.#where, op: 'write', field: 'refcount_table_clusters' },
+      );
     }
     const table = new Uint8Array(clusters * cs);
     table.set(this.#table);
@@ -313,7 +347,12 @@ export class Refcounts {
     const lo = this.#tableView.getUint32(r * 8 + 4);
     const offset = hi * TWO_32 + ((lo & ~(this.#cs - 1)) >>> 0);
     if (offset !== 0 && (offset % this.#cs !== 0 || offset + this.#cs > this.#file.size)) {
-      throw corrupt({ ...this.#where, op: 'write' }, 'refcount table', `refcount table entry ${r}: block offset ${hex(offset)} is unaligned or past the end of the file`, this.#tableOffset + r * 8);
+      throw corrupt(
+        { ...this.#where, op: 'write' },
+        'refcount table',
+        `refcount table entry ${r}: block offset ${hex(offset)} is unaligned or past the end of the file`,
+        this.#tableOffset + r * 8,
+      );
     }
     return offset;
   }
@@ -336,10 +375,14 @@ export class Refcounts {
 /** One refcount of a block; entries narrower than a byte are packed from the least significant bit, as QEMU stores them. */
 export function refcountAt(bytes: Uint8Array, view: DataView, bits: number, i: number): number {
   switch (bits) {
-    case 64: return view.getUint32(i * 8) * TWO_32 + view.getUint32(i * 8 + 4);
-    case 32: return view.getUint32(i * 4);
-    case 16: return view.getUint16(i * 2);
-    case 8: return bytes[i]!;
+    case 64:
+      return view.getUint32(i * 8) * TWO_32 + view.getUint32(i * 8 + 4);
+    case 32:
+      return view.getUint32(i * 4);
+    case 16:
+      return view.getUint16(i * 2);
+    case 8:
+      return bytes[i]!;
     default: {
       const bit = i * bits;
       return (bytes[bit >> 3]! >> (bit & 7)) & ((1 << bits) - 1);
@@ -349,10 +392,19 @@ export function refcountAt(bytes: Uint8Array, view: DataView, bits: number, i: n
 
 export function setRefcountAt(bytes: Uint8Array, view: DataView, bits: number, i: number, v: number): void {
   switch (bits) {
-    case 64: view.setUint32(i * 8, Math.floor(v / TWO_32)); view.setUint32(i * 8 + 4, v % TWO_32); return;
-    case 32: view.setUint32(i * 4, v); return;
-    case 16: view.setUint16(i * 2, v); return;
-    case 8: bytes[i] = v; return;
+    case 64:
+      view.setUint32(i * 8, Math.floor(v / TWO_32));
+      view.setUint32(i * 8 + 4, v % TWO_32);
+      return;
+    case 32:
+      view.setUint32(i * 4, v);
+      return;
+    case 16:
+      view.setUint16(i * 2, v);
+      return;
+    case 8:
+      bytes[i] = v;
+      return;
     default: {
       const bit = i * bits;
       const mask = ((1 << bits) - 1) << (bit & 7);

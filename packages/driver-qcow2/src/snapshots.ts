@@ -43,7 +43,12 @@ function u64(dv: DataView, off: number): number {
 }
 
 /** Reads and checks the snapshot table; reads at most what the entries need and the file holds. */
-export async function readSnapshotTable(h: Qcow2Header, fileSize: number, read: ReadMeta, where: Where): Promise<Snapshot[]> {
+export async function readSnapshotTable(
+  h: Qcow2Header,
+  fileSize: number,
+  read: ReadMeta,
+  where: Where,
+): Promise<Snapshot[]> {
   const out: Snapshot[] = [];
   if (h.nbSnapshots === 0) return out;
   const limit = Math.min(fileSize - h.snapshotsOffset, MAX_TABLE_BYTES);
@@ -51,7 +56,12 @@ export async function readSnapshotTable(h: Qcow2Header, fileSize: number, read: 
   const ensure = async (end: number, index: number, at: number): Promise<void> => {
     if (end <= buf.length) return;
     if (end > limit) {
-      throw corrupt(where, 'snapshot table', `snapshot ${index}: entry at ${h.snapshotsOffset + at} runs past the end of the ${end > MAX_TABLE_BYTES ? `table size limit (${MAX_TABLE_BYTES} bytes)` : `file (${fileSize} bytes)`}`, h.snapshotsOffset + at);
+      throw corrupt(
+        where,
+        'snapshot table',
+        `snapshot ${index}: entry at ${h.snapshotsOffset + at} runs past the end of the ${end > MAX_TABLE_BYTES ? `table size limit (${MAX_TABLE_BYTES} bytes)` : `file (${fileSize} bytes)`}`,
+        h.snapshotsOffset + at,
+      );
     }
     buf = await read(h.snapshotsOffset, Math.min(limit, Math.max(end, buf.length * 2)));
   };
@@ -64,7 +74,12 @@ export async function readSnapshotTable(h: Qcow2Header, fileSize: number, read: 
     const nameSize = dv.getUint16(at + 14);
     const extraSize = dv.getUint32(at + 36);
     if (extraSize > MAX_EXTRA_DATA) {
-      throw corrupt(where, 'snapshot table', `snapshot ${i}: ${extraSize} bytes of extra data (at most ${MAX_EXTRA_DATA})`, entryOffset + 36);
+      throw corrupt(
+        where,
+        'snapshot table',
+        `snapshot ${i}: ${extraSize} bytes of extra data (at most ${MAX_EXTRA_DATA})`,
+        entryOffset + 36,
+      );
     }
     const end = at + FIXED_BYTES + extraSize + idSize + nameSize;
     await ensure(end, i, at);
@@ -80,7 +95,9 @@ export async function readSnapshotTable(h: Qcow2Header, fileSize: number, read: 
       vmStateSize: extraSize >= 8 ? u64(dv, extra) : dv.getUint32(at + 32),
       ...(extraSize >= 16 ? { diskSize: u64(dv, extra + 8) } : {}),
       // All ones means "not recorded" (QEMU's -1).
-      ...(extraSize >= 24 && !(dv.getUint32(extra + 16) === 0xffff_ffff && dv.getUint32(extra + 20) === 0xffff_ffff) ? { icount: u64(dv, extra + 16) } : {}),
+      ...(extraSize >= 24 && !(dv.getUint32(extra + 16) === 0xffff_ffff && dv.getUint32(extra + 20) === 0xffff_ffff)
+        ? { icount: u64(dv, extra + 16) }
+        : {}),
       id: utf8.decode(buf.subarray(idAt, idAt + idSize)),
       name: utf8.decode(buf.subarray(idAt + idSize, idAt + idSize + nameSize)),
       entryOffset,
@@ -96,7 +113,10 @@ export async function readSnapshotTable(h: Qcow2Header, fileSize: number, read: 
  * The snapshot to read: `idOrName` matches an ID first, then a name (qemu-img -l X);
  * `id` and `name` must both match when both are given (-l snapshot.id=..,snapshot.name=..).
  */
-export function findSnapshot(list: readonly Snapshot[], sel: { idOrName?: string; id?: string; name?: string }): Snapshot | undefined {
+export function findSnapshot(
+  list: readonly Snapshot[],
+  sel: { idOrName?: string; id?: string; name?: string },
+): Snapshot | undefined {
   if (sel.idOrName !== undefined) {
     return list.find((s) => s.id === sel.idOrName) ?? list.find((s) => s.name === sel.idOrName);
   }
@@ -106,12 +126,23 @@ export function findSnapshot(list: readonly Snapshot[], sel: { idOrName?: string
 /** Checks a snapshot's L1 table before it is read: aligned, bounded, inside the file. */
 export function checkSnapshotL1(s: Snapshot, h: Qcow2Header, fileSize: number, where: Where): void {
   const field = `snapshot ${s.id} L1 table`;
-  if (s.l1Size * 8 > MAX_L1_BYTES) throw corrupt(where, field, `snapshot "${s.name}": l1_size ${s.l1Size} is too large`, s.entryOffset + 8);
+  if (s.l1Size * 8 > MAX_L1_BYTES)
+    throw corrupt(where, field, `snapshot "${s.name}": l1_size ${s.l1Size} is too large`, s.entryOffset + 8);
   if (s.l1Size === 0) return;
   if (s.l1TableOffset % h.clusterSize !== 0 || s.l1TableOffset < h.clusterSize) {
-    throw corrupt(where, field, `snapshot "${s.name}": L1 table offset ${s.l1TableOffset} is not a cluster-aligned offset past the header`, s.entryOffset);
+    throw corrupt(
+      where,
+      field,
+      `snapshot "${s.name}": L1 table offset ${s.l1TableOffset} is not a cluster-aligned offset past the header`,
+      s.entryOffset,
+    );
   }
   if (s.l1TableOffset + s.l1Size * 8 > fileSize) {
-    throw corrupt(where, field, `snapshot "${s.name}": L1 table at ${s.l1TableOffset} (${s.l1Size} entries) runs past the end of the file (${fileSize} bytes)`, s.entryOffset);
+    throw corrupt(
+      where,
+      field,
+      `snapshot "${s.name}": L1 table at ${s.l1TableOffset} (${s.l1Size} entries) runs past the end of the file (${fileSize} bytes)`,
+      s.entryOffset,
+    );
   }
 }

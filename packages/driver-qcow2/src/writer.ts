@@ -89,7 +89,9 @@ interface Inflight {
 
 function inflightRecord(): Inflight {
   let release!: () => void;
-  const done = new Promise<void>((r) => { release = r; });
+  const done = new Promise<void>((r) => {
+    release = r;
+  });
   return { done, release };
 }
 
@@ -155,11 +157,20 @@ export class Qcow2Writer {
     const end = offset + data.length;
     const tasks: Array<Promise<void>> = [];
     let failure: unknown;
-    const track = (t: Promise<void>): void => { tasks.push(t.catch((err: unknown) => { failure ??= err; })); };
+    const track = (t: Promise<void>): void => {
+      tasks.push(
+        t.catch((err: unknown) => {
+          failure ??= err;
+        }),
+      );
+    };
     try {
-      for (let pos = offset; pos < end && failure === undefined;) {
+      for (let pos = offset; pos < end && failure === undefined; ) {
         const waiting = this.#inflight.get(Math.floor(pos / this.#cs));
-        if (waiting) { await waiting.done; continue; }
+        if (waiting) {
+          await waiting.done;
+          continue;
+        }
         await this.#entry(pos, true);
         // Synchronous from here to the end of the segment: the entry as it is now, and the in-flight marks, agree.
         const e = this.#entryNow(pos);
@@ -176,7 +187,14 @@ export class Qcow2Writer {
           pos = segEnd;
         } else {
           const segEnd = this.#allocatingSegmentEnd(e, pos, stop);
-          track(this.#writeAllocating(pos, segEnd, data.subarray(pos - offset, segEnd - offset), e.host >= 0 && !e.compressed));
+          track(
+            this.#writeAllocating(
+              pos,
+              segEnd,
+              data.subarray(pos - offset, segEnd - offset),
+              e.host >= 0 && !e.compressed,
+            ),
+          );
           pos = segEnd;
         }
       }
@@ -207,7 +225,8 @@ export class Qcow2Writer {
     if (whole) {
       // Every L2 table the pieces need, read or allocated first; then a synchronous look at every cluster.
       for (const [a, b] of pieces) {
-        for (let pos = a; pos < b; pos = (Math.floor(pos / this.#coverage) + 1) * this.#coverage) await this.#entry(pos, true);
+        for (let pos = a; pos < b; pos = (Math.floor(pos / this.#coverage) + 1) * this.#coverage)
+          await this.#entry(pos, true);
       }
       whole = pieces.every(([a, b]) => this.#allFresh(a, b));
     }
@@ -273,10 +292,19 @@ export class Qcow2Writer {
     await this.#begin();
     const cs = this.#cs;
     if (this.#hasDataFile) {
-      throw new BlockError('ENOTSUP', 'compressed clusters cannot be written to an image with an external data file', { ...this.#p.where, op: 'write', offset });
+      throw new BlockError('ENOTSUP', 'compressed clusters cannot be written to an image with an external data file', {
+        ...this.#p.where,
+        op: 'write',
+        offset,
+      });
     }
     if (offset % cs !== 0 || (data.length % cs !== 0 && offset + data.length !== this.#size)) {
-      throw new BlockError('EINVAL', `compressed writes cover whole ${cs}-byte clusters`, { ...this.#p.where, op: 'write', offset, length: data.length });
+      throw new BlockError('EINVAL', `compressed writes cover whole ${cs}-byte clusters`, {
+        ...this.#p.where,
+        op: 'write',
+        offset,
+        length: data.length,
+      });
     }
     const count = Math.ceil(data.length / cs);
     let input = data;
@@ -297,12 +325,18 @@ export class Qcow2Writer {
         const piece = data.subarray(i * cs, Math.min((i + 1) * cs, data.length));
         for (;;) {
           const waiting = this.#inflight.get(guest / cs);
-          if (waiting) { await waiting.done; continue; }
+          if (waiting) {
+            await waiting.done;
+            continue;
+          }
           await this.#entry(guest, true);
           const e = this.#entryNow(guest);
           if (!e || this.#inflight.has(guest / cs)) continue;
           if (lengths[i] === STORE_UNCOMPRESSED || e.host >= 0 || e.compressed) plain.push(this.write(guest, piece));
-          else { items.push(i); this.#inflight.set(guest / cs, inflightRecord()); }
+          else {
+            items.push(i);
+            this.#inflight.set(guest / cs, inflightRecord());
+          }
           break;
         }
       }
@@ -327,9 +361,16 @@ export class Qcow2Writer {
   }
 
   /** Places, writes and links compressed clusters (`items`: their indexes in the request; data in slots of `packed`). */
-  async #storeCompressed(offset: number, items: readonly number[], lengths: Int32Array, packed: Uint8Array): Promise<void> {
+  async #storeCompressed(
+    offset: number,
+    items: readonly number[],
+    lengths: Int32Array,
+    packed: Uint8Array,
+  ): Promise<void> {
     const cs = this.#cs;
-    const release = (): void => { for (const i of items) this.#releaseInflight(offset + i * cs, offset + (i + 1) * cs); };
+    const release = (): void => {
+      for (const i of items) this.#releaseInflight(offset + i * cs, offset + (i + 1) * cs);
+    };
     try {
       const placed = await this.#place(items.map((i) => lengths[i]!));
       // Runs of neighbouring placements become one write each: their bytes are moved
@@ -459,7 +500,12 @@ export class Qcow2Writer {
   async #growData(end: number): Promise<void> {
     const size = this.#data.size;
     if (size >= end) return;
-    if (!this.#data.resize) throw new BlockError('ENOSPC', `the data file needs ${end} bytes but cannot grow (size ${size})`, { location: this.#data.location, op: 'write', offset: end });
+    if (!this.#data.resize)
+      throw new BlockError('ENOSPC', `the data file needs ${end} bytes but cannot grow (size ${size})`, {
+        location: this.#data.location,
+        op: 'write',
+        offset: end,
+      });
     await this.#data.resize(Math.min(this.#size, Math.max(end, size + 64 * 1024 * 1024)));
   }
 
@@ -480,7 +526,8 @@ export class Qcow2Writer {
       const e = (await this.#entry(pos, true))!;
       const n = Math.ceil(Math.min(this.#coverage, size - pos) / this.#cs);
       const host = this.#hasDataFile ? pos : await this.#refs.allocate(n);
-      for (let i = 0; i < n; i++) this.#setEntry(this.#decode(e.table, e.l2Offset, pos + i * this.#cs), host + i * this.#cs, false, 0, 0);
+      for (let i = 0; i < n; i++)
+        this.#setEntry(this.#decode(e.table, e.l2Offset, pos + i * this.#cs), host + i * this.#cs, false, 0, 0);
       runs.push([host, n * this.#cs]);
       await this.#commitIfFull();
     }
@@ -493,8 +540,12 @@ export class Qcow2Writer {
 
   // --- internals: segments -------------------------------------------------------
 
-  #clusterStart(pos: number): number { return Math.floor(pos / this.#cs) * this.#cs; }
-  #clusterEnd(pos: number): number { return this.#clusterStart(pos) + this.#cs; }
+  #clusterStart(pos: number): number {
+    return Math.floor(pos / this.#cs) * this.#cs;
+  }
+  #clusterEnd(pos: number): number {
+    return this.#clusterStart(pos) + this.#cs;
+  }
 
   /** Bits of the subclusters [from, to) of the cluster starting at cStart covers. */
   #bits(cStart: number, from: number, to: number): number {
@@ -577,7 +628,8 @@ export class Qcow2Writer {
       let first: Entry | undefined;
       while (!(first = this.#entryNow(pos))) await this.#entry(pos, true);
       const old: Entry[] = [];
-      for (let c = 0; c < clusters; c++) old.push(c === 0 ? first : this.#decode(first.table, first.l2Offset, firstCluster + c * this.#cs));
+      for (let c = 0; c < clusters; c++)
+        old.push(c === 0 ? first : this.#decode(first.table, first.l2Offset, firstCluster + c * this.#cs));
       // The clusters are ours (in flight), but the host cluster may have gone meanwhile.
       if (hosted && (old[0]!.host < 0 || old[0]!.compressed)) hosted = false;
       // Copy-on-write range: whole clusters, or whole subclusters with extended L2
@@ -597,7 +649,8 @@ export class Qcow2Writer {
         buf = this.#p.allocBuffer(end - start);
         const tasks: Array<Promise<unknown>> = [];
         if (start < pos) tasks.push(this.#p.readGuest(start, pos - start, buf.subarray(0, pos - start)));
-        if (end > segEnd) tasks.push(this.#p.readGuest(segEnd, end - segEnd, buf.subarray(segEnd - start, end - start)));
+        if (end > segEnd)
+          tasks.push(this.#p.readGuest(segEnd, end - segEnd, buf.subarray(segEnd - start, end - start)));
         await Promise.all(tasks);
         buf.set(data, pos - start);
       }
@@ -639,11 +692,15 @@ export class Qcow2Writer {
     const end = offset + length;
     const backing = this.#p.hasBacking;
     const v3 = this.#h.version === 3;
-    const zeroes = (from: number, to: number): Promise<void> => (discard ? Promise.resolve() : this.write(from, this.#zeroBuffer().subarray(0, to - from)));
-    for (let pos = offset; pos < end;) {
+    const zeroes = (from: number, to: number): Promise<void> =>
+      discard ? Promise.resolve() : this.write(from, this.#zeroBuffer().subarray(0, to - from));
+    for (let pos = offset; pos < end; ) {
       const c = Math.floor(pos / this.#cs);
       const waiting = this.#inflight.get(c);
-      if (waiting) { await waiting.done; continue; }
+      if (waiting) {
+        await waiting.done;
+        continue;
+      }
       const cStart = c * this.#cs;
       const cEnd = Math.min(cStart + this.#cs, end);
       const whole = pos === cStart && (cEnd === cStart + this.#cs || cEnd >= this.#size);
@@ -653,7 +710,11 @@ export class Qcow2Writer {
         pos = Math.min(end, (l1Index + 1) * this.#coverage);
         continue;
       }
-      if (!whole && !this.#ext) { await zeroes(pos, cEnd); pos = cEnd; continue; }
+      if (!whole && !this.#ext) {
+        await zeroes(pos, cEnd);
+        pos = cEnd;
+        continue;
+      }
       // A memory bound: a zero write over a huge range commits its tables as it goes.
       if (pos % this.#coverage === 0 || pos === offset) await this.#commitIfFull();
       await this.#entry(pos, backing && v3);
@@ -680,7 +741,14 @@ export class Qcow2Writer {
   }
 
   /** Zeroes [pos, cEnd) of one cluster with extended L2: whole subclusters by their bits, pieces by writing. */
-  async #zeroExtended(e: Entry, pos: number, cEnd: number, mayUnmap: boolean, discard: boolean, zeroes: (from: number, to: number) => Promise<void>): Promise<void> {
+  async #zeroExtended(
+    e: Entry,
+    pos: number,
+    cEnd: number,
+    mayUnmap: boolean,
+    discard: boolean,
+    zeroes: (from: number, to: number) => Promise<void>,
+  ): Promise<void> {
     // `e` is current on entry; after the awaits below it is looked up again.
     const cStart = this.#clusterStart(pos);
     const full = this.#fullBits(cStart, pos, cEnd);
@@ -720,7 +788,10 @@ export class Qcow2Writer {
   }
 
   #zeroBuffer(): Uint8Array {
-    if (!this.#zeroes) { this.#zeroes = this.#p.allocBuffer(this.#cs); this.#zeroes.fill(0); }
+    if (!this.#zeroes) {
+      this.#zeroes = this.#p.allocBuffer(this.#cs);
+      this.#zeroes.fill(0);
+    }
     return this.#zeroes;
   }
 
@@ -755,7 +826,12 @@ export class Qcow2Writer {
       l2Offset = await this.#newTable(l1Index);
     }
     if (l2Offset % this.#cs !== 0 || l2Offset + this.#cs > this.#file.size) {
-      throw corrupt(this.#p.where, 'L1 entry', `L1 entry ${l1Index}: L2 table offset ${hex(l2Offset)} is unaligned or outside the file`, this.#h.l1TableOffset + l1Index * 8);
+      throw corrupt(
+        this.#p.where,
+        'L1 entry',
+        `L1 entry ${l1Index}: L2 table offset ${hex(l2Offset)} is unaligned or outside the file`,
+        this.#h.l1TableOffset + l1Index * 8,
+      );
     }
     const table = await this.#cache.get(l2Offset);
     return this.#decode(table, l2Offset, pos);
@@ -787,7 +863,18 @@ export class Qcow2Writer {
     const offset = entryOffset(hi, lo);
     // Offset 0 is "none", except in a data file, where the copied flag marks guest cluster 0 allocated.
     const host = compressed || (offset === 0 && !(this.#hasDataFile && (hi & HI_COPIED) !== 0)) ? -1 : offset;
-    const e: Entry = { table, l2Offset, at, host, compressed, zero: !compressed && (lo & LO_ZERO) !== 0, zeroBits: 0, allocBits: 0, hi, lo };
+    const e: Entry = {
+      table,
+      l2Offset,
+      at,
+      host,
+      compressed,
+      zero: !compressed && (lo & LO_ZERO) !== 0,
+      zeroBits: 0,
+      allocBits: 0,
+      hi,
+      lo,
+    };
     if (this.#ext) {
       e.zeroBits = table.view.getUint32(at + 8);
       e.allocBits = table.view.getUint32(at + 12);
@@ -848,7 +935,12 @@ export class Qcow2Writer {
   async #commitIfFull(): Promise<void> {
     const now = performance.now();
     const due = now - this.#lastCommit >= COMMIT_INTERVAL_MS;
-    if (due || this.#cache.dirtyCount * 2 >= this.#cache.capacity || this.#refs.dirtyBlocks >= 64 || this.#frees.length >= MAX_PENDING_FREES) {
+    if (
+      due ||
+      this.#cache.dirtyCount * 2 >= this.#cache.capacity ||
+      this.#refs.dirtyBlocks >= 64 ||
+      this.#frees.length >= MAX_PENDING_FREES
+    ) {
       // One caller commits; the others of the same instant need not queue more.
       this.#lastCommit = now;
       await this.#commitAll();
@@ -878,7 +970,9 @@ export class Qcow2Writer {
       const taken = {
         frees: this.#frees,
         l2: this.#cache.takeDirty(),
-        l1: this.#l1Dirty ? new Uint8Array(this.#l1.buffer, this.#l1.byteOffset, this.#l1.byteLength).slice() : undefined,
+        l1: this.#l1Dirty
+          ? new Uint8Array(this.#l1.buffer, this.#l1.byteOffset, this.#l1.byteLength).slice()
+          : undefined,
         rc: this.#refs.capture(),
       };
       this.#frees = [];
@@ -938,8 +1032,17 @@ export class Qcow2Writer {
       if (!rcWritten) this.#refs.restore(rc);
       // Frees not applied yet go back: the next commit applies them (never twice).
       if (freeing || stage === 'freeing clusters') this.#frees.push(...released);
-      else { this.#frees.push(...frees); if (rcWritten) this.#refs.requeueOldTables(rc); }
-      if (err instanceof BlockError) throw new BlockError(err.code, `committing metadata (${stage}): ${err.message}`, { location: this.#p.where.location, op: 'flush', offset: err.offset, cause: err });
+      else {
+        this.#frees.push(...frees);
+        if (rcWritten) this.#refs.requeueOldTables(rc);
+      }
+      if (err instanceof BlockError)
+        throw new BlockError(err.code, `committing metadata (${stage}): ${err.message}`, {
+          location: this.#p.where.location,
+          op: 'flush',
+          offset: err.offset,
+          cause: err,
+        });
       throw err;
     }
   }
@@ -948,5 +1051,4 @@ export class Qcow2Writer {
     await this.#file.flush();
     this.#refcountsUnflushed = false;
   }
-
 }

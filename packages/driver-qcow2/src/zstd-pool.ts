@@ -67,7 +67,10 @@ parentPort.on('message', async (job) => {
 
 /** A frame of a batch failed: `index` says which. */
 export class ZstdBatchError extends Error {
-  constructor(message: string, readonly index: number) {
+  constructor(
+    message: string,
+    readonly index: number,
+  ) {
     super(message);
   }
 }
@@ -143,7 +146,12 @@ export class ZstdPool {
     let released = false;
     return {
       clusters: new Uint8Array(sab, outAt, count * size),
-      release: () => { if (!released) { released = true; this.#give(sab); } },
+      release: () => {
+        if (!released) {
+          released = true;
+          this.#give(sab);
+        }
+      },
     };
   }
 

@@ -13,8 +13,29 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
-import { checkCases, dataCluster, openFailures, refcountEntry, sample, type CorruptImage, type Verdict } from './corrupt-images.js';
-import { CLI, MiB, cliAsync, create, headerOf, patch, qemuImg, qemuIo, readBytes, removeDir, tempDir, u64 } from './helpers.js';
+import {
+  checkCases,
+  dataCluster,
+  openFailures,
+  refcountEntry,
+  sample,
+  type CorruptImage,
+  type Verdict,
+} from './corrupt-images.js';
+import {
+  CLI,
+  MiB,
+  cliAsync,
+  create,
+  headerOf,
+  patch,
+  qemuImg,
+  qemuIo,
+  readBytes,
+  removeDir,
+  tempDir,
+  u64,
+} from './helpers.js';
 
 const dir = tempDir('blockconv-qcow2-check-');
 process.on('exit', () => removeDir(dir));
@@ -33,8 +54,11 @@ function parseReport(stdout: string): Answer['report'] {
   const j = JSON.parse(stdout) as Record<string, number | undefined>;
   // qemu-img leaves out the counts that are 0.
   return {
-    corruptions: j.corruptions ?? 0, leaks: j.leaks ?? 0, checkErrors: j['check-errors'] ?? 0,
-    corruptionsFixed: j['corruptions-fixed'] ?? 0, leaksFixed: j['leaks-fixed'] ?? 0,
+    corruptions: j.corruptions ?? 0,
+    leaks: j.leaks ?? 0,
+    checkErrors: j['check-errors'] ?? 0,
+    corruptionsFixed: j['corruptions-fixed'] ?? 0,
+    leaksFixed: j['leaks-fixed'] ?? 0,
   };
 }
 
@@ -42,11 +66,17 @@ function qemuCheck(image: string, repair?: Repair): Answer {
   const args = ['check', '--output=json', ...(repair ? ['-r', repair] : []), image];
   try {
     // Problems are listed one line each on stderr: there may be hundreds of thousands.
-    const out = execFileSync('qemu-img', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], maxBuffer: 64 * MiB, timeout: 120_000 });
+    const out = execFileSync('qemu-img', args, {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'ignore'],
+      maxBuffer: 64 * MiB,
+      timeout: 120_000,
+    });
     return { status: 0, report: parseReport(out), stderr: '' };
   } catch (err) {
     const e = err as { stdout?: string; status?: number | null; signal?: string };
-    if (e.status === null || e.status === undefined) throw new Error(`qemu-img check did not finish (${e.signal ?? 'no status'})`);
+    if (e.status === null || e.status === undefined)
+      throw new Error(`qemu-img check did not finish (${e.signal ?? 'no status'})`);
     return { status: e.status, report: parseReport(String(e.stdout ?? '')), stderr: '' };
   }
 }
@@ -91,14 +121,22 @@ async function compare(c: CorruptImage, image: string, repair?: Repair): Promise
     assert.ok(q, what);
     assert.is(o.status, q.status, `exit code: ${what}: ${o.stderr}`);
     const fixedDiffer = repair && c.repairDiffers;
-    assert.equal(fixedDiffer ? { ...o.report, corruptionsFixed: 0 } : o.report, fixedDiffer ? { ...q.report, corruptionsFixed: 0 } : q.report, `report: ${what}`);
+    assert.equal(
+      fixedDiffer ? { ...o.report, corruptionsFixed: 0 } : o.report,
+      fixedDiffer ? { ...q.report, corruptionsFixed: 0 } : q.report,
+      `report: ${what}`,
+    );
   }
   if (!o.report) failsWithOneLine(o);
   if (repair && q) {
     // qemu-img judges the image blockconv repaired as it judges its own.
     const after = qemuCheck(ours);
     const own = qemuCheck(theirs);
-    assert.equal({ status: after.status, report: after.report }, { status: own.status, report: own.report }, `after the repair: ${what}`);
+    assert.equal(
+      { status: after.status, report: after.report },
+      { status: own.status, report: own.report },
+      `after the repair: ${what}`,
+    );
   }
   fs.rmSync(theirs);
   fs.rmSync(ours);
@@ -121,7 +159,7 @@ for (const c of [...openFailures, ...checkCases]) {
 table.run();
 
 const agreement = suite('check: what qemu-img check does not show');
-agreement('a leaked cluster: -r leaks reports the repair in qemu-img\'s words', async () => {
+agreement("a leaked cluster: -r leaks reports the repair in qemu-img's words", async () => {
   const image = sample(dir);
   const cs = headerOf(image).clusterSize;
   const clusters = Math.ceil(fs.statSync(image).size / cs);
@@ -130,42 +168,60 @@ agreement('a leaked cluster: -r leaks reports the repair in qemu-img\'s words', 
   const r = await cliAsync('check', '-r', 'leaks', image);
   assert.is(r.status, 0, r.stdout + r.stderr);
   assert.match(r.stdout, /1 leaked clusters/);
-  assert.equal(qemuCheck(image), { status: 0, report: { corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0 }, stderr: '' });
+  assert.equal(qemuCheck(image), {
+    status: 0,
+    report: { corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0 },
+    stderr: '',
+  });
 });
-agreement('a lazy-refcounts image left dirty: writing refused until check -r all repairs it and clears the bit', async () => {
-  const image = create(path.join(dir, 'lazy.qcow2'), 16 * MiB, { lazy_refcounts: true });
-  qemuIo(image, ['write -P 1 0 1M']);
-  // What a crash leaves: refcounts not yet written, the dirty bit set.
-  patch(image, refcountEntry(image, dataCluster(image) / headerOf(image).clusterSize), [0, 0]);
-  patch(image, 72 + 7, [0x01]);
-  const refused = await cliAsync('convert', '-n', '-O', 'qcow2', image, image);
-  assert.is.not(refused.status, 0);
-  assert.match(refused.stderr, /check -r all/);
-  const r = await cliAsync('check', '-r', 'all', image);
-  assert.is(r.status, 0, r.stdout + r.stderr);
-  assert.is(readBytes(image, 72, 8).readBigUInt64BE(0) & 1n, 0n, 'dirty bit cleared');
-  assert.is(qemuCheck(image).status, 0);
-});
-agreement('tables of garbage: a problem per entry counted, the lines kept bounded (found by the fuzz campaign)', async () => {
-  // 2 MiB clusters: an L2 table has 262144 entries. L1[0] made to point at a data cluster
-  // full of 0x11 bytes: every "entry" is a corruption (qemu-img counts them all too).
-  const image = path.join(dir, 'garbage-l2.qcow2');
-  create(image, 8 * MiB, { cluster_size: 2 * MiB });
-  qemuIo(image, ['write -P 0x11 2M 2M']);
-  const map = JSON.parse(qemuImg('map', '--output=json', image)) as Array<{ start: number; offset?: number; data: boolean }>;
-  const host = map.find((e) => e.data && e.start === 2 * MiB)!.offset!;
-  const h = headerOf(image);
-  patch(image, h.l1Offset, u64(host).map((b, i) => (i === 0 ? b | 0x80 : b))); // with COPIED
-  const ours = await ourCheck(image);
-  const q = qemuCheck(image);
-  assert.equal(summary(ours), summary(q));
-  assert.ok(ours.report!.corruptions > 100_000, `${ours.report!.corruptions} corruptions`);
-  const human = await cliAsync('check', image);
-  const lines = (human.stdout + human.stderr).split('\n');
-  assert.ok(lines.length < 10_100, `${lines.length} lines`);
-  assert.match(human.stdout + human.stderr, /\.\.\. and \d+ more lines like these \(the counts above include them\)/);
-  assert.not.match(human.stderr, /Maximum call stack/);
-});
+agreement(
+  'a lazy-refcounts image left dirty: writing refused until check -r all repairs it and clears the bit',
+  async () => {
+    const image = create(path.join(dir, 'lazy.qcow2'), 16 * MiB, { lazy_refcounts: true });
+    qemuIo(image, ['write -P 1 0 1M']);
+    // What a crash leaves: refcounts not yet written, the dirty bit set.
+    patch(image, refcountEntry(image, dataCluster(image) / headerOf(image).clusterSize), [0, 0]);
+    patch(image, 72 + 7, [0x01]);
+    const refused = await cliAsync('convert', '-n', '-O', 'qcow2', image, image);
+    assert.is.not(refused.status, 0);
+    assert.match(refused.stderr, /check -r all/);
+    const r = await cliAsync('check', '-r', 'all', image);
+    assert.is(r.status, 0, r.stdout + r.stderr);
+    assert.is(readBytes(image, 72, 8).readBigUInt64BE(0) & 1n, 0n, 'dirty bit cleared');
+    assert.is(qemuCheck(image).status, 0);
+  },
+);
+agreement(
+  'tables of garbage: a problem per entry counted, the lines kept bounded (found by the fuzz campaign)',
+  async () => {
+    // 2 MiB clusters: an L2 table has 262144 entries. L1[0] made to point at a data cluster
+    // full of 0x11 bytes: every "entry" is a corruption (qemu-img counts them all too).
+    const image = path.join(dir, 'garbage-l2.qcow2');
+    create(image, 8 * MiB, { cluster_size: 2 * MiB });
+    qemuIo(image, ['write -P 0x11 2M 2M']);
+    const map = JSON.parse(qemuImg('map', '--output=json', image)) as Array<{
+      start: number;
+      offset?: number;
+      data: boolean;
+    }>;
+    const host = map.find((e) => e.data && e.start === 2 * MiB)!.offset!;
+    const h = headerOf(image);
+    patch(
+      image,
+      h.l1Offset,
+      u64(host).map((b, i) => (i === 0 ? b | 0x80 : b)),
+    ); // with COPIED
+    const ours = await ourCheck(image);
+    const q = qemuCheck(image);
+    assert.equal(summary(ours), summary(q));
+    assert.ok(ours.report!.corruptions > 100_000, `${ours.report!.corruptions} corruptions`);
+    const human = await cliAsync('check', image);
+    const lines = (human.stdout + human.stderr).split('\n');
+    assert.ok(lines.length < 10_100, `${lines.length} lines`);
+    assert.match(human.stdout + human.stderr, /\.\.\. and \d+ more lines like these \(the counts above include them\)/);
+    assert.not.match(human.stderr, /Maximum call stack/);
+  },
+);
 
 agreement('raw images: check says the format has no checks, exit 63 as qemu-img', async () => {
   const raw = path.join(dir, 'plain.raw');
@@ -218,13 +274,22 @@ crash.before(() => {
 
 function killDuring(args: string[], delayMs: number): Promise<{ killed: boolean; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, 'convert', '--progress', 'json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [CLI, 'convert', '--progress', 'json', ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stderr = '';
     let timer: NodeJS.Timeout | undefined;
-    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d.toString();
+    });
     // The first progress line comes once the target exists: kill some time after it.
-    child.stdout.once('data', () => { timer = setTimeout(() => child.kill('SIGKILL'), delayMs); });
-    child.on('exit', (_code, signal) => { clearTimeout(timer); resolve({ killed: signal === 'SIGKILL', stderr }); });
+    child.stdout.once('data', () => {
+      timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+    });
+    child.on('exit', (_code, signal) => {
+      clearTimeout(timer);
+      resolve({ killed: signal === 'SIGKILL', stderr });
+    });
   });
 }
 
@@ -271,4 +336,3 @@ crash('at least 10 runs were killed before the copy finished', () => {
   assert.ok(killedRuns >= 10, `${killedRuns} of ${runs.length} runs were killed mid-copy`);
 });
 crash.run();
-

@@ -13,10 +13,26 @@ import * as assert from 'uvu/assert';
 import { usesNativeCodec } from '../src/compression.js';
 import { drivers as qcow2Drivers } from '../src/index.js';
 import {
-  KiB, MiB, blockError, create, findL2Entry, libConvert, patch, qemuConvert, qemuImg, qemuIo, readAll, registry, removeDir, tempDir,
+  KiB,
+  MiB,
+  blockError,
+  create,
+  findL2Entry,
+  libConvert,
+  patch,
+  qemuConvert,
+  qemuImg,
+  qemuIo,
+  readAll,
+  registry,
+  removeDir,
+  tempDir,
 } from './helpers.js';
 
-const native = await import('@blockconv/codec').then((m) => m.available, () => false);
+const native = await import('@blockconv/codec').then(
+  (m) => m.available,
+  () => false,
+);
 
 let dir = '';
 let n = 0;
@@ -41,7 +57,19 @@ function compressedImage(type: 'zlib' | 'zstd', cluster = 64 * KiB): { image: st
   hex(64 * KiB, 3).copy(data, 3 * MiB);
   fs.writeFileSync(src, data);
   const image = path.join(dir, `c${n++}.qcow2`);
-  qemuImg('convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${type},cluster_size=${cluster}`, src, image);
+  qemuImg(
+    'convert',
+    '-q',
+    '-c',
+    '-f',
+    'raw',
+    '-O',
+    'qcow2',
+    '-o',
+    `compression_type=${type},cluster_size=${cluster}`,
+    src,
+    image,
+  );
   const ref = path.join(dir, `ref${n++}.raw`);
   qemuConvert(image, ref);
   return { image, ref };
@@ -75,7 +103,11 @@ function paths(name: string, forceFallback: boolean): void {
         const img = await registry().open(image, { readOnly: true, format: 'qcow2' });
         try {
           const want = fs.readFileSync(ref);
-          for (const [at, len] of [[1000, 5000], [cluster - 7, 3 * cluster + 14], [MiB - 512, 2048]] as const) {
+          for (const [at, len] of [
+            [1000, 5000],
+            [cluster - 7, 3 * cluster + 14],
+            [MiB - 512, 2048],
+          ] as const) {
             if (at + len > img.size) continue;
             const got = await img.read(at, len);
             assert.ok(Buffer.from(got).equals(want.subarray(at, at + len)), `read(${at}, ${len})`);
@@ -92,7 +124,11 @@ function paths(name: string, forceFallback: boolean): void {
       let seen = 0;
       const { entry } = findL2Entry(image, (e) => (e & (1n << 62n)) !== 0n && seen++ === 1);
       const host = Number(entry & ((1n << 54n) - 1n));
-      patch(image, host, Array.from({ length: 64 }, (_, i) => (i * 53 + 7) & 0xff));
+      patch(
+        image,
+        host,
+        Array.from({ length: 64 }, (_, i) => (i * 53 + 7) & 0xff),
+      );
       const err = await blockError(readAll(image));
       assert.is(err.code, 'ECORRUPT', err.message);
       assert.is(err.field, 'compressed cluster');
@@ -133,8 +169,14 @@ function paths(name: string, forceFallback: boolean): void {
           const read = b.read.bind(b);
           const readSegments = b.readSegments!.bind(b);
           return Object.assign(b, {
-            read: (o: number, l: number, into?: Uint8Array) => { calls.read++; return read(o, l, into); },
-            readSegments: (into: Uint8Array, segs: SegmentList) => { calls.readSegments++; return readSegments(into, segs); },
+            read: (o: number, l: number, into?: Uint8Array) => {
+              calls.read++;
+              return read(o, l, into);
+            },
+            readSegments: (into: Uint8Array, segs: SegmentList) => {
+              calls.readSegments++;
+              return readSegments(into, segs);
+            },
           });
         },
       };

@@ -7,14 +7,32 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
-  KiB, MiB, be64, create, findL2Entry, firstL2, headerOf, patch, qemuImg, qemuIo, readBytes, u32, u64,
+  KiB,
+  MiB,
+  be64,
+  create,
+  findL2Entry,
+  firstL2,
+  headerOf,
+  patch,
+  qemuImg,
+  qemuIo,
+  readBytes,
+  u32,
+  u64,
 } from './helpers.js';
 
 /**
  * How opening an image for reading must fail: a BlockError with this code, naming this
  * field (and offset); `atImage`: its location is the image itself (not one it refers to).
  */
-export interface Expect { code: string; field?: string; offset?: number; message?: RegExp; atImage?: boolean }
+export interface Expect {
+  code: string;
+  field?: string;
+  offset?: number;
+  message?: RegExp;
+  atImage?: boolean;
+}
 
 /**
  * What a check answers: its exit code and, when it printed a report, the counts in it.
@@ -125,7 +143,15 @@ export const openFailures: readonly CorruptImage[] = [
       const h = headerOf(image);
       const { l1Index, l2Offset } = firstL2(image);
       fs.truncateSync(image, l2Offset + 4096);
-      return { image, open: { code: 'ECORRUPT', field: 'L1 entry', offset: h.l1Offset + 8 * l1Index, message: /L2 table at 0x[0-9a-f]+ lies outside the file/ } };
+      return {
+        image,
+        open: {
+          code: 'ECORRUPT',
+          field: 'L1 entry',
+          offset: h.l1Offset + 8 * l1Index,
+          message: /L2 table at 0x[0-9a-f]+ lies outside the file/,
+        },
+      };
     },
     qemu: { status: 2, corruptions: 17, leaks: 0 },
   },
@@ -144,7 +170,10 @@ export const openFailures: readonly CorruptImage[] = [
     make: (dir) => {
       const image = valid(dir);
       patch(image, 40, u64(fs.statSync(image).size + 64 * KiB * 16));
-      return { image, open: { code: 'ECORRUPT', field: 'l1_table_offset', offset: 40, message: /runs past the end of the file/ } };
+      return {
+        image,
+        open: { code: 'ECORRUPT', field: 'l1_table_offset', offset: 40, message: /runs past the end of the file/ },
+      };
     },
     qemu: { status: 2, corruptions: 1, leaks: 19 },
   },
@@ -154,7 +183,15 @@ export const openFailures: readonly CorruptImage[] = [
       const image = valid(dir);
       const { at, entry } = findL2Entry(image, (e) => e !== 0n);
       patch(image, at, be64((entry & ~0x00ff_ffff_ffff_fe00n) | BigInt(1 << 30)));
-      return { image, open: { code: 'ECORRUPT', field: 'L2 entry', offset: at, message: /cluster offset 0x40000000 lies past the end of the file/ } };
+      return {
+        image,
+        open: {
+          code: 'ECORRUPT',
+          field: 'L2 entry',
+          offset: at,
+          message: /cluster offset 0x40000000 lies past the end of the file/,
+        },
+      };
     },
     qemu: { status: 2, corruptions: 2, leaks: 1 },
   },
@@ -165,7 +202,15 @@ export const openFailures: readonly CorruptImage[] = [
       const h = headerOf(image);
       const { l1Index, l2Offset } = firstL2(image);
       patch(image, h.l1Offset + 8 * l1Index, be64(BigInt(l2Offset + 512) | (1n << 63n)));
-      return { image, open: { code: 'ECORRUPT', field: 'L1 entry', offset: h.l1Offset + 8 * l1Index, message: /L2 table offset 0x[0-9a-f]+ is not aligned/ } };
+      return {
+        image,
+        open: {
+          code: 'ECORRUPT',
+          field: 'L1 entry',
+          offset: h.l1Offset + 8 * l1Index,
+          message: /L2 table offset 0x[0-9a-f]+ is not aligned/,
+        },
+      };
     },
     qemu: { status: 2 },
   },
@@ -175,39 +220,79 @@ export const openFailures: readonly CorruptImage[] = [
       const image = valid(dir);
       const { at, entry } = findL2Entry(image, (e) => e !== 0n);
       patch(image, at, be64(entry + 512n));
-      return { image, open: { code: 'ECORRUPT', field: 'L2 entry', offset: at, message: /is not aligned to a cluster/ } };
+      return {
+        image,
+        open: { code: 'ECORRUPT', field: 'L2 entry', offset: at, message: /is not aligned to a cluster/ },
+      };
     },
     qemu: { status: 2, corruptions: 2, leaks: 0 },
   },
-  ...[8, 22, 0xffffffff].map((bits): CorruptImage => ({
-    name: `cluster_bits ${bits} out of range`,
-    make: (dir) => patched(dir, 20, u32(bits), { code: 'ECORRUPT', field: 'cluster_bits', offset: 20, message: new RegExp(`cluster_bits ${bits} is out of range`) }),
-    qemu: { status: 1, report: false },
-  })),
+  ...[8, 22, 0xffffffff].map(
+    (bits): CorruptImage => ({
+      name: `cluster_bits ${bits} out of range`,
+      make: (dir) =>
+        patched(dir, 20, u32(bits), {
+          code: 'ECORRUPT',
+          field: 'cluster_bits',
+          offset: 20,
+          message: new RegExp(`cluster_bits ${bits} is out of range`),
+        }),
+      qemu: { status: 1, report: false },
+    }),
+  ),
   {
     name: 'header_length too small',
-    make: (dir) => patched(dir, 100, u32(100), { code: 'ECORRUPT', field: 'header_length', offset: 100, message: /header_length 100 is too small/ }),
+    make: (dir) =>
+      patched(dir, 100, u32(100), {
+        code: 'ECORRUPT',
+        field: 'header_length',
+        offset: 100,
+        message: /header_length 100 is too small/,
+      }),
     qemu: { status: 1, report: false },
   },
   {
     name: 'header_length larger than a cluster',
-    make: (dir) => patched(dir, 100, u32(0x1000_0000), { code: 'ECORRUPT', field: 'header_length', offset: 100, message: /exceeds the cluster size/ }),
+    make: (dir) =>
+      patched(dir, 100, u32(0x1000_0000), {
+        code: 'ECORRUPT',
+        field: 'header_length',
+        offset: 100,
+        message: /exceeds the cluster size/,
+      }),
     qemu: { status: 1, report: false },
   },
   {
     name: 'l1_size larger than QEMU allows',
-    make: (dir) => patched(dir, 36, u32(0x7fff_ffff), { code: 'ECORRUPT', field: 'l1_size', offset: 36, message: /l1_size 2147483647 is too large/ }),
+    make: (dir) =>
+      patched(dir, 36, u32(0x7fff_ffff), {
+        code: 'ECORRUPT',
+        field: 'l1_size',
+        offset: 36,
+        message: /l1_size 2147483647 is too large/,
+      }),
     qemu: { status: 1, report: false },
   },
   {
-    name: 'l1_size within QEMU\'s limit but 8 MiB of table in a small file',
-    make: (dir) => patched(dir, 36, u32(0x0010_0000), { code: 'ECORRUPT', field: 'l1_table_offset', message: /runs past the end of the file/ }),
+    name: "l1_size within QEMU's limit but 8 MiB of table in a small file",
+    make: (dir) =>
+      patched(dir, 36, u32(0x0010_0000), {
+        code: 'ECORRUPT',
+        field: 'l1_table_offset',
+        message: /runs past the end of the file/,
+      }),
     // The table then reads the data clusters (0x01 bytes) as L2 offsets: many corruptions, counted alike.
     qemu: { status: 2 },
   },
   {
     name: 'l1_size too small for the virtual size',
-    make: (dir) => patched(dir, 24, u64(2 ** 40), { code: 'ECORRUPT', field: 'l1_size', offset: 36, message: /too small for the virtual size/ }),
+    make: (dir) =>
+      patched(dir, 24, u64(2 ** 40), {
+        code: 'ECORRUPT',
+        field: 'l1_size',
+        offset: 36,
+        message: /too small for the virtual size/,
+      }),
     qemu: { status: 1, report: false },
   },
   ...(['zlib', 'zstd'] as const).flatMap((type): CorruptImage[] => [
@@ -218,7 +303,15 @@ export const openFailures: readonly CorruptImage[] = [
         const { at, entry } = findL2Entry(image, (e) => (e & (1n << 62n)) !== 0n);
         const offsetMask = (1n << 54n) - 1n; // 64 KiB clusters: offset in bits 0..53
         patch(image, at, be64((entry & ~offsetMask) | BigInt(fs.statSync(image).size + 12345)));
-        return { image, open: { code: 'ECORRUPT', field: 'L2 entry', offset: at, message: /compressed cluster descriptor points to 0x[0-9a-f]+, outside the file/ } };
+        return {
+          image,
+          open: {
+            code: 'ECORRUPT',
+            field: 'L2 entry',
+            offset: at,
+            message: /compressed cluster descriptor points to 0x[0-9a-f]+, outside the file/,
+          },
+        };
       },
       // Less than a cluster past the end, which a check allows (compressed data is read
       // by whole sectors), and still in the last cluster, where the refcount counts it.
@@ -230,8 +323,20 @@ export const openFailures: readonly CorruptImage[] = [
         const image = compressed(dir, type);
         const { entry } = findL2Entry(image, (e) => (e & (1n << 62n)) !== 0n);
         const host = Number(entry & ((1n << 54n) - 1n));
-        patch(image, host, Array.from({ length: 64 }, (_, i) => (i * 37 + 11) & 0xff));
-        return { image, open: { code: 'ECORRUPT', field: 'compressed cluster', offset: host, message: new RegExp(`compressed cluster at guest offset 0: ${type}`) } };
+        patch(
+          image,
+          host,
+          Array.from({ length: 64 }, (_, i) => (i * 37 + 11) & 0xff),
+        );
+        return {
+          image,
+          open: {
+            code: 'ECORRUPT',
+            field: 'compressed cluster',
+            offset: host,
+            message: new RegExp(`compressed cluster at guest offset 0: ${type}`),
+          },
+        };
       },
       // The metadata is sound: check does not decompress.
       qemu: { status: 0, corruptions: 0, leaks: 0 },
@@ -245,10 +350,23 @@ export const openFailures: readonly CorruptImage[] = [
       create(a, MiB);
       create(b, MiB, { backing_file: path.basename(a), backing_fmt: 'qcow2' });
       qemuImg('rebase', '-u', '-f', 'qcow2', '-b', path.basename(b), '-F', 'qcow2', a);
-      return { image: a, open: { code: 'ECORRUPT', field: 'backing_file', message: /backing file loop: .*loop-a-\d+\.qcow2 -> .*loop-b-\d+\.qcow2 -> .*loop-a-\d+\.qcow2/, atImage: true } };
+      return {
+        image: a,
+        open: {
+          code: 'ECORRUPT',
+          field: 'backing_file',
+          message: /backing file loop: .*loop-a-\d+\.qcow2 -> .*loop-b-\d+\.qcow2 -> .*loop-a-\d+\.qcow2/,
+          atImage: true,
+        },
+      };
     },
     qemu: { status: 1, report: false },
-    ours: { status: 1, report: false, why: 'qemu-img 7.2 opens a looping chain forever (it spins at 100 % CPU); blockconv names the loop', qemuHangs: true },
+    ours: {
+      status: 1,
+      report: false,
+      why: 'qemu-img 7.2 opens a looping chain forever (it spins at 100 % CPU); blockconv names the loop',
+      qemuHangs: true,
+    },
   },
   {
     name: 'backing file that is the image itself',
@@ -259,7 +377,12 @@ export const openFailures: readonly CorruptImage[] = [
       return { image: self, open: { code: 'ECORRUPT', field: 'backing_file', message: /backing file loop/ } };
     },
     qemu: { status: 1, report: false },
-    ours: { status: 1, report: false, why: 'qemu-img 7.2 opens a looping chain forever; blockconv names the loop', qemuHangs: true },
+    ours: {
+      status: 1,
+      report: false,
+      why: 'qemu-img 7.2 opens a looping chain forever; blockconv names the loop',
+      qemuHangs: true,
+    },
   },
   {
     name: 'a backing chain deeper than the cap',
@@ -271,10 +394,17 @@ export const openFailures: readonly CorruptImage[] = [
         create(next, MiB, { backing_file: path.basename(prev), backing_fmt: 'qcow2' });
         prev = next;
       }
-      return { image: prev, open: { code: 'ENOTSUP', field: 'backing_file', message: /backing chain deeper than 64 images/ } };
+      return {
+        image: prev,
+        open: { code: 'ENOTSUP', field: 'backing_file', message: /backing chain deeper than 64 images/ },
+      };
     },
     qemu: { status: 0, corruptions: 0, leaks: 0 },
-    ours: { status: 1, report: false, why: 'blockconv opens at most 64 images of a chain (MAX_CHAIN_DEPTH) rather than recurse without bound; qemu-img has no cap' },
+    ours: {
+      status: 1,
+      report: false,
+      why: 'blockconv opens at most 64 images of a chain (MAX_CHAIN_DEPTH) rather than recurse without bound; qemu-img has no cap',
+    },
   },
   {
     name: 'missing backing file',
@@ -283,7 +413,15 @@ export const openFailures: readonly CorruptImage[] = [
       create(base, MiB);
       const top = create(name(dir, 'orphan'), MiB, { backing_file: path.basename(base), backing_fmt: 'qcow2' });
       fs.rmSync(base);
-      return { image: top, open: { code: 'ENOENT', field: 'backing_file', message: /cannot open backing file "gone-\d+\.qcow2"/, atImage: true } };
+      return {
+        image: top,
+        open: {
+          code: 'ENOENT',
+          field: 'backing_file',
+          message: /cannot open backing file "gone-\d+\.qcow2"/,
+          atImage: true,
+        },
+      };
     },
     qemu: { status: 1, report: false },
   },
@@ -299,7 +437,12 @@ export const openFailures: readonly CorruptImage[] = [
   },
   {
     name: 'unknown incompatible feature bit',
-    make: (dir) => patched(dir, 72, u64(1 << 7), { code: 'ENOTSUP', field: 'incompatible_features', message: /unsupported qcow2 feature: bit 7 \(known/ }),
+    make: (dir) =>
+      patched(dir, 72, u64(1 << 7), {
+        code: 'ENOTSUP',
+        field: 'incompatible_features',
+        message: /unsupported qcow2 feature: bit 7 \(known/,
+      }),
     qemu: { status: 1, report: false },
   },
   {
@@ -311,7 +454,14 @@ export const openFailures: readonly CorruptImage[] = [
       const entry = readBytes(image, 0, 4096).indexOf(Buffer.from('dirty bit'));
       if (entry <= 0) throw new Error('qemu-img wrote no feature name table');
       patch(image, entry - 1, [7]);
-      return { image, open: { code: 'ENOTSUP', field: 'incompatible_features', message: /unsupported qcow2 feature: bit 7 "dirty bit"/ } };
+      return {
+        image,
+        open: {
+          code: 'ENOTSUP',
+          field: 'incompatible_features',
+          message: /unsupported qcow2 feature: bit 7 "dirty bit"/,
+        },
+      };
     },
     qemu: { status: 1, report: false },
   },
@@ -322,25 +472,47 @@ export const openFailures: readonly CorruptImage[] = [
       qemuIo(image, ['write -P 1 0 4k']);
       const { at } = findL2Entry(image, (e) => e !== 0n);
       patch(image, at + 8, [0, 0, 0, 1, 0, 0, 0, 1]); // zero bit 0 and allocation bit 0
-      return { image, open: { code: 'ECORRUPT', field: 'L2 entry', offset: at + 8, message: /both allocated and zero/ } };
+      return {
+        image,
+        open: { code: 'ECORRUPT', field: 'L2 entry', offset: at + 8, message: /both allocated and zero/ },
+      };
     },
     qemu: { status: 2, corruptions: 1, leaks: 0 },
   },
-  ...([
-    ['bad magic', 0, [0x51, 0x46, 0x49, 0xfc], { code: 'ECORRUPT', field: 'magic', message: /bad magic/ }],
-    ['version 4', 4, u32(4), { code: 'ENOTSUP', field: 'version', message: /version 4 is not supported/ }],
-    ['AES encryption', 32, u32(1), { code: 'ENOTSUP', field: 'crypt_method', message: /encrypted qcow2 images \(AES\)/ }],
-    ['unknown crypt_method', 32, u32(9), { code: 'ECORRUPT', field: 'crypt_method', offset: 32 }],
-    ['refcount_order 7', 96, u32(7), { code: 'ECORRUPT', field: 'refcount_order', offset: 96 }],
-    ['compression type without its feature bit', 104, [1], { code: 'ECORRUPT', field: 'incompatible_features', message: /compression type feature bit is clear/ }],
-    ['refcount_table_clusters 0', 56, u32(0), { code: 'ECORRUPT', field: 'refcount_table_clusters', offset: 56 }],
-    ['refcount table offset not cluster aligned', 48, u64(3 * 512), { code: 'ECORRUPT', field: 'refcount_table_offset', offset: 48 }],
-    ['virtual size 2^60', 24, u64(2 ** 60), { code: 'ENOTSUP', field: 'size' }],
-  ] as const).map(([what, at, bytes, open]): CorruptImage => ({
-    name: `header field: ${what}`,
-    make: (dir) => patched(dir, at, [...bytes], open),
-    qemu: headerFieldVerdict(what),
-  })),
+  ...(
+    [
+      ['bad magic', 0, [0x51, 0x46, 0x49, 0xfc], { code: 'ECORRUPT', field: 'magic', message: /bad magic/ }],
+      ['version 4', 4, u32(4), { code: 'ENOTSUP', field: 'version', message: /version 4 is not supported/ }],
+      [
+        'AES encryption',
+        32,
+        u32(1),
+        { code: 'ENOTSUP', field: 'crypt_method', message: /encrypted qcow2 images \(AES\)/ },
+      ],
+      ['unknown crypt_method', 32, u32(9), { code: 'ECORRUPT', field: 'crypt_method', offset: 32 }],
+      ['refcount_order 7', 96, u32(7), { code: 'ECORRUPT', field: 'refcount_order', offset: 96 }],
+      [
+        'compression type without its feature bit',
+        104,
+        [1],
+        { code: 'ECORRUPT', field: 'incompatible_features', message: /compression type feature bit is clear/ },
+      ],
+      ['refcount_table_clusters 0', 56, u32(0), { code: 'ECORRUPT', field: 'refcount_table_clusters', offset: 56 }],
+      [
+        'refcount table offset not cluster aligned',
+        48,
+        u64(3 * 512),
+        { code: 'ECORRUPT', field: 'refcount_table_offset', offset: 48 },
+      ],
+      ['virtual size 2^60', 24, u64(2 ** 60), { code: 'ENOTSUP', field: 'size' }],
+    ] as const
+  ).map(
+    ([what, at, bytes, open]): CorruptImage => ({
+      name: `header field: ${what}`,
+      make: (dir) => patched(dir, at, [...bytes], open),
+      qemu: headerFieldVerdict(what),
+    }),
+  ),
   {
     name: 'header field: backing file name too long for its place',
     make: (dir) => {
@@ -357,7 +529,15 @@ export const openFailures: readonly CorruptImage[] = [
       const image = valid(dir);
       const h = readBytes(image, 0, 112);
       patch(image, h.readUInt32BE(100) + 4, u32(0x10_0000));
-      return { image, open: { code: 'ECORRUPT', field: 'header extension', offset: h.readUInt32BE(100), message: /running past the end of the header area/ } };
+      return {
+        image,
+        open: {
+          code: 'ECORRUPT',
+          field: 'header extension',
+          offset: h.readUInt32BE(100),
+          message: /running past the end of the header area/,
+        },
+      };
     },
     qemu: { status: 1, report: false },
   },
@@ -378,7 +558,14 @@ export const openFailures: readonly CorruptImage[] = [
       const image = valid(dir);
       qemuImg('snapshot', '-c', 'one', image);
       patch(image, headerOf(image).snapshotsOffset + 14, [0xff, 0xff]); // name_size 65535
-      return { image, open: { code: 'ECORRUPT', field: 'snapshot table', message: /snapshot 0: entry at \d+ runs past the end of the file/ } };
+      return {
+        image,
+        open: {
+          code: 'ECORRUPT',
+          field: 'snapshot table',
+          message: /snapshot 0: entry at \d+ runs past the end of the file/,
+        },
+      };
     },
     // A check reads the name past the end as zeroes; the longer table then covers a cluster with refcount 0.
     qemu: { status: 2, corruptions: 1, leaks: 0 },
@@ -409,9 +596,21 @@ const l2Of = (image: string): bigint => BigInt(firstL2(image).l2Offset);
  */
 export const checkCases: readonly CorruptImage[] = [
   { name: 'clean image', make: (dir) => ({ image: sample(dir) }), qemu: { status: 0, corruptions: 0, leaks: 0 } },
-  { name: 'clean image, compat 0.10', make: (dir) => ({ image: sample(dir, { compat: '0.10' }) }), qemu: { status: 0, corruptions: 0, leaks: 0 } },
-  { name: 'clean image, extended L2', make: (dir) => ({ image: sample(dir, { extended_l2: true }) }), qemu: { status: 0, corruptions: 0, leaks: 0 } },
-  { name: 'clean image, 1-bit refcounts, 4 KiB clusters', make: (dir) => ({ image: sample(dir, { refcount_bits: '1', cluster_size: '4096' }) }), qemu: { status: 0, corruptions: 0, leaks: 0 } },
+  {
+    name: 'clean image, compat 0.10',
+    make: (dir) => ({ image: sample(dir, { compat: '0.10' }) }),
+    qemu: { status: 0, corruptions: 0, leaks: 0 },
+  },
+  {
+    name: 'clean image, extended L2',
+    make: (dir) => ({ image: sample(dir, { extended_l2: true }) }),
+    qemu: { status: 0, corruptions: 0, leaks: 0 },
+  },
+  {
+    name: 'clean image, 1-bit refcounts, 4 KiB clusters',
+    make: (dir) => ({ image: sample(dir, { refcount_bits: '1', cluster_size: '4096' }) }),
+    qemu: { status: 0, corruptions: 0, leaks: 0 },
+  },
   {
     name: 'clean image with a snapshot',
     make: (dir) => {

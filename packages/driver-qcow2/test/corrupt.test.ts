@@ -10,26 +10,42 @@ import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { Qcow2Backend } from '../src/index.js';
 import { openFailures, valid, type Expect } from './corrupt-images.js';
-import { MiB, blockError, patch, qemuImg, readAll, readWhole, removeDir, spyRegistry, tempDir, u32, u64 } from './helpers.js';
+import {
+  MiB,
+  blockError,
+  patch,
+  qemuImg,
+  readAll,
+  readWhole,
+  removeDir,
+  spyRegistry,
+  tempDir,
+  u32,
+  u64,
+} from './helpers.js';
 
 const test = suite('corrupt images');
 let dir = '';
-test.before(() => { dir = tempDir(); });
+test.before(() => {
+  dir = tempDir();
+});
 test.after(() => removeDir(dir));
 
 /** Opens and reads the whole image through a spying registry; it must fail as expected and stay inside the files. */
 async function expectFailure(image: string, e: Expect, options: Record<string, string> = {}): Promise<BlockError> {
   const { reg, stats } = spyRegistry();
-  const err = await blockError((async () => {
-    const img = await reg.open(image, { readOnly: true, format: 'qcow2', options });
-    try {
-      await readWhole(img);
-      // Block status walks every table too.
-      for (let pos = 0; pos < img.size;) pos += (await img.blockStatus(pos, img.size - pos)).length;
-    } finally {
-      await img.close();
-    }
-  })());
+  const err = await blockError(
+    (async () => {
+      const img = await reg.open(image, { readOnly: true, format: 'qcow2', options });
+      try {
+        await readWhole(img);
+        // Block status walks every table too.
+        for (let pos = 0; pos < img.size; ) pos += (await img.blockStatus(pos, img.size - pos)).length;
+      } finally {
+        await img.close();
+      }
+    })(),
+  );
   assert.is(err.code, e.code, err.message);
   if (e.field !== undefined) assert.is(err.field, e.field, err.message);
   if (e.offset !== undefined) assert.is(err.offset, e.offset, err.message);
@@ -82,7 +98,11 @@ test('the corrupt bit: readable with a warning, writes refused', async () => {
 test('an unknown snapshot is a clear error listing the ones there are', async () => {
   const f = valid(dir);
   qemuImg('snapshot', '-c', 'present', f);
-  const err = await expectFailure(f, { code: 'ENOENT', field: 'snapshot', message: /no snapshot absent in the image \(snapshots: 1 "present"\)/ }, { snapshot: 'absent' });
+  const err = await expectFailure(
+    f,
+    { code: 'ENOENT', field: 'snapshot', message: /no snapshot absent in the image \(snapshots: 1 "present"\)/ },
+    { snapshot: 'absent' },
+  );
   assert.ok(err instanceof BlockError);
 });
 

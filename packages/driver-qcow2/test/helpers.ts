@@ -6,7 +6,15 @@ import { execFile, execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { BlockError, DriverRegistry, convert, type BlockBackend, type ImageOpenOptions, type SegmentList, type ProtocolDriver } from '@blockconv/core';
+import {
+  BlockError,
+  DriverRegistry,
+  convert,
+  type BlockBackend,
+  type ImageOpenOptions,
+  type SegmentList,
+  type ProtocolDriver,
+} from '@blockconv/core';
 import { drivers as rawDrivers, fileDriver } from '@blockconv/driver-raw';
 import { drivers as qcow2Drivers } from '../src/index.js';
 
@@ -36,12 +44,21 @@ export function qemuImg(...args: string[]): string {
 
 /** Runs qemu-io commands on an image (each -c one command). */
 export function qemuIo(image: string, commands: string[], extra: string[] = []): void {
-  execFileSync('qemu-io', [...extra, ...commands.flatMap((c) => ['-c', c]), image], { stdio: ['ignore', 'ignore', 'pipe'] });
+  execFileSync('qemu-io', [...extra, ...commands.flatMap((c) => ['-c', c]), image], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
 }
 
 /** Creates an image; `options` as for qemu-img create -o. */
-export function create(file: string, size: number | string, options: Record<string, string | number | boolean> = {}, format = 'qcow2'): string {
-  const o = Object.entries(options).map(([k, v]) => `${k}=${typeof v === 'boolean' ? (v ? 'on' : 'off') : v}`).join(',');
+export function create(
+  file: string,
+  size: number | string,
+  options: Record<string, string | number | boolean> = {},
+  format = 'qcow2',
+): string {
+  const o = Object.entries(options)
+    .map(([k, v]) => `${k}=${typeof v === 'boolean' ? (v ? 'on' : 'off') : v}`)
+    .join(',');
   qemuImg('create', '-q', '-f', format, ...(o ? ['-o', o] : []), file, String(size));
   return file;
 }
@@ -56,7 +73,12 @@ export function writeMixed(image: string, clusterSize: number, size: number, ext
     `write -P 0x44 ${size - 8192} 8192`,
   ];
   if (size >= 12 * c) {
-    cmds.push(`write -P 0x55 ${8 * c} ${2 * c}`, `write -z ${9 * c} ${c}`, `write -P 0x66 ${10 * c + 512} 1024`, `discard ${c} ${c}`);
+    cmds.push(
+      `write -P 0x55 ${8 * c} ${2 * c}`,
+      `write -z ${9 * c} ${c}`,
+      `write -P 0x66 ${10 * c + 512} 1024`,
+      `discard ${c} ${c}`,
+    );
   }
   qemuIo(image, [...cmds, ...extra]);
 }
@@ -82,7 +104,11 @@ export async function libConvert(image: string, out: string, options: ImageOpenO
   }
 }
 
-export interface CliResult { status: number; stdout: string; stderr: string }
+export interface CliResult {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
 
 let built = false;
 
@@ -93,10 +119,25 @@ let built = false;
 function ensureBuilt(): void {
   if (built) return;
   const root = fileURLToPath(new URL('..', import.meta.url));
-  const newest = (dir: string, ext: string): number => Math.max(0, ...fs.readdirSync(dir).filter((f) => f.endsWith(ext)).map((f) => fs.statSync(path.join(dir, f)).mtimeMs));
+  const newest = (dir: string, ext: string): number =>
+    Math.max(
+      0,
+      ...fs
+        .readdirSync(dir)
+        .filter((f) => f.endsWith(ext))
+        .map((f) => fs.statSync(path.join(dir, f)).mtimeMs),
+    );
   const dist = path.join(root, 'dist');
   if (!fs.existsSync(dist) || newest(path.join(root, 'src'), '.ts') > newest(dist, '.js')) {
-    execFileSync(process.execPath, [fileURLToPath(new URL('../../../node_modules/typescript/bin/tsc', import.meta.url)), '-p', path.join(root, 'tsconfig.json')], { stdio: 'inherit' });
+    execFileSync(
+      process.execPath,
+      [
+        fileURLToPath(new URL('../../../node_modules/typescript/bin/tsc', import.meta.url)),
+        '-p',
+        path.join(root, 'tsconfig.json'),
+      ],
+      { stdio: 'inherit' },
+    );
   }
   built = true;
 }
@@ -112,7 +153,11 @@ export function cliAsync(...args: string[]): Promise<CliResult> {
   ensureBuilt();
   return new Promise((resolve) => {
     execFile(process.execPath, [CLI, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
-      const status = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
+      const status = err
+        ? typeof (err as { code?: unknown }).code === 'number'
+          ? (err as { code: number }).code
+          : -1
+        : 0;
       resolve({ status, stdout, stderr });
     });
   });
@@ -124,7 +169,15 @@ export function sameFiles(a: string, b: string): boolean {
   return r.status === 0;
 }
 
-export interface MapEntry { start: number; length: number; depth: number; present: boolean; zero: boolean; data: boolean; offset?: number }
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
 
 /** Map entries as they are: core's mapImage reports what qemu-img map reports. */
 export function normalizeMap(entries: MapEntry[]): MapEntry[] {
@@ -172,10 +225,22 @@ export function u64(n: number): number[] {
 }
 
 /** The header fields tests patch around. */
-export function headerOf(file: string): { clusterSize: number; l1Offset: number; l1Size: number; refcountTableOffset: number; snapshotsOffset: number } {
+export function headerOf(file: string): {
+  clusterSize: number;
+  l1Offset: number;
+  l1Size: number;
+  refcountTableOffset: number;
+  snapshotsOffset: number;
+} {
   const h = readBytes(file, 0, 72);
   const big = (o: number) => Number(h.readBigUInt64BE(o));
-  return { clusterSize: 2 ** h.readUInt32BE(20), l1Offset: big(40), l1Size: h.readUInt32BE(36), refcountTableOffset: big(48), snapshotsOffset: big(64) };
+  return {
+    clusterSize: 2 ** h.readUInt32BE(20),
+    l1Offset: big(40),
+    l1Size: h.readUInt32BE(36),
+    refcountTableOffset: big(48),
+    snapshotsOffset: big(64),
+  };
 }
 
 /** The first non-zero L1 entry's L2 table offset. */
@@ -215,7 +280,10 @@ export function dropBackingFormat(file: string): void {
     const type = head.readUInt32BE(off);
     const len = head.readUInt32BE(off + 4);
     if (type === 0) break;
-    if (type === 0xe2792aca) { patch(file, off, u32(0x0000abcd)); return; }
+    if (type === 0xe2792aca) {
+      patch(file, off, u32(0x0000abcd));
+      return;
+    }
     off += 8 + Math.ceil(len / 8) * 8;
   }
   throw new Error('no backing format extension');
@@ -251,18 +319,43 @@ export async function readWhole(img: BlockBackend): Promise<Uint8Array> {
 }
 
 /** `reads` counts pieces read (each segment of a readSegments call), `requests` the calls. */
-export interface SpyStats { requests: number; reads: number; bytes: number; maxEnd: number; outside: number; size: number; log: Array<[number, number]> }
+export interface SpyStats {
+  requests: number;
+  reads: number;
+  bytes: number;
+  maxEnd: number;
+  outside: number;
+  size: number;
+  log: Array<[number, number]>;
+}
 
 /**
  * Wraps a backend, calling `onRead` before every read (once per segment of a
  * readSegments) and `onRequest` once per call; everything else passes through.
  */
-export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) => void, onRequest: () => void = () => {}): BlockBackend {
+export function spyOn(
+  b: BlockBackend,
+  onRead: (offset: number, length: number) => void,
+  onRequest: () => void = () => {},
+): BlockBackend {
   const spy: BlockBackend = {
-    driverName: b.driverName, location: b.location, size: b.size, readOnly: b.readOnly, limits: b.limits,
-    canZero: b.canZero, canDiscard: b.canDiscard, zeroInitialized: b.zeroInitialized,
-    canCompress: b.canCompress, canBlockStatus: b.canBlockStatus, canReadHolesCheaply: b.canReadHolesCheaply, canWriteOutOfOrder: b.canWriteOutOfOrder,
-    read: (offset, length, into) => { onRequest(); onRead(offset, length); return b.read(offset, length, into); },
+    driverName: b.driverName,
+    location: b.location,
+    size: b.size,
+    readOnly: b.readOnly,
+    limits: b.limits,
+    canZero: b.canZero,
+    canDiscard: b.canDiscard,
+    zeroInitialized: b.zeroInitialized,
+    canCompress: b.canCompress,
+    canBlockStatus: b.canBlockStatus,
+    canReadHolesCheaply: b.canReadHolesCheaply,
+    canWriteOutOfOrder: b.canWriteOutOfOrder,
+    read: (offset, length, into) => {
+      onRequest();
+      onRead(offset, length);
+      return b.read(offset, length, into);
+    },
     write: (o, d, f) => b.write(o, d, f),
     writeZeroes: (o, l, f) => b.writeZeroes(o, l, f),
     discard: (o, l) => b.discard(o, l),
@@ -273,13 +366,15 @@ export function spyOn(b: BlockBackend, onRead: (offset: number, length: number) 
   return Object.assign(spy, {
     ...(b.allocBuffer ? { allocBuffer: b.allocBuffer.bind(b) } : {}),
     ...(b.allocatedSize ? { allocatedSize: b.allocatedSize.bind(b) } : {}),
-    ...(b.readSegments ? {
-      readSegments: (into: Uint8Array, segments: SegmentList) => {
-        onRequest();
-        for (let i = 0; i < segments.count; i++) onRead(segments.offsetAt(i), segments.lengthAt(i));
-        return b.readSegments!(into, segments);
-      },
-    } : {}),
+    ...(b.readSegments
+      ? {
+          readSegments: (into: Uint8Array, segments: SegmentList) => {
+            onRequest();
+            for (let i = 0; i < segments.count; i++) onRead(segments.offsetAt(i), segments.lengthAt(i));
+            return b.readSegments!(into, segments);
+          },
+        }
+      : {}),
   });
 }
 
@@ -295,13 +390,19 @@ export function spyRegistry(options: { log?: boolean } = {}): { reg: DriverRegis
       const b = await fileDriver.open(location, openOptions);
       const s: SpyStats = { requests: 0, reads: 0, bytes: 0, maxEnd: 0, outside: 0, size: b.size, log: [] };
       stats.set(location, s);
-      return spyOn(b, (offset, length) => {
-        s.reads++;
-        s.bytes += length;
-        s.maxEnd = Math.max(s.maxEnd, offset + length);
-        if (offset < 0 || offset + length > b.size) s.outside++;
-        if (options.log) s.log.push([offset, length]);
-      }, () => { s.requests++; });
+      return spyOn(
+        b,
+        (offset, length) => {
+          s.reads++;
+          s.bytes += length;
+          s.maxEnd = Math.max(s.maxEnd, offset + length);
+          if (offset < 0 || offset + length > b.size) s.outside++;
+          if (options.log) s.log.push([offset, length]);
+        },
+        () => {
+          s.requests++;
+        },
+      );
     },
   };
   const reg = new DriverRegistry().register(...rawDrivers, ...qcow2Drivers, spyFile);

@@ -13,7 +13,9 @@ import { convert, forwardBackend, ungated, type BlockBackend, type CopyRequest }
 import { KiB, MiB, create, qemuImg, qemuIo, registry, removeDir, tempDir } from './helpers.js';
 
 let dir = '';
-test.before(() => { dir = tempDir('blockconv-qcow2-pipe-'); });
+test.before(() => {
+  dir = tempDir('blockconv-qcow2-pipe-');
+});
 test.after(() => removeDir(dir));
 
 /** Converts to a new raw file, counting the zero runs the target's copyFrom found (-1: declined). */
@@ -47,8 +49,15 @@ test('data clusters in runs, zero clusters, written zeroes and a fragmented host
   const image = create(path.join(dir, 'plain.qcow2'), '64M', { cluster_size: 65536 });
   // Written out of order, so that guest-contiguous clusters lie apart in the file.
   qemuIo(image, [
-    'write -P 0x21 8M 1M', 'write -P 0x11 0 3M', 'write -z 1M 256k', 'write -P 0x31 4M 64k', 'write -P 0x41 4224k 64k',
-    'write -P 0 6M 512k', 'write -P 0x51 9M 64k', 'write -P 0x61 8704k 128k', 'write -P 0x71 63M 1M',
+    'write -P 0x21 8M 1M',
+    'write -P 0x11 0 3M',
+    'write -z 1M 256k',
+    'write -P 0x31 4M 64k',
+    'write -P 0x41 4224k 64k',
+    'write -P 0 6M 512k',
+    'write -P 0x51 9M 64k',
+    'write -P 0x61 8704k 128k',
+    'write -P 0x71 63M 1M',
   ]);
   const out = path.join(dir, 'plain.raw');
   const { results, bytesWritten } = await pipedConvert(image, out);
@@ -65,7 +74,10 @@ test('compressed clusters and a backing file decline: read and written instead, 
   qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, compressed);
   let out = path.join(dir, 'compressed.raw');
   let r = await pipedConvert(compressed, out);
-  assert.ok(r.results.every((v) => v === -1), 'compressed: not piped');
+  assert.ok(
+    r.results.every((v) => v === -1),
+    'compressed: not piped',
+  );
   identical(compressed, out);
 
   const base = create(path.join(dir, 'base.qcow2'), '8M');
@@ -76,7 +88,7 @@ test('compressed clusters and a backing file decline: read and written instead, 
   r = await pipedConvert(top, out);
   // The top's own cluster is piped; chunks of the backing file's data are declined by
   // the qcow2 source before they reach the target, and read through the driver.
-  assert.equal(r.results, [0], 'only the top\'s own cluster reached the target');
+  assert.equal(r.results, [0], "only the top's own cluster reached the target");
   assert.is(r.bytesWritten, 8 * MiB);
   identical(top, out);
 });

@@ -15,11 +15,27 @@ import defaultDrivers, { drivers, openQcow2, qcow2Driver, type Qcow2Backend } fr
 import { zstdFrameLength } from '../src/compression.js';
 import { TableCache } from '../src/cache.js';
 import {
-  KiB, MiB, blockError, create, qemuConvert, qemuImg, qemuIo, readAll, readWhole, registry, removeDir, spyOn, spyRegistry, tempDir, writeMixed,
+  KiB,
+  MiB,
+  blockError,
+  create,
+  qemuConvert,
+  qemuImg,
+  qemuIo,
+  readAll,
+  readWhole,
+  registry,
+  removeDir,
+  spyOn,
+  spyRegistry,
+  tempDir,
+  writeMixed,
 } from './helpers.js';
 
 let dir = '';
-const setup = (): void => { dir = tempDir(); };
+const setup = (): void => {
+  dir = tempDir();
+};
 const teardown = (): void => removeDir(dir);
 
 const api = suite('exports and probe');
@@ -75,7 +91,10 @@ units('zstd frame measurement refuses what would be unsafe', () => {
   };
   fails(frame.slice(0, 11), /truncated/);
   fails([0x28, 0xb5, 0x2f, 0xfe, ...frame.slice(4)], /bad frame magic/);
-  fails([0x28, 0xb5, 0x2f, 0xfd, 0x60, 0x00, 0x00, 0x19, 0x00, 0x00, 1, 2, 3], /content size 256 is not the cluster size/);
+  fails(
+    [0x28, 0xb5, 0x2f, 0xfd, 0x60, 0x00, 0x00, 0x19, 0x00, 0x00, 1, 2, 3],
+    /content size 256 is not the cluster size/,
+  );
   fails([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0xf8, 0x19, 0x00, 0x00, 1, 2, 3], /window of \d+ bytes is too large/);
   fails([0x28, 0xb5, 0x2f, 0xfd, 0x61, 0x07, 0x00, 0xff, ...frame.slice(7)], /needs a dictionary/);
   fails([0x28, 0xb5, 0x2f, 0xfd, 0x60, 0x00, 0xff, 0x07, 0x00, 0x00], /reserved block type/);
@@ -117,26 +136,39 @@ io('readSegments: guest ranges around holes read as read() does, data runs in on
   const packed = path.join(dir, 'segs-c.qcow2');
   qemuImg('convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, packed);
   // Odd offsets and lengths, ranges that cross runs of every kind, out of order in the buffer.
-  const ranges = [[0, 3 * c + 17], [5 * c - 100, 4296], [8 * c + 1, 3 * c], [MiB - 513, 2 * MiB + 1024], [4 * MiB - 8192, 8192]];
+  const ranges = [
+    [0, 3 * c + 17],
+    [5 * c - 100, 4296],
+    [8 * c + 1, 3 * c],
+    [MiB - 513, 2 * MiB + 1024],
+    [4 * MiB - 8192, 8192],
+  ];
   for (const f of [plain, packed]) {
     const { reg, stats } = spyRegistry({ log: true });
     const img = await reg.open(f, { readOnly: true });
     try {
       let at = 0;
       const segs = new Float64Array(3 * ranges.length);
-      ranges.forEach(([o, n], i) => { segs.set([o!, n!, at], 3 * i); at += n! + 11; });
+      ranges.forEach(([o, n], i) => {
+        segs.set([o!, n!, at], 3 * i);
+        at += n! + 11;
+      });
       const into = new Uint8Array(at).fill(0xee);
       const s = stats.get(f)!;
       await img.read(0, 4 * MiB, new Uint8Array(4 * MiB)); // tables cached: count data requests only
       const before = s.requests;
       await img.readSegments!(into, new SegmentList(segs, ranges.length));
-      if (f === plain) assert.is(s.requests - before, 1, 'the data runs of all ranges in one request to the image file');
+      if (f === plain)
+        assert.is(s.requests - before, 1, 'the data runs of all ranges in one request to the image file');
       for (let i = 0; i < ranges.length; i++) {
         const [o, n] = ranges[i]!;
         const want = await img.read(o!, n!, new Uint8Array(n!));
         const pos = segs[3 * i + 2]!;
         assert.ok(Buffer.from(into.subarray(pos, pos + n!)).equals(want), `${path.basename(f)}: range ${o}+${n}`);
-        assert.ok(into.subarray(pos + n!, pos + n! + 11).every((b) => b === 0xee || pos + n! >= into.length), 'nothing written between ranges');
+        assert.ok(
+          into.subarray(pos + n!, pos + n! + 11).every((b) => b === 0xee || pos + n! >= into.length),
+          'nothing written between ranges',
+        );
       }
     } finally {
       await img.close();
@@ -156,10 +188,20 @@ io('neighbouring compressed clusters are fetched with one read and decompressed 
       const s = stats.get(f)!;
       const before = s.reads;
       const got = await img.read(0, 2 * MiB, new Uint8Array(2 * MiB));
-      assert.ok(got.every((b) => b === 3), `${type}: data`);
-      assert.ok(s.reads - before <= 2, `${type}: 32 compressed clusters in ${s.reads - before} reads (one for the L2 table)`);
+      assert.ok(
+        got.every((b) => b === 3),
+        `${type}: data`,
+      );
+      assert.ok(
+        s.reads - before <= 2,
+        `${type}: 32 compressed clusters in ${s.reads - before} reads (one for the L2 table)`,
+      );
       const ext = await img.blockStatus(0, 1);
-      assert.equal(ext, { kind: 'data', length: 4 * MiB }, `${type}: compressed clusters merge into one extent without offset`);
+      assert.equal(
+        ext,
+        { kind: 'data', length: 4 * MiB },
+        `${type}: compressed clusters merge into one extent without offset`,
+      );
     } finally {
       await img.close();
     }
@@ -176,10 +218,15 @@ io('the L2 cache stays within l2-cache-size; concurrent readers of one table sha
     const s = stats.get(f)!;
     const before = s.reads;
     // 16 readers of the same 32 KiB (one L2 table), at once.
-    const bufs = await Promise.all(Array.from({ length: 16 }, () => img.read(64 * KiB, 32 * KiB, new Uint8Array(32 * KiB))));
+    const bufs = await Promise.all(
+      Array.from({ length: 16 }, () => img.read(64 * KiB, 32 * KiB, new Uint8Array(32 * KiB))),
+    );
     assert.ok(bufs.every((b) => b.every((x) => x === 5)));
     const tableReads = s.log.slice(before).filter(([, len]) => len === 512 && s.log.length > 0).length;
-    assert.ok(img.cacheStats.misses === 1, `one miss, got ${JSON.stringify(img.cacheStats)} (${tableReads} table-sized reads)`);
+    assert.ok(
+      img.cacheStats.misses === 1,
+      `one miss, got ${JSON.stringify(img.cacheStats)} (${tableReads} table-sized reads)`,
+    );
     const all = await readWhole(img); // 128 tables through an 8-table cache
     assert.ok(all.every((x) => x === 5));
     assert.ok(img.cacheStats.tables <= 8, `${img.cacheStats.tables} tables cached`);
@@ -200,12 +247,18 @@ io('block status answers from cached tables and stops at uncached ones after a f
     const before = s.reads;
     const ext = await img.blockStatus(0, img.size);
     assert.is(ext.kind, 'zero');
-    assert.ok(ext.length >= 8 * MiB && ext.length < 64 * MiB, `extent of ${ext.length} bytes from a bounded number of table reads`);
+    assert.ok(
+      ext.length >= 8 * MiB && ext.length < 64 * MiB,
+      `extent of ${ext.length} bytes from a bounded number of table reads`,
+    );
     assert.ok(s.reads - before <= 5, `${s.reads - before} table reads`);
     // Asked again, the cached part is walked without I/O and at most the budget of new tables is read.
     const again = s.reads;
     const ext2 = await img.blockStatus(0, img.size);
-    assert.ok(ext2.length > ext.length && s.reads - again <= 4, `${ext2.length} bytes, ${s.reads - again} more table reads`);
+    assert.ok(
+      ext2.length > ext.length && s.reads - again <= 4,
+      `${ext2.length} bytes, ${s.reads - again} more table reads`,
+    );
     const inside = s.reads;
     const ext3 = await img.blockStatus(MiB, MiB);
     assert.ok(s.reads - inside <= 4, 'never more than the budget per call');
@@ -219,7 +272,11 @@ io('block status answers from cached tables and stops at uncached ones after a f
 io('O_DIRECT below, 512-byte clusters, compressed and backing data: aligned requests, same bytes', async () => {
   const base = create(path.join(dir, 'od-base.raw'), 3 * MiB + 1536, {}, 'raw');
   qemuIo(base, ['write -P 0x61 0 3M'], ['-f', 'raw']);
-  const f = create(path.join(dir, 'od.qcow2'), 4 * MiB, { cluster_size: 512, backing_file: 'od-base.raw', backing_fmt: 'raw' });
+  const f = create(path.join(dir, 'od.qcow2'), 4 * MiB, {
+    cluster_size: 512,
+    backing_file: 'od-base.raw',
+    backing_fmt: 'raw',
+  });
   qemuIo(f, ['write -P 1 1000k 100k', 'write -c -P 2 2M 512', 'write -z 2560k 2k', 'write -P 3 3M 512']);
   const ref = path.join(dir, 'od.raw');
   qemuConvert(f, ref);
@@ -232,7 +289,8 @@ io('O_DIRECT below, 512-byte clusters, compressed and backing data: aligned requ
       const b = await fileDriver.open(location, options);
       return spyOn(b, (offset, length) => {
         const a = b.limits.requestAlignment;
-        if (offset % a !== 0 || (length % a !== 0 && offset + length !== b.size)) misaligned.push(`${location} ${offset}+${length}`);
+        if (offset % a !== 0 || (length % a !== 0 && offset + length !== b.size))
+          misaligned.push(`${location} ${offset}+${length}`);
       });
     },
   };
@@ -243,7 +301,11 @@ io('O_DIRECT below, 512-byte clusters, compressed and backing data: aligned requ
     assert.is(img.limits.minMemAlignment, 4096);
     assert.type(img.allocBuffer, 'function');
     const got = Buffer.alloc(img.size);
-    for (const [off, len] of [[0, img.size], [4096, 8192], [2 * MiB - 4096, 12288]] as const) {
+    for (const [off, len] of [
+      [0, img.size],
+      [4096, 8192],
+      [2 * MiB - 4096, 12288],
+    ] as const) {
       const part = await img.read(off, len, img.allocBuffer!(len));
       got.set(part, off);
       assert.ok(Buffer.from(part).equals(want.subarray(off, off + len)), `${off}+${len}`);
@@ -322,8 +384,18 @@ function conformanceImage(): string {
     process.on('exit', () => removeDir(confDir));
     const base = create(path.join(confDir, 'base.qcow2'), 9 * MiB);
     qemuIo(base, ['write -P 0x10 0 9M']);
-    const top = create(path.join(confDir, 'top.qcow2'), 9 * MiB, { backing_file: 'base.qcow2', backing_fmt: 'qcow2', extended_l2: true });
-    qemuIo(top, ['write -P 1 0 64k', 'write -P 2 100k 3k', 'write -z 1M 512k', 'write -c -P 3 4M 64k', 'write -z -u 6M 64k']);
+    const top = create(path.join(confDir, 'top.qcow2'), 9 * MiB, {
+      backing_file: 'base.qcow2',
+      backing_fmt: 'qcow2',
+      extended_l2: true,
+    });
+    qemuIo(top, [
+      'write -P 1 0 64k',
+      'write -P 2 100k 3k',
+      'write -z 1M 512k',
+      'write -c -P 3 4M 64k',
+      'write -z -u 6M 64k',
+    ]);
   }
   return path.join(confDir, 'top.qcow2');
 }

@@ -11,7 +11,19 @@ import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { BlockError, type BlockBackend } from '@blockconv/core';
 import { conformance } from '@blockconv/core/testkit';
-import { KiB, MiB, cliAsync, create, headerOf, patch, qemuImg, qemuIo, registry, removeDir, tempDir } from './helpers.js';
+import {
+  KiB,
+  MiB,
+  cliAsync,
+  create,
+  headerOf,
+  patch,
+  qemuImg,
+  qemuIo,
+  registry,
+  removeDir,
+  tempDir,
+} from './helpers.js';
 
 const dir = tempDir('blockconv-qcow2-write-');
 process.on('exit', () => removeDir(dir));
@@ -46,10 +58,19 @@ function assertSame(a: string, b: string): void {
 const source = path.join(dir, 'source.raw');
 fs.writeFileSync(source, '');
 fs.truncateSync(source, 24 * MiB);
-qemuIo(source, [
-  'write -P 0x11 0 3M', 'write -P 0x22 3200k 4k', 'write -P 0x33 5M 1536', 'write -P 0x44 9999872 70000',
-  'write -P 0x55 12M 9M', 'write -z 14M 64k', 'write -P 0x66 24572k 4k',
-], ['-f', 'raw']);
+qemuIo(
+  source,
+  [
+    'write -P 0x11 0 3M',
+    'write -P 0x22 3200k 4k',
+    'write -P 0x33 5M 1536',
+    'write -P 0x44 9999872 70000',
+    'write -P 0x55 12M 9M',
+    'write -z 14M 64k',
+    'write -P 0x66 24572k 4k',
+  ],
+  ['-f', 'raw'],
+);
 
 const convertTo = suite('convert -O qcow2 -o ...: qemu-img check clean, identical to the source');
 const variants: Array<[string, string[]]> = [
@@ -70,7 +91,10 @@ const variants: Array<[string, string[]]> = [
   ['-S 0 (everything written)', ['-S', '0']],
   ['data_file', ['-o', `data_file=${path.join(dir, 'v-data.raw')}`]],
   ['data_file with extended_l2', ['-o', `data_file=${path.join(dir, 'v-data-ext.raw')},extended_l2=on`]],
-  ['data_file_raw (the data file is the raw image)', ['-o', `data_file=${path.join(dir, 'v-data-raw.raw')},data_file_raw=on`]],
+  [
+    'data_file_raw (the data file is the raw image)',
+    ['-o', `data_file=${path.join(dir, 'v-data-raw.raw')},data_file_raw=on`],
+  ],
 ];
 for (const [name, args] of variants) {
   convertTo(name, async () => {
@@ -79,7 +103,11 @@ for (const [name, args] of variants) {
     assert.is(r.status, 0, r.stderr);
     assertClean(out);
     assertSame(source, out);
-    const info = JSON.parse(qemuImg('info', '--output=json', out)) as { format: string; 'virtual-size': number; 'format-specific': { data: Record<string, unknown> } };
+    const info = JSON.parse(qemuImg('info', '--output=json', out)) as {
+      format: string;
+      'virtual-size': number;
+      'format-specific': { data: Record<string, unknown> };
+    };
     assert.is(info.format, 'qcow2');
     assert.is(info['virtual-size'], 24 * MiB);
     if (name.startsWith('compat=0.10')) assert.is(info['format-specific'].data.compat, '0.10');
@@ -87,9 +115,15 @@ for (const [name, args] of variants) {
     if (name.startsWith('lazy')) assert.is(info['format-specific'].data['lazy-refcounts'], true);
     if (name.startsWith('compression_type')) assert.is(info['format-specific'].data['compression-type'], 'zstd');
     if (name.startsWith('refcount_bits=1')) assert.is(info['format-specific'].data['refcount-bits'], 1);
-    if (name.startsWith('cluster_size=512')) assert.is.not(headerOf(out).refcountTableOffset, 512, 'the refcount table moved');
-    if (name.startsWith('data_file')) assert.ok(info['format-specific'].data['data-file'], 'qemu-img info names the data file');
-    if (name.startsWith('data_file_raw')) assert.ok(fs.readFileSync(path.join(dir, 'v-data-raw.raw')).equals(fs.readFileSync(source)), 'the raw data file equals the source');
+    if (name.startsWith('cluster_size=512'))
+      assert.is.not(headerOf(out).refcountTableOffset, 512, 'the refcount table moved');
+    if (name.startsWith('data_file'))
+      assert.ok(info['format-specific'].data['data-file'], 'qemu-img info names the data file');
+    if (name.startsWith('data_file_raw'))
+      assert.ok(
+        fs.readFileSync(path.join(dir, 'v-data-raw.raw')).equals(fs.readFileSync(source)),
+        'the raw data file equals the source',
+      );
     // qemu-io reads it too.
     qemuIo(out, ['read -P 0x55 12M 2M', 'read -P 0 14M 64k'], ['-r']);
     fs.rmSync(out);
@@ -101,10 +135,11 @@ convertTo('size: blockconv allocates what qemu-img allocates', async () => {
   const r = await cliAsync('convert', '-O', 'qcow2', source, ours);
   assert.is(r.status, 0, r.stderr);
   qemuImg('convert', '-O', 'qcow2', source, theirs);
-  const used = (f: string) => (JSON.parse(qemuImg('check', '--output=json', f)) as { 'allocated-clusters': number })['allocated-clusters'];
+  const used = (f: string) =>
+    (JSON.parse(qemuImg('check', '--output=json', f)) as { 'allocated-clusters': number })['allocated-clusters'];
   assert.is(used(ours), used(theirs));
 });
-convertTo('bad options get qemu-img\'s kind of error', async () => {
+convertTo("bad options get qemu-img's kind of error", async () => {
   const out = path.join(dir, 'bad.qcow2');
   const cases: Array<[string, RegExp]> = [
     ['cluster_size=1000', /power of two between 512 and 2048k/],
@@ -126,7 +161,18 @@ convertTo('bad options get qemu-img\'s kind of error', async () => {
   }
   const help = await cliAsync('convert', '-O', 'qcow2', '-o', 'help', source, out);
   assert.is(help.status, 0);
-  for (const name of ['cluster_size', 'compat', 'lazy_refcounts', 'refcount_bits', 'compression_type', 'extended_l2', 'preallocation', 'backing_file', 'backing_fmt', 'data_file']) {
+  for (const name of [
+    'cluster_size',
+    'compat',
+    'lazy_refcounts',
+    'refcount_bits',
+    'compression_type',
+    'extended_l2',
+    'preallocation',
+    'backing_file',
+    'backing_fmt',
+    'data_file',
+  ]) {
     assert.match(help.stdout, new RegExp(`\\b${name}\\b`), name);
   }
 });
@@ -167,8 +213,16 @@ for (const [name, options, env] of [
     qemuImg('convert', '-c', '-O', 'qcow2', '-o', options, textLike, theirs);
     assertClean(ours);
     assertSame(textLike, ours);
-    const stats = (f: string) => JSON.parse(qemuImg('check', '--output=json', f)) as { 'compressed-clusters': number; 'allocated-clusters': number };
-    assert.is(stats(ours)['compressed-clusters'], stats(theirs)['compressed-clusters'], 'as many compressed clusters as qemu-img');
+    const stats = (f: string) =>
+      JSON.parse(qemuImg('check', '--output=json', f)) as {
+        'compressed-clusters': number;
+        'allocated-clusters': number;
+      };
+    assert.is(
+      stats(ours)['compressed-clusters'],
+      stats(theirs)['compressed-clusters'],
+      'as many compressed clusters as qemu-img',
+    );
     const size = (f: string) => fs.statSync(f).size;
     // Node's own zlib (the fallback) finds better matches than Debian's: smaller is fine.
     assert.ok(size(ours) <= 1.02 * size(theirs), `size ${size(ours)} at most 2% over qemu-img's ${size(theirs)}`);
@@ -189,18 +243,35 @@ convertTo('convert -B: only what differs from the backing file is written, as qe
     fs.rmSync(theirs, { force: true });
     const r = await cliAsync('convert', '-O', 'qcow2', ...extra, '-B', 'B-base.qcow2', '-F', 'qcow2', top, ours);
     assert.is(r.status, 0, r.stderr);
-    qemuImg('convert', '-O', 'qcow2', ...extra.filter((a) => a !== '-W' && a !== '-m' && a !== '16'), '-B', 'B-base.qcow2', '-F', 'qcow2', top, theirs);
+    qemuImg(
+      'convert',
+      '-O',
+      'qcow2',
+      ...extra.filter((a) => a !== '-W' && a !== '-m' && a !== '16'),
+      '-B',
+      'B-base.qcow2',
+      '-F',
+      'qcow2',
+      top,
+      theirs,
+    );
     assertClean(ours);
     assertSame(top, ours);
-    const info = JSON.parse(qemuImg('info', '--output=json', ours)) as { 'backing-filename': string; 'backing-filename-format': string };
+    const info = JSON.parse(qemuImg('info', '--output=json', ours)) as {
+      'backing-filename': string;
+      'backing-filename-format': string;
+    };
     assert.is(info['backing-filename'], 'B-base.qcow2');
     assert.is(info['backing-filename-format'], 'qcow2');
     // qemu-img copies whatever the source's top layer allocates; blockconv compares contents,
     // so the cluster at 8M, rewritten in the top with the base's bytes, stays unallocated.
-    const used = (f: string) => (JSON.parse(qemuImg('check', '--output=json', f)) as { 'allocated-clusters': number })['allocated-clusters'];
+    const used = (f: string) =>
+      (JSON.parse(qemuImg('check', '--output=json', f)) as { 'allocated-clusters': number })['allocated-clusters'];
     const cs = extra.includes('cluster_size=4k') ? 4096 : 65536;
     assert.is(used(ours), used(theirs) - 65536 / cs, `allocated clusters, ${extra.join(' ')}`);
-    const at8M = (JSON.parse(qemuImg('map', '--output=json', ours)) as Array<{ start: number; length: number; depth: number }>).find((m) => m.start <= 8 * MiB && 8 * MiB < m.start + m.length)!;
+    const at8M = (
+      JSON.parse(qemuImg('map', '--output=json', ours)) as Array<{ start: number; length: number; depth: number }>
+    ).find((m) => m.start <= 8 * MiB && 8 * MiB < m.start + m.length)!;
     assert.is(at8M.depth, 1, 'read from the backing file');
   }
   const refused = await cliAsync('convert', '-O', 'raw', '-B', 'B-base.qcow2', top, path.join(dir, 'B.raw'));
@@ -218,10 +289,22 @@ const random = suite('random writes, zero writes and discards agree with a byte 
 
 function rng(seed: number): () => number {
   let x = seed >>> 0 || 1;
-  return () => { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x / 0x1_0000_0000; };
+  return () => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x / 0x1_0000_0000;
+  };
 }
 
-interface RandomCase { name: string; options: Record<string, string>; backing?: boolean; size: number }
+interface RandomCase {
+  name: string;
+  options: Record<string, string>;
+  backing?: boolean;
+  size: number;
+}
 const cases: RandomCase[] = [
   { name: 'defaults', options: {}, size: 8 * MiB },
   { name: 'backing file', options: {}, backing: true, size: 8 * MiB },
@@ -229,10 +312,23 @@ const cases: RandomCase[] = [
   { name: 'compat=0.10', options: { compat: '0.10' }, size: 8 * MiB },
   { name: 'extended_l2 with a backing file', options: { extended_l2: 'on' }, backing: true, size: 8 * MiB },
   { name: 'extended_l2', options: { extended_l2: 'on', cluster_size: '32k' }, size: 8 * MiB },
-  { name: 'cluster_size=512, size not a multiple of the cluster', options: { cluster_size: '512' }, size: 3 * MiB + 1024 },
-  { name: 'cluster_size=4k, refcount_bits=2, lazy refcounts', options: { cluster_size: '4k', refcount_bits: '2', lazy_refcounts: 'on' }, backing: true, size: 4 * MiB },
+  {
+    name: 'cluster_size=512, size not a multiple of the cluster',
+    options: { cluster_size: '512' },
+    size: 3 * MiB + 1024,
+  },
+  {
+    name: 'cluster_size=4k, refcount_bits=2, lazy refcounts',
+    options: { cluster_size: '4k', refcount_bits: '2', lazy_refcounts: 'on' },
+    backing: true,
+    size: 4 * MiB,
+  },
   { name: 'data_file', options: { data_file: path.join(dir, 'r-data.raw') }, size: 8 * MiB },
-  { name: 'data_file_raw', options: { data_file: path.join(dir, 'r-data-raw.raw'), data_file_raw: 'on', cluster_size: '16k' }, size: 6 * MiB + 4096 },
+  {
+    name: 'data_file_raw',
+    options: { data_file: path.join(dir, 'r-data-raw.raw'), data_file_raw: 'on', cluster_size: '16k' },
+    size: 6 * MiB + 4096,
+  },
 ];
 for (const c of cases) {
   random(c.name, async () => {
@@ -288,7 +384,11 @@ for (const c of cases) {
     const expected = `${image}.expected.raw`;
     fs.writeFileSync(expected, mirror);
     assertSame(expected, image);
-    if (c.options.data_file_raw === 'on') assert.ok(fs.readFileSync(c.options.data_file!).equals(Buffer.from(mirror)), 'the raw data file reads as the image');
+    if (c.options.data_file_raw === 'on')
+      assert.ok(
+        fs.readFileSync(c.options.data_file!).equals(Buffer.from(mirror)),
+        'the raw data file reads as the image',
+      );
   });
 }
 random.run();
@@ -299,7 +399,11 @@ refuse('an image with the corrupt bit is not opened for writing', async () => {
   qemuIo(image, ['write -P 1 0 64k']);
   patch(image, 72 + 7, [0x02]);
   let err: unknown;
-  try { await registry().open(image); } catch (e) { err = e; }
+  try {
+    await registry().open(image);
+  } catch (e) {
+    err = e;
+  }
   assert.instance(err, BlockError);
   assert.is((err as BlockError).code, 'EROFS');
   assert.match((err as BlockError).message, /marked corrupt/);
@@ -310,7 +414,11 @@ refuse('a lazy-refcounts image left dirty is not written before a repair', async
   const image = create(path.join(dir, 'dirty.qcow2'), 4 * MiB, { lazy_refcounts: true });
   patch(image, 72 + 7, [0x01]);
   let err: unknown;
-  try { await registry().open(image); } catch (e) { err = e; }
+  try {
+    await registry().open(image);
+  } catch (e) {
+    err = e;
+  }
   assert.instance(err, BlockError);
   assert.match((err as BlockError).message, /check -r all/);
 });
@@ -318,7 +426,11 @@ refuse('an image with internal snapshots is not written', async () => {
   const image = create(path.join(dir, 'snap.qcow2'), 4 * MiB);
   qemuImg('snapshot', '-c', 's1', image);
   let err: unknown;
-  try { await registry().open(image); } catch (e) { err = e; }
+  try {
+    await registry().open(image);
+  } catch (e) {
+    err = e;
+  }
   assert.instance(err, BlockError);
   assert.is((err as BlockError).code, 'ENOTSUP');
 });
@@ -344,32 +456,38 @@ review('a small L2 cache with many concurrent partial writes: nothing lost, imag
     const off = Math.floor(c / 8000) * span + (c % 8000) * cs + 512 * Math.floor(next() * 100);
     writes.push([off, new Uint8Array(512 * (1 + Math.floor(next() * 40))).fill((i % 250) + 2)]);
   }
-  for (let i = 0; i < writes.length; i += 32) await Promise.all(writes.slice(i, i + 32).map(([off, d]) => img.write(off, d)));
+  for (let i = 0; i < writes.length; i += 32)
+    await Promise.all(writes.slice(i, i + 32).map(([off, d]) => img.write(off, d)));
   await img.close();
   assertClean(image);
   const ro = await registry().open(image, { readOnly: true });
   try {
-    for (const [off, d] of writes) assert.ok(Buffer.from(await ro.read(off, d.length)).equals(Buffer.from(d)), `write at ${off}`);
+    for (const [off, d] of writes)
+      assert.ok(Buffer.from(await ro.read(off, d.length)).equals(Buffer.from(d)), `write at ${off}`);
   } finally {
     await ro.close();
   }
 });
-review('compressed clusters overwritten in part, concurrently, through a tiny cache: refcounts stay right', async () => {
-  const image = path.join(dir, 'rv-comp.qcow2');
-  const cs = 4096;
-  const size = 8 * MiB;
-  let img = await registry().create(image, size, { format: 'qcow2', options: { cluster_size: '4096' } });
-  const chunk = new Uint8Array(256 * 1024);
-  for (let j = 0; j < chunk.length; j += 64) chunk[j] = j & 0xff;
-  for (let o = 0; o < size; o += chunk.length) await img.write(o, chunk, { compress: true });
-  await img.close();
-  img = await registry().open(image, { options: { 'l2-cache-size': '8k' } });
-  const next = rng(7);
-  const clusters = [...new Set(Array.from({ length: 600 }, () => Math.floor(next() * (size / cs))))];
-  for (let i = 0; i < clusters.length; i += 16) await Promise.all(clusters.slice(i, i + 16).map((c) => img.write(c * cs + 512, new Uint8Array(1024).fill(9))));
-  await img.close();
-  assertClean(image);
-});
+review(
+  'compressed clusters overwritten in part, concurrently, through a tiny cache: refcounts stay right',
+  async () => {
+    const image = path.join(dir, 'rv-comp.qcow2');
+    const cs = 4096;
+    const size = 8 * MiB;
+    let img = await registry().create(image, size, { format: 'qcow2', options: { cluster_size: '4096' } });
+    const chunk = new Uint8Array(256 * 1024);
+    for (let j = 0; j < chunk.length; j += 64) chunk[j] = j & 0xff;
+    for (let o = 0; o < size; o += chunk.length) await img.write(o, chunk, { compress: true });
+    await img.close();
+    img = await registry().open(image, { options: { 'l2-cache-size': '8k' } });
+    const next = rng(7);
+    const clusters = [...new Set(Array.from({ length: 600 }, () => Math.floor(next() * (size / cs))))];
+    for (let i = 0; i < clusters.length; i += 16)
+      await Promise.all(clusters.slice(i, i + 16).map((c) => img.write(c * cs + 512, new Uint8Array(1024).fill(9))));
+    await img.close();
+    assertClean(image);
+  },
+);
 review('compressed writes with refcount_bits 1 and 2: a full host cluster takes no more data', async () => {
   for (const bits of ['1', '2']) {
     const out = path.join(dir, `rv-rc${bits}.qcow2`);
@@ -397,7 +515,12 @@ review('a zero write over a huge range keeps the table cache within its bound', 
   fs.writeFileSync(base, '');
   fs.truncateSync(base, 4 * MiB);
   const image = path.join(dir, 'rv-zero.qcow2');
-  await (await registry().create(image, 64 * 1024 * MiB, { format: 'qcow2', options: { backing_file: base, backing_fmt: 'raw' } })).close();
+  await (
+    await registry().create(image, 64 * 1024 * MiB, {
+      format: 'qcow2',
+      options: { backing_file: base, backing_fmt: 'raw' },
+    })
+  ).close();
   const img = await registry().open(image, { options: { 'l2-cache-size': '256k' } });
   await img.writeZeroes(0, 64 * 1024 * MiB);
   const stats = (img as unknown as { cacheStats: { tables: number; capacity: number } }).cacheStats;
@@ -408,12 +531,20 @@ review('a zero write over a huge range keeps the table cache within its bound', 
 review.run();
 
 // The conformance kit, read-write, on new images of several layouts.
-for (const [name, options] of [['defaults', {}], ['compat=0.10', { compat: '0.10' }], ['extended_l2', { extended_l2: 'on' }]] as const) {
+for (const [name, options] of [
+  ['defaults', {}],
+  ['compat=0.10', { compat: '0.10' }],
+  ['extended_l2', { extended_l2: 'on' }],
+] as const) {
   for (const cache of ['writeback', 'none'] as const) {
     conformance(`qcow2 read-write ${name} (cache=${cache})`, {
       open: async () => {
         const image = path.join(dir, `conf-${name}-${cache}-${Math.random().toString(36).slice(2)}.qcow2`);
-        const backend: BlockBackend = await registry().create(image, 9 * MiB, { format: 'qcow2', cache, options: { ...options } });
+        const backend: BlockBackend = await registry().create(image, 9 * MiB, {
+          format: 'qcow2',
+          cache,
+          options: { ...options },
+        });
         return {
           backend,
           reopen: () => registry().open(image, { cache }),

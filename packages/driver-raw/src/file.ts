@@ -47,8 +47,13 @@ function pipeLists(request: CopyRequest): PipeLists {
   if (!lists) {
     const runs = new Float64Array(2 * request.zeroRuns.capacity);
     const chunk = {
-      pieces: request.pieces.array, buffer: request.buffer, holes: new Float64Array(2 * request.holes.capacity), holeCount: 0,
-      unit: request.unit, minRun: request.minRun, runs,
+      pieces: request.pieces.array,
+      buffer: request.buffer,
+      holes: new Float64Array(2 * request.holes.capacity),
+      holeCount: 0,
+      unit: request.unit,
+      minRun: request.minRun,
+      runs,
     };
     lists = { chunk, runs };
     pipeListsOf.set(request, lists);
@@ -211,7 +216,11 @@ export class FileBackend implements BlockBackend {
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
-    const out = into ? into.subarray(0, length) : this.allocBuffer ? this.allocBuffer(length) : Buffer.allocUnsafeSlow(length);
+    const out = into
+      ? into.subarray(0, length)
+      : this.allocBuffer
+        ? this.allocBuffer(length)
+        : Buffer.allocUnsafeSlow(length);
     try {
       await this.#transfer(false, out, offset);
     } catch (err) {
@@ -238,7 +247,11 @@ export class FileBackend implements BlockBackend {
     if (segments.count === 0) return;
     if (this.#p.direct) {
       // O_DIRECT pieces may need read()'s unaligned-edge handling.
-      await Promise.all(segments.toArray().map(({ offset, length, position }) => this.read(offset, length, into.subarray(position, position + length))));
+      await Promise.all(
+        segments
+          .toArray()
+          .map(({ offset, length, position }) => this.read(offset, length, into.subarray(position, position + length))),
+      );
       return;
     }
     try {
@@ -257,7 +270,11 @@ export class FileBackend implements BlockBackend {
     if (count === 0) return;
     if (this.#p.direct) {
       // O_DIRECT pieces may need the unaligned-edge handling of write(): keep it simple.
-      await Promise.all(segments.toArray().map(({ offset, length, position }) => this.write(offset, from.subarray(position, position + length))));
+      await Promise.all(
+        segments
+          .toArray()
+          .map(({ offset, length, position }) => this.write(offset, from.subarray(position, position + length))),
+      );
       return;
     }
     this.#extents = null;
@@ -292,7 +309,13 @@ export class FileBackend implements BlockBackend {
    * copyFrom). A fused copy is not offered with O_DIRECT (its edge handling lives in
    * read and write).
    */
-  async copyTo(offset: number, length: number, target: BlockBackend, targetOffset: number, request: CopyRequest): Promise<boolean> {
+  async copyTo(
+    offset: number,
+    length: number,
+    target: BlockBackend,
+    targetOffset: number,
+    request: CopyRequest,
+  ): Promise<boolean> {
     if (!target.copyFrom || (!request.offload && this.#p.direct)) return false;
     piecesAroundHoles(offset, length, request.holes, request.pieces);
     return target.copyFrom(targetOffset, length, this, request);
@@ -301,7 +324,9 @@ export class FileBackend implements BlockBackend {
   /** A copy step into this file from another local file: an offload or a fused copy. */
   async copyFrom(offset: number, length: number, source: BlockBackend, request: CopyRequest): Promise<boolean> {
     if (!(source instanceof FileBackend)) return false;
-    return request.offload ? this.#copyRange(offset, length, source, request) : this.#pipe(offset, length, source, request);
+    return request.offload
+      ? this.#copyRange(offset, length, source, request)
+      : this.#pipe(offset, length, source, request);
   }
 
   /**
@@ -317,7 +342,10 @@ export class FileBackend implements BlockBackend {
       for (let i = 0; i < pieces.count; i++) {
         const n = pieces.lengthAt(i);
         // The source file ended early (truncated since it was opened): a read gives zeroes there.
-        if ((await fileio.copyRange(source.#p.fd, pieces.offsetAt(i), this.#p.fd, offset + pieces.positionAt(i), n)) < n) return false;
+        if (
+          (await fileio.copyRange(source.#p.fd, pieces.offsetAt(i), this.#p.fd, offset + pieces.positionAt(i), n)) < n
+        )
+          return false;
       }
       const behind = this.#p.writeBehind?.written(offset, length);
       if (behind) await behind;
@@ -350,7 +378,8 @@ export class FileBackend implements BlockBackend {
       throw err; // a request the native side refused (a caller's bug), as it is
     }
     const runList = lists.runs;
-    for (let i = 0; i < runs; i++) request.zeroRuns.push(offset + runList[2 * i]!, runList[2 * i + 1]! - runList[2 * i]!, runList[2 * i]!);
+    for (let i = 0; i < runs; i++)
+      request.zeroRuns.push(offset + runList[2 * i]!, runList[2 * i + 1]! - runList[2 * i]!, runList[2 * i]!);
     // What was written spans from the first data byte to the last: the zero runs at the ends were not.
     const first = runs > 0 && runList[0] === 0 ? runList[1]! : 0;
     const end = runs > 0 && runList[2 * runs - 1] === length ? runList[2 * runs - 2]! : length;
@@ -364,7 +393,6 @@ export class FileBackend implements BlockBackend {
     }
     return true;
   }
-
 
   async writeZeroes(offset: number, length: number, flags?: WriteZeroesFlags): Promise<void> {
     this.#extents = null;
@@ -419,7 +447,10 @@ export class FileBackend implements BlockBackend {
     if (!ext || offset < this.#extentsStart) return undefined;
     let i = this.#extentIndex;
     let start = this.#extentOffset;
-    if (offset < start) { i = 0; start = this.#extentsStart; }
+    if (offset < start) {
+      i = 0;
+      start = this.#extentsStart;
+    }
     for (; 2 * i < ext.length; i++) {
       const end = start + ext[2 * i]!;
       if (offset < end) {
@@ -441,7 +472,12 @@ export class FileBackend implements BlockBackend {
   /** Grows or shrinks a regular file (a format driver allocating past its end); devices keep their size. */
   async resize(size: number): Promise<void> {
     if (this.#p.isDevice) {
-      if (size > this.#size) throw new BlockError('ENOSPC', `a block device cannot grow (size ${this.#size})`, this.#where('resize', size, 0));
+      if (size > this.#size)
+        throw new BlockError(
+          'ENOSPC',
+          `a block device cannot grow (size ${this.#size})`,
+          this.#where('resize', size, 0),
+        );
       return;
     }
     try {
@@ -484,7 +520,9 @@ export class FileBackend implements BlockBackend {
   }
 
   async identity(): Promise<BackendIdentity> {
-    const st = await new Promise<fs.BigIntStats>((resolve, reject) => fs.fstat(this.#p.fd, { bigint: true }, (err, s) => (err ? reject(err) : resolve(s))));
+    const st = await new Promise<fs.BigIntStats>((resolve, reject) =>
+      fs.fstat(this.#p.fd, { bigint: true }, (err, s) => (err ? reject(err) : resolve(s))),
+    );
     // A block device's mtime says nothing about its content: the id alone.
     if (this.#p.isDevice) return { id: `${st.rdev}` };
     return { id: `${st.dev}:${st.ino}`, version: `${st.mtimeNs}` };
@@ -513,11 +551,14 @@ export class FileBackend implements BlockBackend {
 
   /** Loops over short reads and writes; reads past EOF give zeroes. */
   async #transferAll(write: boolean, fd: number, buf: Uint8Array, offset: number): Promise<void> {
-    for (let done = 0; done < buf.length;) {
+    for (let done = 0; done < buf.length; ) {
       const part = buf.subarray(done);
       const n = write ? await pwrite(fd, part, offset + done) : await pread(fd, part, offset + done);
       if (n === 0) {
-        if (!write) { part.fill(0); return; }
+        if (!write) {
+          part.fill(0);
+          return;
+        }
         // A plain error so the caller's toBlockError adds the request details.
         throw Object.assign(new Error('write made no progress'), { code: 'EIO' });
       }
@@ -552,9 +593,14 @@ export class FileBackend implements BlockBackend {
   async #zeroFile(offset: number, length: number, mayUnmap: boolean, fast: boolean): Promise<void> {
     const punch = (): Promise<boolean> => this.#tryFallocate('punch', offset, length);
     const zero = (): Promise<boolean> => this.#tryFallocate('zero', offset, length);
-    const done = mayUnmap ? (await punch()) || (await zero()) : (await zero()) || (await this.#punchAndReallocate(offset, length));
+    const done = mayUnmap
+      ? (await punch()) || (await zero())
+      : (await zero()) || (await this.#punchAndReallocate(offset, length));
     if (done) return;
-    if (fast) throw Object.assign(new Error('the file system cannot zero without writing (no fallocate punch or zero range)'), { code: 'ENOTSUP' });
+    if (fast)
+      throw Object.assign(new Error('the file system cannot zero without writing (no fallocate punch or zero range)'), {
+        code: 'ENOTSUP',
+      });
     await this.#writeZeroBuffer(offset, length);
   }
 
@@ -606,7 +652,7 @@ export class FileBackend implements BlockBackend {
   async #writeZeroBuffer(offset: number, length: number): Promise<void> {
     // Shared by concurrent calls; it is only ever read.
     const zeroes = (this.#zeroBuf ??= this.allocBuffer ? this.allocBuffer(ZERO_CHUNK) : new Uint8Array(ZERO_CHUNK));
-    for (let done = 0; done < length;) {
+    for (let done = 0; done < length; ) {
       const n = Math.min(ZERO_CHUNK, length - done);
       await this.#transfer(true, zeroes.subarray(0, n), offset + done);
       done += n;
@@ -630,7 +676,11 @@ export async function openFile(location: string, options: OpenOptions = {}): Pro
       fd = await openFd(location, flags | (direct ? O_DIRECT : 0));
     } catch (err) {
       if (direct && errCode(err) === 'EINVAL') {
-        throw new BlockError('EINVAL', `the file system does not support O_DIRECT (cache=${cache}); use another cache mode`, { ...where, cause: err });
+        throw new BlockError(
+          'EINVAL',
+          `the file system does not support O_DIRECT (cache=${cache}); use another cache mode`,
+          { ...where, cause: err },
+        );
       }
       throw err;
     }
@@ -651,8 +701,23 @@ export async function openFile(location: string, options: OpenOptions = {}): Pro
     // Checked on every open, so a bad value fails even where it would not apply.
     const behind = parseWriteBehindOption(location, options.options?.['write-behind']);
     // Direct and synchronous writes leave nothing dirty to write behind.
-    const writeBehind = behind && !readOnly && !direct && !sync ? await writeBehindFor({ fd, location, isDevice, size, unsafe }) : undefined;
-    return new FileBackend({ location, fd, bufferedFd, size, readOnly, isDevice, direct, sync, unsafe, sectorSize, writeBehind });
+    const writeBehind =
+      behind && !readOnly && !direct && !sync
+        ? await writeBehindFor({ fd, location, isDevice, size, unsafe })
+        : undefined;
+    return new FileBackend({
+      location,
+      fd,
+      bufferedFd,
+      size,
+      readOnly,
+      isDevice,
+      direct,
+      sync,
+      unsafe,
+      sectorSize,
+      writeBehind,
+    });
   } catch (err) {
     for (const fd of fds) fs.close(fd, () => {});
     throw toBlockError(err, where);
@@ -679,7 +744,10 @@ export async function createFile(location: string, size: number, options: Create
       try {
         const devSize = await fileio.blockDeviceSize(fd);
         if (devSize < size) {
-          throw new BlockError('ENOSPC', `device holds ${devSize} bytes, the image needs ${size}`, { op: 'create', location });
+          throw new BlockError('ENOSPC', `device holds ${devSize} bytes, the image needs ${size}`, {
+            op: 'create',
+            location,
+          });
         }
       } finally {
         await closeFd(fd);
@@ -708,7 +776,8 @@ export const fileDriver: ProtocolDriver = {
   openOptions: [
     {
       name: 'write-behind',
-      description: 'for writes of 256 KiB or more through the page cache: start their writeback at once and drop each from the cache once it is on the disk, so a long copy does not pile up dirty pages; with cache=unsafe only once the file is larger than the kernel\'s background dirty threshold (off: leave it all to the kernel)',
+      description:
+        "for writes of 256 KiB or more through the page cache: start their writeback at once and drop each from the cache once it is on the disk, so a long copy does not pile up dirty pages; with cache=unsafe only once the file is larger than the kernel's background dirty threshold (off: leave it all to the kernel)",
       default: 'on',
       values: ['on', 'off'],
     },

@@ -3,7 +3,13 @@
  * file's own, forwarded whole, that reports driverName "raw" and is read-only when
  * opened so on top of a writable file (the core's request gate then refuses writes).
  */
-import { BLOCK_API_VERSION, forwardBackend, type BlockBackend, type FormatDriver, type OpenOptions } from '@blockconv/core';
+import {
+  BLOCK_API_VERSION,
+  forwardBackend,
+  type BlockBackend,
+  type FormatDriver,
+  type OpenOptions,
+} from '@blockconv/core';
 
 /** A raw image: its protocol backend under the name "raw". */
 export type RawBackend = BlockBackend;

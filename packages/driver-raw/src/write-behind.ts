@@ -91,7 +91,10 @@ export function parseWriteBehindOption(location: string, value: string | undefin
  */
 export async function writeBehindFor(t: WriteBehindTarget): Promise<WriteBehind | undefined> {
   if (!t.isDevice) {
-    const type = await fs.promises.statfs(t.location).then((s) => s.type, () => undefined);
+    const type = await fs.promises.statfs(t.location).then(
+      (s) => s.type,
+      () => undefined,
+    );
     if (type === TMPFS_MAGIC || type === RAMFS_MAGIC) return undefined;
   }
   return new WriteBehind(t.fd, t.size, t.unsafe ? await backgroundDirtyBytes() : -1);

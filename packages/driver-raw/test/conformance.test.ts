@@ -16,7 +16,15 @@ for (const cache of ['writeback', 'none'] as const satisfies readonly CacheMode[
         const file = path.join(dir, 'img.raw');
         await createFile(file, size);
         // Some old data, so that zeroing and block status have something to do.
-        execFileSync('dd', ['if=/dev/urandom', `of=${file}`, 'bs=64K', 'seek=40', 'count=8', 'conv=notrunc', 'status=none']);
+        execFileSync('dd', [
+          'if=/dev/urandom',
+          `of=${file}`,
+          'bs=64K',
+          'seek=40',
+          'count=8',
+          'conv=notrunc',
+          'status=none',
+        ]);
         return {
           backend: await openFile(file, { cache }),
           reopen: () => openFile(file, { cache }),

@@ -9,7 +9,15 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, SegmentList, convert, forwardBackend, ungated, type BlockBackend, type CopyRequest } from '@blockconv/core';
+import {
+  DriverRegistry,
+  SegmentList,
+  convert,
+  forwardBackend,
+  ungated,
+  type BlockBackend,
+  type CopyRequest,
+} from '@blockconv/core';
 import { drivers } from '../src/index.js';
 import { dataBytes, diskTempDir, identical, rejects, removeDir } from './helpers.js';
 
@@ -23,14 +31,22 @@ test.before(() => {
   disk = diskTempDir('blockconv-offload-');
   shm = fs.mkdtempSync('/dev/shm/blockconv-offload-');
 });
-test.after(() => { removeDir(disk); removeDir(shm); });
+test.after(() => {
+  removeDir(disk);
+  removeDir(shm);
+});
 
 /** A 24 MiB sparse raw image: random data runs, a written run of zeroes, holes, an unaligned tail. */
 function makeSource(dir: string, name = 'src.raw'): string {
   const file = path.join(dir, name);
   fs.rmSync(file, { force: true });
   execFileSync('truncate', ['-s', String(24 * MiB + 512), file]);
-  for (const [off, len] of [[0, 3 * MiB], [5 * MiB, 64 * KiB], [9 * MiB + 64 * KiB, 2 * MiB], [23 * MiB, MiB + 512]] as const) {
+  for (const [off, len] of [
+    [0, 3 * MiB],
+    [5 * MiB, 64 * KiB],
+    [9 * MiB + 64 * KiB, 2 * MiB],
+    [23 * MiB, MiB + 512],
+  ] as const) {
     const fd = fs.openSync(file, 'r+');
     fs.writeSync(fd, randomBytes(len), 0, len, off);
     fs.closeSync(fd);
@@ -39,14 +55,23 @@ function makeSource(dir: string, name = 'src.raw'): string {
   return file;
 }
 
-
 /** Opens a source read-only and creates a raw target of its size, as the CLI does. */
-async function pair(source: string, target: string, cache?: 'none'): Promise<{ src: BlockBackend; dst: BlockBackend; close(): Promise<void> }> {
+async function pair(
+  source: string,
+  target: string,
+  cache?: 'none',
+): Promise<{ src: BlockBackend; dst: BlockBackend; close(): Promise<void> }> {
   const src = await reg.open(source, { readOnly: true, format: 'raw' });
   const dst = await reg.create(target, src.size, { format: 'raw', cache });
-  return { src, dst, close: async () => { await src.close(); await dst.close(); } };
+  return {
+    src,
+    dst,
+    close: async () => {
+      await src.close();
+      await dst.close();
+    },
+  };
 }
-
 
 test('file to file on one file system: the kernel copies the data, zero extents stay holes', async () => {
   const source = makeSource(disk);
@@ -93,7 +118,12 @@ test('into an existing target with old content (-n): pre-zeroed, or its zero ext
     assert.is(r.preZeroed, true, 'a file zeroes fast: zeroed whole first');
     // Without fast zero (hidden here), the zero extents are zeroed one by one.
     fs.writeFileSync(target, Buffer.alloc(24 * MiB + 512, 0x5a));
-    const r2 = await convert({ sources: [src], target: forwardBackend(ungated(dst), { canFastZero: false }), copyOffload: true, outOfOrder: true });
+    const r2 = await convert({
+      sources: [src],
+      target: forwardBackend(ungated(dst), { canFastZero: false }),
+      copyOffload: true,
+      outOfOrder: true,
+    });
     assert.ok(r2.bytesOffloaded! > 0);
     assert.ok(r2.bytesZeroed > 0, 'the holes were zeroed');
   } finally {
@@ -147,7 +177,9 @@ test('refused with what needs the bytes in memory: -c, -B, -S, checksum, verify'
       [{ checksum: true }, /checksum or verify/],
       [{ verify: true }, /checksum or verify/],
     ] as const) {
-      const e = await rejects(() => convert({ sources: [src], target: dst, copyOffload: true, ...extra }), { code: 'EINVAL' });
+      const e = await rejects(() => convert({ sources: [src], target: dst, copyOffload: true, ...extra }), {
+        code: 'EINVAL',
+      });
       assert.match(e.message, why);
       assert.match(e.message, /copy offload \(-C\)/);
     }
@@ -163,8 +195,14 @@ test('the request gate checks offloaded copies as reads and writes', async () =>
   const dst = await reg.create(path.join(disk, 'g.raw'), MiB, { format: 'raw' });
   // An offload: the storage copies; no buffer, no scan.
   const offload: CopyRequest = {
-    offload: true, buffer: new Uint8Array(0), holes: new SegmentList(1), unit: 4096, minRun: 0,
-    pieces: new SegmentList(1), zeroRuns: new SegmentList(0), issued: () => {},
+    offload: true,
+    buffer: new Uint8Array(0),
+    holes: new SegmentList(1),
+    unit: 4096,
+    minRun: 0,
+    pieces: new SegmentList(1),
+    zeroRuns: new SegmentList(0),
+    issued: () => {},
   };
   try {
     await rejects(() => src.copyTo!(0, 4096, ro, 0, offload), { code: 'EROFS' });

@@ -30,7 +30,9 @@ const directWorks: boolean = (() => {
 const it = directWorks ? test : test.skip;
 let dir = '';
 
-test.before(() => { dir = diskTempDir(); });
+test.before(() => {
+  dir = diskTempDir();
+});
 test.after(() => removeDir(dir));
 
 it('limits: aligned requests and memory, allocBuffer', async () => {
@@ -76,7 +78,9 @@ it('an unaligned tail at the image end reads and writes', async () => {
     const tail = await img.read(2 * 4096, 4096 + 1000, img.allocBuffer!(8192));
     assert.is(tail.length, 5096);
     assert.ok(tail.every((b) => b === 0x11));
-    const data = img.allocBuffer!(8192).fill(0x22).subarray(0, 4096 + 1000);
+    const data = img.allocBuffer!(8192)
+      .fill(0x22)
+      .subarray(0, 4096 + 1000);
     await img.write(2 * 4096, data);
     await img.writeZeroes(3 * 4096, 1000);
     await img.flush();
@@ -133,13 +137,17 @@ it('writeZeroes and block status with O_DIRECT', async () => {
   try {
     const f = path.join(m.dir, 'img');
     fs.writeFileSync(f, filled(4096, 1));
-    const err = await rejects(() => openFile(f, { cache: 'none' }), { name: 'BlockError', code: 'EINVAL', op: 'open', location: f });
+    const err = await rejects(() => openFile(f, { cache: 'none' }), {
+      name: 'BlockError',
+      code: 'EINVAL',
+      op: 'open',
+      location: f,
+    });
     assert.match(err.message, /O_DIRECT/);
   } finally {
     m.unmount();
   }
 });
-
 
 it('convert of odd-sized sources onto O_DIRECT targets: new ones, and existing larger ones (-n) whose rest is kept', async () => {
   const reg = new DriverRegistry().register(...drivers);
@@ -163,7 +171,10 @@ it('convert of odd-sized sources onto O_DIRECT targets: new ones, and existing l
     await target.close();
     const got = fs.readFileSync(existing);
     assert.ok(got.subarray(0, size).equals(data), `${size} bytes onto an existing O_DIRECT file`);
-    assert.ok(got.subarray(size).every((b) => b === 0xee), `${size} bytes: the rest of the target kept`);
+    assert.ok(
+      got.subarray(size).every((b) => b === 0xee),
+      `${size} bytes: the rest of the target kept`,
+    );
     await source.close();
   }
 });

@@ -54,7 +54,7 @@ test('a character device is not an image', async () => {
   await rejects(() => openFile('/dev/null'), { code: 'EINVAL', op: 'open', location: '/dev/null' });
 });
 
-test('read-only backends refuse writes with EROFS (the core\'s gate, as the registry opens them)', async () => {
+test("read-only backends refuse writes with EROFS (the core's gate, as the registry opens them)", async () => {
   const f = path.join(dir, 'ro.img');
   await createFile(f, MiB);
   const img = gateBackend(await fileDriver.open(f, { readOnly: true }));
@@ -91,7 +91,12 @@ test('the registry reports open errors with the location', async () => {
     const img = await openFile(f);
     await img.write(0, filled(512 * 1024, 1));
     const err = await rejects(() => img.write(2 * MiB, filled(MiB, 2)), {
-      name: 'BlockError', code: 'ENOSPC', op: 'write', offset: 2 * MiB, length: MiB, location: f,
+      name: 'BlockError',
+      code: 'ENOSPC',
+      op: 'write',
+      offset: 2 * MiB,
+      length: MiB,
+      location: f,
     });
     assert.match(err.message, /no space left on device/);
     assert.match(err.message, new RegExp(`at offset ${2 * MiB}`));

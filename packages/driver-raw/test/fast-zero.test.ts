@@ -12,14 +12,25 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DriverRegistry, convert, type BlockError } from '@blockconv/core';
 import { drivers } from '../src/index.js';
-import { attachLoop, canLoop, canMount, dataBytes, diskTempDir, identical, removeDir, scratchMount } from './helpers.js';
+import {
+  attachLoop,
+  canLoop,
+  canMount,
+  dataBytes,
+  diskTempDir,
+  identical,
+  removeDir,
+  scratchMount,
+} from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 let dir = '';
 const reg = new DriverRegistry().register(...drivers);
 
-test.before(() => { dir = diskTempDir('blockconv-fastzero-'); });
+test.before(() => {
+  dir = diskTempDir('blockconv-fastzero-');
+});
 test.after(() => removeDir(dir));
 
 /** 8 MiB sparse raw source: two data runs, holes elsewhere. */
@@ -32,8 +43,6 @@ function makeSource(at: string): string {
   fs.closeSync(fd);
   return file;
 }
-
-
 
 test('a file zeroes fast: the range becomes a hole, with or without unmapping', async () => {
   const f = path.join(dir, 'fast.raw');
@@ -68,41 +77,49 @@ test('convert into an existing file with old data: zeroed whole first, then only
     await dst.close();
   }
   identical(source, target);
-  assert.is(await dataBytes(target), MiB + 512 * KiB, 'the old data outside the source\'s is gone, as holes');
+  assert.is(await dataBytes(target), MiB + 512 * KiB, "the old data outside the source's is gone, as holes");
 });
 
-(canMount ? test : test.skip)('a file system without fallocate (ramfs): a fast zero is ENOTSUP and changes nothing; convert writes zeroes instead', async () => {
-  const m = scratchMount('ramfs')!;
-  try {
-    const f = path.join(m.dir, 'slow.raw');
-    fs.writeFileSync(f, Buffer.alloc(MiB, 0x33));
-    const img = await reg.open(f, { format: 'raw' });
+(canMount ? test : test.skip)(
+  'a file system without fallocate (ramfs): a fast zero is ENOTSUP and changes nothing; convert writes zeroes instead',
+  async () => {
+    const m = scratchMount('ramfs')!;
     try {
-      const err = (await img.writeZeroes(0, MiB, { mayUnmap: true, fast: true }).catch((e: unknown) => e)) as BlockError;
-      assert.is(err.code, 'ENOTSUP', String(err));
-      assert.is(err.op, 'writeZeroes');
-      assert.ok((await img.read(0, MiB)).every((b) => b === 0x33), 'nothing changed');
+      const f = path.join(m.dir, 'slow.raw');
+      fs.writeFileSync(f, Buffer.alloc(MiB, 0x33));
+      const img = await reg.open(f, { format: 'raw' });
+      try {
+        const err = (await img
+          .writeZeroes(0, MiB, { mayUnmap: true, fast: true })
+          .catch((e: unknown) => e)) as BlockError;
+        assert.is(err.code, 'ENOTSUP', String(err));
+        assert.is(err.op, 'writeZeroes');
+        assert.ok(
+          (await img.read(0, MiB)).every((b) => b === 0x33),
+          'nothing changed',
+        );
+      } finally {
+        await img.close();
+      }
+      const source = makeSource(dir);
+      const target = path.join(m.dir, 'old.raw');
+      fs.writeFileSync(target, Buffer.alloc(8 * MiB, 0x77));
+      const src = await reg.open(source, { readOnly: true, format: 'raw' });
+      const dst = await reg.open(target, { format: 'raw' });
+      try {
+        const r = await convert({ sources: [src], target: dst });
+        assert.is(r.preZeroed, undefined);
+        assert.ok(r.bytesWritten + r.bytesZeroed >= 8 * MiB - MiB - 512 * KiB, 'zero extents written');
+      } finally {
+        await src.close();
+        await dst.close();
+      }
+      identical(source, target);
     } finally {
-      await img.close();
+      m.unmount();
     }
-    const source = makeSource(dir);
-    const target = path.join(m.dir, 'old.raw');
-    fs.writeFileSync(target, Buffer.alloc(8 * MiB, 0x77));
-    const src = await reg.open(source, { readOnly: true, format: 'raw' });
-    const dst = await reg.open(target, { format: 'raw' });
-    try {
-      const r = await convert({ sources: [src], target: dst });
-      assert.is(r.preZeroed, undefined);
-      assert.ok(r.bytesWritten + r.bytesZeroed >= 8 * MiB - MiB - 512 * KiB, 'zero extents written');
-    } finally {
-      await src.close();
-      await dst.close();
-    }
-    identical(source, target);
-  } finally {
-    m.unmount();
-  }
-});
+  },
+);
 
 (canLoop ? test : test.skip)('a block device does not claim fast zero (BLKZEROOUT may write)', async () => {
   const backing = path.join(dir, 'dev.img');

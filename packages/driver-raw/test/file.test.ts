@@ -11,7 +11,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 let dir = '';
 
-test.before(() => { dir = diskTempDir(); });
+test.before(() => {
+  dir = diskTempDir();
+});
 test.after(() => removeDir(dir));
 
 test('driver shape', () => {
@@ -160,7 +162,7 @@ test('reads past EOF (the file shrank) come back as zeroes', async () => {
   await img.close();
 });
 
-test('requests beyond the end or after close are refused (by the core\'s gate)', async () => {
+test("requests beyond the end or after close are refused (by the core's gate)", async () => {
   const f = path.join(dir, 'range.img');
   await createFile(f, 4096);
   const img = gateBackend(await openFile(f));
@@ -194,7 +196,11 @@ test('write-behind: a long write keeps ~32 large writes in the cache; small writ
     const img = await openFile(f, opts);
     for (let i = 0; i < 64; i++) await img.write(i * MiB, chunk);
     // Data runs of one chunk (writeSegments) count as one write of their span.
-    for (let i = 64; i < 72; i++) await img.writeSegments!(chunk, SegmentList.of([i * MiB, 256 * KiB, 0], [i * MiB + 512 * KiB, 512 * KiB, 512 * KiB]));
+    for (let i = 64; i < 72; i++)
+      await img.writeSegments!(
+        chunk,
+        SegmentList.of([i * MiB, 256 * KiB, 0], [i * MiB + 512 * KiB, 512 * KiB, 512 * KiB]),
+      );
     for (let i = 0; i < 64; i++) await img.write(72 * MiB + i * 64 * KiB, chunk.subarray(0, 64 * KiB));
     cached[mode] = cachedBytes(f);
     const back = await img.read(0, 80 * MiB);
@@ -211,7 +217,7 @@ test('write-behind: a long write keeps ~32 large writes in the cache; small writ
   assert.ok(cached.on! >= 4 * MiB, 'small writes were not waited for');
 });
 
-test('write-behind with cache=unsafe starts once the file outgrows the kernel\'s background dirty threshold', async () => {
+test("write-behind with cache=unsafe starts once the file outgrows the kernel's background dirty threshold", async () => {
   const f = path.join(dir, 'behind-grown.img');
   await createFile(f, 80 * MiB);
   const img = await openFile(f, { cache: 'unsafe' });
@@ -298,7 +304,11 @@ test('block status over more extents than one read-ahead batch, random probes, a
       const e = await img.blockStatus(off, 1);
       const inData = Math.floor(off / (64 * KiB)) % 2 === 0 && off < 1200 * 128 * KiB;
       assert.is(e.kind, inData ? 'data' : 'zero', `kind at ${off}`);
-      assert.is(off + e.length, off >= 1200 * 128 * KiB ? 160 * MiB : (Math.floor(off / (64 * KiB)) + 1) * 64 * KiB, `end at ${off}`);
+      assert.is(
+        off + e.length,
+        off >= 1200 * 128 * KiB ? 160 * MiB : (Math.floor(off / (64 * KiB)) + 1) * 64 * KiB,
+        `end at ${off}`,
+      );
     }
     // A write fills a hole: block status must not answer from the stale batch.
     await img.write(64 * KiB, filled(64 * KiB, 9));

@@ -14,7 +14,9 @@ export function diskTempDir(prefix = 'blockconv-raw-'): string {
 
 /** Bytes of `file` in the page cache, by fincore (util-linux). */
 export function cachedBytes(file: string): number {
-  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
+  return Number(
+    execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim(),
+  );
 }
 
 export function removeDir(dir: string): void {
@@ -87,9 +89,12 @@ export function filled(n: number, byte: number): Uint8Array {
 }
 
 /** Walks block status over the whole image, merging neighbours of the same kind. */
-export async function extents(img: { size: number; blockStatus(o: number, l: number): Promise<{ kind: string; length: number }> }): Promise<Array<{ start: number; length: number; kind: string }>> {
+export async function extents(img: {
+  size: number;
+  blockStatus(o: number, l: number): Promise<{ kind: string; length: number }>;
+}): Promise<Array<{ start: number; length: number; kind: string }>> {
   const out: Array<{ start: number; length: number; kind: string }> = [];
-  for (let pos = 0; pos < img.size;) {
+  for (let pos = 0; pos < img.size; ) {
     const e = await img.blockStatus(pos, img.size - pos);
     if (e.length <= 0) throw new Error(`empty extent at ${pos}`);
     const last = out[out.length - 1];
@@ -104,14 +109,18 @@ export async function extents(img: { size: number; blockStatus(o: number, l: num
  * Awaits `fn`, which must reject with an error whose properties match `expected`
  * (uvu/assert has no async `rejects`). Returns the error for further checks.
  */
-export async function rejects(fn: () => Promise<unknown>, expected: Record<string, unknown>): Promise<Error & Record<string, unknown>> {
+export async function rejects(
+  fn: () => Promise<unknown>,
+  expected: Record<string, unknown>,
+): Promise<Error & Record<string, unknown>> {
   let error: unknown;
   try {
     await fn();
   } catch (err) {
     error = err;
   }
-  if (!(error instanceof Error)) throw new Error(`expected a rejection with ${JSON.stringify(expected)}, got ${String(error)}`);
+  if (!(error instanceof Error))
+    throw new Error(`expected a rejection with ${JSON.stringify(expected)}, got ${String(error)}`);
   const e = error as Error & Record<string, unknown>;
   for (const [key, value] of Object.entries(expected)) {
     if (e[key] !== value) throw new Error(`expected ${key} = ${String(value)}, got ${String(e[key])} (${e.message})`);

@@ -10,7 +10,17 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { DriverRegistry, SegmentList, ZeroScanner, convert, forwardBackend, ungated, type BlockBackend, type BlockError, type CopyRequest } from '@blockconv/core';
+import {
+  DriverRegistry,
+  SegmentList,
+  ZeroScanner,
+  convert,
+  forwardBackend,
+  ungated,
+  type BlockBackend,
+  type BlockError,
+  type CopyRequest,
+} from '@blockconv/core';
 import * as fileio from '@blockconv/fileio';
 import { drivers } from '../src/index.js';
 import { canMount, dataBytes, diskTempDir, identical, removeDir, scratchMount } from './helpers.js';
@@ -25,12 +35,22 @@ test.before(() => {
   shm = fs.mkdtempSync('/dev/shm/blockconv-pipe-');
   disk = diskTempDir('blockconv-pipe-');
 });
-test.after(() => { removeDir(shm); removeDir(disk); });
+test.after(() => {
+  removeDir(shm);
+  removeDir(disk);
+});
 
 /** xorshift: the same cases on every run. */
 function rng(seed: number): () => number {
   let x = seed >>> 0 || 1;
-  return () => { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x / 2 ** 32; };
+  return () => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x / 2 ** 32;
+  };
 }
 
 test('fileio.pipe finds exactly the zero runs ZeroScanner finds, writes only the rest, and never reads the holes', async () => {
@@ -58,7 +78,7 @@ test('fileio.pipe finds exactly the zero runs ZeroScanner finds, writes only the
     // Known holes on whole units, ascending; their bytes in the file are garbage that must not be read.
     const holes = new Float64Array(2 * 8);
     let holeCount = 0;
-    for (let at = 0; holeCount < 8 && length >= unit;) {
+    for (let at = 0; holeCount < 8 && length >= unit; ) {
       at += unit * Math.floor(next() * (units / 4 + 1));
       const end = at + unit * (1 + Math.floor(next() * 3));
       if (end > Math.floor(length / unit) * unit || next() < 0.3) break;
@@ -72,7 +92,10 @@ test('fileio.pipe finds exactly the zero runs ZeroScanner finds, writes only the
     let pos = 0;
     for (let h = 0; h <= holeCount; h++) {
       const end = h < holeCount ? holes[2 * h]! : length;
-      if (end > pos) { pieces.set([1000 + pos, end - pos, pos], 3 * pieceCount); pieceCount++; }
+      if (end > pos) {
+        pieces.set([1000 + pos, end - pos, pos], 3 * pieceCount);
+        pieceCount++;
+      }
       if (h < holeCount) pos = holes[2 * h + 1]!;
     }
     const file = Buffer.from(data);
@@ -85,7 +108,14 @@ test('fileio.pipe finds exactly the zero runs ZeroScanner finds, writes only the
     const dfd = fs.openSync(dst, 'r+');
     let count: number;
     try {
-      count = await fileio.pipe(sfd, dfd, 2000, length, { pieces, buffer, holes, holeCount, unit, minRun, runs }, pieceCount);
+      count = await fileio.pipe(
+        sfd,
+        dfd,
+        2000,
+        length,
+        { pieces, buffer, holes, holeCount, unit, minRun, runs },
+        pieceCount,
+      );
     } finally {
       fs.closeSync(sfd);
       fs.closeSync(dfd);
@@ -98,17 +128,27 @@ test('fileio.pipe finds exactly the zero runs ZeroScanner finds, writes only the
     for (let h = 0; h < holeCount; h++) known.push(holes[2 * h]!, holes[2 * h + 1]! - holes[2 * h]!, holes[2 * h]!);
     scanner.scan(length, 0, known);
     const expected: number[] = [];
-    for (let i = 0; i < scanner.zeroes.count; i++) expected.push(scanner.zeroes.positionAt(i), scanner.zeroes.positionAt(i) + scanner.zeroes.lengthAt(i));
+    for (let i = 0; i < scanner.zeroes.count; i++)
+      expected.push(scanner.zeroes.positionAt(i), scanner.zeroes.positionAt(i) + scanner.zeroes.lengthAt(i));
     const label = `round ${round}: unit ${unit}, minRun ${minRun}, length ${length}, ${holeCount} holes`;
     assert.equal(Array.from(runs.subarray(0, 2 * count)), expected, label);
     const out = fs.readFileSync(dst);
-    assert.ok(out.subarray(0, 2000).every((b) => b === 0xee) && out.subarray(2000 + length).every((b) => b === 0xee), `${label}: nothing outside the chunk`);
+    assert.ok(
+      out.subarray(0, 2000).every((b) => b === 0xee) && out.subarray(2000 + length).every((b) => b === 0xee),
+      `${label}: nothing outside the chunk`,
+    );
     let at = 0;
     for (let i = 0; i <= count; i++) {
       const end = i < count ? runs[2 * i]! : length;
-      assert.ok(out.subarray(2000 + at, 2000 + end).equals(data.subarray(at, end)), `${label}: data [${at}, ${end}) written`);
+      assert.ok(
+        out.subarray(2000 + at, 2000 + end).equals(data.subarray(at, end)),
+        `${label}: data [${at}, ${end}) written`,
+      );
       if (i < count) {
-        assert.ok(out.subarray(2000 + end, 2000 + runs[2 * i + 1]!).every((b) => b === 0xee), `${label}: zero run ${i} left alone`);
+        assert.ok(
+          out.subarray(2000 + end, 2000 + runs[2 * i + 1]!).every((b) => b === 0xee),
+          `${label}: zero run ${i} left alone`,
+        );
         at = runs[2 * i + 1]!;
       }
     }
@@ -124,15 +164,37 @@ test('fileio.pipe: minRun 0 writes the chunk whole; bad lists are refused before
   const sfd = fs.openSync(src, 'r');
   const dfd = fs.openSync(dst, 'r+');
   try {
-    const chunk = { pieces: new Float64Array([0, data.length, 0]), buffer: Buffer.alloc(data.length), holes: new Float64Array(2), holeCount: 0, unit: 4096, minRun: 0, runs: new Float64Array(2) };
+    const chunk = {
+      pieces: new Float64Array([0, data.length, 0]),
+      buffer: Buffer.alloc(data.length),
+      holes: new Float64Array(2),
+      holeCount: 0,
+      unit: 4096,
+      minRun: 0,
+      runs: new Float64Array(2),
+    };
     assert.is(await fileio.pipe(sfd, dfd, 0, data.length, chunk, 1), 0);
     assert.ok(fs.readFileSync(dst).equals(data), 'zeroes written as data');
     assert.throws(() => fileio.pipe(sfd, dfd, 0, data.length, { ...chunk, minRun: 4096 }, 1), /run list is too short/);
     assert.throws(() => fileio.pipe(sfd, dfd, 0, data.length + 1, chunk, 1), /length exceeds the buffer/);
     assert.throws(() => fileio.pipe(sfd, dfd, 0, data.length, chunk, 2), /pieceCount exceeds/);
-    assert.throws(() => fileio.pipe(sfd, dfd, 0, 4096, { ...chunk, pieces: new Float64Array([0, 8192, 0]) }, 1), /piece 0 is outside the chunk/);
+    assert.throws(
+      () => fileio.pipe(sfd, dfd, 0, 4096, { ...chunk, pieces: new Float64Array([0, 8192, 0]) }, 1),
+      /piece 0 is outside the chunk/,
+    );
     const holes = new Float64Array([8192, 12288, 4096, 8192]);
-    assert.throws(() => fileio.pipe(sfd, dfd, 0, data.length, { ...chunk, holes, holeCount: 2, minRun: 4096, runs: new Float64Array(100) }, 1), /hole 1 is not ascending/);
+    assert.throws(
+      () =>
+        fileio.pipe(
+          sfd,
+          dfd,
+          0,
+          data.length,
+          { ...chunk, holes, holeCount: 2, minRun: 4096, runs: new Float64Array(100) },
+          1,
+        ),
+      /hole 1 is not ascending/,
+    );
   } finally {
     fs.closeSync(sfd);
     fs.closeSync(dfd);
@@ -145,7 +207,9 @@ function makeSource(dir: string, name: string): string {
   fs.rmSync(file, { force: true });
   execFileSync('truncate', ['-s', String(12 * MiB + 512), file]);
   const fd = fs.openSync(file, 'r+');
-  const write = (off: number, len: number): void => { fs.writeSync(fd, randomBytes(len), 0, len, off); };
+  const write = (off: number, len: number): void => {
+    fs.writeSync(fd, randomBytes(len), 0, len, off);
+  };
   write(0, 3 * MiB);
   for (let off = 4 * MiB; off < 7 * MiB; off += 128 * KiB) write(off, 64 * KiB);
   write(11 * MiB, MiB + 512);
@@ -153,8 +217,6 @@ function makeSource(dir: string, name: string): string {
   fs.closeSync(fd);
   return file;
 }
-
-
 
 /** The target, with its copyFrom calls counted: the zero runs each found, -1 for a declined one. */
 function counted(target: BlockBackend): { target: BlockBackend; results: number[] } {
@@ -175,8 +237,14 @@ function counted(target: BlockBackend): { target: BlockBackend; results: number[
 /** A fused-copy request with room for `units` zero runs. */
 function pipeRequest(bytes: number, units: number, issued: () => void = () => {}): CopyRequest {
   return {
-    offload: false, buffer: Buffer.alloc(bytes), holes: new SegmentList(1), unit: 512, minRun: 4096,
-    pieces: new SegmentList(1), zeroRuns: new SegmentList(units + 2), issued,
+    offload: false,
+    buffer: Buffer.alloc(bytes),
+    holes: new SegmentList(1),
+    unit: 512,
+    minRun: 4096,
+    pieces: new SegmentList(1),
+    zeroRuns: new SegmentList(units + 2),
+    issued,
   };
 }
 
@@ -191,7 +259,10 @@ test('convert file to file pipes every data chunk: identical, zero runs and hole
       assert.type(src.copyTo, 'function', 'raw over a file can pipe');
       const r = await convert({ sources: [src], target, workers: 4, targetIsZero: true });
       assert.ok(results.length >= 4 && results.every((v) => v >= 0), `every chunk piped (${results.join(' ')})`);
-      assert.ok(results.some((v) => v > 0), 'zero runs found');
+      assert.ok(
+        results.some((v) => v > 0),
+        'zero runs found',
+      );
       assert.is(r.bytesWritten, (await dataBytes(source)) - MiB, 'the written zeroes were not written');
     } finally {
       await src.close();
@@ -210,7 +281,11 @@ test('into an existing target with old data the zero runs are zeroed; -S 0 write
   let dst = await reg.open(out, { format: 'raw' });
   try {
     // Fast zero hidden: a file would be zeroed whole first, and no run would need zeroing.
-    const r = await convert({ sources: [src], target: forwardBackend(ungated(dst), { canFastZero: false }), outOfOrder: true });
+    const r = await convert({
+      sources: [src],
+      target: forwardBackend(ungated(dst), { canFastZero: false }),
+      outOfOrder: true,
+    });
     assert.ok(r.bytesZeroed >= MiB, 'the zero run and the holes were zeroed');
   } finally {
     await src.close();
@@ -233,7 +308,10 @@ test('into an existing target with old data the zero runs are zeroed; -S 0 write
 
 test('O_DIRECT on either side declines the pipe: read and write instead, same result', async () => {
   const source = makeSource(disk, 'src-direct.raw');
-  for (const [srcCache, dstCache] of [['none', undefined], [undefined, 'none']] as const) {
+  for (const [srcCache, dstCache] of [
+    ['none', undefined],
+    [undefined, 'none'],
+  ] as const) {
     const out = path.join(disk, 'direct.raw');
     fs.rmSync(out, { force: true });
     const src = await reg.open(source, { readOnly: true, format: 'raw', cache: srcCache });
@@ -258,11 +336,17 @@ test('a source that shrank reads as zeroes past its end, as a read does', async 
   try {
     fs.truncateSync(source, 2 * MiB);
     let issued = 0;
-    const request = pipeRequest(2 * MiB, 4096, () => { issued++; });
+    const request = pipeRequest(2 * MiB, 4096, () => {
+      issued++;
+    });
     assert.is(await src.copyTo!(MiB, 2 * MiB, dst, 0, request), true);
     assert.is(request.zeroRuns.count, 1);
     assert.is(issued, 1, 'the target said when the step started');
-    assert.equal(request.zeroRuns.toArray(), [{ offset: 0, length: 2 * MiB, position: 0 }], 'the written zeroes and the cut-off part');
+    assert.equal(
+      request.zeroRuns.toArray(),
+      [{ offset: 0, length: 2 * MiB, position: 0 }],
+      'the written zeroes and the cut-off part',
+    );
   } finally {
     await src.close();
     await dst.close();

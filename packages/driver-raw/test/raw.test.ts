@@ -12,7 +12,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 let dir = '';
 
-test.before(() => { dir = diskTempDir(); });
+test.before(() => {
+  dir = diskTempDir();
+});
 test.after(() => removeDir(dir));
 
 test('exports', () => {
@@ -85,7 +87,9 @@ test('registry: create, open by probing, and plain paths or file:// URLs', async
   await img.close();
 
   type QemuExtent = { start: number; length: number; zero: boolean; data: boolean };
-  const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', '-f', 'raw', f], { encoding: 'utf8' })) as QemuExtent[];
+  const map = JSON.parse(
+    execFileSync('qemu-img', ['map', '--output=json', '-f', 'raw', f], { encoding: 'utf8' }),
+  ) as QemuExtent[];
   const theirs: Array<{ start: number; length: number; kind: string }> = [];
   for (const e of map) {
     const kind = e.data ? 'data' : 'zero';

@@ -24,9 +24,19 @@ import type { ConvertJobData } from './jobs.js';
 
 /** Options a batch may set per target (or as defaults): ConvertJobData's, sources and targets aside. */
 const TARGET_OPTIONS = {
-  targetFormat: 'string', noCreate: 'boolean', workers: 'integer', bufferSize: 'integer', outOfOrder: 'boolean', compress: 'boolean',
-  minSparse: 'integer', checksum: 'boolean', checkpointBytes: 'integer', checkpointSeconds: 'number', rateLimit: 'integer',
-  targetOptions: 'options', createOptions: 'options',
+  targetFormat: 'string',
+  noCreate: 'boolean',
+  workers: 'integer',
+  bufferSize: 'integer',
+  outOfOrder: 'boolean',
+  compress: 'boolean',
+  minSparse: 'integer',
+  checksum: 'boolean',
+  checkpointBytes: 'integer',
+  checkpointSeconds: 'number',
+  rateLimit: 'integer',
+  targetOptions: 'options',
+  createOptions: 'options',
 } as const;
 
 type TargetOptionName = keyof typeof TARGET_OPTIONS;
@@ -42,12 +52,24 @@ function bad(field: string, why: string): never {
 }
 
 function checkValue(field: string, kind: string, v: unknown): unknown {
-  const ok = kind === 'string' ? typeof v === 'string' && v !== ''
-    : kind === 'boolean' ? typeof v === 'boolean'
-      : kind === 'integer' ? Number.isSafeInteger(v) && (v as number) >= 0
-        : kind === 'number' ? typeof v === 'number' && Number.isFinite(v) && v >= 0
-          : typeof v === 'object' && v !== null && !Array.isArray(v) && Object.values(v).every((x) => typeof x === 'string');
-  if (!ok) bad(field, `expected ${kind === 'options' ? 'an object of strings' : kind === 'integer' ? 'a whole number' : `a ${kind}`}, got ${JSON.stringify(v)}`);
+  const ok =
+    kind === 'string'
+      ? typeof v === 'string' && v !== ''
+      : kind === 'boolean'
+        ? typeof v === 'boolean'
+        : kind === 'integer'
+          ? Number.isSafeInteger(v) && (v as number) >= 0
+          : kind === 'number'
+            ? typeof v === 'number' && Number.isFinite(v) && v >= 0
+            : typeof v === 'object' &&
+              v !== null &&
+              !Array.isArray(v) &&
+              Object.values(v).every((x) => typeof x === 'string');
+  if (!ok)
+    bad(
+      field,
+      `expected ${kind === 'options' ? 'an object of strings' : kind === 'integer' ? 'a whole number' : `a ${kind}`}, got ${JSON.stringify(v)}`,
+    );
   return v;
 }
 
@@ -66,21 +88,55 @@ function targetOptions(field: string, o: Record<string, unknown>, skip: readonly
 export function parseBatch(input: unknown): ConvertBatch {
   if (typeof input !== 'object' || input === null || Array.isArray(input)) bad('(top)', 'a batch is a JSON object');
   const b = input as Record<string, unknown>;
-  const known = new Set(['source', 'sources', 'sourceFormat', 'options', 'targets', 'targetsPerJob', 'caps', 'attempts']);
+  const known = new Set([
+    'source',
+    'sources',
+    'sourceFormat',
+    'options',
+    'targets',
+    'targetsPerJob',
+    'caps',
+    'attempts',
+  ]);
   for (const k of Object.keys(b)) if (!known.has(k)) bad(k, `unknown field (known: ${[...known].join(', ')})`);
   if ((b.source === undefined) === (b.sources === undefined)) bad('source', 'give "source" or "sources" (one of them)');
-  const sources = b.source !== undefined ? [checkValue('source', 'string', b.source) as string]
-    : Array.isArray(b.sources) && b.sources.length ? b.sources.map((s, i) => checkValue(`sources[${i}]`, 'string', s) as string) : bad('sources', 'expected a non-empty list of locations');
-  const sourceFormat = b.sourceFormat === undefined ? undefined : checkValue('sourceFormat', 'string', b.sourceFormat) as string;
-  const defaults = b.options === undefined ? {} : typeof b.options === 'object' && b.options !== null && !Array.isArray(b.options) ? targetOptions('options', b.options as Record<string, unknown>, []) : bad('options', 'expected an object');
+  const sources =
+    b.source !== undefined
+      ? [checkValue('source', 'string', b.source) as string]
+      : Array.isArray(b.sources) && b.sources.length
+        ? b.sources.map((s, i) => checkValue(`sources[${i}]`, 'string', s) as string)
+        : bad('sources', 'expected a non-empty list of locations');
+  const sourceFormat =
+    b.sourceFormat === undefined ? undefined : (checkValue('sourceFormat', 'string', b.sourceFormat) as string);
+  const defaults =
+    b.options === undefined
+      ? {}
+      : typeof b.options === 'object' && b.options !== null && !Array.isArray(b.options)
+        ? targetOptions('options', b.options as Record<string, unknown>, [])
+        : bad('options', 'expected an object');
   if (!Array.isArray(b.targets) || b.targets.length === 0) bad('targets', 'expected a non-empty list');
-  const perJob = b.targetsPerJob === undefined ? 1 : Number.isSafeInteger(b.targetsPerJob) && (b.targetsPerJob as number) >= 1 ? b.targetsPerJob as number : bad('targetsPerJob', `expected a whole number of at least 1, got ${JSON.stringify(b.targetsPerJob)}`);
-  const attempts = b.attempts === undefined ? undefined : Number.isSafeInteger(b.attempts) && (b.attempts as number) >= 1 ? b.attempts as number : bad('attempts', `expected a whole number of at least 1, got ${JSON.stringify(b.attempts)}`);
+  const perJob =
+    b.targetsPerJob === undefined
+      ? 1
+      : Number.isSafeInteger(b.targetsPerJob) && (b.targetsPerJob as number) >= 1
+        ? (b.targetsPerJob as number)
+        : bad('targetsPerJob', `expected a whole number of at least 1, got ${JSON.stringify(b.targetsPerJob)}`);
+  const attempts =
+    b.attempts === undefined
+      ? undefined
+      : Number.isSafeInteger(b.attempts) && (b.attempts as number) >= 1
+        ? (b.attempts as number)
+        : bad('attempts', `expected a whole number of at least 1, got ${JSON.stringify(b.attempts)}`);
   const caps: Record<string, number> = {};
   if (b.caps !== undefined) {
-    if (typeof b.caps !== 'object' || b.caps === null || Array.isArray(b.caps)) bad('caps', 'expected an object of server: count');
+    if (typeof b.caps !== 'object' || b.caps === null || Array.isArray(b.caps))
+      bad('caps', 'expected an object of server: count');
     for (const [s, k] of Object.entries(b.caps as Record<string, unknown>)) {
-      try { caps[s] = checkCap(s, k); } catch (err) { bad(`caps.${s}`, (err as Error).message); }
+      try {
+        caps[s] = checkCap(s, k);
+      } catch (err) {
+        bad(`caps.${s}`, (err as Error).message);
+      }
     }
   }
   const seen = new Set<string>();
@@ -97,7 +153,11 @@ export function parseBatch(input: unknown): ConvertBatch {
     if (seen.has(name)) bad(field, `${name} is named twice`);
     seen.add(name);
     const options = { ...defaults, ...own };
-    const key = JSON.stringify(Object.keys(options).sort().map((k) => [k, options[k as keyof typeof options]]));
+    const key = JSON.stringify(
+      Object.keys(options)
+        .sort()
+        .map((k) => [k, options[k as keyof typeof options]]),
+    );
     const g = groups.get(key) ?? { options, targets: [] };
     g.targets.push(name);
     groups.set(key, g);
@@ -106,7 +166,13 @@ export function parseBatch(input: unknown): ConvertBatch {
   for (const g of groups.values()) {
     for (let i = 0; i < g.targets.length; i += perJob) {
       const [target, ...tee] = g.targets.slice(i, i + perJob);
-      jobs.push({ ...g.options, sources, ...(sourceFormat ? { sourceFormat } : {}), target: target!, ...(tee.length ? { tee } : {}) });
+      jobs.push({
+        ...g.options,
+        sources,
+        ...(sourceFormat ? { sourceFormat } : {}),
+        target: target!,
+        ...(tee.length ? { tee } : {}),
+      });
     }
   }
   return { jobs, caps, ...(attempts ? { attempts } : {}) };

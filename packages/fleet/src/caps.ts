@@ -49,8 +49,10 @@ export function serverOf(location: string): string | undefined {
 
 /** Checks a cap's name and value; throws a one-line message naming it. */
 export function checkCap(server: string, k: unknown): number {
-  if (server !== '*' && serverOf(server) !== server) throw new Error(`cap for "${server}": name a server as nfs://HOST or iscsi://HOST:PORT (or "*" for every server)`);
-  if (!Number.isSafeInteger(k) || (k as number) < 1) throw new Error(`cap for ${server}: must be a whole number of at least 1, got ${JSON.stringify(k)}`);
+  if (server !== '*' && serverOf(server) !== server)
+    throw new Error(`cap for "${server}": name a server as nfs://HOST or iscsi://HOST:PORT (or "*" for every server)`);
+  if (!Number.isSafeInteger(k) || (k as number) < 1)
+    throw new Error(`cap for ${server}: must be a whole number of at least 1, got ${JSON.stringify(k)}`);
   return k as number;
 }
 
@@ -70,16 +72,28 @@ export class CapLease {
   readonly #timer?: NodeJS.Timeout;
   #released = false;
 
-  constructor(private readonly redis: Redis, readonly servers: readonly string[], private readonly member: string, private readonly leaseMs: number) {
+  constructor(
+    private readonly redis: Redis,
+    readonly servers: readonly string[],
+    private readonly member: string,
+    private readonly leaseMs: number,
+  ) {
     if (servers.length === 0) return;
-    this.#timer = setInterval(() => { void this.#renew(); }, Math.max(100, Math.floor(leaseMs / 3)));
+    this.#timer = setInterval(
+      () => {
+        void this.#renew();
+      },
+      Math.max(100, Math.floor(leaseMs / 3)),
+    );
     this.#timer.unref();
   }
 
   async #renew(): Promise<void> {
     if (this.#released) return;
     const until = Date.now() + this.leaseMs;
-    await Promise.all(this.servers.map((s) => this.redis.zadd(SLOTS_PREFIX + s, 'XX', until, this.member))).catch(() => {});
+    await Promise.all(this.servers.map((s) => this.redis.zadd(SLOTS_PREFIX + s, 'XX', until, this.member))).catch(
+      () => {},
+    );
   }
 
   async release(): Promise<void> {
@@ -92,11 +106,25 @@ export class CapLease {
 }
 
 /** Takes a slot on every server for `member` (a job id); null if any server is at its cap. */
-export async function acquireCaps(redis: Redis, servers: readonly string[], member: string, leaseMs: number): Promise<CapLease | null> {
+export async function acquireCaps(
+  redis: Redis,
+  servers: readonly string[],
+  member: string,
+  leaseMs: number,
+): Promise<CapLease | null> {
   const unique = [...new Set(servers)].sort();
   if (unique.length === 0) return new CapLease(redis, [], member, leaseMs);
   const now = Date.now();
-  const ok = await redis.eval(ACQUIRE, 1 + unique.length, CAPS_KEY, ...unique.map((s) => SLOTS_PREFIX + s), member, now, now + leaseMs, ...unique);
+  const ok = await redis.eval(
+    ACQUIRE,
+    1 + unique.length,
+    CAPS_KEY,
+    ...unique.map((s) => SLOTS_PREFIX + s),
+    member,
+    now,
+    now + leaseMs,
+    ...unique,
+  );
   return ok === 1 ? new CapLease(redis, unique, member, leaseMs) : null;
 }
 

@@ -47,7 +47,13 @@ export async function startDashboard(o: DashboardOptions): Promise<Dashboard> {
   const server = await new Promise<Server>((resolve, reject) => {
     const s = app.listen(o.port, host);
     s.once('listening', () => resolve(s));
-    s.once('error', (err: NodeJS.ErrnoException) => reject(new BlockError(err.code ?? 'EIO', `dashboard: cannot listen on ${host}:${o.port}: ${err.message}`, { field: 'port' })));
+    s.once('error', (err: NodeJS.ErrnoException) =>
+      reject(
+        new BlockError(err.code ?? 'EIO', `dashboard: cannot listen on ${host}:${o.port}: ${err.message}`, {
+          field: 'port',
+        }),
+      ),
+    );
   });
   const addr = server.address();
   const port = typeof addr === 'object' && addr ? addr.port : o.port;

@@ -81,19 +81,33 @@ export function connection(url: string): { url: string; maxRetriesPerRequest: nu
 export async function checkRedis(url: string, timeoutMs = 5000): Promise<void> {
   let client: Redis;
   try {
-    client = new Redis(url, { lazyConnect: true, connectTimeout: timeoutMs, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false });
+    client = new Redis(url, {
+      lazyConnect: true,
+      connectTimeout: timeoutMs,
+      maxRetriesPerRequest: 0,
+      retryStrategy: () => null,
+      enableOfflineQueue: false,
+    });
   } catch (err) {
-    throw new BlockError('EINVAL', `malformed Redis URL ${redactLocation(url)}: ${(err as Error).message}`, { field: 'redis' });
+    throw new BlockError('EINVAL', `malformed Redis URL ${redactLocation(url)}: ${(err as Error).message}`, {
+      field: 'redis',
+    });
   }
   // The socket's own error says more than the client's "Connection is closed".
   let cause: Error | undefined;
-  client.on('error', (err: Error) => { cause ??= err; });
+  client.on('error', (err: Error) => {
+    cause ??= err;
+  });
   try {
     await client.connect();
     await client.ping();
   } catch (err) {
     const why = cause ?? (err as Error);
-    throw new BlockError((why as NodeJS.ErrnoException).code === 'ENOTFOUND' ? 'ENOTFOUND' : 'ECONNREFUSED', `cannot reach Redis at ${redactLocation(url)}: ${why.message}`, { field: 'redis' });
+    throw new BlockError(
+      (why as NodeJS.ErrnoException).code === 'ENOTFOUND' ? 'ENOTFOUND' : 'ECONNREFUSED',
+      `cannot reach Redis at ${redactLocation(url)}: ${why.message}`,
+      { field: 'redis' },
+    );
   } finally {
     client.disconnect();
   }
@@ -101,15 +115,29 @@ export async function checkRedis(url: string, timeoutMs = 5000): Promise<void> {
 
 /** Refuses what must not reach Redis: credentials in a location, secret values in options. */
 export function checkJobData(data: ConvertJobData): void {
-  if (!data.sources?.length || !data.target) throw new BlockError('EINVAL', 'a convert job needs sources and a target', { field: 'job' });
+  if (!data.sources?.length || !data.target)
+    throw new BlockError('EINVAL', 'a convert job needs sources and a target', { field: 'job' });
   for (const l of [...data.sources, data.target, ...(data.tee ?? [])]) {
     if (redactLocation(l) !== l) {
-      throw new BlockError('EINVAL', `${redactLocation(l)}: a job must not carry credentials; name them by reference (e.g. -o password-env=VAR or password-file=PATH, resolved on the worker)`, { field: 'location' });
+      throw new BlockError(
+        'EINVAL',
+        `${redactLocation(l)}: a job must not carry credentials; name them by reference (e.g. -o password-env=VAR or password-file=PATH, resolved on the worker)`,
+        { field: 'location' },
+      );
     }
   }
-  for (const [field, o] of [['sourceOptions', data.sourceOptions], ['targetOptions', data.targetOptions], ['createOptions', data.createOptions]] as const) {
+  for (const [field, o] of [
+    ['sourceOptions', data.sourceOptions],
+    ['targetOptions', data.targetOptions],
+    ['createOptions', data.createOptions],
+  ] as const) {
     for (const k of Object.keys(o ?? {})) {
-      if (isSecretParameter(k) && !/-(file|env)$/.test(k)) throw new BlockError('EINVAL', `${field}.${k}: a job must not carry a secret; name it by reference (${k}-env or ${k}-file, resolved on the worker)`, { field: `${field}.${k}` });
+      if (isSecretParameter(k) && !/-(file|env)$/.test(k))
+        throw new BlockError(
+          'EINVAL',
+          `${field}.${k}: a job must not carry a secret; name it by reference (${k}-env or ${k}-file, resolved on the worker)`,
+          { field: `${field}.${k}` },
+        );
     }
   }
 }
@@ -123,7 +151,11 @@ function queueOf(redisUrl: string): Queue<ConvertJobData, ConvertJobResult> {
 const JOB_DEFAULTS: JobsOptions = { attempts: 3, backoff: { type: 'exponential', delay: 1000 } };
 
 /** Adds a convert job; retried (resuming) `attempts` times with exponential backoff by default. */
-export async function submitConvert(redisUrl: string, data: ConvertJobData, options: JobsOptions = {}): Promise<string> {
+export async function submitConvert(
+  redisUrl: string,
+  data: ConvertJobData,
+  options: JobsOptions = {},
+): Promise<string> {
   checkJobData(data);
   await checkRedis(redisUrl);
   const queue = queueOf(redisUrl);
@@ -142,11 +174,21 @@ export async function submitBatch(redisUrl: string, batch: ConvertBatch, options
   if (Object.keys(batch.caps).length) {
     const r = new Redis(redisUrl, { maxRetriesPerRequest: 3 });
     r.on('error', () => {});
-    try { await setServerCaps(r, batch.caps); } finally { r.disconnect(); }
+    try {
+      await setServerCaps(r, batch.caps);
+    } finally {
+      r.disconnect();
+    }
   }
   const queue = queueOf(redisUrl);
   try {
-    const jobs = await queue.addBulk(batch.jobs.map((data) => ({ name: 'convert', data, opts: { ...JOB_DEFAULTS, ...(batch.attempts ? { attempts: batch.attempts } : {}), ...options } })));
+    const jobs = await queue.addBulk(
+      batch.jobs.map((data) => ({
+        name: 'convert',
+        data,
+        opts: { ...JOB_DEFAULTS, ...(batch.attempts ? { attempts: batch.attempts } : {}), ...options },
+      })),
+    );
     return jobs.map((j) => j.id!);
   } finally {
     await queue.close();
@@ -183,7 +225,12 @@ async function summarize(queue: Queue, found: Job<ConvertJobData, ConvertJobResu
   }
   const p = job.progress as Partial<ConvertJobProgress> | number;
   return {
-    id: job.id!, state, sources: job.data.sources, target: job.data.target, ...(job.data.tee ? { tee: job.data.tee } : {}), attemptsMade: job.attemptsMade,
+    id: job.id!,
+    state,
+    sources: job.data.sources,
+    target: job.data.target,
+    ...(job.data.tee ? { tee: job.data.tee } : {}),
+    attemptsMade: job.attemptsMade,
     ...(typeof p === 'object' && p && p.total !== undefined ? { progress: p as ConvertJobProgress } : {}),
     ...(job.returnvalue ? { result: job.returnvalue } : {}),
     ...(job.failedReason ? { failedReason: job.failedReason } : {}),
@@ -197,7 +244,9 @@ export async function listConvertJobs(redisUrl: string, ids?: readonly string[])
   const queue = queueOf(redisUrl);
   try {
     const jobs = ids
-      ? (await Promise.all(ids.map((id) => queue.getJob(id)))).filter((j): j is Job<ConvertJobData, ConvertJobResult> => j !== undefined)
+      ? (await Promise.all(ids.map((id) => queue.getJob(id)))).filter(
+          (j): j is Job<ConvertJobData, ConvertJobResult> => j !== undefined,
+        )
       : await queue.getJobs(['active', 'waiting', 'delayed', 'prioritized', 'completed', 'failed'], 0, 999);
     return Promise.all(jobs.map((j) => summarize(queue, j)));
   } finally {
@@ -210,7 +259,13 @@ export async function listConvertJobs(redisUrl: string, ids?: readonly string[])
  * `onUpdate` with their summaries about twice a second. Rides through Redis being
  * restarted: a poll that fails is tried again (up to `outageMs`).
  */
-export async function followJobs(redisUrl: string, ids: readonly string[], onUpdate: (jobs: readonly ConvertJobSummary[]) => void, signal?: AbortSignal, outageMs = 60_000): Promise<ConvertJobSummary[]> {
+export async function followJobs(
+  redisUrl: string,
+  ids: readonly string[],
+  onUpdate: (jobs: readonly ConvertJobSummary[]) => void,
+  signal?: AbortSignal,
+  outageMs = 60_000,
+): Promise<ConvertJobSummary[]> {
   let failingSince: number | undefined;
   for (;;) {
     signal?.throwIfAborted();

@@ -11,7 +11,14 @@ import { DelayedError, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import { openTargets, startConvert, type BlockBackend, type ConvertResult, type DriverRegistry } from '@blockconv/core';
 import { acquireCaps, serverOf } from './caps.js';
-import { CONVERT_QUEUE, checkRedis, connection, type ConvertJobData, type ConvertJobProgress, type ConvertJobResult } from './jobs.js';
+import {
+  CONVERT_QUEUE,
+  checkRedis,
+  connection,
+  type ConvertJobData,
+  type ConvertJobProgress,
+  type ConvertJobResult,
+} from './jobs.js';
 
 export interface FleetWorkerOptions {
   readonly redis: string;
@@ -28,7 +35,12 @@ export interface FleetWorkerOptions {
    */
   readonly lockMs?: number;
   /** Called as jobs start and end (for logs): never with a secret, locations are the job's. */
-  readonly onEvent?: (e: { event: 'start' | 'end' | 'fail' | 'wait-cap'; job: string; target: string; detail?: string }) => void;
+  readonly onEvent?: (e: {
+    event: 'start' | 'end' | 'fail' | 'wait-cap';
+    job: string;
+    target: string;
+    detail?: string;
+  }) => void;
 }
 
 /** A job whose worker vanished this many times is failed instead of retried again. */
@@ -56,8 +68,13 @@ export class FleetWorker {
     this.#redis = new Redis(o.redis, { maxRetriesPerRequest: null });
     this.#redis.on('error', () => {});
     this.#worker = new Worker<ConvertJobData, ConvertJobResult>(CONVERT_QUEUE, (job, token) => this.#run(job, token), {
-      connection: connection(o.redis), concurrency: o.concurrency ?? 1, autorun: true, name: this.#name,
-      lockDuration: this.#lockMs, stalledInterval: this.#lockMs, maxStalledCount: MAX_STALLED,
+      connection: connection(o.redis),
+      concurrency: o.concurrency ?? 1,
+      autorun: true,
+      name: this.#name,
+      lockDuration: this.#lockMs,
+      stalledInterval: this.#lockMs,
+      maxStalledCount: MAX_STALLED,
     });
     // A failed job is BullMQ's to retry; the worker itself goes on.
     this.#worker.on('error', () => {});
@@ -97,7 +114,12 @@ export class FleetWorker {
       await job.moveToDelayed(Date.now() + CAP_RETRY_MS + Math.floor(Math.random() * CAP_RETRY_MS), token);
       throw new DelayedError();
     }
-    this.#onEvent({ event: 'start', job: job.id!, target: targetNames.join(', '), ...(d.resume ? { detail: `resuming at ${d.resume.progress.done}` } : {}) });
+    this.#onEvent({
+      event: 'start',
+      job: job.id!,
+      target: targetNames.join(', '),
+      ...(d.resume ? { detail: `resuming at ${d.resume.progress.done}` } : {}),
+    });
     try {
       const r = await this.#convert(job);
       this.#onEvent({ event: 'end', job: job.id!, target: targetNames.join(', '), detail: r.checksum });
@@ -118,23 +140,42 @@ export class FleetWorker {
     const sources: BlockBackend[] = [];
     let targets: BlockBackend[] = [];
     try {
-      for (const s of d.sources) sources.push(await reg.open(s, { format: d.sourceFormat, readOnly: true, options: d.sourceOptions }));
+      for (const s of d.sources)
+        sources.push(await reg.open(s, { format: d.sourceFormat, readOnly: true, options: d.sourceOptions }));
       const total = sources.reduce((n, s) => n + s.size, 0);
       const format = d.targetFormat ?? 'raw';
       targets = await openTargets(reg, targetNames, {
-        format, create: !d.noCreate, size: total, resume, openOptions: d.targetOptions, createOptions: d.createOptions,
+        format,
+        create: !d.noCreate,
+        size: total,
+        resume,
+        openOptions: d.targetOptions,
+        createOptions: d.createOptions,
       });
       const several = targets.length > 1;
       const convertJob = startConvert({
-        sources, ...(several ? { targets } : { target: targets[0] }),
-        workers: d.workers, bufferSize: d.bufferSize, outOfOrder: d.outOfOrder, compress: d.compress, minSparse: d.minSparse, rateLimit: d.rateLimit,
+        sources,
+        ...(several ? { targets } : { target: targets[0] }),
+        workers: d.workers,
+        bufferSize: d.bufferSize,
+        outOfOrder: d.outOfOrder,
+        compress: d.compress,
+        minSparse: d.minSparse,
+        rateLimit: d.rateLimit,
         checksum: d.checksum !== false,
         checkpoint: {
-          everyBytes: d.checkpointBytes, everySeconds: d.checkpointSeconds,
-          save: async (state) => { await job.updateData({ ...job.data, resume: state }); },
+          everyBytes: d.checkpointBytes,
+          everySeconds: d.checkpointSeconds,
+          save: async (state) => {
+            await job.updateData({ ...job.data, resume: state });
+          },
         },
         resume,
-        resumeTag: { targetFormat: format, create: String(!d.noCreate), createOptions: JSON.stringify(d.createOptions ?? {}) },
+        resumeTag: {
+          targetFormat: format,
+          create: String(!d.noCreate),
+          createOptions: JSON.stringify(d.createOptions ?? {}),
+        },
         progressInterval: 1000,
       });
       const handle = { stop: (reason: Error) => convertJob.stop(reason) };
@@ -142,8 +183,13 @@ export class FleetWorker {
       convertJob.on('progress', (p) => {
         const eta = p.rate > 0 ? Math.round((p.total - p.done) / p.rate) : undefined;
         const progress: ConvertJobProgress = {
-          done: p.done, total: p.total, progress: p.total ? Math.floor((p.done / p.total) * 1000) / 10 : 100, rate: Math.round(p.rate),
-          ...(eta !== undefined ? { etaSeconds: eta } : {}), ...(resume ? { resumedFrom: resume.progress.done } : {}), worker: this.#name,
+          done: p.done,
+          total: p.total,
+          progress: p.total ? Math.floor((p.done / p.total) * 1000) / 10 : 100,
+          rate: Math.round(p.rate),
+          ...(eta !== undefined ? { etaSeconds: eta } : {}),
+          ...(resume ? { resumedFrom: resume.progress.done } : {}),
+          worker: this.#name,
         };
         job.updateProgress(progress as unknown as object).catch(() => {});
       });
@@ -157,9 +203,15 @@ export class FleetWorker {
       targets = [];
       await Promise.all(closing.map((t) => t.close()));
       return {
-        total: r.total, elapsedMs: Math.round(r.elapsedMs), bytesRead: r.bytesRead, bytesWritten: r.bytesWritten, worker: this.#name,
-        ...(r.checksum ? { checksum: r.checksum } : {}), ...(r.resumedFrom !== undefined ? { resumedFrom: r.resumedFrom } : {}),
-        ...(r.checkpoints !== undefined ? { checkpoints: r.checkpoints } : {}), ...(r.targets ? { targets: r.targets } : {}),
+        total: r.total,
+        elapsedMs: Math.round(r.elapsedMs),
+        bytesRead: r.bytesRead,
+        bytesWritten: r.bytesWritten,
+        worker: this.#name,
+        ...(r.checksum ? { checksum: r.checksum } : {}),
+        ...(r.resumedFrom !== undefined ? { resumedFrom: r.resumedFrom } : {}),
+        ...(r.checkpoints !== undefined ? { checkpoints: r.checkpoints } : {}),
+        ...(r.targets ? { targets: r.targets } : {}),
       };
     } finally {
       await Promise.all([...sources, ...targets].map((b) => b.close().catch(() => {})));

@@ -5,14 +5,36 @@ import { parseBatch, serverOf } from '../src/index.js';
 
 test('targets with equal options share jobs up to targetsPerJob; per-target options split them', () => {
   const b = parseBatch({
-    source: 'nfs://filer/t.qcow2', sourceFormat: 'qcow2', options: { targetFormat: 'raw' }, targetsPerJob: 2,
-    targets: ['nfs://filer/a', 'nfs://filer/b', 'nfs://filer/c', { target: 'iscsi://portal/iqn.x:y/1', noCreate: true, outOfOrder: true }],
-    caps: { 'nfs://filer': 2, '*': 8 }, attempts: 5,
+    source: 'nfs://filer/t.qcow2',
+    sourceFormat: 'qcow2',
+    options: { targetFormat: 'raw' },
+    targetsPerJob: 2,
+    targets: [
+      'nfs://filer/a',
+      'nfs://filer/b',
+      'nfs://filer/c',
+      { target: 'iscsi://portal/iqn.x:y/1', noCreate: true, outOfOrder: true },
+    ],
+    caps: { 'nfs://filer': 2, '*': 8 },
+    attempts: 5,
   });
   assert.equal(b.jobs, [
-    { targetFormat: 'raw', sources: ['nfs://filer/t.qcow2'], sourceFormat: 'qcow2', target: 'nfs://filer/a', tee: ['nfs://filer/b'] },
+    {
+      targetFormat: 'raw',
+      sources: ['nfs://filer/t.qcow2'],
+      sourceFormat: 'qcow2',
+      target: 'nfs://filer/a',
+      tee: ['nfs://filer/b'],
+    },
     { targetFormat: 'raw', sources: ['nfs://filer/t.qcow2'], sourceFormat: 'qcow2', target: 'nfs://filer/c' },
-    { targetFormat: 'raw', noCreate: true, outOfOrder: true, sources: ['nfs://filer/t.qcow2'], sourceFormat: 'qcow2', target: 'iscsi://portal/iqn.x:y/1' },
+    {
+      targetFormat: 'raw',
+      noCreate: true,
+      outOfOrder: true,
+      sources: ['nfs://filer/t.qcow2'],
+      sourceFormat: 'qcow2',
+      target: 'iscsi://portal/iqn.x:y/1',
+    },
   ]);
   assert.equal(b.caps, { 'nfs://filer': 2, '*': 8 });
   assert.is(b.attempts, 5);
@@ -24,7 +46,10 @@ test('bad batches: one line naming the field', () => {
     [{ targets: ['a'] }, /batch: source: give "source" or "sources"/],
     [{ source: 'a', targets: [] }, /batch: targets: expected a non-empty list/],
     [{ source: 'a', targets: ['b', 'b'] }, /batch: targets\[1\]: b is named twice/],
-    [{ source: 'a', targets: [{ target: 'b', workers: 'many' }] }, /batch: targets\[0\]\.workers: expected a whole number, got "many"/],
+    [
+      { source: 'a', targets: [{ target: 'b', workers: 'many' }] },
+      /batch: targets\[0\]\.workers: expected a whole number, got "many"/,
+    ],
     [{ source: 'a', targets: [{ target: 'b', colour: 'red' }] }, /batch: targets\[0\]\.colour: unknown option/],
     [{ source: 'a', targets: ['b'], caps: { filer: 2 } }, /batch: caps\.filer: .*name a server as nfs:\/\/HOST/],
     [{ source: 'a', targets: ['b'], caps: { 'nfs://filer': 0 } }, /batch: caps\.nfs:\/\/filer: .*at least 1/],

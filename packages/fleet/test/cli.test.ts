@@ -17,7 +17,11 @@ import { BIN, FleetProcesses, waitForProgress } from './helpers.js';
 
 ensureServer();
 const dir = fs.mkdtempSync(join(process.env.BLOCKCONV_TEST_DIR ?? tmpdir(), 'blockconv-fleet-cli-'));
-const fleet = new FleetProcesses({ ...process.env, BLOCKCONV_REDIS: REDIS_URL, BLOCKCONV_STATE_DIR: join(dir, 'state') });
+const fleet = new FleetProcesses({
+  ...process.env,
+  BLOCKCONV_REDIS: REDIS_URL,
+  BLOCKCONV_STATE_DIR: join(dir, 'state'),
+});
 const env = fleet.env;
 const cli = (args: string[]) => fleet.cli(args);
 const jobEnd = (id: string) => fleet.jobEnd(id);
@@ -32,8 +36,18 @@ test.before(async () => {
   await q.obliterate({ force: true });
   await q.close();
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', source, '192M']);
-  execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 30M', '-c', 'write -P 0x42 64M 50M', source], { stdio: 'ignore' });
-  execFileSync('dd', ['if=/dev/urandom', `of=${source}`, 'bs=1M', 'seek=150', 'count=30', 'conv=notrunc', 'status=none']);
+  execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 30M', '-c', 'write -P 0x42 64M 50M', source], {
+    stdio: 'ignore',
+  });
+  execFileSync('dd', [
+    'if=/dev/urandom',
+    `of=${source}`,
+    'bs=1M',
+    'seek=150',
+    'count=30',
+    'conv=notrunc',
+    'status=none',
+  ]);
   digest = (JSON.parse(cli(['checksum', '--output', 'json', source]).stdout) as { checksum: string }).checksum;
 });
 
@@ -42,15 +56,30 @@ test.after(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-test('3 workers, 6 targets from one template: all complete with the template\'s checksum; jobs lists them', async () => {
+test("3 workers, 6 targets from one template: all complete with the template's checksum; jobs lists them", async () => {
   await Promise.all(['w1', 'w2', 'w3'].map((n) => startWorker(n)));
-  const runs = await Promise.all(Array.from({ length: 6 }, (_, i) => new Promise<{ code: number | null; stdout: string }>((resolve) => {
-    const c = spawn(process.execPath, [BIN, 'submit', '--wait', '--output', 'json', source, join(dir, `t${i}.raw`)], { env, stdio: ['ignore', 'pipe', 'ignore'] });
-    let out = '';
-    c.stdout.on('data', (d: Buffer) => { out += d.toString(); });
-    c.on('exit', (code) => resolve({ code, stdout: out }));
-  })));
-  const jobs = runs.map((r) => { assert.is(r.code, 0); return (JSON.parse(r.stdout) as ConvertJobSummary[])[0]!; });
+  const runs = await Promise.all(
+    Array.from(
+      { length: 6 },
+      (_, i) =>
+        new Promise<{ code: number | null; stdout: string }>((resolve) => {
+          const c = spawn(
+            process.execPath,
+            [BIN, 'submit', '--wait', '--output', 'json', source, join(dir, `t${i}.raw`)],
+            { env, stdio: ['ignore', 'pipe', 'ignore'] },
+          );
+          let out = '';
+          c.stdout.on('data', (d: Buffer) => {
+            out += d.toString();
+          });
+          c.on('exit', (code) => resolve({ code, stdout: out }));
+        }),
+    ),
+  );
+  const jobs = runs.map((r) => {
+    assert.is(r.code, 0);
+    return (JSON.parse(r.stdout) as ConvertJobSummary[])[0]!;
+  });
   for (const j of jobs) {
     assert.is(j.state, 'completed');
     assert.is(j.result?.checksum, digest);
@@ -69,7 +98,11 @@ test('a worker stopped (SIGTERM) mid-job checkpoints it; another worker resumes 
   const target = join(dir, 'moved.raw');
   const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
   try {
-    const job = await q.add('convert', { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 }, { attempts: 3, backoff: { type: 'fixed', delay: 200 } });
+    const job = await q.add(
+      'convert',
+      { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 },
+      { attempts: 3, backoff: { type: 'fixed', delay: 200 } },
+    );
     await waitForProgress(q, job.id!, 40 * 1024 * 1024);
     await stopWorker(w4);
     const stopped = (await q.getJob(job.id!))!;
@@ -92,7 +125,11 @@ test('kill -9 of the worker running a job: another takes it over once its lock l
   const target = join(dir, 'orphaned.raw');
   const q = new Queue(CONVERT_QUEUE, { connection: { url: REDIS_URL, maxRetriesPerRequest: null } });
   try {
-    const job = await q.add('convert', { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 }, { attempts: 3 });
+    const job = await q.add(
+      'convert',
+      { sources: [source], target, rateLimit: 30 * 1024 * 1024, checkpointBytes: 16 * 1024 * 1024 },
+      { attempts: 3 },
+    );
     await waitForProgress(q, job.id!, 40 * 1024 * 1024);
     const killed = new Promise((r) => w6.on('exit', r));
     w6.kill('SIGKILL');
@@ -103,8 +140,14 @@ test('kill -9 of the worker running a job: another takes it over once its lock l
     // report (once a second) says at least how much; the checkpoint's dirtyEnd bounds it.
     const dirtyEnd = atKill.data.resume?.progress.dirtyEnd ?? 0;
     const reported = Math.max(0, ((atKill.progress as { done?: number }).done ?? 0) - checkpoint);
-    if (process.env.BLOCKCONV_FLEET_REPORT) console.log(`  kill -9: checkpoint at ${checkpoint} bytes; copied again: at least ${reported} (last progress), at most ${dirtyEnd - checkpoint} (dirtyEnd)`);
-    assert.ok(dirtyEnd - checkpoint <= 16 * 1024 * 1024 + 8 * 2 * 1024 * 1024, `at most one interval and the buffers in flight are copied again (${dirtyEnd - checkpoint})`);
+    if (process.env.BLOCKCONV_FLEET_REPORT)
+      console.log(
+        `  kill -9: checkpoint at ${checkpoint} bytes; copied again: at least ${reported} (last progress), at most ${dirtyEnd - checkpoint} (dirtyEnd)`,
+      );
+    assert.ok(
+      dirtyEnd - checkpoint <= 16 * 1024 * 1024 + 8 * 2 * 1024 * 1024,
+      `at most one interval and the buffers in flight are copied again (${dirtyEnd - checkpoint})`,
+    );
     assert.ok(checkpoint > 0, 'the dead worker left a checkpoint in the job');
     await startWorker('w7', '--lock-seconds', '2');
     const done = await jobEnd(job.id!);
@@ -119,7 +162,11 @@ test('kill -9 of the worker running a job: another takes it over once its lock l
 });
 
 test('bad input: unreachable Redis, credentials in a location, a missing source: one line each, non-zero', async () => {
-  const down = spawnSync(process.execPath, [BIN, 'jobs', '--redis', 'redis://127.0.0.1:1'], { encoding: 'utf8', env, timeout: 30_000 });
+  const down = spawnSync(process.execPath, [BIN, 'jobs', '--redis', 'redis://127.0.0.1:1'], {
+    encoding: 'utf8',
+    env,
+    timeout: 30_000,
+  });
   assert.is(down.status, 1);
   assert.match(down.stderr, /^blockconv: .*cannot reach Redis at redis:\/\/127\.0\.0\.1:1: connect ECONNREFUSED/);
   assert.is(down.stderr.trim().split('\n').length, 1);

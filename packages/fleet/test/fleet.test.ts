@@ -29,8 +29,20 @@ test.before(async () => {
   await queue.obliterate({ force: true });
   await events.waitUntilReady();
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', source, '256M']);
-  execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 40M', '-c', 'write -P 0x11 100M 60M', '-c', 'write -P 0 200M 8M', source], { stdio: 'ignore' });
-  execFileSync('dd', ['if=/dev/urandom', `of=${source}`, 'bs=1M', 'seek=230', 'count=20', 'conv=notrunc', 'status=none']);
+  execFileSync(
+    'qemu-io',
+    ['-f', 'raw', '-c', 'write -P 0x5a 0 40M', '-c', 'write -P 0x11 100M 60M', '-c', 'write -P 0 200M 8M', source],
+    { stdio: 'ignore' },
+  );
+  execFileSync('dd', [
+    'if=/dev/urandom',
+    `of=${source}`,
+    'bs=1M',
+    'seek=230',
+    'count=20',
+    'conv=notrunc',
+    'status=none',
+  ]);
   const img = await registry.open(source, { readOnly: true });
   digest = (await checksumImage(img)).checksum;
   await img.close();
@@ -42,11 +54,20 @@ test.after(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-test('two workers complete a batch of 6 targets from one template, each with the template\'s checksum', async () => {
-  const workers = [new FleetWorker({ redis: REDIS_URL, registry, name: 'a' }), new FleetWorker({ redis: REDIS_URL, registry, name: 'b' })];
+test("two workers complete a batch of 6 targets from one template, each with the template's checksum", async () => {
+  const workers = [
+    new FleetWorker({ redis: REDIS_URL, registry, name: 'a' }),
+    new FleetWorker({ redis: REDIS_URL, registry, name: 'b' }),
+  ];
   try {
-    const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => submitConvert(REDIS_URL, { sources: [source], target: join(dir, `t${i}.raw`) })));
-    const results = await Promise.all(ids.map(async (id) => (await (await queue.getJob(id))!.waitUntilFinished(events, 120_000)) as ConvertJobResult));
+    const ids = await Promise.all(
+      Array.from({ length: 6 }, (_, i) =>
+        submitConvert(REDIS_URL, { sources: [source], target: join(dir, `t${i}.raw`) }),
+      ),
+    );
+    const results = await Promise.all(
+      ids.map(async (id) => (await (await queue.getJob(id))!.waitUntilFinished(events, 120_000)) as ConvertJobResult),
+    );
     for (const r of results) assert.is(r.checksum, digest);
     assert.equal(new Set(results.map((r) => r.worker)), new Set(['a', 'b']), 'both workers took jobs');
   } finally {
@@ -57,7 +78,11 @@ test('two workers complete a batch of 6 targets from one template, each with the
 test('a worker closed mid-job saves a checkpoint into the job; the retry on another worker resumes from it', async () => {
   const a = new FleetWorker({ redis: REDIS_URL, registry, name: 'a' });
   const target = join(dir, 'resumed.raw');
-  const id = await submitConvert(REDIS_URL, { sources: [source], target, rateLimit: 40 * MiB, checkpointBytes: 16 * MiB }, { backoff: { type: 'fixed', delay: 200 } });
+  const id = await submitConvert(
+    REDIS_URL,
+    { sources: [source], target, rateLimit: 40 * MiB, checkpointBytes: 16 * MiB },
+    { backoff: { type: 'fixed', delay: 200 } },
+  );
   const job = (await queue.getJob(id))!;
   // Once it has gone some way, the worker is shut down.
   await waitForProgress(queue, id, 64 * MiB, 10_000);

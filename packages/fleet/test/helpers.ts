@@ -9,7 +9,7 @@ export const BIN = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'cl
 
 /** Waits until the job reports more than `bytes` done (or `timeoutMs` passed: the test's assertions then say what is wrong). */
 export async function waitForProgress(queue: Queue, id: string, bytes: number, timeoutMs = 20_000): Promise<void> {
-  for (const end = Date.now() + timeoutMs; Date.now() < end;) {
+  for (const end = Date.now() + timeoutMs; Date.now() < end; ) {
     const job = await queue.getJob(id);
     if (((job?.progress as { done?: number } | undefined)?.done ?? 0) > bytes) return;
     await new Promise((r) => setTimeout(r, 100));
@@ -17,7 +17,13 @@ export async function waitForProgress(queue: Queue, id: string, bytes: number, t
 }
 
 /** A job start or end as a worker logs it. */
-export interface WorkerEvent { readonly worker: string; readonly at: number; readonly job: string; readonly event: string; readonly target: string }
+export interface WorkerEvent {
+  readonly worker: string;
+  readonly at: number;
+  readonly job: string;
+  readonly event: string;
+  readonly target: string;
+}
 
 /** `blockconv worker` processes and the CLI, with one environment (Redis URL, state dir). */
 export class FleetProcesses {
@@ -39,8 +45,12 @@ export class FleetProcesses {
       const c = spawn(process.execPath, [BIN, ...args], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
-      c.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-      c.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+      c.stdout.on('data', (d: Buffer) => {
+        stdout += d.toString();
+      });
+      c.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+      });
       c.on('exit', (code) => resolve({ code, stdout, stderr }));
     });
   }
@@ -56,7 +66,10 @@ export class FleetProcesses {
   }
 
   async startWorker(name: string, flags: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<ChildProcess> {
-    const w = spawn(process.execPath, [BIN, 'worker', '--name', name, ...flags], { env: { ...this.env, ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
+    const w = spawn(process.execPath, [BIN, 'worker', '--name', name, ...flags], {
+      env: { ...this.env, ...env },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     this.workers.push(w);
     this.logs.set(name, '');
     await new Promise<void>((resolve, reject) => {
@@ -90,10 +103,16 @@ export class FleetProcesses {
 
   /** Most jobs running at once according to the workers' start/end lines, optionally only those matching. */
   maxConcurrent(filter: (e: WorkerEvent) => boolean = () => true): number {
-    const marks = this.events.filter(filter).map((e) => [e.at, e.event === 'start' ? 1 : -1] as const).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    const marks = this.events
+      .filter(filter)
+      .map((e) => [e.at, e.event === 'start' ? 1 : -1] as const)
+      .sort((a, b) => a[0] - b[0] || a[1] - b[1]);
     let now = 0;
     let max = 0;
-    for (const [, d] of marks) { now += d; max = Math.max(max, now); }
+    for (const [, d] of marks) {
+      now += d;
+      max = Math.max(max, now);
+    }
     return max;
   }
 }

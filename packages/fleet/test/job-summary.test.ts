@@ -9,7 +9,19 @@ const result = { total: 1, elapsedMs: 1, bytesRead: 1, bytesWritten: 1, worker: 
 test('completed with a result succeeds; without one, or with a failed tee target, or not completed, it does not', () => {
   assert.is(jobSucceeded({ ...base, result }), true);
   assert.is(jobSucceeded(base), false, 'completed, but no result recorded');
-  assert.is(jobSucceeded({ ...base, result: { ...result, targets: [{ location: 'b', ok: true }, { location: 'c', ok: false, error: 'EIO' }] } }), false);
+  assert.is(
+    jobSucceeded({
+      ...base,
+      result: {
+        ...result,
+        targets: [
+          { location: 'b', ok: true },
+          { location: 'c', ok: false, error: 'EIO' },
+        ],
+      },
+    }),
+    false,
+  );
   assert.is(jobSucceeded({ ...base, result: { ...result, targets: [{ location: 'b', ok: true }] } }), true);
   assert.is(jobSucceeded({ ...base, state: 'failed', result }), false);
   assert.is(jobSucceeded({ ...base, state: 'active' }), false);

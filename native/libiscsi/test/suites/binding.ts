@@ -44,7 +44,7 @@ test('capacity, inquiry and the VPD pages of a thin LUN', async () => {
   }
 });
 
-test('write, read back into the caller\'s buffer, WRITE SAME with UNMAP, UNMAP, GET LBA STATUS, flush', async () => {
+test("write, read back into the caller's buffer, WRITE SAME with UNMAP, UNMAP, GET LBA STATUS, flush", async () => {
   const s = await session();
   try {
     const data = Buffer.alloc(65536);
@@ -147,7 +147,9 @@ test('target gone mid-transfer: tasks fail at once with ECONNRESET', async () =>
     const reads = Array.from({ length: 16 }, (_, i) => s.read16(i * 2048, 2048, 512, Buffer.alloc(1 << 20)));
     proxy.kill();
     const results = await Promise.allSettled(reads);
-    const errors = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => r.reason as IscsiError);
+    const errors = results
+      .filter((r): r is PromiseRejectedResult => r.status === 'rejected')
+      .map((r) => r.reason as IscsiError);
     assert.ok(errors.length > 0, 'reads fail');
     for (const e of errors) assert.ok(['ECONNRESET', 'ETIMEDOUT'].includes(e.code), `${e.code}: ${e.message}`);
     assert.ok(Date.now() - start < 8000, `failed after ${Date.now() - start} ms`);

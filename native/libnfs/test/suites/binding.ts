@@ -82,7 +82,10 @@ for (const version of [3, 4]) {
     const a = new NfsContext({ clientName: `test-a-${process.pid}` });
     const b = new NfsContext({ clientName: `test-b-${process.pid}` });
     try {
-      const [ma, mb] = await Promise.all([a.mount(`${BASE_URL}/${name}${query}`), b.mount(`${BASE_URL}/${name}${query}`)]);
+      const [ma, mb] = await Promise.all([
+        a.mount(`${BASE_URL}/${name}${query}`),
+        b.mount(`${BASE_URL}/${name}${query}`),
+      ]);
       const ha = await a.open(ma.file, O_RDWR);
       const hb = await b.open(mb.file, O_RDWR);
       // Each writes, the other reads it back: both opens stay valid side by side.
@@ -107,7 +110,12 @@ for (const version of [3, 4]) {
     const ctx = new NfsContext();
     const m = await ctx.mount(`${BASE_URL}/${name}${query}`);
     const h = await ctx.open(m.file, O_RDONLY);
-    const reads = Array.from({ length: 4 }, () => ctx.pread(h, Buffer.alloc(1 << 20), 0).then(() => 'ok', (e: { code: string }) => e.code));
+    const reads = Array.from({ length: 4 }, () =>
+      ctx.pread(h, Buffer.alloc(1 << 20), 0).then(
+        () => 'ok',
+        (e: { code: string }) => e.code,
+      ),
+    );
     ctx.destroy();
     ctx.destroy();
     assert.equal(await Promise.all(reads), Array(4).fill('ECANCELED'));
@@ -130,7 +138,10 @@ for (const version of [3, 4]) {
   test('wrong export is refused', async () => {
     const ctx = new NfsContext();
     try {
-      const e = await ctx.mount(`nfs://127.0.0.1/no-such-export/x${query}`).then(() => undefined, (err: NfsError) => err);
+      const e = await ctx.mount(`nfs://127.0.0.1/no-such-export/x${query}`).then(
+        () => undefined,
+        (err: NfsError) => err,
+      );
       assert.ok(e, 'mount fails');
       assert.ok(['EACCES', 'ENOENT'].includes(e!.code), e!.message);
     } finally {

@@ -18,7 +18,9 @@ interface ChecksumFlags {
 export function addChecksumCommand(program: Command, ctx: CommandContext): void {
   program
     .command('checksum')
-    .description('The blkhash (SHA-256, 64 KiB blocks) digest of an image\'s guest-visible content, as blksum computes it; zero ranges are hashed unread, data on every core.')
+    .description(
+      "The blkhash (SHA-256, 64 KiB blocks) digest of an image's guest-visible content, as blksum computes it; zero ranges are hashed unread, data on every core.",
+    )
     .argument('<image>')
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .addOption(openOptions('--opts <k=v,...>', 'image'))
@@ -29,15 +31,31 @@ export function addChecksumCommand(program: Command, ctx: CommandContext): void 
       const reg = await registry(ctx);
       if (opts.opts?.help) return printOpenOptions(ctx, reg);
       const abort = signalAbort();
-      const img = await reg.open(image, { format: opts.format, readOnly: true, options: opts.opts, signal: abort.signal });
+      const img = await reg.open(image, {
+        format: opts.format,
+        readOnly: true,
+        options: opts.opts,
+        signal: abort.signal,
+      });
       try {
         const r = await checksumWithProgress(img, opts.progress ?? (opts.p ? 'bar' : 'none'), abort.signal);
         const name = redactLocation(image);
         if (opts.output === 'json') {
-          process.stdout.write(JSON.stringify({
-            checksum: r.checksum, algorithm: r.algorithm, 'block-size': r.blockSize, filename: name,
-            'virtual-size': r.size, 'bytes-read': r.bytesRead, 'elapsed-ms': Math.round(r.elapsedMs),
-          }, null, 4) + '\n');
+          process.stdout.write(
+            `${JSON.stringify(
+              {
+                checksum: r.checksum,
+                algorithm: r.algorithm,
+                'block-size': r.blockSize,
+                filename: name,
+                'virtual-size': r.size,
+                'bytes-read': r.bytesRead,
+                'elapsed-ms': Math.round(r.elapsedMs),
+              },
+              null,
+              4,
+            )}\n`,
+          );
         } else {
           process.stdout.write(`${r.checksum}  ${name}\n`);
         }
@@ -49,7 +67,11 @@ export function addChecksumCommand(program: Command, ctx: CommandContext): void 
 }
 
 /** The digest, with progress shown as a convert's; the bar is gone before the digest is printed. */
-async function checksumWithProgress(img: BlockBackend, mode: ProgressMode, signal: AbortSignal): Promise<ChecksumResult> {
+async function checksumWithProgress(
+  img: BlockBackend,
+  mode: ProgressMode,
+  signal: AbortSignal,
+): Promise<ChecksumResult> {
   const sink = progressSink(mode, img.size);
   const started = performance.now();
   try {
@@ -57,7 +79,16 @@ async function checksumWithProgress(img: BlockBackend, mode: ProgressMode, signa
       signal,
       onProgress: (done, total) => {
         const elapsedMs = performance.now() - started;
-        sink.update({ done, total, elapsedMs, rate: elapsedMs > 0 ? (done * 1000) / elapsedMs : 0, bytesRead: 0, bytesWritten: 0, bytesZeroed: 0, bytesSkipped: 0 });
+        sink.update({
+          done,
+          total,
+          elapsedMs,
+          rate: elapsedMs > 0 ? (done * 1000) / elapsedMs : 0,
+          bytesRead: 0,
+          bytesWritten: 0,
+          bytesZeroed: 0,
+          bytesSkipped: 0,
+        });
       },
     });
   } finally {

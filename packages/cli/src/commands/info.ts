@@ -8,30 +8,39 @@ import { openOptions, outputOption } from '../options.js';
 export function addInfoCommand(program: Command, ctx: CommandContext): void {
   program
     .command('info')
-    .description('Show an image\'s format, virtual size, allocation and format details.')
+    .description("Show an image's format, virtual size, allocation and format details.")
     .argument('<image>')
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .option('--backing-chain', 'also show every image of the backing chain')
     .addOption(outputOption())
     .addOption(openOptions('--opts <k=v,...>', 'image'))
-    .action(async (image: string, opts: { format?: string; backingChain?: boolean; output: 'human' | 'json'; opts?: Record<string, string> }) => {
-      const reg = await registry(ctx);
-      if (opts.opts?.help) return printOpenOptions(ctx, reg);
-      const img = await reg.open(image, { format: opts.format, readOnly: true, options: opts.opts });
-      try {
-        const chain: Array<Record<string, unknown>> = [];
-        for (let layer: BlockBackend | undefined = img; layer; layer = opts.backingChain ? layer.backing : undefined) {
-          chain.push(await describeImage(layer, layer === img ? redactLocation(image) : layer.location));
+    .action(
+      async (
+        image: string,
+        opts: { format?: string; backingChain?: boolean; output: 'human' | 'json'; opts?: Record<string, string> },
+      ) => {
+        const reg = await registry(ctx);
+        if (opts.opts?.help) return printOpenOptions(ctx, reg);
+        const img = await reg.open(image, { format: opts.format, readOnly: true, options: opts.opts });
+        try {
+          const chain: Array<Record<string, unknown>> = [];
+          for (
+            let layer: BlockBackend | undefined = img;
+            layer;
+            layer = opts.backingChain ? layer.backing : undefined
+          ) {
+            chain.push(await describeImage(layer, layer === img ? redactLocation(image) : layer.location));
+          }
+          if (opts.output === 'json') {
+            process.stdout.write(`${JSON.stringify(opts.backingChain ? chain : chain[0], null, 4)}\n`);
+          } else {
+            process.stdout.write(chain.map(humanInfo).join('\n'));
+          }
+        } finally {
+          await img.close();
         }
-        if (opts.output === 'json') {
-          process.stdout.write(JSON.stringify(opts.backingChain ? chain : chain[0], null, 4) + '\n');
-        } else {
-          process.stdout.write(chain.map(humanInfo).join('\n'));
-        }
-      } finally {
-        await img.close();
-      }
-    });
+      },
+    );
 }
 
 /** One image's info, with qemu-img info's field names. */
@@ -39,7 +48,9 @@ async function describeImage(img: BlockBackend, name: string): Promise<Record<st
   const actual = await img.allocatedSize?.();
   const extra = (await img.info?.()) ?? {};
   return {
-    'virtual-size': img.size, filename: name, format: img.driverName,
+    'virtual-size': img.size,
+    filename: name,
+    format: img.driverName,
     ...(actual !== undefined ? { 'actual-size': actual } : {}),
     ...extra,
   };
@@ -56,14 +67,16 @@ function humanInfo(info: Record<string, unknown>): string {
   const put = (key: string, v: unknown, indent: string): void => {
     if (Array.isArray(v)) {
       lines.push(`${indent}${key}:`);
-      v.forEach((item, i) => put(`[${i}]`, item, indent + '    '));
+      v.forEach((item, i) => {
+        put(`[${i}]`, item, `${indent}    `);
+      });
     } else if (v && typeof v === 'object') {
       lines.push(`${indent}${key}:`);
-      for (const [a, b] of Object.entries(v)) put(a, b, indent + '    ');
+      for (const [a, b] of Object.entries(v)) put(a, b, `${indent}    `);
     } else {
       lines.push(`${indent}${key}: ${String(v)}`);
     }
   };
   for (const [k, v] of Object.entries(rest)) put(k, v, '');
-  return lines.join('\n') + '\n';
+  return `${lines.join('\n')}\n`;
 }

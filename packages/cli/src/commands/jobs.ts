@@ -13,7 +13,7 @@ export function addJobsCommand(program: Command): void {
     .action(async (ids: string[], o: { redis: string; output: string }) => {
       const fleet = await loadFleet();
       const jobs = await fleet.listConvertJobs(o.redis, ids.length ? ids : undefined);
-      if (o.output === 'json') process.stdout.write(JSON.stringify(jobs, null, 1) + '\n');
-      else for (const j of jobs) process.stdout.write(jobLine(j) + '\n');
+      if (o.output === 'json') process.stdout.write(`${JSON.stringify(jobs, null, 1)}\n`);
+      else for (const j of jobs) process.stdout.write(`${jobLine(j)}\n`);
     });
 }

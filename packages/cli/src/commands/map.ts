@@ -48,7 +48,10 @@ class BatchedOutput {
   }
 
   flush(): void {
-    if (this.#parts.length) { process.stdout.write(this.#parts.join('')); this.#parts.length = 0; }
+    if (this.#parts.length) {
+      process.stdout.write(this.#parts.join(''));
+      this.#parts.length = 0;
+    }
   }
 }
 
@@ -57,7 +60,14 @@ async function writeJsonMap(extents: AsyncIterable<MapEntry>): Promise<void> {
   const out = new BatchedOutput();
   let first = true;
   for await (const e of extents) {
-    const fields = [`"start": ${e.start}`, `"length": ${e.length}`, `"depth": ${e.depth}`, `"present": ${e.present}`, `"zero": ${e.zero}`, `"data": ${e.data}`];
+    const fields = [
+      `"start": ${e.start}`,
+      `"length": ${e.length}`,
+      `"depth": ${e.depth}`,
+      `"present": ${e.present}`,
+      `"zero": ${e.zero}`,
+      `"data": ${e.data}`,
+    ];
     if (e.offset !== undefined) fields.push(`"offset": ${e.offset}`);
     out.push(`${first ? '[' : ',\n'}{ ${fields.join(', ')}}`);
     first = false;
@@ -73,7 +83,9 @@ async function writeHumanMap(extents: AsyncIterable<MapEntry>, file: string): Pr
   out.push(`${'Offset'.padEnd(20)}${'Length'.padEnd(20)}${'Mapped to'.padEnd(20)}File\n`);
   for await (const e of extents) {
     if (!e.data) continue;
-    out.push(`${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${(e.offset === undefined ? '-' : hex(e.offset)).padEnd(20)}${file}\n`);
+    out.push(
+      `${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${(e.offset === undefined ? '-' : hex(e.offset)).padEnd(20)}${file}\n`,
+    );
   }
   out.flush();
 }

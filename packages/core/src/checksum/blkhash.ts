@@ -59,7 +59,12 @@ export class BlockHash {
     const outer = await createOuter();
     outer.init();
     if (!from) return new BlockHash(outer, 0);
-    if (from.algorithm !== BLKHASH_ALGORITHM || !Number.isSafeInteger(from.length) || from.length < 0 || from.length % BLKHASH_BLOCK_SIZE !== 0) {
+    if (
+      from.algorithm !== BLKHASH_ALGORITHM ||
+      !Number.isSafeInteger(from.length) ||
+      from.length < 0 ||
+      from.length % BLKHASH_BLOCK_SIZE !== 0
+    ) {
       throw new Error(`blkhash: not a saved ${BLKHASH_ALGORITHM} state at a block boundary`);
     }
     try {
@@ -74,7 +79,11 @@ export class BlockHash {
   save(): BlockHashState {
     this.#check();
     if (this.#length % BLKHASH_BLOCK_SIZE !== 0) throw new Error('blkhash: a state is saved on block boundaries only');
-    return { algorithm: BLKHASH_ALGORITHM, length: this.#length, outer: Buffer.from(this.#outer.save()).toString('base64') };
+    return {
+      algorithm: BLKHASH_ALGORITHM,
+      length: this.#length,
+      outer: Buffer.from(this.#outer.save()).toString('base64'),
+    };
   }
 
   /** Bytes hashed so far. */
@@ -101,7 +110,7 @@ export class BlockHash {
     // In batches, so a 1 TiB hole is a few thousand updates, not 16 million.
     const batch = Buffer.alloc(Math.min(whole, 4096) * DIGEST_LENGTH);
     for (let i = 0; i < batch.length; i += DIGEST_LENGTH) zero.copy(batch, i);
-    for (let done = 0; done < whole;) {
+    for (let done = 0; done < whole; ) {
       const n = Math.min(whole - done, 4096);
       this.#outer.update(batch.subarray(0, n * DIGEST_LENGTH));
       done += n;

@@ -55,11 +55,15 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
   const B = BLKHASH_BLOCK_SIZE;
   const bufferSize = options.bufferSize ?? 4 << 20;
   if (!Number.isSafeInteger(bufferSize) || bufferSize < B || bufferSize % B !== 0 || bufferSize > 1 << 30) {
-    throw new BlockError('EINVAL', `checksum buffer size must be a multiple of ${B} bytes up to 1 GiB, got ${bufferSize}`);
+    throw new BlockError(
+      'EINVAL',
+      `checksum buffer size must be a multiple of ${B} bytes up to 1 GiB, got ${bufferSize}`,
+    );
   }
   const inFlight = Math.max(1, options.inFlight ?? 4);
   const size = options.length ?? b.size;
-  if (!Number.isSafeInteger(size) || size < 0 || size > b.size) throw new BlockError('EINVAL', `checksum length ${size} is outside the image (size ${b.size})`);
+  if (!Number.isSafeInteger(size) || size < 0 || size > b.size)
+    throw new BlockError('EINVAL', `checksum length ${size} is outside the image (size ${b.size})`);
   const hash = await BlockHash.create();
   const pool = options.pool ?? new HashPool(options.threads);
   const free: ArrayBuffer[] = [];
@@ -81,10 +85,16 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
       free.push(buffer);
     }
     const now = performance.now();
-    if (options.onProgress && now - lastProgress >= interval) { lastProgress = now; options.onProgress(hash.length, size); }
+    if (options.onProgress && now - lastProgress >= interval) {
+      lastProgress = now;
+      options.onProgress(hash.length, size);
+    }
   };
 
-  const readAndHash = async (pos: number, length: number): Promise<{ buffer: ArrayBuffer; digests: Uint8Array; length: number }> => {
+  const readAndHash = async (
+    pos: number,
+    length: number,
+  ): Promise<{ buffer: ArrayBuffer; digests: Uint8Array; length: number }> => {
     const buffer = free.pop() ?? new ArrayBuffer(bufferSize);
     try {
       await b.read(pos, length, new Uint8Array(buffer, 0, length));
@@ -96,7 +106,7 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
   };
 
   try {
-    for (let pos = 0; pos < size;) {
+    for (let pos = 0; pos < size; ) {
       if (options.signal?.aborted) throw cancelled(options.signal.reason);
       let ext: Extent;
       try {
@@ -127,7 +137,14 @@ export async function checksumImage(image: BlockBackend, options: ChecksumOption
     while (queue.length) await consume();
     const checksum = hash.hexdigest();
     options.onProgress?.(size, size);
-    return { algorithm: BLKHASH_ALGORITHM, blockSize: B, checksum, size, bytesRead, elapsedMs: performance.now() - started };
+    return {
+      algorithm: BLKHASH_ALGORITHM,
+      blockSize: B,
+      checksum,
+      size,
+      bytesRead,
+      elapsedMs: performance.now() - started,
+    };
   } finally {
     // Pieces still in flight (after an error) settle before the pool goes.
     await Promise.allSettled(queue.map((p) => ('data' in p ? p.data : undefined)));

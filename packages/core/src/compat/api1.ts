@@ -12,7 +12,15 @@
 import { BlockError } from '../errors.js';
 import { forwardBackend } from '../forward.js';
 import { SegmentList } from '../segments.js';
-import type { BlockBackend, BlockDriver, CreateResult, FormatDriver, GatedBackend, ImageResolver, ProtocolDriver } from '../types.js';
+import type {
+  BlockBackend,
+  BlockDriver,
+  CreateResult,
+  FormatDriver,
+  GatedBackend,
+  ImageResolver,
+  ProtocolDriver,
+} from '../types.js';
 
 /** The API 1 members that API 2 renamed or reshaped; the rest of BlockBackend is the same. */
 interface BackendV1 {
@@ -29,7 +37,13 @@ interface BackendV1 {
 type AnyBackend = BlockBackend & BackendV1;
 
 /** API 1 members with no API 2 meaning: hidden from either side. */
-const DROPPED = { copyTo: undefined, copyFrom: undefined, pipeTo: undefined, pipeFrom: undefined, writeScattered: undefined } as const;
+const DROPPED = {
+  copyTo: undefined,
+  copyFrom: undefined,
+  pipeTo: undefined,
+  pipeFrom: undefined,
+  writeScattered: undefined,
+} as const;
 
 /** Each view remembers what it shows, so a backend crossing back is itself again. */
 const shown = new WeakMap<object, object>();
@@ -47,8 +61,12 @@ export function fromApi1(b: AnyBackend): BlockBackend {
   const overrides = Object.defineProperties(
     {
       ...DROPPED,
-      readSegments: b.readSegments ? (into: Uint8Array, list: SegmentList) => b.readSegments!(into, list.array, list.count) : undefined,
-      writeSegments: b.writeScattered ? (from: Uint8Array, list: SegmentList) => b.writeScattered!(from, list.array, list.count) : undefined,
+      readSegments: b.readSegments
+        ? (into: Uint8Array, list: SegmentList) => b.readSegments!(into, list.array, list.count)
+        : undefined,
+      writeSegments: b.writeScattered
+        ? (from: Uint8Array, list: SegmentList) => b.writeScattered!(from, list.array, list.count)
+        : undefined,
     },
     {
       zeroInitialized: { get: () => b.readsZeroesInitially === true, enumerable: true },
@@ -116,7 +134,9 @@ function resolverToApi1(r: ImageResolver | undefined): ImageResolver | undefined
   if (!r) return undefined;
   return {
     open: async (location, options) => toApi1(await r.open(location, options)),
-    ...(r.create ? { create: async (location, size, options) => toApi1(await r.create!(location, size, options)) } : {}),
+    ...(r.create
+      ? { create: async (location, size, options) => toApi1(await r.create!(location, size, options)) }
+      : {}),
   };
 }
 
@@ -134,7 +154,9 @@ export function adaptApi1Driver(d: BlockDriver): BlockDriver {
       ...p,
       apiVersion: 2,
       open: async (location, options) => fromApi1((await p.open(location, options)) as AnyBackend),
-      create: p.create ? async (location, size, options) => createResultFromApi1(await p.create!(location, size, options)) : undefined,
+      create: p.create
+        ? async (location, size, options) => createResultFromApi1(await p.create!(location, size, options))
+        : undefined,
     };
     return adapted;
   }
@@ -143,11 +165,19 @@ export function adaptApi1Driver(d: BlockDriver): BlockDriver {
     const adapted: FormatDriver = {
       ...f,
       apiVersion: 2,
-      open: async (file, options) => fromApi1((await f.open(toApi1(file), { ...options, resolver: resolverToApi1(options.resolver) })) as AnyBackend),
+      open: async (file, options) =>
+        fromApi1(
+          (await f.open(toApi1(file), { ...options, resolver: resolverToApi1(options.resolver) })) as AnyBackend,
+        ),
       create: f.create
-        ? async (file, size, options) => createResultFromApi1(await f.create!(toApi1(file), size, { ...options, resolver: resolverToApi1(options.resolver) }))
+        ? async (file, size, options) =>
+            createResultFromApi1(
+              await f.create!(toApi1(file), size, { ...options, resolver: resolverToApi1(options.resolver) }),
+            )
         : undefined,
-      check: f.check ? (file, options) => f.check!(toApi1(file), { ...options, resolver: resolverToApi1(options.resolver) }) : undefined,
+      check: f.check
+        ? (file, options) => f.check!(toApi1(file), { ...options, resolver: resolverToApi1(options.resolver) })
+        : undefined,
     };
     return adapted;
   }

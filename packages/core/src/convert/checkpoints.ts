@@ -37,9 +37,13 @@ export class ProgressLedger {
   }
 
   /** The target offset below which every chunk has completed. */
-  get watermark(): number { return this.#watermark; }
+  get watermark(): number {
+    return this.#watermark;
+  }
   /** The oldest chunk not completed (chunks before it all have). */
-  get openSeq(): number { return this.#open; }
+  get openSeq(): number {
+    return this.#open;
+  }
 
   /** Chunk `seq` (ending at target offset `end`) completed; true if the watermark moved. */
   complete(seq: number, end: number): boolean {
@@ -99,9 +103,13 @@ export class Checkpointer {
     this.#p = p;
     this.ledger = new ProgressLedger(p.start);
     const bytes = p.schedule.everyBytes ?? DEFAULT_CHECKPOINT_BYTES;
-    if (!Number.isSafeInteger(bytes) || bytes < 1024 * 1024) throw new BlockError('EINVAL', `checkpoint interval must be at least 1 MiB, got ${bytes} bytes`, { field: 'checkpoint' });
+    if (!Number.isSafeInteger(bytes) || bytes < 1024 * 1024)
+      throw new BlockError('EINVAL', `checkpoint interval must be at least 1 MiB, got ${bytes} bytes`, {
+        field: 'checkpoint',
+      });
     const seconds = p.schedule.everySeconds ?? DEFAULT_CHECKPOINT_SECONDS;
-    if (!(seconds >= 0)) throw new BlockError('EINVAL', `checkpoint seconds must be 0 or more, got ${seconds}`, { field: 'checkpoint' });
+    if (!(seconds >= 0))
+      throw new BlockError('EINVAL', `checkpoint seconds must be 0 or more, got ${seconds}`, { field: 'checkpoint' });
     this.#everyMs = seconds * 1000;
     // Started at three quarters of the interval, a checkpoint has a quarter (and the
     // buffers in flight) of headroom before writes must wait for it.
@@ -112,15 +120,26 @@ export class Checkpointer {
   }
 
   /** Largest written chunk that can never wait forever on the limit. */
-  get span(): number { return this.#span; }
+  get span(): number {
+    return this.#span;
+  }
   /** Checkpoints taken (the starting state aside). */
-  get count(): number { return this.#count; }
+  get count(): number {
+    return this.#count;
+  }
   /** Writes ending at or before this go ahead without waiting. */
-  get limit(): number { return this.#limit; }
+  get limit(): number {
+    return this.#limit;
+  }
 
   /** Saves the starting state (nothing written yet, so no flush) before the first write. */
   async begin(): Promise<void> {
-    await this.#save(this.#p.start, Math.max(this.#limit, this.#p.start + this.#span), this.#p.hashAt ? await this.#p.hashAt(0) : undefined, false);
+    await this.#save(
+      this.#p.start,
+      Math.max(this.#limit, this.#p.start + this.#span),
+      this.#p.hashAt ? await this.#p.hashAt(0) : undefined,
+      false,
+    );
   }
 
   /** Chunk `seq` ending at `end` has completed its writes. */
@@ -158,11 +177,16 @@ export class Checkpointer {
     // At the end the copy is about to finish: its result, not a checkpoint, records it.
     if (this.#running || this.#stopped || this.ledger.watermark >= this.#p.total) return;
     const progress = this.ledger.watermark - this.#lastDone;
-    const due = this.#waiters.length > 0
-      ? progress > 0 || this.ledger.watermark + this.#span > this.#limit
-      : progress >= this.#trigger || (this.#everyMs > 0 && progress > 0 && performance.now() - this.#lastAt >= this.#everyMs);
+    const due =
+      this.#waiters.length > 0
+        ? progress > 0 || this.ledger.watermark + this.#span > this.#limit
+        : progress >= this.#trigger ||
+          (this.#everyMs > 0 && progress > 0 && performance.now() - this.#lastAt >= this.#everyMs);
     if (!due) return;
-    this.#running = this.#take().finally(() => { this.#running = null; this.#maybeStart(); });
+    this.#running = this.#take().finally(() => {
+      this.#running = null;
+      this.#maybeStart();
+    });
   }
 
   async #take(): Promise<void> {
@@ -188,18 +212,29 @@ export class Checkpointer {
 
   async #save(done: number, dirtyEnd: number, checksum: BlockHashState | undefined, counted: boolean): Promise<void> {
     const progress: CheckpointProgress = {
-      done, dirtyEnd: Math.min(dirtyEnd, this.#p.total), total: this.#p.total, targetZero: this.#p.targetZero,
+      done,
+      dirtyEnd: Math.min(dirtyEnd, this.#p.total),
+      total: this.#p.total,
+      targetZero: this.#p.targetZero,
       ...(checksum ? { checksum } : {}),
     };
     const state: ResumeState = {
-      kind: RESUME_STATE_KIND, version: RESUME_STATE_VERSION, ...this.#p.identity, progress, savedAt: new Date().toISOString(),
+      kind: RESUME_STATE_KIND,
+      version: RESUME_STATE_VERSION,
+      ...this.#p.identity,
+      progress,
+      savedAt: new Date().toISOString(),
       ...(this.#p.failedTargets?.().length ? { failedTargets: this.#p.failedTargets() } : {}),
     };
     if (this.#p.schedule.save) {
       try {
         await this.#p.schedule.save(state);
       } catch (err) {
-        throw new BlockError('EIO', `checkpoint: the state could not be saved: ${(err as Error)?.message ?? String(err)}`, { op: 'checkpoint', cause: err });
+        throw new BlockError(
+          'EIO',
+          `checkpoint: the state could not be saved: ${(err as Error)?.message ?? String(err)}`,
+          { op: 'checkpoint', cause: err },
+        );
       }
     }
     this.#lastDone = done;

@@ -28,7 +28,10 @@ export class ChecksumTap {
   /** Chunks below this have been written (Infinity: no checkpoints, no waiting). */
   #written: number;
   /** stateAt() calls waiting for the hash to reach their chunk. */
-  readonly #stateWaiters = new Map<number, Array<{ resolve: (s: BlockHashState) => void; reject: (e: unknown) => void }>>();
+  readonly #stateWaiters = new Map<
+    number,
+    Array<{ resolve: (s: BlockHashState) => void; reject: (e: unknown) => void }>
+  >();
   #pending = 0;
   #draining: Promise<void> = Promise.resolve();
   #failure: unknown;
@@ -46,7 +49,11 @@ export class ChecksumTap {
    * A tap, going on from a saved hash state when resuming. `gated`: chunks join the
    * hash only once written (checkpoints need it).
    */
-  static async create(bufferSize: number, maxPending: number, options: { from?: BlockHashState; gated?: boolean } = {}): Promise<ChecksumTap> {
+  static async create(
+    bufferSize: number,
+    maxPending: number,
+    options: { from?: BlockHashState; gated?: boolean } = {},
+  ): Promise<ChecksumTap> {
     return new ChecksumTap(await BlockHash.create(options.from), bufferSize, maxPending, options.gated === true);
   }
 
@@ -79,12 +86,15 @@ export class ChecksumTap {
   async data(seq: number, bytes: Uint8Array): Promise<void> {
     this.#throwIfFailed();
     // The chunk the hash needs next never waits: the others wait for it to drain.
-    while (this.#pending >= this.#maxPending && seq !== this.#next) await new Promise<void>((r) => this.#waiters.push(r));
+    while (this.#pending >= this.#maxPending && seq !== this.#next)
+      await new Promise<void>((r) => this.#waiters.push(r));
     this.#pending++;
     const buffer = this.#free.pop() ?? new ArrayBuffer(this.#bufferSize);
     new Uint8Array(buffer, 0, bytes.length).set(bytes);
     const digests = this.#pool.hash(buffer, bytes.length);
-    digests.catch((err: unknown) => { this.#failure ??= err; });
+    digests.catch((err: unknown) => {
+      this.#failure ??= err;
+    });
     this.#entries.set(seq, { digests, length: bytes.length });
     this.#drain();
   }

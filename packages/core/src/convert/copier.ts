@@ -100,7 +100,13 @@ export class ChunkCopier {
   /** The chunk whose copy step is under way, for the request's issued(). */
   #copySeq = -1;
 
-  constructor(plan: ConvertPlan, stats: CopyStats, zeroes: () => Uint8Array, releaseOrder: (seq: number) => void, offload: CopyOffload) {
+  constructor(
+    plan: ConvertPlan,
+    stats: CopyStats,
+    zeroes: () => Uint8Array,
+    releaseOrder: (seq: number) => void,
+    offload: CopyOffload,
+  ) {
     this.#plan = plan;
     this.#offload = offload;
     this.#target = plan.target;
@@ -109,7 +115,9 @@ export class ChunkCopier {
     this.#releaseOrder = releaseOrder;
     this.#buffer = plan.allocate(plan.bufferSize);
     this.#theirs = plan.backing ? plan.allocate(plan.bufferSize) : undefined;
-    this.#scanner = !plan.scan ? undefined : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
+    this.#scanner = !plan.scan
+      ? undefined
+      : new ZeroScanner(this.#buffer, plan.unit, Math.max(plan.minSparse, plan.unit));
     this.#request = {
       offload: false,
       buffer: this.#buffer,
@@ -165,7 +173,12 @@ export class ChunkCopier {
     }
     if (mode === 'diff') {
       // -B reads the backing image first; its writes go out in turn, one chunk at a time.
-      await this.#writeDifferences(chunk.targetOffset, chunk.length, chunk.kind === 'data' ? this.#buffer : undefined, this.#theirs!);
+      await this.#writeDifferences(
+        chunk.targetOffset,
+        chunk.length,
+        chunk.kind === 'data' ? this.#buffer : undefined,
+        this.#theirs!,
+      );
     } else if (mode === 'zero') {
       await this.#zeroOrSkip(chunk, chunk.targetOffset, chunk.length);
     } else {
@@ -183,7 +196,8 @@ export class ChunkCopier {
       await this.#readAround(chunk);
     } else {
       const data = await chunk.source.read(chunk.sourceOffset, length, this.#buffer);
-      if (data.buffer !== this.#buffer.buffer || data.byteOffset !== this.#buffer.byteOffset) this.#buffer.set(data.subarray(0, length));
+      if (data.buffer !== this.#buffer.buffer || data.byteOffset !== this.#buffer.byteOffset)
+        this.#buffer.set(data.subarray(0, length));
     }
     this.#stats.bytesRead += length;
     // Holes are merged only when there is a scan (-S > 0), so a chunk with holes has one.
@@ -201,7 +215,8 @@ export class ChunkCopier {
     piecesAroundHoles(chunk.sourceOffset, chunk.length, holes, this.#pieces);
     await chunk.source.readSegments!(this.#buffer, this.#pieces);
     if (this.#plan.checksum || this.#theirs) {
-      for (let h = 0; h < holes.count; h++) this.#buffer.fill(0, holes.positionAt(h), holes.positionAt(h) + holes.lengthAt(h));
+      for (let h = 0; h < holes.count; h++)
+        this.#buffer.fill(0, holes.positionAt(h), holes.positionAt(h) + holes.lengthAt(h));
     }
   }
 
@@ -224,7 +239,10 @@ export class ChunkCopier {
       } else {
         for (let i = 0; i < data.count; i++) {
           const pos = data.positionAt(i);
-          await this.#issue(target.write(data.offsetAt(i), this.#buffer.subarray(pos, pos + data.lengthAt(i)), flags), seq);
+          await this.#issue(
+            target.write(data.offsetAt(i), this.#buffer.subarray(pos, pos + data.lengthAt(i)), flags),
+            seq,
+          );
         }
       }
       this.#stats.bytesWritten += data.totalLength();
@@ -246,7 +264,13 @@ export class ChunkCopier {
     request.offload = this.#offload.enabled;
     request.zeroRuns.clear();
     this.#copySeq = chunk.seq;
-    const copied = await chunk.source.copyTo!(chunk.sourceOffset, chunk.length, this.#target, chunk.targetOffset, request);
+    const copied = await chunk.source.copyTo!(
+      chunk.sourceOffset,
+      chunk.length,
+      this.#target,
+      chunk.targetOffset,
+      request,
+    );
     if (!copied) return false;
     // A driver that never called issued(), or a one-at-a-time target: the step is over, so the turn passes now.
     this.#release(chunk.seq);
@@ -312,7 +336,12 @@ export class ChunkCopier {
    * -B: writes the units of [offset, +length) whose contents (`data`, or zeroes when
    * absent) differ from the backing image's, read into `theirs`.
    */
-  async #writeDifferences(offset: number, length: number, data: Uint8Array | undefined, theirs: Uint8Array): Promise<void> {
+  async #writeDifferences(
+    offset: number,
+    length: number,
+    data: Uint8Array | undefined,
+    theirs: Uint8Array,
+  ): Promise<void> {
     const backing = this.#plan.backing!;
     const unit = this.#plan.unit;
     const avail = Math.max(0, Math.min(length, backing.size - offset));
@@ -332,8 +361,11 @@ export class ChunkCopier {
     for (let at = 0; at < length; at += unit) {
       const n = Math.min(unit, length - at);
       const ours = data?.subarray(at, at + n);
-      const kind = (ours ? sameBytes(ours, theirs.subarray(at, at + n)) : isZero(theirs.subarray(at, at + n))) ? 'same'
-        : !ours || isZero(ours) ? 'zero' : 'data';
+      const kind = (ours ? sameBytes(ours, theirs.subarray(at, at + n)) : isZero(theirs.subarray(at, at + n)))
+        ? 'same'
+        : !ours || isZero(ours)
+          ? 'zero'
+          : 'data';
       if (kind !== runKind) {
         await flushRun(at);
         runStart = at;

@@ -73,12 +73,17 @@ export class ChunkCursor {
     this.#splitAt = place.splitAt ?? 0;
   }
 
-  get issued(): number { return this.#seq; }
+  get issued(): number {
+    return this.#seq;
+  }
 
   /** The next chunk; a merged data chunk's holes go into `holes` (from holeList()). */
   async next(holes: SegmentList): Promise<Chunk | null> {
     for (;;) {
-      if (this.#pending) { await this.#pending; continue; }
+      if (this.#pending) {
+        await this.#pending;
+        continue;
+      }
       const src = this.sources[this.#index];
       if (!src) return null;
       if (this.#pos >= src.size) {
@@ -89,7 +94,9 @@ export class ChunkCursor {
         continue;
       }
       if (this.#pos < this.#extentEnd) return this.#carve(src, holes);
-      this.#pending = this.#query(src).finally(() => { this.#pending = null; });
+      this.#pending = this.#query(src).finally(() => {
+        this.#pending = null;
+      });
     }
   }
 
@@ -112,8 +119,16 @@ export class ChunkCursor {
           at = end;
           const hole = await chainStatus(src, end, src.size - end);
           const holeEnd = end + hole.length;
-          if (hole.kind !== 'zero' || hole.length > MAX_MERGED_HOLE || hole.length < this.minMergedHole ||
-              (end - pos) % this.unit !== 0 || hole.length % this.unit !== 0 || holeEnd >= src.size || holeEnd - pos >= this.maxData) break;
+          if (
+            hole.kind !== 'zero' ||
+            hole.length > MAX_MERGED_HOLE ||
+            hole.length < this.minMergedHole ||
+            (end - pos) % this.unit !== 0 ||
+            hole.length % this.unit !== 0 ||
+            holeEnd >= src.size ||
+            holeEnd - pos >= this.maxData
+          )
+            break;
           at = holeEnd;
           const data = await chainStatus(src, holeEnd, src.size - holeEnd);
           if (data.kind !== 'data') break;
@@ -148,7 +163,14 @@ export class ChunkCursor {
     this.#pos = end;
     holes.clear();
     if (kind === 'data' && src.readSegments) this.#clipHoles(start, end, holes);
-    return { seq: this.#seq++, source: src, sourceOffset: start, targetOffset: this.#base + start, length: end - start, kind };
+    return {
+      seq: this.#seq++,
+      source: src,
+      sourceOffset: start,
+      targetOffset: this.#base + start,
+      length: end - start,
+      kind,
+    };
   }
 
   /**

@@ -16,7 +16,15 @@ import { BlockError, toBlockError } from '../errors.js';
 import { redactLocation } from '../redact.js';
 import { gateBackend } from '../gate.js';
 import type { SegmentList } from '../segments.js';
-import type { BackendIdentity, BlockBackend, BlockLimits, Extent, GatedBackend, WriteFlags, WriteZeroesFlags } from '../types.js';
+import type {
+  BackendIdentity,
+  BlockBackend,
+  BlockLimits,
+  Extent,
+  GatedBackend,
+  WriteFlags,
+  WriteZeroesFlags,
+} from '../types.js';
 
 /** What became of one target of a convert to several. */
 export interface TargetOutcome {
@@ -46,16 +54,33 @@ export class UnopenedTarget implements BlockBackend {
   readonly readOnly = true;
   readonly limits: BlockLimits = { requestAlignment: 1, maxTransfer: 1 };
 
-  constructor(readonly location: string, readonly error: BlockError) {}
+  constructor(
+    readonly location: string,
+    readonly error: BlockError,
+  ) {}
 
-  read(): Promise<Uint8Array> { return Promise.reject(this.error); }
-  write(): Promise<void> { return Promise.reject(this.error); }
-  writeZeroes(): Promise<void> { return Promise.reject(this.error); }
-  discard(): Promise<void> { return Promise.reject(this.error); }
-  blockStatus(): Promise<Extent> { return Promise.reject(this.error); }
-  flush(): Promise<void> { return Promise.reject(this.error); }
+  read(): Promise<Uint8Array> {
+    return Promise.reject(this.error);
+  }
+  write(): Promise<void> {
+    return Promise.reject(this.error);
+  }
+  writeZeroes(): Promise<void> {
+    return Promise.reject(this.error);
+  }
+  discard(): Promise<void> {
+    return Promise.reject(this.error);
+  }
+  blockStatus(): Promise<Extent> {
+    return Promise.reject(this.error);
+  }
+  flush(): Promise<void> {
+    return Promise.reject(this.error);
+  }
   async close(): Promise<void> {}
-  async identity(): Promise<BackendIdentity> { return { id: `unopened ${redactLocation(this.location)}` }; }
+  async identity(): Promise<BackendIdentity> {
+    return { id: `unopened ${redactLocation(this.location)}` };
+  }
 }
 
 interface Member {
@@ -94,20 +119,40 @@ export class FanoutTarget implements BlockBackend {
   constructor(targets: readonly BlockBackend[], checks: FanoutChecks) {
     if (targets.length === 0) throw new BlockError('EINVAL', 'no target image');
     // An unopened target fails as it is; the others behind their gates (registry ones are already).
-    this.#members = targets.map((t) => ({ backend: gateBackend(t), ...(t instanceof UnopenedTarget ? { failure: t.error } : {}) }));
+    this.#members = targets.map((t) => ({
+      backend: gateBackend(t),
+      ...(t instanceof UnopenedTarget ? { failure: t.error } : {}),
+    }));
     for (const f of checks.failed ?? []) {
       const m = this.#members[f.index];
-      if (m) m.failure = new BlockError('EIO', `left out: it failed in the interrupted run (${f.reason})`, { location: m.backend.location });
+      if (m)
+        m.failure = new BlockError('EIO', `left out: it failed in the interrupted run (${f.reason})`, {
+          location: m.backend.location,
+        });
     }
     for (const m of this.#members) {
       if (m.failure) continue;
       const t = m.backend;
-      if (t.readOnly) m.failure = new BlockError('EROFS', `the target is read-only${t.readOnlyReason ? `: ${t.readOnlyReason}` : ''}`, { location: t.location });
-      else if (t.size < checks.total) m.failure = new BlockError('ERANGE', `target is smaller than the source (${t.size} < ${checks.total} bytes)`, { location: t.location });
-      else if (checks.compress && !t.canCompress) m.failure = new BlockError('EINVAL', `the target (${t.driverName}) cannot store compressed data`, { location: t.location });
+      if (t.readOnly)
+        m.failure = new BlockError(
+          'EROFS',
+          `the target is read-only${t.readOnlyReason ? `: ${t.readOnlyReason}` : ''}`,
+          { location: t.location },
+        );
+      else if (t.size < checks.total)
+        m.failure = new BlockError('ERANGE', `target is smaller than the source (${t.size} < ${checks.total} bytes)`, {
+          location: t.location,
+        });
+      else if (checks.compress && !t.canCompress)
+        m.failure = new BlockError('EINVAL', `the target (${t.driverName}) cannot store compressed data`, {
+          location: t.location,
+        });
     }
     this.#live = this.#members.filter((m) => !m.failure);
-    if (this.#live.length === 0) throw this.#members.find((m) => !m.failure?.message.startsWith('left out'))?.failure ?? this.#members[0]!.failure!;
+    if (this.#live.length === 0)
+      throw (
+        this.#members.find((m) => !m.failure?.message.startsWith('left out'))?.failure ?? this.#members[0]!.failure!
+      );
     const live = this.#live.map((m) => m.backend);
     this.location = targets.map((t) => redactLocation(t.location)).join(', ');
     this.size = Math.min(...live.map((t) => t.size));
@@ -135,7 +180,8 @@ export class FanoutTarget implements BlockBackend {
   /** Each target's outcome so far: `ok` means no request to it has failed. */
   outcomes(): TargetOutcome[] {
     return this.#members.map((m) => ({
-      location: redactLocation(m.backend.location), ok: !m.failure,
+      location: redactLocation(m.backend.location),
+      ok: !m.failure,
       ...(m.failure ? { error: m.failure.message, code: m.failure.code } : {}),
     }));
   }
@@ -143,7 +189,9 @@ export class FanoutTarget implements BlockBackend {
   /** The targets dropped so far, for checkpoints. */
   failed(): FailedTarget[] {
     const out: FailedTarget[] = [];
-    this.#members.forEach((m, index) => { if (m.failure) out.push({ index, reason: m.failure.message }); });
+    this.#members.forEach((m, index) => {
+      if (m.failure) out.push({ index, reason: m.failure.message });
+    });
     return out;
   }
 
@@ -167,12 +215,18 @@ export class FanoutTarget implements BlockBackend {
    * Runs a request on every live target; a target whose request fails is dropped. Throws
    * only when none is left, with the first failure.
    */
-  async #each(op: string, offset: number | undefined, length: number | undefined, run: (t: GatedBackend) => Promise<unknown>): Promise<void> {
+  async #each(
+    op: string,
+    offset: number | undefined,
+    length: number | undefined,
+    run: (t: GatedBackend) => Promise<unknown>,
+  ): Promise<void> {
     const live = this.#live;
     if (live.length === 0) throw this.#firstFailure();
-    const settle = (m: Member) => run(m.backend).then(undefined, (err: unknown) => {
-      if (!m.failure) this.#fail(m, toBlockError(err, { op, location: m.backend.location, offset, length }));
-    });
+    const settle = (m: Member) =>
+      run(m.backend).then(undefined, (err: unknown) => {
+        if (!m.failure) this.#fail(m, toBlockError(err, { op, location: m.backend.location, offset, length }));
+      });
     if (live.length === 1) await settle(live[0]!);
     else await Promise.all(live.map(settle));
     if (this.#live.length === 0) throw this.#firstFailure();
@@ -225,13 +279,17 @@ export class FanoutTarget implements BlockBackend {
 
   allocBuffer(size: number): Uint8Array {
     const align = this.limits.minMemAlignment ?? 1;
-    const owner = this.#live.map((m) => m.backend).find((t) => t.allocBuffer && (t.limits.minMemAlignment ?? 1) >= align);
+    const owner = this.#live
+      .map((m) => m.backend)
+      .find((t) => t.allocBuffer && (t.limits.minMemAlignment ?? 1) >= align);
     return owner ? owner.allocBuffer!(size) : Buffer.allocUnsafeSlow(size);
   }
 
   /** Every target's id, in order: a resume must name the same targets. */
   async identity(): Promise<BackendIdentity> {
-    const ids = await Promise.all(this.#members.map(async (m) => (await m.backend.identity?.())?.id ?? redactLocation(m.backend.location)));
+    const ids = await Promise.all(
+      this.#members.map(async (m) => (await m.backend.identity?.())?.id ?? redactLocation(m.backend.location)),
+    );
     return { id: ids.join(' | ') };
   }
 }

@@ -30,7 +30,17 @@ export { checkCopyOffload } from './plan.js';
 export { FanoutTarget, UnopenedTarget, type FailedTarget, type TargetOutcome } from './fanout.js';
 export { openTargets, type OpenTargetsOptions } from './targets.js';
 export { DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_SECONDS, ProgressLedger } from './checkpoints.js';
-export { HEAD_BYTES, RESUME_STATE_KIND, RESUME_STATE_VERSION, checkResume, checkStateShape, identifyConvert, type ConvertIdentity, type ImageIdentity, type ResumeState } from './resume.js';
+export {
+  HEAD_BYTES,
+  RESUME_STATE_KIND,
+  RESUME_STATE_VERSION,
+  checkResume,
+  checkStateShape,
+  identifyConvert,
+  type ConvertIdentity,
+  type ImageIdentity,
+  type ResumeState,
+} from './resume.js';
 
 /**
  * A running convert. Emits 'progress' (ConvertProgress) and, with checkpoints,
@@ -47,7 +57,9 @@ export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress]; chec
   constructor(options: ConvertOptions) {
     super();
     this.total = options.sources.reduce((s, b) => s + b.size, 0);
-    this.done = runConvert(options, this, this.#controller.signal, this.#stop).finally(() => { this.#finished = true; });
+    this.done = runConvert(options, this, this.#controller.signal, this.#stop).finally(() => {
+      this.#finished = true;
+    });
     // Callers that only use events must not get an unhandled rejection.
     this.done.catch(() => {});
   }
@@ -71,14 +83,27 @@ export class ConvertJob extends EventEmitter<{ progress: [ConvertProgress]; chec
   async *progress(): AsyncGenerator<ConvertProgress> {
     const queue: ConvertProgress[] = [];
     let wake: (() => void) | null = null;
-    const onProgress = (p: ConvertProgress): void => { queue.push(p); wake?.(); };
+    const onProgress = (p: ConvertProgress): void => {
+      queue.push(p);
+      wake?.();
+    };
     this.on('progress', onProgress);
-    const ended = this.done.then(() => {}, () => {}).finally(() => wake?.());
+    const ended = this.done
+      .then(
+        () => {},
+        () => {},
+      )
+      .finally(() => wake?.());
     try {
       for (;;) {
         while (queue.length) yield queue.shift()!;
         if (this.#finished) break;
-        await Promise.race([new Promise<void>((r) => { wake = r; }), ended]);
+        await Promise.race([
+          new Promise<void>((r) => {
+            wake = r;
+          }),
+          ended,
+        ]);
         wake = null;
       }
       await this.done;
@@ -94,7 +119,9 @@ export function startConvert(options: ConvertOptions): ConvertJob {
 }
 
 /** Converts and resolves with the result: the one call for library users. */
-export function convert(options: ConvertOptions & { onProgress?: (p: ConvertProgress) => void; onCheckpoint?: (s: ResumeState) => void }): Promise<ConvertResult> {
+export function convert(
+  options: ConvertOptions & { onProgress?: (p: ConvertProgress) => void; onCheckpoint?: (s: ResumeState) => void },
+): Promise<ConvertResult> {
   const job = new ConvertJob(options);
   if (options.onProgress) job.on('progress', options.onProgress);
   if (options.onCheckpoint) job.on('checkpoint', options.onCheckpoint);

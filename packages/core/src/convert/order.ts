@@ -17,7 +17,10 @@ export class WriteOrder {
   done(seq: number): void {
     this.#next = seq + 1;
     const w = this.#waiters.get(this.#next);
-    if (w) { this.#waiters.delete(this.#next); w(); }
+    if (w) {
+      this.#waiters.delete(this.#next);
+      w();
+    }
   }
 
   /** Wakes everyone (on failure), so that workers can see the error and exit. */

@@ -57,7 +57,9 @@ async function identify(b: BlockBackend, withVersion: boolean): Promise<ImageIde
     throw toBlockError(err, { op: 'identity', location: b.location });
   }
   return {
-    location: redactLocation(b.location), driver: b.driverName, size: b.size,
+    location: redactLocation(b.location),
+    driver: b.driverName,
+    size: b.size,
     ...(id ? { id: id.id, ...(withVersion && id.version !== undefined ? { version: id.version } : {}) } : {}),
   };
 }
@@ -80,11 +82,17 @@ async function headDigest(parts: readonly BlockBackend[], length: number): Promi
 }
 
 /** The identity of a convert, taken at its start. */
-export async function identifyConvert(sources: readonly BlockBackend[], target: BlockBackend, options: Readonly<Record<string, string>>): Promise<ConvertIdentity> {
+export async function identifyConvert(
+  sources: readonly BlockBackend[],
+  target: BlockBackend,
+  options: Readonly<Record<string, string>>,
+): Promise<ConvertIdentity> {
   const total = sources.reduce((n, s) => n + s.size, 0);
   const headLength = Math.min(total, HEAD_BYTES);
   const [ids, targetId, head] = await Promise.all([
-    Promise.all(sources.map((s) => identify(s, true))), identify(target, false), headDigest(sources, headLength),
+    Promise.all(sources.map((s) => identify(s, true))),
+    identify(target, false),
+    headDigest(sources, headLength),
   ]);
   return { sources: ids, target: targetId, head, headLength, options };
 }
@@ -94,20 +102,42 @@ function describe(i: ImageIdentity): string {
 }
 
 function mismatch(what: string, was: string, now: string): BlockError {
-  return new BlockError('EINVAL', `cannot resume: ${what} was ${was}, is now ${now}; start again without resuming`, { op: 'resume', field: 'resume' });
+  return new BlockError('EINVAL', `cannot resume: ${what} was ${was}, is now ${now}; start again without resuming`, {
+    op: 'resume',
+    field: 'resume',
+  });
 }
 
 /** Checks that a state is one this code can resume, and its progress sane. */
 export function checkStateShape(state: unknown): asserts state is ResumeState {
   const s = state as Partial<ResumeState> | null;
-  const bad = (why: string): never => { throw new BlockError('EINVAL', `not a resume state of this version: ${why}`, { op: 'resume', field: 'resume' }); };
+  const bad = (why: string): never => {
+    throw new BlockError('EINVAL', `not a resume state of this version: ${why}`, { op: 'resume', field: 'resume' });
+  };
   if (!s || typeof s !== 'object') bad('not an object');
   if (s!.kind !== RESUME_STATE_KIND) bad(`kind is ${JSON.stringify(s!.kind)}`);
-  if (s!.version !== RESUME_STATE_VERSION) bad(`version is ${JSON.stringify(s!.version)}, this blockconv reads ${RESUME_STATE_VERSION}`);
+  if (s!.version !== RESUME_STATE_VERSION)
+    bad(`version is ${JSON.stringify(s!.version)}, this blockconv reads ${RESUME_STATE_VERSION}`);
   const p = s!.progress;
   const int = (v: unknown): boolean => Number.isSafeInteger(v) && (v as number) >= 0;
-  if (!p || !int(p.done) || !int(p.dirtyEnd) || !int(p.total) || p.done > p.total || p.dirtyEnd < p.done || typeof p.targetZero !== 'boolean') bad('progress is malformed');
-  if (!Array.isArray(s!.sources) || !s!.target || typeof s!.head !== 'string' || !int(s!.headLength) || typeof s!.options !== 'object') bad('identity is malformed');
+  if (
+    !p ||
+    !int(p.done) ||
+    !int(p.dirtyEnd) ||
+    !int(p.total) ||
+    p.done > p.total ||
+    p.dirtyEnd < p.done ||
+    typeof p.targetZero !== 'boolean'
+  )
+    bad('progress is malformed');
+  if (
+    !Array.isArray(s!.sources) ||
+    !s!.target ||
+    typeof s!.head !== 'string' ||
+    !int(s!.headLength) ||
+    typeof s!.options !== 'object'
+  )
+    bad('identity is malformed');
 }
 
 /**
@@ -117,26 +147,44 @@ export function checkStateShape(state: unknown): asserts state is ResumeState {
  */
 export async function checkResume(state: ResumeState, now: ConvertIdentity, target: BlockBackend): Promise<void> {
   checkStateShape(state);
-  if (state.sources.length !== now.sources.length) throw mismatch('the number of sources', `${state.sources.length}`, `${now.sources.length}`);
+  if (state.sources.length !== now.sources.length)
+    throw mismatch('the number of sources', `${state.sources.length}`, `${now.sources.length}`);
   state.sources.forEach((was, i) => {
     const is = now.sources[i]!;
-    if (was.location !== is.location || was.size !== is.size || was.driver !== is.driver || was.id !== is.id || was.version !== is.version) {
+    if (
+      was.location !== is.location ||
+      was.size !== is.size ||
+      was.driver !== is.driver ||
+      was.id !== is.id ||
+      was.version !== is.version
+    ) {
       throw mismatch(`source ${i + 1}`, describe(was), describe(is));
     }
   });
-  if (state.head !== now.head || state.headLength !== now.headLength) throw mismatch(`the first ${now.headLength} bytes of the sources`, `SHA-256 ${state.head}`, `SHA-256 ${now.head}`);
+  if (state.head !== now.head || state.headLength !== now.headLength)
+    throw mismatch(`the first ${now.headLength} bytes of the sources`, `SHA-256 ${state.head}`, `SHA-256 ${now.head}`);
   const t = state.target;
-  if (t.location !== now.target.location || t.size !== now.target.size || t.driver !== now.target.driver || t.id !== now.target.id) {
+  if (
+    t.location !== now.target.location ||
+    t.size !== now.target.size ||
+    t.driver !== now.target.driver ||
+    t.id !== now.target.id
+  ) {
     throw mismatch('the target', describe(t), describe(now.target));
   }
   const keys = new Set([...Object.keys(state.options), ...Object.keys(now.options)]);
   for (const k of keys) {
-    if (state.options[k] !== now.options[k]) throw mismatch(`option ${k}`, state.options[k] ?? '(unset)', now.options[k] ?? '(unset)');
+    if (state.options[k] !== now.options[k])
+      throw mismatch(`option ${k}`, state.options[k] ?? '(unset)', now.options[k] ?? '(unset)');
   }
   if (state.progress.done >= state.headLength && state.headLength > 0) {
     const there = await headDigest([target], state.headLength);
     if (there !== state.head) {
-      throw new BlockError('EINVAL', `cannot resume: the target's first ${state.headLength} bytes are not the sources' (SHA-256 ${there}, expected ${state.head}): it was changed or replaced since the checkpoint`, { op: 'resume', field: 'resume', location: target.location });
+      throw new BlockError(
+        'EINVAL',
+        `cannot resume: the target's first ${state.headLength} bytes are not the sources' (SHA-256 ${there}, expected ${state.head}): it was changed or replaced since the checkpoint`,
+        { op: 'resume', field: 'resume', location: target.location },
+      );
     }
   }
 }

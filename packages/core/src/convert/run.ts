@@ -65,7 +65,10 @@ interface FailureDetails {
 /** The one target standing for several (read once, write many). */
 function openFanout(o: ConvertOptions): FanoutTarget {
   if (o.target) throw new BlockError('EINVAL', 'give a target or several targets, not both', { field: 'targets' });
-  if (o.diffAgainstBacking) throw new BlockError('EINVAL', 'writing only what differs from a backing image (-B) takes one target', { field: 'targets' });
+  if (o.diffAgainstBacking)
+    throw new BlockError('EINVAL', 'writing only what differs from a backing image (-B) takes one target', {
+      field: 'targets',
+    });
   const total = o.sources.reduce((n, s) => n + s.size, 0);
   return new FanoutTarget(o.targets!, { total, compress: o.compress, failed: o.resume?.failedTargets });
 }
@@ -83,20 +86,31 @@ function outputOptions(o: ConvertOptions, plan: ConvertPlan): Record<string, str
 }
 
 /** Runs a convert; resolves with its result (see ConvertJob). */
-export async function runConvert(o: ConvertOptions, events: RunEvents, internal: AbortSignal, stop: StopRequest): Promise<ConvertResult> {
+export async function runConvert(
+  o: ConvertOptions,
+  events: RunEvents,
+  internal: AbortSignal,
+  stop: StopRequest,
+): Promise<ConvertResult> {
   await Promise.resolve(); // let the caller attach listeners before the first event
   const fanout = o.targets ? openFanout(o) : undefined;
   if (!fanout && !o.target) throw new BlockError('EINVAL', 'no target image');
   // One target, copied whole from the start, whose zeroes are not known: zero it fast if it can.
   const preZeroed =
     !fanout && !o.resume && !o.diffAgainstBacking && o.targetIsZero !== true && o.minSparse !== 0
-      ? await preZero(gateBackend(o.target!), o.sources.reduce((n, s) => n + s.size, 0))
+      ? await preZero(
+          gateBackend(o.target!),
+          o.sources.reduce((n, s) => n + s.size, 0),
+        )
       : false;
   const plan = planConvert({ ...o, target: fanout ?? o.target!, ...(preZeroed ? { targetIsZero: true } : {}) });
   const checkpointing = o.checkpoint !== undefined || o.resume !== undefined;
   // Copies of chunks waiting to be hashed: twice the workers keeps them from waiting.
   const tap = plan.checksum
-    ? await ChecksumTap.create(plan.bufferSize, 2 * plan.workers, { from: o.resume?.progress.checksum, gated: checkpointing })
+    ? await ChecksumTap.create(plan.bufferSize, 2 * plan.workers, {
+        from: o.resume?.progress.checksum,
+        gated: checkpointing,
+      })
     : undefined;
   const run = new ConvertRun(o, plan, events, stop, { fanout, preZeroed, tap });
   return run.run(internal, checkpointing);
@@ -128,7 +142,13 @@ class ConvertRun {
   #checkpointer: Checkpointer | undefined;
   #lastEmit = 0;
 
-  constructor(o: ConvertOptions, plan: ConvertPlan, events: RunEvents, stop: StopRequest, parts: { fanout?: FanoutTarget; preZeroed: boolean; tap?: ChecksumTap }) {
+  constructor(
+    o: ConvertOptions,
+    plan: ConvertPlan,
+    events: RunEvents,
+    stop: StopRequest,
+    parts: { fanout?: FanoutTarget; preZeroed: boolean; tap?: ChecksumTap },
+  ) {
     this.#o = o;
     this.#plan = plan;
     this.#target = plan.target;
@@ -137,10 +157,19 @@ class ConvertRun {
     this.#fanout = parts.fanout;
     this.#preZeroed = parts.preZeroed;
     this.#tap = parts.tap;
-    this.#cursor = new ChunkCursor(plan.sources, plan.cursorAlign, plan.maxDataChunk, plan.maxZeroChunk, plan.allData, plan.minMergedHole, plan.unit, {
-      start: plan.start,
-      splitAt: plan.rewriteEnd,
-    });
+    this.#cursor = new ChunkCursor(
+      plan.sources,
+      plan.cursorAlign,
+      plan.maxDataChunk,
+      plan.maxZeroChunk,
+      plan.allData,
+      plan.minMergedHole,
+      plan.unit,
+      {
+        start: plan.start,
+        splitAt: plan.rewriteEnd,
+      },
+    );
     const order = plan.outOfOrder ? undefined : new WriteOrder();
     this.#order = order;
     this.#releaseOrder = order ? (seq: number): void => order.done(seq) : (): void => {};
@@ -262,7 +291,17 @@ class ConvertRun {
     } catch (err) {
       const c = chunk;
       const read = where.op === 'read';
-      this.#fail(err, c ? { op: where.op, location: read ? c.source.location : this.#target.location, offset: read ? c.sourceOffset : c.targetOffset, length: c.length } : undefined);
+      this.#fail(
+        err,
+        c
+          ? {
+              op: where.op,
+              location: read ? c.source.location : this.#target.location,
+              offset: read ? c.sourceOffset : c.targetOffset,
+              length: c.length,
+            }
+          : undefined,
+      );
     }
   }
 
@@ -378,7 +417,11 @@ class ConvertRun {
   async #verify(checksum: string | undefined): Promise<boolean> {
     const total = this.#plan.total;
     const mismatch = (back: string, location: string): BlockError =>
-      new BlockError('EIO', `verify failed: the target reads back as blkhash ${back}, the copied data was ${checksum}`, { op: 'verify', location });
+      new BlockError(
+        'EIO',
+        `verify failed: the target reads back as blkhash ${back}, the copied data was ${checksum}`,
+        { op: 'verify', location },
+      );
     const fanout = this.#fanout;
     if (!fanout) {
       const back = await checksumImage(this.#target, { length: total, signal: this.#o.signal });
@@ -390,12 +433,21 @@ class ConvertRun {
       const back = await checksumImage(t, { length: total, signal: this.#o.signal });
       if (back.checksum !== checksum) fanout.drop(t, mismatch(back.checksum, t.location));
     }
-    if (fanout.live().length === 0) throw new BlockError('EIO', `verify failed on every target; the first: ${fanout.outcomes()[0]!.error}`, { op: 'verify' });
+    if (fanout.live().length === 0)
+      throw new BlockError('EIO', `verify failed on every target; the first: ${fanout.outcomes()[0]!.error}`, {
+        op: 'verify',
+      });
     return true;
   }
 
   #result(checksum: string | undefined, verified: boolean | undefined): ConvertResult {
-    const { plan, o, stats, governor, fanout } = { plan: this.#plan, o: this.#o, stats: this.#stats, governor: this.#governor, fanout: this.#fanout };
+    const { plan, o, stats, governor, fanout } = {
+      plan: this.#plan,
+      o: this.#o,
+      stats: this.#stats,
+      governor: this.#governor,
+      fanout: this.#fanout,
+    };
     return {
       ...this.#snapshot(),
       workers: governor ? governor.chosen : plan.workers,

@@ -32,14 +32,20 @@ export interface OpenTargetsOptions {
   readonly signal?: AbortSignal;
 }
 
-
 async function openOne(reg: DriverRegistry, name: string, o: OpenTargetsOptions): Promise<BlockBackend> {
   const format = o.format ?? 'raw';
   if (o.resume) {
     await reg.reclaimForResume(name, { format, cache: o.cache, options: o.openOptions, signal: o.signal });
     return reg.open(name, { format, cache: o.cache, options: o.openOptions, signal: o.signal });
   }
-  if (o.create !== false) return reg.create(name, await o.size, { format, cache: o.cache, options: o.createOptions, openOptions: o.openOptions, signal: o.signal });
+  if (o.create !== false)
+    return reg.create(name, await o.size, {
+      format,
+      cache: o.cache,
+      options: o.createOptions,
+      openOptions: o.openOptions,
+      signal: o.signal,
+    });
   const t = await reg.open(name, { format, cache: o.cache, options: o.openOptions, signal: o.signal });
   let size: number;
   try {
@@ -50,7 +56,11 @@ async function openOne(reg: DriverRegistry, name: string, o: OpenTargetsOptions)
   }
   if (t.size < size) {
     await t.close().catch(() => {});
-    throw new BlockError('ERANGE', `target is smaller than the source (${t.size} < ${size} bytes); -n writes into an existing image, which must be at least as large`, { location: name });
+    throw new BlockError(
+      'ERANGE',
+      `target is smaller than the source (${t.size} < ${size} bytes); -n writes into an existing image, which must be at least as large`,
+      { location: name },
+    );
   }
   return t;
 }
@@ -60,13 +70,27 @@ async function openOne(reg: DriverRegistry, name: string, o: OpenTargetsOptions)
  * thrown. Several: one that fails is an UnopenedTarget carrying its error, which
  * convert({ targets }) reports as failed; only when all fail is the first error thrown.
  */
-export async function openTargets(reg: DriverRegistry, names: readonly string[], o: OpenTargetsOptions): Promise<BlockBackend[]> {
+export async function openTargets(
+  reg: DriverRegistry,
+  names: readonly string[],
+  o: OpenTargetsOptions,
+): Promise<BlockBackend[]> {
   const dropped = new Set(o.resume?.failedTargets?.map((f) => f.index) ?? []);
-  const settled = await Promise.allSettled(names.map((n, i) => (dropped.has(i) ? Promise.reject(new BlockError('EIO', 'left out: it failed in the interrupted run', { location: n })) : openOne(reg, n, o))));
+  const settled = await Promise.allSettled(
+    names.map((n, i) =>
+      dropped.has(i)
+        ? Promise.reject(new BlockError('EIO', 'left out: it failed in the interrupted run', { location: n }))
+        : openOne(reg, n, o),
+    ),
+  );
   const first = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
   if (first && (names.length === 1 || settled.every((s) => s.status === 'rejected'))) {
     await Promise.all(settled.map((s) => (s.status === 'fulfilled' ? s.value.close().catch(() => {}) : undefined)));
     throw first.reason;
   }
-  return settled.map((s, i) => (s.status === 'fulfilled' ? s.value : new UnopenedTarget(names[i]!, toBlockError(s.reason, { op: 'open', location: names[i] }))));
+  return settled.map((s, i) =>
+    s.status === 'fulfilled'
+      ? s.value
+      : new UnopenedTarget(names[i]!, toBlockError(s.reason, { op: 'open', location: names[i] })),
+  );
 }

@@ -49,10 +49,15 @@ export interface ConformanceOptions {
 }
 
 /** Reads `length` bytes at `offset` of a reference. */
-type ReferenceReader = { readonly size: number; read(offset: number, length: number): Promise<Uint8Array>; close(): Promise<void> };
+type ReferenceReader = {
+  readonly size: number;
+  read(offset: number, length: number): Promise<Uint8Array>;
+  close(): Promise<void>;
+};
 
 async function openReference(ref: Uint8Array | string | BlockBackend): Promise<ReferenceReader> {
-  if (ref instanceof Uint8Array) return { size: ref.length, read: async (o, n) => ref.subarray(o, o + n), close: async () => {} };
+  if (ref instanceof Uint8Array)
+    return { size: ref.length, read: async (o, n) => ref.subarray(o, o + n), close: async () => {} };
   if (typeof ref === 'string') {
     const fh = await fs.open(ref, 'r');
     const size = (await fh.stat()).size;
@@ -85,14 +90,17 @@ async function checkReference(b: GatedBackend, ref: ReferenceReader, label: stri
       assert.unreachable(`${label}: byte ${pos + i} reads ${got[i]}, the reference has ${want[i]}`);
     }
   }
-  for (let pos = 0, n = 0; pos < b.size && n++ < 100000;) {
+  for (let pos = 0, n = 0; pos < b.size && n++ < 100000; ) {
     const ext = await b.blockStatus(pos, b.size - pos);
     const end = Math.min(b.size, pos + ext.length);
     if (ext.kind !== 'data') {
       for (let at = pos; at < end; at += REFERENCE_STEP) {
         const bytes = await ref.read(at, Math.min(REFERENCE_STEP, end - at));
         const i = bytes.findIndex((x) => x !== 0);
-        assert.ok(i < 0, `${label}: block status says ${ext.kind} at [${pos}, ${end}), the reference has data at ${at + i}`);
+        assert.ok(
+          i < 0,
+          `${label}: block status says ${ext.kind} at [${pos}, ${end}), the reference has data at ${at + i}`,
+        );
       }
     }
     pos = end;
@@ -104,7 +112,11 @@ export function pattern(length: number, seed: number): Uint8Array {
   const out = new Uint8Array(length);
   let x = (seed * 2654435761) >>> 0 || 1;
   for (let i = 0; i < length; i++) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     out[i] = x & 0xff;
   }
   return out;
@@ -128,7 +140,8 @@ function allZero(u: Uint8Array): boolean {
 async function writeAll(b: GatedBackend, offset: number, data: Uint8Array): Promise<void> {
   const max = b.limits.maxTransfer;
   const parts: Promise<void>[] = [];
-  for (let at = 0; at < data.length; at += max) parts.push(b.write(offset + at, data.subarray(at, Math.min(data.length, at + max))));
+  for (let at = 0; at < data.length; at += max)
+    parts.push(b.write(offset + at, data.subarray(at, Math.min(data.length, at + max))));
   await Promise.all(parts);
 }
 
@@ -136,7 +149,8 @@ async function writeAll(b: GatedBackend, offset: number, data: Uint8Array): Prom
 async function readAll(b: BlockBackend, offset: number, length: number, into: Uint8Array): Promise<Uint8Array> {
   const max = b.limits.maxTransfer;
   const parts: Promise<Uint8Array>[] = [];
-  for (let at = 0; at < length; at += max) parts.push(b.read(offset + at, Math.min(max, length - at), into.subarray(at)));
+  for (let at = 0; at < length; at += max)
+    parts.push(b.read(offset + at, Math.min(max, length - at), into.subarray(at)));
   await Promise.all(parts);
   return into.subarray(0, length);
 }
@@ -153,7 +167,13 @@ async function expectBlockError(p: Promise<unknown>, what: string): Promise<Bloc
     assert.ok((err as BlockError).code, `${what}: error has a code`);
     return err as BlockError;
   }
-  throw new assert.Assertion({ message: `${what}: should have failed`, generated: false, operator: 'rejects', expects: 'rejection', actual: 'resolved' });
+  throw new assert.Assertion({
+    message: `${what}: should have failed`,
+    generated: false,
+    operator: 'rejects',
+    expects: 'rejection',
+    actual: 'resolved',
+  });
 }
 
 /** The backend as the registry hands it out, and the driver's own behind it. */
@@ -193,16 +213,25 @@ async function readEdges(b: BlockBackend, label: string): Promise<void> {
   assert.is(whole.length, big, `${label}: the driver reads maxTransfer (${big} bytes) at once`);
   const piece = Math.max(a, big >= 64 * a ? big / 64 - ((big / 64) % a) : a);
   const count = Math.min(64, Math.floor(big / piece));
-  const parts = await Promise.all(Array.from({ length: count }, (_, i) => driver.read(i * piece, piece, buffer(driver, piece))));
+  const parts = await Promise.all(
+    Array.from({ length: count }, (_, i) => driver.read(i * piece, piece, buffer(driver, piece))),
+  );
   parts.forEach((p, i) => {
-    assert.ok(Buffer.from(p).equals(Buffer.from(whole.subarray(i * piece, (i + 1) * piece))), `${label}: read ${i} of ${count} in flight agrees with the large read`);
+    assert.ok(
+      Buffer.from(p).equals(Buffer.from(whole.subarray(i * piece, (i + 1) * piece))),
+      `${label}: read ${i} of ${count} in flight agrees with the large read`,
+    );
   });
   // Through the gate: any byte range, with the documented codes for what cannot be.
   const tail = await gate.read(size - 1, 1);
   assert.is(tail[0], last[last.length - 1], `${label}: the gate reads the last byte`);
   const odd = Math.min(size - 3, 3 * a + 5);
   const oddRead = await gate.read(3, odd, new Uint8Array(odd + 1).subarray(1));
-  if (3 + odd <= big) assert.ok(Buffer.from(oddRead).equals(Buffer.from(whole.subarray(3, 3 + odd))), `${label}: an unaligned read through the gate`);
+  if (3 + odd <= big)
+    assert.ok(
+      Buffer.from(oddRead).equals(Buffer.from(whole.subarray(3, 3 + odd))),
+      `${label}: an unaligned read through the gate`,
+    );
   await expectCode(gate.read(size - 1, 2), 'ERANGE', `${label}: read past the end`);
   await expectCode(gate.read(-1, 1), 'ERANGE', `${label}: read before the start`);
   await expectCode(gate.blockStatus(size, 1), 'ERANGE', `${label}: block status at the end`);
@@ -224,6 +253,7 @@ export function conformance(name: string, options: ConformanceOptions): void {
   readChecks(test, s, name, options);
   if (!options.readOnly) {
     writeChecks(test, s);
+    zeroAndPersistenceChecks(test, s);
     segmentChecks(test, s);
   }
   test.run();
@@ -242,10 +272,16 @@ function readChecks(test: Suite, s: SuiteState, name: string, options: Conforman
   test('limits are consistent data', () => {
     const l = s.b.limits;
     assert.ok(isPowerOfTwo(l.requestAlignment), `requestAlignment ${l.requestAlignment} is a power of two`);
-    assert.ok(l.maxTransfer >= l.requestAlignment && l.maxTransfer % l.requestAlignment === 0, 'maxTransfer is a multiple of the alignment');
-    if (l.optimalTransfer !== undefined) assert.ok(l.optimalTransfer > 0 && l.optimalTransfer <= l.maxTransfer, 'optimalTransfer within maxTransfer');
-    if (l.maxWriteZeroes !== undefined) assert.ok(l.maxWriteZeroes >= l.requestAlignment, 'maxWriteZeroes at least one block');
-    if ((l.minMemAlignment ?? 1) > 1) assert.type(s.b.allocBuffer, 'function', 'minMemAlignment > 1 comes with allocBuffer');
+    assert.ok(
+      l.maxTransfer >= l.requestAlignment && l.maxTransfer % l.requestAlignment === 0,
+      'maxTransfer is a multiple of the alignment',
+    );
+    if (l.optimalTransfer !== undefined)
+      assert.ok(l.optimalTransfer > 0 && l.optimalTransfer <= l.maxTransfer, 'optimalTransfer within maxTransfer');
+    if (l.maxWriteZeroes !== undefined)
+      assert.ok(l.maxWriteZeroes >= l.requestAlignment, 'maxWriteZeroes at least one block');
+    if ((l.minMemAlignment ?? 1) > 1)
+      assert.type(s.b.allocBuffer, 'function', 'minMemAlignment > 1 comes with allocBuffer');
     assert.ok(Number.isSafeInteger(s.b.size) && s.b.size > 0, 'size is a positive integer');
     assert.type(s.b.location, 'string');
   });
@@ -280,7 +316,7 @@ function readChecks(test: Suite, s: SuiteState, name: string, options: Conforman
     const into = buffer(s.b, len * 2);
     const got = await s.b.read(0, len, into);
     assert.is(got.length, len);
-    assert.is(got.buffer, into.buffer, 'returns a view of the caller\'s buffer');
+    assert.is(got.buffer, into.buffer, "returns a view of the caller's buffer");
   });
 
   test('reads at the edges of the declared limits: the last block, maxTransfer, many in flight; errors through the gate', async () => {
@@ -330,18 +366,29 @@ function writeChecks(test: Suite, s: SuiteState): void {
     const w = buffer(driver, big);
     w.set(pattern(big, 61));
     await driver.write!(0, w);
-    assert.ok(Buffer.from(await driver.read(0, big, buffer(driver, big))).equals(Buffer.from(w)), 'maxTransfer written at once reads back');
+    assert.ok(
+      Buffer.from(await driver.read(0, big, buffer(driver, big))).equals(Buffer.from(w)),
+      'maxTransfer written at once reads back',
+    );
     const zeroes = largest(driver, driver.limits.maxWriteZeroes ?? driver.limits.maxTransfer);
     if (driver.writeZeroes) {
       await driver.writeZeroes(0, Math.min(zeroes, big), { mayUnmap: true });
-      assert.ok(allZero(await driver.read(0, Math.min(zeroes, big), buffer(driver, Math.min(zeroes, big)))), 'maxWriteZeroes zeroed at once reads zero');
+      assert.ok(
+        allZero(await driver.read(0, Math.min(zeroes, big), buffer(driver, Math.min(zeroes, big)))),
+        'maxWriteZeroes zeroed at once reads zero',
+      );
     }
     const size = driver.size;
     const lastStart = size % a === 0 ? size - a : size - (size % a);
     const tail = buffer(driver, a);
     tail.set(pattern(size - lastStart, 62).subarray(0, size - lastStart));
     await driver.write!(lastStart, tail.subarray(0, size - lastStart));
-    assert.ok(Buffer.from(await driver.read(lastStart, size - lastStart, buffer(driver, a))).equals(Buffer.from(tail.subarray(0, size - lastStart))), 'the last block reads back');
+    assert.ok(
+      Buffer.from(await driver.read(lastStart, size - lastStart, buffer(driver, a))).equals(
+        Buffer.from(tail.subarray(0, size - lastStart)),
+      ),
+      'the last block reads back',
+    );
   });
 
   test('unaligned writes and zeroes through the gate land exactly, neighbours intact', async () => {
@@ -369,7 +416,12 @@ function writeChecks(test: Suite, s: SuiteState): void {
 
   test('write then read back, at several aligned offsets and sizes', async () => {
     const a = s.b.limits.requestAlignment;
-    const cases = [[0, a], [a * 3, aligned(s.b, 65536)], [aligned(s.b, 1 << 20) + a, aligned(s.b, 300000)], [s.b.size - a * 2, a * 2]] as const;
+    const cases = [
+      [0, a],
+      [a * 3, aligned(s.b, 65536)],
+      [aligned(s.b, 1 << 20) + a, aligned(s.b, 300000)],
+      [s.b.size - a * 2, a * 2],
+    ] as const;
     for (const [off, len] of cases) {
       const data = pattern(len, off + 1);
       const w = buffer(s.b, len);
@@ -381,7 +433,11 @@ function writeChecks(test: Suite, s: SuiteState): void {
   });
 
   test('write of the largest transfer', async () => {
-    const len = Math.min(s.b.limits.maxTransfer, aligned(s.b, 4 << 20), s.b.size - (s.b.size % s.b.limits.requestAlignment));
+    const len = Math.min(
+      s.b.limits.maxTransfer,
+      aligned(s.b, 4 << 20),
+      s.b.size - (s.b.size % s.b.limits.requestAlignment),
+    );
     const w = buffer(s.b, len);
     w.set(pattern(len, 7));
     await writeAll(s.b, 0, w);
@@ -392,17 +448,22 @@ function writeChecks(test: Suite, s: SuiteState): void {
   test('concurrent writes to distinct ranges all land', async () => {
     const len = aligned(s.b, 64 * 1024);
     const n = Math.min(16, Math.floor(s.b.size / len));
-    await Promise.all(Array.from({ length: n }, (_, i) => {
-      const w = buffer(s.b, len);
-      w.set(pattern(len, 100 + i));
-      return writeAll(s.b, i * len, w);
-    }));
+    await Promise.all(
+      Array.from({ length: n }, (_, i) => {
+        const w = buffer(s.b, len);
+        w.set(pattern(len, 100 + i));
+        return writeAll(s.b, i * len, w);
+      }),
+    );
     const got = await Promise.all(Array.from({ length: n }, (_, i) => readAll(s.b, i * len, len, buffer(s.b, len))));
     got.forEach((g, i) => {
       assert.ok(Buffer.from(g).equals(Buffer.from(pattern(len, 100 + i))), `range ${i}`);
     });
   });
+}
 
+/** Zeroes, discards, flushes, and what survives a close. */
+function zeroAndPersistenceChecks(test: Suite, s: SuiteState): void {
   test('writeZeroes reads back as zeroes, with and without mayUnmap', async () => {
     const len = aligned(s.b, 256 * 1024);
     const w = buffer(s.b, len * 2);
@@ -412,7 +473,10 @@ function writeChecks(test: Suite, s: SuiteState): void {
     await s.b.writeZeroes(len, len / 2, { mayUnmap: false });
     const got = await readAll(s.b, 0, len * 2, buffer(s.b, len * 2));
     assert.ok(allZero(got.subarray(0, len + len / 2)), 'zeroed range reads zero');
-    assert.ok(Buffer.from(got.subarray(len + len / 2)).equals(Buffer.from(w.subarray(len + len / 2))), 'neighbouring data intact');
+    assert.ok(
+      Buffer.from(got.subarray(len + len / 2)).equals(Buffer.from(w.subarray(len + len / 2))),
+      'neighbouring data intact',
+    );
   });
 
   test('discard succeeds and leaves neighbours intact', async () => {
@@ -461,7 +525,12 @@ function segmentChecks(test: Suite, s: SuiteState): void {
     seg.array.fill(0); // the caller may reuse the list at once
     const got = await readAll(s.b, base, len, buffer(s.b, len));
     const want = Buffer.from(old);
-    for (const [s0, e0] of [[0, a * 2], [a * 8, a * 9], [len - a * 4, len]] as const) want.set(data.subarray(s0, e0), s0);
+    for (const [s0, e0] of [
+      [0, a * 2],
+      [a * 8, a * 9],
+      [len - a * 4, len],
+    ] as const)
+      want.set(data.subarray(s0, e0), s0);
     assert.ok(Buffer.from(got).equals(want), 'listed pieces written, the rest untouched');
   });
 
@@ -478,7 +547,12 @@ function segmentChecks(test: Suite, s: SuiteState): void {
     await s.b.writeSegments(data, segments([base, p, 0], [base + 2 * p, 2 * p, 2 * p], [base + 5 * p, p, 5 * p]));
     const got = await readAll(s.b, base, len, buffer(s.b, len));
     const want = Buffer.alloc(len);
-    for (const [s0, e0] of [[0, p], [2 * p, 4 * p], [5 * p, 6 * p]] as const) want.set(data.subarray(s0, e0), s0);
+    for (const [s0, e0] of [
+      [0, p],
+      [2 * p, 4 * p],
+      [5 * p, 6 * p],
+    ] as const)
+      want.set(data.subarray(s0, e0), s0);
     assert.ok(Buffer.from(got).equals(want), 'pieces written, the gaps still zero');
   });
 

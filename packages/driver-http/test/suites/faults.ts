@@ -104,8 +104,14 @@ test('the image replaced on the server (another ETag): reads fail with 412 inste
   s.faults.etag = '"v2"';
   const e = await failure(() => b.read(4096, 4096));
   assert.is(e.code, 'EIO');
-  assert.match(e.message, /read at offset 4096 \(\+4096\): HTTP 412 Precondition Failed: the image changed on the server/);
-  assert.ok(s.requests.some((r) => r.startsWith('GET')), 'GETs were sent');
+  assert.match(
+    e.message,
+    /read at offset 4096 \(\+4096\): HTTP 412 Precondition Failed: the image changed on the server/,
+  );
+  assert.ok(
+    s.requests.some((r) => r.startsWith('GET')),
+    'GETs were sent',
+  );
   await b.close();
   await s.close();
 });
@@ -113,7 +119,10 @@ test('the image replaced on the server (another ETag): reads fail with 412 inste
 test('no Range: close while a read waits rejects it, and nothing is fetched after', async () => {
   const s = await faultServer(image, { noRange: true, stallMs: 300, stalls: 10 });
   const b = await openHttp(`${s.url}/disk.raw`, { options: { retries: '0' } });
-  const waiting = b.read(0, MiB).then(() => 'read', (e: Error) => e.message);
+  const waiting = b.read(0, MiB).then(
+    () => 'read',
+    (e: Error) => e.message,
+  );
   await new Promise((r) => setTimeout(r, 100));
   await b.close();
   assert.match(await waiting, /closed while reads waited/);

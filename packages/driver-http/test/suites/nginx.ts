@@ -12,14 +12,24 @@ const dir = tmpDir();
 const root = path.join(dir, 'www');
 fs.mkdirSync(root);
 const raw = path.join(root, 'disk.raw');
-sparseImage(raw, 64 * MiB, [[0, 2], [9, 1], [30, 5], [63, 1]]);
+sparseImage(raw, 64 * MiB, [
+  [0, 2],
+  [9, 1],
+  [30, 5],
+  [63, 1],
+]);
 const qcow2 = path.join(root, 'disk.qcow2');
 run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]);
 // A qcow2 whose clusters lie in the file in the reverse of their guest order, over more
 // than the 32 MiB a Range-less stream keeps behind it: reading it needs random access.
 const reversed = path.join(root, 'reversed.qcow2');
 run('qemu-img', ['create', '-q', '-f', 'qcow2', reversed, '64M']);
-run('qemu-io', ['-f', 'qcow2', ...Array.from({ length: 48 }, (_, i) => ['-c', `write -P ${i + 1} ${47 - i}M 1M`]).flat(), reversed]);
+run('qemu-io', [
+  '-f',
+  'qcow2',
+  ...Array.from({ length: 48 }, (_, i) => ['-c', `write -P ${i + 1} ${47 - i}M 1M`]).flat(),
+  reversed,
+]);
 const zqcow2 = path.join(root, 'disk-zstd.qcow2');
 run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', '-o', 'compression_type=zstd', raw, zqcow2]);
 let server: Nginx;
@@ -28,25 +38,44 @@ conformance('http (nginx, Range)', {
   readOnly: true,
   open: async () => {
     server ??= await nginx(dir, root);
-    return { backend: await openHttp(`${server.http}/disk.raw`), openReadOnly: () => openHttp(`${server.http}/disk.raw`) };
+    return {
+      backend: await openHttp(`${server.http}/disk.raw`),
+      openReadOnly: () => openHttp(`${server.http}/disk.raw`),
+    };
   },
 });
 
 const test = suite('http on nginx');
 let out: string;
-test.before(async () => { server ??= await nginx(dir, root); });
-test.before.each(() => { out = tmpDir(); });
-test.after.each(() => { fs.rmSync(out, { recursive: true, force: true }); });
-test.after(async () => { await server.stop(); fs.rmSync(dir, { recursive: true, force: true }); });
+test.before(async () => {
+  server ??= await nginx(dir, root);
+});
+test.before.each(() => {
+  out = tmpDir();
+});
+test.after.each(() => {
+  fs.rmSync(out, { recursive: true, force: true });
+});
+test.after(async () => {
+  await server.stop();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
 test('raw and qcow2 (plain, zstd-compressed) over Range requests convert identically', () => {
-  for (const [name, fmt] of [['disk.raw', 'raw'], ['disk.qcow2', 'qcow2'], ['disk-zstd.qcow2', 'qcow2']] as const) {
+  for (const [name, fmt] of [
+    ['disk.raw', 'raw'],
+    ['disk.qcow2', 'qcow2'],
+    ['disk-zstd.qcow2', 'qcow2'],
+  ] as const) {
     const dst = path.join(out, `${name}.out`);
     const r = cli(['convert', '-O', 'raw', '-m', '8', '-W', `${server.http}/${name}`, dst]);
     assert.is(r.status, 0, r.stderr);
     assert.is(compare(path.join(root, name), dst, [fmt, 'raw']).status, 0, `${name} identical`);
   }
-  const info = JSON.parse(cli(['info', '--output', 'json', `${server.http}/disk.qcow2`]).stdout) as { format: string; 'virtual-size': number };
+  const info = JSON.parse(cli(['info', '--output', 'json', `${server.http}/disk.qcow2`]).stdout) as {
+    format: string;
+    'virtual-size': number;
+  };
   assert.is(info.format, 'qcow2');
   assert.is(info['virtual-size'], 64 * MiB);
 });
@@ -61,7 +90,10 @@ test('a location without Range: a raw image streams in one pass; qcow2 is refuse
   assert.is(compare(raw, dst).status, 0);
   const q = cli(['convert', '-O', 'raw', `${server.http}/noranges/reversed.qcow2`, path.join(out, 'q.raw')]);
   assert.is(q.status, 1);
-  assert.match(q.stderr, /does not take Range requests, so the image can only be read in one pass.*formats such as qcow2 need random access/);
+  assert.match(
+    q.stderr,
+    /does not take Range requests, so the image can only be read in one pass.*formats such as qcow2 need random access/,
+  );
   assert.is(q.stderr.trim().split('\n').length, 1);
 });
 
@@ -92,7 +124,11 @@ test('Basic authentication: 401 without credentials; URL or password-file creden
   const r = cli(['convert', '--output', 'json', '--source-opts', `user=${server.user},password-file=${pw}`, url, dst]);
   assert.is(r.status, 0, r.stderr);
   assert.is(compare(raw, dst).status, 0);
-  const wrong = cli(['convert', `http://${server.user}:wrong-password-xyz@${url.slice('http://'.length)}`, path.join(out, 'x.raw')]);
+  const wrong = cli([
+    'convert',
+    `http://${server.user}:wrong-password-xyz@${url.slice('http://'.length)}`,
+    path.join(out, 'x.raw'),
+  ]);
   assert.is(wrong.status, 1);
   assert.match(wrong.stderr, /HTTP 401/);
   for (const text of [r.stdout, r.stderr, wrong.stdout, wrong.stderr]) {

@@ -11,7 +11,15 @@ for (const lun of [LUNS.disk512, LUNS.disk4k]) {
     open: async () => {
       wipeLun(lun.file);
       // Some old data through the backing file, so zeroing and block status have work.
-      execFileSync('dd', ['if=/dev/urandom', `of=${lun.file}`, 'bs=64K', 'seek=40', 'count=8', 'conv=notrunc', 'status=none']);
+      execFileSync('dd', [
+        'if=/dev/urandom',
+        `of=${lun.file}`,
+        'bs=64K',
+        'seek=40',
+        'count=8',
+        'conv=notrunc',
+        'status=none',
+      ]);
       return {
         backend: await openIscsi(lun.url),
         reopen: () => openIscsi(lun.url),

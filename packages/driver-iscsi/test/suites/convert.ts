@@ -19,7 +19,11 @@ function localImage(file: string, size: number): void {
   fs.writeFileSync(file, '');
   fs.truncateSync(file, size);
   const fd = fs.openSync(file, 'r+');
-  for (const [off, len] of [[0, MiB], [3 * MiB + 8192, 700 * 1024], [size - 65536, 65536]] as const) {
+  for (const [off, len] of [
+    [0, MiB],
+    [3 * MiB + 8192, 700 * 1024],
+    [size - 65536, 65536],
+  ] as const) {
     const b = Buffer.alloc(len);
     for (let i = 0; i < len; i++) b[i] = ((off + i) * 13 + (i >> 9)) & 0xff;
     fs.writeSync(fd, b, 0, len, off);
@@ -33,7 +37,9 @@ function expectOk(r: ReturnType<typeof cli>, what: string): void {
 
 const test = suite('convert to and from LUNs through the CLI');
 let dir: string;
-test.before.each(() => { dir = fs.mkdtempSync('/var/tmp/blockconv-iscsi-test-'); });
+test.before.each(() => {
+  dir = fs.mkdtempSync('/var/tmp/blockconv-iscsi-test-');
+});
 test.after.each(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 for (const lun of [LUNS.disk512, LUNS.disk4k]) {
@@ -53,7 +59,10 @@ for (const lun of [LUNS.disk512, LUNS.disk4k]) {
       fs.readSync(back, got, 0, 2 * MiB, 0);
       fs.closeSync(back);
       assert.ok(got.subarray(0, size).equals(data), `${size} bytes: the source, byte for byte`);
-      assert.ok(got.subarray(size).every((b) => b === 0xee), `${size} bytes: the LUN past the source untouched`);
+      assert.ok(
+        got.subarray(size).every((b) => b === 0xee),
+        `${size} bytes: the LUN past the source untouched`,
+      );
     }
   });
 
@@ -84,7 +93,17 @@ test('local qcow2 -> LUN, and LUN -> local qcow2', async () => {
   wipeLun(lun.file);
   const qcow = path.join(dir, 'src.qcow2');
   run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, String(lun.size)]);
-  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 1M 3M', '-c', 'write -P 0x11 9M 64k', '-c', 'write -z 2M 512k', qcow]);
+  run('qemu-io', [
+    '-f',
+    'qcow2',
+    '-c',
+    'write -P 0x5a 1M 3M',
+    '-c',
+    'write -P 0x11 9M 64k',
+    '-c',
+    'write -z 2M 512k',
+    qcow,
+  ]);
   expectOk(cli(['convert', '-n', '-O', 'raw', qcow, lun.url]), 'qcow2 to LUN');
   run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', qcow, lun.url]);
   run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', qcow, lun.file]);
@@ -120,7 +139,10 @@ test('CHAP through the CLI: password from a file or the environment works, a wro
   const src = path.join(dir, 'src.raw');
   localImage(src, lun.size);
   const runs = [
-    cli(['convert', '-n', '-p', src, lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, BLOCKCONV_ISCSI_PASSWORD_FILE: CHAP_PASSWORD_FILE }),
+    cli(['convert', '-n', '-p', src, lun.url], {
+      LIBISCSI_CHAP_USERNAME: CHAP_USER,
+      BLOCKCONV_ISCSI_PASSWORD_FILE: CHAP_PASSWORD_FILE,
+    }),
     cli(['info', lun.url], { LIBISCSI_CHAP_USERNAME: CHAP_USER, LIBISCSI_CHAP_PASSWORD: password }),
     cli(['compare', src, lun.url.replace('iscsi://', `iscsi://${CHAP_USER}%${password}@`)]),
   ];
@@ -140,12 +162,15 @@ test('CHAP through the CLI: password from a file or the environment works, a wro
   }
   for (const r of [...runs, ...refused]) {
     for (const secret of [password, wrong]) {
-      assert.not.ok(r.stdout.includes(secret) || r.stderr.includes(secret), `password printed:\n${r.stdout}\n${r.stderr}`);
+      assert.not.ok(
+        r.stdout.includes(secret) || r.stderr.includes(secret),
+        `password printed:\n${r.stdout}\n${r.stderr}`,
+      );
     }
   }
 });
 
-test('a password in a real LUN\'s URL: every command and output mode succeeds and prints it nowhere', () => {
+test("a password in a real LUN's URL: every command and output mode succeeds and prints it nowhere", () => {
   // tgtd lets a login that offers CHAP through to a target that asks none, so the
   // open LUN takes a marker password; the CHAP LUN takes the real one. Read only: the
   // LUNs are shared with the other suites.
@@ -158,9 +183,15 @@ test('a password in a real LUN\'s URL: every command and output mode succeeds an
   const runs: Array<[string[], number]> = [];
   for (const url of [open, chap]) {
     runs.push(
-      [['info', url], 0], [['info', '--output=json', url], 0], [['map', url], 0], [['map', '--output=json', url], 0],
-      [['compare', url, url], 0], [['compare', '--output=json', url, url], 0], [['check', url], 63], // raw has no checks: 63, as qemu-img check
-      [['convert', '-p', url, local], 0], [['convert', '--progress=json', '--output=json', url, local], 0],
+      [['info', url], 0],
+      [['info', '--output=json', url], 0],
+      [['map', url], 0],
+      [['map', '--output=json', url], 0],
+      [['compare', url, url], 0],
+      [['compare', '--output=json', url, url], 0],
+      [['check', url], 63], // raw has no checks: 63, as qemu-img check
+      [['convert', '-p', url, local], 0],
+      [['convert', '--progress=json', '--output=json', url, local], 0],
       [['--debug', 'convert', '-n', url, LUNS.small.url], 1],
     );
   }
@@ -169,7 +200,8 @@ test('a password in a real LUN\'s URL: every command and output mode succeeds an
     const r = cli(args);
     const out = r.stdout + r.stderr;
     assert.is(r.status, code, `${args.join(' ')}: exit ${r.status}\n${out}`);
-    for (const secret of [marker, password]) assert.not.ok(out.includes(secret), `password printed by ${args.join(' ')}:\n${out}`);
+    for (const secret of [marker, password])
+      assert.not.ok(out.includes(secret), `password printed by ${args.join(' ')}:\n${out}`);
     if (args[0] === 'info' || args[1] === 'info') assert.ok(out.includes(shown(args.at(-1)!)), `names the LUN: ${out}`);
   }
 });
@@ -194,7 +226,7 @@ test('many tasks are in flight at once during a convert (counted in the binding)
   run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', lun.file, out]);
 });
 
-test('checksum of a LUN equals its backing file\'s; convert --checksum --verify onto a LUN', async () => {
+test("checksum of a LUN equals its backing file's; convert --checksum --verify onto a LUN", async () => {
   const reg = new DriverRegistry().register(...raw, ...iscsi);
   for (const lun of [LUNS.disk512, LUNS.disk4k]) {
     wipeLun(lun.file);
@@ -208,7 +240,11 @@ test('checksum of a LUN equals its backing file\'s; convert --checksum --verify 
       assert.ok(r.verified);
       const backing = await reg.open(lun.file, { readOnly: true, format: 'raw' });
       try {
-        assert.is((await checksumImage(target)).checksum, (await checksumImage(backing)).checksum, `${lun.blockSize}-byte blocks: the whole LUN`);
+        assert.is(
+          (await checksumImage(target)).checksum,
+          (await checksumImage(backing)).checksum,
+          `${lun.blockSize}-byte blocks: the whole LUN`,
+        );
       } finally {
         await backing.close();
       }

@@ -21,16 +21,27 @@ async function openError(url: string, options = {}, env: Record<string, string> 
     assert.not.match(e.message, /\n/, 'one line');
     return e as BlockError;
   } finally {
-    for (const k of Object.keys(env)) if (saved[k] === undefined) delete process.env[k]; else process.env[k] = saved[k];
+    for (const k of Object.keys(env))
+      if (saved[k] === undefined) delete process.env[k];
+      else process.env[k] = saved[k];
   }
 }
 
 test('URLs: parsed as qemu writes them, and the password never shows', () => {
   const u = parseIscsiUrl('iscsi://alice%s3cret@[::1]:3261/iqn.2026-11.x:y/7');
-  assert.equal([u.host, u.port, u.target, u.lun, u.user, u.password], ['::1', 3261, 'iqn.2026-11.x:y', 7, 'alice', 's3cret']);
+  assert.equal(
+    [u.host, u.port, u.target, u.lun, u.user, u.password],
+    ['::1', 3261, 'iqn.2026-11.x:y', 7, 'alice', 's3cret'],
+  );
   assert.is(u.display, 'iscsi://alice@[::1]:3261/iqn.2026-11.x:y/7');
   assert.is(parseIscsiUrl(`iscsi://127.0.0.1/${IQN}:disk512/1`).port, 3260);
-  for (const bad of ['iscsi://h/iqn', 'iscsi://h/iqn/x', 'iscsi:///iqn/1', 'iscsi://h:99999/iqn/1', 'iscsi://a%pw@h/iqn/lun1']) {
+  for (const bad of [
+    'iscsi://h/iqn',
+    'iscsi://h/iqn/x',
+    'iscsi:///iqn/1',
+    'iscsi://h:99999/iqn/1',
+    'iscsi://a%pw@h/iqn/lun1',
+  ]) {
     try {
       parseIscsiUrl(bad);
       assert.unreachable(bad);
@@ -74,7 +85,7 @@ test('CHAP: a user without a password, a wrong password, an unreadable password 
   await ok.close();
 });
 
-test('unaligned requests are padded by the core\'s gate: reads bounce, writes read-modify-write', async () => {
+test("unaligned requests are padded by the core's gate: reads bounce, writes read-modify-write", async () => {
   const b512 = gateBackend(await openIscsi(LUNS.disk512.url));
   const b4k = gateBackend(await openIscsi(LUNS.disk4k.url));
   try {
@@ -85,14 +96,22 @@ test('unaligned requests are padded by the core\'s gate: reads bounce, writes re
       const base = new Uint8Array(4 * block).fill(7);
       await b.write(0, base);
       // Odd offsets and lengths, the last byte of the LUN among them.
-      for (const [off, len] of [[100, 512], [1, 1000], [block - 3, 6], [block * 3 + 1, block - 1]] as const) {
+      for (const [off, len] of [
+        [100, 512],
+        [1, 1000],
+        [block - 3, 6],
+        [block * 3 + 1, block - 1],
+      ] as const) {
         const data = new Uint8Array(len).map((_, i) => (off + i) & 0xff);
         await b.write(off, data);
         base.set(data, off);
       }
       const got = await b.read(0, 4 * block);
       assert.ok(Buffer.from(got).equals(Buffer.from(base)), `${block}-byte blocks: content as written`);
-      assert.ok(Buffer.from(await b.read(101, 37)).equals(Buffer.from(base.subarray(101, 138))), `${block}-byte blocks: an unaligned read`);
+      assert.ok(
+        Buffer.from(await b.read(101, 37)).equals(Buffer.from(base.subarray(101, 138))),
+        `${block}-byte blocks: an unaligned read`,
+      );
       await b.write(b.size - 1, Uint8Array.of(9));
       assert.is((await b.read(b.size - 1, 1))[0], 9, `${block}-byte blocks: the last byte`);
     }
@@ -160,8 +179,17 @@ test('target gone mid-transfer: the convert fails with a clear error within a bo
   try {
     let killedAt = 0;
     const job = convert({
-      sources: [source], target, workers: 8, bufferSize: 256 * 1024, rateLimit: 16 * 1024 * 1024,
-      onProgress: (p) => { if (!killedAt && p.bytesRead > 0) { killedAt = Date.now(); proxy.kill(); } },
+      sources: [source],
+      target,
+      workers: 8,
+      bufferSize: 256 * 1024,
+      rateLimit: 16 * 1024 * 1024,
+      onProgress: (p) => {
+        if (!killedAt && p.bytesRead > 0) {
+          killedAt = Date.now();
+          proxy.kill();
+        }
+      },
     });
     const e = await failure(() => job);
     const elapsed = Date.now() - (killedAt || Date.now());
@@ -170,7 +198,10 @@ test('target gone mid-transfer: the convert fails with a clear error within a bo
     assert.ok(['ECONNRESET', 'ETIMEDOUT'].includes(e.code!), `${e.code}: ${e.message}`);
     // The session tries to reconnect (a restarted target is ridden through) until the
     // timeout finds that nothing moves.
-    assert.match(e.message, /iSCSI connection lost|did not answer in time|no answer from the iSCSI target 127\.0\.0\.1:\d+ for 3 s/);
+    assert.match(
+      e.message,
+      /iSCSI connection lost|did not answer in time|no answer from the iSCSI target 127\.0\.0\.1:\d+ for 3 s/,
+    );
     assert.match(e.message, /iscsi:\/\/127\.0\.0\.1:\d+\/iqn\.2026-11\.org\.blockconv:disk512\/1 read/);
     assert.ok(elapsed < 8000, `failed ${elapsed} ms after the target went away`);
   } finally {

@@ -8,12 +8,20 @@ import { MiB, cli, compare, nbdkit, qemuNbd, run, sparseImage, tmpDir } from '..
 
 const test = suite('nbd cli');
 let dir: string;
-test.before.each(() => { dir = tmpDir(); });
-test.after.each(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+test.before.each(() => {
+  dir = tmpDir();
+});
+test.after.each(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
 test('file → nbd (qemu-nbd over a raw file, -n): identical, and without -n a clear refusal', async () => {
   const src = path.join(dir, 'src.raw');
-  sparseImage(src, 64 * MiB, [[0, 3], [20, 1], [50, 7]]);
+  sparseImage(src, 64 * MiB, [
+    [0, 3],
+    [20, 1],
+    [50, 7],
+  ]);
   const dst = path.join(dir, 'dst.raw');
   sparseImage(dst, 64 * MiB, [[0, 64]]); // old data everywhere: zeroes must be written
   const server = await qemuNbd(dir, dst, 'raw');
@@ -33,7 +41,17 @@ test('file → nbd (qemu-nbd over a raw file, -n): identical, and without -n a c
 test('nbd (qemu-nbd over qcow2, read-only) → raw file: identical, holes stay holes', async () => {
   const src = path.join(dir, 'src.qcow2');
   run('qemu-img', ['create', '-q', '-f', 'qcow2', src, '64M']);
-  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 1M 2M', '-c', 'write -P 0x22 40M 64K', '-c', 'write -z 50M 1M', src]);
+  run('qemu-io', [
+    '-f',
+    'qcow2',
+    '-c',
+    'write -P 0x11 1M 2M',
+    '-c',
+    'write -P 0x22 40M 64K',
+    '-c',
+    'write -z 50M 1M',
+    src,
+  ]);
   const server = await qemuNbd(dir, src, 'qcow2', ['-r']);
   const dst = path.join(dir, 'out.raw');
   try {
@@ -64,10 +82,23 @@ test('nbd → nbd: nbdkit sparse-random into an nbdkit memory disk, compared by 
 
 test('an export with old data and fast zero is zeroed in one request first, then only data is written; without fast zero, zeroes are written', async () => {
   const src = path.join(dir, 'src.raw');
-  sparseImage(src, 64 * MiB, [[10, 3], [40, 1]]);
-  for (const [filters, fast] of [[[], true], [['--filter=nozero', 'zeromode=plugin', 'fastzeromode=none'], false]] as const) {
+  sparseImage(src, 64 * MiB, [
+    [10, 3],
+    [40, 1],
+  ]);
+  for (const [filters, fast] of [
+    [[], true],
+    [['--filter=nozero', 'zeromode=plugin', 'fastzeromode=none'], false],
+  ] as const) {
     const log = path.join(dir, `log-${fast}`);
-    const dst = await nbdkit(dir, ['--filter=log', ...filters.filter((f) => f.startsWith('--')), 'memory', '64M', `logfile=${log}`, ...filters.filter((f) => !f.startsWith('--'))]);
+    const dst = await nbdkit(dir, [
+      '--filter=log',
+      ...filters.filter((f) => f.startsWith('--')),
+      'memory',
+      '64M',
+      `logfile=${log}`,
+      ...filters.filter((f) => !f.startsWith('--')),
+    ]);
     try {
       run('qemu-io', ['-f', 'raw', '-c', 'write -P 7 30M 2M', dst.url]); // old data where the source has a hole
       const r = cli(['convert', '-n', '--output', 'json', src, dst.url]);
@@ -75,13 +106,19 @@ test('an export with old data and fast zero is zeroed in one request first, then
       const done = JSON.parse(r.stdout.trim().split('\n').pop()!) as { preZeroed?: boolean; bytesZeroed: number };
       assert.is(done.preZeroed === true, fast, `preZeroed with fast zero: ${fast}`);
       assert.is(compare(src, dst.url).status, 0, 'identical: the old data is gone');
-      const zeroes = fs.readFileSync(log, 'utf8').split('\n').filter((l) => / Zero id=\d+ /.test(l));
+      const zeroes = fs
+        .readFileSync(log, 'utf8')
+        .split('\n')
+        .filter((l) => / Zero id=\d+ /.test(l));
       if (fast) {
         assert.is(zeroes.length, 1, zeroes.join('\n'));
         assert.match(zeroes[0]!, /offset=0x0 count=0x4000000 .*fast=1/);
         assert.is(done.bytesZeroed, 0);
       } else {
-        assert.ok(zeroes.every((l) => /fast=0/.test(l)), 'no fast zero asked of a server without it');
+        assert.ok(
+          zeroes.every((l) => /fast=0/.test(l)),
+          'no fast zero asked of a server without it',
+        );
         assert.ok(done.bytesZeroed > 0, 'zero extents written');
       }
     } finally {
@@ -95,8 +132,18 @@ test('blockconv map of an export agrees with nbdinfo --map', async () => {
   try {
     const r = cli(['map', '--output', 'json', src.url]);
     assert.is(r.status, 0, r.stderr);
-    const ours = merge((JSON.parse(r.stdout) as { start: number; length: number; zero: boolean }[]).map((e) => [e.start, e.length, e.zero]));
-    const theirs = merge((JSON.parse(run('nbdinfo', ['--map', '--json', src.url])) as { offset: number; length: number; type: number }[]).map((e) => [e.offset, e.length, (e.type & 2) !== 0]));
+    const ours = merge(
+      (JSON.parse(r.stdout) as { start: number; length: number; zero: boolean }[]).map((e) => [
+        e.start,
+        e.length,
+        e.zero,
+      ]),
+    );
+    const theirs = merge(
+      (
+        JSON.parse(run('nbdinfo', ['--map', '--json', src.url])) as { offset: number; length: number; type: number }[]
+      ).map((e) => [e.offset, e.length, (e.type & 2) !== 0]),
+    );
     assert.ok(theirs.length > 10, `${theirs.length} extents to compare`);
     assert.equal(ours, theirs);
   } finally {
@@ -120,11 +167,17 @@ test('the source server killed mid-convert: one line naming the offset, exit 1, 
   const dst = path.join(dir, 'out.raw');
   const child = await import('node:child_process');
   const { CLI } = await import('../helpers.js');
-  const p = child.spawn(process.execPath, [CLI, 'convert', '-m', '4', '--output', 'json', src.url, dst], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const p = child.spawn(process.execPath, [CLI, 'convert', '-m', '4', '--output', 'json', src.url, dst], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   let err = '';
-  p.stdout.on('data', (d: Buffer) => { out += d.toString(); });
-  p.stderr.on('data', (d: Buffer) => { err += d.toString(); });
+  p.stdout.on('data', (d: Buffer) => {
+    out += d.toString();
+  });
+  p.stderr.on('data', (d: Buffer) => {
+    err += d.toString();
+  });
   await new Promise((r) => setTimeout(r, 1500));
   const killedAt = Date.now();
   src.kill();

@@ -22,7 +22,9 @@ function withServer(start: (dir: string) => Promise<Server>) {
   };
 }
 
-conformance('nbd (nbdkit memory, TCP, multi-conn)', { open: withServer((dir) => nbdkit(dir, ['memory', '16M'], true)) });
+conformance('nbd (nbdkit memory, TCP, multi-conn)', {
+  open: withServer((dir) => nbdkit(dir, ['memory', '16M'], true)),
+});
 
 conformance('nbd (qemu-nbd raw)', {
   open: withServer((dir) => {
@@ -43,7 +45,17 @@ conformance('nbd (qemu-nbd qcow2)', {
 });
 
 conformance('nbd (nbdkit, 4 KiB minimum block, 256 KiB maximum)', {
-  open: withServer((dir) => nbdkit(dir, ['--filter=blocksize-policy', 'memory', `${16 * MiB}`, 'blocksize-minimum=4096', 'blocksize-preferred=65536', 'blocksize-maximum=262144', 'blocksize-error-policy=error'])),
+  open: withServer((dir) =>
+    nbdkit(dir, [
+      '--filter=blocksize-policy',
+      'memory',
+      `${16 * MiB}`,
+      'blocksize-minimum=4096',
+      'blocksize-preferred=65536',
+      'blocksize-maximum=262144',
+      'blocksize-error-policy=error',
+    ]),
+  ),
 });
 
 conformance('nbd (nbdkit file plugin)', {

@@ -10,12 +10,21 @@ import { MiB, failure, nbdkit, qemuNbd, run, sparseImage, tmpDir } from '../help
 
 const test = suite('nbd driver');
 let dir: string;
-test.before.each(() => { dir = tmpDir(); });
-test.after.each(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+test.before.each(() => {
+  dir = tmpDir();
+});
+test.after.each(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
 /** Data ranges of a raw file as qemu-img map sees them, merged. */
 function dataRanges(file: string): [number, number][] {
-  const map = JSON.parse(run('qemu-img', ['map', '--output=json', '-f', 'raw', file])) as { start: number; length: number; data: boolean; zero: boolean }[];
+  const map = JSON.parse(run('qemu-img', ['map', '--output=json', '-f', 'raw', file])) as {
+    start: number;
+    length: number;
+    data: boolean;
+    zero: boolean;
+  }[];
   const out: [number, number][] = [];
   for (const e of map) {
     if (!e.data || e.zero) continue;
@@ -26,14 +35,19 @@ function dataRanges(file: string): [number, number][] {
   return out;
 }
 
-test('block status follows the exported file\'s allocation, from few requests', async () => {
+test("block status follows the exported file's allocation, from few requests", async () => {
   const file = path.join(dir, 'sparse.raw');
-  sparseImage(file, 64 * MiB, [[1, 2], [10, 1], [40, 3], [63, 1]]);
+  sparseImage(file, 64 * MiB, [
+    [1, 2],
+    [10, 1],
+    [40, 3],
+    [63, 1],
+  ]);
   const server = await qemuNbd(dir, file, 'raw', ['-r']);
   const b = await openNbd(server.url, { readOnly: true });
   try {
     const got: [number, number][] = [];
-    for (let pos = 0; pos < b.size;) {
+    for (let pos = 0; pos < b.size; ) {
       const e = await b.blockStatus(pos, b.size - pos);
       if (e.kind === 'data') {
         const last = got[got.length - 1];
@@ -60,7 +74,10 @@ test('writeZeroes leaves a hole only when unmapping is allowed (NO_HOLE otherwis
     await b.writeZeroes(8 * MiB, 4 * MiB, { mayUnmap: false });
     await b.flush();
     const got = Buffer.from(await b.read(0, 16 * MiB));
-    assert.ok(got.subarray(0, 4 * MiB).every((x) => x === 0) && got.subarray(8 * MiB, 12 * MiB).every((x) => x === 0), 'both read as zeroes');
+    assert.ok(
+      got.subarray(0, 4 * MiB).every((x) => x === 0) && got.subarray(8 * MiB, 12 * MiB).every((x) => x === 0),
+      'both read as zeroes',
+    );
   } finally {
     await b.close();
     await server.stop();
@@ -80,7 +97,10 @@ test('multi-conn: 4 connections by default, requests spread over them, one flush
   await Promise.all(writes);
   await b.flush();
   assert.is(b.stats.connections, 4);
-  assert.ok(peak.every((n) => n === 8), `32 writes spread evenly: ${peak.join(',')}`);
+  assert.ok(
+    peak.every((n) => n === 8),
+    `32 writes spread evenly: ${peak.join(',')}`,
+  );
   const back = Buffer.from(await b.read(0, 32 * MiB));
   assert.ok(back.every((x) => x === 7));
   await b.close();
@@ -117,7 +137,7 @@ test('a read-only export is opened read-only and says why', async () => {
   assert.is(b.readOnly, true);
   assert.match(b.readOnlyReason ?? '', /exports it read-only/);
   const e = await failure(() => b.write(0, Buffer.alloc(512)));
-  assert.match(e.message, /write at offset 0 \(\+512\): .*read-only/, 'the server\'s refusal, with its message');
+  assert.match(e.message, /write at offset 0 \(\+512\): .*read-only/, "the server's refusal, with its message");
   await b.close();
   await server.stop();
 });

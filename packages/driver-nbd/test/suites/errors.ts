@@ -10,16 +10,30 @@ import { MiB, failure, freePort, nbdkit, tmpDir } from '../helpers.js';
 
 const test = suite('nbd errors');
 let dir: string;
-test.before.each(() => { dir = tmpDir(); });
-test.after.each(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+test.before.each(() => {
+  dir = tmpDir();
+});
+test.after.each(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
 /** A TCP server on loopback whose connections `onConnection` handles. */
 async function fakeServer(onConnection: (s: net.Socket) => void): Promise<{ url: string; close(): void }> {
   const sockets = new Set<net.Socket>();
-  const server = net.createServer((s) => { sockets.add(s); s.on('error', () => {}); onConnection(s); });
+  const server = net.createServer((s) => {
+    sockets.add(s);
+    s.on('error', () => {});
+    onConnection(s);
+  });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const port = (server.address() as net.AddressInfo).port;
-  return { url: `nbd://127.0.0.1:${port}/`, close: () => { for (const s of sockets) s.destroy(); server.close(); } };
+  return {
+    url: `nbd://127.0.0.1:${port}/`,
+    close: () => {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
 }
 
 /** The greeting of a fixed newstyle server, then a GO exchange answering `size`, then `after`. */
@@ -42,7 +56,10 @@ function handshakeThen(size: number, after: (s: net.Socket) => void, structured 
     };
     const onData = (d: Buffer): void => {
       buf = Buffer.concat([buf, d]);
-      if (!flagsRead && buf.length >= 4) { buf = buf.subarray(4); flagsRead = true; }
+      if (!flagsRead && buf.length >= 4) {
+        buf = buf.subarray(4);
+        flagsRead = true;
+      }
       while (flagsRead && buf.length >= 16) {
         const option = buf.readUInt32BE(8);
         const len = buf.readUInt32BE(12);
@@ -103,7 +120,10 @@ test('a server that stops answering mid-transfer: requests fail with ETIMEDOUT, 
   const e = await failure(() => reads[0]!);
   await failure(() => reads[1]!);
   assert.is(e.code, 'ETIMEDOUT');
-  assert.match(e.message, /read at offset 0 \(\+4096\): no answer from the NBD server for 1 s \(2 request\(s\) waiting\)/);
+  assert.match(
+    e.message,
+    /read at offset 0 \(\+4096\): no answer from the NBD server for 1 s \(2 request\(s\) waiting\)/,
+  );
   assert.ok(Date.now() - start < 5000, 'within the timeout and a little');
   const later = await failure(() => b.read(0, 4096));
   assert.is(later.code, 'ETIMEDOUT', 'the connection stays failed');
@@ -114,7 +134,12 @@ test('a server that stops answering mid-transfer: requests fail with ETIMEDOUT, 
 test('the server killed mid-copy: every request in flight fails at once with ECONNRESET', async () => {
   const server = await nbdkit(dir, ['--filter=delay', 'memory', '64M', 'delay-read=1']);
   const b = await openNbd(server.url);
-  const reads = Array.from({ length: 8 }, (_, i) => b.read(i * MiB, MiB).then(() => null, (err: Error & { code?: string }) => err));
+  const reads = Array.from({ length: 8 }, (_, i) =>
+    b.read(i * MiB, MiB).then(
+      () => null,
+      (err: Error & { code?: string }) => err,
+    ),
+  );
   await new Promise((r) => setTimeout(r, 200));
   const start = Date.now();
   server.kill();
@@ -123,13 +148,24 @@ test('the server killed mid-copy: every request in flight fails at once with ECO
   for (const [i, e] of errors.entries()) {
     assert.ok(e, `read ${i} failed`);
     assert.is(e!.code, 'ECONNRESET');
-    assert.match(e!.message, new RegExp(`read at offset ${i * MiB} \\(\\+${MiB}\\): the NBD server closed the connection`));
+    assert.match(
+      e!.message,
+      new RegExp(`read at offset ${i * MiB} \\(\\+${MiB}\\): the NBD server closed the connection`),
+    );
   }
   await b.close();
 });
 
 test('error replies become the matching codes, with the offset of the request', async () => {
-  const server = await nbdkit(dir, ['--filter=error', 'memory', '16M', 'error-pread=EIO', 'error-pread-rate=1', 'error-pwrite=ENOSPC', 'error-pwrite-rate=1']);
+  const server = await nbdkit(dir, [
+    '--filter=error',
+    'memory',
+    '16M',
+    'error-pread=EIO',
+    'error-pread-rate=1',
+    'error-pwrite=ENOSPC',
+    'error-pwrite-rate=1',
+  ]);
   const b = await openNbd(server.url);
   const r = await failure(() => b.read(2 * MiB, 65536));
   assert.is(r.code, 'EIO');
@@ -154,13 +190,22 @@ test('a full disk (nbdkit full): ENOSPC', async () => {
 
 test('protocol violations: a reply to a cookie never sent, a bad magic', async () => {
   const cases: [string, (s: net.Socket) => void, RegExp][] = [
-    ['unknown cookie', (s) => s.once('data', () => {
-      const h = Buffer.alloc(16);
-      h.writeUInt32BE(protocol.SIMPLE_REPLY_MAGIC, 0);
-      h.writeUInt32BE(77, 12);
-      s.write(h);
-    }), /protocol error: reply to cookie 77, which no request in flight has/],
-    ['bad magic', (s) => s.once('data', () => s.write(Buffer.alloc(16, 0xab))), /protocol error: bad reply magic 0xabababab/],
+    [
+      'unknown cookie',
+      (s) =>
+        s.once('data', () => {
+          const h = Buffer.alloc(16);
+          h.writeUInt32BE(protocol.SIMPLE_REPLY_MAGIC, 0);
+          h.writeUInt32BE(77, 12);
+          s.write(h);
+        }),
+      /protocol error: reply to cookie 77, which no request in flight has/,
+    ],
+    [
+      'bad magic',
+      (s) => s.once('data', () => s.write(Buffer.alloc(16, 0xab))),
+      /protocol error: bad reply magic 0xabababab/,
+    ],
   ];
   for (const [what, after, re] of cases) {
     const fake = await fakeServer(handshakeThen(MiB, after));
@@ -174,15 +219,22 @@ test('protocol violations: a reply to a cookie never sent, a bad magic', async (
 });
 
 test('a read reply that does not cover the whole request is a protocol error, not stale bytes', async () => {
-  const fake = await fakeServer(handshakeThen(MiB, (s) => s.once('data', (req: Buffer) => {
-    // One structured chunk: NONE with DONE, for the read's cookie.
-    const h = Buffer.alloc(20);
-    h.writeUInt32BE(protocol.STRUCTURED_REPLY_MAGIC, 0);
-    h.writeUInt16BE(protocol.REPLY_FLAG_DONE, 4);
-    h.writeUInt16BE(protocol.ReplyType.NONE, 6);
-    req.copy(h, 8, 8, 16);
-    s.write(h);
-  }), true));
+  const fake = await fakeServer(
+    handshakeThen(
+      MiB,
+      (s) =>
+        s.once('data', (req: Buffer) => {
+          // One structured chunk: NONE with DONE, for the read's cookie.
+          const h = Buffer.alloc(20);
+          h.writeUInt32BE(protocol.STRUCTURED_REPLY_MAGIC, 0);
+          h.writeUInt16BE(protocol.REPLY_FLAG_DONE, 4);
+          h.writeUInt16BE(protocol.ReplyType.NONE, 6);
+          req.copy(h, 8, 8, 16);
+          s.write(h);
+        }),
+      true,
+    ),
+  );
   const b = await openNbd(fake.url);
   const e = await failure(() => b.read(0, 4096));
   assert.is(e.code, 'EIO');

@@ -14,17 +14,36 @@ const pkgDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..
 test('npm pack + npm install with only @blockconv/core: the driver loads and reads an export', async () => {
   const dir = tmpDir();
   try {
-    const pack = (p: string): string => path.join(dir, execFileSync('npm', ['pack', '--silent', '--pack-destination', dir, p], { encoding: 'utf8' }).trim().split('\n').pop()!);
+    const pack = (p: string): string =>
+      path.join(
+        dir,
+        execFileSync('npm', ['pack', '--silent', '--pack-destination', dir, p], { encoding: 'utf8' })
+          .trim()
+          .split('\n')
+          .pop()!,
+      );
     const core = pack(path.resolve(pkgDir, '../core'));
     const nbd = pack(pkgDir);
     const app = path.join(dir, 'app');
     fs.mkdirSync(app);
-    fs.writeFileSync(path.join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', type: 'module', private: true }));
-    execFileSync('npm', ['install', '--prefer-offline', '--no-audit', '--no-fund', '--ignore-scripts', core, nbd], { cwd: app, stdio: 'pipe' });
-    assert.equal(fs.readdirSync(path.join(app, 'node_modules/@blockconv')).sort(), ['core', 'driver-nbd'], 'nothing else of blockconv');
+    fs.writeFileSync(
+      path.join(app, 'package.json'),
+      JSON.stringify({ name: 'app', version: '1.0.0', type: 'module', private: true }),
+    );
+    execFileSync('npm', ['install', '--prefer-offline', '--no-audit', '--no-fund', '--ignore-scripts', core, nbd], {
+      cwd: app,
+      stdio: 'pipe',
+    });
+    assert.equal(
+      fs.readdirSync(path.join(app, 'node_modules/@blockconv')).sort(),
+      ['core', 'driver-nbd'],
+      'nothing else of blockconv',
+    );
     const server = await nbdkit(dir, ['pattern', '1M']);
     try {
-      fs.writeFileSync(path.join(app, 'main.js'), `
+      fs.writeFileSync(
+        path.join(app, 'main.js'),
+        `
         import { DriverRegistry } from '@blockconv/core';
         import { drivers } from '@blockconv/driver-nbd';
         // The protocol alone (the raw format is @blockconv/driver-raw's, not installed here).
@@ -33,7 +52,8 @@ test('npm pack + npm install with only @blockconv/core: the driver loads and rea
         const b = await img.read(8, 8);
         // One string: console.log colours numbers when FORCE_COLOR is set (nx sets it).
         console.log(img.size + ' ' + Buffer.from(b).readBigUInt64BE(0));
-        await img.close();`);
+        await img.close();`,
+      );
       const out = execFileSync(process.execPath, ['main.js', server.url], { cwd: app, encoding: 'utf8' });
       assert.is(out.trim(), '1048576 8', 'the pattern plugin stores each offset at itself');
     } finally {

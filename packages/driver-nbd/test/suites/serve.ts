@@ -20,21 +20,33 @@ interface Served {
 
 /** Starts `blockconv serve --output json ARGS` and waits for its "listening" line. */
 async function serve(args: string[]): Promise<Served> {
-  const child = spawn(process.execPath, [CLI, 'serve', '--output', 'json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, 'serve', '--output', 'json', ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   let err = '';
-  child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
+  child.stderr!.on('data', (d: Buffer) => {
+    err += d.toString();
+  });
   const url = await new Promise<string>((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`serve did not start: ${err}`)), 15_000);
     child.stdout!.on('data', (d: Buffer) => {
       out += d.toString();
       const line = out.split('\n').find((l) => l.includes('"listening"'));
-      if (line) { clearTimeout(t); resolve((JSON.parse(line) as { url: string }).url); }
+      if (line) {
+        clearTimeout(t);
+        resolve((JSON.parse(line) as { url: string }).url);
+      }
     });
-    child.once('exit', (code) => { clearTimeout(t); reject(new Error(`serve exited (${code}): ${err}`)); });
+    child.once('exit', (code) => {
+      clearTimeout(t);
+      reject(new Error(`serve exited (${code}): ${err}`));
+    });
   });
   return {
-    url, child, stderr: () => err,
+    url,
+    child,
+    stderr: () => err,
     stop: async () => {
       if (child.exitCode !== null) return child.exitCode;
       const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
@@ -71,13 +83,27 @@ for (const format of ['raw', 'qcow2'] as const) {
 
 const test = suite('blockconv serve');
 let dir: string;
-test.before.each(() => { dir = tmpDir(); });
-test.after.each(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+test.before.each(() => {
+  dir = tmpDir();
+});
+test.after.each(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
 test('nbdcopy and qemu-img read a served qcow2 exactly; nbdinfo --map agrees with blockconv map of the file', async () => {
   const img = path.join(dir, 'src.qcow2');
   run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '64M']);
-  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 1M 3M', '-c', 'write -P 0x22 30M 64K', '-c', 'write -z 40M 2M', img]);
+  run('qemu-io', [
+    '-f',
+    'qcow2',
+    '-c',
+    'write -P 0x11 1M 3M',
+    '-c',
+    'write -P 0x22 30M 64K',
+    '-c',
+    'write -z 40M 2M',
+    img,
+  ]);
   const s = await serve(['-r', '--socket', sock(dir), img]);
   try {
     const a = path.join(dir, 'a.raw');
@@ -87,10 +113,16 @@ test('nbdcopy and qemu-img read a served qcow2 exactly; nbdinfo --map agrees wit
     run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', s.url, b]);
     assert.is(compare(img, b, ['qcow2', 'raw']).status, 0, 'qemu-img copy identical');
     assert.ok(fs.statSync(b).blocks * 512 <= 4 * MiB, 'block status let qemu-img skip the holes');
-    const theirs = (JSON.parse(run('nbdinfo', ['--map', '--json', s.url])) as { offset: number; length: number; type: number }[])
-      .filter((e) => (e.type & 2) === 0).map((e) => [e.offset, e.length]);
-    const ours = (JSON.parse(cli(['map', '--output', 'json', img]).stdout) as { start: number; length: number; data: boolean }[])
-      .filter((e) => e.data).map((e) => [e.start, e.length]);
+    const theirs = (
+      JSON.parse(run('nbdinfo', ['--map', '--json', s.url])) as { offset: number; length: number; type: number }[]
+    )
+      .filter((e) => (e.type & 2) === 0)
+      .map((e) => [e.offset, e.length]);
+    const ours = (
+      JSON.parse(cli(['map', '--output', 'json', img]).stdout) as { start: number; length: number; data: boolean }[]
+    )
+      .filter((e) => e.data)
+      .map((e) => [e.start, e.length]);
     assert.equal(theirs, ours);
   } finally {
     assert.is(await s.stop(), 0);
@@ -101,11 +133,26 @@ test('nbdcopy and qemu-io write into a served qcow2: qemu-img check clean, conte
   const img = path.join(dir, 'dst.qcow2');
   run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '64M']);
   const src = path.join(dir, 'src.raw');
-  sparseImage(src, 64 * MiB, [[2, 3], [33, 1]]);
+  sparseImage(src, 64 * MiB, [
+    [2, 3],
+    [33, 1],
+  ]);
   const s = await serve(['--socket', sock(dir), img]);
   try {
     run('nbdcopy', [src, s.url]);
-    run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 60M 64k', '-c', 'write -z 2M 4k', '-c', 'discard 33M 64k', '-c', 'flush', s.url]);
+    run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x77 60M 64k',
+      '-c',
+      'write -z 2M 4k',
+      '-c',
+      'discard 33M 64k',
+      '-c',
+      'flush',
+      s.url,
+    ]);
   } finally {
     assert.is(await s.stop(), 0, s.stderr());
   }
@@ -118,7 +165,10 @@ test('a served raw file zeroes fast: a convert into it with old data is pre-zero
   const img = path.join(dir, 'old.raw');
   fs.writeFileSync(img, Buffer.alloc(16 * MiB, 0x5a));
   const src = path.join(dir, 'fz-src.raw');
-  sparseImage(src, 16 * MiB, [[1, 2], [9, 1]]);
+  sparseImage(src, 16 * MiB, [
+    [1, 2],
+    [9, 1],
+  ]);
   const s = await serve(['--socket', sock(dir), img]);
   let done: { preZeroed?: boolean; bytesZeroed: number };
   try {
@@ -162,7 +212,10 @@ test('many clients at once (multi-conn): four connections write, one reads it al
     const r = await openNbd(s.url, { readOnly: true });
     for (let i = 0; i < 32; i++) {
       const got = Buffer.from(await r.read(i * 2 * MiB, 2 * MiB));
-      assert.ok(got.every((x) => x === i + 1), `chunk ${i}`);
+      assert.ok(
+        got.every((x) => x === i + 1),
+        `chunk ${i}`,
+      );
     }
     await r.close();
   } finally {
@@ -172,7 +225,10 @@ test('many clients at once (multi-conn): four connections write, one reads it al
 
 test('TCP on loopback by default; a non-loopback --bind needs --allow-remote-without-tls; bad flags are one line', async () => {
   const port = await new Promise<number>((resolve) => {
-    const t = net.createServer().listen(0, '127.0.0.1', () => { const p = (t.address() as net.AddressInfo).port; t.close(() => resolve(p)); });
+    const t = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (t.address() as net.AddressInfo).port;
+      t.close(() => resolve(p));
+    });
   });
   const img = path.join(dir, 'disk.raw');
   sparseImage(img, 16 * MiB, [[0, 1]]);
@@ -190,7 +246,10 @@ test('TCP on loopback by default; a non-loopback --bind needs --allow-remote-wit
   }
   const remote = cli(['serve', '--bind', '0.0.0.0', img]);
   assert.is(remote.status, 1);
-  assert.match(remote.stderr, /not a loopback address: NBD here has no TLS or authentication; add --allow-remote-without-tls/);
+  assert.match(
+    remote.stderr,
+    /not a loopback address: NBD here has no TLS or authentication; add --allow-remote-without-tls/,
+  );
   assert.is(remote.stderr.trim().split('\n').length, 1);
   const both = cli(['serve', '--socket', sock(dir), '-p', '10809', img]);
   assert.is(both.status, 1);
@@ -223,14 +282,23 @@ test('SIGTERM while a client writes: the requests in flight complete, the image 
   sparseImage(img, 64 * MiB, []);
   const s = await serve(['--socket', sock(dir), img]);
   const b = await openNbd(s.url);
-  const writes = Array.from({ length: 16 }, (_, i) => b.write(i * 4 * MiB, Buffer.alloc(4 * MiB, 0x42)).then(() => 'ok', (e: Error) => e.message));
+  const writes = Array.from({ length: 16 }, (_, i) =>
+    b.write(i * 4 * MiB, Buffer.alloc(4 * MiB, 0x42)).then(
+      () => 'ok',
+      (e: Error) => e.message,
+    ),
+  );
   const code = s.stop();
   const results = await Promise.all(writes);
   assert.is(await code, 0, s.stderr());
   await b.close();
   const landed = results.filter((r) => r === 'ok').length;
   const data = fs.readFileSync(img);
-  for (let i = 0; i < landed; i++) assert.ok(data.subarray(i * 4 * MiB, (i + 1) * 4 * MiB).every((x) => x === 0x42), `write ${i} landed`);
+  for (let i = 0; i < landed; i++)
+    assert.ok(
+      data.subarray(i * 4 * MiB, (i + 1) * 4 * MiB).every((x) => x === 0x42),
+      `write ${i} landed`,
+    );
   for (const r of results) assert.ok(r === 'ok' || /shutting down|closed/.test(r), r);
 });
 

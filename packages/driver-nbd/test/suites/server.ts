@@ -10,10 +10,17 @@ import { MiB, failure, tmpDir } from '../helpers.js';
 
 const test = suite('NbdServer');
 let dir: string;
-test.before.each(() => { dir = tmpDir(); });
-test.after.each(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+test.before.each(() => {
+  dir = tmpDir();
+});
+test.after.each(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
-async function served(backend: MemoryBackend, options: ConstructorParameters<typeof NbdServer>[1] = {}): Promise<{ server: NbdServer; url: string; sock: string }> {
+async function served(
+  backend: MemoryBackend,
+  options: ConstructorParameters<typeof NbdServer>[1] = {},
+): Promise<{ server: NbdServer; url: string; sock: string }> {
   const server = new NbdServer(backend, options);
   const sock = path.join(dir, 's.sock');
   await server.listen({ path: sock });
@@ -26,15 +33,25 @@ test('readOnly over a writable backend: writes, zeroes and trims are refused (EP
   const { server, sock } = await served(backend, { readOnly: true });
   // The connection itself, not a backend: it sends what the caller asks, flags or not.
   const c = await NbdConnection.open({ path: sock }, { exportName: '', location: 'test', timeoutMs: 5000 });
-  for (const op of [() => c.write(0, Buffer.alloc(4096, 1), false), () => c.writeZeroes(0, 4096, {}), () => c.trim(0, 4096)]) {
+  for (const op of [
+    () => c.write(0, Buffer.alloc(4096, 1), false),
+    () => c.writeZeroes(0, 4096, {}),
+    () => c.trim(0, 4096),
+  ]) {
     const e = await failure(op);
     assert.is(e.code, 'EACCES', e.message);
     assert.match(e.message, /read-only/);
   }
-  assert.ok(Buffer.from(await backend.read(0, 4096)).every((x) => x === 7), 'unchanged');
+  assert.ok(
+    Buffer.from(await backend.read(0, 4096)).every((x) => x === 7),
+    'unchanged',
+  );
   const back = Buffer.alloc(4096);
   await c.read(0, 4096, back);
-  assert.ok(back.every((x) => x === 7), 'the connection still serves reads');
+  assert.ok(
+    back.every((x) => x === 7),
+    'the connection still serves reads',
+  );
   await c.close();
   await server.close();
 });
@@ -71,7 +88,10 @@ test('close() answers the requests in flight, refuses new ones with ESHUTDOWN, a
   const start = Date.now();
   await closing;
   assert.ok(Date.now() - start < 3000, 'idle clients do not hold the shutdown');
-  assert.ok(Buffer.from(await backend.read(0, MiB)).every((x) => x === 5), 'the write in flight landed');
+  assert.ok(
+    Buffer.from(await backend.read(0, MiB)).every((x) => x === 5),
+    'the write in flight landed',
+  );
   await b.close();
   await idle.close();
 });

@@ -13,7 +13,15 @@ for (const version of [3, 4]) {
       const s = scratch('conf', version === 4 ? '?version=4' : '');
       await createNfs(s.url, 9 * MiB);
       // Some old data through the export's directory, so zeroing has something to do.
-      execFileSync('dd', ['if=/dev/urandom', `of=${s.local}`, 'bs=64K', 'seek=40', 'count=8', 'conv=notrunc', 'status=none']);
+      execFileSync('dd', [
+        'if=/dev/urandom',
+        `of=${s.local}`,
+        'bs=64K',
+        'seek=40',
+        'count=8',
+        'conv=notrunc',
+        'status=none',
+      ]);
       return {
         backend: await openNfs(s.url),
         reopen: () => openNfs(s.url),

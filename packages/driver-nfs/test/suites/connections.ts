@@ -29,7 +29,9 @@ function localImage(dir: string): string {
 async function copy(from: string, to: string, create = true): Promise<void> {
   const source = await registry.open(from, { readOnly: true, format: 'raw' });
   try {
-    const target = create ? await registry.create(to, source.size, { format: 'raw' }) : await registry.open(to, { format: 'raw' });
+    const target = create
+      ? await registry.create(to, source.size, { format: 'raw' })
+      : await registry.open(to, { format: 'raw' });
     try {
       await convert({ sources: [source], target, workers: 8, outOfOrder: true });
     } finally {
@@ -42,7 +44,9 @@ async function copy(from: string, to: string, create = true): Promise<void> {
 
 const test = suite('nfs connections=N');
 let dir: string;
-test.before.each(() => { dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-test-'); });
+test.before.each(() => {
+  dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-test-');
+});
 test.after.each(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 for (const version of [3, 4]) {
@@ -71,13 +75,19 @@ test('requests spread over the connections (counted per connection)', async () =
     // 64 reads and 64 writes of 64 KiB, all in flight at once.
     const ops: Promise<unknown>[] = [];
     for (let i = 0; i < 64; i++) ops.push(b.read(i * 65536, 65536));
-    assert.ok(b.stats.connections.every((c) => c.outstanding > 0), `in flight per connection: ${b.stats.connections.map((c) => c.outstanding)}`);
+    assert.ok(
+      b.stats.connections.every((c) => c.outstanding > 0),
+      `in flight per connection: ${b.stats.connections.map((c) => c.outstanding)}`,
+    );
     for (let i = 0; i < 64; i++) ops.push(b.write(i * 65536, Buffer.alloc(65536, i)));
     await Promise.all(ops);
     await b.flush();
     const sent = b.stats.connections.map((c, i) => c.submitted - before[i]!);
     // 128 I/O requests and a COMMIT each: the least busy connection takes the next one.
-    assert.is(sent.reduce((a, n) => a + n, 0), 128 + 4);
+    assert.is(
+      sent.reduce((a, n) => a + n, 0),
+      128 + 4,
+    );
     for (const n of sent) assert.ok(n >= 16, `requests per connection: ${sent}`);
     const back = await b.read(5 * 65536, 65536);
     assert.is(back[100], 5);

@@ -19,7 +19,11 @@ function localImage(dir: string): string {
   fs.writeFileSync(file, '');
   fs.truncateSync(file, 8 * MiB);
   const fd = fs.openSync(file, 'r+');
-  for (const [off, len] of [[0, MiB], [3 * MiB + 12345, 700000], [8 * MiB - 65536, 65536]] as const) {
+  for (const [off, len] of [
+    [0, MiB],
+    [3 * MiB + 12345, 700000],
+    [8 * MiB - 65536, 65536],
+  ] as const) {
     fs.writeSync(fd, Buffer.alloc(len, (off % 251) + 1), 0, len, off);
   }
   fs.closeSync(fd);
@@ -42,7 +46,9 @@ async function copy(from: string, to: string, workers = 8): Promise<void> {
 
 const test = suite('convert over NFS');
 let dir: string;
-test.before.each(() => { dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-test-'); });
+test.before.each(() => {
+  dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-test-');
+});
 test.after.each(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 for (const version of [3, 4]) {
@@ -53,7 +59,16 @@ for (const version of [3, 4]) {
     try {
       await copy(src, remote.url);
       // qemu-img's own libnfs client, and the export's directory on this machine.
-      run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', `nfs://127.0.0.1/export/${path.basename(remote.local)}`, src]);
+      run('qemu-img', [
+        'compare',
+        '-q',
+        '-f',
+        'raw',
+        '-F',
+        'raw',
+        `nfs://127.0.0.1/export/${path.basename(remote.local)}`,
+        src,
+      ]);
       run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', remote.local, src]);
       assert.is(fs.statSync(remote.local).size, 8 * MiB);
       const back = path.join(dir, 'back.raw');
@@ -66,7 +81,10 @@ for (const version of [3, 4]) {
 }
 
 // qcow2 is another package; the test runs when it is installed (it is in this repository).
-const qcow2 = await import('@blockconv/driver-qcow2' as string).then((m: { drivers: typeof raw }) => m.drivers, () => undefined);
+const qcow2 = await import('@blockconv/driver-qcow2' as string).then(
+  (m: { drivers: typeof raw }) => m.drivers,
+  () => undefined,
+);
 (qcow2 ? test : test.skip)('qcow2 on NFS -> local raw (format probed over the nfs protocol)', async () => {
   const reg = new DriverRegistry().register(...raw, ...nfs, ...(qcow2 ?? []));
   const remote = scratch('tmpl');
@@ -113,7 +131,7 @@ test('8 concurrent reads are in flight together on the connection', async () => 
   }
 });
 
-test('checksum over NFS (v3 and v4) equals the local file\'s, and convert --checksum to NFS agrees', async () => {
+test("checksum over NFS (v3 and v4) equals the local file's, and convert --checksum to NFS agrees", async () => {
   const dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-ck-');
   const remote = scratch('ck');
   try {

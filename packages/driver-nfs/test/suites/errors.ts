@@ -31,7 +31,10 @@ test('connection refused (nothing listens on the port)', async () => {
 });
 
 test('a user part is refused, its password shown nowhere (libnfs would quote it as the host name)', async () => {
-  for (const url of ['nfs://bob:Marker-nfs-pw@127.0.0.1/export/x.raw', 'nfs://bob%Marker-nfs-pw@127.0.0.1/export/x.raw?version=4']) {
+  for (const url of [
+    'nfs://bob:Marker-nfs-pw@127.0.0.1/export/x.raw',
+    'nfs://bob%Marker-nfs-pw@127.0.0.1/export/x.raw?version=4',
+  ]) {
     for (const e of [await failure(() => openNfs(url)), await failure(() => createNfs(url, 4096))]) {
       assert.instance(e, BlockError, String(e));
       assert.is((e as BlockError).code, 'EINVAL');
@@ -80,7 +83,10 @@ test('permission denied: the server judges the uid/gid of the URL against the fi
       const c = await failure(() => createNfs(fresh.url, 65536));
       assert.instance(c, BlockError);
       assert.is(c.code, 'EACCES', c.message);
-      assert.match(c.message, /create: permission denied: uid 1000, gid 1000 may not create or open the file read-write/);
+      assert.match(
+        c.message,
+        /create: permission denied: uid 1000, gid 1000 may not create or open the file read-write/,
+      );
       assert.not.match(c.message, /\n/);
       assert.not.ok(fs.existsSync(fresh.local));
     }
@@ -109,7 +115,7 @@ test('invalid URL options and URLs', async () => {
   assert.is(e.code, 'EINVAL');
 });
 
-test('requests on a closed image, and writes to a read-only one (through the core\'s gate)', async () => {
+test("requests on a closed image, and writes to a read-only one (through the core's gate)", async () => {
   const s = scratch('ro');
   await createNfs(s.url, 65536);
   try {
@@ -135,7 +141,9 @@ test('server gone mid-transfer: a clear error within a bounded time', async () =
     proxy.kill();
     const results = await Promise.allSettled(reads);
     const elapsed = Date.now() - start;
-    const errors = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => r.reason as BlockError);
+    const errors = results
+      .filter((r): r is PromiseRejectedResult => r.status === 'rejected')
+      .map((r) => r.reason as BlockError);
     assert.ok(errors.length > 0, 'reads fail');
     for (const e of errors) {
       assert.instance(e, BlockError);
@@ -167,9 +175,15 @@ test('server gone with 3 connections: every request fails cleanly, none hangs', 
     for (const r of results) {
       if (r.status === 'fulfilled') continue; // answered before the kill
       assert.instance(r.reason, BlockError);
-      assert.ok(['ETIMEDOUT', 'ECONNRESET', 'ECONNREFUSED'].includes((r.reason as BlockError).code), (r.reason as Error).message);
+      assert.ok(
+        ['ETIMEDOUT', 'ECONNRESET', 'ECONNREFUSED'].includes((r.reason as BlockError).code),
+        (r.reason as Error).message,
+      );
     }
-    assert.ok(results.some((r) => r.status === 'rejected'), 'requests fail');
+    assert.ok(
+      results.some((r) => r.status === 'rejected'),
+      'requests fail',
+    );
     await b.close().catch(() => {});
   } finally {
     proxy.kill();

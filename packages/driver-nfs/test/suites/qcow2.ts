@@ -16,7 +16,9 @@ const MiB = 1024 * 1024;
 
 const test = suite('nfs resize, and qcow2 on NFS');
 let dir: string;
-test.before.each(() => { dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-test-'); });
+test.before.each(() => {
+  dir = fs.mkdtempSync('/var/tmp/blockconv-nfs-test-');
+});
 test.after.each(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 for (const query of ['', '?version=4', '?connections=3']) {
@@ -37,10 +39,21 @@ for (const query of ['', '?version=4', '?connections=3']) {
       assert.is(b.size, 8192);
       assert.is(fs.statSync(s.local).size, 8192);
       assert.is((await b.read(0, 1))[0], 1);
-      const e = await b.write(8192, Buffer.alloc(1)).then(() => undefined, (err: { code: string }) => err);
+      const e = await b.write(8192, Buffer.alloc(1)).then(
+        () => undefined,
+        (err: { code: string }) => err,
+      );
       assert.is(e?.code, 'ERANGE');
       const ro = gateBackend(await openNfs(s.url, { readOnly: true }));
-      assert.is((await ro.resize!(0).then(() => undefined, (err: { code: string }) => err))?.code, 'EROFS');
+      assert.is(
+        (
+          await ro.resize!(0).then(
+            () => undefined,
+            (err: { code: string }) => err,
+          )
+        )?.code,
+        'EROFS',
+      );
       await ro.close();
     } finally {
       await b.close();
@@ -50,7 +63,10 @@ for (const query of ['', '?version=4', '?connections=3']) {
 }
 
 // qcow2 is another package; the tests run when it is installed (it is in this repository).
-const qcow2 = await import('@blockconv/driver-qcow2' as string).then((m: { drivers: readonly BlockDriver[] }) => m.drivers, () => undefined);
+const qcow2 = await import('@blockconv/driver-qcow2' as string).then(
+  (m: { drivers: readonly BlockDriver[] }) => m.drivers,
+  () => undefined,
+);
 const registry = new DriverRegistry().register(...raw, ...nfs, ...(qcow2 ?? []));
 const q = qcow2 ? test : test.skip;
 
@@ -89,7 +105,9 @@ async function toQcow2(src: string, url: string, compress = false): Promise<void
 
 function check(local: string): { 'compressed-clusters'?: number; 'allocated-clusters'?: number } {
   // qemu-img check exits 0 only for a clean image.
-  return JSON.parse(execFileSync('qemu-img', ['check', '--output=json', local], { encoding: 'utf8' })) as { 'compressed-clusters'?: number };
+  return JSON.parse(execFileSync('qemu-img', ['check', '--output=json', local], { encoding: 'utf8' })) as {
+    'compressed-clusters'?: number;
+  };
 }
 
 for (const query of ['', '?connections=4', '?version=4']) {
