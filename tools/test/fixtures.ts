@@ -23,17 +23,19 @@ export function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): strin
   return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env });
 }
 
-/** Runs the blockconv CLI; never throws. */
+/** Runs the blockconv CLI (in `cwd`, when given: drivers are found from there too); never throws. */
 export function cli(
   args: string[],
   env: NodeJS.ProcessEnv = {},
   timeoutMs = 120_000,
+  cwd?: string,
 ): { status: number | null; stdout: string; stderr: string; ms: number } {
   const start = Date.now();
   const r = spawnSync(process.execPath, [CLI, ...args], {
     encoding: 'utf8',
     timeout: timeoutMs,
     env: { ...process.env, ...env },
+    cwd,
   });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr, ms: Date.now() - start };
 }

@@ -6,7 +6,6 @@
  * makes: through the CLI (qemu-img compare is the oracle) and through the conformance
  * kit with a reference, as the README shows it. A README that drifts fails here.
  */
-import { spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -16,10 +15,10 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DriverRegistry, type FormatDriver } from '@blockconv/core';
 import { conformance } from '@blockconv/core/testkit';
+import { cli, compare, run } from '../../../tools/test/fixtures.js';
 import { drivers as raw } from '@blockconv/driver-raw';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const BIN = join(here, '..', 'bin', 'blockconv.js');
 const CORE = resolve(here, '../../core');
 const dir = mkdtempSync(join(tmpdir(), 'blockconv-format-kit-'));
 process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
@@ -52,17 +51,10 @@ writeFileSync(
 );
 writeFileSync(join(pkg, 'dist', 'index.js'), code);
 
-function sh(cmd: string, ...args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
 /** A raw image with data, a run of written zeroes and holes, and its VDI copies (dynamic and fixed). */
 const rawImage = join(dir, 'disk.raw');
-sh('qemu-img', 'create', '-f', 'raw', rawImage, '9M');
-sh(
-  'qemu-io',
+run('qemu-img', ['create', '-f', 'raw', rawImage, '9M']);
+run('qemu-io', [
   '-f',
   'raw',
   '-c',
@@ -74,40 +66,35 @@ sh(
   '-c',
   'write -P 0x11 9212k 4k',
   rawImage,
-);
+]);
 const dynamic = join(dir, 'dynamic.vdi');
 const fixed = join(dir, 'fixed.vdi');
-sh('qemu-img', 'convert', '-f', 'raw', '-O', 'vdi', rawImage, dynamic);
-sh('qemu-img', 'convert', '-f', 'raw', '-O', 'vdi', '-o', 'static=on', rawImage, fixed);
+run('qemu-img', ['convert', '-f', 'raw', '-O', 'vdi', rawImage, dynamic]);
+run('qemu-img', ['convert', '-f', 'raw', '-O', 'vdi', '-o', 'static=on', rawImage, fixed]);
 
-function cli(...args: string[]): { code: number; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [BIN, ...args], {
-    cwd: dir,
-    encoding: 'utf8',
-    timeout: 60_000,
-    env: { ...process.env, BLOCKCONV_DRIVERS: '' },
-  });
-  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+/** The CLI run from the folder the package is installed in, BLOCKCONV_DRIVERS unset. */
+function blockconv(...args: string[]): ReturnType<typeof cli> {
+  return cli(args, { BLOCKCONV_DRIVERS: '' }, 60_000, dir);
 }
 
 for (const image of [dynamic, fixed]) {
   test(`the README's VDI driver, installed as a package: ${image.endsWith('fixed.vdi') ? 'fixed' : 'dynamic'} image probed by its magic and converted`, () => {
     const out = join(dir, `${image.endsWith('fixed.vdi') ? 'fixed' : 'dynamic'}.raw`);
-    const r = cli('convert', '-O', 'raw', image, out);
-    assert.is(r.code, 0, r.stderr);
-    assert.is(sh('qemu-img', 'compare', '-f', 'vdi', '-F', 'raw', image, out).trim(), 'Images are identical.');
-    const info = cli('info', '--output', 'json', image);
-    assert.is(info.code, 0, info.stderr);
+    const r = blockconv('convert', '-O', 'raw', image, out);
+    assert.is(r.status, 0, r.stderr);
+    assert.is(compare(image, out, ['vdi', 'raw']).status, 0, 'qemu-img compare: identical');
+    const info = blockconv('info', '--output', 'json', image);
+    assert.is(info.status, 0, info.stderr);
     assert.match(info.stdout, /"vdi-reader"/);
-    const asTarget = cli('convert', '-O', 'vdi-reader', rawImage, join(dir, 'new.vdi'));
-    assert.is(asTarget.code, 1);
+    const asTarget = blockconv('convert', '-O', 'vdi-reader', rawImage, join(dir, 'new.vdi'));
+    assert.is(asTarget.status, 1);
     assert.match(asTarget.stderr, /the vdi-reader format driver only reads/);
   });
 }
 
 test('a raw image is not claimed by the VDI package (its magic does not match)', () => {
-  const r = cli('info', '--output', 'json', rawImage);
-  assert.is(r.code, 0, r.stderr);
+  const r = blockconv('info', '--output', 'json', rawImage);
+  assert.is(r.status, 0, r.stderr);
   assert.match(r.stdout, /"raw"/);
 });
 

@@ -84,9 +84,7 @@ export function toApi1(b: GatedBackend): GatedBackend {
   const original = shown.get(b);
   if (original) return original as GatedBackend;
   const scattered = (from: Uint8Array, triples: Float64Array, count: number): Promise<void> => {
-    const list = new SegmentList(count);
-    list.array.set(triples.subarray(0, 3 * count));
-    list.count = count;
+    const list = over(triples, count);
     return b.writeSegments ? b.writeSegments(from, list) : writeEach(b, from, list);
   };
   const overrides = Object.defineProperties(
@@ -94,10 +92,7 @@ export function toApi1(b: GatedBackend): GatedBackend {
       ...DROPPED,
       readSegments: b.readSegments
         ? (into: Uint8Array, triples: Float64Array, count: number) => {
-            const list = new SegmentList(count);
-            list.array.set(triples.subarray(0, 3 * count));
-            list.count = count;
-            return b.readSegments!(into, list);
+            return b.readSegments!(into, over(triples, count));
           }
         : undefined,
       writeScattered: scattered,
@@ -121,6 +116,11 @@ export function toApi1(b: GatedBackend): GatedBackend {
     },
   );
   return view<GatedBackend>(b, overrides);
+}
+
+/** API 1's first `count` triples as a SegmentList over the same memory (a view, not a copy). */
+function over(triples: Float64Array, count: number): SegmentList {
+  return new SegmentList(triples.subarray(0, 3 * count), count);
 }
 
 async function writeEach(b: GatedBackend, from: Uint8Array, list: SegmentList): Promise<void> {

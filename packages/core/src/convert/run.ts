@@ -221,7 +221,9 @@ class ConvertRun {
   }
 
   async #beginCheckpoints(): Promise<void> {
-    const { plan, target, o } = { plan: this.#plan, target: this.#target, o: this.#o };
+    const plan = this.#plan;
+    const target = this.#target;
+    const o = this.#o;
     const identity = await identifyConvert(plan.sources, target, outputOptions(o, plan));
     if (o.resume) await checkResume(o.resume, identity, target);
     const tap = this.#tap;
@@ -441,13 +443,9 @@ class ConvertRun {
   }
 
   #result(checksum: string | undefined, verified: boolean | undefined): ConvertResult {
-    const { plan, o, stats, governor, fanout } = {
-      plan: this.#plan,
-      o: this.#o,
-      stats: this.#stats,
-      governor: this.#governor,
-      fanout: this.#fanout,
-    };
+    const plan = this.#plan;
+    const governor = this.#governor;
+    const fanout = this.#fanout;
     return {
       ...this.#snapshot(),
       workers: governor ? governor.chosen : plan.workers,
@@ -455,10 +453,10 @@ class ConvertRun {
       bufferSize: plan.bufferSize,
       outOfOrder: plan.outOfOrder,
       ...(this.#preZeroed ? { preZeroed: true } : {}),
-      ...(plan.copyOffload ? { bytesOffloaded: stats.bytesOffloaded } : {}),
+      ...(plan.copyOffload ? { bytesOffloaded: this.#stats.bytesOffloaded } : {}),
       ...(checksum !== undefined ? { checksum } : {}),
       ...(verified ? { verified } : {}),
-      ...(o.resume ? { resumedFrom: plan.start } : {}),
+      ...(this.#o.resume ? { resumedFrom: plan.start } : {}),
       ...(this.#checkpointer ? { checkpoints: this.#checkpointer.count } : {}),
       ...(fanout ? { targets: fanout.outcomes() } : {}),
     };
